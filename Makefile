@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make demo` (the main job end to end) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= fleet-data/demo
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(VENV)/.installed
+
+# torch==2.13.0 first: it comes from this machine's disk as a CPU build; a bare `torch` would pull CUDA.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/fleet synth --campaigns 24 --out $(DEMO_DIR) --hidden 64 --layers 1 --max-sequences 3000 --seed 0
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf fleet-data mlruns .pytest_cache
