@@ -74,11 +74,88 @@ def _cmd_synth(args, console) -> int:
     return EXIT_OK
 
 
+def _add_compress(sub) -> None:
+    p = sub.add_parser("compress", help="distil, quantize and register one fleet version (the nightly job)")
+    p.add_argument("--teachers", required=True, help="teacher root URI (fleet-teacher/1)")
+    p.add_argument("--events", required=True, help="events dataset URI (Parquet)")
+    p.add_argument("--store", default="fleet-data/store", help="store URI for fleet versions (default: %(default)s)")
+    p.add_argument("--fleet", default="adfleet", help="fleet name = MLflow registered model (default: %(default)s)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///fleet-data/mlflow.db)")
+    p.add_argument("--bits", choices=["auto", "8", "4", "2", "1"], default=None, help="head bits (default: auto)")
+    p.add_argument("--run-id", default=None, help="run id = version id; re-use it to resume a crashed run")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray sized to the machine)")
+    p.add_argument("--retrain-backbone", action="store_true", help="retrain the backbone and refit every head")
+    p.add_argument("--config", default=None, help="JSON or TOML file of CompressConfig fields")
+    p.add_argument("--storage-options", type=_storage_options, default=None,
+                   help="fsspec options as JSON (or $FLEET_STORAGE_OPTIONS), e.g. an S3 endpoint")
+    p.add_argument("--no-register", action="store_true", help="write the version but do not register it in MLflow")
+    p.set_defaults(handler=_cmd_compress)
+
+
+def _cmd_compress(args, console) -> int:
+    from fleet.pipeline import run_compress
+    from fleet.stages import CompressConfig
+
+    config = CompressConfig.from_file(args.config) if args.config else CompressConfig()
+    if args.bits is not None:
+        config.bits = "auto" if args.bits == "auto" else int(args.bits)
+        config.__post_init__()
+    result = run_compress(
+        teachers_uri=args.teachers, events_uri=args.events, store_uri=args.store, fleet=args.fleet, config=config,
+        run_id=args.run_id, tracking_uri=args.tracking_uri, address=args.address,
+        retrain_backbone=args.retrain_backbone, storage_options=storage_options_or_env(args.storage_options),
+        register=not args.no_register,
+    )
+    console.print(summary_table(result))
+    for reject in result.rejects[:20]:
+        console.print(f"[yellow]quarantined[/yellow] {reject['campaign_id']} ({reject['stage']}): {reject['reason']}")
+    return result.exit_code
+
+
+def summary_table(result) -> Table:
+    """The end-of-run summary of ``fleet compress``."""
+    m = result.metrics
+    fmt = lambda v, spec="": "n/a" if v is None else format(v, spec)  # noqa: E731
+    table = Table(title=f"fleet version {result.version_id}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_row("campaigns ok / reused / quarantined",
+                  f"{m['campaigns_ok']} / {m['campaigns_reused']} / {m['campaigns_quarantined']}")
+    table.add_row("heads bytes (per campaign)", f"{m['heads_bytes']:,} ({m['bytes_per_campaign']:.1f} B)")
+    table.add_row("backbone bytes", f"{m['backbone_bytes']:,}")
+    table.add_row("compression ratio vs fp32 teachers", f"{m['compression_ratio']:,.0f}x")
+    table.add_row("bits 1/2/4/8/16 (campaigns)", " / ".join(str(m[f"bits_{b}_campaigns"]) for b in (1, 2, 4, 8, 16)))
+    table.add_row("AUC diff student-teacher median / p10",
+                  f"{fmt(m['fidelity_auc_diff_median'], '+.4f')} / {fmt(m['fidelity_auc_diff_p10'], '+.4f')}")
+    table.add_row("mean |p_s - p_t| median", fmt(m["fidelity_mean_abs_diff_median"], ".4f"))
+    for stage in ("soft_labels", "backbone", "heads", "finalize"):
+        if f"stage_seconds_{stage}" in m:
+            table.add_row(f"stage time {stage}", f"{m[f'stage_seconds_{stage}']:.1f} s")
+    table.add_row("run time / floor (stage 1)", fmt(m.get("run_over_floor"), ".2f"))
+    if result.registered is not None:
+        r = result.registered
+        gate = "passed" if r.gate is None or r.gate.passed else "failed: " + "; ".join(r.gate.reasons)
+        table.add_row("MLflow", f"{r.name} v{r.version} (gate {gate}; champion {'moved' if r.champion else 'kept'})")
+    return table
+
+
+def storage_options_or_env(options: dict | None) -> dict | None:
+    """``--storage-options`` if given, else JSON from ``$FLEET_STORAGE_OPTIONS``, else None."""
+    import os
+
+    if options is not None:
+        return options
+    raw = os.environ.get("FLEET_STORAGE_OPTIONS")
+    return _storage_options(raw) if raw else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every ``fleet`` subcommand."""
     parser = argparse.ArgumentParser(prog="fleet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_synth(sub)
+    _add_compress(sub)
     return parser
 
 

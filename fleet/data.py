@@ -88,3 +88,19 @@ def last_valid(outputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Pick each sequence's output at its last valid step: ``(B, T, H), (B,) -> (B, H)``."""
     index = (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, outputs.shape[-1])  # (B, 1, H)
     return outputs.gather(1, index).squeeze(1)
+
+
+@torch.no_grad()
+def map_minibatches(fn, batch: SequenceBatch, batch_size: int = 512) -> torch.Tensor:
+    """``fn(event_types, features, lengths) -> (b, ...)`` over length-sorted minibatches of ``batch``,
+    results scattered back into input row order: ``(B, ...)``."""
+    outputs, indices = [], []
+    for index, sub in batch.minibatches(batch_size, sort_by_length=True):
+        outputs.append(fn(sub.event_types, sub.features, sub.lengths))
+        indices.append(index)
+    if not outputs:
+        return torch.empty(0)
+    stacked = torch.cat(outputs)
+    out = torch.empty_like(stacked)
+    out[torch.cat(indices)] = stacked
+    return out

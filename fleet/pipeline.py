@@ -3,17 +3,31 @@ over *batches* of campaigns; everything they exchange goes through the store URI
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
+import json
+import math
 import os
+import signal
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from fleet import synth
-from fleet.events import write_events
+from fleet import stages, synth
+from fleet.codec import HEADS_SCHEMA, rejects_to_table
+from fleet.errors import FleetError, StoreError
+from fleet.events import EventsDataset, write_events
+from fleet.metrics import fleet_summary
+from fleet.store import FleetVersion, VersionWriter, WorkDir, join_uri, open_fs
+from fleet.teachers import list_teacher_campaigns
 
 console = Console(stderr=True)
 TRANSIENT_ERRORS = (OSError, TimeoutError, ConnectionError)
@@ -70,12 +84,15 @@ def _progress() -> Progress:
 
 
 def balanced_batches(costs: dict[str, float], num_batches: int) -> list[list[str]]:
-    """Split items into at most ``num_batches`` batches of similar total cost (largest first, greedy)."""
-    bins: list[tuple[float, list[str]]] = [(0.0, []) for _ in range(max(1, min(num_batches, len(costs))))]
+    """Split items into at most ``num_batches`` batches of similar total cost (largest first, greedy,
+    a heap of batch loads); each batch is sorted and the result is deterministic."""
+    heap = [(0.0, i) for i in range(max(1, min(num_batches, len(costs))))]
+    members: list[list[str]] = [[] for _ in heap]
     for item in sorted(costs, key=lambda k: (-costs[k], k)):
-        lightest = min(range(len(bins)), key=lambda i: bins[i][0])
-        bins[lightest] = (bins[lightest][0] + costs[item], bins[lightest][1] + [item])
-    return [sorted(items) for _, items in bins if items]
+        load, i = heapq.heappop(heap)
+        members[i].append(item)
+        heapq.heappush(heap, (load + costs[item], i))
+    return sorted((sorted(m) for m in members if m), key=lambda m: m[0])
 
 
 def run_synth(config: synth.SynthConfig, out_uri: str, storage_options: dict | None = None,
@@ -97,3 +114,349 @@ def run_synth(config: synth.SynthConfig, out_uri: str, storage_options: dict | N
     stats = sorted((s for batch in per_batch for s in batch), key=lambda s: s["campaign_id"])
     return {"seconds": time.perf_counter() - started, "events_uri": events_uri, "teachers_uri": teachers_uri,
             "campaigns": stats}
+
+
+# ---------------------------------------------------------------------------------------------
+# fleet compress
+
+
+@dataclass
+class CompressResult:
+    """Outcome of :func:`run_compress`: the version written, its metrics and the exit code."""
+
+    version_id: str
+    manifest_uri: str
+    metrics: dict
+    exit_code: int
+    registered: Any = None
+    rejects: list[dict] = field(default_factory=list)
+
+
+def _fault_point(stage: str) -> None:
+    """Crash-test hook: ``FLEET_FAULT_AFTER_STAGE=<stage>`` SIGKILLs the driver once ``stage`` is done."""
+    if os.environ.get("FLEET_FAULT_AFTER_STAGE") == stage:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _soft_labels_task(job: dict, ctx: stages.StageContext, work: tuple) -> dict:
+    started = time.perf_counter()
+    workdir = WorkDir(*work)
+    soft, campaigns = stages.soft_labels(job, ctx)
+    ok = [c for c, s in zip(campaigns["campaign_id"].to_pylist(), campaigns["status"].to_pylist()) if s == "ok"]
+    if job["backbone_quota"]:
+        config = dataclasses.replace(ctx.config, backbone_per_campaign=job["backbone_quota"])
+        workdir.write_shard("backbone_sample", job["shard"], stages.backbone_sample(soft, ok, config))
+    workdir.write_shard("campaigns", job["shard"], campaigns)
+    workdir.write_shard("soft_labels", job["shard"], soft)  # written last: its marker means "shard done"
+    return {"shard": job["shard"], "seconds": time.perf_counter() - started, "node": ray.get_runtime_context().get_node_id()}
+
+
+def _heads_task(job: dict, ctx: stages.StageContext, work: tuple) -> dict:
+    started = time.perf_counter()
+    workdir = WorkDir(*work)
+    heads = stages.fit_heads_shard(job, ctx, workdir.read_shard("soft_labels", job["shard"]),
+                                   workdir.read_bytes("backbone.safetensors"))
+    workdir.write_shard("heads", job["shard"], heads)
+    return {"shard": job["shard"], "seconds": time.perf_counter() - started, "node": ray.get_runtime_context().get_node_id()}
+
+
+def _backbone_task(sample: pa.Table, ctx: stages.StageContext, work: tuple) -> dict:
+    data, stats = stages.train_backbone(sample, ctx)
+    WorkDir(*work).write_bytes("backbone.safetensors", data)
+    return {**stats, "node": ray.get_runtime_context().get_node_id()}
+
+
+def _train_backbone_distributed(sample: pa.Table, ctx: stages.StageContext, work: tuple, workers: int) -> dict:
+    """Stage 2 on Ray Train: ``workers`` DDP workers, each on its share of every epoch's minibatches."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer, prepare_model
+
+    def loop(loop_config: dict) -> None:
+        import ray.train as rt
+
+        context = rt.get_context()
+        data, stats = stages.train_backbone(loop_config["sample"], loop_config["ctx"], rank=context.get_world_rank(),
+                                            world_size=context.get_world_size(),
+                                            wrap=lambda m: prepare_model(m, move_to_device=False))
+        if context.get_world_rank() == 0:
+            WorkDir(*loop_config["work"]).write_bytes("backbone.safetensors", data)
+        rt.report({**stats, "node": ray.get_runtime_context().get_node_id()})
+
+    trainer = TorchTrainer(
+        loop, train_loop_config={"sample": sample, "ctx": ctx, "work": work},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name=f"backbone-{work[2]}", storage_path=join_uri(WorkDir(*work).uri, "ray_train")
+                             if "://" in work[0] else os.path.abspath(join_uri(WorkDir(*work).uri, "ray_train")),
+                             storage_filesystem=None),
+    )
+    return dict(trainer.fit().metrics or {})
+
+
+def _input_space(teachers_uri: str, campaigns: list[str], config: stages.CompressConfig,
+                 storage_options: dict | None) -> tuple[int, int]:
+    if config.num_event_types and config.num_features:
+        return config.num_event_types, config.num_features
+    fs, path = open_fs(teachers_uri, storage_options)
+    for campaign_id in campaigns[:50]:
+        try:
+            data = json.loads(fs.cat_file(f"{path}/{campaign_id}/config.json"))
+            return int(data["num_event_types"]), int(data["num_features"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    raise FleetError("cannot read num_event_types/num_features from any of the first teachers' config.json; "
+                     "set them in the config", path=teachers_uri)
+
+
+def _plan(campaigns: list[str], sizes: dict[str, int], config: stages.CompressConfig, num_cpus: int) -> list[list[str]]:
+    cost = {c: float(min(sizes.get(c, 1), config.max_fit_rows + config.max_validation_rows) + 50) for c in campaigns}
+    per_task = config.campaigns_per_task or 2000
+    num_batches = max(4 * num_cpus, math.ceil(len(campaigns) / per_task), math.ceil(sum(cost.values()) / 200_000))
+    if config.campaigns_per_task:
+        num_batches = math.ceil(len(campaigns) / config.campaigns_per_task)
+    return balanced_batches(cost, num_batches)
+
+
+def _parent_version(fleet: str, store_uri: str, tracking_uri: str | None, storage_options: dict | None):
+    from fleet import registry
+
+    try:
+        version = registry.champion_version(fleet, tracking_uri)
+    except Exception:  # no registered model yet
+        return None
+    if version is None:
+        return None
+    manifest_uri, _ = registry.resolve_manifest_uri(f"models:/{fleet}@champion", tracking_uri)
+    return FleetVersion.open(manifest_uri, storage_options)
+
+
+def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: str,
+                 config: stages.CompressConfig, run_id: str | None = None, tracking_uri: str | None = None,
+                 address: str | None = None, retrain_backbone: bool = False, storage_options: dict | None = None,
+                 register: bool = True) -> CompressResult:
+    """``fleet compress``: stages 1-5 on Ray, one immutable version in the store, registered in MLflow.
+
+    Re-running the same ``run_id`` after a crash skips every shard already done. With a champion
+    version and no ``retrain_backbone``, campaigns whose teacher and data hashes are unchanged keep
+    their head rows and the champion's backbone; only new or changed campaigns are fitted.
+    """
+    from fleet import registry
+
+    started = time.perf_counter()
+    run_id = run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    tracking_uri = tracking_uri or registry.default_tracking_uri()
+    work = (store_uri, fleet, run_id, storage_options)
+    workdir = WorkDir(*work)
+    timings: dict[str, float] = {}
+
+    with ray_session(address):
+        num_cpus = int(ray.cluster_resources().get("CPU", 1))
+        if workdir.exists("plan.json"):
+            plan = workdir.read_json("plan.json")
+            console.print(f"resuming run {run_id}: {len(plan['batches'])} batches planned")
+        else:
+            plan = _make_plan(teachers_uri, events_uri, store_uri, fleet, config, tracking_uri, retrain_backbone,
+                              storage_options, num_cpus)
+            workdir.write_json("plan.json", plan)
+        parent = FleetVersion.open(plan["parent_manifest"], storage_options) if plan["parent_manifest"] else None
+        inherit_backbone = parent is not None and not plan["retrain_backbone"]
+        ctx = stages.StageContext(teachers_uri, events_uri, config, plan["num_event_types"], plan["num_features"],
+                                  storage_options)
+        parent_hashes = plan["parent_hashes"] if inherit_backbone else {}
+        num = len(plan["all_campaigns"])
+        quota = 0 if inherit_backbone else max(1, min(config.backbone_per_campaign, config.backbone_max_sequences // max(1, num)))
+
+        # stage 1: soft labels (the floor)
+        t0 = time.perf_counter()
+        done = workdir.done_shards("soft_labels")
+        jobs = [{"shard": name, "campaigns": batch, "backbone_quota": quota,
+                 "parent": {c: parent_hashes[c] for c in batch if c in parent_hashes}}
+                for name, batch in zip(plan["shards"], plan["batches"]) if name not in done]
+        stage1 = map_on_ray(_soft_labels_task, jobs, (ctx, work), "stage 1  teacher soft labels")
+        timings["soft_labels"] = time.perf_counter() - t0
+        shards_skipped = {"soft_labels": len(plan["shards"]) - len(jobs)}
+        _fault_point("soft_labels")
+
+        status = pa.concat_tables([workdir.read_shard("campaigns", s) for s in plan["shards"]])
+        by_status = {s: [] for s in ("ok", "reused", "rejected")}
+        for cid, st in zip(status["campaign_id"].to_pylist(), status["status"].to_pylist()):
+            by_status[st].append(cid)
+
+        # stage 2: backbone
+        t0 = time.perf_counter()
+        backbone_stats: dict = {}
+        if not workdir.exists("backbone.safetensors"):
+            if inherit_backbone:
+                workdir.write_bytes("backbone.safetensors", parent.read_backbone_bytes())
+            elif not by_status["ok"]:
+                raise FleetError("every campaign was quarantined in stage 1; nothing to distil", path=teachers_uri)
+            else:
+                sample = pa.concat_tables([workdir.read_shard("backbone_sample", s) for s in plan["shards"]])
+                if config.backbone_workers > 1:
+                    backbone_stats = _train_backbone_distributed(sample, ctx, work, config.backbone_workers)
+                else:
+                    backbone_stats = map_on_ray(_backbone_task, [sample], (ctx, work), "stage 2  backbone",
+                                                threads=max(1, min(num_cpus, 4)))[0]
+                workdir.write_json("backbone_stats.json", backbone_stats)
+        elif workdir.exists("backbone_stats.json"):
+            backbone_stats = workdir.read_json("backbone_stats.json")
+        timings["backbone"] = time.perf_counter() - t0
+        _fault_point("backbone")
+
+        # stages 3-5: heads, quantization, fidelity
+        t0 = time.perf_counter()
+        hashes = {cid: [t, d] for cid, t, d in zip(status["campaign_id"].to_pylist(), status["teacher_sha256"].to_pylist(),
+                                                     status["data_sha256"].to_pylist())}
+        ok = set(by_status["ok"])
+        done = workdir.done_shards("heads")
+        head_jobs = []
+        for name, batch in zip(plan["shards"], plan["batches"]):
+            mine = [c for c in batch if c in ok]
+            if mine and name not in done:
+                head_jobs.append({"shard": name, "campaigns": mine, "hashes": {c: hashes[c] for c in mine}})
+        stage3 = map_on_ray(_heads_task, head_jobs, (ctx, work), "stage 3  heads + quantize + fidelity")
+        timings["heads"] = time.perf_counter() - t0
+        shards_skipped["heads"] = sum(1 for n, b in zip(plan["shards"], plan["batches"]) if any(c in ok for c in b)) - len(head_jobs)
+
+    # finalize: one immutable version
+    t0 = time.perf_counter()
+    head_tables = [workdir.read_shard("heads", n) for n, b in zip(plan["shards"], plan["batches"]) if any(c in ok for c in b)]
+    if by_status["reused"]:
+        reused = pa.array(sorted(by_status["reused"]))
+        parent_heads = parent.read_heads()
+        head_tables.append(parent_heads.filter(pa.compute.is_in(parent_heads["campaign_id"], value_set=reused)))
+    heads = pa.concat_tables([t.cast(HEADS_SCHEMA) for t in head_tables]) if head_tables else HEADS_SCHEMA.empty_table()
+    rejected = status.filter(pa.compute.equal(status["status"], "rejected"))
+    rejects = [{"campaign_id": c, "stage": s, "reason": r} for c, s, r in
+               zip(rejected["campaign_id"].to_pylist(), rejected["stage"].to_pylist(), rejected["reason"].to_pylist())]
+    teacher_bytes = int(pa.compute.sum(status["teacher_bytes"]).as_py() or 0)
+    nodes = {"soft_labels": sorted({r["node"] for r in stage1}), "heads": sorted({r["node"] for r in stage3}),
+             "backbone": [backbone_stats["node"]] if "node" in backbone_stats else []}
+    metrics = _version_metrics(heads, rejects, num, len(by_status["reused"]), teacher_bytes, timings, backbone_stats,
+                               shards_skipped, len(jobs), len(head_jobs), nodes)
+    writer_uri = join_uri(store_uri, fleet, "versions", run_id)
+    try:
+        version = FleetVersion.open(writer_uri, storage_options)
+        console.print(f"version {run_id} was already committed; registering it")
+    except StoreError:
+        writer = VersionWriter(store_uri, fleet, run_id, storage_options)
+        writer.write_backbone_bytes(workdir.read_bytes("backbone.safetensors"))
+        writer.write_heads(heads)
+        writer.write_rejects(rejects_to_table([(r["campaign_id"], r["stage"], r["reason"]) for r in rejects]))
+        _size_metrics(metrics, writer.files, teacher_bytes)
+        writer.commit(config={**config.to_dict(), "num_event_types": plan["num_event_types"],
+                              "num_features": plan["num_features"], "teachers_uri": teachers_uri,
+                              "events_uri": events_uri},
+                      lineage={"parent_version": parent.version_id if parent else None, "run_id": run_id,
+                               "retrain_backbone": not inherit_backbone},
+                      metrics=metrics)
+        version = FleetVersion.open(writer_uri, storage_options)
+    metrics = version.manifest["metrics"]
+    timings["finalize"] = time.perf_counter() - t0
+
+    registered = None
+    if register:
+        registered = _register(version, fleet, tracking_uri, config, heads, metrics, storage_options, parent)
+    metrics = {**metrics, "total_seconds": time.perf_counter() - started}
+    exit_code = 3 if rejects else 0
+    return CompressResult(version.version_id, version.uri.rstrip("/") + "/manifest.json", metrics, exit_code,
+                          registered, rejects)
+
+
+def _make_plan(teachers_uri, events_uri, store_uri, fleet, config, tracking_uri, retrain_backbone, storage_options,
+               num_cpus) -> dict:
+    """The run's fixed plan (written once to ``plan.json``, so a resumed run redoes exactly the same shards)."""
+    campaigns = list_teacher_campaigns(teachers_uri, storage_options)
+    if not campaigns:
+        raise FleetError("no teachers found", path=teachers_uri)
+    num_event_types, num_features = _input_space(teachers_uri, campaigns, config, storage_options)
+    ids = EventsDataset(events_uri, storage_options)._dataset.to_table(columns=["campaign_id"])["campaign_id"]
+    counts = pc.value_counts(ids)
+    sizes = dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
+    batches = _plan(campaigns, sizes, config, num_cpus)
+    parent = _parent_version(fleet, store_uri, tracking_uri, storage_options)
+    parent_hashes = {}
+    if parent is not None and not retrain_backbone:
+        table = parent.read_heads().select(["campaign_id", "teacher_sha256", "data_sha256"])
+        parent_hashes = {c: [t.hex(), d.hex()] for c, t, d in zip(*(table[k].to_pylist() for k in table.column_names))}
+    return {
+        "all_campaigns": campaigns, "batches": batches, "shards": [f"b{i:05d}" for i in range(len(batches))],
+        "num_event_types": num_event_types, "num_features": num_features,
+        "parent_manifest": parent.uri if parent is not None else None, "parent_hashes": parent_hashes,
+        "retrain_backbone": bool(retrain_backbone or parent is None), "config": config.to_dict(),
+    }
+
+
+def _version_metrics(heads: pa.Table, rejects: list[dict], num: int, reused: int, teacher_bytes: int,
+                     timings: dict, backbone_stats: dict, skipped: dict, stage1_run: int, stage3_run: int,
+                     nodes: dict) -> dict:
+    rows = [
+        {"campaign_id": c, "auc_diff": None if s is None or t is None else s - t, "mean_abs_diff": m, "n_train": n}
+        for c, s, t, m, n in zip(*(heads[k].to_pylist() for k in
+                                   ("campaign_id", "student_auc", "teacher_auc", "mean_abs_diff", "n_train")))
+    ]
+    summary = fleet_summary(rows)
+    bits = heads["bits"].to_numpy() if heads.num_rows else np.zeros(0)
+    metrics = {
+        "campaigns": num, "campaigns_ok": heads.num_rows - reused, "campaigns_reused": reused,
+        "campaigns_quarantined": len(rejects), "quarantine_share": len(rejects) / max(1, num),
+        "fidelity_auc_diff_median": summary.get("median"), "fidelity_auc_diff_p10": summary.get("p10"),
+        "fidelity_mean_abs_diff_median": summary.get("mean_abs_diff_median"),
+        "fidelity_mean_abs_diff_p90": summary.get("mean_abs_diff_p90"),
+        "fidelity_campaigns_without_auc": summary.get("no_auc"),
+        "fidelity_worst": summary.get("worst"),
+        "bits_mean": float(bits.mean()) if len(bits) else None,
+        **{f"bits_{b}_campaigns": int((bits == b).sum()) for b in (1, 2, 4, 8, 16)},
+        "teacher_bytes_total": teacher_bytes,
+        **{f"stage_seconds_{k}": v for k, v in timings.items()},
+        "stage1_shards_computed": stage1_run, "stage1_shards_skipped": skipped.get("soft_labels", 0),
+        "stage3_shards_computed": stage3_run, "stage3_shards_skipped": skipped.get("heads", 0),
+        "nodes": nodes,
+        **{k: v for k, v in backbone_stats.items() if k != "node"},
+    }
+    run = sum(timings.values())
+    metrics["run_seconds"] = run
+    metrics["run_over_floor"] = run / timings["soft_labels"] if timings.get("soft_labels") else None
+    return metrics
+
+
+def _size_metrics(metrics: dict, files: dict[str, dict], teacher_bytes: int) -> None:
+    heads_bytes = sum(f["bytes"] for p, f in files.items() if p.startswith("heads/"))
+    backbone_bytes = files["backbone.safetensors"]["bytes"]
+    n = max(1, metrics["campaigns_ok"] + metrics["campaigns_reused"])
+    metrics.update({
+        "heads_bytes": heads_bytes, "backbone_bytes": backbone_bytes, "bytes_per_campaign": heads_bytes / n,
+        "compression_ratio": teacher_bytes / max(1, heads_bytes + backbone_bytes),
+        "compression_ratio_heads_only": teacher_bytes / max(1, heads_bytes),
+    })
+
+
+def _register(version: FleetVersion, fleet: str, tracking_uri: str, config: stages.CompressConfig, heads: pa.Table,
+              metrics: dict, storage_options: dict | None, parent: FleetVersion | None):
+    import tempfile
+
+    from fleet import plots, registry
+
+    with tempfile.TemporaryDirectory() as tmp:
+        backbone_path, manifest_path = os.path.join(tmp, "backbone.safetensors"), os.path.join(tmp, "manifest.json")
+        with open(backbone_path, "wb") as f:
+            f.write(version.read_backbone_bytes())
+        with open(manifest_path, "w") as f:
+            json.dump(version.manifest, f, indent=2)
+        auc_diff = [s - t for s, t in zip(heads["student_auc"].to_pylist(), heads["teacher_auc"].to_pylist())
+                    if s is not None and t is not None]
+        n_train = [n for n, s, t in zip(heads["n_train"].to_pylist(), heads["student_auc"].to_pylist(),
+                                        heads["teacher_auc"].to_pylist()) if s is not None and t is not None]
+        figures = {
+            "fidelity_histogram.png": plots.fidelity_histogram(auc_diff),
+            "fidelity_vs_size.png": plots.fidelity_vs_size(n_train, auc_diff),
+            "size_breakdown.png": plots.size_breakdown({"heads": metrics.get("heads_bytes", 0),
+                                                        "backbone": metrics.get("backbone_bytes", 0)}),
+        }
+        flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return registry.register_version(
+            fleet_name=fleet, manifest_uri=version.uri.rstrip("/") + "/manifest.json", version_id=version.version_id,
+            local_artifacts={"backbone.safetensors": backbone_path, "manifest.json": manifest_path},
+            params=config.to_dict(), metrics=flat, plots=figures, tracking_uri=tracking_uri,
+            gate=registry.GateConfig(**config.gate), storage_options=storage_options,
+            parent_version_id=parent.version_id if parent else None,
+        )

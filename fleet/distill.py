@@ -1,0 +1,307 @@
+"""Distillation: losses, backbone training (phase a) and batched head fitting (phase b) (pure torch).
+
+Phase a trains the shared backbone jointly with the heads of the pooled campaigns
+(:func:`fit_backbone`). Phase b freezes the backbone, caches its features once
+(:func:`compute_features`) and fits the heads of all campaigns in one vectorised full-batch
+optimisation (:func:`fit_heads`). See ``docs/compression.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from fleet.data import SequenceBatch
+from fleet.student import (
+    FakeQuant,
+    SharedBackbone,
+    Student,
+    StudentConfig,
+    backbone_forward,
+    head_logits,
+    head_num_params,
+    init_heads,
+)
+
+LOSSES = ("hinton", "class_distance")
+
+BatchTriple = tuple[SequenceBatch, torch.Tensor, torch.Tensor]
+Progress = Callable[[int, float], None]
+
+
+@dataclass
+class DistillConfig:
+    """How the student is taught by the teachers.
+
+    Args:
+        loss: ``"hinton"`` (soft targets, Hinton et al. 2015) or ``"class_distance"`` (soft targets
+            plus matching the teacher's signed distance to the decision boundary in logit space).
+        temperature: softening temperature ``T`` of the soft-target term; the term is scaled by
+            ``T**2`` so its gradient keeps the same size when ``T`` changes.
+        hard_label_weight: ``alpha`` in ``[0, 1]``: on rows with a known label the loss is
+            ``(1 - alpha) * soft + alpha * BCE(student, label)``; rows whose label is NaN use the
+            soft term alone.
+        distance_weight: weight ``beta`` of the class-distance term ``(s - t)**2`` (``"class_distance"`` only).
+        head_l2: strength of the L2 pull of each head toward its init in :func:`fit_heads`, in
+            units of rows: campaign ``c`` minimises ``(sum_i loss_i + head_l2 * ||theta_c - theta0_c||^2) / n_c``,
+            a Gaussian prior worth ``head_l2`` rows. It matters for tiny campaigns and vanishes for big ones.
+    """
+
+    loss: str = "hinton"
+    temperature: float = 2.0
+    hard_label_weight: float = 0.0
+    distance_weight: float = 0.1
+    head_l2: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if not 0.0 <= self.hard_label_weight <= 1.0:
+            raise ValueError(f"hard_label_weight must be in [0, 1], got {self.hard_label_weight!r}")
+        if not self.distance_weight >= 0:
+            raise ValueError(f"distance_weight must be >= 0, got {self.distance_weight!r}")
+        if not self.head_l2 >= 0:
+            raise ValueError(f"head_l2 must be >= 0, got {self.head_l2!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# losses
+
+
+def _bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+
+
+def distill_loss_rows(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None, config: DistillConfig
+) -> torch.Tensor:
+    """Per-row loss ``(B,)``; :func:`distill_loss` is its mean.
+
+    Soft term: ``T**2 * KL(Bernoulli(sigmoid(t/T)) || Bernoulli(sigmoid(s/T)))``, i.e. the BCE between
+    the softened probabilities minus the teacher's entropy: same gradient as the BCE, and 0 when the
+    student matches the teacher. ``class_distance`` adds ``distance_weight * (s - t)**2``.
+    """
+    t = config.temperature
+    teacher_logits = teacher_logits.detach().to(student_logits.dtype)
+    target = torch.sigmoid(teacher_logits / t)  # (B,)
+    soft = (_bce(student_logits / t, target) - _bce(teacher_logits / t, target)) * t**2  # (B,)
+    if config.loss == "class_distance":
+        soft = soft + config.distance_weight * (student_logits - teacher_logits) ** 2
+    if labels is None or config.hard_label_weight == 0.0:
+        return soft
+    labels = labels.to(student_logits.dtype)
+    known = torch.isfinite(labels)  # (B,)
+    hard = _bce(student_logits, torch.where(known, labels, torch.zeros_like(labels)))  # (B,)
+    alpha = config.hard_label_weight
+    return torch.where(known, (1.0 - alpha) * soft + alpha * hard, soft)
+
+
+def distill_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None, config: DistillConfig
+) -> torch.Tensor:
+    """Scalar distillation loss, the mean over rows of :func:`distill_loss_rows` (labels NaN where unknown)."""
+    return distill_loss_rows(student_logits, teacher_logits, labels, config).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# phase a: backbone
+
+
+def _epoch(batches: Iterable[BatchTriple] | Callable[[], Iterable[BatchTriple]]) -> Iterable[BatchTriple]:
+    return batches() if callable(batches) else batches
+
+
+def fit_backbone(
+    student: Student,
+    batches: Iterable[BatchTriple] | Callable[[], Iterable[BatchTriple]],
+    config: DistillConfig,
+    *,
+    epochs: int = 1,
+    steps: int | None = None,
+    lr: float = 3e-3,
+    seed: int = 0,
+    grad_clip: float | None = 1.0,
+    fake_quant: FakeQuant | None = None,
+    progress: Progress | None = None,
+) -> Student:
+    """Train ``student`` (backbone and heads together, in place) on pooled campaigns; returns it in eval mode.
+
+    Args:
+        student: the model; its heads row ``c`` belongs to ``campaign_index == c``.
+        batches: ``(SequenceBatch, campaign_index (B,), teacher_logits (B,))`` triples; an iterable
+            (re-iterated every epoch, e.g. a list) or a zero-argument callable returning a fresh
+            iterable per epoch. The batch's ``labels`` feed the hard-label term.
+        config: the loss.
+        epochs: passes over ``batches``.
+        steps: stop after this many optimiser steps in total (None: run all epochs).
+        lr: Adam learning rate.
+        seed: seeds torch's RNG inside the call (the global RNG state is restored afterwards).
+        grad_clip: max global gradient norm (None: no clipping); RNNs like it.
+        fake_quant: optional quantization-aware training hook applied to the backbone's weight
+            matrices (embedding, input and recurrent weights) in every forward pass.
+        progress: called as ``progress(step, loss)`` after each step.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+    step = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        student.train()
+        for _ in range(epochs):
+            seen = 0
+            for batch, campaign_index, teacher_logits in _epoch(batches):
+                seen += 1
+                logits = student(batch.event_types, batch.features, batch.lengths, campaign_index, fake_quant=fake_quant)  # (B,)
+                loss = distill_loss(logits, teacher_logits, batch.labels, config)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
+                optimizer.step()
+                step += 1
+                if progress is not None:
+                    progress(step, float(loss.detach()))
+                if steps is not None and step >= steps:
+                    break
+            if seen == 0 or (steps is not None and step >= steps):
+                break
+    student.eval()
+    return student
+
+
+@torch.no_grad()
+def compute_features(
+    backbone: SharedBackbone,
+    batch: SequenceBatch,
+    batch_size: int = 2048,
+    *,
+    fake_quant: FakeQuant | None = None,
+) -> torch.Tensor:
+    """Backbone features ``(B, H)`` of every row of ``batch``, in input row order, without gradients.
+
+    Rows are run in length-sorted minibatches (less padding) and scattered back. Pass the same
+    ``fake_quant`` the served backbone will use so the heads are fit on the features they will see.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    out = torch.empty(len(batch), backbone.config.hidden_size)  # (B, H)
+    for index, sub in batch.minibatches(batch_size, sort_by_length=True):
+        out[index] = backbone_forward(backbone, sub.event_types, sub.features, sub.lengths, fake_quant=fake_quant)
+    backbone.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# phase b: all heads in one batched optimisation
+
+
+def fit_heads(
+    features: torch.Tensor,
+    campaign_index: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    num_campaigns: int,
+    student_config: StudentConfig,
+    distill_config: DistillConfig,
+    *,
+    steps: int = 300,
+    lr: float = 0.03,
+    init: torch.Tensor | None = None,
+    seed: int = 0,
+    fake_quant: FakeQuant | None = None,
+    progress: Progress | None = None,
+    chunk_size: int = 8192,
+) -> torch.Tensor:
+    """Fit the heads ``(C, P)`` of all campaigns on cached, frozen backbone features.
+
+    One full-batch Adam optimisation over all rows. Campaign ``c`` minimises its own objective
+    ``(sum_{i in c} loss_i + head_l2 * ||theta_c - init_c||^2) / n_c``; the total is the sum over
+    campaigns, so ``theta_c``'s gradient depends on campaign ``c``'s rows only, and Adam is
+    elementwise: the batched fit equals fitting each campaign alone (up to float rounding).
+    Campaigns without rows keep their init. Deterministic (no sampling).
+
+    Args:
+        features: ``(N, H)`` backbone features (:func:`compute_features`).
+        campaign_index: ``(N,)`` campaign row of each feature row, in ``[0, num_campaigns)``.
+        teacher_logits: ``(N,)`` teacher logits.
+        labels: ``(N,)`` observed labels, NaN where unknown (or None).
+        num_campaigns: ``C``.
+        student_config: head design (``head``, ``head_rank``, ``hidden_size``).
+        distill_config: loss and ``head_l2``.
+        steps: Adam steps.
+        lr: Adam learning rate.
+        init: ``(C, P)`` start point and L2 anchor; None: :func:`fleet.student.init_heads`. A good
+            anchor is the fleet's mean head from phase a, so tiny campaigns shrink toward it.
+        seed: seeds the default init.
+        fake_quant: optional quantization-aware hook applied to the ``(C, P)`` heads every step;
+            it must treat rows independently (per-campaign scales) and pass gradients straight through.
+        progress: called as ``progress(step, loss)`` after each step (loss summed over campaigns).
+        chunk_size: rows per chunk of the gradient pass (memory/speed only; the result is the same).
+
+    Returns:
+        ``(C, P)`` float heads (not quantized: quantize them with the same scheme as ``fake_quant``).
+    """
+    n, hidden = features.shape
+    if hidden != student_config.hidden_size:
+        raise ValueError(f"features have H={hidden}, student_config.hidden_size={student_config.hidden_size}")
+    if campaign_index.shape != (n,) or teacher_logits.shape != (n,):
+        raise ValueError(f"campaign_index and teacher_logits must have shape ({n},)")
+    if labels is not None and labels.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},)")
+    campaign_index = campaign_index.long()
+    if n and (int(campaign_index.min()) < 0 or int(campaign_index.max()) >= num_campaigns):
+        raise ValueError(f"campaign_index out of range [0, {num_campaigns})")
+    design, rank = student_config.head, student_config.head_rank
+    dtype = features.dtype
+    if init is None:
+        init = init_heads(student_config, num_campaigns, torch.Generator().manual_seed(seed))
+    if init.shape != (num_campaigns, head_num_params(student_config)):
+        raise ValueError(f"init must have shape ({num_campaigns}, {head_num_params(student_config)}), got {tuple(init.shape)}")
+    anchor = init.detach().to(dtype)  # (C, P)
+    params = anchor.clone().requires_grad_(True)  # (C, P)
+
+    counts = torch.bincount(campaign_index, minlength=num_campaigns).to(dtype)  # (C,)
+    inv_count = 1.0 / counts.clamp(min=1.0)  # (C,)
+    row_weight = inv_count.index_select(0, campaign_index)  # (N,)
+    features = features.detach()
+    teacher_logits = teacher_logits.detach().to(dtype)
+
+    optimizer = torch.optim.Adam([params], lr=lr)
+    chunks = [slice(start, start + chunk_size) for start in range(0, n, chunk_size)]
+    for step in range(1, steps + 1):
+        params.grad = None
+        used = fake_quant(params) if fake_quant is not None else params  # (C, P)
+        # Rows are processed in cache-sized chunks, accumulating d(loss)/d(used) in ``leaf``:
+        # the same full-batch gradient as one big pass, a fraction of the memory traffic.
+        leaf = used.detach().requires_grad_(True)  # (C, P)
+        total = 0.0
+        for rows in chunks:
+            logits = head_logits(design, features[rows], leaf, rank, index=campaign_index[rows])  # (n_chunk,)
+            loss_rows = distill_loss_rows(logits, teacher_logits[rows], None if labels is None else labels[rows], distill_config)
+            loss = (loss_rows * row_weight[rows]).sum()
+            loss.backward()
+            total += float(loss.detach())
+        grad_used = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)  # (C, P)
+        if fake_quant is not None:
+            used.backward(grad_used)  # through the hook's straight-through estimator
+        else:
+            params.grad = grad_used
+        if params.grad is None:  # a hook that ignores its input
+            params.grad = torch.zeros_like(params)
+        if distill_config.head_l2 > 0:
+            with torch.no_grad():
+                delta = params - anchor  # (C, P)
+                params.grad.add_(2.0 * distill_config.head_l2 * inv_count.unsqueeze(1) * delta)
+                total += float(distill_config.head_l2 * ((delta**2).sum(1) * inv_count).sum())
+        optimizer.step()
+        if progress is not None:
+            progress(step, total)
+    return params.detach()

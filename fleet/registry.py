@@ -1,0 +1,720 @@
+"""MLflow side of fleet: one registered model per fleet, one model version per nightly run, a
+quality gate and the ``champion`` alias (``docs/architecture.md``, DESIGN section 3).
+
+A run logs params, metrics and plots into the experiment ``fleet-<fleet_name>`` and a pyfunc model
+whose artifacts are the backbone and the manifest (heads stay in Parquet, referenced by the
+manifest URI). Each model version carries the tags ``version_id``, ``manifest_uri``,
+``parent_version_id`` (when there is one), ``gate`` and ``gate_reasons``.
+
+``champion`` moves only when the gate passes (:func:`register_version`) or by hand
+(:func:`promote`, :func:`rollback`). Every move is recorded in the registered-model tag
+``champion_history``: a JSON list of ``{"version", "reason", "at"}`` used as a stack whose last
+entry is the current champion; :func:`rollback` pops it.
+
+Tracking URIs are ``sqlite:///path`` or ``http(s)://server``; MLflow's file store is refused.
+Nothing here is safe to call from several threads at once: MLflow's fluent ``log_model`` needs the
+process-wide tracking URI, which :func:`register_version` sets and restores around the call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import Any, Iterator
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from fleet.errors import FleetError
+
+logger = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+HISTORY_TAG = "champion_history"
+MODEL_DATA_FILE = "fleet_model.json"  # read by fleet.pyfunc._load_pyfunc(data_path)
+MODEL_DATA_FORMAT = "fleet-pyfunc/1"
+STORAGE_OPTIONS_ENV = "FLEET_STORAGE_OPTIONS"  # JSON storage options (credentials) at load time
+REQUIRED_ARTIFACTS = ("backbone.safetensors", "manifest.json")
+GATE_METRICS = {  # metric key -> label used in gate reasons
+    "fidelity_auc_diff_median": "median AUC diff",
+    "fidelity_auc_diff_p10": "p10 AUC diff",
+    "quarantine_share": "quarantine share",
+}
+# Installed with the model; fleet itself must be installed where the model is loaded (the
+# PyPI name "fleet" belongs to another project, so it is not listed here).
+RUNTIME_PACKAGES = ("mlflow", "torch", "safetensors", "numpy", "pyarrow", "fsspec", "s3fs")
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_MODEL_URI_RE = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))")
+_HISTORY_MAX = 200  # entries kept in champion_history (~70 bytes each, far below the tag limit)
+_PARAM_MAX = 6000  # MLflow's limit on a param value
+_KEY_MAX = 250  # MLflow's limit on a metric / param key
+_SECRET_NAMES = {"key", "secret", "token", "password", "passwd", "credentials", "sas", "sig", "signature"}
+_SECRET_PARTS = ("secret", "token", "password", "passwd", "credential", "access_key", "private_key",
+                 "api_key", "account_key", "connection_string", "session")
+_URL_USERINFO_RE = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+class RegistryError(FleetError):
+    """A registered model, version or alias is missing, or the registry is not in the expected state."""
+
+
+# ----------------------------------------------------------------------------- gate
+
+
+@dataclass
+class GateConfig:
+    """Quality gate a new fleet version must pass before it becomes ``champion``.
+
+    AUC diffs are student AUC minus teacher AUC on the hold-out rows, one per campaign: 0 means as
+    good as the teacher, negative means worse.
+
+    Args:
+        min_median_auc_diff: lowest acceptable median AUC diff over the fleet's campaigns.
+        min_p10_auc_diff: lowest acceptable 10th percentile AUC diff (the campaigns fitted worst);
+            at most ``min_median_auc_diff``, since a p10 is never above the median.
+        max_quarantine_share: highest acceptable share of campaigns quarantined by the run, in [0, 1].
+        max_regression: how much lower than the current champion's the median and the p10 AUC diff
+            may be, >= 0.
+    """
+
+    min_median_auc_diff: float = -0.01
+    min_p10_auc_diff: float = -0.03
+    max_quarantine_share: float = 0.05
+    max_regression: float = 0.005
+
+    def __post_init__(self) -> None:
+        for name in ("min_median_auc_diff", "min_p10_auc_diff", "max_quarantine_share", "max_regression"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"GateConfig.{name} must be a finite number, got {value!r}")
+            setattr(self, name, float(value))
+        for name in ("min_median_auc_diff", "min_p10_auc_diff"):
+            if not -1.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"GateConfig.{name} must be in [-1, 1] (a difference of AUCs), got {getattr(self, name)}")
+        if self.min_p10_auc_diff > self.min_median_auc_diff:
+            raise ValueError(
+                f"GateConfig.min_p10_auc_diff ({self.min_p10_auc_diff}) is above min_median_auc_diff "
+                f"({self.min_median_auc_diff}): a p10 is never above the median; were they swapped?"
+            )
+        if not 0.0 <= self.max_quarantine_share <= 1.0:
+            raise ValueError(f"GateConfig.max_quarantine_share must be in [0, 1], got {self.max_quarantine_share}")
+        if not 0.0 <= self.max_regression <= 1.0:
+            raise ValueError(f"GateConfig.max_regression must be in [0, 1], got {self.max_regression}")
+
+
+@dataclass
+class GateResult:
+    """Outcome of :func:`evaluate_gate`: ``reasons`` lists every failed check, empty when passed."""
+
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a float, or None when it is missing, not a number or not finite."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _fmt_pair(a: float, b: float) -> tuple[str, str]:
+    """Format two numbers with 3 decimals, or more when 3 would make them look equal."""
+    sa, sb = f"{a:.3f}", f"{b:.3f}"
+    return (sa, sb) if sa != sb else (f"{a:.6g}", f"{b:.6g}")
+
+
+def evaluate_gate(metrics: dict, champion_metrics: dict | None, gate: GateConfig) -> GateResult:
+    """Check a candidate's ``metrics`` against ``gate`` and, when given, the champion's metrics.
+
+    Uses ``fidelity_auc_diff_median``, ``fidelity_auc_diff_p10`` and ``quarantine_share``. A
+    candidate metric that is missing or not finite fails the gate. The regression check compares
+    the median and p10 with the champion's; a champion metric that is missing is not compared.
+    """
+    reasons: list[str] = []
+    values: dict[str, float] = {}
+    for key, label in GATE_METRICS.items():
+        value = _finite(metrics.get(key))
+        if value is None:
+            reasons.append(f"{label}: metric {key!r} is missing or not a finite number ({metrics.get(key)!r})")
+        else:
+            values[key] = value
+
+    def low(key: str, bound: float) -> None:
+        if key in values and values[key] < bound:
+            v, b = _fmt_pair(values[key], bound)
+            reasons.append(f"{GATE_METRICS[key]} {v} < {b}")
+
+    low("fidelity_auc_diff_median", gate.min_median_auc_diff)
+    low("fidelity_auc_diff_p10", gate.min_p10_auc_diff)
+    share = values.get("quarantine_share")
+    if share is not None and share > gate.max_quarantine_share:
+        v, b = _fmt_pair(share, gate.max_quarantine_share)
+        reasons.append(f"quarantine share {v} > {b}")
+
+    for key in ("fidelity_auc_diff_median", "fidelity_auc_diff_p10"):
+        best = _finite((champion_metrics or {}).get(key))
+        if best is None or key not in values:
+            continue
+        drop = best - values[key]
+        if drop > gate.max_regression:
+            v, c = _fmt_pair(values[key], best)
+            d, m = _fmt_pair(drop, gate.max_regression)
+            reasons.append(f"{GATE_METRICS[key]} {v} regresses from the champion's {c} by {d} > {m}")
+    return GateResult(passed=not reasons, reasons=reasons)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class RegisteredVersion:
+    """A model version written by :func:`register_version`."""
+
+    name: str
+    version: str
+    run_id: str
+    manifest_uri: str
+    gate: GateResult | None
+    champion: bool
+
+
+def default_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else a SQLite file ``./fleet-data/mlflow.db`` (absolute
+    path; the directory is created)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    path = os.path.abspath(os.path.join("fleet-data", "mlflow.db"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def _check_tracking_uri(uri: str) -> str:
+    if not isinstance(uri, str) or not uri:
+        raise ValueError(f"tracking URI must be a non-empty string, got {uri!r}")
+    scheme = uri.split(":", 1)[0] if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri) else ""
+    if scheme in ("", "file"):
+        raise ValueError(
+            f"tracking URI {uri!r} would use MLflow's file store, which fleet does not support; "
+            "use sqlite:///path/to/mlflow.db or http(s)://host:port"
+        )
+    return uri
+
+
+def _client(tracking_uri: str | None) -> MlflowClient:
+    uri = _check_tracking_uri(tracking_uri or default_tracking_uri())
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _check_name(kind: str, value: Any) -> str:
+    if not isinstance(value, str) or _NAME_RE.fullmatch(value) is None:
+        raise ValueError(f"invalid {kind} {value!r}: must match ^[A-Za-z0-9][A-Za-z0-9_.-]{{0,127}}$")
+    return value
+
+
+def _not_found(err: MlflowException) -> bool:
+    return err.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _is_secret_name(name: str) -> bool:
+    lowered = str(name).lower()
+    return lowered in _SECRET_NAMES or any(part in lowered for part in _SECRET_PARTS)
+
+
+def _strip_userinfo(text: str) -> str:
+    """``scheme://user:pass@host`` -> ``scheme://host``."""
+    return _URL_USERINFO_RE.sub(r"\1", text)
+
+
+def _public_options(options: Any) -> Any:
+    """A JSON-safe copy of storage options without credentials (secret-looking keys dropped,
+    ``user:pass@`` removed from URLs, values that are not JSON scalars dropped)."""
+    if isinstance(options, dict):
+        out = {}
+        for k, v in options.items():
+            if _is_secret_name(k):
+                continue
+            v = _public_options(v)
+            if v is not None:
+                out[str(k)] = v
+        return out
+    if isinstance(options, (list, tuple)):
+        return [v for v in (_public_options(x) for x in options) if v is not None]
+    if isinstance(options, str):
+        return _strip_userinfo(options)
+    if isinstance(options, (bool, int, float)) and _finite(options) is not None or isinstance(options, bool):
+        return options
+    return None
+
+
+def _secret_values(options: Any, under_secret: bool = False) -> set[str]:
+    """String values stored under secret-looking keys of ``options`` (to scrub them elsewhere)."""
+    found: set[str] = set()
+    if isinstance(options, dict):
+        for k, v in options.items():
+            found |= _secret_values(v, under_secret or _is_secret_name(k))
+    elif isinstance(options, (list, tuple)):
+        for v in options:
+            found |= _secret_values(v, under_secret)
+    elif under_secret and isinstance(options, str) and len(options) >= 4:
+        found.add(options)
+    return found
+
+
+def _flatten(d: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``{"a": {"b": 1}}`` -> ``("a.b", 1)``."""
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _flatten(v, key + ".")
+        else:
+            yield key, v
+
+
+def sanitize_key(name: Any) -> str:
+    """An MLflow-safe metric/param key: ASCII letters, digits and ``_ - . /`` and space; no empty,
+    ``.`` or ``..`` path segments; at most 250 characters."""
+    cleaned = re.sub(r"[^A-Za-z0-9_\-. /]", "_", str(name))
+    segments = [s.strip() for s in cleaned.split("/")]
+    key = "/".join(s for s in segments if s and s not in (".", ".."))
+    return (key or "_")[:_KEY_MAX]
+
+
+def _clean_metrics(metrics: dict) -> dict[str, float]:
+    """Flatten, keep finite numbers, sanitise names."""
+    out: dict[str, float] = {}
+    for key, value in _flatten(metrics):
+        number = _finite(value)
+        if number is None:
+            logger.debug("metric %r not logged: %r is not a finite number", key, value)
+            continue
+        clean = sanitize_key(key)
+        if clean in out:
+            logger.warning("metric %r collides with another after sanitising to %r; last one wins", key, clean)
+        out[clean] = number
+    return out
+
+
+def _clean_params(params: dict, secrets: set[str]) -> dict[str, str]:
+    """Flatten, stringify (JSON for lists), drop secret-looking keys, scrub secret values and URL
+    credentials, truncate to MLflow's limit."""
+    out: dict[str, str] = {}
+    for key, value in _flatten(params):
+        if _is_secret_name(key.rsplit(".", 1)[-1]):
+            logger.warning("param %r not logged: its name looks like a credential", key)
+            continue
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        for secret in secrets:
+            text = text.replace(secret, "<redacted>")
+        text = _strip_userinfo(text)
+        if len(text) > _PARAM_MAX:
+            text = text[: _PARAM_MAX - 3] + "..."
+        out[sanitize_key(key)] = text
+    return out
+
+
+def _pip_requirements() -> list[str]:
+    reqs = []
+    for package in RUNTIME_PACKAGES:
+        try:
+            reqs.append(f"{package}=={metadata.version(package).split('+')[0]}")  # drop local tags (+cpu)
+        except metadata.PackageNotFoundError:
+            reqs.append(package)
+    return reqs
+
+
+def _sqlite_artifact_root(uri: str) -> str | None:
+    """Artifacts of a ``sqlite:///path/mlflow.db`` store go next to it (``<dir>/mlartifacts``), not
+    into ``./mlruns`` of whatever the working directory is."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return os.path.join(os.path.dirname(os.path.abspath(path)), "mlartifacts")
+
+
+def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    root = _sqlite_artifact_root(uri)
+    try:
+        return client.create_experiment(name, artifact_location=os.path.join(root, name) if root else None)
+    except MlflowException as err:  # created meanwhile by a concurrent run
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        logger.debug("experiment %s created concurrently: %s", name, err)
+        return experiment.experiment_id
+
+
+@contextmanager
+def _fluent_uris(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking and registry URIs at ``uri``; restore them (and the
+    ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` environment variables MLflow sets) after."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None))
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        mlflow.set_registry_uri(saved[1])
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _log_batches(client: MlflowClient, run_id: str, metrics: dict[str, float], params: dict[str, str]) -> None:
+    from mlflow.entities import Metric, Param
+
+    now_ms = int(datetime.now(timezone.utc).timestamp() * 1000)
+    metric_list = [Metric(k, v, now_ms, 0) for k, v in metrics.items()]
+    param_list = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(metric_list), 1000):
+        client.log_batch(run_id, metrics=metric_list[i : i + 1000])
+    for i in range(0, len(param_list), 100):
+        client.log_batch(run_id, params=param_list[i : i + 100])
+
+
+def _check_local_artifacts(local_artifacts: dict[str, str], fleet_name: str, version_id: str) -> None:
+    missing = [name for name in REQUIRED_ARTIFACTS if name not in local_artifacts]
+    if missing:
+        raise ValueError(f"local_artifacts needs {', '.join(missing)} (got {sorted(local_artifacts)})")
+    for name, path in local_artifacts.items():
+        _check_name("artifact name", name)
+        if not os.path.isfile(path):
+            raise ValueError(f"local artifact {name!r}: {path} is not a file")
+    try:
+        with open(local_artifacts["manifest.json"], "rb") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"local artifact manifest.json ({local_artifacts['manifest.json']}) is not JSON: {err}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"local artifact manifest.json ({local_artifacts['manifest.json']}) is not a JSON object")
+    for key, expected in (("version_id", version_id), ("fleet", fleet_name)):
+        if key in manifest and manifest[key] != expected:
+            raise ValueError(f"manifest.json says {key}={manifest[key]!r} but register_version got {expected!r}")
+
+
+def _check_plots(plots: dict[str, bytes]) -> dict[str, bytes]:
+    out = {}
+    for name, data in plots.items():
+        base = name[:-4] if name.endswith(".png") else name
+        _check_name("plot name", base)
+        if not isinstance(data, (bytes, bytearray)) or not bytes(data[:8]) == b"\x89PNG\r\n\x1a\n":
+            raise ValueError(f"plot {name!r} is not PNG bytes")
+        out[base + ".png"] = bytes(data)
+    return out
+
+
+# ----------------------------------------------------------------------------- champion history
+
+
+def _read_history(client: MlflowClient, name: str) -> list[dict]:
+    raw = client.get_registered_model(name).tags.get(HISTORY_TAG)
+    if not raw:
+        return []
+    try:
+        history = json.loads(raw)
+    except ValueError:
+        raise RegistryError(f"registered model {name!r}: tag {HISTORY_TAG} is not JSON: {raw[:200]!r}") from None
+    if not isinstance(history, list) or not all(isinstance(e, dict) and "version" in e for e in history):
+        raise RegistryError(f"registered model {name!r}: tag {HISTORY_TAG} is not a list of {{version, ...}}")
+    return history
+
+
+def _write_history(client: MlflowClient, name: str, history: list[dict]) -> None:
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-_HISTORY_MAX:]))
+
+
+def _champion(client: MlflowClient, name: str) -> str | None:
+    try:
+        version = client.get_registered_model(name).aliases.get(CHAMPION)
+    except MlflowException as err:
+        if _not_found(err):
+            return None
+        raise
+    return None if version is None else str(version)
+
+
+def _get_version(client: MlflowClient, name: str, version: str | int):
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as err:
+        if _not_found(err) or err.error_code == "INVALID_PARAMETER_VALUE":
+            raise RegistryError(f"registered model {name!r} has no version {version!r}") from None
+        raise
+
+
+def _move_champion(client: MlflowClient, name: str, version: str, reason: str) -> None:
+    """Set the alias first, then push the history: if we stop in between, :func:`rollback`
+    reconciles (it pushes the alias' version when the stack's top differs)."""
+    client.set_registered_model_alias(name, CHAMPION, version)
+    history = _read_history(client, name)
+    if not history or str(history[-1]["version"]) != version:
+        history.append({"version": version, "reason": reason, "at": _now()})
+        _write_history(client, name, history)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def register_version(
+    *,
+    fleet_name: str,
+    manifest_uri: str,
+    version_id: str,
+    local_artifacts: dict[str, str],
+    params: dict,
+    metrics: dict,
+    plots: dict[str, bytes],
+    tracking_uri: str | None = None,
+    gate: GateConfig | None = None,
+    storage_options: dict | None = None,
+    parent_version_id: str | None = None,
+) -> RegisteredVersion:
+    """Log one run and register one new version of the model ``fleet_name``; move ``champion`` to
+    it when it passes ``gate`` (``GateConfig()`` when None) against the current champion's metrics.
+
+    Args:
+        fleet_name: registered model name; the run goes to the experiment ``fleet-<fleet_name>``.
+        manifest_uri: URI of the committed version's ``manifest.json`` (what serving opens).
+        version_id: the fleet version id (tag ``version_id``).
+        local_artifacts: artifact name -> local file, at least ``backbone.safetensors`` and
+            ``manifest.json``; copied into the pyfunc model's data directory.
+        params: run params; nested dicts are flattened (``a.b``); credential-looking keys dropped.
+        metrics: run metrics; nested dicts flattened, names sanitised, non-finite values skipped.
+            The gate reads ``fidelity_auc_diff_median``, ``fidelity_auc_diff_p10``, ``quarantine_share``.
+        plots: plot name -> PNG bytes, logged under ``plots/<name>.png``.
+        tracking_uri: ``sqlite:///...`` or ``http(s)://...``; :func:`default_tracking_uri` when None.
+        gate: the quality gate.
+        storage_options: fsspec options for ``manifest_uri``. Only their non-secret part is saved
+            (``fleet_model.json``); credentials are read at load time from ``$FLEET_STORAGE_OPTIONS``
+            and are scrubbed from params.
+        parent_version_id: the fleet version this one was trained from (tag ``parent_version_id``).
+    """
+    _check_name("fleet name", fleet_name)
+    _check_name("version id", version_id)
+    if parent_version_id is not None:
+        _check_name("parent version id", parent_version_id)
+    if not isinstance(manifest_uri, str) or not manifest_uri:
+        raise ValueError(f"manifest_uri must be a non-empty string, got {manifest_uri!r}")
+    _check_local_artifacts(local_artifacts, fleet_name, version_id)
+    plot_files = _check_plots(plots)
+    gate = gate if gate is not None else GateConfig()
+    secrets = _secret_values(storage_options or {})
+    public_manifest_uri = _strip_userinfo(manifest_uri)
+    if any(s in public_manifest_uri for s in secrets):
+        raise ValueError("manifest_uri contains a credential from storage_options; pass credentials only in storage_options")
+    if mlflow.active_run() is not None:
+        raise RegistryError("register_version starts its own MLflow run: end the active run first")
+
+    client = _client(tracking_uri)
+    uri = client._tracking_client.tracking_uri
+    experiment_id = _experiment_id(client, uri, f"fleet-{fleet_name}")
+
+    # The gate needs only the candidate's and the champion's metrics, so it is decided before the
+    # version exists and its outcome is among the version's tags from the start.
+    champion_before = _champion(client, fleet_name)
+    champion_metrics = None
+    if champion_before is not None:
+        run_id = _get_version(client, fleet_name, champion_before).run_id
+        champion_metrics = client.get_run(run_id).data.metrics if run_id else None
+    result = evaluate_gate(metrics, champion_metrics, gate)
+    gate_status = "passed" if result.passed else "failed"
+
+    version_tags = {"version_id": version_id, "manifest_uri": public_manifest_uri,
+                    "gate": gate_status, "gate_reasons": json.dumps(result.reasons)}
+    if parent_version_id is not None:
+        version_tags["parent_version_id"] = parent_version_id
+    run_tags = {f"fleet.{k}": v for k, v in version_tags.items() if k != "gate_reasons"}
+    run_tags["fleet.name"] = fleet_name
+
+    with tempfile.TemporaryDirectory(prefix="fleet-register-") as tmp:
+        data_dir = os.path.join(tmp, "fleet")  # becomes <model>/data/fleet, the pyfunc's data_path
+        os.makedirs(data_dir)
+        for name, path in local_artifacts.items():
+            shutil.copyfile(path, os.path.join(data_dir, name))
+        model_data = {
+            "format": MODEL_DATA_FORMAT,
+            "manifest_uri": public_manifest_uri,
+            "version_id": version_id,
+            "storage_options_env": STORAGE_OPTIONS_ENV,
+            "storage_options": _public_options(storage_options or {}),
+        }
+        with open(os.path.join(data_dir, MODEL_DATA_FILE), "w") as f:
+            json.dump(model_data, f, indent=2)
+        plots_dir = os.path.join(tmp, "plots")
+        os.makedirs(plots_dir)
+        for name, data in plot_files.items():
+            with open(os.path.join(plots_dir, name), "wb") as f:
+                f.write(data)
+
+        with _fluent_uris(uri):
+            with mlflow.start_run(experiment_id=experiment_id, run_name=version_id, tags=run_tags) as run:
+                run_id = run.info.run_id
+                _log_batches(client, run_id, _clean_metrics(metrics), _clean_params(params, secrets))
+                if plot_files:
+                    client.log_artifacts(run_id, plots_dir, "plots")
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    loader_module="fleet.pyfunc",
+                    data_path=data_dir,
+                    pip_requirements=_pip_requirements(),
+                )
+            # register_model (rather than log_model's registered_model_name) sets the version's
+            # tags in the same call that creates it: no reader ever sees a version without them.
+            model_version = mlflow.register_model(info.model_uri, fleet_name, tags=version_tags)
+
+    version = str(model_version.version)
+    if result.passed:
+        _move_champion(client, fleet_name, version, reason="gate")
+    else:
+        logger.warning("%s version %s (%s) failed the gate; champion stays %s: %s",
+                       fleet_name, version, version_id, champion_before, "; ".join(result.reasons))
+    return RegisteredVersion(name=fleet_name, version=version, run_id=run_id, manifest_uri=public_manifest_uri,
+                             gate=result, champion=result.passed)
+
+
+def champion_version(name: str, tracking_uri: str | None = None) -> str | None:
+    """The version holding ``champion``, or None (no such alias or registered model)."""
+    _check_name("registered model name", name)
+    return _champion(_client(tracking_uri), name)
+
+
+def promote(name: str, version: str | int, tracking_uri: str | None = None, reason: str = "manual") -> None:
+    """Move ``champion`` to ``version`` (no gate) and record it in ``champion_history``."""
+    _check_name("registered model name", name)
+    client = _client(tracking_uri)
+    version = str(_get_version(client, name, version).version)
+    _move_champion(client, name, version, reason=reason)
+
+
+def rollback(name: str, tracking_uri: str | None = None) -> str:
+    """Move ``champion`` back to the version that held it before the current one; return it.
+
+    Pops the current champion off ``champion_history`` (versions deleted since are skipped).
+    Raises :class:`RegistryError` when there is no champion or no earlier one.
+    """
+    _check_name("registered model name", name)
+    client = _client(tracking_uri)
+    current = _champion(client, name)
+    if current is None:
+        raise RegistryError(f"registered model {name!r} has no {CHAMPION} to roll back from")
+    history = _read_history(client, name)
+    if not history or str(history[-1]["version"]) != current:  # alias moved outside fleet
+        history.append({"version": current, "reason": "external", "at": _now()})
+    while history and str(history[-1]["version"]) == current:
+        history.pop()
+    while history:
+        previous = str(history[-1]["version"])
+        try:
+            _get_version(client, name, previous)
+            break
+        except RegistryError:
+            history.pop()
+    else:
+        raise RegistryError(
+            f"registered model {name!r}: no earlier {CHAMPION} to roll back to (current is version {current})"
+        )
+    # History first, then the alias: stopping in between leaves the stack one entry short, which
+    # the reconciliation above repairs on the next rollback.
+    _write_history(client, name, history)
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    client.set_model_version_tag(name, current, "rolled_back_at", _now())
+    return previous
+
+
+def resolve_manifest_uri(model_uri: str, tracking_uri: str | None = None) -> tuple[str, str | None]:
+    """``models:/NAME@alias`` or ``models:/NAME/VERSION`` -> ``(manifest_uri, version_id)`` from the
+    model version's tags; any other URI (a manifest or version directory) -> ``(model_uri, None)``."""
+    if not isinstance(model_uri, str) or not model_uri:
+        raise ValueError(f"model URI must be a non-empty string, got {model_uri!r}")
+    if not model_uri.startswith("models:"):
+        return model_uri, None
+    match = _MODEL_URI_RE.fullmatch(model_uri)
+    if match is None:
+        raise ValueError(f"unsupported model URI {model_uri!r}: use models:/NAME@ALIAS or models:/NAME/VERSION")
+    name, alias = match["name"], match["alias"]
+    client = _client(tracking_uri)
+    if alias is not None:
+        try:
+            version = client.get_registered_model(name).aliases.get(alias)
+        except MlflowException as err:
+            if _not_found(err):
+                raise RegistryError(f"{model_uri}: no registered model {name!r}") from None
+            raise
+        if version is None:
+            raise RegistryError(f"{model_uri}: registered model {name!r} has no alias {alias!r}")
+    else:
+        version = match["version"]
+    tags = _get_version(client, name, version).tags
+    if not tags.get("manifest_uri"):
+        raise RegistryError(f"{model_uri}: version {version} has no manifest_uri tag (not registered by fleet?)")
+    return tags["manifest_uri"], tags.get("version_id")
+
+
+def list_versions(name: str, tracking_uri: str | None = None) -> list[dict]:
+    """Every version of ``name``, oldest first: ``version``, ``version_id``, ``manifest_uri``,
+    ``parent_version_id``, ``aliases``, ``champion``, ``created`` (ISO 8601 UTC), ``gate``
+    (``passed`` / ``failed`` / None), ``gate_reasons``, ``run_id``."""
+    _check_name("registered model name", name)
+    client = _client(tracking_uri)
+    try:
+        aliases_of: dict[str, list[str]] = {}
+        for alias, version in client.get_registered_model(name).aliases.items():
+            aliases_of.setdefault(str(version), []).append(alias)
+    except MlflowException as err:
+        if _not_found(err):
+            raise RegistryError(f"no registered model named {name!r}") from None
+        raise
+    versions, token = [], None
+    while True:
+        page = client.search_model_versions(f"name = '{name}'", max_results=1000, page_token=token)
+        versions.extend(page)
+        token = page.token
+        if not token:
+            break
+    rows = []
+    for mv in sorted(versions, key=lambda v: int(v.version)):
+        version = str(mv.version)
+        tags = mv.tags or {}
+        created = datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=timezone.utc)
+        rows.append({
+            "version": version,
+            "version_id": tags.get("version_id"),
+            "manifest_uri": tags.get("manifest_uri"),
+            "parent_version_id": tags.get("parent_version_id"),
+            "aliases": sorted(aliases_of.get(version, [])),
+            "champion": CHAMPION in aliases_of.get(version, []),
+            "created": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "gate": tags.get("gate"),
+            "gate_reasons": json.loads(tags["gate_reasons"]) if tags.get("gate_reasons") else [],
+            "run_id": mv.run_id,
+        })
+    return rows

@@ -1,0 +1,406 @@
+"""The compression stages as plain functions over *batches* of campaigns. No Ray here: the pipeline
+runs them as Ray tasks, tests and tools call them directly. Stages exchange data only through the
+run's work dir on the store URI (see ``docs/pipeline.md``).
+
+stage 1  :func:`soft_labels`      every teacher over its campaign's rows -> teacher logits (the floor)
+stage 2  :func:`train_backbone`   one shared backbone on pooled soft labels, jointly with heads
+stage 3  :func:`fit_heads_shard`  all heads of a batch in one optimisation; quantize (stage 4) and
+                                  measure hold-out fidelity (stage 5) in the same pass
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from fleet.backbone_codec import backbone_from_bytes, backbone_to_bytes
+from fleet.codec import HeadRow, heads_to_table
+from fleet.data import SequenceBatch, collate, map_minibatches
+from fleet.distill import DistillConfig, compute_features, fit_backbone, fit_heads
+from fleet.errors import FleetError
+from fleet.events import EventsDataset, data_sha256, holdout_mask, table_to_batch, validate_campaign_table
+from fleet.heads import decode_heads, encode_heads, head_row
+from fleet.ids import validate_campaign_id
+from fleet.metrics import campaign_fidelity
+from fleet.quant import PerGroup, PerTensor, fake_quantize
+from fleet.student import Student, StudentConfig, head_logits, head_num_params
+from fleet.teachers import load_teacher
+
+FIT, VALIDATION, HOLDOUT, UNUSED = 0, 1, 2, 3  # row splits of a campaign
+
+SOFT_LABELS_SCHEMA = pa.schema([
+    pa.field("campaign_id", pa.string(), nullable=False),
+    pa.field("row", pa.int32(), nullable=False),
+    pa.field("split", pa.int8(), nullable=False),
+    pa.field("teacher_logit", pa.float32(), nullable=False),
+    pa.field("label", pa.float32(), nullable=False),  # NaN where unknown
+])
+CAMPAIGNS_SCHEMA = pa.schema([
+    pa.field("campaign_id", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),  # ok | reused | rejected
+    pa.field("stage", pa.string(), nullable=True),
+    pa.field("reason", pa.string(), nullable=True),
+    pa.field("teacher_sha256", pa.string(), nullable=True),
+    pa.field("data_sha256", pa.string(), nullable=True),
+    pa.field("teacher_bytes", pa.int64(), nullable=True),
+    pa.field("n_rows", pa.int32(), nullable=True),
+])
+
+
+@dataclass
+class CompressConfig:
+    """Everything a compression run needs besides its URIs (``--config FILE`` holds these keys).
+
+    Args:
+        arch, hidden_size, embed_dim, num_layers: the shared student backbone.
+        head, head_rank: per-campaign head design (``film`` | ``lowrank`` | ``linear``).
+        loss, temperature, hard_label_weight, distance_weight, head_l2: distillation (see docs/compression.md).
+        bits: ``"auto"`` (per campaign, the fewest of 1/2/4/8/16 bits that pass the gate) or 1, 2, 4, 8, 16.
+        group_size: head values per quantization scale.
+        prune_sparsity: fraction of each head's weights pruned by magnitude before quantization.
+        gate_slack: auto-bits gate: the quantized head's mean |p - p_teacher| on validation rows may
+            exceed the float head's by at most this much.
+        head_qat: with fixed ``bits``, fit heads quantization-aware (straight-through estimator).
+        backbone_bits: 8 (int8 weights, default), 16 or 32.
+        backbone_qat: train the backbone with int8 fake quantization of all weight matrices.
+        backbone_epochs, backbone_lr, backbone_batch_size: backbone training (stage 2).
+        backbone_max_sequences, backbone_per_campaign: the pooled sample the backbone trains on.
+        backbone_workers: >1 trains with Ray Train's TorchTrainer (DDP) on that many workers.
+        head_steps, head_lr: the batched head fit (stage 3).
+        max_fit_rows, max_validation_rows: per-campaign caps on transfer rows (the rest is unused).
+        validation_fraction: share of non-hold-out rows kept out of the head fit for the gate.
+        campaigns_per_task: campaigns per Ray task (0: sized from the fleet and the cluster).
+        seed: every random choice derives from it.
+        num_event_types, num_features: the fleet's input space (0: from the first teacher's config).
+        gate: quality-gate thresholds for moving ``champion`` (fleet.registry.GateConfig fields).
+    """
+
+    arch: str = "gru"
+    hidden_size: int = 64
+    embed_dim: int = 16
+    num_layers: int = 1
+    head: str = "film"
+    head_rank: int = 1
+    loss: str = "hinton"
+    temperature: float = 2.0
+    hard_label_weight: float = 0.0
+    distance_weight: float = 0.1
+    head_l2: float = 1.0
+    bits: str | int = "auto"
+    group_size: int = 64
+    prune_sparsity: float = 0.0
+    gate_slack: float = 0.01
+    head_qat: bool = False
+    backbone_bits: int = 8
+    backbone_qat: bool = False
+    backbone_epochs: int = 4
+    backbone_lr: float = 3e-3
+    backbone_batch_size: int = 128
+    backbone_max_sequences: int = 40_000
+    backbone_per_campaign: int = 200
+    backbone_workers: int = 1
+    head_steps: int = 300
+    head_lr: float = 0.03
+    max_fit_rows: int = 4000
+    max_validation_rows: int = 1000
+    validation_fraction: float = 0.15
+    campaigns_per_task: int = 0
+    seed: int = 0
+    num_event_types: int = 0
+    num_features: int = 0
+    gate: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.bits != "auto" and self.bits not in (1, 2, 4, 8, 16):
+            if isinstance(self.bits, str) and self.bits.isdigit():
+                self.bits = int(self.bits)
+            if self.bits not in (1, 2, 4, 8, 16):
+                raise ValueError(f"bits must be 'auto' or one of 1, 2, 4, 8, 16; got {self.bits!r}")
+        if self.head_qat and self.bits == "auto":
+            raise ValueError("head_qat needs a fixed bits value (QAT trains for one bit width)")
+        if not 0.0 <= self.prune_sparsity < 1.0:
+            raise ValueError(f"prune_sparsity must be in [0, 1), got {self.prune_sparsity}")
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
+        for name in ("backbone_epochs", "head_steps", "backbone_workers", "max_fit_rows", "backbone_per_campaign"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        self.student_config(2, 1)  # validates the student fields early
+        self.distill_config()
+
+    def student_config(self, num_event_types: int, num_features: int) -> StudentConfig:
+        return StudentConfig(num_event_types=num_event_types, num_features=num_features, arch=self.arch,
+                             hidden_size=self.hidden_size, embed_dim=self.embed_dim, num_layers=self.num_layers,
+                             head=self.head, head_rank=self.head_rank)
+
+    def distill_config(self) -> DistillConfig:
+        return DistillConfig(loss=self.loss, temperature=self.temperature, hard_label_weight=self.hard_label_weight,
+                             distance_weight=self.distance_weight, head_l2=self.head_l2)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CompressConfig":
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown config keys: {unknown}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str) -> "CompressConfig":
+        """Read a JSON or TOML config file (keys as the fields above; a ``[compress]`` table in TOML)."""
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            data = tomllib.loads(raw.decode()) if path.endswith(".toml") else json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: cannot parse config ({exc})") from None
+        return cls.from_dict(data.get("compress", data))
+
+
+@dataclass
+class StageContext:
+    """What every stage task needs: input URIs, the fleet's input space and the config."""
+
+    teachers_uri: str
+    events_uri: str
+    config: CompressConfig
+    num_event_types: int
+    num_features: int
+    storage_options: dict | None = None
+
+
+def row_splits(campaign_id: str, num_rows: int, config: CompressConfig) -> np.ndarray:
+    """Split of each row of a campaign: HOLDOUT (the shared split of :func:`fleet.events.holdout_mask`),
+    VALIDATION (a second hash, ``validation_fraction`` of the rest), FIT, or UNUSED beyond the caps."""
+    splits = np.where(holdout_mask(campaign_id, num_rows), HOLDOUT, FIT).astype(np.int8)
+    threshold = int(config.validation_fraction * 2**64)
+    for i in np.flatnonzero(splits == FIT):
+        if int.from_bytes(hashlib.sha256(f"validation:{campaign_id}:{i}".encode()).digest()[:8], "big") < threshold:
+            splits[i] = VALIDATION
+    for split, cap in ((FIT, config.max_fit_rows), (VALIDATION, config.max_validation_rows)):
+        rows = np.flatnonzero(splits == split)
+        splits[rows[cap:]] = UNUSED
+    return splits
+
+
+def _campaign_row(campaign_id: str, status: str, stage: str | None = None, reason: str | None = None,
+                  **fields) -> dict:
+    return {"campaign_id": campaign_id, "status": status, "stage": stage, "reason": reason,
+            "teacher_sha256": fields.get("teacher_sha256"), "data_sha256": fields.get("data_sha256"),
+            "teacher_bytes": fields.get("teacher_bytes"), "n_rows": fields.get("n_rows")}
+
+
+def soft_labels(job: dict, ctx: StageContext) -> tuple[pa.Table, pa.Table]:
+    """Stage 1 for one batch: ``job = {"campaigns": [...], "parent": {campaign: [teacher_sha, data_sha]}}``.
+
+    Runs each teacher over its campaign's fit, validation and hold-out rows. A campaign whose teacher
+    and data hashes equal the parent's (``parent``; empty when the backbone is retrained) is
+    ``reused``: its teacher is not run. A bad teacher, bad events or non-finite outputs quarantine
+    that campaign only (``rejected`` with stage and reason). Returns ``(soft_labels, campaigns)``.
+    """
+    campaigns, parent = job["campaigns"], job.get("parent", {})
+    events = EventsDataset(ctx.events_uri, ctx.storage_options)
+    valid = []
+    status_rows, soft_parts = [], []
+    for campaign_id in campaigns:
+        try:
+            valid.append(validate_campaign_id(campaign_id, path=ctx.teachers_uri))
+        except FleetError as exc:
+            status_rows.append(_campaign_row(campaign_id[:256], "rejected", "soft_labels", str(exc)))
+    tables = events.read_campaigns(valid)
+    for campaign_id in valid:
+        try:
+            teacher = load_teacher(ctx.teachers_uri, campaign_id, ctx.storage_options)
+            space = (teacher.config.get("num_event_types"), teacher.config.get("num_features"))
+            if space != (ctx.num_event_types, ctx.num_features):
+                raise FleetError(f"teacher input space (num_event_types, num_features) = {space} differs from the "
+                                 f"fleet's {(ctx.num_event_types, ctx.num_features)}", campaign_id=campaign_id,
+                                 path=f"{ctx.teachers_uri.rstrip('/')}/{campaign_id}/config.json")
+            table = tables[campaign_id]
+            validate_campaign_table(table, campaign_id, ctx.num_event_types, ctx.num_features, ctx.events_uri)
+        except FleetError as exc:
+            status_rows.append(_campaign_row(campaign_id, "rejected", "soft_labels", str(exc)))
+            continue
+        hashes = {"teacher_sha256": teacher.sha256, "data_sha256": data_sha256(table),
+                  "teacher_bytes": teacher.num_bytes, "n_rows": len(table)}
+        if parent.get(campaign_id) == [hashes["teacher_sha256"], hashes["data_sha256"]]:
+            status_rows.append(_campaign_row(campaign_id, "reused", **hashes))
+            continue
+        splits = row_splits(campaign_id, len(table), ctx.config)
+        used = np.flatnonzero(splits != UNUSED)
+        batch = table_to_batch(table.take(pa.array(used)), ctx.num_features)
+        try:
+            logits = map_minibatches(teacher.model, batch).float()  # (n_used,)
+        except Exception as exc:  # a custom teacher may fail in any way: quarantine it, keep the fleet going
+            status_rows.append(_campaign_row(campaign_id, "rejected", "soft_labels",
+                                             f"campaign {campaign_id!r}: teacher forward failed: {type(exc).__name__}: {exc}"))
+            continue
+        if logits.shape != (len(used),) or not torch.isfinite(logits).all():
+            status_rows.append(_campaign_row(campaign_id, "rejected", "soft_labels",
+                                             f"campaign {campaign_id!r}: teacher produced non-finite or misshaped outputs"))
+            continue
+        soft_parts.append(pa.table({
+            "campaign_id": pa.array([campaign_id] * len(used), pa.string()),
+            "row": pa.array(used.astype(np.int32)),
+            "split": pa.array(splits[used]),
+            "teacher_logit": pa.array(logits.numpy()),
+            "label": pa.array(batch.labels.numpy()),
+        }, schema=SOFT_LABELS_SCHEMA))
+        status_rows.append(_campaign_row(campaign_id, "ok", **hashes))
+    soft = pa.concat_tables(soft_parts) if soft_parts else SOFT_LABELS_SCHEMA.empty_table()
+    return soft, pa.Table.from_pylist(status_rows, schema=CAMPAIGNS_SCHEMA)
+
+
+def _campaign_batches(events: EventsDataset, soft: pa.Table, campaigns: list[str], num_features: int):
+    """Yield ``(campaign_id, SequenceBatch of its soft-labelled rows, soft rows)`` per campaign."""
+    tables = events.read_campaigns(campaigns)
+    ids = soft["campaign_id"].to_numpy(zero_copy_only=False)
+    for campaign_id in campaigns:
+        mine = soft.filter(pa.array(ids == campaign_id))
+        rows = mine["row"].to_numpy()
+        yield campaign_id, table_to_batch(tables[campaign_id].take(pa.array(rows)), num_features), mine
+
+
+def backbone_sample(soft: pa.Table, campaigns: list[str], config: CompressConfig) -> pa.Table:
+    """The pooled backbone training sample: up to ``backbone_per_campaign`` fit rows of each campaign
+    (so big campaigns don't drown small ones), at most ``backbone_max_sequences`` rows in all."""
+    fit = soft.filter(pa.compute.equal(soft["split"], FIT))
+    ids = fit["campaign_id"].to_numpy(zero_copy_only=False)
+    per_campaign = max(1, min(config.backbone_per_campaign, config.backbone_max_sequences // max(1, len(campaigns))))
+    rng = np.random.default_rng(config.seed)
+    keep = []
+    order = np.argsort(ids, kind="stable")
+    bounds = np.searchsorted(ids[order], campaigns, side="left"), np.searchsorted(ids[order], campaigns, side="right")
+    for lo, hi in zip(*bounds):
+        rows = order[lo:hi]
+        keep.append(rows if len(rows) <= per_campaign else np.sort(rng.choice(rows, per_campaign, replace=False)))
+    return fit.take(pa.array(np.concatenate(keep) if keep else np.zeros(0, np.int64)))
+
+
+def train_backbone(sample: pa.Table, ctx: StageContext, *, rank: int = 0, world_size: int = 1,
+                   wrap=None) -> tuple[bytes, dict]:
+    """Stage 2: train the shared backbone jointly with the sampled campaigns' heads on their soft labels.
+
+    Returns ``(backbone.safetensors bytes, stats)``; the file also holds ``head_prior``, the mean
+    trained head, which anchors every campaign's head fit in stage 3. ``rank``/``world_size``/``wrap``
+    let Ray Train run it data-parallel (``wrap`` prepares the model for DDP).
+    """
+    config = ctx.config
+    student_config = config.student_config(ctx.num_event_types, ctx.num_features)
+    campaigns = sorted(set(sample["campaign_id"].to_pylist()))
+    events = EventsDataset(ctx.events_uri, ctx.storage_options)
+    parts, index_parts, logit_parts = [], [], []
+    for c, (campaign_id, batch, rows) in enumerate(_campaign_batches(events, sample, campaigns, ctx.num_features)):
+        parts.append(batch)
+        index_parts.append(torch.full((len(batch),), c, dtype=torch.long))
+        logit_parts.append(torch.from_numpy(rows["teacher_logit"].to_numpy()))
+    pooled = _concat_batches(parts)
+    campaign_index, teacher_logits = torch.cat(index_parts), torch.cat(logit_parts)
+    torch.manual_seed(config.seed)
+    student = Student(student_config, len(campaigns), torch.Generator().manual_seed(config.seed))
+    model = wrap(student) if wrap else student
+    generator = torch.Generator().manual_seed(config.seed + 1)
+
+    def epoch():
+        jitter = torch.rand(len(pooled), generator=generator) * 4.0
+        chunks = list(torch.split(torch.argsort(pooled.lengths.float() + jitter), config.backbone_batch_size))
+        for i in torch.randperm(len(chunks), generator=generator)[rank::world_size].tolist():
+            index = chunks[i]
+            yield pooled.select(index), campaign_index[index], teacher_logits[index]
+
+    fake_quant = (lambda w: fake_quantize(w, 8, PerTensor())) if config.backbone_qat else None
+    losses = []
+    fit_backbone(model, epoch, config.distill_config(), epochs=config.backbone_epochs, lr=config.backbone_lr,
+                 seed=config.seed, fake_quant=fake_quant, progress=lambda step, loss: losses.append(loss))
+    data = backbone_to_bytes(student.backbone, config.backbone_bits, head_prior=student.heads.detach().mean(0))
+    stats = {"backbone_rows": len(pooled), "backbone_campaigns": len(campaigns), "backbone_steps": len(losses),
+             "backbone_final_loss": float(np.mean(losses[-20:])) if losses else float("nan")}
+    return data, stats
+
+
+def _concat_batches(batches: list[SequenceBatch]) -> SequenceBatch:
+    t_max = max(int(b.event_types.shape[1]) for b in batches)
+    pad = lambda x: torch.nn.functional.pad(x, (0, t_max - x.shape[1]))  # noqa: E731
+    return SequenceBatch(
+        torch.cat([pad(b.event_types) for b in batches]),
+        torch.cat([torch.nn.functional.pad(b.features, (0, 0, 0, t_max - b.features.shape[1])) for b in batches]),
+        torch.cat([b.lengths for b in batches]),
+        torch.cat([b.labels for b in batches]),
+    )
+
+
+def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes: bytes) -> pa.Table:
+    """Stages 3-5 for one batch: fit all its campaigns' heads at once on frozen backbone features,
+    quantize them (fixed or adaptive bits, optional pruning) and measure hold-out fidelity.
+
+    ``job = {"campaigns": [...], "hashes": {campaign: [teacher_sha, data_sha]}}``; ``soft`` holds
+    the batch's stage-1 rows. Returns the batch's ``fleet-heads/1`` rows.
+    """
+    config = ctx.config
+    backbone, head_prior = backbone_from_bytes(backbone_bytes)
+    student_config = backbone.config
+    campaigns = job["campaigns"]
+    events = EventsDataset(ctx.events_uri, ctx.storage_options)
+    feats, index, logits, labels, splits = [], [], [], [], []
+    for c, (campaign_id, batch, rows) in enumerate(_campaign_batches(events, soft, campaigns, ctx.num_features)):
+        feats.append(compute_features(backbone, batch))  # (n_c, H)
+        index.append(torch.full((len(batch),), c, dtype=torch.long))
+        logits.append(torch.from_numpy(rows["teacher_logit"].to_numpy()))
+        labels.append(batch.labels)
+        splits.append(torch.from_numpy(rows["split"].to_numpy()))
+    features, cidx, t_logits, labels_all, split = (torch.cat(x) for x in (feats, index, logits, labels, splits))
+    num = len(campaigns)
+    fit_rows = split == FIT
+    init = head_prior.expand(num, -1).clone() if head_prior is not None else None
+    fake_quant = None
+    if config.head_qat:
+        fake_quant = lambda p: fake_quantize(p, int(config.bits), PerGroup(config.group_size))  # noqa: E731
+    heads = fit_heads(features[fit_rows], cidx[fit_rows], t_logits[fit_rows], labels_all[fit_rows], num,
+                      student_config, config.distill_config(), steps=config.head_steps, lr=config.head_lr,
+                      init=init, seed=config.seed, fake_quant=fake_quant)  # (C, P)
+
+    design, rank = student_config.head, student_config.head_rank
+    gate_rows = split == VALIDATION
+    few_val = torch.bincount(cidx[gate_rows], minlength=num) < 10
+    gate_rows |= fit_rows & few_val[cidx]  # campaigns with few validation rows are gated on their fit rows
+    g_feat, g_idx, g_teacher = features[gate_rows], cidx[gate_rows], torch.sigmoid(t_logits[gate_rows])
+    g_count = torch.bincount(g_idx, minlength=num).clamp(min=1)
+
+    def gate_error(h: torch.Tensor) -> torch.Tensor:  # (C, P) -> (C,) mean |p - p_teacher| on gate rows
+        p = torch.sigmoid(head_logits(design, g_feat, h, rank, index=g_idx))
+        return torch.bincount(g_idx, weights=(p - g_teacher).abs(), minlength=num) / g_count
+
+    float_error = gate_error(heads)
+    vectors, bits, mask = encode_heads(heads, config.bits, group_size=config.group_size,
+                                       sparsity=config.prune_sparsity,
+                                       gate=lambda h: gate_error(h) <= float_error + config.gate_slack)
+    n_params = head_num_params(student_config)
+    drafts = [head_row(cid, vectors[c], n_params, None if mask is None else mask[c],
+                       teacher_sha256=b"\0" * 32, data_sha256=b"\0" * 32) for c, cid in enumerate(campaigns)]
+    served = decode_heads(drafts)  # (C, P) exactly what serving will use
+    passes = gate_error(served) <= float_error + config.gate_slack
+
+    hold = split == HOLDOUT
+    p_student = torch.sigmoid(head_logits(design, features[hold], served, rank, index=cidx[hold]))
+    p_teacher, hold_labels, hold_idx = torch.sigmoid(t_logits[hold]), labels_all[hold], cidx[hold]
+    n_fit = torch.bincount(cidx[fit_rows], minlength=num)
+    out = []
+    for c, campaign_id in enumerate(campaigns):
+        sel = hold_idx == c
+        fid = campaign_fidelity(p_student[sel].numpy(), p_teacher[sel].numpy(), hold_labels[sel].numpy())
+        teacher_sha, data_sha = job["hashes"][campaign_id]
+        status = "ok" if bool(passes[c]) else ("fp16_fallback" if int(bits[c]) == 16 else "gate_failed")
+        out.append(dataclasses.replace(
+            drafts[c], teacher_sha256=bytes.fromhex(teacher_sha), data_sha256=bytes.fromhex(data_sha),
+            teacher_auc=fid["teacher_auc"], student_auc=fid["student_auc"], mean_abs_diff=fid["mean_abs_diff"],
+            agreement=fid["agreement"], n_train=int(n_fit[c]), n_holdout=int(sel.sum()), status=status))
+    return heads_to_table(out)

@@ -1,0 +1,573 @@
+"""Fleet versions and run work dirs on any fsspec filesystem (local path, ``memory://``, ``s3://``).
+
+Layout (see ``docs/storage.md``)::
+
+    <store>/<fleet>/versions/<version_id>/backbone.safetensors
+                                         heads/part-00000.parquet ...   (sorted by campaign_id)
+                                         rejects.parquet
+                                         manifest.json                  (written last)
+    <store>/<fleet>/runs/<run_id>/<stage>/<shard>.parquet
+                                  <stage>/_done/<shard>                 (written after the data)
+
+A version without ``manifest.json`` does not exist for readers; a committed version is never
+rewritten. Everything goes through fsspec: nothing touches the driver's local disk unless the
+store itself is a local path.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from fleet.codec import (
+    HEADS_FORMAT,
+    REJECTS_FORMAT,
+    REJECTS_SCHEMA,
+    HeadRow,
+    check_format,
+    rejects_to_table,
+    table_to_heads,
+    validate_heads_table,
+)
+from fleet.errors import StoreError
+from fleet.ids import validate_campaign_id
+
+VERSION_FORMAT = "fleet-version/1"
+MANIFEST = "manifest.json"
+BACKBONE = "backbone.safetensors"
+REJECTS = "rejects.parquet"
+HEADS_DIR = "heads"
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_HASH_CHUNK = 8 * 2**20
+# Statistics only where they help a reader prune; binary columns would just bloat the footer.
+_STATS_COLUMNS = ["campaign_id", "bits", "group_size", "status"]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def teachers_digest(pairs) -> str:
+    """Hex sha256 over ``(campaign_id, teacher_sha256)`` pairs sorted by campaign id: the UTF-8
+    lines ``"<campaign_id>\\t<teacher sha256 hex>\\n"``. ``teacher_sha256`` may be raw bytes or hex."""
+    h = hashlib.sha256()
+    for cid, sha in sorted(pairs):
+        h.update(f"{cid}\t{sha.hex() if isinstance(sha, bytes) else sha}\n".encode())
+    return h.hexdigest()
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join ``base`` (a path or URI) and relative ``parts`` with ``/``: ``join_uri("s3://b/x/", "v")``
+    is ``"s3://b/x/v"``."""
+    stripped = base.rstrip("/")
+    out = stripped if stripped and not stripped.endswith(":") else base  # keep "memory://", "/"
+    for part in parts:
+        part = part.strip("/")
+        if part:
+            out = out + part if out.endswith("/") else f"{out}/{part}"
+    return out
+
+
+def open_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(filesystem, path)`` for ``uri`` (wraps :func:`fsspec.core.url_to_fs`)."""
+    return fsspec.core.url_to_fs(uri, **(storage_options or {}))
+
+
+def _check_name(kind: str, value: str) -> str:
+    if not isinstance(value, str) or _NAME_RE.fullmatch(value) is None:
+        raise StoreError(f"invalid {kind} {value!r}: must match ^[A-Za-z0-9][A-Za-z0-9_.-]{{0,127}}$")
+    return value
+
+
+def _check_relpath(kind: str, value: str) -> str:
+    """A relative path of ``/``-separated names (no ``..``, no absolute path, no URI)."""
+    if not isinstance(value, str) or not value:
+        raise StoreError(f"invalid {kind} {value!r}")
+    for segment in value.split("/"):
+        _check_name(kind, segment)
+    return value
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def _put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` as one object. An object-store put is atomic; on a local disk we
+    write a temporary file and rename it, so a crash never leaves a half-written marker/manifest."""
+    if _is_local(fs):
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def _cat(fs, path: str, uri: str, missing: str) -> bytes:
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise StoreError(missing, path=uri) from None
+
+
+def _exists(fs, path: str) -> bool:
+    fs.invalidate_cache(path)  # another process may have written it since we last listed
+    return fs.exists(path)
+
+
+def _json_safe(obj: Any) -> Any:
+    """Non-finite floats become ``null`` (JSON has no NaN); tuples become lists."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return _json_safe(obj.item())
+    return obj
+
+
+def _json_bytes(obj: Any, uri: str) -> bytes:
+    try:
+        return json.dumps(_json_safe(obj), indent=2, sort_keys=True, allow_nan=False).encode()
+    except (TypeError, ValueError) as err:
+        raise StoreError(f"cannot write JSON: {err}", path=uri) from None
+
+
+def _parquet_bytes(table: pa.Table, row_group_size: int) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(
+        table,
+        buf,
+        row_group_size=row_group_size,
+        compression="zstd",
+        write_statistics=[c for c in _STATS_COLUMNS if c in table.column_names],
+    )
+    return buf.getvalue()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _versions_uri(store_uri: str, fleet: str) -> str:
+    return join_uri(store_uri, _check_name("fleet name", fleet), "versions")
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+class VersionWriter:
+    """Writes one fleet version; nothing is visible to readers until :meth:`commit`.
+
+    ``VersionWriter(store_uri, fleet, version_id)`` writes under
+    ``<store_uri>/<fleet>/versions/<version_id>/``. Version ids must be unique per writer (e.g. a
+    UTC timestamp + run id): a committed version is refused, two concurrent writers of the same
+    uncommitted id are not detected.
+    """
+
+    def __init__(self, store_uri: str, fleet: str, version_id: str, storage_options: dict | None = None):
+        self.fleet = _check_name("fleet name", fleet)
+        self.version_id = _check_name("version id", version_id)
+        self.uri = join_uri(_versions_uri(store_uri, fleet), version_id)
+        self.manifest_uri = join_uri(self.uri, MANIFEST)
+        self.fs, self._path = open_fs(self.uri, storage_options)
+        self._files: dict[str, dict] = {}  # relative path -> {"path", "sha256", "bytes", ["rows"]}
+        self._parts: list[dict] = []
+        self._campaigns: dict = {"count": 0, "first": None, "last": None}
+        self._teachers_sha256: str | None = None
+        self._committed = False
+        self._refuse_if_committed()
+
+    def _refuse_if_committed(self) -> None:
+        if self._committed or _exists(self.fs, self._p(MANIFEST)):
+            raise StoreError(
+                f"version {self.version_id!r} is already committed; versions are immutable", path=self.manifest_uri
+            )
+
+    def _p(self, rel: str) -> str:
+        return join_uri(self._path, rel)
+
+    def _write(self, rel: str, data: bytes, rows: int | None = None) -> None:
+        self._refuse_if_committed()
+        _put(self.fs, self._p(rel), data)
+        entry = {"path": rel, "sha256": sha256_bytes(data), "bytes": len(data)}
+        if rows is not None:
+            entry["rows"] = rows
+        self._files[rel] = entry
+
+    def write_backbone(self, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+        """Write ``backbone.safetensors`` from a ``{name: torch.Tensor}`` dict and string metadata."""
+        from safetensors.torch import save  # lazy: torch is only needed for the backbone
+
+        metadata = metadata or {}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise StoreError("backbone metadata must map str to str", path=join_uri(self.uri, BACKBONE))
+        self.write_backbone_bytes(save(tensors, metadata=metadata))
+
+    def write_backbone_bytes(self, data: bytes) -> None:
+        """Write ``backbone.safetensors`` content as is (e.g. carried over from a parent version)."""
+        self._write(BACKBONE, data)
+
+    @property
+    def files(self) -> dict[str, dict]:
+        """The files written so far: relative path -> {"path", "sha256", "bytes", ["rows"]}."""
+        return {k: dict(v) for k, v in self._files.items()}
+
+    def write_heads(self, table: pa.Table, rows_per_part: int = 100_000, row_group_size: int = 256) -> None:
+        """Write the heads table as ``heads/part-NNNNN.parquet``: rows sorted by campaign id, part k
+        holding a contiguous id range, row groups of ``row_group_size`` rows, zstd. Also records the
+        part/row-group index for the manifest. Call once."""
+        if self._parts:
+            raise StoreError("write_heads called twice", path=self.uri)
+        if rows_per_part < 1 or row_group_size < 1:
+            raise StoreError("rows_per_part and row_group_size must be >= 1", path=self.uri)
+        table = validate_heads_table(table)
+        ids = table.column("campaign_id")
+        n = table.num_rows
+        starts = range(0, max(n, 1), rows_per_part)  # an empty table still gets one (empty) part
+        for k, start in enumerate(starts):
+            part = table.slice(start, rows_per_part)
+            rel = f"{HEADS_DIR}/part-{k:05d}.parquet"
+            data = _parquet_bytes(part, row_group_size)
+            meta = pq.read_metadata(io.BytesIO(data))
+            firsts, offset = [], start
+            for i in range(meta.num_row_groups if part.num_rows else 0):  # (an empty file has one empty group)
+                firsts.append(ids[offset].as_py())
+                offset += meta.row_group(i).num_rows
+            self._write(rel, data, rows=part.num_rows)
+            self._parts.append({
+                "path": rel,
+                "rows": part.num_rows,
+                "first_campaign": firsts[0] if firsts else None,
+                "last_campaign": ids[start + part.num_rows - 1].as_py() if part.num_rows else None,
+                "row_groups": firsts,
+            })
+        if n:
+            self._campaigns = {"count": n, "first": ids[0].as_py(), "last": ids[n - 1].as_py()}
+        self._teachers_sha256 = teachers_digest(
+            zip(ids.to_pylist(), table.column("teacher_sha256").to_pylist())
+        )
+
+    def write_rejects(self, table: pa.Table) -> None:
+        """Write ``rejects.parquet`` (``fleet-rejects/1``: campaign_id, stage, reason)."""
+        try:
+            table = table.select(REJECTS_SCHEMA.names).cast(REJECTS_SCHEMA)
+        except (KeyError, ValueError, pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            raise StoreError(f"rejects table does not match {REJECTS_FORMAT}: {err}",
+                             path=join_uri(self.uri, REJECTS)) from None
+        self._write(REJECTS, _parquet_bytes(table, 64 * 1024), rows=table.num_rows)
+
+    def commit(self, config: dict | None = None, lineage: dict | None = None, metrics: dict | None = None,
+               *, created_at: str | None = None) -> str:
+        """Write ``manifest.json`` last (checksums of every file written, index, lineage) and return
+        its URI. Needs :meth:`write_backbone` and :meth:`write_heads`; writes an empty rejects file
+        if none was written. Refuses to overwrite a committed version."""
+        self._refuse_if_committed()
+        if BACKBONE not in self._files or not self._parts:
+            raise StoreError("commit needs write_backbone() and write_heads() first", path=self.uri)
+        if REJECTS not in self._files:
+            self.write_rejects(rejects_to_table([]))
+        for entry in self._files.values():  # the puts landed with the size we hashed
+            size = self.fs.size(self._p(entry["path"]))
+            if size != entry["bytes"]:
+                raise StoreError(f"wrote {entry['bytes']} bytes but found {size}", path=join_uri(self.uri, entry["path"]))
+        lineage = {"parent_version": None, **(lineage or {})}
+        given = lineage.setdefault("teachers_sha256", self._teachers_sha256)
+        if given != self._teachers_sha256:
+            raise StoreError("lineage.teachers_sha256 does not match the heads' teacher hashes", path=self.uri)
+        manifest = {
+            "format": VERSION_FORMAT,
+            "fleet": self.fleet,
+            "version_id": self.version_id,
+            "created_at": created_at or _now(),
+            "heads_format": HEADS_FORMAT,
+            "files": [self._files[k] for k in sorted(self._files)],
+            "config": config or {},
+            "lineage": lineage,
+            "metrics": metrics or {},
+            "campaigns": self._campaigns,
+            "parts": self._parts,
+        }
+        _put(self.fs, self._p(MANIFEST), _json_bytes(manifest, self.manifest_uri))
+        self._committed = True
+        return self.manifest_uri
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+class FleetVersion:
+    """A committed fleet version, opened with :meth:`FleetVersion.open`."""
+
+    def __init__(self, uri: str, manifest: dict, fs: fsspec.AbstractFileSystem, path: str):
+        self.uri = uri
+        self.manifest_uri = join_uri(uri, MANIFEST)
+        self.manifest = manifest
+        self.version_id: str = manifest["version_id"]
+        self.fs = fs
+        self._path = path
+        self._files = {f["path"]: f for f in manifest["files"]}
+        self._parts = [p for p in manifest["parts"] if p["rows"]]
+        self._part_firsts = [p["first_campaign"] for p in self._parts]
+        self._footers: dict[str, pq.FileMetaData] = {}  # part path -> parsed footer (one per part)
+
+    @classmethod
+    def open(cls, uri: str, storage_options: dict | None = None, verify: bool = True) -> "FleetVersion":
+        """Open a version from its directory URI or its ``manifest.json`` URI.
+
+        Refuses a version without manifest (never committed or still being written), an unknown
+        major format, and (``verify=True``) any file whose size or sha256 differs from the manifest.
+        With ``verify=False`` only the files later read whole (backbone, heads, rejects) are checked.
+        """
+        uri = uri.rstrip("/")
+        if uri.endswith("/" + MANIFEST):
+            uri = uri[: -len(MANIFEST) - 1]
+        fs, path = open_fs(uri, storage_options)
+        manifest_uri = join_uri(uri, MANIFEST)
+        raw = _cat(fs, join_uri(path, MANIFEST), manifest_uri,
+                   f"version {uri} has no {MANIFEST}: it was never committed or is still being written")
+        try:
+            manifest = json.loads(raw)
+            fmt = manifest["format"]
+        except (ValueError, KeyError, TypeError):
+            raise StoreError("manifest is not a fleet-version JSON object", path=manifest_uri) from None
+        check_format(fmt, VERSION_FORMAT, path=manifest_uri)
+        check_format(manifest.get("heads_format"), HEADS_FORMAT, path=manifest_uri)
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if manifest.get("version_id") != name:
+            raise StoreError(f"manifest names version {manifest.get('version_id')!r} but lies in {name!r}",
+                             path=manifest_uri)
+        try:
+            for entry in manifest["files"] + manifest["parts"]:
+                _check_relpath("file path", entry["path"])
+            version = cls(uri, manifest, fs, path)
+        except (KeyError, TypeError, AttributeError):
+            raise StoreError("manifest lacks files/parts entries of fleet-version/1", path=manifest_uri) from None
+        if verify:
+            version.verify()
+        return version
+
+    def verify(self) -> None:
+        """Stream every file of the manifest and check its size and sha256 (raises :class:`StoreError`)."""
+        for rel, entry in self._files.items():
+            h, size = hashlib.sha256(), 0
+            try:
+                with self.fs.open(self._p(rel), "rb") as f:
+                    while chunk := f.read(_HASH_CHUNK):
+                        h.update(chunk)
+                        size += len(chunk)
+            except FileNotFoundError:
+                raise StoreError("file listed in the manifest is missing", path=join_uri(self.uri, rel)) from None
+            self._check(rel, size, h.hexdigest())
+
+    def _p(self, rel: str) -> str:
+        return join_uri(self._path, rel)
+
+    def _check(self, rel: str, size: int, sha: str) -> None:
+        entry = self._files[rel]
+        if size != entry["bytes"] or sha != entry["sha256"]:
+            raise StoreError(
+                f"checksum mismatch: manifest says {entry['bytes']} bytes sha256 {entry['sha256']}, "
+                f"found {size} bytes sha256 {sha}",
+                path=join_uri(self.uri, rel),
+            )
+
+    def _read_verified(self, rel: str) -> bytes:
+        if rel not in self._files:
+            raise StoreError("file is not listed in the manifest", path=join_uri(self.uri, rel))
+        data = _cat(self.fs, self._p(rel), join_uri(self.uri, rel), "file listed in the manifest is missing")
+        self._check(rel, len(data), sha256_bytes(data))
+        return data
+
+    def read_backbone_bytes(self) -> bytes:
+        """The verified content of ``backbone.safetensors``."""
+        return self._read_verified(BACKBONE)
+
+    def read_backbone(self) -> tuple[dict, dict[str, str]]:
+        """Return ``(tensors, metadata)`` of ``backbone.safetensors`` (checksum verified; never pickle)."""
+        from safetensors.torch import load
+
+        data = self._read_verified(BACKBONE)
+        n = int.from_bytes(data[:8], "little")  # safetensors: u64 header length, JSON header
+        metadata = json.loads(data[8 : 8 + n]).get("__metadata__", {})
+        return load(data), metadata
+
+    def read_heads(self) -> pa.Table:
+        """Return all heads as one table sorted by campaign id (every part checksum verified)."""
+        tables = [pq.read_table(io.BytesIO(self._read_verified(p["path"]))) for p in self.manifest["parts"]]
+        return pa.concat_tables(tables)
+
+    def read_rejects(self) -> pa.Table:
+        """Return ``rejects.parquet`` (campaign_id, stage, reason)."""
+        return pq.read_table(io.BytesIO(self._read_verified(REJECTS)))
+
+    def locate(self, campaign_id: str) -> tuple[str, int] | None:
+        """Return ``(part path relative to the version, row group index)`` whose id range could
+        hold ``campaign_id``, found by binary search over the manifest index (no file is opened),
+        or None if no part covers it. A hit is a candidate: the id may still be absent.
+        Raises :class:`InvalidCampaignIdError` for an invalid id."""
+        validate_campaign_id(campaign_id)
+        k = bisect.bisect_right(self._part_firsts, campaign_id) - 1
+        if k < 0 or campaign_id > self._parts[k]["last_campaign"]:
+            return None
+        part = self._parts[k]
+        return part["path"], bisect.bisect_right(part["row_groups"], campaign_id) - 1
+
+    def read_head_row(self, campaign_id: str) -> HeadRow | None:
+        """Read one campaign's head by range-reading ONE row group of one part, or None if absent.
+        Raises :class:`InvalidCampaignIdError` for an invalid id.
+
+        Footers are cached per part, so a warm lookup costs one ranged read. Checksums are not
+        re-verified here (use ``verify=True`` at open)."""
+        loc = self.locate(campaign_id)
+        if loc is None:
+            return None
+        rel, group = loc
+        with self.fs.open(self._p(rel), "rb", cache_type="none") as f:
+            pf = pq.ParquetFile(f, metadata=self._footers.get(rel), pre_buffer=True)
+            self._footers.setdefault(rel, pf.metadata)
+            table = pf.read_row_group(group)
+        ids = table.column("campaign_id").to_pylist()
+        i = bisect.bisect_left(ids, campaign_id)
+        if i == len(ids) or ids[i] != campaign_id:
+            return None
+        return table_to_heads(table.slice(i, 1))[0]
+
+    def __repr__(self) -> str:
+        return f"FleetVersion({self.uri!r}, campaigns={self.manifest['campaigns']['count']})"
+
+
+def list_versions(store_uri: str, fleet: str, storage_options: dict | None = None) -> list[str]:
+    """Committed version ids of ``fleet`` (those with a manifest), sorted by created_at then id."""
+    uri = _versions_uri(store_uri, fleet)
+    fs, path = open_fs(uri, storage_options)
+    fs.invalidate_cache(path)
+    try:
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        return []
+    candidates = [join_uri(path, n, MANIFEST) for n in names if _NAME_RE.fullmatch(n)]
+    found = []
+    for p in candidates:
+        try:
+            raw = fs.cat_file(p)
+        except FileNotFoundError:
+            continue  # not committed (yet): invisible
+        version_id = p.rsplit("/", 2)[-2]
+        try:
+            created_at = json.loads(raw)["created_at"]
+        except (ValueError, KeyError, TypeError):
+            raise StoreError("manifest is not a fleet-version JSON object", path=join_uri(uri, version_id, MANIFEST)) from None
+        found.append((str(created_at), version_id))
+    return [v for _, v in sorted(found)]
+
+
+# ----------------------------------------------------------------------------- run work dir
+
+
+class WorkDir:
+    """A run's work dir ``<store>/<fleet>/runs/<run_id>/`` for resumable stages.
+
+    A shard is done once its marker ``<stage>/_done/<shard>`` exists; the marker is written after
+    the data and holds its size and sha256, so a crash between the two only redoes the shard.
+    """
+
+    def __init__(self, store_uri: str, fleet: str, run_id: str, storage_options: dict | None = None):
+        self.uri = join_uri(store_uri, _check_name("fleet name", fleet), "runs", _check_name("run id", run_id))
+        self.fs, self._path = open_fs(self.uri, storage_options)
+
+    def _p(self, rel: str) -> str:
+        return join_uri(self._path, rel)
+
+    def _shard_rel(self, stage: str, shard: str) -> tuple[str, str]:
+        _check_name("stage", stage)
+        _check_name("shard", shard)
+        return f"{stage}/{shard}.parquet", f"{stage}/_done/{shard}"
+
+    def is_done(self, stage: str, shard: str) -> bool:
+        """Whether ``shard`` of ``stage`` was completely written."""
+        return _exists(self.fs, self._p(self._shard_rel(stage, shard)[1]))
+
+    def write_shard(self, stage: str, shard: str, table: pa.Table, row_group_size: int = 64 * 1024) -> None:
+        """Write the shard's Parquet, then its done marker."""
+        data_rel, marker_rel = self._shard_rel(stage, shard)
+        data = _parquet_bytes(table, row_group_size)
+        _put(self.fs, self._p(data_rel), data)
+        marker = {"sha256": sha256_bytes(data), "bytes": len(data), "rows": table.num_rows}
+        _put(self.fs, self._p(marker_rel), _json_bytes(marker, join_uri(self.uri, marker_rel)))
+
+    def read_shard(self, stage: str, shard: str) -> pa.Table:
+        """Read a done shard, checked against the size and sha256 in its marker."""
+        data_rel, marker_rel = self._shard_rel(stage, shard)
+        uri = join_uri(self.uri, data_rel)
+        marker = json.loads(_cat(self.fs, self._p(marker_rel), uri, f"shard {stage}/{shard} is not done"))
+        data = _cat(self.fs, self._p(data_rel), uri, f"shard {stage}/{shard} is marked done but its data is missing")
+        if len(data) != marker["bytes"] or sha256_bytes(data) != marker["sha256"]:
+            raise StoreError("checksum mismatch with the shard's done marker", path=uri)
+        return pq.read_table(io.BytesIO(data))
+
+    def done_shards(self, stage: str) -> set[str]:
+        """Names of the shards of ``stage`` that are done (one listing)."""
+        path = self._p(f"{_check_name('stage', stage)}/_done")
+        self.fs.invalidate_cache(path)
+        try:
+            return {p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False)}
+        except FileNotFoundError:
+            return set()
+
+    def exists(self, name: str) -> bool:
+        """Whether the object ``name`` (relative path) exists in the work dir."""
+        return _exists(self.fs, self._p(_check_relpath("work dir name", name)))
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write ``data`` to ``name`` (relative path of ``[A-Za-z0-9_.-]`` names) in one put."""
+        _put(self.fs, self._p(_check_relpath("work dir name", name)), data)
+
+    def read_bytes(self, name: str) -> bytes:
+        """Read ``name``; :class:`StoreError` if it does not exist."""
+        rel = _check_relpath("work dir name", name)
+        return _cat(self.fs, self._p(rel), join_uri(self.uri, rel), "no such object in the run work dir")
+
+    def write_json(self, name: str, obj: Any) -> None:
+        """Write ``obj`` as JSON to ``name`` (non-finite floats become null)."""
+        self.write_bytes(name, _json_bytes(obj, join_uri(self.uri, name)))
+
+    def read_json(self, name: str) -> Any:
+        """Read the JSON object ``name``."""
+        return json.loads(self.read_bytes(name))
+
+
+__all__ = [
+    "VERSION_FORMAT",
+    "FleetVersion",
+    "VersionWriter",
+    "WorkDir",
+    "join_uri",
+    "list_versions",
+    "open_fs",
+    "sha256_bytes",
+    "teachers_digest",
+]
