@@ -47,14 +47,15 @@ class DistillConfig:
         distance_weight: weight ``beta`` of the class-distance term ``(s - t)**2`` (``"class_distance"`` only).
         head_l2: strength of the L2 pull of each head toward its init in :func:`fit_heads`, in
             units of rows: campaign ``c`` minimises ``(sum_i loss_i + head_l2 * ||theta_c - theta0_c||^2) / n_c``,
-            a Gaussian prior worth ``head_l2`` rows. It matters for tiny campaigns and vanishes for big ones.
+            a Gaussian prior worth ``head_l2`` rows per unit of squared distance. It keeps tiny
+            campaigns near the anchor and fades as ``n_c`` grows.
     """
 
     loss: str = "hinton"
     temperature: float = 2.0
     hard_label_weight: float = 0.0
     distance_weight: float = 0.1
-    head_l2: float = 1.0
+    head_l2: float = 0.01
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -159,7 +160,8 @@ def fit_backbone(
             seen = 0
             for batch, campaign_index, teacher_logits in _epoch(batches):
                 seen += 1
-                logits = student(batch.event_types, batch.features, batch.lengths, campaign_index, fake_quant=fake_quant)  # (B,)
+                extra = {} if fake_quant is None else {"fake_quant": fake_quant}
+                logits = student(batch.event_types, batch.features, batch.lengths, campaign_index, **extra)  # (B,)
                 loss = distill_loss(logits, teacher_logits, batch.labels, config)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -213,7 +215,7 @@ def fit_heads(
     distill_config: DistillConfig,
     *,
     steps: int = 300,
-    lr: float = 0.03,
+    lr: float = 0.05,
     init: torch.Tensor | None = None,
     seed: int = 0,
     fake_quant: FakeQuant | None = None,

@@ -214,8 +214,12 @@ def _check_tracking_uri(uri: str) -> str:
     return uri
 
 
+def _resolve_uri(tracking_uri: str | None) -> str:
+    return _check_tracking_uri(tracking_uri or default_tracking_uri())
+
+
 def _client(tracking_uri: str | None) -> MlflowClient:
-    uri = _check_tracking_uri(tracking_uri or default_tracking_uri())
+    uri = _resolve_uri(tracking_uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -259,9 +263,11 @@ def _public_options(options: Any) -> Any:
         return [v for v in (_public_options(x) for x in options) if v is not None]
     if isinstance(options, str):
         return _strip_userinfo(options)
-    if isinstance(options, (bool, int, float)) and _finite(options) is not None or isinstance(options, bool):
+    if isinstance(options, bool):
         return options
-    return None
+    if isinstance(options, numbers.Integral):
+        return int(options)
+    return _finite(options)  # None for anything else
 
 
 def _secret_values(options: Any, under_secret: bool = False) -> set[str]:
@@ -534,8 +540,8 @@ def register_version(
     if mlflow.active_run() is not None:
         raise RegistryError("register_version starts its own MLflow run: end the active run first")
 
-    client = _client(tracking_uri)
-    uri = client._tracking_client.tracking_uri
+    uri = _resolve_uri(tracking_uri)
+    client = _client(uri)
     experiment_id = _experiment_id(client, uri, f"fleet-{fleet_name}")
 
     # The gate needs only the candidate's and the champion's metrics, so it is decided before the

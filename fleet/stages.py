@@ -70,7 +70,8 @@ class CompressConfig:
         head_qat: with fixed ``bits``, fit heads quantization-aware (straight-through estimator).
         backbone_bits: 8 (int8 weights, default), 16 or 32.
         backbone_qat: train the backbone with int8 fake quantization of all weight matrices.
-        backbone_epochs, backbone_lr, backbone_batch_size: backbone training (stage 2).
+        backbone_steps, backbone_lr, backbone_batch_size: backbone training (stage 2): optimiser steps,
+            cycling over the pooled sample as often as needed.
         backbone_max_sequences, backbone_per_campaign: the pooled sample the backbone trains on.
         backbone_workers: >1 trains with Ray Train's TorchTrainer (DDP) on that many workers.
         head_steps, head_lr: the batched head fit (stage 3).
@@ -92,7 +93,7 @@ class CompressConfig:
     temperature: float = 2.0
     hard_label_weight: float = 0.0
     distance_weight: float = 0.1
-    head_l2: float = 1.0
+    head_l2: float = 0.01
     bits: str | int = "auto"
     group_size: int = 64
     prune_sparsity: float = 0.0
@@ -100,14 +101,14 @@ class CompressConfig:
     head_qat: bool = False
     backbone_bits: int = 8
     backbone_qat: bool = False
-    backbone_epochs: int = 4
+    backbone_steps: int = 2000
     backbone_lr: float = 3e-3
     backbone_batch_size: int = 128
     backbone_max_sequences: int = 40_000
     backbone_per_campaign: int = 200
     backbone_workers: int = 1
     head_steps: int = 300
-    head_lr: float = 0.03
+    head_lr: float = 0.05
     max_fit_rows: int = 4000
     max_validation_rows: int = 1000
     validation_fraction: float = 0.15
@@ -129,7 +130,7 @@ class CompressConfig:
             raise ValueError(f"prune_sparsity must be in [0, 1), got {self.prune_sparsity}")
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
-        for name in ("backbone_epochs", "head_steps", "backbone_workers", "max_fit_rows", "backbone_per_campaign"):
+        for name in ("backbone_steps", "head_steps", "backbone_workers", "max_fit_rows", "backbone_per_campaign"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1")
         self.student_config(2, 1)  # validates the student fields early
@@ -319,7 +320,7 @@ def train_backbone(sample: pa.Table, ctx: StageContext, *, rank: int = 0, world_
 
     fake_quant = (lambda w: fake_quantize(w, 8, PerTensor())) if config.backbone_qat else None
     losses = []
-    fit_backbone(model, epoch, config.distill_config(), epochs=config.backbone_epochs, lr=config.backbone_lr,
+    fit_backbone(model, epoch, config.distill_config(), epochs=10**9, steps=config.backbone_steps, lr=config.backbone_lr,
                  seed=config.seed, fake_quant=fake_quant, progress=lambda step, loss: losses.append(loss))
     data = backbone_to_bytes(student.backbone, config.backbone_bits, head_prior=student.heads.detach().mean(0))
     stats = {"backbone_rows": len(pooled), "backbone_campaigns": len(campaigns), "backbone_steps": len(losses),

@@ -1,0 +1,329 @@
+"""``fleet serve``, ``fleet predict`` and ``fleet inspect``: :func:`register` adds them to ``fleet``'s parser.
+
+Handlers take ``(args, console)`` and return an exit code: 0 ok, 1 failure, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import sys
+from typing import Any, Iterator
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+PREDICT_CHUNK_ROWS = 4096
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"must be JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ URIs")
+    p.add_argument("--storage-options", type=_json_object, default=None,
+                   help="fsspec storage options as JSON (default: $FLEET_STORAGE_OPTIONS)")
+
+
+def register(subparsers) -> None:
+    """Add ``serve``, ``predict`` and ``inspect`` to ``fleet``'s subparsers."""
+    from fleet.serving import DEFAULT_CACHE_SIZE, DEFAULT_MAX_SEQUENCE_LENGTH
+
+    p = subparsers.add_parser("serve", help="serve a fleet version over HTTP (predict, campaigns, health, metrics)")
+    p.add_argument("--model", required=True, help="models:/NAME@alias, models:/NAME/N, or a version/manifest URI")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--cache-size", type=_non_negative_int, default=DEFAULT_CACHE_SIZE,
+                   help="heads kept dequantized in the LRU (0: no cache)")
+    p.add_argument("--preload", action="store_true", help="decode every head at start (no per-request I/O)")
+    p.add_argument("--poll-seconds", type=_positive_float, default=None,
+                   help="re-resolve a models:/ alias this often and swap to a new version")
+    p.add_argument("--max-body-bytes", type=_positive_int, default=1_000_000)
+    p.add_argument("--max-sequences", type=_positive_int, default=1024, help="sequences (or rows) per request")
+    p.add_argument("--max-sequence-length", type=_positive_int, default=DEFAULT_MAX_SEQUENCE_LENGTH,
+                   help="events per sequence")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch inference threads (process-wide)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of the heads files at start (the backbone is always checked)")
+    p.add_argument("--admin-token", default=os.environ.get("FLEET_ADMIN_TOKEN"),
+                   help="require 'Authorization: Bearer TOKEN' on /admin/reload (default: $FLEET_ADMIN_TOKEN)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--ray", action="store_true", help="serve with Ray Serve (replicas behind one HTTP proxy)")
+    p.add_argument("--replicas", type=_positive_int, default=1, help="Ray Serve replicas (with --ray)")
+    _add_model_options(p)
+    p.set_defaults(handler=_cmd_serve)
+
+    p = subparsers.add_parser("predict", help="score sequences from a JSONL or Parquet file; one probability per line")
+    p.add_argument("--model", required=True, help="models:/NAME@alias, models:/NAME/N, or a version/manifest URI")
+    p.add_argument("--campaign", default=None,
+                   help="score every sequence with this campaign's head (without it, rows need campaign_id)")
+    p.add_argument("--input", required=True,
+                   help="FILE.jsonl (objects with event_types, features[, campaign_id]) or FILE.parquet "
+                        "(events format)")
+    p.add_argument("--cache-size", type=_non_negative_int, default=DEFAULT_CACHE_SIZE)
+    _add_model_options(p)
+    p.set_defaults(handler=_cmd_predict)
+
+    p = subparsers.add_parser("inspect", help="summarise a fleet version, or one campaign's head")
+    p.add_argument("uri", help="models:/NAME@alias, models:/NAME/N, or a version/manifest URI")
+    p.add_argument("--campaign", default=None, help="show this campaign's head metadata")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _add_model_options(p)
+    p.set_defaults(handler=_cmd_inspect)
+
+
+# ----------------------------------------------------------------------------- serve
+
+
+def _cmd_serve(args, console) -> int:
+    from fleet.errors import FleetError
+    from fleet.http import app_from_uri
+
+    if not 0 <= args.port <= 65535:
+        console.print(f"[red]usage error:[/red] --port must lie in [0, 65535], got {args.port}")
+        return EXIT_USAGE
+    if args.poll_seconds is not None and not args.model.startswith("models:"):
+        console.print("[yellow]note:[/yellow] --poll-seconds has no effect on a fixed version URI")
+    factory = functools.partial(
+        app_from_uri, args.model, tracking_uri=args.tracking_uri, storage_options=args.storage_options,
+        cache_size=args.cache_size, preload=args.preload, poll_seconds=args.poll_seconds,
+        max_body_bytes=args.max_body_bytes, max_sequences=args.max_sequences,
+        max_sequence_length=args.max_sequence_length, num_threads=args.threads, admin_token=args.admin_token,
+        verify=not args.no_verify,
+    )
+    if args.ray:
+        try:
+            from fleet.pipeline import serve_on_ray
+        except ImportError as exc:
+            console.print(f"[red]error:[/red] Ray serving is unavailable: {exc}")
+            return EXIT_FAILED
+        serve_on_ray(factory, args.replicas, args.host, args.port)
+        return EXIT_OK
+    import uvicorn
+
+    try:
+        app = factory()
+    except (FleetError, OSError, ValueError) as exc:
+        console.print(f"[red]error:[/red] cannot load {args.model}: {exc}")
+        return EXIT_FAILED
+    model = app.state.holder.get()
+    console.print(f"serving fleet version [bold]{model.version_id}[/bold] ({model.num_campaigns:,} campaigns) "
+                  f"on http://{args.host}:{args.port}")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def _read_rows(path: str, storage_options: dict | None) -> Iterator[list[dict]]:
+    """Chunks of rows ``{"event_types", "features"[, "campaign_id"]}`` from JSONL or Parquet."""
+    import fsspec
+
+    lower = path.lower()
+    if lower.endswith(".parquet") or lower.endswith(".pq"):
+        import pyarrow.parquet as pq
+
+        with fsspec.open(path, "rb", **(storage_options or {})) as f:
+            pf = pq.ParquetFile(f)
+            names = [c for c in ("campaign_id", "event_types", "features") if c in pf.schema_arrow.names]
+            for batch in pf.iter_batches(batch_size=PREDICT_CHUNK_ROWS, columns=names):
+                yield batch.to_pylist()
+        return
+    if not (lower.endswith(".jsonl") or lower.endswith(".ndjson") or lower.endswith(".json")):
+        raise ValueError(f"--input must end in .jsonl or .parquet, got {path!r}")
+    chunk: list[dict] = []
+    with fsspec.open(path, "rt", encoding="utf-8", **(storage_options or {})) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not JSON ({exc})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object")
+            chunk.append(row)
+            if len(chunk) == PREDICT_CHUNK_ROWS:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def _cmd_predict(args, console) -> int:
+    from fleet.errors import FleetError, UnknownCampaignError
+    from fleet.serving import FleetModel, InvalidInputError
+
+    try:
+        model = FleetModel.load(args.model, args.tracking_uri, storage_options=args.storage_options,
+                                cache_size=args.cache_size)
+    except (FleetError, OSError, ValueError) as exc:
+        console.print(f"[red]error:[/red] cannot load {args.model}: {exc}")
+        return EXIT_FAILED
+    offset = 0
+    out = sys.stdout
+    try:
+        for rows in _read_rows(args.input, args.storage_options):
+            if args.campaign is not None:
+                ids: Any = args.campaign
+            else:
+                if any("campaign_id" not in r for r in rows):
+                    raise InvalidInputError("rows need a campaign_id (or pass --campaign)")
+                ids = [r["campaign_id"] for r in rows]
+            try:
+                types, feats = [r.get("event_types") for r in rows], [r.get("features") for r in rows]
+                probs = model.predict_columns(ids, types, feats)
+            except (InvalidInputError, UnknownCampaignError) as exc:
+                shifted = re.sub(r"\brow (\d+)", lambda m: f"row {offset + int(m.group(1))}", str(exc))
+                console.print(f"[red]error:[/red] {shifted}")
+                return EXIT_FAILED
+            out.write("".join(f"{p!r}\n" for p in probs.tolist()))
+            offset += len(rows)
+    except FileNotFoundError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return EXIT_FAILED
+    except (FleetError, ValueError, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return EXIT_FAILED
+    out.flush()
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- inspect
+
+
+def version_summary(version) -> dict:
+    """Figures of a :class:`fleet.store.FleetVersion` from its manifest (no data file is read)."""
+    m = version.manifest
+    files = m.get("files", [])
+    heads_bytes = sum(f["bytes"] for f in files if f["path"].startswith("heads/"))
+    backbone_bytes = sum(f["bytes"] for f in files if f["path"] == "backbone.safetensors")
+    count = m.get("campaigns", {}).get("count", 0)
+    return {
+        "fleet": m.get("fleet"),
+        "version": m.get("version_id"),
+        "created_at": m.get("created_at"),
+        "format": m.get("format"),
+        "uri": version.manifest_uri,
+        "campaigns": m.get("campaigns"),
+        "files": len(files),
+        "bytes": sum(f["bytes"] for f in files),
+        "heads_bytes": heads_bytes,
+        "heads_parts": len(m.get("parts", [])),
+        "heads_row_groups": sum(len(p.get("row_groups", [])) for p in m.get("parts", [])),
+        "bytes_per_campaign": heads_bytes / count if count else None,
+        "backbone_bytes": backbone_bytes,
+        "parent_version": m.get("lineage", {}).get("parent_version"),
+        "config": m.get("config", {}),
+        "metrics": m.get("metrics", {}),
+    }
+
+
+def _cmd_inspect(args, console) -> int:
+    from fleet.errors import FleetError
+    from fleet.ids import validate_campaign_id
+    from fleet.serving import head_metadata, resolve_model_uri, storage_options_from_env
+    from fleet.store import FleetVersion
+
+    try:
+        uri = args.uri
+        if uri.startswith("models:"):
+            uri, _ = resolve_model_uri(uri, args.tracking_uri)
+        options = args.storage_options if args.storage_options is not None else storage_options_from_env()
+        version = FleetVersion.open(uri, options, verify=False)
+        if args.campaign is not None:
+            cid = validate_campaign_id(args.campaign)
+            row = version.read_head_row(cid)
+            if row is None:
+                console.print(f"[red]error:[/red] campaign {cid!r} is not in version {version.version_id}")
+                return EXIT_FAILED
+            info = head_metadata(row, version.version_id)
+        else:
+            info = version_summary(version)
+    except (FleetError, OSError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return EXIT_FAILED
+    if args.json:
+        sys.stdout.write(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
+        return EXIT_OK
+    _print_tables(console, info, "campaign " + args.campaign if args.campaign else f"fleet version {info['version']}")
+    return EXIT_OK
+
+
+def _print_tables(console, info: dict, title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("field")
+    table.add_column("value", justify="right")
+    nested = {}
+    for key, value in info.items():
+        if isinstance(value, dict) and key in ("config", "metrics"):
+            nested[key] = value
+        elif isinstance(value, dict):
+            table.add_row(key, ", ".join(f"{k}={v}" for k, v in value.items()))
+        elif key.endswith("bytes") and isinstance(value, int):
+            table.add_row(key, f"{value:,}")
+        elif isinstance(value, float):
+            table.add_row(key, f"{value:.4g}")
+        else:
+            table.add_row(key, "" if value is None else str(value))
+    console.print(table)
+    for key, value in nested.items():
+        if value:
+            sub = Table(title=key)
+            sub.add_column("name")
+            sub.add_column("value", justify="right")
+            for k, v in _flatten(value):
+                sub.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+            console.print(sub)
+
+
+def _flatten(d: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+__all__ = ["register", "version_summary"]

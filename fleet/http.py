@@ -1,0 +1,671 @@
+"""The HTTP service: a FastAPI app over a swappable :class:`~fleet.serving.FleetModel`.
+
+``create_app(ModelHolder(model))`` serves ``POST /v1/predict``, ``POST /v1/predict/batch``,
+``GET /v1/campaigns/{id}``, ``GET /healthz``, ``GET /metrics`` and ``POST /admin/reload``; the
+bodies, status codes and limits are a contract documented in ``docs/serving.md``.
+
+Guarantees: a request takes the model reference once, so a swap never changes a version under a
+request in flight; bodies are bounded (``Content-Length`` and streamed bytes); no input yields a
+5xx, and NaN/inf never reach a JSON response.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fleet.errors import FleetError, InvalidCampaignIdError, UnknownCampaignError
+from fleet.serving import FleetModel, InvalidInputError
+
+log = logging.getLogger("fleet.http")
+
+DEFAULT_MAX_BODY_BYTES = 1_000_000
+DEFAULT_MAX_SEQUENCES = 1024
+#: After refusing an oversized body we still read (and drop) up to this many bytes, so the client
+#: gets to read the 413 instead of a connection reset.
+DRAIN_LIMIT_BYTES = 16 * 2**20
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_BODY_KEY = "fleet.body"
+
+
+# ----------------------------------------------------------------------------- bodies (the contract)
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class SequenceIn(BaseModel):
+    """One event sequence: ``event_types`` (length T) and flat row-major ``features`` (T * num_features)."""
+
+    model_config = ConfigDict(strict=True)
+    event_types: list[StrictInt]
+    features: list[FiniteFloat]
+
+
+class PredictRequest(BaseModel):
+    """``POST /v1/predict``: several sequences scored by one campaign's head."""
+
+    model_config = ConfigDict(strict=True)
+    campaign_id: str
+    sequences: list[SequenceIn]
+
+
+class BatchRow(SequenceIn):
+    """One row of ``POST /v1/predict/batch``: a sequence and the campaign that scores it."""
+
+    campaign_id: str
+
+
+class BatchRequest(BaseModel):
+    """``POST /v1/predict/batch``: rows mixing campaigns."""
+
+    model_config = ConfigDict(strict=True)
+    rows: list[BatchRow]
+
+
+class PredictResponse(BaseModel):
+    campaign_id: str
+    version: str
+    probabilities: list[float]
+
+
+class BatchResponse(BaseModel):
+    version: str
+    probabilities: list[float]
+
+
+class ErrorResponse(BaseModel):
+    """Every error: a stable ``code``, a readable ``detail``, and for body errors the failing ``errors``."""
+
+    code: str
+    detail: str
+    errors: list[dict] | None = None
+
+
+# ----------------------------------------------------------------------------- the model holder
+
+
+class ReloadUnavailable(RuntimeError):
+    """The holder has no reload callable."""
+
+
+class ModelHolder:
+    """Holds the served :class:`FleetModel`; :meth:`swap` replaces it atomically.
+
+    Args:
+        model: the model served first.
+        reload: optional ``reload(current) -> FleetModel | None`` (a new model, or None when nothing
+            changed), e.g. :func:`fleet.serving.alias_reloader`; used by ``POST /admin/reload`` and
+            by the poller.
+        poll_seconds: when set (and ``reload`` given), a background thread calls :meth:`reload`
+            every ``poll_seconds`` while the app runs (:meth:`start` / :meth:`stop`).
+    """
+
+    def __init__(self, model: FleetModel, *, reload: Callable[[FleetModel], FleetModel | None] | None = None,
+                 poll_seconds: float | None = None):
+        if poll_seconds is not None and poll_seconds <= 0:
+            raise ValueError(f"poll_seconds must be > 0, got {poll_seconds}")
+        self._model = model
+        self._reload = reload
+        self.poll_seconds = poll_seconds
+        self._swap_lock = threading.Lock()
+        self._reload_lock = threading.Lock()  # one reload at a time (admin and poller)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.swaps = 0
+        self.reload_errors = 0
+        self.last_reload_error: str | None = None
+        self._retired = {"hits": 0, "misses": 0}  # cache counters of models swapped out
+
+    def get(self) -> FleetModel:
+        """The current model (take it once per request)."""
+        return self._model
+
+    def swap(self, new: FleetModel) -> FleetModel:
+        """Serve ``new`` from now on; return the old model (requests holding it finish on it)."""
+        if not isinstance(new, FleetModel):
+            raise TypeError(f"swap needs a FleetModel, got {type(new).__name__}")
+        with self._swap_lock:
+            old, self._model = self._model, new
+            info = old.cache_info()
+            self._retired["hits"] += info["hits"]
+            self._retired["misses"] += info["misses"]
+            self.swaps += 1
+        log.info("serving fleet version %s (was %s)", new.version_id, old.version_id)
+        return old
+
+    @property
+    def can_reload(self) -> bool:
+        return self._reload is not None
+
+    def reload(self) -> bool:
+        """Call the reload callable; swap and return True when it yields another version."""
+        if self._reload is None:
+            raise ReloadUnavailable("this server has no reload source (serve a models:/ URI to enable it)")
+        with self._reload_lock:
+            current = self.get()
+            try:
+                new = self._reload(current)
+            except Exception as exc:
+                self.reload_errors += 1
+                self.last_reload_error = f"{type(exc).__name__}: {exc}"
+                raise
+            self.last_reload_error = None
+            if new is None or new is current or new.version_id == current.version_id:
+                return False
+            self.swap(new)
+            return True
+
+    def cache_totals(self) -> dict:
+        info = self.get().cache_info()
+        return {"hits": self._retired["hits"] + info["hits"], "misses": self._retired["misses"] + info["misses"],
+                "size": info["size"], "capacity": info["capacity"]}
+
+    def start(self) -> None:
+        """Start the poller (no-op without ``poll_seconds`` or reload callable, or when running)."""
+        if self._reload is None or self.poll_seconds is None or (self._thread and self._thread.is_alive()):
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._poll, name="fleet-model-poller", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.reload()
+            except Exception as exc:  # noqa: BLE001 - keep serving the current version
+                log.warning("model poll failed, still serving %s: %s", self.get().version_id, exc)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+_ENDPOINTS = {
+    "/v1/predict": "/v1/predict",
+    "/v1/predict/batch": "/v1/predict/batch",
+    "/healthz": "/healthz",
+    "/metrics": "/metrics",
+    "/admin/reload": "/admin/reload",
+}
+
+
+def _endpoint_label(path: str) -> str:
+    label = _ENDPOINTS.get(path)
+    if label is not None:
+        return label
+    if path.startswith("/v1/campaigns/"):
+        return "/v1/campaigns/{id}"  # never the id itself: labels must stay few
+    return "other"
+
+
+class _Metrics:
+    """Request counters and latency histograms in Prometheus text format (no global registry)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[str, int], int] = {}
+        self._hist: dict[str, list] = {}  # endpoint -> [bucket counts..., sum, count]
+        self.sequences = 0
+
+    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+        with self._lock:
+            key = (endpoint, status)
+            self._counts[key] = self._counts.get(key, 0) + 1
+            h = self._hist.get(endpoint)
+            if h is None:
+                h = self._hist[endpoint] = [0] * len(LATENCY_BUCKETS) + [0.0, 0]
+            for i, bound in enumerate(LATENCY_BUCKETS):
+                if seconds <= bound:
+                    h[i] += 1
+            h[-2] += seconds
+            h[-1] += 1
+
+    def add_sequences(self, n: int) -> None:
+        with self._lock:
+            self.sequences += n
+
+    def render(self, holder: ModelHolder) -> str:
+        model = holder.get()
+        cache = holder.cache_totals()
+        lines = [
+            "# HELP fleet_http_requests_total HTTP requests by endpoint and status code.",
+            "# TYPE fleet_http_requests_total counter",
+        ]
+        with self._lock:
+            counts = sorted(self._counts.items())
+            hist = sorted((k, list(v)) for k, v in self._hist.items())
+            sequences = self.sequences
+        lines += [f'fleet_http_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in counts]
+        lines += [
+            "# HELP fleet_http_request_duration_seconds Time from request start to response end.",
+            "# TYPE fleet_http_request_duration_seconds histogram",
+        ]
+        for endpoint, h in hist:
+            for bound, n in zip(LATENCY_BUCKETS, h):
+                lines.append(f'fleet_http_request_duration_seconds_bucket{{endpoint="{endpoint}",le="{bound}"}} {n}')
+            lines.append(f'fleet_http_request_duration_seconds_bucket{{endpoint="{endpoint}",le="+Inf"}} {h[-1]}')
+            lines.append(f'fleet_http_request_duration_seconds_sum{{endpoint="{endpoint}"}} {h[-2]!r}')
+            lines.append(f'fleet_http_request_duration_seconds_count{{endpoint="{endpoint}"}} {h[-1]}')
+        lines += [
+            "# HELP fleet_predicted_sequences_total Sequences scored.",
+            "# TYPE fleet_predicted_sequences_total counter",
+            f"fleet_predicted_sequences_total {sequences}",
+            "# HELP fleet_head_cache_hits_total Head lookups served from memory.",
+            "# TYPE fleet_head_cache_hits_total counter",
+            f"fleet_head_cache_hits_total {cache['hits']}",
+            "# HELP fleet_head_cache_misses_total Head lookups that read a row group.",
+            "# TYPE fleet_head_cache_misses_total counter",
+            f"fleet_head_cache_misses_total {cache['misses']}",
+            "# HELP fleet_head_cache_size Heads held dequantized in memory.",
+            "# TYPE fleet_head_cache_size gauge",
+            f"fleet_head_cache_size {cache['size']}",
+            "# HELP fleet_head_cache_capacity Bound of the head cache.",
+            "# TYPE fleet_head_cache_capacity gauge",
+            f"fleet_head_cache_capacity {cache['capacity']}",
+            "# HELP fleet_model_info The fleet version being served (value 1).",
+            "# TYPE fleet_model_info gauge",
+            f'fleet_model_info{{version="{_label(model.version_id)}",fleet="{_label(model.manifest.get("fleet"))}"}} 1',
+            "# HELP fleet_model_campaigns Campaigns in the served version.",
+            "# TYPE fleet_model_campaigns gauge",
+            f"fleet_model_campaigns {model.num_campaigns}",
+            "# HELP fleet_model_swaps_total Model versions swapped in since start.",
+            "# TYPE fleet_model_swaps_total counter",
+            f"fleet_model_swaps_total {holder.swaps}",
+            "# HELP fleet_model_reload_errors_total Failed reloads (the old version kept serving).",
+            "# TYPE fleet_model_reload_errors_total counter",
+            f"fleet_model_reload_errors_total {holder.reload_errors}",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def _label(value: Any) -> str:
+    value = "" if value is None else str(value)
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+# ----------------------------------------------------------------------------- ASGI gate
+
+
+class _Gate:
+    """Pure ASGI middleware: bounds request bodies (Content-Length and streamed bytes) and records
+    metrics. The body is read here once and handed to the endpoint through the scope."""
+
+    def __init__(self, app, metrics: _Metrics, max_body_bytes: int):
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                body, problem = await self._read_body(scope, receive)
+                if problem is not None:
+                    await _send_error(send_status, *problem)
+                    return
+                scope[_BODY_KEY] = body
+                receive = _replay(body, receive)
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.observe(_endpoint_label(scope.get("path", "")), status[0], time.perf_counter() - started)
+
+    async def _read_body(self, scope, receive) -> tuple[bytes, tuple | None]:
+        limit = self.max_body_bytes
+        declared = None
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    return b"", (400, "bad_request", "Content-Length is not an integer")
+        too_large = (413, "payload_too_large", f"request body exceeds {limit} bytes")
+        if declared is not None and declared > limit:
+            await _drain(receive)
+            return b"", too_large
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"", (400, "bad_request", "client disconnected")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                if message.get("more_body", False):
+                    await _drain(receive)
+                return b"", too_large
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), None
+
+
+async def _drain(receive) -> None:
+    drained = 0
+    while drained <= DRAIN_LIMIT_BYTES:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        drained += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+def _replay(body: bytes, receive):
+    done = False
+
+    async def replay():
+        nonlocal done
+        if not done:
+            done = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # later calls wait for the disconnect
+
+    return replay
+
+
+async def _send_error(send, status: int, code: str, detail: str) -> None:
+    payload = _dumps({"code": code, "detail": detail})
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return str(obj)
+
+
+def _dumps(obj: Any) -> bytes:
+    try:
+        return json.dumps(obj, allow_nan=False, separators=(",", ":")).encode()
+    except (ValueError, TypeError):  # NaN/inf or odd types: never let them reach a response
+        return json.dumps(_json_safe(obj), allow_nan=False, separators=(",", ":")).encode()
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(_dumps(obj), status_code=status, media_type="application/json")
+
+
+def _error(status: int, code: str, detail: str, errors: list | None = None) -> Response:
+    body: dict[str, Any] = {"code": code, "detail": detail}
+    if errors is not None:
+        body["errors"] = errors
+    return _json(body, status)
+
+
+class _RequestError(Exception):
+    def __init__(self, status: int, code: str, detail: str, errors: list | None = None):
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.errors = status, code, detail, errors
+
+
+def _validation_errors(exc: ValidationError | RequestValidationError) -> list[dict]:
+    """Locations and messages only: never echo the input (it may hold NaN or megabytes)."""
+    raw = exc.errors(include_input=False, include_url=False) if isinstance(exc, ValidationError) else exc.errors()
+    out = []
+    for err in raw[:20]:
+        loc = [p if isinstance(p, (int, str)) else str(p) for p in err.get("loc", ())]
+        out.append({"loc": loc, "msg": str(err.get("msg", "")), "type": str(err.get("type", ""))})
+    return out
+
+
+def _parse(model: type[BaseModel], body: bytes) -> BaseModel:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        detail = f"body does not match {model.__name__}"
+        raise _RequestError(422, "invalid_body", detail, _validation_errors(exc)) from None
+
+
+def _body(request: Request) -> bytes:
+    return request.scope.get(_BODY_KEY, b"")
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def create_app(
+    model_provider: ModelHolder | FleetModel,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_sequences: int = DEFAULT_MAX_SEQUENCES,
+    admin_token: str | None = None,
+) -> FastAPI:
+    """The HTTP app. ``model_provider`` is a :class:`ModelHolder` (or a model, wrapped in one).
+
+    ``admin_token``: when set, ``POST /admin/reload`` requires ``Authorization: Bearer <token>``.
+    """
+    holder = model_provider if isinstance(model_provider, ModelHolder) else ModelHolder(model_provider)
+    if max_body_bytes < 1 or max_sequences < 1:
+        raise ValueError("max_body_bytes and max_sequences must be >= 1")
+    metrics = _Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        holder.start()  # the poller runs while the app does
+        try:
+            yield
+        finally:
+            holder.stop()
+
+    app = FastAPI(title="fleet", version="1", lifespan=lifespan,
+                  description="Probabilities of event sequences per campaign from a fleet version.")
+    app.state.holder = holder
+    app.state.metrics = metrics
+
+    def too_many(n: int, what: str) -> None:
+        if n > max_sequences:
+            detail = f"{n} {what} exceed the limit of {max_sequences} per request"
+            raise _RequestError(413, "too_many_sequences", detail)
+
+    @app.post("/v1/predict", response_model=None, openapi_extra=_body_spec("PredictRequest"),
+              responses={200: {"model": PredictResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
+                         422: {"model": ErrorResponse}})
+    def predict(request: Request) -> Response:
+        """Probabilities of ``sequences`` under ``campaign_id``'s head, in order."""
+        model = holder.get()  # once: a swap never changes the version under this request
+        req = _parse(PredictRequest, _body(request))
+        too_many(len(req.sequences), "sequences")
+        probs = model.predict_columns(req.campaign_id, [s.event_types for s in req.sequences],
+                                      [s.features for s in req.sequences])
+        metrics.add_sequences(len(probs))
+        return _json({"campaign_id": req.campaign_id, "version": model.version_id, "probabilities": probs.tolist()})
+
+    @app.post("/v1/predict/batch", response_model=None, openapi_extra=_body_spec("BatchRequest"),
+              responses={200: {"model": BatchResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
+                         422: {"model": ErrorResponse}})
+    def predict_batch(request: Request) -> Response:
+        """Probabilities of rows mixing campaigns, in row order (one backbone pass for all)."""
+        model = holder.get()
+        req = _parse(BatchRequest, _body(request))
+        too_many(len(req.rows), "rows")
+        rows = req.rows
+        probs = model.predict_columns([r.campaign_id for r in rows], [r.event_types for r in rows],
+                                      [r.features for r in rows])
+        metrics.add_sequences(len(probs))
+        return _json({"version": model.version_id, "probabilities": probs.tolist()})
+
+    @app.get("/v1/campaigns/{campaign_id}", response_model=None,
+             responses={404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}})
+    def campaign(campaign_id: str) -> Response:
+        """Metadata of a campaign's head in the served version (bits, status, fidelity, sizes)."""
+        return _json(holder.get().metadata(campaign_id))
+
+    @app.get("/healthz", response_model=None)
+    def healthz() -> Response:
+        """Liveness and the version being served."""
+        model = holder.get()
+        return _json({"status": "ok", "version": model.version_id, "fleet": model.manifest.get("fleet"),
+                      "campaigns": model.num_campaigns, "last_reload_error": holder.last_reload_error})
+
+    @app.get("/metrics", response_model=None)
+    def prometheus() -> Response:
+        """Prometheus text exposition."""
+        return Response(metrics.render(holder), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/admin/reload", response_model=None, responses={401: {"model": ErrorResponse},
+                                                             409: {"model": ErrorResponse},
+                                                             503: {"model": ErrorResponse}})
+    def reload(request: Request) -> Response:
+        """Re-resolve the model source now; swap when it names another version."""
+        if admin_token is not None and request.headers.get("authorization") != f"Bearer {admin_token}":
+            raise _RequestError(401, "unauthorized", "admin endpoints need Authorization: Bearer <token>")
+        previous = holder.get().version_id
+        try:
+            changed = holder.reload()
+        except ReloadUnavailable as exc:
+            raise _RequestError(409, "reload_unavailable", str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - the old version keeps serving
+            log.exception("reload failed")
+            raise _RequestError(503, "reload_failed", f"reload failed, still serving {previous}: {exc}") from None
+        return _json({"changed": changed, "previous": previous, "version": holder.get().version_id})
+
+    _install_handlers(app)
+    _install_openapi(app)
+    app.add_middleware(_Gate, metrics=metrics, max_body_bytes=max_body_bytes)
+    return app
+
+
+def _body_spec(model_name: str) -> dict:
+    schema = {"$ref": f"#/components/schemas/{model_name}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _install_openapi(app: FastAPI) -> None:
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (PredictRequest, BatchRequest):
+                spec = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(spec.pop("$defs", {}))
+                components[model.__name__] = spec
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def _install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(_RequestError)
+    async def request_error(request, exc: _RequestError):
+        return _error(exc.status, exc.code, exc.detail, exc.errors)
+
+    @app.exception_handler(UnknownCampaignError)
+    async def unknown(request, exc):
+        return _error(404, "unknown_campaign", str(exc))
+
+    @app.exception_handler(InvalidInputError)
+    async def invalid(request, exc):
+        return _error(422, "invalid_input", str(exc))
+
+    @app.exception_handler(InvalidCampaignIdError)
+    async def invalid_id(request, exc):
+        return _error(422, "invalid_input", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def request_validation(request, exc):
+        return _error(422, "invalid_request", "request does not match the endpoint", _validation_errors(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(FleetError)
+    async def fleet_error(request, exc):  # storage or registry trouble: not the client's input
+        log.error("fleet error: %s", exc)
+        return _error(503, "unavailable", str(exc))
+
+    @app.exception_handler(ValueError)
+    async def value_error(request, exc):  # an input problem that slipped past validation
+        log.warning("unexpected ValueError on %s: %s", request.url.path, exc)
+        return _error(422, "invalid_input", str(exc)[:1000])
+
+    @app.exception_handler(Exception)
+    async def internal(request, exc):
+        log.exception("internal error on %s", request.url.path)
+        return _error(500, "internal", "internal error")
+
+
+def app_from_uri(
+    model_uri: str,
+    *,
+    tracking_uri: str | None = None,
+    storage_options: dict | None = None,
+    cache_size: int | None = None,
+    preload: bool = False,
+    poll_seconds: float | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_sequences: int = DEFAULT_MAX_SEQUENCES,
+    max_sequence_length: int | None = None,
+    num_threads: int | None = None,
+    admin_token: str | None = None,
+    verify: bool = True,
+) -> FastAPI:
+    """Load ``model_uri`` (``models:/...`` or a version URI) and build the app; a ``models:/`` URI
+    can be re-resolved by ``POST /admin/reload`` and by the poller (``poll_seconds``). Picklable
+    through ``functools.partial`` (Ray Serve replicas call it)."""
+    from fleet.serving import alias_reloader
+
+    open_kw: dict[str, Any] = {"storage_options": storage_options, "preload": preload, "verify": verify}
+    if cache_size is not None:
+        open_kw["cache_size"] = cache_size
+    if max_sequence_length is not None:
+        open_kw["max_sequence_length"] = max_sequence_length
+    if num_threads is not None:
+        open_kw["num_threads"] = num_threads
+    model = FleetModel.load(model_uri, tracking_uri, **open_kw)
+    open_kw.pop("num_threads", None)
+    holder = ModelHolder(model, reload=alias_reloader(model_uri, tracking_uri, **open_kw), poll_seconds=poll_seconds)
+    return create_app(holder, max_body_bytes=max_body_bytes, max_sequences=max_sequences, admin_token=admin_token)
+
+
+__all__ = [
+    "BatchRequest",
+    "BatchResponse",
+    "ErrorResponse",
+    "ModelHolder",
+    "PredictRequest",
+    "PredictResponse",
+    "SequenceIn",
+    "app_from_uri",
+    "create_app",
+]

@@ -1,0 +1,119 @@
+"""Plots of a fleet version, returned as PNG bytes (logged to MLflow by the pipeline, written by
+``fleet bench``).
+
+Figures are drawn with matplotlib's Agg renderer through :class:`matplotlib.figure.Figure`, not
+pyplot: no global figure state, no GUI backend, safe in worker threads. No I/O here. Empty input
+(or nothing finite to draw) gives a figure that says "no data" rather than an error.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+_DPI = 100
+
+
+def _new_figure(width: float = 6.4, height: float = 4.0) -> tuple[Figure, object]:
+    fig = Figure(figsize=(width, height), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", metadata={"Software": None})  # no version string: stable bytes
+    return buf.getvalue()
+
+
+def _no_data(title: str) -> bytes:
+    fig, ax = _new_figure()
+    ax.set_title(title)
+    ax.text(0.5, 0.5, "no data", ha="center", va="center", fontsize=16, color="gray", transform=ax.transAxes)
+    ax.set_axis_off()
+    return _png(fig)
+
+
+def _as_1d(values: Sequence[float], name: str) -> np.ndarray:
+    array = np.asarray(values if values is not None else [], dtype=np.float64)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {array.shape}")
+    return array
+
+
+def fidelity_histogram(auc_diffs: Sequence[float]) -> bytes:
+    """Histogram of per-campaign AUC diffs (student AUC - teacher AUC); NaNs are left out and counted."""
+    diffs = _as_1d(auc_diffs, "auc_diffs")
+    finite = diffs[np.isfinite(diffs)]
+    title = "Fidelity: student AUC - teacher AUC per campaign"
+    if finite.size == 0:
+        return _no_data(title)
+    fig, ax = _new_figure()
+    bins = int(np.clip(np.sqrt(finite.size), 5, 60))
+    ax.hist(finite, bins=bins, color="tab:blue", alpha=0.8)
+    ax.axvline(0.0, color="black", linewidth=1)
+    median = float(np.median(finite))
+    ax.axvline(median, color="tab:red", linestyle="--", linewidth=1, label=f"median {median:+.4f}")
+    ax.set_xlabel("AUC diff")
+    ax.set_ylabel("campaigns")
+    dropped = diffs.size - finite.size
+    ax.set_title(f"{title}\nn={finite.size}" + (f" ({dropped} without a finite AUC left out)" if dropped else ""))
+    ax.legend(loc="upper left")
+    return _png(fig)
+
+
+def fidelity_vs_size(n_train: Sequence[float], auc_diffs: Sequence[float]) -> bytes:
+    """Scatter of AUC diff against training rows per campaign (log x); campaigns with no rows or a
+    non-finite value are left out."""
+    sizes = _as_1d(n_train, "n_train")
+    diffs = _as_1d(auc_diffs, "auc_diffs")
+    if sizes.shape != diffs.shape:
+        raise ValueError(f"n_train and auc_diffs differ in length: {sizes.size} vs {diffs.size}")
+    keep = np.isfinite(sizes) & np.isfinite(diffs) & (sizes > 0)
+    title = "Fidelity vs training rows per campaign"
+    if not keep.any():
+        return _no_data(title)
+    fig, ax = _new_figure()
+    ax.scatter(sizes[keep], diffs[keep], s=8, alpha=0.5, color="tab:blue", linewidths=0)
+    ax.axhline(0.0, color="black", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("training rows (log scale)")
+    ax.set_ylabel("student AUC - teacher AUC")
+    ax.set_title(f"{title} (n={int(keep.sum())})")
+    return _png(fig)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def size_breakdown(bytes_by_part: dict[str, int]) -> bytes:
+    """Horizontal bars of bytes per part of a fleet version (backbone, heads, rejects, ...),
+    largest first, labelled with size and share."""
+    parts = dict(bytes_by_part or {})
+    for name, size in parts.items():
+        if not np.isfinite(size) or size < 0:
+            raise ValueError(f"size of {name!r} must be a finite number >= 0, got {size!r}")
+    total = float(sum(parts.values()))
+    title = "Fleet version size by part"
+    if not parts or total == 0:
+        return _no_data(title)
+    items = sorted(parts.items(), key=lambda kv: kv[1])  # barh draws bottom-up: largest on top
+    fig, ax = _new_figure(height=max(2.5, 0.5 * len(items) + 1.5))
+    names = [str(k) for k, _ in items]
+    sizes = [float(v) for _, v in items]
+    bars = ax.barh(names, sizes, color="tab:blue")
+    ax.bar_label(bars, labels=[f"{_human_bytes(s)} ({100 * s / total:.1f}%)" for s in sizes], padding=3)
+    ax.set_xlim(0, max(sizes) * 1.35)  # room for the labels
+    ax.set_xlabel("bytes")
+    ax.set_title(f"{title} (total {_human_bytes(total)})")
+    return _png(fig)

@@ -1,0 +1,134 @@
+"""MLflow pyfunc flavour of a fleet version (``loader_module="fleet.pyfunc"``).
+
+The logged model's data is a directory holding ``fleet_model.json`` (written by
+:func:`fleet.registry.register_version`, or :func:`write_config`)::
+
+    {"format": "fleet-pyfunc/1",
+     "manifest_uri": "s3://bucket/fleet/adfleet/versions/<id>/manifest.json", "version_id": "<id>",
+     "storage_options": {...non-secret fsspec options...}, "storage_options_env": "FLEET_STORAGE_OPTIONS"}
+
+(``format``, ``storage_options``, ``storage_options_env`` are optional; so are ``cache_size``,
+``preload``, ``max_sequence_length``). Heads stay in Parquet and are read through the manifest URI;
+credentials come from the environment variable ``storage_options_env`` (JSON, merged over the saved
+non-secret options) at load time, never from the artifact.
+
+``predict`` scores a DataFrame with the columns of the events format
+(``campaign_id``, ``event_types``, ``features``) through :meth:`FleetModel.predict_columns`, the
+same path as ``FleetModel.predict_batch`` and the HTTP service.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from fleet.codec import check_format
+from fleet.errors import StoreError, UnknownCampaignError
+from fleet.serving import ENV_STORAGE_OPTIONS, FleetModel, InvalidInputError
+
+CONFIG_FILE = "fleet_model.json"
+PYFUNC_FORMAT = "fleet-pyfunc/1"  # same as fleet.registry.MODEL_DATA_FORMAT
+COLUMNS = ("campaign_id", "event_types", "features")
+_OPEN_KEYS = ("cache_size", "preload", "max_sequence_length")
+
+
+def write_config(directory: str, manifest_uri: str, version_id: str, **open_kw: Any) -> str:
+    """Write ``directory/fleet_model.json`` (the pyfunc's ``data_path``); return its path."""
+    unknown = sorted(set(open_kw) - set(_OPEN_KEYS))
+    if unknown:
+        raise ValueError(f"unknown fleet_model.json keys {unknown}; allowed: {list(_OPEN_KEYS)}")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, CONFIG_FILE)
+    with open(path, "w") as f:
+        json.dump({"format": PYFUNC_FORMAT, "manifest_uri": manifest_uri, "version_id": version_id, **open_kw}, f,
+                  indent=2, sort_keys=True)
+    return path
+
+
+class FleetPyfunc:
+    """What ``mlflow.pyfunc.load_model`` wraps: ``predict(DataFrame) -> float64[N]`` in row order."""
+
+    def __init__(self, model: FleetModel):
+        self.model = model
+
+    def predict(self, model_input: Any, params: dict | None = None) -> np.ndarray:
+        """Probabilities of the rows of ``model_input`` (a DataFrame, or a list of row dicts / a dict
+        of columns) with columns ``campaign_id``, ``event_types``, ``features`` (lists or numpy
+        arrays per cell). ``params`` is accepted for the MLflow protocol and ignored."""
+        ids, types, feats = _columns(model_input)
+        try:
+            return self.model.predict_columns(ids, types, feats)
+        except (InvalidInputError, UnknownCampaignError) as exc:
+            raise _bad_request(str(exc)) from exc
+
+
+def _columns(model_input: Any) -> tuple[list, list, list]:
+    import pandas as pd
+
+    if isinstance(model_input, dict):
+        model_input = pd.DataFrame(model_input)
+    elif isinstance(model_input, list):
+        model_input = pd.DataFrame.from_records(model_input)
+    if not isinstance(model_input, pd.DataFrame):
+        raise _bad_request(f"model input must be a pandas DataFrame, got {type(model_input).__name__}")
+    missing = [c for c in COLUMNS if c not in model_input.columns]
+    if missing:
+        raise _bad_request(f"model input lacks columns {missing}; needs {list(COLUMNS)}")
+    return tuple(model_input[c].tolist() for c in COLUMNS)  # type: ignore[return-value]
+
+
+def _bad_request(message: str) -> Exception:
+    """An MLflow INVALID_PARAMETER_VALUE error (``mlflow models serve`` answers 400, not 500)."""
+    try:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+    except ImportError:  # pragma: no cover - mlflow is a dependency
+        return InvalidInputError(message)
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _load_pyfunc(data_path: str) -> FleetPyfunc:
+    """MLflow ``loader_module`` entry point: ``data_path`` is the logged directory (or the JSON file)."""
+    path = os.path.join(data_path, CONFIG_FILE) if os.path.isdir(data_path) else data_path
+    try:
+        with open(path) as f:
+            config = json.load(f)
+        manifest_uri, version_id = config["manifest_uri"], config.get("version_id")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise StoreError(f"not a fleet pyfunc config ({exc!r})", path=path) from None
+    check_format(config.get("format", PYFUNC_FORMAT), PYFUNC_FORMAT, path=path)
+    model = FleetModel.open(manifest_uri, _storage_options(config),
+                            **{k: config[k] for k in _OPEN_KEYS if k in config})
+    if version_id is not None and model.version_id != version_id:
+        raise StoreError(f"{CONFIG_FILE} names version {version_id!r} but the manifest holds {model.version_id!r}",
+                         path=manifest_uri)
+    return FleetPyfunc(model)
+
+
+def _storage_options(config: dict) -> dict:
+    """Saved non-secret options, with the JSON of ``$<storage_options_env>`` merged over them
+    (nested dicts such as ``client_kwargs`` merged one level deep)."""
+    saved = config.get("storage_options") or {}
+    env_name = config.get("storage_options_env") or ENV_STORAGE_OPTIONS
+    text = os.environ.get(env_name)
+    secret = {}
+    if text:
+        try:
+            secret = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"${env_name} must be a JSON object: {exc}") from None
+        if not isinstance(secret, dict):
+            raise ValueError(f"${env_name} must be a JSON object")
+    merged = dict(saved)
+    for key, value in secret.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged  # {} (not None): the environment was consulted already
+
+
+__all__ = ["CONFIG_FILE", "PYFUNC_FORMAT", "FleetPyfunc", "write_config"]

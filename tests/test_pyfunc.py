@@ -1,0 +1,134 @@
+"""fleet.pyfunc: a fleet version logged as an MLflow pyfunc (sqlite tracking store in tmp_path)
+answers exactly like FleetModel.predict_batch; models:/ URIs resolve through fleet.registry."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+
+from fleet.pyfunc import CONFIG_FILE, FleetPyfunc, _load_pyfunc, write_config
+from fleet.serving import FleetModel, alias_reloader
+from test_serving import build_version, random_sequences
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory):
+    store = str(tmp_path_factory.mktemp("store"))
+    return {"v1": build_version(store, "v1", seed=0, num_campaigns=20),
+            "v2": build_version(store, "v2", seed=1, num_campaigns=20)}
+
+
+@pytest.fixture(scope="module")
+def mlflow_env(tmp_path_factory, versions):
+    """Both versions logged as pyfunc models in one sqlite-backed MLflow, registered as 'adfleet'."""
+    root = tmp_path_factory.mktemp("mlflow")
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment = mlflow.create_experiment("fleet-test", artifact_location=(root / "artifacts").as_uri())
+    uris = {}
+    client = mlflow.MlflowClient(tracking_uri)
+    for vid, b in versions.items():
+        data = root / f"data-{vid}"
+        write_config(str(data), b.uri, vid)
+        with mlflow.start_run(experiment_id=experiment):
+            info = mlflow.pyfunc.log_model(name="model", loader_module="fleet.pyfunc", data_path=str(data))
+        uris[vid] = info.model_uri
+        mv = mlflow.register_model(info.model_uri, "adfleet", tags={"version_id": vid, "manifest_uri": b.uri})
+        client.set_registered_model_alias("adfleet", "champion", mv.version)  # v2 ends as champion
+    yield {"tracking_uri": tracking_uri, "model_uris": uris, "client": client}
+    mlflow.set_tracking_uri(None)
+
+
+def frame(ids, seqs, as_numpy=False) -> pd.DataFrame:
+    conv = (lambda x, dt: np.asarray(x, dt)) if as_numpy else (lambda x, dt: x)
+    return pd.DataFrame({
+        "campaign_id": ids,
+        "event_types": [conv(s["event_types"], np.int32) for s in seqs],
+        "features": [conv(s["features"], np.float32) for s in seqs],
+    })
+
+
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_pyfunc_predict_equals_predict_batch(mlflow_env, versions, as_numpy):
+    b = versions["v1"]
+    loaded = mlflow.pyfunc.load_model(mlflow_env["model_uris"]["v1"])
+    rng = random.Random(0)
+    seqs = random_sequences(rng, 60, 1, 30)
+    ids = [rng.choice(b.ids) for _ in seqs]
+    got = loaded.predict(frame(ids, seqs, as_numpy))
+    want = FleetModel.open(b.uri).predict_batch([{"campaign_id": c, **s} for c, s in zip(ids, seqs)])
+    assert isinstance(got, np.ndarray) and got.shape == (60,)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(got, [b.expected(c, [s])[0] for c, s in zip(ids, seqs)], atol=1e-6, rtol=0)
+
+
+def test_pyfunc_errors_are_mlflow_bad_requests(mlflow_env, versions):
+    loaded = mlflow.pyfunc.load_model(mlflow_env["model_uris"]["v1"])
+    seqs = random_sequences(random.Random(1), 2)
+    with pytest.raises(MlflowException, match="camp-0001") as info:
+        loaded.predict(frame(["camp-0000", "camp-0001"], seqs))
+    assert info.value.error_code == "INVALID_PARAMETER_VALUE"
+    with pytest.raises(MlflowException, match="lacks columns"):
+        loaded.predict(pd.DataFrame({"campaign_id": ["camp-0000"]}))
+    bad = frame(["camp-0000"], [{"event_types": [99], "features": [0.0] * 3}])
+    with pytest.raises(MlflowException, match="event types"):
+        loaded.predict(bad)
+
+
+def test_load_pyfunc_directly(tmp_path, versions):
+    b = versions["v2"]
+    path = write_config(str(tmp_path / "d"), b.uri, "v2", cache_size=4)
+    model = _load_pyfunc(str(tmp_path / "d"))
+    assert isinstance(model, FleetPyfunc) and model.model.version_id == "v2"
+    assert model.model.cache_info()["capacity"] == 4
+    assert _load_pyfunc(path).model.version_id == "v2"  # the file itself works too
+    rows = [{"campaign_id": b.ids[0], **s} for s in random_sequences(random.Random(2), 3)]
+    np.testing.assert_allclose(model.predict(rows), model.model.predict_batch(rows), atol=0)
+
+
+def test_registry_style_config_and_mismatch(tmp_path, versions, monkeypatch):
+    """The config fleet.registry writes (format, non-secret options, env var name) loads; a config
+    naming another version than its manifest is refused."""
+    b = versions["v1"]
+    d = tmp_path / "reg"
+    d.mkdir()
+    (d / CONFIG_FILE).write_text(json.dumps({
+        "format": "fleet-pyfunc/1", "manifest_uri": b.uri, "version_id": "v1",
+        "storage_options_env": "MY_FLEET_OPTS", "storage_options": {"auto_mkdir": False},
+    }))
+    monkeypatch.setenv("MY_FLEET_OPTS", json.dumps({"auto_mkdir": True}))
+    assert _load_pyfunc(str(d)).model.version_id == "v1"
+    (d / CONFIG_FILE).write_text(json.dumps({"manifest_uri": b.uri, "version_id": "v9"}))
+    with pytest.raises(Exception, match="v9"):
+        _load_pyfunc(str(d))
+    (d / CONFIG_FILE).write_text(json.dumps({"format": "fleet-pyfunc/2", "manifest_uri": b.uri}))
+    with pytest.raises(Exception, match="fleet-pyfunc/2"):
+        _load_pyfunc(str(d))
+
+
+def test_load_models_uri_and_alias_reloader(mlflow_env, versions):
+    """FleetModel.load resolves models:/ URIs via fleet.registry; the reloader follows the alias."""
+    tracking_uri, client = mlflow_env["tracking_uri"], mlflow_env["client"]
+    assert FleetModel.load("models:/adfleet/1", tracking_uri).version_id == "v1"
+    champion = FleetModel.load("models:/adfleet@champion", tracking_uri, cache_size=8)
+    assert champion.version_id == "v2" and champion.source_uri == "models:/adfleet@champion"
+    reload = alias_reloader("models:/adfleet@champion", tracking_uri, cache_size=8)
+    assert reload(champion) is None  # unchanged
+    client.set_registered_model_alias("adfleet", "champion", "1")
+    try:
+        new = reload(champion)
+        assert new is not None and new.version_id == "v1" and new.cache_info()["capacity"] == 8
+    finally:
+        client.set_registered_model_alias("adfleet", "champion", "2")
+    # the registered pyfunc loads by alias too
+    loaded = mlflow.pyfunc.load_model("models:/adfleet@champion")
+    seqs = random_sequences(random.Random(3), 4)
+    ids = [versions["v2"].ids[i] for i in range(4)]
+    np.testing.assert_allclose(loaded.predict(frame(ids, seqs)),
+                               champion.predict_batch([{"campaign_id": c, **s} for c, s in zip(ids, seqs)]), atol=1e-6)

@@ -1,0 +1,216 @@
+"""fleet.registry against real MLflow stores (SQLite, and one HTTP server), and fleet.plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from mlflow.artifacts import download_artifacts
+from mlflow.tracking import MlflowClient
+
+from fleet import plots, registry
+from fleet.errors import FleetError
+from fleet.registry import GateConfig, RegistryError, evaluate_gate
+
+GOOD = {"fidelity_auc_diff_median": -0.002, "fidelity_auc_diff_p10": -0.01, "quarantine_share": 0.01,
+        "compression_ratio": 180.5, "stage_seconds": {"distill": 12.5, "quantize": 1.25}, "nan_metric": float("nan")}
+BAD = {**GOOD, "fidelity_auc_diff_median": -0.031, "quarantine_share": 0.2}
+PNG = plots.fidelity_histogram([-0.01, 0.0, 0.002])
+STORAGE = {"key": "AKIAFLEETKEY", "secret": "s3cr3t-value",
+           "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000", "region_name": "eu-west-1"}}
+
+
+def _artifacts(tmp_path, fleet, version_id):
+    """A dummy manifest and backbone, as the store would have written them."""
+    folder = tmp_path / version_id
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"format": "fleet-version/1", "fleet": fleet,
+                                                      "version_id": version_id}))
+    (folder / "backbone.safetensors").write_bytes(b"\x00" * 64)
+    return {"manifest.json": str(folder / "manifest.json"), "backbone.safetensors": str(folder / "backbone.safetensors")}
+
+
+def _register(tmp_path, uri, version_id, metrics=GOOD, fleet="adfleet", **kw):
+    return registry.register_version(
+        fleet_name=fleet, manifest_uri=f"s3://bucket/fleet/{fleet}/versions/{version_id}/manifest.json",
+        version_id=version_id, local_artifacts=_artifacts(tmp_path, fleet, version_id),
+        params={"quant": {"bits": 4, "group_size": 32}, "teachers": ["a", "b"], "aws_secret_access_key": "x",
+                "store": "s3://AKIAFLEETKEY:s3cr3t-value@bucket/fleet"},
+        metrics=metrics, plots={"fidelity_histogram": PNG}, tracking_uri=uri, storage_options=STORAGE, **kw)
+
+
+# ----------------------------------------------------------------------------- gate (pure)
+
+
+def test_gate_passes_and_reports_every_failure():
+    assert evaluate_gate(GOOD, None, GateConfig()) == registry.GateResult(True, [])
+    result = evaluate_gate(BAD, None, GateConfig())
+    assert not result.passed
+    assert result.reasons == ["median AUC diff -0.031 < -0.010", "quarantine share 0.200 > 0.050"]
+
+
+def test_gate_missing_metric_and_regression():
+    result = evaluate_gate({"fidelity_auc_diff_median": 0.0, "quarantine_share": float("nan")}, None, GateConfig())
+    assert not result.passed and len(result.reasons) == 2
+    assert "'fidelity_auc_diff_p10' is missing" in result.reasons[0] and "quarantine_share" in result.reasons[1]
+
+    champion = {"fidelity_auc_diff_median": 0.01, "fidelity_auc_diff_p10": -0.02}
+    result = evaluate_gate(GOOD, champion, GateConfig())
+    assert result.reasons == ["median AUC diff -0.002 regresses from the champion's 0.010 by 0.012 > 0.005"]
+    assert evaluate_gate(GOOD, champion, GateConfig(max_regression=0.02)).passed
+    assert evaluate_gate(GOOD, {"unrelated": 1.0}, GateConfig()).passed  # nothing to compare
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_quarantine_share=1.5), dict(max_regression=-0.1),
+                                    dict(min_median_auc_diff=float("nan")), dict(min_p10_auc_diff=0.0),
+                                    dict(min_median_auc_diff="0.1")])
+def test_gate_config_rejects_bad_values(kwargs):
+    with pytest.raises(ValueError, match="GateConfig"):
+        GateConfig(**kwargs)
+
+
+# ----------------------------------------------------------------------------- registry on SQLite
+
+
+def test_register_two_versions_tags_champion_and_resolve(tmp_path, sqlite_tracking_uri):
+    uri = sqlite_tracking_uri
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    v1 = _register(tmp_path, uri, "20260101-a")
+    v2 = _register(tmp_path, uri, "20260102-b", parent_version_id="20260101-a")
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env_before  # process-wide URI restored
+    assert (v1.version, v2.version) == ("1", "2") and v1.champion and v2.champion and v2.gate.passed
+    assert registry.champion_version("adfleet", uri) == "2"
+
+    client = MlflowClient(uri, uri)
+    assert [m.name for m in client.search_registered_models()] == ["adfleet"]
+    tags = client.get_model_version("adfleet", "2").tags
+    assert tags["version_id"] == "20260102-b" and tags["parent_version_id"] == "20260101-a"
+    assert tags["manifest_uri"] == v2.manifest_uri and tags["gate"] == "passed"
+
+    run = client.get_run(v2.run_id)
+    assert run.info.experiment_id == client.get_experiment_by_name("fleet-adfleet").experiment_id
+    assert run.data.metrics["compression_ratio"] == 180.5 and run.data.metrics["stage_seconds.distill"] == 12.5
+    assert "nan_metric" not in run.data.metrics
+    assert run.data.params["quant.bits"] == "4" and "aws_secret_access_key" not in run.data.params
+    assert [a.path for a in client.list_artifacts(v2.run_id, "plots")] == ["plots/fidelity_histogram.png"]
+
+    # The pyfunc's data dir holds the artifacts and fleet_model.json, and no credential anywhere.
+    model_dir = client.get_model_version_download_uri("adfleet", "2")
+    data = os.path.join(download_artifacts(artifact_uri=model_dir, dst_path=str(tmp_path / "model")), "data", "fleet")
+    assert sorted(os.listdir(data)) == ["backbone.safetensors", "fleet_model.json", "manifest.json"]
+    model_json = json.loads(Path(data, "fleet_model.json").read_text())
+    assert model_json["manifest_uri"] == v2.manifest_uri and model_json["version_id"] == "20260102-b"
+    assert model_json["storage_options_env"] == "FLEET_STORAGE_OPTIONS"
+    assert model_json["storage_options"] == {"client_kwargs": STORAGE["client_kwargs"]}
+    everything = json.dumps([tags, run.data.params, run.data.tags, model_json])
+    assert "AKIAFLEETKEY" not in everything and "s3cr3t-value" not in everything
+
+    assert registry.resolve_manifest_uri("models:/adfleet@champion", uri) == (v2.manifest_uri, "20260102-b")
+    assert registry.resolve_manifest_uri("models:/adfleet/1", uri) == (v1.manifest_uri, "20260101-a")
+    assert registry.resolve_manifest_uri("s3://b/f/versions/x/", uri) == ("s3://b/f/versions/x/", None)
+    with pytest.raises(RegistryError, match="no alias 'staging'"):
+        registry.resolve_manifest_uri("models:/adfleet@staging", uri)
+    with pytest.raises(RegistryError, match="no version '7'"):
+        registry.resolve_manifest_uri("models:/adfleet/7", uri)
+    with pytest.raises(ValueError, match="unsupported model URI"):
+        registry.resolve_manifest_uri("models:/adfleet", uri)
+
+    rows = registry.list_versions("adfleet", uri)
+    assert [(r["version"], r["version_id"], r["aliases"], r["champion"], r["gate"]) for r in rows] == [
+        ("1", "20260101-a", [], False, "passed"), ("2", "20260102-b", ["champion"], True, "passed")]
+    assert rows[0]["created"].endswith("Z") and rows[1]["run_id"] == v2.run_id
+    with pytest.raises(RegistryError, match="no registered model"):
+        registry.list_versions("nope", uri)
+
+
+def test_failing_gate_and_regression_keep_champion(tmp_path, sqlite_tracking_uri):
+    uri = sqlite_tracking_uri
+    assert _register(tmp_path, uri, "v1").champion
+    bad = _register(tmp_path, uri, "v2", metrics=BAD)
+    assert not bad.champion and not bad.gate.passed
+    assert "median AUC diff -0.031 < -0.010" in bad.gate.reasons
+    worse = _register(tmp_path, uri, "v3", metrics={**GOOD, "fidelity_auc_diff_p10": -0.02})
+    assert worse.gate.reasons == ["p10 AUC diff -0.020 regresses from the champion's -0.010 by 0.010 > 0.005"]
+    assert registry.champion_version("adfleet", uri) == "1"
+    rows = registry.list_versions("adfleet", uri)
+    assert [r["gate"] for r in rows] == ["passed", "failed", "failed"]
+    assert rows[2]["gate_reasons"] == worse.gate.reasons
+
+
+def test_promote_rollback_round_trip(tmp_path, sqlite_tracking_uri):
+    uri = sqlite_tracking_uri
+    assert registry.champion_version("adfleet", uri) is None
+    with pytest.raises(RegistryError, match="no champion"):
+        registry.rollback("adfleet", uri)
+    _register(tmp_path, uri, "v1")
+    _register(tmp_path, uri, "v2", metrics=BAD)  # failed the gate: promoted by hand below
+    with pytest.raises(FleetError, match="no earlier champion"):
+        registry.rollback("adfleet", uri)
+
+    registry.promote("adfleet", "2", uri, reason="hotfix")
+    assert registry.champion_version("adfleet", uri) == "2"
+    registry.promote("adfleet", 2, uri)  # already champion: history unchanged
+    history = json.loads(MlflowClient(uri, uri).get_registered_model("adfleet").tags["champion_history"])
+    assert [(e["version"], e["reason"]) for e in history] == [("1", "gate"), ("2", "hotfix")]
+    with pytest.raises(RegistryError, match="no version '9'"):
+        registry.promote("adfleet", "9", uri)
+
+    assert registry.rollback("adfleet", uri) == "1"
+    assert registry.champion_version("adfleet", uri) == "1"
+    assert registry.resolve_manifest_uri("models:/adfleet@champion", uri)[1] == "v1"
+    with pytest.raises(RegistryError, match="no earlier champion"):
+        registry.rollback("adfleet", uri)
+
+
+def test_bad_inputs_are_refused(tmp_path, sqlite_tracking_uri):
+    with pytest.raises(ValueError, match="file store"):
+        registry.champion_version("adfleet", str(tmp_path / "mlruns"))
+    with pytest.raises(ValueError, match="needs backbone.safetensors"):
+        registry.register_version(fleet_name="adfleet", manifest_uri="m", version_id="v1",
+                                  local_artifacts={"manifest.json": "x"}, params={}, metrics=GOOD, plots={},
+                                  tracking_uri=sqlite_tracking_uri)
+    with pytest.raises(ValueError, match="version_id='v1' but register_version got 'v2'"):
+        registry.register_version(fleet_name="adfleet", manifest_uri="m", version_id="v2",
+                                  local_artifacts=_artifacts(tmp_path, "adfleet", "v1"), params={}, metrics=GOOD,
+                                  plots={}, tracking_uri=sqlite_tracking_uri)
+    with pytest.raises(ValueError, match="not PNG"):
+        registry.register_version(fleet_name="adfleet", manifest_uri="m", version_id="v4",
+                                  local_artifacts=_artifacts(tmp_path, "adfleet", "v4"), params={},
+                                  metrics=GOOD, plots={"p": b"GIF89a"}, tracking_uri=sqlite_tracking_uri)
+
+
+def test_default_tracking_uri(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert registry.default_tracking_uri() == "http://mlflow:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    assert registry.default_tracking_uri() == f"sqlite:///{tmp_path}/fleet-data/mlflow.db"
+    assert (tmp_path / "fleet-data").is_dir()
+
+
+# ----------------------------------------------------------------------------- registry over HTTP
+
+
+def test_register_and_resolve_over_http(tmp_path, mlflow_server):
+    v = _register(tmp_path, mlflow_server, "http-v1", fleet="httpfleet")
+    assert v.version == "1" and v.champion
+    assert registry.resolve_manifest_uri("models:/httpfleet@champion", mlflow_server) == (v.manifest_uri, "http-v1")
+    assert [r["version_id"] for r in registry.list_versions("httpfleet", mlflow_server)] == ["http-v1"]
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def test_plots_are_png_and_handle_empty_input():
+    png = b"\x89PNG\r\n\x1a\n"
+    assert plots.fidelity_histogram([0.01, -0.02, float("nan")]).startswith(png)
+    assert plots.fidelity_vs_size([10, 1000, 0], [0.0, -0.01, 0.3]).startswith(png)
+    assert plots.size_breakdown({"backbone": 2_000_000, "heads": 150_000, "rejects": 900}).startswith(png)
+    for empty in (plots.fidelity_histogram([]), plots.fidelity_vs_size([], []), plots.size_breakdown({})):
+        assert empty.startswith(png)
+    with pytest.raises(ValueError, match="differ in length"):
+        plots.fidelity_vs_size([1, 2], [0.0])
+    with pytest.raises(ValueError, match=">= 0"):
+        plots.size_breakdown({"heads": -1})

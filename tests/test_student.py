@@ -1,0 +1,182 @@
+"""fleet.student: config validation, backbone shapes and padding, head designs as stacked rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fleet.student import (
+    HEAD_DESIGNS,
+    SharedBackbone,
+    Student,
+    StudentConfig,
+    backbone_forward,
+    head_layout,
+    head_logits,
+    head_num_params,
+    init_heads,
+    quantizable_weights,
+)
+
+E, F = 7, 3
+
+
+def _config(**kw) -> StudentConfig:
+    return StudentConfig(num_event_types=E, num_features=F, **kw)
+
+
+def _random_batch(b: int, t: int, generator: torch.Generator):
+    lengths = torch.randint(1, t + 1, (b,), generator=generator)
+    event_types = torch.randint(0, E, (b, t), generator=generator)
+    features = torch.randn(b, t, F, generator=generator)
+    valid = torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
+    return event_types * valid, features * valid.unsqueeze(-1), lengths
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(arch="transformer"), dict(head="mlp"), dict(hidden_size=0), dict(num_layers=0), dict(head="film", head_rank=2),
+     dict(head="lowrank", head_rank=0)],
+)
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        _config(**bad)
+
+
+def test_config_dict_round_trip_and_unknown_key():
+    config = _config(arch="lstm", head="lowrank", head_rank=2)
+    assert StudentConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown"):
+        StudentConfig.from_dict({**config.to_dict(), "dropout": 0.1})
+
+
+# ---------------------------------------------------------------------------------------------- backbone
+
+
+@pytest.mark.parametrize("arch", ["gru", "lstm"])
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_backbone_shape_and_padding_does_not_matter(arch, num_layers):
+    torch.manual_seed(0)
+    backbone = SharedBackbone(_config(arch=arch, num_layers=num_layers, hidden_size=16)).eval()
+    g = torch.Generator().manual_seed(1)
+    event_types, features, lengths = _random_batch(5, 6, g)
+    h = backbone(event_types, features, lengths)
+    assert h.shape == (5, 16)
+
+    # garbage (not zeros) after `lengths` and a longer padded T must not change anything
+    pad_types = torch.cat([event_types, torch.randint(0, E, (5, 4), generator=g)], dim=1)
+    pad_feats = torch.cat([features, 10 * torch.randn(5, 4, F, generator=g)], dim=1)
+    valid = torch.arange(6).unsqueeze(0) < lengths.unsqueeze(1)
+    pad_types[:, :6] = torch.where(valid, event_types, torch.randint(0, E, (5, 6), generator=g))
+    pad_feats[:, :6] = torch.where(valid.unsqueeze(-1), features, torch.randn(5, 6, F, generator=g))
+    torch.testing.assert_close(backbone(pad_types, pad_feats, lengths), h, rtol=0, atol=1e-6)
+
+    # a row alone gives the same as in the batch
+    alone = backbone(event_types[2:3, : lengths[2]], features[2:3, : lengths[2]], lengths[2:3])
+    torch.testing.assert_close(alone[0], h[2], rtol=0, atol=1e-6)
+
+
+def test_quantizable_weights_are_the_weight_matrices():
+    backbone = SharedBackbone(_config(arch="lstm", num_layers=2))
+    names = quantizable_weights(backbone)
+    assert names == ["embedding.weight", "rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.weight_ih_l1", "rnn.weight_hh_l1"]
+
+
+@pytest.mark.parametrize("arch", ["gru", "lstm"])
+def test_backbone_fake_quant_hook(arch):
+    torch.manual_seed(0)
+    backbone = SharedBackbone(_config(arch=arch, hidden_size=8))
+    event_types, features, lengths = _random_batch(4, 5, torch.Generator().manual_seed(2))
+    plain = backbone(event_types, features, lengths)
+    torch.testing.assert_close(backbone_forward(backbone, event_types, features, lengths, fake_quant=lambda w: w), plain)
+
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    ste = lambda w: w + (torch.round(w * 4) / 4 - w).detach()  # noqa: E731  coarse grid, straight-through
+    quantized = backbone_forward(backbone, event_types, features, lengths, fake_quant=ste)
+    assert not torch.allclose(quantized, plain)
+    quantized.sum().backward()
+    assert backbone.rnn.weight_hh_l0.grad is not None and backbone.rnn.weight_hh_l0.grad.abs().sum() > 0
+    assert backbone.embedding.weight.grad.abs().sum() > 0
+    for k, v in backbone.state_dict().items():  # the module's own weights are untouched
+        assert torch.equal(v, before[k]), k
+    torch.testing.assert_close(backbone(event_types, features, lengths), plain)
+
+
+# ---------------------------------------------------------------------------------------------- heads
+
+
+def test_head_param_counts():
+    assert head_num_params(_config()) == 193  # default: FiLM at H=64
+    assert head_num_params(_config()) <= 256
+    assert head_num_params(_config(head="lowrank")) == 193
+    assert head_num_params(_config(head="lowrank", head_rank=2)) == 2 * 64 * 2 + 64 + 1
+    assert head_num_params(_config(head="linear")) == 65
+    for design in HEAD_DESIGNS:
+        config = _config(head=design, hidden_size=8, head_rank=3 if design == "lowrank" else 1)
+        sizes = sum(torch.Size(shape).numel() for _, shape in head_layout(design, 8, config.head_rank))
+        assert sizes == head_num_params(config) == init_heads(config, 2).shape[1]
+
+
+@pytest.mark.parametrize("design", HEAD_DESIGNS)
+def test_init_heads_rows_are_identical_and_start_at_zero_logit(design):
+    config = _config(head=design, hidden_size=8, head_rank=2 if design == "lowrank" else 1)
+    heads = init_heads(config, 5)
+    assert heads.shape == (5, head_num_params(config))
+    assert torch.equal(heads, heads[:1].expand(5, -1))
+    assert torch.equal(init_heads(config, 2)[0], heads[0])  # a row does not depend on C
+    h = torch.randn(3, 8)
+    assert torch.equal(head_logits(design, h, heads[:3], config.head_rank), torch.zeros(3))
+
+
+@pytest.mark.parametrize("design,rank", [("film", 1), ("lowrank", 1), ("lowrank", 3), ("linear", 1)])
+def test_mixed_campaign_batch_equals_per_campaign_calls(design, rank):
+    torch.manual_seed(0)
+    hidden, c, b = 8, 4, 12
+    config = _config(head=design, hidden_size=hidden, head_rank=rank)
+    heads = torch.randn(c, head_num_params(config))
+    h = torch.randn(b, hidden)
+    campaign_index = torch.randint(0, c, (b,))
+    mixed = head_logits(design, h, heads[campaign_index], rank)
+    indexed = head_logits(design, h, heads, rank, index=campaign_index)
+    assert mixed.shape == (b,)
+    torch.testing.assert_close(indexed, mixed)
+    for k in range(c):
+        rows = campaign_index == k
+        if rows.any():
+            torch.testing.assert_close(head_logits(design, h[rows], heads[k], rank), mixed[rows])  # 1-D row broadcast
+
+
+def test_head_formulas():
+    h = torch.randn(5, 4)
+    gamma, beta, w, b = torch.randn(4), torch.randn(4), torch.randn(4), torch.randn(1)
+    film = head_logits("film", h, torch.cat([gamma, beta, w, b]))
+    torch.testing.assert_close(film, torch.tanh(h * (1 + gamma) + beta) @ w + b)
+    u, v = torch.randn(4, 2), torch.randn(4, 2)
+    lowrank = head_logits("lowrank", h, torch.cat([u.reshape(-1), v.reshape(-1), w, b]), rank=2)
+    torch.testing.assert_close(lowrank, torch.tanh(h + (h @ v) @ u.T) @ w + b)
+    torch.testing.assert_close(head_logits("linear", h, torch.cat([w, b])), h @ w + b)
+
+
+def test_head_logits_rejects_wrong_sizes():
+    with pytest.raises(ValueError, match="params of shape"):
+        head_logits("film", torch.randn(2, 4), torch.randn(2, 12))
+    with pytest.raises(ValueError):
+        head_logits("mlp", torch.randn(2, 4), torch.randn(2, 5))
+
+
+def test_student_forward_is_backbone_then_head():
+    torch.manual_seed(0)
+    config = _config(hidden_size=8)
+    student = Student(config, num_campaigns=3)
+    with torch.no_grad():
+        student.heads.normal_()
+    event_types, features, lengths = _random_batch(6, 5, torch.Generator().manual_seed(3))
+    campaign_index = torch.tensor([0, 2, 1, 1, 0, 2])
+    logits = student(event_types, features, lengths, campaign_index)
+    expected = head_logits("film", student.backbone(event_types, features, lengths), student.heads[campaign_index])
+    assert logits.shape == (6,)
+    torch.testing.assert_close(logits, expected)
+    assert student.num_campaigns == 3
