@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/fleet synth --campaigns 24 --out $(DEMO_DIR) --hidden 64 --layers 1 --max-sequences 3000 --seed 0
+	DEMO_DIR=$(DEMO_DIR) $(PY) jobs/demo.py
 
 test: setup
 	$(PY) -m pytest -q -ra

@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numpy as np
 from rich.table import Table
 
+from fleet import cli_serving
+from fleet.cli_serving import EXIT_FAILED, EXIT_OK, EXIT_USAGE, json_object
 from fleet.errors import FleetError
+from fleet.store import storage_options_from_env
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_QUARANTINED = 0, 1, 2, 3
-
-
-def _storage_options(text: str | None) -> dict | None:
-    if not text:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"--storage-options must be JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("--storage-options must be a JSON object")
-    return value
+EXIT_QUARANTINED = 3
 
 
 def _add_synth(sub) -> None:
@@ -40,7 +30,7 @@ def _add_synth(sub) -> None:
     p.add_argument("--max-sequences", type=int, default=20_000, help="largest campaign size")
     p.add_argument("--max-epochs", type=int, default=12, help="teacher training epochs at most (early stopping)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
-    p.add_argument("--storage-options", type=_storage_options, default=None, help="fsspec options as JSON")
+    p.add_argument("--storage-options", type=json_object, default=None, help="fsspec options as JSON")
     p.set_defaults(handler=_cmd_synth)
 
 
@@ -87,7 +77,7 @@ def _add_compress(sub) -> None:
     p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray sized to the machine)")
     p.add_argument("--retrain-backbone", action="store_true", help="retrain the backbone and refit every head")
     p.add_argument("--config", default=None, help="JSON or TOML file of CompressConfig fields")
-    p.add_argument("--storage-options", type=_storage_options, default=None,
+    p.add_argument("--storage-options", type=json_object, default=None,
                    help="fsspec options as JSON (or $FLEET_STORAGE_OPTIONS), e.g. an S3 endpoint")
     p.add_argument("--no-register", action="store_true", help="write the version but do not register it in MLflow")
     p.set_defaults(handler=_cmd_compress)
@@ -104,7 +94,7 @@ def _cmd_compress(args, console) -> int:
     result = run_compress(
         teachers_uri=args.teachers, events_uri=args.events, store_uri=args.store, fleet=args.fleet, config=config,
         run_id=args.run_id, tracking_uri=args.tracking_uri, address=args.address,
-        retrain_backbone=args.retrain_backbone, storage_options=storage_options_or_env(args.storage_options),
+        retrain_backbone=args.retrain_backbone, storage_options=args.storage_options if args.storage_options is not None else storage_options_from_env(),
         register=not args.no_register,
     )
     console.print(summary_table(result))
@@ -140,14 +130,48 @@ def summary_table(result) -> Table:
     return table
 
 
-def storage_options_or_env(options: dict | None) -> dict | None:
-    """``--storage-options`` if given, else JSON from ``$FLEET_STORAGE_OPTIONS``, else None."""
-    import os
+def _add_registry_commands(sub) -> None:
+    p = sub.add_parser("promote", help="move the champion alias to a registered version by hand")
+    p.add_argument("name", help="fleet (registered model) name")
+    p.add_argument("version", help="MLflow model version number")
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(handler=_cmd_promote)
+    p = sub.add_parser("rollback", help="move the champion alias back to the previous champion")
+    p.add_argument("name", help="fleet (registered model) name")
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(handler=_cmd_rollback)
+    p = sub.add_parser("versions", help="list a fleet's registered versions, aliases and gate results")
+    p.add_argument("name", help="fleet (registered model) name")
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(handler=_cmd_versions)
 
-    if options is not None:
-        return options
-    raw = os.environ.get("FLEET_STORAGE_OPTIONS")
-    return _storage_options(raw) if raw else None
+
+def _cmd_promote(args, console) -> int:
+    from fleet import registry
+
+    registry.promote(args.name, args.version, args.tracking_uri)
+    console.print(f"champion of {args.name} -> version {args.version}")
+    return EXIT_OK
+
+
+def _cmd_rollback(args, console) -> int:
+    from fleet import registry
+
+    version = registry.rollback(args.name, args.tracking_uri)
+    console.print(f"champion of {args.name} rolled back to version {version}")
+    return EXIT_OK
+
+
+def _cmd_versions(args, console) -> int:
+    from fleet import registry
+
+    table = Table(title=f"{args.name} versions")
+    for column in ("version", "version_id", "aliases", "gate", "created"):
+        table.add_column(column)
+    for v in registry.list_versions(args.name, args.tracking_uri):
+        table.add_row(str(v["version"]), str(v["version_id"]), ",".join(v["aliases"]), str(v["gate"]), str(v["created"]))
+    console.print(table)
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_synth(sub)
     _add_compress(sub)
+    _add_registry_commands(sub)
+    cli_serving.register(sub)
     return parser
 
 

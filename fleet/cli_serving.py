@@ -17,7 +17,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PREDICT_CHUNK_ROWS = 4096
 
 
-def _json_object(text: str) -> dict:
+def json_object(text: str) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -59,7 +59,7 @@ def _positive_float(text: str) -> float:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ URIs")
-    p.add_argument("--storage-options", type=_json_object, default=None,
+    p.add_argument("--storage-options", type=json_object, default=None,
                    help="fsspec storage options as JSON (default: $FLEET_STORAGE_OPTIONS)")
 
 

@@ -460,3 +460,19 @@ def _register(version: FleetVersion, fleet: str, tracking_uri: str, config: stag
             gate=registry.GateConfig(**config.gate), storage_options=storage_options,
             parent_version_id=parent.version_id if parent else None,
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# fleet serve --ray
+
+
+def serve_on_ray(app_factory: Callable, replicas: int, host: str, port: int, address: str | None = None) -> None:
+    """Run the HTTP app under Ray Serve: ``replicas`` copies, each building its own app (and loading the
+    model) on its replica via ``app_factory``, behind Ray Serve's HTTP proxy on ``host:port``. Blocks."""
+    from ray import serve
+
+    with ray_session(address or os.environ.get("RAY_ADDRESS")):
+        serve.start(http_options={"host": host, "port": port})
+        deployment = serve.deployment(name="fleet", num_replicas=replicas)(serve.ingress(app_factory)())
+        console.print(f"Ray Serve: {replicas} replica(s) on http://{host}:{port}")
+        serve.run(deployment.bind(), name="fleet", route_prefix="/", blocking=True)

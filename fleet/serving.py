@@ -26,10 +26,9 @@ from fleet.data import collate
 from fleet.errors import FleetError, InvalidCampaignIdError, StoreError, UnknownCampaignError
 from fleet.ids import validate_campaign_id
 from fleet.heads import decode_heads
-from fleet.store import BACKBONE, FleetVersion, join_uri
+from fleet.store import BACKBONE, ENV_STORAGE_OPTIONS, FleetVersion, join_uri, storage_options_from_env
 from fleet.student import StudentConfig, head_logits, head_num_params
 
-ENV_STORAGE_OPTIONS = "FLEET_STORAGE_OPTIONS"
 DEFAULT_CACHE_SIZE = 100_000
 DEFAULT_MAX_SEQUENCE_LENGTH = 1024
 #: Rows per backbone call. Rows are sorted by length first, so a chunk pads to similar lengths.
@@ -51,20 +50,6 @@ class InvalidInputError(FleetError, ValueError):
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def storage_options_from_env() -> dict | None:
-    """fsspec storage options from ``$FLEET_STORAGE_OPTIONS`` (a JSON object), or None if unset."""
-    text = os.environ.get(ENV_STORAGE_OPTIONS)
-    if not text:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"${ENV_STORAGE_OPTIONS} must be a JSON object: {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"${ENV_STORAGE_OPTIONS} must be a JSON object")
-    return value
 
 
 def _finite_or_none(value: Any) -> Any:

@@ -78,6 +78,8 @@ class CompressConfig:
         max_fit_rows, max_validation_rows: per-campaign caps on transfer rows (the rest is unused).
         validation_fraction: share of non-hold-out rows kept out of the head fit for the gate.
         campaigns_per_task: campaigns per Ray task (0: sized from the fleet and the cluster).
+        min_auc_class_count: a campaign's hold-out AUCs are computed only with at least this many positive
+            and negative labels (fewer: AUC too noisy, reported as unavailable; mean |p - p_teacher| still is).
         seed: every random choice derives from it.
         num_event_types, num_features: the fleet's input space (0: from the first teacher's config).
         gate: quality-gate thresholds for moving ``champion`` (fleet.registry.GateConfig fields).
@@ -113,6 +115,7 @@ class CompressConfig:
     max_validation_rows: int = 1000
     validation_fraction: float = 0.15
     campaigns_per_task: int = 0
+    min_auc_class_count: int = 10
     seed: int = 0
     num_event_types: int = 0
     num_features: int = 0
@@ -397,7 +400,8 @@ def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes
     out = []
     for c, campaign_id in enumerate(campaigns):
         sel = hold_idx == c
-        fid = campaign_fidelity(p_student[sel].numpy(), p_teacher[sel].numpy(), hold_labels[sel].numpy())
+        fid = campaign_fidelity(p_student[sel].numpy(), p_teacher[sel].numpy(), hold_labels[sel].numpy(),
+                                config.min_auc_class_count)
         teacher_sha, data_sha = job["hashes"][campaign_id]
         status = "ok" if bool(passes[c]) else ("fp16_fallback" if int(bits[c]) == 16 else "gate_failed")
         out.append(dataclasses.replace(

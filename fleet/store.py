@@ -60,6 +60,23 @@ _STATS_COLUMNS = ["campaign_id", "bits", "group_size", "status"]
 # ----------------------------------------------------------------------------- helpers
 
 
+ENV_STORAGE_OPTIONS = "FLEET_STORAGE_OPTIONS"
+
+
+def storage_options_from_env() -> dict | None:
+    """fsspec storage options from ``$FLEET_STORAGE_OPTIONS`` (a JSON object), or None if unset."""
+    text = os.environ.get(ENV_STORAGE_OPTIONS)
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"${ENV_STORAGE_OPTIONS} must be a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"${ENV_STORAGE_OPTIONS} must be a JSON object")
+    return value
+
+
 def sha256_bytes(data: bytes) -> str:
     """Hex sha256 of ``data``."""
     return hashlib.sha256(data).hexdigest()

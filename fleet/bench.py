@@ -1,0 +1,1174 @@
+"""``fleet bench``: fleet against its peers, side by side, on the same teachers and hold-out rows.
+
+One run measures (DESIGN.md section 5):
+
+(a) ``teacher_fp32``          the teachers as they are (the reference; its time is stage 1, the floor)
+(b) ``teacher_int8_dynamic``  each teacher through ``torch.ao.quantization.quantize_dynamic`` (LSTM/GRU +
+                              Linear -> qint8), the classic post-training baseline
+(c) ``independent_students``  one small student per campaign (fleet's backbone + head shape, fp32), distilled
+                              alone with fleet's backbone step budget; run on K random campaigns, time and
+                              total bytes *extrapolated* to N (labelled so)
+(d) ``fleet_*``               one real ``run_compress`` (default config, bits auto: the headline wall time)
+                              plus variants (bits 8/4/2/1, heads lowrank/linear, loss class_distance) that
+                              share its stage 1 and, where the config allows, its backbone
+
+plus serving latencies (in-process warm/cold, HTTP on loopback), serving RSS, and a *simulated* scale
+test (random heads of the real shape and bit mix, 10k and 1M campaigns, in the real store format).
+Every size is a serialized file measured on disk or in memory, never a parameter count.
+Outputs under ``--out``: ``results.json``, ``results.md``, ``*.png``; the run is logged to MLflow
+(experiment ``fleet-bench``). Ray is used only through :mod:`fleet.pipeline` (imported lazily, so the
+subprocesses that measure serving memory never load it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fleet import stages
+from fleet.backbone_codec import backbone_from_bytes
+from fleet.codec import HEADS_SCHEMA
+from fleet.data import map_minibatches
+from fleet.distill import compute_features
+from fleet.errors import FleetError
+from fleet.events import EventsDataset, data_sha256, table_to_batch
+from fleet.metrics import campaign_fidelity
+from fleet.quant import quantize_rows
+from fleet.store import FleetVersion, VersionWriter, WorkDir
+from fleet.student import head_logits
+from fleet.synth import SynthConfig, campaign_ids, generate_campaign
+from fleet.teachers import list_teacher_campaigns, load_teacher
+
+console = Console(stderr=True)
+RESULTS_FORMAT = "fleet-bench/1"
+EXPERIMENT = "fleet-bench"
+SYNTH_FILE = "synth.json"
+SIM_CHUNK = 100_000  # simulated heads generated per chunk (bounded memory for 1M campaigns)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class BenchConfig:
+    """What ``fleet bench`` runs.
+
+    Args:
+        synth: the synthetic fleet (reused from ``fleet_dir`` when its seed and shape match).
+        fleet_dir: where the fleet lives (``events/``, ``teachers/``, ``synth.json``).
+        out: output directory (results, plots, the bench's own store).
+        compress: the fleet config of the real run; the variants change only bits / head / loss.
+        peer_subset: K, campaigns the independent-student peer (c) is run on.
+        scale_campaigns: simulated fleet sizes for the scale test (0 or empty: skip).
+        warm_requests, cold_requests: in-process predictions timed (warm: head cached; cold: cache miss).
+        http_requests, http_concurrency: HTTP predictions timed on loopback, requests in flight at once.
+        tracking_uri: MLflow (None: fleet.registry.default_tracking_uri()); ``mlflow`` False skips logging.
+        address: Ray cluster address (None: local Ray).
+    """
+
+    synth: SynthConfig
+    fleet_dir: str
+    out: str
+    compress: stages.CompressConfig = field(default_factory=stages.CompressConfig)
+    peer_subset: int = 20
+    scale_campaigns: tuple[int, ...] = (10_000, 1_000_000)
+    warm_requests: int = 2000
+    cold_requests: int = 500
+    http_requests: int = 2000
+    http_concurrency: int = 8
+    tracking_uri: str | None = None
+    mlflow: bool = True
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.peer_subset < 1:
+            raise ValueError(f"peer_subset must be >= 1, got {self.peer_subset}")
+        if self.compress.bits != "auto":
+            raise ValueError("the benchmark's real run uses bits='auto' (the variants cover fixed bits)")
+        for name in ("warm_requests", "cold_requests", "http_requests", "http_concurrency"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if any(int(s) < 1 for s in self.scale_campaigns):
+            raise ValueError("scale_campaigns must be positive")
+
+
+# variants of (d) other than the real run: name -> CompressConfig overrides
+VARIANTS = {
+    "fleet_bits8": {"bits": 8},
+    "fleet_bits4": {"bits": 4},
+    "fleet_bits2": {"bits": 2},
+    "fleet_bits1": {"bits": 1},
+    "fleet_auto_lowrank": {"head": "lowrank"},
+    "fleet_auto_linear": {"head": "linear"},
+    "fleet_auto_class_distance": {"loss": "class_distance"},
+}
+LABELS = {
+    "teacher_fp32": "(a) fp32 teachers",
+    "teacher_int8_dynamic": "(b) teachers, torch dynamic int8",
+    "independent_students": "(c) independent students (K campaigns, extrapolated)",
+    "fleet_auto": "(d) fleet auto bits (film, hinton) = real run",
+    "fleet_bits8": "(d) fleet int8",
+    "fleet_bits4": "(d) fleet int4",
+    "fleet_bits2": "(d) fleet ternary",
+    "fleet_bits1": "(d) fleet binary",
+    "fleet_auto_lowrank": "(d) fleet auto, lowrank head",
+    "fleet_auto_linear": "(d) fleet auto, linear head",
+    "fleet_auto_class_distance": "(d) fleet auto, class_distance loss",
+}
+
+
+def _backbone_key(config: stages.CompressConfig) -> tuple:
+    """Everything stage 2 depends on: variants with the same key share one backbone."""
+    c = config
+    return (c.arch, c.hidden_size, c.embed_dim, c.num_layers, c.head, c.head_rank, c.loss, c.temperature,
+            c.hard_label_weight, c.distance_weight, c.backbone_bits, c.backbone_qat, c.backbone_steps,
+            c.backbone_lr, c.backbone_batch_size, c.backbone_max_sequences, c.backbone_per_campaign, c.seed)
+
+
+# ----------------------------------------------------------------------------- the cached fleet
+
+
+def prepare_fleet(config: SynthConfig, fleet_dir: str, address: str | None = None) -> dict:
+    """Reuse the synthetic fleet in ``fleet_dir`` when its seed and shape match ``config``; create it
+    (and record ``synth.json``) when the directory holds none. A different or incomplete fleet is an
+    error, never overwritten."""
+    events_uri, teachers_uri = os.path.join(fleet_dir, "events"), os.path.join(fleet_dir, "teachers")
+    recorded_path = os.path.join(fleet_dir, SYNTH_FILE)
+    wanted = dataclasses.asdict(config)
+    info = {"fleet_dir": fleet_dir, "events_uri": events_uri, "teachers_uri": teachers_uri, "synth": wanted}
+    if os.path.exists(recorded_path):
+        with open(recorded_path) as f:
+            recorded = json.load(f)
+        diff = sorted(k for k in set(wanted) | set(recorded) if wanted.get(k) != recorded.get(k))
+        if diff:
+            raise FleetError(f"holds another synthetic fleet (differs in {', '.join(diff)}); pick another --fleet-dir",
+                             path=recorded_path)
+        _check_complete(config, teachers_uri)
+        return {**info, "reused": True, "how": "synth.json matches the requested SynthConfig"}
+    if os.path.exists(teachers_uri) or os.path.exists(events_uri):
+        how = _verify_unrecorded(config, events_uri, teachers_uri)
+        return {**info, "reused": True, "how": how}
+    from fleet.pipeline import run_synth
+
+    console.print(f"no fleet in {fleet_dir}: training {config.campaigns} teachers")
+    result = run_synth(config, fleet_dir, address=address)
+    with open(recorded_path, "w") as f:
+        json.dump(wanted, f, indent=2, sort_keys=True)
+    return {**info, "reused": False, "how": "created by run_synth", "synth_seconds": result["seconds"]}
+
+
+def _check_complete(config: SynthConfig, teachers_uri: str) -> None:
+    found = list_teacher_campaigns(teachers_uri) if os.path.exists(teachers_uri) else []
+    if found != campaign_ids(config.campaigns):
+        raise FleetError(f"incomplete or foreign fleet: {len(found)} teacher dirs, expected campaign-00000 .. "
+                         f"{campaign_ids(config.campaigns)[-1]} (is `fleet synth` still writing it?)", path=teachers_uri)
+    for cid in (found[0], found[-1]):
+        if not os.path.exists(os.path.join(teachers_uri, cid, "config.json")):
+            raise FleetError("teacher has no config.json yet (still being written?)", campaign_id=cid, path=teachers_uri)
+
+
+def _verify_unrecorded(config: SynthConfig, events_uri: str, teachers_uri: str) -> str:
+    """A fleet without ``synth.json`` (made by ``fleet synth``): check the teacher shape from the
+    teachers' config.json and the seed and size parameters by regenerating the first and last
+    campaigns' events (a pure function of the SynthConfig) and comparing their data hashes."""
+    _check_complete(config, teachers_uri)
+    ids = campaign_ids(config.campaigns)
+    expected = config.teacher_config(ids[0]).to_json()
+    for cid in (ids[0], ids[-1]):
+        with open(os.path.join(teachers_uri, cid, "config.json")) as f:
+            found = json.load(f)
+        diff = [k for k in ("arch", "hidden_size", "num_layers", "embed_dim", "num_event_types", "num_features")
+                if found.get(k) != expected[k]]
+        if diff:
+            raise FleetError(f"teacher shape differs from the requested one in {diff}", campaign_id=cid, path=teachers_uri)
+    events = EventsDataset(events_uri)
+    stored = events.read_campaigns([ids[0], ids[-1]])
+    for i in (0, len(ids) - 1):
+        if data_sha256(stored[ids[i]]) != data_sha256(generate_campaign(config, i)):
+            raise FleetError("events differ from the requested SynthConfig (another seed or size range?)",
+                             campaign_id=ids[i], path=events_uri)
+    return ("no synth.json: teacher shape checked from config.json, seed and data shape checked by regenerating "
+            f"{ids[0]} and {ids[-1]} (training settings such as max_epochs cannot be checked)")
+
+
+# ----------------------------------------------------------------------------- fidelity helpers
+
+
+def _q(values, q: float) -> float | None:
+    values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return float(np.percentile(values, q)) if values else None
+
+
+def fidelity_summary(rows: list[dict]) -> dict:
+    """Median / p10 / worst of per-campaign ``auc_diff`` and ``mean_abs_diff`` rows (None where undefined)."""
+    diffs = [r["auc_diff"] for r in rows if r.get("auc_diff") is not None]
+    mads = [r["mean_abs_diff"] for r in rows if r.get("mean_abs_diff") is not None]
+    aucs = [r["auc"] for r in rows if r.get("auc") is not None]
+    return {
+        "campaigns": len(rows), "campaigns_with_auc": len(diffs),
+        "auc_median": _q(aucs, 50), "auc_diff_median": _q(diffs, 50), "auc_diff_p10": _q(diffs, 10),
+        "auc_diff_worst": min(diffs) if diffs else None,
+        "mean_abs_diff_median": _q(mads, 50), "mean_abs_diff_p90": _q(mads, 90),
+        "mean_abs_diff_worst": max(mads) if mads else None,
+    }
+
+
+def _fid_row(campaign_id: str, fid: dict, n_rows: int | None) -> dict:
+    return {"campaign_id": campaign_id, "n_rows": n_rows, "auc": fid["student_auc"], "teacher_auc": fid["teacher_auc"],
+            "auc_diff": fid["auc_diff"], "mean_abs_diff": fid["mean_abs_diff"], "n_holdout": fid["n_holdout"]}
+
+
+def _heads_rows(heads: pa.Table, sizes: dict[str, int]) -> list[dict]:
+    out = []
+    for r in heads.select(["campaign_id", "student_auc", "teacher_auc", "mean_abs_diff", "n_holdout", "bits"]).to_pylist():
+        s, t = r["student_auc"], r["teacher_auc"]
+        ok = s is not None and t is not None and math.isfinite(s) and math.isfinite(t)
+        out.append({"campaign_id": r["campaign_id"], "n_rows": sizes.get(r["campaign_id"]), "auc": s if ok else None,
+                    "teacher_auc": t if ok else None, "auc_diff": (s - t) if ok else None,
+                    "mean_abs_diff": r["mean_abs_diff"], "n_holdout": r["n_holdout"], "bits": r["bits"]})
+    return out
+
+
+def _holdout_batch(events: EventsDataset, campaign_id: str, rows: np.ndarray, num_features: int):
+    table = events.read_campaigns([campaign_id])[campaign_id]
+    return table_to_batch(table.take(pa.array(rows.astype(np.int64))), num_features)
+
+
+# ----------------------------------------------------------------------------- Ray task bodies (plain functions)
+
+
+def int8_dynamic_task(job: dict, ctx: stages.StageContext) -> list[dict]:
+    """Peer (b) for a batch of campaigns: quantize each teacher with ``quantize_dynamic`` (LSTM/GRU +
+    Linear -> qint8), measure its serialized state, score its hold-out rows against the fp32 teacher."""
+    from torch.ao.quantization import quantize_dynamic  # deprecated API: allowed here only, as the baseline
+
+    events = EventsDataset(ctx.events_uri, ctx.storage_options)
+    out = []
+    for campaign_id in job["campaigns"]:
+        hold = job["holdout"][campaign_id]
+        teacher = load_teacher(ctx.teachers_uri, campaign_id, ctx.storage_options)
+        started = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qmodel = quantize_dynamic(teacher.model, {torch.nn.LSTM, torch.nn.GRU, torch.nn.Linear}, dtype=torch.qint8)
+        quantize_s = time.perf_counter() - started
+        buf = io.BytesIO()
+        torch.save(qmodel.state_dict(), buf)
+        batch = _holdout_batch(events, campaign_id, np.asarray(hold["row"]), ctx.num_features)
+        started = time.perf_counter()
+        logits = map_minibatches(qmodel, batch).float()
+        infer_s = time.perf_counter() - started
+        fid = campaign_fidelity(torch.sigmoid(logits).numpy(), torch.sigmoid(torch.tensor(hold["teacher_logit"])).numpy(),
+                                np.asarray(hold["label"], dtype=np.float64))
+        out.append({**_fid_row(campaign_id, fid, None), "bytes": buf.getbuffer().nbytes, "quantize_s": quantize_s,
+                    "inference_s": infer_s})
+    return out
+
+
+def independent_student_task(job: dict, ctx: stages.StageContext) -> dict:
+    """Peer (c) for one campaign: fleet's backbone + head shape distilled on this campaign's fit rows
+    alone (fleet's backbone step budget), stored fp32; hold-out fidelity vs its teacher."""
+    started = time.perf_counter()
+    data, stats = stages.train_backbone(job["fit"], ctx)  # (backbone + one head) jointly, like stage 2
+    seconds = time.perf_counter() - started
+    backbone, head = backbone_from_bytes(data)  # head_prior = the mean of one head = the head
+    hold = job["holdout"]
+    batch = _holdout_batch(EventsDataset(ctx.events_uri, ctx.storage_options), job["campaign_id"],
+                           np.asarray(hold["row"]), ctx.num_features)
+    config = backbone.config
+    logits = head_logits(config.head, compute_features(backbone, batch), head, config.head_rank)
+    fid = campaign_fidelity(torch.sigmoid(logits).numpy(), torch.sigmoid(torch.tensor(hold["teacher_logit"])).numpy(),
+                            np.asarray(hold["label"], dtype=np.float64))
+    return {**_fid_row(job["campaign_id"], fid, None), "bytes": len(data), "seconds": seconds,
+            "steps": stats["backbone_steps"], "fit_rows": stats["backbone_rows"]}
+
+
+def backbone_task(sample: pa.Table, ctx: stages.StageContext) -> dict:
+    """Stage 2 for one variant config."""
+    started = time.perf_counter()
+    data, stats = stages.train_backbone(sample, ctx)
+    return {"bytes": data, "seconds": time.perf_counter() - started, **stats}
+
+
+def heads_task(job: dict, ctx: stages.StageContext, backbone_bytes: bytes) -> pa.Table:
+    """Stages 3-5 for one shard of one variant (``job["soft"]`` holds the shard's stage-1 rows)."""
+    return stages.fit_heads_shard(job, ctx, job["soft"], backbone_bytes)
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+def _hold_dict(rows: pa.Table) -> dict:
+    return {"row": rows["row"].to_numpy(), "teacher_logit": rows["teacher_logit"].to_numpy(),
+            "label": rows["label"].to_numpy()}
+
+
+def _split_by_campaign(soft: pa.Table) -> dict[str, pa.Table]:
+    ids = soft["campaign_id"].to_numpy(zero_copy_only=False)
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    out = {}
+    for cid in np.unique(sorted_ids):
+        lo, hi = np.searchsorted(sorted_ids, cid, "left"), np.searchsorted(sorted_ids, cid, "right")
+        out[str(cid)] = soft.take(pa.array(order[lo:hi]))
+    return out
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    """Run every part of the benchmark; write results.json/results.md/plots under ``cfg.out``; return the results."""
+    from fleet import pipeline, registry
+
+    started_all = time.perf_counter()
+    os.makedirs(cfg.out, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    store = os.path.abspath(os.path.join(cfg.out, "store"))
+    tracking_uri = cfg.tracking_uri or registry.default_tracking_uri()
+    n = cfg.synth.campaigns
+    results: dict = {"format": RESULTS_FORMAT, "created_at": stamp, "campaigns": n,
+                     "machine": _machine(), "bench_config": _bench_params(cfg), "methods": {}, "notes": []}
+
+    with pipeline.ray_session(cfg.address):
+        fleet = prepare_fleet(cfg.synth, cfg.fleet_dir, cfg.address)
+        results["fleet"] = fleet
+        console.print(f"fleet: {fleet['how']}")
+
+        # (d) the real run: the headline wall time, and stage 1 for everyone
+        fleet_name = f"bench-n{n}"
+        t0 = time.perf_counter()
+        real = pipeline.run_compress(teachers_uri=os.path.abspath(fleet["teachers_uri"]),
+                                     events_uri=os.path.abspath(fleet["events_uri"]), store_uri=store,
+                                     fleet=fleet_name, config=cfg.compress, run_id=stamp, tracking_uri=tracking_uri,
+                                     address=cfg.address, retrain_backbone=True)
+        real_wall = time.perf_counter() - t0
+        work = WorkDir(store, fleet_name, stamp)
+        plan = work.read_json("plan.json")
+        soft_shards = {s: work.read_shard("soft_labels", s) for s in plan["shards"]}
+        status = pa.concat_tables([work.read_shard("campaigns", s) for s in plan["shards"]])
+        sample = pa.concat_tables([work.read_shard("backbone_sample", s) for s in plan["shards"]])
+        real_backbone = work.read_bytes("backbone.safetensors")
+        version = FleetVersion.open(real.manifest_uri)
+        m = real.metrics
+        floor = m["stage_seconds_soft_labels"]
+        ok = [c for c, s in zip(status["campaign_id"].to_pylist(), status["status"].to_pylist()) if s == "ok"]
+        sizes = dict(zip(status["campaign_id"].to_pylist(), status["n_rows"].to_pylist()))
+        teacher_bytes = dict(zip(status["campaign_id"].to_pylist(), status["teacher_bytes"].to_pylist()))
+        hashes = {c: [t, d] for c, t, d in zip(status["campaign_id"].to_pylist(), status["teacher_sha256"].to_pylist(),
+                                                status["data_sha256"].to_pylist())}
+        teacher_total = int(sum(v for c, v in teacher_bytes.items() if c in set(ok)))
+        results["real_run"] = {
+            "fleet": fleet_name, "version_id": real.version_id, "manifest_uri": real.manifest_uri,
+            "exit_code": real.exit_code, "wall_seconds": real_wall, "floor_seconds": floor,
+            "total_over_floor": real_wall / floor if floor else None, "run_over_floor": m.get("run_over_floor"),
+            "stage_seconds": {k[len("stage_seconds_"):]: v for k, v in m.items() if k.startswith("stage_seconds_")},
+            "registration_and_overhead_seconds": real_wall - m.get("run_seconds", 0.0),
+            "registered": None if real.registered is None else
+            {"name": real.registered.name, "version": real.registered.version,
+             "gate_passed": None if real.registered.gate is None else real.registered.gate.passed,
+             "gate_reasons": None if real.registered.gate is None else real.registered.gate.reasons},
+            "metrics": {k: v for k, v in m.items() if isinstance(v, (int, float, str)) or v is None},
+            "rejects": len(real.rejects),
+        }
+        by_campaign = _split_by_campaign(pa.concat_tables(list(soft_shards.values())))
+        holdout = {c: t.filter(pc.equal(t["split"], stages.HOLDOUT)) for c, t in by_campaign.items()}
+        ctx = stages.StageContext(os.path.abspath(fleet["teachers_uri"]), os.path.abspath(fleet["events_uri"]),
+                                  cfg.compress, plan["num_event_types"], plan["num_features"])
+
+        # (a) fp32 teachers: fidelity of the stage-1 hold-out logits against labels
+        rows = []
+        for cid in ok:
+            h = holdout[cid]
+            p = torch.sigmoid(torch.from_numpy(h["teacher_logit"].to_numpy())).numpy()
+            rows.append(_fid_row(cid, campaign_fidelity(p, p, h["label"].to_numpy()), sizes[cid]))
+        results["methods"]["teacher_fp32"] = _method(
+            "teacher_fp32", rows, bytes_total=teacher_total, bytes_per_campaign=teacher_total / len(ok),
+            bytes_note="model.safetensors of every teacher (measured file sizes)", time_s=floor,
+            time_note="one inference pass over every campaign's transfer rows = stage 1 of the real run (the floor)")
+
+        # (b) torch dynamic int8 teachers
+        batches = [b for b in (sorted(set(batch) & set(ok)) for batch in plan["batches"]) if b]
+        jobs = [{"campaigns": b, "holdout": {c: _hold_dict(holdout[c]) for c in b}} for b in batches]
+        t0 = time.perf_counter()
+        parts = pipeline.map_on_ray(int8_dynamic_task, jobs, (ctx,), "(b) teachers -> dynamic int8 + hold-out")
+        wall_b = time.perf_counter() - t0
+        rows_b = [dict(r, n_rows=sizes[r["campaign_id"]]) for part in parts for r in part]
+        bytes_b = int(sum(r["bytes"] for r in rows_b))
+        results["methods"]["teacher_int8_dynamic"] = _method(
+            "teacher_int8_dynamic", rows_b, bytes_total=bytes_b, bytes_per_campaign=bytes_b / len(rows_b),
+            teacher_total=teacher_total, time_s=wall_b,
+            bytes_note="torch.save(quantized state_dict) to BytesIO, measured per teacher",
+            time_note=f"quantize + hold-out inference of all teachers (quantize alone: "
+                      f"{sum(r['quantize_s'] for r in rows_b):.1f} task-s)",
+            extra={"quantize_task_seconds": sum(r["quantize_s"] for r in rows_b),
+                   "inference_task_seconds": sum(r["inference_s"] for r in rows_b)})
+
+        # (c) independent students on K random campaigns, extrapolated to N
+        rng = np.random.default_rng(cfg.compress.seed + 17)
+        k = min(cfg.peer_subset, len(ok))
+        subset = sorted(rng.choice(ok, size=k, replace=False).tolist())
+        c_config = dataclasses.replace(cfg.compress, backbone_bits=32, backbone_per_campaign=cfg.compress.max_fit_rows,
+                                       backbone_max_sequences=max(cfg.compress.backbone_max_sequences, cfg.compress.max_fit_rows))
+        c_ctx = dataclasses.replace(ctx, config=c_config)
+        jobs = [{"campaign_id": c, "fit": by_campaign[c].filter(pc.equal(by_campaign[c]["split"], stages.FIT)),
+                 "holdout": _hold_dict(holdout[c])} for c in subset]
+        t0 = time.perf_counter()
+        rows_c = pipeline.map_on_ray(independent_student_task, jobs, (c_ctx,), f"(c) independent students ({k} campaigns)")
+        wall_c = time.perf_counter() - t0
+        rows_c = [dict(r, n_rows=sizes[r["campaign_id"]]) for r in rows_c]
+        per_c = float(np.mean([r["bytes"] for r in rows_c]))
+        results["methods"]["independent_students"] = _method(
+            "independent_students", rows_c, bytes_total=per_c * len(ok), bytes_per_campaign=per_c,
+            teacher_total=teacher_total, time_s=wall_c * len(ok) / k, extrapolated=True,
+            bytes_note=f"backbone+head safetensors (fp32), measured on {k} campaigns; total = mean x {len(ok)}",
+            time_note=f"EXTRAPOLATED: {wall_c:.1f} s wall for {k} random campaigns x {len(ok)}/{k}; "
+                      f"{c_config.backbone_steps} steps each (fleet's backbone budget)",
+            extra={"subset": subset, "measured_wall_seconds": wall_c, "subset_size": k})
+
+        # (d) fleet: the real run, then variants sharing its stage 1 (and backbone where the config allows)
+        heads_real = version.read_heads()
+        rows_d = _heads_rows(heads_real, sizes)
+        files = version.manifest["files"]
+        heads_bytes = sum(f["bytes"] for f in files if f["path"].startswith("heads/"))
+        backbone_bytes = sum(f["bytes"] for f in files if f["path"] == "backbone.safetensors")
+        bits = heads_real["bits"].to_numpy()
+        results["methods"]["fleet_auto"] = _method(
+            "fleet_auto", rows_d, bytes_total=heads_bytes + backbone_bytes, bytes_per_campaign=heads_bytes / len(rows_d),
+            teacher_total=teacher_total, time_s=real_wall,
+            bytes_note="heads/*.parquet / N per campaign; total adds backbone.safetensors (measured files)",
+            time_note="one full run_compress incl. registration (stage times in real_run)",
+            extra={"heads_bytes": heads_bytes, "backbone_bytes": backbone_bytes,
+                   "bits_campaigns": {str(b): int((bits == b).sum()) for b in (1, 2, 4, 8, 16)},
+                   "on_peer_subset": fidelity_summary([r for r in rows_d if r["campaign_id"] in set(subset)])})
+        results["methods"]["independent_students"]["fleet_auto_on_same_subset"] = \
+            results["methods"]["fleet_auto"]["on_peer_subset"]
+        _run_variants(cfg, results, ctx, plan, soft_shards, ok, hashes, sizes, sample, real_backbone, m,
+                      teacher_total, store, stamp)
+
+    # serving: in-process warm/cold, HTTP on loopback, server RSS (outside Ray: nothing else runs)
+    results["serving"] = bench_serving(real.manifest_uri, fleet["events_uri"], ok, holdout, plan["num_features"], cfg)
+    if cfg.scale_campaigns:
+        results["scale"] = {str(s): bench_scale(s, version, cfg, stamp) for s in cfg.scale_campaigns}
+    results["targets"] = evaluate_targets(results)
+    results["bench_seconds"] = time.perf_counter() - started_all
+    write_outputs(results, cfg.out)
+    if cfg.mlflow:
+        results["mlflow_run_id"] = log_to_mlflow(results, cfg.out, tracking_uri)
+        with open(os.path.join(cfg.out, "results.json"), "w") as f:
+            json.dump(_json_safe(results), f, indent=1, sort_keys=True)
+    return results
+
+
+def _run_variants(cfg, results, ctx, plan, soft_shards, ok, hashes, sizes, sample, real_backbone, m, teacher_total,
+                  store, stamp) -> None:
+    from fleet import pipeline
+
+    okset = set(ok)
+    backbones = {_backbone_key(cfg.compress): (real_backbone, m.get("stage_seconds_backbone", 0.0), "shared with the real run")}
+    head_jobs = []
+    for name, batch in zip(plan["shards"], plan["batches"]):
+        mine = [c for c in batch if c in okset]
+        if mine:
+            soft = soft_shards[name]
+            head_jobs.append({"shard": name, "campaigns": mine, "hashes": {c: hashes[c] for c in mine}, "soft": soft})
+    floor = m["stage_seconds_soft_labels"]
+    for name, overrides in VARIANTS.items():
+        config = dataclasses.replace(cfg.compress, **overrides)
+        config.__post_init__()
+        vctx = dataclasses.replace(ctx, config=config)
+        key = _backbone_key(config)
+        if key not in backbones:
+            out = pipeline.map_on_ray(backbone_task, [sample], (vctx,), f"{name}: stage 2 backbone",
+                                      threads=max(1, min(os.cpu_count() or 1, 4)))[0]
+            backbones[key] = (out["bytes"], out["seconds"], "trained for this variant (same sample, steps, threads as the real run)")
+        bb, bb_seconds, bb_note = backbones[key]
+        t0 = time.perf_counter()
+        tables = pipeline.map_on_ray(heads_task, head_jobs, (vctx, bb), f"{name}: stages 3-5 heads")
+        heads_seconds = time.perf_counter() - t0
+        heads = pa.concat_tables([t.cast(HEADS_SCHEMA) for t in tables])
+        writer = VersionWriter(store, "bench-variants", f"{stamp}-{name.replace('_', '-')}")
+        writer.write_backbone_bytes(bb)
+        writer.write_heads(heads)
+        writer.commit(config={**config.to_dict(), "variant": name}, lineage={"run_id": stamp})
+        files = writer.files
+        hb = sum(f["bytes"] for p, f in files.items() if p.startswith("heads/"))
+        rows = _heads_rows(heads, sizes)
+        bits = heads["bits"].to_numpy()
+        results["methods"][name] = _method(
+            name, rows, bytes_total=hb + len(bb), bytes_per_campaign=hb / len(rows), teacher_total=teacher_total,
+            time_s=floor + bb_seconds + heads_seconds,
+            bytes_note="heads/*.parquet / N per campaign; total adds backbone.safetensors (measured files)",
+            time_note=f"stage 1 of the real run (shared) + backbone ({bb_note}) + heads {heads_seconds:.1f} s",
+            extra={"heads_bytes": hb, "backbone_bytes": len(bb), "backbone_seconds": bb_seconds,
+                   "heads_seconds": heads_seconds, "overrides": overrides,
+                   "bits_campaigns": {str(b): int((bits == b).sum()) for b in (1, 2, 4, 8, 16)}})
+
+
+def _method(key: str, rows: list[dict], *, bytes_total: float, bytes_per_campaign: float, time_s: float,
+            bytes_note: str, time_note: str, teacher_total: float | None = None, extrapolated: bool = False,
+            extra: dict | None = None) -> dict:
+    ratio = 1.0 if key == "teacher_fp32" else (teacher_total / bytes_total if teacher_total and bytes_total else None)
+    return {"label": LABELS[key], "bytes_total": float(bytes_total), "bytes_per_campaign": float(bytes_per_campaign),
+            "compression_ratio": ratio, "bytes_note": bytes_note, "time_s": float(time_s), "time_note": time_note,
+            "extrapolated": extrapolated, "fidelity": fidelity_summary(rows), "per_campaign": rows, **(extra or {})}
+
+
+# ----------------------------------------------------------------------------- serving
+
+
+def _latencies(samples: list[float]) -> dict:
+    a = np.asarray(samples, dtype=np.float64) * 1000.0
+    return {"n": int(a.size), "p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),
+            "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max()), "mean_ms": float(a.mean()),
+            "samples_ms": [round(float(x), 4) for x in a]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss_mb(pid: int | str = "self") -> dict:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1]) / 1024.0
+    return {"rss_mb": out.get("VmRSS"), "peak_rss_mb": out.get("VmHWM")}
+
+
+def _sequences(events_uri: str, ok: list[str], holdout: dict, num_features: int, rng, count: int) -> list[tuple]:
+    """Real hold-out sequences ``(campaign_id, event_types list, features list)`` of random campaigns."""
+    events = EventsDataset(events_uri)
+    picked = sorted(set(rng.choice(ok, size=min(len(ok), 64), replace=False).tolist()))
+    tables = events.read_campaigns(picked)
+    out = []
+    for cid in picked:
+        rows = holdout[cid]["row"].to_numpy()[:8]
+        t = tables[cid].take(pa.array(rows.astype(np.int64)))
+        for types, feats in zip(t["event_types"].to_pylist(), t["features"].to_pylist()):
+            out.append((cid, types, feats))
+    return [out[i % len(out)] for i in rng.permutation(max(count, len(out)))[:count]]
+
+
+def bench_serving(manifest_uri: str, events_uri: str, ok: list[str], holdout: dict, num_features: int,
+                  cfg: BenchConfig) -> dict:
+    """Warm and cold in-process latency, HTTP latency under bounded concurrency, and server RSS."""
+    from fleet.serving import FleetModel
+
+    rng = np.random.default_rng(cfg.compress.seed + 5)
+    seqs = _sequences(events_uri, ok, holdout, num_features, rng, max(cfg.warm_requests, cfg.cold_requests))
+    out: dict = {}
+    # open time of a fresh model (manifest + backbone + checksums of every file)
+    opens = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        FleetModel.open(manifest_uri)
+        opens.append(time.perf_counter() - t0)
+    out["open_seconds_median"] = float(np.median(opens))
+    model = FleetModel.open(manifest_uri)
+    cid, types, feats = seqs[0]
+    model.predict(cid, [{"event_types": types, "features": feats}])  # head now cached
+    warm = []
+    with _progress() as progress:
+        task = progress.add_task("serving: warm predict (head cached)", total=cfg.warm_requests)
+        for i in range(cfg.warm_requests):
+            _, types, feats = seqs[i % len(seqs)]
+            t0 = time.perf_counter()
+            model.predict(cid, [{"event_types": types, "features": feats}])
+            warm.append(time.perf_counter() - t0)
+            progress.advance(task)
+        cold_model = FleetModel.open(manifest_uri, cache_size=0)  # every predict reads its head's row group
+        cold = []
+        task = progress.add_task("serving: cold predict (cache miss, Parquet row group)", total=cfg.cold_requests)
+        for i in range(cfg.cold_requests):
+            c, types, feats = seqs[i % len(seqs)]
+            t0 = time.perf_counter()
+            cold_model.predict(c, [{"event_types": types, "features": feats}])
+            cold.append(time.perf_counter() - t0)
+            progress.advance(task)
+    out["warm"] = _latencies(warm)
+    out["cold"] = _latencies(cold)
+    out["in_process_torch_threads"] = torch.get_num_threads()
+    out["http"] = bench_http(manifest_uri, seqs, cfg.http_requests, cfg.http_concurrency, cfg.out)
+    return out
+
+
+_SERVER_SRC = """
+import sys, uvicorn
+from fleet.http import app_from_uri
+app = app_from_uri(sys.argv[1])
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", access_log=False)
+"""
+
+
+def bench_http(manifest_uri: str, seqs: list[tuple], requests: int, concurrency: int, log_dir: str) -> dict:
+    """A real uvicorn server (``fleet.http.app_from_uri``) in a subprocess on 127.0.0.1, driven by an
+    httpx client with ``concurrency`` requests in flight until ``requests`` are done (after a warm-up)."""
+    import httpx
+
+    port = _free_port()
+    log_path = os.path.join(log_dir, "http-server.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", _SERVER_SRC, manifest_uri, str(port)], stdout=log,
+                                stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                with open(log_path) as f:
+                    raise FleetError(f"HTTP server exited with {proc.returncode}: {f.read()[-2000:]}")
+            try:
+                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise FleetError("HTTP server did not answer within 120 s")
+            time.sleep(0.2)
+        rss_idle = _rss_mb(proc.pid)
+        bodies = [json.dumps({"campaign_id": c, "sequences": [{"event_types": t, "features": f}]}).encode()
+                  for c, t, f in seqs]
+        latencies: list[float] = []
+        errors = 0
+
+        async def drive(total: int, record: bool) -> None:
+            nonlocal errors
+            counter = iter(range(total))
+            limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+            async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client:
+                async def worker() -> None:
+                    nonlocal errors
+                    for i in counter:
+                        body = bodies[i % len(bodies)]
+                        t0 = time.perf_counter()
+                        r = await client.post("/v1/predict", content=body, headers={"content-type": "application/json"})
+                        dt = time.perf_counter() - t0
+                        if r.status_code != 200:
+                            errors += 1
+                        elif record:
+                            latencies.append(dt)
+                await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+        asyncio.run(drive(min(200, requests), record=False))  # warm-up: connections, caches, allocator
+        t0 = time.perf_counter()
+        asyncio.run(drive(requests, record=True))
+        wall = time.perf_counter() - t0
+        return {**_latencies(latencies), "requests": requests, "concurrency": concurrency, "errors": errors,
+                "throughput_rps": len(latencies) / wall if wall else None, "server_rss_idle": rss_idle,
+                "server_rss_after_load": _rss_mb(proc.pid),
+                "note": "server (uvicorn subprocess) and client share the machine's cores"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ----------------------------------------------------------------------------- scale (SIMULATED)
+
+
+_PROBE_SRC = """
+import json, sys, time
+t_import = time.perf_counter()
+import numpy as np
+from fleet.serving import FleetModel
+uri, count, seed, n_campaigns = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+def rss():
+    out = {}
+    for line in open("/proc/self/status"):
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            out[line.split(":")[0]] = int(line.split()[1]) / 1024.0
+    return out
+before = rss()
+t0 = time.perf_counter(); model = FleetModel.open(uri, verify=False); open_s = time.perf_counter() - t0
+t0 = time.perf_counter(); FleetModel.open(uri, verify=True); open_verify_s = time.perf_counter() - t0
+rng = np.random.default_rng(seed)
+cfg = model.config
+lat = []
+for i in range(count):
+    cid = "sim-%08d" % int(rng.integers(n_campaigns))
+    t = rng.integers(0, cfg.num_event_types, size=20).tolist()
+    f = rng.normal(size=20 * cfg.num_features).astype("float32").tolist()
+    t0 = time.perf_counter(); model.predict(cid, [{"event_types": t, "features": f}]); lat.append(time.perf_counter() - t0)
+print(json.dumps({"open_s": open_s, "open_verify_s": open_verify_s, "lat": lat, "rss_before_open": before,
+                  "rss_after": rss(), "cache": model.cache_info()}))
+"""
+
+
+def simulated_heads(count: int, real: pa.Table, seed: int, chunk: int = SIM_CHUNK):
+    """Yield ``fleet-heads/1`` tables of ``count`` SIMULATED campaigns ``sim-00000000`` ... in chunks:
+    each row copies the bit width, status and fidelity fields of a random real row, and its head is that
+    real head plus noise (so value statistics, hence compressibility, stay realistic), quantized at that
+    bit width with the real quantizer; hashes are random bytes."""
+    from fleet.heads import decode_heads
+    from fleet.codec import table_to_heads
+
+    rng = np.random.default_rng(seed)
+    real_heads = decode_heads(table_to_heads(real)).numpy()  # (R, P)
+    std = real_heads.std(0, keepdims=True) + 1e-6
+    real_bits = real["bits"].to_numpy()
+    group = int(pc.max(real["group_size"]).as_py() or 64)
+    p = real_heads.shape[1]
+    copied = ("teacher_auc", "student_auc", "mean_abs_diff", "agreement", "n_train", "n_holdout", "status")
+    for start in range(0, count, chunk):
+        m = min(chunk, count - start)
+        pick = rng.integers(0, len(real_bits), size=m)
+        values = real_heads[pick] + 0.1 * std * rng.standard_normal((m, p)).astype(np.float32)
+        packed, scales = [None] * m, [None] * m
+        for b in np.unique(real_bits[pick]):
+            idx = np.flatnonzero(real_bits[pick] == b)
+            for i, v in zip(idx, quantize_rows(torch.from_numpy(values[idx]).float(), int(b), group)):
+                packed[i], scales[i] = v.packed, v.scales
+        ids = [f"sim-{i:08d}" for i in range(start, start + m)]
+        shape = pa.ListArray.from_arrays(pa.array(np.arange(m + 1, dtype=np.int32)), pa.array(np.full(m, p, np.int32)))
+        hashes = rng.integers(0, 256, size=(2, m, 32), dtype=np.uint8)
+        columns = {
+            "campaign_id": pa.array(ids, pa.string()), "bits": pa.array(real_bits[pick].astype(np.int8)),
+            "shape": shape, "group_size": pa.array(np.full(m, group, np.int32)),
+            "packed": pa.array(packed, pa.binary()), "scales": pa.array(scales, pa.binary()),
+            "mask": pa.nulls(m, pa.binary()),
+            "teacher_sha256": pa.array([h.tobytes() for h in hashes[0]], pa.binary()),
+            "data_sha256": pa.array([h.tobytes() for h in hashes[1]], pa.binary()),
+            **{k: real[k].take(pa.array(pick)) for k in copied},
+        }
+        yield pa.table({f.name: columns[f.name].cast(f.type) for f in HEADS_SCHEMA}, schema=HEADS_SCHEMA)
+
+
+def bench_scale(count: int, version: FleetVersion, cfg: BenchConfig, stamp: str) -> dict:
+    """SIMULATED scale test: ``count`` random heads of the real shape and bit mix, written in the real
+    store format with the real backbone, opened and served by FleetModel in a fresh subprocess."""
+    store = os.path.abspath(os.path.join(cfg.out, "scale-store"))
+    real = version.read_heads()
+    t0 = time.perf_counter()
+    with _progress() as progress:
+        task = progress.add_task(f"scale (simulated): generating {count:,} heads", total=count)
+        parts = []
+        for table in simulated_heads(count, real, cfg.compress.seed + count):
+            parts.append(table)
+            progress.advance(task, table.num_rows)
+    heads = pa.concat_tables(parts)
+    del parts
+    generate_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    writer = VersionWriter(store, f"sim-{count}", stamp)
+    writer.write_backbone_bytes(version.read_backbone_bytes())
+    writer.write_heads(heads)  # parts of 100k rows, row groups of 256 rows, manifest index of row groups
+    manifest_uri = writer.commit(lineage={"simulated": True}, metrics={"simulated": True})
+    build_s = time.perf_counter() - t0
+    del heads
+    files = writer.files
+    heads_bytes = sum(f["bytes"] for p, f in files.items() if p.startswith("heads/"))
+    console.print(f"scale {count:,}: probing cold lookups in a fresh process")
+    proc = subprocess.run([sys.executable, "-c", _PROBE_SRC, manifest_uri, str(cfg.cold_requests),
+                           str(cfg.compress.seed), str(count)], capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise FleetError(f"scale probe failed: {proc.stderr[-2000:]}")
+    probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {
+        "simulated": True, "campaigns": count, "heads_bytes": heads_bytes, "bytes_per_campaign": heads_bytes / count,
+        "backbone_bytes": files["backbone.safetensors"]["bytes"], "parts": sum(1 for p in files if p.startswith("heads/")),
+        "generate_seconds": generate_s, "build_seconds": build_s, "open_seconds": probe["open_s"],
+        "open_verify_seconds": probe["open_verify_s"], "cold": _latencies(probe["lat"]),
+        "rss_mb": probe["rss_after"].get("VmRSS"), "peak_rss_mb": probe["rss_after"].get("VmHWM"),
+        "rss_before_open_mb": probe["rss_before_open"].get("VmRSS"), "manifest_uri": manifest_uri,
+        "note": "SIMULATED heads (real shape, real bit mix, real backbone, real store format); "
+                "served by FleetModel (no preload) in a fresh subprocess; cold = random campaigns, cache misses",
+    }
+
+
+# ----------------------------------------------------------------------------- targets (DESIGN.md section 5)
+
+
+def evaluate_targets(results: dict) -> list[dict]:
+    """Each DESIGN.md target with the measured value, where it comes from, and pass/miss."""
+    m, s = results["methods"], results.get("serving", {})
+    fleet = m["fleet_auto"]
+    scale = results.get("scale", {})
+    out = []
+
+    def add(figure, target, value, passed, source):
+        out.append({"figure": figure, "target": target, "value": value, "passed": passed, "source": source})
+
+    s10k = scale.get("10000")
+    if s10k:
+        add("bytes per campaign (heads Parquet / N, N=10k)", "<= 128 B", s10k["bytes_per_campaign"],
+            s10k["bytes_per_campaign"] <= 128, "SIMULATED 10k heads, real bit mix")
+    add(f"bytes per campaign (heads Parquet / N, real run N={results['campaigns']})", "<= 128 B",
+        fleet["bytes_per_campaign"], fleet["bytes_per_campaign"] <= 128, "real run")
+    add("fleet total vs fp32 teachers (compression ratio)", ">= 10,000x", fleet["compression_ratio"],
+        fleet["compression_ratio"] is not None and fleet["compression_ratio"] >= 10_000, "real run: heads + backbone")
+    f = fleet["fidelity"]
+    add("AUC diff median (student - teacher)", ">= -0.005", f["auc_diff_median"],
+        f["auc_diff_median"] is not None and f["auc_diff_median"] >= -0.005, "real run, hold-out")
+    add("AUC diff 10th percentile", ">= -0.02", f["auc_diff_p10"],
+        f["auc_diff_p10"] is not None and f["auc_diff_p10"] >= -0.02, "real run, hold-out")
+    rr = results["real_run"]
+    add(f"run time / floor (stage 1), N={results['campaigns']}", "<= 2x (at N=1000)", rr["total_over_floor"],
+        rr["total_over_floor"] is not None and rr["total_over_floor"] <= 2, "real run, wall incl. registration")
+    c = m["independent_students"]
+    speedup = c["time_s"] / fleet["time_s"] if fleet["time_s"] else None
+    add("speed-up vs peer (c)", ">= 20x", speedup, speedup is not None and speedup >= 20,
+        "peer (c) time EXTRAPOLATED from K campaigns")
+    if s:
+        add("warm predict p99 (in-process, head cached)", "<= 1 ms", s["warm"]["p99_ms"], s["warm"]["p99_ms"] <= 1, "real run")
+        add("cold predict p99 (head from local Parquet)", "<= 20 ms", s["cold"]["p99_ms"], s["cold"]["p99_ms"] <= 20, "real run")
+        add("HTTP predict p99 (loopback)", "<= 5 ms", s["http"]["p99_ms"], s["http"]["p99_ms"] <= 5,
+            f"real run, {s['http']['concurrency']} concurrent")
+    s1m = scale.get("1000000")
+    if s1m:
+        add("serving memory, 1M campaigns (RSS)", "<= 300 MB", s1m["rss_mb"], s1m["rss_mb"] <= 300,
+            "SIMULATED 1M heads, FleetModel in a fresh process")
+        add("cold predict p99, 1M campaigns", "<= 20 ms", s1m["cold"]["p99_ms"], s1m["cold"]["p99_ms"] <= 20, "SIMULATED 1M heads")
+    return out
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _machine() -> dict:
+    import platform
+
+    mem = None
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1]) / 2**20
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"cpus": os.cpu_count(), "memory_gib": mem, "gpu": torch.cuda.is_available(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__, "load_average_at_start": load}
+
+
+def _bench_params(cfg: BenchConfig) -> dict:
+    return {"synth": dataclasses.asdict(cfg.synth), "compress": cfg.compress.to_dict(), "fleet_dir": cfg.fleet_dir,
+            "out": cfg.out, "peer_subset": cfg.peer_subset, "scale_campaigns": list(cfg.scale_campaigns),
+            "warm_requests": cfg.warm_requests, "cold_requests": cfg.cold_requests,
+            "http_requests": cfg.http_requests, "http_concurrency": cfg.http_concurrency}
+
+
+def _json_safe(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.integer, np.floating)):
+        return _json_safe(obj.item())
+    if isinstance(obj, bytes):
+        return obj.hex()
+    return obj
+
+
+METHOD_ORDER = ["teacher_fp32", "teacher_int8_dynamic", "independent_students", "fleet_auto", "fleet_bits8",
+                "fleet_bits4", "fleet_bits2", "fleet_bits1", "fleet_auto_lowrank", "fleet_auto_linear",
+                "fleet_auto_class_distance"]
+
+
+def _fmt(v, spec: str, none: str = "n/a") -> str:
+    return none if v is None else format(v, spec)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def render_markdown(results: dict, plots_prefix: str = "") -> str:
+    """The side-by-side tables of ``results`` (every number from results.json)."""
+    m = results["methods"]
+    n = results["campaigns"]
+    lines = [f"### Methods side by side (N = {n} campaigns, same teachers, same hold-out rows)", "",
+             "| method | bytes / campaign | total bytes | ratio vs fp32 | AUC median | AUC diff median / p10 / worst "
+             "| mean abs(p - p_teacher) median / p90 / worst | wall time |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for key in METHOD_ORDER:
+        if key not in m:
+            continue
+        r, f = m[key], m[key]["fidelity"]
+        ext = " (extrapolated)" if r["extrapolated"] else ""
+        lines.append(
+            f"| {r['label']} | {_human(r['bytes_per_campaign'])}{ext} | {_human(r['bytes_total'])}{ext} "
+            f"| {_fmt(r['compression_ratio'], ',.0f')}x | {_fmt(f['auc_median'], '.4f')} "
+            f"| {_fmt(f['auc_diff_median'], '+.4f')} / {_fmt(f['auc_diff_p10'], '+.4f')} / {_fmt(f['auc_diff_worst'], '+.4f')} "
+            f"| {_fmt(f['mean_abs_diff_median'], '.4f')} / {_fmt(f['mean_abs_diff_p90'], '.4f')} / "
+            f"{_fmt(f['mean_abs_diff_worst'], '.4f')} | {r['time_s']:,.1f} s{ext} |")
+    c = m["independent_students"]
+    lines += ["", f"Fidelity columns cover every campaign with a defined hold-out AUC "
+              f"({m['fleet_auto']['fidelity']['campaigns_with_auc']} of {m['fleet_auto']['fidelity']['campaigns']} for the "
+              f"real run); peer (c) covers its {c['subset_size']} random campaigns only. On those same campaigns the real "
+              f"run's AUC diff median / p10 is {_fmt(c['fleet_auto_on_same_subset']['auc_diff_median'], '+.4f')} / "
+              f"{_fmt(c['fleet_auto_on_same_subset']['auc_diff_p10'], '+.4f')} (peer (c): "
+              f"{_fmt(c['fidelity']['auc_diff_median'], '+.4f')} / {_fmt(c['fidelity']['auc_diff_p10'], '+.4f')}).", ""]
+    lines += ["How each figure was measured:", ""]
+    for key in METHOD_ORDER:
+        if key in m:
+            lines.append(f"- **{m[key]['label']}**: size: {m[key]['bytes_note']}; time: {m[key]['time_note']}.")
+    rr = results["real_run"]
+    lines += ["", "### The real run (one full `run_compress`, default config, bits auto)", "",
+              "| stage | seconds |", "|---|---:|"]
+    for stage, secs in rr["stage_seconds"].items():
+        lines.append(f"| {stage} | {secs:,.1f} |")
+    lines += [f"| registration in MLflow + driver overhead | {rr['registration_and_overhead_seconds']:,.1f} |",
+              f"| **total wall time** | **{rr['wall_seconds']:,.1f}** |", "",
+              f"Total wall time / floor (stage 1) = **{_fmt(rr['total_over_floor'], '.2f')}x** "
+              f"(stages only, without registration: {_fmt(rr['run_over_floor'], '.2f')}x). "
+              f"Bits chosen per campaign (1/2/4/8/16): "
+              f"{' / '.join(str(m['fleet_auto']['bits_campaigns'][b]) for b in ('1', '2', '4', '8', '16'))}.", ""]
+    s = results.get("serving")
+    if s:
+        lines += ["### Serving (real run's version, this machine)", "", "| path | p50 | p99 | notes |", "|---|---:|---:|---|",
+                  f"| in-process warm (head cached, one sequence) | {s['warm']['p50_ms']:.3f} ms | {s['warm']['p99_ms']:.3f} ms "
+                  f"| {s['warm']['n']} calls, torch threads {s['in_process_torch_threads']} |",
+                  f"| in-process cold (cache miss, head read from a Parquet row group) | {s['cold']['p50_ms']:.3f} ms "
+                  f"| {s['cold']['p99_ms']:.3f} ms | {s['cold']['n']} calls; a fresh FleetModel.open takes "
+                  f"{s['open_seconds_median'] * 1000:.1f} ms |",
+                  f"| HTTP on loopback (uvicorn subprocess, httpx) | {s['http']['p50_ms']:.3f} ms | {s['http']['p99_ms']:.3f} ms "
+                  f"| {s['http']['requests']} requests, {s['http']['concurrency']} concurrent, "
+                  f"{_fmt(s['http']['throughput_rps'], ',.0f')} req/s, {s['http']['errors']} errors |", "",
+                  f"Serving process RSS (HTTP server, this fleet): {s['http']['server_rss_after_load']['rss_mb']:.0f} MB after "
+                  f"the load (peak {s['http']['server_rss_after_load']['peak_rss_mb']:.0f} MB).", ""]
+    sc = results.get("scale")
+    if sc:
+        lines += ["### Scale — SIMULATED (random heads of the real shape and bit mix, real backbone, real store format)", "",
+                  "| campaigns | heads bytes / campaign | parts | build (write + index) | open (no verify / verify) "
+                  "| cold predict p50 / p99 | serving RSS (peak) |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        for key, r in sc.items():
+            lines.append(f"| {int(key):,} | {r['bytes_per_campaign']:.1f} B | {r['parts']} | {r['build_seconds']:.1f} s "
+                         f"| {r['open_seconds'] * 1000:.0f} ms / {r['open_verify_seconds'] * 1000:.0f} ms "
+                         f"| {r['cold']['p50_ms']:.2f} / {r['cold']['p99_ms']:.2f} ms "
+                         f"| {r['rss_mb']:.0f} MB ({r['peak_rss_mb']:.0f} MB) |")
+        lines.append("")
+    lines += ["### DESIGN.md targets", "", "| figure | target | measured | | source |", "|---|---|---:|---|---|"]
+    for t in results["targets"]:
+        v = t["value"]
+        val = "n/a" if v is None else (f"{v:+.4f}" if "AUC" in t["figure"] else f"{v:,.2f}")
+        lines.append(f"| {t['figure']} | {t['target']} | {val} | {'pass' if t['passed'] else '**miss**'} | {t['source']} |")
+    lines.append("")
+    if plots_prefix is not None:
+        lines += ["### Plots", ""]
+        for name, title in PLOTS.items():
+            lines.append(f"![{title}]({plots_prefix}{name})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+PLOTS = {
+    "size_vs_fidelity.png": "bytes per campaign vs fidelity, one point per method",
+    "auc_diff_vs_size.png": "per-campaign AUC difference vs campaign size",
+    "latency_cdf.png": "latency CDFs",
+    "stage_times.png": "stage-time breakdown",
+}
+
+
+def write_outputs(results: dict, out: str) -> None:
+    """results.json, results.md and the PNGs under ``out``."""
+    for name, data in make_plots(results).items():
+        with open(os.path.join(out, name), "wb") as f:
+            f.write(data)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(_json_safe(results), f, indent=1, sort_keys=True)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(f"# fleet bench, N = {results['campaigns']} ({results['created_at']})\n\n")
+        f.write(render_markdown(results))
+
+
+def make_plots(results: dict) -> dict[str, bytes]:
+    """The four figures as PNG bytes (matplotlib Figure API, no pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def figure(w=7.5, h=4.8, ncols=1):
+        fig = Figure(figsize=(w, h), dpi=100)
+        FigureCanvasAgg(fig)
+        return fig, fig.subplots(1, ncols)
+
+    def png(fig) -> bytes:
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png", metadata={"Software": None})
+        return buf.getvalue()
+
+    m = results["methods"]
+    out = {}
+    fig, ax = figure()
+    for key in METHOD_ORDER:
+        if key not in m:
+            continue
+        r, f = m[key], m[key]["fidelity"]
+        y = f["auc_diff_median"] if f["auc_diff_median"] is not None else 0.0
+        lo = y - (f["auc_diff_p10"] if f["auc_diff_p10"] is not None else y)
+        ax.errorbar([r["bytes_per_campaign"]], [y], yerr=[[lo], [0]], fmt="o", capsize=3,
+                    label=r["label"] + (" *" if r["extrapolated"] else ""))
+    ax.set_xscale("log")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.axhline(-0.005, color="tab:red", lw=0.8, ls="--")
+    ax.axhline(-0.02, color="tab:red", lw=0.8, ls=":")
+    ax.set_xlabel("bytes on storage per campaign (log)")
+    ax.set_ylabel("AUC diff vs teacher: median (bar down to p10)")
+    ax.set_title(f"Size vs fidelity, N={results['campaigns']} (targets dashed/dotted; * extrapolated)")
+    ax.legend(fontsize=6.5, loc="lower right")
+    out["size_vs_fidelity.png"] = png(fig)
+
+    fig, ax = figure()
+    for key, color in (("fleet_auto", "tab:blue"), ("teacher_int8_dynamic", "tab:orange"),
+                       ("independent_students", "tab:green"), ("fleet_bits1", "tab:gray")):
+        rows = [r for r in m[key]["per_campaign"] if r.get("auc_diff") is not None and r.get("n_rows")]
+        if rows:
+            ax.scatter([r["n_rows"] for r in rows], [r["auc_diff"] for r in rows], s=10 if key != "independent_students" else 30,
+                       alpha=0.6, color=color, label=m[key]["label"], linewidths=0)
+    ax.set_xscale("log")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xlabel("campaign size (sequences, log)")
+    ax.set_ylabel("student AUC - teacher AUC (hold-out)")
+    ax.set_title("Per-campaign AUC difference vs campaign size")
+    ax.legend(fontsize=7)
+    out["auc_diff_vs_size.png"] = png(fig)
+
+    fig, ax = figure()
+    curves = []
+    s = results.get("serving")
+    if s:
+        curves += [("in-process warm", s["warm"]), ("in-process cold (Parquet)", s["cold"]),
+                   (f"HTTP loopback ({s['http']['concurrency']} concurrent)", s["http"])]
+    for key, r in results.get("scale", {}).items():
+        curves.append((f"cold, SIMULATED {int(key):,} campaigns", r["cold"]))
+    for label, lat in curves:
+        x = np.sort(np.asarray(lat["samples_ms"]))
+        ax.plot(x, np.arange(1, len(x) + 1) / len(x), label=f"{label} (p99 {lat['p99_ms']:.2f} ms)")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency (ms, log)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title("Predict latency CDFs (one sequence per request)")
+    ax.legend(fontsize=7)
+    out["latency_cdf.png"] = png(fig)
+
+    fig, (ax1, ax2) = figure(w=11, h=4.5, ncols=2)
+    rr = results["real_run"]
+    stages_ = list(rr["stage_seconds"].items()) + [("registration + overhead", rr["registration_and_overhead_seconds"])]
+    left = 0.0
+    for (name, secs), color in zip(stages_, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")):
+        ax1.barh(["real run"], [secs], left=left, color=color, label=f"{name} {secs:.1f} s")
+        left += secs
+    ax1.set_xlabel("seconds")
+    ax1.set_title("fleet real run: stage times")
+    ax1.legend(fontsize=7)
+    names = [k for k in METHOD_ORDER if k in m and k != "teacher_fp32"]
+    ax2.barh([m[k]["label"] + (" *" if m[k]["extrapolated"] else "") for k in names], [m[k]["time_s"] for k in names],
+             color=["tab:green" if m[k]["extrapolated"] else "tab:blue" for k in names])
+    ax2.axvline(rr["floor_seconds"], color="black", ls="--", lw=0.8, label="floor (stage 1)")
+    ax2.set_xscale("log")
+    ax2.tick_params(axis="y", labelsize=6.5)
+    ax2.set_xlabel("wall seconds (log; * extrapolated)")
+    ax2.set_title("wall time per method")
+    ax2.legend(fontsize=7)
+    out["stage_times.png"] = png(fig)
+    return out
+
+
+def log_to_mlflow(results: dict, out: str, tracking_uri: str) -> str:
+    """One run in the experiment ``fleet-bench``: params, flat numeric metrics, results and plots as artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    from fleet.registry import sanitize_key
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is not None:
+        exp_id = experiment.experiment_id
+    else:
+        location = None
+        if tracking_uri.startswith("sqlite:///"):  # artifacts next to the database, not in ./mlruns
+            db = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
+            location = os.path.join(os.path.dirname(os.path.abspath(db)), "mlartifacts", EXPERIMENT)
+        exp_id = client.create_experiment(EXPERIMENT, artifact_location=location)
+    run = client.create_run(exp_id, run_name=f"bench-n{results['campaigns']}-{results['created_at']}",
+                            tags={"fleet.bench": RESULTS_FORMAT})
+    run_id = run.info.run_id
+    metrics: dict[str, float] = {}
+    for key, r in results["methods"].items():
+        for name in ("bytes_per_campaign", "bytes_total", "compression_ratio", "time_s"):
+            metrics[f"{key}.{name}"] = r[name]
+        for name, v in r["fidelity"].items():
+            metrics[f"{key}.{name}"] = v
+    rr = results["real_run"]
+    metrics.update({"real_run.wall_seconds": rr["wall_seconds"], "real_run.total_over_floor": rr["total_over_floor"],
+                    "real_run.floor_seconds": rr["floor_seconds"]})
+    for part in ("warm", "cold", "http"):
+        for q in ("p50_ms", "p99_ms"):
+            metrics[f"serving.{part}.{q}"] = results.get("serving", {}).get(part, {}).get(q)
+    for size, r in results.get("scale", {}).items():
+        for name in ("bytes_per_campaign", "build_seconds", "open_seconds", "rss_mb"):
+            metrics[f"scale_sim.{size}.{name}"] = r[name]
+        metrics[f"scale_sim.{size}.cold_p99_ms"] = r["cold"]["p99_ms"]
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    clean = [Metric(sanitize_key(k), float(v), now, 0) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and math.isfinite(float(v))]
+    params = {"campaigns": results["campaigns"], "fleet_dir": results["bench_config"]["fleet_dir"],
+              "peer_subset": results["bench_config"]["peer_subset"],
+              "scale_campaigns": json.dumps(results["bench_config"]["scale_campaigns"]),
+              **{f"synth.{k}": v for k, v in results["bench_config"]["synth"].items()},
+              **{f"compress.{k}": json.dumps(v) if isinstance(v, dict) else v
+                 for k, v in results["bench_config"]["compress"].items()}}
+    plist = [Param(sanitize_key(k), str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(clean), 1000):
+        client.log_batch(run_id, metrics=clean[i:i + 1000])
+    for i in range(0, len(plist), 100):
+        client.log_batch(run_id, params=plist[i:i + 100])
+    for name in ["results.json", "results.md", *PLOTS]:
+        client.log_artifact(run_id, os.path.join(out, name))
+    client.set_terminated(run_id)
+    return run_id
+
+
+def summary_table(results: dict) -> Table:
+    """The end-of-run summary printed by ``fleet bench``."""
+    m = results["methods"]
+    table = Table(title=f"fleet bench, N={results['campaigns']} -> {results['bench_config']['out']}")
+    for col, just in (("method", "left"), ("bytes/campaign", "right"), ("ratio vs fp32", "right"),
+                      ("AUC diff med / p10", "right"), ("mean |dp| med", "right"), ("wall", "right")):
+        table.add_column(col, justify=just)
+    for key in METHOD_ORDER:
+        if key not in m:
+            continue
+        r, f = m[key], m[key]["fidelity"]
+        star = " *" if r["extrapolated"] else ""
+        table.add_row(r["label"], _human(r["bytes_per_campaign"]) + star, f"{_fmt(r['compression_ratio'], ',.0f')}x",
+                      f"{_fmt(f['auc_diff_median'], '+.4f')} / {_fmt(f['auc_diff_p10'], '+.4f')}",
+                      _fmt(f["mean_abs_diff_median"], ".4f"), f"{r['time_s']:,.1f} s{star}")
+    for t in results["targets"]:
+        v = t["value"]
+        table.add_row(f"target: {t['figure']}", "", t["target"], "n/a" if v is None else f"{v:,.4g}",
+                      "pass" if t["passed"] else "MISS", "")
+    return table

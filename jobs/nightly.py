@@ -1,0 +1,97 @@
+"""The scheduled nightly entry point: an incremental `fleet compress` driven by one config file.
+
+    python jobs/nightly.py --config nightly.toml [--run-id ID] [--dry-run]
+
+``nightly.toml``::
+
+    [nightly]
+    teachers = "s3://bucket/teachers"
+    events = "s3://bucket/events/2026-11-25"
+    store = "s3://bucket/fleet"
+    fleet = "adfleet"
+    tracking_uri = "http://mlflow:5000"      # optional ($MLFLOW_TRACKING_URI, else sqlite)
+    address = "auto"                          # optional Ray address (default: local Ray)
+    storage_options = {}                      # optional; secrets come from $FLEET_STORAGE_OPTIONS
+
+    [compress]                                # optional CompressConfig fields
+    bits = "auto"
+
+Unchanged campaigns keep their heads and the champion's backbone. When the refit campaigns fail the
+quality gate on fidelity (drift), the job runs once more with a retrained backbone that refits all.
+Exit codes as `fleet compress`: 0 ok, 1 failed, 2 usage error, 3 finished with quarantined campaigns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import tomllib
+
+from rich.console import Console
+
+from fleet.cli import summary_table
+from fleet.errors import FleetError
+from fleet.pipeline import run_compress
+from fleet.stages import CompressConfig
+from fleet.store import storage_options_from_env
+
+REQUIRED = ("teachers", "events", "store")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of the nightly job."""
+    parser = argparse.ArgumentParser(prog="nightly", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="TOML file with [nightly] and [compress] tables")
+    parser.add_argument("--run-id", default=None, help="run id (default: nightly-<UTC date-time>); reuse to resume")
+    parser.add_argument("--dry-run", action="store_true", help="validate the config and print the plan, run nothing")
+    return parser
+
+
+def load_config(path: str) -> tuple[dict, CompressConfig]:
+    """``(nightly settings, CompressConfig)`` from the TOML file; ValueError names what is wrong."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read config ({exc})") from None
+    nightly = data.get("nightly", {})
+    missing = [key for key in REQUIRED if key not in nightly]
+    if missing:
+        raise ValueError(f"{path}: [nightly] lacks {missing}")
+    return nightly, CompressConfig.from_dict(data.get("compress", {}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    console = Console()
+    args = build_parser().parse_args(argv)
+    try:
+        nightly, config = load_config(args.config)
+    except ValueError as exc:
+        console.print(f"[red]usage error:[/red] {exc}")
+        return 2
+    run_id = args.run_id or time.strftime("nightly-%Y%m%dT%H%M%SZ", time.gmtime())
+    options = nightly.get("storage_options") or storage_options_from_env()
+    common = dict(teachers_uri=nightly["teachers"], events_uri=nightly["events"], store_uri=nightly["store"],
+                  fleet=nightly.get("fleet", "adfleet"), config=config, tracking_uri=nightly.get("tracking_uri"),
+                  address=nightly.get("address"), storage_options=options)
+    if args.dry_run:
+        console.print({"run_id": run_id, **{k: v for k, v in common.items() if k != "storage_options"}})
+        return 0
+    try:
+        result = run_compress(run_id=run_id, **common)
+        console.print(summary_table(result))
+        gate = result.registered.gate if result.registered else None
+        inherited = "backbone_steps" not in result.metrics  # this run reused the champion's backbone
+        if gate is not None and not gate.passed and inherited and any("AUC" in r for r in gate.reasons):
+            console.print(f"[yellow]fidelity drift[/yellow] ({'; '.join(gate.reasons)}): retraining the backbone")
+            result = run_compress(run_id=f"{run_id}-retrain", retrain_backbone=True, **common)
+            console.print(summary_table(result))
+    except FleetError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 1
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
