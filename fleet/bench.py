@@ -62,6 +62,7 @@ RESULTS_FORMAT = "fleet-bench/1"
 EXPERIMENT = "fleet-bench"
 SYNTH_FILE = "synth.json"
 SIM_CHUNK = 100_000  # simulated heads generated per chunk (bounded memory for 1M campaigns)
+SERVING_THREADS = 1  # torch intra-op threads of every serving measurement (in-process, HTTP server, scale probe)
 
 
 # ----------------------------------------------------------------------------- config
@@ -400,7 +401,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         rows = []
         for cid in ok:
             h = holdout[cid]
-            p = torch.sigmoid(torch.from_numpy(h["teacher_logit"].to_numpy())).numpy()
+            p = torch.sigmoid(torch.tensor(h["teacher_logit"].to_numpy())).numpy()
             rows.append(_fid_row(cid, campaign_fidelity(p, p, h["label"].to_numpy()), sizes[cid]))
         results["methods"]["teacher_fp32"] = _method(
             "teacher_fp32", rows, bytes_total=teacher_total, bytes_per_campaign=teacher_total / len(ok),
@@ -578,6 +579,14 @@ def bench_serving(manifest_uri: str, events_uri: str, ok: list[str], holdout: di
     """Warm and cold in-process latency, HTTP latency under bounded concurrency, and server RSS."""
     from fleet.serving import FleetModel
 
+    threads_before = torch.get_num_threads()
+    try:
+        return _bench_serving(manifest_uri, events_uri, ok, holdout, num_features, cfg, FleetModel)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _bench_serving(manifest_uri, events_uri, ok, holdout, num_features, cfg, FleetModel) -> dict:
     rng = np.random.default_rng(cfg.compress.seed + 5)
     seqs = _sequences(events_uri, ok, holdout, num_features, rng, max(cfg.warm_requests, cfg.cold_requests))
     out: dict = {}
@@ -588,7 +597,9 @@ def bench_serving(manifest_uri: str, events_uri: str, ok: list[str], holdout: di
         FleetModel.open(manifest_uri)
         opens.append(time.perf_counter() - t0)
     out["open_seconds_median"] = float(np.median(opens))
-    model = FleetModel.open(manifest_uri)
+    # one intra-op thread, as `fleet serve --threads 1`: one short sequence gains nothing from more, and
+    # OpenMP's spinning threads cost milliseconds on a machine whose cores are shared
+    model = FleetModel.open(manifest_uri, num_threads=SERVING_THREADS)
     cid, types, feats = seqs[0]
     model.predict(cid, [{"event_types": types, "features": feats}])  # head now cached
     warm = []
@@ -600,7 +611,7 @@ def bench_serving(manifest_uri: str, events_uri: str, ok: list[str], holdout: di
             model.predict(cid, [{"event_types": types, "features": feats}])
             warm.append(time.perf_counter() - t0)
             progress.advance(task)
-        cold_model = FleetModel.open(manifest_uri, cache_size=0)  # every predict reads its head's row group
+        cold_model = FleetModel.open(manifest_uri, cache_size=0, num_threads=SERVING_THREADS)  # every predict reads its head's row group
         cold = []
         task = progress.add_task("serving: cold predict (cache miss, Parquet row group)", total=cfg.cold_requests)
         for i in range(cfg.cold_requests):
@@ -619,7 +630,7 @@ def bench_serving(manifest_uri: str, events_uri: str, ok: list[str], holdout: di
 _SERVER_SRC = """
 import sys, uvicorn
 from fleet.http import app_from_uri
-app = app_from_uri(sys.argv[1])
+app = app_from_uri(sys.argv[1], num_threads=int(sys.argv[3]))
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", access_log=False)
 """
 
@@ -632,7 +643,7 @@ def bench_http(manifest_uri: str, seqs: list[tuple], requests: int, concurrency:
     port = _free_port()
     log_path = os.path.join(log_dir, "http-server.log")
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-c", _SERVER_SRC, manifest_uri, str(port)], stdout=log,
+        proc = subprocess.Popen([sys.executable, "-c", _SERVER_SRC, manifest_uri, str(port), str(SERVING_THREADS)], stdout=log,
                                 stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -706,7 +717,7 @@ def rss():
             out[line.split(":")[0]] = int(line.split()[1]) / 1024.0
     return out
 before = rss()
-t0 = time.perf_counter(); model = FleetModel.open(uri, verify=False); open_s = time.perf_counter() - t0
+t0 = time.perf_counter(); model = FleetModel.open(uri, verify=False, num_threads=1); open_s = time.perf_counter() - t0
 t0 = time.perf_counter(); FleetModel.open(uri, verify=True); open_verify_s = time.perf_counter() - t0
 rng = np.random.default_rng(seed)
 cfg = model.config
@@ -918,7 +929,7 @@ def render_markdown(results: dict, plots_prefix: str = "") -> str:
         ext = " (extrapolated)" if r["extrapolated"] else ""
         lines.append(
             f"| {r['label']} | {_human(r['bytes_per_campaign'])}{ext} | {_human(r['bytes_total'])}{ext} "
-            f"| {_fmt(r['compression_ratio'], ',.0f')}x | {_fmt(f['auc_median'], '.4f')} "
+            f"| {_ratio(r['compression_ratio'])} | {_fmt(f['auc_median'], '.4f')} "
             f"| {_fmt(f['auc_diff_median'], '+.4f')} / {_fmt(f['auc_diff_p10'], '+.4f')} / {_fmt(f['auc_diff_worst'], '+.4f')} "
             f"| {_fmt(f['mean_abs_diff_median'], '.4f')} / {_fmt(f['mean_abs_diff_p90'], '.4f')} / "
             f"{_fmt(f['mean_abs_diff_worst'], '.4f')} | {r['time_s']:,.1f} s{ext} |")
@@ -1152,23 +1163,106 @@ def log_to_mlflow(results: dict, out: str, tracking_uri: str) -> str:
     return run_id
 
 
-def summary_table(results: dict) -> Table:
-    """The end-of-run summary printed by ``fleet bench``."""
+def _ratio(v) -> str:
+    return "n/a" if v is None else (f"{v:,.2f}x" if v < 10 else f"{v:,.0f}x")
+
+
+def summary_table(results: dict):
+    """The end-of-run summary printed by ``fleet bench``: methods, then the DESIGN.md targets."""
+    from rich.console import Group
+
     m = results["methods"]
-    table = Table(title=f"fleet bench, N={results['campaigns']} -> {results['bench_config']['out']}")
-    for col, just in (("method", "left"), ("bytes/campaign", "right"), ("ratio vs fp32", "right"),
-                      ("AUC diff med / p10", "right"), ("mean |dp| med", "right"), ("wall", "right")):
-        table.add_column(col, justify=just)
+    methods = Table(title=f"fleet bench, N={results['campaigns']} (* extrapolated from K campaigns)")
+    for col in ("method", "B/campaign", "vs fp32", "AUC diff med", "p10", "|dp| med", "wall s"):
+        methods.add_column(col, justify="left" if col == "method" else "right")
     for key in METHOD_ORDER:
         if key not in m:
             continue
         r, f = m[key], m[key]["fidelity"]
-        star = " *" if r["extrapolated"] else ""
-        table.add_row(r["label"], _human(r["bytes_per_campaign"]) + star, f"{_fmt(r['compression_ratio'], ',.0f')}x",
-                      f"{_fmt(f['auc_diff_median'], '+.4f')} / {_fmt(f['auc_diff_p10'], '+.4f')}",
-                      _fmt(f["mean_abs_diff_median"], ".4f"), f"{r['time_s']:,.1f} s{star}")
+        star = "*" if r["extrapolated"] else ""
+        methods.add_row(key + star, _human(r["bytes_per_campaign"]), _ratio(r["compression_ratio"]),
+                        _fmt(f["auc_diff_median"], "+.4f"), _fmt(f["auc_diff_p10"], "+.4f"),
+                        _fmt(f["mean_abs_diff_median"], ".4f"), f"{r['time_s']:,.1f}{star}")
+    targets = Table(title="DESIGN.md targets")
+    for col in ("figure", "target", "measured", ""):
+        targets.add_column(col, justify="right" if col == "measured" else "left")
     for t in results["targets"]:
         v = t["value"]
-        table.add_row(f"target: {t['figure']}", "", t["target"], "n/a" if v is None else f"{v:,.4g}",
-                      "pass" if t["passed"] else "MISS", "")
-    return table
+        targets.add_row(t["figure"], t["target"], "n/a" if v is None else f"{v:,.4g}",
+                        "pass" if t["passed"] else "[red]MISS[/red]")
+    return Group(methods, targets)
+
+
+# ----------------------------------------------------------------------------- command line (fleet bench)
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    import argparse
+
+    try:
+        values = tuple(int(v.replace("_", "")) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--scale-campaigns must be comma-separated integers, got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError("--scale-campaigns must be >= 0")
+    return tuple(v for v in values if v > 0)
+
+
+def add_arguments(p) -> None:
+    """``fleet bench``'s options (the parser is built in :mod:`fleet.cli`)."""
+    p.add_argument("--campaigns", type=int, required=True, help="N: campaigns of the synthetic fleet")
+    p.add_argument("--fleet-dir", default=None,
+                   help="cached synthetic fleet (events/, teachers/, synth.json); reused when its seed and shape "
+                        "match, created otherwise (default: OUT/fleet)")
+    p.add_argument("--out", required=True, help="output directory: results.json, results.md, PNGs, stores")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic fleet and of the compression")
+    p.add_argument("--peer-subset", type=int, default=20, help="K: campaigns peer (c) is run on (then extrapolated)")
+    p.add_argument("--scale-campaigns", type=_sizes, default=(10_000, 1_000_000),
+                   help="SIMULATED fleet sizes for the scale test, comma-separated (default: 10000,1000000; 0: skip)")
+    g = p.add_argument_group("teachers (a fleet created by the benchmark)")
+    g.add_argument("--arch", choices=["lstm", "gru"], default="lstm")
+    g.add_argument("--hidden", type=int, default=256, help="teacher hidden size")
+    g.add_argument("--layers", type=int, default=2, help="teacher RNN layers")
+    g.add_argument("--min-sequences", type=int, default=100)
+    g.add_argument("--max-sequences", type=int, default=20_000)
+    g.add_argument("--max-epochs", type=int, default=12)
+    g = p.add_argument_group("compression (the real run and its variants)")
+    g.add_argument("--config", default=None, help="JSON or TOML file of CompressConfig fields (bits must stay auto)")
+    g.add_argument("--backbone-steps", type=int, default=None, help="override CompressConfig.backbone_steps")
+    g.add_argument("--head-steps", type=int, default=None, help="override CompressConfig.head_steps")
+    g = p.add_argument_group("serving")
+    g.add_argument("--warm-requests", type=int, default=2000)
+    g.add_argument("--cold-requests", type=int, default=500)
+    g.add_argument("--http-requests", type=int, default=2000)
+    g.add_argument("--http-concurrency", type=int, default=8)
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///fleet-data/mlflow.db)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the bench run to MLflow")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+
+
+def config_from_args(args) -> BenchConfig:
+    """A :class:`BenchConfig` from parsed ``fleet bench`` arguments (ValueError on bad combinations)."""
+    synth = SynthConfig(campaigns=args.campaigns, seed=args.seed, arch=args.arch, hidden_size=args.hidden,
+                        num_layers=args.layers, min_sequences=args.min_sequences, max_sequences=args.max_sequences,
+                        max_epochs=args.max_epochs)
+    compress = stages.CompressConfig.from_file(args.config) if args.config else stages.CompressConfig(seed=args.seed)
+    if args.backbone_steps is not None:
+        compress.backbone_steps = args.backbone_steps
+    if args.head_steps is not None:
+        compress.head_steps = args.head_steps
+    compress.__post_init__()
+    return BenchConfig(synth=synth, fleet_dir=args.fleet_dir or os.path.join(args.out, "fleet"), out=args.out,
+                       compress=compress, peer_subset=args.peer_subset, scale_campaigns=args.scale_campaigns,
+                       warm_requests=args.warm_requests, cold_requests=args.cold_requests,
+                       http_requests=args.http_requests, http_concurrency=args.http_concurrency,
+                       tracking_uri=args.tracking_uri, mlflow=not args.no_mlflow, address=args.address)
+
+
+def run_from_args(args, out_console) -> int:
+    """``fleet bench``: run, print the summary table; exit 0 (1 on a FleetError, raised to the CLI)."""
+    results = run_bench(config_from_args(args))
+    out_console.print(summary_table(results))
+    out_console.print(f"results: {os.path.join(args.out, 'results.json')}, {os.path.join(args.out, 'results.md')}"
+                      + (f"; MLflow run {results['mlflow_run_id']}" if results.get("mlflow_run_id") else ""))
+    return 0

@@ -174,6 +174,20 @@ def _cmd_versions(args, console) -> int:
     return EXIT_OK
 
 
+def _add_bench(sub) -> None:
+    from fleet.bench import add_arguments
+
+    p = sub.add_parser("bench", help="benchmark fleet against its peers on one synthetic fleet (DESIGN.md targets)")
+    add_arguments(p)
+    p.set_defaults(handler=_cmd_bench)
+
+
+def _cmd_bench(args, console) -> int:
+    from fleet.bench import run_from_args
+
+    return run_from_args(args, console)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every ``fleet`` subcommand."""
     parser = argparse.ArgumentParser(prog="fleet", description=__doc__)
@@ -181,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(sub)
     _add_compress(sub)
     _add_registry_commands(sub)
+    _add_bench(sub)
     cli_serving.register(sub)
     return parser
 

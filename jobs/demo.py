@@ -1,6 +1,6 @@
 """`make demo`: the main job end to end on embedded defaults, in about 3 minutes on 2 cores.
 
-synth (24 campaigns, 1-layer LSTM h=64 teachers; reused if present) -> fleet compress (local Ray,
+synth (24 campaigns of 400-3,000 sequences, 1-layer LSTM h=64 teachers; reused if present) -> fleet compress (local Ray,
 local store, sqlite MLflow) -> FleetModel.load("models:/demo@champion") -> predictions printed next to
 the teacher's for a few hold-out sequences.
 """
@@ -27,7 +27,7 @@ def main() -> int:
     console = Console()
     if not os.path.exists(f"{ROOT}/teachers"):
         code = fleet_main(["synth", "--campaigns", "24", "--out", ROOT, "--hidden", "64", "--layers", "1",
-                           "--max-sequences", "3000", "--seed", "0"])
+                           "--min-sequences", "400", "--max-sequences", "3000", "--seed", "0"])
         if code:
             return code
     code = fleet_main(["compress", "--teachers", f"{ROOT}/teachers", "--events", f"{ROOT}/events",
@@ -48,7 +48,7 @@ def main() -> int:
     sequences = [{"event_types": e, "features": f} for e, f in
                  zip(sample["event_types"].to_pylist(), sample["features"].to_pylist())]
     p_fleet = model.predict(campaign, sequences)
-    batch = table_to_batch(sample, model.config["num_features"])
+    batch = table_to_batch(sample, model.config.num_features)
     teacher = load_teacher(f"{ROOT}/teachers", campaign).model
     p_teacher = teacher(batch.event_types, batch.features, batch.lengths).sigmoid().detach().numpy()
     table = Table(title=f"{campaign}: fleet version {model.version_id} vs its teacher (hold-out sequences)")

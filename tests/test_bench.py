@@ -1,0 +1,93 @@
+"""``fleet bench`` end to end on a tiny fleet: every output exists, every method has finite sizes and
+fidelity keys, the cached fleet is reused (and a different one refused). No timing assertions."""
+
+import json
+import math
+import os
+
+import pytest
+
+from fleet import bench
+from fleet.cli import main
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--campaigns", "20", "--seed", "3", "--hidden", "16", "--layers", "1", "--min-sequences", "100",
+        "--max-sequences", "400", "--max-epochs", "2", "--peer-subset", "3", "--scale-campaigns", "2000",
+        "--backbone-steps", "60", "--head-steps", "40", "--warm-requests", "100", "--cold-requests", "50",
+        "--http-requests", "100", "--http-concurrency", "4"]
+METHODS = {"teacher_fp32", "teacher_int8_dynamic", "independent_students", "fleet_auto", "fleet_bits8", "fleet_bits4",
+           "fleet_bits2", "fleet_bits1", "fleet_auto_lowrank", "fleet_auto_linear", "fleet_auto_class_distance"}
+FIDELITY_KEYS = {"auc_median", "auc_diff_median", "auc_diff_p10", "auc_diff_worst", "mean_abs_diff_median",
+                 "mean_abs_diff_p90", "mean_abs_diff_worst", "campaigns", "campaigns_with_auc"}
+
+
+def finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def test_bench_smoke(ray_local, tmp_path, sqlite_tracking_uri):
+    out, fleet_dir = tmp_path / "out", tmp_path / "fleet"
+    code = main(["bench", *TINY, "--fleet-dir", str(fleet_dir), "--out", str(out), "--tracking-uri", sqlite_tracking_uri])
+    assert code == 0
+    for name in ("results.json", "results.md", *bench.PLOTS):
+        assert (out / name).stat().st_size > 0, name
+    assert json.loads((fleet_dir / "synth.json").read_text())["campaigns"] == 20
+
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == METHODS
+    for key, method in results["methods"].items():
+        assert finite(method["bytes_per_campaign"]) and method["bytes_per_campaign"] > 0, key
+        assert finite(method["bytes_total"]) and method["bytes_total"] > 0, key
+        assert finite(method["compression_ratio"]), key
+        assert finite(method["time_s"]), key
+        assert FIDELITY_KEYS <= set(method["fidelity"]), key
+        assert method["fidelity"]["mean_abs_diff_median"] is not None, key
+        assert method["per_campaign"], key
+    assert results["methods"]["independent_students"]["extrapolated"] is True
+    assert len(results["methods"]["independent_students"]["per_campaign"]) == 3
+    assert len(results["methods"]["fleet_auto"]["per_campaign"]) == 20
+    # fleet's heads are far smaller than any teacher file, measured
+    assert results["methods"]["fleet_auto"]["bytes_per_campaign"] < results["methods"]["teacher_int8_dynamic"]["bytes_per_campaign"]
+    serving = results["serving"]
+    for part in ("warm", "cold", "http"):
+        assert finite(serving[part]["p50_ms"]) and finite(serving[part]["p99_ms"]), part
+    assert serving["http"]["errors"] == 0
+    assert finite(serving["http"]["server_rss_after_load"]["rss_mb"])
+    scale = results["scale"]["2000"]
+    assert scale["simulated"] is True and finite(scale["bytes_per_campaign"]) and finite(scale["rss_mb"])
+    assert {t["figure"] for t in results["targets"]} and all("passed" in t for t in results["targets"])
+    assert results.get("mlflow_run_id")
+    md = (out / "results.md").read_text()
+    assert "extrapolated" in md and "SIMULATED" in md
+
+    # a second bench on the same dir reuses the fleet; another seed is refused, nothing is overwritten
+    info = bench.prepare_fleet(bench.config_from_args(_args(fleet_dir, out)).synth, str(fleet_dir))
+    assert info["reused"] and "synth.json" in info["how"]
+    other = bench.config_from_args(_args(fleet_dir, out, seed="4")).synth
+    with pytest.raises(bench.FleetError, match="seed"):
+        bench.prepare_fleet(other, str(fleet_dir))
+
+
+def test_unrecorded_fleet_is_verified_from_its_data(small_fleet, tmp_path):
+    """A fleet made by `fleet synth` (no synth.json) is reused when teacher shape and regenerated data match."""
+    from fleet.synth import SynthConfig
+
+    root = small_fleet["root"]
+    info = bench.prepare_fleet(small_fleet["config"], root)
+    assert info["reused"] and "regenerating" in info["how"]
+    assert not os.path.exists(os.path.join(root, "synth.json"))  # a fleet we did not make is left as it is
+    with pytest.raises(bench.FleetError):
+        bench.prepare_fleet(SynthConfig(**{**vars(small_fleet["config"]), "seed": 8}), root)
+    with pytest.raises(bench.FleetError, match="incomplete"):
+        bench.prepare_fleet(SynthConfig(**{**vars(small_fleet["config"]), "campaigns": 21}), root)
+
+
+def _args(fleet_dir, out, seed="3"):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    argv = list(TINY)
+    argv[argv.index("--seed") + 1] = seed
+    return parser.parse_args([*argv, "--fleet-dir", str(fleet_dir), "--out", str(out)])
