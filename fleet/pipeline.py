@@ -26,7 +26,7 @@ from fleet.codec import HEADS_SCHEMA, rejects_to_table
 from fleet.errors import FleetError, StoreError
 from fleet.events import EventsDataset, write_events
 from fleet.metrics import fleet_summary
-from fleet.store import FleetVersion, VersionWriter, WorkDir, join_uri, open_fs
+from fleet.store import FleetVersion, VersionWriter, WorkDir, absolute_uri, join_uri, open_fs
 from fleet.teachers import list_teacher_campaigns
 
 console = Console(stderr=True)
@@ -49,6 +49,13 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
         yield
     finally:
         ray.shutdown()
+
+
+def _largest_node_cpus() -> int:
+    """CPUs of the biggest alive node: the most one task can ask for (the cluster total may be
+    spread over several nodes, and a task asking for more than any node has never runs)."""
+    cpus = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
+    return max(1, int(max(cpus, default=1)))
 
 
 def _run_with_threads(fn: Callable, threads: int, *args: Any) -> Any:
@@ -101,6 +108,7 @@ def run_synth(config: synth.SynthConfig, out_uri: str, storage_options: dict | N
     import pyarrow as pa
 
     started = time.perf_counter()
+    out_uri = absolute_uri(out_uri)
     ids = synth.campaign_ids(config.campaigns)
     tables = [synth.generate_campaign(config, i) for i in range(config.campaigns)]
     events_uri, teachers_uri = f"{out_uri.rstrip('/')}/events", f"{out_uri.rstrip('/')}/teachers"
@@ -167,7 +175,8 @@ def _backbone_task(sample: pa.Table, ctx: stages.StageContext, work: tuple) -> d
 
 
 def _train_backbone_distributed(sample: pa.Table, ctx: stages.StageContext, work: tuple, workers: int) -> dict:
-    """Stage 2 on Ray Train: ``workers`` DDP workers, each on its share of every epoch's minibatches."""
+    """Stage 2 on Ray Train: ``workers`` DDP workers, each on its share of every step's minibatches;
+    rank 0 writes the backbone and its stats to the work dir."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer, prepare_model
 
@@ -179,17 +188,23 @@ def _train_backbone_distributed(sample: pa.Table, ctx: stages.StageContext, work
                                             world_size=context.get_world_size(),
                                             wrap=lambda m: prepare_model(m, move_to_device=False))
         if context.get_world_rank() == 0:
-            WorkDir(*loop_config["work"]).write_bytes("backbone.safetensors", data)
-        rt.report({**stats, "node": ray.get_runtime_context().get_node_id()})
+            workdir = WorkDir(*loop_config["work"])
+            workdir.write_bytes("backbone.safetensors", data)
+            workdir.write_json("backbone_stats.json", {**stats, "backbone_workers": context.get_world_size(),
+                                                       "node": ray.get_runtime_context().get_node_id()})
 
+    import pyarrow.fs
+
+    workdir = WorkDir(*work)
+    fs, path = open_fs(join_uri(workdir.uri, "ray_train"), work[3])  # Ray Train's checkpoints live on the store too
     trainer = TorchTrainer(
         loop, train_loop_config={"sample": sample, "ctx": ctx, "work": work},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name=f"backbone-{work[2]}", storage_path=join_uri(WorkDir(*work).uri, "ray_train")
-                             if "://" in work[0] else os.path.abspath(join_uri(WorkDir(*work).uri, "ray_train")),
-                             storage_filesystem=None),
+        run_config=RunConfig(name="backbone", storage_path=path,
+                             storage_filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))),
     )
-    return dict(trainer.fit().metrics or {})
+    trainer.fit()
+    return workdir.read_json("backbone_stats.json")
 
 
 def _input_space(teachers_uri: str, campaigns: list[str], config: stages.CompressConfig,
@@ -242,6 +257,7 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
     from fleet import registry
 
     started = time.perf_counter()
+    teachers_uri, events_uri, store_uri = (absolute_uri(u) for u in (teachers_uri, events_uri, store_uri))
     run_id = run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     tracking_uri = tracking_uri or registry.default_tracking_uri()
     work = (store_uri, fleet, run_id, storage_options)
@@ -292,10 +308,11 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
             else:
                 sample = pa.concat_tables([workdir.read_shard("backbone_sample", s) for s in plan["shards"]])
                 if config.backbone_workers > 1:
+                    console.print(f"stage 2  backbone on Ray Train ({config.backbone_workers} DDP workers)")
                     backbone_stats = _train_backbone_distributed(sample, ctx, work, config.backbone_workers)
                 else:
                     backbone_stats = map_on_ray(_backbone_task, [sample], (ctx, work), "stage 2  backbone",
-                                                threads=max(1, min(num_cpus, 4)))[0]
+                                                threads=max(1, min(_largest_node_cpus(), 4)))[0]
                 workdir.write_json("backbone_stats.json", backbone_stats)
         elif workdir.exists("backbone_stats.json"):
             backbone_stats = workdir.read_json("backbone_stats.json")

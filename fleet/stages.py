@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 
@@ -323,7 +324,8 @@ def train_backbone(sample: pa.Table, ctx: StageContext, *, rank: int = 0, world_
 
     fake_quant = (lambda w: fake_quantize(w, 8, PerTensor())) if config.backbone_qat else None
     losses = []
-    fit_backbone(model, epoch, config.distill_config(), epochs=10**9, steps=config.backbone_steps, lr=config.backbone_lr,
+    steps = math.ceil(config.backbone_steps / world_size)  # data parallel: same samples, bigger effective batch
+    fit_backbone(model, epoch, config.distill_config(), epochs=10**9, steps=steps, lr=config.backbone_lr,
                  seed=config.seed, fake_quant=fake_quant, progress=lambda step, loss: losses.append(loss))
     data = backbone_to_bytes(student.backbone, config.backbone_bits, head_prior=student.heads.detach().mean(0))
     stats = {"backbone_rows": len(pooled), "backbone_campaigns": len(campaigns), "backbone_steps": len(losses),

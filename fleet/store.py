@@ -103,6 +103,11 @@ def join_uri(base: str, *parts: str) -> str:
     return out
 
 
+def absolute_uri(uri: str) -> str:
+    """``uri`` with a local path made absolute (Ray workers may run elsewhere than the driver's cwd)."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
 def open_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return ``(filesystem, path)`` for ``uri`` (wraps :func:`fsspec.core.url_to_fs`)."""
     return fsspec.core.url_to_fs(uri, **(storage_options or {}))

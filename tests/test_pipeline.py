@@ -175,3 +175,11 @@ def test_gate_blocks_worse_version_and_rollback(small_fleet, ray_local, tmp_path
     registry.promote("adfleet", worse.registered.version, sqlite_tracking_uri)
     assert registry.rollback("adfleet", sqlite_tracking_uri) == good.registered.version
     assert registry.champion_version("adfleet", sqlite_tracking_uri) == good.registered.version
+
+
+def test_backbone_on_ray_train_ddp(small_fleet, ray_local, tmp_path):
+    result = compress(small_fleet, tmp_path / "store", None, register=False, run_id="ddp",
+                      config=fast_config(backbone_workers=2, backbone_steps=60, head_steps=30))
+    assert result.exit_code == 0
+    assert result.metrics["backbone_workers"] == 2 and result.metrics["backbone_steps"] == 30  # per worker
+    assert FleetVersion.open(result.manifest_uri).read_heads().num_rows == 20
