@@ -35,12 +35,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def registered(small_fleet, ray_local, tmp_path_factory, sqlite_template):
+def registered(small_fleet, ray_local, tmp_path_factory, _mlflow_db_template):
     root = tmp_path_factory.mktemp("e2e-serving")
     tracking = f"sqlite:///{root}/mlflow.db"
     import shutil
 
-    shutil.copy(sqlite_template, root / "mlflow.db")
+    shutil.copy(_mlflow_db_template, root / "mlflow.db")
     config = CompressConfig(backbone_steps=300, head_steps=150,
                             gate={"min_median_auc_diff": -0.5, "min_p10_auc_diff": -1.0})
     result = run_compress(teachers_uri=small_fleet["teachers"], events_uri=small_fleet["events"],
@@ -65,7 +65,8 @@ def direct_student(manifest_uri, rows):
 
         table = pa.table({"event_types": [row["event_types"]], "features": [row["features"]], "label": [None]})
         batch = table_to_batch(table, backbone.config.num_features)
-        h = backbone(batch.event_types, batch.features, batch.lengths)
+        with torch.no_grad():
+            h = backbone(batch.event_types, batch.features, batch.lengths)
         params = decode_heads([heads[row["campaign_id"]]])
         out.append(float(torch.sigmoid(head_logits(backbone.config.head, h, params[0], backbone.config.head_rank))[0]))
     return np.array(out)
@@ -86,13 +87,15 @@ def test_four_ways_agree(registered):
     frame = pd.DataFrame(rows)
     np.testing.assert_allclose(np.asarray(pyfunc.predict(frame)), batch, atol=1e-6)
 
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "RAY_AUTH_MODE": "disabled"}
+    bin_dir = os.path.dirname(sys.executable)  # `mlflow models serve` runs `uvicorn` from PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "RAY_AUTH_MODE": "disabled",
+           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
     port_fleet, port_mlflow = _free_port(), _free_port()
     servers = [
         subprocess.Popen([sys.executable, "-m", "fleet.cli", "serve", "--model", "models:/servefleet@champion",
                           "--tracking-uri", tracking, "--port", str(port_fleet)], env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-        subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "models", "serve", "-m",
+        subprocess.Popen([os.path.join(bin_dir, "mlflow"), "models", "serve", "-m",
                           "models:/servefleet@champion", "--env-manager", "local", "-h", "127.0.0.1",
                           "-p", str(port_mlflow)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True),
