@@ -27,3 +27,9 @@ test-fast: setup
 
 clean:
 	rm -rf fleet-data mlruns .pytest_cache
+
+# A real two-node Ray cluster (`ray start` head + worker on 127.0.0.1) running `fleet compress` against
+# moto's S3 server and an MLflow server; stops the cluster's own processes (never `ray stop`). ~2-3 min.
+.PHONY: multinode
+multinode: setup
+	$(PY) -m pytest -q tests/test_multinode.py
