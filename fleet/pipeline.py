@@ -490,6 +490,9 @@ def serve_on_ray(app_factory: Callable, replicas: int, host: str, port: int, add
 
     with ray_session(address or os.environ.get("RAY_ADDRESS")):
         serve.start(http_options={"host": host, "port": port})
-        deployment = serve.deployment(name="fleet", num_replicas=replicas)(serve.ingress(app_factory)())
+        def build_app():  # a plain function: Ray Serve calls it on each replica (a partial would pass as an ASGI app)
+            return app_factory()
+
+        deployment = serve.deployment(name="fleet", num_replicas=replicas)(serve.ingress(build_app)())
         console.print(f"Ray Serve: {replicas} replica(s) on http://{host}:{port}")
         serve.run(deployment.bind(), name="fleet", route_prefix="/", blocking=True)

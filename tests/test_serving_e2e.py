@@ -133,3 +133,29 @@ def _wait(url: str, timeout: float = 120) -> None:
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{url} did not come up in {timeout} s")
+
+
+def test_ray_serve_replicas_answer_like_fleet_model(registered):
+    """`fleet serve --ray --replicas 2`: the same app on Ray Serve, resolved through MLflow on each replica."""
+    import signal
+
+    rows, tracking = registered["rows"], registered["tracking"]
+    expected = FleetModel.load("models:/servefleet@champion", tracking_uri=tracking).predict_batch(rows)
+    port = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    server = subprocess.Popen([sys.executable, "-m", "fleet.cli", "serve", "--model", "models:/servefleet@champion",
+                               "--tracking-uri", tracking, "--ray", "--replicas", "2", "--port", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait(f"http://127.0.0.1:{port}/healthz", timeout=240)
+        for _ in range(4):  # requests spread over both replicas
+            got = httpx.post(f"http://127.0.0.1:{port}/v1/predict/batch", json={"rows": rows}, timeout=60).json()
+            np.testing.assert_allclose(got["probabilities"], expected, atol=1e-6)
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/campaigns/nope-123", timeout=30).status_code == 404
+    finally:
+        server.send_signal(signal.SIGINT)  # lets the driver shut its local Ray down
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
