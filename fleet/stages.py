@@ -309,7 +309,7 @@ def train_backbone(sample: pa.Table, ctx: StageContext, *, rank: int = 0, world_
     for c, (campaign_id, batch, rows) in enumerate(_campaign_batches(events, sample, campaigns, ctx.num_features)):
         parts.append(batch)
         index_parts.append(torch.full((len(batch),), c, dtype=torch.long))
-        logit_parts.append(torch.from_numpy(rows["teacher_logit"].to_numpy()))
+        logit_parts.append(torch.tensor(rows["teacher_logit"].to_numpy()))
     pooled = _concat_batches(parts)
     campaign_index, teacher_logits = torch.cat(index_parts), torch.cat(logit_parts)
     torch.manual_seed(config.seed)
@@ -362,9 +362,9 @@ def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes
     for c, (campaign_id, batch, rows) in enumerate(_campaign_batches(events, soft, campaigns, ctx.num_features)):
         feats.append(compute_features(backbone, batch))  # (n_c, H)
         index.append(torch.full((len(batch),), c, dtype=torch.long))
-        logits.append(torch.from_numpy(rows["teacher_logit"].to_numpy()))
+        logits.append(torch.tensor(rows["teacher_logit"].to_numpy()))
         labels.append(batch.labels)
-        splits.append(torch.from_numpy(rows["split"].to_numpy()))
+        splits.append(torch.tensor(rows["split"].to_numpy()))
     features, cidx, t_logits, labels_all, split = (torch.cat(x) for x in (feats, index, logits, labels, splits))
     num = len(campaigns)
     fit_rows = split == FIT
