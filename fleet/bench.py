@@ -79,6 +79,8 @@ class BenchConfig:
         compress: the fleet config of the real run; the variants change only bits / head / loss.
         peer_subset: K, campaigns the independent-student peer (c) is run on.
         scale_campaigns: simulated fleet sizes for the scale test (0 or empty: skip).
+        variant_backbones: train a backbone per head-design / loss variant (as a real run with that config
+            would); False (default, cheaper) reuses the real run's backbone and changes stage 3 only.
         warm_requests, cold_requests: in-process predictions timed (warm: head cached; cold: cache miss).
         http_requests, http_concurrency: HTTP predictions timed on loopback, requests in flight at once.
         tracking_uri: MLflow (None: fleet.registry.default_tracking_uri()); ``mlflow`` False skips logging.
@@ -95,6 +97,7 @@ class BenchConfig:
     cold_requests: int = 500
     http_requests: int = 2000
     http_concurrency: int = 8
+    variant_backbones: bool = False
     tracking_uri: str | None = None
     mlflow: bool = True
     address: str | None = None
@@ -232,6 +235,12 @@ def fidelity_summary(rows: list[dict]) -> dict:
     }
 
 
+def _min_count(config: stages.CompressConfig) -> int:
+    """Fewest positives (and negatives) for a hold-out AUC: the real run's rule, so every method's AUC
+    statistics cover the same campaigns."""
+    return int(getattr(config, "min_auc_class_count", 1))
+
+
 def _fid_row(campaign_id: str, fid: dict, n_rows: int | None) -> dict:
     return {"campaign_id": campaign_id, "n_rows": n_rows, "auc": fid["student_auc"], "teacher_auc": fid["teacher_auc"],
             "auc_diff": fid["auc_diff"], "mean_abs_diff": fid["mean_abs_diff"], "n_holdout": fid["n_holdout"]}
@@ -278,7 +287,7 @@ def int8_dynamic_task(job: dict, ctx: stages.StageContext) -> list[dict]:
         logits = map_minibatches(qmodel, batch).float()
         infer_s = time.perf_counter() - started
         fid = campaign_fidelity(torch.sigmoid(logits).numpy(), torch.sigmoid(torch.tensor(hold["teacher_logit"])).numpy(),
-                                np.asarray(hold["label"], dtype=np.float64))
+                                np.asarray(hold["label"], dtype=np.float64), _min_count(ctx.config))
         out.append({**_fid_row(campaign_id, fid, None), "bytes": buf.getbuffer().nbytes, "quantize_s": quantize_s,
                     "inference_s": infer_s})
     return out
@@ -297,9 +306,26 @@ def independent_student_task(job: dict, ctx: stages.StageContext) -> dict:
     config = backbone.config
     logits = head_logits(config.head, compute_features(backbone, batch), head, config.head_rank)
     fid = campaign_fidelity(torch.sigmoid(logits).numpy(), torch.sigmoid(torch.tensor(hold["teacher_logit"])).numpy(),
-                            np.asarray(hold["label"], dtype=np.float64))
+                            np.asarray(hold["label"], dtype=np.float64), _min_count(ctx.config))
     return {**_fid_row(job["campaign_id"], fid, None), "bytes": len(data), "seconds": seconds,
             "steps": stats["backbone_steps"], "fit_rows": stats["backbone_rows"]}
+
+
+def retarget_backbone(data: bytes, head: str, head_rank: int) -> bytes:
+    """``backbone.safetensors`` bytes whose student config names another head design (the weights are
+    unchanged); the stored head prior is dropped when the design changes (it is a mean of the old design's
+    heads), so stage 3 starts from :func:`fleet.student.init_heads`."""
+    from safetensors.torch import load, save
+
+    header = json.loads(data[8: 8 + int.from_bytes(data[:8], "little")])
+    metadata = dict(header.get("__metadata__") or {})
+    student = json.loads(metadata["student_config"])
+    if (student["head"], student["head_rank"]) == (head, head_rank):
+        return data
+    student.update(head=head, head_rank=head_rank)
+    metadata["student_config"] = json.dumps(student)
+    tensors = {k: v for k, v in load(data).items() if k != "head_prior"}
+    return save(tensors, metadata=metadata)
 
 
 def backbone_task(sample: pa.Table, ctx: stages.StageContext) -> dict:
@@ -349,7 +375,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     tracking_uri = cfg.tracking_uri or registry.default_tracking_uri()
     n = cfg.synth.campaigns
     results: dict = {"format": RESULTS_FORMAT, "created_at": stamp, "campaigns": n,
-                     "machine": _machine(), "bench_config": _bench_params(cfg), "methods": {}, "notes": []}
+                     "machine": _machine(), "bench_config": _bench_params(cfg), "methods": {}}
 
     with pipeline.ray_session(cfg.address):
         fleet = prepare_fleet(cfg.synth, cfg.fleet_dir, cfg.address)
@@ -402,7 +428,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         for cid in ok:
             h = holdout[cid]
             p = torch.sigmoid(torch.tensor(h["teacher_logit"].to_numpy())).numpy()
-            rows.append(_fid_row(cid, campaign_fidelity(p, p, h["label"].to_numpy()), sizes[cid]))
+            rows.append(_fid_row(cid, campaign_fidelity(p, p, h["label"].to_numpy(), _min_count(cfg.compress)), sizes[cid]))
         results["methods"]["teacher_fp32"] = _method(
             "teacher_fp32", rows, bytes_total=teacher_total, bytes_per_campaign=teacher_total / len(ok),
             bytes_note="model.safetensors of every teacher (measured file sizes)", time_s=floor,
@@ -473,6 +499,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         results["scale"] = {str(s): bench_scale(s, version, cfg, stamp) for s in cfg.scale_campaigns}
     results["targets"] = evaluate_targets(results)
     results["bench_seconds"] = time.perf_counter() - started_all
+    results["machine"]["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    results["argv"] = list(sys.argv)
     write_outputs(results, cfg.out)
     if cfg.mlflow:
         results["mlflow_run_id"] = log_to_mlflow(results, cfg.out, tracking_uri)
@@ -499,6 +527,11 @@ def _run_variants(cfg, results, ctx, plan, soft_shards, ok, hashes, sizes, sampl
         config.__post_init__()
         vctx = dataclasses.replace(ctx, config=config)
         key = _backbone_key(config)
+        if key not in backbones and not cfg.variant_backbones:
+            real_bytes = backbones[_backbone_key(cfg.compress)][0]
+            backbones[key] = (retarget_backbone(real_bytes, config.head, config.head_rank),
+                              m.get("stage_seconds_backbone", 0.0),
+                              "the real run's backbone (film/hinton-trained), reused; only stage 3 differs")
         if key not in backbones:
             out = pipeline.map_on_ray(backbone_task, [sample], (vctx,), f"{name}: stage 2 backbone",
                                       threads=max(1, min(os.cpu_count() or 1, 4)))[0]
@@ -521,7 +554,7 @@ def _run_variants(cfg, results, ctx, plan, soft_shards, ok, hashes, sizes, sampl
             time_s=floor + bb_seconds + heads_seconds,
             bytes_note="heads/*.parquet / N per campaign; total adds backbone.safetensors (measured files)",
             time_note=f"stage 1 of the real run (shared) + backbone ({bb_note}) + heads {heads_seconds:.1f} s",
-            extra={"heads_bytes": hb, "backbone_bytes": len(bb), "backbone_seconds": bb_seconds,
+            extra={"heads_bytes": hb, "backbone_bytes": len(bb), "backbone_seconds": bb_seconds, "backbone_note": bb_note,
                    "heads_seconds": heads_seconds, "overrides": overrides,
                    "bits_campaigns": {str(b): int((bits == b).sum()) for b in (1, 2, 4, 8, 16)}})
 
@@ -722,13 +755,15 @@ t0 = time.perf_counter(); FleetModel.open(uri, verify=True); open_verify_s = tim
 rng = np.random.default_rng(seed)
 cfg = model.config
 lat = []
-for i in range(count):
-    cid = "sim-%08d" % int(rng.integers(n_campaigns))
+for k in rng.choice(n_campaigns, size=min(count, n_campaigns), replace=False):  # distinct ids: every lookup a miss
+    cid = "sim-%08d" % int(k)
     t = rng.integers(0, cfg.num_event_types, size=20).tolist()
     f = rng.normal(size=20 * cfg.num_features).astype("float32").tolist()
     t0 = time.perf_counter(); model.predict(cid, [{"event_types": t, "features": f}]); lat.append(time.perf_counter() - t0)
 print(json.dumps({"open_s": open_s, "open_verify_s": open_verify_s, "lat": lat, "rss_before_open": before,
-                  "rss_after": rss(), "cache": model.cache_info()}))
+                  "rss_after": rss(), "cache": model.cache_info()}), flush=True)
+import os
+os._exit(0)  # skip interpreter teardown: native thread pools have been seen to abort the process there
 """
 
 
@@ -798,9 +833,10 @@ def bench_scale(count: int, version: FleetVersion, cfg: BenchConfig, stamp: str)
     console.print(f"scale {count:,}: probing cold lookups in a fresh process")
     proc = subprocess.run([sys.executable, "-c", _PROBE_SRC, manifest_uri, str(cfg.cold_requests),
                            str(cfg.compress.seed), str(count)], capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0:
-        raise FleetError(f"scale probe failed: {proc.stderr[-2000:]}")
-    probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise FleetError(f"scale probe failed (exit {proc.returncode}): {proc.stderr[-2000:]}") from None
     return {
         "simulated": True, "campaigns": count, "heads_bytes": heads_bytes, "bytes_per_campaign": heads_bytes / count,
         "backbone_bytes": files["backbone.safetensors"]["bytes"], "parts": sum(1 for p in files if p.startswith("heads/")),
@@ -880,7 +916,8 @@ def _bench_params(cfg: BenchConfig) -> dict:
     return {"synth": dataclasses.asdict(cfg.synth), "compress": cfg.compress.to_dict(), "fleet_dir": cfg.fleet_dir,
             "out": cfg.out, "peer_subset": cfg.peer_subset, "scale_campaigns": list(cfg.scale_campaigns),
             "warm_requests": cfg.warm_requests, "cold_requests": cfg.cold_requests,
-            "http_requests": cfg.http_requests, "http_concurrency": cfg.http_concurrency}
+            "http_requests": cfg.http_requests, "http_concurrency": cfg.http_concurrency,
+            "variant_backbones": cfg.variant_backbones}
 
 
 def _json_safe(obj):
@@ -919,9 +956,9 @@ def render_markdown(results: dict, plots_prefix: str = "") -> str:
     m = results["methods"]
     n = results["campaigns"]
     lines = [f"### Methods side by side (N = {n} campaigns, same teachers, same hold-out rows)", "",
-             "| method | bytes / campaign | total bytes | ratio vs fp32 | AUC median | AUC diff median / p10 / worst "
-             "| mean abs(p - p_teacher) median / p90 / worst | wall time |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| method | bytes / campaign | total bytes | ratio vs fp32 | campaigns with AUC | AUC median "
+             "| AUC diff median / p10 / worst | mean abs(p - p_teacher) median / p90 / worst | wall time |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key in METHOD_ORDER:
         if key not in m:
             continue
@@ -929,27 +966,37 @@ def render_markdown(results: dict, plots_prefix: str = "") -> str:
         ext = " (extrapolated)" if r["extrapolated"] else ""
         lines.append(
             f"| {r['label']} | {_human(r['bytes_per_campaign'])}{ext} | {_human(r['bytes_total'])}{ext} "
-            f"| {_ratio(r['compression_ratio'])} | {_fmt(f['auc_median'], '.4f')} "
+            f"| {_ratio(r['compression_ratio'])} | {f['campaigns_with_auc']} of {f['campaigns']} | {_fmt(f['auc_median'], '.4f')} "
             f"| {_fmt(f['auc_diff_median'], '+.4f')} / {_fmt(f['auc_diff_p10'], '+.4f')} / {_fmt(f['auc_diff_worst'], '+.4f')} "
             f"| {_fmt(f['mean_abs_diff_median'], '.4f')} / {_fmt(f['mean_abs_diff_p90'], '.4f')} / "
             f"{_fmt(f['mean_abs_diff_worst'], '.4f')} | {r['time_s']:,.1f} s{ext} |")
     c = m["independent_students"]
-    lines += ["", f"Fidelity columns cover every campaign with a defined hold-out AUC "
+    lines += ["", f"AUCs are computed only where a campaign's hold-out rows hold at least "
+              f"{results['bench_config']['compress'].get('min_auc_class_count', 1)} positives and negatives (the real run's "
+              f"rule, applied to every method); mean abs(p - p_teacher) covers every campaign. "
+              f"Fidelity columns cover every campaign with a defined hold-out AUC "
               f"({m['fleet_auto']['fidelity']['campaigns_with_auc']} of {m['fleet_auto']['fidelity']['campaigns']} for the "
               f"real run); peer (c) covers its {c['subset_size']} random campaigns only. On those same campaigns the real "
               f"run's AUC diff median / p10 is {_fmt(c['fleet_auto_on_same_subset']['auc_diff_median'], '+.4f')} / "
               f"{_fmt(c['fleet_auto_on_same_subset']['auc_diff_p10'], '+.4f')} (peer (c): "
               f"{_fmt(c['fidelity']['auc_diff_median'], '+.4f')} / {_fmt(c['fidelity']['auc_diff_p10'], '+.4f')}).", ""]
     lines += ["How each figure was measured:", ""]
-    for key in METHOD_ORDER:
+    for key in METHOD_ORDER[:4]:
         if key in m:
             lines.append(f"- **{m[key]['label']}**: size: {m[key]['bytes_note']}; time: {m[key]['time_note']}.")
+    variants = [k for k in METHOD_ORDER[4:] if k in m]
+    if variants:
+        lines.append(f"- **(d) variants**: size as the real run (each variant written as its own version and measured); "
+                     f"time = stage 1 of the real run (shared) + backbone + their own heads: "
+                     + "; ".join(f"{k}: backbone {m[k]['backbone_seconds']:.1f} s ({m[k]['backbone_note']}), heads "
+                                 f"{m[k]['heads_seconds']:.1f} s" for k in variants) + ".")
     rr = results["real_run"]
     lines += ["", "### The real run (one full `run_compress`, default config, bits auto)", "",
               "| stage | seconds |", "|---|---:|"]
-    for stage, secs in rr["stage_seconds"].items():
-        lines.append(f"| {stage} | {secs:,.1f} |")
-    lines += [f"| registration in MLflow + driver overhead | {rr['registration_and_overhead_seconds']:,.1f} |",
+    for stage in ("soft_labels", "backbone", "heads"):
+        if stage in rr["stage_seconds"]:
+            lines.append(f"| {STAGE_NAMES[stage]} | {rr['stage_seconds'][stage]:,.1f} |")
+    lines += [f"| finalize (write the version) + registration in MLflow + driver overhead | {rr['registration_and_overhead_seconds']:,.1f} |",
               f"| **total wall time** | **{rr['wall_seconds']:,.1f}** |", "",
               f"Total wall time / floor (stage 1) = **{_fmt(rr['total_over_floor'], '.2f')}x** "
               f"(stages only, without registration: {_fmt(rr['run_over_floor'], '.2f')}x). "
@@ -972,12 +1019,13 @@ def render_markdown(results: dict, plots_prefix: str = "") -> str:
     if sc:
         lines += ["### Scale — SIMULATED (random heads of the real shape and bit mix, real backbone, real store format)", "",
                   "| campaigns | heads bytes / campaign | parts | build (write + index) | open (no verify / verify) "
-                  "| cold predict p50 / p99 | serving RSS (peak) |", "|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| cold predict p50 / p99 | serving RSS (peak) | RSS before open (imports only) |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for key, r in sc.items():
             lines.append(f"| {int(key):,} | {r['bytes_per_campaign']:.1f} B | {r['parts']} | {r['build_seconds']:.1f} s "
                          f"| {r['open_seconds'] * 1000:.0f} ms / {r['open_verify_seconds'] * 1000:.0f} ms "
                          f"| {r['cold']['p50_ms']:.2f} / {r['cold']['p99_ms']:.2f} ms "
-                         f"| {r['rss_mb']:.0f} MB ({r['peak_rss_mb']:.0f} MB) |")
+                         f"| {r['rss_mb']:.0f} MB ({r['peak_rss_mb']:.0f} MB) | {r['rss_before_open_mb']:.0f} MB |")
         lines.append("")
     lines += ["### DESIGN.md targets", "", "| figure | target | measured | | source |", "|---|---|---:|---|---|"]
     for t in results["targets"]:
@@ -999,6 +1047,10 @@ PLOTS = {
     "latency_cdf.png": "latency CDFs",
     "stage_times.png": "stage-time breakdown",
 }
+
+
+STAGE_NAMES = {"soft_labels": "stage 1: teacher soft labels (the floor)", "backbone": "stage 2: backbone",
+               "heads": "stages 3-5: heads, quantization, fidelity"}
 
 
 def write_outputs(results: dict, out: str) -> None:
@@ -1032,13 +1084,13 @@ def make_plots(results: dict) -> dict[str, bytes]:
     m = results["methods"]
     out = {}
     fig, ax = figure()
-    for key in METHOD_ORDER:
-        if key not in m:
-            continue
+    colors = __import__("matplotlib").colormaps["tab20"].colors
+    for i, key in enumerate(k for k in METHOD_ORDER if k in m):
         r, f = m[key], m[key]["fidelity"]
         y = f["auc_diff_median"] if f["auc_diff_median"] is not None else 0.0
         lo = y - (f["auc_diff_p10"] if f["auc_diff_p10"] is not None else y)
-        ax.errorbar([r["bytes_per_campaign"]], [y], yerr=[[lo], [0]], fmt="o", capsize=3,
+        ax.errorbar([r["bytes_per_campaign"]], [y], yerr=[[lo], [0]], fmt="s" if key.startswith("fleet") else "o",
+                    capsize=3, color=colors[(2 * i) % 20 if i < 10 else 2 * (i - 10) + 1],
                     label=r["label"] + (" *" if r["extrapolated"] else ""))
     ax.set_xscale("log")
     ax.axhline(0, color="black", lw=0.8)
@@ -1080,12 +1132,14 @@ def make_plots(results: dict) -> dict[str, bytes]:
     ax.set_xlabel("latency (ms, log)")
     ax.set_ylabel("fraction of requests")
     ax.set_title("Predict latency CDFs (one sequence per request)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower right")
     out["latency_cdf.png"] = png(fig)
 
     fig, (ax1, ax2) = figure(w=11, h=4.5, ncols=2)
     rr = results["real_run"]
-    stages_ = list(rr["stage_seconds"].items()) + [("registration + overhead", rr["registration_and_overhead_seconds"])]
+    order = ["soft_labels", "backbone", "heads"]
+    stages_ = [(k, rr["stage_seconds"][k]) for k in order if k in rr["stage_seconds"]]
+    stages_ += [("finalize + registration + overhead", rr["registration_and_overhead_seconds"])]
     left = 0.0
     for (name, secs), color in zip(stages_, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")):
         ax1.barh(["real run"], [secs], left=left, color=color, label=f"{name} {secs:.1f} s")
@@ -1235,6 +1289,8 @@ def add_arguments(p) -> None:
     g.add_argument("--cold-requests", type=int, default=500)
     g.add_argument("--http-requests", type=int, default=2000)
     g.add_argument("--http-concurrency", type=int, default=8)
+    g.add_argument("--variant-backbones", action="store_true",
+                   help="train a backbone per head-design/loss variant (default: reuse the real run's backbone)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///fleet-data/mlflow.db)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the bench run to MLflow")
@@ -1256,7 +1312,8 @@ def config_from_args(args) -> BenchConfig:
                        compress=compress, peer_subset=args.peer_subset, scale_campaigns=args.scale_campaigns,
                        warm_requests=args.warm_requests, cold_requests=args.cold_requests,
                        http_requests=args.http_requests, http_concurrency=args.http_concurrency,
-                       tracking_uri=args.tracking_uri, mlflow=not args.no_mlflow, address=args.address)
+                       variant_backbones=args.variant_backbones, tracking_uri=args.tracking_uri,
+                       mlflow=not args.no_mlflow, address=args.address)
 
 
 def run_from_args(args, out_console) -> int:
@@ -1266,3 +1323,94 @@ def run_from_args(args, out_console) -> int:
     out_console.print(f"results: {os.path.join(args.out, 'results.json')}, {os.path.join(args.out, 'results.md')}"
                       + (f"; MLflow run {results['mlflow_run_id']}" if results.get("mlflow_run_id") else ""))
     return 0
+
+
+# ----------------------------------------------------------------------------- docs/benchmarks.md
+
+
+def write_docs(results_path: str, docs_path: str, plots_dir: str, *, status: str = "", why: dict | None = None,
+               notes: str = "", shared: str = "other engineers' jobs") -> None:
+    """Write ``docs_path`` from a run's ``results.json`` (every number comes from it) and copy its PNGs
+    into ``plots_dir``. ``status`` / ``notes`` / ``why`` (target figure prefix -> explanation) are prose."""
+    import shutil
+
+    with open(results_path) as f:
+        results = json.load(f)
+    src = os.path.dirname(os.path.abspath(results_path))
+    os.makedirs(plots_dir, exist_ok=True)
+    for name in PLOTS:
+        shutil.copyfile(os.path.join(src, name), os.path.join(plots_dir, name))
+    rel = os.path.relpath(plots_dir, os.path.dirname(os.path.abspath(docs_path))) + "/"
+    mach = results["machine"]
+    argv = results.get("argv") or []
+    command = "fleet " + " ".join(argv[1:]) if argv and argv[0].endswith("fleet") else "(not recorded)"
+    m = results["methods"]
+    fa, b, c = m["fleet_auto"], m["teacher_int8_dynamic"], m["independent_students"]
+    rr = results["real_run"]
+    la0, la1 = mach.get("load_average_at_start"), mach.get("load_average_at_end")
+    lines = [
+        "# Benchmarks", "",
+        "<!-- generated by fleet.bench.write_docs from the run's results.json; numbers are never typed by hand -->", "",
+        f"`fleet bench` on a synthetic fleet of **N = {results['campaigns']}** campaigns "
+        f"({results['bench_config']['synth']['num_layers']}-layer {results['bench_config']['synth']['arch'].upper()} "
+        f"teachers, hidden {results['bench_config']['synth']['hidden_size']}, seed {results['bench_config']['synth']['seed']}), "
+        f"run {results['created_at']}; the whole benchmark took {results['bench_seconds'] / 60:.1f} min.", "",
+    ]
+    if status:
+        lines += [f"> {status}", ""]
+    lines += ["## Command", "", "```", command, "```", "",
+              f"Fleet: {results['fleet']['how']}. Outputs: `results.json`, `results.md`, the PNGs below; the run is "
+              f"logged to MLflow (experiment `{EXPERIMENT}`, run `{results.get('mlflow_run_id')}`).", "",
+              "## Machine", "",
+              f"{mach['cpus']} CPU cores, {mach['memory_gib']:.0f} GiB memory, no GPU ({mach['platform']}, Python "
+              f"{mach['python']}, torch {mach['torch']}). **Shared**: {shared} ran at the same time (load average at start "
+              f"{', '.join(f'{x:.1f}' for x in la0) if la0 else 'n/a'}, at end "
+              f"{', '.join(f'{x:.1f}' for x in la1) if la1 else 'n/a'} on {mach['cpus']} cores), so every wall time and "
+              f"latency here is pessimistic and noisy; sizes and fidelity do not depend on the load.", "",
+              "## Results", "", render_markdown(results, plots_prefix=rel), "## Reading", ""]
+    k = c["subset_size"]
+    speed = c["time_s"] / fa["time_s"] if fa["time_s"] else None
+    sub = c["fleet_auto_on_same_subset"]
+    lines += [
+        f"- **Size.** A fleet campaign costs {fa['bytes_per_campaign']:,.0f} B of heads Parquet; with the shared "
+        f"backbone the whole fleet is {_ratio(fa['compression_ratio'])} smaller than the fp32 teachers, where torch's "
+        f"dynamic int8 gives {_ratio(b['compression_ratio'])} and independent students {_ratio(c['compression_ratio'])}.",
+        f"- **Fidelity.** Median / p10 AUC diff vs the teacher: fleet {_fmt(fa['fidelity']['auc_diff_median'], '+.4f')} / "
+        f"{_fmt(fa['fidelity']['auc_diff_p10'], '+.4f')}, dynamic int8 {_fmt(b['fidelity']['auc_diff_median'], '+.4f')} / "
+        f"{_fmt(b['fidelity']['auc_diff_p10'], '+.4f')}; on the {k} campaigns of peer (c), independent students "
+        f"{_fmt(c['fidelity']['auc_diff_median'], '+.4f')} / {_fmt(c['fidelity']['auc_diff_p10'], '+.4f')} vs fleet "
+        f"{_fmt(sub['auc_diff_median'], '+.4f')} / {_fmt(sub['auc_diff_p10'], '+.4f')} (AUCs defined on "
+        f"{c['fidelity']['campaigns_with_auc']} of those {k}); mean |p - p_teacher| median on the same {k}: independent "
+        f"{_fmt(c['fidelity']['mean_abs_diff_median'], '.4f')}, fleet {_fmt(sub['mean_abs_diff_median'], '.4f')}. "
+        f"Mean |p - p_teacher| median over all campaigns: "
+        f"fleet {_fmt(fa['fidelity']['mean_abs_diff_median'], '.4f')}, int8 {_fmt(b['fidelity']['mean_abs_diff_median'], '.4f')}, "
+        f"independent {_fmt(c['fidelity']['mean_abs_diff_median'], '.4f')}.",
+        f"- **Time.** The full fleet run took {fa['time_s']:,.1f} s, {_fmt(rr['total_over_floor'], '.2f')}x its floor "
+        f"(stage 1, {rr['floor_seconds']:,.1f} s); independent students would take {c['time_s']:,.0f} s "
+        f"(EXTRAPOLATED from {k} campaigns), {_fmt(speed, ',.1f')}x fleet's time.",
+    ]
+    misses = [t for t in results["targets"] if not t["passed"]]
+    passes = [t for t in results["targets"] if t["passed"]]
+    if passes:
+        lines.append("- **Targets met:** " + "; ".join(f"{t['figure']} ({_target_value(t)} vs {t['target']})" for t in passes) + ".")
+    if misses:
+        lines += ["", "**Targets missed, and why:**", ""]
+        said: set[str] = set()
+        for t in misses:
+            reason = next((v for key, v in (why or {}).items() if t["figure"].startswith(key)), "")
+            if reason in said:
+                reason = "Same cause as above."
+            said.add(reason)
+            lines.append(f"- {t['figure']}: {_target_value(t)} (target {t['target']}; {t['source']}). {reason}".rstrip())
+    if notes:
+        lines += ["", notes]
+    lines.append("")
+    with open(docs_path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def _target_value(t: dict) -> str:
+    v = t["value"]
+    if v is None:
+        return "n/a"
+    return f"{v:+.4f}" if "AUC" in t["figure"] else f"{v:,.2f}"

@@ -10,7 +10,6 @@ import pytest
 from fleet import bench
 from fleet.cli import main
 
-pytestmark = pytest.mark.slow
 
 TINY = ["--campaigns", "20", "--seed", "3", "--hidden", "16", "--layers", "1", "--min-sequences", "100",
         "--max-sequences", "400", "--max-epochs", "2", "--peer-subset", "3", "--scale-campaigns", "2000",
@@ -26,6 +25,7 @@ def finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
+@pytest.mark.slow
 def test_bench_smoke(ray_local, tmp_path, sqlite_tracking_uri):
     out, fleet_dir = tmp_path / "out", tmp_path / "fleet"
     code = main(["bench", *TINY, "--fleet-dir", str(fleet_dir), "--out", str(out), "--tracking-uri", sqlite_tracking_uri])
@@ -69,6 +69,7 @@ def test_bench_smoke(ray_local, tmp_path, sqlite_tracking_uri):
         bench.prepare_fleet(other, str(fleet_dir))
 
 
+@pytest.mark.slow
 def test_unrecorded_fleet_is_verified_from_its_data(small_fleet, tmp_path):
     """A fleet made by `fleet synth` (no synth.json) is reused when teacher shape and regenerated data match."""
     from fleet.synth import SynthConfig
@@ -91,3 +92,21 @@ def _args(fleet_dir, out, seed="3"):
     argv = list(TINY)
     argv[argv.index("--seed") + 1] = seed
     return parser.parse_args([*argv, "--fleet-dir", str(fleet_dir), "--out", str(out)])
+
+
+def test_retarget_backbone_keeps_weights_and_drops_a_foreign_head_prior():
+    import torch
+
+    from fleet.backbone_codec import backbone_from_bytes, backbone_to_bytes
+    from fleet.student import SharedBackbone, StudentConfig
+
+    torch.manual_seed(0)
+    backbone = SharedBackbone(StudentConfig(num_event_types=8, num_features=2, hidden_size=8, embed_dim=4))
+    data = backbone_to_bytes(backbone, 8, head_prior=torch.ones(25))
+    assert bench.retarget_backbone(data, "film", 1) == data
+    for design in ("lowrank", "linear"):
+        moved, prior = backbone_from_bytes(bench.retarget_backbone(data, design, 1))
+        assert moved.config.head == design and prior is None
+        same, _ = backbone_from_bytes(data)
+        for (name, a), (_, b) in zip(moved.state_dict().items(), same.state_dict().items()):
+            assert torch.equal(a, b), name
