@@ -52,7 +52,7 @@ from fleet.errors import FleetError
 from fleet.events import EventsDataset, data_sha256, table_to_batch
 from fleet.metrics import campaign_fidelity
 from fleet.quant import quantize_rows
-from fleet.store import FleetVersion, VersionWriter, WorkDir
+from fleet.store import FleetVersion, VersionWriter, WorkDir, json_safe
 from fleet.student import head_logits
 from fleet.synth import SynthConfig, campaign_ids, generate_campaign
 from fleet.teachers import list_teacher_campaigns, load_teacher
@@ -505,7 +505,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     if cfg.mlflow:
         results["mlflow_run_id"] = log_to_mlflow(results, cfg.out, tracking_uri)
         with open(os.path.join(cfg.out, "results.json"), "w") as f:
-            json.dump(_json_safe(results), f, indent=1, sort_keys=True)
+            json.dump(json_safe(results), f, indent=1, sort_keys=True)
     return results
 
 
@@ -920,20 +920,6 @@ def _bench_params(cfg: BenchConfig) -> dict:
             "variant_backbones": cfg.variant_backbones}
 
 
-def _json_safe(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.integer, np.floating)):
-        return _json_safe(obj.item())
-    if isinstance(obj, bytes):
-        return obj.hex()
-    return obj
-
-
 METHOD_ORDER = ["teacher_fp32", "teacher_int8_dynamic", "independent_students", "fleet_auto", "fleet_bits8",
                 "fleet_bits4", "fleet_bits2", "fleet_bits1", "fleet_auto_lowrank", "fleet_auto_linear",
                 "fleet_auto_class_distance"]
@@ -1059,7 +1045,7 @@ def write_outputs(results: dict, out: str) -> None:
         with open(os.path.join(out, name), "wb") as f:
             f.write(data)
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(_json_safe(results), f, indent=1, sort_keys=True)
+        json.dump(json_safe(results), f, indent=1, sort_keys=True)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(f"# fleet bench, N = {results['campaigns']} ({results['created_at']})\n\n")
         f.write(render_markdown(results))

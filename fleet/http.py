@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fleet.errors import FleetError, InvalidCampaignIdError, UnknownCampaignError
+from fleet.store import json_safe
 from fleet.serving import FleetModel, InvalidInputError
 
 log = logging.getLogger("fleet.http")
@@ -400,23 +401,11 @@ async def _send_error(send, status: int, code: str, detail: str) -> None:
 # ----------------------------------------------------------------------------- responses
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if obj is None or isinstance(obj, (str, int, bool)):
-        return obj
-    return str(obj)
-
-
 def _dumps(obj: Any) -> bytes:
     try:
         return json.dumps(obj, allow_nan=False, separators=(",", ":")).encode()
     except (ValueError, TypeError):  # NaN/inf or odd types: never let them reach a response
-        return json.dumps(_json_safe(obj), allow_nan=False, separators=(",", ":")).encode()
+        return json.dumps(json_safe(obj), allow_nan=False, separators=(",", ":")).encode()
 
 
 def _json(obj: Any, status: int = 200) -> Response:

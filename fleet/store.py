@@ -158,22 +158,27 @@ def _exists(fs, path: str) -> bool:
     return fs.exists(path)
 
 
-def _json_safe(obj: Any) -> Any:
-    """Non-finite floats become ``null`` (JSON has no NaN); tuples become lists."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
+def json_safe(obj: Any) -> Any:
+    """A JSON-ready copy: non-finite floats become ``null`` (JSON has no NaN), tuples lists, numpy/torch
+    scalars Python numbers, bytes hex strings, other objects their ``str``."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, bytes):
+        return obj.hex()
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
     if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return _json_safe(obj.item())
-    return obj
+        return json_safe(obj.item())
+    return str(obj)
 
 
 def _json_bytes(obj: Any, uri: str) -> bytes:
     try:
-        return json.dumps(_json_safe(obj), indent=2, sort_keys=True, allow_nan=False).encode()
+        return json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False).encode()
     except (TypeError, ValueError) as err:
         raise StoreError(f"cannot write JSON: {err}", path=uri) from None
 
