@@ -700,7 +700,6 @@ def bench_http(manifest_uri: str, seqs: list[tuple], requests: int, concurrency:
         errors = 0
 
         async def drive(total: int, record: bool) -> None:
-            nonlocal errors
             counter = iter(range(total))
             limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
             async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client:
@@ -972,8 +971,8 @@ def render_markdown(results: dict, plots_prefix: str = "") -> str:
             lines.append(f"- **{m[key]['label']}**: size: {m[key]['bytes_note']}; time: {m[key]['time_note']}.")
     variants = [k for k in METHOD_ORDER[4:] if k in m]
     if variants:
-        lines.append(f"- **(d) variants**: size as the real run (each variant written as its own version and measured); "
-                     f"time = stage 1 of the real run (shared) + backbone + their own heads: "
+        lines.append("- **(d) variants**: size as the real run (each variant written as its own version and measured); "
+                     "time = stage 1 of the real run (shared) + backbone + their own heads: "
                      + "; ".join(f"{k}: backbone {m[k]['backbone_seconds']:.1f} s ({m[k]['backbone_note']}), heads "
                                  f"{m[k]['heads_seconds']:.1f} s" for k in variants) + ".")
     rr = results["real_run"]

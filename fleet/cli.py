@@ -13,7 +13,6 @@ from fleet.cli_serving import EXIT_FAILED, EXIT_OK, EXIT_USAGE, json_object
 from fleet.errors import FleetError
 from fleet.store import storage_options_from_env
 
-EXIT_QUARANTINED = 3
 
 
 def _add_synth(sub) -> None:

@@ -10,9 +10,7 @@ by length, padded per chunk), then each row's head row is gathered into ``(B, P)
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import threading
 from collections import OrderedDict
 from typing import Any, Callable, Mapping, Sequence

@@ -22,8 +22,8 @@ import pyarrow as pa
 import torch
 
 from fleet.backbone_codec import backbone_from_bytes, backbone_to_bytes
-from fleet.codec import HeadRow, heads_to_table
-from fleet.data import SequenceBatch, collate, map_minibatches
+from fleet.codec import heads_to_table
+from fleet.data import SequenceBatch, map_minibatches
 from fleet.distill import DistillConfig, compute_features, fit_backbone, fit_heads
 from fleet.errors import FleetError
 from fleet.events import EventsDataset, data_sha256, holdout_mask, table_to_batch, validate_campaign_table

@@ -1,6 +1,5 @@
 """Events contract: round trip, per-campaign pushdown reads, hold-out split and bad rows."""
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest

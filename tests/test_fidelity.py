@@ -2,7 +2,6 @@
 tracks its teachers on hold-out data, and 4-bit heads lose almost nothing against float heads."""
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from fleet.stages import CompressConfig, StageContext, backbone_sample, fit_heads_shard, soft_labels, train_backbone

@@ -8,9 +8,7 @@ import subprocess
 import sys
 
 import fsspec
-import pyarrow.parquet as pq
 import pytest
-import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
