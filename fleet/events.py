@@ -77,10 +77,14 @@ class EventsDataset:
         if missing:
             raise EventsFormatError(f"events dataset lacks columns {missing}", path=uri)
 
+    def campaign_sizes(self) -> dict[str, int]:
+        """Rows per campaign id (reads only the ``campaign_id`` column)."""
+        counts = pc.value_counts(self._dataset.to_table(columns=["campaign_id"])["campaign_id"])
+        return dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
+
     def campaign_ids(self) -> list[str]:
-        """Distinct campaign ids, sorted (reads only the ``campaign_id`` column)."""
-        column = self._dataset.to_table(columns=["campaign_id"])["campaign_id"]
-        return sorted(pc.unique(column).to_pylist())
+        """Distinct campaign ids, sorted."""
+        return sorted(self.campaign_sizes())
 
     def read_campaigns(self, campaign_ids: Sequence[str]) -> dict[str, pa.Table]:
         """Tables of the given campaigns, each in dataset order (the order the hold-out split uses).

@@ -16,7 +16,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -386,9 +385,7 @@ def _make_plan(teachers_uri, events_uri, store_uri, fleet, config, tracking_uri,
     if not campaigns:
         raise FleetError("no teachers found", path=teachers_uri)
     num_event_types, num_features = _input_space(teachers_uri, campaigns, config, storage_options)
-    ids = EventsDataset(events_uri, storage_options)._dataset.to_table(columns=["campaign_id"])["campaign_id"]
-    counts = pc.value_counts(ids)
-    sizes = dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
+    sizes = EventsDataset(events_uri, storage_options).campaign_sizes()
     batches = _plan(campaigns, sizes, config, num_cpus)
     parent = _parent_version(fleet, store_uri, tracking_uri, storage_options)
     parent_hashes = {}

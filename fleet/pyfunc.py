@@ -27,7 +27,8 @@ import numpy as np
 
 from fleet.codec import check_format
 from fleet.errors import StoreError, UnknownCampaignError
-from fleet.serving import ENV_STORAGE_OPTIONS, FleetModel, InvalidInputError
+from fleet.serving import FleetModel, InvalidInputError
+from fleet.store import ENV_STORAGE_OPTIONS, storage_options_from_env
 
 CONFIG_FILE = "fleet_model.json"
 PYFUNC_FORMAT = "fleet-pyfunc/1"  # same as fleet.registry.MODEL_DATA_FORMAT
@@ -113,15 +114,7 @@ def _storage_options(config: dict) -> dict:
     (nested dicts such as ``client_kwargs`` merged one level deep)."""
     saved = config.get("storage_options") or {}
     env_name = config.get("storage_options_env") or ENV_STORAGE_OPTIONS
-    text = os.environ.get(env_name)
-    secret = {}
-    if text:
-        try:
-            secret = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"${env_name} must be a JSON object: {exc}") from None
-        if not isinstance(secret, dict):
-            raise ValueError(f"${env_name} must be a JSON object")
+    secret = storage_options_from_env(env_name) or {}
     merged = dict(saved)
     for key, value in secret.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):

@@ -88,17 +88,18 @@ class CompressConfig:
         gate: quality-gate thresholds for moving ``champion`` (fleet.registry.GateConfig fields).
     """
 
-    arch: str = "gru"
-    hidden_size: int = 64
-    embed_dim: int = 16
-    num_layers: int = 1
-    head: str = "film"
-    head_rank: int = 1
-    loss: str = "hinton"
-    temperature: float = 2.0
-    hard_label_weight: float = 0.0
-    distance_weight: float = 0.1
-    head_l2: float = 1.0
+    # the student and distillation defaults are StudentConfig's and DistillConfig's (one source of truth)
+    arch: str = StudentConfig.arch
+    hidden_size: int = StudentConfig.hidden_size
+    embed_dim: int = StudentConfig.embed_dim
+    num_layers: int = StudentConfig.num_layers
+    head: str = StudentConfig.head
+    head_rank: int = StudentConfig.head_rank
+    loss: str = DistillConfig.loss
+    temperature: float = DistillConfig.temperature
+    hard_label_weight: float = DistillConfig.hard_label_weight
+    distance_weight: float = DistillConfig.distance_weight
+    head_l2: float = 1.0  # stronger than DistillConfig's 0.01: see docs/compression.md
     bits: str | int = "auto"
     group_size: int = 64
     prune_sparsity: float = 0.0

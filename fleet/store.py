@@ -63,17 +63,17 @@ _STATS_COLUMNS = ["campaign_id", "bits", "group_size", "status"]
 ENV_STORAGE_OPTIONS = "FLEET_STORAGE_OPTIONS"
 
 
-def storage_options_from_env() -> dict | None:
-    """fsspec storage options from ``$FLEET_STORAGE_OPTIONS`` (a JSON object), or None if unset."""
-    text = os.environ.get(ENV_STORAGE_OPTIONS)
+def storage_options_from_env(env_name: str = ENV_STORAGE_OPTIONS) -> dict | None:
+    """fsspec storage options from ``$env_name`` (a JSON object), or None if unset."""
+    text = os.environ.get(env_name)
     if not text:
         return None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"${ENV_STORAGE_OPTIONS} must be a JSON object: {exc}") from None
+        raise ValueError(f"${env_name} must be a JSON object: {exc}") from None
     if not isinstance(value, dict):
-        raise ValueError(f"${ENV_STORAGE_OPTIONS} must be a JSON object")
+        raise ValueError(f"${env_name} must be a JSON object")
     return value
 
 

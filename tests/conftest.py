@@ -18,7 +18,8 @@ import pytest
 # real protocol to it. moto's in-process mock does not work with s3fs's aiobotocore client.
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (shared by the test modules that start servers)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -28,7 +29,7 @@ def _free_port() -> int:
 def s3_server():
     """Start ``python -m moto.server`` on a free loopback port; yield ``{"endpoint_url",
     "storage_options"}`` (pass ``storage_options`` to fleet.store); stop it at the end."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tempfile.TemporaryFile()  # not a pipe: the server logs every request and would block on a full pipe
     proc = subprocess.Popen(
@@ -156,7 +157,7 @@ def mlflow_server(tmp_path_factory, _mlflow_db_template):
 
     root = tmp_path_factory.mktemp("mlflow-server")
     shutil.copyfile(_mlflow_db_template, root / "mlflow.db")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
     log = tempfile.TemporaryFile()  # not a pipe: a full pipe would block the server

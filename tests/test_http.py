@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-import socket
 import threading
 import time
 
@@ -19,18 +18,13 @@ from hypothesis import strategies as st
 from fleet.http import ModelHolder, create_app
 from fleet.serving import FleetModel
 from test_serving import NUM_FEATURES, build_version, random_sequences
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port
 
 
 @contextlib.contextmanager
 def serve(app):
     """Run ``app`` under uvicorn on a free loopback port in a thread; yield its base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning", lifespan="on")
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -444,7 +438,7 @@ def test_fleet_serve_command(versions, tmp_path):
     import subprocess
     import sys
 
-    port = _free_port()
+    port = free_port()
     code = ("import argparse, sys; from rich.console import Console; from fleet.cli_serving import register; "
             "p = argparse.ArgumentParser(); register(p.add_subparsers(dest='command', required=True)); "
             "a = p.parse_args(sys.argv[1:]); sys.exit(a.handler(a, Console(stderr=True)))")

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import fsspec
 import pytest
 
 from fleet.store import FleetVersion
+from conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +33,6 @@ FLEET = os.path.join(BIN, "fleet")
 # stage, more than the cluster's 2 CPUs, so both nodes get work.
 CONFIG = {"backbone_steps": 300, "backbone_per_campaign": 200, "head_steps": 150, "campaigns_per_task": 2,
           "gate": {"min_median_auc_diff": -0.1, "min_p10_auc_diff": -0.3}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ray_env() -> dict:
@@ -57,7 +51,7 @@ class RayCluster:
 
     def __init__(self, workers: int = 1):
         self.temp = tempfile.mkdtemp(prefix="fleet-mn-", dir="/tmp")
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.workers = workers
         self.groups: list[int] = []
@@ -69,7 +63,7 @@ class RayCluster:
         with open(log, "wb") as out:
             proc = subprocess.Popen(
                 [RAY, "start", *args, "--num-cpus", "1", "--temp-dir", os.path.join(self.temp, name),
-                 "--object-store-memory", str(100 * 1024**2), "--dashboard-agent-listen-port", str(_free_port()),
+                 "--object-store-memory", str(100 * 1024**2), "--dashboard-agent-listen-port", str(free_port()),
                  "--include-log-monitor", "false", "--disable-usage-stats"],
                 stdout=out, stderr=subprocess.STDOUT, env=_ray_env(), start_new_session=True,
             )
@@ -88,8 +82,8 @@ class RayCluster:
 
     def start(self) -> "RayCluster":
         self._start("head", ["--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
-                             "--include-dashboard", "false", "--dashboard-port", str(_free_port()),
-                             "--ray-client-server-port", str(_free_port())])
+                             "--include-dashboard", "false", "--dashboard-port", str(free_port()),
+                             "--ray-client-server-port", str(free_port())])
         for i in range(self.workers):
             self._start(f"worker{i}", ["--address", self.address, "--node-ip-address", "127.0.0.1"])
         return self

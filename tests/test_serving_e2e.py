@@ -2,7 +2,6 @@
 pyfunc and `mlflow models serve`; all agree to 1e-6 and match the dequantized student computed directly."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,15 +22,10 @@ from fleet.stages import CompressConfig
 from fleet.store import FleetVersion
 from fleet.student import head_logits
 from fleet.codec import table_to_heads
+from conftest import free_port
 
 pytestmark = pytest.mark.slow
 CAMPAIGNS = ["campaign-00001", "campaign-00007", "campaign-00012"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +84,7 @@ def test_four_ways_agree(registered):
     bin_dir = os.path.dirname(sys.executable)  # `mlflow models serve` runs `uvicorn` from PATH
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "RAY_AUTH_MODE": "disabled",
            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
-    port_fleet, port_mlflow = _free_port(), _free_port()
+    port_fleet, port_mlflow = free_port(), free_port()
     servers = [
         subprocess.Popen([sys.executable, "-m", "fleet.cli", "serve", "--model", "models:/servefleet@champion",
                           "--tracking-uri", tracking, "--port", str(port_fleet)], env=env,
@@ -141,7 +135,7 @@ def test_ray_serve_replicas_answer_like_fleet_model(registered):
 
     rows, tracking = registered["rows"], registered["tracking"]
     expected = FleetModel.load("models:/servefleet@champion", tracking_uri=tracking).predict_batch(rows)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     server = subprocess.Popen([sys.executable, "-m", "fleet.cli", "serve", "--model", "models:/servefleet@champion",
                                "--tracking-uri", tracking, "--ray", "--replicas", "2", "--port", str(port)],
