@@ -49,18 +49,17 @@ from fleet.codec import HEADS_SCHEMA
 from fleet.data import map_minibatches
 from fleet.distill import compute_features
 from fleet.errors import FleetError
-from fleet.events import EventsDataset, data_sha256, table_to_batch
+from fleet.events import EventsDataset, table_to_batch
 from fleet.metrics import campaign_fidelity
 from fleet.quant import quantize_rows
 from fleet.store import FleetVersion, VersionWriter, WorkDir, json_safe
 from fleet.student import head_logits
-from fleet.synth import SynthConfig, campaign_ids, generate_campaign
+from fleet.synth import SYNTH_FILE, SynthConfig, campaign_ids
 from fleet.teachers import list_teacher_campaigns, load_teacher
 
 console = Console(stderr=True)
 RESULTS_FORMAT = "fleet-bench/1"
 EXPERIMENT = "fleet-bench"
-SYNTH_FILE = "synth.json"
 SIM_CHUNK = 100_000  # simulated heads generated per chunk (bounded memory for 1M campaigns)
 SERVING_THREADS = 1  # torch intra-op threads of every serving measurement (in-process, HTTP server, scale probe)
 
@@ -151,66 +150,31 @@ def _backbone_key(config: stages.CompressConfig) -> tuple:
 
 
 def prepare_fleet(config: SynthConfig, fleet_dir: str, address: str | None = None) -> dict:
-    """Reuse the synthetic fleet in ``fleet_dir`` when its seed and shape match ``config``; create it
-    (and record ``synth.json``) when the directory holds none. A different or incomplete fleet is an
+    """Reuse the synthetic fleet in ``fleet_dir`` when its seed and shape match ``config``; create it,
+    or finish an interrupted ``fleet synth`` of the same config, otherwise. A different fleet is an
     error, never overwritten."""
     events_uri, teachers_uri = os.path.join(fleet_dir, "events"), os.path.join(fleet_dir, "teachers")
     recorded_path = os.path.join(fleet_dir, SYNTH_FILE)
-    wanted = dataclasses.asdict(config)
-    info = {"fleet_dir": fleet_dir, "events_uri": events_uri, "teachers_uri": teachers_uri, "synth": wanted}
-    if os.path.exists(recorded_path):
+    info = {"fleet_dir": fleet_dir, "events_uri": events_uri, "teachers_uri": teachers_uri,
+            "synth": dataclasses.asdict(config)}
+    if os.path.exists(recorded_path) and _is_complete(config, teachers_uri):
         with open(recorded_path) as f:
             recorded = json.load(f)
-        diff = sorted(k for k in set(wanted) | set(recorded) if wanted.get(k) != recorded.get(k))
-        if diff:
-            raise FleetError(f"holds another synthetic fleet (differs in {', '.join(diff)}); pick another --fleet-dir",
-                             path=recorded_path)
-        _check_complete(config, teachers_uri)
-        return {**info, "reused": True, "how": "synth.json matches the requested SynthConfig"}
-    if os.path.exists(teachers_uri) or os.path.exists(events_uri):
-        how = _verify_unrecorded(config, events_uri, teachers_uri)
-        return {**info, "reused": True, "how": how}
-    from fleet.pipeline import run_synth
+        if recorded == info["synth"]:
+            return {**info, "reused": True, "how": "synth.json matches the requested SynthConfig"}
+    from fleet.pipeline import run_synth  # refuses another fleet; resumes an interrupted one
 
-    console.print(f"no fleet in {fleet_dir}: training {config.campaigns} teachers")
+    console.print(f"fleet in {fleet_dir} absent or incomplete: training {config.campaigns} teachers (resumable)")
     result = run_synth(config, fleet_dir, address=address)
-    with open(recorded_path, "w") as f:
-        json.dump(wanted, f, indent=2, sort_keys=True)
-    return {**info, "reused": False, "how": "created by run_synth", "synth_seconds": result["seconds"]}
+    resumed = sum(1 for s in result["campaigns"] if s["resumed"])
+    return {**info, "reused": False, "how": f"created by run_synth ({resumed} teachers kept from an interrupted run)",
+            "synth_seconds": result["seconds"]}
 
 
-def _check_complete(config: SynthConfig, teachers_uri: str) -> None:
+def _is_complete(config: SynthConfig, teachers_uri: str) -> bool:
     found = list_teacher_campaigns(teachers_uri) if os.path.exists(teachers_uri) else []
-    if found != campaign_ids(config.campaigns):
-        raise FleetError(f"incomplete or foreign fleet: {len(found)} teacher dirs, expected campaign-00000 .. "
-                         f"{campaign_ids(config.campaigns)[-1]} (is `fleet synth` still writing it?)", path=teachers_uri)
-    for cid in (found[0], found[-1]):
-        if not os.path.exists(os.path.join(teachers_uri, cid, "config.json")):
-            raise FleetError("teacher has no config.json yet (still being written?)", campaign_id=cid, path=teachers_uri)
-
-
-def _verify_unrecorded(config: SynthConfig, events_uri: str, teachers_uri: str) -> str:
-    """A fleet without ``synth.json`` (made by ``fleet synth``): check the teacher shape from the
-    teachers' config.json and the seed and size parameters by regenerating the first and last
-    campaigns' events (a pure function of the SynthConfig) and comparing their data hashes."""
-    _check_complete(config, teachers_uri)
-    ids = campaign_ids(config.campaigns)
-    expected = config.teacher_config(ids[0]).to_json()
-    for cid in (ids[0], ids[-1]):
-        with open(os.path.join(teachers_uri, cid, "config.json")) as f:
-            found = json.load(f)
-        diff = [k for k in ("arch", "hidden_size", "num_layers", "embed_dim", "num_event_types", "num_features")
-                if found.get(k) != expected[k]]
-        if diff:
-            raise FleetError(f"teacher shape differs from the requested one in {diff}", campaign_id=cid, path=teachers_uri)
-    events = EventsDataset(events_uri)
-    stored = events.read_campaigns([ids[0], ids[-1]])
-    for i in (0, len(ids) - 1):
-        if data_sha256(stored[ids[i]]) != data_sha256(generate_campaign(config, i)):
-            raise FleetError("events differ from the requested SynthConfig (another seed or size range?)",
-                             campaign_id=ids[i], path=events_uri)
-    return ("no synth.json: teacher shape checked from config.json, seed and data shape checked by regenerating "
-            f"{ids[0]} and {ids[-1]} (training settings such as max_epochs cannot be checked)")
+    return found == campaign_ids(config.campaigns) and all(
+        os.path.exists(os.path.join(teachers_uri, cid, "config.json")) for cid in found)
 
 
 # ----------------------------------------------------------------------------- fidelity helpers

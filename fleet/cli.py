@@ -57,7 +57,10 @@ def _cmd_synth(args, console) -> int:
     table.add_row("label rate min / median / max", f"{rates.min():.3f} / {np.median(rates):.3f} / {rates.max():.3f}")
     table.add_row("teacher", f"{config.num_layers}-layer {config.arch.upper()} h={config.hidden_size}: "
                   f"{sum(p.numel() for p in teacher.parameters()):,} params, {teacher_num_bytes(teacher) / 1e6:.2f} MB")
-    table.add_row("teacher epochs median", f"{np.median([s['epochs'] for s in stats]):.0f}")
+    trained = [s for s in stats if not s["resumed"]]
+    table.add_row("teachers trained / kept from an interrupted run", f"{len(trained)} / {len(stats) - len(trained)}")
+    if trained:
+        table.add_row("teacher epochs median", f"{np.median([s['epochs'] for s in trained]):.0f}")
     table.add_row("wall time", f"{result['seconds']:.1f} s")
     console.print(table)
     return EXIT_OK

@@ -66,8 +66,11 @@ def _run_with_threads(fn: Callable, threads: int, *args: Any) -> Any:
 
 def map_on_ray(fn: Callable, batches: Sequence[Any], args: tuple, desc: str, *, threads: int = 1) -> list[Any]:
     """Run ``fn(batch, *args)`` for every batch as Ray tasks (retried on crashes and transient I/O
-    errors), with a progress bar; results are returned in ``batches`` order."""
-    remote = ray.remote(num_cpus=threads, max_retries=3, retry_exceptions=list(TRANSIENT_ERRORS))(_run_with_threads)
+    errors), with a progress bar; results are returned in ``batches`` order. Tasks are spread over the
+    cluster's nodes (``SPREAD``) rather than packed onto the driver's node, where a warm worker would
+    otherwise take short tasks one after another while other nodes stay idle."""
+    remote = ray.remote(num_cpus=threads, max_retries=3, retry_exceptions=list(TRANSIENT_ERRORS),
+                        scheduling_strategy="SPREAD")(_run_with_threads)
     refs = [remote.remote(fn, threads, batch, *args) for batch in batches]
     index = {ref: i for i, ref in enumerate(refs)}
     results: list[Any] = [None] * len(refs)
@@ -103,24 +106,47 @@ def balanced_batches(costs: dict[str, float], num_batches: int) -> list[list[str
 
 def run_synth(config: synth.SynthConfig, out_uri: str, storage_options: dict | None = None,
               address: str | None = None) -> dict:
-    """``fleet synth``: write ``out/events/`` on the driver, then train every teacher on Ray."""
+    """``fleet synth``: record ``out/synth.json``, write ``out/events/`` on the driver, then train every
+    teacher on Ray. Re-running an interrupted run with the same config resumes it (teachers already
+    saved are kept); an ``out`` that holds another fleet is refused, never overwritten."""
     import pyarrow as pa
 
     started = time.perf_counter()
-    out_uri = absolute_uri(out_uri)
+    out_uri = absolute_uri(out_uri).rstrip("/")
+    _record_synth_config(config, out_uri, storage_options)
     ids = synth.campaign_ids(config.campaigns)
     tables = [synth.generate_campaign(config, i) for i in range(config.campaigns)]
-    events_uri, teachers_uri = f"{out_uri.rstrip('/')}/events", f"{out_uri.rstrip('/')}/teachers"
+    events_uri, teachers_uri = f"{out_uri}/events", f"{out_uri}/teachers"
     write_events(events_uri, pa.concat_tables(tables), storage_options)
     rows = {cid: len(t) for cid, t in zip(ids, tables)}
     with ray_session(address):
         num_cpus = int(ray.cluster_resources().get("CPU", 1))
-        batches = balanced_batches({cid: float(n) for cid, n in rows.items()}, num_batches=4 * num_cpus)
+        # ~8 teachers per task: a progress bar that moves, and little lost when a run is interrupted
+        batches = balanced_batches({cid: float(n) for cid, n in rows.items()},
+                                   num_batches=max(4 * num_cpus, math.ceil(len(ids) / 8)))
         per_batch = map_on_ray(synth.train_teachers, batches, (config, events_uri, teachers_uri, storage_options),
                                "training teachers")
     stats = sorted((s for batch in per_batch for s in batch), key=lambda s: s["campaign_id"])
     return {"seconds": time.perf_counter() - started, "events_uri": events_uri, "teachers_uri": teachers_uri,
             "campaigns": stats}
+
+
+def _record_synth_config(config: synth.SynthConfig, out_uri: str, storage_options: dict | None) -> None:
+    """Write ``synth.json`` or check that the one there matches ``config`` (then the run resumes)."""
+    fs, root = open_fs(out_uri, storage_options)
+    path, wanted = f"{root}/{synth.SYNTH_FILE}", dataclasses.asdict(config)
+    if fs.exists(path):
+        recorded = json.loads(fs.cat_file(path))
+        diff = sorted(k for k in set(wanted) | set(recorded) if wanted.get(k) != recorded.get(k))
+        if diff:
+            raise FleetError(f"holds another synthetic fleet (differs in {', '.join(diff)}); pick another --out",
+                             path=f"{out_uri}/{synth.SYNTH_FILE}")
+        return
+    if fs.exists(f"{root}/teachers") or fs.exists(f"{root}/events"):
+        raise FleetError("holds events or teachers but no synth.json (not written by this fleet synth); "
+                         "pick another --out", path=out_uri)
+    fs.makedirs(root, exist_ok=True)
+    fs.pipe_file(path, json.dumps(wanted, indent=2, sort_keys=True).encode())
 
 
 # ---------------------------------------------------------------------------------------------

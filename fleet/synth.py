@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import torch
@@ -23,8 +25,9 @@ import torch.nn.functional as F
 
 from fleet.data import SequenceBatch
 from fleet.events import EVENTS_SCHEMA, EventsDataset, holdout_mask, table_to_batch
-from fleet.teachers import TeacherConfig, TeacherRNN, save_teacher
+from fleet.teachers import CONFIG_FILE, TeacherConfig, TeacherRNN, save_teacher
 
+SYNTH_FILE = "synth.json"  # the SynthConfig of a fleet directory, recorded before any teacher is trained
 _BASE_FEATURES = 8  # hour sin/cos, log gap, log recency, price, dwell, device, position
 
 
@@ -249,16 +252,25 @@ def _validation_loss(model: TeacherRNN, val: SequenceBatch) -> float:
 def train_teachers(
     campaigns: list[str], config: SynthConfig, events_uri: str, teachers_uri: str, storage_options: dict | None = None
 ) -> list[dict]:
-    """Train and save the teachers of a batch of campaigns (the unit of work of one Ray task)."""
+    """Train and save the teachers of a batch of campaigns (the unit of work of one Ray task). A teacher
+    already saved by an earlier, interrupted run of the same fleet is kept (``"resumed": True``):
+    :func:`fleet.teachers.save_teacher` writes ``config.json`` last, so its presence means complete."""
     events = EventsDataset(events_uri, storage_options)
     results = []
     for campaign_id, table in events.read_campaigns(campaigns).items():
-        started = time.perf_counter()
-        model, stats = train_teacher(config, campaign_id, table_to_batch(table, config.num_features))
-        save_teacher(teachers_uri, model, config.teacher_config(campaign_id), storage_options)
         labels = table["label"].to_numpy(zero_copy_only=False)
-        results.append(
-            {"campaign_id": campaign_id, "rows": len(table), "label_rate": float(labels.mean()),
-             "seconds": time.perf_counter() - started, **stats}
-        )
+        stats = {"campaign_id": campaign_id, "rows": len(table), "label_rate": float(labels.mean())}
+        if _teacher_saved(teachers_uri, config.teacher_config(campaign_id), storage_options):
+            results.append({**stats, "seconds": 0.0, "resumed": True})
+            continue
+        started = time.perf_counter()
+        model, train_stats = train_teacher(config, campaign_id, table_to_batch(table, config.num_features))
+        save_teacher(teachers_uri, model, config.teacher_config(campaign_id), storage_options)
+        results.append({**stats, "seconds": time.perf_counter() - started, "resumed": False, **train_stats})
     return results
+
+
+def _teacher_saved(teachers_uri: str, config: TeacherConfig, storage_options: dict | None) -> bool:
+    fs, path = fsspec.core.url_to_fs(f"{teachers_uri.rstrip('/')}/{config.campaign_id}/{CONFIG_FILE}",
+                                     **(storage_options or {}))
+    return fs.exists(path) and json.loads(fs.cat_file(path)) == config.to_json()

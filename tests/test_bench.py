@@ -3,7 +3,6 @@ fidelity keys, the cached fleet is reused (and a different one refused). No timi
 
 import json
 import math
-import os
 
 import pytest
 
@@ -67,21 +66,6 @@ def test_bench_smoke(ray_local, tmp_path, sqlite_tracking_uri):
     other = bench.config_from_args(_args(fleet_dir, out, seed="4")).synth
     with pytest.raises(bench.FleetError, match="seed"):
         bench.prepare_fleet(other, str(fleet_dir))
-
-
-@pytest.mark.slow
-def test_unrecorded_fleet_is_verified_from_its_data(small_fleet, tmp_path):
-    """A fleet made by `fleet synth` (no synth.json) is reused when teacher shape and regenerated data match."""
-    from fleet.synth import SynthConfig
-
-    root = small_fleet["root"]
-    info = bench.prepare_fleet(small_fleet["config"], root)
-    assert info["reused"] and "regenerating" in info["how"]
-    assert not os.path.exists(os.path.join(root, "synth.json"))  # a fleet we did not make is left as it is
-    with pytest.raises(bench.FleetError):
-        bench.prepare_fleet(SynthConfig(**{**vars(small_fleet["config"]), "seed": 8}), root)
-    with pytest.raises(bench.FleetError, match="incomplete"):
-        bench.prepare_fleet(SynthConfig(**{**vars(small_fleet["config"]), "campaigns": 21}), root)
 
 
 def _args(fleet_dir, out, seed="3"):

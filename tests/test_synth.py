@@ -1,8 +1,13 @@
 """fleet synth: a realistic synthetic fleet, deterministic for a seed, teachers trained on local Ray."""
 
+import os
+import shutil
+
 import numpy as np
 import pyarrow as pa
+import pytest
 
+from fleet.errors import FleetError
 from fleet.events import EventsDataset, table_to_batch
 from fleet.synth import SynthConfig, campaign_ids, generate_campaign
 from fleet.teachers import list_teacher_campaigns, load_teacher
@@ -48,3 +53,34 @@ def test_small_fleet_on_ray(small_fleet):
         if value is not None:
             aucs.append(value)
     assert np.median(aucs) > 0.55  # small teachers on noisy labels, but clearly better than chance
+
+
+def test_interrupted_synth_resumes_and_another_fleet_is_refused(ray_local, tmp_path):
+    """A second run keeps the teachers already saved, trains the missing or half-written ones, and
+    refuses an output directory that holds another fleet."""
+    from fleet.pipeline import run_synth
+
+    config = SynthConfig(campaigns=4, seed=5, hidden_size=8, num_layers=1, embed_dim=4, num_event_types=8,
+                         min_sequences=100, max_sequences=200, max_epochs=1)
+    out = tmp_path / "fleet"
+    first = run_synth(config, str(out))
+    assert not any(s["resumed"] for s in first["campaigns"])
+    teachers = out / "teachers"
+    kept = teachers / "campaign-00000" / "model.safetensors"
+    kept_mtime = kept.stat().st_mtime_ns
+    shutil.rmtree(teachers / "campaign-00001")  # never started
+    os.remove(teachers / "campaign-00002" / "config.json")  # interrupted between weights and config
+
+    second = run_synth(config, str(out))
+    resumed = {s["campaign_id"]: s["resumed"] for s in second["campaigns"]}
+    assert resumed == {"campaign-00000": True, "campaign-00001": False, "campaign-00002": False, "campaign-00003": True}
+    assert kept.stat().st_mtime_ns == kept_mtime
+    assert list_teacher_campaigns(str(teachers)) == campaign_ids(4)
+    for cid in campaign_ids(4):
+        load_teacher(str(teachers), cid)
+
+    with pytest.raises(FleetError, match="differs in seed"):
+        run_synth(SynthConfig(**{**vars(config), "seed": 6}), str(out))
+    os.remove(out / "synth.json")
+    with pytest.raises(FleetError, match="no synth.json"):
+        run_synth(config, str(out))
