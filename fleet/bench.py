@@ -45,7 +45,7 @@ from rich.table import Table
 
 from fleet import stages
 from fleet.backbone_codec import backbone_from_bytes
-from fleet.codec import HEADS_SCHEMA
+from fleet.codec import DATA_FINGERPRINT_BYTES, HEADS_SCHEMA
 from fleet.data import map_minibatches
 from fleet.distill import compute_features
 from fleet.errors import FleetError
@@ -367,7 +367,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         sizes = dict(zip(status["campaign_id"].to_pylist(), status["n_rows"].to_pylist()))
         teacher_bytes = dict(zip(status["campaign_id"].to_pylist(), status["teacher_bytes"].to_pylist()))
         hashes = {c: [t, d] for c, t, d in zip(status["campaign_id"].to_pylist(), status["teacher_sha256"].to_pylist(),
-                                                status["data_sha256"].to_pylist())}
+                                                status["data_fingerprint"].to_pylist())}
         teacher_total = int(sum(v for c, v in teacher_bytes.items() if c in set(ok)))
         results["real_run"] = {
             "fleet": fleet_name, "version_id": real.version_id, "manifest_uri": real.manifest_uri,
@@ -756,14 +756,15 @@ def simulated_heads(count: int, real: pa.Table, seed: int, chunk: int = SIM_CHUN
                 packed[i], scales[i] = v.packed, v.scales
         ids = [f"sim-{i:08d}" for i in range(start, start + m)]
         shape = pa.ListArray.from_arrays(pa.array(np.arange(m + 1, dtype=np.int32)), pa.array(np.full(m, p, np.int32)))
-        hashes = rng.integers(0, 256, size=(2, m, 32), dtype=np.uint8)
+        teacher_hashes = rng.integers(0, 256, size=(m, 32), dtype=np.uint8)
+        data_hashes = rng.integers(0, 256, size=(m, DATA_FINGERPRINT_BYTES), dtype=np.uint8)
         columns = {
             "campaign_id": pa.array(ids, pa.string()), "bits": pa.array(real_bits[pick].astype(np.int8)),
             "shape": shape, "group_size": pa.array(np.full(m, group, np.int32)),
             "packed": pa.array(packed, pa.binary()), "scales": pa.array(scales, pa.binary()),
             "mask": pa.nulls(m, pa.binary()),
-            "teacher_sha256": pa.array([h.tobytes() for h in hashes[0]], pa.binary()),
-            "data_sha256": pa.array([h.tobytes() for h in hashes[1]], pa.binary()),
+            "teacher_sha256": pa.array([h.tobytes() for h in teacher_hashes], pa.binary()),
+            "data_fingerprint": pa.array([h.tobytes() for h in data_hashes], pa.binary()),
             **{k: real[k].take(pa.array(pick)) for k in copied},
         }
         yield pa.table({f.name: columns[f.name].cast(f.type) for f in HEADS_SCHEMA}, schema=HEADS_SCHEMA)

@@ -22,6 +22,10 @@ REJECTS_FORMAT = "fleet-rejects/1"
 
 #: Bit widths a head may be stored with; 16 means float16 values (no codes, no scales).
 SUPPORTED_BITS = (1, 2, 4, 8, 16)
+#: Bytes of a campaign's data fingerprint (``fleet.events.data_fingerprint``): a 128-bit sha256 prefix
+#: is ample to detect changed data between nights (it is no security boundary) at half the bytes.
+DATA_FINGERPRINT_BYTES = 16
+
 #: Rejects keep at most this many characters of a (possibly invalid) campaign id.
 MAX_REJECT_ID_CHARS = 256
 
@@ -35,7 +39,7 @@ HEADS_SCHEMA = pa.schema(
         pa.field("scales", pa.binary(), nullable=False),
         pa.field("mask", pa.binary(), nullable=True),
         pa.field("teacher_sha256", pa.binary(), nullable=False),
-        pa.field("data_sha256", pa.binary(), nullable=False),
+        pa.field("data_fingerprint", pa.binary(), nullable=False),
         pa.field("teacher_auc", pa.float32(), nullable=True),
         pa.field("student_auc", pa.float32(), nullable=True),
         pa.field("mean_abs_diff", pa.float32(), nullable=True),
@@ -75,7 +79,7 @@ class HeadRow:
         mask: pruning bitmap, one bit per parameter, LSB-first, 1 = kept; ``None`` = all kept.
             When present, ``packed`` holds only the kept values, in order.
         teacher_sha256: 32 raw bytes, hash of the teacher's files.
-        data_sha256: 32 raw bytes, hash of the campaign's transfer data.
+        data_fingerprint: 16 raw bytes, :func:`fleet.events.data_fingerprint` of the campaign's transfer data.
         teacher_auc, student_auc, mean_abs_diff, agreement: fidelity on held-out rows (or None).
         n_train, n_holdout: rows used to fit and to evaluate the head (or None).
         status: ``"ok"``, ``"fp16_fallback"``, ...
@@ -89,7 +93,7 @@ class HeadRow:
     scales: bytes
     mask: bytes | None = None
     teacher_sha256: bytes
-    data_sha256: bytes
+    data_fingerprint: bytes
     teacher_auc: float | None = None
     student_auc: float | None = None
     mean_abs_diff: float | None = None
@@ -163,10 +167,10 @@ def check_head_row(row: HeadRow) -> None:
         if len(row.scales) != expected:
             raise bad(f"scales has {len(row.scales)} bytes, expected {expected} "
                       f"(float16 per group of {row.group_size} over {k} values)")
-    for name in ("teacher_sha256", "data_sha256"):
+    for name, size in (("teacher_sha256", 32), ("data_fingerprint", DATA_FINGERPRINT_BYTES)):
         value = getattr(row, name)
-        if not isinstance(value, bytes) or len(value) != 32:
-            raise bad(f"{name} must be 32 raw bytes")
+        if not isinstance(value, bytes) or len(value) != size:
+            raise bad(f"{name} must be {size} raw bytes")
     if not row.status:
         raise bad("status is empty")
 

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from fleet.codec import DATA_FINGERPRINT_BYTES
 from fleet.data import SequenceBatch, collate
 from fleet.errors import EventsFormatError
 from fleet.ids import validate_campaign_id
@@ -155,8 +156,9 @@ def table_to_batch(table: pa.Table, num_features: int) -> SequenceBatch:
     )
 
 
-def data_sha256(table: pa.Table) -> str:
-    """sha256 of a campaign's rows (event types, features, labels, in order): unchanged data => same hash."""
+def data_fingerprint(table: pa.Table) -> str:
+    """Hex of the first :data:`DATA_FINGERPRINT_BYTES` of the sha256 of a campaign's rows (event types,
+    features, labels, in order): unchanged data => same fingerprint."""
     digest = hashlib.sha256()
     for name in ("event_types", "features"):
         column = table[name].combine_chunks()
@@ -164,4 +166,4 @@ def data_sha256(table: pa.Table) -> str:
         digest.update(column.values.to_numpy(zero_copy_only=False).astype(column.values.type.to_pandas_dtype()).tobytes())
     labels = table["label"].fill_null(-1).to_numpy(zero_copy_only=False).astype("<i1")
     digest.update(labels.tobytes())
-    return digest.hexdigest()
+    return digest.digest()[:DATA_FINGERPRINT_BYTES].hex()

@@ -347,7 +347,7 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
         # stages 3-5: heads, quantization, fidelity
         t0 = time.perf_counter()
         hashes = {cid: [t, d] for cid, t, d in zip(status["campaign_id"].to_pylist(), status["teacher_sha256"].to_pylist(),
-                                                     status["data_sha256"].to_pylist())}
+                                                     status["data_fingerprint"].to_pylist())}
         ok = set(by_status["ok"])
         done = workdir.done_shards("heads")
         head_jobs = []
@@ -416,7 +416,7 @@ def _make_plan(teachers_uri, events_uri, store_uri, fleet, config, tracking_uri,
     parent = _parent_version(fleet, store_uri, tracking_uri, storage_options)
     parent_hashes = {}
     if parent is not None and not retrain_backbone:
-        table = parent.read_heads().select(["campaign_id", "teacher_sha256", "data_sha256"])
+        table = parent.read_heads().select(["campaign_id", "teacher_sha256", "data_fingerprint"])
         parent_hashes = {c: [t.hex(), d.hex()] for c, t, d in zip(*(table[k].to_pylist() for k in table.column_names))}
     return {
         "all_campaigns": campaigns, "batches": batches, "shards": [f"b{i:05d}" for i in range(len(batches))],

@@ -76,7 +76,7 @@ def head_metadata(row: HeadRow, version_id: str) -> dict:
         "n_train": row.n_train,
         "n_holdout": row.n_holdout,
         "teacher_sha256": bytes(row.teacher_sha256).hex(),
-        "data_sha256": bytes(row.data_sha256).hex(),
+        "data_fingerprint": bytes(row.data_fingerprint).hex(),
     }
 
 

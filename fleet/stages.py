@@ -22,11 +22,12 @@ import pyarrow as pa
 import torch
 
 from fleet.backbone_codec import backbone_from_bytes, backbone_to_bytes
-from fleet.codec import heads_to_table
+from fleet.codec import DATA_FINGERPRINT_BYTES, heads_to_table
 from fleet.data import SequenceBatch, map_minibatches
 from fleet.distill import DistillConfig, compute_features, fit_backbone, fit_heads
 from fleet.errors import FleetError
-from fleet.events import EventsDataset, data_sha256, holdout_mask, table_to_batch, validate_campaign_table
+from fleet.events import (EventsDataset, data_fingerprint, holdout_mask, table_to_batch,
+                          validate_campaign_table)
 from fleet.heads import decode_heads, encode_heads, head_row
 from fleet.ids import validate_campaign_id
 from fleet.metrics import campaign_fidelity
@@ -49,7 +50,7 @@ CAMPAIGNS_SCHEMA = pa.schema([
     pa.field("stage", pa.string(), nullable=True),
     pa.field("reason", pa.string(), nullable=True),
     pa.field("teacher_sha256", pa.string(), nullable=True),
-    pa.field("data_sha256", pa.string(), nullable=True),
+    pa.field("data_fingerprint", pa.string(), nullable=True),
     pa.field("teacher_bytes", pa.int64(), nullable=True),
     pa.field("n_rows", pa.int32(), nullable=True),
 ])
@@ -203,7 +204,7 @@ def row_splits(campaign_id: str, num_rows: int, config: CompressConfig) -> np.nd
 def _campaign_row(campaign_id: str, status: str, stage: str | None = None, reason: str | None = None,
                   **fields) -> dict:
     return {"campaign_id": campaign_id, "status": status, "stage": stage, "reason": reason,
-            "teacher_sha256": fields.get("teacher_sha256"), "data_sha256": fields.get("data_sha256"),
+            "teacher_sha256": fields.get("teacher_sha256"), "data_fingerprint": fields.get("data_fingerprint"),
             "teacher_bytes": fields.get("teacher_bytes"), "n_rows": fields.get("n_rows")}
 
 
@@ -238,9 +239,9 @@ def soft_labels(job: dict, ctx: StageContext) -> tuple[pa.Table, pa.Table]:
         except FleetError as exc:
             status_rows.append(_campaign_row(campaign_id, "rejected", "soft_labels", str(exc)))
             continue
-        hashes = {"teacher_sha256": teacher.sha256, "data_sha256": data_sha256(table),
+        hashes = {"teacher_sha256": teacher.sha256, "data_fingerprint": data_fingerprint(table),
                   "teacher_bytes": teacher.num_bytes, "n_rows": len(table)}
-        if parent.get(campaign_id) == [hashes["teacher_sha256"], hashes["data_sha256"]]:
+        if parent.get(campaign_id) == [hashes["teacher_sha256"], hashes["data_fingerprint"]]:
             status_rows.append(_campaign_row(campaign_id, "reused", **hashes))
             continue
         splits = row_splits(campaign_id, len(table), ctx.config)
@@ -394,7 +395,7 @@ def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes
                                        gate=lambda h: gate_error(h) <= float_error + config.gate_slack)
     n_params = head_num_params(student_config)
     drafts = [head_row(cid, vectors[c], n_params, None if mask is None else mask[c],
-                       teacher_sha256=b"\0" * 32, data_sha256=b"\0" * 32) for c, cid in enumerate(campaigns)]
+                       teacher_sha256=b"\0" * 32, data_fingerprint=b"\0" * DATA_FINGERPRINT_BYTES) for c, cid in enumerate(campaigns)]
     served = decode_heads(drafts)  # (C, P) exactly what serving will use
     passes = gate_error(served) <= float_error + config.gate_slack
 
@@ -410,7 +411,7 @@ def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes
         teacher_sha, data_sha = job["hashes"][campaign_id]
         status = "ok" if bool(passes[c]) else ("fp16_fallback" if int(bits[c]) == 16 else "gate_failed")
         out.append(dataclasses.replace(
-            drafts[c], teacher_sha256=bytes.fromhex(teacher_sha), data_sha256=bytes.fromhex(data_sha),
+            drafts[c], teacher_sha256=bytes.fromhex(teacher_sha), data_fingerprint=bytes.fromhex(data_sha),
             teacher_auc=fid["teacher_auc"], student_auc=fid["student_auc"], mean_abs_diff=fid["mean_abs_diff"],
             agreement=fid["agreement"], n_train=int(n_fit[c]), n_holdout=int(sel.sum()), status=status))
     return heads_to_table(out)

@@ -183,6 +183,13 @@ def _json_bytes(obj: Any, uri: str) -> bytes:
         raise StoreError(f"cannot write JSON: {err}", path=uri) from None
 
 
+#: Rows per heads row group. A cold lookup reads one group (~100 kB at ~100 B a head); bigger groups
+#: compress better and shrink the footer every server keeps per part. Measured on 1M simulated heads
+#: (docs/storage.md): 256 -> 1024 rows cut 125 -> 105 bytes per campaign and serving RSS by ~20 MB at
+#: the same cold-lookup latency.
+HEADS_ROW_GROUP_ROWS = 1024
+
+
 def _parquet_bytes(table: pa.Table, row_group_size: int) -> bytes:
     buf = io.BytesIO()
     pq.write_table(
@@ -263,7 +270,8 @@ class VersionWriter:
         """The files written so far: relative path -> {"path", "sha256", "bytes", ["rows"]}."""
         return {k: dict(v) for k, v in self._files.items()}
 
-    def write_heads(self, table: pa.Table, rows_per_part: int = 100_000, row_group_size: int = 256) -> None:
+    def write_heads(self, table: pa.Table, rows_per_part: int = 100_000,
+                    row_group_size: int = HEADS_ROW_GROUP_ROWS) -> None:
         """Write the heads table as ``heads/part-NNNNN.parquet``: rows sorted by campaign id, part k
         holding a contiguous id range, row groups of ``row_group_size`` rows, zstd. Also records the
         part/row-group index for the manifest. Call once."""

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     for shard in plan["shards"]:
         table = work.read_shard("campaigns", shard)
         hashes.update({c: (t, d) for c, t, d in zip(*(table[k].to_pylist() for k in
-                                                      ("campaign_id", "teacher_sha256", "data_sha256")))})
+                                                      ("campaign_id", "teacher_sha256", "data_fingerprint")))})
     for variant in args.variants:
         overrides = json.loads(variant)
         config = CompressConfig.from_dict({**plan["config"], **overrides})

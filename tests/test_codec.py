@@ -37,7 +37,7 @@ PINNED_HEADS_SCHEMA = pa.schema(
         pa.field("scales", pa.binary(), nullable=False),
         pa.field("mask", pa.binary(), nullable=True),
         pa.field("teacher_sha256", pa.binary(), nullable=False),
-        pa.field("data_sha256", pa.binary(), nullable=False),
+        pa.field("data_fingerprint", pa.binary(), nullable=False),
         pa.field("teacher_auc", pa.float32(), nullable=True),
         pa.field("student_auc", pa.float32(), nullable=True),
         pa.field("mean_abs_diff", pa.float32(), nullable=True),
@@ -123,7 +123,7 @@ def make_head(campaign_id: str, q, bits: int, scales, group_size: int, shape=Non
     return HeadRow(
         campaign_id=campaign_id, bits=bits, shape=shape, group_size=group_size, packed=packed,
         scales=scale_bytes, mask=mask_bytes, teacher_sha256=sha("t" + campaign_id),
-        data_sha256=sha("d" + campaign_id), **kw,
+        data_fingerprint=sha("d" + campaign_id)[:16], **kw,
     )
 
 
@@ -286,7 +286,8 @@ def test_table_to_heads_refuses_a_new_major_or_a_missing_column():
         ({"scales": b""}, "scales has 0 bytes"),
         ({"group_size": 0}, "group_size"),
         ({"teacher_sha256": b"short"}, "teacher_sha256"),
-        ({"data_sha256": "ab" * 32}, "data_sha256"),
+        ({"data_fingerprint": "ab" * 16}, "data_fingerprint must be 16 raw bytes"),
+        ({"data_fingerprint": b"\0" * 32}, "data_fingerprint must be 16 raw bytes"),
         ({"mask": b"\xff\xff"}, "mask has 2 bytes"),
         ({"status": ""}, "status"),
     ],

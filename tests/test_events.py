@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fleet.errors import EventsFormatError, InvalidCampaignIdError
-from fleet.events import (EVENTS_SCHEMA, EventsDataset, data_sha256, holdout_mask, table_to_batch,
+from fleet.events import (EVENTS_SCHEMA, EventsDataset, data_fingerprint, holdout_mask, table_to_batch,
                           validate_campaign_table, write_events)
 
 
@@ -62,8 +62,8 @@ def test_holdout_split_is_deterministic_and_sized():
 
 
 def test_data_hash_tracks_content():
-    assert data_sha256(rows("a", 10)) == data_sha256(rows("a", 10))
-    assert data_sha256(rows("a", 10)) != data_sha256(rows("a", 10, start=1))
+    assert data_fingerprint(rows("a", 10)) == data_fingerprint(rows("a", 10))
+    assert data_fingerprint(rows("a", 10)) != data_fingerprint(rows("a", 10, start=1))
 
 
 @pytest.mark.parametrize(

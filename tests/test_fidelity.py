@@ -18,7 +18,7 @@ def fitted(small_fleet):
     assert status["status"].to_pylist() == ["ok"] * 20
     backbone, _ = train_backbone(backbone_sample(soft, campaigns, config), ctx)
     hashes = dict(zip(status["campaign_id"].to_pylist(), zip(status["teacher_sha256"].to_pylist(),
-                                                            status["data_sha256"].to_pylist())))
+                                                            status["data_fingerprint"].to_pylist())))
     job = {"campaigns": campaigns, "hashes": hashes}
 
     def heads(**overrides):

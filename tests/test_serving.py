@@ -102,7 +102,7 @@ def build_version(
                 campaign_id=cid, bits=bits, shape=(p,), group_size=0 if bits == 16 else 16, packed=qv.packed,
                 scales=qv.scales,
                 mask=None if mask is None else np.packbits(mask.numpy(), bitorder="little").tobytes(),
-                teacher_sha256=_sha("t" + cid), data_sha256=_sha("d" + cid), teacher_auc=0.75, student_auc=0.734375,
+                teacher_sha256=_sha("t" + cid), data_fingerprint=_sha("d" + cid)[:16], teacher_auc=0.75, student_auc=0.734375,
                 mean_abs_diff=0.015625, agreement=0.984375, n_train=100 + i, n_holdout=25,
                 status="fp16_fallback" if bits == 16 else "ok",
             )

@@ -76,7 +76,7 @@ def make_heads(ids=IDS, seed=0) -> pa.Table:
             campaign_id=cid, bits=4, shape=(193,), group_size=64, packed=packed,
             scales=np.asarray(rng.random(4), "<f2").tobytes(),
             teacher_sha256=hashlib.sha256(b"t" + cid.encode()).digest(),
-            data_sha256=hashlib.sha256(b"d" + cid.encode()).digest(),
+            data_fingerprint=hashlib.sha256(b"d" + cid.encode()).digest()[:16],
             teacher_auc=float(np.float32(rng.random())), n_train=100, n_holdout=25,
         ))
     rng.shuffle(rows)

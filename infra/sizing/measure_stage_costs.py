@@ -68,7 +68,7 @@ def measure(fleet_dir: str, backbone_steps: int, batch: int = 25) -> dict:
     for soft, status in zip(softs, statuses):  # stages 3-5
         rows = [r for r in status.to_pylist() if r["status"] == "ok"]
         job = {"campaigns": [r["campaign_id"] for r in rows],
-               "hashes": {r["campaign_id"]: [r["teacher_sha256"], r["data_sha256"]] for r in rows}}
+               "hashes": {r["campaign_id"]: [r["teacher_sha256"], r["data_fingerprint"]] for r in rows}}
         w, c = _clock()
         stages.fit_heads_shard(job, ctx, soft, backbone)
         w2, c2 = _clock()
