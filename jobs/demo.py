@@ -1,6 +1,6 @@
 """`make demo`: the main job end to end on embedded defaults, in about 3 minutes on 2 cores.
 
-synth (24 campaigns of 400-3,000 sequences, 1-layer LSTM h=64 teachers; reused if present) -> fleet compress (local Ray,
+synth (24 campaigns of 400-3,000 sequences, 1-layer LSTM h=64 teachers; a re-run keeps them) -> fleet compress (local Ray,
 local store, sqlite MLflow) -> FleetModel.load("models:/demo@champion") -> predictions printed next to
 the teacher's for a few hold-out sequences.
 """
@@ -25,11 +25,10 @@ TRACKING = f"sqlite:///{os.path.abspath(ROOT)}/mlflow.db"
 
 def main() -> int:
     console = Console()
-    if not os.path.exists(f"{ROOT}/teachers"):
-        code = fleet_main(["synth", "--campaigns", "24", "--out", ROOT, "--hidden", "64", "--layers", "1",
-                           "--min-sequences", "400", "--max-sequences", "3000", "--seed", "0"])
-        if code:
-            return code
+    code = fleet_main(["synth", "--campaigns", "24", "--out", ROOT, "--hidden", "64", "--layers", "1",
+                       "--min-sequences", "400", "--max-sequences", "3000", "--seed", "0"])  # keeps saved teachers
+    if code:
+        return code
     code = fleet_main(["compress", "--teachers", f"{ROOT}/teachers", "--events", f"{ROOT}/events",
                        "--store", f"{ROOT}/store", "--fleet", FLEET, "--tracking-uri", TRACKING])
     if code not in (0, 3):
