@@ -49,7 +49,7 @@ from fleet.codec import DATA_FINGERPRINT_BYTES, HEADS_SCHEMA
 from fleet.data import map_minibatches
 from fleet.distill import compute_features
 from fleet.errors import FleetError
-from fleet.events import EventsDataset, table_to_batch
+from fleet.events import EventsDataset, rows_by_campaign, table_to_batch
 from fleet.metrics import campaign_fidelity
 from fleet.quant import quantize_rows
 from fleet.store import FleetVersion, VersionWriter, WorkDir, json_safe
@@ -317,17 +317,6 @@ def _hold_dict(rows: pa.Table) -> dict:
             "label": rows["label"].to_numpy()}
 
 
-def _split_by_campaign(soft: pa.Table) -> dict[str, pa.Table]:
-    ids = soft["campaign_id"].to_numpy(zero_copy_only=False)
-    order = np.argsort(ids, kind="stable")
-    sorted_ids = ids[order]
-    out = {}
-    for cid in np.unique(sorted_ids):
-        lo, hi = np.searchsorted(sorted_ids, cid, "left"), np.searchsorted(sorted_ids, cid, "right")
-        out[str(cid)] = soft.take(pa.array(order[lo:hi]))
-    return out
-
-
 def run_bench(cfg: BenchConfig) -> dict:
     """Run every part of the benchmark; write results.json/results.md/plots under ``cfg.out``; return the results."""
     from fleet import pipeline, registry
@@ -382,7 +371,8 @@ def run_bench(cfg: BenchConfig) -> dict:
             "metrics": {k: v for k, v in m.items() if isinstance(v, (int, float, str)) or v is None},
             "rejects": len(real.rejects),
         }
-        by_campaign = _split_by_campaign(pa.concat_tables(list(soft_shards.values())))
+        soft = pa.concat_tables(list(soft_shards.values()))
+        by_campaign = {cid: soft.take(rows) for cid, rows in sorted(rows_by_campaign(soft["campaign_id"]).items())}
         holdout = {c: t.filter(pc.equal(t["split"], stages.HOLDOUT)) for c, t in by_campaign.items()}
         ctx = stages.StageContext(os.path.abspath(fleet["teachers_uri"]), os.path.abspath(fleet["events_uri"]),
                                   cfg.compress, plan["num_event_types"], plan["num_features"])

@@ -26,7 +26,7 @@ from fleet.codec import DATA_FINGERPRINT_BYTES, heads_to_table
 from fleet.data import SequenceBatch, map_minibatches
 from fleet.distill import DistillConfig, compute_features, fit_backbone, fit_heads
 from fleet.errors import FleetError
-from fleet.events import (EventsDataset, data_fingerprint, holdout_mask, table_to_batch,
+from fleet.events import (EventsDataset, data_fingerprint, holdout_mask, rows_by_campaign, table_to_batch,
                           validate_campaign_table)
 from fleet.heads import decode_heads, encode_heads, head_row
 from fleet.ids import validate_campaign_id
@@ -272,9 +272,9 @@ def soft_labels(job: dict, ctx: StageContext) -> tuple[pa.Table, pa.Table]:
 def _campaign_batches(events: EventsDataset, soft: pa.Table, campaigns: list[str], num_features: int):
     """Yield ``(campaign_id, SequenceBatch of its soft-labelled rows, soft rows)`` per campaign."""
     tables = events.read_campaigns(campaigns)
-    ids = soft["campaign_id"].to_numpy(zero_copy_only=False)
+    groups = rows_by_campaign(soft["campaign_id"])
     for campaign_id in campaigns:
-        mine = soft.filter(pa.array(ids == campaign_id))
+        mine = soft.take(groups.get(campaign_id, np.zeros(0, np.int64)))
         rows = mine["row"].to_numpy()
         yield campaign_id, table_to_batch(tables[campaign_id].take(pa.array(rows)), num_features), mine
 
@@ -283,14 +283,12 @@ def backbone_sample(soft: pa.Table, campaigns: list[str], config: CompressConfig
     """The pooled backbone training sample: up to ``backbone_per_campaign`` fit rows of each campaign
     (so big campaigns don't drown small ones), at most ``backbone_max_sequences`` rows in all."""
     fit = soft.filter(pa.compute.equal(soft["split"], FIT))
-    ids = fit["campaign_id"].to_numpy(zero_copy_only=False)
+    groups = rows_by_campaign(fit["campaign_id"])
     per_campaign = max(1, min(config.backbone_per_campaign, config.backbone_max_sequences // max(1, len(campaigns))))
     rng = np.random.default_rng(config.seed)
     keep = []
-    order = np.argsort(ids, kind="stable")
-    bounds = np.searchsorted(ids[order], campaigns, side="left"), np.searchsorted(ids[order], campaigns, side="right")
-    for lo, hi in zip(*bounds):
-        rows = order[lo:hi]
+    for campaign_id in campaigns:
+        rows = groups.get(campaign_id, np.zeros(0, np.int64))
         keep.append(rows if len(rows) <= per_campaign else np.sort(rng.choice(rows, per_campaign, replace=False)))
     return fit.take(pa.array(np.concatenate(keep) if keep else np.zeros(0, np.int64)))
 

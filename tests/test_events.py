@@ -92,3 +92,12 @@ def test_missing_dataset_and_bad_ids(tmp_path):
     write_events(str(tmp_path / "ev"), rows("a", 3))
     with pytest.raises(InvalidCampaignIdError):
         EventsDataset(str(tmp_path / "ev")).read_campaigns(["../etc"])
+
+
+def test_rows_by_campaign_groups_rows_in_order():
+    from fleet.events import rows_by_campaign
+
+    ids = pa.chunked_array([["b", "a", "b"], ["c", "a"]])
+    groups = rows_by_campaign(ids)
+    assert {k: v.tolist() for k, v in groups.items()} == {"b": [0, 2], "a": [1, 4], "c": [3]}
+    assert rows_by_campaign(pa.array([], pa.string())) == {}
