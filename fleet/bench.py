@@ -82,7 +82,8 @@ class BenchConfig:
             would); False (default, cheaper) reuses the real run's backbone and changes stage 3 only.
         warm_requests, cold_requests: in-process predictions timed (warm: head cached; cold: cache miss).
         http_requests, http_concurrency: HTTP predictions timed on loopback, requests in flight at once.
-        tracking_uri: MLflow (None: fleet.registry.default_tracking_uri()); ``mlflow`` False skips logging.
+        tracking_uri: MLflow (None: ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<out>/mlflow.db``, so that an
+            output directory holds its own store and registry); ``mlflow`` False skips logging.
         address: Ray cluster address (None: local Ray).
     """
 
@@ -319,13 +320,14 @@ def _hold_dict(rows: pa.Table) -> dict:
 
 def run_bench(cfg: BenchConfig) -> dict:
     """Run every part of the benchmark; write results.json/results.md/plots under ``cfg.out``; return the results."""
-    from fleet import pipeline, registry
+    from fleet import pipeline
 
     started_all = time.perf_counter()
     os.makedirs(cfg.out, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     store = os.path.abspath(os.path.join(cfg.out, "store"))
-    tracking_uri = cfg.tracking_uri or registry.default_tracking_uri()
+    tracking_uri = (cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                    or f"sqlite:///{os.path.abspath(os.path.join(cfg.out, 'mlflow.db'))}")
     n = cfg.synth.campaigns
     results: dict = {"format": RESULTS_FORMAT, "created_at": stamp, "campaigns": n,
                      "machine": _machine(), "bench_config": _bench_params(cfg), "methods": {}}
@@ -1242,7 +1244,7 @@ def add_arguments(p) -> None:
     g.add_argument("--variant-backbones", action="store_true",
                    help="train a backbone per head-design/loss variant (default: reuse the real run's backbone)")
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///fleet-data/mlflow.db)")
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///OUT/mlflow.db)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the bench run to MLflow")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
 

@@ -266,7 +266,12 @@ def _parent_version(fleet: str, store_uri: str, tracking_uri: str | None, storag
     if version is None:
         return None
     manifest_uri, _ = registry.resolve_manifest_uri(f"models:/{fleet}@champion", tracking_uri)
-    return FleetVersion.open(manifest_uri, storage_options)
+    try:
+        return FleetVersion.open(manifest_uri, storage_options)
+    except StoreError as exc:
+        raise StoreError(f"the champion of fleet {fleet!r} (registered version {version}) cannot be read, so no "
+                         f"incremental run can start from it; promote or roll back to a readable version: {exc}",
+                         path=manifest_uri) from None
 
 
 def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: str,
