@@ -49,7 +49,7 @@ from fleet.codec import DATA_FINGERPRINT_BYTES, HEADS_SCHEMA
 from fleet.data import map_minibatches
 from fleet.distill import compute_features
 from fleet.errors import FleetError
-from fleet.events import EventsDataset, rows_by_campaign, table_to_batch
+from fleet.events import EventsDataset, split_by_campaign, table_to_batch
 from fleet.metrics import campaign_fidelity
 from fleet.quant import quantize_rows
 from fleet.store import FleetVersion, VersionWriter, WorkDir, json_safe
@@ -374,7 +374,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             "rejects": len(real.rejects),
         }
         soft = pa.concat_tables(list(soft_shards.values()))
-        by_campaign = {cid: soft.take(rows) for cid, rows in sorted(rows_by_campaign(soft["campaign_id"]).items())}
+        by_campaign = split_by_campaign(soft)
         holdout = {c: t.filter(pc.equal(t["split"], stages.HOLDOUT)) for c, t in by_campaign.items()}
         ctx = stages.StageContext(os.path.abspath(fleet["teachers_uri"]), os.path.abspath(fleet["events_uri"]),
                                   cfg.compress, plan["num_event_types"], plan["num_features"])

@@ -26,8 +26,8 @@ from fleet.codec import DATA_FINGERPRINT_BYTES, heads_to_table
 from fleet.data import SequenceBatch, map_minibatches
 from fleet.distill import DistillConfig, compute_features, fit_backbone, fit_heads
 from fleet.errors import FleetError
-from fleet.events import (EventsDataset, data_fingerprint, holdout_mask, rows_by_campaign, table_to_batch,
-                          validate_campaign_table)
+from fleet.events import (EventsDataset, data_fingerprint, holdout_mask, rows_by_campaign, split_by_campaign,
+                          table_to_batch, validate_campaign_table)
 from fleet.heads import decode_heads, encode_heads, head_row
 from fleet.ids import validate_campaign_id
 from fleet.metrics import campaign_fidelity
@@ -272,9 +272,9 @@ def soft_labels(job: dict, ctx: StageContext) -> tuple[pa.Table, pa.Table]:
 def _campaign_batches(events: EventsDataset, soft: pa.Table, campaigns: list[str], num_features: int):
     """Yield ``(campaign_id, SequenceBatch of its soft-labelled rows, soft rows)`` per campaign."""
     tables = events.read_campaigns(campaigns)
-    groups = rows_by_campaign(soft["campaign_id"])
+    soft_by_campaign = split_by_campaign(soft, campaigns)
     for campaign_id in campaigns:
-        mine = soft.take(groups.get(campaign_id, np.zeros(0, np.int64)))
+        mine = soft_by_campaign[campaign_id]
         rows = mine["row"].to_numpy()
         yield campaign_id, table_to_batch(tables[campaign_id].take(pa.array(rows)), num_features), mine
 

@@ -101,3 +101,15 @@ def test_rows_by_campaign_groups_rows_in_order():
     groups = rows_by_campaign(ids)
     assert {k: v.tolist() for k, v in groups.items()} == {"b": [0, 2], "a": [1, 4], "c": [3]}
     assert rows_by_campaign(pa.array([], pa.string())) == {}
+
+
+def test_split_by_campaign_keeps_table_order_per_campaign():
+    from fleet.events import split_by_campaign
+
+    table = pa.concat_tables([pa.table({"campaign_id": ["b", "a"], "x": [0, 1]}),
+                              pa.table({"campaign_id": ["b", "c", "a"], "x": [2, 3, 4]})])
+    parts = split_by_campaign(table)
+    assert list(parts) == ["a", "b", "c"]
+    assert {k: v["x"].to_pylist() for k, v in parts.items()} == {"a": [1, 4], "b": [0, 2], "c": [3]}
+    chosen = split_by_campaign(table, ["c", "zz"])
+    assert chosen["c"]["x"].to_pylist() == [3] and chosen["zz"].num_rows == 0
