@@ -1,4 +1,4 @@
-"""`make demo`: the main job end to end on embedded defaults, in about 3 minutes on 2 cores.
+"""`make demo`: the main job end to end on embedded defaults, in 1-2 minutes on 2 cores (after install).
 
 synth (24 campaigns of 400-3,000 sequences, 1-layer LSTM h=64 teachers; a re-run keeps them) -> fleet compress (local Ray,
 local store, sqlite MLflow) -> FleetModel.load("models:/demo@champion") -> predictions printed next to
