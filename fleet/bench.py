@@ -54,7 +54,7 @@ from fleet.metrics import campaign_fidelity
 from fleet.quant import quantize_rows
 from fleet.store import FleetVersion, VersionWriter, WorkDir, json_safe
 from fleet.student import head_logits
-from fleet.synth import SYNTH_FILE, SynthConfig, campaign_ids
+from fleet.synth import SYNTH_FILE, SynthConfig, campaign_ids, teacher_saved
 from fleet.teachers import list_teacher_campaigns, load_teacher
 
 console = Console(stderr=True)
@@ -175,7 +175,7 @@ def prepare_fleet(config: SynthConfig, fleet_dir: str, address: str | None = Non
 def _is_complete(config: SynthConfig, teachers_uri: str) -> bool:
     found = list_teacher_campaigns(teachers_uri) if os.path.exists(teachers_uri) else []
     return found == campaign_ids(config.campaigns) and all(
-        os.path.exists(os.path.join(teachers_uri, cid, "config.json")) for cid in found)
+        teacher_saved(teachers_uri, config.teacher_config(cid)) for cid in found)
 
 
 # ----------------------------------------------------------------------------- fidelity helpers

@@ -209,7 +209,7 @@ def _campaign_row(campaign_id: str, status: str, stage: str | None = None, reaso
 
 
 def soft_labels(job: dict, ctx: StageContext) -> tuple[pa.Table, pa.Table]:
-    """Stage 1 for one batch: ``job = {"campaigns": [...], "parent": {campaign: [teacher_sha, data_sha]}}``.
+    """Stage 1 for one batch: ``job = {"campaigns": [...], "parent": {campaign: [teacher_sha, data_fp]}}``.
 
     Runs each teacher over its campaign's fit, validation and hold-out rows. A campaign whose teacher
     and data hashes equal the parent's (``parent``; empty when the backbone is retrained) is
@@ -350,7 +350,7 @@ def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes
     """Stages 3-5 for one batch: fit all its campaigns' heads at once on frozen backbone features,
     quantize them (fixed or adaptive bits, optional pruning) and measure hold-out fidelity.
 
-    ``job = {"campaigns": [...], "hashes": {campaign: [teacher_sha, data_sha]}}``; ``soft`` holds
+    ``job = {"campaigns": [...], "hashes": {campaign: [teacher_sha, data_fp]}}``; ``soft`` holds
     the batch's stage-1 rows. Returns the batch's ``fleet-heads/1`` rows.
     """
     config = ctx.config
@@ -392,8 +392,8 @@ def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes
                                        sparsity=config.prune_sparsity,
                                        gate=lambda h: gate_error(h) <= float_error + config.gate_slack)
     n_params = head_num_params(student_config)
-    drafts = [head_row(cid, vectors[c], n_params, None if mask is None else mask[c],
-                       teacher_sha256=b"\0" * 32, data_fingerprint=b"\0" * DATA_FINGERPRINT_BYTES) for c, cid in enumerate(campaigns)]
+    drafts = [head_row(cid, vectors[c], n_params, None if mask is None else mask[c], teacher_sha256=b"\0" * 32,
+                       data_fingerprint=b"\0" * DATA_FINGERPRINT_BYTES) for c, cid in enumerate(campaigns)]
     served = decode_heads(drafts)  # (C, P) exactly what serving will use
     passes = gate_error(served) <= float_error + config.gate_slack
 
@@ -406,10 +406,10 @@ def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes
         sel = hold_idx == c
         fid = campaign_fidelity(p_student[sel].numpy(), p_teacher[sel].numpy(), hold_labels[sel].numpy(),
                                 config.min_auc_class_count)
-        teacher_sha, data_sha = job["hashes"][campaign_id]
+        teacher_sha, data_fp = job["hashes"][campaign_id]
         status = "ok" if bool(passes[c]) else ("fp16_fallback" if int(bits[c]) == 16 else "gate_failed")
         out.append(dataclasses.replace(
-            drafts[c], teacher_sha256=bytes.fromhex(teacher_sha), data_fingerprint=bytes.fromhex(data_sha),
+            drafts[c], teacher_sha256=bytes.fromhex(teacher_sha), data_fingerprint=bytes.fromhex(data_fp),
             teacher_auc=fid["teacher_auc"], student_auc=fid["student_auc"], mean_abs_diff=fid["mean_abs_diff"],
             agreement=fid["agreement"], n_train=int(n_fit[c]), n_holdout=int(sel.sum()), status=status))
     return heads_to_table(out)

@@ -185,8 +185,8 @@ def _json_bytes(obj: Any, uri: str) -> bytes:
 
 #: Rows per heads row group. A cold lookup reads one group (~100 kB at ~100 B a head); bigger groups
 #: compress better and shrink the footer every server keeps per part. Measured on 1M simulated heads
-#: (docs/storage.md): 256 -> 1024 rows cut 125 -> 105 bytes per campaign and serving RSS by ~20 MB at
-#: the same cold-lookup latency.
+#: (docs/storage.md): 256 -> 1024 rows cut 125 -> 105 bytes per campaign and serving RSS by ~20 MB,
+#: with no worse cold-lookup latency.
 HEADS_ROW_GROUP_ROWS = 1024
 
 

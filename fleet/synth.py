@@ -260,7 +260,7 @@ def train_teachers(
     for campaign_id, table in events.read_campaigns(campaigns).items():
         labels = table["label"].to_numpy(zero_copy_only=False)
         stats = {"campaign_id": campaign_id, "rows": len(table), "label_rate": float(labels.mean())}
-        if _teacher_saved(teachers_uri, config.teacher_config(campaign_id), storage_options):
+        if teacher_saved(teachers_uri, config.teacher_config(campaign_id), storage_options):
             results.append({**stats, "seconds": 0.0, "resumed": True})
             continue
         started = time.perf_counter()
@@ -270,7 +270,9 @@ def train_teachers(
     return results
 
 
-def _teacher_saved(teachers_uri: str, config: TeacherConfig, storage_options: dict | None) -> bool:
+def teacher_saved(teachers_uri: str, config: TeacherConfig, storage_options: dict | None = None) -> bool:
+    """Whether the teacher of ``config`` is completely saved under ``teachers_uri``: its ``config.json``
+    (written after the weights) exists and equals ``config``."""
     fs, path = fsspec.core.url_to_fs(f"{teachers_uri.rstrip('/')}/{config.campaign_id}/{CONFIG_FILE}",
                                      **(storage_options or {}))
     return fs.exists(path) and json.loads(fs.cat_file(path)) == config.to_json()
