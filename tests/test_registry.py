@@ -214,3 +214,16 @@ def test_plots_are_png_and_handle_empty_input():
         plots.fidelity_vs_size([1, 2], [0.0])
     with pytest.raises(ValueError, match=">= 0"):
         plots.size_breakdown({"heads": -1})
+
+
+def test_unreadable_champion_is_named_when_a_run_looks_for_its_parent(tmp_path, sqlite_tracking_uri):
+    """An incremental run starts from the champion; if its version's files are gone the error says which."""
+    from fleet.errors import StoreError
+    from fleet.pipeline import _parent_version
+
+    missing = tmp_path / "store" / "adfleet" / "versions" / "v1" / "manifest.json"
+    registry.register_version(fleet_name="adfleet", manifest_uri=str(missing), version_id="v1",
+                              local_artifacts=_artifacts(tmp_path, "adfleet", "v1"), params={}, metrics=GOOD, plots={},
+                              tracking_uri=sqlite_tracking_uri)
+    with pytest.raises(StoreError, match="champion of fleet 'adfleet' \\(registered version 1\\) cannot be read"):
+        _parent_version("adfleet", str(tmp_path / "store"), sqlite_tracking_uri, None)
