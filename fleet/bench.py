@@ -40,7 +40,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from fleet import stages
@@ -54,7 +60,13 @@ from fleet.metrics import campaign_fidelity
 from fleet.quant import quantize_rows
 from fleet.store import FleetVersion, VersionWriter, WorkDir, json_safe
 from fleet.student import head_logits
-from fleet.synth import SYNTH_FILE, SynthConfig, campaign_ids, teacher_saved
+from fleet.synth import (
+    SYNTH_FILE,
+    SynthConfig,
+    campaign_ids,
+    teacher_saved,
+    with_defaults,
+)
 from fleet.teachers import list_teacher_campaigns, load_teacher
 
 console = Console(stderr=True)
@@ -144,7 +156,8 @@ def _backbone_key(config: stages.CompressConfig) -> tuple:
     c = config
     return (c.arch, c.hidden_size, c.embed_dim, c.num_layers, c.head, c.head_rank, c.loss, c.temperature,
             c.hard_label_weight, c.distance_weight, c.backbone_bits, c.backbone_qat, c.backbone_steps,
-            c.backbone_lr, c.backbone_batch_size, c.backbone_max_sequences, c.backbone_per_campaign, c.seed)
+            c.backbone_lr, c.backbone_batch_size, c.backbone_max_sequences, c.backbone_per_campaign,
+            c.backbone_eval_every, c.backbone_patience, c.seed)
 
 
 # ----------------------------------------------------------------------------- the cached fleet
@@ -160,10 +173,12 @@ def prepare_fleet(config: SynthConfig, fleet_dir: str, address: str | None = Non
             "synth": dataclasses.asdict(config)}
     if os.path.exists(recorded_path) and _is_complete(config, teachers_uri):
         with open(recorded_path) as f:
-            recorded = json.load(f)
+            recorded = with_defaults(json.load(f))  # fields added since it was written: their defaults
         if recorded == info["synth"]:
             return {**info, "reused": True, "how": "synth.json matches the requested SynthConfig"}
-    from fleet.pipeline import run_synth  # refuses another fleet; resumes an interrupted one
+    from fleet.pipeline import (
+        run_synth,  # refuses another fleet; resumes an interrupted one
+    )
 
     console.print(f"fleet in {fleet_dir} absent or incomplete: training {config.campaigns} teachers (resumable)")
     result = run_synth(config, fleet_dir, address=address)
@@ -233,13 +248,16 @@ def _holdout_batch(events: EventsDataset, campaign_id: str, rows: np.ndarray, nu
 def int8_dynamic_task(job: dict, ctx: stages.StageContext) -> list[dict]:
     """Peer (b) for a batch of campaigns: quantize each teacher with ``quantize_dynamic`` (LSTM/GRU +
     Linear -> qint8), measure its serialized state, score its hold-out rows against the fp32 teacher."""
-    from torch.ao.quantization import quantize_dynamic  # deprecated API: allowed here only, as the baseline
+    from torch.ao.quantization import (
+        quantize_dynamic,  # deprecated API: allowed here only, as the baseline
+    )
 
     events = EventsDataset(ctx.events_uri, ctx.storage_options)
     out = []
     for campaign_id in job["campaigns"]:
         hold = job["holdout"][campaign_id]
-        teacher = load_teacher(ctx.teachers_uri, campaign_id, ctx.storage_options)
+        teacher = load_teacher(ctx.teachers_uri, campaign_id, ctx.storage_options,
+                               allow_loaders=ctx.config.allow_loaders, untrusted_roots=(ctx.events_uri,))
         started = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -260,7 +278,8 @@ def int8_dynamic_task(job: dict, ctx: stages.StageContext) -> list[dict]:
 
 def independent_student_task(job: dict, ctx: stages.StageContext) -> dict:
     """Peer (c) for one campaign: fleet's backbone + head shape distilled on this campaign's fit rows
-    alone (fleet's backbone step budget), stored fp32; hold-out fidelity vs its teacher."""
+    alone (fleet's backbone step budget and early stopping on its validation rows), stored fp32; hold-out
+    fidelity vs its teacher."""
     started = time.perf_counter()
     data, stats = stages.train_backbone(job["fit"], ctx)  # (backbone + one head) jointly, like stage 2
     seconds = time.perf_counter() - started
@@ -414,7 +433,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         c_config = dataclasses.replace(cfg.compress, backbone_bits=32, backbone_per_campaign=cfg.compress.max_fit_rows,
                                        backbone_max_sequences=max(cfg.compress.backbone_max_sequences, cfg.compress.max_fit_rows))
         c_ctx = dataclasses.replace(ctx, config=c_config)
-        jobs = [{"campaign_id": c, "fit": by_campaign[c].filter(pc.equal(by_campaign[c]["split"], stages.FIT)),
+        learn = pa.array([stages.FIT, stages.VALIDATION], pa.int8())  # validation rows: early stopping
+        jobs = [{"campaign_id": c, "fit": by_campaign[c].filter(pc.is_in(by_campaign[c]["split"], value_set=learn)),
                  "holdout": _hold_dict(holdout[c])} for c in subset]
         t0 = time.perf_counter()
         rows_c = pipeline.map_on_ray(independent_student_task, jobs, (c_ctx,), f"(c) independent students ({k} campaigns)")
@@ -730,8 +750,8 @@ def simulated_heads(count: int, real: pa.Table, seed: int, chunk: int = SIM_CHUN
     each row copies the bit width, status and fidelity fields of a random real row, and its head is that
     real head plus noise (so value statistics, hence compressibility, stay realistic), quantized at that
     bit width with the real quantizer; hashes are random bytes."""
-    from fleet.heads import decode_heads
     from fleet.codec import table_to_heads
+    from fleet.heads import decode_heads
 
     rng = np.random.default_rng(seed)
     real_heads = decode_heads(table_to_heads(real)).numpy()  # (R, P)
@@ -739,7 +759,6 @@ def simulated_heads(count: int, real: pa.Table, seed: int, chunk: int = SIM_CHUN
     real_bits = real["bits"].to_numpy()
     group = int(pc.max(real["group_size"]).as_py() or 64)
     p = real_heads.shape[1]
-    copied = ("teacher_auc", "student_auc", "mean_abs_diff", "agreement", "n_train", "n_holdout", "status")
     for start in range(0, count, chunk):
         m = min(chunk, count - start)
         pick = rng.integers(0, len(real_bits), size=m)
@@ -760,8 +779,8 @@ def simulated_heads(count: int, real: pa.Table, seed: int, chunk: int = SIM_CHUN
             "mask": pa.nulls(m, pa.binary()),
             "teacher_sha256": pa.array([h.tobytes() for h in teacher_hashes], pa.binary()),
             "data_fingerprint": pa.array([h.tobytes() for h in data_hashes], pa.binary()),
-            **{k: real[k].take(pa.array(pick)) for k in copied},
         }
+        columns.update({f.name: real[f.name].take(pa.array(pick)) for f in HEADS_SCHEMA if f.name not in columns})
         yield pa.table({f.name: columns[f.name].cast(f.type) for f in HEADS_SCHEMA}, schema=HEADS_SCHEMA)
 
 
@@ -791,7 +810,7 @@ def bench_scale(count: int, version: FleetVersion, cfg: BenchConfig, stamp: str)
     heads_bytes = sum(f["bytes"] for p, f in files.items() if p.startswith("heads/"))
     console.print(f"scale {count:,}: probing cold lookups in a fresh process")
     proc = subprocess.run([sys.executable, "-c", _PROBE_SRC, manifest_uri, str(cfg.cold_requests),
-                           str(cfg.compress.seed), str(count)], capture_output=True, text=True, timeout=1800)
+                           str(cfg.compress.seed), str(count)], capture_output=True, text=True, timeout=1800, check=False)
     try:
         probe = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):
@@ -903,8 +922,8 @@ def render_markdown(results: dict, plots_prefix: str = "") -> str:
     m = results["methods"]
     n = results["campaigns"]
     lines = [f"### Methods side by side (N = {n} campaigns, same teachers, same hold-out rows)", "",
-             "| method | bytes / campaign | total bytes | ratio vs fp32 | campaigns with AUC | AUC median "
-             "| AUC diff median / p10 / worst | mean abs(p - p_teacher) median / p90 / worst | wall time |",
+             ("| method | bytes / campaign | total bytes | ratio vs fp32 | campaigns with AUC | AUC median "
+             "| AUC diff median / p10 / worst | mean abs(p - p_teacher) median / p90 / worst | wall time |"),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key in METHOD_ORDER:
         if key not in m:
@@ -918,7 +937,7 @@ def render_markdown(results: dict, plots_prefix: str = "") -> str:
             f"| {_fmt(f['mean_abs_diff_median'], '.4f')} / {_fmt(f['mean_abs_diff_p90'], '.4f')} / "
             f"{_fmt(f['mean_abs_diff_worst'], '.4f')} | {r['time_s']:,.1f} s{ext} |")
     c = m["independent_students"]
-    lines += ["", f"AUCs are computed only where a campaign's hold-out rows hold at least "
+    lines += ["", (f"AUCs are computed only where a campaign's hold-out rows hold at least "
               f"{results['bench_config']['compress'].get('min_auc_class_count', 1)} positives and negatives (the real run's "
               f"rule, applied to every method); mean abs(p - p_teacher) covers every campaign. "
               f"Fidelity columns cover every campaign with a defined hold-out AUC "
@@ -926,7 +945,7 @@ def render_markdown(results: dict, plots_prefix: str = "") -> str:
               f"real run); peer (c) covers its {c['subset_size']} random campaigns only. On those same campaigns the real "
               f"run's AUC diff median / p10 is {_fmt(c['fleet_auto_on_same_subset']['auc_diff_median'], '+.4f')} / "
               f"{_fmt(c['fleet_auto_on_same_subset']['auc_diff_p10'], '+.4f')} (peer (c): "
-              f"{_fmt(c['fidelity']['auc_diff_median'], '+.4f')} / {_fmt(c['fidelity']['auc_diff_p10'], '+.4f')}).", ""]
+              f"{_fmt(c['fidelity']['auc_diff_median'], '+.4f')} / {_fmt(c['fidelity']['auc_diff_p10'], '+.4f')})."), ""]
     lines += ["How each figure was measured:", ""]
     for key in METHOD_ORDER[:4]:
         if key in m:
@@ -945,30 +964,30 @@ def render_markdown(results: dict, plots_prefix: str = "") -> str:
             lines.append(f"| {STAGE_NAMES[stage]} | {rr['stage_seconds'][stage]:,.1f} |")
     lines += [f"| finalize (write the version) + registration in MLflow + driver overhead | {rr['registration_and_overhead_seconds']:,.1f} |",
               f"| **total wall time** | **{rr['wall_seconds']:,.1f}** |", "",
-              f"Total wall time / floor (stage 1) = **{_fmt(rr['total_over_floor'], '.2f')}x** "
+              (f"Total wall time / floor (stage 1) = **{_fmt(rr['total_over_floor'], '.2f')}x** "
               f"(stages only, without registration: {_fmt(rr['run_over_floor'], '.2f')}x). "
               f"Bits chosen per campaign (1/2/4/8/16): "
-              f"{' / '.join(str(m['fleet_auto']['bits_campaigns'][b]) for b in ('1', '2', '4', '8', '16'))}.", ""]
+              f"{' / '.join(str(m['fleet_auto']['bits_campaigns'][b]) for b in ('1', '2', '4', '8', '16'))}."), ""]
     s = results.get("serving")
     if s:
         lines += ["### Serving (real run's version, this machine)", "", "| path | p50 | p99 | notes |", "|---|---:|---:|---|",
-                  f"| in-process warm (head cached, one sequence) | {s['warm']['p50_ms']:.3f} ms | {s['warm']['p99_ms']:.3f} ms "
-                  f"| {s['warm']['n']} calls, torch threads {s['in_process_torch_threads']} |",
-                  f"| in-process cold (cache miss, head read from a Parquet row group) | {s['cold']['p50_ms']:.3f} ms "
+                  (f"| in-process warm (head cached, one sequence) | {s['warm']['p50_ms']:.3f} ms | {s['warm']['p99_ms']:.3f} ms "
+                  f"| {s['warm']['n']} calls, torch threads {s['in_process_torch_threads']} |"),
+                  (f"| in-process cold (cache miss, head read from a Parquet row group) | {s['cold']['p50_ms']:.3f} ms "
                   f"| {s['cold']['p99_ms']:.3f} ms | {s['cold']['n']} calls; a fresh FleetModel.open takes "
-                  f"{s['open_seconds_median'] * 1000:.1f} ms |",
-                  f"| HTTP on loopback (uvicorn subprocess, httpx), 1 in flight | {s['http']['single']['p50_ms']:.3f} ms "
-                  f"| {s['http']['single']['p99_ms']:.3f} ms | {s['http']['single']['requests']} requests, one at a time |",
-                  f"| HTTP on loopback (uvicorn subprocess, httpx) | {s['http']['p50_ms']:.3f} ms | {s['http']['p99_ms']:.3f} ms "
+                  f"{s['open_seconds_median'] * 1000:.1f} ms |"),
+                  (f"| HTTP on loopback (uvicorn subprocess, httpx), 1 in flight | {s['http']['single']['p50_ms']:.3f} ms "
+                  f"| {s['http']['single']['p99_ms']:.3f} ms | {s['http']['single']['requests']} requests, one at a time |"),
+                  (f"| HTTP on loopback (uvicorn subprocess, httpx) | {s['http']['p50_ms']:.3f} ms | {s['http']['p99_ms']:.3f} ms "
                   f"| {s['http']['requests']} requests, {s['http']['concurrency']} concurrent, "
-                  f"{_fmt(s['http']['throughput_rps'], ',.0f')} req/s, {s['http']['errors']} errors |", "",
-                  f"Serving process RSS (HTTP server, this fleet): {s['http']['server_rss_after_load']['rss_mb']:.0f} MB after "
-                  f"the load (peak {s['http']['server_rss_after_load']['peak_rss_mb']:.0f} MB).", ""]
+                  f"{_fmt(s['http']['throughput_rps'], ',.0f')} req/s, {s['http']['errors']} errors |"), "",
+                  (f"Serving process RSS (HTTP server, this fleet): {s['http']['server_rss_after_load']['rss_mb']:.0f} MB after "
+                  f"the load (peak {s['http']['server_rss_after_load']['peak_rss_mb']:.0f} MB)."), ""]
     sc = results.get("scale")
     if sc:
         lines += ["### Scale — SIMULATED (random heads of the real shape and bit mix, real backbone, real store format)", "",
-                  "| campaigns | heads bytes / campaign | parts | build (write + index) | open (no verify / verify) "
-                  "| cold predict p50 / p99 | serving RSS (peak) | RSS before open (imports only) |",
+                  ("| campaigns | heads bytes / campaign | parts | build (write + index) | open (no verify / verify) "
+                  "| cold predict p50 / p99 | serving RSS (peak) | RSS before open (imports only) |"),
                   "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for key, r in sc.items():
             lines.append(f"| {int(key):,} | {r['bytes_per_campaign']:.1f} B | {r['parts']} | {r['build_seconds']:.1f} s "
@@ -1247,6 +1266,9 @@ def add_arguments(p) -> None:
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///OUT/mlflow.db)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the bench run to MLflow")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    from fleet import bench_zoo
+
+    bench_zoo.add_arguments(p)
 
 
 def config_from_args(args) -> BenchConfig:
@@ -1269,8 +1291,14 @@ def config_from_args(args) -> BenchConfig:
 
 
 def run_from_args(args, out_console) -> int:
-    """``fleet bench``: run, print the summary table; exit 0 (1 on a FleetError, raised to the CLI)."""
-    results = run_bench(config_from_args(args))
+    """``fleet bench``: run, print the summary table; exit 0 (1 on a FleetError, raised to the CLI).
+    With ``--zoo``: the zoo's fidelity table instead (exit 1 when a pair misses a target)."""
+    config = config_from_args(args)
+    if args.zoo:
+        from fleet import bench_zoo
+
+        return bench_zoo.run_from_args(args, config.compress, out_console.print)
+    results = run_bench(config)
     out_console.print(summary_table(results))
     out_console.print(f"results: {os.path.join(args.out, 'results.json')}, {os.path.join(args.out, 'results.md')}"
                       + (f"; MLflow run {results['mlflow_run_id']}" if results.get("mlflow_run_id") else ""))
@@ -1309,16 +1337,16 @@ def write_docs(results_path: str, docs_path: str, plots_dir: str, *, status: str
     lines = [
         "# Benchmarks", "",
         "<!-- generated by fleet.bench.write_docs from the run's results.json; numbers are never typed by hand -->", "",
-        f"`fleet bench` on a synthetic fleet of **N = {results['campaigns']}** campaigns "
+        (f"`fleet bench` on a synthetic fleet of **N = {results['campaigns']}** campaigns "
         f"({results['bench_config']['synth']['num_layers']}-layer {results['bench_config']['synth']['arch'].upper()} "
         f"teachers, hidden {results['bench_config']['synth']['hidden_size']}, seed {results['bench_config']['synth']['seed']}), "
-        f"run {results['created_at']}; the whole benchmark took {results['bench_seconds'] / 60:.1f} min.", "",
+        f"run {results['created_at']}; the whole benchmark took {results['bench_seconds'] / 60:.1f} min."), "",
     ]
     if status:
         lines += [f"> {status}", ""]
     lines += ["## Command", "", "```", command, "```", "",
-              f"Fleet: {results['fleet']['how']}. Outputs: `results.json`, `results.md`, the PNGs below; the run is "
-              f"logged to MLflow (experiment `{EXPERIMENT}`, run `{results.get('mlflow_run_id')}`).", "",
+              (f"Fleet: {results['fleet']['how']}. Outputs: `results.json`, `results.md`, the PNGs below; the run is "
+              f"logged to MLflow (experiment `{EXPERIMENT}`, run `{results.get('mlflow_run_id')}`)."), "",
               "## Machine", "",
               f"{mach['cpus']} CPU cores, {mach['memory_gib']:.0f} GiB memory, no GPU ({mach['platform']}, Python "
               f"{mach['python']}, torch {mach['torch']}). " + load, "",
@@ -1327,10 +1355,10 @@ def write_docs(results_path: str, docs_path: str, plots_dir: str, *, status: str
     speed = c["time_s"] / fa["time_s"] if fa["time_s"] else None
     sub = c["fleet_auto_on_same_subset"]
     lines += [
-        f"- **Size.** A fleet campaign costs {fa['bytes_per_campaign']:,.0f} B of heads Parquet; with the shared "
+        (f"- **Size.** A fleet campaign costs {fa['bytes_per_campaign']:,.0f} B of heads Parquet; with the shared "
         f"backbone the whole fleet is {_ratio(fa['compression_ratio'])} smaller than the fp32 teachers, where torch's "
-        f"dynamic int8 gives {_ratio(b['compression_ratio'])} and independent students {_ratio(c['compression_ratio'])}.",
-        f"- **Fidelity.** Median / p10 AUC diff vs the teacher: fleet {_fmt(fa['fidelity']['auc_diff_median'], '+.4f')} / "
+        f"dynamic int8 gives {_ratio(b['compression_ratio'])} and independent students {_ratio(c['compression_ratio'])}."),
+        (f"- **Fidelity.** Median / p10 AUC diff vs the teacher: fleet {_fmt(fa['fidelity']['auc_diff_median'], '+.4f')} / "
         f"{_fmt(fa['fidelity']['auc_diff_p10'], '+.4f')}, dynamic int8 {_fmt(b['fidelity']['auc_diff_median'], '+.4f')} / "
         f"{_fmt(b['fidelity']['auc_diff_p10'], '+.4f')}; on the {k} campaigns of peer (c), independent students "
         f"{_fmt(c['fidelity']['auc_diff_median'], '+.4f')} / {_fmt(c['fidelity']['auc_diff_p10'], '+.4f')} vs fleet "
@@ -1339,10 +1367,10 @@ def write_docs(results_path: str, docs_path: str, plots_dir: str, *, status: str
         f"{_fmt(c['fidelity']['mean_abs_diff_median'], '.4f')}, fleet {_fmt(sub['mean_abs_diff_median'], '.4f')}. "
         f"Mean |p - p_teacher| median over all campaigns: "
         f"fleet {_fmt(fa['fidelity']['mean_abs_diff_median'], '.4f')}, int8 {_fmt(b['fidelity']['mean_abs_diff_median'], '.4f')}, "
-        f"independent {_fmt(c['fidelity']['mean_abs_diff_median'], '.4f')}.",
-        f"- **Time.** The full fleet run took {fa['time_s']:,.1f} s, {_fmt(rr['total_over_floor'], '.2f')}x its floor "
+        f"independent {_fmt(c['fidelity']['mean_abs_diff_median'], '.4f')}."),
+        (f"- **Time.** The full fleet run took {fa['time_s']:,.1f} s, {_fmt(rr['total_over_floor'], '.2f')}x its floor "
         f"(stage 1, {rr['floor_seconds']:,.1f} s); independent students would take {c['time_s']:,.0f} s "
-        f"(EXTRAPOLATED from {k} campaigns), {_fmt(speed, ',.1f')}x fleet's time.",
+        f"(EXTRAPOLATED from {k} campaigns), {_fmt(speed, ',.1f')}x fleet's time."),
     ]
     misses = [t for t in results["targets"] if not t["passed"]]
     passes = [t for t in results["targets"] if t["passed"]]

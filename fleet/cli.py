@@ -14,7 +14,6 @@ from fleet.errors import FleetError
 from fleet.store import storage_options_from_env
 
 
-
 def _add_synth(sub) -> None:
     p = sub.add_parser("synth", help="generate a synthetic ad-tech fleet (events + trained teachers)")
     p.add_argument("--campaigns", type=int, required=True, help="number of campaigns")
@@ -28,6 +27,10 @@ def _add_synth(sub) -> None:
     p.add_argument("--min-sequences", type=int, default=100, help="smallest campaign size")
     p.add_argument("--max-sequences", type=int, default=20_000, help="largest campaign size")
     p.add_argument("--max-epochs", type=int, default=12, help="teacher training epochs at most (early stopping)")
+    p.add_argument("--generator", choices=["default", "affinity", "interaction"], default="default",
+                   help="how campaigns are generated (fleet.zoo; default: %(default)s)")
+    p.add_argument("--teacher", choices=["rnn", "attn_gru", "conv"], default="rnn",
+                   help="teacher class: rnn = --arch LSTM/GRU, attn_gru / conv = fleet.zoo's (default: %(default)s)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
     p.add_argument("--storage-options", type=json_object, default=None, help="fsspec options as JSON")
     p.set_defaults(handler=_cmd_synth)
@@ -36,18 +39,19 @@ def _add_synth(sub) -> None:
 def _cmd_synth(args, console) -> int:
     from fleet.pipeline import run_synth
     from fleet.synth import SynthConfig
-    from fleet.teachers import TeacherRNN, teacher_num_bytes
+    from fleet.teachers import teacher_num_bytes
+    from fleet.zoo import build_teacher
 
     config = SynthConfig(
         campaigns=args.campaigns, seed=args.seed, arch=args.arch, hidden_size=args.hidden, num_layers=args.layers,
         num_event_types=args.num_event_types, num_features=args.num_features, min_sequences=args.min_sequences,
-        max_sequences=args.max_sequences, max_epochs=args.max_epochs,
+        max_sequences=args.max_sequences, max_epochs=args.max_epochs, generator=args.generator, teacher=args.teacher,
     )
     result = run_synth(config, args.out, args.storage_options, args.address)
     stats = result["campaigns"]
     rows = np.array([s["rows"] for s in stats])
     rates = np.array([s["label_rate"] for s in stats])
-    teacher = TeacherRNN(config.teacher_config("probe"))
+    teacher = build_teacher(config.teacher_config("probe"))
     table = Table(title=f"synthetic fleet -> {args.out}")
     table.add_column("figure")
     table.add_column("value", justify="right")
@@ -55,7 +59,10 @@ def _cmd_synth(args, console) -> int:
     table.add_row("sequences (total)", f"{rows.sum():,}")
     table.add_row("campaign size min / median / p90 / max", f"{rows.min()} / {np.median(rows):.0f} / {np.percentile(rows, 90):.0f} / {rows.max()}")
     table.add_row("label rate min / median / max", f"{rates.min():.3f} / {np.median(rates):.3f} / {rates.max():.3f}")
-    table.add_row("teacher", f"{config.num_layers}-layer {config.arch.upper()} h={config.hidden_size}: "
+    kind = {"rnn": config.arch.upper(), "attn_gru": "attention GRU"}.get(config.teacher, "conv")
+    layers = 2 if config.teacher == "conv" else config.num_layers
+    table.add_row("generator", config.generator)
+    table.add_row("teacher", f"{layers}-layer {kind} h={config.hidden_size}: "
                   f"{sum(p.numel() for p in teacher.parameters()):,} params, {teacher_num_bytes(teacher) / 1e6:.2f} MB")
     trained = [s for s in stats if not s["resumed"]]
     table.add_row("teachers trained / kept from an interrupted run", f"{len(trained)} / {len(stats) - len(trained)}")
@@ -82,7 +89,21 @@ def _add_compress(sub) -> None:
     p.add_argument("--storage-options", type=json_object, default=None,
                    help="fsspec options as JSON (or $FLEET_STORAGE_OPTIONS), e.g. an S3 endpoint")
     p.add_argument("--no-register", action="store_true", help="write the version but do not register it in MLflow")
+    p.add_argument("--allow-loader", action="append", default=[], type=_loader_spec, metavar="MODULE:FUNCTION",
+                   help="allow teachers whose config.json names this loader (repeatable; installed "
+                        "fleet.teacher_loaders entry points are always allowed, any other loader is quarantined)")
+    p.add_argument("--dashboard", action="store_true",
+                   help="start the local Ray's dashboard, on 127.0.0.1 only (default: no dashboard)")
     p.set_defaults(handler=_cmd_compress)
+
+
+def _loader_spec(value: str) -> str:
+    from fleet.teachers import validate_loader_spec
+
+    try:
+        return validate_loader_spec(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _cmd_compress(args, console) -> int:
@@ -93,11 +114,12 @@ def _cmd_compress(args, console) -> int:
     if args.bits is not None:
         config.bits = "auto" if args.bits == "auto" else int(args.bits)
         config.__post_init__()
+    config.allow_loaders = list(dict.fromkeys([*config.allow_loaders, *args.allow_loader]))
     result = run_compress(
         teachers_uri=args.teachers, events_uri=args.events, store_uri=args.store, fleet=args.fleet, config=config,
         run_id=args.run_id, tracking_uri=args.tracking_uri, address=args.address,
         retrain_backbone=args.retrain_backbone, storage_options=args.storage_options if args.storage_options is not None else storage_options_from_env(),
-        register=not args.no_register,
+        register=not args.no_register, dashboard=args.dashboard,
     )
     console.print(summary_table(result))
     for reject in result.rejects[:20]:
@@ -108,7 +130,7 @@ def _cmd_compress(args, console) -> int:
 def summary_table(result) -> Table:
     """The end-of-run summary of ``fleet compress``."""
     m = result.metrics
-    fmt = lambda v, spec="": "n/a" if v is None else format(v, spec)  # noqa: E731
+    fmt = lambda v, spec="": "n/a" if v is None else format(v, spec)
     table = Table(title=f"fleet version {result.version_id}")
     table.add_column("figure")
     table.add_column("value", justify="right")

@@ -11,7 +11,8 @@ import json
 import os
 import re
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PREDICT_CHUNK_ROWS = 4096
@@ -149,7 +150,7 @@ def _read_rows(path: str, storage_options: dict | None) -> Iterator[list[dict]]:
     import fsspec
 
     lower = path.lower()
-    if lower.endswith(".parquet") or lower.endswith(".pq"):
+    if lower.endswith((".parquet", ".pq")):
         import pyarrow.parquet as pq
 
         with fsspec.open(path, "rb", **(storage_options or {})) as f:
@@ -158,7 +159,7 @@ def _read_rows(path: str, storage_options: dict | None) -> Iterator[list[dict]]:
             for batch in pf.iter_batches(batch_size=PREDICT_CHUNK_ROWS, columns=names):
                 yield batch.to_pylist()
         return
-    if not (lower.endswith(".jsonl") or lower.endswith(".ndjson") or lower.endswith(".json")):
+    if not (lower.endswith((".jsonl", ".ndjson", ".json"))):
         raise ValueError(f"--input must end in .jsonl or .parquet, got {path!r}")
     chunk: list[dict] = []
     with fsspec.open(path, "rt", encoding="utf-8", **(storage_options or {})) as f:
@@ -170,7 +171,7 @@ def _read_rows(path: str, storage_options: dict | None) -> Iterator[list[dict]]:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{number}: not JSON ({exc})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object")
+                raise ValueError(f"{path}:{number}: expected a JSON object")  # noqa: TRY004 - bad input data; _cmd_predict catches ValueError
             chunk.append(row)
             if len(chunk) == PREDICT_CHUNK_ROWS:
                 yield chunk
@@ -191,6 +192,7 @@ def _cmd_predict(args, console) -> int:
         return EXIT_FAILED
     offset = 0
     out = sys.stdout
+    fallback: dict[str, None] = {}  # campaigns whose heads did not pass their quality gate, first-use order
     try:
         for rows in _read_rows(args.input, args.storage_options):
             if args.campaign is not None:
@@ -201,12 +203,13 @@ def _cmd_predict(args, console) -> int:
                 ids = [r["campaign_id"] for r in rows]
             try:
                 types, feats = [r.get("event_types") for r in rows], [r.get("features") for r in rows]
-                probs = model.predict_columns(ids, types, feats)
+                pred = model.predict_with_status(ids, types, feats)
             except (InvalidInputError, UnknownCampaignError) as exc:
-                shifted = re.sub(r"\brow (\d+)", lambda m: f"row {offset + int(m.group(1))}", str(exc))
+                shifted = re.sub(r"\brow (\d+)", lambda m, offset=offset: f"row {offset + int(m.group(1))}", str(exc))
                 console.print(f"[red]error:[/red] {shifted}")
                 return EXIT_FAILED
-            out.write("".join(f"{p!r}\n" for p in probs.tolist()))
+            out.write("".join(f"{p!r}\n" for p in pred.probabilities.tolist()))
+            fallback.update(dict.fromkeys(pred.fallback_campaigns))
             offset += len(rows)
     except FileNotFoundError as exc:
         console.print(f"[red]error:[/red] {exc}")
@@ -215,7 +218,24 @@ def _cmd_predict(args, console) -> int:
         console.print(f"[red]error:[/red] {exc}")
         return EXIT_FAILED
     out.flush()
+    if fallback:
+        _warn_fallback(list(fallback))
     return EXIT_OK
+
+
+#: The fallback warning of ``fleet predict`` names at most this many campaigns (then counts the rest).
+MAX_NAMED_FALLBACK = 20
+
+
+def _warn_fallback(campaigns: list[str]) -> None:
+    """One warning line on stderr (never the console, which may be stdout): the campaigns scored by
+    heads that did not pass their quality gate (:func:`fleet.codec.head_passed`). Stdout stays data only."""
+    named = ", ".join(campaigns[:MAX_NAMED_FALLBACK])
+    more = len(campaigns) - MAX_NAMED_FALLBACK
+    rest = f" and {more} more" if more > 0 else ""
+    sys.stderr.write(f"warning: {len(campaigns)} campaign(s) scored by a head that did not pass its quality gate "
+                     f"(fallback; probabilities written anyway): {named}{rest}\n")
+    sys.stderr.flush()
 
 
 # ----------------------------------------------------------------------------- inspect

@@ -1,8 +1,10 @@
-"""Heads rows <-> Arrow tables (schema ``fleet-heads/1``) and the rejects table. No I/O.
+"""Heads rows <-> Arrow tables (schema ``fleet-heads/1.1``) and the rejects table. No I/O.
 
 The schema and the bit packing of ``packed`` are a contract with every Parquet reader (pyarrow,
 DuckDB, Spark) and with :mod:`fleet.quant`; both are documented in ``docs/storage.md`` and pinned
-by ``tests/test_codec.py``. Change them only with a new format version.
+by ``tests/test_codec.py``. Change them only with a new format version: a new minor version may
+only add nullable columns at the end (older minors read with them None, :func:`conform_heads_table`);
+anything else is a new major version.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pyarrow.compute as pc
 from fleet.errors import InvalidCampaignIdError, StoreError
 from fleet.ids import validate_campaign_id
 
-HEADS_FORMAT = "fleet-heads/1"
+HEADS_FORMAT = "fleet-heads/1.1"
 REJECTS_FORMAT = "fleet-rejects/1"
 
 #: Bit widths a head may be stored with; 16 means float16 values (no codes, no scales).
@@ -28,6 +30,17 @@ DATA_FINGERPRINT_BYTES = 16
 
 #: Rejects keep at most this many characters of a (possibly invalid) campaign id.
 MAX_REJECT_ID_CHARS = 256
+
+#: Head ``status`` values of a head that did NOT pass its per-campaign quality gate (stored anyway,
+#: best effort): ``"fallback"`` (failed at the largest head and 16 bits) and the older ``"gate_failed"``.
+#: Every other status passed: ``"ok"``, ``"capacity"`` (passed with a larger head), ``"fp16_fallback"``
+#: (older: stored at 16 bits). The one home of this rule: serving, HTTP, pyfunc and CLI use :func:`head_passed`.
+FAILED_STATUSES = ("fallback", "gate_failed")
+
+
+def head_passed(status: str | None) -> bool:
+    """True when a head row's ``status`` says it passed its quality gate (not in :data:`FAILED_STATUSES`)."""
+    return status not in FAILED_STATUSES
 
 HEADS_SCHEMA = pa.schema(
     [
@@ -47,6 +60,16 @@ HEADS_SCHEMA = pa.schema(
         pa.field("n_train", pa.int32(), nullable=True),
         pa.field("n_holdout", pa.int32(), nullable=True),
         pa.field("status", pa.string(), nullable=False),
+        # added in fleet-heads/1.1 (null in 1.0 files): fleet.metrics.CALIBRATION_KEYS, in that order
+        pa.field("kl", pa.float32(), nullable=True),
+        pa.field("brier_vs_teacher", pa.float32(), nullable=True),
+        pa.field("mean_ratio", pa.float32(), nullable=True),
+        pa.field("student_log_loss", pa.float32(), nullable=True),
+        pa.field("teacher_log_loss", pa.float32(), nullable=True),
+        pa.field("student_brier", pa.float32(), nullable=True),
+        pa.field("teacher_brier", pa.float32(), nullable=True),
+        pa.field("student_ece", pa.float32(), nullable=True),
+        pa.field("teacher_ece", pa.float32(), nullable=True),
     ],
     metadata={"format": HEADS_FORMAT},
 )
@@ -65,7 +88,7 @@ _FORMAT_RE = re.compile(r"(?P<name>[a-z][a-z0-9-]*)/(?P<major>[0-9]+)(?:\.(?P<mi
 
 @dataclass(frozen=True, kw_only=True)
 class HeadRow:
-    """One campaign's quantized head: one row of a ``fleet-heads/1`` table.
+    """One campaign's quantized head: one row of a ``fleet-heads/1.1`` table.
 
     Args:
         campaign_id: the campaign (entity) id, ``^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$``.
@@ -82,7 +105,11 @@ class HeadRow:
         data_fingerprint: 16 raw bytes, :func:`fleet.events.data_fingerprint` of the campaign's transfer data.
         teacher_auc, student_auc, mean_abs_diff, agreement: fidelity on held-out rows (or None).
         n_train, n_holdout: rows used to fit and to evaluate the head (or None).
-        status: ``"ok"``, ``"fp16_fallback"``, ...
+        status: ``"ok"``, ``"fallback"``, ...
+        kl, brier_vs_teacher, mean_ratio, student_log_loss, teacher_log_loss, student_brier,
+            teacher_brier, student_ece, teacher_ece: teacher agreement and calibration on held-out
+            rows (:data:`fleet.metrics.CALIBRATION_KEYS`, see :func:`fleet.metrics.campaign_fidelity`),
+            or None (undefined, or a ``fleet-heads/1.0`` row).
     """
 
     campaign_id: str
@@ -101,6 +128,15 @@ class HeadRow:
     n_train: int | None = None
     n_holdout: int | None = None
     status: str = "ok"
+    kl: float | None = None
+    brier_vs_teacher: float | None = None
+    mean_ratio: float | None = None
+    student_log_loss: float | None = None
+    teacher_log_loss: float | None = None
+    student_brier: float | None = None
+    teacher_brier: float | None = None
+    student_ece: float | None = None
+    teacher_ece: float | None = None
 
     @property
     def num_params(self) -> int:
@@ -176,7 +212,7 @@ def check_head_row(row: HeadRow) -> None:
 
 
 def heads_to_table(rows: list[HeadRow]) -> pa.Table:
-    """Check every row and build a ``fleet-heads/1`` table sorted by ``campaign_id``.
+    """Check every row and build a ``fleet-heads/1.1`` table sorted by ``campaign_id``.
 
     Raises :class:`StoreError` on an invalid row or a duplicate campaign id.
     """
@@ -197,7 +233,9 @@ def heads_to_table(rows: list[HeadRow]) -> pa.Table:
 def table_to_heads(table: pa.Table) -> list[HeadRow]:
     """Turn a ``fleet-heads/1`` table (any minor version) into :class:`HeadRow` objects.
 
-    Extra columns (a newer minor version) are ignored; a missing nullable column reads as None.
+    Extra columns (a newer minor version) are ignored; a missing nullable column (an older minor
+    version, e.g. the calibration columns of a ``fleet-heads/1`` = 1.0 table) reads as None.
+    Raises :class:`StoreError` on another major version or a missing required column.
     """
     fmt = (table.schema.metadata or {}).get(b"format")
     if fmt is not None:
@@ -256,14 +294,37 @@ def check_format(format_string: str, expected: str = HEADS_FORMAT, path: str | N
     return format_string
 
 
-def validate_heads_table(table: pa.Table) -> pa.Table:
-    """Cast ``table`` to :data:`HEADS_SCHEMA` and sort it by ``campaign_id``; raise
-    :class:`StoreError` on missing columns, invalid or duplicate campaign ids (vectorised: no
-    per-row Python)."""
+def conform_heads_table(table: pa.Table, path: str | None = None) -> pa.Table:
+    """Return ``table`` (any ``fleet-heads/1.x``) in :data:`HEADS_SCHEMA`, this fleet's minor version.
+
+    Refuses (:class:`StoreError`) a schema ``format`` of another major version; a nullable column
+    the table lacks (an older minor: ``fleet-heads/1`` = 1.0 has no calibration columns) is added
+    as nulls, extra columns (a newer minor) are dropped, and every column is cast to its type. A
+    missing required column or a column that cannot be cast is refused. Row order is kept.
+    """
+    fmt = (table.schema.metadata or {}).get(b"format")
+    if fmt is not None:
+        check_format(fmt.decode(errors="replace"), HEADS_FORMAT, path=path)
+    columns = []
+    for field in HEADS_SCHEMA:
+        if field.name in table.column_names:
+            columns.append(table.column(field.name))
+        elif field.nullable:
+            columns.append(pa.chunked_array([pa.nulls(table.num_rows, field.type)], field.type))
+        else:
+            raise StoreError(f"heads table does not match {HEADS_FORMAT}: no column {field.name!r}", path=path)
     try:
-        table = table.select(HEADS_SCHEMA.names).cast(HEADS_SCHEMA)
+        return pa.Table.from_arrays(columns, names=HEADS_SCHEMA.names).cast(HEADS_SCHEMA)
     except (KeyError, ValueError, pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        raise StoreError(f"heads table does not match {HEADS_FORMAT}: {err}") from None
+        raise StoreError(f"heads table does not match {HEADS_FORMAT}: {err}", path=path) from None
+
+
+def validate_heads_table(table: pa.Table) -> pa.Table:
+    """Conform ``table`` to :data:`HEADS_SCHEMA` (:func:`conform_heads_table`: an older minor
+    version gains its missing nullable columns as nulls) and sort it by ``campaign_id``; raise
+    :class:`StoreError` on another major version, missing required columns, invalid or duplicate
+    campaign ids (vectorised: no per-row Python)."""
+    table = conform_heads_table(table)
     table = table.sort_by("campaign_id")
     ids = table.column("campaign_id")
     ok = pc.match_substring_regex(ids, r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -279,6 +340,7 @@ def validate_heads_table(table: pa.Table) -> pa.Table:
 
 
 __all__ = [
+    "FAILED_STATUSES",
     "HEADS_FORMAT",
     "HEADS_SCHEMA",
     "REJECTS_FORMAT",
@@ -288,6 +350,8 @@ __all__ = [
     "RejectRow",
     "check_format",
     "check_head_row",
+    "conform_heads_table",
+    "head_passed",
     "heads_to_table",
     "num_groups",
     "packed_nbytes",

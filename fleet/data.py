@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ class SequenceBatch:
     def __len__(self) -> int:
         return int(self.lengths.shape[0])
 
-    def select(self, index: torch.Tensor | slice) -> "SequenceBatch":
+    def select(self, index: torch.Tensor | slice) -> SequenceBatch:
         """Rows ``index`` of the batch, trimmed to their own longest sequence."""
         lengths = self.lengths[index]
         t_max = int(lengths.max()) if lengths.numel() else 1

@@ -8,8 +8,10 @@ optimisation (:func:`fit_heads`). See ``docs/compression.md``.
 
 from __future__ import annotations
 
+import copy
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -129,8 +131,16 @@ def fit_backbone(
     grad_clip: float | None = 1.0,
     fake_quant: FakeQuant | None = None,
     progress: Progress | None = None,
+    validate: Callable[[], float] | None = None,
+    eval_every: int = 200,
+    patience: int = 3,
 ) -> Student:
     """Train ``student`` (backbone and heads together, in place) on pooled campaigns; returns it in eval mode.
+
+    With ``validate``, training stops early: every ``eval_every`` steps ``validate()`` (called with
+    the student in eval mode, e.g. the distillation loss on held-out rows) is compared with the best so
+    far; after ``patience`` evaluations without an improvement of more than 1e-4 the loop stops and
+    the student is restored to its best evaluated state. ``steps`` is then the most it may take.
 
     Args:
         student: the model; its heads row ``c`` belongs to ``campaign_index == c``.
@@ -146,16 +156,35 @@ def fit_backbone(
         fake_quant: optional quantization-aware training hook applied to the backbone's weight
             matrices (embedding, input and recurrent weights) in every forward pass.
         progress: called as ``progress(step, loss)`` after each step.
+        validate: held-out loss for early stopping (see above); None trains for ``steps``.
+        eval_every, patience: how often ``validate`` runs, and how many evaluations without
+            improvement end the training.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if eval_every < 1 or patience < 1:
+        raise ValueError(f"eval_every and patience must be >= 1, got {eval_every}, {patience}")
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     step = 0
+    best_loss, best_state, stale = math.inf, None, 0
+
+    def evaluate() -> bool:  # True: stop (no improvement for `patience` evaluations)
+        nonlocal best_loss, best_state, stale
+        student.eval()
+        loss = validate()
+        student.train()
+        if loss < best_loss - 1e-4:
+            best_loss, best_state, stale = loss, copy.deepcopy(student.state_dict()), 0
+        else:
+            stale += 1
+        return stale >= patience
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         student.train()
+        stop = False
         for _ in range(epochs):
             seen = 0
             for batch, campaign_index, teacher_logits in _epoch(batches):
@@ -171,10 +200,16 @@ def fit_backbone(
                 step += 1
                 if progress is not None:
                     progress(step, float(loss.detach()))
-                if steps is not None and step >= steps:
+                if validate is not None and step % eval_every == 0:
+                    stop = evaluate()
+                if stop or (steps is not None and step >= steps):
                     break
-            if seen == 0 or (steps is not None and step >= steps):
+            if stop or seen == 0 or (steps is not None and step >= steps):
                 break
+        if validate is not None and not stop and step % eval_every != 0:
+            evaluate()  # the last steps count too
+    if best_state is not None:
+        student.load_state_dict(best_state)
     student.eval()
     return student
 
@@ -221,6 +256,7 @@ def fit_heads(
     fake_quant: FakeQuant | None = None,
     progress: Progress | None = None,
     chunk_size: int = 8192,
+    head_l2: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Fit the heads ``(C, P)`` of all campaigns on cached, frozen backbone features.
 
@@ -247,6 +283,11 @@ def fit_heads(
             it must treat rows independently (per-campaign scales) and pass gradients straight through.
         progress: called as ``progress(step, loss)`` after each step (loss summed over campaigns).
         chunk_size: rows per chunk of the gradient pass (memory/speed only; the result is the same).
+        head_l2: ``(C,)`` per-campaign prior strengths (or one float) overriding ``distill_config.head_l2``,
+            so a grid of strengths is fitted in one call per value (see :func:`fit_heads_grid`).
+
+    The readout bias ``b`` is never pulled toward the anchor: it is one number per campaign, set by
+    all its rows, and shrinking it would drag a campaign's base rate toward the fleet's.
 
     Returns:
         ``(C, P)`` float heads (not quantized: quantize them with the same scheme as ``fake_quant``).
@@ -276,6 +317,13 @@ def fit_heads(
     features = features.detach()
     teacher_logits = teacher_logits.detach().to(dtype)
 
+    if head_l2 is None:
+        head_l2 = distill_config.head_l2
+    l2 = torch.as_tensor(head_l2, dtype=dtype).expand(num_campaigns)  # (C,)
+    if not bool((l2 >= 0).all()):
+        raise ValueError("head_l2 must be >= 0")
+    l2_rows = (2.0 * l2 * inv_count).unsqueeze(1) * _shrunk_segments(student_config, dtype)  # (C, P)
+
     optimizer = torch.optim.Adam([params], lr=lr)
     chunks = [slice(start, start + chunk_size) for start in range(0, n, chunk_size)]
     for step in range(1, steps + 1):
@@ -298,12 +346,99 @@ def fit_heads(
             params.grad = grad_used
         if params.grad is None:  # a hook that ignores its input
             params.grad = torch.zeros_like(params)
-        if distill_config.head_l2 > 0:
+        if bool((l2 > 0).any()):
             with torch.no_grad():
                 delta = params - anchor  # (C, P)
-                params.grad.add_(2.0 * distill_config.head_l2 * inv_count.unsqueeze(1) * delta)
-                total += float(distill_config.head_l2 * ((delta**2).sum(1) * inv_count).sum())
+                params.grad.add_(l2_rows * delta)
+                total += float((0.5 * l2_rows * delta**2).sum())
         optimizer.step()
         if progress is not None:
             progress(step, total)
     return params.detach()
+
+
+def _shrunk_segments(student_config: StudentConfig, dtype: torch.dtype) -> torch.Tensor:
+    """``(P,)`` 1 where the L2 prior applies, 0 on the readout bias ``b`` (see :func:`fit_heads`)."""
+    mask = torch.ones(head_num_params(student_config), dtype=dtype)
+    mask[-1] = 0.0  # every design's layout ends with the bias b (fleet.student.head_layout)
+    return mask
+
+
+def fit_heads_grid(
+    features: torch.Tensor,
+    campaign_index: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    num_campaigns: int,
+    student_config: StudentConfig,
+    distill_config: DistillConfig,
+    grid: tuple[float, ...],
+    **fit_kwargs,
+) -> torch.Tensor:
+    """Heads ``(G, C, P)`` of every campaign for each prior strength of ``grid`` (``G`` values):
+    one batched :func:`fit_heads` per value, all campaigns together, so that a campaign's strength can
+    be chosen afterwards on its own validation rows (:func:`select_per_campaign`)."""
+    return torch.stack([
+        fit_heads(features, campaign_index, teacher_logits, labels, num_campaigns, student_config, distill_config,
+                  head_l2=float(strength), **fit_kwargs)
+        for strength in grid
+    ])  # (G, C, P)
+
+
+def campaign_losses(
+    heads: torch.Tensor,
+    features: torch.Tensor,
+    campaign_index: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    num_campaigns: int,
+    student_config: StudentConfig,
+    distill_config: DistillConfig,
+) -> torch.Tensor:
+    """Mean soft distillation loss ``(C,)`` of heads ``(C, P)`` per campaign on the given rows
+    (labels are not used: the loss measures agreement with the teacher; a campaign without rows gets +inf)."""
+    with torch.no_grad():
+        logits = head_logits(student_config.head, features, heads, student_config.head_rank, index=campaign_index)
+        rows = distill_loss_rows(logits, teacher_logits, None, distill_config)  # (N,)
+        total = torch.bincount(campaign_index, weights=rows.double(), minlength=num_campaigns)
+        count = torch.bincount(campaign_index, minlength=num_campaigns)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, math.inf))  # (C,)
+
+
+def select_per_campaign(losses: torch.Tensor, default: int, trusted: torch.Tensor) -> torch.Tensor:
+    """Index ``(C,)`` of the best of ``G`` candidates per campaign from ``losses (G, C)`` (the first on
+    ties); campaigns not ``trusted`` (too few validation rows to choose on) get ``default``."""
+    best = torch.argmin(losses, dim=0)  # (C,), first minimum on ties
+    return torch.where(trusted, best, torch.full_like(best, default))
+
+
+def calibrate_bias(
+    heads: torch.Tensor,
+    features: torch.Tensor,
+    campaign_index: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_config: StudentConfig,
+    *,
+    iterations: int = 25,
+) -> torch.Tensor:
+    """Heads ``(C, P)`` with each campaign's readout bias ``b`` (the last entry) moved so that its mean
+    probability on the given rows equals its teacher's: ``mean_i sigmoid(s_i + delta_c) = mean_i sigmoid(t_i)``.
+
+    That ``delta_c`` is also the bias that minimises the campaign's mean KL(teacher || student) at
+    temperature 1 (the KL's derivative in ``b`` is ``mean(p_s - p_t)``): the soft-target loss at ``T > 1``
+    matches the means of the *softened* probabilities, which leaves rare-event campaigns off in their mean.
+    Vectorised Newton on ``delta (C,)``; a campaign without rows keeps its bias.
+    """
+    c = heads.shape[0]
+    with torch.no_grad():
+        logits = head_logits(student_config.head, features, heads, student_config.head_rank,
+                             index=campaign_index).double()  # (N,)
+        target = torch.bincount(campaign_index, weights=torch.sigmoid(teacher_logits.double()), minlength=c)  # (C,)
+        delta = torch.zeros(c, dtype=torch.float64)  # (C,)
+        for _ in range(iterations):
+            p = torch.sigmoid(logits + delta[campaign_index])  # (N,)
+            value = torch.bincount(campaign_index, weights=p, minlength=c) - target  # (C,)
+            slope = torch.bincount(campaign_index, weights=p * (1 - p), minlength=c)  # (C,)
+            delta -= torch.where(slope > 0, value / slope.clamp(min=1e-12), torch.zeros_like(value)).clamp(-2.0, 2.0)
+        out = heads.clone()
+        out[:, -1] += delta.to(heads.dtype)  # every design's layout ends with the bias b (fleet.student.head_layout)
+    return out

@@ -9,7 +9,7 @@ pushes down to row-group statistics, so the whole dataset is never loaded.
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import fsspec
 import numpy as np

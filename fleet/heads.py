@@ -7,7 +7,7 @@ the head exactly as :func:`decode_heads` will rebuild it (kept values dequantize
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -15,7 +15,13 @@ from torch import Tensor
 
 from fleet.adaptive import choose_bits
 from fleet.codec import HeadRow
-from fleet.quant import DEFAULT_GROUP_SIZE, QuantizedVector, dequantize_rows, magnitude_prune_mask, quantize_rows
+from fleet.quant import (
+    DEFAULT_GROUP_SIZE,
+    QuantizedVector,
+    dequantize_rows,
+    magnitude_prune_mask,
+    quantize_rows,
+)
 
 Gate = Callable[[Tensor], Tensor]  # dequantized heads [C, P] -> passes BoolTensor[C]
 

@@ -15,8 +15,9 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,9 +26,10 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fleet.codec import head_passed
 from fleet.errors import FleetError, InvalidCampaignIdError, UnknownCampaignError
-from fleet.store import json_safe
 from fleet.serving import FleetModel, InvalidInputError
+from fleet.store import json_safe
 
 log = logging.getLogger("fleet.http")
 
@@ -75,14 +77,50 @@ class BatchRequest(BaseModel):
 
 
 class PredictResponse(BaseModel):
+    """``POST /v1/predict`` 200: probabilities in order, and the quality-gate verdict of the head."""
+
     campaign_id: str
     version: str
     probabilities: list[float]
+    status: str = Field(description="the head's status: ok, capacity, fallback, ... (fleet.codec.head_passed)")
+    fallback: bool = Field(description="true when the head did not pass its quality gate (status fallback or "
+                                       "gate_failed); the probabilities are still returned")
 
 
 class BatchResponse(BaseModel):
+    """``POST /v1/predict/batch`` 200: probabilities in row order, and per row whether its head is a fallback."""
+
     version: str
     probabilities: list[float]
+    fallback: list[bool] = Field(description="per row, in row order: true when that row's head did not pass "
+                                             "its quality gate; the probability is still returned")
+
+
+class CampaignResponse(BaseModel):
+    """``GET /v1/campaigns/{id}`` 200: a head's metadata (:func:`fleet.serving.head_metadata`). Also the
+    nullable agreement / calibration floats of ``fleet.metrics.CALIBRATION_KEYS`` (kl, brier_vs_teacher, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+    campaign_id: str
+    version: str
+    bits: int
+    group_size: int
+    shape: list[int]
+    num_params: int
+    num_stored: int
+    pruned: bool
+    bytes: int
+    status: str
+    passed: bool = Field(description="false when the head did not pass its quality gate (status fallback or "
+                                     "gate_failed)")
+    teacher_auc: float | None
+    student_auc: float | None
+    mean_abs_diff: float | None
+    agreement: float | None
+    n_train: int | None
+    n_holdout: int | None
+    teacher_sha256: str
+    data_fingerprint: str
 
 
 class ErrorResponse(BaseModel):
@@ -491,10 +529,13 @@ def create_app(
         model = holder.get()  # once: a swap never changes the version under this request
         req = _parse(PredictRequest, _body(request))
         too_many(len(req.sequences), "sequences")
-        probs = model.predict_columns(req.campaign_id, [s.event_types for s in req.sequences],
-                                      [s.features for s in req.sequences])
-        metrics.add_sequences(len(probs))
-        return _json({"campaign_id": req.campaign_id, "version": model.version_id, "probabilities": probs.tolist()})
+        pred = model.predict_with_status(req.campaign_id, [s.event_types for s in req.sequences],
+                                         [s.features for s in req.sequences])
+        metrics.add_sequences(len(pred.probabilities))
+        status = next(iter(pred.statuses.values()))  # the one campaign's head
+        return _json({"campaign_id": req.campaign_id, "version": model.version_id,
+                      "probabilities": pred.probabilities.tolist(), "status": status,
+                      "fallback": not head_passed(status)})
 
     @app.post("/v1/predict/batch", response_model=None, openapi_extra=_body_spec("BatchRequest"),
               responses={200: {"model": BatchResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
@@ -505,15 +546,17 @@ def create_app(
         req = _parse(BatchRequest, _body(request))
         too_many(len(req.rows), "rows")
         rows = req.rows
-        probs = model.predict_columns([r.campaign_id for r in rows], [r.event_types for r in rows],
-                                      [r.features for r in rows])
-        metrics.add_sequences(len(probs))
-        return _json({"version": model.version_id, "probabilities": probs.tolist()})
+        pred = model.predict_with_status([r.campaign_id for r in rows], [r.event_types for r in rows],
+                                         [r.features for r in rows])
+        metrics.add_sequences(len(pred.probabilities))
+        return _json({"version": model.version_id, "probabilities": pred.probabilities.tolist(),
+                      "fallback": pred.fallback.tolist()})
 
     @app.get("/v1/campaigns/{campaign_id}", response_model=None,
-             responses={404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}})
+             responses={200: {"model": CampaignResponse}, 404: {"model": ErrorResponse},
+                        422: {"model": ErrorResponse}})
     def campaign(campaign_id: str) -> Response:
-        """Metadata of a campaign's head in the served version (bits, status, fidelity, sizes)."""
+        """Metadata of a campaign's head in the served version (bits, status, passed, fidelity, sizes)."""
         return _json(holder.get().metadata(campaign_id))
 
     @app.get("/healthz", response_model=None)
@@ -540,7 +583,7 @@ def create_app(
             changed = holder.reload()
         except ReloadUnavailable as exc:
             raise _RequestError(409, "reload_unavailable", str(exc)) from None
-        except Exception as exc:  # noqa: BLE001 - the old version keeps serving
+        except Exception as exc:
             log.exception("reload failed")
             raise _RequestError(503, "reload_failed", f"reload failed, still serving {previous}: {exc}") from None
         return _json({"changed": changed, "previous": previous, "version": holder.get().version_id})
@@ -649,6 +692,7 @@ def app_from_uri(
 __all__ = [
     "BatchRequest",
     "BatchResponse",
+    "CampaignResponse",
     "ErrorResponse",
     "ModelHolder",
     "PredictRequest",

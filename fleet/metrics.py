@@ -1,17 +1,44 @@
-"""Fidelity metrics: AUC, per-campaign student-vs-teacher fidelity, fleet-wide summary (numpy).
+"""Fidelity metrics: AUC, per-campaign student-vs-teacher fidelity and calibration, fleet-wide summary (numpy).
 
 Undefined numbers are ``None``, never NaN, so they survive JSON, Parquet and MLflow unchanged.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 AUC_STATUSES = ("ok", "too_few_positives", "no_labels")
 WORST_K = 10
+#: Per-campaign agreement and calibration keys of :func:`campaign_fidelity` that are defined for every
+#: campaign with hold-out rows (the label-based ones whenever a row has a label); stored under the
+#: same names as ``fleet-heads/1.1`` columns (:class:`fleet.codec.HeadRow`).
+CALIBRATION_KEYS = (
+    "kl",
+    "brier_vs_teacher",
+    "mean_ratio",
+    "student_log_loss",
+    "teacher_log_loss",
+    "student_brier",
+    "teacher_brier",
+    "student_ece",
+    "teacher_ece",
+)
+#: Probabilities are clipped to ``[PROB_EPS, 1 - PROB_EPS]`` wherever a log is taken (KL, log loss).
+PROB_EPS = 1e-7
+#: Equal-width bins on [0, 1] of the expected calibration error.
+ECE_BINS = 10
+#: Share of campaigns counted by ``mean_ratio_within_10pct_share``: ``|mean_ratio - 1| <= 0.1``.
+MEAN_RATIO_TOLERANCE = 0.1
+# The bound is inclusive up to float32 rounding: heads rows store mean_ratio as float32, where 1.1 is
+# 1.10000002, and 1.1 - 1.0 > 0.1 even in float64.
+_BOUND_SLACK = 1e-6
+#: ``top_decile_*`` look at the largest ``ceil(n / TOP_DECILE_DIVISOR)`` campaigns by volume (at least 1).
+TOP_DECILE_DIVISOR = 10
 
 
 def _numpy(values) -> np.ndarray:
@@ -47,6 +74,58 @@ def auc(scores, labels, min_per_class: int = 1) -> float | None:
     return float(u / (n_pos * n_neg))
 
 
+def _clip(p: np.ndarray) -> np.ndarray:
+    return np.clip(p, PROB_EPS, 1.0 - PROB_EPS)
+
+
+def bernoulli_kl(p_teacher, p_student) -> float | None:
+    """Mean over rows of KL(Bernoulli(p_teacher) || Bernoulli(p_student)) in nats, both clipped to
+    ``[1e-7, 1 - 1e-7]``; None for no rows."""
+    pt, ps = _clip(_numpy(p_teacher)), _clip(_numpy(p_student))
+    if not pt.size:
+        return None
+    kl = pt * np.log(pt / ps) + (1.0 - pt) * np.log((1.0 - pt) / (1.0 - ps))
+    return float(kl.mean())
+
+
+def log_loss(p, labels) -> float | None:
+    """Binary cross-entropy (nats) of probabilities ``p`` against the known (non-NaN) ``labels``,
+    ``p`` clipped to ``[1e-7, 1 - 1e-7]``; None when no row has a label."""
+    p, labels = _numpy(p), _numpy(labels)
+    known = np.isfinite(labels)
+    if not known.any():
+        return None
+    p, y = _clip(p[known]), (labels[known] > 0.5).astype(np.float64)
+    return float(-(y * np.log(p) + (1.0 - y) * np.log(1.0 - p)).mean())
+
+
+def brier(p, labels) -> float | None:
+    """Mean ``(p - label)^2`` over the known (non-NaN) ``labels``; None when no row has a label."""
+    p, labels = _numpy(p), _numpy(labels)
+    known = np.isfinite(labels)
+    if not known.any():
+        return None
+    return float(((p[known] - (labels[known] > 0.5).astype(np.float64)) ** 2).mean())
+
+
+def ece(p, labels, bins: int = ECE_BINS) -> float | None:
+    """Expected calibration error of ``p`` against the known (non-NaN) ``labels``.
+
+    ``bins`` (10) equal-width bins on [0, 1]: a row falls in bin ``min(floor(p * bins), bins - 1)``
+    (so ``p = 1`` is in the last bin; ``p`` is first clipped to [0, 1]), and
+    ``ECE = sum_b (n_b / n) * |mean(label in b) - mean(p in b)|`` over the non-empty bins, ``n`` the
+    number of labelled rows. None when no row has a label.
+    """
+    p, labels = _numpy(p), _numpy(labels)
+    known = np.isfinite(labels)
+    if not known.any():
+        return None
+    p, y = np.clip(p[known], 0.0, 1.0), (labels[known] > 0.5).astype(np.float64)
+    b = np.minimum(np.floor(p * bins), bins - 1).astype(np.int64)
+    gap = np.abs(np.bincount(b, weights=y, minlength=bins) - np.bincount(b, weights=p, minlength=bins))
+    return float(gap.sum() / p.size)  # sum_b n_b/n * |sum_y/n_b - sum_p/n_b| = sum_b |sum_y - sum_p| / n
+
+
 def campaign_fidelity(p_student, p_teacher, labels, min_per_class: int = 1) -> dict:
     """How well a campaign's student follows its teacher on held-out rows.
 
@@ -61,6 +140,15 @@ def campaign_fidelity(p_student, p_teacher, labels, min_per_class: int = 1) -> d
         side of 0.5; both None when ``n_holdout == 0``), ``n_holdout``, ``n_pos``, and ``auc_status``:
         ``"ok"``, ``"no_labels"`` (no row has a label) or ``"too_few_positives"`` (fewer than
         ``min_per_class`` of either class; in ad tech it is the positives that run short).
+
+        And the :data:`CALIBRATION_KEYS`, defined for every campaign whatever its labels (None,
+        never NaN, when undefined; probabilities clipped to ``[1e-7, 1 - 1e-7]`` where a log is taken):
+        teacher agreement, None when ``n_holdout == 0``: ``kl`` (mean KL(Bernoulli(p_t) ||
+        Bernoulli(p_s)), nats), ``brier_vs_teacher`` (mean ``(p_s - p_t)^2``), ``mean_ratio``
+        (``mean(p_s) / mean(p_t)``, also None when ``mean(p_t) == 0``); against the known labels,
+        None when no row has one: ``student_log_loss`` / ``teacher_log_loss`` (binary cross-entropy,
+        nats), ``student_brier`` / ``teacher_brier`` (mean ``(p - label)^2``) and ``student_ece`` /
+        ``teacher_ece`` (expected calibration error, 10 equal-width bins on [0, 1], :func:`ece`).
     """
     p_student, p_teacher, labels = _numpy(p_student), _numpy(p_teacher), _numpy(labels)
     if not p_student.shape == p_teacher.shape == labels.shape:
@@ -87,6 +175,15 @@ def campaign_fidelity(p_student, p_teacher, labels, min_per_class: int = 1) -> d
         "n_holdout": n,
         "n_pos": n_pos,
         "auc_status": status,
+        "kl": bernoulli_kl(p_teacher, p_student),
+        "brier_vs_teacher": float(((p_student - p_teacher) ** 2).mean()) if n else None,
+        "mean_ratio": float(p_student.mean() / p_teacher.mean()) if n and p_teacher.mean() > 0 else None,
+        "student_log_loss": log_loss(p_student, labels),
+        "teacher_log_loss": log_loss(p_teacher, labels),
+        "student_brier": brier(p_student, labels),
+        "teacher_brier": brier(p_teacher, labels),
+        "student_ece": ece(p_student, labels),
+        "teacher_ece": ece(p_teacher, labels),
     }
 
 
@@ -94,20 +191,50 @@ def _percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else None
 
 
+def _defined(rows: Sequence[dict], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key) is not None and math.isfinite(float(r[key]))]
+
+
+def _volume(row: dict) -> float:
+    """A campaign's volume ``n_rows`` (missing: weight 1)."""
+    n = row.get("n_rows")
+    return 1.0 if n is None else float(n)
+
+
 def fleet_summary(rows: Sequence[dict]) -> dict:
-    """Fleet-wide view of per-campaign :func:`campaign_fidelity` rows (each may carry a ``campaign_id``).
+    """Fleet-wide view of per-campaign :func:`campaign_fidelity` rows.
+
+    Each row may also carry ``campaign_id``, ``n_rows`` (the campaign's volume: its row count) and
+    ``status`` (the campaign's verdict, e.g. ``ok`` / ``fallback``).
 
     Returns:
         ``n_campaigns``; ``n_with_auc`` and ``no_auc`` (campaigns with / without a defined
         ``auc_diff``); over the campaigns with one: ``median`` and ``p10`` (10th percentile, linear
         interpolation) of ``auc_diff`` and ``worst``, up to 10 ``{"campaign_id", "auc_diff"}`` dicts,
-        worst first; ``mean_abs_diff_median`` and ``mean_abs_diff_p90``. A figure with no campaign
-        to stand on is None.
+        worst first; ``mean_abs_diff_median`` and ``mean_abs_diff_p90``;
+        ``auc_diff_volume_weighted`` (``sum(n_rows * auc_diff) / sum(n_rows)`` over the campaigns with
+        an ``auc_diff``, a missing ``n_rows`` weighing 1); ``top_decile_auc_diff_median`` and
+        ``top_decile_n_with_auc``: the largest 10% of ALL campaigns by ``n_rows`` (``ceil(0.1 * n)``,
+        at least 1; ties broken by ``campaign_id``; a missing ``n_rows`` counts as 0), the median
+        ``auc_diff`` over those of them with one and how many had one;
+        ``mean_ratio_within_10pct_share`` (share of the campaigns with a ``mean_ratio`` where
+        ``|mean_ratio - 1| <= 0.1``, inclusive up to float32 rounding); ``ece_excess_median`` (median ``student_ece - teacher_ece`` over
+        the campaigns with both); ``kl_median`` and ``kl_p90``; ``status_counts`` (status -> number
+        of campaigns, over the rows that carry a ``status``; empty when none does). A figure with no
+        campaign to stand on is None.
     """
     with_auc = [(i, r) for i, r in enumerate(rows) if r.get("auc_diff") is not None]
     diffs = [float(r["auc_diff"]) for _, r in with_auc]
     mads = [float(r["mean_abs_diff"]) for r in rows if r.get("mean_abs_diff") is not None]
     worst = sorted(with_auc, key=lambda item: (float(item[1]["auc_diff"]), item[0]))[:WORST_K]
+    weights = np.asarray([_volume(r) for _, r in with_auc], dtype=np.float64)
+    by_volume = sorted(range(len(rows)), key=lambda i: (-float(rows[i].get("n_rows") or 0),
+                                                        str(rows[i].get("campaign_id") or ""), i))
+    top = by_volume[: max(1, -(-len(rows) // TOP_DECILE_DIVISOR))]  # ceil(n / 10) in ints: 0.1 * 30 > 3.0
+    top_diffs = [float(rows[i]["auc_diff"]) for i in top if rows[i].get("auc_diff") is not None]
+    ratios, kls = _defined(rows, "mean_ratio"), _defined(rows, "kl")
+    excess = [float(r["student_ece"]) - float(r["teacher_ece"]) for r in rows
+              if r.get("student_ece") is not None and r.get("teacher_ece") is not None]
     return {
         "n_campaigns": len(rows),
         "n_with_auc": len(with_auc),
@@ -117,4 +244,13 @@ def fleet_summary(rows: Sequence[dict]) -> dict:
         "worst": [{"campaign_id": r.get("campaign_id"), "auc_diff": float(r["auc_diff"])} for _, r in worst],
         "mean_abs_diff_median": _percentile(mads, 50),
         "mean_abs_diff_p90": _percentile(mads, 90),
+        "auc_diff_volume_weighted": float(np.dot(weights, diffs) / weights.sum()) if weights.sum() > 0 else None,
+        "top_decile_auc_diff_median": _percentile(top_diffs, 50),
+        "top_decile_n_with_auc": len(top_diffs),
+        "mean_ratio_within_10pct_share": (sum(abs(x - 1.0) <= MEAN_RATIO_TOLERANCE + _BOUND_SLACK for x in ratios)
+                                          / len(ratios) if ratios else None),
+        "ece_excess_median": _percentile(excess, 50),
+        "kl_median": _percentile(kls, 50),
+        "kl_p90": _percentile(kls, 90),
+        "status_counts": dict(sorted(Counter(str(r["status"]) for r in rows if r.get("status") is not None).items())),
     }

@@ -3,29 +3,48 @@ over *batches* of campaigns; everything they exchange goes through the store URI
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import heapq
 import json
 import math
 import os
+import secrets
+import shutil
 import signal
+import tempfile
 import time
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import ray
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from fleet import stages, synth
-from fleet.codec import HEADS_SCHEMA, rejects_to_table
+from fleet.codec import HEADS_SCHEMA, conform_heads_table, rejects_to_table
 from fleet.errors import FleetError, StoreError
 from fleet.events import EventsDataset, write_events
 from fleet.metrics import fleet_summary
-from fleet.store import FleetVersion, VersionWriter, WorkDir, absolute_uri, join_uri, open_fs
+from fleet.store import (
+    FleetVersion,
+    VersionWriter,
+    WorkDir,
+    absolute_uri,
+    join_uri,
+    open_fs,
+)
 from fleet.teachers import list_teacher_campaigns
 
 console = Console(stderr=True)
@@ -33,21 +52,112 @@ TRANSIENT_ERRORS = (OSError, TimeoutError, ConnectionError)
 
 
 @contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None):
-    """Connect to ``address`` (a Ray cluster) or start a local Ray sized to the machine.
+def ray_session(address: str | None = None, num_cpus: int | None = None, *, dashboard: bool = False):
+    """Connect to ``address`` (a Ray cluster) or start a local Ray sized to the machine (:func:`init_ray`).
     Reuses an already initialised Ray (tests share one per session) and leaves it running."""
     if ray.is_initialized():
         yield
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    init_ray(address, num_cpus, dashboard=dashboard)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+LOOPBACK = "127.0.0.1"
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, *, dashboard: bool = False) -> None:
+    """``ray.init`` as every fleet job (and the test suite) does it: always with Ray's token authentication.
+
+    Local Ray listens on 127.0.0.1 only, with a fresh random token in a 0600 file of a private temp dir
+    (``RAY_AUTH_TOKEN_PATH``; an operator's ``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH`` wins), and the
+    dashboard only with ``dashboard=True``, on 127.0.0.1. ``address`` connects to a cluster with the token
+    from ``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH`` (else Ray's ``~/.ray/auth_token``), never from a flag.
+    Either way ``ray.init`` runs from an empty private directory: Ray puts the driver's working
+    directory on every worker's ``sys.path``, which must never expose a teacher or events directory.
+    """
+    _require_token_auth()
+    try:
+        with _empty_cwd():
+            if address:
+                ray.init(address=address, log_to_driver=False)
+                return
+            if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+                os.environ["RAY_AUTH_TOKEN_PATH"] = _local_token_file()
+                from ray._raylet import AuthenticationTokenLoader
+
+                AuthenticationTokenLoader.instance().reset_cache()
+            with _loopback_node():
+                context = ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard,
+                                   dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK, log_to_driver=False)
+    except ray.exceptions.AuthenticationError as exc:
+        raise FleetError(f"Ray refused the authentication token ({exc}); give the cluster's token in "
+                         "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (RAY_AUTH_MODE=token)", path=address) from None
+    if dashboard and context.dashboard_url:
+        console.print(f"Ray dashboard: http://{context.dashboard_url} (token: the file $RAY_AUTH_TOKEN_PATH names)")
+
+
+def _require_token_auth() -> None:
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None and mode.strip().lower() != "token":
+        raise FleetError(f"RAY_AUTH_MODE={mode!r}: fleet runs Ray only with token authentication; "
+                         "unset RAY_AUTH_MODE or set it to 'token'")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    from ray._raylet import Config
+
+    Config.initialize("")  # Ray reads RAY_AUTH_MODE at import; refresh it, as ray.init does when it enables auth
+
+
+def _private_dir() -> str:
+    """This process's private directory (0700, removed at exit): the local Ray's token file and the
+    empty working directory ``ray.init`` runs from."""
+    global _PRIVATE_DIR
+    if _PRIVATE_DIR is None or not os.path.isdir(_PRIVATE_DIR):
+        _PRIVATE_DIR = tempfile.mkdtemp(prefix="fleet-ray-")
+        os.mkdir(os.path.join(_PRIVATE_DIR, "cwd"), 0o700)
+        atexit.register(shutil.rmtree, _PRIVATE_DIR, True)
+    return _PRIVATE_DIR
+
+
+_PRIVATE_DIR: str | None = None
+
+
+def _local_token_file() -> str:
+    """A token for the local Ray: 32 random bytes (hex) in a file only this user can read, never printed."""
+    path = os.path.join(_private_dir(), "auth_token")
+    if not os.path.exists(path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path
+
+
+@contextmanager
+def _empty_cwd():
+    previous = os.getcwd()
+    os.chdir(os.path.join(_private_dir(), "cwd"))
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+@contextmanager
+def _loopback_node():
+    """Ray 2.60's ``ray.init`` replaces a loopback ``_node_ip_address`` by the machine's routable IP (and
+    then binds GCS, raylet, workers and agents to all interfaces) unless multi-node clusters are off for
+    this process; turning that off while ``ray.init`` starts the node keeps every Ray port on 127.0.0.1
+    (tests/test_security.py checks the listening sockets)."""
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def _largest_node_cpus() -> int:
@@ -115,7 +225,7 @@ def run_synth(config: synth.SynthConfig, out_uri: str, storage_options: dict | N
     out_uri = absolute_uri(out_uri).rstrip("/")
     _record_synth_config(config, out_uri, storage_options)
     ids = synth.campaign_ids(config.campaigns)
-    tables = [synth.generate_campaign(config, i) for i in range(config.campaigns)]
+    tables = [synth.generate(config, i) for i in range(config.campaigns)]
     events_uri, teachers_uri = f"{out_uri}/events", f"{out_uri}/teachers"
     write_events(events_uri, pa.concat_tables(tables), storage_options)
     rows = {cid: len(t) for cid, t in zip(ids, tables)}
@@ -136,7 +246,7 @@ def _record_synth_config(config: synth.SynthConfig, out_uri: str, storage_option
     fs, root = open_fs(out_uri, storage_options)
     path, wanted = f"{root}/{synth.SYNTH_FILE}", dataclasses.asdict(config)
     if fs.exists(path):
-        recorded = json.loads(fs.cat_file(path))
+        recorded = synth.with_defaults(json.loads(fs.cat_file(path)))  # fields added since: their defaults
         diff = sorted(k for k in set(wanted) | set(recorded) if wanted.get(k) != recorded.get(k))
         if diff:
             raise FleetError(f"holds another synthetic fleet (differs in {', '.join(diff)}); pick another --out",
@@ -177,8 +287,8 @@ def _soft_labels_task(job: dict, ctx: stages.StageContext, work: tuple) -> dict:
     soft, campaigns = stages.soft_labels(job, ctx)
     ok = [c for c, s in zip(campaigns["campaign_id"].to_pylist(), campaigns["status"].to_pylist()) if s == "ok"]
     if job["backbone_quota"]:
-        config = dataclasses.replace(ctx.config, backbone_per_campaign=job["backbone_quota"])
-        workdir.write_shard("backbone_sample", job["shard"], stages.backbone_sample(soft, ok, config))
+        quotas = {c: job["backbone_quota"][c] for c in ok}
+        workdir.write_shard("backbone_sample", job["shard"], stages.backbone_sample(soft, quotas, ctx.config.seed))
     workdir.write_shard("campaigns", job["shard"], campaigns)
     workdir.write_shard("soft_labels", job["shard"], soft)  # written last: its marker means "shard done"
     return {"shard": job["shard"], "seconds": time.perf_counter() - started, "node": ray.get_runtime_context().get_node_id()}
@@ -261,7 +371,7 @@ def _parent_version(fleet: str, store_uri: str, tracking_uri: str | None, storag
 
     try:
         version = registry.champion_version(fleet, tracking_uri)
-    except Exception:  # no registered model yet
+    except Exception:  # noqa: BLE001 - no registered model yet
         return None
     if version is None:
         return None
@@ -277,7 +387,7 @@ def _parent_version(fleet: str, store_uri: str, tracking_uri: str | None, storag
 def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: str,
                  config: stages.CompressConfig, run_id: str | None = None, tracking_uri: str | None = None,
                  address: str | None = None, retrain_backbone: bool = False, storage_options: dict | None = None,
-                 register: bool = True) -> CompressResult:
+                 register: bool = True, dashboard: bool = False) -> CompressResult:
     """``fleet compress``: stages 1-5 on Ray, one immutable version in the store, registered in MLflow.
 
     Re-running the same ``run_id`` after a crash skips every shard already done. With a champion
@@ -294,7 +404,7 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
     workdir = WorkDir(*work)
     timings: dict[str, float] = {}
 
-    with ray_session(address):
+    with ray_session(address, dashboard=dashboard):
         num_cpus = int(ray.cluster_resources().get("CPU", 1))
         if workdir.exists("plan.json"):
             plan = workdir.read_json("plan.json")
@@ -309,12 +419,12 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
                                   storage_options)
         parent_hashes = plan["parent_hashes"] if inherit_backbone else {}
         num = len(plan["all_campaigns"])
-        quota = 0 if inherit_backbone else max(1, min(config.backbone_per_campaign, config.backbone_max_sequences // max(1, num)))
+        quotas = {} if inherit_backbone else stages.backbone_quotas(plan["sizes"], config)
 
         # stage 1: soft labels (the floor)
         t0 = time.perf_counter()
         done = workdir.done_shards("soft_labels")
-        jobs = [{"shard": name, "campaigns": batch, "backbone_quota": quota,
+        jobs = [{"shard": name, "campaigns": batch, "backbone_quota": {c: quotas[c] for c in batch if c in quotas},
                  "parent": {c: parent_hashes[c] for c in batch if c in parent_hashes}}
                 for name, batch in zip(plan["shards"], plan["batches"]) if name not in done]
         stage1 = map_on_ray(_soft_labels_task, jobs, (ctx, work), "stage 1  teacher soft labels")
@@ -371,7 +481,8 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
         reused = pa.array(sorted(by_status["reused"]))
         parent_heads = parent.read_heads()
         head_tables.append(parent_heads.filter(pa.compute.is_in(parent_heads["campaign_id"], value_set=reused)))
-    heads = pa.concat_tables([t.cast(HEADS_SCHEMA) for t in head_tables]) if head_tables else HEADS_SCHEMA.empty_table()
+    heads = (pa.concat_tables([conform_heads_table(t) for t in head_tables]) if head_tables  # a resumed run's older shards
+             else HEADS_SCHEMA.empty_table())
     rejected = status.filter(pa.compute.equal(status["status"], "rejected"))
     rejects = [{"campaign_id": c, "stage": s, "reason": r} for c, s, r in
                zip(rejected["campaign_id"].to_pylist(), rejected["stage"].to_pylist(), rejected["reason"].to_pylist())]
@@ -379,7 +490,8 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
     nodes = {"soft_labels": sorted({r["node"] for r in stage1}), "heads": sorted({r["node"] for r in stage3}),
              "backbone": [backbone_stats["node"]] if "node" in backbone_stats else []}
     metrics = _version_metrics(heads, rejects, num, len(by_status["reused"]), teacher_bytes, timings, backbone_stats,
-                               shards_skipped, len(jobs), len(head_jobs), nodes)
+                               shards_skipped, len(jobs), len(head_jobs), nodes,
+                               volumes=dict(zip(status["campaign_id"].to_pylist(), status["n_rows"].to_pylist())))
     writer_uri = join_uri(store_uri, fleet, "versions", run_id)
     try:
         version = FleetVersion.open(writer_uri, storage_options)
@@ -426,6 +538,7 @@ def _make_plan(teachers_uri, events_uri, store_uri, fleet, config, tracking_uri,
     return {
         "all_campaigns": campaigns, "batches": batches, "shards": [f"b{i:05d}" for i in range(len(batches))],
         "num_event_types": num_event_types, "num_features": num_features,
+        "sizes": {c: int(sizes.get(c, 0)) for c in campaigns},
         "parent_manifest": parent.uri if parent is not None else None, "parent_hashes": parent_hashes,
         "retrain_backbone": bool(retrain_backbone or parent is None), "config": config.to_dict(),
     }
@@ -433,13 +546,23 @@ def _make_plan(teachers_uri, events_uri, store_uri, fleet, config, tracking_uri,
 
 def _version_metrics(heads: pa.Table, rejects: list[dict], num: int, reused: int, teacher_bytes: int,
                      timings: dict, backbone_stats: dict, skipped: dict, stage1_run: int, stage3_run: int,
-                     nodes: dict) -> dict:
-    rows = [
-        {"campaign_id": c, "auc_diff": None if s is None or t is None else s - t, "mean_abs_diff": m, "n_train": n}
-        for c, s, t, m, n in zip(*(heads[k].to_pylist() for k in
-                                   ("campaign_id", "student_auc", "teacher_auc", "mean_abs_diff", "n_train")))
-    ]
+                     nodes: dict, volumes: dict[str, int] | None = None) -> dict:
+    """The manifest's metrics (docs/pipeline.md, "Metrics in the manifest"); ``volumes`` maps a
+    campaign to its row count (stage 1's ``n_rows``), the weight of the volume-weighted figures."""
+    from fleet.metrics import CALIBRATION_KEYS
+
+    volumes = volumes or {}
+    keys = ("campaign_id", "student_auc", "teacher_auc", "mean_abs_diff", "n_train", "status", *CALIBRATION_KEYS)
+    columns = {k: heads[k].to_pylist() if k in heads.column_names else [None] * heads.num_rows for k in keys}
+    rows = []
+    for i, cid in enumerate(columns["campaign_id"]):
+        s, t = columns["student_auc"][i], columns["teacher_auc"][i]
+        rows.append({"campaign_id": cid, "auc_diff": None if s is None or t is None else s - t,
+                     "mean_abs_diff": columns["mean_abs_diff"][i], "n_train": columns["n_train"][i],
+                     "n_rows": volumes.get(cid), "status": columns["status"][i],
+                     **{k: columns[k][i] for k in CALIBRATION_KEYS}})
     summary = fleet_summary(rows)
+    status_counts = {"ok": 0, "fallback": 0, **summary["status_counts"]}
     bits = heads["bits"].to_numpy() if heads.num_rows else np.zeros(0)
     metrics = {
         "campaigns": num, "campaigns_ok": heads.num_rows - reused, "campaigns_reused": reused,
@@ -449,6 +572,14 @@ def _version_metrics(heads: pa.Table, rejects: list[dict], num: int, reused: int
         "fidelity_mean_abs_diff_p90": summary.get("mean_abs_diff_p90"),
         "fidelity_campaigns_without_auc": summary.get("no_auc"),
         "fidelity_worst": summary.get("worst"),
+        "fidelity_auc_diff_volume_weighted": summary["auc_diff_volume_weighted"],
+        "fidelity_top_decile_auc_diff_median": summary["top_decile_auc_diff_median"],
+        "fidelity_top_decile_n_with_auc": summary["top_decile_n_with_auc"],
+        "fidelity_mean_ratio_within_10pct_share": summary["mean_ratio_within_10pct_share"],
+        "fidelity_ece_excess_median": summary["ece_excess_median"],
+        "fidelity_kl_median": summary["kl_median"],
+        "fidelity_kl_p90": summary["kl_p90"],
+        **{f"campaigns_status_{k}": v for k, v in status_counts.items()},
         "bits_mean": float(bits.mean()) if len(bits) else None,
         **{f"bits_{b}_campaigns": int((bits == b).sum()) for b in (1, 2, 4, 8, 16)},
         "teacher_bytes_total": teacher_bytes,

@@ -9,7 +9,7 @@ pyplot: no global figure state, no GUI backend, safe in worker threads. No I/O h
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -13,8 +13,12 @@ credentials come from the environment variable ``storage_options_env`` (JSON, me
 non-secret options) at load time, never from the artifact.
 
 ``predict`` scores a DataFrame with the columns of the events format
-(``campaign_id``, ``event_types``, ``features``) through :meth:`FleetModel.predict_columns`, the
-same path as ``FleetModel.predict_batch`` and the HTTP service.
+(``campaign_id``, ``event_types``, ``features``) through :meth:`FleetModel.predict_with_status`, the
+same path as ``FleetModel.predict_batch`` and the HTTP service. It returns ``float64[N]``; with
+``params={"with_status": True}`` a DataFrame with columns ``probability``, ``fallback`` (True when the
+row's head did not pass its quality gate, :func:`fleet.codec.head_passed`) and ``status`` instead.
+MLflow hands ``params`` to a logged model only when its signature declares them: log it with
+``signature=model_signature()``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,20 @@ CONFIG_FILE = "fleet_model.json"
 PYFUNC_FORMAT = "fleet-pyfunc/1"  # same as fleet.registry.MODEL_DATA_FORMAT
 COLUMNS = ("campaign_id", "event_types", "features")
 _OPEN_KEYS = ("cache_size", "preload", "max_sequence_length")
+#: ``predict`` params: ``with_status`` (bool, default False) returns the DataFrame of :data:`STATUS_COLUMNS`.
+WITH_STATUS = "with_status"
+STATUS_COLUMNS = ("probability", "fallback", "status")
+
+
+def model_signature():
+    """The MLflow signature to log a fleet pyfunc with (``mlflow.pyfunc.log_model(...,
+    signature=model_signature())``): no input or output schema, and the ``with_status`` boolean
+    param (default False). Without it MLflow drops ``params`` with a warning, so ``with_status``
+    has no effect on the loaded model (it answers the plain probabilities)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec
+
+    return ModelSignature(inputs=None, outputs=None, params=ParamSchema([ParamSpec(WITH_STATUS, "boolean", False)]))
 
 
 def write_config(directory: str, manifest_uri: str, version_id: str, **open_kw: Any) -> str:
@@ -50,20 +68,42 @@ def write_config(directory: str, manifest_uri: str, version_id: str, **open_kw: 
 
 
 class FleetPyfunc:
-    """What ``mlflow.pyfunc.load_model`` wraps: ``predict(DataFrame) -> float64[N]`` in row order."""
+    """What ``mlflow.pyfunc.load_model`` wraps: ``predict(DataFrame) -> float64[N]`` in row order
+    (with ``params={"with_status": True}``: a DataFrame ``probability, fallback, status``)."""
 
     def __init__(self, model: FleetModel):
         self.model = model
 
-    def predict(self, model_input: Any, params: dict | None = None) -> np.ndarray:
+    def predict(self, model_input: Any, params: dict | None = None):
         """Probabilities of the rows of ``model_input`` (a DataFrame, or a list of row dicts / a dict
         of columns) with columns ``campaign_id``, ``event_types``, ``features`` (lists or numpy
-        arrays per cell). ``params`` is accepted for the MLflow protocol and ignored."""
+        arrays per cell): ``float64[N]`` in row order.
+
+        ``params={"with_status": True}`` returns a ``pandas.DataFrame`` in row order instead, with
+        columns ``probability`` (float64, the same numbers), ``fallback`` (bool: the row's head did
+        not pass its quality gate) and ``status`` (the head's status). Other params are ignored."""
         ids, types, feats = _columns(model_input)
+        with_status = _flag((params or {}).get(WITH_STATUS, False))
         try:
-            return self.model.predict_columns(ids, types, feats)
+            pred = self.model.predict_with_status(ids, types, feats)
         except (InvalidInputError, UnknownCampaignError) as exc:
             raise _bad_request(str(exc)) from exc
+        if not with_status:
+            return pred.probabilities
+        import pandas as pd
+
+        per_row = [pred.statuses[cid] for cid in ids]  # one id per row (a column)
+        return pd.DataFrame({"probability": pred.probabilities, "fallback": pred.fallback,
+                             "status": pd.Series(per_row, dtype=object)}, columns=list(STATUS_COLUMNS))
+
+
+def _flag(value: Any) -> bool:
+    """``with_status`` as a bool: True/False, or the strings ``"true"``/``"false"`` (any case)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise _bad_request(f"params.{WITH_STATUS} must be a boolean, got {value!r}")
 
 
 def _columns(model_input: Any) -> tuple[list, list, list]:
@@ -124,4 +164,5 @@ def _storage_options(config: dict) -> dict:
     return merged  # {} (not None): the environment was consulted already
 
 
-__all__ = ["CONFIG_FILE", "PYFUNC_FORMAT", "FleetPyfunc", "write_config"]
+__all__ = ["CONFIG_FILE", "PYFUNC_FORMAT", "STATUS_COLUMNS", "WITH_STATUS", "FleetPyfunc", "model_signature",
+           "write_config"]

@@ -4,7 +4,8 @@ quality gate and the ``champion`` alias (``docs/architecture.md``, DESIGN sectio
 A run logs params, metrics and plots into the experiment ``fleet-<fleet_name>`` and a pyfunc model
 whose artifacts are the backbone and the manifest (heads stay in Parquet, referenced by the
 manifest URI). Each model version carries the tags ``version_id``, ``manifest_uri``,
-``parent_version_id`` (when there is one), ``gate`` and ``gate_reasons``.
+``parent_version_id`` (when there is one), ``gate``, ``gate_reasons`` and ``gate_notes`` (checks that
+did not apply, e.g. the AUC checks on a fleet without any hold-out AUC).
 
 ``champion`` moves only when the gate passes (:func:`register_version`) or by hand
 (:func:`promote`, :func:`rollback`). Every move is recorded in the registered-model tag
@@ -26,11 +27,12 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
-from typing import Any, Iterator
+from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -50,7 +52,12 @@ GATE_METRICS = {  # metric key -> label used in gate reasons
     "fidelity_auc_diff_median": "median AUC diff",
     "fidelity_auc_diff_p10": "p10 AUC diff",
     "quarantine_share": "quarantine share",
+    "fidelity_kl_median": "median KL",
+    "fidelity_mean_ratio_within_10pct_share": "mean-ratio-within-10% share",
+    "campaigns_status_fallback": "fallback share",
 }
+#: Gate metrics checked only when at least one campaign of the fleet has a hold-out AUC.
+AUC_GATE_METRICS = ("fidelity_auc_diff_median", "fidelity_auc_diff_p10")
 # Installed with the model; fleet itself must be installed where the model is loaded (the
 # PyPI name "fleet" belongs to another project, so it is not listed here).
 RUNTIME_PACKAGES = ("mlflow", "torch", "safetensors", "numpy", "pyarrow", "fsspec", "s3fs")
@@ -80,6 +87,11 @@ class GateConfig:
     AUC diffs are student AUC minus teacher AUC on the hold-out rows, one per campaign: 0 means as
     good as the teacher, negative means worse.
 
+    The AUC checks apply only to a fleet where at least one campaign has a hold-out AUC (most
+    campaigns have too few positives for one); the teacher-agreement checks (KL, mean ratio,
+    fallback share) are defined for every fleet. These defaults are the only place the
+    thresholds are set (provisional: to be tuned on the zoo).
+
     Args:
         min_median_auc_diff: lowest acceptable median AUC diff over the fleet's campaigns.
         min_p10_auc_diff: lowest acceptable 10th percentile AUC diff (the campaigns fitted worst);
@@ -87,15 +99,25 @@ class GateConfig:
         max_quarantine_share: highest acceptable share of campaigns quarantined by the run, in [0, 1].
         max_regression: how much lower than the current champion's the median and the p10 AUC diff
             may be, >= 0.
+        max_kl_median: highest acceptable median over the campaigns of their mean hold-out
+            KL(teacher || student), in nats, >= 0 (``fidelity_kl_median``).
+        min_mean_ratio_share: lowest acceptable share of campaigns whose mean student probability is
+            within 10% of the teacher's, in [0, 1] (``fidelity_mean_ratio_within_10pct_share``).
+        max_fallback_share: highest acceptable share of campaigns stored with ``status = fallback``
+            (``campaigns_status_fallback / campaigns``), in [0, 1].
     """
 
     min_median_auc_diff: float = -0.01
     min_p10_auc_diff: float = -0.03
     max_quarantine_share: float = 0.05
     max_regression: float = 0.005
+    max_kl_median: float = 0.02
+    min_mean_ratio_share: float = 0.8
+    max_fallback_share: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("min_median_auc_diff", "min_p10_auc_diff", "max_quarantine_share", "max_regression"):
+        for name in ("min_median_auc_diff", "min_p10_auc_diff", "max_quarantine_share", "max_regression",
+                     "max_kl_median", "min_mean_ratio_share", "max_fallback_share"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"GateConfig.{name} must be a finite number, got {value!r}")
@@ -108,18 +130,23 @@ class GateConfig:
                 f"GateConfig.min_p10_auc_diff ({self.min_p10_auc_diff}) is above min_median_auc_diff "
                 f"({self.min_median_auc_diff}): a p10 is never above the median; were they swapped?"
             )
-        if not 0.0 <= self.max_quarantine_share <= 1.0:
-            raise ValueError(f"GateConfig.max_quarantine_share must be in [0, 1], got {self.max_quarantine_share}")
+        for name in ("max_quarantine_share", "min_mean_ratio_share", "max_fallback_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"GateConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.max_kl_median < 0.0:
+            raise ValueError(f"GateConfig.max_kl_median must be >= 0 (nats), got {self.max_kl_median}")
         if not 0.0 <= self.max_regression <= 1.0:
             raise ValueError(f"GateConfig.max_regression must be in [0, 1], got {self.max_regression}")
 
 
 @dataclass
 class GateResult:
-    """Outcome of :func:`evaluate_gate`: ``reasons`` lists every failed check, empty when passed."""
+    """Outcome of :func:`evaluate_gate`: ``reasons`` lists every failed check, empty when passed;
+    ``notes`` lists checks that did not apply (e.g. the AUC checks on a fleet without any AUC)."""
 
     passed: bool
     reasons: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def _finite(value: Any) -> float | None:
@@ -136,16 +163,54 @@ def _fmt_pair(a: float, b: float) -> tuple[str, str]:
     return (sa, sb) if sa != sb else (f"{a:.6g}", f"{b:.6g}")
 
 
+def _fleet_has_auc(metrics: dict) -> bool:
+    """Whether at least one campaign has a hold-out AUC: an AUC metric is present, or fewer
+    campaigns lack one than have a head (``campaigns_ok + campaigns_reused``, else ``campaigns -
+    campaigns_quarantined``). Without ``fidelity_campaigns_without_auc`` it is assumed (then a missing
+    AUC metric fails the gate, as it always did)."""
+    if any(_finite(metrics.get(key)) is not None for key in AUC_GATE_METRICS):
+        return True
+    without = _finite(metrics.get("fidelity_campaigns_without_auc"))
+    ok, reused = _finite(metrics.get("campaigns_ok")), _finite(metrics.get("campaigns_reused"))
+    if ok is not None and reused is not None:
+        headed = ok + reused
+    else:
+        campaigns = _finite(metrics.get("campaigns"))
+        headed = None if campaigns is None else campaigns - (_finite(metrics.get("campaigns_quarantined")) or 0.0)
+    return without is None or headed is None or without < headed
+
+
 def evaluate_gate(metrics: dict, champion_metrics: dict | None, gate: GateConfig) -> GateResult:
     """Check a candidate's ``metrics`` against ``gate`` and, when given, the champion's metrics.
 
-    Uses ``fidelity_auc_diff_median``, ``fidelity_auc_diff_p10`` and ``quarantine_share``. A
-    candidate metric that is missing or not finite fails the gate. The regression check compares
-    the median and p10 with the champion's; a champion metric that is missing is not compared.
+    Uses ``fidelity_kl_median``, ``fidelity_mean_ratio_within_10pct_share``, ``quarantine_share``,
+    ``campaigns_status_fallback`` / ``campaigns`` (a missing fallback count is 0) and, when at least
+    one campaign has a hold-out AUC (an AUC metric is present, or ``fidelity_campaigns_without_auc``
+    is below the number of campaigns with a head), ``fidelity_auc_diff_median`` and
+    ``fidelity_auc_diff_p10``; on a fleet without any AUC those checks are skipped with a note in
+    :attr:`GateResult.notes`. A candidate metric that is missing or not finite fails the gate. The
+    regression check compares the median and p10 with the champion's; a champion metric that is
+    missing is not compared.
     """
     reasons: list[str] = []
+    notes: list[str] = []
     values: dict[str, float] = {}
+    has_auc = _fleet_has_auc(metrics)
+    if not has_auc:
+        notes.append(f"AUC checks skipped: no campaign has a hold-out AUC "
+                     f"(fidelity_campaigns_without_auc = {metrics.get('fidelity_campaigns_without_auc')!r})")
+    fallback = metrics.get("campaigns_status_fallback", 0)
     for key, label in GATE_METRICS.items():
+        if key in AUC_GATE_METRICS and not has_auc:
+            continue
+        if key == "campaigns_status_fallback":
+            count, campaigns = _finite(fallback), _finite(metrics.get("campaigns"))
+            if count is None or (count > 0 and not campaigns):
+                reasons.append(f"{label}: metrics 'campaigns_status_fallback' / 'campaigns' are missing or not "
+                               f"finite ({fallback!r} / {metrics.get('campaigns')!r})")
+            else:
+                values["fallback_share"] = count / campaigns if count > 0 else 0.0
+            continue
         value = _finite(metrics.get(key))
         if value is None:
             reasons.append(f"{label}: metric {key!r} is missing or not a finite number ({metrics.get(key)!r})")
@@ -157,14 +222,21 @@ def evaluate_gate(metrics: dict, champion_metrics: dict | None, gate: GateConfig
             v, b = _fmt_pair(values[key], bound)
             reasons.append(f"{GATE_METRICS[key]} {v} < {b}")
 
+    def high(key: str, bound: float, label: str) -> None:
+        if key in values and values[key] > bound:
+            v, b = _fmt_pair(values[key], bound)
+            reasons.append(f"{label} {v} > {b}")
+
     low("fidelity_auc_diff_median", gate.min_median_auc_diff)
     low("fidelity_auc_diff_p10", gate.min_p10_auc_diff)
-    share = values.get("quarantine_share")
-    if share is not None and share > gate.max_quarantine_share:
-        v, b = _fmt_pair(share, gate.max_quarantine_share)
-        reasons.append(f"quarantine share {v} > {b}")
+    high("quarantine_share", gate.max_quarantine_share, "quarantine share")
+    high("fidelity_kl_median", gate.max_kl_median, "median KL (fidelity_kl_median)")
+    if values.get("fidelity_mean_ratio_within_10pct_share", 1.0) < gate.min_mean_ratio_share:
+        v, b = _fmt_pair(values["fidelity_mean_ratio_within_10pct_share"], gate.min_mean_ratio_share)
+        reasons.append(f"mean-ratio-within-10% share (fidelity_mean_ratio_within_10pct_share) {v} < {b}")
+    high("fallback_share", gate.max_fallback_share, "fallback share (campaigns_status_fallback / campaigns)")
 
-    for key in ("fidelity_auc_diff_median", "fidelity_auc_diff_p10"):
+    for key in AUC_GATE_METRICS:
         best = _finite((champion_metrics or {}).get(key))
         if best is None or key not in values:
             continue
@@ -173,7 +245,7 @@ def evaluate_gate(metrics: dict, champion_metrics: dict | None, gate: GateConfig
             v, c = _fmt_pair(values[key], best)
             d, m = _fmt_pair(drop, gate.max_regression)
             reasons.append(f"{GATE_METRICS[key]} {v} regresses from the champion's {c} by {d} > {m}")
-    return GateResult(passed=not reasons, reasons=reasons)
+    return GateResult(passed=not reasons, reasons=reasons, notes=notes)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -421,7 +493,7 @@ def _check_local_artifacts(local_artifacts: dict[str, str], fleet_name: str, ver
     except (OSError, ValueError) as err:
         raise ValueError(f"local artifact manifest.json ({local_artifacts['manifest.json']}) is not JSON: {err}") from None
     if not isinstance(manifest, dict):
-        raise ValueError(f"local artifact manifest.json ({local_artifacts['manifest.json']}) is not a JSON object")
+        raise ValueError(f"local artifact manifest.json ({local_artifacts['manifest.json']}) is not a JSON object")  # noqa: TRY004 - bad input, register_version raises ValueError
     for key, expected in (("version_id", version_id), ("fleet", fleet_name)):
         if key in manifest and manifest[key] != expected:
             raise ValueError(f"manifest.json says {key}={manifest[key]!r} but register_version got {expected!r}")
@@ -430,7 +502,7 @@ def _check_local_artifacts(local_artifacts: dict[str, str], fleet_name: str, ver
 def _check_plots(plots: dict[str, bytes]) -> dict[str, bytes]:
     out = {}
     for name, data in plots.items():
-        base = name[:-4] if name.endswith(".png") else name
+        base = name.removesuffix(".png")
         _check_name("plot name", base)
         if not isinstance(data, (bytes, bytearray)) or not bytes(data[:8]) == b"\x89PNG\r\n\x1a\n":
             raise ValueError(f"plot {name!r} is not PNG bytes")
@@ -515,7 +587,8 @@ def register_version(
             ``manifest.json``; copied into the pyfunc model's data directory.
         params: run params; nested dicts are flattened (``a.b``); credential-looking keys dropped.
         metrics: run metrics; nested dicts flattened, names sanitised, non-finite values skipped.
-            The gate reads ``fidelity_auc_diff_median``, ``fidelity_auc_diff_p10``, ``quarantine_share``.
+            The gate reads the metrics :func:`evaluate_gate` lists (AUC diffs, quarantine share,
+            median KL, mean-ratio share, fallback count and campaign counts).
         plots: plot name -> PNG bytes, logged under ``plots/<name>.png``.
         tracking_uri: ``sqlite:///...`` or ``http(s)://...``; :func:`default_tracking_uri` when None.
         gate: the quality gate.
@@ -555,10 +628,11 @@ def register_version(
     gate_status = "passed" if result.passed else "failed"
 
     version_tags = {"version_id": version_id, "manifest_uri": public_manifest_uri,
-                    "gate": gate_status, "gate_reasons": json.dumps(result.reasons)}
+                    "gate": gate_status, "gate_reasons": json.dumps(result.reasons),
+                    "gate_notes": json.dumps(result.notes)}
     if parent_version_id is not None:
         version_tags["parent_version_id"] = parent_version_id
-    run_tags = {f"fleet.{k}": v for k, v in version_tags.items() if k != "gate_reasons"}
+    run_tags = {f"fleet.{k}": v for k, v in version_tags.items() if k not in ("gate_reasons", "gate_notes")}
     run_tags["fleet.name"] = fleet_name
 
     with tempfile.TemporaryDirectory(prefix="fleet-register-") as tmp:
@@ -587,11 +661,16 @@ def register_version(
                 _log_batches(client, run_id, _clean_metrics(metrics), _clean_params(params, secrets))
                 if plot_files:
                     client.log_artifacts(run_id, plots_dir, "plots")
+                from fleet.pyfunc import (
+                    model_signature,  # lazily: fleet.pyfunc imports serving (torch)
+                )
+
                 info = mlflow.pyfunc.log_model(
                     name="model",
                     loader_module="fleet.pyfunc",
                     data_path=data_dir,
                     pip_requirements=_pip_requirements(),
+                    signature=model_signature(),  # declares the with_status param, else MLflow drops it
                 )
             # register_model (rather than log_model's registered_model_name) sets the version's
             # tags in the same call that creates it: no reader ever sees a version without them.
@@ -688,7 +767,7 @@ def resolve_manifest_uri(model_uri: str, tracking_uri: str | None = None) -> tup
 def list_versions(name: str, tracking_uri: str | None = None) -> list[dict]:
     """Every version of ``name``, oldest first: ``version``, ``version_id``, ``manifest_uri``,
     ``parent_version_id``, ``aliases``, ``champion``, ``created`` (ISO 8601 UTC), ``gate``
-    (``passed`` / ``failed`` / None), ``gate_reasons``, ``run_id``."""
+    (``passed`` / ``failed`` / None), ``gate_reasons``, ``gate_notes``, ``run_id``."""
     _check_name("registered model name", name)
     client = _client(tracking_uri)
     try:
@@ -721,6 +800,7 @@ def list_versions(name: str, tracking_uri: str | None = None) -> list[dict]:
             "created": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "gate": tags.get("gate"),
             "gate_reasons": json.loads(tags["gate_reasons"]) if tags.get("gate_reasons") else [],
+            "gate_notes": json.loads(tags["gate_notes"]) if tags.get("gate_notes") else [],
             "run_id": mv.run_id,
         })
     return rows

@@ -2,7 +2,9 @@
 
 ``FleetModel.open(<manifest uri>)`` or ``FleetModel.load("models:/adfleet@champion")``, then
 ``predict(campaign_id, sequences)`` or the mixed-campaign ``predict_batch(rows)``. Every entry
-point (HTTP, MLflow pyfunc, CLI) goes through :meth:`FleetModel.predict_columns`, which scores a
+point (HTTP, MLflow pyfunc, CLI) goes through :meth:`FleetModel.predict_with_status`
+(:meth:`FleetModel.predict_columns` returns its probabilities; it also flags the heads that did not
+pass their quality gate, :func:`fleet.codec.head_passed`). It scores a
 mixed-campaign batch the S-LoRA / Punica way: the backbone runs once over all sequences (sorted
 by length, padded per chunk), then each row's head row is gathered into ``(B, P)`` and
 :func:`fleet.student.head_logits` is called once. See ``docs/serving.md``.
@@ -11,21 +13,41 @@ by length, padded per chunk), then each row's head row is gathered into ``(B, P)
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 
 from fleet.backbone_codec import decode_backbone
-from fleet.codec import HeadRow, table_to_heads
+from fleet.codec import HeadRow, head_passed, table_to_heads
 from fleet.data import collate
-from fleet.errors import FleetError, InvalidCampaignIdError, StoreError, UnknownCampaignError
-from fleet.ids import validate_campaign_id
+from fleet.errors import (
+    FleetError,
+    InvalidCampaignIdError,
+    StoreError,
+    UnknownCampaignError,
+)
 from fleet.heads import decode_heads
-from fleet.store import BACKBONE, ENV_STORAGE_OPTIONS, FleetVersion, join_uri, storage_options_from_env
+from fleet.ids import validate_campaign_id
+from fleet.store import (
+    BACKBONE,
+    ENV_STORAGE_OPTIONS,
+    FleetVersion,
+    join_uri,
+    storage_options_from_env,
+)
 from fleet.student import StudentConfig, head_logits, head_num_params
+
+try:  # the per-campaign agreement / calibration fields of a head row (fleet-heads/1.1)
+    from fleet.metrics import CALIBRATION_KEYS
+except ImportError:  # pragma: no cover - an older fleet.metrics
+    CALIBRATION_KEYS: tuple[str, ...] = ()
 
 DEFAULT_CACHE_SIZE = 100_000
 DEFAULT_MAX_SEQUENCE_LENGTH = 1024
@@ -57,8 +79,10 @@ def _finite_or_none(value: Any) -> Any:
 
 
 def head_metadata(row: HeadRow, version_id: str) -> dict:
-    """JSON-safe metadata of one head row (no parameters): bits, status, fidelity, sizes, hashes."""
-    return {
+    """JSON-safe metadata of one head row (no parameters): bits, status, ``passed`` (the quality gate
+    verdict, :func:`fleet.codec.head_passed`), fidelity, sizes, hashes, and every
+    :data:`fleet.metrics.CALIBRATION_KEYS` field (None when the row has no value)."""
+    meta = {
         "campaign_id": row.campaign_id,
         "version": version_id,
         "bits": int(row.bits),
@@ -69,6 +93,7 @@ def head_metadata(row: HeadRow, version_id: str) -> dict:
         "pruned": row.mask is not None,
         "bytes": len(row.packed) + len(row.scales) + (len(row.mask) if row.mask is not None else 0),
         "status": row.status,
+        "passed": head_passed(row.status),
         "teacher_auc": _finite_or_none(row.teacher_auc),
         "student_auc": _finite_or_none(row.student_auc),
         "mean_abs_diff": _finite_or_none(row.mean_abs_diff),
@@ -78,6 +103,31 @@ def head_metadata(row: HeadRow, version_id: str) -> dict:
         "teacher_sha256": bytes(row.teacher_sha256).hex(),
         "data_fingerprint": bytes(row.data_fingerprint).hex(),
     }
+    for key in CALIBRATION_KEYS:
+        meta[key] = _finite_or_none(getattr(row, key, None))
+    return meta
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What :meth:`FleetModel.predict_with_status` returns: probabilities and the quality-gate
+    verdicts of the heads that produced them.
+
+    Attributes:
+        probabilities: ``float64[N]`` in row order (exactly what :meth:`FleetModel.predict_columns` returns).
+        fallback: ``bool[N]``: True where the row's head did not pass its quality gate
+            (:func:`fleet.codec.head_passed` of its status is False); its probability is still given.
+        statuses: distinct campaign id -> its head's ``status``, in order of first use.
+    """
+
+    probabilities: np.ndarray
+    fallback: np.ndarray
+    statuses: dict[str, str]
+
+    @property
+    def fallback_campaigns(self) -> list[str]:
+        """Campaign ids of the request whose heads did not pass their gate, in order of first use."""
+        return [cid for cid, status in self.statuses.items() if not head_passed(status)]
 
 
 class _HeadCache:
@@ -94,6 +144,7 @@ class _HeadCache:
         self._slab = torch.empty(min(self.capacity, _SLAB_START_ROWS), num_params)  # (rows, P)
         self._slots: OrderedDict[str, int] = OrderedDict()
         self._free: list[int] = list(range(self._slab.shape[0] - 1, -1, -1))
+        self._status: list[str | None] = [None] * self._slab.shape[0]  # slot -> head status
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -101,8 +152,9 @@ class _HeadCache:
     def __len__(self) -> int:
         return len(self._slots)
 
-    def gather(self, ids: Sequence[str], out: torch.Tensor) -> list[int]:
-        """Copy the cached rows of ``ids`` into ``out[i]``; return the positions not cached."""
+    def gather(self, ids: Sequence[str], out: torch.Tensor, statuses: list) -> list[int]:
+        """Copy the cached rows of ``ids`` into ``out[i]`` and their statuses into ``statuses[i]``;
+        return the positions not cached."""
         missing, found, slots = [], [], []
         with self._lock:
             for i, cid in enumerate(ids):
@@ -113,6 +165,7 @@ class _HeadCache:
                     self._slots.move_to_end(cid)
                     found.append(i)
                     slots.append(slot)
+                    statuses[i] = self._status[slot]
             if found:
                 out[found] = self._slab[slots]
             self.hits += len(found)
@@ -123,12 +176,13 @@ class _HeadCache:
         with self._lock:
             self.hits += n
 
-    def put(self, ids: Sequence[str], rows: torch.Tensor) -> None:
-        """Insert ``rows[i]`` for ``ids[i]``, evicting the least recently used rows beyond capacity."""
+    def put(self, ids: Sequence[str], rows: torch.Tensor, statuses: Sequence[str]) -> None:
+        """Insert ``rows[i]`` (status ``statuses[i]``) for ``ids[i]``, evicting the least recently
+        used rows beyond capacity."""
         if self.capacity <= 0:
             return
         with self._lock:
-            for cid, row in zip(ids, rows):
+            for cid, row, status in zip(ids, rows, statuses):
                 slot = self._slots.get(cid)
                 if slot is None:
                     if len(self._slots) >= self.capacity:
@@ -141,6 +195,7 @@ class _HeadCache:
                 else:
                     self._slots.move_to_end(cid)
                 self._slab[slot] = row
+                self._status[slot] = status
 
     def _grow(self) -> None:
         old = self._slab.shape[0]
@@ -148,6 +203,7 @@ class _HeadCache:
         slab = torch.empty(new, self._slab.shape[1])
         slab[:old] = self._slab
         self._slab = slab
+        self._status.extend([None] * (new - old))
         self._free.extend(range(new - 1, old - 1, -1))
 
 
@@ -215,6 +271,8 @@ class FleetModel:
         self._absent = _BoundedSet(ABSENT_CACHE_SIZE)
         self._dense: torch.Tensor | None = None  # preload: (C, P)
         self._index: dict[str, int] | None = None
+        self._status_codes: np.ndarray | None = None  # preload: (C,) index into _status_names
+        self._status_names: list[str] = []
         if preload:
             self._preload()
 
@@ -231,7 +289,7 @@ class FleetModel:
         max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
         num_threads: int | None = None,
         verify: bool = True,
-    ) -> "FleetModel":
+    ) -> FleetModel:
         """Open a committed version (its directory or ``manifest.json`` URI).
 
         ``storage_options`` None reads ``$FLEET_STORAGE_OPTIONS`` (JSON) when set.
@@ -245,7 +303,7 @@ class FleetModel:
         return cls(version, cache_size=cache_size, preload=preload, max_sequence_length=max_sequence_length)
 
     @classmethod
-    def load(cls, model_uri: str, tracking_uri: str | None = None, **kw: Any) -> "FleetModel":
+    def load(cls, model_uri: str, tracking_uri: str | None = None, **kw: Any) -> FleetModel:
         """Open ``models:/NAME@alias`` / ``models:/NAME/N`` (resolved in the MLflow registry) or any
         version/manifest URI. ``kw`` are :meth:`open`'s options."""
         if model_uri.startswith("models:"):
@@ -269,6 +327,9 @@ class FleetModel:
         for start in range(0, len(ids), step):
             rows = table_to_heads(table.slice(start, step))
             dense[start : start + len(rows)] = self._decode(rows)
+        status = pc.dictionary_encode(table.column("status").combine_chunks())  # a few distinct values
+        self._status_codes = status.indices.to_numpy(zero_copy_only=False)
+        self._status_names = [sys.intern(v) for v in status.dictionary.to_pylist()]
         self._dense = dense
         self._index = {cid: i for i, cid in enumerate(ids)}
 
@@ -315,8 +376,9 @@ class FleetModel:
             raise StoreError("head decodes to non-finite parameters", campaign_id=bad, path=self._version.uri)
         return heads
 
-    def _heads(self, ids: list[str], first_row: dict[str, int]) -> torch.Tensor:
-        """Head rows ``(U, P)`` of distinct valid ``ids``; UnknownCampaignError for an absent one."""
+    def _heads(self, ids: list[str], first_row: dict[str, int]) -> tuple[torch.Tensor, list[str]]:
+        """Head rows ``(U, P)`` and head statuses of distinct valid ``ids`` (both from the same cache
+        entry or preloaded index: no extra I/O); UnknownCampaignError for an absent one."""
         if self._dense is not None:
             index = []
             for cid in ids:
@@ -325,9 +387,11 @@ class FleetModel:
                     raise self._unknown(cid, first_row.get(cid))
                 index.append(i)
             self._cache.count_hits(len(ids))
-            return self._dense[index]
+            names = self._status_names
+            return self._dense[index], [names[c] for c in self._status_codes[index].tolist()]
         out = torch.empty(len(ids), self.num_params)  # (U, P)
-        missing = self._cache.gather(ids, out)
+        statuses: list = [None] * len(ids)
+        missing = self._cache.gather(ids, out, statuses)
         if missing:
             rows = []
             for i in missing:
@@ -339,15 +403,27 @@ class FleetModel:
                 rows.append(row)
             decoded = self._decode(rows)  # (M, P)
             out[missing] = decoded
-            self._cache.put([ids[i] for i in missing], decoded)
-        return out
+            for i, row in zip(missing, rows):
+                statuses[i] = sys.intern(row.status)
+            self._cache.put([ids[i] for i in missing], decoded, [statuses[i] for i in missing])
+        return out, statuses
+
+    def head_status(self, campaign_id: str) -> str:
+        """The ``status`` of a campaign's head (``"ok"``, ``"capacity"``, ``"fallback"``, ...), served
+        from the head cache / preloaded index like the head itself (a cold id reads its row group once
+        and caches the head). ``fleet.codec.head_passed(status)`` says whether it passed its gate.
+        UnknownCampaignError when the campaign is not in the version."""
+        cid = _check_id(campaign_id, None)
+        with torch.inference_mode():
+            return self._heads([cid], {})[1][0]
 
     def _unknown(self, campaign_id: str, row: int | None) -> UnknownCampaignError:
         where = "" if row is None else f"row {row}: "
         return UnknownCampaignError(f"{where}not in fleet version {self.version_id!r}", campaign_id=campaign_id)
 
     def metadata(self, campaign_id: str) -> dict:
-        """Metadata of one campaign's head: bits, status, fidelity fields, n_train, version, ... ."""
+        """Metadata of one campaign's head (:func:`head_metadata`): bits, status, passed, fidelity
+        and calibration fields, n_train, version, ... ."""
         cid = _check_id(campaign_id, None)
         row = self._version.read_head_row(cid)
         if row is None:
@@ -396,11 +472,24 @@ class FleetModel:
         event_types: Sequence[Any],
         features: Sequence[Any],
     ) -> np.ndarray:
-        """The one scoring path (``predict``, ``predict_batch``, HTTP, pyfunc and CLI call it).
+        """Probabilities ``float64[N]`` (``predict``, ``predict_batch`` call it): the
+        ``probabilities`` of :meth:`predict_with_status`, the one scoring path.
 
         ``campaign_ids`` is one id for every row or one id per row; ``event_types[i]`` integers
         (length ``T_i``); ``features[i]`` ``T_i * num_features`` floats (flat) per row. Lists or
         numpy arrays. Returns ``float64[N]``.
+        """
+        return self.predict_with_status(campaign_ids, event_types, features).probabilities
+
+    def predict_with_status(
+        self,
+        campaign_ids: str | Sequence[str],
+        event_types: Sequence[Any],
+        features: Sequence[Any],
+    ) -> Prediction:
+        """The one scoring path (``predict_columns``, HTTP, pyfunc and CLI call it): the arguments of
+        :meth:`predict_columns`; returns a :class:`Prediction`: the probabilities plus, per row,
+        whether its head is a fallback (did not pass its quality gate) and each campaign's status.
         """
         try:
             n = len(event_types)
@@ -431,16 +520,18 @@ class FleetModel:
             inverse = torch.from_numpy(renumber[inverse_np])  # (B,) index into the U heads
         types, feats = self._validate_sequences(event_types, features, campaign_ids)
         with torch.inference_mode():
-            heads = self._heads(distinct, first_row)  # (U, P); raises for an unknown campaign
+            heads, statuses = self._heads(distinct, first_row)  # (U, P); raises for an unknown campaign
+            failed = np.array([not head_passed(st) for st in statuses], dtype=bool)  # (U,)
+            verdicts = dict(zip(distinct, statuses))
             if n == 0:
-                return np.zeros(0, dtype=np.float64)
+                return Prediction(np.zeros(0, dtype=np.float64), np.zeros(0, dtype=bool), verdicts)
             h = self._features(types, feats)  # (B, H)
             logits = head_logits(self.config.head, h, heads, self.config.head_rank, index=inverse)  # (B,)
             probs = torch.sigmoid(logits).numpy().astype(np.float64)
         if not np.isfinite(probs).all():  # finite float32 inputs can still overflow inside the RNN
             row = int(np.flatnonzero(~np.isfinite(probs))[0])
             raise InvalidInputError("the model output is not finite for these features (values too large?)", row=row)
-        return probs
+        return Prediction(probs, failed[inverse.numpy()], verdicts)
 
     def _validate_sequences(self, event_types, features, campaign_ids) -> tuple[list[np.ndarray], list[np.ndarray]]:
         num_types, num_feats, max_len = self.config.num_event_types, self.config.num_features, self.max_sequence_length
@@ -546,6 +637,7 @@ __all__ = [
     "ENV_STORAGE_OPTIONS",
     "FleetModel",
     "InvalidInputError",
+    "Prediction",
     "alias_reloader",
     "head_metadata",
     "resolve_model_uri",

@@ -14,28 +14,52 @@ import dataclasses
 import hashlib
 import json
 import math
-import tomllib
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import tomllib
 import torch
 
 from fleet.backbone_codec import backbone_from_bytes, backbone_to_bytes
 from fleet.codec import DATA_FINGERPRINT_BYTES, heads_to_table
 from fleet.data import SequenceBatch, map_minibatches
-from fleet.distill import DistillConfig, compute_features, fit_backbone, fit_heads
+from fleet.distill import (
+    DistillConfig,
+    calibrate_bias,
+    campaign_losses,
+    compute_features,
+    distill_loss_rows,
+    fit_backbone,
+    fit_heads_grid,
+    select_per_campaign,
+)
 from fleet.errors import FleetError
-from fleet.events import (EventsDataset, data_fingerprint, holdout_mask, rows_by_campaign, split_by_campaign,
-                          table_to_batch, validate_campaign_table)
+from fleet.events import (
+    HOLDOUT_FRACTION,
+    EventsDataset,
+    data_fingerprint,
+    holdout_mask,
+    rows_by_campaign,
+    split_by_campaign,
+    table_to_batch,
+    validate_campaign_table,
+)
 from fleet.heads import decode_heads, encode_heads, head_row
 from fleet.ids import validate_campaign_id
-from fleet.metrics import campaign_fidelity
+from fleet.metrics import CALIBRATION_KEYS, campaign_fidelity
 from fleet.quant import PerGroup, PerTensor, fake_quantize
-from fleet.student import Student, StudentConfig, head_logits, head_num_params
+from fleet.student import (
+    Student,
+    StudentConfig,
+    backbone_forward,
+    head_logits,
+    head_num_params,
+)
 from fleet.teachers import load_teacher
 
 FIT, VALIDATION, HOLDOUT, UNUSED = 0, 1, 2, 3  # row splits of a campaign
+MIN_VALIDATION_ROWS = 10  # fewer validation rows: a campaign is gated on its fit rows and keeps the default head_l2
 
 SOFT_LABELS_SCHEMA = pa.schema([
     pa.field("campaign_id", pa.string(), nullable=False),
@@ -63,20 +87,34 @@ class CompressConfig:
     Args:
         arch, hidden_size, embed_dim, num_layers: the shared student backbone.
         head, head_rank: per-campaign head design (``film`` | ``lowrank`` | ``linear``).
-        loss, temperature, hard_label_weight, distance_weight, head_l2: distillation (see docs/compression.md);
-            ``head_l2`` = 1.0 shrinks each head toward the fleet's mean head with the weight of one row, which
-            keeps tiny campaigns from overfitting their teacher's noise (measured in docs/benchmarks.md).
+        loss, temperature, hard_label_weight, distance_weight: distillation (see docs/compression.md).
+        head_l2_grid: strengths of the prior that pulls each head toward the fleet's mean head (in rows, see
+            docs/compression.md); every value is fitted for every campaign in one batched fit per value and
+            each campaign keeps the one with the lowest distillation loss on its own validation rows.
+        head_l2: the strength (one of ``head_l2_grid``) of campaigns with fewer than ``MIN_VALIDATION_ROWS``
+            validation rows, too few to choose on.
+        calibrate_bias: after the fit, move each head's readout bias so that its mean probability on the
+            campaign's fit + validation rows equals its teacher's (:func:`fleet.distill.calibrate_bias`).
         bits: ``"auto"`` (per campaign, the fewest of 1/2/4/8/16 bits that pass the gate) or 1, 2, 4, 8, 16.
         group_size: head values per quantization scale.
         prune_sparsity: fraction of each head's weights pruned by magnitude before quantization.
         gate_slack: auto-bits gate: the quantized head's mean |p - p_teacher| on validation rows may
             exceed the float head's by at most this much.
+        gate_max_kl, gate_max_ratio_error: the absolute per-campaign gate against the teacher on validation
+            rows: a head passes when the mean KL(teacher || student) is at most ``gate_max_kl`` nats and
+            ``|mean(p_student) / mean(p_teacher) - 1|`` at most ``gate_max_ratio_error``. A head whose float
+            version fails it is kept at the bits that do not make it worse and stored as ``fallback``.
         head_qat: with fixed ``bits``, fit heads quantization-aware (straight-through estimator).
         backbone_bits: 8 (int8 weights, default), 16 or 32.
         backbone_qat: train the backbone with int8 fake quantization of all weight matrices.
-        backbone_steps, backbone_lr, backbone_batch_size: backbone training (stage 2): optimiser steps,
-            cycling over the pooled sample as often as needed.
-        backbone_max_sequences, backbone_per_campaign: the pooled sample the backbone trains on.
+        backbone_steps, backbone_lr, backbone_batch_size: backbone training (stage 2): the most optimiser
+            steps, cycling over the pooled sample as often as needed.
+        backbone_eval_every, backbone_patience: stage 2 stops early when the distillation loss on the
+            sample's validation rows has not improved for ``backbone_patience`` evaluations, one every
+            ``backbone_eval_every`` steps, and keeps its best state.
+        backbone_max_sequences, backbone_per_campaign: the pooled sample the backbone trains on: about
+            ``backbone_max_sequences`` fit rows shared so that each campaign contributes in proportion to the
+            square root of its fit rows, at most ``backbone_per_campaign`` (see :func:`backbone_quotas`).
         backbone_workers: >1 trains with Ray Train's TorchTrainer (DDP) on that many workers.
         head_steps, head_lr: the batched head fit (stage 3).
         max_fit_rows, max_validation_rows: per-campaign caps on transfer rows (the rest is unused).
@@ -100,19 +138,25 @@ class CompressConfig:
     temperature: float = DistillConfig.temperature
     hard_label_weight: float = DistillConfig.hard_label_weight
     distance_weight: float = DistillConfig.distance_weight
-    head_l2: float = 1.0  # stronger than DistillConfig's 0.01: see docs/compression.md
+    head_l2: float = 1.0
+    head_l2_grid: tuple[float, ...] = (0.0, 1.0, 10.0)
+    calibrate_bias: bool = True
     bits: str | int = "auto"
     group_size: int = 64
     prune_sparsity: float = 0.0
     gate_slack: float = 0.01
+    gate_max_kl: float = 0.05
+    gate_max_ratio_error: float = 0.1
     head_qat: bool = False
     backbone_bits: int = 8
     backbone_qat: bool = False
-    backbone_steps: int = 2000
+    backbone_steps: int = 4000
+    backbone_eval_every: int = 200
+    backbone_patience: int = 3
     backbone_lr: float = 3e-3
     backbone_batch_size: int = 128
     backbone_max_sequences: int = 40_000
-    backbone_per_campaign: int = 200
+    backbone_per_campaign: int = 2000
     backbone_workers: int = 1
     head_steps: int = 300
     head_lr: float = 0.05
@@ -125,6 +169,9 @@ class CompressConfig:
     num_event_types: int = 0
     num_features: int = 0
     gate: dict = field(default_factory=dict)
+    # teacher loaders the operator allows ("package.module:function", `fleet compress --allow-loader`); installed
+    # `fleet.teacher_loaders` entry points are always allowed, any other config.json "loader" is quarantined
+    allow_loaders: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.bits != "auto" and self.bits not in (1, 2, 4, 8, 16):
@@ -138,9 +185,17 @@ class CompressConfig:
             raise ValueError(f"prune_sparsity must be in [0, 1), got {self.prune_sparsity}")
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
-        for name in ("backbone_steps", "head_steps", "backbone_workers", "max_fit_rows", "backbone_per_campaign"):
+        for name in ("backbone_steps", "head_steps", "backbone_workers", "max_fit_rows", "backbone_per_campaign",
+                     "backbone_eval_every", "backbone_patience"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        self.head_l2_grid = tuple(float(v) for v in self.head_l2_grid)
+        if not self.head_l2_grid or min(self.head_l2_grid) < 0:
+            raise ValueError(f"head_l2_grid must be non-empty and >= 0, got {self.head_l2_grid}")
+        if self.head_l2 not in self.head_l2_grid:
+            raise ValueError(f"head_l2 ({self.head_l2}) must be one of head_l2_grid {self.head_l2_grid}")
+        if not (self.gate_max_kl > 0 and self.gate_max_ratio_error > 0):
+            raise ValueError("gate_max_kl and gate_max_ratio_error must be > 0")
         self.student_config(2, 1)  # validates the student fields early
         self.distill_config()
 
@@ -157,14 +212,14 @@ class CompressConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "CompressConfig":
+    def from_dict(cls, data: dict) -> CompressConfig:
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown config keys: {unknown}")
         return cls(**data)
 
     @classmethod
-    def from_file(cls, path: str) -> "CompressConfig":
+    def from_file(cls, path: str) -> CompressConfig:
         """Read a JSON or TOML config file (keys as the fields above; a ``[compress]`` table in TOML)."""
         with open(path, "rb") as f:
             raw = f.read()
@@ -228,7 +283,8 @@ def soft_labels(job: dict, ctx: StageContext) -> tuple[pa.Table, pa.Table]:
     tables = events.read_campaigns(valid)
     for campaign_id in valid:
         try:
-            teacher = load_teacher(ctx.teachers_uri, campaign_id, ctx.storage_options)
+            teacher = load_teacher(ctx.teachers_uri, campaign_id, ctx.storage_options,
+                                   allow_loaders=ctx.config.allow_loaders, untrusted_roots=(ctx.events_uri,))
             space = (teacher.config.get("num_event_types"), teacher.config.get("num_features"))
             if space != (ctx.num_event_types, ctx.num_features):
                 raise FleetError(f"teacher input space (num_event_types, num_features) = {space} differs from the "
@@ -249,7 +305,7 @@ def soft_labels(job: dict, ctx: StageContext) -> tuple[pa.Table, pa.Table]:
         batch = table_to_batch(table.take(pa.array(used)), ctx.num_features)
         try:
             logits = map_minibatches(teacher.model, batch).float()  # (n_used,)
-        except Exception as exc:  # a custom teacher may fail in any way: quarantine it, keep the fleet going
+        except Exception as exc:  # noqa: BLE001  a custom teacher may fail in any way: quarantine it, keep going
             status_rows.append(_campaign_row(campaign_id, "rejected", "soft_labels",
                                              f"campaign {campaign_id!r}: teacher forward failed: {type(exc).__name__}: {exc}"))
             continue
@@ -279,18 +335,52 @@ def _campaign_batches(events: EventsDataset, soft: pa.Table, campaigns: list[str
         yield campaign_id, table_to_batch(tables[campaign_id].take(pa.array(rows)), num_features), mine
 
 
-def backbone_sample(soft: pa.Table, campaigns: list[str], config: CompressConfig) -> pa.Table:
-    """The pooled backbone training sample: up to ``backbone_per_campaign`` fit rows of each campaign
-    (so big campaigns don't drown small ones), at most ``backbone_max_sequences`` rows in all."""
-    fit = soft.filter(pa.compute.equal(soft["split"], FIT))
-    groups = rows_by_campaign(fit["campaign_id"])
-    per_campaign = max(1, min(config.backbone_per_campaign, config.backbone_max_sequences // max(1, len(campaigns))))
-    rng = np.random.default_rng(config.seed)
+def expected_fit_rows(num_rows: int, config: CompressConfig) -> int:
+    """About how many of a campaign's ``num_rows`` rows :func:`row_splits` puts in FIT."""
+    return min(config.max_fit_rows, round(num_rows * (1 - HOLDOUT_FRACTION) * (1 - config.validation_fraction)))
+
+
+def backbone_quotas(sizes: dict[str, int], config: CompressConfig) -> dict[str, int]:
+    """Fit rows of each campaign in the backbone sample: ``min(fit rows, backbone_per_campaign,
+    k * sqrt(fit rows))`` (at least 1), with ``k`` chosen so that the quotas add up to about
+    ``backbone_max_sequences``; every fit row when the whole fleet fits in that budget.
+
+    Proportional to the square root of a campaign's data: a large campaign teaches the backbone more than
+    a small one (a fixed per-campaign cap let the large, valuable campaigns count like the smallest), but
+    not so much that a few giants drown everyone else. Deterministic in ``sizes``.
+    """
+    fit = {c: max(1, expected_fit_rows(n, config)) for c, n in sizes.items()}
+    cap = {c: min(f, config.backbone_per_campaign) for c, f in fit.items()}
+    budget = config.backbone_max_sequences
+    if sum(cap.values()) <= budget:
+        return cap
+    root = {c: math.sqrt(f) for c, f in fit.items()}
+
+    def total(k: float) -> float:
+        return sum(min(cap[c], k * root[c]) for c in cap)
+
+    lo, hi = 0.0, float(max(cap.values()))
+    for _ in range(50):  # bisection on k: total(k) is increasing
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if total(mid) < budget else (lo, mid)
+    return {c: max(1, min(cap[c], int(lo * root[c]))) for c in sorted(cap)}
+
+
+def backbone_sample(soft: pa.Table, quotas: dict[str, int], seed: int) -> pa.Table:
+    """The pooled backbone sample of a batch: ``quotas[c]`` fit rows of campaign ``c`` for training
+    and a quarter as many of its validation rows for early stopping (rows drawn without replacement)."""
+    rng = np.random.default_rng(seed)
     keep = []
-    for campaign_id in campaigns:
-        rows = groups.get(campaign_id, np.zeros(0, np.int64))
-        keep.append(rows if len(rows) <= per_campaign else np.sort(rng.choice(rows, per_campaign, replace=False)))
-    return fit.take(pa.array(np.concatenate(keep) if keep else np.zeros(0, np.int64)))
+    for split, share in ((FIT, 1.0), (VALIDATION, 0.25)):
+        rows_of = soft.filter(pa.compute.equal(soft["split"], split))
+        groups = rows_by_campaign(rows_of["campaign_id"])
+        picked = []
+        for campaign_id in sorted(quotas):
+            rows = groups.get(campaign_id, np.zeros(0, np.int64))
+            want = max(1, math.ceil(quotas[campaign_id] * share))
+            picked.append(rows if len(rows) <= want else np.sort(rng.choice(rows, want, replace=False)))
+        keep.append(rows_of.take(pa.array(np.concatenate(picked) if picked else np.zeros(0, np.int64))))
+    return pa.concat_tables(keep)
 
 
 def train_backbone(sample: pa.Table, ctx: StageContext, *, rank: int = 0, world_size: int = 1,
@@ -305,13 +395,17 @@ def train_backbone(sample: pa.Table, ctx: StageContext, *, rank: int = 0, world_
     student_config = config.student_config(ctx.num_event_types, ctx.num_features)
     campaigns = sorted(set(sample["campaign_id"].to_pylist()))
     events = EventsDataset(ctx.events_uri, ctx.storage_options)
-    parts, index_parts, logit_parts = [], [], []
+    parts, index_parts, logit_parts, split_parts = [], [], [], []
     for c, (campaign_id, batch, rows) in enumerate(_campaign_batches(events, sample, campaigns, ctx.num_features)):
         parts.append(batch)
         index_parts.append(torch.full((len(batch),), c, dtype=torch.long))
         logit_parts.append(torch.tensor(rows["teacher_logit"].to_numpy()))
-    pooled = _concat_batches(parts)
-    campaign_index, teacher_logits = torch.cat(index_parts), torch.cat(logit_parts)
+        split_parts.append(torch.tensor(rows["split"].to_numpy()))
+    everything = _concat_batches(parts)
+    all_index, all_logits, split = torch.cat(index_parts), torch.cat(logit_parts), torch.cat(split_parts)
+    train_rows, val_rows = torch.nonzero(split == FIT).flatten(), torch.nonzero(split == VALIDATION).flatten()
+    pooled, campaign_index, teacher_logits = everything.select(train_rows), all_index[train_rows], all_logits[train_rows]
+    val_batch, val_index, val_logits = everything.select(val_rows), all_index[val_rows], all_logits[val_rows]
     torch.manual_seed(config.seed)
     student = Student(student_config, len(campaigns), torch.Generator().manual_seed(config.seed))
     model = wrap(student) if wrap else student
@@ -325,19 +419,40 @@ def train_backbone(sample: pa.Table, ctx: StageContext, *, rank: int = 0, world_
             yield pooled.select(index), campaign_index[index], teacher_logits[index]
 
     fake_quant = (lambda w: fake_quantize(w, 8, PerTensor())) if config.backbone_qat else None
-    losses = []
+    distill_config = config.distill_config()
+    losses, val_losses, val_steps = [], [], []
+
+    def validate() -> float:  # distillation loss of the sample's validation rows (same for every DDP rank)
+        with torch.no_grad():
+            total = 0.0
+            for index, sub in val_batch.minibatches(1024, sort_by_length=True):
+                features = backbone_forward(student.backbone, sub.event_types, sub.features, sub.lengths,
+                                            fake_quant=fake_quant)  # (b, H)
+                logits = head_logits(student_config.head, features, student.heads, student_config.head_rank,
+                                     index=val_index[index])  # (b,)
+                total += float(distill_loss_rows(logits, val_logits[index], None, distill_config).sum())
+        val_losses.append(total / len(val_batch))
+        val_steps.append(len(losses))  # progress() has counted the step already
+        return val_losses[-1]
+
     steps = math.ceil(config.backbone_steps / world_size)  # data parallel: same samples, bigger effective batch
-    fit_backbone(model, epoch, config.distill_config(), epochs=10**9, steps=steps, lr=config.backbone_lr,
-                 seed=config.seed, fake_quant=fake_quant, progress=lambda step, loss: losses.append(loss))
+    fit_backbone(model, epoch, distill_config, epochs=10**9, steps=steps, lr=config.backbone_lr,
+                 seed=config.seed, fake_quant=fake_quant, progress=lambda step, loss: losses.append(loss),
+                 validate=validate if len(val_batch) else None, eval_every=config.backbone_eval_every,
+                 patience=config.backbone_patience)
     data = backbone_to_bytes(student.backbone, config.backbone_bits, head_prior=student.heads.detach().mean(0))
-    stats = {"backbone_rows": len(pooled), "backbone_campaigns": len(campaigns), "backbone_steps": len(losses),
+    best = int(np.argmin(val_losses)) if val_losses else None
+    stats = {"backbone_rows": len(pooled), "backbone_validation_rows": len(val_batch),
+             "backbone_campaigns": len(campaigns), "backbone_steps": len(losses),
+             "backbone_best_step": val_steps[best] if best is not None else len(losses),
+             "backbone_validation_loss": val_losses[best] if best is not None else None,
              "backbone_final_loss": float(np.mean(losses[-20:])) if losses else float("nan")}
     return data, stats
 
 
 def _concat_batches(batches: list[SequenceBatch]) -> SequenceBatch:
     t_max = max(int(b.event_types.shape[1]) for b in batches)
-    pad = lambda x: torch.nn.functional.pad(x, (0, t_max - x.shape[1]))  # noqa: E731
+    pad = lambda x: torch.nn.functional.pad(x, (0, t_max - x.shape[1]))
     return SequenceBatch(
         torch.cat([pad(b.event_types) for b in batches]),
         torch.cat([torch.nn.functional.pad(b.features, (0, 0, 0, t_max - b.features.shape[1])) for b in batches]),
@@ -347,15 +462,19 @@ def _concat_batches(batches: list[SequenceBatch]) -> SequenceBatch:
 
 
 def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes: bytes) -> pa.Table:
-    """Stages 3-5 for one batch: fit all its campaigns' heads at once on frozen backbone features,
-    quantize them (fixed or adaptive bits, optional pruning) and measure hold-out fidelity.
+    """Stages 3-5 for one batch: fit all its campaigns' heads at once on frozen backbone features (one
+    batched fit per prior strength of ``head_l2_grid``, each campaign keeping the strength that follows
+    its teacher best on its own validation rows), quantize them (fixed or adaptive bits, optional
+    pruning), judge every campaign against its teacher (:class:`CampaignGate`) and measure hold-out fidelity.
 
     ``job = {"campaigns": [...], "hashes": {campaign: [teacher_sha, data_fp]}}``; ``soft`` holds
-    the batch's stage-1 rows. Returns the batch's ``fleet-heads/1`` rows.
+    the batch's stage-1 rows. Returns the batch's heads rows; ``status`` is the campaign's verdict:
+    ``ok`` (passes the gate) or ``fallback`` (its best head does not: stored anyway, flagged when served).
     """
     config = ctx.config
     backbone, head_prior = backbone_from_bytes(backbone_bytes)
     student_config = backbone.config
+    distill_config = config.distill_config()
     campaigns = job["campaigns"]
     events = EventsDataset(ctx.events_uri, ctx.storage_options)
     feats, index, logits, labels, splits = [], [], [], [], []
@@ -367,37 +486,37 @@ def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes
         splits.append(torch.tensor(rows["split"].to_numpy()))
     features, cidx, t_logits, labels_all, split = (torch.cat(x) for x in (feats, index, logits, labels, splits))
     num = len(campaigns)
-    fit_rows = split == FIT
+    fit_rows, val_rows = split == FIT, split == VALIDATION
+    trusted = torch.bincount(cidx[val_rows], minlength=num) >= MIN_VALIDATION_ROWS  # (C,) enough rows to choose on
     init = head_prior.expand(num, -1).clone() if head_prior is not None else None
     fake_quant = None
     if config.head_qat:
-        fake_quant = lambda p: fake_quantize(p, int(config.bits), PerGroup(config.group_size))  # noqa: E731
-    heads = fit_heads(features[fit_rows], cidx[fit_rows], t_logits[fit_rows], labels_all[fit_rows], num,
-                      student_config, config.distill_config(), steps=config.head_steps, lr=config.head_lr,
-                      init=init, seed=config.seed, fake_quant=fake_quant)  # (C, P)
+        fake_quant = lambda p: fake_quantize(p, int(config.bits), PerGroup(config.group_size))
+    candidates = fit_heads_grid(features[fit_rows], cidx[fit_rows], t_logits[fit_rows], labels_all[fit_rows], num,
+                                student_config, distill_config, config.head_l2_grid, steps=config.head_steps,
+                                lr=config.head_lr, init=init, seed=config.seed, fake_quant=fake_quant)  # (G, C, P)
+    val_loss = torch.stack([campaign_losses(h, features[val_rows], cidx[val_rows], t_logits[val_rows], num,
+                                            student_config, distill_config) for h in candidates])  # (G, C)
+    choice = select_per_campaign(val_loss, config.head_l2_grid.index(config.head_l2), trusted)  # (C,)
+    heads = candidates[choice, torch.arange(num)]  # (C, P)
+    if config.calibrate_bias:  # each campaign's mean probability = its teacher's on its fit + validation rows
+        known = fit_rows | val_rows
+        heads = calibrate_bias(heads, features[known], cidx[known], t_logits[known], student_config)
 
-    design, rank = student_config.head, student_config.head_rank
-    gate_rows = split == VALIDATION
-    few_val = torch.bincount(cidx[gate_rows], minlength=num) < 10
-    gate_rows |= fit_rows & few_val[cidx]  # campaigns with few validation rows are gated on their fit rows
-    g_feat, g_idx, g_teacher = features[gate_rows], cidx[gate_rows], torch.sigmoid(t_logits[gate_rows])
-    g_count = torch.bincount(g_idx, minlength=num).clamp(min=1)
-
-    def gate_error(h: torch.Tensor) -> torch.Tensor:  # (C, P) -> (C,) mean |p - p_teacher| on gate rows
-        p = torch.sigmoid(head_logits(design, g_feat, h, rank, index=g_idx))
-        return torch.bincount(g_idx, weights=(p - g_teacher).abs(), minlength=num) / g_count
-
-    float_error = gate_error(heads)
-    vectors, bits, mask = encode_heads(heads, config.bits, group_size=config.group_size,
+    gate_rows = val_rows | (fit_rows & ~trusted[cidx])  # campaigns with few validation rows are gated on fit rows
+    gate = CampaignGate(features[gate_rows], cidx[gate_rows], t_logits[gate_rows], num, student_config, config)
+    float_check = gate.measure(heads)
+    vectors, _bits, mask = encode_heads(heads, config.bits, group_size=config.group_size,
                                        sparsity=config.prune_sparsity,
-                                       gate=lambda h: gate_error(h) <= float_error + config.gate_slack)
+                                       gate=lambda h: gate.bits_pass(gate.measure(h), float_check))
     n_params = head_num_params(student_config)
     drafts = [head_row(cid, vectors[c], n_params, None if mask is None else mask[c], teacher_sha256=b"\0" * 32,
                        data_fingerprint=b"\0" * DATA_FINGERPRINT_BYTES) for c, cid in enumerate(campaigns)]
     served = decode_heads(drafts)  # (C, P) exactly what serving will use
-    passes = gate_error(served) <= float_error + config.gate_slack
+    passes = gate.passes(gate.measure(served))  # (C,) the verdict, on the served head
 
     hold = split == HOLDOUT
+    design, rank = student_config.head, student_config.head_rank
     p_student = torch.sigmoid(head_logits(design, features[hold], served, rank, index=cidx[hold]))
     p_teacher, hold_labels, hold_idx = torch.sigmoid(t_logits[hold]), labels_all[hold], cidx[hold]
     n_fit = torch.bincount(cidx[fit_rows], minlength=num)
@@ -407,9 +526,62 @@ def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes
         fid = campaign_fidelity(p_student[sel].numpy(), p_teacher[sel].numpy(), hold_labels[sel].numpy(),
                                 config.min_auc_class_count)
         teacher_sha, data_fp = job["hashes"][campaign_id]
-        status = "ok" if bool(passes[c]) else ("fp16_fallback" if int(bits[c]) == 16 else "gate_failed")
         out.append(dataclasses.replace(
             drafts[c], teacher_sha256=bytes.fromhex(teacher_sha), data_fingerprint=bytes.fromhex(data_fp),
             teacher_auc=fid["teacher_auc"], student_auc=fid["student_auc"], mean_abs_diff=fid["mean_abs_diff"],
-            agreement=fid["agreement"], n_train=int(n_fit[c]), n_holdout=int(sel.sum()), status=status))
+            agreement=fid["agreement"], n_train=int(n_fit[c]), n_holdout=int(sel.sum()),
+            status="ok" if bool(passes[c]) else "fallback", **{k: fid[k] for k in CALIBRATION_KEYS}))
     return heads_to_table(out)
+
+
+@dataclass
+class GateCheck:
+    """Per-campaign agreement of heads ``(C, P)`` with the teachers on the gate rows, each ``(C,)``."""
+
+    mean_abs_diff: torch.Tensor  # mean |p_student - p_teacher|
+    kl: torch.Tensor  # mean KL(Bernoulli(p_teacher) || Bernoulli(p_student)), nats
+    ratio_error: torch.Tensor  # |mean(p_student) / mean(p_teacher) - 1|
+
+
+class CampaignGate:
+    """The per-campaign quality gate, judged against the teacher on a campaign's validation rows.
+
+    Absolute: a head passes when its mean KL(teacher || student) is at most ``gate_max_kl`` and its mean
+    probability is within ``gate_max_ratio_error`` of the teacher's (:meth:`passes`). Quantization
+    (:meth:`bits_pass`) may cost at most ``gate_slack`` of mean |p - p_teacher| over the float head and
+    must keep a passing head passing; a head whose float version already fails may only be quantized where
+    that leaves its KL within 10% of the float head's, so a head that is bad already is not made worse.
+    All campaigns are evaluated at once (``bincount`` over the rows' campaign index), no Python loop.
+    """
+
+    def __init__(self, features: torch.Tensor, campaign_index: torch.Tensor, teacher_logits: torch.Tensor,
+                 num_campaigns: int, student_config: StudentConfig, config: CompressConfig):
+        self.features, self.index, self.num = features, campaign_index, num_campaigns  # (N, H), (N,)
+        self.p_teacher = torch.sigmoid(teacher_logits).double()  # (N,)
+        self.count = torch.bincount(campaign_index, minlength=num_campaigns).clamp(min=1).double()  # (C,)
+        self.mean_teacher = self._mean(self.p_teacher)  # (C,)
+        self.design, self.rank = student_config.head, student_config.head_rank
+        self.config = config
+
+    def _mean(self, values: torch.Tensor) -> torch.Tensor:  # (N,) -> (C,) per-campaign mean
+        return torch.bincount(self.index, weights=values, minlength=self.num) / self.count
+
+    def measure(self, heads: torch.Tensor) -> GateCheck:
+        """Agreement of ``heads (C, P)`` with the teachers."""
+        with torch.no_grad():
+            logits = head_logits(self.design, self.features, heads, self.rank, index=self.index)  # (N,)
+        eps = 1e-7
+        p, q = self.p_teacher.clamp(eps, 1 - eps), torch.sigmoid(logits).double().clamp(eps, 1 - eps)  # (N,)
+        kl = p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))  # (N,)
+        ratio = self._mean(q) / self.mean_teacher.clamp(min=eps)  # (C,)
+        return GateCheck(self._mean((q - self.p_teacher).abs()), self._mean(kl), (ratio - 1).abs())
+
+    def passes(self, check: GateCheck) -> torch.Tensor:
+        """``(C,)`` whether each campaign's head passes the absolute gate."""
+        return (check.kl <= self.config.gate_max_kl) & (check.ratio_error <= self.config.gate_max_ratio_error)
+
+    def bits_pass(self, check: GateCheck, float_check: GateCheck) -> torch.Tensor:
+        """``(C,)`` whether a quantized head may replace the float head measured as ``float_check``."""
+        close = check.mean_abs_diff <= float_check.mean_abs_diff + self.config.gate_slack
+        no_worse = check.kl <= float_check.kl * 1.1 + 1e-4
+        return close & torch.where(self.passes(float_check), self.passes(check), no_worse)

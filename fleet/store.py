@@ -38,6 +38,7 @@ from fleet.codec import (
     REJECTS_SCHEMA,
     HeadRow,
     check_format,
+    conform_heads_table,
     rejects_to_table,
     table_to_heads,
     validate_heads_table,
@@ -73,7 +74,7 @@ def storage_options_from_env(env_name: str = ENV_STORAGE_OPTIONS) -> dict | None
     except json.JSONDecodeError as exc:
         raise ValueError(f"${env_name} must be a JSON object: {exc}") from None
     if not isinstance(value, dict):
-        raise ValueError(f"${env_name} must be a JSON object")
+        raise ValueError(f"${env_name} must be a JSON object")  # noqa: TRY004 - bad config value; tests expect ValueError
     return value
 
 
@@ -254,7 +255,9 @@ class VersionWriter:
 
     def write_backbone(self, tensors: dict, metadata: dict[str, str] | None = None) -> None:
         """Write ``backbone.safetensors`` from a ``{name: torch.Tensor}`` dict and string metadata."""
-        from safetensors.torch import save  # lazy: torch is only needed for the backbone
+        from safetensors.torch import (
+            save,  # lazy: torch is only needed for the backbone
+        )
 
         metadata = metadata or {}
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
@@ -370,7 +373,7 @@ class FleetVersion:
         self._footers: dict[str, pq.FileMetaData] = {}  # part path -> parsed footer (one per part)
 
     @classmethod
-    def open(cls, uri: str, storage_options: dict | None = None, verify: bool = True) -> "FleetVersion":
+    def open(cls, uri: str, storage_options: dict | None = None, verify: bool = True) -> FleetVersion:
         """Open a version from its directory URI or its ``manifest.json`` URI.
 
         Refuses a version without manifest (never committed or still being written), an unknown
@@ -407,7 +410,7 @@ class FleetVersion:
 
     def verify(self) -> None:
         """Stream every file of the manifest and check its size and sha256 (raises :class:`StoreError`)."""
-        for rel, entry in self._files.items():
+        for rel in self._files:
             h, size = hashlib.sha256(), 0
             try:
                 with self.fs.open(self._p(rel), "rb") as f:
@@ -451,8 +454,11 @@ class FleetVersion:
         return load(data), metadata
 
     def read_heads(self) -> pa.Table:
-        """Return all heads as one table sorted by campaign id (every part checksum verified)."""
-        tables = [pq.read_table(io.BytesIO(self._read_verified(p["path"]))) for p in self.manifest["parts"]]
+        """Return all heads as one table sorted by campaign id (every part checksum verified), in this
+        fleet's :data:`~fleet.codec.HEADS_SCHEMA`: parts of an older minor version (``fleet-heads/1``
+        = 1.0) read with the columns added since as nulls (:func:`~fleet.codec.conform_heads_table`)."""
+        tables = [conform_heads_table(pq.read_table(io.BytesIO(self._read_verified(p["path"]))),
+                                      path=join_uri(self.uri, p["path"])) for p in self.manifest["parts"]]
         return pa.concat_tables(tables)
 
     def read_rejects(self) -> pa.Table:

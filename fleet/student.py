@@ -9,8 +9,8 @@ See ``docs/compression.md`` for the designs and why they look like this.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -67,7 +67,7 @@ class StudentConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "StudentConfig":
+    def from_dict(cls, data: dict) -> StudentConfig:
         """Inverse of :meth:`to_dict`; an unknown key is a ``ValueError`` (not silently dropped)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)

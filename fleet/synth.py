@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import fsspec
 import numpy as np
@@ -25,10 +25,13 @@ import torch.nn.functional as F
 
 from fleet.data import SequenceBatch
 from fleet.events import EVENTS_SCHEMA, EventsDataset, holdout_mask, table_to_batch
-from fleet.teachers import CONFIG_FILE, TeacherConfig, TeacherRNN, save_teacher
+from fleet.teachers import CONFIG_FILE, TeacherConfig, save_teacher
 
 SYNTH_FILE = "synth.json"  # the SynthConfig of a fleet directory, recorded before any teacher is trained
 _BASE_FEATURES = 8  # hour sin/cos, log gap, log recency, price, dwell, device, position
+GENERATOR_NAMES = ("default", "affinity", "interaction")  # SynthConfig.generator: fleet.zoo.GENERATORS
+TEACHER_NAMES = ("rnn", "attn_gru", "conv")  # SynthConfig.teacher: fleet.zoo.TEACHERS
+ZOO_LOADER = "fleet.zoo:load_teacher"  # the config.json "loader" of the zoo's teacher classes
 
 
 @dataclass
@@ -43,6 +46,10 @@ class SynthConfig:
         min_sequences, max_sequences: campaign size range; sizes are Pareto(alpha) above the minimum.
         size_alpha: Pareto tail index of campaign sizes (smaller = heavier tail).
         max_epochs, patience, batch_size, lr: teacher training (early stopping on a validation split).
+        generator: how campaigns are generated, one of :data:`GENERATOR_NAMES` (``"default"``:
+            :func:`generate_campaign`; the others: :mod:`fleet.zoo`).
+        teacher: the teacher class, one of :data:`TEACHER_NAMES` (``"rnn"``: :class:`TeacherRNN` of ``arch``;
+            ``"attn_gru"``, ``"conv"``: :mod:`fleet.zoo`, saved with ``"loader": "fleet.zoo:load_teacher"``).
     """
 
     campaigns: int = 200
@@ -60,6 +67,8 @@ class SynthConfig:
     patience: int = 2
     batch_size: int = 64
     lr: float = 2e-3
+    generator: str = "default"
+    teacher: str = "rnn"
 
     def __post_init__(self) -> None:
         if self.campaigns < 1:
@@ -70,17 +79,39 @@ class SynthConfig:
             raise ValueError("need num_event_types >= 2 and num_features >= 1")
         if not 1 <= self.min_sequences <= self.max_sequences:
             raise ValueError("need 1 <= min_sequences <= max_sequences")
+        if self.generator not in GENERATOR_NAMES:
+            raise ValueError(f"generator must be one of {GENERATOR_NAMES}, got {self.generator!r}")
+        if self.teacher not in TEACHER_NAMES:
+            raise ValueError(f"teacher must be one of {TEACHER_NAMES}, got {self.teacher!r}")
 
     def teacher_config(self, campaign_id: str) -> TeacherConfig:
+        """The ``config.json`` of campaign ``campaign_id``'s teacher (a zoo class: its arch + the zoo loader)."""
+        rnn = self.teacher == "rnn"
         return TeacherConfig(
             campaign_id=campaign_id,
-            arch=self.arch,
+            arch=self.arch if rnn else self.teacher,
             num_event_types=self.num_event_types,
             embed_dim=self.embed_dim,
             num_features=self.num_features,
             hidden_size=self.hidden_size,
             num_layers=self.num_layers,
+            loader=None if rnn else ZOO_LOADER,
         )
+
+
+def with_defaults(recorded: dict) -> dict:
+    """A recorded ``synth.json`` dict with every :class:`SynthConfig` field it lacks (one added after it was
+    written) set to the field's default, so an older fleet directory still matches its config."""
+    return {**{f.name: f.default for f in fields(SynthConfig) if f.name not in recorded}, **recorded}
+
+
+def generate(config: SynthConfig, index: int) -> pa.Table:
+    """Event rows of campaign ``index`` (events schema) from the generator ``config.generator`` names."""
+    if config.generator == "default":
+        return generate_campaign(config, index)
+    from fleet.zoo import GENERATORS  # lazily: fleet.zoo imports this module
+
+    return GENERATORS[config.generator](config, index)
 
 
 def campaign_ids(count: int) -> list[str]:
@@ -198,14 +229,16 @@ def split_train_validation(campaign_id: str, num_rows: int, seed: int) -> tuple[
     train = np.flatnonzero(~holdout_mask(campaign_id, num_rows))
     rng = np.random.default_rng(_campaign_seed(seed, campaign_id))
     shuffled = rng.permutation(train)
-    n_val = max(1, int(round(0.15 * len(train))))
+    n_val = max(1, round(0.15 * len(train)))
     return np.sort(shuffled[n_val:]), np.sort(shuffled[:n_val])
 
 
-def train_teacher(config: SynthConfig, campaign_id: str, batch: SequenceBatch) -> tuple[TeacherRNN, dict]:
+def train_teacher(config: SynthConfig, campaign_id: str, batch: SequenceBatch) -> tuple[torch.nn.Module, dict]:
     """Train one campaign's teacher on its training split until early stopping on its validation split."""
+    from fleet.zoo import build_teacher  # lazily: fleet.zoo imports this module
+
     torch.manual_seed(_campaign_seed(config.seed, campaign_id))
-    model = TeacherRNN(config.teacher_config(campaign_id))
+    model = build_teacher(config.teacher_config(campaign_id))
     train_rows, val_rows = split_train_validation(campaign_id, len(batch), config.seed)
     train, val = batch.select(torch.from_numpy(train_rows)), batch.select(torch.from_numpy(val_rows))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -243,7 +276,7 @@ def _length_buckets(lengths: torch.Tensor, batch_size: int, generator: torch.Gen
 
 
 @torch.no_grad()
-def _validation_loss(model: TeacherRNN, val: SequenceBatch) -> float:
+def _validation_loss(model: torch.nn.Module, val: SequenceBatch) -> float:
     model.eval()
     logits = torch.cat([model(b.event_types, b.features, b.lengths) for _, b in val.minibatches(512, sort_by_length=False)])
     return float(F.binary_cross_entropy_with_logits(logits, val.labels))

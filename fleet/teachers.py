@@ -1,15 +1,26 @@
 """Teachers: the reference per-campaign RNN and the ``fleet-teacher/1`` format on any fsspec URL.
 
 Layout under a teacher root URI: ``<root>/<campaign_id>/config.json`` + ``<root>/<campaign_id>/model.safetensors``.
-Only safetensors is read, never pickle. A ``"loader": "package.module:function"`` entry in
-``config.json`` brings other teacher classes: fleet calls ``function(config, state_dict) -> nn.Module``.
+Only safetensors is read, never pickle. A ``"loader"`` entry in ``config.json`` brings other teacher
+classes: fleet calls ``function(config, state_dict) -> nn.Module``, but only for a loader the operator
+allowed: the name of an installed entry point of group ``fleet.teacher_loaders``, or a
+``"package.module:function"`` passed in ``allow_loaders`` (``fleet compress --allow-loader``). Any other
+value is refused before anything is imported, and so is a loader module that would be imported from under
+the teacher root (or another untrusted root), or a teacher directory with symlinks leading outside the root.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
+import importlib.metadata
+import importlib.util
 import json
+import os
+import re
+import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,6 +39,10 @@ TEACHER_FORMAT = "fleet-teacher/1"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+ header, zip container of torch.save
+LOADER_ENTRY_POINTS = "fleet.teacher_loaders"  # entry point group: name -> "package.module:function"
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+LOADER_SPEC_RE = re.compile(rf"^{_NAME}(\.{_NAME})*:{_NAME}(\.{_NAME})*$")
+_PRINTABLE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 
 
 @dataclass
@@ -42,7 +57,8 @@ class TeacherConfig:
         num_features: numeric features per event.
         hidden_size: RNN hidden width.
         num_layers: stacked RNN layers.
-        loader: optional ``"package.module:function"`` building a custom teacher class.
+        loader: optional custom teacher class: the name of an entry point of group ``fleet.teacher_loaders``,
+            or a ``"package.module:function"`` the operator allowed (``fleet compress --allow-loader``).
         format: ``"fleet-teacher/1"``; readers accept any ``fleet-teacher/1.x``.
     """
 
@@ -133,8 +149,16 @@ def list_teacher_campaigns(root_uri: str, storage_options: dict | None = None) -
     return sorted(name for name in names if fs.isdir(f"{path}/{name}"))
 
 
-def load_teacher(root_uri: str, campaign_id: str, storage_options: dict | None = None) -> LoadedTeacher:
-    """Read and check one teacher; raise :class:`TeacherFormatError` naming the campaign, file and reason."""
+def load_teacher(root_uri: str, campaign_id: str, storage_options: dict | None = None, *,
+                 allow_loaders: Iterable[str] = (), untrusted_roots: Iterable[str] = ()) -> LoadedTeacher:
+    """Read and check one teacher; raise :class:`TeacherFormatError` naming the campaign, file and reason.
+
+    A ``"loader"`` in its config runs only if it names an installed ``fleet.teacher_loaders`` entry point or
+    is one of ``allow_loaders`` (``"package.module:function"``); anything else is refused with
+    ``loader not allowed: <value>`` before any import. Nothing is imported from under ``root_uri`` or
+    ``untrusted_roots`` (e.g. the events root), and on a local root a teacher directory that is, or
+    holds, a symlink leading outside the root is refused.
+    """
     validate_campaign_id(campaign_id, path=root_uri)
     prefix = _campaign_prefix(root_uri, campaign_id)
     config_uri, weights_uri = f"{prefix}/{CONFIG_FILE}", f"{prefix}/{WEIGHTS_FILE}"
@@ -143,6 +167,10 @@ def load_teacher(root_uri: str, campaign_id: str, storage_options: dict | None =
     def fail(reason: str, uri: str) -> TeacherFormatError:
         return TeacherFormatError(reason, campaign_id=campaign_id, path=uri)
 
+    if "file" in _protocols(fs):
+        _check_symlinks(fsspec.core.url_to_fs(root_uri)[1], path, fail, prefix)
+    allow = (allow_loaders,) if isinstance(allow_loaders, str) else tuple(allow_loaders)
+    loaders = _LoaderPolicy(allow, (root_uri, *untrusted_roots))
     config_bytes = _read_required(fs, f"{path}/{CONFIG_FILE}", fail, config_uri)
     weights_bytes = _read_required(fs, f"{path}/{WEIGHTS_FILE}", fail, weights_uri)
     try:
@@ -164,16 +192,17 @@ def load_teacher(root_uri: str, campaign_id: str, storage_options: dict | None =
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise fail(f"tensor {name!r} holds NaN or inf values", weights_uri)
 
-    model = _build_model(config, state_dict, fail, config_uri, weights_uri)
+    model = _build_model(config, state_dict, fail, config_uri, weights_uri, loaders)
     model.eval()
     digest = hashlib.sha256(config_bytes + b"\0" + weights_bytes).hexdigest()
     return LoadedTeacher(campaign_id, model, config, digest, len(weights_bytes))
 
 
-def _build_model(config: dict, state_dict: dict, fail, config_uri: str, weights_uri: str) -> nn.Module:
+def _build_model(config: dict, state_dict: dict, fail, config_uri: str, weights_uri: str,
+                 loaders: _LoaderPolicy) -> nn.Module:
     loader = config.get("loader")
     if loader is not None:
-        function = _import_loader(loader, fail, config_uri)
+        function = loaders.resolve(loader, fail, config_uri)
         try:
             model = function(config, state_dict)
         except Exception as exc:  # a user's loader may raise anything; report it against this campaign
@@ -195,17 +224,116 @@ def _build_model(config: dict, state_dict: dict, fail, config_uri: str, weights_
     return model
 
 
-def _import_loader(spec: str, fail, config_uri: str):
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise fail(f"loader must look like 'package.module:function', got {spec!r}", config_uri)
-    try:
-        function = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise fail(f"cannot import loader {spec!r}: {exc}", config_uri) from None
-    if not callable(function):
-        raise fail(f"loader {spec!r} is not callable", config_uri)
-    return function
+def validate_loader_spec(spec: object) -> str:
+    """``spec`` if it reads ``"package.module:function"`` (identifiers only), else ValueError."""
+    if not isinstance(spec, str) or LOADER_SPEC_RE.fullmatch(spec) is None:
+        raise ValueError(f"a loader must look like 'package.module:function', got {spec!r}")
+    return spec
+
+
+@functools.lru_cache(maxsize=1)
+def loader_entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    """The installed ``fleet.teacher_loaders`` entry points by name (read once per process; the
+    operator installs them, so they are allowed)."""
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=LOADER_ENTRY_POINTS)}
+
+
+@dataclass(frozen=True)
+class _LoaderPolicy:
+    """Which ``"loader"`` values may run: installed entry point names and the operator's ``allow``
+    specs; ``untrusted`` roots (URIs) no loader module may be imported from."""
+
+    allow: tuple[str, ...]
+    untrusted: tuple[str, ...]
+
+    def resolve(self, value: object, fail, config_uri: str):
+        if isinstance(value, str) and value in loader_entry_points():
+            entry = loader_entry_points()[value]
+            self._refuse_untrusted_module(entry.module, value, fail, config_uri)
+            try:
+                function = entry.load()
+            except Exception as exc:  # an installed plugin may fail to import in any way
+                raise fail(f"cannot load loader entry point {value!r} ({entry.value}): "
+                           f"{type(exc).__name__}: {exc}", config_uri) from exc
+        elif isinstance(value, str) and value in self.allow:
+            function = self._import(value, fail, config_uri)
+        else:
+            shown = value if isinstance(value, str) and _PRINTABLE_RE.fullmatch(value) else repr(value)[:200]
+            raise fail(f"loader not allowed: {shown}", config_uri)
+        if not callable(function):
+            raise fail(f"loader {value!r} is not callable", config_uri)
+        return function
+
+    def _import(self, spec: str, fail, config_uri: str):
+        try:
+            validate_loader_spec(spec)
+        except ValueError as exc:
+            raise fail(str(exc), config_uri) from None
+        module_name, _, attr = spec.partition(":")
+        self._refuse_untrusted_module(module_name, spec, fail, config_uri)
+        try:
+            target = importlib.import_module(module_name)
+            for part in attr.split("."):
+                target = getattr(target, part)
+        except (ImportError, AttributeError) as exc:
+            raise fail(f"cannot import loader {spec!r}: {exc}", config_uri) from None
+        return target
+
+    def _refuse_untrusted_module(self, module_name: str, value: str, fail, config_uri: str) -> None:
+        """Refuse, before it runs, a loader whose top-level package would come from an untrusted root
+        (a ``sys.path`` entry inside the teacher or events root would make it importable)."""
+        roots = [r for r in (_local_dir(u) for u in self.untrusted) if r]
+        if not roots:
+            return
+        top = module_name.partition(".")[0]
+        module = sys.modules.get(top)
+        if module is not None:
+            places = [getattr(module, "__file__", None), *list(getattr(module, "__path__", None) or [])]
+        else:
+            try:
+                spec = importlib.util.find_spec(top)  # a top-level lookup: runs no code of the package
+            except (ImportError, ValueError):
+                return  # the import itself reports it
+            if spec is None:
+                return
+            places = [spec.origin, *list(spec.submodule_search_locations or [])]
+        for place in places:
+            if place and any(_is_inside(os.path.realpath(place), root) for root in roots):
+                raise fail(f"loader {value!r} would be imported from {place}, inside the teacher or events root; "
+                           "fleet never imports code from its inputs", config_uri)
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def _local_dir(uri: str) -> str | None:
+    """Real path of a local root URI (plain path or ``file://``), ``None`` for remote ones."""
+    if uri.startswith("file://"):
+        uri = uri.removeprefix("file://")
+    elif "://" in uri:
+        return None
+    return os.path.realpath(uri)
+
+
+def _is_inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _check_symlinks(root_path: str, campaign_path: str, fail, prefix_uri: str) -> None:
+    """Refuse a local teacher directory that is, or contains, a symlink leading outside the teacher root."""
+    root = os.path.realpath(root_path)
+    real = os.path.realpath(campaign_path)
+    if not _is_inside(real, root):
+        raise fail(f"teacher directory is a symlink leading outside the teacher root (to {real})", prefix_uri)
+    for dirpath, dirnames, filenames in os.walk(campaign_path, followlinks=False):
+        for name in sorted(dirnames + filenames):
+            entry = os.path.join(dirpath, name)
+            if os.path.islink(entry) and not _is_inside(os.path.realpath(entry), root):
+                rel = os.path.relpath(entry, campaign_path)
+                raise fail(f"{rel} is a symlink leading outside the teacher root (to {os.path.realpath(entry)})",
+                           f"{prefix_uri}/{rel}")
 
 
 def _check_format(value: object, fail, config_uri: str) -> None:

@@ -26,8 +26,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import tomllib
 
+import tomllib
 from rich.console import Console
 
 from fleet.cli import summary_table
@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_id = args.run_id or time.strftime("nightly-%Y%m%dT%H%M%SZ", time.gmtime())
     options = nightly.get("storage_options") or storage_options_from_env()
-    common = dict(teachers_uri=nightly["teachers"], events_uri=nightly["events"], store_uri=nightly["store"],
-                  fleet=nightly.get("fleet", "adfleet"), config=config, tracking_uri=nightly.get("tracking_uri"),
-                  address=nightly.get("address"), storage_options=options)
+    common = {"teachers_uri": nightly["teachers"], "events_uri": nightly["events"], "store_uri": nightly["store"],
+                  "fleet": nightly.get("fleet", "adfleet"), "config": config, "tracking_uri": nightly.get("tracking_uri"),
+                  "address": nightly.get("address"), "storage_options": options}
     if args.dry_run:
         console.print({"run_id": run_id, **{k: v for k, v in common.items() if k != "storage_options"}})
         return 0
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(summary_table(result))
         gate = result.registered.gate if result.registered else None
         inherited = "backbone_steps" not in result.metrics  # this run reused the champion's backbone
-        if gate is not None and not gate.passed and inherited and any("AUC" in r for r in gate.reasons):
+        drift = gate is not None and any(not r.startswith("quarantine share") for r in gate.reasons)
+        if drift and inherited:  # a fidelity check failed (AUC, KL, mean ratio, fallback share), not quarantine
             console.print(f"[yellow]fidelity drift[/yellow] ({'; '.join(gate.reasons)}): retraining the backbone")
             result = run_compress(run_id=f"{run_id}-retrain", retrain_backbone=True, **common)
             console.print(summary_table(result))

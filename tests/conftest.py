@@ -31,7 +31,7 @@ def s3_server():
     "storage_options"}`` (pass ``storage_options`` to fleet.store); stop it at the end."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = tempfile.TemporaryFile()  # not a pipe: the server logs every request and would block on a full pipe
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - the server's stdout for the whole session; not a pipe: the server logs every request and would block on a full pipe
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=log,
@@ -91,20 +91,20 @@ def s3_bucket(s3_server):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A shared local Ray (2 CPUs) for the whole session; fleet.pipeline reuses an initialised Ray."""
-    import os
-
+    """A shared local Ray (2 CPUs) for the whole session, started as fleet.pipeline.ray_session starts one
+    (token authentication, 127.0.0.1 only, no dashboard); fleet.pipeline reuses an initialised Ray."""
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from fleet.pipeline import init_ray
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
 
 
-SMALL_FLEET = dict(campaigns=20, seed=7, arch="lstm", hidden_size=32, num_layers=1, embed_dim=8,
-                   num_event_types=24, num_features=8, min_sequences=150, max_sequences=1500, max_epochs=8)
+SMALL_FLEET = {"campaigns": 20, "seed": 7, "arch": "lstm", "hidden_size": 32, "num_layers": 1, "embed_dim": 8,
+                   "num_event_types": 24, "num_features": 8, "min_sequences": 150, "max_sequences": 1500, "max_epochs": 8}
 
 
 @pytest.fixture(scope="session")
@@ -160,7 +160,7 @@ def mlflow_server(tmp_path_factory, _mlflow_db_template):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    log = tempfile.TemporaryFile()  # not a pipe: a full pipe would block the server
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - the server's stdout while it runs; not a pipe: a full pipe would block the server
     # No job runner (it forks seven huey consumers: slow to start on a small machine, unused here).
     # Own process group: `mlflow server` runs uvicorn as a child, which must stop with it.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

@@ -90,7 +90,7 @@ def test_stops_calling_the_gate_once_all_rows_pass():
         calls.append(1)
         return torch.ones(heads.shape[0], dtype=torch.bool)
 
-    vectors, bits = choose_bits(_params(4), gate)
+    _vectors, bits = choose_bits(_params(4), gate)
     assert len(calls) == 1 and (bits == 1).all()
 
 

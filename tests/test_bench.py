@@ -9,7 +9,6 @@ import pytest
 from fleet import bench
 from fleet.cli import main
 
-
 TINY = ["--campaigns", "20", "--seed", "3", "--hidden", "16", "--layers", "1", "--min-sequences", "100",
         "--max-sequences", "400", "--max-epochs", "2", "--peer-subset", "3", "--scale-campaigns", "2000",
         "--backbone-steps", "60", "--head-steps", "40", "--warm-requests", "100", "--cold-requests", "50",

@@ -1,4 +1,4 @@
-"""fleet.codec: the fleet-heads/1 schema, its bit packing contract and the rows <-> table codec."""
+"""fleet.codec: the fleet-heads/1.1 schema, its bit packing contract and the rows <-> table codec."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from fleet.codec import (
     HeadRow,
     RejectRow,
     check_format,
+    conform_heads_table,
     heads_to_table,
     packed_nbytes,
     rejects_to_table,
@@ -24,6 +25,7 @@ from fleet.codec import (
     validate_heads_table,
 )
 from fleet.errors import StoreError
+from fleet.metrics import CALIBRATION_KEYS
 
 # --------------------------------------------------------------------------- pinned schemas
 
@@ -45,9 +47,22 @@ PINNED_HEADS_SCHEMA = pa.schema(
         pa.field("n_train", pa.int32(), nullable=True),
         pa.field("n_holdout", pa.int32(), nullable=True),
         pa.field("status", pa.string(), nullable=False),
+        # fleet-heads/1.1
+        pa.field("kl", pa.float32(), nullable=True),
+        pa.field("brier_vs_teacher", pa.float32(), nullable=True),
+        pa.field("mean_ratio", pa.float32(), nullable=True),
+        pa.field("student_log_loss", pa.float32(), nullable=True),
+        pa.field("teacher_log_loss", pa.float32(), nullable=True),
+        pa.field("student_brier", pa.float32(), nullable=True),
+        pa.field("teacher_brier", pa.float32(), nullable=True),
+        pa.field("student_ece", pa.float32(), nullable=True),
+        pa.field("teacher_ece", pa.float32(), nullable=True),
     ],
-    metadata={"format": "fleet-heads/1"},
+    metadata={"format": "fleet-heads/1.1"},
 )
+#: The columns fleet-heads/1.1 added to fleet-heads/1 (= 1.0), at the end.
+V11_COLUMNS = ["kl", "brier_vs_teacher", "mean_ratio", "student_log_loss", "teacher_log_loss", "student_brier",
+               "teacher_brier", "student_ece", "teacher_ece"]
 
 PINNED_REJECTS_SCHEMA = pa.schema(
     [
@@ -61,8 +76,9 @@ PINNED_REJECTS_SCHEMA = pa.schema(
 
 def test_heads_schema_is_pinned():
     # Changing this schema is a format change: bump HEADS_FORMAT and update docs/storage.md.
-    assert HEADS_FORMAT == "fleet-heads/1"
+    assert HEADS_FORMAT == "fleet-heads/1.1"
     assert HEADS_SCHEMA.equals(PINNED_HEADS_SCHEMA, check_metadata=True), HEADS_SCHEMA
+    assert HEADS_SCHEMA.names[-len(V11_COLUMNS):] == V11_COLUMNS == list(CALIBRATION_KEYS)
 
 
 def test_rejects_schema_is_pinned():
@@ -191,7 +207,7 @@ def test_docs_decoder_matches_this_copy():
     import re
 
     docs = (pathlib.Path(__file__).parents[1] / "docs" / "storage.md").read_text()
-    block = re.search(r"```python\n(.*?)```", docs.split("### Decoding a head without fleet")[1], re.S).group(1)
+    block = re.search(r"```python\n(.*?)```", docs.split("### Decoding a head without fleet")[1], re.DOTALL).group(1)
     assert inspect.getsource(decode_head).strip() in block
     assert "fleet" not in block.split("def decode_head")[0]  # imports: numpy and pyarrow only
 
@@ -267,6 +283,57 @@ def test_table_to_heads_tolerates_a_newer_minor_version():
     back = table_to_heads(newer)
     assert [h.agreement for h in back] == [None, None]
     assert [h.campaign_id for h in back] == table.column("campaign_id").to_pylist()
+
+
+CALIBRATION = {"kl": 0.0078125, "brier_vs_teacher": 0.0009765625, "mean_ratio": 1.03125, "student_log_loss": 0.40625,
+               "teacher_log_loss": 0.390625, "student_brier": 0.125, "teacher_brier": 0.1171875,
+               "student_ece": 0.03125, "teacher_ece": 0.015625}  # exact in float32
+
+
+def test_heads_round_trip_with_calibration_fields():
+    heads = [make_head("a", [1, -1, 0], 2, [1.0], 64, status="fallback", **CALIBRATION),
+             make_head("b", [1, 0, 0], 2, [1.0], 64, kl=0.25)]  # the other fields stay None
+    table = heads_to_table(heads)
+    assert table.column("kl").type == pa.float32() and table.column("mean_ratio").to_pylist() == [1.03125, None]
+    back = table_to_heads(table)
+    assert back == heads
+    assert {k: getattr(back[0], k) for k in CALIBRATION_KEYS} == CALIBRATION
+    assert back[1].kl == 0.25 and all(getattr(back[1], k) is None for k in CALIBRATION_KEYS if k != "kl")
+
+
+def _v10_table(heads) -> pa.Table:
+    """A table as fleet-heads/1 (= 1.0) wrote it: no calibration columns, format ``fleet-heads/1``."""
+    table = heads_to_table(heads).drop_columns(V11_COLUMNS)
+    return table.replace_schema_metadata({"format": "fleet-heads/1"})
+
+
+def test_a_fleet_heads_1_0_table_reads_with_the_new_fields_none(tmp_path):
+    import pyarrow.parquet as pq
+
+    heads = [make_head("a", [1, -1, 0], 2, [1.0], 64, teacher_auc=0.75, **CALIBRATION),
+             make_head("b", [1, 0, 0], 2, [1.0], 64)]
+    old = _v10_table(heads)
+    assert old.schema.names == HEADS_SCHEMA.names[: -len(V11_COLUMNS)]
+    pq.write_table(old, tmp_path / "part-00000.parquet")
+    old = pq.read_table(tmp_path / "part-00000.parquet")  # as a reader finds a 1.0 file
+    assert old.schema.metadata[b"format"] == b"fleet-heads/1"
+    back = table_to_heads(old)
+    assert [h.campaign_id for h in back] == ["a", "b"] and back[0].teacher_auc == 0.75
+    assert all(getattr(h, k) is None for h in back for k in CALIBRATION_KEYS)
+    conformed = conform_heads_table(old)
+    assert conformed.schema.equals(HEADS_SCHEMA, check_metadata=True)
+    assert all(conformed.column(k).null_count == 2 for k in V11_COLUMNS)
+    assert validate_heads_table(old).equals(conformed)
+    assert conform_heads_table(old.slice(0, 0)).num_rows == 0
+    with pytest.raises(StoreError, match="does not match.*packed"):
+        conform_heads_table(old.drop_columns(["packed"]))
+
+
+def test_an_unknown_major_version_is_refused():
+    table = heads_to_table(all_heads()[:1]).replace_schema_metadata({"format": "fleet-heads/2"})
+    for read in (table_to_heads, conform_heads_table, validate_heads_table):
+        with pytest.raises(StoreError, match="unsupported major version 'fleet-heads/2'"):
+            read(table)
 
 
 def test_table_to_heads_refuses_a_new_major_or_a_missing_column():

@@ -7,8 +7,27 @@ import torch
 import torch.nn.functional as F
 
 from fleet.data import SequenceBatch
-from fleet.distill import DistillConfig, compute_features, distill_loss, distill_loss_rows, fit_backbone, fit_heads
-from fleet.student import HEAD_DESIGNS, SharedBackbone, Student, StudentConfig, head_logits, head_num_params, init_heads
+from fleet.distill import (
+    DistillConfig,
+    calibrate_bias,
+    campaign_losses,
+    compute_features,
+    distill_loss,
+    distill_loss_rows,
+    fit_backbone,
+    fit_heads,
+    fit_heads_grid,
+    select_per_campaign,
+)
+from fleet.student import (
+    HEAD_DESIGNS,
+    SharedBackbone,
+    Student,
+    StudentConfig,
+    head_logits,
+    head_num_params,
+    init_heads,
+)
 
 E, F_ = 7, 3
 
@@ -39,7 +58,7 @@ def _sequences(n: int, t: int, seed: int, labels: torch.Tensor | None = None) ->
 
 
 @pytest.mark.parametrize(
-    "bad", [dict(loss="mse"), dict(temperature=0.0), dict(hard_label_weight=1.5), dict(distance_weight=-1.0), dict(head_l2=-0.1)]
+    "bad", [{"loss": "mse"}, {"temperature": 0.0}, {"hard_label_weight": 1.5}, {"distance_weight": -1.0}, {"head_l2": -0.1}]
 )
 def test_distill_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
@@ -199,6 +218,36 @@ def test_fit_backbone_qat_hook_reaches_recurrent_weights():
     assert all(torch.isfinite(torch.tensor(losses)))
 
 
+def test_fit_backbone_stops_early_and_restores_its_best_state():
+    config, _, _, _, batches = _toy_backbone_problem()
+    student = Student(config, 3, torch.Generator().manual_seed(0))
+    scripted = iter([5.0, 4.0, 4.5, 4.2, 4.1, 3.0])  # best at the 2nd evaluation, then 3 without improvement
+    states, modes = [], []
+
+    def validate() -> float:
+        modes.append(student.training)
+        states.append({k: v.clone() for k, v in student.state_dict().items()})
+        return next(scripted)
+
+    steps = []
+    fit_backbone(student, batches, DistillConfig(), epochs=100, steps=1000, validate=validate, eval_every=4,
+                 patience=3, progress=lambda s, loss: steps.append(s))
+    assert len(steps) == 20  # 5 evaluations x 4 steps: stopped at the 3rd evaluation without improvement
+    assert modes == [False] * 5  # validate runs in eval mode
+    for key, value in states[1].items():  # the student is back at its best evaluated state
+        assert torch.equal(student.state_dict()[key], value), key
+
+
+def test_fit_backbone_evaluates_its_last_steps_too():
+    config, _, _, _, batches = _toy_backbone_problem()
+    student = Student(config, 3, torch.Generator().manual_seed(0))
+    losses = iter([2.0, 1.0])
+    calls = []
+    fit_backbone(student, batches, DistillConfig(), epochs=100, steps=7, validate=lambda: calls.append(1) or next(losses),
+                 eval_every=5)
+    assert len(calls) == 2  # at step 5 and after the last step (7)
+
+
 # ---------------------------------------------------------------------------------------------- phase b
 
 
@@ -232,7 +281,7 @@ def test_batched_head_fit_equals_fitting_campaigns_one_at_a_time(design):
 
 
 def test_fit_heads_is_deterministic_and_chunking_does_not_matter():
-    config, features, campaign_index, teacher_logits, labels, init, c = _head_problem("film", seed=3)
+    config, features, campaign_index, teacher_logits, labels, _init, c = _head_problem("film", seed=3)
     runs = [fit_heads(features, campaign_index, teacher_logits, labels, c, config, DistillConfig(), steps=40, seed=1, chunk_size=s)
             for s in (4096, 4096, 16)]
     assert torch.equal(runs[0], runs[1])
@@ -282,3 +331,89 @@ def test_fit_heads_rejects_bad_inputs():
         fit_heads(features, campaign_index, teacher_logits, labels, c, config, DistillConfig(), steps=1, init=init[:2])
     with pytest.raises(ValueError, match="hidden_size"):
         fit_heads(features[:, :4], campaign_index, teacher_logits, labels, c, config, DistillConfig(), steps=1)
+
+
+def test_per_campaign_head_l2_equals_one_fit_per_strength():
+    config, features, campaign_index, teacher_logits, labels, init, c = _head_problem("film", seed=5)
+    strengths = torch.tensor([0.0, 10.0, 1.0, 0.0, 100.0, 1.0, 10.0])
+    mixed = fit_heads(features, campaign_index, teacher_logits, labels, c, config, DistillConfig(), steps=40,
+                      init=init, head_l2=strengths)
+    for value in (0.0, 1.0, 10.0, 100.0):
+        alone = fit_heads(features, campaign_index, teacher_logits, labels, c, config, DistillConfig(), steps=40,
+                          init=init, head_l2=value)
+        rows = strengths == value
+        torch.testing.assert_close(mixed[rows], alone[rows], rtol=0, atol=1e-5)
+
+
+def test_prior_never_pulls_the_bias():
+    """An overwhelming prior keeps every parameter at its anchor except the readout bias, which follows
+    the campaign's own base rate (shrinking it would drag the campaign's mean toward the fleet's)."""
+    config, features, campaign_index, teacher_logits, _labels, init, c = _head_problem("film", seed=2)
+    teacher_logits = teacher_logits + 3.0  # every teacher far above the anchor's base rate
+    heads = fit_heads(features, campaign_index, teacher_logits, None, c, config, DistillConfig(), steps=200,
+                      init=init, head_l2=1e6)
+    has_rows = torch.bincount(campaign_index, minlength=c) > 0
+    torch.testing.assert_close(heads[:, :-1], init[:, :-1], rtol=0, atol=1e-3)
+    assert bool((heads[has_rows, -1] > init[has_rows, -1] + 1.0).all())
+
+
+def test_grid_selection_equals_selecting_one_campaign_at_a_time():
+    config, features, campaign_index, teacher_logits, labels, init, c = _head_problem("film", seed=7)
+    val = torch.rand(len(campaign_index), generator=torch.Generator().manual_seed(1)) < 0.3
+    grid = (0.0, 1.0, 10.0)
+    kw = {"steps": 40, "init": init}
+    fit = ~val
+    candidates = fit_heads_grid(features[fit], campaign_index[fit], teacher_logits[fit], labels[fit], c, config,
+                                DistillConfig(), grid, **kw)  # (G, C, P)
+    losses = torch.stack([campaign_losses(h, features[val], campaign_index[val], teacher_logits[val], c, config,
+                                          DistillConfig()) for h in candidates])  # (G, C)
+    trusted = torch.bincount(campaign_index[val], minlength=c) >= 3
+    choice = select_per_campaign(losses, 1, trusted)
+    for k in range(c):
+        rows_fit, rows_val = fit & (campaign_index == k), val & (campaign_index == k)
+        best, best_loss = 1, None
+        if int(rows_val.sum()) >= 3:
+            for g, strength in enumerate(grid):
+                alone = fit_heads(features[rows_fit], torch.zeros(int(rows_fit.sum()), dtype=torch.long),
+                                  teacher_logits[rows_fit], labels[rows_fit], 1, config, DistillConfig(), steps=40,
+                                  init=init[k:k + 1], head_l2=strength)
+                loss = float(distill_loss(head_logits("film", features[rows_val], alone[0]), teacher_logits[rows_val],
+                                          None, DistillConfig()))
+                if best_loss is None or loss < best_loss - 1e-6:
+                    best, best_loss = g, loss
+        assert int(choice[k]) == best, k
+
+
+def test_select_per_campaign_takes_the_first_minimum_and_the_default_where_untrusted():
+    losses = torch.tensor([[0.5, 0.2, 1.0, float("inf")], [0.4, 0.2, 2.0, float("inf")], [0.6, 0.3, 0.1, float("inf")]])
+    trusted = torch.tensor([True, True, False, False])
+    assert select_per_campaign(losses, 1, trusted).tolist() == [1, 0, 1, 1]
+
+
+def test_calibrate_bias_matches_each_campaigns_mean_and_minimises_its_kl():
+    """Mean probability equals the teacher's per campaign; no other bias has a lower T=1 KL; only b moves."""
+    torch.manual_seed(0)
+    config = StudentConfig(num_event_types=2, num_features=0, hidden_size=4, head="film")
+    c, n = 3, 200
+    features, index = torch.randn(c * n, 4), torch.arange(c).repeat_interleave(n)
+    heads = torch.randn(c, 13) * 0.3
+    teacher = torch.randn(c * n) - torch.tensor([4.0, 0.0, 2.0])[index]  # rare, even and frequent campaigns
+    out = calibrate_bias(heads, features, index, teacher, config)
+    assert torch.equal(out[:, :-1], heads[:, :-1])
+    p_s = torch.sigmoid(head_logits("film", features, out, index=index)).double()
+    p_t = torch.sigmoid(teacher).double()
+    for k in range(c):
+        sel = index == k
+        assert float(p_s[sel].mean()) == pytest.approx(float(p_t[sel].mean()), rel=1e-6)
+
+    def kl(h):
+        q = torch.sigmoid(head_logits("film", features, h, index=index)).double()
+        return p_t * torch.log(p_t / q) + (1 - p_t) * torch.log((1 - p_t) / (1 - q))
+
+    best = kl(out)
+    for shift in (-0.05, 0.05):
+        moved = out.clone()
+        moved[:, -1] += shift
+        worse = kl(moved)
+        for k in range(c):
+            assert float(worse[index == k].mean()) > float(best[index == k].mean())

@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from fleet.errors import EventsFormatError, InvalidCampaignIdError
-from fleet.events import (EVENTS_SCHEMA, EventsDataset, data_fingerprint, holdout_mask, table_to_batch,
-                          validate_campaign_table, write_events)
+from fleet.events import (
+    EVENTS_SCHEMA,
+    EventsDataset,
+    data_fingerprint,
+    holdout_mask,
+    table_to_batch,
+    validate_campaign_table,
+    write_events,
+)
 
 
 def rows(campaign_id, n, num_features=2, start=0):

@@ -4,7 +4,15 @@ tracks its teachers on hold-out data, and 4-bit heads lose almost nothing agains
 import numpy as np
 import pytest
 
-from fleet.stages import CompressConfig, StageContext, backbone_sample, fit_heads_shard, soft_labels, train_backbone
+from fleet.stages import (
+    CompressConfig,
+    StageContext,
+    backbone_quotas,
+    backbone_sample,
+    fit_heads_shard,
+    soft_labels,
+    train_backbone,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +24,8 @@ def fitted(small_fleet):
     campaigns = [f"campaign-{i:05d}" for i in range(20)]
     soft, status = soft_labels({"campaigns": campaigns}, ctx)
     assert status["status"].to_pylist() == ["ok"] * 20
-    backbone, _ = train_backbone(backbone_sample(soft, campaigns, config), ctx)
+    quotas = backbone_quotas(dict(zip(status["campaign_id"].to_pylist(), status["n_rows"].to_pylist())), config)
+    backbone, _ = train_backbone(backbone_sample(soft, quotas, config.seed), ctx)
     hashes = dict(zip(status["campaign_id"].to_pylist(), zip(status["teacher_sha256"].to_pylist(),
                                                             status["data_fingerprint"].to_pylist())))
     job = {"campaigns": campaigns, "hashes": hashes}

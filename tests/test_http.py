@@ -12,13 +12,13 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
+from conftest import free_port
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from test_serving import NUM_FEATURES, build_version, random_sequences
 
 from fleet.http import ModelHolder, create_app
 from fleet.serving import FleetModel
-from test_serving import NUM_FEATURES, build_version, random_sequences
-from conftest import free_port
 
 
 @contextlib.contextmanager
@@ -103,6 +103,7 @@ def test_predict(client, versions):
     assert r.status_code == 200, r.text
     body = strict_json(r)
     assert body["campaign_id"] == b.ids[3] and body["version"] == "v1"
+    assert body["status"] == "ok" and body["fallback"] is False
     np.testing.assert_allclose(body["probabilities"], b.expected(b.ids[3], seqs), atol=1e-6, rtol=0)
     assert r.headers["content-type"] == "application/json"
 
@@ -137,6 +138,7 @@ def test_campaign_metadata(client, versions):
     body = strict_json(r)
     assert body["campaign_id"] == cid and body["version"] == "v1" and body["bits"] == b.rows[cid].bits
     assert body["status"] == "fp16_fallback" and body["teacher_auc"] == 0.75 and body["n_train"] == 104
+    assert body["passed"] is True  # fp16_fallback only means stored at 16 bits
     assert client.get("/v1/campaigns/camp-0001").status_code == 404
     r = client.get("/v1/campaigns/has%20space")
     assert r.status_code == 422 and strict_json(r)["code"] == "invalid_input"
@@ -289,8 +291,8 @@ _batch = st.fixed_dictionaries({"rows": st.one_of(st.lists(_batch_row, max_size=
                                                   _any)})
 _raw_text = st.one_of(
     st.binary(max_size=64),
-    st.sampled_from([b"[" * 5000, b"{" * 5000, b'{"campaign_id": "camp-0000", "sequences": [{"event_types": [1],'
-                     b' "features": [1e99999, -0, 0]}]}', b"9" * 5000, b'{"rows": [' + b"{}," * 100 + b"{}]}",
+    st.sampled_from([b"[" * 5000, b"{" * 5000, (b'{"campaign_id": "camp-0000", "sequences": [{"event_types": [1],'
+                     b' "features": [1e99999, -0, 0]}]}'), b"9" * 5000, b'{"rows": [' + b"{}," * 100 + b"{}]}",
                      b'{"campaign_id": "camp-0000", "sequences": "' + b"A" * 1000 + b'"}']),
 )
 def _dumps(strategy):
@@ -442,7 +444,7 @@ def test_fleet_serve_command(versions, tmp_path):
     code = ("import argparse, sys; from rich.console import Console; from fleet.cli_serving import register; "
             "p = argparse.ArgumentParser(); register(p.add_subparsers(dest='command', required=True)); "
             "a = p.parse_args(sys.argv[1:]); sys.exit(a.handler(a, Console(stderr=True)))")
-    log = open(tmp_path / "serve.log", "wb")
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - the server subprocess's stdout while it runs
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "serve", "--model", versions["v1"].uri, "--port", str(port),
          "--cache-size", "8", "--max-sequences", "2", "--log-level", "warning"],
@@ -469,3 +471,45 @@ def test_fleet_serve_command(versions, tmp_path):
         proc.terminate()
         assert proc.wait(timeout=30) in (0, -15)  # uvicorn re-raises SIGTERM after a graceful shutdown
         log.close()
+
+
+# --------------------------------------------------------------------------- quality-gate verdicts in the bodies
+
+
+@pytest.fixture(scope="module")
+def gated_client(tmp_path_factory):
+    """A server over a version whose heads include a fallback and a gate_failed head."""
+    from test_serving import GATED_STATUSES
+
+    built = build_version(str(tmp_path_factory.mktemp("gated")), "g1", num_campaigns=10, statuses=GATED_STATUSES)
+    model = FleetModel.open(built.uri, cache_size=16)
+    with serve(create_app(model)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield client, built, model
+
+
+def test_predict_bodies_flag_fallback_heads(gated_client):
+    client, b, model = gated_client
+    seqs = seq_body(random.Random(30), 4)
+    for cid, status, fallback in [("camp-0000", "fallback", True), ("camp-0004", "gate_failed", True),
+                                  ("camp-0002", "capacity", False), ("camp-0006", "ok", False),
+                                  ("camp-0008", "fp16_fallback", False)]:
+        body = strict_json(client.post("/v1/predict", json={"campaign_id": cid, "sequences": seqs}))
+        assert body["status"] == status and body["fallback"] is fallback, (cid, body)
+        np.testing.assert_allclose(body["probabilities"], b.expected(cid, seqs), atol=1e-6, rtol=0)  # still given
+    body = strict_json(client.post("/v1/predict", json={"campaign_id": "camp-0000", "sequences": []}))
+    assert body["probabilities"] == [] and body["fallback"] is True and body["status"] == "fallback"
+
+    ids = ["camp-0002", "camp-0000", "camp-0006", "camp-0004", "camp-0000", "camp-0008"]
+    rows = [{"campaign_id": c, **s} for c, s in zip(ids, seq_body(random.Random(31), len(ids)))]
+    body = strict_json(client.post("/v1/predict/batch", json={"rows": rows}))
+    assert body["fallback"] == [False, True, False, True, True, False]
+    np.testing.assert_allclose(body["probabilities"], model.predict_batch(rows), atol=1e-7, rtol=0)
+    assert strict_json(client.post("/v1/predict/batch", json={"rows": []}))["fallback"] == []
+
+    assert strict_json(client.get("/v1/campaigns/camp-0000"))["passed"] is False
+    assert strict_json(client.get("/v1/campaigns/camp-0002"))["passed"] is True
+
+    schemas = strict_json(client.get("/openapi.json"))["components"]["schemas"]
+    assert {"status", "fallback"} <= set(schemas["PredictResponse"]["properties"])
+    assert schemas["BatchResponse"]["properties"]["fallback"]["type"] == "array"
+    assert "passed" in schemas["CampaignResponse"]["properties"]

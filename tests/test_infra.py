@@ -17,7 +17,7 @@ import pytest
 
 yaml = pytest.importorskip("yaml", reason="PyYAML (a dependency of ray) is needed to read the manifests")
 
-from fleet.cli import build_parser  # noqa: E402
+from fleet.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -114,10 +114,7 @@ def _segments(line: str) -> list[list[str]]:
         return []
     out, current = [], []
     for word in words:
-        if word and set(word) <= set(";&|"):
-            out.append(current)
-            current = []
-        elif word == "--" and current and current[0] in ("kubectl", "ray", "docker"):
+        if word and set(word) <= set(";&|") or word == "--" and current and current[0] in ("kubectl", "ray", "docker"):
             out.append(current)
             current = []
         else:
@@ -177,7 +174,7 @@ def _strings(node) -> list[str]:
 
 
 def _code_blocks(markdown: str) -> list[str]:
-    return re.findall(r"```[a-zA-Z]*\n(.*?)```", markdown, flags=re.S)
+    return re.findall(r"```[a-zA-Z]*\n(.*?)```", markdown, flags=re.DOTALL)
 
 
 def _is_fleet_image(container: dict) -> bool:
@@ -378,7 +375,8 @@ def _run_submit_script(tmp_path, **env) -> tuple[subprocess.CompletedProcess, Pa
     full_env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "NAMESPACE": "fleet", "TMPDIR": str(tmp_path),
                 "TEMPLATE": str(INFRA / "kuberay" / "rayjob-nightly.yaml"), "STUB_LOG": str(tmp_path / "calls"),
                 "STUB_CREATED": str(created), **env}
-    out = subprocess.run([*container["command"], script], env=full_env, capture_output=True, text=True, timeout=30)
+    out = subprocess.run([*container["command"], script], env=full_env, capture_output=True, text=True, timeout=30,
+                         check=False)
     return out, created
 
 
@@ -404,6 +402,88 @@ def test_cronjob_script_refuses_to_overlap_and_reports_failure(tmp_path):
     out, created = _run_submit_script(tmp_path, STUB_ACTIVE="fleet-nightly-20260101t010000z=Complete\n",
                                       STUB_JOB_STATUS="FAILED")
     assert out.returncode != 0 and created.exists()
+
+
+# ----------------------------------------------------------------------------- Ray authentication, NetworkPolicy
+
+
+def _env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """Whether a label selector (matchLabels only: these manifests use no matchExpressions) selects ``labels``."""
+    assert not selector.get("matchExpressions"), "matchExpressions are not checked by this test"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def _ray_pod_labels() -> list[dict]:
+    """Labels of every pod of the nightly's Ray cluster: head, each worker group, the job submitter."""
+    spec = _one("RayJob", "fleet-nightly")["spec"]
+    cluster = spec["rayClusterSpec"]
+    templates = [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"]),
+                 spec["submitterPodTemplate"]]
+    return [t.get("metadata", {}).get("labels", {}) for t in templates]
+
+
+def test_ray_runs_with_token_auth_from_a_secret_the_serving_pods_never_get():
+    spec = _one("RayJob", "fleet-nightly")["spec"]
+    auth = spec["rayClusterSpec"]["authOptions"]
+    assert auth["mode"] == "token", auth
+    secret = _one("Secret", auth["secretName"])
+    assert "auth_token" in secret.get("stringData", {}) | secret.get("data", {}), "KubeRay reads the key auth_token"
+    # the submitter (`ray job submit` against the head's job API) authenticates with the same Secret
+    env = _env_of(spec["submitterPodTemplate"]["spec"]["containers"][0])
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": auth["secretName"], "key": "auth_token"}
+    # no manifest turns Ray's authentication off or puts a token in plain text, anywhere in infra/
+    for _, doc in _all_docs():
+        if doc["kind"] == "ConfigMap":
+            assert doc.get("data", {}).get("RAY_AUTH_MODE", "token") == "token", doc["metadata"]["name"]
+        for container in _containers(doc):
+            for name, var in _env_of(container).items():
+                if name == "RAY_AUTH_MODE":
+                    assert var.get("value") == "token", (doc["metadata"]["name"], container["name"])
+                if name == "RAY_AUTH_TOKEN":
+                    assert "value" not in var, f"{container['name']}: RAY_AUTH_TOKEN must come from a Secret"
+    # the serving pods never see the Ray token (nor the Secret holding it)
+    for container in _containers(_one("Deployment", "fleet-serve")):
+        assert "RAY_AUTH_TOKEN" not in _env_of(container)
+        assert auth["secretName"] not in yaml.safe_dump(container), "the serving pods must not mount the Ray token"
+    # and the Secret every fleet pod loads (fleet-secrets) does not hold it either
+    assert "RAY_AUTH_TOKEN" not in set(_one("Secret", "fleet-secrets").get("stringData", {}))
+
+
+def test_networkpolicy_admits_ray_ports_from_ray_pods_only():
+    policy = _one("NetworkPolicy", "fleet-nightly-ray")["spec"]
+    ray_pods = _ray_pod_labels()
+    serve_pods = [_one("Deployment", "fleet-serve")["spec"]["template"]["metadata"]["labels"]]
+    other_pods = [d["spec"]["jobTemplate"]["spec"]["template"].get("metadata", {}).get("labels", {})
+                  for d in _by_kind("CronJob")]
+    other_pods += [d["spec"]["template"].get("metadata", {}).get("labels", {})
+                   for d in _by_kind("Deployment") + _by_kind("StatefulSet")]
+    assert "Ingress" in policy["policyTypes"]
+    assert all(_selects(policy["podSelector"], labels) for labels in ray_pods), "the policy must cover every Ray pod"
+    assert not any(_selects(policy["podSelector"], labels) for labels in serve_pods)
+    assert policy["ingress"], "an empty ingress list would block the cluster's own traffic"
+    pod_peers = 0
+    for rule in policy["ingress"]:
+        assert rule.get("from"), f"an ingress rule without `from` admits everyone: {rule}"
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer, f"no address ranges: {peer}"
+            if "namespaceSelector" in peer:  # the KubeRay operator: the job API port only, no pod of this namespace
+                assert "podSelector" not in peer, peer
+                assert peer["namespaceSelector"].get("matchLabels"), f"every namespace would be admitted: {peer}"
+                assert [p["port"] for p in rule.get("ports", [])] == [8265], rule
+                assert peer["namespaceSelector"]["matchLabels"].get("kubernetes.io/metadata.name") != "fleet"
+                continue
+            selector = peer["podSelector"]
+            assert selector.get("matchLabels"), f"`podSelector: {{}}` admits every pod of the namespace: {peer}"
+            pod_peers += 1
+            for labels in serve_pods + other_pods:
+                assert not _selects(selector, labels), f"{labels} (not a Ray pod) would reach the Ray ports"
+            assert all(_selects(selector, labels) for labels in ray_pods), "Ray pods must reach each other"
+    assert pod_peers, "no rule admits the Ray pods to each other"
 
 
 # ----------------------------------------------------------------------------- MLflow, serving, Dockerfiles
@@ -439,14 +519,14 @@ def test_serving_deployment_serves_the_champion_with_polling():
 
 def test_fleet_dockerfile():
     text = (INFRA / "docker" / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.11-slim\b", text, flags=re.M)
+    assert re.search(r"^FROM python:3\.11-slim\b", text, flags=re.MULTILINE)
     assert re.search(r"pip install --index-url https://download\.pytorch\.org/whl/cpu\b.*torch", text)
     torch_line = next(i for i, line in enumerate(text.splitlines()) if "download.pytorch.org/whl/cpu" in line)
     fleet_line = next(i for i, line in enumerate(text.splitlines()) if re.search(r'pip install "?/src', line))
     assert torch_line < fleet_line, "CPU torch must be installed before the package (else pip pulls CUDA torch)"
-    users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
+    users = re.findall(r"^USER\s+(\S+)", text, flags=re.MULTILINE)
     assert users and users[-1] not in ("root", "0"), "the image must run as a non-root user"
-    assert re.search(r'^ENTRYPOINT \["fleet"\]', text, flags=re.M)
+    assert re.search(r'^ENTRYPOINT \["fleet"\]', text, flags=re.MULTILINE)
     ignore = (INFRA / "docker" / "Dockerfile.dockerignore").read_text().split()
     assert "*" in ignore and "!fleet/" in ignore and "!jobs/" in ignore  # fleet-data/ and .venv/ stay out
     uid = users[-1]
@@ -495,7 +575,7 @@ def test_every_nightly_flag_exists_in_jobs_nightly():
 
 
 def test_the_scanner_catches_drift():
-    bad = commands_in_text("RAY_AUTH_MODE=disabled fleet compress --teachers t --no-such-flag 1 && fleet nope\n"
+    bad = commands_in_text("RAY_AUTH_MODE=token fleet compress --teachers t --no-such-flag 1 && fleet nope\n"
                            "python /app/jobs/nightly.py --config x --bogus")
     assert bad == [("fleet", ["compress", "--teachers", "t", "--no-such-flag", "1"]), ("fleet", ["nope"]),
                    ("nightly", ["--config", "x", "--bogus"])]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -19,9 +20,9 @@ import time
 
 import fsspec
 import pytest
+from conftest import free_port
 
 from fleet.store import FleetVersion
-from conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -35,9 +36,12 @@ CONFIG = {"backbone_steps": 300, "backbone_per_campaign": 200, "head_steps": 150
           "gate": {"min_median_auc_diff": -0.1, "min_p10_auc_diff": -0.3}}
 
 
-def _ray_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "FLEET_FAULT_AFTER_STAGE")}
-    return {**env, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+def _ray_env(token_path: str) -> dict:
+    """Environment of every process of the cluster and of its clients: Ray's token authentication on, the
+    cluster's own token read from a file (``RAY_AUTH_TOKEN_PATH``), never from a command line."""
+    drop = ("RAY_ADDRESS", "FLEET_FAULT_AFTER_STAGE", "RAY_AUTH_TOKEN")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path, "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 class RayCluster:
@@ -56,6 +60,11 @@ class RayCluster:
         self.workers = workers
         self.groups: list[int] = []
         self.logs: list[str] = []
+        self.token_path = os.path.join(self.temp, "auth_token")  # the cluster's token: 0600, in its temp dir
+        fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        self.env = _ray_env(self.token_path)
 
     def _start(self, name: str, args: list[str]) -> None:
         log = os.path.join(self.temp, f"{name}.log")
@@ -65,7 +74,7 @@ class RayCluster:
                 [RAY, "start", *args, "--num-cpus", "1", "--temp-dir", os.path.join(self.temp, name),
                  "--object-store-memory", str(100 * 1024**2), "--dashboard-agent-listen-port", str(free_port()),
                  "--include-log-monitor", "false", "--disable-usage-stats"],
-                stdout=out, stderr=subprocess.STDOUT, env=_ray_env(), start_new_session=True,
+                stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
             )
             self.groups.append(proc.pid)  # == the process group id (start_new_session)
             try:
@@ -80,7 +89,7 @@ class RayCluster:
         with open(path, "rb") as f:
             return f.read().decode(errors="replace")[-size:]
 
-    def start(self) -> "RayCluster":
+    def start(self) -> RayCluster:
         self._start("head", ["--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
                              "--include-dashboard", "false", "--dashboard-port", str(free_port()),
                              "--ray-client-server-port", str(free_port())])
@@ -91,12 +100,12 @@ class RayCluster:
     def node_ids(self, expected: int, timeout: float = 60) -> list[str]:
         """Ids of the alive nodes, once ``expected`` of them have registered (asked from a subprocess:
         this test process may hold its own local Ray)."""
-        code = ("import json, ray; ray.init(address=%r, log_to_driver=False); "
-                "print(json.dumps(sorted(n['NodeID'] for n in ray.nodes() if n['Alive'])))") % self.address
+        code = (f"import json, ray; ray.init(address={self.address!r}, log_to_driver=False); "
+                "print(json.dumps(sorted(n['NodeID'] for n in ray.nodes() if n['Alive'])))")
         deadline = time.monotonic() + timeout
         while True:
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_ray_env(),
-                                 timeout=120)
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=self.env,
+                                 timeout=120, check=False)
             ids = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
             if len(ids) >= expected or time.monotonic() > deadline:
                 return ids
@@ -181,6 +190,9 @@ def test_compress_on_two_node_cluster_with_s3_and_mlflow_server(small_fleet, s3_
     fs.put(small_fleet["root"] + "/", f"{bucket}/input/", recursive=True)
     node_ids = ray_cluster.node_ids(expected=2)
     assert len(node_ids) == 2, f"cluster has nodes {node_ids}; logs: {[ray_cluster.tail(p) for p in ray_cluster.logs]}"
+    with open(ray_cluster.token_path) as f:  # token auth is on (RAY_AUTH_MODE=token); its token is on no command line
+        token = f.read()
+    assert not [pid for pid, (_, _, cmdline) in _process_table().items() if token in cmdline]
 
     config = tmp_path / "config.json"
     config.write_text(json.dumps(CONFIG))
@@ -191,7 +203,7 @@ def test_compress_on_two_node_cluster_with_s3_and_mlflow_server(small_fleet, s3_
            "--store", store, "--fleet", "mnfleet", "--tracking-uri", mlflow_server, "--run-id", run_id,
            "--address", ray_cluster.address, "--config", str(config), "--storage-options", json.dumps(options)]
     started = time.monotonic()
-    out = subprocess.run(cmd, cwd=cwd, env=_ray_env(), capture_output=True, text=True, timeout=600)
+    out = subprocess.run(cmd, cwd=cwd, env=ray_cluster.env, capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
     print(f"fleet compress on 2 nodes: {time.monotonic() - started:.1f} s")
 

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.slow
 
 # Few steps keep the suite fast; the 20-campaign test fleet's hold-outs are small (tens of rows), so its
 # AUC quantiles are noisy: the gate here is lenient, and the gate test sets strict thresholds itself.
-FAST = dict(backbone_steps=400, backbone_per_campaign=200, head_steps=150,
-            gate={"min_median_auc_diff": -0.1, "min_p10_auc_diff": -0.3})
+FAST = {"backbone_steps": 400, "backbone_per_campaign": 200, "head_steps": 150,
+            "gate": {"min_median_auc_diff": -0.1, "min_p10_auc_diff": -0.3}}
 
 
 def fast_config(**overrides) -> CompressConfig:
@@ -54,7 +54,9 @@ def test_end_to_end_local(small_fleet, ray_local, tmp_path, sqlite_tracking_uri)
     assert heads.num_rows == 20 and heads["campaign_id"].to_pylist() == sorted(heads["campaign_id"].to_pylist())
     m = result.metrics
     assert m["campaigns_ok"] == 20 and m["campaigns_quarantined"] == 0
-    assert m["compression_ratio"] > 10 and m["bytes_per_campaign"] < 400
+    # bytes per campaign at N=20 is mostly the Parquet footer (~7 kB for 25 columns); the heads themselves:
+    payload = [len(p) + len(s) for p, s in zip(heads["packed"].to_pylist(), heads["scales"].to_pylist(), strict=True)]
+    assert m["compression_ratio"] > 10 and m["bytes_per_campaign"] < 800 and sum(payload) / len(payload) < 200
     assert m["fidelity_auc_diff_median"] is not None and m["fidelity_auc_diff_median"] > -0.05
     assert set(m["nodes"]) == {"soft_labels", "heads", "backbone"}
     # MLflow: one registered model, version 1, champion, tags
@@ -76,7 +78,7 @@ def test_independent_reader_without_fleet(small_fleet, ray_local, tmp_path):
         "print(t.num_rows, n[0], t.schema.metadata[b'format'].decode())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
-    assert out.stdout.split() == ["20", "20", "fleet-heads/1"]
+    assert out.stdout.split() == ["20", "20", "fleet-heads/1.1"]
 
 
 def test_s3_store_with_mlflow_server(small_fleet, ray_local, s3_server, s3_bucket, mlflow_server):
@@ -96,12 +98,12 @@ def test_s3_store_with_mlflow_server(small_fleet, ray_local, s3_server, s3_bucke
 
 def test_crash_and_resume(small_fleet, ray_local, tmp_path):
     store = tmp_path / "store"
-    env = {**os.environ, "FLEET_FAULT_AFTER_STAGE": "soft_labels", "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "FLEET_FAULT_AFTER_STAGE": "soft_labels"}
     cmd = [sys.executable, "-m", "fleet.cli", "compress", "--teachers", small_fleet["teachers"],
            "--events", small_fleet["events"], "--store", str(store), "--run-id", "crashy", "--no-register",
            "--config", str(tmp_path / "fast.json")]
     (tmp_path / "fast.json").write_text(json.dumps(FAST))
-    crashed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    crashed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert crashed.returncode == -9, crashed.stderr[-2000:]
     work = store / "adfleet" / "runs" / "crashy"
     assert list((work / "soft_labels" / "_done").iterdir()) and not (work / "heads").exists()
@@ -149,9 +151,11 @@ def test_quarantine_bad_teachers(small_fleet, ray_local, tmp_path):
     with open(os.path.join(inputs["teachers"], "campaign-00004", "model.safetensors"), "wb") as f:
         f.write(b"\x80\x04 a pickle pretending to be weights")
     config_path = os.path.join(inputs["teachers"], "campaign-00011", "config.json")
-    config = json.load(open(config_path))
+    with open(config_path) as f:
+        config = json.load(f)
     config["hidden_size"] = 99
-    json.dump(config, open(config_path, "w"))
+    with open(config_path, "w") as f:
+        json.dump(config, f)
     result = compress(inputs, tmp_path / "store", None, register=False, run_id="q")
     assert result.exit_code == 3
     assert sorted(r["campaign_id"] for r in result.rejects) == ["campaign-00004", "campaign-00011"]

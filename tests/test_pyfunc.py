@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
+from test_serving import build_version, random_sequences
 
 from fleet.pyfunc import CONFIG_FILE, FleetPyfunc, _load_pyfunc, write_config
 from fleet.serving import FleetModel, alias_reloader
-from test_serving import build_version, random_sequences
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +132,51 @@ def test_load_models_uri_and_alias_reloader(mlflow_env, versions):
     ids = [versions["v2"].ids[i] for i in range(4)]
     np.testing.assert_allclose(loaded.predict(frame(ids, seqs)),
                                champion.predict_batch([{"campaign_id": c, **s} for c, s in zip(ids, seqs)]), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- quality-gate verdicts (with_status)
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory):
+    from test_serving import GATED_STATUSES
+
+    return build_version(str(tmp_path_factory.mktemp("gated")), "g1", num_campaigns=10, statuses=GATED_STATUSES)
+
+
+def test_with_status_flags_fallback_heads(gated):
+    model = FleetPyfunc(FleetModel.open(gated.uri))
+    ids = ["camp-0002", "camp-0000", "camp-0006", "camp-0004", "camp-0008", "camp-0000"]
+    seqs = random_sequences(random.Random(40), len(ids))
+    df = frame(ids, seqs)
+    plain = model.predict(df)
+    assert isinstance(plain, np.ndarray) and plain.shape == (6,)  # default unchanged
+    np.testing.assert_array_equal(model.predict(df, params={"with_status": False}), plain)
+    out = model.predict(df, params={"with_status": True})
+    assert isinstance(out, pd.DataFrame) and list(out.columns) == ["probability", "fallback", "status"]
+    np.testing.assert_array_equal(out["probability"].to_numpy(), plain)  # probabilities unchanged
+    assert out["fallback"].dtype == bool
+    assert out["fallback"].tolist() == [False, True, False, True, False, True]
+    assert out["status"].tolist() == [gated.rows[c].status for c in ids]
+    assert model.predict(df, params={"with_status": "true"})["fallback"].tolist() == out["fallback"].tolist()
+    with pytest.raises(MlflowException, match="with_status"):
+        model.predict(df, params={"with_status": 3})
+
+
+def test_with_status_through_mlflow(mlflow_env, gated, tmp_path):
+    """A model logged with fleet.pyfunc.model_signature() gets the param through mlflow's loader."""
+    from fleet.pyfunc import model_signature
+
+    write_config(str(tmp_path / "data"), gated.uri, "g1")
+    experiment = mlflow.get_experiment_by_name("fleet-test").experiment_id
+    with mlflow.start_run(experiment_id=experiment):
+        info = mlflow.pyfunc.log_model(name="model", loader_module="fleet.pyfunc", data_path=str(tmp_path / "data"),
+                                       signature=model_signature())
+    loaded = mlflow.pyfunc.load_model(info.model_uri)
+    ids = ["camp-0000", "camp-0002"]
+    df = frame(ids, random_sequences(random.Random(41), 2))
+    plain = loaded.predict(df)
+    assert isinstance(plain, np.ndarray)
+    out = loaded.predict(df, params={"with_status": True})
+    assert out["fallback"].tolist() == [True, False] and out["status"].tolist() == ["fallback", "capacity"]
+    np.testing.assert_allclose(out["probability"].to_numpy(), plain, atol=0)

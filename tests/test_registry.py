@@ -15,7 +15,8 @@ from fleet.errors import FleetError
 from fleet.registry import GateConfig, RegistryError, evaluate_gate
 
 GOOD = {"fidelity_auc_diff_median": -0.002, "fidelity_auc_diff_p10": -0.01, "quarantine_share": 0.01,
-        "compression_ratio": 180.5, "stage_seconds": {"distill": 12.5, "quantize": 1.25}, "nan_metric": float("nan")}
+        "fidelity_kl_median": 0.004, "fidelity_mean_ratio_within_10pct_share": 0.93, "campaigns": 100,
+        "campaigns_status_fallback": 3, "compression_ratio": 180.5, "stage_seconds": {"distill": 12.5, "quantize": 1.25}, "nan_metric": float("nan")}
 BAD = {**GOOD, "fidelity_auc_diff_median": -0.031, "quarantine_share": 0.2}
 PNG = plots.fidelity_histogram([-0.01, 0.0, 0.002])
 STORAGE = {"key": "AKIAFLEETKEY", "secret": "s3cr3t-value",
@@ -52,7 +53,9 @@ def test_gate_passes_and_reports_every_failure():
 
 
 def test_gate_missing_metric_and_regression():
-    result = evaluate_gate({"fidelity_auc_diff_median": 0.0, "quarantine_share": float("nan")}, None, GateConfig())
+    agreement = {"fidelity_kl_median": 0.0, "fidelity_mean_ratio_within_10pct_share": 1.0}
+    result = evaluate_gate({"fidelity_auc_diff_median": 0.0, "quarantine_share": float("nan"), **agreement}, None,
+                           GateConfig())
     assert not result.passed and len(result.reasons) == 2
     assert "'fidelity_auc_diff_p10' is missing" in result.reasons[0] and "quarantine_share" in result.reasons[1]
 
@@ -63,9 +66,62 @@ def test_gate_missing_metric_and_regression():
     assert evaluate_gate(GOOD, {"unrelated": 1.0}, GateConfig()).passed  # nothing to compare
 
 
-@pytest.mark.parametrize("kwargs", [dict(max_quarantine_share=1.5), dict(max_regression=-0.1),
-                                    dict(min_median_auc_diff=float("nan")), dict(min_p10_auc_diff=0.0),
-                                    dict(min_median_auc_diff="0.1")])
+# A fleet where no campaign has a hold-out AUC (too few positives everywhere): as the pipeline logs it
+# to MLflow, the None AUC metrics are simply absent.
+NO_AUC = {"campaigns": 40, "campaigns_ok": 38, "campaigns_reused": 0, "campaigns_quarantined": 2,
+          "quarantine_share": 0.05, "fidelity_campaigns_without_auc": 38, "fidelity_kl_median": 0.006,
+          "fidelity_mean_ratio_within_10pct_share": 0.9, "campaigns_status_ok": 36, "campaigns_status_fallback": 2}
+
+
+def test_gate_on_a_fleet_without_any_auc_skips_the_auc_checks_with_a_note():
+    result = evaluate_gate(NO_AUC, {"fidelity_auc_diff_median": 0.01, "fidelity_auc_diff_p10": 0.0}, GateConfig())
+    assert result.passed and result.reasons == []
+    assert len(result.notes) == 1 and "AUC checks skipped" in result.notes[0]
+    # the same counts without the campaigns_ok / reused split: campaigns - quarantined have a head
+    assert evaluate_gate({k: v for k, v in NO_AUC.items() if k not in ("campaigns_ok", "campaigns_reused")},
+                         None, GateConfig()).notes == result.notes
+    # one campaign with an AUC: the AUC metrics are required again
+    some = evaluate_gate({**NO_AUC, "fidelity_campaigns_without_auc": 37}, None, GateConfig())
+    assert not some.passed and some.notes == []
+    assert "'fidelity_auc_diff_median' is missing" in some.reasons[0]
+    # with an AUC, its checks run as before (and notes stay empty)
+    full = evaluate_gate({**NO_AUC, "fidelity_auc_diff_median": -0.02, "fidelity_auc_diff_p10": -0.02}, None,
+                         GateConfig())
+    assert full.reasons == ["median AUC diff -0.020 < -0.010"] and full.notes == []
+
+
+def test_gate_fails_on_a_high_median_kl():
+    result = evaluate_gate({**NO_AUC, "fidelity_kl_median": 0.05}, None, GateConfig())
+    assert not result.passed
+    assert result.reasons == ["median KL (fidelity_kl_median) 0.050 > 0.020"]
+    assert evaluate_gate({**NO_AUC, "fidelity_kl_median": 0.05}, None, GateConfig(max_kl_median=0.1)).passed
+    missing = evaluate_gate({k: v for k, v in NO_AUC.items() if k != "fidelity_kl_median"}, None, GateConfig())
+    assert not missing.passed and "'fidelity_kl_median' is missing" in missing.reasons[0]
+
+
+def test_gate_fails_on_a_low_mean_ratio_share():
+    result = evaluate_gate({**NO_AUC, "fidelity_mean_ratio_within_10pct_share": 0.7}, None, GateConfig())
+    assert result.reasons == ["mean-ratio-within-10% share (fidelity_mean_ratio_within_10pct_share) 0.700 < 0.800"]
+    missing = evaluate_gate({k: v for k, v in NO_AUC.items() if k != "fidelity_mean_ratio_within_10pct_share"},
+                            None, GateConfig())
+    assert not missing.passed and "'fidelity_mean_ratio_within_10pct_share' is missing" in missing.reasons[0]
+
+
+def test_gate_fails_on_a_high_fallback_share():
+    result = evaluate_gate({**NO_AUC, "campaigns_status_fallback": 6}, None, GateConfig())  # 6 / 40 = 0.15
+    assert result.reasons == ["fallback share (campaigns_status_fallback / campaigns) 0.150 > 0.100"]
+    assert evaluate_gate({**NO_AUC, "campaigns_status_fallback": 4}, None, GateConfig()).passed  # 0.1: not above
+    no_count = {k: v for k, v in NO_AUC.items() if k != "campaigns_status_fallback"}
+    assert evaluate_gate(no_count, None, GateConfig()).passed  # a missing count is 0
+    assert not evaluate_gate({**NO_AUC, "campaigns_status_fallback": float("nan")}, None, GateConfig()).passed
+
+
+@pytest.mark.parametrize("kwargs", [{"max_quarantine_share": 1.5}, {"max_regression": -0.1},
+                                    {"max_kl_median": -0.01}, {"max_kl_median": float("inf")},
+                                    {"min_mean_ratio_share": 1.2}, {"max_fallback_share": -0.1},
+                                    {"max_fallback_share": True},
+                                    {"min_median_auc_diff": float("nan")}, {"min_p10_auc_diff": 0.0},
+                                    {"min_median_auc_diff": "0.1"}])
 def test_gate_config_rejects_bad_values(kwargs):
     with pytest.raises(ValueError, match="GateConfig"):
         GateConfig(**kwargs)

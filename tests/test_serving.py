@@ -72,8 +72,10 @@ def build_version(
     row_group_size: int = 4,
     rows_per_part: int = 20,
     fleet: str = "adfleet",
+    statuses: dict[str, str] | None = None,
 ) -> BuiltVersion:
-    """Write a real version: random backbone (int8), random heads at mixed bits (some pruned)."""
+    """Write a real version: random backbone (int8), random heads at mixed bits (some pruned).
+    ``statuses`` overrides the head status of some campaign ids (default: ok, fp16_fallback at 16 bits)."""
     torch.manual_seed(seed)
     config = StudentConfig(num_event_types=NUM_EVENT_TYPES, num_features=NUM_FEATURES, hidden_size=16, embed_dim=8,
                            head=head, head_rank=head_rank)
@@ -104,7 +106,7 @@ def build_version(
                 mask=None if mask is None else np.packbits(mask.numpy(), bitorder="little").tobytes(),
                 teacher_sha256=_sha("t" + cid), data_fingerprint=_sha("d" + cid)[:16], teacher_auc=0.75, student_auc=0.734375,
                 mean_abs_diff=0.015625, agreement=0.984375, n_train=100 + i, n_holdout=25,
-                status="fp16_fallback" if bits == 16 else "ok",
+                status=(statuses or {}).get(cid, "fp16_fallback" if bits == 16 else "ok"),
             )
     writer = VersionWriter(store_uri, fleet, version_id)
     writer.write_backbone(tensors, metadata)
@@ -499,3 +501,100 @@ def test_cli_inspect(built, capsys):
     assert code == 1
     code, _, _ = run_cli(["inspect", built.uri, "--campaign", "../x"], capsys)
     assert code == 1
+
+
+# --------------------------------------------------------------------------- quality-gate verdicts (head status)
+
+GATED_STATUSES = {"camp-0000": "fallback", "camp-0002": "capacity", "camp-0004": "gate_failed", "camp-0006": "ok"}
+FAILED_IDS = ("camp-0000", "camp-0004")  # camp-0008 is a 16-bit head: fp16_fallback, a pass
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory) -> BuiltVersion:
+    """10 campaigns; two heads did not pass their gate (fallback, gate_failed), the rest did."""
+    return build_version(str(tmp_path_factory.mktemp("gated")), "g1", num_campaigns=10, statuses=GATED_STATUSES)
+
+
+def test_head_passed_rule():
+    from fleet.codec import FAILED_STATUSES, head_passed
+
+    assert FAILED_STATUSES == ("fallback", "gate_failed")
+    assert [head_passed(s) for s in ("ok", "capacity", "fp16_fallback")] == [True, True, True]
+    assert [head_passed(s) for s in ("fallback", "gate_failed")] == [False, False]
+
+
+@pytest.mark.parametrize("open_kw", [{"cache_size": 100}, {"cache_size": 0}, {"preload": True}])
+def test_predict_with_status(gated, open_kw):
+    m = FleetModel.open(gated.uri, **open_kw)
+    assert gated.rows["camp-0008"].status == "fp16_fallback"
+    rng = random.Random(20)
+    rows = [{"campaign_id": gated.ids[i % 10], **s} for i, s in enumerate(random_sequences(rng, 30))]
+    ids, types = [r["campaign_id"] for r in rows], [r["event_types"] for r in rows]
+    feats = [r["features"] for r in rows]
+    pred = m.predict_with_status(ids, types, feats)
+    np.testing.assert_array_equal(pred.probabilities, m.predict_columns(ids, types, feats))  # unchanged numbers
+    np.testing.assert_allclose(pred.probabilities, [gated.expected(c, [r])[0] for c, r in zip(ids, rows)], atol=1e-6)
+    assert isinstance(m.predict_batch(rows), np.ndarray)
+    assert pred.fallback.dtype == bool and pred.fallback.tolist() == [c in FAILED_IDS for c in ids]
+    assert pred.statuses == {c: gated.rows[c].status for c in dict.fromkeys(ids)}
+    assert pred.fallback_campaigns == list(FAILED_IDS)
+    for cid in gated.ids:
+        assert m.head_status(cid) == gated.rows[cid].status
+    one = m.predict_with_status("camp-0000", types[:3], feats[:3])  # one campaign for every row
+    assert one.fallback.tolist() == [True] * 3 and one.statuses == {"camp-0000": "fallback"}
+    ok = m.predict_with_status("camp-0002", [], [])
+    assert ok.fallback.shape == (0,) and ok.statuses == {"camp-0002": "capacity"} and ok.fallback_campaigns == []
+    with pytest.raises(UnknownCampaignError):
+        m.head_status("camp-0001")
+    with pytest.raises(InvalidInputError):
+        m.head_status("../x")
+
+
+def test_head_status_is_served_from_the_cache(gated, count_reads):
+    m = FleetModel.open(gated.uri, cache_size=4)
+    seqs = random_sequences(random.Random(21), 2)
+    m.predict("camp-0000", seqs)
+    assert count_reads == {"row_group": 1, "whole": 0}
+    assert m.head_status("camp-0000") == "fallback"  # warm: the status lives with the cached head
+    assert m.predict_with_status("camp-0000", [s["event_types"] for s in seqs],
+                                 [s["features"] for s in seqs]).fallback.all()
+    assert count_reads == {"row_group": 1, "whole": 0}
+    for cid in gated.ids[1:6]:  # evict camp-0000; statuses follow their rows through the slots
+        m.predict(cid, seqs)
+    assert [m.head_status(c) for c in gated.ids[2:6]] == [gated.rows[c].status for c in gated.ids[2:6]]
+    reads = count_reads["row_group"]
+    assert m.head_status("camp-0000") == "fallback" and count_reads["row_group"] == reads + 1
+
+
+def test_metadata_has_passed_and_calibration_fields(gated):
+    from fleet.serving import CALIBRATION_KEYS
+
+    m = FleetModel.open(gated.uri)
+    assert m.metadata("camp-0000")["passed"] is False and m.metadata("camp-0004")["passed"] is False
+    assert all(m.metadata(c)["passed"] is True for c in ("camp-0002", "camp-0006", "camp-0008"))
+    meta = m.metadata("camp-0002")
+    assert all(k in meta and meta[k] is None for k in CALIBRATION_KEYS)  # absent on these rows: null
+    row = gated.rows["camp-0002"]
+    if CALIBRATION_KEYS:
+        filled = dataclasses.replace(row, **{k: 0.125 for k in CALIBRATION_KEYS})
+        assert all(head_metadata(filled, "g1")[k] == 0.125 for k in CALIBRATION_KEYS)
+        assert head_metadata(dataclasses.replace(row, **{CALIBRATION_KEYS[0]: float("nan")}), "g1")[
+            CALIBRATION_KEYS[0]] is None
+
+
+def test_cli_predict_warns_about_fallback_heads(gated, tmp_path, capsys):
+    import json
+
+    seqs = random_sequences(random.Random(22), 6)
+    ids = ["camp-0000", "camp-0002", "camp-0004", "camp-0000", "camp-0006", "camp-0008"]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"campaign_id": c, **s}) + "\n" for c, s in zip(ids, seqs)))
+    code, out, err = run_cli(["predict", "--model", gated.uri, "--input", str(path)], capsys)
+    assert code == 0
+    np.testing.assert_allclose([float(x) for x in out.split()], [gated.expected(c, [s])[0] for c, s in zip(ids, seqs)],
+                               atol=1e-6)  # stdout: data only
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "camp-0000, camp-0004" in warnings[0] and "camp-0002" not in warnings[0]
+    path.write_text("".join(json.dumps({"campaign_id": c, **s}) + "\n" for c, s in zip(ids[1:2] + ids[4:], seqs)))
+    code, out, err = run_cli(["predict", "--model", gated.uri, "--input", str(path)], capsys)
+    assert code == 0 and len(out.split()) == 3 and "warning" not in err

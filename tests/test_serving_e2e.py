@@ -12,8 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import free_port
 
 from fleet.backbone_codec import backbone_from_bytes
+from fleet.codec import table_to_heads
 from fleet.events import EventsDataset, table_to_batch
 from fleet.heads import decode_heads
 from fleet.pipeline import run_compress
@@ -21,8 +23,6 @@ from fleet.serving import FleetModel
 from fleet.stages import CompressConfig
 from fleet.store import FleetVersion
 from fleet.student import head_logits
-from fleet.codec import table_to_heads
-from conftest import free_port
 
 pytestmark = pytest.mark.slow
 CAMPAIGNS = ["campaign-00001", "campaign-00007", "campaign-00012"]
@@ -82,7 +82,7 @@ def test_four_ways_agree(registered):
     np.testing.assert_allclose(np.asarray(pyfunc.predict(frame)), batch, atol=1e-6)
 
     bin_dir = os.path.dirname(sys.executable)  # `mlflow models serve` runs `uvicorn` from PATH
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "RAY_AUTH_MODE": "disabled",
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking,
            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
     port_fleet, port_mlflow = free_port(), free_port()
     servers = [
@@ -136,7 +136,7 @@ def test_ray_serve_replicas_answer_like_fleet_model(registered):
     rows, tracking = registered["rows"], registered["tracking"]
     expected = FleetModel.load("models:/servefleet@champion", tracking_uri=tracking).predict_batch(rows)
     port = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env = dict(os.environ)
     server = subprocess.Popen([sys.executable, "-m", "fleet.cli", "serve", "--model", "models:/servefleet@champion",
                                "--tracking-uri", tracking, "--ray", "--replicas", "2", "--port", str(port)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

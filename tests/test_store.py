@@ -111,7 +111,7 @@ def test_round_trip(store):
     assert version.version_id == "v1" and version.uri == join_uri(store.uri, "adfleet", "versions", "v1")
 
     m = version.manifest
-    assert m["format"] == "fleet-version/1" and m["heads_format"] == "fleet-heads/1" and m["fleet"] == "adfleet"
+    assert m["format"] == "fleet-version/1" and m["heads_format"] == "fleet-heads/1.1" and m["fleet"] == "adfleet"
     assert m["campaigns"] == {"count": N, "first": "c00000", "last": f"c{2 * N - 2:05d}"}
     assert m["config"] == {"seed": 7}
     assert m["metrics"] == {"auc_delta_median": -0.001, "bad": None}  # NaN is not JSON
@@ -336,7 +336,36 @@ def test_heads_parts_readable_without_fleet(store):
     assert table.select(heads.column_names).cast(heads.schema).equals(heads)
     meta = pq.read_metadata(store.fs.open(store.path("adfleet/versions/v1/heads/part-00000.parquet")))
     assert meta.row_group(0).column(4).compression == "ZSTD"
-    assert meta.schema.to_arrow_schema().metadata[b"format"] == b"fleet-heads/1"
+    assert meta.schema.to_arrow_schema().metadata[b"format"] == b"fleet-heads/1.1"
+
+
+def test_a_version_written_as_fleet_heads_1_0_is_read(local_store):
+    """A version an older fleet wrote: parts without the 1.1 columns, ``heads_format`` ``fleet-heads/1``."""
+    import io
+
+    from fleet.codec import HEADS_SCHEMA
+    from fleet.metrics import CALIBRATION_KEYS
+
+    heads = make_heads()
+    manifest_uri = write_version(local_store, "v1", heads)
+    fs, path = local_store.fs, local_store.path("adfleet/versions/v1")
+    manifest = json.loads(fs.cat_file(f"{path}/manifest.json"))
+    files = {f["path"]: f for f in manifest["files"]}
+    for part in manifest["parts"]:
+        old = pq.read_table(io.BytesIO(fs.cat_file(f"{path}/{part['path']}"))).drop_columns(list(CALIBRATION_KEYS))
+        buf = io.BytesIO()
+        pq.write_table(old.replace_schema_metadata({"format": "fleet-heads/1"}), buf, row_group_size=32)
+        fs.pipe_file(f"{path}/{part['path']}", buf.getvalue())
+        files[part["path"]].update(sha256=sha256_bytes(buf.getvalue()), bytes=len(buf.getvalue()))
+    fs.pipe_file(f"{path}/manifest.json", json.dumps({**manifest, "heads_format": "fleet-heads/1"}).encode())
+
+    version = FleetVersion.open(manifest_uri, local_store.options)  # checksums verified
+    table = version.read_heads()
+    assert table.schema.equals(HEADS_SCHEMA, check_metadata=True)
+    assert table.equals(heads.sort_by("campaign_id"))  # make_heads sets none of the 1.1 fields
+    assert all(table.column(k).null_count == N for k in CALIBRATION_KEYS)
+    row = version.read_head_row(IDS[7])
+    assert row.teacher_auc is not None and all(getattr(row, k) is None for k in CALIBRATION_KEYS)
 
 
 # --------------------------------------------------------------------------- edge cases

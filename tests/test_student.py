@@ -38,8 +38,8 @@ def _random_batch(b: int, t: int, generator: torch.Generator):
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(arch="transformer"), dict(head="mlp"), dict(hidden_size=0), dict(num_layers=0), dict(head="film", head_rank=2),
-     dict(head="lowrank", head_rank=0)],
+    [{"arch": "transformer"}, {"head": "mlp"}, {"hidden_size": 0}, {"num_layers": 0}, {"head": "film", "head_rank": 2},
+     {"head": "lowrank", "head_rank": 0}],
 )
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
@@ -94,7 +94,7 @@ def test_backbone_fake_quant_hook(arch):
     torch.testing.assert_close(backbone_forward(backbone, event_types, features, lengths, fake_quant=lambda w: w), plain)
 
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    ste = lambda w: w + (torch.round(w * 4) / 4 - w).detach()  # noqa: E731  coarse grid, straight-through
+    ste = lambda w: w + (torch.round(w * 4) / 4 - w).detach()
     quantized = backbone_forward(backbone, event_types, features, lengths, fake_quant=ste)
     assert not torch.allclose(quantized, plain)
     quantized.sum().backward()

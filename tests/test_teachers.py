@@ -9,7 +9,13 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from fleet.errors import InvalidCampaignIdError, TeacherFormatError
-from fleet.teachers import TeacherConfig, TeacherRNN, list_teacher_campaigns, load_teacher, save_teacher
+from fleet.teachers import (
+    TeacherConfig,
+    TeacherRNN,
+    list_teacher_campaigns,
+    load_teacher,
+    save_teacher,
+)
 
 
 def small_config(campaign_id="c1", arch="lstm"):
@@ -76,7 +82,7 @@ def test_custom_loader_hook(tmp_path):
     (root / "u7" / "model.safetensors").write_bytes(save_safetensors(dict(model.state_dict())))
     config = {**small_config("u7").to_json(), "loader": f"{__name__}:build_tiny"}
     (root / "u7" / "config.json").write_text(json.dumps(config))
-    loaded = load_teacher(str(root), "u7")
+    loaded = load_teacher(str(root), "u7", allow_loaders=[f"{__name__}:build_tiny"])  # the operator allows it
     assert isinstance(loaded.model, TinyTeacher)
     types, feats, lengths = inputs()
     torch.testing.assert_close(loaded.model(types, feats, lengths), model(types, feats, lengths))
@@ -111,7 +117,7 @@ def good_weights():
         ("pickle", "only safetensors is accepted"),
         ("torch_save", "only safetensors is accepted"),
         ("garbage", "not a readable safetensors file"),
-        ("bad_loader", "cannot import loader"),
+        ("bad_loader", "loader not allowed: no_such_module_xyz:build"),
         ("other_campaign", "names campaign 'zzz'"),
     ],
 )

@@ -22,6 +22,7 @@ import pyarrow as pa
 import torch
 
 from fleet import stages
+from fleet.events import EventsDataset
 from fleet.teachers import list_teacher_campaigns
 
 
@@ -41,7 +42,7 @@ def measure(fleet_dir: str, backbone_steps: int, batch: int = 25) -> dict:
     ctx = stages.StageContext(teachers, events, config, teacher["num_event_types"], teacher["num_features"])
     num = len(campaigns)
     batches = [campaigns[i:i + batch] for i in range(0, num, batch)]
-    quota = max(1, min(config.backbone_per_campaign, config.backbone_max_sequences // num))
+    quotas = stages.backbone_quotas(EventsDataset(events).campaign_sizes(), config)
     out: dict = {"fleet_dir": root, "campaigns": num, "teacher": teacher, "stage1": [], "stage3": []}
 
     softs, statuses, samples = [], [], []
@@ -49,7 +50,7 @@ def measure(fleet_dir: str, backbone_steps: int, batch: int = 25) -> dict:
         w, c = _clock()
         soft, status = stages.soft_labels({"campaigns": names, "parent": {}}, ctx)
         ok = [x for x, s in zip(status["campaign_id"].to_pylist(), status["status"].to_pylist()) if s == "ok"]
-        samples.append(stages.backbone_sample(soft, ok, dataclasses.replace(config, backbone_per_campaign=quota)))
+        samples.append(stages.backbone_sample(soft, {x: quotas[x] for x in ok}, config.seed))
         w2, c2 = _clock()
         out["stage1"].append({"campaigns": len(names), "rows": soft.num_rows, "wall": w2 - w, "cpu": c2 - c})
         softs.append(soft)

@@ -1,0 +1,226 @@
+"""``fleet bench --zoo``: fidelity on a zoo of differently built fleets, not on one.
+
+Every (generator x teacher class) pair of :mod:`fleet.zoo` is made into a synthetic fleet with
+``fleet synth`` (kept and resumed under ``--fleet-dir``), compressed with ``fleet compress``'s
+configuration (the defaults unless ``--config``) and judged on its hold-out rows by
+:func:`evaluate_run`, which scores what is *served* (``FleetModel`` on the committed version) against
+the teacher logits that stage 1 wrote to the run's work dir. The evaluation depends only on the store
+layout, so it also judges versions written by an older fleet (the "before" column of a change).
+
+Outputs under ``--out``: ``zoo.json`` (every figure) and ``zoo.md`` (the table of docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+
+from fleet import pipeline, stages
+from fleet.errors import StoreError
+from fleet.events import EventsDataset
+from fleet.metrics import campaign_fidelity, fleet_summary
+from fleet.serving import FleetModel
+from fleet.store import FleetVersion, WorkDir
+from fleet.synth import ZOO_LOADER, SynthConfig
+
+#: Teachers of the zoo: small enough that 9 fleets of 60 campaigns train on 2 cores in minutes.
+ZOO_TEACHER = {"hidden_size": 64, "num_layers": 1, "arch": "lstm"}
+#: Campaign sizes of the zoo's fleets (the first-hour report: 30 campaigns of 100-3,000 rows).
+ZOO_SIZES = {"min_sequences": 100, "max_sequences": 3000}
+
+#: Issue 16's targets, per pair: (metric key of :func:`evaluate_run`, comparison, bound).
+TARGETS = (
+    ("auc_diff_median", ">=", 0.0),
+    ("auc_diff_p10", ">=", -0.01),
+    ("auc_diff_worst", ">=", -0.05),
+    ("auc_diff_volume_weighted", ">=", -0.005),
+    ("top_decile_auc_diff_median", ">=", -0.005),
+    ("mean_ratio_within_10pct_share", ">=", 0.9),
+    ("ece_excess_median", "<=", 0.01),
+)
+
+
+def synth_config(generator: str, teacher: str, campaigns: int, seed: int) -> SynthConfig:
+    """The zoo fleet of one (generator, teacher class) pair."""
+    return SynthConfig(campaigns=campaigns, seed=seed, generator=generator, teacher=teacher, **ZOO_TEACHER,
+                       **ZOO_SIZES)
+
+
+def evaluate_run(store_uri: str, fleet: str, run_id: str, events_uri: str, min_per_class: int = 10) -> dict:
+    """Hold-out fidelity of the committed version of ``run_id``: every campaign's hold-out rows scored by
+    ``FleetModel`` (what serving answers) against the teacher logits of the run's stage 1.
+
+    Returns the :func:`fleet.metrics.fleet_summary` figures (volume = the campaign's event rows), the
+    worst AUC diff, the verdict counts (heads ``status``), the bytes per campaign (heads Parquet / N and the
+    distribution of a head row's bytes) and the run's time over its floor.
+    """
+    work = WorkDir(store_uri, fleet, run_id)
+    plan = work.read_json("plan.json")
+    version = FleetVersion.open(f"{store_uri.rstrip('/')}/{fleet}/versions/{run_id}/manifest.json")
+    model = FleetModel.open(version.uri, preload=True)
+    soft = pa.concat_tables([work.read_shard("soft_labels", s) for s in plan["shards"]])
+    hold = soft.filter(pa.compute.equal(soft["split"], stages.HOLDOUT))
+    heads = version.read_heads()
+    status = dict(zip(heads["campaign_id"].to_pylist(), heads["status"].to_pylist()))
+    sizes = plan.get("sizes") or EventsDataset(events_uri).campaign_sizes()
+    campaigns = sorted(status)
+    tables = EventsDataset(events_uri).read_campaigns(campaigns)
+    by_campaign = {c: hold.filter(pa.compute.equal(hold["campaign_id"], c)) for c in campaigns}
+    rows = []
+    for campaign_id in campaigns:
+        mine = by_campaign[campaign_id]
+        events = tables[campaign_id].take(mine["row"])
+        p_student = model.predict_columns(campaign_id, events["event_types"].to_pylist(),
+                                          events["features"].to_pylist())
+        p_teacher = 1.0 / (1.0 + np.exp(-mine["teacher_logit"].to_numpy().astype(np.float64)))
+        fid = campaign_fidelity(p_student, p_teacher, mine["label"].to_numpy(), min_per_class)
+        rows.append({**fid, "campaign_id": campaign_id, "n_rows": int(sizes[campaign_id]),
+                     "status": status[campaign_id]})
+    summary = fleet_summary(rows)
+    row_bytes = [len(p) + len(s) + (len(m) if m else 0) for p, s, m in
+                 zip(*(heads[k].to_pylist() for k in ("packed", "scales", "mask")))]
+    metrics = version.manifest["metrics"]
+    worst = summary["worst"][0]["auc_diff"] if summary["worst"] else None
+    return {
+        **{k: v for k, v in summary.items() if k not in ("median", "p10", "worst")},
+        "auc_diff_median": summary["median"], "auc_diff_p10": summary["p10"], "auc_diff_worst": worst,
+        "worst_campaigns": summary["worst"],
+        "bytes_per_campaign": metrics.get("bytes_per_campaign"),
+        "head_row_bytes_p50_p90_max": [float(np.percentile(row_bytes, 50)), float(np.percentile(row_bytes, 90)),
+                                       float(max(row_bytes))] if row_bytes else None,
+        "run_over_floor": metrics.get("run_over_floor"),
+        "stage_seconds": {k[len("stage_seconds_"):]: v for k, v in metrics.items() if k.startswith("stage_seconds_")},
+        "campaigns": rows,
+    }
+
+
+def _committed(store: str, fleet: str, run_id: str) -> bool:
+    try:
+        FleetVersion.open(f"{store}/{fleet}/versions/{run_id}/manifest.json")
+    except StoreError:
+        return False
+    return True
+
+
+def check_targets(result: dict) -> list[str]:
+    """Names of the targets of :data:`TARGETS` that ``result`` misses (a missing figure is a miss)."""
+    missed = []
+    for key, op, bound in TARGETS:
+        value = result.get(key)
+        ok = value is not None and (value >= bound if op == ">=" else value <= bound)
+        if not ok:
+            missed.append(key)
+    return missed
+
+
+def run_zoo(*, out: str, fleet_dir: str, generators: list[str], teachers: list[str], campaigns: int, seed: int,
+            config: stages.CompressConfig, run_id: str | None = None, address: str | None = None, log=print) -> dict:
+    """Make (or reuse) every pair's fleet, compress it, evaluate it; write ``zoo.json`` and ``zoo.md``.
+
+    ``run_id`` names every pair's run (default: a timestamp). A pair whose version ``run_id`` is already
+    committed in ``out/store`` is evaluated as it is, not compressed again: a zoo run resumes, and a version
+    written by another fleet build (``fleet compress --run-id ID --store OUT/store --fleet zoo-<pair>``)
+    is judged by the same evaluation."""
+    os.makedirs(out, exist_ok=True)
+    store, tracking = os.path.abspath(f"{out}/store"), f"sqlite:///{os.path.abspath(out)}/mlflow.db"
+    results = {"command": " ".join(sys.argv), "campaigns": campaigns, "seed": seed, "config": config.to_dict(), "pairs": []}
+    started = time.perf_counter()
+    with pipeline.ray_session(address):
+        for generator in generators:
+            for teacher in teachers:
+                name = f"{generator}-{teacher}"
+                synth = synth_config(generator, teacher, campaigns, seed)
+                t0 = time.perf_counter()
+                made = pipeline.run_synth(synth, os.path.abspath(f"{fleet_dir}/{name}"))
+                synth_seconds = time.perf_counter() - t0
+                pair_run = run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+                gate = None
+                if not _committed(store, f"zoo-{name}", pair_run):
+                    result = pipeline.run_compress(teachers_uri=made["teachers_uri"], events_uri=made["events_uri"],
+                                                   store_uri=store, fleet=f"zoo-{name}", config=config,
+                                                   run_id=pair_run, tracking_uri=tracking, retrain_backbone=True)
+                    gate = result.registered.gate if result.registered is not None else None
+                evaluation = evaluate_run(store, f"zoo-{name}", pair_run, made["events_uri"],
+                                          config.min_auc_class_count)
+                pair = {"generator": generator, "teacher": teacher, "run_id": pair_run, "synth_seconds": synth_seconds,
+                        "promoted": None if gate is None else bool(gate.passed),
+                        "gate_reasons": None if gate is None else gate.reasons, **evaluation}
+                pair["missed_targets"] = check_targets(pair)
+                results["pairs"].append(pair)
+                log(f"zoo {name}: " + _line(pair))
+    results["seconds"] = time.perf_counter() - started
+    with open(f"{out}/zoo.json", "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    with open(f"{out}/zoo.md", "w") as f:
+        f.write(render_table(results["pairs"]))
+    return results
+
+
+def _f(value, spec: str = "+.4f") -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _line(pair: dict) -> str:
+    return (f"AUC diff median {_f(pair['auc_diff_median'])} p10 {_f(pair['auc_diff_p10'])} "
+            f"worst {_f(pair['auc_diff_worst'])} vw {_f(pair['auc_diff_volume_weighted'])} "
+            f"top10% {_f(pair['top_decile_auc_diff_median'])} ratio-ok {_f(pair['mean_ratio_within_10pct_share'], '.2f')} "
+            f"ECE+ {_f(pair['ece_excess_median'])} missed {pair['missed_targets'] or 'none'}")
+
+
+def render_table(pairs: list[dict]) -> str:
+    """The zoo table: one row per (generator, teacher class)."""
+    head = ("| generator | teacher | campaigns (with AUC) | AUC diff median / p10 / worst | volume-weighted | "
+            "largest 10% median | mean ratio within 10% | ECE excess median | KL median | verdicts | "
+            "B / campaign | run / floor | targets missed |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|\n")
+    lines = []
+    for p in pairs:
+        verdicts = ", ".join(f"{k} {v}" for k, v in sorted((p.get("status_counts") or {}).items()))
+        lines.append(
+            f"| {p['generator']} | {p['teacher']} | {p['n_campaigns']} ({p['n_with_auc']}) | "
+            f"{_f(p['auc_diff_median'])} / {_f(p['auc_diff_p10'])} / {_f(p['auc_diff_worst'])} | "
+            f"{_f(p['auc_diff_volume_weighted'])} | {_f(p['top_decile_auc_diff_median'])} "
+            f"({p.get('top_decile_n_with_auc')}) | {_f(p['mean_ratio_within_10pct_share'], '.2f')} | "
+            f"{_f(p['ece_excess_median'])} | {_f(p['kl_median'], '.4f')} | {verdicts} | "
+            f"{_f(p['bytes_per_campaign'], '.0f')} | {_f(p['run_over_floor'], '.2f')} | "
+            f"{', '.join(p['missed_targets']) or 'none'} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def add_arguments(p) -> None:
+    """``fleet bench --zoo`` flags (the rest of ``fleet bench``'s flags do not apply)."""
+    g = p.add_argument_group("zoo (with --zoo)")
+    g.add_argument("--zoo", action="store_true", help="run every (generator x teacher class) pair of fleet.zoo "
+                                                     "and report fidelity per pair (zoo.json, zoo.md)")
+    g.add_argument("--zoo-generators", default=None, help="comma-separated generators (default: all)")
+    g.add_argument("--zoo-teachers", default=None, help="comma-separated teacher classes (default: all)")
+    g.add_argument("--zoo-run-id", default=None,
+                   help="run id of every pair (default: a timestamp); a pair already committed under it is "
+                        "evaluated, not compressed again")
+
+
+def run_from_args(args, config: stages.CompressConfig, log) -> int:
+    """Entry point of ``fleet bench --zoo``; exit 0 when every pair meets every target, 1 when one misses,
+    2 on a usage error."""
+    from fleet.zoo import GENERATORS, TEACHERS
+
+    generators = args.zoo_generators.split(",") if args.zoo_generators else list(GENERATORS)
+    teachers = args.zoo_teachers.split(",") if args.zoo_teachers else list(TEACHERS)
+    for name, known, flag in ((generators, GENERATORS, "--zoo-generators"), (teachers, TEACHERS, "--zoo-teachers")):
+        unknown = sorted(set(name) - set(known))
+        if unknown:
+            print(f"fleet bench: {flag}: unknown {unknown}; known: {sorted(known)}", file=sys.stderr)
+            return 2
+    # the zoo's teacher classes come through the loader hook as a user's would: allowed like a user's
+    config = replace(config, allow_loaders=[*config.allow_loaders, *([] if ZOO_LOADER in config.allow_loaders
+                                                                     else [ZOO_LOADER])])
+    results = run_zoo(out=args.out, fleet_dir=args.fleet_dir or "fleet-data/zoo", generators=generators,
+                      teachers=teachers, campaigns=args.campaigns, seed=args.seed, config=config,
+                      run_id=args.zoo_run_id, address=args.address, log=log)
+    return 0 if all(not p["missed_targets"] for p in results["pairs"]) else 1

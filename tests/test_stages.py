@@ -1,0 +1,101 @@
+"""fleet.stages pieces that need no fleet: the backbone sample's budget and the per-campaign gate."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from fleet.stages import (
+    FIT,
+    SOFT_LABELS_SCHEMA,
+    VALIDATION,
+    CampaignGate,
+    CompressConfig,
+    backbone_quotas,
+    backbone_sample,
+    expected_fit_rows,
+)
+from fleet.student import StudentConfig
+
+
+def test_backbone_quotas_take_every_row_when_the_fleet_fits_the_budget():
+    config = CompressConfig(backbone_max_sequences=10_000)
+    sizes = {"a": 100, "b": 1000, "c": 3000}
+    expected = {c: min(expected_fit_rows(n, config), config.backbone_per_campaign) for c, n in sizes.items()}
+    assert backbone_quotas(sizes, config) == expected and expected["c"] == config.backbone_per_campaign
+
+
+def test_backbone_quotas_grow_with_the_square_root_of_data_within_budget_and_cap():
+    config = CompressConfig(backbone_max_sequences=2000, backbone_per_campaign=400)
+    sizes = {f"c{i:03d}": n for i, n in enumerate([100] * 50 + [400] * 10 + [10_000] * 2)}
+    quotas = backbone_quotas(sizes, config)
+    assert abs(sum(quotas.values()) - 2000) <= len(sizes)  # about the budget (rounding down per campaign)
+    small, medium, large = quotas["c000"], quotas["c050"], quotas["c060"]
+    assert small < medium < large <= 400  # bigger campaigns teach more, never beyond the cap
+    fit_small, fit_medium = expected_fit_rows(100, config), expected_fit_rows(400, config)
+    assert medium / small == pytest.approx(math.sqrt(fit_medium / fit_small), rel=0.1)  # proportional to sqrt
+    assert min(quotas.values()) >= 1
+
+
+def _soft(campaign: str, splits: list[int]) -> pa.Table:
+    n = len(splits)
+    return pa.table({"campaign_id": [campaign] * n, "row": pa.array(range(n), pa.int32()),
+                     "split": pa.array(splits, pa.int8()), "teacher_logit": pa.array([0.0] * n, pa.float32()),
+                     "label": pa.array([0.0] * n, pa.float32())}, schema=SOFT_LABELS_SCHEMA)
+
+
+def test_backbone_sample_takes_the_quota_of_fit_rows_and_a_quarter_as_many_validation_rows():
+    soft = pa.concat_tables([_soft("a", [FIT] * 50 + [VALIDATION] * 20), _soft("b", [FIT] * 3 + [VALIDATION] * 2)])
+    sample = backbone_sample(soft, {"a": 20, "b": 10}, seed=0)
+    count = {(c, s): 0 for c in "ab" for s in (FIT, VALIDATION)}
+    for c, s in zip(sample["campaign_id"].to_pylist(), sample["split"].to_pylist()):
+        count[(c, s)] += 1
+    assert count == {("a", FIT): 20, ("a", VALIDATION): 5, ("b", FIT): 3, ("b", VALIDATION): 2}
+    assert sample.equals(backbone_sample(soft, {"a": 20, "b": 10}, seed=0))  # deterministic
+
+
+def _gate(teacher_p: list[list[float]], **config) -> CampaignGate:
+    """A gate on the linear head over 1-d features h = 1, so a head's logit is w + b for every row."""
+    index = torch.cat([torch.full((len(p),), c) for c, p in enumerate(teacher_p)])
+    p = torch.tensor([v for ps in teacher_p for v in ps], dtype=torch.float32)
+    student = StudentConfig(num_event_types=2, num_features=0, hidden_size=1, head="linear")
+    return CampaignGate(torch.ones(len(p), 1), index, torch.logit(p), len(teacher_p), student,
+                        CompressConfig(**config))
+
+
+def _heads(probabilities: list[float]) -> torch.Tensor:
+    return torch.stack([torch.zeros(len(probabilities)), torch.logit(torch.tensor(probabilities))], 1)  # (C, 2): w, b
+
+
+def test_gate_measures_kl_ratio_and_mean_abs_diff_by_hand():
+    gate = _gate([[0.1, 0.1], [0.5, 0.3]])
+    check = gate.measure(_heads([0.12, 0.4]))
+    kl0 = 0.1 * math.log(0.1 / 0.12) + 0.9 * math.log(0.9 / 0.88)
+    kl1 = (0.5 * math.log(0.5 / 0.4) + 0.5 * math.log(0.5 / 0.6) + 0.3 * math.log(0.3 / 0.4) + 0.7 * math.log(0.7 / 0.6)) / 2
+    np.testing.assert_allclose(check.kl.numpy(), [kl0, kl1], rtol=1e-4)
+    np.testing.assert_allclose(check.ratio_error.numpy(), [0.2, 0.0], atol=1e-5)
+    np.testing.assert_allclose(check.mean_abs_diff.numpy(), [0.02, 0.1], atol=1e-5)
+
+
+def test_gate_is_absolute_and_quantization_never_makes_a_bad_head_worse():
+    gate = _gate([[0.1] * 4, [0.1] * 4], gate_max_kl=0.05, gate_max_ratio_error=0.1, gate_slack=0.05)
+    float_check = gate.measure(_heads([0.105, 0.3]))  # campaign 0 passes, campaign 1 is off by 3x
+    assert gate.passes(float_check).tolist() == [True, False]
+    # 0.108: within the slack and still passing. The failing head (KL 0.116): 0.31 (KL 0.126) stays
+    # within 10% of it and is allowed; 0.33 (KL 0.146) is within the slack but worse: refused
+    assert gate.bits_pass(gate.measure(_heads([0.108, 0.31])), float_check).tolist() == [True, True]
+    assert gate.bits_pass(gate.measure(_heads([0.108, 0.33])), float_check).tolist() == [True, False]
+    # 0.115 breaks campaign 0's 10% ratio bound although it is within the slack: refused
+    assert gate.bits_pass(gate.measure(_heads([0.115, 0.3])), float_check).tolist() == [False, True]
+
+
+def test_compress_config_checks_the_grid():
+    assert CompressConfig(head_l2_grid=[0, 1, 10]).head_l2_grid == (0.0, 1.0, 10.0)
+    with pytest.raises(ValueError, match="head_l2"):
+        CompressConfig(head_l2=3.0)
+    with pytest.raises(ValueError, match="head_l2_grid"):
+        CompressConfig(head_l2_grid=[-1.0, 1.0])
