@@ -59,7 +59,7 @@ from fleet.events import EventsDataset, split_by_campaign, table_to_batch
 from fleet.metrics import campaign_fidelity
 from fleet.quant import quantize_rows
 from fleet.store import FleetVersion, VersionWriter, WorkDir, json_safe
-from fleet.student import head_logits
+from fleet.student import POOLED_DESIGNS, head_logits
 from fleet.synth import (
     SYNTH_FILE,
     SynthConfig,
@@ -288,7 +288,8 @@ def independent_student_task(job: dict, ctx: stages.StageContext) -> dict:
     batch = _holdout_batch(EventsDataset(ctx.events_uri, ctx.storage_options), job["campaign_id"],
                            np.asarray(hold["row"]), ctx.num_features)
     config = backbone.config
-    logits = head_logits(config.head, compute_features(backbone, batch), head, config.head_rank)
+    features = compute_features(backbone, batch, pooled=config.head in POOLED_DESIGNS)  # (n, feature width)
+    logits = head_logits(config.head, features, head, config.head_rank)
     fid = campaign_fidelity(torch.sigmoid(logits).numpy(), torch.sigmoid(torch.tensor(hold["teacher_logit"])).numpy(),
                             np.asarray(hold["label"], dtype=np.float64), _min_count(ctx.config))
     return {**_fid_row(job["campaign_id"], fid, None), "bytes": len(data), "seconds": seconds,

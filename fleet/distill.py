@@ -23,6 +23,8 @@ from fleet.student import (
     Student,
     StudentConfig,
     backbone_forward,
+    bias_position,
+    feature_width,
     head_logits,
     head_num_params,
     init_heads,
@@ -221,17 +223,20 @@ def compute_features(
     batch_size: int = 2048,
     *,
     fake_quant: FakeQuant | None = None,
+    pooled: bool = False,
 ) -> torch.Tensor:
-    """Backbone features ``(B, H)`` of every row of ``batch``, in input row order, without gradients.
+    """Backbone features ``(B, H)`` of every row of ``batch`` (``(B, 2H)`` with ``pooled``, for the
+    designs of :data:`fleet.student.POOLED_DESIGNS`), in input row order, without gradients.
 
     Rows are run in length-sorted minibatches (less padding) and scattered back. Pass the same
     ``fake_quant`` the served backbone will use so the heads are fit on the features they will see.
     """
     was_training = backbone.training
     backbone.eval()
-    out = torch.empty(len(batch), backbone.config.hidden_size)  # (B, H)
+    out = torch.empty(len(batch), backbone.config.hidden_size * (2 if pooled else 1))  # (B, H) or (B, 2H)
     for index, sub in batch.minibatches(batch_size, sort_by_length=True):
-        out[index] = backbone_forward(backbone, sub.event_types, sub.features, sub.lengths, fake_quant=fake_quant)
+        out[index] = backbone_forward(backbone, sub.event_types, sub.features, sub.lengths, fake_quant=fake_quant,
+                                      pooled=pooled)
     backbone.train(was_training)
     return out
 
@@ -292,9 +297,10 @@ def fit_heads(
     Returns:
         ``(C, P)`` float heads (not quantized: quantize them with the same scheme as ``fake_quant``).
     """
-    n, hidden = features.shape
-    if hidden != student_config.hidden_size:
-        raise ValueError(f"features have H={hidden}, student_config.hidden_size={student_config.hidden_size}")
+    n, width = features.shape
+    if width != feature_width(student_config):
+        raise ValueError(f"features have width {width}; the {student_config.head!r} head of "
+                         f"hidden_size={student_config.hidden_size} reads {feature_width(student_config)}")
     if campaign_index.shape != (n,) or teacher_logits.shape != (n,):
         raise ValueError(f"campaign_index and teacher_logits must have shape ({n},)")
     if labels is not None and labels.shape != (n,):
@@ -360,7 +366,7 @@ def fit_heads(
 def _shrunk_segments(student_config: StudentConfig, dtype: torch.dtype) -> torch.Tensor:
     """``(P,)`` 1 where the L2 prior applies, 0 on the readout bias ``b`` (see :func:`fit_heads`)."""
     mask = torch.ones(head_num_params(student_config), dtype=dtype)
-    mask[-1] = 0.0  # every design's layout ends with the bias b (fleet.student.head_layout)
+    mask[bias_position(student_config.head, student_config.hidden_size, student_config.head_rank)] = 0.0
     return mask
 
 
@@ -420,7 +426,7 @@ def calibrate_bias(
     *,
     iterations: int = 25,
 ) -> torch.Tensor:
-    """Heads ``(C, P)`` with each campaign's readout bias ``b`` (the last entry) moved so that its mean
+    """Heads ``(C, P)`` with each campaign's readout bias ``b`` moved so that its mean
     probability on the given rows equals its teacher's: ``mean_i sigmoid(s_i + delta_c) = mean_i sigmoid(t_i)``.
 
     That ``delta_c`` is also the bias that minimises the campaign's mean KL(teacher || student) at
@@ -440,5 +446,6 @@ def calibrate_bias(
             slope = torch.bincount(campaign_index, weights=p * (1 - p), minlength=c)  # (C,)
             delta -= torch.where(slope > 0, value / slope.clamp(min=1e-12), torch.zeros_like(value)).clamp(-2.0, 2.0)
         out = heads.clone()
-        out[:, -1] += delta.to(heads.dtype)  # every design's layout ends with the bias b (fleet.student.head_layout)
+        out[:, bias_position(student_config.head, student_config.hidden_size, student_config.head_rank)] += \
+            delta.to(heads.dtype)
     return out

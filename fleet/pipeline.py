@@ -562,7 +562,7 @@ def _version_metrics(heads: pa.Table, rejects: list[dict], num: int, reused: int
                      "n_rows": volumes.get(cid), "status": columns["status"][i],
                      **{k: columns[k][i] for k in CALIBRATION_KEYS}})
     summary = fleet_summary(rows)
-    status_counts = {"ok": 0, "fallback": 0, **summary["status_counts"]}
+    status_counts = {"ok": 0, "capacity": 0, "fallback": 0, **summary["status_counts"]}
     bits = heads["bits"].to_numpy() if heads.num_rows else np.zeros(0)
     metrics = {
         "campaigns": num, "campaigns_ok": heads.num_rows - reused, "campaigns_reused": reused,

@@ -42,7 +42,15 @@ from fleet.store import (
     join_uri,
     storage_options_from_env,
 )
-from fleet.student import StudentConfig, head_logits, head_num_params
+from fleet.student import (
+    POOLED_DESIGNS,
+    StudentConfig,
+    feature_width,
+    head_logits,
+    head_num_params,
+    ladder_config,
+    pad_heads,
+)
 
 try:  # the per-campaign agreement / calibration fields of a head row (fleet-heads/1.1)
     from fleet.metrics import CALIBRATION_KEYS
@@ -266,7 +274,7 @@ class FleetModel:
         backbone.requires_grad_(False)
         self.backbone = backbone.eval()
         self.config: StudentConfig = backbone.config
-        self.num_params = head_num_params(self.config)
+        self.head_config, self.num_params = self._head_layout(version)
         self._cache = _HeadCache(cache_size, self.num_params)
         self._absent = _BoundedSet(ABSENT_CACHE_SIZE)
         self._dense: torch.Tensor | None = None  # preload: (C, P)
@@ -277,6 +285,18 @@ class FleetModel:
             self._preload()
 
     # -------------------------------------------------------------- construction
+
+    def _head_layout(self, version: FleetVersion) -> tuple[StudentConfig, int]:
+        """The head design every campaign is scored with and its row size ``P``: the backbone's, or the
+        capacity ladder's next design when the version holds such heads (the manifest's
+        ``campaigns.num_params_max``, written by :class:`fleet.store.VersionWriter`); smaller rows are zero-padded to it (:func:`fleet.student.pad_heads`)."""
+        base, bigger = self.config, ladder_config(self.config)
+        widest = version.manifest["campaigns"].get("num_params_max") or head_num_params(base)
+        allowed = {head_num_params(base): base, **({head_num_params(bigger): bigger} if bigger else {})}
+        if widest not in allowed:
+            raise StoreError(f"campaigns.num_params_max {widest!r} fits neither the backbone's {base.head!r} head nor "
+                             "its capacity ladder", path=version.manifest_uri)
+        return allowed[widest], widest
 
     @classmethod
     def open(
@@ -366,11 +386,17 @@ class FleetModel:
     # -------------------------------------------------------------- heads
 
     def _decode(self, rows: Sequence[HeadRow]) -> torch.Tensor:
+        base = head_num_params(self.config)
         for r in rows:
-            if r.num_params != self.num_params:
+            if r.num_params not in (base, self.num_params):
                 raise StoreError(f"head has {r.num_params} parameters but the backbone's {self.config.head!r} "
-                                 f"head needs {self.num_params}", campaign_id=r.campaign_id, path=self._version.uri)
-        heads = decode_heads(list(rows)).reshape(len(rows), self.num_params).float()  # (C, P)
+                                 f"head needs {base} (or {self.num_params}, its capacity ladder)",
+                                 campaign_id=r.campaign_id, path=self._version.uri)
+        heads = torch.empty(len(rows), self.num_params)  # (C, P), smaller designs zero-padded
+        for size in {r.num_params for r in rows}:
+            picked = [i for i, r in enumerate(rows) if r.num_params == size]
+            heads[picked] = pad_heads(decode_heads([rows[i] for i in picked]).reshape(len(picked), size).float(),
+                                      self.num_params)
         if not torch.isfinite(heads).all():
             bad = rows[int((~torch.isfinite(heads)).any(1).nonzero()[0])].campaign_id
             raise StoreError("head decodes to non-finite parameters", campaign_id=bad, path=self._version.uri)
@@ -525,8 +551,8 @@ class FleetModel:
             verdicts = dict(zip(distinct, statuses))
             if n == 0:
                 return Prediction(np.zeros(0, dtype=np.float64), np.zeros(0, dtype=bool), verdicts)
-            h = self._features(types, feats)  # (B, H)
-            logits = head_logits(self.config.head, h, heads, self.config.head_rank, index=inverse)  # (B,)
+            h = self._features(types, feats)  # (B, H), or (B, 2H) for a pooled design
+            logits = head_logits(self.head_config.head, h, heads, self.head_config.head_rank, index=inverse)  # (B,)
             probs = torch.sigmoid(logits).numpy().astype(np.float64)
         if not np.isfinite(probs).all():  # finite float32 inputs can still overflow inside the RNN
             row = int(np.flatnonzero(~np.isfinite(probs))[0])
@@ -564,19 +590,21 @@ class FleetModel:
         return types_out, feats_out
 
     def _features(self, types: list[np.ndarray], feats: list[np.ndarray]) -> torch.Tensor:
-        """Backbone features ``(B, H)``: rows sorted by length, run in chunks, scattered back."""
+        """Backbone features ``(B, W)`` (``W = feature_width(self.head_config)``): rows sorted by length, run in
+        chunks, scattered back."""
         n = len(types)
         num_feats = self.config.num_features
+        pooled = self.head_config.head in POOLED_DESIGNS
         if n <= BACKBONE_CHUNK and max(len(t) for t in types) <= 2 * min(len(t) for t in types):
             batch = collate(types, feats, num_feats)  # one call; padding at most 2x
-            return self.backbone(batch.event_types, batch.features, batch.lengths)
+            return self.backbone(batch.event_types, batch.features, batch.lengths, pooled)
         lengths = np.fromiter((len(t) for t in types), dtype=np.int64, count=n)
         order = np.argsort(lengths, kind="stable")
-        h = torch.empty(n, self.config.hidden_size)  # (B, H)
+        h = torch.empty(n, feature_width(self.head_config))  # (B, W)
         for start in range(0, n, BACKBONE_CHUNK):
             idx = order[start : start + BACKBONE_CHUNK]
             batch = collate([types[i] for i in idx], [feats[i] for i in idx], num_feats)
-            h[torch.from_numpy(idx)] = self.backbone(batch.event_types, batch.features, batch.lengths)
+            h[torch.from_numpy(idx)] = self.backbone(batch.event_types, batch.features, batch.lengths, pooled)
         return h
 
 

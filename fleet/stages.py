@@ -50,11 +50,14 @@ from fleet.ids import validate_campaign_id
 from fleet.metrics import CALIBRATION_KEYS, campaign_fidelity
 from fleet.quant import PerGroup, PerTensor, fake_quantize
 from fleet.student import (
+    POOLED_DESIGNS,
     Student,
     StudentConfig,
     backbone_forward,
     head_logits,
     head_num_params,
+    ladder_config,
+    pad_heads,
 )
 from fleet.teachers import load_teacher
 
@@ -95,6 +98,8 @@ class CompressConfig:
             validation rows, too few to choose on.
         calibrate_bias: after the fit, move each head's readout bias so that its mean probability on the
             campaign's fit + validation rows equals its teacher's (:func:`fleet.distill.calibrate_bias`).
+        head_ladder: refit a campaign whose head fails the gate with the next design of
+            :data:`fleet.student.HEAD_LADDER` (``film`` -> ``film_pool``), see :func:`fit_heads_shard`.
         bits: ``"auto"`` (per campaign, the fewest of 1/2/4/8/16 bits that pass the gate) or 1, 2, 4, 8, 16.
         group_size: head values per quantization scale.
         prune_sparsity: fraction of each head's weights pruned by magnitude before quantization.
@@ -141,6 +146,7 @@ class CompressConfig:
     head_l2: float = 1.0
     head_l2_grid: tuple[float, ...] = (0.0, 1.0, 10.0)
     calibrate_bias: bool = True
+    head_ladder: bool = True
     bits: str | int = "auto"
     group_size: int = 64
     prune_sparsity: float = 0.0
@@ -427,7 +433,8 @@ def train_backbone(sample: pa.Table, ctx: StageContext, *, rank: int = 0, world_
             total = 0.0
             for index, sub in val_batch.minibatches(1024, sort_by_length=True):
                 features = backbone_forward(student.backbone, sub.event_types, sub.features, sub.lengths,
-                                            fake_quant=fake_quant)  # (b, H)
+                                            fake_quant=fake_quant,
+                                            pooled=student_config.head in POOLED_DESIGNS)  # (b, H) or (b, 2H)
                 logits = head_logits(student_config.head, features, student.heads, student_config.head_rank,
                                      index=val_index[index])  # (b,)
                 total += float(distill_loss_rows(logits, val_logits[index], None, distill_config).sum())
@@ -467,71 +474,138 @@ def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes
     its teacher best on its own validation rows), quantize them (fixed or adaptive bits, optional
     pruning), judge every campaign against its teacher (:class:`CampaignGate`) and measure hold-out fidelity.
 
+    The capacity ladder (``head_ladder``): a campaign whose head fails the gate is fitted again with the
+    next design of :data:`fleet.student.HEAD_LADDER` (all such campaigns in one batched fit, starting from
+    their first head) and keeps the larger head when it passes, or when it fails by less.
+
     ``job = {"campaigns": [...], "hashes": {campaign: [teacher_sha, data_fp]}}``; ``soft`` holds
     the batch's stage-1 rows. Returns the batch's heads rows; ``status`` is the campaign's verdict:
-    ``ok`` (passes the gate) or ``fallback`` (its best head does not: stored anyway, flagged when served).
+    ``ok`` (passes the gate), ``capacity`` (passes with the ladder's larger head) or ``fallback`` (no
+    head passes: its best one is stored anyway, flagged when served).
     """
     config = ctx.config
     backbone, head_prior = backbone_from_bytes(backbone_bytes)
     student_config = backbone.config
-    distill_config = config.distill_config()
     campaigns = job["campaigns"]
     events = EventsDataset(ctx.events_uri, ctx.storage_options)
-    feats, index, logits, labels, splits = [], [], [], [], []
-    for c, (campaign_id, batch, rows) in enumerate(_campaign_batches(events, soft, campaigns, ctx.num_features)):
-        feats.append(compute_features(backbone, batch))  # (n_c, H)
+    batches, index, logits, labels, splits = [], [], [], [], []
+    for c, (_campaign_id, batch, rows) in enumerate(_campaign_batches(events, soft, campaigns, ctx.num_features)):
+        batches.append(batch)
         index.append(torch.full((len(batch),), c, dtype=torch.long))
         logits.append(torch.tensor(rows["teacher_logit"].to_numpy()))
         labels.append(batch.labels)
         splits.append(torch.tensor(rows["split"].to_numpy()))
-    features, cidx, t_logits, labels_all, split = (torch.cat(x) for x in (feats, index, logits, labels, splits))
-    num = len(campaigns)
+    cidx, t_logits, labels_all, split = (torch.cat(x) for x in (index, logits, labels, splits))
+    rows = _ShardRows(cidx, t_logits, labels_all, split, len(campaigns))
+    pooled = student_config.head in POOLED_DESIGNS
+    features = torch.cat([compute_features(backbone, b, pooled=pooled) for b in batches])  # (N, H) or (N, 2H)
+    init = head_prior.expand(len(campaigns), -1).clone() if head_prior is not None else None
+    rung = _fit_rung(features, rows, student_config, init, config)
+    designs = [student_config] * len(campaigns)
+    served, status = list(rung.served), ["ok" if bool(v) else "fallback" for v in rung.passes]
+    vectors, masks = list(rung.vectors), [None if rung.mask is None else rung.mask[c] for c in range(len(campaigns))]
+
+    bigger = ladder_config(student_config)
+    failing = [c for c, st in enumerate(status) if st == "fallback"]
+    if config.head_ladder and bigger is not None and failing:
+        pick = torch.tensor(failing)
+        keep_rows = torch.isin(cidx, pick)  # (N,) the failing campaigns' rows
+        renumber = torch.full((len(campaigns),), -1, dtype=torch.long)
+        renumber[pick] = torch.arange(len(failing))
+        big_features = torch.cat([compute_features(backbone, batches[c], pooled=bigger.head in POOLED_DESIGNS)
+                                  for c in failing])  # rows of the failing campaigns, in the same order
+        big_rows = _ShardRows(renumber[cidx[keep_rows]], t_logits[keep_rows], labels_all[keep_rows],
+                              split[keep_rows], len(failing))
+        start = pad_heads(rung.heads[pick], head_num_params(bigger))  # (F, P') each rung-1 head, exactly
+        big = _fit_rung(big_features, big_rows, bigger, start, config)
+        for k, c in enumerate(failing):
+            if bool(big.passes[k]) or float(big.check.kl[k]) < float(rung.check.kl[c]):
+                designs[c], served[c], vectors[c] = bigger, big.served[k], big.vectors[k]
+                masks[c] = None if big.mask is None else big.mask[k]
+                status[c] = "capacity" if bool(big.passes[k]) else "fallback"
+        big_hold = big_rows.split == HOLDOUT
+        big_p = torch.sigmoid(head_logits(bigger.head, big_features[big_hold], big.served, 1,
+                                          index=big_rows.cidx[big_hold]))  # (hold-out rows of the failing ones,)
+    hold = split == HOLDOUT
+    p_student = torch.sigmoid(head_logits(student_config.head, features[hold], rung.served, student_config.head_rank,
+                                          index=cidx[hold]))  # (hold-out rows,)
+    p_teacher, hold_labels, hold_idx = torch.sigmoid(t_logits[hold]), labels_all[hold], cidx[hold]
+    n_fit = torch.bincount(cidx[split == FIT], minlength=len(campaigns))
+    out = []
+    for c, campaign_id in enumerate(campaigns):
+        sel = hold_idx == c
+        mine = p_student[sel]
+        if designs[c] is not student_config:  # this campaign is served by the ladder's larger head
+            mine = big_p[big_rows.cidx[big_hold] == failing.index(c)]
+        fid = campaign_fidelity(mine.numpy(), p_teacher[sel].numpy(), hold_labels[sel].numpy(),
+                                config.min_auc_class_count)
+        teacher_sha, data_fp = job["hashes"][campaign_id]
+        row = head_row(campaign_id, vectors[c], head_num_params(designs[c]), masks[c],
+                       teacher_sha256=bytes.fromhex(teacher_sha), data_fingerprint=bytes.fromhex(data_fp))
+        out.append(dataclasses.replace(
+            row, teacher_auc=fid["teacher_auc"], student_auc=fid["student_auc"], mean_abs_diff=fid["mean_abs_diff"],
+            agreement=fid["agreement"], n_train=int(n_fit[c]), n_holdout=int(sel.sum()), status=status[c],
+            **{k: fid[k] for k in CALIBRATION_KEYS}))
+    return heads_to_table(out)
+
+
+@dataclass
+class _ShardRows:
+    """The stage-1 rows of a shard's campaigns, each ``(N,)``: campaign index, teacher logit, label, split."""
+
+    cidx: torch.Tensor
+    t_logits: torch.Tensor
+    labels: torch.Tensor
+    split: torch.Tensor
+    num: int
+
+
+@dataclass
+class _Rung:
+    """One design's heads for a set of campaigns: float fit, stored vectors, served heads, verdict."""
+
+    heads: torch.Tensor  # (C, P) float, chosen per campaign and bias-calibrated
+    vectors: list  # one fleet.quant.QuantizedVector per campaign
+    mask: torch.Tensor | None  # (C, P) kept entries when pruned
+    served: torch.Tensor  # (C, P) exactly what serving decodes
+    check: GateCheck  # of the served heads on the gate rows
+    passes: torch.Tensor  # (C,) bool
+
+
+def _fit_rung(features: torch.Tensor, rows: _ShardRows, student_config: StudentConfig, init: torch.Tensor | None,
+              config: CompressConfig) -> _Rung:
+    """Fit (grid + per-campaign choice on validation rows), calibrate, quantize and judge the heads of
+    ``student_config.head`` for the campaigns of ``rows`` on ``features`` (N, feature width)."""
+    distill_config = config.distill_config()
+    num, cidx, split = rows.num, rows.cidx, rows.split
     fit_rows, val_rows = split == FIT, split == VALIDATION
     trusted = torch.bincount(cidx[val_rows], minlength=num) >= MIN_VALIDATION_ROWS  # (C,) enough rows to choose on
-    init = head_prior.expand(num, -1).clone() if head_prior is not None else None
     fake_quant = None
     if config.head_qat:
         fake_quant = lambda p: fake_quantize(p, int(config.bits), PerGroup(config.group_size))
-    candidates = fit_heads_grid(features[fit_rows], cidx[fit_rows], t_logits[fit_rows], labels_all[fit_rows], num,
+    candidates = fit_heads_grid(features[fit_rows], cidx[fit_rows], rows.t_logits[fit_rows], rows.labels[fit_rows], num,
                                 student_config, distill_config, config.head_l2_grid, steps=config.head_steps,
                                 lr=config.head_lr, init=init, seed=config.seed, fake_quant=fake_quant)  # (G, C, P)
-    val_loss = torch.stack([campaign_losses(h, features[val_rows], cidx[val_rows], t_logits[val_rows], num,
+    val_loss = torch.stack([campaign_losses(h, features[val_rows], cidx[val_rows], rows.t_logits[val_rows], num,
                                             student_config, distill_config) for h in candidates])  # (G, C)
     choice = select_per_campaign(val_loss, config.head_l2_grid.index(config.head_l2), trusted)  # (C,)
     heads = candidates[choice, torch.arange(num)]  # (C, P)
     if config.calibrate_bias:  # each campaign's mean probability = its teacher's on its fit + validation rows
         known = fit_rows | val_rows
-        heads = calibrate_bias(heads, features[known], cidx[known], t_logits[known], student_config)
+        heads = calibrate_bias(heads, features[known], cidx[known], rows.t_logits[known], student_config)
 
     gate_rows = val_rows | (fit_rows & ~trusted[cidx])  # campaigns with few validation rows are gated on fit rows
-    gate = CampaignGate(features[gate_rows], cidx[gate_rows], t_logits[gate_rows], num, student_config, config)
+    gate = CampaignGate(features[gate_rows], cidx[gate_rows], rows.t_logits[gate_rows], num, student_config, config)
     float_check = gate.measure(heads)
     vectors, _bits, mask = encode_heads(heads, config.bits, group_size=config.group_size,
-                                       sparsity=config.prune_sparsity,
-                                       gate=lambda h: gate.bits_pass(gate.measure(h), float_check))
+                                        sparsity=config.prune_sparsity,
+                                        gate=lambda h: gate.bits_pass(gate.measure(h), float_check))
     n_params = head_num_params(student_config)
-    drafts = [head_row(cid, vectors[c], n_params, None if mask is None else mask[c], teacher_sha256=b"\0" * 32,
-                       data_fingerprint=b"\0" * DATA_FINGERPRINT_BYTES) for c, cid in enumerate(campaigns)]
+    drafts = [head_row(f"draft-{c}", vectors[c], n_params, None if mask is None else mask[c], teacher_sha256=b"\0" * 32,
+                       data_fingerprint=b"\0" * DATA_FINGERPRINT_BYTES) for c in range(num)]
     served = decode_heads(drafts)  # (C, P) exactly what serving will use
-    passes = gate.passes(gate.measure(served))  # (C,) the verdict, on the served head
-
-    hold = split == HOLDOUT
-    design, rank = student_config.head, student_config.head_rank
-    p_student = torch.sigmoid(head_logits(design, features[hold], served, rank, index=cidx[hold]))
-    p_teacher, hold_labels, hold_idx = torch.sigmoid(t_logits[hold]), labels_all[hold], cidx[hold]
-    n_fit = torch.bincount(cidx[fit_rows], minlength=num)
-    out = []
-    for c, campaign_id in enumerate(campaigns):
-        sel = hold_idx == c
-        fid = campaign_fidelity(p_student[sel].numpy(), p_teacher[sel].numpy(), hold_labels[sel].numpy(),
-                                config.min_auc_class_count)
-        teacher_sha, data_fp = job["hashes"][campaign_id]
-        out.append(dataclasses.replace(
-            drafts[c], teacher_sha256=bytes.fromhex(teacher_sha), data_fingerprint=bytes.fromhex(data_fp),
-            teacher_auc=fid["teacher_auc"], student_auc=fid["student_auc"], mean_abs_diff=fid["mean_abs_diff"],
-            agreement=fid["agreement"], n_train=int(n_fit[c]), n_holdout=int(sel.sum()),
-            status="ok" if bool(passes[c]) else "fallback", **{k: fid[k] for k in CALIBRATION_KEYS}))
-    return heads_to_table(out)
+    check = gate.measure(served)
+    return _Rung(heads, vectors, mask, served, check, gate.passes(check))
 
 
 @dataclass

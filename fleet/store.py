@@ -29,6 +29,7 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
@@ -304,7 +305,10 @@ class VersionWriter:
                 "row_groups": firsts,
             })
         if n:
-            self._campaigns = {"count": n, "first": ids[0].as_py(), "last": ids[n - 1].as_py()}
+            widest = pc.max(pc.list_flatten(table.column("shape"))).as_py()
+            # num_params_max: the widest head row (larger than the backbone's head: the capacity ladder's heads)
+            self._campaigns = {"count": n, "first": ids[0].as_py(), "last": ids[n - 1].as_py(),
+                               "num_params_max": widest}
         self._teachers_sha256 = teachers_digest(
             zip(ids.to_pylist(), table.column("teacher_sha256").to_pylist())
         )

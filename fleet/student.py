@@ -9,6 +9,7 @@ See ``docs/compression.md`` for the designs and why they look like this.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,7 +20,13 @@ from torch.func import functional_call
 from fleet.data import last_valid
 
 ARCHS = ("gru", "lstm")
-HEAD_DESIGNS = ("film", "lowrank", "linear")
+HEAD_DESIGNS = ("film", "lowrank", "linear", "film_pool")
+#: The capacity ladder: a campaign whose head fails its gate at 16 bits is refitted with the next design.
+#: Each larger design's row starts with the smaller one's (its extra segments at the end): a smaller row
+#: zero-padded to the larger size is the same head (see :func:`pad_heads`).
+HEAD_LADDER = {"film": "film_pool"}
+#: Designs whose head reads the backbone's pooled view too: features ``(B, 2H)`` = last state ++ mean state.
+POOLED_DESIGNS = ("film_pool",)
 
 FakeQuant = Callable[[torch.Tensor], torch.Tensor]
 
@@ -36,7 +43,8 @@ class StudentConfig:
         embed_dim: size of the event-type embedding, concatenated with the numeric features.
         num_layers: stacked recurrent layers.
         head: per-campaign head design: ``"film"`` (default, ``3H+1`` params), ``"lowrank"``
-            (rank-``head_rank`` adapter, ``2*H*head_rank+H+1``) or ``"linear"`` (``H+1``, a baseline).
+            (rank-``head_rank`` adapter, ``2*H*head_rank+H+1``), ``"linear"`` (``H+1``, a baseline) or
+            ``"film_pool"`` (FiLM that also reads the mean of the backbone's states, ``4H+1``).
         head_rank: rank of the ``"lowrank"`` adapter; must be 1 for the other designs.
     """
 
@@ -100,11 +108,18 @@ class SharedBackbone(nn.Module):
             batch_first=True,
         )
 
-    def forward(self, event_types: torch.Tensor, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Backbone features ``(B, H)`` of a padded batch."""
+    def forward(self, event_types: torch.Tensor, features: torch.Tensor, lengths: torch.Tensor,
+                pooled: bool = False) -> torch.Tensor:
+        """Backbone features ``(B, H)`` of a padded batch; with ``pooled``, ``(B, 2H)``: the last valid
+        state ++ the mean of the valid states (what :data:`POOLED_DESIGNS` read)."""
         x = torch.cat([self.embedding(event_types), features.to(self.embedding.weight.dtype)], dim=-1)  # (B, T, E+F)
         outputs, _ = self.rnn(x)  # (B, T, H)
-        return last_valid(outputs, lengths)  # (B, H)
+        last = last_valid(outputs, lengths)  # (B, H)
+        if not pooled:
+            return last
+        valid = torch.arange(outputs.shape[1])[None, :] < lengths[:, None]  # (B, T)
+        mean = (outputs * valid.unsqueeze(-1)).sum(1) / lengths.clamp(min=1).unsqueeze(-1).to(outputs.dtype)  # (B, H)
+        return torch.cat([last, mean], dim=-1)  # (B, 2H)
 
 
 def quantizable_weights(module: nn.Module) -> list[str]:
@@ -120,19 +135,21 @@ def backbone_forward(
     lengths: torch.Tensor,
     *,
     fake_quant: FakeQuant | None = None,
+    pooled: bool = False,
 ) -> torch.Tensor:
-    """``backbone(event_types, features, lengths) -> (B, H)``, with ``fake_quant`` applied to every
-    weight matrix (recurrent weights included, see :func:`quantizable_weights`) when given.
+    """``backbone(event_types, features, lengths, pooled) -> (B, H)`` (``(B, 2H)`` when ``pooled``), with
+    ``fake_quant`` applied to every weight matrix (recurrent weights included, see :func:`quantizable_weights`)
+    when given.
 
     The module's own parameters are not changed: the transformed tensors are swapped in for this
     call only (``torch.func.functional_call``), so gradients flow through ``fake_quant`` (use a
     straight-through estimator there) to the float weights.
     """
     if fake_quant is None:
-        return backbone(event_types, features, lengths)
+        return backbone(event_types, features, lengths, pooled)
     params = dict(backbone.named_parameters())
     swapped = {name: fake_quant(params[name]) for name in quantizable_weights(backbone)}
-    return functional_call(backbone, swapped, (event_types, features, lengths), strict=False)
+    return functional_call(backbone, swapped, (event_types, features, lengths, pooled), strict=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,10 +162,13 @@ def head_layout(design: str, hidden_size: int, rank: int = 1) -> tuple[tuple[str
     - ``film``: ``gamma (H)``, ``beta (H)``, ``w (H)``, ``b (1)``
     - ``lowrank``: ``u (H, r)``, ``v (H, r)``, ``w (H)``, ``b (1)``
     - ``linear``: ``w (H)``, ``b (1)``
+    - ``film_pool``: ``gamma (H)``, ``beta (H)``, ``w (H)``, ``b (1)``, ``g (H)``: a ``film`` row plus ``g``
     """
     h = int(hidden_size)
     if design == "film":
         return (("gamma", (h,)), ("beta", (h,)), ("w", (h,)), ("b", (1,)))
+    if design == "film_pool":
+        return (("gamma", (h,)), ("beta", (h,)), ("w", (h,)), ("b", (1,)), ("g", (h,)))
     if design == "lowrank":
         return (("u", (h, rank)), ("v", (h, rank)), ("w", (h,)), ("b", (1,)))
     if design == "linear":
@@ -169,6 +189,35 @@ def _num_params(design: str, hidden_size: int, rank: int) -> int:
 def head_num_params(config: StudentConfig) -> int:
     """Parameters ``P`` of one head row (193 for the default FiLM head at ``H = 64``)."""
     return _num_params(config.head, config.hidden_size, config.head_rank)
+
+
+def feature_width(config: StudentConfig) -> int:
+    """Width of the backbone features ``config.head`` reads: ``H``, or ``2H`` for :data:`POOLED_DESIGNS`."""
+    return config.hidden_size * (2 if config.head in POOLED_DESIGNS else 1)
+
+
+def bias_position(design: str, hidden_size: int, rank: int = 1) -> int:
+    """Index of the readout bias ``b`` in a head row of ``design``."""
+    start = 0
+    for name, shape in head_layout(design, hidden_size, rank):
+        if name == "b":
+            return start
+        start += math.prod(shape)
+    raise AssertionError(f"head design {design!r} has no bias")  # every layout has one
+
+
+def ladder_config(config: StudentConfig) -> StudentConfig | None:
+    """The student config of the next rung of :data:`HEAD_LADDER` above ``config.head`` (None at the top)."""
+    bigger = HEAD_LADDER.get(config.head)
+    return None if bigger is None else dataclasses.replace(config, head=bigger, head_rank=1)
+
+
+def pad_heads(heads: torch.Tensor, num_params: int) -> torch.Tensor:
+    """Heads ``(C, P)`` of a design zero-padded to ``(C, num_params)``: the same heads in the next rung's
+    layout (:data:`HEAD_LADDER`: a larger design's extra segments come last and are off at 0)."""
+    if heads.shape[1] > num_params:
+        raise ValueError(f"cannot pad heads of {heads.shape[1]} parameters to {num_params}")
+    return torch.nn.functional.pad(heads, (0, num_params - heads.shape[1]))
 
 
 def _split(design: str, params: torch.Tensor, hidden_size: int, rank: int) -> dict[str, torch.Tensor]:
@@ -232,7 +281,12 @@ def head_logits(
     - ``film``:    ``z = tanh(h * (1 + gamma) + beta)``, logit ``= w . z + b``
     - ``lowrank``: ``z = tanh(h + u (v^T h))`` (rank-r adapter), logit ``= w . z + b``
     - ``linear``:  logit ``= w . h + b``
+    - ``film_pool``: features are ``(B, 2H)`` = last state ``h`` ++ mean state ``m``;
+      ``z = tanh(h * (1 + gamma) + beta + g * m)``, logit ``= w . z + b`` (``g = 0``: exactly ``film``)
     """
+    pooled = None
+    if design in POOLED_DESIGNS:
+        features, pooled = features.chunk(2, dim=1)  # (B, H) each
     batch, hidden = features.shape
     if params.ndim == 1:
         params = params.unsqueeze(0)  # (1, P)
@@ -244,12 +298,14 @@ def head_logits(
     if index is not None and index.shape != (batch,):
         raise ValueError(f"index must have shape ({batch},), got {tuple(index.shape)}")
     p = _split(design, params, hidden, rank)  # segments, each (rows, *shape)
-    if design == "film":
+    if design in ("film", "film_pool"):
         p["gamma"] = 1.0 + p["gamma"]  # scale at identity when gamma = 0
     if index is not None:
         p = {name: _gather_rows(seg, index) for name, seg in p.items()}  # each (B, *shape)
     if design == "film":
         z = torch.tanh(torch.addcmul(p["beta"], features, p["gamma"]))  # (B, H)
+    elif design == "film_pool":
+        z = torch.tanh(torch.addcmul(torch.addcmul(p["beta"], features, p["gamma"]), pooled, p["g"]))  # (B, H)
     elif design == "lowrank":
         s = (p["v"] * features.unsqueeze(-1)).sum(1)  # (B, r)  v^T h
         z = torch.tanh(features + (p["u"] * s.unsqueeze(1)).sum(-1))  # (B, H)
@@ -288,5 +344,6 @@ class Student(nn.Module):
         fake_quant: FakeQuant | None = None,
     ) -> torch.Tensor:
         """Logits ``(B,)``; ``fake_quant`` (optional) is applied to the backbone's weight matrices."""
-        h = backbone_forward(self.backbone, event_types, features, lengths, fake_quant=fake_quant)  # (B, H)
+        h = backbone_forward(self.backbone, event_types, features, lengths, fake_quant=fake_quant,
+                             pooled=self.config.head in POOLED_DESIGNS)  # (B, H) or (B, 2H)
         return head_logits(self.config.head, h, self.heads, self.config.head_rank, index=campaign_index)  # (B,)

@@ -21,9 +21,11 @@ from fleet.distill import (
 )
 from fleet.student import (
     HEAD_DESIGNS,
+    POOLED_DESIGNS,
     SharedBackbone,
     Student,
     StudentConfig,
+    feature_width,
     head_logits,
     head_num_params,
     init_heads,
@@ -258,7 +260,7 @@ def _head_problem(design: str, seed: int = 0, hidden: int = 8):
     campaign_index = torch.cat([torch.full((n,), c) for c, n in enumerate(sizes)])
     campaign_index = campaign_index[torch.randperm(len(campaign_index), generator=g)]
     n = len(campaign_index)
-    features = torch.tanh(torch.randn(n, hidden, generator=g))
+    features = torch.tanh(torch.randn(n, feature_width(config), generator=g))
     teacher_logits = 2 * torch.randn(n, generator=g)
     labels = torch.where(torch.rand(n, generator=g) < 0.5, float("nan"), (torch.rand(n, generator=g) < 0.3).float())
     init = init_heads(config, len(sizes)) + 0.1 * torch.randn(len(sizes), head_num_params(config), generator=g)
@@ -296,7 +298,7 @@ def test_fit_heads_recovers_known_heads(design):
     backbone = SharedBackbone(config)
     c, n_per = 5, 300
     batch = _sequences(2 * c * n_per, 8, seed=11)
-    features = compute_features(backbone, batch)  # (N, H)
+    features = compute_features(backbone, batch, pooled=design in POOLED_DESIGNS)  # (N, feature width)
     campaign_index = torch.arange(len(batch)) % c
     true = init_heads(config, c) + torch.randn(c, head_num_params(config))
     teacher_logits = head_logits(design, features, true, index=campaign_index)

@@ -99,3 +99,94 @@ def test_compress_config_checks_the_grid():
         CompressConfig(head_l2=3.0)
     with pytest.raises(ValueError, match="head_l2_grid"):
         CompressConfig(head_l2_grid=[-1.0, 1.0])
+
+
+# ----------------------------------------------------------------------------- the capacity ladder
+
+
+def _ladder_shard(tmp_path, head_ladder: bool):
+    """Two campaigns over one random backbone: campaign 0's teacher is a film head of the last state,
+    campaign 1's reads only the mean of the states (film_pool with gamma = -1), which film cannot follow."""
+    from fleet.backbone_codec import backbone_from_bytes, backbone_to_bytes
+    from fleet.distill import compute_features
+    from fleet.events import table_to_batch, write_events
+    from fleet.stages import HOLDOUT, StageContext, fit_heads_shard, row_splits
+    from fleet.student import (
+        SharedBackbone,
+        head_layout,
+        head_logits,
+        head_num_params,
+        init_heads,
+    )
+    from fleet.synth import SynthConfig, generate
+
+    synth = SynthConfig(campaigns=2, num_event_types=8, num_features=3, min_sequences=700, max_sequences=700, seed=1)
+    tables = [generate(synth, i) for i in range(2)]
+    events_uri = str(tmp_path / "events")
+    write_events(events_uri, pa.concat_tables(tables))
+    student = StudentConfig(num_event_types=8, num_features=3, hidden_size=8)
+    torch.manual_seed(0)
+    data = backbone_to_bytes(SharedBackbone(student), 8, head_prior=init_heads(student, 1)[0])
+    backbone, _ = backbone_from_bytes(data)
+    g = torch.Generator().manual_seed(2)
+    film = torch.randn(1, head_num_params(student), generator=g) * 2.0  # (1, 25)
+    mean_only = torch.zeros(1, 4 * 8 + 1)  # film_pool: gamma -1 (last state off), w, g random, b 0
+    sizes = dict(head_layout("film_pool", 8))
+    mean_only[0, :8] = -1.0
+    mean_only[0, 16:24] = torch.randn(8, generator=g) * 3.0  # w
+    mean_only[0, 25:] = torch.randn(8, generator=g) * 4.0  # g
+    assert sizes["g"] == (8,)
+    config = CompressConfig(head_steps=300, head_ladder=head_ladder, num_event_types=8, num_features=3)
+    soft_parts = []
+    for i, table in enumerate(tables):
+        cid = table["campaign_id"][0].as_py()
+        pooled = compute_features(backbone, table_to_batch(table, 3), pooled=True)  # (n, 16)
+        logits = (head_logits("film", pooled[:, :8], film[0]) if i == 0 else head_logits("film_pool", pooled, mean_only[0]))
+        splits = row_splits(cid, len(table), config)
+        soft_parts.append(pa.table({"campaign_id": [cid] * len(table), "row": pa.array(range(len(table)), pa.int32()),
+                                    "split": pa.array(splits, pa.int8()), "teacher_logit": pa.array(logits.numpy()),
+                                    "label": pa.array(table["label"].to_numpy().astype(np.float32))},
+                                   schema=SOFT_LABELS_SCHEMA))
+    soft = pa.concat_tables(soft_parts)
+    ids = [t["campaign_id"][0].as_py() for t in tables]
+    job = {"campaigns": ids, "hashes": {c: ["00" * 32, "00" * 16] for c in ids}}
+    ctx = StageContext(teachers_uri=str(tmp_path / "teachers"), events_uri=events_uri, config=config,
+                       num_event_types=8, num_features=3)
+    assert HOLDOUT in soft["split"].to_pylist()
+    return fit_heads_shard(job, ctx, soft, data), data, ids
+
+
+def test_capacity_ladder_gives_a_failing_campaign_the_larger_head_and_every_path_serves_both(tmp_path):
+    from fleet.serving import FleetModel
+    from fleet.store import VersionWriter
+
+    heads, data, ids = _ladder_shard(tmp_path / "a", head_ladder=True)
+    rows = heads.to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "capacity"]  # film suffices for 0; 1 needs the pooled view
+    assert [r["shape"] for r in rows] == [[25], [33]]
+    assert rows[1]["kl"] < 0.05
+
+    without, _, _ = _ladder_shard(tmp_path / "b", head_ladder=False)
+    assert without["status"].to_pylist() == ["ok", "fallback"] and without["shape"].to_pylist() == [[25], [25]]
+    assert without["kl"][1].as_py() > rows[1]["kl"]
+
+    for name, table in (("ladder", heads), ("plain", without)):
+        writer = VersionWriter(str(tmp_path / "store"), "f", name)
+        writer.write_backbone_bytes(data)
+        writer.write_heads(table)
+        uri = writer.commit()
+        for preload in (False, True):
+            model = FleetModel.open(uri, preload=preload)
+            events = generate_rows(ids)
+            prediction = model.predict_with_status([ids[0], ids[1]] * 3, *events)
+            assert prediction.fallback.tolist() == [False, name == "plain"] * 3
+            alone = [model.predict_columns(cid, [t], [f])[0] for cid, t, f in zip([ids[0], ids[1]] * 3, *events)]
+            np.testing.assert_allclose(prediction.probabilities, alone, rtol=0, atol=1e-6)
+    assert FleetModel.open(uri).num_params == 25  # a version without ladder heads is served at film's size
+
+
+def generate_rows(ids: list[str]):
+    """Six sequences (event types, flat features) of the ladder fleet's input space."""
+    rng = np.random.default_rng(0)
+    lengths = [3, 7, 1, 12, 5, 9]
+    return ([rng.integers(0, 8, n).tolist() for n in lengths], [rng.normal(size=3 * n).tolist() for n in lengths])

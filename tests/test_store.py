@@ -112,7 +112,7 @@ def test_round_trip(store):
 
     m = version.manifest
     assert m["format"] == "fleet-version/1" and m["heads_format"] == "fleet-heads/1.1" and m["fleet"] == "adfleet"
-    assert m["campaigns"] == {"count": N, "first": "c00000", "last": f"c{2 * N - 2:05d}"}
+    assert m["campaigns"] == {"count": N, "first": "c00000", "last": f"c{2 * N - 2:05d}", "num_params_max": 193}
     assert m["config"] == {"seed": 7}
     assert m["metrics"] == {"auc_delta_median": -0.001, "bad": None}  # NaN is not JSON
     assert m["lineage"]["parent_version"] == "v0"

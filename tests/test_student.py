@@ -7,14 +7,18 @@ import torch
 
 from fleet.student import (
     HEAD_DESIGNS,
+    HEAD_LADDER,
     SharedBackbone,
     Student,
     StudentConfig,
     backbone_forward,
+    feature_width,
     head_layout,
     head_logits,
     head_num_params,
     init_heads,
+    ladder_config,
+    pad_heads,
     quantizable_weights,
 )
 
@@ -127,7 +131,7 @@ def test_init_heads_rows_are_identical_and_start_at_zero_logit(design):
     assert heads.shape == (5, head_num_params(config))
     assert torch.equal(heads, heads[:1].expand(5, -1))
     assert torch.equal(init_heads(config, 2)[0], heads[0])  # a row does not depend on C
-    h = torch.randn(3, 8)
+    h = torch.randn(3, feature_width(config))
     assert torch.equal(head_logits(design, h, heads[:3], config.head_rank), torch.zeros(3))
 
 
@@ -180,3 +184,39 @@ def test_student_forward_is_backbone_then_head():
     assert logits.shape == (6,)
     torch.testing.assert_close(logits, expected)
     assert student.num_campaigns == 3
+
+
+def test_a_smaller_rung_zero_padded_is_the_same_head_on_the_ladder():
+    """film -> film_pool: a film row padded with g = 0 gives exactly the film logits (pooled view off)."""
+    torch.manual_seed(0)
+    config = _config(head="film", hidden_size=8)
+    bigger = ladder_config(config)
+    assert HEAD_LADDER["film"] == bigger.head == "film_pool" and ladder_config(bigger) is None
+    heads = torch.randn(4, head_num_params(config))
+    padded = pad_heads(heads, head_num_params(bigger))
+    assert padded.shape == (4, 4 * 8 + 1) and torch.equal(padded[:, : heads.shape[1]], heads)
+    pooled = torch.randn(6, feature_width(bigger))  # (B, 2H): last state ++ mean state
+    index = torch.tensor([0, 1, 2, 3, 0, 1])
+    torch.testing.assert_close(head_logits("film_pool", pooled, padded, index=index),
+                               head_logits("film", pooled[:, :8], heads, index=index), rtol=0, atol=0)
+    padded[:, -8:] = 1.0  # g on: the pooled view now changes the logits
+    assert not torch.allclose(head_logits("film_pool", pooled, padded, index=index),
+                              head_logits("film", pooled[:, :8], heads, index=index))
+
+
+def test_pooled_features_are_last_and_mean_of_the_valid_states_only():
+    torch.manual_seed(0)
+    config = _config(hidden_size=6)
+    backbone = SharedBackbone(config).eval()
+    types = torch.randint(0, config.num_event_types, (3, 9))
+    feats = torch.randn(3, 9, config.num_features)
+    lengths = torch.tensor([9, 4, 1])
+    with torch.no_grad():
+        out = backbone(types, feats, lengths, pooled=True)  # (B, 2H)
+        assert out.shape == (3, 12) and torch.equal(out[:, :6], backbone(types, feats, lengths))
+        for row, n in enumerate(lengths.tolist()):
+            states, _ = backbone.rnn(torch.cat([backbone.embedding(types[row : row + 1, :n]), feats[row : row + 1, :n]], -1))
+            torch.testing.assert_close(out[row, 6:], states[0].mean(0), rtol=0, atol=1e-6)
+        feats2 = feats.clone()
+        feats2[1, 4:] = 1e3  # after lengths: no effect
+        assert torch.equal(backbone(types, feats2, lengths, pooled=True), out)
