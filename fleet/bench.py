@@ -1295,7 +1295,7 @@ def run_from_args(args, out_console) -> int:
     """``fleet bench``: run, print the summary table; exit 0 (1 on a FleetError, raised to the CLI).
     With ``--zoo``: the zoo's fidelity table instead (exit 1 when a pair misses a target)."""
     config = config_from_args(args)
-    if args.zoo:
+    if args.zoo or args.zoo_compare:
         from fleet import bench_zoo
 
         return bench_zoo.run_from_args(args, config.compress, out_console.print)

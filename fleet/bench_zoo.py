@@ -193,6 +193,48 @@ def render_table(pairs: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+#: Columns of :func:`render_comparison`: (metric key of :func:`evaluate_run`, format, higher is better).
+COMPARED = (
+    ("auc_diff_median", "+.4f", True), ("auc_diff_p10", "+.4f", True), ("auc_diff_worst", "+.4f", True),
+    ("auc_diff_volume_weighted", "+.4f", True), ("top_decile_auc_diff_median", "+.4f", True),
+    ("mean_ratio_within_10pct_share", ".2f", True), ("ece_excess_median", "+.4f", False),
+    ("kl_median", ".4f", False), ("kl_p90", ".4f", False),
+)
+
+
+def render_comparison(runs: list[tuple[str, dict]]) -> str:
+    """Zoo runs side by side (``runs``: (name, zoo.json dict)): per pair, then the mean over pairs of each
+    metric and, for every run after the first, on how many pairs it does better than the first."""
+    names = [k for k, _, _ in COMPARED]
+    out = ["| pair | run | " + " | ".join(names) + " | verdicts | head row B p50 |",
+           "|---|---|" + "---:|" * len(names) + "---|---:|"]
+    by_pair = [{(p["generator"], p["teacher"]): p for p in r["pairs"]} for _, r in runs]
+    pairs = [k for k in by_pair[0] if all(k in b for b in by_pair)]
+    for key in pairs:
+        for (name, _), mine in zip(runs, by_pair):
+            p = mine[key]
+            verdicts = ", ".join(f"{a} {b}" for a, b in sorted((p.get("status_counts") or {}).items()))
+            row_bytes = p.get("head_row_bytes_p50_p90_max") or [None]
+            out.append(f"| {key[0]}-{key[1]} | {name} | " + " | ".join(_f(p[k], f) for k, f, _ in COMPARED)
+                       + f" | {verdicts} | {_f(row_bytes[0], '.0f')} |")
+    out += ["", "| run | " + " | ".join(f"mean {k}" for k in names) + " |", "|---|" + "---:|" * len(names)]
+    for (name, _), mine in zip(runs, by_pair):
+        means = [np.mean([v for v in (mine[key][k] for key in pairs) if v is not None] or [math.nan])
+                 for k, _, _ in COMPARED]
+        out.append(f"| {name} | " + " | ".join(_f(float(m), f) for m, (_, f, _) in zip(means, COMPARED)) + " |")
+    if len(runs) > 1:
+        out += ["", f"| run | pairs on which it does better than {runs[0][0]}, per metric |", "|---|---|"]
+        for (name, _), mine in list(zip(runs, by_pair))[1:]:
+            counts = []
+            for k, _, higher in COMPARED:
+                both = [(by_pair[0][key][k], mine[key][k]) for key in pairs
+                        if by_pair[0][key][k] is not None and mine[key][k] is not None]
+                wins = sum((b > a) if higher else (b < a) for a, b in both)
+                counts.append(f"{k} {wins}/{len(both)}")
+            out.append(f"| {name} | {'; '.join(counts)} |")
+    return "\n".join(out) + "\n"
+
+
 def add_arguments(p) -> None:
     """``fleet bench --zoo`` flags (the rest of ``fleet bench``'s flags do not apply)."""
     g = p.add_argument_group("zoo (with --zoo)")
@@ -200,6 +242,8 @@ def add_arguments(p) -> None:
                                                      "and report fidelity per pair (zoo.json, zoo.md)")
     g.add_argument("--zoo-generators", default=None, help="comma-separated generators (default: all)")
     g.add_argument("--zoo-teachers", default=None, help="comma-separated teacher classes (default: all)")
+    g.add_argument("--zoo-compare", action="append", default=None, metavar="NAME=ZOO_JSON",
+                   help="print zoo runs side by side (per pair, means, wins over the first) and exit; repeatable")
     g.add_argument("--zoo-run-id", default=None,
                    help="run id of every pair (default: a timestamp); a pair already committed under it is "
                         "evaluated, not compressed again")
@@ -210,6 +254,17 @@ def run_from_args(args, config: stages.CompressConfig, log) -> int:
     2 on a usage error."""
     from fleet.zoo import GENERATORS, TEACHERS
 
+    if args.zoo_compare:
+        runs = []
+        for spec in args.zoo_compare:
+            name, sep, path = spec.partition("=")
+            if not sep or not os.path.isfile(path):
+                print(f"fleet bench: --zoo-compare {spec!r}: expected NAME=PATH of a zoo.json", file=sys.stderr)
+                return 2
+            with open(path) as f:
+                runs.append((name, json.load(f)))
+        sys.stdout.write(render_comparison(runs))
+        return 0
     generators = args.zoo_generators.split(",") if args.zoo_generators else list(GENERATORS)
     teachers = args.zoo_teachers.split(",") if args.zoo_teachers else list(TEACHERS)
     for name, known, flag in ((generators, GENERATORS, "--zoo-generators"), (teachers, TEACHERS, "--zoo-teachers")):

@@ -366,7 +366,7 @@ def fit_heads(
 def _shrunk_segments(student_config: StudentConfig, dtype: torch.dtype) -> torch.Tensor:
     """``(P,)`` 1 where the L2 prior applies, 0 on the readout bias ``b`` (see :func:`fit_heads`)."""
     mask = torch.ones(head_num_params(student_config), dtype=dtype)
-    mask[bias_position(student_config.head, student_config.hidden_size, student_config.head_rank)] = 0.0
+    mask[bias_position(student_config)] = 0.0
     return mask
 
 
@@ -446,6 +446,5 @@ def calibrate_bias(
             slope = torch.bincount(campaign_index, weights=p * (1 - p), minlength=c)  # (C,)
             delta -= torch.where(slope > 0, value / slope.clamp(min=1e-12), torch.zeros_like(value)).clamp(-2.0, 2.0)
         out = heads.clone()
-        out[:, bias_position(student_config.head, student_config.hidden_size, student_config.head_rank)] += \
-            delta.to(heads.dtype)
+        out[:, bias_position(student_config)] += delta.to(heads.dtype)
     return out

@@ -49,7 +49,7 @@ from fleet.student import (
     head_logits,
     head_num_params,
     ladder_config,
-    pad_heads,
+    widen_heads,
 )
 
 try:  # the per-campaign agreement / calibration fields of a head row (fleet-heads/1.1)
@@ -289,7 +289,7 @@ class FleetModel:
     def _head_layout(self, version: FleetVersion) -> tuple[StudentConfig, int]:
         """The head design every campaign is scored with and its row size ``P``: the backbone's, or the
         capacity ladder's next design when the version holds such heads (the manifest's
-        ``campaigns.num_params_max``, written by :class:`fleet.store.VersionWriter`); smaller rows are zero-padded to it (:func:`fleet.student.pad_heads`)."""
+        ``campaigns.num_params_max``, written by :class:`fleet.store.VersionWriter`); smaller rows are widened to it with zeros (:func:`fleet.student.widen_heads`)."""
         base, bigger = self.config, ladder_config(self.config)
         widest = version.manifest["campaigns"].get("num_params_max") or head_num_params(base)
         allowed = {head_num_params(base): base, **({head_num_params(bigger): bigger} if bigger else {})}
@@ -392,11 +392,11 @@ class FleetModel:
                 raise StoreError(f"head has {r.num_params} parameters but the backbone's {self.config.head!r} "
                                  f"head needs {base} (or {self.num_params}, its capacity ladder)",
                                  campaign_id=r.campaign_id, path=self._version.uri)
-        heads = torch.empty(len(rows), self.num_params)  # (C, P), smaller designs zero-padded
+        heads = torch.empty(len(rows), self.num_params)  # (C, P), smaller designs widened
         for size in {r.num_params for r in rows}:
             picked = [i for i, r in enumerate(rows) if r.num_params == size]
-            heads[picked] = pad_heads(decode_heads([rows[i] for i in picked]).reshape(len(picked), size).float(),
-                                      self.num_params)
+            decoded = decode_heads([rows[i] for i in picked]).reshape(len(picked), size).float()
+            heads[picked] = widen_heads(decoded, self.config if size == base else self.head_config, self.head_config)
         if not torch.isfinite(heads).all():
             bad = rows[int((~torch.isfinite(heads)).any(1).nonzero()[0])].campaign_id
             raise StoreError("head decodes to non-finite parameters", campaign_id=bad, path=self._version.uri)

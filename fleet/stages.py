@@ -48,16 +48,17 @@ from fleet.events import (
 from fleet.heads import decode_heads, encode_heads, head_row
 from fleet.ids import validate_campaign_id
 from fleet.metrics import CALIBRATION_KEYS, campaign_fidelity
-from fleet.quant import PerGroup, PerTensor, fake_quantize
+from fleet.quant import PerGroup, PerTensor, fake_quantize, quantize_rows
 from fleet.student import (
     POOLED_DESIGNS,
     Student,
     StudentConfig,
     backbone_forward,
+    bias_position,
     head_logits,
     head_num_params,
     ladder_config,
-    pad_heads,
+    widen_heads,
 )
 from fleet.teachers import load_teacher
 
@@ -516,7 +517,7 @@ def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes
                                   for c in failing])  # rows of the failing campaigns, in the same order
         big_rows = _ShardRows(renumber[cidx[keep_rows]], t_logits[keep_rows], labels_all[keep_rows],
                               split[keep_rows], len(failing))
-        start = pad_heads(rung.heads[pick], head_num_params(bigger))  # (F, P') each rung-1 head, exactly
+        start = widen_heads(rung.heads[pick], student_config, bigger)  # (F, P') each rung-1 head, exactly
         big = _fit_rung(big_features, big_rows, bigger, start, config)
         for k, c in enumerate(failing):
             if bool(big.passes[k]) or float(big.check.kl[k]) < float(rung.check.kl[c]):
@@ -590,22 +591,41 @@ def _fit_rung(features: torch.Tensor, rows: _ShardRows, student_config: StudentC
                                             student_config, distill_config) for h in candidates])  # (G, C)
     choice = select_per_campaign(val_loss, config.head_l2_grid.index(config.head_l2), trusted)  # (C,)
     heads = candidates[choice, torch.arange(num)]  # (C, P)
-    if config.calibrate_bias:  # each campaign's mean probability = its teacher's on its fit + validation rows
-        known = fit_rows | val_rows
-        heads = calibrate_bias(heads, features[known], cidx[known], rows.t_logits[known], student_config)
+    known = fit_rows | val_rows
 
+    def calibrated(h: torch.Tensor) -> torch.Tensor:  # (C, P): each mean probability = its teacher's on known rows
+        return calibrate_bias(h, features[known], cidx[known], rows.t_logits[known], student_config)
+
+    if config.calibrate_bias:
+        heads = calibrated(heads)
+    # once the bits are chosen, the bias is calibrated again on the quantized weights where it can be stored
+    # so: as a quantization group of its own (no pruning; a group boundary right before it)
+    rebias = (config.calibrate_bias and config.prune_sparsity == 0
+              and bias_position(student_config) % config.group_size == 0)
     gate_rows = val_rows | (fit_rows & ~trusted[cidx])  # campaigns with few validation rows are gated on fit rows
     gate = CampaignGate(features[gate_rows], cidx[gate_rows], rows.t_logits[gate_rows], num, student_config, config)
     float_check = gate.measure(heads)
-    vectors, _bits, mask = encode_heads(heads, config.bits, group_size=config.group_size,
-                                        sparsity=config.prune_sparsity,
-                                        gate=lambda h: gate.bits_pass(gate.measure(h), float_check))
-    n_params = head_num_params(student_config)
-    drafts = [head_row(f"draft-{c}", vectors[c], n_params, None if mask is None else mask[c], teacher_sha256=b"\0" * 32,
-                       data_fingerprint=b"\0" * DATA_FINGERPRINT_BYTES) for c in range(num)]
-    served = decode_heads(drafts)  # (C, P) exactly what serving will use
+    vectors, bits, mask = encode_heads(heads, config.bits, group_size=config.group_size,
+                                       sparsity=config.prune_sparsity,
+                                       gate=lambda h: gate.bits_pass(gate.measure(h), float_check))
+    served = _decoded(vectors, mask, student_config)  # (C, P) exactly what serving will use
+    if rebias:
+        vectors, target = [None] * num, calibrated(served)  # (C, P)
+        for b in bits.unique().tolist():  # store the recalibrated bias: the same codes elsewhere, a new b
+            picked = torch.nonzero(bits == b).flatten()
+            for c, vector in zip(picked.tolist(), quantize_rows(target[picked], b, config.group_size)):
+                vectors[c] = vector
+        served = _decoded(vectors, mask, student_config)
     check = gate.measure(served)
     return _Rung(heads, vectors, mask, served, check, gate.passes(check))
+
+
+def _decoded(vectors: list, mask: torch.Tensor | None, student_config: StudentConfig) -> torch.Tensor:
+    """Heads ``(C, P)`` exactly as serving decodes the stored ``vectors`` (pruned entries 0)."""
+    n_params = head_num_params(student_config)
+    return decode_heads([head_row(f"draft-{c}", v, n_params, None if mask is None else mask[c],
+                                  teacher_sha256=b"\0" * 32, data_fingerprint=b"\0" * DATA_FINGERPRINT_BYTES)
+                         for c, v in enumerate(vectors)])
 
 
 @dataclass

@@ -9,7 +9,6 @@ See ``docs/compression.md`` for the designs and why they look like this.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,8 +21,8 @@ from fleet.data import last_valid
 ARCHS = ("gru", "lstm")
 HEAD_DESIGNS = ("film", "lowrank", "linear", "film_pool")
 #: The capacity ladder: a campaign whose head fails its gate at 16 bits is refitted with the next design.
-#: Each larger design's row starts with the smaller one's (its extra segments at the end): a smaller row
-#: zero-padded to the larger size is the same head (see :func:`pad_heads`).
+#: Each larger design holds every segment of the smaller one, and its extra segments are off at 0: a smaller
+#: row widened with zeros (:func:`widen_heads`) is the same head.
 HEAD_LADDER = {"film": "film_pool"}
 #: Designs whose head reads the backbone's pooled view too: features ``(B, 2H)`` = last state ++ mean state.
 POOLED_DESIGNS = ("film_pool",)
@@ -162,13 +161,16 @@ def head_layout(design: str, hidden_size: int, rank: int = 1) -> tuple[tuple[str
     - ``film``: ``gamma (H)``, ``beta (H)``, ``w (H)``, ``b (1)``
     - ``lowrank``: ``u (H, r)``, ``v (H, r)``, ``w (H)``, ``b (1)``
     - ``linear``: ``w (H)``, ``b (1)``
-    - ``film_pool``: ``gamma (H)``, ``beta (H)``, ``w (H)``, ``b (1)``, ``g (H)``: a ``film`` row plus ``g``
+    - ``film_pool``: ``gamma (H)``, ``beta (H)``, ``w (H)``, ``g (H)``, ``b (1)``: ``film``'s segments plus ``g``
+
+    Every layout ends with the readout bias ``b``, so that with ``H`` a multiple of the quantization group
+    size ``b`` is a group of its own (stored to float16 precision whatever the bits).
     """
     h = int(hidden_size)
     if design == "film":
         return (("gamma", (h,)), ("beta", (h,)), ("w", (h,)), ("b", (1,)))
     if design == "film_pool":
-        return (("gamma", (h,)), ("beta", (h,)), ("w", (h,)), ("b", (1,)), ("g", (h,)))
+        return (("gamma", (h,)), ("beta", (h,)), ("w", (h,)), ("g", (h,)), ("b", (1,)))
     if design == "lowrank":
         return (("u", (h, rank)), ("v", (h, rank)), ("w", (h,)), ("b", (1,)))
     if design == "linear":
@@ -196,14 +198,9 @@ def feature_width(config: StudentConfig) -> int:
     return config.hidden_size * (2 if config.head in POOLED_DESIGNS else 1)
 
 
-def bias_position(design: str, hidden_size: int, rank: int = 1) -> int:
-    """Index of the readout bias ``b`` in a head row of ``design``."""
-    start = 0
-    for name, shape in head_layout(design, hidden_size, rank):
-        if name == "b":
-            return start
-        start += math.prod(shape)
-    raise AssertionError(f"head design {design!r} has no bias")  # every layout has one
+def bias_position(config: StudentConfig) -> int:
+    """Index of the readout bias ``b`` in a head row: the last (see :func:`head_layout`)."""
+    return head_num_params(config) - 1
 
 
 def ladder_config(config: StudentConfig) -> StudentConfig | None:
@@ -212,12 +209,20 @@ def ladder_config(config: StudentConfig) -> StudentConfig | None:
     return None if bigger is None else dataclasses.replace(config, head=bigger, head_rank=1)
 
 
-def pad_heads(heads: torch.Tensor, num_params: int) -> torch.Tensor:
-    """Heads ``(C, P)`` of a design zero-padded to ``(C, num_params)``: the same heads in the next rung's
-    layout (:data:`HEAD_LADDER`: a larger design's extra segments come last and are off at 0)."""
-    if heads.shape[1] > num_params:
-        raise ValueError(f"cannot pad heads of {heads.shape[1]} parameters to {num_params}")
-    return torch.nn.functional.pad(heads, (0, num_params - heads.shape[1]))
+def widen_heads(heads: torch.Tensor, config: StudentConfig, wider: StudentConfig) -> torch.Tensor:
+    """Heads ``(C, P)`` of ``config.head`` as heads ``(C, P')`` of the ladder's ``wider.head``: every segment
+    copied by name, the segments only ``wider`` has at 0 (off), so the logits are the same."""
+    if config.head == wider.head and config.head_rank == wider.head_rank:
+        return heads
+    small = dict(head_layout(config.head, config.hidden_size, config.head_rank))
+    if HEAD_LADDER.get(config.head) != wider.head or config.hidden_size != wider.hidden_size:
+        raise ValueError(f"{wider.head!r} is not the capacity ladder's next design above {config.head!r}")
+    source = _split(config.head, heads, config.hidden_size, config.head_rank)
+    out = torch.zeros(heads.shape[0], head_num_params(wider), dtype=heads.dtype)  # (C, P')
+    target = _split(wider.head, out, wider.hidden_size, wider.head_rank)  # views into out
+    for name in small:
+        target[name].copy_(source[name])
+    return out
 
 
 def _split(design: str, params: torch.Tensor, hidden_size: int, rank: int) -> dict[str, torch.Tensor]:

@@ -134,7 +134,7 @@ def _ladder_shard(tmp_path, head_ladder: bool):
     sizes = dict(head_layout("film_pool", 8))
     mean_only[0, :8] = -1.0
     mean_only[0, 16:24] = torch.randn(8, generator=g) * 3.0  # w
-    mean_only[0, 25:] = torch.randn(8, generator=g) * 4.0  # g
+    mean_only[0, 24:32] = torch.randn(8, generator=g) * 4.0  # g (b, last, stays 0)
     assert sizes["g"] == (8,)
     config = CompressConfig(head_steps=300, head_ladder=head_ladder, num_event_types=8, num_features=3)
     soft_parts = []
@@ -190,3 +190,25 @@ def generate_rows(ids: list[str]):
     rng = np.random.default_rng(0)
     lengths = [3, 7, 1, 12, 5, 9]
     return ([rng.integers(0, 8, n).tolist() for n in lengths], [rng.normal(size=3 * n).tolist() for n in lengths])
+
+
+def test_stored_heads_keep_the_teachers_mean_after_quantization():
+    """The bias is calibrated again on each candidate's quantized weights and stored so: whatever bits a
+    campaign gets, its served mean probability on its fit + validation rows is its teacher's."""
+    from fleet.stages import FIT, _fit_rung, _ShardRows
+    from fleet.student import head_logits
+
+    g = torch.Generator().manual_seed(0)
+    c, n, h = 6, 300, 8
+    student = StudentConfig(num_event_types=2, num_features=0, hidden_size=h)
+    cidx = torch.arange(c).repeat_interleave(n)
+    features = torch.tanh(torch.randn(c * n, h, generator=g))
+    teacher = (torch.randn(c * n, generator=g) * 1.5 - torch.linspace(4.0, 0.5, c)[cidx]).float()  # rare .. common
+    split = torch.where(torch.rand(c * n, generator=g) < 0.2, VALIDATION, FIT).to(torch.int8)
+    rows = _ShardRows(cidx, teacher, torch.full((c * n,), float("nan")), split, c)
+    rung = _fit_rung(features, rows, student, None, CompressConfig(head_steps=100, group_size=8))  # b: a group alone
+    p_served = torch.sigmoid(head_logits("film", features, rung.served, index=cidx)).double()
+    p_teacher = torch.sigmoid(teacher).double()
+    for k in range(c):
+        sel = cidx == k
+        assert float(p_served[sel].mean() / p_teacher[sel].mean()) == pytest.approx(1.0, abs=2e-3)

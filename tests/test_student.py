@@ -18,8 +18,8 @@ from fleet.student import (
     head_num_params,
     init_heads,
     ladder_config,
-    pad_heads,
     quantizable_weights,
+    widen_heads,
 )
 
 E, F = 7, 3
@@ -186,20 +186,21 @@ def test_student_forward_is_backbone_then_head():
     assert student.num_campaigns == 3
 
 
-def test_a_smaller_rung_zero_padded_is_the_same_head_on_the_ladder():
-    """film -> film_pool: a film row padded with g = 0 gives exactly the film logits (pooled view off)."""
+def test_a_smaller_rung_widened_is_the_same_head_on_the_ladder():
+    """film -> film_pool: a film row widened with g = 0 gives exactly the film logits (pooled view off)."""
     torch.manual_seed(0)
     config = _config(head="film", hidden_size=8)
     bigger = ladder_config(config)
     assert HEAD_LADDER["film"] == bigger.head == "film_pool" and ladder_config(bigger) is None
     heads = torch.randn(4, head_num_params(config))
-    padded = pad_heads(heads, head_num_params(bigger))
-    assert padded.shape == (4, 4 * 8 + 1) and torch.equal(padded[:, : heads.shape[1]], heads)
+    padded = widen_heads(heads, config, bigger)
+    assert padded.shape == (4, 4 * 8 + 1) and torch.equal(padded[:, :24], heads[:, :24])
+    assert torch.equal(padded[:, -1], heads[:, -1]) and not padded[:, 24:32].any()  # b last, g (24:32) off
     pooled = torch.randn(6, feature_width(bigger))  # (B, 2H): last state ++ mean state
     index = torch.tensor([0, 1, 2, 3, 0, 1])
     torch.testing.assert_close(head_logits("film_pool", pooled, padded, index=index),
                                head_logits("film", pooled[:, :8], heads, index=index), rtol=0, atol=0)
-    padded[:, -8:] = 1.0  # g on: the pooled view now changes the logits
+    padded[:, 24:32] = 1.0  # g on: the pooled view now changes the logits
     assert not torch.allclose(head_logits("film_pool", pooled, padded, index=index),
                               head_logits("film", pooled[:, :8], heads, index=index))
 
