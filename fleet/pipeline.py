@@ -625,6 +625,9 @@ def _register(version: FleetVersion, fleet: str, tracking_uri: str, config: stag
         figures = {
             "fidelity_histogram.png": plots.fidelity_histogram(auc_diff),
             "fidelity_vs_size.png": plots.fidelity_vs_size(n_train, auc_diff),
+            "calibration_vs_size.png": plots.calibration_vs_size(
+                [float("nan") if v is None else v for v in heads["n_train"].to_pylist()],
+                [float("nan") if v is None else v for v in heads["mean_ratio"].to_pylist()]),
             "size_breakdown.png": plots.size_breakdown({"heads": metrics.get("heads_bytes", 0),
                                                         "backbone": metrics.get("backbone_bytes", 0)}),
         }

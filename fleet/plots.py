@@ -88,6 +88,32 @@ def fidelity_vs_size(n_train: Sequence[float], auc_diffs: Sequence[float]) -> by
     return _png(fig)
 
 
+def calibration_vs_size(n_train: Sequence[float], mean_ratios: Sequence[float]) -> bytes:
+    """Scatter of each campaign's hold-out mean(p_student) / mean(p_teacher) against its training rows
+    (log x, log y), with the 10% band of the mean-ratio gate; defined for every campaign, AUC or not.
+    Campaigns with no rows or a non-finite or non-positive ratio are left out."""
+    sizes = _as_1d(n_train, "n_train")
+    ratios = _as_1d(mean_ratios, "mean_ratios")
+    if sizes.shape != ratios.shape:
+        raise ValueError(f"n_train and mean_ratios differ in length: {sizes.size} vs {ratios.size}")
+    keep = np.isfinite(sizes) & np.isfinite(ratios) & (sizes > 0) & (ratios > 0)
+    title = "Calibration: mean p_student / mean p_teacher per campaign"
+    if not keep.any():
+        return _no_data(title)
+    fig, ax = _new_figure()
+    ax.scatter(sizes[keep], ratios[keep], s=8, alpha=0.5, color="tab:blue", linewidths=0)
+    ax.axhline(1.0, color="black", linewidth=1)
+    ax.axhspan(0.9, 1.1, color="tab:green", alpha=0.15, label="within 10%")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training rows (log scale)")
+    ax.set_ylabel("mean ratio (log scale)")
+    inside = float(np.mean(np.abs(ratios[keep] - 1.0) <= 0.1))
+    ax.set_title(f"{title}\nn={int(keep.sum())}, {inside:.0%} within 10%")
+    ax.legend(loc="upper right")
+    return _png(fig)
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":

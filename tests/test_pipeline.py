@@ -64,6 +64,12 @@ def test_end_to_end_local(small_fleet, ray_local, tmp_path, sqlite_tracking_uri)
     assert registry.champion_version("adfleet", sqlite_tracking_uri) == "1"
     manifest_uri, version_id = registry.resolve_manifest_uri("models:/adfleet@champion", sqlite_tracking_uri)
     assert version_id == "night-1" and manifest_uri == result.manifest_uri
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=sqlite_tracking_uri)
+    run_id = client.get_model_version("adfleet", "1").run_id
+    assert {a.path for a in client.list_artifacts(run_id, "plots")} == {
+        f"plots/{name}.png" for name in ("fidelity_histogram", "fidelity_vs_size", "calibration_vs_size", "size_breakdown")}
 
 
 def test_independent_reader_without_fleet(small_fleet, ray_local, tmp_path):

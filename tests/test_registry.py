@@ -264,10 +264,14 @@ def test_plots_are_png_and_handle_empty_input():
     assert plots.fidelity_histogram([0.01, -0.02, float("nan")]).startswith(png)
     assert plots.fidelity_vs_size([10, 1000, 0], [0.0, -0.01, 0.3]).startswith(png)
     assert plots.size_breakdown({"backbone": 2_000_000, "heads": 150_000, "rejects": 900}).startswith(png)
-    for empty in (plots.fidelity_histogram([]), plots.fidelity_vs_size([], []), plots.size_breakdown({})):
+    assert plots.calibration_vs_size([10, 1000, 0, 50], [1.02, 0.7, 1.0, float("nan")]).startswith(png)
+    for empty in (plots.fidelity_histogram([]), plots.fidelity_vs_size([], []), plots.size_breakdown({}),
+                  plots.calibration_vs_size([], [])):
         assert empty.startswith(png)
     with pytest.raises(ValueError, match="differ in length"):
         plots.fidelity_vs_size([1, 2], [0.0])
+    with pytest.raises(ValueError, match="differ in length"):
+        plots.calibration_vs_size([1, 2], [1.0])
     with pytest.raises(ValueError, match=">= 0"):
         plots.size_breakdown({"heads": -1})
 
