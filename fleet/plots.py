@@ -67,24 +67,34 @@ def fidelity_histogram(auc_diffs: Sequence[float]) -> bytes:
     return _png(fig)
 
 
+def _vs_size(n_train: Sequence[float], values: Sequence[float], name: str, title: str, ylabel: str,
+             positive: bool = False):
+    """``(figure, axes, sizes, values)`` of a scatter of ``values`` against training rows (log x), rows with
+    no rows or a non-finite value (or, with ``positive``, a value <= 0) left out; ``None`` for the figure
+    when nothing is left (the caller returns :func:`_no_data`)."""
+    sizes, ys = _as_1d(n_train, "n_train"), _as_1d(values, name)
+    if sizes.shape != ys.shape:
+        raise ValueError(f"n_train and {name} differ in length: {sizes.size} vs {ys.size}")
+    keep = np.isfinite(sizes) & np.isfinite(ys) & (sizes > 0) & ((ys > 0) if positive else True)
+    if not keep.any():
+        return None, None, sizes[keep], ys[keep]
+    fig, ax = _new_figure()
+    ax.scatter(sizes[keep], ys[keep], s=8, alpha=0.5, color="tab:blue", linewidths=0)
+    ax.set_xscale("log")
+    ax.set_xlabel("training rows (log scale)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title} (n={int(keep.sum())})")
+    return fig, ax, sizes[keep], ys[keep]
+
+
 def fidelity_vs_size(n_train: Sequence[float], auc_diffs: Sequence[float]) -> bytes:
     """Scatter of AUC diff against training rows per campaign (log x); campaigns with no rows or a
     non-finite value are left out."""
-    sizes = _as_1d(n_train, "n_train")
-    diffs = _as_1d(auc_diffs, "auc_diffs")
-    if sizes.shape != diffs.shape:
-        raise ValueError(f"n_train and auc_diffs differ in length: {sizes.size} vs {diffs.size}")
-    keep = np.isfinite(sizes) & np.isfinite(diffs) & (sizes > 0)
     title = "Fidelity vs training rows per campaign"
-    if not keep.any():
+    fig, ax, _, _ = _vs_size(n_train, auc_diffs, "auc_diffs", title, "student AUC - teacher AUC")
+    if fig is None:
         return _no_data(title)
-    fig, ax = _new_figure()
-    ax.scatter(sizes[keep], diffs[keep], s=8, alpha=0.5, color="tab:blue", linewidths=0)
     ax.axhline(0.0, color="black", linewidth=1)
-    ax.set_xscale("log")
-    ax.set_xlabel("training rows (log scale)")
-    ax.set_ylabel("student AUC - teacher AUC")
-    ax.set_title(f"{title} (n={int(keep.sum())})")
     return _png(fig)
 
 
@@ -92,24 +102,15 @@ def calibration_vs_size(n_train: Sequence[float], mean_ratios: Sequence[float]) 
     """Scatter of each campaign's hold-out mean(p_student) / mean(p_teacher) against its training rows
     (log x, log y), with the 10% band of the mean-ratio gate; defined for every campaign, AUC or not.
     Campaigns with no rows or a non-finite or non-positive ratio are left out."""
-    sizes = _as_1d(n_train, "n_train")
-    ratios = _as_1d(mean_ratios, "mean_ratios")
-    if sizes.shape != ratios.shape:
-        raise ValueError(f"n_train and mean_ratios differ in length: {sizes.size} vs {ratios.size}")
-    keep = np.isfinite(sizes) & np.isfinite(ratios) & (sizes > 0) & (ratios > 0)
     title = "Calibration: mean p_student / mean p_teacher per campaign"
-    if not keep.any():
+    fig, ax, _, ratios = _vs_size(n_train, mean_ratios, "mean_ratios", title, "mean ratio (log scale)",
+                                  positive=True)
+    if fig is None:
         return _no_data(title)
-    fig, ax = _new_figure()
-    ax.scatter(sizes[keep], ratios[keep], s=8, alpha=0.5, color="tab:blue", linewidths=0)
     ax.axhline(1.0, color="black", linewidth=1)
-    ax.axhspan(0.9, 1.1, color="tab:green", alpha=0.15, label="within 10%")
-    ax.set_xscale("log")
+    ax.axhspan(0.9, 1.1, color="tab:green", alpha=0.15,
+               label=f"within 10%: {float(np.mean(np.abs(ratios - 1.0) <= 0.1)):.0%} of campaigns")
     ax.set_yscale("log")
-    ax.set_xlabel("training rows (log scale)")
-    ax.set_ylabel("mean ratio (log scale)")
-    inside = float(np.mean(np.abs(ratios[keep] - 1.0) <= 0.1))
-    ax.set_title(f"{title}\nn={int(keep.sum())}, {inside:.0%} within 10%")
     ax.legend(loc="upper right")
     return _png(fig)
 
