@@ -124,6 +124,15 @@ def _cmd_compress(args, console) -> int:
     console.print(summary_table(result))
     for reject in result.rejects[:20]:
         console.print(f"[yellow]quarantined[/yellow] {reject['campaign_id']} ({reject['stage']}): {reject['reason']}")
+    gate = result.registered.gate if result.registered is not None else None
+    if gate is not None and not gate.passed:
+        sys.stderr.write(f"not promoted: {result.registered.name} version {result.registered.version} "
+                         f"({result.version_id}) failed its quality gate:\n")
+        for reason in gate.reasons:
+            sys.stderr.write(f"  - {reason}\n")
+        where = f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else ""
+        sys.stderr.write(f"to promote it anyway: fleet promote {result.registered.name} {result.registered.version}"
+                         f"{where}\n")
     return result.exit_code
 
 
@@ -190,10 +199,11 @@ def _cmd_versions(args, console) -> int:
     from fleet import registry
 
     table = Table(title=f"{args.name} versions")
-    for column in ("version", "version_id", "aliases", "gate", "created"):
+    for column in ("version", "version_id", "aliases", "gate", "created", "why not promoted"):
         table.add_column(column)
     for v in registry.list_versions(args.name, args.tracking_uri):
-        table.add_row(str(v["version"]), str(v["version_id"]), ",".join(v["aliases"]), str(v["gate"]), str(v["created"]))
+        table.add_row(str(v["version"]), str(v["version_id"]), ",".join(v["aliases"]), str(v["gate"]), str(v["created"]),
+                      "; ".join(v["gate_reasons"]))
     console.print(table)
     return EXIT_OK
 

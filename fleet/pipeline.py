@@ -263,6 +263,11 @@ def _record_synth_config(config: synth.SynthConfig, out_uri: str, storage_option
 # fleet compress
 
 
+#: Exit codes of a finished run (1: failed, 2: usage error): some campaigns quarantined; the version failed
+#: its quality gate and is not champion (quarantined campaigns, if any, are in the summary too).
+EXIT_QUARANTINED, EXIT_NOT_PROMOTED = 3, 4
+
+
 @dataclass
 class CompressResult:
     """Outcome of :func:`run_compress`: the version written, its metrics and the exit code."""
@@ -516,7 +521,8 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
     if register:
         registered = _register(version, fleet, tracking_uri, config, heads, metrics, storage_options, parent)
     metrics = {**metrics, "total_seconds": time.perf_counter() - started}
-    exit_code = 3 if rejects else 0
+    not_promoted = registered is not None and registered.gate is not None and not registered.gate.passed
+    exit_code = EXIT_NOT_PROMOTED if not_promoted else EXIT_QUARANTINED if rejects else 0
     return CompressResult(version.version_id, version.uri.rstrip("/") + "/manifest.json", metrics, exit_code,
                           registered, rejects)
 

@@ -289,7 +289,8 @@ class FleetModel:
     def _head_layout(self, version: FleetVersion) -> tuple[StudentConfig, int]:
         """The head design every campaign is scored with and its row size ``P``: the backbone's, or the
         capacity ladder's next design when the version holds such heads (the manifest's
-        ``campaigns.num_params_max``, written by :class:`fleet.store.VersionWriter`); smaller rows are widened to it with zeros (:func:`fleet.student.widen_heads`)."""
+        ``campaigns.num_params_max``, written by :class:`fleet.store.VersionWriter`); smaller rows are
+        widened to it with zeros (:func:`fleet.student.widen_heads`), which leaves their logits as they are."""
         base, bigger = self.config, ladder_config(self.config)
         widest = version.manifest["campaigns"].get("num_params_max") or head_num_params(base)
         allowed = {head_num_params(base): base, **({head_num_params(bigger): bigger} if bigger else {})}

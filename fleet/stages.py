@@ -503,7 +503,7 @@ def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes
     init = head_prior.expand(len(campaigns), -1).clone() if head_prior is not None else None
     rung = _fit_rung(features, rows, student_config, init, config)
     designs = [student_config] * len(campaigns)
-    served, status = list(rung.served), ["ok" if bool(v) else "fallback" for v in rung.passes]
+    status = ["ok" if bool(v) else "fallback" for v in rung.passes]
     vectors, masks = list(rung.vectors), [None if rung.mask is None else rung.mask[c] for c in range(len(campaigns))]
 
     bigger = ladder_config(student_config)
@@ -519,9 +519,10 @@ def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes
                               split[keep_rows], len(failing))
         start = widen_heads(rung.heads[pick], student_config, bigger)  # (F, P') each rung-1 head, exactly
         big = _fit_rung(big_features, big_rows, bigger, start, config)
+        # rows of campaign failing[k] in big_rows: cidx groups rows by campaign in campaign order, as does failing
         for k, c in enumerate(failing):
             if bool(big.passes[k]) or float(big.check.kl[k]) < float(rung.check.kl[c]):
-                designs[c], served[c], vectors[c] = bigger, big.served[k], big.vectors[k]
+                designs[c], vectors[c] = bigger, big.vectors[k]
                 masks[c] = None if big.mask is None else big.mask[k]
                 status[c] = "capacity" if bool(big.passes[k]) else "fallback"
         big_hold = big_rows.split == HOLDOUT

@@ -171,16 +171,28 @@ def test_quarantine_bad_teachers(small_fleet, ray_local, tmp_path):
     assert version.read_heads().num_rows == 18 and version.read_rejects().num_rows == 2
 
 
-def test_gate_blocks_worse_version_and_rollback(small_fleet, ray_local, tmp_path, sqlite_tracking_uri):
+def test_gate_blocks_worse_version_and_rollback(small_fleet, ray_local, tmp_path, sqlite_tracking_uri, capsys):
+    from fleet import cli
+
     store = tmp_path / "store"
     good = compress(small_fleet, store, sqlite_tracking_uri, run_id="good")
-    assert good.registered.champion
+    assert good.registered.champion and good.exit_code == 0
     strict = {"min_median_auc_diff": -0.01, "min_p10_auc_diff": -0.05, "max_regression": 0.002}
-    worse = compress(small_fleet, store, sqlite_tracking_uri, run_id="worse", retrain_backbone=True,
-                     config=fast_config(bits=1, gate_slack=1.0, head_steps=5, gate=strict))
-    assert not worse.registered.champion and worse.registered.gate.reasons
+    config = tmp_path / "worse.json"
+    config.write_text(json.dumps(fast_config(bits=1, gate_slack=1.0, head_steps=5, gate=strict).to_dict()))
+    capsys.readouterr()
+    code = cli.main(["compress", "--teachers", small_fleet["teachers"], "--events", small_fleet["events"],
+                     "--store", str(store), "--fleet", "adfleet", "--run-id", "worse", "--retrain-backbone",
+                     "--config", str(config), "--tracking-uri", sqlite_tracking_uri])
+    err = capsys.readouterr().err
+    assert code == 4  # finished, not promoted
+    versions = registry.list_versions("adfleet", sqlite_tracking_uri)
+    worse = versions[-1]
+    assert worse["version_id"] == "worse" and not worse["champion"] and worse["gate"] == "failed" and worse["gate_reasons"]
+    assert "not promoted" in err and all(reason in err for reason in worse["gate_reasons"])
+    assert f"fleet promote adfleet {worse['version']} --tracking-uri {sqlite_tracking_uri}" in err
     assert registry.champion_version("adfleet", sqlite_tracking_uri) == good.registered.version
-    registry.promote("adfleet", worse.registered.version, sqlite_tracking_uri)
+    registry.promote("adfleet", worse["version"], sqlite_tracking_uri)
     assert registry.rollback("adfleet", sqlite_tracking_uri) == good.registered.version
     assert registry.champion_version("adfleet", sqlite_tracking_uri) == good.registered.version
 
