@@ -47,7 +47,7 @@ from fleet.events import (
 )
 from fleet.heads import decode_heads, encode_heads, head_row
 from fleet.ids import validate_campaign_id
-from fleet.metrics import CALIBRATION_KEYS, campaign_fidelity
+from fleet.metrics import CALIBRATION_KEYS, PROB_EPS, campaign_fidelity
 from fleet.quant import PerGroup, PerTensor, fake_quantize, quantize_rows
 from fleet.student import (
     POOLED_DESIGNS,
@@ -665,7 +665,7 @@ class CampaignGate:
         """Agreement of ``heads (C, P)`` with the teachers."""
         with torch.no_grad():
             logits = head_logits(self.design, self.features, heads, self.rank, index=self.index)  # (N,)
-        eps = 1e-7
+        eps = PROB_EPS  # the clipping of fleet.metrics, so the gate's KL is the reported one
         p, q = self.p_teacher.clamp(eps, 1 - eps), torch.sigmoid(logits).double().clamp(eps, 1 - eps)  # (N,)
         kl = p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))  # (N,)
         ratio = self._mean(q) / self.mean_teacher.clamp(min=eps)  # (C,)
