@@ -55,6 +55,7 @@ from fleet.student import (
     StudentConfig,
     backbone_forward,
     bias_position,
+    feature_width,
     head_logits,
     head_num_params,
     ladder_config,
@@ -498,23 +499,25 @@ def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes
         splits.append(torch.tensor(rows["split"].to_numpy()))
     cidx, t_logits, labels_all, split = (torch.cat(x) for x in (index, logits, labels, splits))
     rows = _ShardRows(cidx, t_logits, labels_all, split, len(campaigns))
-    pooled = student_config.head in POOLED_DESIGNS
-    features = torch.cat([compute_features(backbone, b, pooled=pooled) for b in batches])  # (N, H) or (N, 2H)
+    bigger = ladder_config(student_config) if config.head_ladder else None
+    # one backbone pass: with the pooled view too when the ladder's next design reads it (its first H columns
+    # are the last state, exactly what the first rung reads)
+    pooled = any(c is not None and c.head in POOLED_DESIGNS for c in (student_config, bigger))
+    all_features = torch.cat([compute_features(backbone, b, pooled=pooled) for b in batches])  # (N, H) or (N, 2H)
+    features = all_features[:, : feature_width(student_config)]  # (N, width of the first rung)
     init = head_prior.expand(len(campaigns), -1).clone() if head_prior is not None else None
     rung = _fit_rung(features, rows, student_config, init, config)
     designs = [student_config] * len(campaigns)
     status = ["ok" if bool(v) else "fallback" for v in rung.passes]
     vectors, masks = list(rung.vectors), [None if rung.mask is None else rung.mask[c] for c in range(len(campaigns))]
 
-    bigger = ladder_config(student_config)
     failing = [c for c, st in enumerate(status) if st == "fallback"]
-    if config.head_ladder and bigger is not None and failing:
+    if bigger is not None and failing:
         pick = torch.tensor(failing)
         keep_rows = torch.isin(cidx, pick)  # (N,) the failing campaigns' rows
         renumber = torch.full((len(campaigns),), -1, dtype=torch.long)
         renumber[pick] = torch.arange(len(failing))
-        big_features = torch.cat([compute_features(backbone, batches[c], pooled=bigger.head in POOLED_DESIGNS)
-                                  for c in failing])  # rows of the failing campaigns, in the same order
+        big_features = all_features[keep_rows][:, : feature_width(bigger)]  # the failing campaigns' rows, in order
         big_rows = _ShardRows(renumber[cidx[keep_rows]], t_logits[keep_rows], labels_all[keep_rows],
                               split[keep_rows], len(failing))
         start = widen_heads(rung.heads[pick], student_config, bigger)  # (F, P') each rung-1 head, exactly
