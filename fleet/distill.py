@@ -262,6 +262,7 @@ def fit_heads(
     progress: Progress | None = None,
     chunk_size: int = 8192,
     head_l2: torch.Tensor | float | None = None,
+    row_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fit the heads ``(C, P)`` of all campaigns on cached, frozen backbone features.
 
@@ -290,6 +291,9 @@ def fit_heads(
         chunk_size: rows per chunk of the gradient pass (memory/speed only; the result is the same).
         head_l2: ``(C,)`` per-campaign prior strengths (or one float) overriding ``distill_config.head_l2``,
             so a grid of strengths is fitted in one call per value (see :func:`fit_heads_grid`).
+        row_weights: ``(N,)`` weight of each row in its campaign's loss (None: every row 1). A campaign's
+            loss is then the weighted mean ``sum_i w_i loss_i / sum_i w_i`` and ``n_c`` above is ``sum_i w_i``
+            (rows borrowed from other campaigns count less than the campaign's own, see docs/compression.md).
 
     The readout bias ``b`` is never pulled toward the anchor: it is one number per campaign, set by
     all its rows, and shrinking it would drag a campaign's base rate toward the fleet's.
@@ -317,9 +321,14 @@ def fit_heads(
     anchor = init.detach().to(dtype)  # (C, P)
     params = anchor.clone().requires_grad_(True)  # (C, P)
 
-    counts = torch.bincount(campaign_index, minlength=num_campaigns).to(dtype)  # (C,)
-    inv_count = 1.0 / counts.clamp(min=1.0)  # (C,)
-    row_weight = inv_count.index_select(0, campaign_index)  # (N,)
+    if row_weights is None:
+        row_weights = torch.ones(n, dtype=dtype)
+    if row_weights.shape != (n,) or not bool((row_weights >= 0).all()):
+        raise ValueError(f"row_weights must have shape ({n},) and be >= 0")
+    row_weights = row_weights.detach().to(dtype)
+    counts = torch.bincount(campaign_index, weights=row_weights, minlength=num_campaigns).to(dtype)  # (C,)
+    inv_count = torch.where(counts > 0, 1.0 / counts.clamp(min=1e-12), torch.ones_like(counts))  # (C,)
+    row_weight = inv_count.index_select(0, campaign_index) * row_weights  # (N,)
     features = features.detach()
     teacher_logits = teacher_logits.detach().to(dtype)
 

@@ -66,6 +66,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, *, dash
 
 
 LOOPBACK = "127.0.0.1"
+BORROWED_POOL = "borrowed_pool"  # work-dir stage and shard name of the run's borrowed pool (stages.borrowed_pool)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, *, dashboard: bool = False) -> None:
@@ -286,10 +287,15 @@ def _fault_point(stage: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _borrowed_pool(workdir: WorkDir, config: stages.CompressConfig) -> pa.Table | None:
+    """The run's borrowed pool (written by :func:`run_compress` before stage 1), or None when it has none."""
+    return workdir.read_shard(BORROWED_POOL, BORROWED_POOL) if config.borrowed_rows else None
+
+
 def _soft_labels_task(job: dict, ctx: stages.StageContext, work: tuple) -> dict:
     started = time.perf_counter()
     workdir = WorkDir(*work)
-    soft, campaigns = stages.soft_labels(job, ctx)
+    soft, campaigns = stages.soft_labels(job, ctx, _borrowed_pool(workdir, ctx.config))
     ok = [c for c, s in zip(campaigns["campaign_id"].to_pylist(), campaigns["status"].to_pylist()) if s == "ok"]
     if job["backbone_quota"]:
         quotas = {c: job["backbone_quota"][c] for c in ok}
@@ -303,13 +309,13 @@ def _heads_task(job: dict, ctx: stages.StageContext, work: tuple) -> dict:
     started = time.perf_counter()
     workdir = WorkDir(*work)
     heads = stages.fit_heads_shard(job, ctx, workdir.read_shard("soft_labels", job["shard"]),
-                                   workdir.read_bytes("backbone.safetensors"))
+                                   workdir.read_bytes("backbone.safetensors"), _borrowed_pool(workdir, ctx.config))
     workdir.write_shard("heads", job["shard"], heads)
     return {"shard": job["shard"], "seconds": time.perf_counter() - started, "node": ray.get_runtime_context().get_node_id()}
 
 
 def _backbone_task(sample: pa.Table, ctx: stages.StageContext, work: tuple) -> dict:
-    data, stats = stages.train_backbone(sample, ctx)
+    data, stats = stages.train_backbone(sample, ctx, pool=_borrowed_pool(WorkDir(*work), ctx.config))
     WorkDir(*work).write_bytes("backbone.safetensors", data)
     return {**stats, "node": ray.get_runtime_context().get_node_id()}
 
@@ -326,7 +332,8 @@ def _train_backbone_distributed(sample: pa.Table, ctx: stages.StageContext, work
         context = rt.get_context()
         data, stats = stages.train_backbone(loop_config["sample"], loop_config["ctx"], rank=context.get_world_rank(),
                                             world_size=context.get_world_size(),
-                                            wrap=lambda m: prepare_model(m, move_to_device=False))
+                                            wrap=lambda m: prepare_model(m, move_to_device=False),
+                                            pool=_borrowed_pool(WorkDir(*loop_config["work"]), loop_config["ctx"].config))
         if context.get_world_rank() == 0:
             workdir = WorkDir(*loop_config["work"])
             workdir.write_bytes("backbone.safetensors", data)
@@ -425,6 +432,13 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
         parent_hashes = plan["parent_hashes"] if inherit_backbone else {}
         num = len(plan["all_campaigns"])
         quotas = {} if inherit_backbone else stages.backbone_quotas(plan["sizes"], config)
+        if config.borrowed_rows and not workdir.is_done(BORROWED_POOL, BORROWED_POOL):
+            pool = stages.borrowed_pool(EventsDataset(events_uri, storage_options),
+                                        stages.borrowed_pool_rows(plan["sizes"], config), plan["num_event_types"],
+                                        plan["num_features"])
+            if pool is None:
+                raise FleetError("no campaign's events can be borrowed for the transfer set", path=events_uri)
+            workdir.write_shard(BORROWED_POOL, BORROWED_POOL, pool)
 
         # stage 1: soft labels (the floor)
         t0 = time.perf_counter()

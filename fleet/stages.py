@@ -64,6 +64,7 @@ from fleet.student import (
 from fleet.teachers import load_teacher
 
 FIT, VALIDATION, HOLDOUT, UNUSED = 0, 1, 2, 3  # row splits of a campaign
+BORROWED = 4  # a soft-label row of another campaign's sequence (of the borrowed pool) labelled by this campaign's teacher
 MIN_VALIDATION_ROWS = 10  # fewer validation rows: a campaign is gated on its fit rows and keeps the default head_l2
 
 SOFT_LABELS_SCHEMA = pa.schema([
@@ -125,6 +126,11 @@ class CompressConfig:
         backbone_workers: >1 trains with Ray Train's TorchTrainer (DDP) on that many workers.
         head_steps, head_lr: the batched head fit (stage 3).
         max_fit_rows, max_validation_rows: per-campaign caps on transfer rows (the rest is unused).
+        borrowed_rows, borrowed_weight: the enlarged transfer set. Every teacher also labels the same pool of
+            about ``borrowed_rows`` sequences drawn from other campaigns' fit rows (:func:`borrowed_pool_rows`;
+            0: off); in the head fit each such row weighs ``borrowed_weight`` of one of the campaign's own fit
+            rows, and the backbone sample takes as many of them per campaign as of its own fit rows. Gate,
+            calibration and fidelity use the campaign's own rows only.
         validation_fraction: share of non-hold-out rows kept out of the head fit for the gate.
         campaigns_per_task: campaigns per Ray task (0: sized from the fleet and the cluster).
         min_auc_class_count: a campaign's hold-out AUCs are computed only with at least this many positive
@@ -170,6 +176,8 @@ class CompressConfig:
     head_lr: float = 0.05
     max_fit_rows: int = 4000
     max_validation_rows: int = 1000
+    borrowed_rows: int = 0
+    borrowed_weight: float = 0.5
     validation_fraction: float = 0.15
     campaigns_per_task: int = 0
     min_auc_class_count: int = 10
@@ -191,6 +199,8 @@ class CompressConfig:
             raise ValueError("head_qat needs a fixed bits value (QAT trains for one bit width)")
         if not 0.0 <= self.prune_sparsity < 1.0:
             raise ValueError(f"prune_sparsity must be in [0, 1), got {self.prune_sparsity}")
+        if self.borrowed_rows < 0 or self.borrowed_weight < 0:
+            raise ValueError("borrowed_rows and borrowed_weight must be >= 0")
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
         for name in ("backbone_steps", "head_steps", "backbone_workers", "max_fit_rows", "backbone_per_campaign",
@@ -271,10 +281,12 @@ def _campaign_row(campaign_id: str, status: str, stage: str | None = None, reaso
             "teacher_bytes": fields.get("teacher_bytes"), "n_rows": fields.get("n_rows")}
 
 
-def soft_labels(job: dict, ctx: StageContext) -> tuple[pa.Table, pa.Table]:
+def soft_labels(job: dict, ctx: StageContext, pool: pa.Table | None = None) -> tuple[pa.Table, pa.Table]:
     """Stage 1 for one batch: ``job = {"campaigns": [...], "parent": {campaign: [teacher_sha, data_fp]}}``.
 
-    Runs each teacher over its campaign's fit, validation and hold-out rows. A campaign whose teacher
+    Runs each teacher over its campaign's fit, validation and hold-out rows, and over the borrowed
+    ``pool`` (:func:`borrowed_pool`; its rows of other campaigns only, as ``BORROWED`` rows whose ``row`` is
+    the pool's row). A campaign whose teacher
     and data hashes equal the parent's (``parent``; empty when the backbone is retrained) is
     ``reused``: its teacher is not run. A bad teacher, bad events or non-finite outputs quarantine
     that campaign only (``rejected`` with stage and reason). Returns ``(soft_labels, campaigns)``.
@@ -289,6 +301,8 @@ def soft_labels(job: dict, ctx: StageContext) -> tuple[pa.Table, pa.Table]:
         except FleetError as exc:
             status_rows.append(_campaign_row(campaign_id[:256], "rejected", "soft_labels", str(exc)))
     tables = events.read_campaigns(valid)
+    pool_batch = table_to_batch(pool, ctx.num_features) if pool is not None and len(pool) else None
+    pool_source = pool["campaign_id"].to_numpy(zero_copy_only=False) if pool_batch is not None else None
     for campaign_id in valid:
         try:
             teacher = load_teacher(ctx.teachers_uri, campaign_id, ctx.storage_options,
@@ -311,36 +325,92 @@ def soft_labels(job: dict, ctx: StageContext) -> tuple[pa.Table, pa.Table]:
         splits = row_splits(campaign_id, len(table), ctx.config)
         used = np.flatnonzero(splits != UNUSED)
         batch = table_to_batch(table.take(pa.array(used)), ctx.num_features)
+        borrowed = (np.flatnonzero(pool_source != campaign_id) if pool_batch is not None
+                    else np.zeros(0, np.int64))  # the pool's rows of other campaigns
         try:
             logits = map_minibatches(teacher.model, batch).float()  # (n_used,)
+            borrowed_logits = (map_minibatches(teacher.model, pool_batch.select(torch.from_numpy(borrowed))).float()
+                               if len(borrowed) else torch.zeros(0))  # (n_borrowed,)
         except Exception as exc:  # noqa: BLE001  a custom teacher may fail in any way: quarantine it, keep going
             status_rows.append(_campaign_row(campaign_id, "rejected", "soft_labels",
                                              f"campaign {campaign_id!r}: teacher forward failed: {type(exc).__name__}: {exc}"))
             continue
-        if logits.shape != (len(used),) or not torch.isfinite(logits).all():
+        if (logits.shape != (len(used),) or borrowed_logits.shape != (len(borrowed),)
+                or not (torch.isfinite(logits).all() and torch.isfinite(borrowed_logits).all())):
             status_rows.append(_campaign_row(campaign_id, "rejected", "soft_labels",
                                              f"campaign {campaign_id!r}: teacher produced non-finite or misshaped outputs"))
             continue
-        soft_parts.append(pa.table({
-            "campaign_id": pa.array([campaign_id] * len(used), pa.string()),
-            "row": pa.array(used.astype(np.int32)),
-            "split": pa.array(splits[used]),
-            "teacher_logit": pa.array(logits.numpy()),
-            "label": pa.array(batch.labels.numpy()),
+        n = len(used) + len(borrowed)
+        soft_parts.append(pa.table({  # own rows first, then the borrowed ones
+            "campaign_id": pa.array([campaign_id] * n, pa.string()),
+            "row": pa.array(np.concatenate([used, borrowed]).astype(np.int32)),
+            "split": pa.array(np.concatenate([splits[used], np.full(len(borrowed), BORROWED, np.int8)])),
+            "teacher_logit": pa.array(torch.cat([logits, borrowed_logits]).numpy()),
+            "label": pa.array(np.concatenate([batch.labels.numpy(), np.full(len(borrowed), np.nan, np.float32)])),
         }, schema=SOFT_LABELS_SCHEMA))
         status_rows.append(_campaign_row(campaign_id, "ok", **hashes))
     soft = pa.concat_tables(soft_parts) if soft_parts else SOFT_LABELS_SCHEMA.empty_table()
     return soft, pa.Table.from_pylist(status_rows, schema=CAMPAIGNS_SCHEMA)
 
 
-def _campaign_batches(events: EventsDataset, soft: pa.Table, campaigns: list[str], num_features: int):
-    """Yield ``(campaign_id, SequenceBatch of its soft-labelled rows, soft rows)`` per campaign."""
+def _campaign_batches(events: EventsDataset, soft: pa.Table, campaigns: list[str], num_features: int,
+                      pool: SequenceBatch | None = None):
+    """Yield ``(campaign_id, SequenceBatch of its soft-labelled rows, soft rows)`` per campaign: its own rows
+    (from the events) then its ``BORROWED`` rows (from ``pool``, the batch of :func:`borrowed_pool`)."""
     tables = events.read_campaigns(campaigns)
     soft_by_campaign = split_by_campaign(soft, campaigns)
     for campaign_id in campaigns:
         mine = soft_by_campaign[campaign_id]
-        rows = mine["row"].to_numpy()
-        yield campaign_id, table_to_batch(tables[campaign_id].take(pa.array(rows)), num_features), mine
+        is_borrowed = pa.compute.equal(mine["split"], BORROWED)
+        own, theirs = mine.filter(pa.compute.invert(is_borrowed)), mine.filter(is_borrowed)
+        batch = table_to_batch(tables[campaign_id].take(own["row"]), num_features)
+        if len(theirs):
+            if pool is None:
+                raise ValueError(f"campaign {campaign_id!r} has borrowed rows but no borrowed pool was given")
+            batch = _concat_batches([batch, pool.select(torch.from_numpy(theirs["row"].to_numpy().astype(np.int64)))])
+            mine = pa.concat_tables([own, theirs])
+        yield campaign_id, batch, mine
+
+
+def borrowed_pool_rows(sizes: dict[str, int], config: CompressConfig) -> dict[str, list[int]]:
+    """The borrowed pool: ``{campaign: [row, ...]}``, about ``config.borrowed_rows`` fit rows drawn evenly
+    over (at most ``borrowed_rows``) campaigns, deterministic in ``sizes`` and ``config.seed``.
+
+    Every teacher labels the whole pool (but its own campaign's rows), so a small campaign's head and the
+    backbone see how each teacher behaves on many more sequences of the fleet's input space than the
+    campaign's own (Ba & Caruana 2014; Stanton et al. 2021: a larger transfer set is what moves a student's
+    agreement with its teacher). Only fit rows are drawn: no campaign's validation or hold-out rows.
+    """
+    want = config.borrowed_rows
+    campaigns = sorted(c for c, n in sizes.items() if n > 0)
+    if want <= 0 or not campaigns:
+        return {}
+    rng = np.random.default_rng([config.seed, 4])
+    if len(campaigns) > want:
+        campaigns = sorted(rng.choice(campaigns, want, replace=False).tolist())
+    per_campaign = math.ceil(want / len(campaigns))
+    picked = {}
+    for campaign_id in campaigns:
+        fit = np.flatnonzero(row_splits(campaign_id, sizes[campaign_id], config) == FIT)
+        rows = fit if len(fit) <= per_campaign else np.sort(rng.choice(fit, per_campaign, replace=False))
+        if len(rows):
+            picked[campaign_id] = [int(r) for r in rows]
+    return picked
+
+
+def borrowed_pool(events: EventsDataset, picked: dict[str, list[int]], num_event_types: int,
+                  num_features: int) -> pa.Table | None:
+    """The events rows of :func:`borrowed_pool_rows` (``campaign_id`` names the row's own campaign); a
+    campaign whose events break the contract contributes nothing (its own stage 1 quarantines it)."""
+    tables = events.read_campaigns(sorted(picked))
+    parts = []
+    for campaign_id in sorted(picked):
+        try:
+            validate_campaign_table(tables[campaign_id], campaign_id, num_event_types, num_features, events.uri)
+        except FleetError:
+            continue
+        parts.append(tables[campaign_id].take(pa.array(picked[campaign_id])))
+    return pa.concat_tables(parts) if parts else None
 
 
 def expected_fit_rows(num_rows: int, config: CompressConfig) -> int:
@@ -375,11 +445,12 @@ def backbone_quotas(sizes: dict[str, int], config: CompressConfig) -> dict[str, 
 
 
 def backbone_sample(soft: pa.Table, quotas: dict[str, int], seed: int) -> pa.Table:
-    """The pooled backbone sample of a batch: ``quotas[c]`` fit rows of campaign ``c`` for training
-    and a quarter as many of its validation rows for early stopping (rows drawn without replacement)."""
+    """The pooled backbone sample of a batch: ``quotas[c]`` fit rows of campaign ``c`` and as many of its
+    borrowed rows (if any) for training, and a quarter as many of its validation rows for early stopping
+    (rows drawn without replacement)."""
     rng = np.random.default_rng(seed)
     keep = []
-    for split, share in ((FIT, 1.0), (VALIDATION, 0.25)):
+    for split, share in ((FIT, 1.0), (BORROWED, 1.0), (VALIDATION, 0.25)):
         rows_of = soft.filter(pa.compute.equal(soft["split"], split))
         groups = rows_by_campaign(rows_of["campaign_id"])
         picked = []
@@ -392,26 +463,30 @@ def backbone_sample(soft: pa.Table, quotas: dict[str, int], seed: int) -> pa.Tab
 
 
 def train_backbone(sample: pa.Table, ctx: StageContext, *, rank: int = 0, world_size: int = 1,
-                   wrap=None) -> tuple[bytes, dict]:
+                   wrap=None, pool: pa.Table | None = None) -> tuple[bytes, dict]:
     """Stage 2: train the shared backbone jointly with the sampled campaigns' heads on their soft labels.
 
     Returns ``(backbone.safetensors bytes, stats)``; the file also holds ``head_prior``, the mean
     trained head, which anchors every campaign's head fit in stage 3. ``rank``/``world_size``/``wrap``
-    let Ray Train run it data-parallel (``wrap`` prepares the model for DDP).
+    let Ray Train run it data-parallel (``wrap`` prepares the model for DDP). ``pool``: the borrowed pool
+    when the sample has ``BORROWED`` rows.
     """
     config = ctx.config
     student_config = config.student_config(ctx.num_event_types, ctx.num_features)
     campaigns = sorted(set(sample["campaign_id"].to_pylist()))
     events = EventsDataset(ctx.events_uri, ctx.storage_options)
     parts, index_parts, logit_parts, split_parts = [], [], [], []
-    for c, (campaign_id, batch, rows) in enumerate(_campaign_batches(events, sample, campaigns, ctx.num_features)):
+    pool_batch = table_to_batch(pool, ctx.num_features) if pool is not None else None
+    for c, (campaign_id, batch, rows) in enumerate(_campaign_batches(events, sample, campaigns, ctx.num_features,
+                                                                     pool_batch)):
         parts.append(batch)
         index_parts.append(torch.full((len(batch),), c, dtype=torch.long))
         logit_parts.append(torch.tensor(rows["teacher_logit"].to_numpy()))
         split_parts.append(torch.tensor(rows["split"].to_numpy()))
     everything = _concat_batches(parts)
     all_index, all_logits, split = torch.cat(index_parts), torch.cat(logit_parts), torch.cat(split_parts)
-    train_rows, val_rows = torch.nonzero(split == FIT).flatten(), torch.nonzero(split == VALIDATION).flatten()
+    train_rows = torch.nonzero((split == FIT) | (split == BORROWED)).flatten()
+    val_rows = torch.nonzero(split == VALIDATION).flatten()
     pooled, campaign_index, teacher_logits = everything.select(train_rows), all_index[train_rows], all_logits[train_rows]
     val_batch, val_index, val_logits = everything.select(val_rows), all_index[val_rows], all_logits[val_rows]
     torch.manual_seed(config.seed)
@@ -470,7 +545,8 @@ def _concat_batches(batches: list[SequenceBatch]) -> SequenceBatch:
     )
 
 
-def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes: bytes) -> pa.Table:
+def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes: bytes,
+                    pool: pa.Table | None = None) -> pa.Table:
     """Stages 3-5 for one batch: fit all its campaigns' heads at once on frozen backbone features (one
     batched fit per prior strength of ``head_l2_grid``, each campaign keeping the strength that follows
     its teacher best on its own validation rows), quantize them (fixed or adaptive bits, optional
@@ -481,7 +557,7 @@ def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes
     their first head) and keeps the larger head when it passes, or when it fails by less.
 
     ``job = {"campaigns": [...], "hashes": {campaign: [teacher_sha, data_fp]}}``; ``soft`` holds
-    the batch's stage-1 rows. Returns the batch's heads rows; ``status`` is the campaign's verdict:
+    the batch's stage-1 rows (``pool``: the borrowed pool, when they include ``BORROWED`` rows). Returns the batch's heads rows; ``status`` is the campaign's verdict:
     ``ok`` (passes the gate), ``capacity`` (passes with the ladder's larger head) or ``fallback`` (no
     head passes: its best one is stored anyway, flagged when served).
     """
@@ -491,7 +567,9 @@ def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes
     campaigns = job["campaigns"]
     events = EventsDataset(ctx.events_uri, ctx.storage_options)
     batches, index, logits, labels, splits = [], [], [], [], []
-    for c, (_campaign_id, batch, rows) in enumerate(_campaign_batches(events, soft, campaigns, ctx.num_features)):
+    pool_batch = table_to_batch(pool, ctx.num_features) if pool is not None else None
+    for c, (_campaign_id, batch, rows) in enumerate(_campaign_batches(events, soft, campaigns, ctx.num_features,
+                                                                      pool_batch)):
         batches.append(batch)
         index.append(torch.full((len(batch),), c, dtype=torch.long))
         logits.append(torch.tensor(rows["teacher_logit"].to_numpy()))
@@ -583,19 +661,22 @@ def _fit_rung(features: torch.Tensor, rows: _ShardRows, student_config: StudentC
     ``student_config.head`` for the campaigns of ``rows`` on ``features`` (N, feature width)."""
     distill_config = config.distill_config()
     num, cidx, split = rows.num, rows.cidx, rows.split
-    fit_rows, val_rows = split == FIT, split == VALIDATION
+    own_fit, val_rows = split == FIT, split == VALIDATION
+    fit_rows = own_fit | (split == BORROWED)  # the head fit's rows: its own, and the borrowed ones at a lower weight
+    fit_weights = torch.where(split[fit_rows] == BORROWED, config.borrowed_weight, 1.0).to(features.dtype)
     trusted = torch.bincount(cidx[val_rows], minlength=num) >= MIN_VALIDATION_ROWS  # (C,) enough rows to choose on
     fake_quant = None
     if config.head_qat:
         fake_quant = lambda p: fake_quantize(p, int(config.bits), PerGroup(config.group_size))
     candidates = fit_heads_grid(features[fit_rows], cidx[fit_rows], rows.t_logits[fit_rows], rows.labels[fit_rows], num,
                                 student_config, distill_config, config.head_l2_grid, steps=config.head_steps,
-                                lr=config.head_lr, init=init, seed=config.seed, fake_quant=fake_quant)  # (G, C, P)
+                                lr=config.head_lr, init=init, seed=config.seed, fake_quant=fake_quant,
+                                row_weights=fit_weights)  # (G, C, P)
     val_loss = torch.stack([campaign_losses(h, features[val_rows], cidx[val_rows], rows.t_logits[val_rows], num,
                                             student_config, distill_config) for h in candidates])  # (G, C)
     choice = select_per_campaign(val_loss, config.head_l2_grid.index(config.head_l2), trusted)  # (C,)
     heads = candidates[choice, torch.arange(num)]  # (C, P)
-    known = fit_rows | val_rows
+    known = own_fit | val_rows
 
     def calibrated(h: torch.Tensor) -> torch.Tensor:  # (C, P): each mean probability = its teacher's on known rows
         return calibrate_bias(h, features[known], cidx[known], rows.t_logits[known], student_config)
@@ -606,7 +687,7 @@ def _fit_rung(features: torch.Tensor, rows: _ShardRows, student_config: StudentC
     # so: as a quantization group of its own (no pruning; a group boundary right before it)
     rebias = (config.calibrate_bias and config.prune_sparsity == 0
               and bias_position(student_config) % config.group_size == 0)
-    gate_rows = val_rows | (fit_rows & ~trusted[cidx])  # campaigns with few validation rows are gated on fit rows
+    gate_rows = val_rows | (own_fit & ~trusted[cidx])  # campaigns with few validation rows are gated on fit rows
     gate = CampaignGate(features[gate_rows], cidx[gate_rows], rows.t_logits[gate_rows], num, student_config, config)
     float_check = gate.measure(heads)
     vectors, bits, mask = encode_heads(heads, config.bits, group_size=config.group_size,

@@ -419,3 +419,21 @@ def test_calibrate_bias_matches_each_campaigns_mean_and_minimises_its_kl():
         worse = kl(moved)
         for k in range(c):
             assert float(worse[index == k].mean()) > float(best[index == k].mean())
+
+
+def test_row_weight_of_two_equals_the_row_twice():
+    """A row of weight 2 counts exactly like the same row given twice (the borrowed rows' weighting)."""
+    config, features, campaign_index, teacher_logits, labels, init, c = _head_problem("film", seed=7)
+    distill_config = DistillConfig(head_l2=1.0)
+    doubled = torch.arange(0, len(campaign_index), 3)  # every third row
+    weights = torch.ones(len(campaign_index))
+    weights[doubled] = 2.0
+    weighted = fit_heads(features, campaign_index, teacher_logits, labels, c, config, distill_config, steps=40,
+                         init=init, row_weights=weights)
+    rows = torch.cat([torch.arange(len(campaign_index)), doubled])
+    repeated = fit_heads(features[rows], campaign_index[rows], teacher_logits[rows], labels[rows], c, config,
+                         distill_config, steps=40, init=init)
+    torch.testing.assert_close(weighted, repeated, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="row_weights"):
+        fit_heads(features, campaign_index, teacher_logits, labels, c, config, distill_config, steps=1,
+                  row_weights=-weights)

@@ -2,17 +2,24 @@
 tracks its teachers on hold-out data, and 4-bit heads lose almost nothing against float heads."""
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 
+from fleet.data import map_minibatches
+from fleet.events import EventsDataset, table_to_batch
 from fleet.stages import (
+    BORROWED,
     CompressConfig,
     StageContext,
     backbone_quotas,
     backbone_sample,
+    borrowed_pool,
+    borrowed_pool_rows,
     fit_heads_shard,
     soft_labels,
     train_backbone,
 )
+from fleet.teachers import load_teacher
 
 pytestmark = pytest.mark.slow
 
@@ -60,3 +67,23 @@ def test_auto_bits_is_smaller_than_int8_and_passes_its_gate(fitted):
     bits = [r["bits"] for r in fitted["auto"]]
     assert np.mean(bits) < 8
     assert all(r["status"] in ("ok", "fp16_fallback") for r in fitted["auto"])
+
+
+def test_borrowed_rows_are_labelled_by_the_campaigns_own_teacher(small_fleet):
+    """Stage 1 with a borrowed pool: each teacher labels the pool's rows of the other campaigns (never its
+    own), with the logits it gives those sequences when run on them directly; labels are unknown (NaN)."""
+    config = CompressConfig(borrowed_rows=60)
+    ctx = StageContext(small_fleet["teachers"], small_fleet["events"], config, 24, 8)
+    events = EventsDataset(small_fleet["events"])
+    pool = borrowed_pool(events, borrowed_pool_rows(events.campaign_sizes(), config), 24, 8)
+    campaigns = ["campaign-00000", "campaign-00003"]
+    soft, status = soft_labels({"campaigns": campaigns}, ctx, pool)
+    assert status["status"].to_pylist() == ["ok", "ok"]
+    for campaign_id in campaigns:
+        mine = soft.filter(pc.and_(pc.equal(soft["campaign_id"], campaign_id), pc.equal(soft["split"], BORROWED)))
+        others = np.flatnonzero(pool["campaign_id"].to_numpy(zero_copy_only=False) != campaign_id)
+        assert mine["row"].to_pylist() == others.tolist() and len(others) < len(pool)
+        teacher = load_teacher(small_fleet["teachers"], campaign_id)
+        expected = map_minibatches(teacher.model, table_to_batch(pool.take(others), 8))
+        np.testing.assert_allclose(mine["teacher_logit"].to_numpy(), expected.numpy(), rtol=0, atol=1e-6)
+        assert np.isnan(mine["label"].to_numpy()).all()

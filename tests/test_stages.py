@@ -17,7 +17,9 @@ from fleet.stages import (
     CompressConfig,
     backbone_quotas,
     backbone_sample,
+    borrowed_pool_rows,
     expected_fit_rows,
+    row_splits,
 )
 from fleet.student import StudentConfig
 
@@ -212,3 +214,19 @@ def test_stored_heads_keep_the_teachers_mean_after_quantization():
     for k in range(c):
         sel = cidx == k
         assert float(p_served[sel].mean() / p_teacher[sel].mean()) == pytest.approx(1.0, abs=2e-3)
+
+
+def test_borrowed_pool_draws_fit_rows_evenly_and_deterministically():
+    config = CompressConfig(borrowed_rows=120)
+    sizes = {f"c{i:02d}": n for i, n in enumerate([100, 250, 3000, 40, 900, 120])}
+    picked = borrowed_pool_rows(sizes, config)
+    assert picked == borrowed_pool_rows(sizes, config)  # deterministic
+    assert set(picked) == set(sizes)  # every campaign lends rows
+    for campaign_id, rows in picked.items():
+        assert len(rows) <= 20 and rows == sorted(set(rows))  # ceil(120 / 6) each, no repeats
+        splits = row_splits(campaign_id, sizes[campaign_id], config)
+        assert all(splits[r] == FIT for r in rows)  # never a validation or hold-out row
+    assert 100 <= sum(map(len, picked.values())) <= 120
+    few = borrowed_pool_rows(sizes, CompressConfig(borrowed_rows=3))
+    assert len(few) == 3 and all(len(r) == 1 for r in few.values())  # at most borrowed_rows campaigns
+    assert borrowed_pool_rows(sizes, CompressConfig()) == {}  # off by default
