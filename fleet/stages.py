@@ -126,11 +126,13 @@ class CompressConfig:
         backbone_workers: >1 trains with Ray Train's TorchTrainer (DDP) on that many workers.
         head_steps, head_lr: the batched head fit (stage 3).
         max_fit_rows, max_validation_rows: per-campaign caps on transfer rows (the rest is unused).
-        borrowed_rows, borrowed_weight: the enlarged transfer set. Every teacher also labels the same pool of
-            about ``borrowed_rows`` sequences drawn from other campaigns' fit rows (:func:`borrowed_pool_rows`;
-            0: off); in the head fit each such row weighs ``borrowed_weight`` of one of the campaign's own fit
-            rows, and the backbone sample takes as many of them per campaign as of its own fit rows. Gate,
-            calibration and fidelity use the campaign's own rows only.
+        borrowed_rows, borrowed_weight: the enlarged transfer set (0: off). A pool of about ``borrowed_rows``
+            sequences is drawn from the campaigns' fit rows (:func:`borrowed_pool_rows`) and each campaign's
+            teacher also labels enough of the pool's other-campaign rows to bring its transfer set to
+            ``borrowed_rows`` (:func:`borrowed_rows_of`); in the head fit each such row weighs
+            ``borrowed_weight`` of one of the campaign's own fit rows, and the backbone sample takes as many of
+            them per campaign as of its own fit rows. Gate, calibration and fidelity use the campaign's own
+            rows only.
         validation_fraction: share of non-hold-out rows kept out of the head fit for the gate.
         campaigns_per_task: campaigns per Ray task (0: sized from the fleet and the cluster).
         min_auc_class_count: a campaign's hold-out AUCs are computed only with at least this many positive
@@ -284,9 +286,9 @@ def _campaign_row(campaign_id: str, status: str, stage: str | None = None, reaso
 def soft_labels(job: dict, ctx: StageContext, pool: pa.Table | None = None) -> tuple[pa.Table, pa.Table]:
     """Stage 1 for one batch: ``job = {"campaigns": [...], "parent": {campaign: [teacher_sha, data_fp]}}``.
 
-    Runs each teacher over its campaign's fit, validation and hold-out rows, and over the borrowed
-    ``pool`` (:func:`borrowed_pool`; its rows of other campaigns only, as ``BORROWED`` rows whose ``row`` is
-    the pool's row). A campaign whose teacher
+    Runs each teacher over its campaign's fit, validation and hold-out rows, and over its share of the
+    borrowed ``pool`` (:func:`borrowed_pool`, :func:`borrowed_rows_of`), as ``BORROWED`` rows whose ``row``
+    is the pool's row. A campaign whose teacher
     and data hashes equal the parent's (``parent``; empty when the backbone is retrained) is
     ``reused``: its teacher is not run. A bad teacher, bad events or non-finite outputs quarantine
     that campaign only (``rejected`` with stage and reason). Returns ``(soft_labels, campaigns)``.
@@ -325,8 +327,8 @@ def soft_labels(job: dict, ctx: StageContext, pool: pa.Table | None = None) -> t
         splits = row_splits(campaign_id, len(table), ctx.config)
         used = np.flatnonzero(splits != UNUSED)
         batch = table_to_batch(table.take(pa.array(used)), ctx.num_features)
-        borrowed = (np.flatnonzero(pool_source != campaign_id) if pool_batch is not None
-                    else np.zeros(0, np.int64))  # the pool's rows of other campaigns
+        borrowed = (borrowed_rows_of(campaign_id, pool_source, int((splits == FIT).sum()), ctx.config)
+                    if pool_batch is not None else np.zeros(0, np.int64))  # pool rows this teacher labels
         try:
             logits = map_minibatches(teacher.model, batch).float()  # (n_used,)
             borrowed_logits = (map_minibatches(teacher.model, pool_batch.select(torch.from_numpy(borrowed))).float()
@@ -396,6 +398,22 @@ def borrowed_pool_rows(sizes: dict[str, int], config: CompressConfig) -> dict[st
         if len(rows):
             picked[campaign_id] = [int(r) for r in rows]
     return picked
+
+
+def borrowed_rows_of(campaign_id: str, pool_source: np.ndarray, own_fit_rows: int,
+                     config: CompressConfig) -> np.ndarray:
+    """Rows of the borrowed pool that ``campaign_id``'s teacher labels: its transfer set is topped up to
+    ``config.borrowed_rows`` sequences, so a campaign with ``own_fit_rows`` fit rows borrows
+    ``borrowed_rows - own_fit_rows`` of the pool's rows of *other* campaigns (``pool_source`` (M,): each
+    pool row's campaign), drawn at random per campaign (so campaigns borrow different rows), none when it
+    has that many fit rows of its own. The cost of stage 1 and stage 3 per campaign stays within
+    ``max(own rows, borrowed_rows)`` rows; the small campaigns, whose heads overfit, get the most."""
+    others = np.flatnonzero(pool_source != campaign_id)  # (M',) the pool's rows of other campaigns
+    want = min(len(others), max(0, config.borrowed_rows - own_fit_rows))
+    if want >= len(others):
+        return others
+    key = int.from_bytes(hashlib.sha256(f"borrowed:{campaign_id}".encode()).digest()[:8], "big")
+    return np.sort(np.random.default_rng([config.seed, key]).choice(others, want, replace=False))
 
 
 def borrowed_pool(events: EventsDataset, picked: dict[str, list[int]], num_event_types: int,
