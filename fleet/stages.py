@@ -92,6 +92,9 @@ class CompressConfig:
 
     Args:
         arch, hidden_size, embed_dim, num_layers: the shared student backbone.
+        hidden_size_grid: backbone widths to try in stage 2 (empty: ``hidden_size`` alone): one backbone is
+            trained per width and the one with the lowest distillation loss on the sample's validation rows
+            is kept (:func:`train_backbone`); heads follow its width (3H + 1 parameters for ``film``).
         head, head_rank: per-campaign head design (``film`` | ``lowrank`` | ``linear``).
         loss, temperature, hard_label_weight, distance_weight: distillation (see docs/compression.md).
         head_l2_grid: strengths of the prior that pulls each head toward the fleet's mean head (in rows, see
@@ -145,6 +148,7 @@ class CompressConfig:
     # the student and distillation defaults are StudentConfig's and DistillConfig's (one source of truth)
     arch: str = StudentConfig.arch
     hidden_size: int = StudentConfig.hidden_size
+    hidden_size_grid: tuple[int, ...] = ()
     embed_dim: int = StudentConfig.embed_dim
     num_layers: int = StudentConfig.num_layers
     head: str = StudentConfig.head
@@ -210,6 +214,9 @@ class CompressConfig:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1")
         self.head_l2_grid = tuple(float(v) for v in self.head_l2_grid)
+        self.hidden_size_grid = tuple(int(v) for v in self.hidden_size_grid)
+        if any(v < 1 for v in self.hidden_size_grid):
+            raise ValueError(f"hidden_size_grid must hold widths >= 1, got {self.hidden_size_grid}")
         if not self.head_l2_grid or min(self.head_l2_grid) < 0:
             raise ValueError(f"head_l2_grid must be non-empty and >= 0, got {self.head_l2_grid}")
         if self.head_l2 not in self.head_l2_grid:
@@ -218,6 +225,10 @@ class CompressConfig:
             raise ValueError("gate_max_kl and gate_max_ratio_error must be > 0")
         self.student_config(2, 1)  # validates the student fields early
         self.distill_config()
+
+    def backbone_widths(self) -> tuple[int, ...]:
+        """The hidden sizes stage 2 trains (the best on validation is kept)."""
+        return self.hidden_size_grid or (self.hidden_size,)
 
     def student_config(self, num_event_types: int, num_features: int) -> StudentConfig:
         return StudentConfig(num_event_types=num_event_types, num_features=num_features, arch=self.arch,
@@ -490,7 +501,7 @@ def train_backbone(sample: pa.Table, ctx: StageContext, *, rank: int = 0, world_
     when the sample has ``BORROWED`` rows.
     """
     config = ctx.config
-    student_config = config.student_config(ctx.num_event_types, ctx.num_features)
+    base_config = config.student_config(ctx.num_event_types, ctx.num_features)
     campaigns = sorted(set(sample["campaign_id"].to_pylist()))
     events = EventsDataset(ctx.events_uri, ctx.storage_options)
     parts, index_parts, logit_parts, split_parts = [], [], [], []
@@ -507,48 +518,60 @@ def train_backbone(sample: pa.Table, ctx: StageContext, *, rank: int = 0, world_
     val_rows = torch.nonzero(split == VALIDATION).flatten()
     pooled, campaign_index, teacher_logits = everything.select(train_rows), all_index[train_rows], all_logits[train_rows]
     val_batch, val_index, val_logits = everything.select(val_rows), all_index[val_rows], all_logits[val_rows]
-    torch.manual_seed(config.seed)
-    student = Student(student_config, len(campaigns), torch.Generator().manual_seed(config.seed))
-    model = wrap(student) if wrap else student
-    generator = torch.Generator().manual_seed(config.seed + 1)
-
-    def epoch():
-        jitter = torch.rand(len(pooled), generator=generator) * 4.0
-        chunks = list(torch.split(torch.argsort(pooled.lengths.float() + jitter), config.backbone_batch_size))
-        for i in torch.randperm(len(chunks), generator=generator)[rank::world_size].tolist():
-            index = chunks[i]
-            yield pooled.select(index), campaign_index[index], teacher_logits[index]
-
     fake_quant = (lambda w: fake_quantize(w, 8, PerTensor())) if config.backbone_qat else None
     distill_config = config.distill_config()
-    losses, val_losses, val_steps = [], [], []
 
-    def validate() -> float:  # distillation loss of the sample's validation rows (same for every DDP rank)
-        with torch.no_grad():
-            total = 0.0
-            for index, sub in val_batch.minibatches(1024, sort_by_length=True):
-                features = backbone_forward(student.backbone, sub.event_types, sub.features, sub.lengths,
-                                            fake_quant=fake_quant,
-                                            pooled=student_config.head in POOLED_DESIGNS)  # (b, H) or (b, 2H)
-                logits = head_logits(student_config.head, features, student.heads, student_config.head_rank,
-                                     index=val_index[index])  # (b,)
-                total += float(distill_loss_rows(logits, val_logits[index], None, distill_config).sum())
-        val_losses.append(total / len(val_batch))
-        val_steps.append(len(losses))  # progress() has counted the step already
-        return val_losses[-1]
+    def train(width: int) -> tuple[Student, dict]:  # one backbone of hidden size `width`, stopped early
+        student_config = dataclasses.replace(base_config, hidden_size=width)
+        torch.manual_seed(config.seed)
+        student = Student(student_config, len(campaigns), torch.Generator().manual_seed(config.seed))
+        model = wrap(student) if wrap else student
+        generator = torch.Generator().manual_seed(config.seed + 1)
 
-    steps = math.ceil(config.backbone_steps / world_size)  # data parallel: same samples, bigger effective batch
-    fit_backbone(model, epoch, distill_config, epochs=10**9, steps=steps, lr=config.backbone_lr,
-                 seed=config.seed, fake_quant=fake_quant, progress=lambda step, loss: losses.append(loss),
-                 validate=validate if len(val_batch) else None, eval_every=config.backbone_eval_every,
-                 patience=config.backbone_patience)
+        def epoch():
+            jitter = torch.rand(len(pooled), generator=generator) * 4.0
+            chunks = list(torch.split(torch.argsort(pooled.lengths.float() + jitter), config.backbone_batch_size))
+            for i in torch.randperm(len(chunks), generator=generator)[rank::world_size].tolist():
+                index = chunks[i]
+                yield pooled.select(index), campaign_index[index], teacher_logits[index]
+
+        losses, val_losses, val_steps = [], [], []
+
+        def validate() -> float:  # distillation loss of the sample's validation rows (same for every DDP rank)
+            with torch.no_grad():
+                total = 0.0
+                for index, sub in val_batch.minibatches(1024, sort_by_length=True):
+                    features = backbone_forward(student.backbone, sub.event_types, sub.features, sub.lengths,
+                                                fake_quant=fake_quant,
+                                                pooled=student_config.head in POOLED_DESIGNS)  # (b, H) or (b, 2H)
+                    logits = head_logits(student_config.head, features, student.heads, student_config.head_rank,
+                                         index=val_index[index])  # (b,)
+                    total += float(distill_loss_rows(logits, val_logits[index], None, distill_config).sum())
+            val_losses.append(total / len(val_batch))
+            val_steps.append(len(losses))  # progress() has counted the step already
+            return val_losses[-1]
+
+        steps = math.ceil(config.backbone_steps / world_size)  # data parallel: same samples, bigger effective batch
+        fit_backbone(model, epoch, distill_config, epochs=10**9, steps=steps, lr=config.backbone_lr,
+                     seed=config.seed, fake_quant=fake_quant, progress=lambda step, loss: losses.append(loss),
+                     validate=validate if len(val_batch) else None, eval_every=config.backbone_eval_every,
+                     patience=config.backbone_patience)
+        best = int(np.argmin(val_losses)) if val_losses else None
+        return student, {"backbone_hidden_size": width, "backbone_steps": len(losses),
+                         "backbone_best_step": val_steps[best] if best is not None else len(losses),
+                         "backbone_validation_loss": val_losses[best] if best is not None else None,
+                         "backbone_final_loss": float(np.mean(losses[-20:])) if losses else float("nan")}
+
+    # each width of the grid is trained; the lowest validation loss wins (the first on ties or without validation)
+    trained = [train(width) for width in config.backbone_widths()]
+    losses = [math.inf if st["backbone_validation_loss"] is None else st["backbone_validation_loss"] for _, st in trained]
+    student, stats = trained[int(np.argmin(losses))]
     data = backbone_to_bytes(student.backbone, config.backbone_bits, head_prior=student.heads.detach().mean(0))
-    best = int(np.argmin(val_losses)) if val_losses else None
     stats = {"backbone_rows": len(pooled), "backbone_validation_rows": len(val_batch),
-             "backbone_campaigns": len(campaigns), "backbone_steps": len(losses),
-             "backbone_best_step": val_steps[best] if best is not None else len(losses),
-             "backbone_validation_loss": val_losses[best] if best is not None else None,
-             "backbone_final_loss": float(np.mean(losses[-20:])) if losses else float("nan")}
+             "backbone_campaigns": len(campaigns), **stats}
+    if len(trained) > 1:
+        stats["backbone_width_validation_losses"] = {str(st["backbone_hidden_size"]): st["backbone_validation_loss"]
+                                                     for _, st in trained}
     return data, stats
 
 

@@ -4,7 +4,10 @@ tracks its teachers on hold-out data, and 4-bit heads lose almost nothing agains
 import numpy as np
 import pyarrow.compute as pc
 import pytest
+import safetensors.torch
+import torch
 
+from fleet.backbone_codec import backbone_from_bytes
 from fleet.data import map_minibatches
 from fleet.events import EventsDataset, table_to_batch
 from fleet.stages import (
@@ -74,7 +77,7 @@ def test_borrowed_rows_are_labelled_by_the_campaigns_own_teacher(small_fleet):
     """Stage 1 with a borrowed pool: each teacher tops its transfer set up to ``borrowed_rows`` with pool rows
     of the other campaigns (never its own), labelled with the logits it gives those sequences when run on
     them directly; labels are unknown (NaN)."""
-    config = CompressConfig(borrowed_rows=600)
+    config = CompressConfig(borrowed_rows=2000)
     ctx = StageContext(small_fleet["teachers"], small_fleet["events"], config, 24, 8)
     events = EventsDataset(small_fleet["events"])
     pool = borrowed_pool(events, borrowed_pool_rows(events.campaign_sizes(), config), 24, 8)
@@ -91,3 +94,24 @@ def test_borrowed_rows_are_labelled_by_the_campaigns_own_teacher(small_fleet):
         expected = map_minibatches(teacher.model, table_to_batch(pool.take(rows), 8))
         np.testing.assert_allclose(mine["teacher_logit"].to_numpy(), expected.numpy(), rtol=0, atol=1e-6)
         assert np.isnan(mine["label"].to_numpy()).all()
+
+
+def test_stage_two_keeps_the_width_with_the_lowest_validation_loss(small_fleet):
+    """``hidden_size_grid``: one backbone per width, the one with the lowest validation loss is stored, and it
+    is the very backbone that width gives when trained alone."""
+    settings = {"backbone_steps": 60, "backbone_eval_every": 20, "backbone_per_campaign": 100}
+    config = CompressConfig(hidden_size_grid=(8, 24), **settings)
+    ctx = StageContext(small_fleet["teachers"], small_fleet["events"], config, 24, 8)
+    campaigns = [f"campaign-{i:05d}" for i in range(6)]
+    soft, status = soft_labels({"campaigns": campaigns}, ctx)
+    sample = backbone_sample(soft, backbone_quotas(dict(zip(campaigns, status["n_rows"].to_pylist())), config), 0)
+    data, stats = train_backbone(sample, ctx)
+    losses = stats["backbone_width_validation_losses"]
+    assert set(losses) == {"8", "24"} and losses["8"] != losses["24"]
+    best = min(losses, key=losses.get)
+    assert backbone_from_bytes(data)[0].config.hidden_size == int(best) == stats["backbone_hidden_size"]
+    alone_ctx = StageContext(ctx.teachers_uri, ctx.events_uri, CompressConfig(hidden_size=int(best), **settings), 24, 8)
+    alone, alone_stats = train_backbone(sample, alone_ctx)
+    assert alone_stats["backbone_validation_loss"] == losses[best]
+    tensors, alone_tensors = safetensors.torch.load(data), safetensors.torch.load(alone)  # (metadata order varies)
+    assert tensors.keys() == alone_tensors.keys() and all(torch.equal(tensors[k], alone_tensors[k]) for k in tensors)
