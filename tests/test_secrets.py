@@ -152,7 +152,7 @@ def test_mlflow_params_tags_and_artifacts_hold_no_credentials(tmp_path):
     (folder / "manifest.json").write_text(json.dumps({"format": "fleet-version/1", "fleet": "adfleet",
                                                       "version_id": "v1"}))
     (folder / "backbone.safetensors").write_bytes(b"\0" * 64)
-    options = {"key": ACCESS_KEY, "secret": SECRET_KEY, "headers": {"Authorization": f"Bearer {HEADER_TOKEN}"},
+    options = {"key": "AKIAOTHERKEY", "secret": SECRET_KEY, "headers": {"Authorization": f"Bearer {HEADER_TOKEN}"},
                "client_kwargs": {"endpoint_url": f"https://minio:{PASSWORD}@minio.example"}}
     registered = registry.register_version(
         fleet_name="adfleet", manifest_uri=PRESIGNED_URI, version_id="v1",
