@@ -11,6 +11,7 @@ from rich.table import Table
 from fleet import cli_serving
 from fleet.cli_serving import EXIT_FAILED, EXIT_OK, EXIT_USAGE, json_object
 from fleet.errors import FleetError
+from fleet.redact import scrub
 from fleet.store import storage_options_from_env
 
 
@@ -130,7 +131,7 @@ def _cmd_compress(args, console) -> int:
                          f"({result.version_id}) failed its quality gate:\n")
         for reason in gate.reasons:
             sys.stderr.write(f"  - {reason}\n")
-        where = f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else ""
+        where = f" --tracking-uri {scrub(args.tracking_uri)}" if args.tracking_uri else ""
         sys.stderr.write(f"to promote it anyway: fleet promote {result.registered.name} {result.registered.version}"
                          f"{where}\n")
     return result.exit_code
@@ -243,10 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args, console)
     except FleetError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {scrub(str(exc))}")
         return EXIT_FAILED
     except (ValueError, argparse.ArgumentTypeError) as exc:
-        console.print(f"[red]usage error:[/red] {exc}")
+        console.print(f"[red]usage error:[/red] {scrub(str(exc))}")
         return EXIT_USAGE
 
 

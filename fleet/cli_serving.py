@@ -14,8 +14,12 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from fleet.redact import scrub
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PREDICT_CHUNK_ROWS = 4096
+#: The environment variable holding ``fleet serve``'s admin token (else ``--admin-token-file``).
+ADMIN_TOKEN_ENV = "FLEET_ADMIN_TOKEN"
 
 
 def json_object(text: str) -> dict:
@@ -54,6 +58,38 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="fsspec storage options as JSON (default: $FLEET_STORAGE_OPTIONS)")
 
 
+class _RefuseSecretFlag(argparse.Action):
+    """A flag that would put a secret on the command line (visible in ``ps``): a usage error that never
+    echoes the value."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is not accepted: a token on the command line is visible to every "
+                     f"user (ps); set ${ADMIN_TOKEN_ENV} or pass --admin-token-file PATH")
+
+
+def _admin_token(path: str | None) -> str | None:
+    """The admin token: the content of ``path`` (surrounding whitespace stripped) when given, else
+    ``$FLEET_ADMIN_TOKEN``, else None (``/admin/*`` disabled). ValueError naming the source, never
+    the token, when it is unreadable or not a valid token (:func:`fleet.http.check_admin_token`)."""
+    from fleet.http import check_admin_token
+
+    if path is None:
+        token, source = os.environ.get(ADMIN_TOKEN_ENV), f"${ADMIN_TOKEN_ENV}"
+        if token is None:
+            return None
+    else:
+        source = f"--admin-token-file {path}"
+        try:
+            with open(path, encoding="utf-8") as f:
+                token = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{source}: cannot read the admin token ({type(exc).__name__})") from None
+    try:
+        return check_admin_token(token.strip())
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+
+
 def register(subparsers) -> None:
     """Add ``serve``, ``predict`` and ``inspect`` to ``fleet``'s subparsers."""
     from fleet.serving import DEFAULT_CACHE_SIZE, DEFAULT_MAX_SEQUENCE_LENGTH
@@ -74,8 +110,10 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=_positive_int, default=None, help="torch inference threads (process-wide)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of the heads files at start (the backbone is always checked)")
-    p.add_argument("--admin-token", default=os.environ.get("FLEET_ADMIN_TOKEN"),
-                   help="require 'Authorization: Bearer TOKEN' on /admin/reload (default: $FLEET_ADMIN_TOKEN)")
+    p.add_argument("--admin-token-file", default=None, metavar="PATH",
+                   help=f"enable /admin/* behind 'Authorization: Bearer TOKEN', TOKEN read from this file "
+                        f"(default: ${ADMIN_TOKEN_ENV}; without either, /admin/* is disabled)")
+    p.add_argument("--admin-token", action=_RefuseSecretFlag, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--ray", action="store_true", help="serve with Ray Serve (replicas behind one HTTP proxy)")
     p.add_argument("--replicas", type=_positive_int, default=1, help="Ray Serve replicas (with --ray)")
@@ -113,18 +151,23 @@ def _cmd_serve(args, console) -> int:
         return EXIT_USAGE
     if args.poll_seconds is not None and not args.model.startswith("models:"):
         console.print("[yellow]note:[/yellow] --poll-seconds has no effect on a fixed version URI")
+    try:
+        admin_token = _admin_token(args.admin_token_file)
+    except ValueError as exc:
+        console.print(f"[red]usage error:[/red] {scrub(str(exc))}")
+        return EXIT_USAGE
     factory = functools.partial(
         app_from_uri, args.model, tracking_uri=args.tracking_uri, storage_options=args.storage_options,
         cache_size=args.cache_size, preload=args.preload, poll_seconds=args.poll_seconds,
         max_body_bytes=args.max_body_bytes, max_sequences=args.max_sequences,
-        max_sequence_length=args.max_sequence_length, num_threads=args.threads, admin_token=args.admin_token,
+        max_sequence_length=args.max_sequence_length, num_threads=args.threads, admin_token=admin_token,
         verify=not args.no_verify,
     )
     if args.ray:
         try:
             from fleet.pipeline import serve_on_ray
         except ImportError as exc:
-            console.print(f"[red]error:[/red] Ray serving is unavailable: {exc}")
+            console.print(f"[red]error:[/red] Ray serving is unavailable: {scrub(str(exc))}")
             return EXIT_FAILED
         serve_on_ray(factory, args.replicas, args.host, args.port)
         return EXIT_OK
@@ -133,11 +176,12 @@ def _cmd_serve(args, console) -> int:
     try:
         app = factory()
     except (FleetError, OSError, ValueError) as exc:
-        console.print(f"[red]error:[/red] cannot load {args.model}: {exc}")
+        console.print(f"[red]error:[/red] cannot load {scrub(args.model)}: {scrub(str(exc))}")
         return EXIT_FAILED
     model = app.state.holder.get()
+    admin = "admin endpoints enabled" if admin_token is not None else "admin endpoints disabled"
     console.print(f"serving fleet version [bold]{model.version_id}[/bold] ({model.num_campaigns:,} campaigns) "
-                  f"on http://{args.host}:{args.port}")
+                  f"on http://{args.host}:{args.port} ({admin})")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return EXIT_OK
 
@@ -188,7 +232,7 @@ def _cmd_predict(args, console) -> int:
         model = FleetModel.load(args.model, args.tracking_uri, storage_options=args.storage_options,
                                 cache_size=args.cache_size)
     except (FleetError, OSError, ValueError) as exc:
-        console.print(f"[red]error:[/red] cannot load {args.model}: {exc}")
+        console.print(f"[red]error:[/red] cannot load {scrub(args.model)}: {scrub(str(exc))}")
         return EXIT_FAILED
     offset = 0
     out = sys.stdout
@@ -212,10 +256,10 @@ def _cmd_predict(args, console) -> int:
             fallback.update(dict.fromkeys(pred.fallback_campaigns))
             offset += len(rows)
     except FileNotFoundError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {scrub(str(exc))}")
         return EXIT_FAILED
     except (FleetError, ValueError, OSError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {scrub(str(exc))}")
         return EXIT_FAILED
     out.flush()
     if fallback:
@@ -290,7 +334,7 @@ def _cmd_inspect(args, console) -> int:
         else:
             info = version_summary(version)
     except (FleetError, OSError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {scrub(str(exc))}")
         return EXIT_FAILED
     if args.json:
         sys.stdout.write(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")

@@ -1,24 +1,28 @@
-"""Exception types of fleet. Every error names the campaign (when there is one), the file and the reason."""
+"""Exception types of fleet. Every error names the campaign (when there is one), the file and the reason,
+and never a credential (:func:`fleet.redact.scrub`)."""
 
 from __future__ import annotations
+
+from fleet.redact import scrub
 
 
 class FleetError(Exception):
     """Base class: ``FleetError(reason, campaign_id=None, path=None)``.
 
-    ``str(err)`` reads ``campaign 'c1': s3://b/t/c1/config.json: reason``.
+    ``str(err)`` reads ``campaign 'c1': s3://b/t/c1/config.json: reason``. ``reason`` and ``path`` are
+    kept scrubbed: credentials in them (``s3://key:secret@...``, ``?token=...``) read ``***``.
     """
 
     def __init__(self, reason: str, *, campaign_id: str | None = None, path: str | None = None):
-        self.reason = reason
+        self.reason = scrub(reason)
         self.campaign_id = campaign_id
-        self.path = path
+        self.path = None if path is None else scrub(path)
         parts = []
         if campaign_id is not None:
             parts.append(f"campaign {campaign_id!r}")
-        if path is not None:
-            parts.append(str(path))
-        parts.append(reason)
+        if self.path is not None:
+            parts.append(self.path)
+        parts.append(self.reason)
         super().__init__(": ".join(parts))
 
 

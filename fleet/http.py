@@ -6,20 +6,25 @@ bodies, status codes and limits are a contract documented in ``docs/serving.md``
 
 Guarantees: a request takes the model reference once, so a swap never changes a version under a
 request in flight; bodies are bounded (``Content-Length`` and streamed bytes); no input yields a
-5xx, and NaN/inf never reach a JSON response.
+5xx, and NaN/inf never reach a JSON response. ``/admin/*`` answers only when an admin token is
+configured, and only to ``Authorization: Bearer <token>`` (``hmac.compare_digest``). Error bodies name
+the campaign, row and reason: never a store path, a credential or a stack trace (:func:`public_detail`).
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import re
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
@@ -28,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fleet.codec import head_passed
 from fleet.errors import FleetError, InvalidCampaignIdError, UnknownCampaignError
+from fleet.redact import scrub
 from fleet.serving import FleetModel, InvalidInputError
 from fleet.store import json_safe
 
@@ -40,6 +46,14 @@ DEFAULT_MAX_SEQUENCES = 1024
 DRAIN_LIMIT_BYTES = 16 * 2**20
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _BODY_KEY = "fleet.body"
+#: Longest ``detail`` of an error body.
+MAX_DETAIL_CHARS = 1000
+#: Where a path or URI was in an error text, a client reads this.
+HIDDEN_PATH = "<path>"
+# URIs (scheme://...) and absolute local paths (two segments or more) inside an error text.
+_LOCATION_RE = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"()<>,;]*"
+                          r"|(?<![\w./~-])/(?:[^\s/'\"()<>,;:]+/)+[^\s/'\"()<>,;:]*")
+_ADMIN_TOKEN_RE = re.compile(r"[\x21-\x7e]+")  # visible ASCII: it travels in a header
 
 
 # ----------------------------------------------------------------------------- bodies (the contract)
@@ -197,7 +211,7 @@ class ModelHolder:
                 new = self._reload(current)
             except Exception as exc:
                 self.reload_errors += 1
-                self.last_reload_error = f"{type(exc).__name__}: {exc}"
+                self.last_reload_error = f"{type(exc).__name__}: {public_detail(exc)}"  # shown by /healthz
                 raise
             self.last_reload_error = None
             if new is None or new is current or new.version_id == current.version_id:
@@ -229,7 +243,7 @@ class ModelHolder:
             try:
                 self.reload()
             except Exception as exc:  # noqa: BLE001 - keep serving the current version
-                log.warning("model poll failed, still serving %s: %s", self.get().version_id, exc)
+                log.warning("model poll failed, still serving %s: %s", self.get().version_id, scrub(str(exc)))
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -449,8 +463,50 @@ def _json(obj: Any, status: int = 200) -> Response:
     return Response(_dumps(obj), status_code=status, media_type="application/json")
 
 
+def public_detail(error: BaseException | str) -> str:
+    """What a client may read of an error: for a :class:`~fleet.errors.FleetError` its campaign and
+    reason (with the row), never its path; any store path or URI inside is replaced by ``<path>`` and
+    credentials by ``***`` (:func:`fleet.redact.scrub`); at most :data:`MAX_DETAIL_CHARS` characters.
+    Every error body's ``detail`` goes through it."""
+    if isinstance(error, FleetError):
+        campaign = [] if error.campaign_id is None else [f"campaign {error.campaign_id!r}"]
+        text = ": ".join([*campaign, error.reason])
+    else:
+        text = str(error)
+    return _LOCATION_RE.sub(HIDDEN_PATH, scrub(text))[:MAX_DETAIL_CHARS]
+
+
+def _log_text(exc: BaseException) -> str:
+    """``exc`` with its traceback for the log, credentials scrubbed (the log keeps paths, not secrets)."""
+    return scrub("".join(traceback.format_exception(exc)))
+
+
+def check_admin_token(token: str) -> str:
+    """``token`` when it can be an admin token (visible ASCII, no whitespace); else ValueError (never
+    quoting the token)."""
+    if not isinstance(token, str) or not _ADMIN_TOKEN_RE.fullmatch(token):
+        raise ValueError("the admin token must be non-empty visible ASCII without whitespace")
+    return token
+
+
+def _admin_guard(admin_token: str | None) -> Callable[[Request], None]:
+    """The dependency of every ``/admin/*`` route: 403 ``admin_disabled`` without a configured token,
+    401 ``unauthorized`` unless ``Authorization: Bearer <token>`` (compared in constant time)."""
+    expected = None if admin_token is None else f"Bearer {check_admin_token(admin_token)}".encode()
+
+    def guard(request: Request) -> None:
+        if expected is None:
+            raise _RequestError(403, "admin_disabled", "admin endpoints are disabled: start fleet serve with "
+                                                       "$FLEET_ADMIN_TOKEN or --admin-token-file to enable them")
+        given = request.headers.get("authorization", "").encode("latin-1")  # the header's bytes (ASGI: latin-1)
+        if not hmac.compare_digest(given, expected):
+            raise _RequestError(401, "unauthorized", "admin endpoints need Authorization: Bearer <token>")
+
+    return guard
+
+
 def _error(status: int, code: str, detail: str, errors: list | None = None) -> Response:
-    body: dict[str, Any] = {"code": code, "detail": detail}
+    body: dict[str, Any] = {"code": code, "detail": public_detail(detail)}
     if errors is not None:
         body["errors"] = errors
     return _json(body, status)
@@ -496,12 +552,14 @@ def create_app(
 ) -> FastAPI:
     """The HTTP app. ``model_provider`` is a :class:`ModelHolder` (or a model, wrapped in one).
 
-    ``admin_token``: when set, ``POST /admin/reload`` requires ``Authorization: Bearer <token>``.
+    ``admin_token``: without it every ``/admin/*`` route answers 403 ``admin_disabled``; with it they
+    require ``Authorization: Bearer <token>`` (:func:`check_admin_token` says which tokens are valid).
     """
     holder = model_provider if isinstance(model_provider, ModelHolder) else ModelHolder(model_provider)
     if max_body_bytes < 1 or max_sequences < 1:
         raise ValueError("max_body_bytes and max_sequences must be >= 1")
     metrics = _Metrics()
+    admin = APIRouter(prefix="/admin", dependencies=[Depends(_admin_guard(admin_token))])
 
     @asynccontextmanager
     async def lifespan(app):
@@ -571,23 +629,24 @@ def create_app(
         """Prometheus text exposition."""
         return Response(metrics.render(holder), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.post("/admin/reload", response_model=None, responses={401: {"model": ErrorResponse},
-                                                             409: {"model": ErrorResponse},
-                                                             503: {"model": ErrorResponse}})
-    def reload(request: Request) -> Response:
+    @admin.post("/reload", response_model=None, responses={401: {"model": ErrorResponse},
+                                                         403: {"model": ErrorResponse},
+                                                         409: {"model": ErrorResponse},
+                                                         503: {"model": ErrorResponse}})
+    def reload() -> Response:
         """Re-resolve the model source now; swap when it names another version."""
-        if admin_token is not None and request.headers.get("authorization") != f"Bearer {admin_token}":
-            raise _RequestError(401, "unauthorized", "admin endpoints need Authorization: Bearer <token>")
         previous = holder.get().version_id
         try:
             changed = holder.reload()
         except ReloadUnavailable as exc:
             raise _RequestError(409, "reload_unavailable", str(exc)) from None
-        except Exception as exc:
-            log.exception("reload failed")
-            raise _RequestError(503, "reload_failed", f"reload failed, still serving {previous}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - the old version keeps serving; the log has the traceback
+            log.error("reload failed, still serving %s:\n%s", previous, _log_text(exc))
+            raise _RequestError(503, "reload_failed",
+                                f"reload failed, still serving {previous}: {public_detail(exc)}") from None
         return _json({"changed": changed, "previous": previous, "version": holder.get().version_id})
 
+    app.include_router(admin)
     _install_handlers(app)
     _install_openapi(app)
     app.add_middleware(_Gate, metrics=metrics, max_body_bytes=max_body_bytes)
@@ -621,15 +680,15 @@ def _install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(UnknownCampaignError)
     async def unknown(request, exc):
-        return _error(404, "unknown_campaign", str(exc))
+        return _error(404, "unknown_campaign", public_detail(exc))
 
     @app.exception_handler(InvalidInputError)
     async def invalid(request, exc):
-        return _error(422, "invalid_input", str(exc))
+        return _error(422, "invalid_input", public_detail(exc))
 
     @app.exception_handler(InvalidCampaignIdError)
     async def invalid_id(request, exc):
-        return _error(422, "invalid_input", str(exc))
+        return _error(422, "invalid_input", public_detail(exc))
 
     @app.exception_handler(RequestValidationError)
     async def request_validation(request, exc):
@@ -643,16 +702,16 @@ def _install_handlers(app: FastAPI) -> None:
     @app.exception_handler(FleetError)
     async def fleet_error(request, exc):  # storage or registry trouble: not the client's input
         log.error("fleet error: %s", exc)
-        return _error(503, "unavailable", str(exc))
+        return _error(503, "unavailable", public_detail(exc))
 
     @app.exception_handler(ValueError)
     async def value_error(request, exc):  # an input problem that slipped past validation
-        log.warning("unexpected ValueError on %s: %s", request.url.path, exc)
-        return _error(422, "invalid_input", str(exc)[:1000])
+        log.warning("unexpected ValueError on %s: %s", request.url.path, scrub(str(exc)))
+        return _error(422, "invalid_input", public_detail(exc))
 
     @app.exception_handler(Exception)
     async def internal(request, exc):
-        log.exception("internal error on %s", request.url.path)
+        log.error("internal error on %s:\n%s", request.url.path, _log_text(exc))
         return _error(500, "internal", "internal error")
 
 
@@ -699,5 +758,7 @@ __all__ = [
     "PredictResponse",
     "SequenceIn",
     "app_from_uri",
+    "check_admin_token",
     "create_app",
+    "public_detail",
 ]

@@ -39,6 +39,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from fleet.errors import FleetError
+from fleet.redact import is_secret_name, public_options, scrub, secret_values
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +68,6 @@ _MODEL_URI_RE = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<
 _HISTORY_MAX = 200  # entries kept in champion_history (~70 bytes each, far below the tag limit)
 _PARAM_MAX = 6000  # MLflow's limit on a param value
 _KEY_MAX = 250  # MLflow's limit on a metric / param key
-_SECRET_NAMES = {"key", "secret", "token", "password", "passwd", "credentials", "sas", "sig", "signature"}
-_SECRET_PARTS = ("secret", "token", "password", "passwd", "credential", "access_key", "private_key",
-                 "api_key", "account_key", "connection_string", "session")
-_URL_USERINFO_RE = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 
 
 class RegistryError(FleetError):
@@ -309,53 +306,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _is_secret_name(name: str) -> bool:
-    lowered = str(name).lower()
-    return lowered in _SECRET_NAMES or any(part in lowered for part in _SECRET_PARTS)
-
-
-def _strip_userinfo(text: str) -> str:
-    """``scheme://user:pass@host`` -> ``scheme://host``."""
-    return _URL_USERINFO_RE.sub(r"\1", text)
-
-
-def _public_options(options: Any) -> Any:
-    """A JSON-safe copy of storage options without credentials (secret-looking keys dropped,
-    ``user:pass@`` removed from URLs, values that are not JSON scalars dropped)."""
-    if isinstance(options, dict):
-        out = {}
-        for k, v in options.items():
-            if _is_secret_name(k):
-                continue
-            v = _public_options(v)
-            if v is not None:
-                out[str(k)] = v
-        return out
-    if isinstance(options, (list, tuple)):
-        return [v for v in (_public_options(x) for x in options) if v is not None]
-    if isinstance(options, str):
-        return _strip_userinfo(options)
-    if isinstance(options, bool):
-        return options
-    if isinstance(options, numbers.Integral):
-        return int(options)
-    return _finite(options)  # None for anything else
-
-
-def _secret_values(options: Any, under_secret: bool = False) -> set[str]:
-    """String values stored under secret-looking keys of ``options`` (to scrub them elsewhere)."""
-    found: set[str] = set()
-    if isinstance(options, dict):
-        for k, v in options.items():
-            found |= _secret_values(v, under_secret or _is_secret_name(k))
-    elif isinstance(options, (list, tuple)):
-        for v in options:
-            found |= _secret_values(v, under_secret)
-    elif under_secret and isinstance(options, str) and len(options) >= 4:
-        found.add(options)
-    return found
-
-
 def _flatten(d: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """``{"a": {"b": 1}}`` -> ``("a.b", 1)``."""
     for k, v in d.items():
@@ -391,17 +341,14 @@ def _clean_metrics(metrics: dict) -> dict[str, float]:
 
 
 def _clean_params(params: dict, secrets: set[str]) -> dict[str, str]:
-    """Flatten, stringify (JSON for lists), drop secret-looking keys, scrub secret values and URL
-    credentials, truncate to MLflow's limit."""
+    """Flatten, stringify (JSON for lists), drop secret-looking keys, :func:`fleet.redact.scrub` the
+    values (``secrets`` and URI credentials become ``***``), truncate to MLflow's limit."""
     out: dict[str, str] = {}
     for key, value in _flatten(params):
-        if _is_secret_name(key.rsplit(".", 1)[-1]):
+        if is_secret_name(key.rsplit(".", 1)[-1]):
             logger.warning("param %r not logged: its name looks like a credential", key)
             continue
-        text = value if isinstance(value, str) else json.dumps(value, default=str)
-        for secret in secrets:
-            text = text.replace(secret, "<redacted>")
-        text = _strip_userinfo(text)
+        text = scrub(value if isinstance(value, str) else json.dumps(value, default=str), secrets)
         if len(text) > _PARAM_MAX:
             text = text[: _PARAM_MAX - 3] + "..."
         out[sanitize_key(key)] = text
@@ -606,8 +553,8 @@ def register_version(
     _check_local_artifacts(local_artifacts, fleet_name, version_id)
     plot_files = _check_plots(plots)
     gate = gate if gate is not None else GateConfig()
-    secrets = _secret_values(storage_options or {})
-    public_manifest_uri = _strip_userinfo(manifest_uri)
+    secrets = secret_values(storage_options or {})
+    public_manifest_uri = scrub(manifest_uri)
     if any(s in public_manifest_uri for s in secrets):
         raise ValueError("manifest_uri contains a credential from storage_options; pass credentials only in storage_options")
     if mlflow.active_run() is not None:
@@ -645,7 +592,7 @@ def register_version(
             "manifest_uri": public_manifest_uri,
             "version_id": version_id,
             "storage_options_env": STORAGE_OPTIONS_ENV,
-            "storage_options": _public_options(storage_options or {}),
+            "storage_options": public_options(storage_options or {}),
         }
         with open(os.path.join(data_dir, MODEL_DATA_FILE), "w") as f:
             json.dump(model_data, f, indent=2)

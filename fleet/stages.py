@@ -49,6 +49,7 @@ from fleet.heads import decode_heads, encode_heads, head_row
 from fleet.ids import validate_campaign_id
 from fleet.metrics import CALIBRATION_KEYS, PROB_EPS, campaign_fidelity
 from fleet.quant import PerGroup, PerTensor, fake_quantize, quantize_rows
+from fleet.redact import scrub, secret_values
 from fleet.student import (
     POOLED_DESIGNS,
     Student,
@@ -302,7 +303,8 @@ def soft_labels(job: dict, ctx: StageContext, pool: pa.Table | None = None) -> t
     is the pool's row. A campaign whose teacher
     and data hashes equal the parent's (``parent``; empty when the backbone is retrained) is
     ``reused``: its teacher is not run. A bad teacher, bad events or non-finite outputs quarantine
-    that campaign only (``rejected`` with stage and reason). Returns ``(soft_labels, campaigns)``.
+    that campaign only (``rejected`` with stage and reason; reasons are scrubbed of credentials,
+    :func:`fleet.redact.scrub`). Returns ``(soft_labels, campaigns)``.
     """
     campaigns, parent = job["campaigns"], job.get("parent", {})
     events = EventsDataset(ctx.events_uri, ctx.storage_options)
@@ -363,6 +365,10 @@ def soft_labels(job: dict, ctx: StageContext, pool: pa.Table | None = None) -> t
         }, schema=SOFT_LABELS_SCHEMA))
         status_rows.append(_campaign_row(campaign_id, "ok", **hashes))
     soft = pa.concat_tables(soft_parts) if soft_parts else SOFT_LABELS_SCHEMA.empty_table()
+    secrets = secret_values(ctx.storage_options or {})
+    for row in status_rows:  # a reason may quote a loader's or a teacher's exception: no credential in it
+        if row["reason"] is not None:
+            row["reason"] = scrub(row["reason"], secrets)
     return soft, pa.Table.from_pylist(status_rows, schema=CAMPAIGNS_SCHEMA)
 
 

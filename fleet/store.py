@@ -46,6 +46,7 @@ from fleet.codec import (
 )
 from fleet.errors import StoreError
 from fleet.ids import validate_campaign_id
+from fleet.redact import scrub, scrub_obj, secret_values
 
 VERSION_FORMAT = "fleet-version/1"
 MANIFEST = "manifest.json"
@@ -221,7 +222,9 @@ class VersionWriter:
     ``VersionWriter(store_uri, fleet, version_id)`` writes under
     ``<store_uri>/<fleet>/versions/<version_id>/``. Version ids must be unique per writer (e.g. a
     UTC timestamp + run id): a committed version is refused, two concurrent writers of the same
-    uncommitted id are not detected.
+    uncommitted id are not detected. The manifest's ``config``, ``lineage`` and ``metrics`` and the
+    rejects' reasons are scrubbed (:func:`fleet.redact.scrub`): URI credentials and the secret values
+    of ``storage_options`` read ``***``.
     """
 
     def __init__(self, store_uri: str, fleet: str, version_id: str, storage_options: dict | None = None):
@@ -230,6 +233,7 @@ class VersionWriter:
         self.uri = join_uri(_versions_uri(store_uri, fleet), version_id)
         self.manifest_uri = join_uri(self.uri, MANIFEST)
         self.fs, self._path = open_fs(self.uri, storage_options)
+        self._secrets = secret_values(storage_options or {})
         self._files: dict[str, dict] = {}  # relative path -> {"path", "sha256", "bytes", ["rows"]}
         self._parts: list[dict] = []
         self._campaigns: dict = {"count": 0, "first": None, "last": None}
@@ -317,6 +321,9 @@ class VersionWriter:
         """Write ``rejects.parquet`` (``fleet-rejects/1``: campaign_id, stage, reason)."""
         try:
             table = table.select(REJECTS_SCHEMA.names).cast(REJECTS_SCHEMA)
+            reasons = [None if r is None else scrub(r, self._secrets) for r in table.column("reason").to_pylist()]
+            table = table.set_column(REJECTS_SCHEMA.get_field_index("reason"), REJECTS_SCHEMA.field("reason"),
+                                     pa.array(reasons, REJECTS_SCHEMA.field("reason").type))
         except (KeyError, ValueError, pa.ArrowInvalid, pa.ArrowTypeError) as err:
             raise StoreError(f"rejects table does not match {REJECTS_FORMAT}: {err}",
                              path=join_uri(self.uri, REJECTS)) from None
@@ -347,9 +354,9 @@ class VersionWriter:
             "created_at": created_at or _now(),
             "heads_format": HEADS_FORMAT,
             "files": [self._files[k] for k in sorted(self._files)],
-            "config": config or {},
-            "lineage": lineage,
-            "metrics": metrics or {},
+            "config": scrub_obj(config or {}, self._secrets),
+            "lineage": scrub_obj(lineage, self._secrets),
+            "metrics": scrub_obj(metrics or {}, self._secrets),
             "campaigns": self._campaigns,
             "parts": self._parts,
         }

@@ -33,6 +33,7 @@ from rich.console import Console
 from fleet.cli import summary_table
 from fleet.errors import FleetError
 from fleet.pipeline import run_compress
+from fleet.redact import scrub, scrub_obj, secret_values
 from fleet.stages import CompressConfig
 from fleet.store import storage_options_from_env
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         nightly, config = load_config(args.config)
     except ValueError as exc:
-        console.print(f"[red]usage error:[/red] {exc}")
+        console.print(f"[red]usage error:[/red] {scrub(str(exc))}")
         return 2
     run_id = args.run_id or time.strftime("nightly-%Y%m%dT%H%M%SZ", time.gmtime())
     options = nightly.get("storage_options") or storage_options_from_env()
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                   "fleet": nightly.get("fleet", "adfleet"), "config": config, "tracking_uri": nightly.get("tracking_uri"),
                   "address": nightly.get("address"), "storage_options": options}
     if args.dry_run:
-        console.print({"run_id": run_id, **{k: v for k, v in common.items() if k != "storage_options"}})
+        plan = {"run_id": run_id, **{k: v for k, v in common.items() if k != "storage_options"}}
+        console.print(scrub_obj(plan, secret_values(options or {})))
         return 0
     try:
         result = run_compress(run_id=run_id, **common)
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_compress(run_id=f"{run_id}-retrain", retrain_backbone=True, **common)
             console.print(summary_table(result))
     except FleetError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {scrub(str(exc))}")
         return 1
     return result.exit_code
 

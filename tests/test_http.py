@@ -3,22 +3,31 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hmac
 import json
+import logging
+import os
 import random
 import threading
 import time
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 import uvicorn
 from conftest import free_port
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from test_serving import NUM_FEATURES, build_version, random_sequences
+from test_serving import NUM_FEATURES, BuiltVersion, build_version, random_sequences
 
+from fleet.codec import heads_to_table
 from fleet.http import ModelHolder, create_app
 from fleet.serving import FleetModel
+from fleet.store import FleetVersion, VersionWriter
+
+ADMIN_TOKEN = "s3cret-admin-token"
 
 
 @contextlib.contextmanager
@@ -78,7 +87,7 @@ def server(models):
     """The shared server: v1, a reload switch to v2, small limits so 413s are cheap to provoke."""
     switch = Switch(models)
     holder = ModelHolder(models["v1"], reload=switch)
-    app = create_app(holder, max_body_bytes=200_000, max_sequences=64, admin_token="s3cret")
+    app = create_app(holder, max_body_bytes=200_000, max_sequences=64, admin_token=ADMIN_TOKEN)
     with serve(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         yield {"url": url, "client": client, "holder": holder, "switch": switch}
 
@@ -329,7 +338,7 @@ def test_admin_reload(server, versions):
     client, switch = server["client"], server["switch"]
     assert client.post("/admin/reload").status_code == 401
     assert client.post("/admin/reload", headers={"authorization": "Bearer wrong"}).status_code == 401
-    auth = {"authorization": "Bearer s3cret"}
+    auth = {"authorization": f"Bearer {ADMIN_TOKEN}"}
     r = client.post("/admin/reload", headers=auth)
     assert r.status_code == 200 and strict_json(r) == {"changed": False, "previous": "v1", "version": "v1"}
     switch.target = "v2"
@@ -349,16 +358,17 @@ def test_admin_reload(server, versions):
 
 
 def test_reload_without_source_and_failing_source(models):
-    with serve(create_app(models["v1"])) as url:
-        r = httpx.post(url + "/admin/reload")
+    auth = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    with serve(create_app(models["v1"], admin_token=ADMIN_TOKEN)) as url:
+        r = httpx.post(url + "/admin/reload", headers=auth)
         assert r.status_code == 409 and strict_json(r)["code"] == "reload_unavailable"
 
     def broken(current):
         raise OSError("registry unreachable")
 
     holder = ModelHolder(models["v1"], reload=broken)
-    with serve(create_app(holder)) as url:
-        r = httpx.post(url + "/admin/reload")
+    with serve(create_app(holder, admin_token=ADMIN_TOKEN)) as url:
+        r = httpx.post(url + "/admin/reload", headers=auth)
         assert r.status_code == 503 and "still serving v1" in strict_json(r)["detail"]
         assert strict_json(httpx.get(url + "/healthz"))["last_reload_error"].startswith("OSError")
         assert httpx.get(url + "/healthz").status_code == 200
@@ -445,10 +455,13 @@ def test_fleet_serve_command(versions, tmp_path):
             "p = argparse.ArgumentParser(); register(p.add_subparsers(dest='command', required=True)); "
             "a = p.parse_args(sys.argv[1:]); sys.exit(a.handler(a, Console(stderr=True)))")
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - the server subprocess's stdout while it runs
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(ADMIN_TOKEN + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "FLEET_ADMIN_TOKEN"}
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "serve", "--model", versions["v1"].uri, "--port", str(port),
-         "--cache-size", "8", "--max-sequences", "2", "--log-level", "warning"],
-        stdout=log, stderr=subprocess.STDOUT,
+         "--cache-size", "8", "--max-sequences", "2", "--log-level", "warning", "--admin-token-file", str(token_file)],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -467,6 +480,11 @@ def test_fleet_serve_command(versions, tmp_path):
         assert httpx.post(url + "/v1/predict", json={"campaign_id": cid, "sequences": seqs}).status_code == 413
         r = httpx.post(url + "/v1/predict", json={"campaign_id": cid, "sequences": seqs[:2]})
         assert r.status_code == 200 and strict_json(r)["version"] == "v1"
+        # the admin token comes from the file (newline stripped) and is on no command line
+        assert httpx.post(url + "/admin/reload").status_code == 401
+        r = httpx.post(url + "/admin/reload", headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert r.status_code == 200 and strict_json(r)["changed"] is False
+        assert ADMIN_TOKEN not in " ".join(psutil.Process(proc.pid).cmdline())
     finally:
         proc.terminate()
         assert proc.wait(timeout=30) in (0, -15)  # uvicorn re-raises SIGTERM after a graceful shutdown
@@ -513,3 +531,117 @@ def test_predict_bodies_flag_fallback_heads(gated_client):
     assert {"status", "fallback"} <= set(schemas["PredictResponse"]["properties"])
     assert schemas["BatchResponse"]["properties"]["fallback"]["type"] == "array"
     assert "passed" in schemas["CampaignResponse"]["properties"]
+
+
+# --------------------------------------------------------------------------- admin auth and error bodies (docs/security.md 6)
+
+
+def test_admin_is_disabled_without_a_token(models):
+    """No token configured: every /admin/* route answers 403 admin_disabled and never reloads."""
+    switch = Switch(models)
+    switch.target = "v2"
+    with serve(create_app(ModelHolder(models["v1"], reload=switch))) as url:
+        for headers in ({}, {"authorization": "Bearer anything"}):
+            r = httpx.post(url + "/admin/reload", headers=headers)
+            assert r.status_code == 403 and strict_json(r)["code"] == "admin_disabled", r.text
+        assert switch.calls == 0 and strict_json(httpx.get(url + "/healthz"))["version"] == "v1"
+
+
+def test_admin_token_is_checked_with_compare_digest(models, monkeypatch):
+    """Exactly ``Bearer <token>`` passes; every comparison goes through hmac.compare_digest."""
+    compared = []
+
+    def spy(a, b):
+        compared.append((a, b))
+        return real(a, b)
+
+    real = hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    with serve(create_app(models["v1"], admin_token=ADMIN_TOKEN)) as url:
+        for value in (None, ADMIN_TOKEN, f"bearer {ADMIN_TOKEN}", f"Bearer {ADMIN_TOKEN[:-1]}",
+                      f"Bearer {ADMIN_TOKEN}x", f"Bearer  {ADMIN_TOKEN}", "Bearer é"):
+            headers = {} if value is None else {"authorization": value.encode("latin-1")}
+            r = httpx.post(url + "/admin/reload", headers=headers)
+            assert r.status_code == 401 and strict_json(r)["code"] == "unauthorized", (value, r.text)
+            assert ADMIN_TOKEN not in r.text
+        r = httpx.post(url + "/admin/reload", headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert r.status_code == 409 and strict_json(r)["code"] == "reload_unavailable"  # past the guard
+    assert len(compared) == 8 and all(b == f"Bearer {ADMIN_TOKEN}".encode() for _, b in compared)
+
+
+@pytest.mark.parametrize("token", ["", "   ", "two words", "tab\there", "new\nline", "tök"])
+def test_unusable_admin_tokens_are_refused(models, token):
+    with pytest.raises(ValueError, match="admin token") as info:
+        create_app(models["v1"], admin_token=token)
+    assert token.strip() == "" or token not in str(info.value)
+
+
+def test_admin_token_comes_from_the_environment_or_a_file_never_the_command_line(tmp_path, monkeypatch, capsys):
+    from fleet.cli import main as fleet_main
+    from fleet.cli_serving import _admin_token
+
+    monkeypatch.delenv("FLEET_ADMIN_TOKEN", raising=False)
+    assert _admin_token(None) is None  # nothing configured: /admin/* disabled
+    monkeypatch.setenv("FLEET_ADMIN_TOKEN", ADMIN_TOKEN)
+    assert _admin_token(None) == ADMIN_TOKEN
+    path = tmp_path / "token"
+    path.write_text("  file-token-0123456789\n")
+    assert _admin_token(str(path)) == "file-token-0123456789"  # the file wins over the environment
+    path.write_text("two words\n")
+    with pytest.raises(ValueError, match="--admin-token-file") as info:
+        _admin_token(str(path))
+    assert "two words" not in str(info.value)
+    with pytest.raises(ValueError, match="cannot read"):
+        _admin_token(str(tmp_path / "missing"))
+    with pytest.raises(SystemExit) as exit_info:
+        fleet_main(["serve", "--model", "x", "--admin-token", "cmdline-token-0123456789"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--admin-token-file" in err and "cmdline-token-0123456789" not in err
+
+
+def _write_nan_head_version(store: str, source: BuiltVersion, campaign_id: str) -> str:
+    """A version whose ``campaign_id`` head decodes to NaN (its float16 scales are NaN)."""
+    rows = dict(source.rows)
+    bad = rows[campaign_id]
+    rows[campaign_id] = dataclasses.replace(bad, scales=np.full(len(bad.scales) // 2, np.nan, "<f2").tobytes())
+    writer = VersionWriter(store, "adfleet", "nan1")
+    writer.write_backbone_bytes(FleetVersion.open(source.uri).read_backbone_bytes())
+    writer.write_heads(heads_to_table(list(rows.values())))
+    return writer.commit()
+
+
+def test_error_bodies_name_campaign_row_and_reason_never_paths_credentials_or_traces(versions, models, tmp_path,
+                                                                                     caplog):
+    b = versions["v1"]
+    cid = next(c for c, r in b.rows.items() if r.bits != 16)
+    store = str(tmp_path / "store")
+    model = FleetModel.open(_write_nan_head_version(store, b, cid), cache_size=4)
+    leak = ("https://bob:hunter2-pw@registry.example/api?token=tok-5b1e-query", "/srv/fleet-store/adfleet/versions")
+
+    def broken(current):
+        raise OSError(f"cannot reach {leak[0]}; last manifest {leak[1]}/v2/manifest.json")
+
+    caplog.set_level(logging.INFO, logger="fleet.http")
+    seqs = seq_body(random.Random(40), 2)
+    with serve(create_app(ModelHolder(model, reload=broken), admin_token=ADMIN_TOKEN)) as url:
+        r = httpx.post(url + "/v1/predict", json={"campaign_id": cid, "sequences": seqs})  # a corrupt head
+        assert r.status_code == 503
+        detail = strict_json(r)["detail"]
+        assert f"campaign {cid!r}" in detail and "non-finite" in detail, detail
+        rows = [{"campaign_id": b.ids[1], **seqs[0]}, {"campaign_id": cid, **seqs[1]}]
+        batch = httpx.post(url + "/v1/predict/batch", json={"rows": rows})
+        assert batch.status_code == 503 and f"campaign {cid!r}" in strict_json(batch)["detail"]
+        unknown = httpx.post(url + "/v1/predict/batch", json={"rows": [rows[0], {**rows[0], "campaign_id": "zz"}]})
+        assert unknown.status_code == 404 and strict_json(unknown)["detail"] == (
+            "campaign 'zz': row 1: not in fleet version 'nan1'")
+        reload = httpx.post(url + "/admin/reload", headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert reload.status_code == 503 and "still serving nan1" in strict_json(reload)["detail"]
+        health = httpx.get(url + "/healthz")
+        assert strict_json(health)["last_reload_error"] == "OSError: cannot reach <path>; last manifest <path>"
+        for response in (r, batch, unknown, reload, health):
+            for secret in (store, "hunter2-pw", "tok-5b1e-query", leak[1], "Traceback", ".py"):
+                assert secret not in response.text, (secret, response.text)
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "reload failed" in logged and "Traceback" in logged  # the operator's log keeps the trace ...
+    assert "hunter2-pw" not in logged and "tok-5b1e-query" not in logged  # ... without the credentials
