@@ -336,19 +336,19 @@ def _reading(uri: str) -> Iterator[None]:
 
 
 @contextmanager
-def _file_lock(lock_path: str, uri: str) -> Iterator[None]:
-    """Hold the exclusive file lock ``lock_path``; say so on stderr (a warning) when another process
-    holds it, and fail after :data:`LOCK_TIMEOUT_S`."""
+def _file_lock(lock_path: str, uri: str, what: str) -> Iterator[None]:
+    """Hold the exclusive file lock ``lock_path`` (``what`` it is, for messages); say so on stderr (a
+    warning) when another process holds it, and fail after :data:`LOCK_TIMEOUT_S`."""
     lock = FileLock(lock_path)
     try:
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            logger.warning("waiting for the registry lock %s (another fleet process is writing to %s)",
-                           lock_path, scrub(uri))
+            logger.warning("waiting for the %s %s (held by another fleet process using %s)",
+                           what, lock_path, scrub(uri))
             lock.acquire(timeout=LOCK_TIMEOUT_S)
     except Timeout:
-        raise RegistryError(f"registry lock {lock_path} is still held by another process after "
+        raise RegistryError(f"{what} {lock_path} is still held by another process after "
                             f"{LOCK_TIMEOUT_S:.0f} s; nothing was changed") from None
     except OSError as err:
         raise _unreadable(uri, err) from err
@@ -369,7 +369,7 @@ def registry_lock(tracking_uri: str | None = None) -> Iterator[None]:
     if path is None:
         yield
         return
-    with _file_lock(path + ".lock", uri):
+    with _file_lock(path + ".lock", uri, "registry lock"):
         yield
 
 
@@ -385,7 +385,7 @@ def _client(tracking_uri: str | None) -> MlflowClient:
     with _reading(uri):
         if path is None or path in _INITIALISED:
             return MlflowClient(tracking_uri=uri, registry_uri=uri)
-        with _file_lock(path + ".init.lock", uri):
+        with _file_lock(path + ".init.lock", uri, "registry initialisation lock"):
             client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # creates the tracking tables
             client.search_registered_models(max_results=1)  # and the registry's
         _INITIALISED.add(path)
