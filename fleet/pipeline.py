@@ -556,7 +556,7 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
 
 
 def _make_plan(teachers_uri, events_uri, store_uri, fleet, config, tracking_uri, retrain_backbone, storage_options,
-               num_cpus, no_parent=False) -> dict:
+               num_cpus, no_parent) -> dict:
     """The run's fixed plan (written once to ``plan.json``, so a resumed run redoes exactly the same shards)."""
     parent = None if no_parent else _parent_version(fleet, store_uri, tracking_uri, storage_options)
     campaigns = list_teacher_campaigns(teachers_uri, storage_options)
