@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 from mlflow.artifacts import download_artifacts
 from mlflow.tracking import MlflowClient
 
@@ -327,6 +328,11 @@ class _Racer:
         return code, "".join(self.lines)
 
 
+def _hold_registry_lock(uri: str) -> FileLock:
+    """fleet's write lock of a SQLite registry: the file ``<db>.lock`` (docs/security.md, section 5)."""
+    return FileLock(uri.removeprefix("sqlite:///") + ".lock")
+
+
 def _fleet_cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "fleet.cli", *args]
 
@@ -342,13 +348,12 @@ def _versions(tmp_path, uri: str, name: str, count: int) -> None:
 def test_re_registering_a_version_id_registers_nothing_and_keeps_the_champion(tmp_path, sqlite_tracking_uri):
     uri = sqlite_tracking_uri
     first = _register(tmp_path, uri, "night-1")
-    assert first.version == "1" and not first.existing
-    assert _register(tmp_path, uri, "night-2")
+    _register(tmp_path, uri, "night-2")
     again = _register(tmp_path, uri, "night-1")
-    assert again.existing and again.version == "1" and again.run_id == first.run_id and not again.champion
-    assert again.gate.passed and again.manifest_uri == first.manifest_uri
     assert [r["version_id"] for r in registry.list_versions("adfleet", uri)] == ["night-1", "night-2"]
     assert registry.champion_version("adfleet", uri) == "2"  # not moved back by the re-run
+    assert again.existing and again.version == "1" and again.run_id == first.run_id and not again.champion
+    assert again.gate.passed and again.manifest_uri == first.manifest_uri and not first.existing
     assert registry.find_version("adfleet", "night-1", uri).version == "1"
     assert registry.find_version("adfleet", "night-9", uri) is None
     with pytest.raises(RegistryError, match="already registered as version 1 with manifest"):
@@ -413,7 +418,7 @@ def test_racing_rollbacks_and_promotes_are_compare_and_set(tmp_path, sqlite_trac
     _versions(tmp_path, uri, "prom", 3)
     registry.promote("prom", "1", uri)
 
-    with registry.registry_lock(uri):
+    with _hold_registry_lock(uri):
         racers = {"rollback-a": _Racer(_fleet_cli("rollback", "roll", "--tracking-uri", uri)),
                   "rollback-b": _Racer(_fleet_cli("rollback", "roll", "--tracking-uri", uri)),
                   "promote-2": _Racer(_fleet_cli("promote", "prom", "2", "--tracking-uri", uri)),
@@ -465,7 +470,7 @@ def test_the_gate_refuses_to_move_a_champion_that_moved_while_it_decided(tmp_pat
     _register(tmp_path, uri, "v1")
     _register(tmp_path, uri, "v2", metrics=BAD)  # not champion
     artifacts = _artifacts(tmp_path, "adfleet", "v3")
-    with registry.registry_lock(uri):
+    with _hold_registry_lock(uri):
         racer = _Racer([sys.executable, "-c", _GATE_RACER, uri, os.path.dirname(artifacts["manifest.json"]),
                         json.dumps(GOOD)])
         racer.wait_until_blocked()  # it has read champion 1, gated, logged its run
