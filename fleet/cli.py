@@ -1,4 +1,5 @@
-"""The ``fleet`` command line. Exit codes: 0 ok, 1 failed, 2 usage error, 3 finished with quarantined campaigns."""
+"""The ``fleet`` command line. Exit codes: 0 ok, 1 failed (also: a registry that cannot be read, a champion
+moved by another writer), 2 usage error, 3 finished with quarantined campaigns, 4 not promoted."""
 
 from __future__ import annotations
 
@@ -90,6 +91,9 @@ def _add_compress(sub) -> None:
     p.add_argument("--storage-options", type=json_object, default=None,
                    help="fsspec options as JSON (or $FLEET_STORAGE_OPTIONS), e.g. an S3 endpoint")
     p.add_argument("--no-register", action="store_true", help="write the version but do not register it in MLflow")
+    p.add_argument("--no-parent", action="store_true",
+                   help="full run without a parent: do not look up the champion (needed when the registry cannot "
+                        "be read; with --no-register no registry is used at all)")
     p.add_argument("--allow-loader", action="append", default=[], type=_loader_spec, metavar="MODULE:FUNCTION",
                    help="allow teachers whose config.json names this loader (repeatable; installed "
                         "fleet.teacher_loaders entry points are always allowed, any other loader is quarantined)")
@@ -120,13 +124,14 @@ def _cmd_compress(args, console) -> int:
         teachers_uri=args.teachers, events_uri=args.events, store_uri=args.store, fleet=args.fleet, config=config,
         run_id=args.run_id, tracking_uri=args.tracking_uri, address=args.address,
         retrain_backbone=args.retrain_backbone, storage_options=args.storage_options if args.storage_options is not None else storage_options_from_env(),
-        register=not args.no_register, dashboard=args.dashboard,
+        register=not args.no_register, dashboard=args.dashboard, no_parent=args.no_parent,
     )
     console.print(summary_table(result))
     for reject in result.rejects[:20]:
         console.print(f"[yellow]quarantined[/yellow] {reject['campaign_id']} ({reject['stage']}): {reject['reason']}")
+    existing = result.registered is not None and result.registered.existing
     gate = result.registered.gate if result.registered is not None else None
-    if gate is not None and not gate.passed:
+    if gate is not None and not gate.passed and not existing:
         sys.stderr.write(f"not promoted: {result.registered.name} version {result.registered.version} "
                          f"({result.version_id}) failed its quality gate:\n")
         for reason in gate.reasons:
@@ -160,7 +165,11 @@ def summary_table(result) -> Table:
     if result.registered is not None:
         r = result.registered
         gate = "passed" if r.gate is None or r.gate.passed else "failed: " + "; ".join(r.gate.reasons)
-        table.add_row("MLflow", f"{r.name} v{r.version} (gate {gate}; champion {'moved' if r.champion else 'kept'})")
+        if r.existing:
+            table.add_row("MLflow", f"{r.name} v{r.version} already registered, nothing new (gate {gate}; "
+                                    f"{'champion' if r.champion else 'not champion'})")
+        else:
+            table.add_row("MLflow", f"{r.name} v{r.version} (gate {gate}; champion {'moved' if r.champion else 'kept'})")
     return table
 
 

@@ -379,13 +379,19 @@ def _plan(campaigns: list[str], sizes: dict[str, int], config: stages.CompressCo
 
 
 def _parent_version(fleet: str, store_uri: str, tracking_uri: str | None, storage_options: dict | None):
+    """The champion's fleet version (the parent of an incremental run), or None when the fleet has no
+    champion yet. A registry that cannot be read raises :class:`~fleet.registry.RegistryError` (naming
+    the tracking URI): a run never falls back to a full run without lineage silently (``--no-parent``)."""
     from fleet import registry
 
     try:
         version = registry.champion_version(fleet, tracking_uri)
-    except Exception:  # noqa: BLE001 - no registered model yet
-        return None
+    except registry.RegistryError as exc:
+        raise registry.RegistryError(f"{exc}; fleet {fleet!r} needs its champion as the parent of an incremental "
+                                     "run: fix the registry, or pass --no-parent for a full run without a "
+                                     "parent") from None
     if version is None:
+        console.print(f"fleet {fleet!r} has no champion yet: full run (backbone trained, every head fitted)")
         return None
     manifest_uri, _ = registry.resolve_manifest_uri(f"models:/{fleet}@champion", tracking_uri)
     try:
@@ -399,12 +405,16 @@ def _parent_version(fleet: str, store_uri: str, tracking_uri: str | None, storag
 def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: str,
                  config: stages.CompressConfig, run_id: str | None = None, tracking_uri: str | None = None,
                  address: str | None = None, retrain_backbone: bool = False, storage_options: dict | None = None,
-                 register: bool = True, dashboard: bool = False) -> CompressResult:
+                 register: bool = True, dashboard: bool = False, no_parent: bool = False) -> CompressResult:
     """``fleet compress``: stages 1-5 on Ray, one immutable version in the store, registered in MLflow.
 
-    Re-running the same ``run_id`` after a crash skips every shard already done. With a champion
-    version and no ``retrain_backbone``, campaigns whose teacher and data hashes are unchanged keep
-    their head rows and the champion's backbone; only new or changed campaigns are fitted.
+    Re-running the same ``run_id`` after a crash skips every shard already done; re-running a run id
+    whose version is already registered does nothing and returns that registration (exit code 0). With
+    a champion version and no ``retrain_backbone``, campaigns whose teacher and data hashes are
+    unchanged keep their head rows and the champion's backbone; only new or changed campaigns are
+    fitted. A registry that cannot be read fails the run before stage 1
+    (:class:`~fleet.registry.RegistryError`); ``no_parent`` runs in full without looking up a parent
+    (with ``register=False`` it then needs no registry at all).
     """
     from fleet import registry
 
@@ -415,6 +425,10 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
     work = (store_uri, fleet, run_id, storage_options)
     workdir = WorkDir(*work)
     timings: dict[str, float] = {}
+    if register:  # also the check that the registry can be read, before anything runs
+        existing = registry.find_version(fleet, run_id, tracking_uri)
+        if existing is not None:
+            return _already_registered(existing, store_uri, fleet, run_id, storage_options)
 
     with ray_session(address, dashboard=dashboard):
         num_cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -423,7 +437,7 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
             console.print(f"resuming run {run_id}: {len(plan['batches'])} batches planned")
         else:
             plan = _make_plan(teachers_uri, events_uri, store_uri, fleet, config, tracking_uri, retrain_backbone,
-                              storage_options, num_cpus)
+                              storage_options, num_cpus, no_parent)
             workdir.write_json("plan.json", plan)
         parent = FleetVersion.open(plan["parent_manifest"], storage_options) if plan["parent_manifest"] else None
         inherit_backbone = parent is not None and not plan["retrain_backbone"]
@@ -542,15 +556,15 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
 
 
 def _make_plan(teachers_uri, events_uri, store_uri, fleet, config, tracking_uri, retrain_backbone, storage_options,
-               num_cpus) -> dict:
+               num_cpus, no_parent) -> dict:
     """The run's fixed plan (written once to ``plan.json``, so a resumed run redoes exactly the same shards)."""
+    parent = None if no_parent else _parent_version(fleet, store_uri, tracking_uri, storage_options)
     campaigns = list_teacher_campaigns(teachers_uri, storage_options)
     if not campaigns:
         raise FleetError("no teachers found", path=teachers_uri)
     num_event_types, num_features = _input_space(teachers_uri, campaigns, config, storage_options)
     sizes = EventsDataset(events_uri, storage_options).campaign_sizes()
     batches = _plan(campaigns, sizes, config, num_cpus)
-    parent = _parent_version(fleet, store_uri, tracking_uri, storage_options)
     parent_hashes = {}
     if parent is not None and not retrain_backbone:
         table = parent.read_heads().select(["campaign_id", "teacher_sha256", "data_fingerprint"])
@@ -562,6 +576,22 @@ def _make_plan(teachers_uri, events_uri, store_uri, fleet, config, tracking_uri,
         "parent_manifest": parent.uri if parent is not None else None, "parent_hashes": parent_hashes,
         "retrain_backbone": bool(retrain_backbone or parent is None), "config": config.to_dict(),
     }
+
+
+def _already_registered(existing, store_uri: str, fleet: str, run_id: str,
+                        storage_options: dict | None) -> CompressResult:
+    """The result of re-running a run id whose version is committed and registered: nothing runs."""
+    version = FleetVersion.open(join_uri(store_uri, fleet, "versions", run_id), storage_options)
+    manifest_uri = version.uri.rstrip("/") + "/manifest.json"
+    if existing.manifest_uri != manifest_uri:
+        from fleet.registry import RegistryError
+
+        raise RegistryError(f"fleet version {run_id!r} is already registered as {fleet} version {existing.version} "
+                            f"with manifest {existing.manifest_uri!r}, not {manifest_uri!r}; use another run id")
+    gate = "none" if existing.gate is None else "passed" if existing.gate.passed else "failed"
+    console.print(f"fleet version {run_id} already exists: registered as {fleet} version {existing.version} (gate "
+                  f"{gate}, {'champion' if existing.champion else 'not champion'}); nothing new registered")
+    return CompressResult(version.version_id, manifest_uri, version.manifest["metrics"], 0, existing)
 
 
 def _version_metrics(heads: pa.Table, rejects: list[dict], num: int, reused: int, teacher_bytes: int,

@@ -12,7 +12,16 @@ did not apply, e.g. the AUC checks on a fleet without any hold-out AUC).
 ``champion_history``: a JSON list of ``{"version", "reason", "at"}`` used as a stack whose last
 entry is the current champion; :func:`rollback` pops it.
 
-Tracking URIs are ``sqlite:///path`` or ``http(s)://server``; MLflow's file store is refused.
+Registration is idempotent on (fleet, ``version_id``): registering a version id that is already
+registered returns that version (:attr:`RegisteredVersion.existing`) and registers nothing. Every alias
+move (the gate, :func:`promote`, :func:`rollback`) is a compare-and-set: it re-reads, under
+:func:`registry_lock`, the ``champion`` it based its decision on and raises :class:`ChampionMovedError`,
+changing nothing, when another writer moved it meanwhile. On a SQLite store the lock is a file lock next
+to the database, and a fresh database is created and migrated under a second one, so concurrent first
+use cannot corrupt it; with a server there is no lock (docs/security.md, section 5, says what holds).
+
+Tracking URIs are ``sqlite:///path`` or ``http(s)://server``; MLflow's file store is refused. A
+registry that cannot be read raises :class:`RegistryError` naming the tracking URI and the error.
 Nothing here is safe to call from several threads at once: MLflow's fluent ``log_model`` needs the
 process-wide tracking URI, which :func:`register_version` sets and restores around the call.
 """
@@ -35,6 +44,7 @@ from importlib import metadata
 from typing import Any
 
 import mlflow
+from filelock import FileLock, Timeout
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -68,10 +78,18 @@ _MODEL_URI_RE = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<
 _HISTORY_MAX = 200  # entries kept in champion_history (~70 bytes each, far below the tag limit)
 _PARAM_MAX = 6000  # MLflow's limit on a param value
 _KEY_MAX = 250  # MLflow's limit on a metric / param key
+#: Seconds a registry writer waits for another fleet process's lock on a SQLite store before failing.
+LOCK_TIMEOUT_S = 300.0
 
 
 class RegistryError(FleetError):
-    """A registered model, version or alias is missing, or the registry is not in the expected state."""
+    """A registered model, version or alias is missing, the registry cannot be read, or it is not in the
+    expected state."""
+
+
+class ChampionMovedError(RegistryError):
+    """``champion`` moved between the moment a move was decided and the moment it was to be written;
+    nothing was changed."""
 
 
 # ----------------------------------------------------------------------------- gate
@@ -250,7 +268,9 @@ def evaluate_gate(metrics: dict, champion_metrics: dict | None, gate: GateConfig
 
 @dataclass
 class RegisteredVersion:
-    """A model version written by :func:`register_version`."""
+    """A model version written by :func:`register_version` (or found by it or :func:`find_version`:
+    then ``existing`` is True, ``gate`` is read back from the version's tags and ``champion`` says whether
+    it holds ``champion`` now)."""
 
     name: str
     version: str
@@ -258,6 +278,7 @@ class RegisteredVersion:
     manifest_uri: str
     gate: GateResult | None
     champion: bool
+    existing: bool = False
 
 
 def default_tracking_uri() -> str:
@@ -287,9 +308,88 @@ def _resolve_uri(tracking_uri: str | None) -> str:
     return _check_tracking_uri(tracking_uri or default_tracking_uri())
 
 
-def _client(tracking_uri: str | None) -> MlflowClient:
+def _sqlite_path(uri: str) -> str | None:
+    """The database file of a ``sqlite:///path`` URI (absolute), None for any other store or ``:memory:``."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return os.path.abspath(path)
+
+
+def _unreadable(uri: str, err: BaseException) -> RegistryError:
+    """The error for a registry that cannot be read: names the tracking URI (without credentials)."""
+    detail = scrub(f"{type(err).__name__}: {err}")
+    return RegistryError(f"cannot read the MLflow registry at {scrub(uri)}: {detail}")
+
+
+@contextmanager
+def _reading(uri: str) -> Iterator[None]:
+    """Turn any failure to talk to the registry into :func:`_unreadable`'s :class:`RegistryError`."""
+    try:
+        yield
+    except RegistryError:
+        raise
+    except Exception as err:  # a store or network error of any kind: re-raised naming the registry
+        raise _unreadable(uri, err) from err
+
+
+@contextmanager
+def _file_lock(lock_path: str, uri: str, what: str) -> Iterator[None]:
+    """Hold the exclusive file lock ``lock_path`` (``what`` it is, for messages); say so on stderr (a
+    warning) when another process holds it, and fail after :data:`LOCK_TIMEOUT_S`."""
+    lock = FileLock(lock_path)
+    try:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            logger.warning("waiting for the %s %s (held by another fleet process using %s)",
+                           what, lock_path, scrub(uri))
+            lock.acquire(timeout=LOCK_TIMEOUT_S)
+    except Timeout:
+        raise RegistryError(f"{what} {lock_path} is still held by another process after "
+                            f"{LOCK_TIMEOUT_S:.0f} s; nothing was changed") from None
+    except OSError as err:
+        raise _unreadable(uri, err) from err
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextmanager
+def registry_lock(tracking_uri: str | None = None) -> Iterator[None]:
+    """Hold fleet's write lock on the registry ``tracking_uri``: every alias move and registration
+    happens under it. On ``sqlite:///path/mlflow.db`` it is the file lock ``path/mlflow.db.lock``
+    (blocks other fleet processes on this machine, up to :data:`LOCK_TIMEOUT_S`); with a server it does
+    nothing (docs/security.md, section 5)."""
     uri = _resolve_uri(tracking_uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    path = _sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    with _file_lock(path + ".lock", uri, "registry lock"):
+        yield
+
+
+_INITIALISED: set[str] = set()  # SQLite databases this process has opened (so created and migrated)
+
+
+def _client(tracking_uri: str | None) -> MlflowClient:
+    """A client of the registry ``tracking_uri``. A SQLite database is opened the first time (in this
+    process) under the file lock ``<db>.init.lock``: MLflow creates and migrates a fresh database on
+    first use, and two processes doing that at once corrupt it (``_alembic_tmp_* already exists``)."""
+    uri = _resolve_uri(tracking_uri)
+    path = _sqlite_path(uri)
+    with _reading(uri):
+        if path is None or path in _INITIALISED:
+            return MlflowClient(tracking_uri=uri, registry_uri=uri)
+        with _file_lock(path + ".init.lock", uri, "registry initialisation lock"):
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # creates the tracking tables
+            client.search_registered_models(max_results=1)  # and the registry's
+        _INITIALISED.add(path)
+        return client
 
 
 def _check_name(kind: str, value: Any) -> str:
@@ -368,12 +468,8 @@ def _pip_requirements() -> list[str]:
 def _sqlite_artifact_root(uri: str) -> str | None:
     """Artifacts of a ``sqlite:///path/mlflow.db`` store go next to it (``<dir>/mlartifacts``), not
     into ``./mlruns`` of whatever the working directory is."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
-    if not path or path == ":memory:":
-        return None
-    return os.path.join(os.path.dirname(os.path.abspath(path)), "mlartifacts")
+    path = _sqlite_path(uri)
+    return None if path is None else os.path.join(os.path.dirname(path), "mlartifacts")
 
 
 def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
@@ -496,14 +592,59 @@ def _get_version(client: MlflowClient, name: str, version: str | int):
         raise
 
 
+def _describe(version: str | None) -> str:
+    return "no version" if version is None else f"version {version}"
+
+
+def _check_champion(client: MlflowClient, name: str, expected: str | None, doing: str, then: str) -> None:
+    """The compare of compare-and-set (call it under :func:`registry_lock`): raise
+    :class:`ChampionMovedError` unless ``champion`` is still ``expected``."""
+    current = _champion(client, name)
+    if current != expected:
+        raise ChampionMovedError(f"registered model {name!r}: {CHAMPION} moved from {_describe(expected)} to "
+                                 f"{_describe(current)} while {doing}; nothing was changed; {then}")
+
+
 def _move_champion(client: MlflowClient, name: str, version: str, reason: str) -> None:
     """Set the alias first, then push the history: if we stop in between, :func:`rollback`
-    reconciles (it pushes the alias' version when the stack's top differs)."""
+    reconciles (it pushes the alias' version when the stack's top differs). Call it under
+    :func:`registry_lock`, after :func:`_check_champion`."""
     client.set_registered_model_alias(name, CHAMPION, version)
     history = _read_history(client, name)
     if not history or str(history[-1]["version"]) != version:
         history.append({"version": version, "reason": reason, "at": _now()})
         _write_history(client, name, history)
+
+
+def _versions_of(client: MlflowClient, name: str, version_id: str) -> list:
+    """The model versions of ``name`` tagged ``version_id``, oldest first (more than one only when a
+    fleet older than this check registered a version id twice)."""
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.version_id = '{version_id}'")
+    except MlflowException as err:
+        if _not_found(err):
+            return []
+        raise
+    return sorted(found, key=lambda mv: int(mv.version))
+
+
+def _existing(client: MlflowClient, name: str, model_version, manifest_uri: str | None) -> RegisteredVersion:
+    """``model_version`` as a :class:`RegisteredVersion` (``existing=True``); when ``manifest_uri`` is
+    given it must be the one the version was registered with."""
+    tags = model_version.tags or {}
+    version_id = tags.get("version_id")
+    if manifest_uri is not None and tags.get("manifest_uri") != manifest_uri:
+        raise RegistryError(f"registered model {name!r}: fleet version {version_id!r} is already registered as "
+                            f"version {model_version.version} with manifest {tags.get('manifest_uri')!r}, not "
+                            f"{manifest_uri!r}; use another run id")
+    gate = None
+    if tags.get("gate") is not None:
+        gate = GateResult(passed=tags["gate"] == "passed", reasons=json.loads(tags.get("gate_reasons") or "[]"),
+                          notes=json.loads(tags.get("gate_notes") or "[]"))
+    version = str(model_version.version)
+    return RegisteredVersion(name=name, version=version, run_id=model_version.run_id,
+                             manifest_uri=tags.get("manifest_uri"), gate=gate,
+                             champion=_champion(client, name) == version, existing=True)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -525,6 +666,13 @@ def register_version(
 ) -> RegisteredVersion:
     """Log one run and register one new version of the model ``fleet_name``; move ``champion`` to
     it when it passes ``gate`` (``GateConfig()`` when None) against the current champion's metrics.
+
+    Idempotent on (``fleet_name``, ``version_id``): when that version id is already registered (by an
+    earlier or a concurrent call), nothing is logged or registered and that version is returned with
+    ``existing=True`` (:class:`RegistryError` if it was registered with another ``manifest_uri``).
+    Registering and moving ``champion`` happen under :func:`registry_lock`, after re-reading the
+    champion the gate compared against: if it moved meanwhile, the run just logged is deleted, nothing
+    is registered and :class:`ChampionMovedError` is raised (re-running gates against the new champion).
 
     Args:
         fleet_name: registered model name; the run goes to the experiment ``fleet-<fleet_name>``.
@@ -562,6 +710,12 @@ def register_version(
 
     uri = _resolve_uri(tracking_uri)
     client = _client(uri)
+    with _reading(uri):
+        found = _versions_of(client, fleet_name, version_id)
+    if found:
+        logger.warning("%s: fleet version %s is already registered as version %s; nothing registered",
+                       fleet_name, version_id, found[0].version)
+        return _existing(client, fleet_name, found[0], public_manifest_uri)
     experiment_id = _experiment_id(client, uri, f"fleet-{fleet_name}")
 
     # The gate needs only the candidate's and the champion's metrics, so it is decided before the
@@ -619,14 +773,26 @@ def register_version(
                     pip_requirements=_pip_requirements(),
                     signature=model_signature(),  # declares the with_status param, else MLflow drops it
                 )
-            # register_model (rather than log_model's registered_model_name) sets the version's
-            # tags in the same call that creates it: no reader ever sees a version without them.
-            model_version = mlflow.register_model(info.model_uri, fleet_name, tags=version_tags)
+            with registry_lock(uri):
+                found = _versions_of(client, fleet_name, version_id)
+                if found:  # a concurrent call registered this version id since the check above
+                    client.delete_run(run_id)
+                    return _existing(client, fleet_name, found[0], public_manifest_uri)
+                try:
+                    _check_champion(client, fleet_name, champion_before,
+                                    f"fleet version {version_id!r} was gated against it",
+                                    "re-run it (same run id) to gate it against the new champion")
+                except ChampionMovedError:
+                    client.delete_run(run_id)
+                    raise
+                # register_model (rather than log_model's registered_model_name) sets the version's
+                # tags in the same call that creates it: no reader ever sees a version without them.
+                model_version = mlflow.register_model(info.model_uri, fleet_name, tags=version_tags)
+                version = str(model_version.version)
+                if result.passed:
+                    _move_champion(client, fleet_name, version, reason="gate")
 
-    version = str(model_version.version)
-    if result.passed:
-        _move_champion(client, fleet_name, version, reason="gate")
-    else:
+    if not result.passed:
         logger.warning("%s version %s (%s) failed the gate; champion stays %s: %s",
                        fleet_name, version, version_id, champion_before, "; ".join(result.reasons))
     return RegisteredVersion(name=fleet_name, version=version, run_id=run_id, manifest_uri=public_manifest_uri,
@@ -634,30 +800,70 @@ def register_version(
 
 
 def champion_version(name: str, tracking_uri: str | None = None) -> str | None:
-    """The version holding ``champion``, or None (no such alias or registered model)."""
+    """The version holding ``champion``, or None (no such alias or registered model); raises
+    :class:`RegistryError` naming the tracking URI when the registry cannot be read."""
     _check_name("registered model name", name)
-    return _champion(_client(tracking_uri), name)
+    uri = _resolve_uri(tracking_uri)
+    with _reading(uri):
+        return _champion(_client(uri), name)
+
+
+def find_version(name: str, version_id: str, tracking_uri: str | None = None) -> RegisteredVersion | None:
+    """The model version of ``name`` registered for the fleet version ``version_id`` (``existing=True``;
+    the oldest if there are several), or None; :class:`RegistryError` naming the tracking URI when the
+    registry cannot be read."""
+    _check_name("registered model name", name)
+    _check_name("version id", version_id)
+    uri = _resolve_uri(tracking_uri)
+    with _reading(uri):
+        client = _client(uri)
+        found = _versions_of(client, name, version_id)
+        return _existing(client, name, found[0], None) if found else None
 
 
 def promote(name: str, version: str | int, tracking_uri: str | None = None, reason: str = "manual") -> None:
-    """Move ``champion`` to ``version`` (no gate) and record it in ``champion_history``."""
+    """Move ``champion`` to ``version`` (no gate) and record it in ``champion_history``.
+
+    Compare-and-set: the champion read first is re-read under :func:`registry_lock`; if another writer
+    moved it meanwhile, :class:`ChampionMovedError` is raised and nothing changes.
+    """
     _check_name("registered model name", name)
-    client = _client(tracking_uri)
-    version = str(_get_version(client, name, version).version)
-    _move_champion(client, name, version, reason=reason)
+    uri = _resolve_uri(tracking_uri)
+    with _reading(uri):
+        client = _client(uri)
+        version = str(_get_version(client, name, version).version)
+        expected = _champion(client, name)
+        if expected == version:
+            return
+        with registry_lock(uri):
+            _check_champion(client, name, expected, f"promoting version {version}",
+                            f"run `fleet promote {name} {version}` again if it should still replace it")
+            _move_champion(client, name, version, reason=reason)
 
 
 def rollback(name: str, tracking_uri: str | None = None) -> str:
     """Move ``champion`` back to the version that held it before the current one; return it.
 
     Pops the current champion off ``champion_history`` (versions deleted since are skipped).
-    Raises :class:`RegistryError` when there is no champion or no earlier one.
+    Raises :class:`RegistryError` when there is no champion or no earlier one. Compare-and-set: the
+    champion read first is re-read under :func:`registry_lock`; if another writer moved it meanwhile
+    (e.g. a concurrent rollback), :class:`ChampionMovedError` is raised and nothing changes.
     """
     _check_name("registered model name", name)
-    client = _client(tracking_uri)
-    current = _champion(client, name)
-    if current is None:
-        raise RegistryError(f"registered model {name!r} has no {CHAMPION} to roll back from")
+    uri = _resolve_uri(tracking_uri)
+    with _reading(uri):
+        client = _client(uri)
+        current = _champion(client, name)
+        if current is None:
+            raise RegistryError(f"registered model {name!r} has no {CHAMPION} to roll back from")
+        with registry_lock(uri):
+            _check_champion(client, name, current, "rolling back from it",
+                            f"check `fleet versions {name}` and run `fleet rollback {name}` again if needed")
+            return _rollback_from(client, name, current)
+
+
+def _rollback_from(client: MlflowClient, name: str, current: str) -> str:
+    """:func:`rollback`'s writes, under :func:`registry_lock` with ``champion`` checked to be ``current``."""
     history = _read_history(client, name)
     if not history or str(history[-1]["version"]) != current:  # alias moved outside fleet
         history.append({"version": current, "reason": "external", "at": _now()})

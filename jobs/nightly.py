@@ -1,6 +1,6 @@
 """The scheduled nightly entry point: an incremental `fleet compress` driven by one config file.
 
-    python jobs/nightly.py --config nightly.toml [--run-id ID] [--dry-run]
+    python jobs/nightly.py --config nightly.toml [--run-id ID] [--dry-run] [--no-parent]
 
 ``nightly.toml``::
 
@@ -18,7 +18,10 @@
 
 Unchanged campaigns keep their heads and the champion's backbone. When the refit campaigns fail the
 quality gate on fidelity (drift), the job runs once more with a retrained backbone that refits all.
-Exit codes as `fleet compress`: 0 ok, 1 failed, 2 usage error, 3 finished with quarantined campaigns.
+A registry that cannot be read fails the job before stage 1 (exit 1) unless ``--no-parent``; re-running a
+run id whose version is already registered registers nothing and exits 0.
+Exit codes as `fleet compress`: 0 ok, 1 failed, 2 usage error, 3 finished with quarantined campaigns,
+4 not promoted.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="TOML file with [nightly] and [compress] tables")
     parser.add_argument("--run-id", default=None, help="run id (default: nightly-<UTC date-time>); reuse to resume")
     parser.add_argument("--dry-run", action="store_true", help="validate the config and print the plan, run nothing")
+    parser.add_argument("--no-parent", action="store_true",
+                        help="full run without a parent (as `fleet compress --no-parent`)")
     return parser
 
 
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     options = nightly.get("storage_options") or storage_options_from_env()
     common = {"teachers_uri": nightly["teachers"], "events_uri": nightly["events"], "store_uri": nightly["store"],
                   "fleet": nightly.get("fleet", "adfleet"), "config": config, "tracking_uri": nightly.get("tracking_uri"),
-                  "address": nightly.get("address"), "storage_options": options}
+                  "address": nightly.get("address"), "storage_options": options, "no_parent": args.no_parent}
     if args.dry_run:
         plan = {"run_id": run_id, **{k: v for k, v in common.items() if k != "storage_options"}}
         console.print(scrub_obj(plan, secret_values(options or {})))

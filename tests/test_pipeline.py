@@ -152,6 +152,53 @@ def test_incremental_refits_only_changed(small_fleet, ray_local, tmp_path, sqlit
     assert second.registered.version == "2"
 
 
+def test_re_running_a_registered_run_id_registers_nothing(small_fleet, ray_local, tmp_path, sqlite_tracking_uri,
+                                                          capsys):
+    """`fleet compress --run-id X` once X is committed and registered: nothing runs, nothing is
+    registered, champion does not move, exit 0."""
+    from fleet import cli
+
+    store = tmp_path / "store"
+    assert compress(small_fleet, store, sqlite_tracking_uri, run_id="once").registered.version == "1"
+    other = compress(small_fleet, store, sqlite_tracking_uri, run_id="other")  # incremental: all reused
+    champion = registry.champion_version("adfleet", sqlite_tracking_uri)
+    assert other.registered.version == "2"
+    (tmp_path / "fast.json").write_text(json.dumps(FAST))
+    capsys.readouterr()
+    code = cli.main(["compress", "--teachers", small_fleet["teachers"], "--events", small_fleet["events"],
+                     "--store", str(store), "--run-id", "once", "--config", str(tmp_path / "fast.json"),
+                     "--tracking-uri", sqlite_tracking_uri])
+    captured = capsys.readouterr()
+    assert code == 0, captured
+    assert "fleet version once already exists: registered as adfleet version 1" in " ".join(captured.err.split())
+    assert [v["version_id"] for v in registry.list_versions("adfleet", sqlite_tracking_uri)] == ["once", "other"]
+    assert registry.champion_version("adfleet", sqlite_tracking_uri) == champion
+
+
+def test_an_unreadable_registry_fails_before_stage_one_unless_no_parent(small_fleet, ray_local, tmp_path, capsys):
+    from fleet import cli
+    from fleet.registry import RegistryError
+
+    broken = tmp_path / "mlflow.db"
+    broken.write_bytes(b"this is not an sqlite database " * 64)
+    uri = f"sqlite:///{broken}"
+    store = tmp_path / "store"
+    for register in (True, False):  # registering needs it; so does an incremental run (its parent)
+        with pytest.raises(RegistryError, match="cannot read the MLflow registry at sqlite:///.*mlflow.db: "
+                                                ".*file is not a database") as info:
+            compress(small_fleet, store, uri, run_id="r", register=register)
+        assert not (store / "adfleet" / "runs" / "r").exists()  # nothing planned, stage 1 never ran
+    assert "--no-parent" in str(info.value)
+    (tmp_path / "fast.json").write_text(json.dumps(FAST))
+    args = ["compress", "--teachers", small_fleet["teachers"], "--events", small_fleet["events"], "--store",
+            str(store), "--config", str(tmp_path / "fast.json"), "--tracking-uri", uri]
+    assert cli.main([*args, "--run-id", "r"]) == 1
+    assert "file is not a database" in capsys.readouterr().out
+    assert cli.main([*args, "--run-id", "full", "--no-register", "--no-parent"]) == 0
+    lineage = FleetVersion.open(str(store / "adfleet" / "versions" / "full")).manifest["lineage"]
+    assert lineage["parent_version"] is None and lineage["retrain_backbone"]
+
+
 def test_quarantine_bad_teachers(small_fleet, ray_local, tmp_path):
     inputs = copy_fleet(small_fleet, tmp_path / "fleet")
     with open(os.path.join(inputs["teachers"], "campaign-00004", "model.safetensors"), "wb") as f:

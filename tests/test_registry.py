@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 from mlflow.artifacts import download_artifacts
 from mlflow.tracking import MlflowClient
 
@@ -26,7 +30,7 @@ STORAGE = {"key": "AKIAFLEETKEY", "secret": "s3cr3t-value",
 def _artifacts(tmp_path, fleet, version_id):
     """A dummy manifest and backbone, as the store would have written them."""
     folder = tmp_path / version_id
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     (folder / "manifest.json").write_text(json.dumps({"format": "fleet-version/1", "fleet": fleet,
                                                       "version_id": version_id}))
     (folder / "backbone.safetensors").write_bytes(b"\x00" * 64)
@@ -287,3 +291,194 @@ def test_unreadable_champion_is_named_when_a_run_looks_for_its_parent(tmp_path, 
                               tracking_uri=sqlite_tracking_uri)
     with pytest.raises(StoreError, match="champion of fleet 'adfleet' \\(registered version 1\\) cannot be read"):
         _parent_version("adfleet", str(tmp_path / "store"), sqlite_tracking_uri, None)
+
+
+# ----------------------------------------------------------------------------- exactly once, compare-and-set
+# Real processes race on a real SQLite store. The races are made deterministic by the lock itself: the
+# test holds fleet's registry lock while the racers start, waits until each says on stderr that it is
+# waiting for the lock (so each has read the champion it decides from), then lets them go.
+
+WAITING = "waiting for the registry lock"
+
+
+class _Racer:
+    """A subprocess whose merged stdout/stderr is read line by line by a thread."""
+
+    def __init__(self, argv: list[str]):
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "COLUMNS": "400"})
+        self.lines: list[str] = []
+        self._waiting = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if WAITING in line:
+                self._waiting.set()
+        self._waiting.set()  # EOF: the process ended without waiting (it never took the lock)
+
+    def wait_until_blocked(self) -> None:
+        assert self._waiting.wait(timeout=180), "racer neither blocked on the lock nor ended"
+
+    def finish(self) -> tuple[int, str]:
+        code = self.proc.wait(timeout=180)
+        self._reader.join(timeout=30)
+        return code, "".join(self.lines)
+
+
+def _hold_registry_lock(uri: str) -> FileLock:
+    """fleet's write lock of a SQLite registry: the file ``<db>.lock`` (docs/security.md, section 5)."""
+    return FileLock(uri.removeprefix("sqlite:///") + ".lock")
+
+
+def _fleet_cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fleet.cli", *args]
+
+
+def _versions(tmp_path, uri: str, name: str, count: int) -> None:
+    """``count`` bare model versions of ``name`` (enough for alias moves; no runs, an empty source)."""
+    client = MlflowClient(uri, uri)
+    client.create_registered_model(name)
+    for _ in range(count):
+        client.create_model_version(name, source=str(tmp_path), run_id=None)
+
+
+def test_re_registering_a_version_id_registers_nothing_and_keeps_the_champion(tmp_path, sqlite_tracking_uri):
+    uri = sqlite_tracking_uri
+    first = _register(tmp_path, uri, "night-1")
+    _register(tmp_path, uri, "night-2")
+    again = _register(tmp_path, uri, "night-1")
+    assert [r["version_id"] for r in registry.list_versions("adfleet", uri)] == ["night-1", "night-2"]
+    assert registry.champion_version("adfleet", uri) == "2"  # not moved back by the re-run
+    assert again.existing and again.version == "1" and again.run_id == first.run_id and not again.champion
+    assert again.gate.passed and again.manifest_uri == first.manifest_uri and not first.existing
+    assert registry.find_version("adfleet", "night-1", uri).version == "1"
+    assert registry.find_version("adfleet", "night-9", uri) is None
+    with pytest.raises(RegistryError, match="already registered as version 1 with manifest"):
+        registry.register_version(fleet_name="adfleet", manifest_uri="s3://elsewhere/manifest.json",
+                                  version_id="night-1", local_artifacts=_artifacts(tmp_path, "adfleet", "night-1"),
+                                  params={}, metrics=GOOD, plots={}, tracking_uri=uri)
+
+
+_INIT_WORKER = """
+import sys
+from fleet import registry
+print("ready", flush=True)
+for line in sys.stdin:
+    try:
+        registry.champion_version("adfleet", line.strip())
+        print("ok", flush=True)
+    except Exception as exc:
+        print("error", type(exc).__name__, str(exc).replace("\\n", " ")[:300], flush=True)
+"""
+
+
+def test_concurrent_first_use_of_a_sqlite_registry_never_corrupts_it(tmp_path, _mlflow_db_template):
+    """4 processes open the same fresh SQLite registry at once (MLflow creates and migrates it on
+    first use), 10 times: every open and read succeeds and every database ends fully migrated."""
+    import sqlite3
+
+    def revision(path) -> list:
+        with sqlite3.connect(path) as db:
+            return db.execute("SELECT version_num FROM alembic_version").fetchall()
+
+    head = revision(_mlflow_db_template)
+    workers = [subprocess.Popen([sys.executable, "-c", _INIT_WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True) for _ in range(4)]
+    try:
+        assert [w.stdout.readline().strip() for w in workers] == ["ready"] * 4
+        for trial in range(10):
+            path = tmp_path / f"trial-{trial}" / "mlflow.db"
+            path.parent.mkdir()
+            uri = f"sqlite:///{path}"
+            for w in workers:  # all four start at once: MLflow's migrations take seconds
+                w.stdin.write(uri + "\n")
+                w.stdin.flush()
+            answers = [w.stdout.readline().strip() for w in workers]
+            assert answers == ["ok"] * 4, f"trial {trial}: {answers}"  # each opened and read it
+            assert revision(path) == head
+    finally:
+        for w in workers:
+            w.stdin.close()
+            w.wait(timeout=60)
+
+
+def test_racing_rollbacks_and_promotes_are_compare_and_set(tmp_path, sqlite_tracking_uri):
+    """Two `fleet rollback` and two `fleet promote` processes decide from the same champion at the same
+    time; in each pair exactly one moves it, the other exits 1 saying it moved, and no update is lost."""
+    uri = sqlite_tracking_uri
+    _versions(tmp_path, uri, "roll", 3)
+    for version in ("1", "2", "3"):
+        registry.promote("roll", version, uri)
+    _versions(tmp_path, uri, "prom", 3)
+    registry.promote("prom", "1", uri)
+
+    with _hold_registry_lock(uri):
+        racers = {"rollback-a": _Racer(_fleet_cli("rollback", "roll", "--tracking-uri", uri)),
+                  "rollback-b": _Racer(_fleet_cli("rollback", "roll", "--tracking-uri", uri)),
+                  "promote-2": _Racer(_fleet_cli("promote", "prom", "2", "--tracking-uri", uri)),
+                  "promote-3": _Racer(_fleet_cli("promote", "prom", "3", "--tracking-uri", uri))}
+        for racer in racers.values():
+            racer.wait_until_blocked()
+    results = {name: racer.finish() for name, racer in racers.items()}
+
+    rollbacks = sorted(results[n] for n in ("rollback-a", "rollback-b"))
+    assert [code for code, _ in rollbacks] == [0, 1], rollbacks
+    assert "rolled back to version 2" in rollbacks[0][1]
+    assert "champion moved from version 3 to version 2 while rolling back from it; nothing was changed" in rollbacks[1][1]
+    assert registry.champion_version("roll", uri) == "2"
+    history = json.loads(MlflowClient(uri, uri).get_registered_model("roll").tags["champion_history"])
+    assert [e["version"] for e in history] == ["1", "2"]  # one rollback's worth, not two, not a lost one
+
+    promotes = {name: results[name] for name in ("promote-2", "promote-3")}
+    assert sorted(code for code, _ in promotes.values()) == [0, 1], promotes
+    winner = next(name for name, (code, _) in promotes.items() if code == 0).split("-")[1]
+    loser_output = next(out for code, out in promotes.values() if code == 1)
+    assert f"champion moved from version 1 to version {winner} while promoting version" in loser_output
+    assert registry.champion_version("prom", uri) == winner
+    history = json.loads(MlflowClient(uri, uri).get_registered_model("prom").tags["champion_history"])
+    assert [e["version"] for e in history] == ["1", winner]
+
+
+_GATE_RACER = """
+import json, sys
+from fleet import registry
+from fleet.errors import FleetError
+uri, folder = sys.argv[1], sys.argv[2]
+metrics = json.loads(sys.argv[3])
+try:
+    v = registry.register_version(fleet_name="adfleet", manifest_uri="s3://b/adfleet/versions/v3/manifest.json",
+                                  version_id="v3", local_artifacts={"manifest.json": folder + "/manifest.json",
+                                  "backbone.safetensors": folder + "/backbone.safetensors"}, params={},
+                                  metrics=metrics, plots={}, tracking_uri=uri)
+except FleetError as exc:
+    print("error:", exc, flush=True)
+    sys.exit(1)
+print("registered", v.version, v.champion, flush=True)
+"""
+
+
+def test_the_gate_refuses_to_move_a_champion_that_moved_while_it_decided(tmp_path, sqlite_tracking_uri):
+    """A run gated against champion 1; before it registers, version 2 is promoted: the run registers
+    nothing, exits 1 naming both versions, and a re-run gates against version 2."""
+    uri = sqlite_tracking_uri
+    _register(tmp_path, uri, "v1")
+    _register(tmp_path, uri, "v2", metrics=BAD)  # not champion
+    artifacts = _artifacts(tmp_path, "adfleet", "v3")
+    with _hold_registry_lock(uri):
+        racer = _Racer([sys.executable, "-c", _GATE_RACER, uri, os.path.dirname(artifacts["manifest.json"]),
+                        json.dumps(GOOD)])
+        racer.wait_until_blocked()  # it has read champion 1, gated, logged its run
+        MlflowClient(uri, uri).set_registered_model_alias("adfleet", "champion", "2")  # another writer
+    code, output = racer.finish()
+    assert code == 1, output
+    assert ("champion moved from version 1 to version 2 while fleet version 'v3' was gated against it; "
+            "nothing was changed; re-run it") in output
+    assert registry.find_version("adfleet", "v3", uri) is None and registry.champion_version("adfleet", uri) == "2"
+    client = MlflowClient(uri, uri)
+    experiment = client.get_experiment_by_name("fleet-adfleet").experiment_id
+    assert [r.info.run_name for r in client.search_runs([experiment])] == ["v2", "v1"]  # its run was deleted
+    again = _register(tmp_path, uri, "v3")
+    assert again.version == "3" and again.champion and not again.existing
