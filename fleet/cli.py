@@ -158,6 +158,7 @@ def summary_table(result) -> Table:
     table.add_row("AUC diff student-teacher median / p10",
                   f"{fmt(m['fidelity_auc_diff_median'], '+.4f')} / {fmt(m['fidelity_auc_diff_p10'], '+.4f')}")
     table.add_row("mean |p_s - p_t| median", fmt(m["fidelity_mean_abs_diff_median"], ".4f"))
+    table.add_row("rows truncated to max_sequence_length", f"{m.get('rows_truncated', 0):,}")
     for stage in ("soft_labels", "backbone", "heads", "finalize"):
         if f"stage_seconds_{stage}" in m:
             table.add_row(f"stage time {stage}", f"{m[f'stage_seconds_{stage}']:.1f} s")

@@ -3,7 +3,9 @@
 One row per sequence: ``campaign_id: string``, ``event_types: list<int32>`` (length T, values in
 ``[0, num_event_types)``), ``features: list<float32>`` (length ``T * num_features``, row-major),
 ``label: int8`` nullable. Campaigns are read one (or a batch) at a time with a filter that pyarrow
-pushes down to row-group statistics, so the whole dataset is never loaded.
+pushes down to row-group statistics, so the whole dataset is never loaded. Events are untrusted input:
+:meth:`EventsDataset.validate_files` checks every file's column types before any row is read,
+:func:`validate_campaign_table` every campaign's rows, and :func:`truncate_sequences` bounds a row's length.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+import torch
 
 from fleet.codec import DATA_FINGERPRINT_BYTES
-from fleet.data import SequenceBatch, collate
+from fleet.data import SequenceBatch
 from fleet.errors import EventsFormatError
-from fleet.ids import validate_campaign_id
+from fleet.ids import CAMPAIGN_ID_PATTERN, validate_campaign_id
 
 EVENTS_SCHEMA = pa.schema(
     [
@@ -31,6 +34,22 @@ EVENTS_SCHEMA = pa.schema(
         pa.field("label", pa.int8(), nullable=True),
     ]
 )
+#: How fleet reads the columns (what :meth:`EventsDataset.validate_files` accepts converts to these without
+#: loss): event types as int64 and labels as int64, so that an integer column of any width is range-checked
+#: by :func:`validate_campaign_table` instead of being cut; features as float32 (the serving type).
+READ_SCHEMA = pa.schema([
+    pa.field("campaign_id", pa.string()),
+    pa.field("event_types", pa.list_(pa.int64())),
+    pa.field("features", pa.list_(pa.float32())),
+    pa.field("label", pa.int64()),
+])
+#: What each column may hold in a file (besides the contract's own type), as shown in the error.
+ACCEPTED_TYPES = {
+    "campaign_id": "string (or large_string)",
+    "event_types": "list<int32> (or another list of integers: int8-int64, uint8-uint32)",
+    "features": "list<float32> (or float16, float64)",
+    "label": "int8, nullable (or another integer type: int16-int64, uint8-uint32)",
+}
 HOLDOUT_FRACTION = 0.2
 
 
@@ -89,40 +108,93 @@ def split_by_campaign(table: pa.Table, campaign_ids: Sequence[str] | None = None
     return {cid: grouped.slice(int(starts[k]), len(rows[k])) for k, cid in enumerate(campaign_ids)}
 
 
+def _is_integer(dtype: pa.DataType) -> bool:
+    return pa.types.is_integer(dtype) and dtype != pa.uint64()  # uint64 does not fit int64
+
+
+def _accepted(column: str, dtype: pa.DataType) -> bool:
+    """Whether a file's ``column`` of type ``dtype`` follows the contract (:data:`ACCEPTED_TYPES`)."""
+    if column == "campaign_id":
+        return dtype in (pa.string(), pa.large_string())
+    if column == "label":
+        return _is_integer(dtype)
+    if not (pa.types.is_list(dtype) or pa.types.is_large_list(dtype)):
+        return False
+    return _is_integer(dtype.value_type) if column == "event_types" else pa.types.is_floating(dtype.value_type)
+
+
 class EventsDataset:
-    """Read access to an events dataset; ``read_campaigns`` returns validated per-campaign tables."""
+    """Read access to an events dataset. :meth:`validate_files` checks the files' schemas (the pipeline calls it
+    before any stage); ``read_campaigns`` returns per-campaign tables in :data:`READ_SCHEMA`."""
 
     def __init__(self, uri: str, storage_options: dict | None = None):
         self.uri = uri
-        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-        if not fs.exists(path):
+        self._fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        if not self._fs.exists(path):
             raise EventsFormatError("events dataset does not exist", path=uri)
-        try:
-            self._dataset = ds.dataset(path, filesystem=fs, format="parquet")
-        except (pa.ArrowInvalid, OSError) as exc:
+        try:  # an explicit schema: no file is opened here, each is cast to it when read
+            self._dataset = ds.dataset(path, filesystem=self._fs, format="parquet", schema=READ_SCHEMA)
+        except (pa.ArrowException, OSError) as exc:
             raise EventsFormatError(f"cannot open events dataset ({exc})", path=uri) from None
-        missing = [f.name for f in EVENTS_SCHEMA if f.name not in self._dataset.schema.names]
-        if missing:
-            raise EventsFormatError(f"events dataset lacks columns {missing}", path=uri)
+
+    def _file_uri(self, file: str) -> str:
+        return self._fs.unstrip_protocol(file) if "://" in self.uri else file
+
+    def validate_files(self) -> None:
+        """Check every file's footer against the events contract before any row is read: raise
+        :class:`EventsFormatError` naming the file, the column, the expected and the found type (a column of
+        another type would otherwise be cast, cut or crash the reader: float event types, list<string>, an
+        int instead of a list, an int ``campaign_id``, a bool ``label``). Other columns are ignored."""
+        for file in self._dataset.files:
+            uri = self._file_uri(file)
+            try:
+                with self._fs.open(file, "rb") as f:
+                    schema = pq.read_schema(f)
+            except (pa.ArrowException, OSError) as exc:
+                raise EventsFormatError(f"not a readable Parquet file ({exc})", path=uri) from None
+            for name, expected in ACCEPTED_TYPES.items():
+                if name not in schema.names:
+                    raise EventsFormatError(f"column {name!r} is missing (expected {expected})", path=uri)
+                found = schema.field(name).type
+                if not _accepted(name, found):
+                    raise EventsFormatError(f"column {name!r}: expected {expected}, found {found}", path=uri)
 
     def campaign_sizes(self) -> dict[str, int]:
-        """Rows per campaign id (reads only the ``campaign_id`` column)."""
+        """Rows per campaign id (reads only the ``campaign_id`` column). Ids no campaign can have (null, not
+        UTF-8, not matching :data:`fleet.ids.CAMPAIGN_ID_PATTERN`) are left out: they are never read."""
         counts = pc.value_counts(self._dataset.to_table(columns=["campaign_id"])["campaign_id"])
-        return dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
+        sizes = {}
+        for raw, count in zip(counts.field("values").cast(pa.binary()).to_pylist(), counts.field("counts").to_pylist()):
+            campaign_id = raw.decode("utf-8", "replace") if raw is not None else ""
+            if CAMPAIGN_ID_PATTERN.fullmatch(campaign_id):
+                sizes[campaign_id] = count
+        return sizes
 
     def campaign_ids(self) -> list[str]:
-        """Distinct campaign ids, sorted."""
+        """Distinct (valid) campaign ids, sorted."""
         return sorted(self.campaign_sizes())
 
     def read_campaigns(self, campaign_ids: Sequence[str]) -> dict[str, pa.Table]:
         """Tables of the given campaigns, each in dataset order (the order the hold-out split uses).
         A campaign with no rows maps to an empty table."""
-        for campaign_id in campaign_ids:
-            validate_campaign_id(campaign_id, path=self.uri)
+        campaign_ids = [validate_campaign_id(campaign_id, path=self.uri) for campaign_id in campaign_ids]
+        if not campaign_ids:
+            return {}
         table = self._dataset.to_table(
-            columns=[f.name for f in EVENTS_SCHEMA], filter=pc.field("campaign_id").isin(list(campaign_ids))
+            columns=READ_SCHEMA.names, filter=pc.field("campaign_id").isin(pa.array(campaign_ids, pa.string()))
         )
         return split_by_campaign(table, campaign_ids)
+
+
+def _first_null_row(column: pa.Array) -> int | None:
+    """Row of the first null list, or of the first list holding a null element, of a list ``column``."""
+    if column.null_count:
+        return int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+    values = column.flatten()
+    if values.null_count:
+        element = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+        return int(pc.list_parent_indices(column)[element].as_py())
+    return None
 
 
 def validate_campaign_table(
@@ -133,6 +205,11 @@ def validate_campaign_table(
         raise EventsFormatError("campaign has no event rows", campaign_id=campaign_id, path=path)
     types = table["event_types"].combine_chunks()
     feats = table["features"].combine_chunks()
+    for name, column in (("event_types", types), ("features", feats)):
+        row = _first_null_row(column)
+        if row is not None:
+            raise EventsFormatError(f"row {row}: {name} is null or holds a null element", campaign_id=campaign_id,
+                                    path=path)
     lengths = pc.list_value_length(types).to_numpy(zero_copy_only=False)
     if (lengths < 1).any():
         row = int(np.flatnonzero(lengths < 1)[0])
@@ -155,38 +232,61 @@ def validate_campaign_table(
             path=path,
         )
     if not np.isfinite(feats.flatten().to_numpy(zero_copy_only=False)).all():
-        raise EventsFormatError("features hold NaN or inf", campaign_id=campaign_id, path=path)
-    labels = table["label"].to_numpy(zero_copy_only=False)
-    labels = labels[~np.isnan(labels.astype(np.float64))] if labels.dtype.kind == "f" else labels
+        raise EventsFormatError("features hold NaN or inf (or values beyond float32)", campaign_id=campaign_id,
+                                path=path)
+    labels = table["label"].drop_null().to_numpy(zero_copy_only=False)
     if len(labels) and not np.isin(labels, (0, 1)).all():
         raise EventsFormatError("label must be 0, 1 or null", campaign_id=campaign_id, path=path)
 
 
+def truncate_sequences(table: pa.Table, max_sequence_length: int, num_features: int) -> tuple[pa.Table, int]:
+    """Keep the last ``max_sequence_length`` events (and their features) of every longer row of a validated
+    campaign table; returns ``(table, rows truncated)``. Row count and order are unchanged, and a table
+    without longer rows is returned as it is."""
+    types = table["event_types"].combine_chunks()
+    lengths = pc.list_value_length(types).to_numpy(zero_copy_only=False)
+    drop = np.maximum(lengths - max_sequence_length, 0)  # (n,) leading events dropped per row
+    truncated = int((drop > 0).sum())
+    if not truncated:
+        return table, 0
+    feats = table["features"].combine_chunks()
+    return (table.set_column(table.schema.get_field_index("event_types"), "event_types", _drop_leading(types, drop))
+            .set_column(table.schema.get_field_index("features"), "features",
+                        _drop_leading(feats, drop * num_features)), truncated)
+
+
+def _drop_leading(column: pa.ListArray, drop: np.ndarray) -> pa.ListArray:
+    """``column`` (n rows) without the first ``drop[i]`` values of row ``i`` (at most all of them)."""
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    keep = lengths - np.minimum(drop, lengths)  # (n,)
+    starts = np.cumsum(lengths) - keep  # (n,) first kept value of each row among the flattened values
+    index = np.repeat(starts - (np.cumsum(keep) - keep), keep) + np.arange(keep.sum())  # (kept,)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(keep)]), pa.int32())
+    return pa.ListArray.from_arrays(offsets, column.flatten().take(pa.array(index, pa.int64())),
+                                    type=column.type)
 def table_to_batch(table: pa.Table, num_features: int) -> SequenceBatch:
-    """Convert a campaign table (events schema) into a padded :class:`SequenceBatch`."""
+    """Convert a campaign table (events schema) into a packed :class:`SequenceBatch`: no padding, so its memory
+    follows the number of events; models get length-bucketed, padded minibatches of it."""
     types = table["event_types"].combine_chunks()
     feats = table["features"].combine_chunks()
-    offsets = types.offsets.to_numpy()
-    flat_types = types.values.to_numpy(zero_copy_only=False)
-    flat_feats = feats.values.to_numpy(zero_copy_only=False)
-    feat_offsets = feats.offsets.to_numpy()
-    rows = range(len(table))
-    return collate(
-        [flat_types[offsets[i] : offsets[i + 1]] for i in rows],
-        [flat_feats[feat_offsets[i] : feat_offsets[i + 1]] for i in rows],
-        num_features,
-        table["label"].to_pylist(),
-    )
+    lengths = pc.list_value_length(types).to_numpy(zero_copy_only=False).astype(np.int64)  # (B,)
+    if not np.array_equal(pc.list_value_length(feats).to_numpy(zero_copy_only=False), lengths * num_features):
+        raise ValueError("features must hold T * num_features values per row (validate_campaign_table first)")
+    flat_types = types.flatten().to_numpy(zero_copy_only=False).astype(np.int64)  # (E,)
+    flat_feats = feats.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, num_features)  # (E, F)
+    labels = table["label"].to_numpy(zero_copy_only=False).astype(np.float32)  # (B,) NaN where null
+    return SequenceBatch.packed(torch.from_numpy(flat_types), torch.from_numpy(np.ascontiguousarray(flat_feats)),
+                                torch.from_numpy(lengths), torch.from_numpy(labels))
 
 
 def data_fingerprint(table: pa.Table) -> str:
-    """Hex of the first :data:`DATA_FINGERPRINT_BYTES` of the sha256 of a campaign's rows (event types,
-    features, labels, in order): unchanged data => same fingerprint."""
+    """Hex of the first :data:`DATA_FINGERPRINT_BYTES` of the sha256 of a validated campaign's rows (event
+    types as int32, features as float32, labels, in order): unchanged data => same fingerprint."""
     digest = hashlib.sha256()
-    for name in ("event_types", "features"):
+    for name, dtype in (("event_types", "<i4"), ("features", "<f4")):  # the contract's types, whatever was read
         column = table[name].combine_chunks()
         digest.update(column.offsets.to_numpy().astype("<i8").tobytes())
-        digest.update(column.values.to_numpy(zero_copy_only=False).astype(column.values.type.to_pandas_dtype()).tobytes())
+        digest.update(column.values.to_numpy(zero_copy_only=False).astype(dtype).tobytes())
     labels = table["label"].fill_null(-1).to_numpy(zero_copy_only=False).astype("<i1")
     digest.update(labels.tobytes())
     return digest.digest()[:DATA_FINGERPRINT_BYTES].hex()

@@ -18,3 +18,12 @@ def validate_campaign_id(campaign_id: object, *, path: str | None = None) -> str
             f"invalid campaign id {shown!r}: must match ^[A-Za-z0-9][A-Za-z0-9_.-]{{0,127}}$", path=path
         )
     return campaign_id
+
+
+def printable_id(campaign_id: object) -> str:
+    """``campaign_id`` as reports show it: itself when valid, else its ASCII escape (``ascii()`` without the
+    quotes: non-ASCII, control and undecodable characters as backslash escapes), at most 256 characters; so an
+    invalid id read from a directory name can always be written to a Parquet string column and a terminal."""
+    if isinstance(campaign_id, str) and CAMPAIGN_ID_PATTERN.fullmatch(campaign_id):
+        return campaign_id
+    return (ascii(campaign_id)[1:-1] if isinstance(campaign_id, str) else ascii(campaign_id))[:256]

@@ -36,6 +36,7 @@ from fleet import stages, synth
 from fleet.codec import HEADS_SCHEMA, conform_heads_table, rejects_to_table
 from fleet.errors import FleetError, StoreError
 from fleet.events import EventsDataset, write_events
+from fleet.ids import CAMPAIGN_ID_PATTERN
 from fleet.metrics import fleet_summary
 from fleet.store import (
     FleetVersion,
@@ -359,7 +360,7 @@ def _input_space(teachers_uri: str, campaigns: list[str], config: stages.Compres
     if config.num_event_types and config.num_features:
         return config.num_event_types, config.num_features
     fs, path = open_fs(teachers_uri, storage_options)
-    for campaign_id in campaigns[:50]:
+    for campaign_id in [c for c in campaigns if CAMPAIGN_ID_PATTERN.fullmatch(c)][:50]:  # an id is no path yet
         try:
             data = json.loads(fs.cat_file(f"{path}/{campaign_id}/config.json"))
             return int(data["num_event_types"]), int(data["num_features"])
@@ -425,6 +426,7 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
     work = (store_uri, fleet, run_id, storage_options)
     workdir = WorkDir(*work)
     timings: dict[str, float] = {}
+    EventsDataset(events_uri, storage_options).validate_files()  # every file's schema, before any stage
     if register:  # also the check that the registry can be read, before anything runs
         existing = registry.find_version(fleet, run_id, tracking_uri)
         if existing is not None:
@@ -449,7 +451,7 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
         if config.borrowed_rows and not workdir.is_done(BORROWED_POOL, BORROWED_POOL):
             pool = stages.borrowed_pool(EventsDataset(events_uri, storage_options),
                                         stages.borrowed_pool_rows(plan["sizes"], config), plan["num_event_types"],
-                                        plan["num_features"])
+                                        plan["num_features"], config.max_sequence_length)
             if pool is None:
                 raise FleetError("no campaign's events can be borrowed for the transfer set", path=events_uri)
             workdir.write_shard(BORROWED_POOL, BORROWED_POOL, pool)
@@ -465,7 +467,8 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
         shards_skipped = {"soft_labels": len(plan["shards"]) - len(jobs)}
         _fault_point("soft_labels")
 
-        status = pa.concat_tables([workdir.read_shard("campaigns", s) for s in plan["shards"]])
+        status = pa.concat_tables([workdir.read_shard("campaigns", s) for s in plan["shards"]],
+                                  promote_options="default")  # shards of an older run may lack n_truncated
         by_status = {s: [] for s in ("ok", "reused", "rejected")}
         for cid, st in zip(status["campaign_id"].to_pylist(), status["status"].to_pylist()):
             by_status[st].append(cid)
@@ -525,6 +528,7 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
     metrics = _version_metrics(heads, rejects, num, len(by_status["reused"]), teacher_bytes, timings, backbone_stats,
                                shards_skipped, len(jobs), len(head_jobs), nodes,
                                volumes=dict(zip(status["campaign_id"].to_pylist(), status["n_rows"].to_pylist())))
+    metrics["rows_truncated"] = int(pa.compute.sum(status["n_truncated"]).as_py() or 0)
     writer_uri = join_uri(store_uri, fleet, "versions", run_id)
     try:
         version = FleetVersion.open(writer_uri, storage_options)

@@ -43,13 +43,15 @@ from fleet.events import (
     rows_by_campaign,
     split_by_campaign,
     table_to_batch,
+    truncate_sequences,
     validate_campaign_table,
 )
 from fleet.heads import decode_heads, encode_heads, head_row
-from fleet.ids import validate_campaign_id
+from fleet.ids import printable_id, validate_campaign_id
 from fleet.metrics import CALIBRATION_KEYS, PROB_EPS, campaign_fidelity
 from fleet.quant import PerGroup, PerTensor, fake_quantize, quantize_rows
 from fleet.redact import scrub, secret_values
+from fleet.serving import DEFAULT_MAX_SEQUENCE_LENGTH
 from fleet.student import (
     POOLED_DESIGNS,
     Student,
@@ -84,6 +86,7 @@ CAMPAIGNS_SCHEMA = pa.schema([
     pa.field("data_fingerprint", pa.string(), nullable=True),
     pa.field("teacher_bytes", pa.int64(), nullable=True),
     pa.field("n_rows", pa.int32(), nullable=True),
+    pa.field("n_truncated", pa.int32(), nullable=True),  # rows cut to max_sequence_length
 ])
 
 
@@ -130,6 +133,9 @@ class CompressConfig:
         backbone_workers: >1 trains with Ray Train's TorchTrainer (DDP) on that many workers.
         head_steps, head_lr: the batched head fit (stage 3).
         max_fit_rows, max_validation_rows: per-campaign caps on transfer rows (the rest is unused).
+        max_sequence_length: the longest sequence used (events), at ingest: a longer row keeps its last
+            ``max_sequence_length`` events (and their features) in every stage; the manifest counts such rows
+            (``rows_truncated``). Default: serving's limit, :data:`fleet.serving.DEFAULT_MAX_SEQUENCE_LENGTH`.
         borrowed_rows, borrowed_weight: the enlarged transfer set (0: off). A pool of about ``borrowed_rows``
             sequences is drawn from the campaigns' fit rows (:func:`borrowed_pool_rows`) and each campaign's
             teacher also labels enough of the pool's other-campaign rows to bring its transfer set to
@@ -183,6 +189,7 @@ class CompressConfig:
     head_lr: float = 0.05
     max_fit_rows: int = 4000
     max_validation_rows: int = 1000
+    max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
     borrowed_rows: int = 0
     borrowed_weight: float = 0.5
     validation_fraction: float = 0.15
@@ -211,7 +218,7 @@ class CompressConfig:
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
         for name in ("backbone_steps", "head_steps", "backbone_workers", "max_fit_rows", "backbone_per_campaign",
-                     "backbone_eval_every", "backbone_patience"):
+                     "backbone_eval_every", "backbone_patience", "max_sequence_length"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1")
         self.head_l2_grid = tuple(float(v) for v in self.head_l2_grid)
@@ -292,7 +299,8 @@ def _campaign_row(campaign_id: str, status: str, stage: str | None = None, reaso
                   **fields) -> dict:
     return {"campaign_id": campaign_id, "status": status, "stage": stage, "reason": reason,
             "teacher_sha256": fields.get("teacher_sha256"), "data_fingerprint": fields.get("data_fingerprint"),
-            "teacher_bytes": fields.get("teacher_bytes"), "n_rows": fields.get("n_rows")}
+            "teacher_bytes": fields.get("teacher_bytes"), "n_rows": fields.get("n_rows"),
+            "n_truncated": fields.get("n_truncated")}
 
 
 def soft_labels(job: dict, ctx: StageContext, pool: pa.Table | None = None) -> tuple[pa.Table, pa.Table]:
@@ -314,7 +322,7 @@ def soft_labels(job: dict, ctx: StageContext, pool: pa.Table | None = None) -> t
         try:
             valid.append(validate_campaign_id(campaign_id, path=ctx.teachers_uri))
         except FleetError as exc:
-            status_rows.append(_campaign_row(campaign_id[:256], "rejected", "soft_labels", str(exc)))
+            status_rows.append(_campaign_row(printable_id(campaign_id), "rejected", "soft_labels", str(exc)))
     tables = events.read_campaigns(valid)
     pool_batch = table_to_batch(pool, ctx.num_features) if pool is not None and len(pool) else None
     pool_source = pool["campaign_id"].to_numpy(zero_copy_only=False) if pool_batch is not None else None
@@ -329,11 +337,12 @@ def soft_labels(job: dict, ctx: StageContext, pool: pa.Table | None = None) -> t
                                  path=f"{ctx.teachers_uri.rstrip('/')}/{campaign_id}/config.json")
             table = tables[campaign_id]
             validate_campaign_table(table, campaign_id, ctx.num_event_types, ctx.num_features, ctx.events_uri)
+            table, n_truncated = truncate_sequences(table, ctx.config.max_sequence_length, ctx.num_features)
         except FleetError as exc:
             status_rows.append(_campaign_row(campaign_id, "rejected", "soft_labels", str(exc)))
             continue
         hashes = {"teacher_sha256": teacher.sha256, "data_fingerprint": data_fingerprint(table),
-                  "teacher_bytes": teacher.num_bytes, "n_rows": len(table)}
+                  "teacher_bytes": teacher.num_bytes, "n_rows": len(table), "n_truncated": n_truncated}
         if parent.get(campaign_id) == [hashes["teacher_sha256"], hashes["data_fingerprint"]]:
             status_rows.append(_campaign_row(campaign_id, "reused", **hashes))
             continue
@@ -372,7 +381,7 @@ def soft_labels(job: dict, ctx: StageContext, pool: pa.Table | None = None) -> t
     return soft, pa.Table.from_pylist(status_rows, schema=CAMPAIGNS_SCHEMA)
 
 
-def _campaign_batches(events: EventsDataset, soft: pa.Table, campaigns: list[str], num_features: int,
+def _campaign_batches(events: EventsDataset, soft: pa.Table, campaigns: list[str], ctx: StageContext,
                       pool: SequenceBatch | None = None):
     """Yield ``(campaign_id, SequenceBatch of its soft-labelled rows, soft rows)`` per campaign: its own rows
     (from the events) then its ``BORROWED`` rows (from ``pool``, the batch of :func:`borrowed_pool`)."""
@@ -382,11 +391,13 @@ def _campaign_batches(events: EventsDataset, soft: pa.Table, campaigns: list[str
         mine = soft_by_campaign[campaign_id]
         is_borrowed = pa.compute.equal(mine["split"], BORROWED)
         own, theirs = mine.filter(pa.compute.invert(is_borrowed)), mine.filter(is_borrowed)
-        batch = table_to_batch(tables[campaign_id].take(own["row"]), num_features)
+        own_table, _ = truncate_sequences(tables[campaign_id].take(own["row"]), ctx.config.max_sequence_length,
+                                          ctx.num_features)  # as stage 1 cut them
+        batch = table_to_batch(own_table, ctx.num_features)
         if len(theirs):
             if pool is None:
                 raise ValueError(f"campaign {campaign_id!r} has borrowed rows but no borrowed pool was given")
-            batch = _concat_batches([batch, pool.select(torch.from_numpy(theirs["row"].to_numpy().astype(np.int64)))])
+            batch = SequenceBatch.concat([batch, pool.select(torch.from_numpy(theirs["row"].to_numpy().astype(np.int64)))])
             mine = pa.concat_tables([own, theirs])
         yield campaign_id, batch, mine
 
@@ -434,9 +445,10 @@ def borrowed_rows_of(campaign_id: str, pool_source: np.ndarray, own_fit_rows: in
 
 
 def borrowed_pool(events: EventsDataset, picked: dict[str, list[int]], num_event_types: int,
-                  num_features: int) -> pa.Table | None:
-    """The events rows of :func:`borrowed_pool_rows` (``campaign_id`` names the row's own campaign); a
-    campaign whose events break the contract contributes nothing (its own stage 1 quarantines it)."""
+                  num_features: int, max_sequence_length: int) -> pa.Table | None:
+    """The events rows of :func:`borrowed_pool_rows` (``campaign_id`` names the row's own campaign), cut to
+    their last ``max_sequence_length`` events; a campaign whose events break the contract contributes nothing
+    (its own stage 1 quarantines it)."""
     tables = events.read_campaigns(sorted(picked))
     parts = []
     for campaign_id in sorted(picked):
@@ -444,7 +456,8 @@ def borrowed_pool(events: EventsDataset, picked: dict[str, list[int]], num_event
             validate_campaign_table(tables[campaign_id], campaign_id, num_event_types, num_features, events.uri)
         except FleetError:
             continue
-        parts.append(tables[campaign_id].take(pa.array(picked[campaign_id])))
+        parts.append(truncate_sequences(tables[campaign_id].take(pa.array(picked[campaign_id])), max_sequence_length,
+                                        num_features)[0])
     return pa.concat_tables(parts) if parts else None
 
 
@@ -512,13 +525,13 @@ def train_backbone(sample: pa.Table, ctx: StageContext, *, rank: int = 0, world_
     events = EventsDataset(ctx.events_uri, ctx.storage_options)
     parts, index_parts, logit_parts, split_parts = [], [], [], []
     pool_batch = table_to_batch(pool, ctx.num_features) if pool is not None else None
-    for c, (campaign_id, batch, rows) in enumerate(_campaign_batches(events, sample, campaigns, ctx.num_features,
+    for c, (campaign_id, batch, rows) in enumerate(_campaign_batches(events, sample, campaigns, ctx,
                                                                      pool_batch)):
         parts.append(batch)
         index_parts.append(torch.full((len(batch),), c, dtype=torch.long))
         logit_parts.append(torch.tensor(rows["teacher_logit"].to_numpy()))
         split_parts.append(torch.tensor(rows["split"].to_numpy()))
-    everything = _concat_batches(parts)
+    everything = SequenceBatch.concat(parts)
     all_index, all_logits, split = torch.cat(index_parts), torch.cat(logit_parts), torch.cat(split_parts)
     train_rows = torch.nonzero((split == FIT) | (split == BORROWED)).flatten()
     val_rows = torch.nonzero(split == VALIDATION).flatten()
@@ -581,17 +594,6 @@ def train_backbone(sample: pa.Table, ctx: StageContext, *, rank: int = 0, world_
     return data, stats
 
 
-def _concat_batches(batches: list[SequenceBatch]) -> SequenceBatch:
-    t_max = max(int(b.event_types.shape[1]) for b in batches)
-    pad = lambda x: torch.nn.functional.pad(x, (0, t_max - x.shape[1]))
-    return SequenceBatch(
-        torch.cat([pad(b.event_types) for b in batches]),
-        torch.cat([torch.nn.functional.pad(b.features, (0, 0, 0, t_max - b.features.shape[1])) for b in batches]),
-        torch.cat([b.lengths for b in batches]),
-        torch.cat([b.labels for b in batches]),
-    )
-
-
 def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes: bytes,
                     pool: pa.Table | None = None) -> pa.Table:
     """Stages 3-5 for one batch: fit all its campaigns' heads at once on frozen backbone features (one
@@ -615,7 +617,7 @@ def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes
     events = EventsDataset(ctx.events_uri, ctx.storage_options)
     batches, index, logits, labels, splits = [], [], [], [], []
     pool_batch = table_to_batch(pool, ctx.num_features) if pool is not None else None
-    for c, (_campaign_id, batch, rows) in enumerate(_campaign_batches(events, soft, campaigns, ctx.num_features,
+    for c, (_campaign_id, batch, rows) in enumerate(_campaign_batches(events, soft, campaigns, ctx,
                                                                       pool_batch)):
         batches.append(batch)
         index.append(torch.full((len(batch),), c, dtype=torch.long))

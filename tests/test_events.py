@@ -1,5 +1,6 @@
 """Events contract: round trip, per-campaign pushdown reads, hold-out split and bad rows."""
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -120,3 +121,139 @@ def test_split_by_campaign_keeps_table_order_per_campaign():
     assert {k: v["x"].to_pylist() for k, v in parts.items()} == {"a": [1, 4], "b": [0, 2], "c": [3]}
     chosen = split_by_campaign(table, ["c", "zz"])
     assert chosen["c"]["x"].to_pylist() == [3] and chosen["zz"].num_rows == 0
+
+
+# ----------------------------------------------------------------------------- untrusted files (docs/security.md, 3)
+
+
+def good_columns(campaign_id="a", n=4):
+    return {"campaign_id": [campaign_id] * n, "event_types": [[1, 2]] * n, "features": [[0.5] * 4] * n,
+            "label": pa.array([0, 1] * (n // 2), pa.int8())}
+
+
+@pytest.mark.parametrize(
+    "column, values, expected, found",
+    [
+        ("event_types", [["1", "2"]] * 4, "list<int32>", "list<element: string>"),
+        ("event_types", [1, 2, 3, 4], "list<int32>", "found int64"),
+        ("event_types", [[1.7, 2.2]] * 4, "list<int32>", "list<element: double>"),  # would be cut to 1, 2
+        ("features", [[1, 2, 3, 4]] * 4, "list<float32>", "list<element: int64>"),
+        ("campaign_id", [1, 1, 2, 2], "string", "found int64"),
+        ("label", [True, False, True, None], "int8, nullable", "found bool"),
+        ("label", pa.array([2**64 - 1] * 4, pa.uint64()), "int8, nullable", "found uint64"),
+    ],
+)
+def test_files_with_wrong_column_types_are_refused_naming_file_column_and_types(tmp_path, column, values, expected,
+                                                                                found):
+    """Real Parquet files: the good one passes, the bad one is refused before any row is read."""
+    pq.write_table(pa.table(good_columns("a")), tmp_path / "part-0.parquet")
+    pq.write_table(pa.table({**good_columns("b"), column: values}), tmp_path / "part-1.parquet")
+    with pytest.raises(EventsFormatError) as info:
+        EventsDataset(str(tmp_path)).validate_files()
+    message = str(info.value)
+    assert info.value.path == str(tmp_path / "part-1.parquet")
+    assert f"column {column!r}: expected {expected}" in message and found in message
+
+
+def test_a_missing_column_or_a_file_that_is_not_parquet_is_refused_naming_the_file(tmp_path):
+    pq.write_table(pa.table({k: v for k, v in good_columns().items() if k != "label"}), tmp_path / "part-0.parquet")
+    with pytest.raises(EventsFormatError, match="column 'label' is missing") as info:
+        EventsDataset(str(tmp_path)).validate_files()
+    assert info.value.path.endswith("part-0.parquet")
+    pq.write_table(pa.table(good_columns()), tmp_path / "part-0.parquet")
+    (tmp_path / "part-1.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(EventsFormatError, match="not a readable Parquet file") as info:
+        EventsDataset(str(tmp_path)).validate_files()
+    assert info.value.path.endswith("part-1.parquet")
+
+
+def test_integer_and_float_widths_are_read_as_the_contract_with_the_same_fingerprint(tmp_path):
+    """int64 event types, float64 features, int64 labels, large lists: what pyarrow writes from Python lists."""
+    reference = rows("a", 9)
+    wide = pa.table({"campaign_id": pa.array(reference["campaign_id"].to_pylist(), pa.large_string()),
+                     "event_types": pa.array(reference["event_types"].to_pylist(), pa.large_list(pa.int64())),
+                     "features": pa.array(reference["features"].to_pylist(), pa.list_(pa.float64())),
+                     "label": pa.array(reference["label"].to_pylist(), pa.int64())})
+    pq.write_table(wide, tmp_path / "part-0.parquet")
+    dataset = EventsDataset(str(tmp_path))
+    dataset.validate_files()
+    table = dataset.read_campaigns(["a"])["a"]
+    assert table.to_pylist() == reference.to_pylist()
+    validate_campaign_table(table, "a", num_event_types=5, num_features=2, path="p")
+    assert data_fingerprint(table) == data_fingerprint(reference)
+
+
+@pytest.mark.parametrize(
+    "column, values, row",
+    [
+        ("event_types", [[1], [1, None], [1], [1]], 1),
+        ("event_types", [[1], [1], None, [1]], 2),
+        ("features", [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5], [None, 0.5]], 3),
+        ("features", [None, [0.5, 0.5], [0.5, 0.5], [0.5, 0.5]], 0),
+    ],
+)
+def test_null_lists_and_null_elements_name_the_row_and_the_column(tmp_path, column, values, row):
+    table = pa.table({"campaign_id": ["k"] * 4, "event_types": [[1]] * 4, "features": [[0.5, 0.5]] * 4,
+                      "label": pa.array([0, 1, 0, None], pa.int8()), column: values})
+    pq.write_table(table, tmp_path / "part-0.parquet")
+    dataset = EventsDataset(str(tmp_path))
+    dataset.validate_files()
+    with pytest.raises(EventsFormatError, match=f"row {row}: {column} is null or holds a null element"):
+        validate_campaign_table(dataset.read_campaigns(["k"])["k"], "k", 5, 2, str(tmp_path))
+
+
+def test_ids_no_campaign_can_have_are_never_read_and_no_ids_read_nothing(tmp_path):
+    """Null, not-UTF-8 and invalid ids in the events: left out of the sizes; an empty id list reads nothing
+    (``isin([])`` used to fail the whole batch)."""
+    bad_utf8 = pa.Array.from_buffers(pa.string(), 1, [None, pa.py_buffer(np.array([0, 2], np.int32).tobytes()),
+                                                      pa.py_buffer(b"a\xff")])
+    ids = pa.concat_arrays([pa.array(["ok", "ok", None, "../x", "café"], pa.string()), bad_utf8])
+    n = len(ids)
+    pq.write_table(pa.table({"campaign_id": ids, "event_types": [[1]] * n, "features": [[0.5, 0.5]] * n,
+                             "label": pa.array([0] * n, pa.int8())}), tmp_path / "part-0.parquet")
+    dataset = EventsDataset(str(tmp_path))
+    dataset.validate_files()
+    assert dataset.campaign_sizes() == {"ok": 2}
+    assert dataset.read_campaigns([]) == {}
+    assert len(dataset.read_campaigns(["ok"])["ok"]) == 2
+
+
+def test_truncate_sequences_keeps_the_last_events_and_their_features():
+    from fleet.events import truncate_sequences
+
+    table = rows("a", 8, num_features=2)  # lengths 1 2 3 4 1 2 3 4
+    same, count = truncate_sequences(table, 4, num_features=2)
+    assert count == 0 and same is table
+    cut, count = truncate_sequences(table, 2, num_features=2)
+    assert count == 4 and len(cut) == 8
+    for before, after in zip(table.to_pylist(), cut.to_pylist()):
+        keep = min(2, len(before["event_types"]))
+        assert after["event_types"] == before["event_types"][-keep:]
+        assert after["features"] == before["features"][-2 * keep:]
+        assert after["label"] == before["label"]
+    validate_campaign_table(cut, "a", num_event_types=5, num_features=2, path="p")
+
+
+def test_a_long_row_pads_only_its_own_minibatch():
+    """2,000 rows of 20 events and one of 10,000: the batch is stored packed (events, not rows x 10,000) and
+    no minibatch pads more than batch_size * BUCKET_SPREAD * median length events, except the long row alone."""
+    from fleet.data import BUCKET_SPREAD, map_minibatches
+
+    n, num_features = 2000, 3
+    lengths = [20] * n + [10_000]
+    lengths[7], lengths[n] = 10_000, 20  # the long row is not the last one
+    table = pa.table({"campaign_id": ["a"] * (n + 1), "event_types": [[i % 5] * t for i, t in enumerate(lengths)],
+                      "features": [[float(i)] * (t * num_features) for i, t in enumerate(lengths)],
+                      "label": pa.array([0] * (n + 1), pa.int8())}, schema=EVENTS_SCHEMA)
+    batch = table_to_batch(table, num_features)
+    assert batch.packed_features.numel() == sum(lengths) * num_features
+    budget = 512 * BUCKET_SPREAD * 20
+    sizes = [(len(index), sub.features.shape[1]) for index, sub in batch.minibatches(512)]
+    assert (1, 10_000) in sizes
+    assert all(rows * width <= budget for rows, width in sizes if width < 10_000)
+    assert sum(rows for rows, _ in sizes) == n + 1
+    # results come back in row order, each row computed on its own events only
+    out = map_minibatches(lambda t, f, lens: f[torch.arange(len(lens)), lens - 1, 0] + lens, batch)
+    assert out.tolist() == [float(i + t) for i, t in enumerate(lengths)]
+    selected = batch.select(torch.tensor([7, 3]))
+    assert selected.event_types.shape == (2, 10_000) and selected.event_types[1, 20:].eq(0).all()
