@@ -40,7 +40,8 @@ def test_missing_teachers_fails_with_exit_1(tmp_path, ray_local, capsys):
     code = main(["compress", "--teachers", str(tmp_path / "none"), "--events", str(tmp_path / "ev"),
                  "--store", str(tmp_path / "store"), "--no-register"])
     assert code == 1
-    assert "teacher root does not exist" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "teacher root does not exist" in out.err and "error" not in out.out  # stdout is for data
 
 
 def test_nightly_job_validates_its_config(tmp_path):

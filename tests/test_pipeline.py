@@ -193,7 +193,7 @@ def test_an_unreadable_registry_fails_before_stage_one_unless_no_parent(small_fl
     args = ["compress", "--teachers", small_fleet["teachers"], "--events", small_fleet["events"], "--store",
             str(store), "--config", str(tmp_path / "fast.json"), "--tracking-uri", uri]
     assert cli.main([*args, "--run-id", "r"]) == 1
-    assert "file is not a database" in capsys.readouterr().out
+    assert "file is not a database" in capsys.readouterr().err
     assert cli.main([*args, "--run-id", "full", "--no-register", "--no-parent"]) == 0
     lineage = FleetVersion.open(str(store / "adfleet" / "versions" / "full")).manifest["lineage"]
     assert lineage["parent_version"] is None and lineage["retrain_backbone"]
