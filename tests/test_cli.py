@@ -3,9 +3,11 @@
 import subprocess
 import sys
 
+import pyarrow as pa
 import pytest
 
 from fleet.cli import build_parser, main
+from fleet.events import write_events
 
 
 def test_every_documented_command_exists():
@@ -37,6 +39,8 @@ def test_bad_config_file_is_a_usage_error(tmp_path):
 
 
 def test_missing_teachers_fails_with_exit_1(tmp_path, ray_local, capsys):
+    events = pa.table({"campaign_id": ["a"], "event_types": [[1]], "features": [[0.0]], "label": [1]})
+    write_events(str(tmp_path / "ev"), events)  # valid events: the teachers are what is missing
     code = main(["compress", "--teachers", str(tmp_path / "none"), "--events", str(tmp_path / "ev"),
                  "--store", str(tmp_path / "store"), "--no-register"])
     assert code == 1
