@@ -666,8 +666,8 @@ def _register(version: FleetVersion, fleet: str, tracking_uri: str, config: stag
         backbone_path, manifest_path = os.path.join(tmp, "backbone.safetensors"), os.path.join(tmp, "manifest.json")
         with open(backbone_path, "wb") as f:
             f.write(version.read_backbone_bytes())
-        with open(manifest_path, "w") as f:
-            json.dump(version.manifest, f, indent=2)
+        with open(manifest_path, "wb") as f:
+            f.write(version.manifest_bytes)  # the stored bytes: the registry tags their sha256
         auc_diff = [s - t for s, t in zip(heads["student_auc"].to_pylist(), heads["teacher_auc"].to_pylist())
                     if s is not None and t is not None]
         n_train = [n for n, s, t in zip(heads["n_train"].to_pylist(), heads["student_auc"].to_pylist(),
