@@ -44,6 +44,7 @@ from fleet.store import (
     absolute_uri,
     join_uri,
     open_fs,
+    remove_stale_temp_files,
 )
 from fleet.teachers import list_teacher_campaigns
 
@@ -429,6 +430,9 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
         existing = registry.find_version(fleet, run_id, tracking_uri)
         if existing is not None:
             return _already_registered(existing, store_uri, fleet, run_id, storage_options)
+    removed = remove_stale_temp_files(store_uri, fleet, storage_options)
+    if removed:
+        console.print(f"removed {len(removed)} temporary file(s) of interrupted writes under {join_uri(store_uri, fleet)}")
 
     with ray_session(address, dashboard=dashboard):
         num_cpus = int(ray.cluster_resources().get("CPU", 1))

@@ -624,12 +624,13 @@ class FleetVersion:
             if i == len(ids) or ids[i] != campaign_id:
                 return None
             row = table_to_heads(table.slice(i, 1))[0]
-        except StoreError:
-            raise
+        except StoreError as err:
+            raise StoreError(err.reason, campaign_id=campaign_id, path=err.path or uri) from None
         except FileNotFoundError:
-            raise StoreError("file listed in the manifest is missing", path=uri) from None
+            raise StoreError("file listed in the manifest is missing", campaign_id=campaign_id, path=uri) from None
         except (OSError, EOFError, ValueError, TypeError, KeyError, pa.ArrowException) as err:
-            raise StoreError(f"cannot read row group {group}: {type(err).__name__}: {err}", path=uri) from None
+            raise StoreError(f"cannot read row group {group}: {type(err).__name__}: {err}",
+                             campaign_id=campaign_id, path=uri) from None
         check_head_row(row)
         return row
 
