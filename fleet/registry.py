@@ -752,6 +752,7 @@ def register_version(
             "format": MODEL_DATA_FORMAT,
             "manifest_uri": public_manifest_uri,
             "version_id": version_id,
+            "manifest_sha256": version_tags[MANIFEST_SHA256_TAG],
             "storage_options_env": STORAGE_OPTIONS_ENV,
             "storage_options": public_options(storage_options or {}),
         }
