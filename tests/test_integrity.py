@@ -8,7 +8,6 @@ sha256, HTTP 503 ``store_unavailable``, ``fleet inspect`` on damaged versions, a
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -173,7 +172,8 @@ def test_load_refuses_a_manifest_that_does_not_match_the_registry_tag(tmp_path, 
         local_artifacts={"manifest.json": str(folder / "manifest.json"),
                          "backbone.safetensors": str(folder / "backbone.safetensors")},
         params={}, metrics=metrics, plots={}, tracking_uri=sqlite_tracking_uri)
-    sha = hashlib.sha256(version.manifest_bytes).hexdigest()
+    sha = version.manifest_sha256
+    assert sha == hashlib.sha256(version.manifest_bytes).hexdigest()
     assert registry.resolve_version("models:/adfleet/1", sqlite_tracking_uri) == (built.uri, built.version_id, sha)
     assert FleetModel.load("models:/adfleet@champion", sqlite_tracking_uri).version_id == built.version_id
 
@@ -184,23 +184,11 @@ def test_load_refuses_a_manifest_that_does_not_match_the_registry_tag(tmp_path, 
         json.dump(manifest, f, indent=2, sort_keys=True)
     with pytest.raises(StoreError, match=f"does not match the sha256 {sha} recorded in the registry"):
         FleetModel.load("models:/adfleet@champion", sqlite_tracking_uri)
-    with _tracking(sqlite_tracking_uri), pytest.raises(StoreError, match="recorded in the registry"):
+    with registry._fluent_uris(sqlite_tracking_uri), pytest.raises(StoreError, match="recorded in the registry"):
         mlflow.pyfunc.load_model("models:/adfleet/1")  # the pyfunc's fleet_model.json carries the sha256 too
     code, _, err = run_cli(["inspect", "models:/adfleet/1", "--tracking-uri", sqlite_tracking_uri], capsys)
     assert code == 1 and "recorded in the registry" in err
     FleetModel.load(built.uri)  # a plain URI names no registry tag
-
-
-@contextlib.contextmanager
-def _tracking(uri: str):
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
 
 
 # --------------------------------------------------------------------------- HTTP: 503 store_unavailable
