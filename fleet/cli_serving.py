@@ -346,7 +346,7 @@ def _cmd_inspect(args, console) -> int:
     else:
         _print_tables(console, info, "campaign " + args.campaign if args.campaign else f"fleet version {info['version']}")
     if problems:
-        sys.stderr.write("".join(f"error: {p}\n" for p in problems))
+        sys.stderr.write("".join(f"error: {scrub(str(p))}\n" for p in problems))
         sys.stderr.write(f"error: version {version.version_id}: {len(problems)} of {len(version.manifest['files'])} "
                          "files missing or corrupt\n")
         return EXIT_FAILED
