@@ -131,7 +131,8 @@ def register(subparsers) -> None:
     _add_model_options(p)
     p.set_defaults(handler=_cmd_predict)
 
-    p = subparsers.add_parser("inspect", help="summarise a fleet version, or one campaign's head")
+    p = subparsers.add_parser("inspect", help="check a fleet version's files (exit 1 if any is missing or corrupt) "
+                                              "and summarise it, or one campaign's head")
     p.add_argument("uri", help="models:/NAME@alias, models:/NAME/N, or a version/manifest URI")
     p.add_argument("--campaign", default=None, help="show this campaign's head metadata")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -313,17 +314,21 @@ def version_summary(version) -> dict:
 
 
 def _cmd_inspect(args, console) -> int:
+    """Summarise a version (or one campaign's head) after checking every file of its manifest (size and
+    sha256, and the registry's ``manifest_sha256`` for a ``models:/`` URI): each missing or corrupt
+    file is named on stderr and the exit code is 1."""
     from fleet.errors import FleetError
     from fleet.ids import validate_campaign_id
     from fleet.serving import head_metadata, resolve_model_uri, storage_options_from_env
     from fleet.store import FleetVersion
 
     try:
-        uri = args.uri
+        uri, manifest_sha256 = args.uri, None
         if uri.startswith("models:"):
-            uri, _ = resolve_model_uri(uri, args.tracking_uri)
+            uri, _, manifest_sha256 = resolve_model_uri(uri, args.tracking_uri)
         options = args.storage_options if args.storage_options is not None else storage_options_from_env()
-        version = FleetVersion.open(uri, options, verify=False)
+        version = FleetVersion.open(uri, options, verify=False, manifest_sha256=manifest_sha256)
+        problems = version.file_problems()
         if args.campaign is not None:
             cid = validate_campaign_id(args.campaign)
             row = version.read_head_row(cid)
@@ -332,14 +337,19 @@ def _cmd_inspect(args, console) -> int:
                 return EXIT_FAILED
             info = head_metadata(row, version.version_id)
         else:
-            info = version_summary(version)
+            info = {**version_summary(version), "files_ok": not problems}
     except (FleetError, OSError, ValueError) as exc:
         console.print(f"[red]error:[/red] {scrub(str(exc))}")
         return EXIT_FAILED
     if args.json:
         sys.stdout.write(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
-        return EXIT_OK
-    _print_tables(console, info, "campaign " + args.campaign if args.campaign else f"fleet version {info['version']}")
+    else:
+        _print_tables(console, info, "campaign " + args.campaign if args.campaign else f"fleet version {info['version']}")
+    if problems:
+        sys.stderr.write("".join(f"error: {scrub(str(p))}\n" for p in problems))
+        sys.stderr.write(f"error: version {version.version_id}: {len(problems)} of {len(version.manifest['files'])} "
+                         "files missing or corrupt\n")
+        return EXIT_FAILED
     return EXIT_OK
 
 

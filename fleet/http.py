@@ -32,7 +32,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fleet.codec import head_passed
-from fleet.errors import FleetError, InvalidCampaignIdError, UnknownCampaignError
+from fleet.errors import (
+    FleetError,
+    InvalidCampaignIdError,
+    StoreError,
+    UnknownCampaignError,
+)
 from fleet.redact import scrub
 from fleet.serving import FleetModel, InvalidInputError
 from fleet.store import json_safe
@@ -698,6 +703,11 @@ def _install_handlers(app: FastAPI) -> None:
     async def http_error(request, exc):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(StoreError)
+    async def store_error(request, exc):  # a missing, unreadable or corrupt stored file: 503, no path in the body
+        log.error("store error on %s: %s", request.url.path, scrub(str(exc)))
+        return _error(503, "store_unavailable", public_detail(exc))
 
     @app.exception_handler(FleetError)
     async def fleet_error(request, exc):  # storage or registry trouble: not the client's input

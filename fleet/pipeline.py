@@ -45,6 +45,7 @@ from fleet.store import (
     absolute_uri,
     join_uri,
     open_fs,
+    remove_stale_temp_files,
 )
 from fleet.teachers import list_teacher_campaigns
 
@@ -431,6 +432,9 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
         existing = registry.find_version(fleet, run_id, tracking_uri)
         if existing is not None:
             return _already_registered(existing, store_uri, fleet, run_id, storage_options)
+    removed = remove_stale_temp_files(store_uri, fleet, storage_options)
+    if removed:
+        console.print(f"removed {len(removed)} temporary file(s) of interrupted writes under {join_uri(store_uri, fleet)}")
 
     with ray_session(address, dashboard=dashboard):
         num_cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -670,8 +674,8 @@ def _register(version: FleetVersion, fleet: str, tracking_uri: str, config: stag
         backbone_path, manifest_path = os.path.join(tmp, "backbone.safetensors"), os.path.join(tmp, "manifest.json")
         with open(backbone_path, "wb") as f:
             f.write(version.read_backbone_bytes())
-        with open(manifest_path, "w") as f:
-            json.dump(version.manifest, f, indent=2)
+        with open(manifest_path, "wb") as f:
+            f.write(version.manifest_bytes)  # the stored bytes: the registry tags their sha256
         auc_diff = [s - t for s, t in zip(heads["student_auc"].to_pylist(), heads["teacher_auc"].to_pylist())
                     if s is not None and t is not None]
         n_train = [n for n, s, t in zip(heads["n_train"].to_pylist(), heads["student_auc"].to_pylist(),

@@ -5,9 +5,11 @@ The logged model's data is a directory holding ``fleet_model.json`` (written by
 
     {"format": "fleet-pyfunc/1",
      "manifest_uri": "s3://bucket/fleet/adfleet/versions/<id>/manifest.json", "version_id": "<id>",
+     "manifest_sha256": "<hex>",
      "storage_options": {...non-secret fsspec options...}, "storage_options_env": "FLEET_STORAGE_OPTIONS"}
 
-(``format``, ``storage_options``, ``storage_options_env`` are optional; so are ``cache_size``,
+(``format``, ``manifest_sha256`` (when present, a manifest with another sha256 is refused),
+``storage_options``, ``storage_options_env`` are optional; so are ``cache_size``,
 ``preload``, ``max_sequence_length``). Heads stay in Parquet and are read through the manifest URI;
 credentials come from the environment variable ``storage_options_env`` (JSON, merged over the saved
 non-secret options) at load time, never from the artifact.
@@ -141,7 +143,7 @@ def _load_pyfunc(data_path: str) -> FleetPyfunc:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise StoreError(f"not a fleet pyfunc config ({exc!r})", path=path) from None
     check_format(config.get("format", PYFUNC_FORMAT), PYFUNC_FORMAT, path=path)
-    model = FleetModel.open(manifest_uri, _storage_options(config),
+    model = FleetModel.open(manifest_uri, _storage_options(config), manifest_sha256=config.get("manifest_sha256"),
                             **{k: config[k] for k in _OPEN_KEYS if k in config})
     if version_id is not None and model.version_id != version_id:
         raise StoreError(f"{CONFIG_FILE} names version {version_id!r} but the manifest holds {model.version_id!r}",

@@ -3,7 +3,7 @@ quality gate and the ``champion`` alias (``docs/architecture.md``, DESIGN sectio
 
 A run logs params, metrics and plots into the experiment ``fleet-<fleet_name>`` and a pyfunc model
 whose artifacts are the backbone and the manifest (heads stay in Parquet, referenced by the
-manifest URI). Each model version carries the tags ``version_id``, ``manifest_uri``,
+manifest URI). Each model version carries the tags ``version_id``, ``manifest_uri``, ``manifest_sha256``,
 ``parent_version_id`` (when there is one), ``gate``, ``gate_reasons`` and ``gate_notes`` (checks that
 did not apply, e.g. the AUC checks on a fleet without any hold-out AUC).
 
@@ -28,6 +28,7 @@ process-wide tracking URI, which :func:`register_version` sets and restores arou
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -59,6 +60,9 @@ MODEL_DATA_FILE = "fleet_model.json"  # read by fleet.pyfunc._load_pyfunc(data_p
 MODEL_DATA_FORMAT = "fleet-pyfunc/1"
 STORAGE_OPTIONS_ENV = "FLEET_STORAGE_OPTIONS"  # JSON storage options (credentials) at load time
 REQUIRED_ARTIFACTS = ("backbone.safetensors", "manifest.json")
+#: Version tag: hex sha256 of the ``manifest.json`` artifact, which must be the stored manifest's bytes;
+#: ``FleetModel.load`` refuses a manifest that does not match it.
+MANIFEST_SHA256_TAG = "manifest_sha256"
 GATE_METRICS = {  # metric key -> label used in gate reasons
     "fidelity_auc_diff_median": "median AUC diff",
     "fidelity_auc_diff_p10": "p10 AUC diff",
@@ -679,7 +683,8 @@ def register_version(
         manifest_uri: URI of the committed version's ``manifest.json`` (what serving opens).
         version_id: the fleet version id (tag ``version_id``).
         local_artifacts: artifact name -> local file, at least ``backbone.safetensors`` and
-            ``manifest.json``; copied into the pyfunc model's data directory.
+            ``manifest.json`` (the stored manifest's exact bytes: its sha256 becomes the tag
+            ``manifest_sha256`` that loading checks); copied into the pyfunc model's data directory.
         params: run params; nested dicts are flattened (``a.b``); credential-looking keys dropped.
         metrics: run metrics; nested dicts flattened, names sanitised, non-finite values skipped.
             The gate reads the metrics :func:`evaluate_gate` lists (AUC diffs, quarantine share,
@@ -731,6 +736,8 @@ def register_version(
     version_tags = {"version_id": version_id, "manifest_uri": public_manifest_uri,
                     "gate": gate_status, "gate_reasons": json.dumps(result.reasons),
                     "gate_notes": json.dumps(result.notes)}
+    with open(local_artifacts["manifest.json"], "rb") as f:
+        version_tags[MANIFEST_SHA256_TAG] = hashlib.sha256(f.read()).hexdigest()
     if parent_version_id is not None:
         version_tags["parent_version_id"] = parent_version_id
     run_tags = {f"fleet.{k}": v for k, v in version_tags.items() if k not in ("gate_reasons", "gate_notes")}
@@ -745,6 +752,7 @@ def register_version(
             "format": MODEL_DATA_FORMAT,
             "manifest_uri": public_manifest_uri,
             "version_id": version_id,
+            "manifest_sha256": version_tags[MANIFEST_SHA256_TAG],
             "storage_options_env": STORAGE_OPTIONS_ENV,
             "storage_options": public_options(storage_options or {}),
         }
@@ -891,10 +899,16 @@ def _rollback_from(client: MlflowClient, name: str, current: str) -> str:
 def resolve_manifest_uri(model_uri: str, tracking_uri: str | None = None) -> tuple[str, str | None]:
     """``models:/NAME@alias`` or ``models:/NAME/VERSION`` -> ``(manifest_uri, version_id)`` from the
     model version's tags; any other URI (a manifest or version directory) -> ``(model_uri, None)``."""
+    return resolve_version(model_uri, tracking_uri)[:2]
+
+
+def resolve_version(model_uri: str, tracking_uri: str | None = None) -> tuple[str, str | None, str | None]:
+    """:func:`resolve_manifest_uri` plus the ``manifest_sha256`` tag: ``(manifest_uri, version_id,
+    manifest_sha256)`` (None for a version registered without it, and for a plain URI)."""
     if not isinstance(model_uri, str) or not model_uri:
         raise ValueError(f"model URI must be a non-empty string, got {model_uri!r}")
     if not model_uri.startswith("models:"):
-        return model_uri, None
+        return model_uri, None, None
     match = _MODEL_URI_RE.fullmatch(model_uri)
     if match is None:
         raise ValueError(f"unsupported model URI {model_uri!r}: use models:/NAME@ALIAS or models:/NAME/VERSION")
@@ -914,7 +928,7 @@ def resolve_manifest_uri(model_uri: str, tracking_uri: str | None = None) -> tup
     tags = _get_version(client, name, version).tags
     if not tags.get("manifest_uri"):
         raise RegistryError(f"{model_uri}: version {version} has no manifest_uri tag (not registered by fleet?)")
-    return tags["manifest_uri"], tags.get("version_id")
+    return tags["manifest_uri"], tags.get("version_id"), tags.get(MANIFEST_SHA256_TAG)
 
 
 def list_versions(name: str, tracking_uri: str | None = None) -> list[dict]:

@@ -310,26 +310,30 @@ class FleetModel:
         max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
         num_threads: int | None = None,
         verify: bool = True,
+        manifest_sha256: str | None = None,
     ) -> FleetModel:
         """Open a committed version (its directory or ``manifest.json`` URI).
 
-        ``storage_options`` None reads ``$FLEET_STORAGE_OPTIONS`` (JSON) when set.
+        ``storage_options`` None reads ``$FLEET_STORAGE_OPTIONS`` (JSON) when set. ``manifest_sha256``
+        (the registry's tag, passed by :meth:`load`): a manifest with another sha256 is refused.
         """
         if storage_options is None:
             storage_options = storage_options_from_env()
         if num_threads is not None:
             torch.set_num_threads(int(num_threads))
         # preload reads (and verifies) backbone and every heads part anyway
-        version = FleetVersion.open(manifest_or_version_uri, storage_options, verify=verify and not preload)
+        version = FleetVersion.open(manifest_or_version_uri, storage_options, verify=verify and not preload,
+                                    manifest_sha256=manifest_sha256)
         return cls(version, cache_size=cache_size, preload=preload, max_sequence_length=max_sequence_length)
 
     @classmethod
     def load(cls, model_uri: str, tracking_uri: str | None = None, **kw: Any) -> FleetModel:
         """Open ``models:/NAME@alias`` / ``models:/NAME/N`` (resolved in the MLflow registry) or any
-        version/manifest URI. ``kw`` are :meth:`open`'s options."""
+        version/manifest URI. ``kw`` are :meth:`open`'s options. A registry version's manifest must
+        match the sha256 of its ``manifest_sha256`` tag (versions registered without one are not checked)."""
         if model_uri.startswith("models:"):
-            manifest_uri, version_id = resolve_model_uri(model_uri, tracking_uri)
-            model = cls.open(manifest_uri, **kw)
+            manifest_uri, version_id, manifest_sha256 = resolve_model_uri(model_uri, tracking_uri)
+            model = cls.open(manifest_uri, manifest_sha256=manifest_sha256, **kw)
             if version_id is not None and model.version_id != version_id:
                 raise StoreError(
                     f"{model_uri} names fleet version {version_id!r} but its manifest holds {model.version_id!r}",
@@ -396,7 +400,11 @@ class FleetModel:
         heads = torch.empty(len(rows), self.num_params)  # (C, P), smaller designs widened
         for size in {r.num_params for r in rows}:
             picked = [i for i, r in enumerate(rows) if r.num_params == size]
-            decoded = decode_heads([rows[i] for i in picked]).reshape(len(picked), size).float()
+            try:
+                decoded = decode_heads([rows[i] for i in picked]).reshape(len(picked), size).float()
+            except (ValueError, RuntimeError, IndexError) as err:  # rows were checked: a stored row is bad
+                raise StoreError(f"head does not decode: {err}", campaign_id=rows[picked[0]].campaign_id,
+                                 path=self._version.uri) from None
             heads[picked] = widen_heads(decoded, self.config if size == base else self.head_config, self.head_config)
         if not torch.isfinite(heads).all():
             bad = rows[int((~torch.isfinite(heads)).any(1).nonzero()[0])].campaign_id
@@ -627,14 +635,14 @@ def _check_id(campaign_id: Any, row: int | None) -> str:
         raise InvalidInputError(err.reason, row=row) from None
 
 
-def resolve_model_uri(model_uri: str, tracking_uri: str | None = None) -> tuple[str, str | None]:
-    """``models:/...`` -> ``(manifest_uri, version_id)`` through :mod:`fleet.registry` (imported lazily:
-    MLflow is only loaded when a registry URI is used)."""
+def resolve_model_uri(model_uri: str, tracking_uri: str | None = None) -> tuple[str, str | None, str | None]:
+    """``models:/...`` -> ``(manifest_uri, version_id, manifest_sha256)`` through :mod:`fleet.registry`
+    (imported lazily: MLflow is only loaded when a registry URI is used); another URI -> ``(uri, None, None)``."""
     try:
-        from fleet.registry import resolve_manifest_uri
+        from fleet.registry import resolve_version
     except ImportError as exc:
         raise StoreError(f"cannot resolve {model_uri}: fleet.registry is unavailable ({exc})") from None
-    return resolve_manifest_uri(model_uri, tracking_uri)
+    return resolve_version(model_uri, tracking_uri)
 
 
 Reloader = Callable[["FleetModel | None"], "FleetModel | None"]
@@ -648,10 +656,10 @@ def alias_reloader(model_uri: str, tracking_uri: str | None = None, **open_kw: A
     def reload(current: FleetModel | None) -> FleetModel | None:
         if not model_uri.startswith("models:"):
             return None if current is not None else FleetModel.load(model_uri, tracking_uri, **open_kw)
-        manifest_uri, version_id = resolve_model_uri(model_uri, tracking_uri)
+        manifest_uri, version_id, manifest_sha256 = resolve_model_uri(model_uri, tracking_uri)
         if current is not None and version_id is not None and current.version_id == version_id:
             return None
-        model = FleetModel.open(manifest_uri, **open_kw)
+        model = FleetModel.open(manifest_uri, manifest_sha256=manifest_sha256, **open_kw)
         if current is not None and model.version_id == current.version_id:
             return None  # the version tag was missing, the manifest says: unchanged
         model.source_uri = model_uri

@@ -39,6 +39,7 @@ from fleet.codec import (
     REJECTS_SCHEMA,
     HeadRow,
     check_format,
+    check_head_row,
     conform_heads_table,
     rejects_to_table,
     table_to_heads,
@@ -48,7 +49,10 @@ from fleet.errors import StoreError
 from fleet.ids import validate_campaign_id
 from fleet.redact import scrub, scrub_obj, secret_values
 
-VERSION_FORMAT = "fleet-version/1"
+#: 1.1 added each heads part's ``footer`` and ``row_group_checksums`` (sha256 of the byte ranges a
+#: cold lookup reads); 1.0 manifests are still read, their point lookups checked by nothing but the
+#: Parquet page checksums (when the file has them).
+VERSION_FORMAT = "fleet-version/1.1"
 MANIFEST = "manifest.json"
 BACKBONE = "backbone.safetensors"
 REJECTS = "rejects.parquet"
@@ -56,6 +60,13 @@ HEADS_DIR = "heads"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _HASH_CHUNK = 8 * 2**20
+#: Names of the temporary files :func:`_put` writes on a local disk before renaming them.
+_TEMP_RE = re.compile(r"\..+\.tmp-[0-9a-f]{32}")
+#: A temporary file of :func:`_put` older than this belongs to an interrupted write, not a live one
+#: (one ``_put`` is one write of bytes already in memory): :func:`remove_stale_temp_files` deletes it.
+TEMP_FILE_MAX_AGE_S = 15 * 60
+#: Parquet footer tail: a 4-byte little-endian footer length, then the magic ``PAR1``.
+_PARQUET_TAIL = 8
 # Statistics only where they help a reader prune; binary columns would just bloat the footer.
 _STATS_COLUMNS = ["campaign_id", "bits", "group_size", "status"]
 
@@ -149,6 +160,25 @@ def _put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
+def remove_stale_temp_files(store_uri: str, fleet: str, storage_options: dict | None = None,
+                            max_age_s: float = TEMP_FILE_MAX_AGE_S) -> list[str]:
+    """Delete the temporary files (``.<name>.tmp-<hex>``) that interrupted local writes left anywhere
+    under ``<store_uri>/<fleet>/`` (versions and run work dirs), when older than ``max_age_s`` seconds
+    (a younger one may belong to a write in progress). Returns the paths removed. Object stores
+    have no temporary files (a put is atomic): nothing to do there."""
+    fs, root = open_fs(join_uri(store_uri, _check_name("fleet name", fleet)), storage_options)
+    if not _is_local(fs) or not os.path.isdir(root):
+        return []
+    now, removed = datetime.now(timezone.utc).timestamp(), []
+    for parent, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(parent, name)
+            if _TEMP_RE.fullmatch(name) and now - os.path.getmtime(path) > max_age_s:
+                os.remove(path)
+                removed.append(path)
+    return removed
+
+
 def _cat(fs, path: str, uri: str, missing: str) -> bytes:
     try:
         return fs.cat_file(path)
@@ -201,8 +231,58 @@ def _parquet_bytes(table: pa.Table, row_group_size: int) -> bytes:
         row_group_size=row_group_size,
         compression="zstd",
         write_statistics=[c for c in _STATS_COLUMNS if c in table.column_names],
+        write_page_checksum=True,  # CRC32 per page, checked on read (page_checksum_verification)
     )
     return buf.getvalue()
+
+
+def _span(data: bytes, offset: int, size: int) -> dict:
+    """``{"offset", "bytes", "sha256"}`` of ``data[offset:offset + size]`` (a manifest checksum entry)."""
+    return {"offset": offset, "bytes": size, "sha256": sha256_bytes(data[offset : offset + size])}
+
+
+def _parquet_checksums(data: bytes, meta: pq.FileMetaData) -> tuple[dict, list[dict]]:
+    """The footer span (footer + length + magic) and each row group's span (from its first column
+    chunk's first page to its last chunk's end) of a Parquet file, with their sha256."""
+    footer_size = int.from_bytes(data[-_PARQUET_TAIL:-4], "little") + _PARQUET_TAIL
+    groups = []
+    for i in range(meta.num_row_groups):
+        rg = meta.row_group(i)
+        chunks = [rg.column(j) for j in range(rg.num_columns)]
+        starts = [c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset for c in chunks]
+        end = max(s + c.total_compressed_size for s, c in zip(starts, chunks))
+        groups.append(_span(data, min(starts), end - min(starts)))
+    return _span(data, len(data) - footer_size, footer_size), groups
+
+
+class _RangeFile(io.RawIOBase):
+    """A read-only file of ``size`` bytes of which only ``data`` at ``offset`` is present: Parquet
+    decodes a row group from its verified bytes alone; a read outside them raises OSError."""
+
+    def __init__(self, size: int, offset: int, data: bytes):
+        super().__init__()
+        self._size, self._offset, self._data, self._pos = size, offset, data, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence] + pos
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        start, n = self._pos - self._offset, len(buffer)
+        if start < 0 or start + n > len(self._data):
+            raise OSError(f"read of {n} bytes at {self._pos} lies outside the checked row group")
+        buffer[:n] = self._data[start : start + n]
+        self._pos += n
+        return n
 
 
 def _now() -> str:
@@ -300,6 +380,7 @@ class VersionWriter:
             for i in range(meta.num_row_groups if part.num_rows else 0):  # (an empty file has one empty group)
                 firsts.append(ids[offset].as_py())
                 offset += meta.row_group(i).num_rows
+            footer, groups = _parquet_checksums(data, meta)
             self._write(rel, data, rows=part.num_rows)
             self._parts.append({
                 "path": rel,
@@ -307,6 +388,8 @@ class VersionWriter:
                 "first_campaign": firsts[0] if firsts else None,
                 "last_campaign": ids[start + part.num_rows - 1].as_py() if part.num_rows else None,
                 "row_groups": firsts,
+                "footer": footer,
+                "row_group_checksums": groups[: len(firsts)],
             })
         if n:
             widest = pc.max(pc.list_flatten(table.column("shape"))).as_py()
@@ -371,25 +454,32 @@ class VersionWriter:
 class FleetVersion:
     """A committed fleet version, opened with :meth:`FleetVersion.open`."""
 
-    def __init__(self, uri: str, manifest: dict, fs: fsspec.AbstractFileSystem, path: str):
+    def __init__(self, uri: str, manifest: dict, fs: fsspec.AbstractFileSystem, path: str,
+                 manifest_bytes: bytes | None = None):
         self.uri = uri
         self.manifest_uri = join_uri(uri, MANIFEST)
         self.manifest = manifest
+        #: the manifest exactly as stored (what the registry's ``manifest_sha256`` tag hashes)
+        self.manifest_bytes = manifest_bytes
         self.version_id: str = manifest["version_id"]
         self.fs = fs
         self._path = path
         self._files = {f["path"]: f for f in manifest["files"]}
         self._parts = [p for p in manifest["parts"] if p["rows"]]
         self._part_firsts = [p["first_campaign"] for p in self._parts]
+        self._part_by_path = {p["path"]: p for p in self._parts}
         self._footers: dict[str, pq.FileMetaData] = {}  # part path -> parsed footer (one per part)
 
     @classmethod
-    def open(cls, uri: str, storage_options: dict | None = None, verify: bool = True) -> FleetVersion:
+    def open(cls, uri: str, storage_options: dict | None = None, verify: bool = True, *,
+             manifest_sha256: str | None = None) -> FleetVersion:
         """Open a version from its directory URI or its ``manifest.json`` URI.
 
         Refuses a version without manifest (never committed or still being written), an unknown
-        major format, and (``verify=True``) any file whose size or sha256 differs from the manifest.
-        With ``verify=False`` only the files later read whole (backbone, heads, rejects) are checked.
+        major format, a manifest whose sha256 is not ``manifest_sha256`` (when given: the registry's
+        tag), and (``verify=True``) any file whose size or sha256 differs from the manifest. With
+        ``verify=False`` the files read whole (backbone, heads, rejects) are checked as they are read,
+        and a point lookup checks the footer and row group it reads (:meth:`read_head_row`).
         """
         uri = uri.rstrip("/")
         if uri.endswith("/" + MANIFEST):
@@ -398,6 +488,9 @@ class FleetVersion:
         manifest_uri = join_uri(uri, MANIFEST)
         raw = _cat(fs, join_uri(path, MANIFEST), manifest_uri,
                    f"version {uri} has no {MANIFEST}: it was never committed or is still being written")
+        if manifest_sha256 is not None and sha256_bytes(raw) != manifest_sha256:
+            raise StoreError(f"manifest does not match the sha256 {manifest_sha256} recorded in the registry "
+                             f"(found {sha256_bytes(raw)}): it was changed or corrupted", path=manifest_uri)
         try:
             manifest = json.loads(raw)
             fmt = manifest["format"]
@@ -412,7 +505,7 @@ class FleetVersion:
         try:
             for entry in manifest["files"] + manifest["parts"]:
                 _check_relpath("file path", entry["path"])
-            version = cls(uri, manifest, fs, path)
+            version = cls(uri, manifest, fs, path, raw)
         except (KeyError, TypeError, AttributeError):
             raise StoreError("manifest lacks files/parts entries of fleet-version/1", path=manifest_uri) from None
         if verify:
@@ -420,7 +513,16 @@ class FleetVersion:
         return version
 
     def verify(self) -> None:
-        """Stream every file of the manifest and check its size and sha256 (raises :class:`StoreError`)."""
+        """Stream every file of the manifest and check its size and sha256 (raises the first
+        problem of :meth:`file_problems` as :class:`StoreError`)."""
+        problems = self.file_problems(first_only=True)
+        if problems:
+            raise problems[0]
+
+    def file_problems(self, first_only: bool = False) -> list[StoreError]:
+        """Stream every file of the manifest and return a :class:`StoreError` per file that is
+        missing, unreadable or whose size or sha256 differs from the manifest (empty: all good)."""
+        problems = []
         for rel in self._files:
             h, size = hashlib.sha256(), 0
             try:
@@ -428,9 +530,21 @@ class FleetVersion:
                     while chunk := f.read(_HASH_CHUNK):
                         h.update(chunk)
                         size += len(chunk)
+                self._check(rel, size, h.hexdigest())
             except FileNotFoundError:
-                raise StoreError("file listed in the manifest is missing", path=join_uri(self.uri, rel)) from None
-            self._check(rel, size, h.hexdigest())
+                problems.append(StoreError("file listed in the manifest is missing", path=join_uri(self.uri, rel)))
+            except OSError as err:
+                problems.append(StoreError(f"cannot read: {err}", path=join_uri(self.uri, rel)))
+            except StoreError as err:
+                problems.append(err)
+            if problems and first_only:
+                break
+        return problems
+
+    @property
+    def manifest_sha256(self) -> str | None:
+        """Hex sha256 of ``manifest.json`` as stored (the registry's ``manifest_sha256`` tag)."""
+        return None if self.manifest_bytes is None else sha256_bytes(self.manifest_bytes)
 
     def _p(self, rel: str) -> str:
         return join_uri(self._path, rel)
@@ -468,13 +582,14 @@ class FleetVersion:
         """Return all heads as one table sorted by campaign id (every part checksum verified), in this
         fleet's :data:`~fleet.codec.HEADS_SCHEMA`: parts of an older minor version (``fleet-heads/1``
         = 1.0) read with the columns added since as nulls (:func:`~fleet.codec.conform_heads_table`)."""
-        tables = [conform_heads_table(pq.read_table(io.BytesIO(self._read_verified(p["path"]))),
+        tables = [conform_heads_table(pq.read_table(io.BytesIO(self._read_verified(p["path"])),
+                                                    page_checksum_verification=True),
                                       path=join_uri(self.uri, p["path"])) for p in self.manifest["parts"]]
         return pa.concat_tables(tables)
 
     def read_rejects(self) -> pa.Table:
         """Return ``rejects.parquet`` (campaign_id, stage, reason)."""
-        return pq.read_table(io.BytesIO(self._read_verified(REJECTS)))
+        return pq.read_table(io.BytesIO(self._read_verified(REJECTS)), page_checksum_verification=True)
 
     def locate(self, campaign_id: str) -> tuple[str, int] | None:
         """Return ``(part path relative to the version, row group index)`` whose id range could
@@ -490,23 +605,65 @@ class FleetVersion:
 
     def read_head_row(self, campaign_id: str) -> HeadRow | None:
         """Read one campaign's head by range-reading ONE row group of one part, or None if absent.
-        Raises :class:`InvalidCampaignIdError` for an invalid id.
+        Raises :class:`InvalidCampaignIdError` for an invalid id, :class:`StoreError` when the part
+        is missing or unreadable, fails a checksum, or holds a row that breaks the heads contract
+        (:func:`~fleet.codec.check_head_row`): never a wrong row.
 
-        Footers are cached per part, so a warm lookup costs one ranged read. Checksums are not
-        re-verified here (use ``verify=True`` at open)."""
+        A ``fleet-version/1.1`` manifest holds the sha256 of each part's footer (read once, checked,
+        then cached) and of each row group: the bytes of the row group are read in one ranged read and
+        checked before they are decoded. Older manifests rely on the Parquet page checksums."""
         loc = self.locate(campaign_id)
         if loc is None:
             return None
         rel, group = loc
-        with self.fs.open(self._p(rel), "rb", cache_type="none") as f:
-            pf = pq.ParquetFile(f, metadata=self._footers.get(rel), pre_buffer=True)
-            self._footers.setdefault(rel, pf.metadata)
-            table = pf.read_row_group(group)
-        ids = table.column("campaign_id").to_pylist()
-        i = bisect.bisect_left(ids, campaign_id)
-        if i == len(ids) or ids[i] != campaign_id:
-            return None
-        return table_to_heads(table.slice(i, 1))[0]
+        uri = join_uri(self.uri, rel)
+        try:
+            table = self._read_row_group(rel, group)
+            ids = table.column("campaign_id").to_pylist()
+            i = bisect.bisect_left(ids, campaign_id)
+            if i == len(ids) or ids[i] != campaign_id:
+                return None
+            row = table_to_heads(table.slice(i, 1))[0]
+        except StoreError as err:
+            raise StoreError(err.reason, campaign_id=campaign_id, path=err.path or uri) from None
+        except FileNotFoundError:
+            raise StoreError("file listed in the manifest is missing", campaign_id=campaign_id, path=uri) from None
+        except (OSError, EOFError, ValueError, TypeError, KeyError, pa.ArrowException) as err:
+            raise StoreError(f"cannot read row group {group}: {type(err).__name__}: {err}",
+                             campaign_id=campaign_id, path=uri) from None
+        check_head_row(row)
+        return row
+
+    def _read_row_group(self, rel: str, group: int) -> pa.Table:
+        part = self._part_by_path[rel]
+        path = self._p(rel)
+        checksums = part.get("row_group_checksums")
+        if not checksums:  # a fleet-version/1.0 manifest
+            with self.fs.open(path, "rb", cache_type="none") as f:
+                pf = pq.ParquetFile(f, metadata=self._footers.get(rel), pre_buffer=True,
+                                    page_checksum_verification=True)
+                self._footers.setdefault(rel, pf.metadata)
+                return pf.read_row_group(group)
+        size = self._files[rel]["bytes"]
+        entry = checksums[group]
+        with self.fs.open(path, "rb", cache_type="none") as f:
+            if rel not in self._footers:
+                footer = self._read_span(f, rel, part["footer"], "footer")
+                self._footers[rel] = pq.read_metadata(io.BytesIO(b"PAR1" + footer))
+            data = self._read_span(f, rel, entry, f"row group {group}")
+        pf = pq.ParquetFile(_RangeFile(size, entry["offset"], data), metadata=self._footers[rel],
+                            page_checksum_verification=True)
+        return pf.read_row_group(group)
+
+    def _read_span(self, f, rel: str, entry: dict, what: str) -> bytes:
+        """Read the byte range of a manifest checksum entry from the open file ``f`` and check it."""
+        f.seek(entry["offset"])
+        data = f.read(entry["bytes"])
+        if len(data) != entry["bytes"] or sha256_bytes(data) != entry["sha256"]:
+            raise StoreError(f"checksum mismatch in the {what}: manifest says {entry['bytes']} bytes sha256 "
+                             f"{entry['sha256']} at offset {entry['offset']}, found {len(data)} bytes sha256 "
+                             f"{sha256_bytes(data)}", path=join_uri(self.uri, rel))
+        return data
 
     def __repr__(self) -> str:
         return f"FleetVersion({self.uri!r}, campaigns={self.manifest['campaigns']['count']})"
@@ -620,6 +777,7 @@ __all__ = [
     "join_uri",
     "list_versions",
     "open_fs",
+    "remove_stale_temp_files",
     "sha256_bytes",
     "teachers_digest",
 ]

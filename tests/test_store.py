@@ -111,7 +111,7 @@ def test_round_trip(store):
     assert version.version_id == "v1" and version.uri == join_uri(store.uri, "adfleet", "versions", "v1")
 
     m = version.manifest
-    assert m["format"] == "fleet-version/1" and m["heads_format"] == "fleet-heads/1.1" and m["fleet"] == "adfleet"
+    assert m["format"] == "fleet-version/1.1" and m["heads_format"] == "fleet-heads/1.1" and m["fleet"] == "adfleet"
     assert m["campaigns"] == {"count": N, "first": "c00000", "last": f"c{2 * N - 2:05d}", "num_params_max": 193}
     assert m["config"] == {"seed": 7}
     assert m["metrics"] == {"auc_delta_median": -0.001, "bad": None}  # NaN is not JSON
@@ -340,7 +340,8 @@ def test_heads_parts_readable_without_fleet(store):
 
 
 def test_a_version_written_as_fleet_heads_1_0_is_read(local_store):
-    """A version an older fleet wrote: parts without the 1.1 columns, ``heads_format`` ``fleet-heads/1``."""
+    """A version an older fleet wrote: parts without the 1.1 columns, ``heads_format`` ``fleet-heads/1``,
+    a ``fleet-version/1`` manifest (no footer / row group checksums) and no Parquet page checksums."""
     import io
 
     from fleet.codec import HEADS_SCHEMA
@@ -357,7 +358,9 @@ def test_a_version_written_as_fleet_heads_1_0_is_read(local_store):
         pq.write_table(old.replace_schema_metadata({"format": "fleet-heads/1"}), buf, row_group_size=32)
         fs.pipe_file(f"{path}/{part['path']}", buf.getvalue())
         files[part["path"]].update(sha256=sha256_bytes(buf.getvalue()), bytes=len(buf.getvalue()))
-    fs.pipe_file(f"{path}/manifest.json", json.dumps({**manifest, "heads_format": "fleet-heads/1"}).encode())
+        del part["footer"], part["row_group_checksums"]
+    fs.pipe_file(f"{path}/manifest.json", json.dumps({**manifest, "format": "fleet-version/1",
+                                                      "heads_format": "fleet-heads/1"}).encode())
 
     version = FleetVersion.open(manifest_uri, local_store.options)  # checksums verified
     table = version.read_heads()
