@@ -155,12 +155,16 @@ def run_zoo(*, out: str, fleet_dir: str, generators: list[str], teachers: list[s
                 pair["missed_targets"] = check_targets(pair)
                 results["pairs"].append(pair)
                 log(f"zoo {name}: " + _line(pair))
-    results["seconds"] = time.perf_counter() - started
+                results["seconds"] = time.perf_counter() - started
+                _write_results(out, results)  # after every pair: an interrupted zoo keeps what it measured
+    return results
+
+
+def _write_results(out: str, results: dict) -> None:
     with open(f"{out}/zoo.json", "w") as f:
         json.dump(results, f, indent=1, default=str)
     with open(f"{out}/zoo.md", "w") as f:
         f.write(render_table(results["pairs"]))
-    return results
 
 
 def _f(value, spec: str = "+.4f") -> str:
