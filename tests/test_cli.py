@@ -126,3 +126,18 @@ def test_nightly_job_validates_its_config(tmp_path):
     assert nightly.main(["--config", str(tmp_path / "ok.toml"), "--dry-run"]) == 0
     nightly_settings, config = nightly.load_config(str(tmp_path / "ok.toml"))
     assert config.bits == 4 and nightly_settings["store"] == "s"
+
+
+def test_inspect_json_exits_cleanly_20_times(tmp_path):
+    """``fleet inspect --campaign --json`` (torch imported, a head row read with pyarrow) exits 0 every time:
+    no ``terminate called without an active exception`` (exit 134) from a native thread pool at exit."""
+    import json
+
+    from test_serving import build_version
+
+    built = build_version(str(tmp_path), num_campaigns=5)
+    argv = [sys.executable, "-m", "fleet.cli", "inspect", built.uri, "--campaign", built.ids[0], "--json"]
+    for run in range(20):
+        out = subprocess.run(argv, capture_output=True, text=True, check=False)
+        assert out.returncode == 0 and "terminate called" not in out.stderr, (run, out.returncode, out.stderr)
+        assert json.loads(out.stdout)["campaign_id"] == built.ids[0]
