@@ -11,7 +11,7 @@ from rich.table import Table
 
 from fleet import cli_serving
 from fleet.cli_serving import EXIT_FAILED, EXIT_OK, EXIT_USAGE, json_object
-from fleet.errors import FleetError
+from fleet.errors import FleetError, UsageError
 from fleet.redact import scrub
 from fleet.store import storage_options_from_env
 
@@ -254,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args, console)
+    except UsageError as exc:
+        errors.print(f"[red]usage error:[/red] {scrub(str(exc))}", highlight=False)
+        return EXIT_USAGE
     except FleetError as exc:
         errors.print(f"[red]error:[/red] {scrub(str(exc))}", highlight=False)
         return EXIT_FAILED

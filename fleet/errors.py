@@ -26,6 +26,11 @@ class FleetError(Exception):
         super().__init__(": ".join(parts))
 
 
+class UsageError(FleetError):
+    """The command was called with an input that cannot work (a path that does not exist, a store no Ray
+    worker can reach): ``fleet`` reports it as a usage error (exit 2) before anything runs."""
+
+
 class InvalidCampaignIdError(FleetError, ValueError):
     """A campaign id does not match ``^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$``."""
 

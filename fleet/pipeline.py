@@ -34,7 +34,7 @@ from rich.progress import (
 
 from fleet import stages, synth
 from fleet.codec import HEADS_SCHEMA, conform_heads_table, rejects_to_table
-from fleet.errors import FleetError, StoreError
+from fleet.errors import FleetError, StoreError, UsageError
 from fleet.events import EventsDataset, write_events
 from fleet.ids import CAMPAIGN_ID_PATTERN
 from fleet.metrics import fleet_summary
@@ -404,6 +404,27 @@ def _parent_version(fleet: str, store_uri: str, tracking_uri: str | None, storag
                          path=manifest_uri) from None
 
 
+#: fsspec protocols whose files exist in one process only: no Ray worker can read or write them.
+PROCESS_LOCAL_PROTOCOLS = ("memory",)
+
+
+def check_compress_inputs(teachers_uri: str, events_uri: str, store_uri: str,
+                          storage_options: dict | None = None) -> None:
+    """Raise :class:`~fleet.errors.UsageError` (``fleet`` exit 2) naming the flag and the URI when an input of
+    ``fleet compress`` cannot work, before Ray starts or the registry is opened: a URI on a process-local
+    filesystem (``memory://``: Ray workers run in other processes, so no version could be written there),
+    or a teachers root or events dataset that does not exist."""
+    for flag, uri in (("--teachers", teachers_uri), ("--events", events_uri), ("--store", store_uri)):
+        protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+        if protocol in PROCESS_LOCAL_PROTOCOLS:
+            raise UsageError(f"{flag}: {protocol}:// lives in this process only, which no Ray worker can reach; "
+                             "use a local path (one machine) or s3:// (a cluster)", path=uri)
+    for flag, uri, what in (("--teachers", teachers_uri, "teacher root"), ("--events", events_uri, "events dataset")):
+        fs, path = open_fs(uri, storage_options)
+        if not fs.exists(path):
+            raise UsageError(f"{flag}: {what} does not exist", path=uri)
+
+
 def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: str,
                  config: stages.CompressConfig, run_id: str | None = None, tracking_uri: str | None = None,
                  address: str | None = None, retrain_backbone: bool = False, storage_options: dict | None = None,
@@ -416,12 +437,14 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
     unchanged keep their head rows and the champion's backbone; only new or changed campaigns are
     fitted. A registry that cannot be read fails the run before stage 1
     (:class:`~fleet.registry.RegistryError`); ``no_parent`` runs in full without looking up a parent
-    (with ``register=False`` it then needs no registry at all).
+    (with ``register=False`` it then needs no registry at all). Inputs that cannot work raise
+    :class:`~fleet.errors.UsageError` first (:func:`check_compress_inputs`).
     """
     from fleet import registry
 
     started = time.perf_counter()
     teachers_uri, events_uri, store_uri = (absolute_uri(u) for u in (teachers_uri, events_uri, store_uri))
+    check_compress_inputs(teachers_uri, events_uri, store_uri, storage_options)
     run_id = run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     tracking_uri = tracking_uri or registry.default_tracking_uri()
     work = (store_uri, fleet, run_id, storage_options)

@@ -21,7 +21,12 @@ to the database, and a fresh database is created and migrated under a second one
 use cannot corrupt it; with a server there is no lock (docs/security.md, section 5, says what holds).
 
 Tracking URIs are ``sqlite:///path`` or ``http(s)://server``; MLflow's file store is refused. A
-registry that cannot be read raises :class:`RegistryError` naming the tracking URI and the error.
+registry that cannot be read raises :class:`RegistryError` naming the tracking URI and the error. Only
+writers (:func:`register_version`, and the lookups of ``fleet compress``) create a missing SQLite
+database; the read-only functions (:func:`resolve_version`, :func:`list_versions`) and the alias moves
+(:func:`promote`, :func:`rollback`) raise :class:`RegistryError` naming the URI instead. A
+``sqlite:///a/b.db`` whose relative path looks like a mistyped absolute one (``/a`` exists, ``./a`` does
+not) is warned about once.
 Nothing here is safe to call from several threads at once: MLflow's fluent ``log_model`` needs the
 process-wide tracking URI, which :func:`register_version` sets and restores around the call.
 """
@@ -287,12 +292,11 @@ class RegisteredVersion:
 
 def default_tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` when set, else a SQLite file ``./fleet-data/mlflow.db`` (absolute
-    path; the directory is created)."""
+    path; nothing is created here: a writer's first use creates it, a reader's fails, see :func:`_client`)."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
     path = os.path.abspath(os.path.join("fleet-data", "mlflow.db"))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     return f"sqlite:///{path}"
 
 
@@ -308,8 +312,30 @@ def _check_tracking_uri(uri: str) -> str:
     return uri
 
 
+_WARNED_RELATIVE: set[str] = set()  # sqlite URIs already warned about by _warn_relative_sqlite
+
+
+def _warn_relative_sqlite(uri: str) -> None:
+    """Warn (once per URI) when ``sqlite:///a/b.db`` looks like a mistyped absolute path: its path is
+    relative to the current directory (``./a/b.db``), but ``/a`` exists and ``./a`` does not, so
+    ``sqlite:////a/b.db`` (four slashes) was probably meant."""
+    if not uri.startswith("sqlite:///") or uri.startswith("sqlite:////") or uri in _WARNED_RELATIVE:
+        return
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    first = path.split("/", 1)[0]
+    if not first or first in (".", "..", ":memory:") or "/" not in path:
+        return
+    if os.path.isdir(os.path.join(os.sep, first)) and not os.path.exists(first):
+        _WARNED_RELATIVE.add(uri)
+        logger.warning("tracking URI %s names the relative path %s (under the current directory %s); "
+                       "for the absolute path /%s write sqlite:////%s (four slashes)",
+                       scrub(uri), path, os.getcwd(), path, path)
+
+
 def _resolve_uri(tracking_uri: str | None) -> str:
-    return _check_tracking_uri(tracking_uri or default_tracking_uri())
+    uri = _check_tracking_uri(tracking_uri or default_tracking_uri())
+    _warn_relative_sqlite(uri)
+    return uri
 
 
 def _sqlite_path(uri: str) -> str | None:
@@ -380,12 +406,21 @@ def registry_lock(tracking_uri: str | None = None) -> Iterator[None]:
 _INITIALISED: set[str] = set()  # SQLite databases this process has opened (so created and migrated)
 
 
-def _client(tracking_uri: str | None) -> MlflowClient:
+def _client(tracking_uri: str | None, *, create: bool = True) -> MlflowClient:
     """A client of the registry ``tracking_uri``. A SQLite database is opened the first time (in this
     process) under the file lock ``<db>.init.lock``: MLflow creates and migrates a fresh database on
-    first use, and two processes doing that at once corrupt it (``_alembic_tmp_* already exists``)."""
+    first use, and two processes doing that at once corrupt it (``_alembic_tmp_* already exists``).
+    With ``create=False`` (the read-only commands) a SQLite database that does not exist is a
+    :class:`RegistryError` naming the URI, and nothing (file, lock or directory) is created."""
     uri = _resolve_uri(tracking_uri)
     path = _sqlite_path(uri)
+    if path is not None and path not in _INITIALISED and not os.path.isfile(path):
+        if not create:
+            raise RegistryError(f"no MLflow tracking database at {scrub(uri)} ({path} does not exist; nothing "
+                                "was created): pass --tracking-uri or set $MLFLOW_TRACKING_URI to the registry "
+                                "fleet compress wrote")
+        with _reading(uri):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
     with _reading(uri):
         if path is None or path in _INITIALISED:
             return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -838,7 +873,7 @@ def promote(name: str, version: str | int, tracking_uri: str | None = None, reas
     _check_name("registered model name", name)
     uri = _resolve_uri(tracking_uri)
     with _reading(uri):
-        client = _client(uri)
+        client = _client(uri, create=False)
         version = str(_get_version(client, name, version).version)
         expected = _champion(client, name)
         if expected == version:
@@ -860,7 +895,7 @@ def rollback(name: str, tracking_uri: str | None = None) -> str:
     _check_name("registered model name", name)
     uri = _resolve_uri(tracking_uri)
     with _reading(uri):
-        client = _client(uri)
+        client = _client(uri, create=False)
         current = _champion(client, name)
         if current is None:
             raise RegistryError(f"registered model {name!r} has no {CHAMPION} to roll back from")
@@ -913,7 +948,7 @@ def resolve_version(model_uri: str, tracking_uri: str | None = None) -> tuple[st
     if match is None:
         raise ValueError(f"unsupported model URI {model_uri!r}: use models:/NAME@ALIAS or models:/NAME/VERSION")
     name, alias = match["name"], match["alias"]
-    client = _client(tracking_uri)
+    client = _client(tracking_uri, create=False)
     if alias is not None:
         try:
             version = client.get_registered_model(name).aliases.get(alias)
@@ -936,7 +971,7 @@ def list_versions(name: str, tracking_uri: str | None = None) -> list[dict]:
     ``parent_version_id``, ``aliases``, ``champion``, ``created`` (ISO 8601 UTC), ``gate``
     (``passed`` / ``failed`` / None), ``gate_reasons``, ``gate_notes``, ``run_id``."""
     _check_name("registered model name", name)
-    client = _client(tracking_uri)
+    client = _client(tracking_uri, create=False)
     try:
         aliases_of: dict[str, list[str]] = {}
         for alias, version in client.get_registered_model(name).aliases.items():

@@ -260,8 +260,11 @@ class CompressConfig:
     @classmethod
     def from_file(cls, path: str) -> CompressConfig:
         """Read a JSON or TOML config file (keys as the fields above; a ``[compress]`` table in TOML)."""
-        with open(path, "rb") as f:
-            raw = f.read()
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read config ({exc.strerror or type(exc).__name__})") from None
         try:
             data = tomllib.loads(raw.decode()) if path.endswith(".toml") else json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:

@@ -643,7 +643,7 @@ class FleetVersion:
                 pf = pq.ParquetFile(f, metadata=self._footers.get(rel), pre_buffer=True,
                                     page_checksum_verification=True)
                 self._footers.setdefault(rel, pf.metadata)
-                return pf.read_row_group(group)
+                return pf.read_row_group(group, use_threads=False)
         size = self._files[rel]["bytes"]
         entry = checksums[group]
         with self.fs.open(path, "rb", cache_type="none") as f:
@@ -653,7 +653,7 @@ class FleetVersion:
             data = self._read_span(f, rel, entry, f"row group {group}")
         pf = pq.ParquetFile(_RangeFile(size, entry["offset"], data), metadata=self._footers[rel],
                             page_checksum_verification=True)
-        return pf.read_row_group(group)
+        return pf.read_row_group(group, use_threads=False)
 
     def _read_span(self, f, rel: str, entry: dict, what: str) -> bytes:
         """Read the byte range of a manifest checksum entry from the open file ``f`` and check it."""

@@ -34,7 +34,7 @@ import tomllib
 from rich.console import Console
 
 from fleet.cli import summary_table
-from fleet.errors import FleetError
+from fleet.errors import FleetError, UsageError
 from fleet.pipeline import run_compress
 from fleet.redact import scrub, scrub_obj, secret_values
 from fleet.stages import CompressConfig
@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[yellow]fidelity drift[/yellow] ({'; '.join(gate.reasons)}): retraining the backbone")
             result = run_compress(run_id=f"{run_id}-retrain", retrain_backbone=True, **common)
             console.print(summary_table(result))
+    except UsageError as exc:  # an input that cannot work (fleet.pipeline.check_compress_inputs)
+        console.print(f"[red]usage error:[/red] {scrub(str(exc))}")
+        return 2
     except FleetError as exc:
         console.print(f"[red]error:[/red] {scrub(str(exc))}")
         return 1

@@ -38,14 +38,82 @@ def test_bad_config_file_is_a_usage_error(tmp_path):
     assert main(["compress", "--teachers", "t", "--events", "e", "--config", str(tmp_path / "c.json")]) == 2
 
 
-def test_missing_teachers_fails_with_exit_1(tmp_path, ray_local, capsys):
+def _no_ray_start(monkeypatch):
+    """Make any start of Ray fail the test: usage errors are found before it."""
+    import fleet.pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started for a usage error")
+
+    monkeypatch.setattr(fleet.pipeline, "ray_session", refuse)
+
+
+def test_missing_teachers_is_a_usage_error_before_ray(tmp_path, monkeypatch, capsys):
+    _no_ray_start(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     events = pa.table({"campaign_id": ["a"], "event_types": [[1]], "features": [[0.0]], "label": [1]})
     write_events(str(tmp_path / "ev"), events)  # valid events: the teachers are what is missing
     code = main(["compress", "--teachers", str(tmp_path / "none"), "--events", str(tmp_path / "ev"),
-                 "--store", str(tmp_path / "store"), "--no-register"])
-    assert code == 1
+                 "--store", str(tmp_path / "store")])
+    assert code == 2
     out = capsys.readouterr()
-    assert "teacher root does not exist" in out.err and "error" not in out.out  # stdout is for data
+    assert "usage error" in out.err and f"{tmp_path / 'none'}: --teachers: teacher root does not exist" in out.err
+    assert "error" not in out.out  # stdout is for data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ev"]  # no registry, no store created
+
+
+def test_missing_config_file_is_a_usage_error(tmp_path, capsys):
+    code = main(["compress", "--teachers", "t", "--events", "e", "--config", str(tmp_path / "nope.toml")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "nope.toml: cannot read config" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", ["--store", "--teachers", "--events"])
+def test_memory_uri_is_a_usage_error_before_ray(tmp_path, monkeypatch, capsys, flag):
+    _no_ray_start(monkeypatch)
+    events = pa.table({"campaign_id": ["a"], "event_types": [[1]], "features": [[0.0]], "label": [1]})
+    write_events(str(tmp_path / "ev"), events)
+    (tmp_path / "teachers").mkdir()
+    uris = {"--teachers": str(tmp_path / "teachers"), "--events": str(tmp_path / "ev"), "--store": str(tmp_path / "s"),
+            flag: "memory://fleet-test/x"}
+    code = main(["compress", *[a for kv in uris.items() for a in kv], "--no-register", "--no-parent"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"memory://fleet-test/x: {flag}: memory:// lives in this process only" in err
+
+
+def test_read_only_commands_create_no_tracking_database(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "in.jsonl").write_text('{"event_types": [1], "features": [[0.0]]}\n')
+    default = f"sqlite:///{tmp_path}/fleet-data/mlflow.db"
+    explicit = f"sqlite:///{tmp_path}/sub/m.db"
+    for argv, uri in [
+        (["versions", "adfleet"], default),
+        (["inspect", "models:/adfleet@champion", "--json"], default),
+        (["inspect", "models:/adfleet/1", "--campaign", "c1", "--tracking-uri", explicit], explicit),
+        (["predict", "--model", "models:/adfleet@champion", "--campaign", "c1", "--input", "in.jsonl"], default),
+        (["promote", "adfleet", "1"], default),
+        (["rollback", "adfleet", "--tracking-uri", explicit], explicit),
+    ]:
+        assert main(argv) == 1, argv
+        out = capsys.readouterr()
+        text = "".join((out.out + out.err).split())  # inspect/predict print errors through rich (wrapped)
+        assert f"noMLflowtrackingdatabaseat{uri}" in text, argv
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"], argv  # no db, lock or directory
+
+
+def test_relative_sqlite_uri_that_looks_absolute_is_warned_about(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)  # a warning on stderr in the CLI (logging's last resort); pytest captures it here
+    uri = f"sqlite://{tmp_path}/m.db"  # three slashes: the path is relative, ./tmp/.../m.db
+    assert main(["versions", "adfleet", "--tracking-uri", uri]) == 1
+    relative = str(tmp_path).lstrip("/") + "/m.db"
+    assert f"names the relative path {relative}" in caplog.text and f"sqlite:////{relative}" in caplog.text
+    caplog.clear()
+    assert main(["versions", "adfleet", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 1
+    assert "relative path" not in caplog.text  # four slashes: absolute, no warning
 
 
 def test_nightly_job_validates_its_config(tmp_path):
@@ -58,3 +126,18 @@ def test_nightly_job_validates_its_config(tmp_path):
     assert nightly.main(["--config", str(tmp_path / "ok.toml"), "--dry-run"]) == 0
     nightly_settings, config = nightly.load_config(str(tmp_path / "ok.toml"))
     assert config.bits == 4 and nightly_settings["store"] == "s"
+
+
+def test_inspect_json_exits_cleanly_20_times(tmp_path):
+    """``fleet inspect --campaign --json`` (torch imported, a head row read with pyarrow) exits 0 every time:
+    no ``terminate called without an active exception`` (exit 134) from a native thread pool at exit."""
+    import json
+
+    from test_serving import build_version
+
+    built = build_version(str(tmp_path), num_campaigns=5)
+    argv = [sys.executable, "-m", "fleet.cli", "inspect", built.uri, "--campaign", built.ids[0], "--json"]
+    for run in range(20):
+        out = subprocess.run(argv, capture_output=True, text=True, check=False)
+        assert out.returncode == 0 and "terminate called" not in out.stderr, (run, out.returncode, out.stderr)
+        assert json.loads(out.stdout)["campaign_id"] == built.ids[0]

@@ -247,7 +247,9 @@ def test_default_tracking_uri(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     monkeypatch.chdir(tmp_path)
     assert registry.default_tracking_uri() == f"sqlite:///{tmp_path}/fleet-data/mlflow.db"
-    assert (tmp_path / "fleet-data").is_dir()
+    assert not (tmp_path / "fleet-data").exists()  # created by a writer's first use only
+    assert registry.champion_version("adfleet") is None  # a writer's lookup (fleet compress) creates it
+    assert (tmp_path / "fleet-data" / "mlflow.db").is_file()
 
 
 # ----------------------------------------------------------------------------- registry over HTTP
