@@ -250,18 +250,17 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     console = Console()
-    errors = Console(stderr=True, soft_wrap=True)  # errors go to stderr, one unwrapped line each: stdout is for data
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args, console)
     except UsageError as exc:
-        errors.print(f"[red]usage error:[/red] {scrub(str(exc))}", highlight=False)
+        cli_serving.ERRORS.print(f"[red]usage error:[/red] {scrub(str(exc))}")
         return EXIT_USAGE
     except FleetError as exc:
-        errors.print(f"[red]error:[/red] {scrub(str(exc))}", highlight=False)
+        cli_serving.ERRORS.print(f"[red]error:[/red] {scrub(str(exc))}")
         return EXIT_FAILED
     except (ValueError, argparse.ArgumentTypeError) as exc:
-        errors.print(f"[red]usage error:[/red] {scrub(str(exc))}", highlight=False)
+        cli_serving.ERRORS.print(f"[red]usage error:[/red] {scrub(str(exc))}")
         return EXIT_USAGE
 
 

@@ -14,7 +14,12 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from rich.console import Console
+
 from fleet.redact import scrub
+
+#: Where every CLI error, usage error and note goes: stderr, one unwrapped line each (stdout is for data).
+ERRORS = Console(stderr=True, soft_wrap=True, highlight=False)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PREDICT_CHUNK_ROWS = 4096
@@ -148,14 +153,14 @@ def _cmd_serve(args, console) -> int:
     from fleet.http import app_from_uri
 
     if not 0 <= args.port <= 65535:
-        console.print(f"[red]usage error:[/red] --port must lie in [0, 65535], got {args.port}")
+        ERRORS.print(f"[red]usage error:[/red] --port must lie in [0, 65535], got {args.port}")
         return EXIT_USAGE
     if args.poll_seconds is not None and not args.model.startswith("models:"):
-        console.print("[yellow]note:[/yellow] --poll-seconds has no effect on a fixed version URI")
+        ERRORS.print("[yellow]note:[/yellow] --poll-seconds has no effect on a fixed version URI")
     try:
         admin_token = _admin_token(args.admin_token_file)
     except ValueError as exc:
-        console.print(f"[red]usage error:[/red] {scrub(str(exc))}")
+        ERRORS.print(f"[red]usage error:[/red] {scrub(str(exc))}")
         return EXIT_USAGE
     factory = functools.partial(
         app_from_uri, args.model, tracking_uri=args.tracking_uri, storage_options=args.storage_options,
@@ -168,7 +173,7 @@ def _cmd_serve(args, console) -> int:
         try:
             from fleet.pipeline import serve_on_ray
         except ImportError as exc:
-            console.print(f"[red]error:[/red] Ray serving is unavailable: {scrub(str(exc))}")
+            ERRORS.print(f"[red]error:[/red] Ray serving is unavailable: {scrub(str(exc))}")
             return EXIT_FAILED
         serve_on_ray(factory, args.replicas, args.host, args.port)
         return EXIT_OK
@@ -177,7 +182,7 @@ def _cmd_serve(args, console) -> int:
     try:
         app = factory()
     except (FleetError, OSError, ValueError) as exc:
-        console.print(f"[red]error:[/red] cannot load {scrub(args.model)}: {scrub(str(exc))}")
+        ERRORS.print(f"[red]error:[/red] cannot load {scrub(args.model)}: {scrub(str(exc))}")
         return EXIT_FAILED
     model = app.state.holder.get()
     admin = "admin endpoints enabled" if admin_token is not None else "admin endpoints disabled"
@@ -233,7 +238,7 @@ def _cmd_predict(args, console) -> int:
         model = FleetModel.load(args.model, args.tracking_uri, storage_options=args.storage_options,
                                 cache_size=args.cache_size)
     except (FleetError, OSError, ValueError) as exc:
-        console.print(f"[red]error:[/red] cannot load {scrub(args.model)}: {scrub(str(exc))}")
+        ERRORS.print(f"[red]error:[/red] cannot load {scrub(args.model)}: {scrub(str(exc))}")
         return EXIT_FAILED
     offset = 0
     out = sys.stdout
@@ -251,16 +256,16 @@ def _cmd_predict(args, console) -> int:
                 pred = model.predict_with_status(ids, types, feats)
             except (InvalidInputError, UnknownCampaignError) as exc:
                 shifted = re.sub(r"\brow (\d+)", lambda m, offset=offset: f"row {offset + int(m.group(1))}", str(exc))
-                console.print(f"[red]error:[/red] {shifted}")
+                ERRORS.print(f"[red]error:[/red] {shifted}")
                 return EXIT_FAILED
             out.write("".join(f"{p!r}\n" for p in pred.probabilities.tolist()))
             fallback.update(dict.fromkeys(pred.fallback_campaigns))
             offset += len(rows)
     except FileNotFoundError as exc:
-        console.print(f"[red]error:[/red] {scrub(str(exc))}")
+        ERRORS.print(f"[red]error:[/red] {scrub(str(exc))}")
         return EXIT_FAILED
     except (FleetError, ValueError, OSError) as exc:
-        console.print(f"[red]error:[/red] {scrub(str(exc))}")
+        ERRORS.print(f"[red]error:[/red] {scrub(str(exc))}")
         return EXIT_FAILED
     out.flush()
     if fallback:
@@ -333,13 +338,13 @@ def _cmd_inspect(args, console) -> int:
             cid = validate_campaign_id(args.campaign)
             row = version.read_head_row(cid)
             if row is None:
-                console.print(f"[red]error:[/red] campaign {cid!r} is not in version {version.version_id}")
+                ERRORS.print(f"[red]error:[/red] campaign {cid!r} is not in version {version.version_id}")
                 return EXIT_FAILED
             info = head_metadata(row, version.version_id)
         else:
             info = {**version_summary(version), "files_ok": not problems}
     except (FleetError, OSError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {scrub(str(exc))}")
+        ERRORS.print(f"[red]error:[/red] {scrub(str(exc))}")
         return EXIT_FAILED
     if args.json:
         sys.stdout.write(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
