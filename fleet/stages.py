@@ -352,8 +352,11 @@ def soft_labels(job: dict, ctx: StageContext, pool: pa.Table | None = None) -> t
         splits = row_splits(campaign_id, len(table), ctx.config)
         used = np.flatnonzero(splits != UNUSED)
         batch = table_to_batch(table.take(pa.array(used)), ctx.num_features)
-        borrowed = (borrowed_rows_of(campaign_id, pool_source, int((splits == FIT).sum()), ctx.config)
-                    if pool_batch is not None else np.zeros(0, np.int64))  # pool rows this teacher labels
+        borrowed = np.zeros(0, np.int64)  # the pool rows this teacher labels
+        if pool_batch is not None:
+            own_fit = torch.from_numpy(np.flatnonzero(splits[used] == FIT))
+            eligible = (pool_source != campaign_id) & in_support(pool_batch, batch.select(own_fit).packed_types)
+            borrowed = borrowed_rows_of(campaign_id, eligible, len(own_fit), ctx.config)
         try:
             logits = map_minibatches(teacher.model, batch).float()  # (n_used,)
             borrowed_logits = (map_minibatches(teacher.model, pool_batch.select(torch.from_numpy(borrowed))).float()
@@ -431,15 +434,29 @@ def borrowed_pool_rows(sizes: dict[str, int], config: CompressConfig) -> dict[st
     return picked
 
 
-def borrowed_rows_of(campaign_id: str, pool_source: np.ndarray, own_fit_rows: int,
-                     config: CompressConfig) -> np.ndarray:
+def in_support(batch: SequenceBatch, event_types: torch.Tensor) -> np.ndarray:
+    """``(B,)`` whether every event of each row of ``batch`` has a type among ``event_types`` (any shape):
+    the rows a teacher trained on sequences of those types has seen the like of."""
+    inside = np.isin(batch.packed_types.numpy(), np.unique(event_types.numpy()))  # (E,)
+    if not len(batch):
+        return np.zeros(0, bool)
+    return np.logical_and.reduceat(inside, batch.offsets[:-1].numpy()) if len(inside) else np.ones(len(batch), bool)
+
+
+def borrowed_rows_of(campaign_id: str, eligible: np.ndarray, own_fit_rows: int, config: CompressConfig) -> np.ndarray:
     """Rows of the borrowed pool that ``campaign_id``'s teacher labels: its transfer set is topped up to
     ``config.borrowed_rows`` sequences, so a campaign with ``own_fit_rows`` fit rows borrows
-    ``borrowed_rows - own_fit_rows`` of the pool's rows of *other* campaigns (``pool_source`` (M,): each
-    pool row's campaign), drawn at random per campaign (so campaigns borrow different rows), none when it
-    has that many fit rows of its own. The cost of stage 1 and stage 3 per campaign stays within
-    ``max(own rows, borrowed_rows)`` rows; the small campaigns, whose heads overfit, get the most."""
-    others = np.flatnonzero(pool_source != campaign_id)  # (M',) the pool's rows of other campaigns
+    ``borrowed_rows - own_fit_rows`` of the ``eligible`` (M,) pool rows, drawn at random per campaign (so
+    campaigns borrow different rows), none when it has that many fit rows of its own. The cost of stage 1
+    and stage 3 per campaign stays within ``max(own rows, borrowed_rows)`` rows; the small campaigns, whose
+    heads overfit, get the most.
+
+    Eligible (:func:`soft_labels`): rows of *other* campaigns whose every event type occurs in the
+    campaign's own fit rows (:func:`in_support`). A teacher is only trusted on inputs like those it was
+    trained on: on a fleet whose campaigns each use a few event types of their own, a sequence of other
+    types gets an arbitrary answer from an embedding the teacher never trained, and fitting a student to
+    that hurt (measured on the zoo, docs/compression.md)."""
+    others = np.flatnonzero(eligible)  # (M',) the eligible pool rows
     want = min(len(others), max(0, config.borrowed_rows - own_fit_rows))
     if want >= len(others):
         return others

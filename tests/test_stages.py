@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from fleet.data import SequenceBatch
 from fleet.stages import (
     FIT,
     SOFT_LABELS_SCHEMA,
@@ -19,6 +20,7 @@ from fleet.stages import (
     backbone_sample,
     borrowed_pool_rows,
     expected_fit_rows,
+    in_support,
     row_splits,
 )
 from fleet.student import StudentConfig
@@ -230,3 +232,10 @@ def test_borrowed_pool_draws_fit_rows_evenly_and_deterministically():
     few = borrowed_pool_rows(sizes, CompressConfig(borrowed_rows=3))
     assert len(few) == 3 and all(len(r) == 1 for r in few.values())  # at most borrowed_rows campaigns
     assert borrowed_pool_rows(sizes, CompressConfig()) == {}  # off by default
+
+
+def test_in_support_keeps_rows_whose_every_event_type_the_campaign_knows():
+    batch = SequenceBatch.packed(torch.tensor([1, 2, 3, 1, 5, 2]), torch.zeros(6, 1), torch.tensor([2, 1, 2, 1]),
+                                 torch.zeros(4))  # rows [1, 2], [3], [1, 5], [2]
+    assert in_support(batch, torch.tensor([[1, 2], [3, 3]])).tolist() == [True, True, False, True]
+    assert in_support(batch, torch.tensor([7])).tolist() == [False] * 4
