@@ -284,16 +284,6 @@ def test_temp_files_of_interrupted_writes_are_removed_by_the_next_run(tmp_path):
     assert remove_stale_temp_files("memory://store", "adfleet") == []  # object stores: nothing to do
 
 
-def test_run_compress_removes_stale_temp_files_first():
-    """The sweep is the first thing a run does to its store (cheap check of the call site)."""
-    import inspect
-
-    from fleet import pipeline
-
-    source = inspect.getsource(pipeline.run_compress)
-    assert source.index("remove_stale_temp_files(store_uri, fleet, storage_options)") < source.index("ray_session(")
-
-
 def test_heads_parts_carry_page_checksums_and_the_manifest_row_group_checksums(tmp_path):
     built = build_version(str(tmp_path), num_campaigns=9, row_group_size=4, rows_per_part=100)
     path = _part_path(built)

@@ -3,6 +3,7 @@ refused by name before any stage, a bad campaign is quarantined, and nothing cra
 real reference teachers, stage 1 itself and `fleet compress` on the shared local Ray."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -116,8 +117,13 @@ def test_compress_counts_truncated_rows_quarantines_bad_ids_and_refuses_bad_file
     run = lambda run_id: run_compress(teachers_uri=str(root), events_uri=str(events_dir),
                                       store_uri=str(tmp_path / "store"), fleet="f", config=config, run_id=run_id,
                                       register=False)
+    stale = tmp_path / "store" / "f" / "versions" / "old" / ".heads.parquet.tmp-dead"  # an interrupted write's leftover
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half")
+    os.utime(stale, (1_000_000_000, 1_000_000_000))
     result = run("r1")
     assert result.exit_code == 3
+    assert not stale.exists()  # the next run of the store removed it
     assert sorted(r["campaign_id"] for r in result.rejects) == sorted(["\\xe9", "caf\\udcff"])
     assert result.metrics["rows_truncated"] == 1
     assert FleetVersion.open(result.manifest_uri).manifest["metrics"]["rows_truncated"] == 1
