@@ -117,7 +117,7 @@ def test_compress_counts_truncated_rows_quarantines_bad_ids_and_refuses_bad_file
     run = lambda run_id: run_compress(teachers_uri=str(root), events_uri=str(events_dir),
                                       store_uri=str(tmp_path / "store"), fleet="f", config=config, run_id=run_id,
                                       register=False)
-    stale = tmp_path / "store" / "f" / "versions" / "old" / ".heads.parquet.tmp-dead"  # an interrupted write's leftover
+    stale = tmp_path / "store" / "f" / "versions" / "old" / f".heads.parquet.tmp-{'d' * 32}"  # an interrupted write's leftover
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"half")
     os.utime(stale, (1_000_000_000, 1_000_000_000))
