@@ -138,8 +138,8 @@ class CompressConfig:
             (``rows_truncated``). Default: serving's limit, :data:`fleet.serving.DEFAULT_MAX_SEQUENCE_LENGTH`.
         borrowed_rows, borrowed_weight: the enlarged transfer set (0: off). A pool of about ``borrowed_rows``
             sequences is drawn from the campaigns' fit rows (:func:`borrowed_pool_rows`) and each campaign's
-            teacher also labels enough of the pool's other-campaign rows to bring its transfer set to
-            ``borrowed_rows`` (:func:`borrowed_rows_of`); in the head fit each such row weighs
+            teacher also labels enough of the pool's other-campaign rows in its support to bring its transfer
+            set up to ``borrowed_rows`` (:func:`borrowed_rows_of`); in the head fit each such row weighs
             ``borrowed_weight`` of one of the campaign's own fit rows, and the backbone sample takes as many of
             them per campaign as of its own fit rows. Gate, calibration and fidelity use the campaign's own
             rows only.
@@ -412,7 +412,7 @@ def borrowed_pool_rows(sizes: dict[str, int], config: CompressConfig) -> dict[st
     """The borrowed pool: ``{campaign: [row, ...]}``, about ``config.borrowed_rows`` fit rows drawn evenly
     over (at most ``borrowed_rows``) campaigns, deterministic in ``sizes`` and ``config.seed``.
 
-    Every teacher labels the whole pool (but its own campaign's rows), so a small campaign's head and the
+    Each teacher labels its share of the pool (:func:`borrowed_rows_of`), so a small campaign's head and the
     backbone see how each teacher behaves on many more sequences of the fleet's input space than the
     campaign's own (Ba & Caruana 2014; Stanton et al. 2021: a larger transfer set is what moves a student's
     agreement with its teacher). Only fit rows are drawn: no campaign's validation or hold-out rows.
