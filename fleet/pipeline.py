@@ -317,8 +317,9 @@ def _heads_task(job: dict, ctx: stages.StageContext, work: tuple) -> dict:
 
 
 def _backbone_task(sample: pa.Table, ctx: stages.StageContext, work: tuple) -> dict:
-    data, stats = stages.train_backbone(sample, ctx, pool=_borrowed_pool(WorkDir(*work), ctx.config))
-    WorkDir(*work).write_bytes("backbone.safetensors", data)
+    workdir = WorkDir(*work)
+    data, stats = stages.train_backbone(sample, ctx, pool=_borrowed_pool(workdir, ctx.config))
+    workdir.write_bytes("backbone.safetensors", data)
     return {**stats, "node": ray.get_runtime_context().get_node_id()}
 
 

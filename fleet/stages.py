@@ -437,10 +437,10 @@ def borrowed_pool_rows(sizes: dict[str, int], config: CompressConfig) -> dict[st
 def in_support(batch: SequenceBatch, event_types: torch.Tensor) -> np.ndarray:
     """``(B,)`` whether every event of each row of ``batch`` has a type among ``event_types`` (any shape):
     the rows a teacher trained on sequences of those types has seen the like of."""
-    inside = np.isin(batch.packed_types.numpy(), np.unique(event_types.numpy()))  # (E,)
     if not len(batch):
         return np.zeros(0, bool)
-    return np.logical_and.reduceat(inside, batch.offsets[:-1].numpy()) if len(inside) else np.ones(len(batch), bool)
+    inside = np.isin(batch.packed_types.numpy(), np.unique(event_types.numpy()))  # (E,), E >= B: every row has an event
+    return np.logical_and.reduceat(inside, batch.offsets[:-1].numpy())
 
 
 def borrowed_rows_of(campaign_id: str, eligible: np.ndarray, own_fit_rows: int, config: CompressConfig) -> np.ndarray:
