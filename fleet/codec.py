@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -295,19 +296,26 @@ def check_format(format_string: str, expected: str = HEADS_FORMAT, path: str | N
     return format_string
 
 
-def conform_heads_table(table: pa.Table, path: str | None = None) -> pa.Table:
+def conform_heads_table(table: pa.Table, path: str | None = None, columns: Sequence[str] | None = None) -> pa.Table:
     """Return ``table`` (any ``fleet-heads/1.x``) in :data:`HEADS_SCHEMA`, this fleet's minor version.
 
     Refuses (:class:`StoreError`) a schema ``format`` of another major version; a nullable column
     the table lacks (an older minor: ``fleet-heads/1`` = 1.0 has no calibration columns) is added
     as nulls, extra columns (a newer minor) are dropped, and every column is cast to its type. A
     missing required column or a column that cannot be cast is refused. Row order is kept.
+    ``columns`` (names of :data:`HEADS_SCHEMA`, in its order or not): conform to those columns only.
     """
     fmt = (table.schema.metadata or {}).get(b"format")
     if fmt is not None:
         check_format(fmt.decode(errors="replace"), HEADS_FORMAT, path=path)
+    schema = HEADS_SCHEMA
+    if columns is not None:
+        unknown = sorted(set(columns) - set(HEADS_SCHEMA.names))
+        if unknown:
+            raise ValueError(f"not columns of {HEADS_FORMAT}: {unknown}")
+        schema = pa.schema([f for f in HEADS_SCHEMA if f.name in columns], metadata=HEADS_SCHEMA.metadata)
     columns = []
-    for field in HEADS_SCHEMA:
+    for field in schema:
         if field.name in table.column_names:
             columns.append(table.column(field.name))
         elif field.nullable:
@@ -315,7 +323,7 @@ def conform_heads_table(table: pa.Table, path: str | None = None) -> pa.Table:
         else:
             raise StoreError(f"heads table does not match {HEADS_FORMAT}: no column {field.name!r}", path=path)
     try:
-        return pa.Table.from_arrays(columns, names=HEADS_SCHEMA.names).cast(HEADS_SCHEMA)
+        return pa.Table.from_arrays(columns, names=schema.names).cast(schema)
     except (KeyError, ValueError, pa.ArrowInvalid, pa.ArrowTypeError) as err:
         raise StoreError(f"heads table does not match {HEADS_FORMAT}: {err}", path=path) from None
 

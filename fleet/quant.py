@@ -429,8 +429,8 @@ def quantize_vector(x: Tensor, bits: int, group_size: int = DEFAULT_GROUP_SIZE) 
 def dequantize_rows(qvs: list[QuantizedVector]) -> Tensor:
     """Float32 ``[C, P]`` from stored vectors (all of one ``count``; bits may differ per row).
 
-    Rows sharing ``(bits, group_size)`` are decoded together. An empty list gives ``[0, 0]``.
-    Codes outside the symmetric range (e.g. code 0 at int8) raise ``ValueError``.
+    Rows sharing ``(bits, group_size)`` are decoded together (:func:`dequantize_packed`). An empty list
+    gives ``[0, 0]``. Codes outside the symmetric range (e.g. code 0 at int8) raise ``ValueError``.
     """
     if not qvs:
         return torch.zeros(0, 0)
@@ -443,20 +443,61 @@ def dequantize_rows(qvs: list[QuantizedVector]) -> Tensor:
         formats.setdefault((qv.bits, qv.group_size), []).append(i)
     for (bits, group_size), rows in formats.items():
         n = len(rows)
-        packed = np.frombuffer(b"".join(qvs[i].packed for i in rows), dtype=np.uint8)
-        if bits == 16:
-            out[rows] = torch.from_numpy(packed.view("<f2").astype(np.float32).reshape(n, p))
-            continue
-        codes = _unpack_rows(packed.reshape(n, packed_size(p, bits)), bits, p)  # (n, P)
-        q = _codes_to_q(torch.from_numpy(codes).to(torch.int32), bits)
-        qmin, qmax = _qrange(bits, symmetric=True)
-        if q.numel() and (q.min() < qmin or q.max() > qmax):
-            raise ValueError(f"codes outside the symmetric range [{qmin}, {qmax}] at bits {bits}")
-        scales = np.frombuffer(b"".join(qvs[i].scales for i in rows), dtype="<f2").astype(np.float32)
-        scale = torch.from_numpy(scales.reshape(n, num_groups(p, group_size)))  # (n, G)
-        zero = torch.zeros_like(scale, dtype=torch.int32)
-        out[rows] = dequantize(q, scale, zero, bits, PerGroup(group_size))
+        width = 2 * p if bits == 16 else packed_size(p, bits)
+        packed = np.frombuffer(b"".join(qvs[i].packed for i in rows), dtype=np.uint8).reshape(n, width)
+        scales = None if bits == 16 else np.frombuffer(b"".join(qvs[i].scales for i in rows), dtype="<f2").reshape(
+            n, num_groups(p, group_size))
+        out[rows] = dequantize_packed(packed, scales, bits, p, group_size)
     return out
+
+
+def dequantize_packed(packed: np.ndarray, scales: np.ndarray | None, bits: int, count: int,
+                      group_size: int) -> Tensor:
+    """Float32 ``(n, count)`` from ``n`` stored rows of one format, as contiguous arrays (the decoding
+    step of :func:`dequantize_rows`, also used on the resident head table of :mod:`fleet.head_table`).
+
+    Args:
+        packed: ``uint8 (n, ceil(count * bits / 8))`` codes packed by :func:`pack_codes`; for bits 16
+            ``(n, 2 * count)``, the float16 values little endian.
+        scales: float16 (little endian) ``(n, ceil(count / group_size))``; ignored (None) for bits 16.
+        bits, count, group_size: the rows' format.
+
+    Nonzero padding bits and codes outside the symmetric range raise ``ValueError``.
+    """
+    _check_bits(bits)
+    n = packed.shape[0]
+    if bits == 16:
+        return torch.from_numpy(np.ascontiguousarray(packed).view("<f2").astype(np.float32).reshape(n, count))
+    per, nbytes = 8 // bits, packed_size(count, bits)
+    q = _q_table(bits)[packed.reshape(n, nbytes)].reshape(n, nbytes * per)  # int8 (n, nbytes * per): LSB first
+    if q.shape[1] > count and (q[:, count:] != _q_table(bits)[0, 0]).any():  # padding must be code 0
+        raise ValueError("packed codes have nonzero padding bits after the last element")
+    q = q[:, :count]
+    qmin, qmax = _qrange(bits, symmetric=True)
+    if q.size and (q.min() < qmin or q.max() > qmax):
+        raise ValueError(f"codes outside the symmetric range [{qmin}, {qmax}] at bits {bits}")
+    scale = np.asarray(scales, dtype="<f2").astype(np.float32).reshape(n, num_groups(count, group_size))  # (n, G)
+    # q * scale in float32, one rounding: the numbers of dequantize(q, scale, 0, bits, PerGroup(group_size)).
+    # A non-finite stored scale gives non-finite values (0 * inf = nan): callers check, numpy need not warn.
+    with np.errstate(invalid="ignore", over="ignore"):
+        return torch.from_numpy(q * np.repeat(scale, group_size, axis=1)[:, :count])
+
+
+_Q_TABLES: dict[int, np.ndarray] = {}
+
+
+def _q_table(bits: int) -> np.ndarray:
+    """``int8 (256, 8 // bits)``: the signed ``q`` of each code in a packed byte, first code first (LSB
+    first, :func:`pack_codes`), through the offset-binary rule of :func:`_codes_to_q`. A lookup turns packed
+    rows into ``q`` in one gather (vectorised over rows: the resident head table decodes thousands per request)."""
+    table = _Q_TABLES.get(bits)
+    if table is None:
+        per = 8 // bits
+        shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
+        codes = (np.arange(256, dtype=np.uint8)[:, None] >> shifts) & np.uint8(2**bits - 1)  # (256, per)
+        table = _codes_to_q(torch.from_numpy(codes.astype(np.int32)), bits).numpy().astype(np.int8)
+        _Q_TABLES[bits] = table
+    return table
 
 
 def dequantize_vector(qv: QuantizedVector) -> Tensor:

@@ -302,21 +302,53 @@ def head_logits(
         raise ValueError(f"head {design!r} (H={hidden}, rank={rank}) needs params of shape ({rows}, {expected}), got {tuple(params.shape)}")
     if index is not None and index.shape != (batch,):
         raise ValueError(f"index must have shape ({batch},), got {tuple(index.shape)}")
-    p = _split(design, params, hidden, rank)  # segments, each (rows, *shape)
-    if design in ("film", "film_pool"):
-        p["gamma"] = 1.0 + p["gamma"]  # scale at identity when gamma = 0
+    p = _segments(design, params, hidden, rank)  # each (rows, *shape)
     if index is not None:
         p = {name: _gather_rows(seg, index) for name, seg in p.items()}  # each (B, *shape)
+    return _design_logits(design, features, pooled, p)  # (B,)
+
+
+def head_logits_cross(design: str, features: torch.Tensor, params: torch.Tensor, rank: int = 1) -> torch.Tensor:
+    """Logits ``(B, K)`` of every backbone row ``features (B, H)`` (``(B, 2H)`` for :data:`POOLED_DESIGNS`)
+    under every head row ``params (K, P)``: entry ``[b, k]`` is ``head_logits(design, features[b:b+1],
+    params[k], rank)`` (the same formulas, :func:`head_logits`), computed in one broadcast ``(B, K, H)``
+    evaluation. Used to score one user against many campaigns (``FleetModel.score_campaigns``)."""
+    pooled = None
+    if design in POOLED_DESIGNS:
+        features, pooled = features.chunk(2, dim=1)  # (B, H) each
+        pooled = pooled.unsqueeze(1)  # (B, 1, H)
+    hidden = features.shape[1]
+    expected = _num_params(design, hidden, rank)
+    if params.ndim != 2 or params.shape[1] != expected:
+        raise ValueError(f"head {design!r} (H={hidden}, rank={rank}) needs params of shape (K, {expected}), "
+                         f"got {tuple(params.shape)}")
+    p = {name: seg.unsqueeze(0) for name, seg in _segments(design, params, hidden, rank).items()}  # (1, K, *shape)
+    return _design_logits(design, features.unsqueeze(1), pooled, p)  # (B, K)
+
+
+def _segments(design: str, params: torch.Tensor, hidden_size: int, rank: int) -> dict[str, torch.Tensor]:
+    """:func:`_split` with FiLM's scale at the identity when ``gamma = 0`` (``1 + gamma``)."""
+    p = _split(design, params, hidden_size, rank)  # segments, each (rows, *shape)
+    if design in ("film", "film_pool"):
+        p["gamma"] = 1.0 + p["gamma"]
+    return p
+
+
+def _design_logits(design: str, features: torch.Tensor, pooled: torch.Tensor | None,
+                   p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The head formulas of :func:`head_logits` (the one place they live): ``features (..., H)`` (and
+    ``pooled (..., H)`` for a pooled design) against segments ``p`` of shapes ``(..., *shape)`` that
+    broadcast with them; logits ``(...)``."""
     if design == "film":
-        z = torch.tanh(torch.addcmul(p["beta"], features, p["gamma"]))  # (B, H)
+        z = torch.tanh(torch.addcmul(p["beta"], features, p["gamma"]))  # (..., H)
     elif design == "film_pool":
-        z = torch.tanh(torch.addcmul(torch.addcmul(p["beta"], features, p["gamma"]), pooled, p["g"]))  # (B, H)
+        z = torch.tanh(torch.addcmul(torch.addcmul(p["beta"], features, p["gamma"]), pooled, p["g"]))  # (..., H)
     elif design == "lowrank":
-        s = (p["v"] * features.unsqueeze(-1)).sum(1)  # (B, r)  v^T h
-        z = torch.tanh(features + (p["u"] * s.unsqueeze(1)).sum(-1))  # (B, H)
+        s = (p["v"] * features.unsqueeze(-1)).sum(-2)  # (..., r)  v^T h
+        z = torch.tanh(features + (p["u"] * s.unsqueeze(-2)).sum(-1))  # (..., H)
     else:
-        z = features  # (B, H)
-    return (z * p["w"]).sum(-1) + p["b"].squeeze(-1)  # (B,)
+        z = features  # (..., H)
+    return (z * p["w"]).sum(-1) + p["b"].squeeze(-1)  # (...)
 
 
 # ----------------------------------------------------------------------------------------------
