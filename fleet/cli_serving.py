@@ -97,7 +97,11 @@ def _admin_token(path: str | None) -> str | None:
 
 def register(subparsers) -> None:
     """Add ``serve``, ``predict`` and ``inspect`` to ``fleet``'s subparsers."""
-    from fleet.serving import DEFAULT_CACHE_SIZE, DEFAULT_MAX_SEQUENCE_LENGTH
+    from fleet.http import DEFAULT_MAX_SCORE_CAMPAIGNS
+    from fleet.serving import DEFAULT_CACHE_SIZE, DEFAULT_HEADS, DEFAULT_MAX_SEQUENCE_LENGTH, HEAD_MODES
+
+    heads_help = (f"how heads are kept (default {DEFAULT_HEADS}): resident = every head in memory, quantized "
+                  "(read once at start); lru = read on first use into the --cache-size LRU; dense = = --preload")
 
     p = subparsers.add_parser("serve", help="serve a fleet version over HTTP (predict, campaigns, health, metrics)")
     p.add_argument("--model", required=True, help="models:/NAME@alias, models:/NAME/N, or a version/manifest URI")
@@ -106,10 +110,13 @@ def register(subparsers) -> None:
     p.add_argument("--cache-size", type=_non_negative_int, default=DEFAULT_CACHE_SIZE,
                    help="heads kept dequantized in the LRU (0: no cache)")
     p.add_argument("--preload", action="store_true", help="decode every head at start (no per-request I/O)")
+    p.add_argument("--heads", choices=HEAD_MODES, default=None, help=heads_help)
     p.add_argument("--poll-seconds", type=_positive_float, default=None,
                    help="re-resolve a models:/ alias this often and swap to a new version")
     p.add_argument("--max-body-bytes", type=_positive_int, default=1_000_000)
     p.add_argument("--max-sequences", type=_positive_int, default=1024, help="sequences (or rows) per request")
+    p.add_argument("--max-score-campaigns", type=_positive_int, default=DEFAULT_MAX_SCORE_CAMPAIGNS,
+                   help="campaigns a POST /v1/score may name or get back")
     p.add_argument("--max-sequence-length", type=_positive_int, default=DEFAULT_MAX_SEQUENCE_LENGTH,
                    help="events per sequence")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch inference threads (process-wide)")
@@ -133,6 +140,13 @@ def register(subparsers) -> None:
                    help="FILE.jsonl (objects with event_types, features[, campaign_id]) or FILE.parquet "
                         "(events format)")
     p.add_argument("--cache-size", type=_non_negative_int, default=DEFAULT_CACHE_SIZE)
+    p.add_argument("--heads", choices=HEAD_MODES, default=None, help=heads_help)
+    p.add_argument("--rank", action="store_true",
+                   help="score each sequence against many campaigns (a row's campaign_ids, else --campaigns, else "
+                        "every campaign) and print one JSON line per sequence, best first")
+    p.add_argument("--campaigns", default=None, metavar="ID[,ID...]",
+                   help="with --rank: the campaigns to rank for rows without campaign_ids")
+    p.add_argument("--top-k", type=_positive_int, default=None, help="with --rank: keep the k best campaigns")
     _add_model_options(p)
     p.set_defaults(handler=_cmd_predict)
 
@@ -167,7 +181,7 @@ def _cmd_serve(args, console) -> int:
         cache_size=args.cache_size, preload=args.preload, poll_seconds=args.poll_seconds,
         max_body_bytes=args.max_body_bytes, max_sequences=args.max_sequences,
         max_sequence_length=args.max_sequence_length, num_threads=args.threads, admin_token=admin_token,
-        verify=not args.no_verify,
+        verify=not args.no_verify, heads=args.heads, max_score_campaigns=args.max_score_campaigns,
     )
     if args.ray:
         try:
@@ -234,12 +248,20 @@ def _cmd_predict(args, console) -> int:
     from fleet.errors import FleetError, UnknownCampaignError
     from fleet.serving import FleetModel, InvalidInputError
 
+    if not args.rank and (args.campaigns is not None or args.top_k is not None):
+        ERRORS.print("[red]usage error:[/red] --campaigns and --top-k go with --rank")
+        return EXIT_USAGE
+    if args.rank and args.campaign is not None:
+        ERRORS.print("[red]usage error:[/red] --rank scores many campaigns: name them with --campaigns, not --campaign")
+        return EXIT_USAGE
     try:
         model = FleetModel.load(args.model, args.tracking_uri, storage_options=args.storage_options,
-                                cache_size=args.cache_size)
+                                cache_size=args.cache_size, heads=args.heads)
     except (FleetError, OSError, ValueError) as exc:
         ERRORS.print(f"[red]error:[/red] cannot load {scrub(args.model)}: {scrub(str(exc))}")
         return EXIT_FAILED
+    if args.rank:
+        return _rank(model, args)
     offset = 0
     out = sys.stdout
     fallback: dict[str, None] = {}  # campaigns whose heads did not pass their quality gate, first-use order
@@ -264,6 +286,54 @@ def _cmd_predict(args, console) -> int:
     except FileNotFoundError as exc:
         ERRORS.print(f"[red]error:[/red] {scrub(str(exc))}")
         return EXIT_FAILED
+    except (FleetError, ValueError, OSError) as exc:
+        ERRORS.print(f"[red]error:[/red] {scrub(str(exc))}")
+        return EXIT_FAILED
+    out.flush()
+    if fallback:
+        _warn_fallback(list(fallback))
+    return EXIT_OK
+
+
+def _rank(model, args) -> int:
+    """``fleet predict --rank``: one JSON line per input sequence, ``{"campaign_ids", "probabilities",
+    "fallback", "unknown"}``, campaigns best first (:meth:`FleetModel.score_campaigns`); rows sharing
+    their list of campaigns are scored in one batch (:meth:`FleetModel.score_campaigns_batch`)."""
+    from fleet.errors import FleetError
+    from fleet.serving import InvalidInputError
+
+    default = None if args.campaigns is None else [c.strip() for c in args.campaigns.split(",") if c.strip()]
+    out, offset = sys.stdout, 0
+    fallback: dict[str, None] = {}
+    try:
+        for rows in _read_rows(args.input, args.storage_options):
+            groups: dict[tuple | None, list[int]] = {}
+            for i, r in enumerate(rows):
+                ids = r.get("campaign_ids", default)
+                if ids is not None and (isinstance(ids, str) or not isinstance(ids, list)):
+                    raise InvalidInputError("campaign_ids must be a list of campaign ids", row=offset + i)
+                groups.setdefault(None if ids is None else tuple(ids), []).append(i)
+            lines: list[str | None] = [None] * len(rows)
+            for ids, members in groups.items():
+                seqs = [{"event_types": rows[i].get("event_types"), "features": rows[i].get("features")}
+                        for i in members]
+                try:
+                    batch = model.score_campaigns_batch(seqs, None if ids is None else list(ids))
+                except InvalidInputError as exc:  # name the row of the file (0-based, as fleet predict does)
+                    if exc.row is None:
+                        text = f"row {offset + members[0]}: {exc}"
+                    else:
+                        text = re.sub(r"\brow \d+", f"row {offset + members[exc.row]}", str(exc), count=1)
+                    ERRORS.print(f"[red]error:[/red] {scrub(text)}")
+                    return EXIT_FAILED
+                top_k = args.top_k or len(batch.ids)
+                for b, i in enumerate(members):
+                    res = batch.row(b, top_k)
+                    fallback.update(dict.fromkeys(res.fallback_campaigns))
+                    lines[i] = json.dumps({"campaign_ids": res.ids, "probabilities": res.probabilities.tolist(),
+                                           "fallback": res.fallback.tolist(), "unknown": res.unknown})
+            out.write("".join(line + "\n" for line in lines))
+            offset += len(rows)
     except (FleetError, ValueError, OSError) as exc:
         ERRORS.print(f"[red]error:[/red] {scrub(str(exc))}")
         return EXIT_FAILED

@@ -1,7 +1,7 @@
 """The HTTP service: a FastAPI app over a swappable :class:`~fleet.serving.FleetModel`.
 
 ``create_app(ModelHolder(model))`` serves ``POST /v1/predict``, ``POST /v1/predict/batch``,
-``GET /v1/campaigns/{id}``, ``GET /healthz``, ``GET /metrics`` and ``POST /admin/reload``; the
+``POST /v1/score`` (one sequence against many campaigns), ``GET /v1/campaigns/{id}``, ``GET /healthz``, ``GET /metrics`` and ``POST /admin/reload``; the
 bodies, status codes and limits are a contract documented in ``docs/serving.md``.
 
 Guarantees: a request takes the model reference once, so a swap never changes a version under a
@@ -46,6 +46,9 @@ log = logging.getLogger("fleet.http")
 
 DEFAULT_MAX_BODY_BYTES = 1_000_000
 DEFAULT_MAX_SEQUENCES = 1024
+#: Most campaigns one ``POST /v1/score`` may name (and most scores it may return: ``top_k``, or every
+#: campaign of the version when it names none).
+DEFAULT_MAX_SCORE_CAMPAIGNS = 10_000
 #: After refusing an oversized body we still read (and drop) up to this many bytes, so the client
 #: gets to read the 413 instead of a connection reset.
 DRAIN_LIMIT_BYTES = 16 * 2**20
@@ -93,6 +96,30 @@ class BatchRequest(BaseModel):
 
     model_config = ConfigDict(strict=True)
     rows: list[BatchRow]
+
+
+class ScoreRequest(BaseModel):
+    """``POST /v1/score``: one sequence scored by many campaigns' heads (one backbone pass)."""
+
+    model_config = ConfigDict(strict=True)
+    sequence: SequenceIn
+    campaign_ids: list[str] | None = Field(default=None, description="campaigns to score (duplicates scored "
+                                           "once); omitted or null: every campaign of the version")
+    top_k: StrictInt | None = Field(default=None, ge=1, description="return only the k highest probabilities, "
+                                    "best first; omitted or null: every scored campaign, in request order")
+
+
+class ScoreResponse(BaseModel):
+    """``POST /v1/score`` 200: the scored campaigns, their probabilities and fallback flags (aligned), and the
+    requested ids the version does not hold."""
+
+    version: str
+    campaign_ids: list[str] = Field(description="scored campaigns: with top_k the best k, highest first; else in "
+                                                "request order (version order when none were named)")
+    probabilities: list[float]
+    fallback: list[bool] = Field(description="per scored campaign: true when its head did not pass its quality "
+                                             "gate; the probability is still returned")
+    unknown: list[str] = Field(description="requested ids that are not in the served version (not scored)")
 
 
 class PredictResponse(BaseModel):
@@ -257,6 +284,7 @@ class ModelHolder:
 _ENDPOINTS = {
     "/v1/predict": "/v1/predict",
     "/v1/predict/batch": "/v1/predict/batch",
+    "/v1/score": "/v1/score",
     "/healthz": "/healthz",
     "/metrics": "/metrics",
     "/admin/reload": "/admin/reload",
@@ -280,6 +308,7 @@ class _Metrics:
         self._counts: dict[tuple[str, int], int] = {}
         self._hist: dict[str, list] = {}  # endpoint -> [bucket counts..., sum, count]
         self.sequences = 0
+        self.scored_campaigns = 0
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -298,6 +327,11 @@ class _Metrics:
         with self._lock:
             self.sequences += n
 
+    def add_scored(self, sequences: int, campaigns: int) -> None:
+        with self._lock:
+            self.sequences += sequences
+            self.scored_campaigns += campaigns
+
     def render(self, holder: ModelHolder) -> str:
         model = holder.get()
         cache = holder.cache_totals()
@@ -309,6 +343,7 @@ class _Metrics:
             counts = sorted(self._counts.items())
             hist = sorted((k, list(v)) for k, v in self._hist.items())
             sequences = self.sequences
+            scored = self.scored_campaigns
         lines += [f'fleet_http_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in counts]
         lines += [
             "# HELP fleet_http_request_duration_seconds Time from request start to response end.",
@@ -324,6 +359,9 @@ class _Metrics:
             "# HELP fleet_predicted_sequences_total Sequences scored.",
             "# TYPE fleet_predicted_sequences_total counter",
             f"fleet_predicted_sequences_total {sequences}",
+            "# HELP fleet_scored_campaigns_total Campaign heads evaluated by /v1/score.",
+            "# TYPE fleet_scored_campaigns_total counter",
+            f"fleet_scored_campaigns_total {scored}",
             "# HELP fleet_head_cache_hits_total Head lookups served from memory.",
             "# TYPE fleet_head_cache_hits_total counter",
             f"fleet_head_cache_hits_total {cache['hits']}",
@@ -554,15 +592,17 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_sequences: int = DEFAULT_MAX_SEQUENCES,
     admin_token: str | None = None,
+    max_score_campaigns: int = DEFAULT_MAX_SCORE_CAMPAIGNS,
 ) -> FastAPI:
     """The HTTP app. ``model_provider`` is a :class:`ModelHolder` (or a model, wrapped in one).
 
     ``admin_token``: without it every ``/admin/*`` route answers 403 ``admin_disabled``; with it they
     require ``Authorization: Bearer <token>`` (:func:`check_admin_token` says which tokens are valid).
+    ``max_score_campaigns``: most campaigns a ``POST /v1/score`` may name or get back (413 beyond).
     """
     holder = model_provider if isinstance(model_provider, ModelHolder) else ModelHolder(model_provider)
-    if max_body_bytes < 1 or max_sequences < 1:
-        raise ValueError("max_body_bytes and max_sequences must be >= 1")
+    if max_body_bytes < 1 or max_sequences < 1 or max_score_campaigns < 1:
+        raise ValueError("max_body_bytes, max_sequences and max_score_campaigns must be >= 1")
     metrics = _Metrics()
     admin = APIRouter(prefix="/admin", dependencies=[Depends(_admin_guard(admin_token))])
 
@@ -614,6 +654,33 @@ def create_app(
         metrics.add_sequences(len(pred.probabilities))
         return _json({"version": model.version_id, "probabilities": pred.probabilities.tolist(),
                       "fallback": pred.fallback.tolist()})
+
+    @app.post("/v1/score", response_model=None, openapi_extra=_body_spec("ScoreRequest"),
+              responses={200: {"model": ScoreResponse}, 413: {"model": ErrorResponse},
+                         422: {"model": ErrorResponse}})
+    def score(request: Request) -> Response:
+        """One sequence against many campaigns: probabilities of ``sequence`` under each of ``campaign_ids``
+        (every campaign when omitted), the backbone run once; ``top_k`` keeps the best k. Ids not in the
+        version are listed in ``unknown`` (not an error)."""
+        model = holder.get()
+        req = _parse(ScoreRequest, _body(request))
+        limit = max_score_campaigns
+        if req.campaign_ids is not None and len(req.campaign_ids) > limit:
+            raise _RequestError(413, "too_many_campaigns",
+                                f"{len(req.campaign_ids)} campaign_ids exceed the limit of {limit} per request")
+        if req.top_k is not None and req.top_k > limit:
+            raise _RequestError(413, "too_many_campaigns", f"top_k {req.top_k} exceeds the limit of {limit}")
+        if req.campaign_ids is None and req.top_k is None and model.num_campaigns > limit:
+            raise _RequestError(413, "too_many_campaigns",
+                                f"scoring every campaign returns {model.num_campaigns} scores, above the limit of "
+                                f"{limit}: name campaign_ids or pass top_k")
+        seq = req.sequence
+        res = model.score_campaigns({"event_types": seq.event_types, "features": seq.features}, req.campaign_ids,
+                                    top_k=req.top_k)
+        metrics.add_scored(1, len(res.ids))
+        return _json({"version": model.version_id, "campaign_ids": res.ids,
+                      "probabilities": res.probabilities.tolist(), "fallback": res.fallback.tolist(),
+                      "unknown": res.unknown})
 
     @app.get("/v1/campaigns/{campaign_id}", response_model=None,
              responses={200: {"model": CampaignResponse}, 404: {"model": ErrorResponse},
@@ -668,7 +735,7 @@ def _install_openapi(app: FastAPI) -> None:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (PredictRequest, BatchRequest):
+            for model in (PredictRequest, BatchRequest, ScoreRequest):
                 spec = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(spec.pop("$defs", {}))
                 components[model.__name__] = spec
@@ -739,13 +806,17 @@ def app_from_uri(
     num_threads: int | None = None,
     admin_token: str | None = None,
     verify: bool = True,
+    heads: str | None = None,
+    max_score_campaigns: int = DEFAULT_MAX_SCORE_CAMPAIGNS,
 ) -> FastAPI:
     """Load ``model_uri`` (``models:/...`` or a version URI) and build the app; a ``models:/`` URI
-    can be re-resolved by ``POST /admin/reload`` and by the poller (``poll_seconds``). Picklable
-    through ``functools.partial`` (Ray Serve replicas call it)."""
+    can be re-resolved by ``POST /admin/reload`` and by the poller (``poll_seconds``). ``heads``:
+    :meth:`FleetModel.open`'s head mode (None: its default). Picklable through ``functools.partial``
+    (Ray Serve replicas call it)."""
     from fleet.serving import alias_reloader
 
-    open_kw: dict[str, Any] = {"storage_options": storage_options, "preload": preload, "verify": verify}
+    open_kw: dict[str, Any] = {"storage_options": storage_options, "preload": preload, "verify": verify,
+                               "heads": heads}
     if cache_size is not None:
         open_kw["cache_size"] = cache_size
     if max_sequence_length is not None:
@@ -755,7 +826,8 @@ def app_from_uri(
     model = FleetModel.load(model_uri, tracking_uri, **open_kw)
     open_kw.pop("num_threads", None)
     holder = ModelHolder(model, reload=alias_reloader(model_uri, tracking_uri, **open_kw), poll_seconds=poll_seconds)
-    return create_app(holder, max_body_bytes=max_body_bytes, max_sequences=max_sequences, admin_token=admin_token)
+    return create_app(holder, max_body_bytes=max_body_bytes, max_sequences=max_sequences, admin_token=admin_token,
+                      max_score_campaigns=max_score_campaigns)
 
 
 __all__ = [
@@ -766,6 +838,8 @@ __all__ = [
     "ModelHolder",
     "PredictRequest",
     "PredictResponse",
+    "ScoreRequest",
+    "ScoreResponse",
     "SequenceIn",
     "app_from_uri",
     "check_admin_token",

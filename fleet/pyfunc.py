@@ -10,7 +10,7 @@ The logged model's data is a directory holding ``fleet_model.json`` (written by
 
 (``format``, ``manifest_sha256`` (when present, a manifest with another sha256 is refused),
 ``storage_options``, ``storage_options_env`` are optional; so are ``cache_size``,
-``preload``, ``max_sequence_length``). Heads stay in Parquet and are read through the manifest URI;
+``preload``, ``max_sequence_length``, ``heads``). Heads stay in Parquet and are read through the manifest URI;
 credentials come from the environment variable ``storage_options_env`` (JSON, merged over the saved
 non-secret options) at load time, never from the artifact.
 
@@ -21,6 +21,12 @@ same path as ``FleetModel.predict_batch`` and the HTTP service. It returns ``flo
 row's head did not pass its quality gate, :func:`fleet.codec.head_passed`) and ``status`` instead.
 MLflow hands ``params`` to a logged model only when its signature declares them: log it with
 ``signature=model_signature()``.
+
+Ranking (the request of ``POST /v1/score``): a DataFrame with a ``campaign_ids`` column (a list of ids per
+row, or null for every campaign) and no ``campaign_id`` column scores each row's sequence against its
+campaigns (:meth:`FleetModel.score_campaigns`; rows sharing one list in one batch). The output is a DataFrame,
+one row per input row, with the list columns ``campaign_ids``, ``probabilities``, ``fallback``, ``unknown``
+(as ``POST /v1/score`` answers); ``params={"top_k": k}`` keeps the k best, highest first.
 """
 
 from __future__ import annotations
@@ -39,21 +45,27 @@ from fleet.store import ENV_STORAGE_OPTIONS, storage_options_from_env
 CONFIG_FILE = "fleet_model.json"
 PYFUNC_FORMAT = "fleet-pyfunc/1"  # same as fleet.registry.MODEL_DATA_FORMAT
 COLUMNS = ("campaign_id", "event_types", "features")
-_OPEN_KEYS = ("cache_size", "preload", "max_sequence_length")
+_OPEN_KEYS = ("cache_size", "preload", "max_sequence_length", "heads")
 #: ``predict`` params: ``with_status`` (bool, default False) returns the DataFrame of :data:`STATUS_COLUMNS`.
 WITH_STATUS = "with_status"
 STATUS_COLUMNS = ("probability", "fallback", "status")
+#: The ranking request: this column (a list of campaign ids per row, null = every campaign) instead of ``campaign_id``.
+CAMPAIGN_IDS = "campaign_ids"
+#: ``predict`` param of a ranking request: keep the k highest probabilities per row (integer >= 1, default all).
+TOP_K = "top_k"
+SCORE_COLUMNS = ("campaign_ids", "probabilities", "fallback", "unknown")
 
 
 def model_signature():
     """The MLflow signature to log a fleet pyfunc with (``mlflow.pyfunc.log_model(...,
-    signature=model_signature())``): no input or output schema, and the ``with_status`` boolean
-    param (default False). Without it MLflow drops ``params`` with a warning, so ``with_status``
-    has no effect on the loaded model (it answers the plain probabilities)."""
+    signature=model_signature())``): no input or output schema, the ``with_status`` boolean
+    param (default False) and the ``top_k`` integer param of ranking requests (default None: all).
+    Without it MLflow drops ``params`` with a warning, so they have no effect on the loaded model."""
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec
 
-    return ModelSignature(inputs=None, outputs=None, params=ParamSchema([ParamSpec(WITH_STATUS, "boolean", False)]))
+    return ModelSignature(inputs=None, outputs=None, params=ParamSchema([ParamSpec(WITH_STATUS, "boolean", False),
+                                                                         ParamSpec(TOP_K, "long", None)]))
 
 
 def write_config(directory: str, manifest_uri: str, version_id: str, **open_kw: Any) -> str:
@@ -83,8 +95,14 @@ class FleetPyfunc:
 
         ``params={"with_status": True}`` returns a ``pandas.DataFrame`` in row order instead, with
         columns ``probability`` (float64, the same numbers), ``fallback`` (bool: the row's head did
-        not pass its quality gate) and ``status`` (the head's status). Other params are ignored."""
-        ids, types, feats = _columns(model_input)
+        not pass its quality gate) and ``status`` (the head's status). Other params are ignored.
+
+        A ranking request (a ``campaign_ids`` column, no ``campaign_id``) returns the DataFrame of
+        :data:`SCORE_COLUMNS` instead, one row per input row; ``params={"top_k": k}`` keeps the k best."""
+        frame = _frame(model_input)
+        if CAMPAIGN_IDS in frame.columns and COLUMNS[0] not in frame.columns:
+            return self._rank(frame, (params or {}).get(TOP_K))
+        ids, types, feats = _columns(frame)
         with_status = _flag((params or {}).get(WITH_STATUS, False))
         try:
             pred = self.model.predict_with_status(ids, types, feats)
@@ -99,6 +117,38 @@ class FleetPyfunc:
                              "status": pd.Series(per_row, dtype=object)}, columns=list(STATUS_COLUMNS))
 
 
+    def _rank(self, frame, top_k: Any):
+        import pandas as pd
+
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+            raise _bad_request(f"params.{TOP_K} must be an integer >= 1, got {top_k!r}")
+        missing = [c for c in COLUMNS[1:] if c not in frame.columns]
+        if missing:
+            raise _bad_request(f"model input lacks columns {missing}; a ranking request needs "
+                               f"{[CAMPAIGN_IDS, *COLUMNS[1:]]}")
+        groups: dict[tuple | None, list[int]] = {}
+        for i, ids in enumerate(frame[CAMPAIGN_IDS].tolist()):
+            if ids is None or (isinstance(ids, float) and np.isnan(ids)):
+                key = None
+            elif isinstance(ids, (list, tuple, np.ndarray)):
+                key = tuple(ids)
+            else:
+                raise _bad_request(f"row {i}: {CAMPAIGN_IDS} must be a list of campaign ids or null")
+            groups.setdefault(key, []).append(i)
+        types, feats = frame[COLUMNS[1]].tolist(), frame[COLUMNS[2]].tolist()
+        out: list = [None] * len(frame)
+        for key, rows in groups.items():
+            seqs = [{"event_types": types[i], "features": feats[i]} for i in rows]
+            try:
+                batch = self.model.score_campaigns_batch(seqs, None if key is None else list(key))
+            except (InvalidInputError, UnknownCampaignError) as exc:
+                raise _bad_request(str(exc)) from exc
+            for b, i in enumerate(rows):
+                res = batch.row(b, top_k)
+                out[i] = (res.ids, res.probabilities.tolist(), res.fallback.tolist(), res.unknown)
+        return pd.DataFrame(out, columns=list(SCORE_COLUMNS))
+
+
 def _flag(value: Any) -> bool:
     """``with_status`` as a bool: True/False, or the strings ``"true"``/``"false"`` (any case)."""
     if isinstance(value, (bool, np.bool_)):
@@ -108,7 +158,7 @@ def _flag(value: Any) -> bool:
     raise _bad_request(f"params.{WITH_STATUS} must be a boolean, got {value!r}")
 
 
-def _columns(model_input: Any) -> tuple[list, list, list]:
+def _frame(model_input: Any):
     import pandas as pd
 
     if isinstance(model_input, dict):
@@ -117,6 +167,10 @@ def _columns(model_input: Any) -> tuple[list, list, list]:
         model_input = pd.DataFrame.from_records(model_input)
     if not isinstance(model_input, pd.DataFrame):
         raise _bad_request(f"model input must be a pandas DataFrame, got {type(model_input).__name__}")
+    return model_input
+
+
+def _columns(model_input: Any) -> tuple[list, list, list]:
     missing = [c for c in COLUMNS if c not in model_input.columns]
     if missing:
         raise _bad_request(f"model input lacks columns {missing}; needs {list(COLUMNS)}")
@@ -166,5 +220,5 @@ def _storage_options(config: dict) -> dict:
     return merged  # {} (not None): the environment was consulted already
 
 
-__all__ = ["CONFIG_FILE", "PYFUNC_FORMAT", "STATUS_COLUMNS", "WITH_STATUS", "FleetPyfunc", "model_signature",
-           "write_config"]
+__all__ = ["CAMPAIGN_IDS", "CONFIG_FILE", "PYFUNC_FORMAT", "SCORE_COLUMNS", "STATUS_COLUMNS", "TOP_K", "WITH_STATUS",
+           "FleetPyfunc", "model_signature", "write_config"]

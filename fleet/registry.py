@@ -814,7 +814,7 @@ def register_version(
                     loader_module="fleet.pyfunc",
                     data_path=data_dir,
                     pip_requirements=_pip_requirements(),
-                    signature=model_signature(),  # declares the with_status param, else MLflow drops it
+                    signature=model_signature(),  # declares the with_status and top_k params, else MLflow drops them
                 )
             with registry_lock(uri):
                 found = _versions_of(client, fleet_name, version_id)

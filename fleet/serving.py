@@ -13,6 +13,7 @@ by length, padded per chunk), then each row's head row is gathered into ``(B, P)
 from __future__ import annotations
 
 import math
+import re
 import sys
 import threading
 from collections import OrderedDict
@@ -33,8 +34,9 @@ from fleet.errors import (
     StoreError,
     UnknownCampaignError,
 )
+from fleet.head_table import HeadTable
 from fleet.heads import decode_heads
-from fleet.ids import validate_campaign_id
+from fleet.ids import CAMPAIGN_ID_PATTERN, validate_campaign_id
 from fleet.store import (
     BACKBONE,
     ENV_STORAGE_OPTIONS,
@@ -47,6 +49,7 @@ from fleet.student import (
     StudentConfig,
     feature_width,
     head_logits,
+    head_logits_cross,
     head_num_params,
     ladder_config,
     widen_heads,
@@ -58,6 +61,13 @@ except ImportError:  # pragma: no cover - an older fleet.metrics
     CALIBRATION_KEYS: tuple[str, ...] = ()
 
 DEFAULT_CACHE_SIZE = 100_000
+#: How heads are kept (``FleetModel.open(heads=...)``): ``"resident"`` (every head in memory, quantized:
+#: :class:`fleet.head_table.HeadTable`), ``"lru"`` (read a row group on first use, dequantized rows in a
+#: bounded LRU) or ``"dense"`` (every head dequantized at open, ``Tensor[C, P]``; what ``preload=True`` asks).
+HEAD_MODES = ("resident", "lru", "dense")
+DEFAULT_HEADS = "resident"
+#: Campaigns per head evaluation of :meth:`FleetModel.score_campaigns` (bounds its memory: ``B x chunk x H`` floats).
+SCORE_CHUNK = 16_384
 DEFAULT_MAX_SEQUENCE_LENGTH = 1024
 #: Rows per backbone call. Rows are sorted by length first, so a chunk pads to similar lengths.
 BACKBONE_CHUNK = 256
@@ -136,6 +146,83 @@ class Prediction:
     def fallback_campaigns(self) -> list[str]:
         """Campaign ids of the request whose heads did not pass their gate, in order of first use."""
         return [cid for cid, status in self.statuses.items() if not head_passed(status)]
+
+
+@dataclass(frozen=True)
+class CampaignScores:
+    """What :meth:`FleetModel.score_campaigns` returns: one sequence scored by many campaigns' heads.
+
+    Unpacks as ``ids, probabilities = model.score_campaigns(...)``.
+
+    Attributes:
+        ids: the scored campaign ids: with ``top_k``, the ``k`` best, highest probability first (ties in
+            request order); without, every requested id the version holds, in request order (duplicates
+            once), or every campaign of the version in id order when no ids were given.
+        probabilities: ``float64[K]``, aligned with ``ids``.
+        fallback: ``bool[K]``: True where that campaign's head did not pass its quality gate
+            (:func:`fleet.codec.head_passed`); its probability is still given.
+        unknown: requested ids the version does not hold, in request order (duplicates once). They are
+            not scored and do not fail the call.
+    """
+
+    ids: list[str]
+    probabilities: np.ndarray
+    fallback: np.ndarray
+    unknown: list[str]
+
+    def __iter__(self):
+        return iter((self.ids, self.probabilities))
+
+    @property
+    def fallback_campaigns(self) -> list[str]:
+        """The scored ids whose heads did not pass their gate, in ``ids`` order."""
+        return [cid for cid, bad in zip(self.ids, self.fallback.tolist()) if bad]
+
+
+@dataclass(frozen=True)
+class CampaignScoresBatch:
+    """What :meth:`FleetModel.score_campaigns_batch` returns: ``B`` sequences x ``K`` campaigns.
+
+    Attributes:
+        ids: the ``K`` scored campaign ids (columns): every requested id the version holds, in request
+            order (duplicates once), or every campaign of the version in id order when no ids were given.
+        probabilities: ``float64[B, K]``: row ``b`` is sequence ``b``, column ``k`` campaign ``ids[k]``.
+        fallback: ``bool[K]``: True where that campaign's head did not pass its quality gate.
+        unknown: requested ids the version does not hold, in request order (duplicates once).
+    """
+
+    ids: list[str]
+    probabilities: np.ndarray
+    fallback: np.ndarray
+    unknown: list[str]
+
+    def row(self, b: int, top_k: int | None = None) -> CampaignScores:
+        """Sequence ``b``'s scores as :meth:`FleetModel.score_campaigns` gives them (``top_k`` as there)."""
+        order = _top(self.probabilities[b], top_k)
+        ids = self.ids if order is None else [self.ids[i] for i in order.tolist()]
+        sel = slice(None) if order is None else order
+        return CampaignScores(list(ids), self.probabilities[b][sel].copy(), self.fallback[sel].copy(),
+                              list(self.unknown))
+
+
+def _top(probabilities: np.ndarray, top_k: int | None) -> np.ndarray | None:
+    """Indices of the ``top_k`` highest probabilities, best first, ties in index order (None: all, as they are)."""
+    if top_k is None:
+        return None
+    k = min(int(top_k), len(probabilities))
+    if k < len(probabilities) // 4:  # partial selection, then a stable sort of the candidates
+        kth = np.partition(-probabilities, k - 1)[k - 1] if k else np.inf
+        candidates = np.flatnonzero(-probabilities <= kth)
+        return candidates[np.argsort(-probabilities[candidates], kind="stable")][:k]
+    return np.argsort(-probabilities, kind="stable")[:k]
+
+
+def _check_top_k(top_k: Any) -> int | None:
+    if top_k is None:
+        return None
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise InvalidInputError(f"top_k must be an integer >= 1, got {top_k!r}")
+    return int(top_k)
 
 
 class _HeadCache:
@@ -239,16 +326,19 @@ class _BoundedSet:
 
 
 class FleetModel:
-    """One fleet version ready to score: backbone resident, heads decoded on first use.
+    """One fleet version ready to score: backbone resident, heads resident quantized (or read on first use).
 
     Build it with :meth:`open` (a version or manifest URI) or :meth:`load` (also ``models:/``
     URIs). All methods are thread-safe; ``predict*`` run under ``torch.inference_mode`` (no autograd
     bookkeeping: ~15% off a backbone forward, measured).
 
     Args (of :meth:`open`):
-        cache_size: heads kept dequantized in the LRU (0 disables caching).
+        heads: ``"resident"`` (default: every head in memory in its quantized form, read once at open,
+            dequantized per request: :class:`fleet.head_table.HeadTable`), ``"lru"`` (a head's row group
+            is read on first use, dequantized rows kept in a bounded LRU) or ``"dense"`` (= ``preload``).
+        cache_size: heads kept dequantized in the LRU (0 disables caching); ``heads="lru"`` only.
         preload: decode every head at open into one dense ``Tensor[C, P]`` (no LRU, no I/O per
-            request). Memory: ``4 * P * C`` bytes plus an id dict.
+            request). Memory: ``4 * P * C`` bytes plus an id dict. Same as ``heads="dense"``.
         max_sequence_length: longest accepted sequence (events per sequence).
         num_threads: ``torch.set_num_threads`` for inference (process-wide); None leaves it.
         verify: check every file's sha256 at open (heads parts included).
@@ -261,7 +351,9 @@ class FleetModel:
         cache_size: int = DEFAULT_CACHE_SIZE,
         preload: bool = False,
         max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+        heads: str | None = None,
     ):
+        mode = _head_mode(heads, preload)
         if cache_size < 0:
             raise ValueError(f"cache_size must be >= 0, got {cache_size}")
         if max_sequence_length < 1:
@@ -281,8 +373,15 @@ class FleetModel:
         self._index: dict[str, int] | None = None
         self._status_codes: np.ndarray | None = None  # preload: (C,) index into _status_names
         self._status_names: list[str] = []
-        if preload:
+        self._dense_ids: list[str] = []
+        self._table: HeadTable | None = None  # resident: every head, quantized
+        self.heads_mode = mode
+        if mode == "dense":
             self._preload()
+        elif mode == "resident":
+            base = head_num_params(self.config)
+            self._table = HeadTable.from_version(version, sorted({base, self.num_params}))
+            self._failed_codes = np.array([not head_passed(st) for st in self._table.status_names], dtype=bool)
 
     # -------------------------------------------------------------- construction
 
@@ -311,20 +410,23 @@ class FleetModel:
         num_threads: int | None = None,
         verify: bool = True,
         manifest_sha256: str | None = None,
+        heads: str | None = None,
     ) -> FleetModel:
         """Open a committed version (its directory or ``manifest.json`` URI).
 
         ``storage_options`` None reads ``$FLEET_STORAGE_OPTIONS`` (JSON) when set. ``manifest_sha256``
         (the registry's tag, passed by :meth:`load`): a manifest with another sha256 is refused.
+        ``heads``: ``"resident"`` (default), ``"lru"`` or ``"dense"`` (see the class).
         """
+        mode = _head_mode(heads, preload)
         if storage_options is None:
             storage_options = storage_options_from_env()
         if num_threads is not None:
             torch.set_num_threads(int(num_threads))
-        # preload reads (and verifies) backbone and every heads part anyway
-        version = FleetVersion.open(manifest_or_version_uri, storage_options, verify=verify and not preload,
+        # resident and dense read (and verify) the backbone and every heads part anyway
+        version = FleetVersion.open(manifest_or_version_uri, storage_options, verify=verify and mode == "lru",
                                     manifest_sha256=manifest_sha256)
-        return cls(version, cache_size=cache_size, preload=preload, max_sequence_length=max_sequence_length)
+        return cls(version, cache_size=cache_size, max_sequence_length=max_sequence_length, heads=mode)
 
     @classmethod
     def load(cls, model_uri: str, tracking_uri: str | None = None, **kw: Any) -> FleetModel:
@@ -357,6 +459,7 @@ class FleetModel:
         self._status_names = [sys.intern(v) for v in status.dictionary.to_pylist()]
         self._dense = dense
         self._index = {cid: i for i, cid in enumerate(ids)}
+        self._dense_ids = ids
 
     # -------------------------------------------------------------- properties
 
@@ -378,12 +481,18 @@ class FleetModel:
         return self._version
 
     def cache_info(self) -> dict:
-        """``{"hits", "misses", "size", "capacity", "preloaded"}`` of the head cache."""
+        """``{"hits", "misses", "size", "capacity", "preloaded", "heads"}`` of the heads in memory:
+        ``heads`` is the mode (``resident``, ``lru``, ``dense``); resident and dense hold every head
+        (size = capacity = campaigns, no misses; ``preloaded`` is True for dense), and for resident
+        ``resident_bytes`` is the table's size."""
         if self._dense is not None:
             return {"hits": self._cache.hits, "misses": 0, "size": int(self._dense.shape[0]),
-                    "capacity": int(self._dense.shape[0]), "preloaded": True}
+                    "capacity": int(self._dense.shape[0]), "preloaded": True, "heads": "dense"}
+        if self._table is not None:
+            return {"hits": self._cache.hits, "misses": 0, "size": len(self._table), "capacity": len(self._table),
+                    "preloaded": False, "heads": "resident", "resident_bytes": self._table.nbytes}
         return {"hits": self._cache.hits, "misses": self._cache.misses, "size": len(self._cache),
-                "capacity": self._cache.capacity, "preloaded": False}
+                "capacity": self._cache.capacity, "preloaded": False, "heads": "lru"}
 
     def __repr__(self) -> str:
         return f"FleetModel(version={self.version_id!r}, campaigns={self.num_campaigns}, uri={self.source_uri!r})"
@@ -391,57 +500,121 @@ class FleetModel:
     # -------------------------------------------------------------- heads
 
     def _decode(self, rows: Sequence[HeadRow]) -> torch.Tensor:
+        """Dequantized, widened heads ``(M, P)`` of stored rows (LRU and dense)."""
         base = head_num_params(self.config)
         for r in rows:
             if r.num_params not in (base, self.num_params):
                 raise StoreError(f"head has {r.num_params} parameters but the backbone's {self.config.head!r} "
                                  f"head needs {base} (or {self.num_params}, its capacity ladder)",
                                  campaign_id=r.campaign_id, path=self._version.uri)
-        heads = torch.empty(len(rows), self.num_params)  # (C, P), smaller designs widened
+        parts = []
         for size in {r.num_params for r in rows}:
             picked = [i for i, r in enumerate(rows) if r.num_params == size]
             try:
                 decoded = decode_heads([rows[i] for i in picked]).reshape(len(picked), size).float()
             except (ValueError, RuntimeError, IndexError) as err:  # rows were checked: a stored row is bad
-                raise StoreError(f"head does not decode: {err}", campaign_id=rows[picked[0]].campaign_id,
+                raise StoreError(f"head does not decode: {err}", campaign_id=_undecodable(rows, picked).campaign_id,
                                  path=self._version.uri) from None
-            heads[picked] = widen_heads(decoded, self.config if size == base else self.head_config, self.head_config)
-        if not torch.isfinite(heads).all():
-            bad = rows[int((~torch.isfinite(heads)).any(1).nonzero()[0])].campaign_id
+            parts.append((picked, size, decoded))
+        return self._widen(len(rows), parts, lambda i: rows[i].campaign_id)
+
+    def _widen(self, count: int, parts, campaign_of: Callable[[int], str], *, finite: bool = False) -> torch.Tensor:
+        """Heads ``(count, P)`` from decoded pieces ``[(positions, size, Tensor[n, size])]``: rows of the
+        backbone's own design widened to the version's (:func:`fleet.student.widen_heads`, same logits);
+        a non-finite parameter is a StoreError naming ``campaign_of(position)`` (``finite``: known finite,
+        not checked again)."""
+        base = head_num_params(self.config)
+        if len(parts) == 1 and parts[0][1] == self.num_params and len(parts[0][0]) == count:
+            picked, _, heads = parts[0]  # one format: its rows in order (positions are 0..count-1, ascending)
+        else:
+            heads = torch.empty(count, self.num_params)  # (M, P), smaller designs widened
+            for picked, size, decoded in parts:
+                heads[picked] = widen_heads(decoded, self.config if size == base else self.head_config,
+                                            self.head_config)
+        if not finite and not torch.isfinite(heads).all():
+            bad = campaign_of(int((~torch.isfinite(heads)).any(1).nonzero()[0]))
             raise StoreError("head decodes to non-finite parameters", campaign_id=bad, path=self._version.uri)
         return heads
 
+    def _resident_heads(self, rows: np.ndarray) -> torch.Tensor:
+        """Heads ``(M, P)`` of rows of the resident table, dequantized now (vectorised per format)."""
+        table = self._table
+        try:
+            parts = [(torch.from_numpy(where), size, decoded) for where, size, decoded in table.decode(rows)]
+        except StoreError as err:
+            raise StoreError(err.reason, campaign_id=err.campaign_id, path=self._version.uri) from None
+        # finite: the table checked every scale and float16 value at open
+        return self._widen(len(rows), parts, lambda i: table.campaign_ids(rows[i : i + 1])[0], finite=True)
+
     def _heads(self, ids: list[str], first_row: dict[str, int]) -> tuple[torch.Tensor, list[str]]:
         """Head rows ``(U, P)`` and head statuses of distinct valid ``ids`` (both from the same cache
-        entry or preloaded index: no extra I/O); UnknownCampaignError for an absent one."""
+        entry, resident table or preloaded index: no extra I/O); UnknownCampaignError for an absent one."""
+        heads, statuses, found, _ = self._lookup(ids, first_row, strict=True)
+        return heads, statuses
+
+    def _lookup(self, ids: list[str], first_row: dict[str, int] | None = None, *, strict: bool = False,
+                statuses: bool = True) -> tuple[torch.Tensor, list[str] | None, np.ndarray, np.ndarray]:
+        """``(heads (M, P), statuses [M], found int64[M], failed bool[M])`` of the distinct valid ``ids`` the
+        version holds (``found`` indexes ``ids``, in order; ``failed``: the head did not pass its gate).
+        ``strict``: UnknownCampaignError for the first absent id instead (naming its row from ``first_row``).
+        ``statuses=False``: None instead of the list (the resident table then builds no strings)."""
+        first_row = first_row or {}
+        if self._table is not None:
+            rows = self._table.find(ids)
+            found = np.flatnonzero(rows >= 0)
+            if strict and len(found) < len(ids):
+                cid = ids[int(np.flatnonzero(rows < 0)[0])]
+                raise self._unknown(cid, first_row.get(cid))
+            self._cache.count_hits(len(found))
+            rows = rows[found]
+            return (self._resident_heads(rows), self._table.statuses(rows) if statuses else None, found,
+                    self._failed_codes[self._table.status[rows]])
+        heads, names, found = self._lookup_lru_or_dense(ids, first_row, strict)
+        return heads, names, found, np.array([not head_passed(st) for st in names], dtype=bool)
+
+    def _lookup_lru_or_dense(self, ids: list[str], first_row: dict[str, int],
+                             strict: bool) -> tuple[torch.Tensor, list[str], np.ndarray]:
         if self._dense is not None:
-            index = []
-            for cid in ids:
+            index, found = [], []
+            for k, cid in enumerate(ids):
                 i = self._index.get(cid)
                 if i is None:
-                    raise self._unknown(cid, first_row.get(cid))
+                    if strict:
+                        raise self._unknown(cid, first_row.get(cid))
+                    continue
                 index.append(i)
-            self._cache.count_hits(len(ids))
+                found.append(k)
+            self._cache.count_hits(len(index))
             names = self._status_names
-            return self._dense[index], [names[c] for c in self._status_codes[index].tolist()]
+            return (self._dense[index], [names[c] for c in self._status_codes[index].tolist()],
+                    np.array(found, dtype=np.int64))
         out = torch.empty(len(ids), self.num_params)  # (U, P)
         statuses: list = [None] * len(ids)
         missing = self._cache.gather(ids, out, statuses)
+        absent: set[int] = set()
         if missing:
-            rows = []
+            rows, read = [], []
             for i in missing:
                 cid = ids[i]
                 row = None if cid in self._absent else self._version.read_head_row(cid)  # one row group
                 if row is None:
                     self._absent.add(cid)
-                    raise self._unknown(cid, first_row.get(cid))
+                    if strict:
+                        raise self._unknown(cid, first_row.get(cid))
+                    absent.add(i)
+                    continue
                 rows.append(row)
-            decoded = self._decode(rows)  # (M, P)
-            out[missing] = decoded
-            for i, row in zip(missing, rows):
-                statuses[i] = sys.intern(row.status)
-            self._cache.put([ids[i] for i in missing], decoded, [statuses[i] for i in missing])
-        return out, statuses
+                read.append(i)
+            if rows:
+                decoded = self._decode(rows)  # (M, P)
+                out[read] = decoded
+                for i, row in zip(read, rows):
+                    statuses[i] = sys.intern(row.status)
+                self._cache.put([ids[i] for i in read], decoded, [statuses[i] for i in read])
+        if not absent:
+            return out, statuses, np.arange(len(ids), dtype=np.int64)
+        found = np.array([i for i in range(len(ids)) if i not in absent], dtype=np.int64)
+        return out[torch.from_numpy(found)], [statuses[i] for i in found.tolist()], found
 
     def head_status(self, campaign_id: str) -> str:
         """The ``status`` of a campaign's head (``"ok"``, ``"capacity"``, ``"fallback"``, ...), served
@@ -568,12 +741,118 @@ class FleetModel:
             raise InvalidInputError("the model output is not finite for these features (values too large?)", row=row)
         return Prediction(probs, failed[inverse.numpy()], verdicts)
 
+    # -------------------------------------------------------------- one user, many campaigns
+
+    def score_campaigns(self, sequence: Mapping[str, Any], campaign_ids: Sequence[str] | None = None,
+                        top_k: int | None = None) -> CampaignScores:
+        """Score ONE sequence (``{"event_types", "features"}``) with many campaigns' heads: the backbone
+        runs once, then every requested head is evaluated in one batched head evaluation
+        (:func:`fleet.student.head_logits_cross`, the formulas of the per-row path). Returns a
+        :class:`CampaignScores`, which unpacks as ``ids, probabilities``.
+
+        ``campaign_ids``: the campaigns to score (duplicates scored once); None scores every campaign of
+        the version (needs ``heads="resident"`` or ``"dense"``). Ids the version does not hold are listed
+        in ``.unknown`` and do not fail the call; an invalid id is an :class:`InvalidInputError`.
+        ``top_k``: keep the ``k`` highest probabilities, best first (None: all, in request order).
+        Each probability equals ``predict(campaign_id, [sequence])`` (to float32 rounding).
+        """
+        top_k = _check_top_k(top_k)
+        if not isinstance(sequence, Mapping):
+            raise InvalidInputError("sequence must be an object with event_types and features")
+        names, probs, failed, unknown = self._score([sequence], campaign_ids)
+        order = _top(probs[0], top_k)
+        if order is None:
+            order = np.arange(probs.shape[1])
+        return CampaignScores(names(order), probs[0][order], failed[order], unknown)
+
+    def score_campaigns_batch(self, sequences: Sequence[Mapping[str, Any]],
+                              campaign_ids: Sequence[str] | None = None) -> CampaignScoresBatch:
+        """``B`` sequences x ``K`` campaigns (:meth:`score_campaigns` for many users at once): the backbone
+        runs once over all sequences (chunked like :meth:`predict_batch`), the heads once over all of them.
+        Returns a :class:`CampaignScoresBatch` (``probabilities (B, K)``; ``.row(b, top_k)`` gives one
+        user's :class:`CampaignScores`)."""
+        names, probs, failed, unknown = self._score(sequences, campaign_ids)
+        return CampaignScoresBatch(names(np.arange(probs.shape[1])), probs, failed, unknown)
+
+    def _score(self, sequences, campaign_ids) -> tuple[Callable[[np.ndarray], list[str]], np.ndarray, np.ndarray,
+                                                       list[str]]:
+        """``(names, probabilities (B, K), fallback bool[K], unknown)``: ``names(columns)`` gives the ids of
+        columns (materialised only for what a caller returns: a million ids are not built for a top 10)."""
+        if not isinstance(sequences, (list, tuple)):
+            raise InvalidInputError("sequences must be a list of {event_types, features} objects")
+        types, feats = [], []
+        for i, seq in enumerate(sequences):
+            if not isinstance(seq, Mapping):
+                raise InvalidInputError("a sequence must be an object with event_types and features", row=i)
+            try:
+                types.append(seq["event_types"])
+                feats.append(seq["features"])
+            except KeyError as exc:
+                raise InvalidInputError(f"missing field {exc.args[0]!r}", row=i) from None
+        if campaign_ids is None:
+            if self._table is None and self._dense is None:
+                raise InvalidInputError("scoring every campaign (no campaign_ids) needs every head in memory: "
+                                        "open the model with heads='resident' (or 'dense')")
+            distinct, unknown, count = None, [], self._num_resident()
+        else:
+            if isinstance(campaign_ids, (str, bytes)) or not isinstance(campaign_ids, Sequence | np.ndarray):
+                raise InvalidInputError("campaign_ids must be a list of campaign ids")
+            distinct = _distinct_ids(campaign_ids)
+            unknown, count = [], len(distinct)
+        types, feats = self._validate_sequences(types, feats, None)
+        b = len(types)
+        known: list[str] = []
+        chunks_p, chunks_f = [], []
+        with torch.inference_mode():
+            h = self._features(types, feats) if b else None  # (B, W): the one backbone pass
+            for start in range(0, count, SCORE_CHUNK):
+                stop = min(start + SCORE_CHUNK, count)
+                if distinct is None:
+                    heads, failed = self._all_heads(start, stop)
+                else:
+                    chunk = distinct[start:stop]
+                    heads, _, found, failed = self._lookup(chunk, statuses=False)
+                    if len(found) == len(chunk):
+                        known.extend(chunk)
+                    else:
+                        found_set = set(found.tolist())
+                        known.extend(chunk[i] for i in found.tolist())
+                        unknown.extend(cid for i, cid in enumerate(chunk) if i not in found_set)
+                if h is None or heads.shape[0] == 0:
+                    chunks_p.append(np.zeros((b, heads.shape[0]), dtype=np.float64))
+                else:
+                    logits = head_logits_cross(self.head_config.head, h, heads, self.head_config.head_rank)  # (B, n)
+                    chunks_p.append(torch.sigmoid(logits).numpy().astype(np.float64))
+                chunks_f.append(failed)
+        probs = np.concatenate(chunks_p, axis=1) if chunks_p else np.zeros((b, 0), dtype=np.float64)
+        failed = np.concatenate(chunks_f) if chunks_f else np.zeros(0, dtype=bool)
+        if not np.isfinite(probs).all():  # finite float32 inputs can still overflow inside the RNN
+            row = int(np.flatnonzero(~np.isfinite(probs).all(1))[0])
+            raise InvalidInputError("the model output is not finite for these features (values too large?)", row=row)
+        if distinct is not None:
+            return (lambda cols: [known[i] for i in cols.tolist()]), probs, failed, unknown
+        if self._table is not None:
+            return self._table.campaign_ids, probs, failed, unknown
+        return (lambda cols: [self._dense_ids[i] for i in cols.tolist()]), probs, failed, unknown
+
+    def _num_resident(self) -> int:
+        return len(self._table) if self._table is not None else int(self._dense.shape[0])
+
+    def _all_heads(self, start: int, stop: int) -> tuple[torch.Tensor, np.ndarray]:
+        """Heads ``(n, P)`` and fallback flags of the campaigns ``start:stop`` of the version (id order)."""
+        self._cache.count_hits(stop - start)
+        if self._table is not None:
+            rows = np.arange(start, stop, dtype=np.int64)
+            return self._resident_heads(rows), self._failed_codes[self._table.status[rows]]
+        failed = np.array([not head_passed(st) for st in self._status_names], dtype=bool)
+        return self._dense[start:stop], failed[self._status_codes[start:stop]]
+
     def _validate_sequences(self, event_types, features, campaign_ids) -> tuple[list[np.ndarray], list[np.ndarray]]:
         num_types, num_feats, max_len = self.config.num_event_types, self.config.num_features, self.max_sequence_length
         types_out, feats_out = [], []
 
         def bad(reason: str, i: int) -> InvalidInputError:
-            cid = campaign_ids if isinstance(campaign_ids, str) else campaign_ids[i]
+            cid = campaign_ids if isinstance(campaign_ids, str) or campaign_ids is None else campaign_ids[i]
             return InvalidInputError(reason, row=i, campaign_id=cid)
 
         for i, (t, f) in enumerate(zip(event_types, features)):
@@ -615,6 +894,49 @@ class FleetModel:
             batch = collate([types[i] for i in idx], [feats[i] for i in idx], num_feats)
             h[torch.from_numpy(idx)] = self.backbone(batch.event_types, batch.features, batch.lengths, pooled)
         return h
+
+
+_IDS_RE = re.compile(rf"(?:{CAMPAIGN_ID_PATTERN.pattern}\n)*{CAMPAIGN_ID_PATTERN.pattern}")
+
+
+def _distinct_ids(campaign_ids: Sequence[Any]) -> list[str]:
+    """The valid campaign ids of a list, duplicates once, in order; InvalidInputError naming the first
+    invalid entry. A thousand ids are checked with one regex over their newline-joined text (an id cannot
+    hold a newline); the per-id check runs only to name a bad one."""
+    ids = list(campaign_ids)
+    try:
+        text = "\n".join(ids)
+        ok = not ids or (text.count("\n") == len(ids) - 1 and _IDS_RE.fullmatch(text) is not None)
+    except TypeError:  # an entry that is not a string
+        ok = False
+    if not ok:
+        for i, cid in enumerate(ids):
+            try:
+                validate_campaign_id(cid)
+            except InvalidCampaignIdError as err:
+                raise InvalidInputError(f"campaign_ids[{i}]: {err.reason}") from None
+    return list(dict.fromkeys(ids))
+
+
+def _undecodable(rows: Sequence[HeadRow], picked: list[int]) -> HeadRow:
+    """The first of ``rows[picked]`` that does not decode on its own (the one a failed batch decode names)."""
+    for i in picked:
+        try:
+            decode_heads([rows[i]])
+        except (ValueError, RuntimeError, IndexError):
+            return rows[i]
+    return rows[picked[0]]  # pragma: no cover - a batch fails only through one of its rows
+
+
+def _head_mode(heads: str | None, preload: bool) -> str:
+    """The head mode of ``open(heads=..., preload=...)``: ``preload=True`` is ``"dense"``."""
+    if heads is None:
+        return "dense" if preload else DEFAULT_HEADS
+    if heads not in HEAD_MODES:
+        raise ValueError(f"heads must be one of {HEAD_MODES}, got {heads!r}")
+    if preload and heads != "dense":
+        raise ValueError(f"preload=True keeps every head dense; it contradicts heads={heads!r}")
+    return heads
 
 
 def _as_array(value: Any) -> np.ndarray | None:
@@ -670,8 +992,12 @@ def alias_reloader(model_uri: str, tracking_uri: str | None = None, **open_kw: A
 
 __all__ = [
     "DEFAULT_CACHE_SIZE",
+    "DEFAULT_HEADS",
     "DEFAULT_MAX_SEQUENCE_LENGTH",
     "ENV_STORAGE_OPTIONS",
+    "HEAD_MODES",
+    "CampaignScores",
+    "CampaignScoresBatch",
     "FleetModel",
     "InvalidInputError",
     "Prediction",

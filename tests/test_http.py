@@ -79,7 +79,7 @@ def versions(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(versions):
-    return {vid: FleetModel.open(b.uri, cache_size=16) for vid, b in versions.items()}
+    return {vid: FleetModel.open(b.uri, cache_size=16, heads="lru") for vid, b in versions.items()}
 
 
 @pytest.fixture(scope="module")
@@ -329,6 +329,114 @@ def test_fuzz_never_5xx(server, request):
         assert all(0.0 <= p <= 1.0 for p in body["probabilities"])
     else:
         assert isinstance(body["detail"], str)
+
+
+# --------------------------------------------------------------------------- POST /v1/score (one sequence, many campaigns)
+
+SCORE_LIMIT = 20  # below the 50 campaigns of v1, so "every campaign" without top_k is over the limit
+
+
+@pytest.fixture(scope="module")
+def score_server(versions):
+    """v1 with every head resident (the default) and a small /v1/score limit."""
+    model = FleetModel.open(versions["v1"].uri)
+    app = create_app(model, max_score_campaigns=SCORE_LIMIT, max_body_bytes=200_000)
+    with serve(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield client, model
+
+
+def test_score(score_server, versions):
+    client, model = score_server
+    b = versions["v1"]
+    seq = seq_body(random.Random(50), 1)[0]
+    ids = [b.ids[i] for i in (4, 0, 17, 4, 9)] + ["camp-0001", "zz-9"]
+    r = client.post("/v1/score", json={"sequence": seq, "campaign_ids": ids})
+    assert r.status_code == 200, r.text
+    body = strict_json(r)
+    known = [b.ids[i] for i in (4, 0, 17, 9)]
+    assert body["version"] == "v1" and body["campaign_ids"] == known and body["unknown"] == ["camp-0001", "zz-9"]
+    np.testing.assert_allclose(body["probabilities"], [model.predict(c, [seq])[0] for c in known], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(body["probabilities"], [b.expected(c, [seq])[0] for c in known], atol=1e-6, rtol=0)
+    assert body["fallback"] == [False] * 4
+    top = strict_json(client.post("/v1/score", json={"sequence": seq, "campaign_ids": ids, "top_k": 2}))
+    order = np.argsort(-np.array(body["probabilities"]), kind="stable")[:2]
+    assert top["campaign_ids"] == [known[i] for i in order] and top["unknown"] == ["camp-0001", "zz-9"]
+    every = strict_json(client.post("/v1/score", json={"sequence": seq, "top_k": SCORE_LIMIT}))
+    want = model.score_campaigns(seq, top_k=SCORE_LIMIT)
+    assert every["campaign_ids"] == want.ids and len(every["campaign_ids"]) == SCORE_LIMIT
+    np.testing.assert_allclose(every["probabilities"], want.probabilities, atol=1e-7, rtol=0)
+    empty = strict_json(client.post("/v1/score", json={"sequence": seq, "campaign_ids": [], "note": "ignored"}))
+    assert empty["campaign_ids"] == [] and empty["probabilities"] == [] and empty["unknown"] == []
+    schema = strict_json(client.get("/openapi.json"))
+    assert {"sequence", "campaign_ids", "top_k"} <= set(schema["components"]["schemas"]["ScoreRequest"]["properties"])
+    assert {"campaign_ids", "probabilities", "fallback", "unknown"} <= set(
+        schema["components"]["schemas"]["ScoreResponse"]["properties"])
+    assert "/v1/score" in schema["paths"]
+    metrics = client.get("/metrics").text
+    assert 'fleet_http_requests_total{endpoint="/v1/score",status="200"}' in metrics
+    assert "fleet_scored_campaigns_total" in metrics
+
+
+def test_score_limits_are_413_and_bad_bodies_422(score_server, versions):
+    client, _ = score_server
+    b = versions["v1"]
+    seq = seq_body(random.Random(51), 1)[0]
+
+    def post(body):
+        r = client.post("/v1/score", json=body)
+        return r.status_code, strict_json(r)
+
+    code, body = post({"sequence": seq, "campaign_ids": b.ids[: SCORE_LIMIT + 1]})
+    assert code == 413 and body["code"] == "too_many_campaigns" and str(SCORE_LIMIT) in body["detail"]
+    assert post({"sequence": seq, "campaign_ids": b.ids[:SCORE_LIMIT]})[0] == 200  # at the limit: fine
+    code, body = post({"sequence": seq})  # every campaign (50) without top_k: above the limit
+    assert code == 413 and body["code"] == "too_many_campaigns" and "top_k" in body["detail"]
+    assert post({"sequence": seq, "top_k": SCORE_LIMIT + 1})[0] == 413
+    for bad in ({"campaign_ids": b.ids[:2]},  # no sequence
+                {"sequence": seq, "campaign_ids": "camp-0000"},  # not a list
+                {"sequence": seq, "campaign_ids": [1, 2]},
+                {"sequence": seq, "top_k": 0}, {"sequence": seq, "top_k": 2.5}, {"sequence": seq, "top_k": "3"},
+                {"sequence": {"event_types": [1.5], "features": [0, 0, 0]}, "campaign_ids": b.ids[:2]},
+                {"sequences": [seq], "campaign_ids": b.ids[:2]}):
+        code, body = post(bad)
+        assert code == 422 and body["code"] == "invalid_body", (bad, body)
+    code, body = post({"sequence": seq, "campaign_ids": [b.ids[0], "../x"]})
+    assert code == 422 and body["code"] == "invalid_input" and "campaign_ids[1]" in body["detail"]
+    code, body = post({"sequence": {"event_types": [99], "features": [0, 0, 0]}, "campaign_ids": b.ids[:2]})
+    assert code == 422 and body["code"] == "invalid_input" and "event types" in body["detail"]
+    r = client.post("/v1/score", content=b'{"sequence": {"event_types": [1], "features": [NaN, 0, 0]}}',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 422
+
+
+def test_score_on_an_lru_server(models, versions):
+    """heads="lru": named campaigns score the same; every campaign (no ids) is a 422 naming the fix."""
+    seq = seq_body(random.Random(52), 1)[0]
+    ids = versions["v1"].ids[:5]
+    with serve(create_app(models["v1"])) as url:
+        r = httpx.post(url + "/v1/score", json={"sequence": seq, "campaign_ids": ids})
+        assert r.status_code == 200
+        np.testing.assert_allclose(strict_json(r)["probabilities"], [versions["v1"].expected(c, [seq])[0] for c in ids],
+                                   atol=1e-6)
+        r = httpx.post(url + "/v1/score", json={"sequence": seq, "top_k": 3})
+        assert r.status_code == 422 and "resident" in strict_json(r)["detail"]
+
+
+_score_ids = st.one_of(st.none(), st.lists(_cid, max_size=6), _any)
+_score = st.fixed_dictionaries({"sequence": st.one_of(_seq, _near_valid_seq()), "campaign_ids": _score_ids},
+                               optional={"top_k": st.one_of(st.integers(-2, 30), _any)})
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(content=st.one_of(_dumps(_score), _dumps(_any), _raw_text))
+def test_score_fuzz_never_5xx(score_server, content):
+    client, _ = score_server
+    r = client.post("/v1/score", content=content, headers={"content-type": "application/json"})
+    assert r.status_code < 500, (content[:200], r.status_code, r.text[:300])
+    body = strict_json(r)
+    if r.status_code == 200:
+        assert all(0.0 <= p <= 1.0 for p in body["probabilities"])
+        assert len(body["probabilities"]) == len(body["campaign_ids"]) == len(body["fallback"])
 
 
 # --------------------------------------------------------------------------- reload and swap
@@ -616,7 +724,7 @@ def test_error_bodies_name_campaign_row_and_reason_never_paths_credentials_or_tr
     b = versions["v1"]
     cid = next(c for c, r in b.rows.items() if r.bits != 16)
     store = str(tmp_path / "store")
-    model = FleetModel.open(_write_nan_head_version(store, b, cid), cache_size=4)
+    model = FleetModel.open(_write_nan_head_version(store, b, cid), cache_size=4, heads="lru")  # resident: refused at open
     leak = ("https://bob:hunter2-pw@registry.example/api?token=tok-5b1e-query", "/srv/fleet-store/adfleet/versions")
 
     def broken(current):

@@ -74,7 +74,7 @@ def test_no_byte_flip_of_a_heads_file_gives_a_wrong_answer(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 1-row backbone pass: threads only add overhead
     try:
-        served = FleetModel.open(built.uri, cache_size=0)  # verified while intact
+        served = FleetModel.open(built.uri, cache_size=0, heads="lru")  # verified while intact; every lookup reads
         seq = random_sequences(random.Random(5), 1, max_len=3)[0]
 
         def served_answer(cid):
@@ -142,7 +142,10 @@ def test_a_head_row_that_breaks_the_contract_is_refused_before_decoding(tmp_path
     with pytest.raises(StoreError, match="invalid head row: packed has") as err:
         v2.read_head_row(bad_id)
     assert err.value.campaign_id == bad_id
-    model = FleetModel.open(uri, cache_size=0)
+    with pytest.raises(StoreError, match="invalid head row: packed has") as err:
+        FleetModel.open(uri)  # heads="resident" checks every row at open
+    assert err.value.campaign_id == bad_id
+    model = FleetModel.open(uri, cache_size=0, heads="lru")
     seqs = random_sequences(random.Random(1), 2)
     with pytest.raises(StoreError, match="packed has"):
         model.predict(bad_id, seqs)
@@ -199,7 +202,7 @@ def test_store_failures_are_503_store_unavailable_without_paths(tmp_path):
     campaign metadata (never 200, 422 or 500), and the body names no path of the store."""
     store = str(tmp_path / "store")
     built = build_version(store, num_campaigns=8, row_group_size=2, rows_per_part=100)
-    model = FleetModel.open(built.uri, cache_size=0)  # verified at open; every lookup is cold
+    model = FleetModel.open(built.uri, cache_size=0, heads="lru")  # verified at open; every lookup is cold
     path = _part_path(built)
     with open(path, "rb") as f:
         original = f.read()

@@ -83,7 +83,7 @@ def test_pyfunc_errors_are_mlflow_bad_requests(mlflow_env, versions):
 
 def test_load_pyfunc_directly(tmp_path, versions):
     b = versions["v2"]
-    path = write_config(str(tmp_path / "d"), b.uri, "v2", cache_size=4)
+    path = write_config(str(tmp_path / "d"), b.uri, "v2", cache_size=4, heads="lru")
     model = _load_pyfunc(str(tmp_path / "d"))
     assert isinstance(model, FleetPyfunc) and model.model.version_id == "v2"
     assert model.model.cache_info()["capacity"] == 4
@@ -116,9 +116,9 @@ def test_load_models_uri_and_alias_reloader(mlflow_env, versions):
     """FleetModel.load resolves models:/ URIs via fleet.registry; the reloader follows the alias."""
     tracking_uri, client = mlflow_env["tracking_uri"], mlflow_env["client"]
     assert FleetModel.load("models:/adfleet/1", tracking_uri).version_id == "v1"
-    champion = FleetModel.load("models:/adfleet@champion", tracking_uri, cache_size=8)
+    champion = FleetModel.load("models:/adfleet@champion", tracking_uri, cache_size=8, heads="lru")
     assert champion.version_id == "v2" and champion.source_uri == "models:/adfleet@champion"
-    reload = alias_reloader("models:/adfleet@champion", tracking_uri, cache_size=8)
+    reload = alias_reloader("models:/adfleet@champion", tracking_uri, cache_size=8, heads="lru")
     assert reload(champion) is None  # unchanged
     client.set_registered_model_alias("adfleet", "champion", "1")
     try:
@@ -180,3 +180,59 @@ def test_with_status_through_mlflow(mlflow_env, gated, tmp_path):
     out = loaded.predict(df, params={"with_status": True})
     assert out["fallback"].tolist() == [True, False] and out["status"].tolist() == ["fallback", "capacity"]
     np.testing.assert_allclose(out["probability"].to_numpy(), plain, atol=0)
+
+
+# --------------------------------------------------------------------------- ranking requests (POST /v1/score's shape)
+
+
+def rank_frame(seqs, campaign_ids) -> pd.DataFrame:
+    return pd.DataFrame({"event_types": [s["event_types"] for s in seqs], "features": [s["features"] for s in seqs],
+                         "campaign_ids": campaign_ids})
+
+
+def test_ranking_request(gated):
+    from fleet.pyfunc import SCORE_COLUMNS
+
+    fleet_model = FleetModel.open(gated.uri)
+    model = FleetPyfunc(fleet_model)
+    seqs = random_sequences(random.Random(42), 4)
+    three = ["camp-0000", "camp-0002", "camp-0001"]
+    lists = [three, None, ["camp-0006", "camp-0004"], list(three)]
+    out = model.predict(rank_frame(seqs, lists))
+    assert isinstance(out, pd.DataFrame) and list(out.columns) == list(SCORE_COLUMNS) and len(out) == 4
+    for i, (seq, ids) in enumerate(zip(seqs, lists)):
+        want = fleet_model.score_campaigns(seq, ids)
+        assert out["campaign_ids"][i] == want.ids and out["unknown"][i] == want.unknown
+        np.testing.assert_allclose(out["probabilities"][i], want.probabilities, atol=1e-7, rtol=0)
+        assert out["fallback"][i] == want.fallback.tolist()
+    assert out["unknown"][0] == ["camp-0001"] and out["fallback"][0] == [True, False]
+    assert len(out["campaign_ids"][1]) == 10  # null: every campaign
+    top = model.predict(rank_frame(seqs, lists), params={"top_k": 1})
+    assert [len(ids) for ids in top["campaign_ids"]] == [1, 1, 1, 1]
+    assert top["campaign_ids"][1] == fleet_model.score_campaigns(seqs[1], top_k=1).ids
+    for bad in (0, "2", 1.5, True):
+        with pytest.raises(MlflowException, match="top_k"):
+            model.predict(rank_frame(seqs, lists), params={"top_k": bad})
+    with pytest.raises(MlflowException, match=r"campaign_ids\[0\]"):
+        model.predict(rank_frame(seqs[:1], [["../x"]]))
+    with pytest.raises(MlflowException, match="campaign_ids must be a list"):
+        model.predict(rank_frame(seqs[:1], ["camp-0000"]))
+    with pytest.raises(MlflowException, match="lacks columns"):
+        model.predict(pd.DataFrame({"campaign_ids": [["camp-0000"]]}))
+
+
+def test_ranking_request_through_mlflow(mlflow_env, gated, tmp_path):
+    """Logged with fleet.pyfunc.model_signature(), the top_k param reaches the model through mlflow's loader."""
+    from fleet.pyfunc import model_signature
+
+    write_config(str(tmp_path / "data"), gated.uri, "g1")
+    experiment = mlflow.get_experiment_by_name("fleet-test").experiment_id
+    with mlflow.start_run(experiment_id=experiment):
+        info = mlflow.pyfunc.log_model(name="model", loader_module="fleet.pyfunc", data_path=str(tmp_path / "data"),
+                                       signature=model_signature())
+    loaded = mlflow.pyfunc.load_model(info.model_uri)
+    seqs = random_sequences(random.Random(43), 2)
+    out = loaded.predict(rank_frame(seqs, [gated.ids, gated.ids[:3]]), params={"top_k": 2})
+    want = FleetModel.open(gated.uri).score_campaigns(seqs[0], gated.ids, top_k=2)
+    assert out["campaign_ids"][0] == want.ids and len(out["campaign_ids"][1]) == 2
+    np.testing.assert_allclose(out["probabilities"][0], want.probabilities, atol=1e-7, rtol=0)

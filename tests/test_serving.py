@@ -139,9 +139,9 @@ def model(built) -> FleetModel:
 # --------------------------------------------------------------------------- correctness
 
 
-@pytest.mark.parametrize("preload", [False, True])
-def test_predict_equals_dequantized_student(built, preload):
-    m = FleetModel.open(built.uri, preload=preload)
+@pytest.mark.parametrize("heads", ["resident", "lru", "dense"])
+def test_predict_equals_dequantized_student(built, heads):
+    m = FleetModel.open(built.uri, heads=heads)
     rng = random.Random(1)
     for cid in built.ids:
         seqs = random_sequences(rng, 3)
@@ -235,7 +235,7 @@ def count_reads(monkeypatch):
 
 
 def test_cold_lookup_reads_one_row_group(built, count_reads):
-    m = FleetModel.open(built.uri, cache_size=10)
+    m = FleetModel.open(built.uri, cache_size=10, heads="lru")
     seqs = random_sequences(random.Random(6), 2)
     m.predict(built.ids[17], seqs)
     assert count_reads == {"row_group": 1, "whole": 0}
@@ -263,8 +263,19 @@ def test_preload_reads_no_row_groups_per_request(built, count_reads):
     assert m.cache_info()["preloaded"] and m.cache_info()["size"] == 50
 
 
+def test_resident_reads_each_part_once_then_nothing(built, count_reads):
+    m = FleetModel.open(built.uri)  # heads="resident", the default
+    assert count_reads == {"row_group": 0, "whole": 3}  # the three parts, once, at open
+    m.predict_batch([{"campaign_id": c, **random_sequences(random.Random(7), 1)[0]} for c in built.ids])
+    with pytest.raises(UnknownCampaignError):
+        m.predict("camp-0035", random_sequences(random.Random(7), 1))  # absent: no read either
+    assert count_reads == {"row_group": 0, "whole": 3}
+    info = m.cache_info()
+    assert info["heads"] == "resident" and info["size"] == info["capacity"] == 50 and info["misses"] == 0
+
+
 def test_lru_bound_and_order(built):
-    m = FleetModel.open(built.uri, cache_size=5)
+    m = FleetModel.open(built.uri, cache_size=5, heads="lru")
     seqs = random_sequences(random.Random(8), 1)
     for cid in built.ids[:30]:
         m.predict(cid, seqs)
@@ -286,14 +297,14 @@ def test_lru_bound_and_order(built):
 
 
 def test_cache_disabled(built):
-    m = FleetModel.open(built.uri, cache_size=0)
+    m = FleetModel.open(built.uri, cache_size=0, heads="lru")
     seqs = random_sequences(random.Random(9), 2)
     np.testing.assert_allclose(m.predict(built.ids[4], seqs), built.expected(built.ids[4], seqs), atol=1e-6)
     assert m.cache_info()["size"] == 0
 
 
 def test_thread_safety(built):
-    m = FleetModel.open(built.uri, cache_size=7)  # small: constant eviction under load
+    m = FleetModel.open(built.uri, cache_size=7, heads="lru")  # small: constant eviction under load
     rng = random.Random(10)
     cases = []
     for _ in range(200):
@@ -416,7 +427,7 @@ def test_storage_options_from_env(monkeypatch, built):
 
 
 def test_load_plain_uri(built):
-    m = FleetModel.load(built.uri, cache_size=3)
+    m = FleetModel.load(built.uri, cache_size=3, heads="lru")
     assert m.version_id == "v1" and m.cache_info()["capacity"] == 3 and m.source_uri == built.uri
 
 
@@ -523,7 +534,8 @@ def test_head_passed_rule():
     assert [head_passed(s) for s in ("fallback", "gate_failed")] == [False, False]
 
 
-@pytest.mark.parametrize("open_kw", [{"cache_size": 100}, {"cache_size": 0}, {"preload": True}])
+@pytest.mark.parametrize("open_kw", [{"cache_size": 100, "heads": "lru"}, {"cache_size": 0, "heads": "lru"},
+                                     {"preload": True}, {"heads": "resident"}])
 def test_predict_with_status(gated, open_kw):
     m = FleetModel.open(gated.uri, **open_kw)
     assert gated.rows["camp-0008"].status == "fp16_fallback"
@@ -551,7 +563,7 @@ def test_predict_with_status(gated, open_kw):
 
 
 def test_head_status_is_served_from_the_cache(gated, count_reads):
-    m = FleetModel.open(gated.uri, cache_size=4)
+    m = FleetModel.open(gated.uri, cache_size=4, heads="lru")
     seqs = random_sequences(random.Random(21), 2)
     m.predict("camp-0000", seqs)
     assert count_reads == {"row_group": 1, "whole": 0}
