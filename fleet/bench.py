@@ -600,16 +600,18 @@ def _bench_serving(manifest_uri, events_uri, ok, holdout, num_features, cfg, Fle
     rng = np.random.default_rng(cfg.compress.seed + 5)
     seqs = _sequences(events_uri, ok, holdout, num_features, rng, max(cfg.warm_requests, cfg.cold_requests))
     out: dict = {}
+    # heads="lru" throughout: these figures are the LRU path's (warm = head cached, cold = a row-group read),
+    # as docs/benchmarks.md reports them; FleetModel's default is heads="resident" (docs/serving.md)
     # open time of a fresh model (manifest + backbone + checksums of every file)
     opens = []
     for _ in range(5):
         t0 = time.perf_counter()
-        FleetModel.open(manifest_uri)
+        FleetModel.open(manifest_uri, heads="lru")
         opens.append(time.perf_counter() - t0)
     out["open_seconds_median"] = float(np.median(opens))
     # one intra-op thread, as `fleet serve --threads 1`: one short sequence gains nothing from more, and
     # OpenMP's spinning threads cost milliseconds on a machine whose cores are shared
-    model = FleetModel.open(manifest_uri, num_threads=SERVING_THREADS)
+    model = FleetModel.open(manifest_uri, num_threads=SERVING_THREADS, heads="lru")
     cid, types, feats = seqs[0]
     model.predict(cid, [{"event_types": types, "features": feats}])  # head now cached
     warm = []
@@ -621,7 +623,8 @@ def _bench_serving(manifest_uri, events_uri, ok, holdout, num_features, cfg, Fle
             model.predict(cid, [{"event_types": types, "features": feats}])
             warm.append(time.perf_counter() - t0)
             progress.advance(task)
-        cold_model = FleetModel.open(manifest_uri, cache_size=0, num_threads=SERVING_THREADS)  # every predict reads its head's row group
+        cold_model = FleetModel.open(manifest_uri, cache_size=0, num_threads=SERVING_THREADS,
+                                     heads="lru")  # every predict reads its head's row group
         cold = []
         task = progress.add_task("serving: cold predict (cache miss, Parquet row group)", total=cfg.cold_requests)
         for i in range(cfg.cold_requests):
@@ -640,7 +643,7 @@ def _bench_serving(manifest_uri, events_uri, ok, holdout, num_features, cfg, Fle
 _SERVER_SRC = """
 import sys, uvicorn
 from fleet.http import app_from_uri
-app = app_from_uri(sys.argv[1], num_threads=int(sys.argv[3]))
+app = app_from_uri(sys.argv[1], num_threads=int(sys.argv[3]), heads="lru")
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", access_log=False)
 """
 
@@ -729,8 +732,8 @@ def rss():
             out[line.split(":")[0]] = int(line.split()[1]) / 1024.0
     return out
 before = rss()
-t0 = time.perf_counter(); model = FleetModel.open(uri, verify=False, num_threads=1); open_s = time.perf_counter() - t0
-t0 = time.perf_counter(); FleetModel.open(uri, verify=True); open_verify_s = time.perf_counter() - t0
+t0 = time.perf_counter(); model = FleetModel.open(uri, verify=False, num_threads=1, heads="lru"); open_s = time.perf_counter() - t0
+t0 = time.perf_counter(); FleetModel.open(uri, verify=True, heads="lru"); open_verify_s = time.perf_counter() - t0
 rng = np.random.default_rng(seed)
 cfg = model.config
 lat = []
@@ -824,7 +827,7 @@ def bench_scale(count: int, version: FleetVersion, cfg: BenchConfig, stamp: str)
         "rss_mb": probe["rss_after"].get("VmRSS"), "peak_rss_mb": probe["rss_after"].get("VmHWM"),
         "rss_before_open_mb": probe["rss_before_open"].get("VmRSS"), "manifest_uri": manifest_uri,
         "note": "SIMULATED heads (real shape, real bit mix, real backbone, real store format); "
-                "served by FleetModel (no preload) in a fresh subprocess; cold = random campaigns, cache misses",
+                "served by FleetModel (heads='lru') in a fresh subprocess; cold = random campaigns, cache misses",
     }
 
 
