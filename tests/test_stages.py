@@ -179,8 +179,8 @@ def test_capacity_ladder_gives_a_failing_campaign_the_larger_head_and_every_path
         writer.write_backbone_bytes(data)
         writer.write_heads(table)
         uri = writer.commit()
-        for preload in (False, True):
-            model = FleetModel.open(uri, preload=preload)
+        for heads in ("resident", "lru", "dense"):
+            model = FleetModel.open(uri, heads=heads)
             events = generate_rows(ids)
             prediction = model.predict_with_status([ids[0], ids[1]] * 3, *events)
             assert prediction.fallback.tolist() == [False, name == "plain"] * 3
