@@ -98,7 +98,12 @@ def _admin_token(path: str | None) -> str | None:
 def register(subparsers) -> None:
     """Add ``serve``, ``predict`` and ``inspect`` to ``fleet``'s subparsers."""
     from fleet.http import DEFAULT_MAX_SCORE_CAMPAIGNS
-    from fleet.serving import DEFAULT_CACHE_SIZE, DEFAULT_HEADS, DEFAULT_MAX_SEQUENCE_LENGTH, HEAD_MODES
+    from fleet.serving import (
+        DEFAULT_CACHE_SIZE,
+        DEFAULT_HEADS,
+        DEFAULT_MAX_SEQUENCE_LENGTH,
+        HEAD_MODES,
+    )
 
     heads_help = (f"how heads are kept (default {DEFAULT_HEADS}): resident = every head in memory, quantized "
                   "(read once at start); lru = read on first use into the --cache-size LRU; dense = = --preload")

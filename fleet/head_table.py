@@ -294,7 +294,7 @@ class _Builder:
         # (one 1-D unique per field, then of their combined index: np.unique(axis=0) sorts rows, 20x slower)
         fields = [np.unique(f, return_inverse=True) for f in (bits, group, size, stored, masked.astype(np.int64))]
         combined = np.ravel_multi_index([inv.reshape(-1) for _, inv in fields], [len(u) for u, _ in fields])
-        uniq, first, inverse = np.unique(combined, return_index=True, return_inverse=True)
+        _, first, inverse = np.unique(combined, return_index=True, return_inverse=True)
         keys = np.stack([bits, group, size, stored, masked.astype(np.int64)], axis=1)[first]  # (F, 5)
         mapping = np.array([self.formats.setdefault(tuple(int(v) for v in k), len(self.formats)) for k in keys])
         self.fmt.append(mapping[inverse.reshape(-1)])

@@ -549,7 +549,7 @@ class FleetModel:
     def _heads(self, ids: list[str], first_row: dict[str, int]) -> tuple[torch.Tensor, list[str]]:
         """Head rows ``(U, P)`` and head statuses of distinct valid ``ids`` (both from the same cache
         entry, resident table or preloaded index: no extra I/O); UnknownCampaignError for an absent one."""
-        heads, statuses, found, _ = self._lookup(ids, first_row, strict=True)
+        heads, statuses, _, _ = self._lookup(ids, first_row, strict=True)
         return heads, statuses
 
     def _lookup(self, ids: list[str], first_row: dict[str, int] | None = None, *, strict: bool = False,

@@ -24,8 +24,8 @@ import math
 import os
 import re
 import uuid
-from datetime import datetime, timezone
 from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 import fsspec

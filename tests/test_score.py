@@ -14,7 +14,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from test_serving import GATED_STATUSES, BuiltVersion, build_version, random_sequences, run_cli
+from test_serving import (
+    GATED_STATUSES,
+    BuiltVersion,
+    build_version,
+    random_sequences,
+    run_cli,
+)
 
 from fleet.codec import HeadRow, heads_to_table
 from fleet.errors import StoreError

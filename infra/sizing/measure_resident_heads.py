@@ -150,7 +150,8 @@ def main() -> None:
     parser.add_argument("--modes", default="resident,lru")
     args = parser.parse_args()
     uri = build(args.out, args.campaigns, args.manifest)
-    heads_bytes = sum(f["bytes"] for f in json.load(open(uri))["files"] if f["path"].startswith("heads/"))
+    with open(uri) as manifest:
+        heads_bytes = sum(f["bytes"] for f in json.load(manifest)["files"] if f["path"].startswith("heads/"))
     print(json.dumps({"campaigns": args.campaigns, "heads_parquet_bytes": heads_bytes,
                       "parquet_bytes_per_campaign": round(heads_bytes / args.campaigns, 1)}))
     for mode in args.modes.split(","):
