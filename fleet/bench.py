@@ -56,8 +56,8 @@ from fleet.data import map_minibatches
 from fleet.distill import compute_features
 from fleet.errors import FleetError
 from fleet.events import EventsDataset, split_by_campaign, table_to_batch
-from fleet.metrics import campaign_fidelity
 from fleet.heads import decode_heads
+from fleet.metrics import campaign_fidelity
 from fleet.quant import quantize_rows
 from fleet.store import FleetVersion, VersionWriter, WorkDir, json_safe
 from fleet.student import POOLED_DESIGNS, head_logits

@@ -246,9 +246,9 @@ def lookup_packed(data: bytes, keys: np.ndarray, *, seed: int, value_bits: int, 
 
 
 __all__ = [
-    "BloomierFilter",
     "EXTRA_CELLS",
     "LOAD",
+    "BloomierFilter",
     "cells_at",
     "hashes",
     "lookup_packed",

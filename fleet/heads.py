@@ -72,7 +72,7 @@ def head_row(campaign_id: str, vector: QuantizedVector, num_params: int, mask: T
 
 def bloomier_head_row(campaign_id: str, encoded: EncodedBlock, block_row: int, **fields) -> HeadRow:
     """One ``fleet-heads/2.0`` row of a block (:func:`fleet.weightless.encode_block`): row ``block_row``."""
-    c, q = encoded.keep.shape
+    q = encoded.keep.shape[1]
     return HeadRow(campaign_id=campaign_id, bits=encoded.block.value_bits, shape=(q + 1,), group_size=0, packed=b"",
                    scales=encoded.bias[block_row : block_row + 1].astype("<f2").tobytes(), mask=None,
                    codec="bloomier", block=encoded.block, block_row=block_row, **fields)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import heapq
+import itertools
 import json
 import math
 import os
@@ -390,7 +391,7 @@ def contiguous_batches(campaigns: list[str], num_batches: int, max_size: int) ->
     ordered = sorted(campaigns)
     count = max(1, min(len(ordered), max(num_batches, math.ceil(len(ordered) / max_size))))
     bounds = [round(i * len(ordered) / count) for i in range(count + 1)]
-    return [ordered[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    return [ordered[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def _parent_version(fleet: str, store_uri: str, tracking_uri: str | None, storage_options: dict | None):

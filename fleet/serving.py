@@ -12,6 +12,7 @@ by length, padded per chunk), then each row's head row is gathered into ``(B, P)
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import threading
@@ -365,7 +366,7 @@ class FleetModel:
             for s, n in block_spans(table):
                 if s + n - cuts[-1] >= step or s + n == len(ids):
                     cuts.append(s + n)
-        for start, stop in zip(cuts, cuts[1:]):
+        for start, stop in itertools.pairwise(cuts):
             rows = table_to_heads(table.slice(start, stop - start))
             dense[start:stop] = self._decode(rows)
         status = pc.dictionary_encode(table.column("status").combine_chunks())  # a few distinct values

@@ -116,7 +116,7 @@ def test_weightless_variant_jobs_are_contiguous_and_head_latencies_cover_both_co
     assert sorted(regrouped[2]["soft"]["campaign_id"].to_pylist()) == ["d", "d", "e", "e"]
     assert regrouped[0]["hashes"] == {"a": ["a", "a"], "b": ["b", "b"]}
 
-    rows, ids, _ = _mixed_rows()
+    rows, _, _ = _mixed_rows()
     results = {"methods": {}}
     for name, picked in (("fleet_weightless", rows), ("fleet_bits4", rows[21:])):
         writer = VersionWriter(str(tmp_path), "f", name.replace("_", "-"))

@@ -108,7 +108,7 @@ def _mixed_rows(seed: int = 0):
 
 
 def test_heads_table_v2_schema_round_trip_and_block_checks():
-    rows, ids, want = _mixed_rows()
+    rows, _, want = _mixed_rows()
     table = heads_to_table(list(reversed(rows)))  # sorted on the way
     assert table.schema.equals(HEADS_SCHEMA_V2, check_metadata=True) and HEADS_FORMAT_V2 == "fleet-heads/2.0"
     assert table.schema.names == [*HEADS_SCHEMA.names, "codec", "bloomier"]
