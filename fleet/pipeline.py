@@ -611,8 +611,10 @@ def _make_plan(teachers_uri, events_uri, store_uri, fleet, config, tracking_uri,
     sizes = EventsDataset(events_uri, storage_options).campaign_sizes()
     batches = _plan(campaigns, sizes, config, num_cpus)
     parent_hashes = {}
-    # bloomier: a filter block is a contiguous id range refitted whole, so no head is reused from the parent
-    if parent is not None and not retrain_backbone and config.codec == "packed":
+    # bloomier: a filter block is a contiguous id range refitted whole, so no head is reused from the parent, and
+    # a packed run does not reuse the rows of a bloomier parent either (a row decodes only within its block)
+    if (parent is not None and not retrain_backbone and config.codec == "packed"
+            and parent.manifest.get("heads_codec", "packed") == "packed"):
         table = parent.read_heads().select(["campaign_id", "teacher_sha256", "data_fingerprint"])
         parent_hashes = {c: [t.hex(), d.hex()] for c, t, d in zip(*(table[k].to_pylist() for k in table.column_names))}
     return {
