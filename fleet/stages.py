@@ -131,8 +131,10 @@ class CompressConfig:
         bloomier_check_bits: ``r``: cells of ``b + r`` bits; a pruned weight decodes to a random centroid
             (false positive) with probability ``(2**b - 1) / 2**(b + r)``.
         bloomier_block_rows: campaigns per filter block (= per Parquet row group) at most.
-        bloomier_refit, bloomier_refit_steps: Weightless's re-training step (:func:`fleet.weightless.refit_blocks`)
-            with that many Adam steps at ``head_lr``, then one re-encoding.
+        bloomier_refit, bloomier_refit_steps: Weightless's re-training: :func:`fleet.weightless.refit_blocks`
+            (that many Adam steps at ``head_lr`` with the false positives fixed, then one re-encoding), then
+            :func:`fleet.weightless.refit_centroids` (that many steps at ``head_lr / 5``: centroids and biases
+            around the final table).
         backbone_bits: 8 (int8 weights, default), 16 or 32.
         backbone_qat: train the backbone with int8 fake quantization of all weight matrices.
         backbone_steps, backbone_lr, backbone_batch_size: backbone training (stage 2): the most optimiser
