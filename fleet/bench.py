@@ -51,11 +51,17 @@ from rich.table import Table
 
 from fleet import stages
 from fleet.backbone_codec import backbone_from_bytes
-from fleet.codec import DATA_FINGERPRINT_BYTES, HEADS_SCHEMA
+from fleet.codec import (
+    DATA_FINGERPRINT_BYTES,
+    HEADS_SCHEMA,
+    conform_heads_table,
+    table_to_heads,
+)
 from fleet.data import map_minibatches
 from fleet.distill import compute_features
 from fleet.errors import FleetError
 from fleet.events import EventsDataset, split_by_campaign, table_to_batch
+from fleet.heads import decode_heads
 from fleet.metrics import campaign_fidelity
 from fleet.quant import quantize_rows
 from fleet.store import FleetVersion, VersionWriter, WorkDir, json_safe
@@ -132,6 +138,7 @@ VARIANTS = {
     "fleet_bits4": {"bits": 4},
     "fleet_bits2": {"bits": 2},
     "fleet_bits1": {"bits": 1},
+    "fleet_weightless": {"codec": "bloomier"},
     "fleet_auto_lowrank": {"head": "lowrank"},
     "fleet_auto_linear": {"head": "linear"},
     "fleet_auto_class_distance": {"loss": "class_distance"},
@@ -145,6 +152,7 @@ LABELS = {
     "fleet_bits4": "(d) fleet int4",
     "fleet_bits2": "(d) fleet ternary",
     "fleet_bits1": "(d) fleet binary",
+    "fleet_weightless": "(d) fleet Weightless (bloomier codec)",
     "fleet_auto_lowrank": "(d) fleet auto, lowrank head",
     "fleet_auto_linear": "(d) fleet auto, linear head",
     "fleet_auto_class_distance": "(d) fleet auto, class_distance loss",
@@ -464,6 +472,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             time_note="one full run_compress incl. registration (stage times in real_run)",
             extra={"heads_bytes": heads_bytes, "backbone_bytes": backbone_bytes,
                    "bits_campaigns": {str(b): int((bits == b).sum()) for b in (1, 2, 4, 8, 16)},
+                   "head_latency": head_latencies(real.manifest_uri, heads_real["campaign_id"].to_pylist()),
                    "on_peer_subset": fidelity_summary([r for r in rows_d if r["campaign_id"] in set(subset)])})
         results["methods"]["independent_students"]["fleet_auto_on_same_subset"] = \
             results["methods"]["fleet_auto"]["on_peer_subset"]
@@ -514,14 +523,15 @@ def _run_variants(cfg, results, ctx, plan, soft_shards, ok, hashes, sizes, sampl
                                       threads=max(1, min(os.cpu_count() or 1, 4)))[0]
             backbones[key] = (out["bytes"], out["seconds"], "trained for this variant (same sample, steps, threads as the real run)")
         bb, bb_seconds, bb_note = backbones[key]
+        jobs = head_jobs if config.codec == "packed" else contiguous_jobs(head_jobs, config.bloomier_block_rows)
         t0 = time.perf_counter()
-        tables = pipeline.map_on_ray(heads_task, head_jobs, (vctx, bb), f"{name}: stages 3-5 heads")
+        tables = pipeline.map_on_ray(heads_task, jobs, (vctx, bb), f"{name}: stages 3-5 heads")
         heads_seconds = time.perf_counter() - t0
-        heads = pa.concat_tables([t.cast(HEADS_SCHEMA) for t in tables])
+        heads = pa.concat_tables([conform_heads_table(t) for t in tables])
         writer = VersionWriter(store, "bench-variants", f"{stamp}-{name.replace('_', '-')}")
         writer.write_backbone_bytes(bb)
         writer.write_heads(heads)
-        writer.commit(config={**config.to_dict(), "variant": name}, lineage={"run_id": stamp})
+        manifest_uri = writer.commit(config={**config.to_dict(), "variant": name}, lineage={"run_id": stamp})
         files = writer.files
         hb = sum(f["bytes"] for p, f in files.items() if p.startswith("heads/"))
         rows = _heads_rows(heads, sizes)
@@ -533,7 +543,48 @@ def _run_variants(cfg, results, ctx, plan, soft_shards, ok, hashes, sizes, sampl
             time_note=f"stage 1 of the real run (shared) + backbone ({bb_note}) + heads {heads_seconds:.1f} s",
             extra={"heads_bytes": hb, "backbone_bytes": len(bb), "backbone_seconds": bb_seconds, "backbone_note": bb_note,
                    "heads_seconds": heads_seconds, "overrides": overrides,
-                   "bits_campaigns": {str(b): int((bits == b).sum()) for b in (1, 2, 4, 8, 16)}})
+                   "bits_campaigns": {str(b): int((bits == b).sum()) for b in (1, 2, 4, 8, 16)},
+                   "head_latency": head_latencies(manifest_uri, heads["campaign_id"].to_pylist())})
+
+
+def contiguous_jobs(head_jobs: list[dict], block_rows: int) -> list[dict]:
+    """The shard jobs of the real run (cost-balanced, ids interleaved) regrouped as the ``bloomier`` codec's plan
+    cuts them: contiguous runs of the sorted campaign ids, at most ``block_rows`` each, as many as there were
+    jobs (:func:`fleet.pipeline.contiguous_batches`); each job's ``soft`` holds its campaigns' stage-1 rows."""
+    from fleet.pipeline import contiguous_batches
+
+    hashes = {c: h for job in head_jobs for c, h in job["hashes"].items()}
+    soft = pa.concat_tables([job["soft"] for job in head_jobs])
+    batches = contiguous_batches(list(hashes), len(head_jobs), block_rows)
+    return [{"shard": f"w{i:05d}", "campaigns": batch, "hashes": {c: hashes[c] for c in batch},
+             "soft": soft.filter(pc.is_in(soft["campaign_id"], value_set=pa.array(batch)))}
+            for i, batch in enumerate(batches)]
+
+
+def head_latencies(manifest_uri: str, campaign_ids: list[str], count: int = 200, seed: int = 0) -> dict:
+    """Per-head read costs of a written version, any codec: ``cold_lookup`` (one campaign's row group read, checked
+    and decoded: :meth:`FleetVersion.read_head_row` + :func:`fleet.heads.decode_heads`, footers cached after the
+    first lookup of a part, as in serving), ``decode`` (the decode alone of that one row), and ``decode_all_per_head_ms``
+    (every head of the version decoded in one call, per head). ``count`` random campaigns, in ms."""
+    import random
+
+    version = FleetVersion.open(manifest_uri, verify=False)
+    sample = random.Random(seed).sample(list(campaign_ids), min(count, len(campaign_ids)))
+    cold, decode = [], []
+    for cid in sample:
+        t0 = time.perf_counter()
+        row = version.read_head_row(cid)
+        t1 = time.perf_counter()
+        decode_heads([row])
+        t2 = time.perf_counter()
+        cold.append(t2 - t0)
+        decode.append(t2 - t1)
+    rows = table_to_heads(version.read_heads())
+    t0 = time.perf_counter()
+    decode_heads(rows)
+    every = (time.perf_counter() - t0) * 1000.0 / max(1, len(rows))
+    return {"codec": version.manifest.get("heads_codec", "packed"), "cold_lookup": _latencies(cold),
+            "decode": _latencies(decode), "decode_all_per_head_ms": every}
 
 
 def _method(key: str, rows: list[dict], *, bytes_total: float, bytes_per_campaign: float, time_s: float,
@@ -905,8 +956,8 @@ def _bench_params(cfg: BenchConfig) -> dict:
 
 
 METHOD_ORDER = ["teacher_fp32", "teacher_int8_dynamic", "independent_students", "fleet_auto", "fleet_bits8",
-                "fleet_bits4", "fleet_bits2", "fleet_bits1", "fleet_auto_lowrank", "fleet_auto_linear",
-                "fleet_auto_class_distance"]
+                "fleet_bits4", "fleet_bits2", "fleet_bits1", "fleet_weightless", "fleet_auto_lowrank",
+                "fleet_auto_linear", "fleet_auto_class_distance"]
 
 
 def _fmt(v, spec: str, none: str = "n/a") -> str:
@@ -960,6 +1011,7 @@ def render_markdown(results: dict, plots_prefix: str = "") -> str:
                      "time = stage 1 of the real run (shared) + backbone + their own heads: "
                      + "; ".join(f"{k}: backbone {m[k]['backbone_seconds']:.1f} s ({m[k]['backbone_note']}), heads "
                                  f"{m[k]['heads_seconds']:.1f} s" for k in variants) + ".")
+    lines += head_codec_lines(results)
     rr = results["real_run"]
     lines += ["", "### The real run (one full `run_compress`, default config, bits auto)", "",
               "| stage | seconds |", "|---|---:|"]
@@ -1011,6 +1063,29 @@ def render_markdown(results: dict, plots_prefix: str = "") -> str:
             lines.append(f"![{title}]({plots_prefix}{name})")
         lines.append("")
     return "\n".join(lines)
+
+
+def head_codec_lines(results: dict) -> list[str]:
+    """Markdown rows comparing the fleet methods' heads: bytes, fidelity and the per-head read cost
+    (:func:`head_latencies`); methods without ``head_latency`` (older results) are left out."""
+    m = results["methods"]
+    keys = [k for k in METHOD_ORDER if k in m and "head_latency" in m[k]]
+    if not keys:
+        return []
+    lines = ["", "### Heads per codec: bytes, fidelity, read cost per head (same run)", "",
+             ("| method | codec | bytes / campaign | mean abs(p - p_teacher) median / p90 | AUC diff median "
+              "| decode one head p50 / p99 | cold lookup p50 / p99 | decode all, per head |"),
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for k in keys:
+        r, f, lat = m[k], m[k]["fidelity"], m[k]["head_latency"]
+        lines.append(
+            f"| {r['label']} | {lat['codec']} | {_human(r['bytes_per_campaign'])} "
+            f"| {_fmt(f['mean_abs_diff_median'], '.4f')} / {_fmt(f['mean_abs_diff_p90'], '.4f')} "
+            f"| {_fmt(f['auc_diff_median'], '+.4f')} | {lat['decode']['p50_ms']:.3f} / {lat['decode']['p99_ms']:.3f} ms "
+            f"| {lat['cold_lookup']['p50_ms']:.3f} / {lat['cold_lookup']['p99_ms']:.3f} ms "
+            f"| {lat['decode_all_per_head_ms'] * 1000:.1f} us |")
+    lines.append("")
+    return lines
 
 
 PLOTS = {

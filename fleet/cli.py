@@ -84,6 +84,9 @@ def _add_compress(sub) -> None:
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///fleet-data/mlflow.db)")
     p.add_argument("--bits", choices=["auto", "8", "4", "2", "1"], default=None, help="head bits (default: auto)")
+    p.add_argument("--codec", choices=["packed", "bloomier"], default=None,
+                   help="how heads are stored: packed integer codes (default) or bloomier (Weightless: pruned, "
+                        "clustered, Bloomier-filter encoded per row group; docs/quantization.md)")
     p.add_argument("--run-id", default=None, help="run id = version id; re-use it to resume a crashed run")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray sized to the machine)")
     p.add_argument("--retrain-backbone", action="store_true", help="retrain the backbone and refit every head")
@@ -118,6 +121,9 @@ def _cmd_compress(args, console) -> int:
     config = CompressConfig.from_file(args.config) if args.config else CompressConfig()
     if args.bits is not None:
         config.bits = "auto" if args.bits == "auto" else int(args.bits)
+        config.__post_init__()
+    if args.codec is not None:
+        config.codec = args.codec
         config.__post_init__()
     config.allow_loaders = list(dict.fromkeys([*config.allow_loaders, *args.allow_loader]))
     result = run_compress(

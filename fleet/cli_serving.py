@@ -378,6 +378,8 @@ def version_summary(version) -> dict:
         "version": m.get("version_id"),
         "created_at": m.get("created_at"),
         "format": m.get("format"),
+        "heads_format": m.get("heads_format"),
+        "heads_codec": m.get("heads_codec", "packed"),
         "uri": version.manifest_uri,
         "campaigns": m.get("campaigns"),
         "files": len(files),

@@ -22,6 +22,7 @@ from fleet.quant import (
     magnitude_prune_mask,
     quantize_rows,
 )
+from fleet.weightless import EncodedBlock, decode_weights
 
 Gate = Callable[[Tensor], Tensor]  # dequantized heads [C, P] -> passes BoolTensor[C]
 
@@ -69,17 +70,38 @@ def head_row(campaign_id: str, vector: QuantizedVector, num_params: int, mask: T
                    packed=vector.packed, scales=vector.scales, mask=mask_bytes, **fields)
 
 
+def bloomier_head_row(campaign_id: str, encoded: EncodedBlock, block_row: int, **fields) -> HeadRow:
+    """One ``fleet-heads/2.0`` row of a block (:func:`fleet.weightless.encode_block`): row ``block_row``."""
+    q = encoded.keep.shape[1]
+    return HeadRow(campaign_id=campaign_id, bits=encoded.block.value_bits, shape=(q + 1,), group_size=0, packed=b"",
+                   scales=encoded.bias[block_row : block_row + 1].astype("<f2").tobytes(), mask=None,
+                   codec="bloomier", block=encoded.block, block_row=block_row, **fields)
+
+
 def decode_heads(rows: list[HeadRow]) -> Tensor:
-    """Dequantized float32 heads ``[C, P]`` of stored rows (pruned entries are 0)."""
+    """Dequantized float32 heads ``[C, P]`` of stored rows (pruned entries are 0; ``bloomier`` rows: what their
+    block's filter returns, false positives included, and the float16 bias)."""
     if not rows:
         return torch.zeros(0, 0)
     p = rows[0].num_params
-    vectors = [QuantizedVector(r.bits, r.num_stored, r.group_size or 1, r.packed, r.scales) for r in rows]
     out = torch.zeros(len(rows), p)
-    dense = [i for i, r in enumerate(rows) if r.mask is None]
+    blocks: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        if r.codec == "bloomier":
+            blocks.setdefault(id(r.block), []).append(i)
+    for picked in blocks.values():
+        block = rows[picked[0]].block
+        weights = decode_weights(block, np.array([rows[i].block_row for i in picked]), p - 1)  # (k, P - 1)
+        bias = np.frombuffer(b"".join(rows[i].scales for i in picked), "<f2").astype(np.float32)
+        out[picked] = torch.from_numpy(np.concatenate([weights, bias[:, None]], axis=1))
+    packed = [i for i, r in enumerate(rows) if r.codec != "bloomier"]
+    vectors = {i: QuantizedVector(rows[i].bits, rows[i].num_stored, rows[i].group_size or 1, rows[i].packed,
+                                  rows[i].scales) for i in packed}
+    dense = [i for i in packed if rows[i].mask is None]
     if dense:
         out[dense] = dequantize_rows([vectors[i] for i in dense])
-    for i, r in enumerate(rows):
+    for i in packed:
+        r = rows[i]
         if r.mask is not None:
             keep = np.unpackbits(np.frombuffer(r.mask, np.uint8), count=p, bitorder="little").astype(bool)
             out[i, torch.from_numpy(keep)] = dequantize_rows([vectors[i]])[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import heapq
+import itertools
 import json
 import math
 import os
@@ -378,7 +379,19 @@ def _plan(campaigns: list[str], sizes: dict[str, int], config: stages.CompressCo
     num_batches = max(4 * num_cpus, math.ceil(len(campaigns) / per_task), math.ceil(sum(cost.values()) / 200_000))
     if config.campaigns_per_task:
         num_batches = math.ceil(len(campaigns) / config.campaigns_per_task)
+    if config.codec == "bloomier":
+        return contiguous_batches(campaigns, num_batches, config.bloomier_block_rows)
     return balanced_batches(cost, num_batches)
+
+
+def contiguous_batches(campaigns: list[str], num_batches: int, max_size: int) -> list[list[str]]:
+    """Sorted ``campaigns`` cut into contiguous runs of at most ``max_size``: ``num_batches`` runs of equal
+    size (+-1) or more where ``max_size`` needs more. The ``bloomier`` codec's plan: one batch is one filter
+    block, whose rows must be consecutive in the heads table."""
+    ordered = sorted(campaigns)
+    count = max(1, min(len(ordered), max(num_batches, math.ceil(len(ordered) / max_size))))
+    bounds = [round(i * len(ordered) / count) for i in range(count + 1)]
+    return [ordered[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def _parent_version(fleet: str, store_uri: str, tracking_uri: str | None, storage_options: dict | None):
@@ -598,7 +611,10 @@ def _make_plan(teachers_uri, events_uri, store_uri, fleet, config, tracking_uri,
     sizes = EventsDataset(events_uri, storage_options).campaign_sizes()
     batches = _plan(campaigns, sizes, config, num_cpus)
     parent_hashes = {}
-    if parent is not None and not retrain_backbone:
+    # bloomier: a filter block is a contiguous id range refitted whole, so no head is reused from the parent, and
+    # a packed run does not reuse the rows of a bloomier parent either (a row decodes only within its block)
+    if (parent is not None and not retrain_backbone and config.codec == "packed"
+            and parent.manifest.get("heads_codec", "packed") == "packed"):
         table = parent.read_heads().select(["campaign_id", "teacher_sha256", "data_fingerprint"])
         parent_hashes = {c: [t.hex(), d.hex()] for c, t, d in zip(*(table[k].to_pylist() for k in table.column_names))}
     return {

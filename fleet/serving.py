@@ -12,6 +12,7 @@ by length, padded per chunk), then each row's head row is gathered into ``(B, P)
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import sys
@@ -26,7 +27,7 @@ import pyarrow.compute as pc
 import torch
 
 from fleet.backbone_codec import decode_backbone
-from fleet.codec import HeadRow, head_passed, table_to_heads
+from fleet.codec import HeadRow, block_spans, head_passed, table_to_heads
 from fleet.data import collate
 from fleet.errors import (
     FleetError,
@@ -96,6 +97,15 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
+def _head_bytes(row: HeadRow) -> int:
+    """Payload bytes of a head: packed + scales + mask; a ``bloomier`` head: its bias and its share of the
+    block (table, centroids, seed ...: :attr:`fleet.weightless.WeightlessBlock.nbytes` / rows), rounded."""
+    own = len(row.packed) + len(row.scales) + (len(row.mask) if row.mask is not None else 0)
+    if row.block is not None:
+        own += round(row.block.nbytes / row.block.rows)
+    return own
+
+
 def head_metadata(row: HeadRow, version_id: str) -> dict:
     """JSON-safe metadata of one head row (no parameters): bits, status, ``passed`` (the quality gate
     verdict, :func:`fleet.codec.head_passed`), fidelity, sizes, hashes, and every
@@ -109,7 +119,8 @@ def head_metadata(row: HeadRow, version_id: str) -> dict:
         "num_params": int(row.num_params),
         "num_stored": int(row.num_stored),
         "pruned": row.mask is not None,
-        "bytes": len(row.packed) + len(row.scales) + (len(row.mask) if row.mask is not None else 0),
+        "bytes": _head_bytes(row),
+        "codec": row.codec,
         "status": row.status,
         "passed": head_passed(row.status),
         "teacher_auc": _finite_or_none(row.teacher_auc),
@@ -375,6 +386,8 @@ class FleetModel:
         self._status_names: list[str] = []
         self._dense_ids: list[str] = []
         self._table: HeadTable | None = None  # resident: every head, quantized
+        if mode == "resident" and version.manifest.get("heads_codec", "packed") == "bloomier":
+            mode = "dense"  # a bloomier row decodes only within its block: such a version is held decoded
         self.heads_mode = mode
         if mode == "dense":
             self._preload()
@@ -451,9 +464,15 @@ class FleetModel:
         ids = table.column("campaign_id").to_pylist()
         dense = torch.empty(len(ids), self.num_params)
         step = 65_536  # decode in slices: HeadRow objects for a million heads would not fit
-        for start in range(0, len(ids), step):
-            rows = table_to_heads(table.slice(start, step))
-            dense[start : start + len(rows)] = self._decode(rows)
+        cuts = list(range(0, len(ids), step)) + [len(ids)]
+        if "bloomier" in table.column_names:  # slices end between blocks: a bloomier row decodes with its block
+            cuts = [0]
+            for s, n in block_spans(table):
+                if s + n - cuts[-1] >= step or s + n == len(ids):
+                    cuts.append(s + n)
+        for start, stop in itertools.pairwise(cuts):
+            rows = table_to_heads(table.slice(start, stop - start))
+            dense[start:stop] = self._decode(rows)
         status = pc.dictionary_encode(table.column("status").combine_chunks())  # a few distinct values
         self._status_codes = status.indices.to_numpy(zero_copy_only=False)
         self._status_names = [sys.intern(v) for v in status.dictionary.to_pylist()]

@@ -22,7 +22,7 @@ import tomllib
 import torch
 
 from fleet.backbone_codec import backbone_from_bytes, backbone_to_bytes
-from fleet.codec import DATA_FINGERPRINT_BYTES, heads_to_table
+from fleet.codec import CODECS, DATA_FINGERPRINT_BYTES, heads_to_table
 from fleet.data import SequenceBatch, map_minibatches
 from fleet.distill import (
     DistillConfig,
@@ -46,7 +46,7 @@ from fleet.events import (
     truncate_sequences,
     validate_campaign_table,
 )
-from fleet.heads import decode_heads, encode_heads, head_row
+from fleet.heads import bloomier_head_row, decode_heads, encode_heads, head_row
 from fleet.ids import printable_id, validate_campaign_id
 from fleet.metrics import CALIBRATION_KEYS, PROB_EPS, campaign_fidelity
 from fleet.quant import PerGroup, PerTensor, fake_quantize, quantize_rows
@@ -120,6 +120,21 @@ class CompressConfig:
             ``|mean(p_student) / mean(p_teacher) - 1|`` at most ``gate_max_ratio_error``. A head whose float
             version fails it is kept at the bits that do not make it worse and stored as ``fallback``.
         head_qat: with fixed ``bits``, fit heads quantization-aware (straight-through estimator).
+        codec: how heads are stored: ``"packed"`` (bit-packed integer codes, ``bits``/``group_size``/
+            ``prune_sparsity``; ``fleet-heads/1.1``) or ``"bloomier"`` (Weightless, :mod:`fleet.weightless`;
+            ``fleet-heads/2.0``): the ``bloomier_*`` fields apply and ``bits``, ``group_size``,
+            ``prune_sparsity``, ``head_qat`` and ``head_ladder`` do not; batches are contiguous campaign id
+            ranges of at most ``bloomier_block_rows`` campaigns (one filter block each) and no head is reused
+            from the parent version (a block is refitted whole; the backbone is still inherited).
+        bloomier_sparsity: share of each head's weights (all parameters but the bias) pruned before encoding.
+        bloomier_value_bits: ``b``: ``2**b - 1`` shared centroids per block.
+        bloomier_check_bits: ``r``: cells of ``b + r`` bits; a pruned weight decodes to a random centroid
+            (false positive) with probability ``(2**b - 1) / 2**(b + r)``.
+        bloomier_block_rows: campaigns per filter block (= per Parquet row group) at most.
+        bloomier_refit, bloomier_refit_steps: Weightless's re-training: :func:`fleet.weightless.refit_blocks`
+            (that many Adam steps at ``head_lr`` with the false positives fixed, then one re-encoding), then
+            :func:`fleet.weightless.refit_centroids` (that many steps at ``head_lr / 5``: centroids and biases
+            around the final table).
         backbone_bits: 8 (int8 weights, default), 16 or 32.
         backbone_qat: train the backbone with int8 fake quantization of all weight matrices.
         backbone_steps, backbone_lr, backbone_batch_size: backbone training (stage 2): the most optimiser
@@ -175,6 +190,13 @@ class CompressConfig:
     gate_max_kl: float = 0.05
     gate_max_ratio_error: float = 0.1
     head_qat: bool = False
+    codec: str = "packed"
+    bloomier_sparsity: float = 0.7
+    bloomier_value_bits: int = 3
+    bloomier_check_bits: int = 5
+    bloomier_block_rows: int = 1024
+    bloomier_refit: bool = True
+    bloomier_refit_steps: int = 100
     backbone_bits: int = 8
     backbone_qat: bool = False
     backbone_steps: int = 4000
@@ -211,6 +233,15 @@ class CompressConfig:
                 raise ValueError(f"bits must be 'auto' or one of 1, 2, 4, 8, 16; got {self.bits!r}")
         if self.head_qat and self.bits == "auto":
             raise ValueError("head_qat needs a fixed bits value (QAT trains for one bit width)")
+        if self.codec not in CODECS:
+            raise ValueError(f"codec must be one of {CODECS}, got {self.codec!r}")
+        if not 0.0 <= self.bloomier_sparsity < 1.0:
+            raise ValueError(f"bloomier_sparsity must be in [0, 1), got {self.bloomier_sparsity}")
+        if not (1 <= self.bloomier_value_bits <= 8 and self.bloomier_check_bits >= 0
+                and self.bloomier_value_bits + self.bloomier_check_bits <= 24):
+            raise ValueError("need 1 <= bloomier_value_bits <= 8, bloomier_check_bits >= 0 and their sum <= 24")
+        if self.bloomier_block_rows < 1 or self.bloomier_refit_steps < 1:
+            raise ValueError("bloomier_block_rows and bloomier_refit_steps must be >= 1")
         if not 0.0 <= self.prune_sparsity < 1.0:
             raise ValueError(f"prune_sparsity must be in [0, 1), got {self.prune_sparsity}")
         if self.borrowed_rows < 0 or self.borrowed_weight < 0:
@@ -646,13 +677,35 @@ def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes
         splits.append(torch.tensor(rows["split"].to_numpy()))
     cidx, t_logits, labels_all, split = (torch.cat(x) for x in (index, logits, labels, splits))
     rows = _ShardRows(cidx, t_logits, labels_all, split, len(campaigns))
-    bigger = ladder_config(student_config) if config.head_ladder else None
+    bigger = ladder_config(student_config) if config.head_ladder and config.codec == "packed" else None
     # one backbone pass: with the pooled view too when the ladder's next design reads it (its first H columns
     # are the last state, exactly what the first rung reads)
     pooled = any(c is not None and c.head in POOLED_DESIGNS for c in (student_config, bigger))
     all_features = torch.cat([compute_features(backbone, b, pooled=pooled) for b in batches])  # (N, H) or (N, 2H)
     features = all_features[:, : feature_width(student_config)]  # (N, width of the first rung)
     init = head_prior.expand(len(campaigns), -1).clone() if head_prior is not None else None
+    n_fit = torch.bincount(cidx[split == FIT], minlength=len(campaigns))
+    hold = split == HOLDOUT
+    p_teacher, hold_labels, hold_idx = torch.sigmoid(t_logits[hold]), labels_all[hold], cidx[hold]
+    if config.codec == "bloomier":  # Weightless: one design, blocks in campaign id order, no ladder
+        order = sorted(range(len(campaigns)), key=campaigns.__getitem__)
+        blocks, block_of, served, _, passes, _ = _bloomier_fit(features, rows, student_config, init, config, order)
+        p_student = torch.sigmoid(head_logits(student_config.head, features[hold], served, student_config.head_rank,
+                                              index=hold_idx))  # (hold-out rows,)
+        out = []
+        for c, campaign_id in enumerate(campaigns):
+            sel = hold_idx == c
+            fid = campaign_fidelity(p_student[sel].numpy(), p_teacher[sel].numpy(), hold_labels[sel].numpy(),
+                                    config.min_auc_class_count)
+            teacher_sha, data_fp = job["hashes"][campaign_id]
+            k, r = block_of[c]
+            out.append(bloomier_head_row(
+                campaign_id, blocks[k], r, teacher_sha256=bytes.fromhex(teacher_sha),
+                data_fingerprint=bytes.fromhex(data_fp), teacher_auc=fid["teacher_auc"],
+                student_auc=fid["student_auc"], mean_abs_diff=fid["mean_abs_diff"], agreement=fid["agreement"],
+                n_train=int(n_fit[c]), n_holdout=int(sel.sum()), status="ok" if bool(passes[c]) else "fallback",
+                **{key: fid[key] for key in CALIBRATION_KEYS}))
+        return heads_to_table(out)
     rung = _fit_rung(features, rows, student_config, init, config)
     designs = [student_config] * len(campaigns)
     status = ["ok" if bool(v) else "fallback" for v in rung.passes]
@@ -678,11 +731,8 @@ def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes
         big_hold = big_rows.split == HOLDOUT
         big_p = torch.sigmoid(head_logits(bigger.head, big_features[big_hold], big.served, 1,
                                           index=big_rows.cidx[big_hold]))  # (hold-out rows of the failing ones,)
-    hold = split == HOLDOUT
     p_student = torch.sigmoid(head_logits(student_config.head, features[hold], rung.served, student_config.head_rank,
                                           index=cidx[hold]))  # (hold-out rows,)
-    p_teacher, hold_labels, hold_idx = torch.sigmoid(t_logits[hold]), labels_all[hold], cidx[hold]
-    n_fit = torch.bincount(cidx[split == FIT], minlength=len(campaigns))
     out = []
     for c, campaign_id in enumerate(campaigns):
         sel = hold_idx == c
@@ -724,10 +774,48 @@ class _Rung:
     passes: torch.Tensor  # (C,) bool
 
 
+@dataclass
+class _FloatFit:
+    """The float heads of one design (chosen per campaign, bias-calibrated) and what judging them needs."""
+
+    heads: torch.Tensor  # (C, P)
+    gate: CampaignGate
+    float_check: GateCheck
+    fit_rows: torch.Tensor  # (N,) bool: the head fit's rows
+    fit_weights: torch.Tensor  # (fit rows,)
+    calibrated: object  # (C, P) -> (C, P): each mean probability = its teacher's on the known rows
+
+
 def _fit_rung(features: torch.Tensor, rows: _ShardRows, student_config: StudentConfig, init: torch.Tensor | None,
               config: CompressConfig) -> _Rung:
     """Fit (grid + per-campaign choice on validation rows), calibrate, quantize and judge the heads of
     ``student_config.head`` for the campaigns of ``rows`` on ``features`` (N, feature width)."""
+    fit = _fit_float(features, rows, student_config, init, config)
+    heads, gate, float_check, calibrated = fit.heads, fit.gate, fit.float_check, fit.calibrated
+    num = rows.num
+    # once the bits are chosen, the bias is calibrated again on the quantized weights where it can be stored
+    # so: as a quantization group of its own (no pruning; a group boundary right before it)
+    rebias = (config.calibrate_bias and config.prune_sparsity == 0
+              and bias_position(student_config) % config.group_size == 0)
+    vectors, bits, mask = encode_heads(heads, config.bits, group_size=config.group_size,
+                                       sparsity=config.prune_sparsity,
+                                       gate=lambda h: gate.bits_pass(gate.measure(h), float_check))
+    served = _decoded(vectors, mask, student_config)  # (C, P) exactly what serving will use
+    if rebias:
+        vectors, target = [None] * num, calibrated(served)  # (C, P)
+        for b in bits.unique().tolist():  # store the recalibrated bias: the same codes elsewhere, a new b
+            picked = torch.nonzero(bits == b).flatten()
+            for c, vector in zip(picked.tolist(), quantize_rows(target[picked], b, config.group_size)):
+                vectors[c] = vector
+        served = _decoded(vectors, mask, student_config)
+    check = gate.measure(served)
+    return _Rung(heads, vectors, mask, served, check, gate.passes(check))
+
+
+def _fit_float(features: torch.Tensor, rows: _ShardRows, student_config: StudentConfig, init: torch.Tensor | None,
+               config: CompressConfig) -> _FloatFit:
+    """Fit (grid + per-campaign choice on validation rows) and calibrate the float heads of
+    ``student_config.head`` for the campaigns of ``rows``; the gate that judges them."""
     distill_config = config.distill_config()
     num, cidx, split = rows.num, rows.cidx, rows.split
     own_fit, val_rows = split == FIT, split == VALIDATION
@@ -752,26 +840,58 @@ def _fit_rung(features: torch.Tensor, rows: _ShardRows, student_config: StudentC
 
     if config.calibrate_bias:
         heads = calibrated(heads)
-    # once the bits are chosen, the bias is calibrated again on the quantized weights where it can be stored
-    # so: as a quantization group of its own (no pruning; a group boundary right before it)
-    rebias = (config.calibrate_bias and config.prune_sparsity == 0
-              and bias_position(student_config) % config.group_size == 0)
     gate_rows = val_rows | (own_fit & ~trusted[cidx])  # campaigns with few validation rows are gated on fit rows
     gate = CampaignGate(features[gate_rows], cidx[gate_rows], rows.t_logits[gate_rows], num, student_config, config)
-    float_check = gate.measure(heads)
-    vectors, bits, mask = encode_heads(heads, config.bits, group_size=config.group_size,
-                                       sparsity=config.prune_sparsity,
-                                       gate=lambda h: gate.bits_pass(gate.measure(h), float_check))
-    served = _decoded(vectors, mask, student_config)  # (C, P) exactly what serving will use
-    if rebias:
-        vectors, target = [None] * num, calibrated(served)  # (C, P)
-        for b in bits.unique().tolist():  # store the recalibrated bias: the same codes elsewhere, a new b
-            picked = torch.nonzero(bits == b).flatten()
-            for c, vector in zip(picked.tolist(), quantize_rows(target[picked], b, config.group_size)):
-                vectors[c] = vector
-        served = _decoded(vectors, mask, student_config)
-    check = gate.measure(served)
-    return _Rung(heads, vectors, mask, served, check, gate.passes(check))
+    return _FloatFit(heads, gate, gate.measure(heads), fit_rows, fit_weights, calibrated)
+
+
+def _bloomier_fit(features: torch.Tensor, rows: _ShardRows, student_config: StudentConfig,
+                  init: torch.Tensor | None, config: CompressConfig, order: list[int]):
+    """The ``bloomier`` codec for the campaigns of ``rows``: float fit (:func:`_fit_float`), then Weightless
+    (:mod:`fleet.weightless`): prune, cluster, encode blocks of at most ``bloomier_block_rows`` campaigns taken
+    in ``order`` (campaign id order: a block's rows are consecutive in the table), re-train with the false
+    positives fixed, encode once more, calibrate the stored bias on the final decoded heads.
+
+    Returns ``(blocks, block_of (C,) -> (block index, block row), served (C, P), check, passes, stats)``.
+    """
+    from fleet.weightless import (
+        decode_encoded,
+        encode_block,
+        refit_blocks,
+        refit_centroids,
+    )
+
+    fit = _fit_float(features, rows, student_config, init, config)
+    perm = torch.tensor(order, dtype=torch.long)  # block order -> campaign index
+    heads = fit.heads[perm]  # (C, P) in block order
+    size, num = config.bloomier_block_rows, rows.num
+    spans = [(s, min(s + size, num)) for s in range(0, num, size)]
+    encode = {"sparsity": config.bloomier_sparsity, "value_bits": config.bloomier_value_bits,
+              "check_bits": config.bloomier_check_bits, "seed": config.seed}
+    blocks = [encode_block(heads[a:b].numpy(), **encode) for a, b in spans]
+    stats = {}
+    if config.bloomier_refit:
+        rank = torch.empty(num, dtype=torch.long)
+        rank[perm] = torch.arange(num)  # campaign index -> block order
+        sel = fit.fit_rows
+        data = (features[sel], rank[rows.cidx[sel]], rows.t_logits[sel], rows.labels[sel], student_config,
+                config.distill_config())
+        blocks, _, stats = refit_blocks(heads, blocks, *data, steps=config.bloomier_refit_steps, lr=config.head_lr,
+                                        check_bits=config.bloomier_check_bits, row_weights=fit.fit_weights)
+        blocks = refit_centroids(blocks, *data, steps=config.bloomier_refit_steps, lr=config.head_lr / 5,
+                                 row_weights=fit.fit_weights)
+    served = torch.empty_like(heads)  # (C, P) in campaign order
+    served[perm] = torch.from_numpy(np.concatenate([decode_encoded(e) for e in blocks]))
+    if config.calibrate_bias:  # the bias is stored outside the filter: calibrate it on the final weights
+        target = fit.calibrated(served)[perm, -1].numpy()
+        blocks = [dataclasses.replace(e, bias=target[a:b].astype(np.float16)) for e, (a, b) in zip(blocks, spans)]
+        served[perm] = torch.from_numpy(np.concatenate([decode_encoded(e) for e in blocks]))
+    check = fit.gate.measure(served)
+    block_of = [None] * num
+    for k, (a, b) in enumerate(spans):
+        for r in range(b - a):
+            block_of[order[a + r]] = (k, r)
+    return blocks, block_of, served, check, fit.gate.passes(check), stats
 
 
 def _decoded(vectors: list, mask: torch.Tensor | None, student_config: StudentConfig) -> torch.Tensor:

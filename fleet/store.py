@@ -39,11 +39,13 @@ from fleet.codec import (
     REJECTS_FORMAT,
     REJECTS_SCHEMA,
     HeadRow,
+    block_spans,
     check_format,
     check_head_row,
+    check_heads_format,
     conform_heads_table,
+    head_row_at,
     rejects_to_table,
-    table_to_heads,
     validate_heads_table,
 )
 from fleet.errors import StoreError
@@ -52,8 +54,8 @@ from fleet.redact import scrub, scrub_obj, secret_values
 
 #: 1.1 added each heads part's ``footer`` and ``row_group_checksums`` (sha256 of the byte ranges a
 #: cold lookup reads); 1.0 manifests are still read, their point lookups checked by nothing but the
-#: Parquet page checksums (when the file has them).
-VERSION_FORMAT = "fleet-version/1.1"
+#: Parquet page checksums (when the file has them). 1.2 added ``heads_codec`` (absent: ``"packed"``).
+VERSION_FORMAT = "fleet-version/1.2"
 MANIFEST = "manifest.json"
 BACKBONE = "backbone.safetensors"
 REJECTS = "rejects.parquet"
@@ -224,17 +226,35 @@ def _json_bytes(obj: Any, uri: str) -> bytes:
 HEADS_ROW_GROUP_ROWS = 1024
 
 
-def _parquet_bytes(table: pa.Table, row_group_size: int) -> bytes:
+def _parquet_bytes(table: pa.Table, row_group_size: int, group_sizes: list[int] | None = None) -> bytes:
+    """Parquet bytes of ``table``: row groups of ``row_group_size`` rows, or exactly ``group_sizes``."""
     buf = io.BytesIO()
-    pq.write_table(
-        table,
-        buf,
-        row_group_size=row_group_size,
-        compression="zstd",
-        write_statistics=[c for c in _STATS_COLUMNS if c in table.column_names],
-        write_page_checksum=True,  # CRC32 per page, checked on read (page_checksum_verification)
-    )
+    options = {"compression": "zstd",
+               "write_statistics": [c for c in _STATS_COLUMNS if c in table.column_names],
+               "write_page_checksum": True}  # CRC32 per page, checked on read (page_checksum_verification)
+    if group_sizes is None:
+        pq.write_table(table, buf, row_group_size=row_group_size, **options)
+        return buf.getvalue()
+    with pq.ParquetWriter(buf, table.schema, **options) as writer:
+        offset = 0
+        for size in group_sizes:  # one write_table call = one row group of exactly `size` rows
+            writer.write_table(table.slice(offset, size), row_group_size=size)
+            offset += size
     return buf.getvalue()
+
+
+def _pack_spans(spans: list[int], limit: int) -> list[list[int]]:
+    """Greedy groups of consecutive ``spans`` (sizes) of at most ``limit`` rows each (a larger span alone)."""
+    groups: list[list[int]] = []
+    total = 0
+    for size in spans:
+        if groups and total + size <= limit:
+            groups[-1].append(size)
+            total += size
+        else:
+            groups.append([size])
+            total = size
+    return groups
 
 
 def _span(data: bytes, offset: int, size: int) -> dict:
@@ -319,6 +339,7 @@ class VersionWriter:
         self._parts: list[dict] = []
         self._campaigns: dict = {"count": 0, "first": None, "last": None}
         self._teachers_sha256: str | None = None
+        self._heads_format, self._heads_codec = HEADS_FORMAT, "packed"
         self._committed = False
         self._refuse_if_committed()
 
@@ -371,11 +392,21 @@ class VersionWriter:
         table = validate_heads_table(table)
         ids = table.column("campaign_id")
         n = table.num_rows
-        starts = range(0, max(n, 1), rows_per_part)  # an empty table still gets one (empty) part
-        for k, start in enumerate(starts):
-            part = table.slice(start, rows_per_part)
+        v2 = "codec" in table.column_names  # fleet-heads/2.0: a bloomier block never straddles a row group
+        self._heads_format = table.schema.metadata[b"format"].decode()
+        self._heads_codec = "bloomier" if v2 and pc.any(pc.equal(table.column("codec"), "bloomier")).as_py() \
+            else "packed"
+        if v2 and n:
+            groups = [sum(g) for g in _pack_spans([size for _, size in block_spans(table)], row_group_size)]
+            parts = _pack_spans(groups, rows_per_part)  # row group sizes of each part
+        else:
+            parts = [None] * len(range(0, max(n, 1), rows_per_part))  # an empty table still gets one (empty) part
+        start = 0
+        for k, group_sizes in enumerate(parts):
+            size = rows_per_part if group_sizes is None else sum(group_sizes)
+            part = table.slice(start, size)
             rel = f"{HEADS_DIR}/part-{k:05d}.parquet"
-            data = _parquet_bytes(part, row_group_size)
+            data = _parquet_bytes(part, row_group_size, group_sizes)
             meta = pq.read_metadata(io.BytesIO(data))
             firsts, offset = [], start
             for i in range(meta.num_row_groups if part.num_rows else 0):  # (an empty file has one empty group)
@@ -392,6 +423,7 @@ class VersionWriter:
                 "footer": footer,
                 "row_group_checksums": groups[: len(firsts)],
             })
+            start += part.num_rows
         if n:
             widest = pc.max(pc.list_flatten(table.column("shape"))).as_py()
             # num_params_max: the widest head row (larger than the backbone's head: the capacity ladder's heads)
@@ -436,7 +468,8 @@ class VersionWriter:
             "fleet": self.fleet,
             "version_id": self.version_id,
             "created_at": created_at or _now(),
-            "heads_format": HEADS_FORMAT,
+            "heads_format": self._heads_format,
+            "heads_codec": self._heads_codec,
             "files": [self._files[k] for k in sorted(self._files)],
             "config": scrub_obj(config or {}, self._secrets),
             "lineage": scrub_obj(lineage, self._secrets),
@@ -498,7 +531,7 @@ class FleetVersion:
         except (ValueError, KeyError, TypeError):
             raise StoreError("manifest is not a fleet-version JSON object", path=manifest_uri) from None
         check_format(fmt, VERSION_FORMAT, path=manifest_uri)
-        check_format(manifest.get("heads_format"), HEADS_FORMAT, path=manifest_uri)
+        check_heads_format(manifest.get("heads_format"), path=manifest_uri)
         name = path.rstrip("/").rsplit("/", 1)[-1]
         if manifest.get("version_id") != name:
             raise StoreError(f"manifest names version {manifest.get('version_id')!r} but lies in {name!r}",
@@ -643,7 +676,7 @@ class FleetVersion:
             i = bisect.bisect_left(ids, campaign_id)
             if i == len(ids) or ids[i] != campaign_id:
                 return None
-            row = table_to_heads(table.slice(i, 1))[0]
+            row = head_row_at(table, i)  # a bloomier row comes with its block (first row of the block)
         except StoreError as err:
             raise StoreError(err.reason, campaign_id=campaign_id, path=err.path or uri) from None
         except FileNotFoundError:

@@ -14,7 +14,8 @@ TINY = ["--campaigns", "20", "--seed", "3", "--hidden", "16", "--layers", "1", "
         "--backbone-steps", "60", "--head-steps", "40", "--warm-requests", "100", "--cold-requests", "50",
         "--http-requests", "100", "--http-concurrency", "4"]
 METHODS = {"teacher_fp32", "teacher_int8_dynamic", "independent_students", "fleet_auto", "fleet_bits8", "fleet_bits4",
-           "fleet_bits2", "fleet_bits1", "fleet_auto_lowrank", "fleet_auto_linear", "fleet_auto_class_distance"}
+           "fleet_bits2", "fleet_bits1", "fleet_weightless", "fleet_auto_lowrank", "fleet_auto_linear",
+           "fleet_auto_class_distance"}
 FIDELITY_KEYS = {"auc_median", "auc_diff_median", "auc_diff_p10", "auc_diff_worst", "mean_abs_diff_median",
                  "mean_abs_diff_p90", "mean_abs_diff_worst", "campaigns", "campaigns_with_auc"}
 
@@ -93,3 +94,42 @@ def test_retarget_backbone_keeps_weights_and_drops_a_foreign_head_prior():
         same, _ = backbone_from_bytes(data)
         for (name, a), (_, b) in zip(moved.state_dict().items(), same.state_dict().items()):
             assert torch.equal(a, b), name
+
+
+def test_weightless_variant_jobs_are_contiguous_and_head_latencies_cover_both_codecs(tmp_path):
+    """The bench's Weightless rows: the real run's interleaved shard jobs regrouped as contiguous id ranges (the
+    bloomier plan), and per-head read costs measured the same way on a bloomier and a packed version."""
+    import pyarrow as pa
+    import torch
+    from test_weightless import _mixed_rows
+
+    from fleet.codec import heads_to_table
+    from fleet.store import VersionWriter
+
+    def soft(ids):
+        return pa.table({"campaign_id": [c for c in ids for _ in range(2)], "row": [0, 1] * len(ids)})
+
+    jobs = [{"campaigns": ["a", "c", "e"], "hashes": {c: [c, c] for c in "ace"}, "soft": soft("ace")},
+            {"campaigns": ["b", "d"], "hashes": {c: [c, c] for c in "bd"}, "soft": soft("bd")}]
+    regrouped = bench.contiguous_jobs(jobs, block_rows=2)
+    assert [j["campaigns"] for j in regrouped] == [["a", "b"], ["c"], ["d", "e"]]  # <= 2 each, sizes even
+    assert sorted(regrouped[2]["soft"]["campaign_id"].to_pylist()) == ["d", "d", "e", "e"]
+    assert regrouped[0]["hashes"] == {"a": ["a", "a"], "b": ["b", "b"]}
+
+    rows, _, _ = _mixed_rows()
+    results = {"methods": {}}
+    for name, picked in (("fleet_weightless", rows), ("fleet_bits4", rows[21:])):
+        writer = VersionWriter(str(tmp_path), "f", name.replace("_", "-"))
+        writer.write_backbone({"x": torch.zeros(1)})
+        writer.write_heads(heads_to_table(picked), row_group_size=8)
+        lat = bench.head_latencies(writer.commit(), [r.campaign_id for r in picked], count=10)
+        assert lat["codec"] == ("bloomier" if name == "fleet_weightless" else "packed")
+        assert lat["cold_lookup"]["n"] == min(10, len(picked)) and finite(lat["decode"]["p99_ms"])
+        assert finite(lat["decode_all_per_head_ms"])
+        fid = {k: 0.01 for k in FIDELITY_KEYS}
+        results["methods"][name] = {"label": bench.LABELS[name], "bytes_per_campaign": 70.0, "fidelity": fid,
+                                    "head_latency": lat}
+    lines = bench.head_codec_lines(results)
+    assert sum("| (d) fleet" in line for line in lines) == 2 and "bloomier" in "\n".join(lines)
+    assert lines.index(next(line for line in lines if "int4" in line)) < lines.index(
+        next(line for line in lines if "Weightless" in line))  # METHOD_ORDER

@@ -16,10 +16,13 @@ def test_every_documented_command_exists():
     assert {"synth", "compress", "serve", "predict", "inspect", "promote", "rollback", "versions"} <= set(commands)
     compress_flags = {s for a in commands["compress"]._actions for s in a.option_strings}
     assert {"--teachers", "--events", "--store", "--fleet", "--tracking-uri", "--bits", "--run-id", "--address",
-            "--retrain-backbone", "--config", "--storage-options"} <= compress_flags
+            "--retrain-backbone", "--config", "--storage-options", "--codec"} <= compress_flags
+    codec = next(a for a in commands["compress"]._actions if "--codec" in a.option_strings)
+    assert codec.choices == ["packed", "bloomier"] and codec.default is None  # None: the config's (packed)
 
 
 @pytest.mark.parametrize("argv", [["compress"], ["compress", "--teachers", "x", "--events", "y", "--bits", "3"],
+                                  ["compress", "--teachers", "x", "--events", "y", "--codec", "zip"],
                                   ["synth", "--campaigns", "x", "--out", "o"], ["nope"]])
 def test_usage_errors_exit_2(argv):
     with pytest.raises(SystemExit) as info:

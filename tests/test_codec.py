@@ -330,16 +330,17 @@ def test_a_fleet_heads_1_0_table_reads_with_the_new_fields_none(tmp_path):
 
 
 def test_an_unknown_major_version_is_refused():
-    table = heads_to_table(all_heads()[:1]).replace_schema_metadata({"format": "fleet-heads/2"})
+    """fleet-heads/2 (the bloomier codec, tests/test_weightless.py) is read; 3 is not."""
+    table = heads_to_table(all_heads()[:1]).replace_schema_metadata({"format": "fleet-heads/3"})
     for read in (table_to_heads, conform_heads_table, validate_heads_table):
-        with pytest.raises(StoreError, match="unsupported major version 'fleet-heads/2'"):
+        with pytest.raises(StoreError, match="unsupported major version 'fleet-heads/3'"):
             read(table)
 
 
 def test_table_to_heads_refuses_a_new_major_or_a_missing_column():
     table = heads_to_table(all_heads()[:1])
     with pytest.raises(StoreError, match="major"):
-        table_to_heads(table.replace_schema_metadata({"format": "fleet-heads/2"}))
+        table_to_heads(table.replace_schema_metadata({"format": "fleet-heads/3"}))
     with pytest.raises(StoreError, match="packed"):
         table_to_heads(table.drop_columns(["packed"]))
 

@@ -23,7 +23,7 @@ from fleet.stages import (
     in_support,
     row_splits,
 )
-from fleet.student import StudentConfig
+from fleet.student import StudentConfig, head_num_params
 
 
 def test_backbone_quotas_take_every_row_when_the_fleet_fits_the_budget():
@@ -108,7 +108,7 @@ def test_compress_config_checks_the_grid():
 # ----------------------------------------------------------------------------- the capacity ladder
 
 
-def _ladder_shard(tmp_path, head_ladder: bool):
+def _ladder_shard(tmp_path, head_ladder: bool, **overrides):
     """Two campaigns over one random backbone: campaign 0's teacher is a film head of the last state,
     campaign 1's reads only the mean of the states (film_pool with gamma = -1), which film cannot follow."""
     from fleet.backbone_codec import backbone_from_bytes, backbone_to_bytes
@@ -140,7 +140,8 @@ def _ladder_shard(tmp_path, head_ladder: bool):
     mean_only[0, 16:24] = torch.randn(8, generator=g) * 3.0  # w
     mean_only[0, 24:32] = torch.randn(8, generator=g) * 4.0  # g (b, last, stays 0)
     assert sizes["g"] == (8,)
-    config = CompressConfig(head_steps=300, head_ladder=head_ladder, num_event_types=8, num_features=3)
+    config = CompressConfig(**{"head_steps": 300, "head_ladder": head_ladder, "num_event_types": 8, "num_features": 3,
+                               **overrides})
     soft_parts = []
     for i, table in enumerate(tables):
         cid = table["campaign_id"][0].as_py()
@@ -196,6 +197,36 @@ def generate_rows(ids: list[str]):
     return ([rng.integers(0, 8, n).tolist() for n in lengths], [rng.normal(size=3 * n).tolist() for n in lengths])
 
 
+def test_bloomier_codec_stage_three_writes_one_block_that_serving_decodes(tmp_path):
+    """codec='bloomier': the shard's heads are one block (rows in campaign id order), no ladder (the campaign
+    film cannot follow stays a film head, flagged fallback), and a model serves exactly the decoded block."""
+    from fleet.codec import table_to_heads
+    from fleet.heads import decode_heads
+    from fleet.serving import FleetModel
+    from fleet.store import VersionWriter
+
+    heads, data, ids = _ladder_shard(tmp_path, head_ladder=True, codec="bloomier", head_steps=60,
+                                     head_l2_grid=(1.0,), bloomier_refit_steps=20, bloomier_sparsity=0.5)
+    assert heads.schema.metadata[b"format"] == b"fleet-heads/2.0"
+    rows = table_to_heads(heads)
+    assert [r.codec for r in rows] == ["bloomier"] * 2 and [r.block_row for r in rows] == [0, 1]
+    assert [r.shape for r in rows] == [(25,), (25,)] and rows[0].block is rows[1].block
+    assert [r.status for r in rows] == ["ok", "fallback"] and rows[0].kl < 0.05
+    writer = VersionWriter(str(tmp_path / "store"), "f", "w")
+    writer.write_backbone_bytes(data)
+    writer.write_heads(heads)
+    model = FleetModel.open(writer.commit())
+    assert model.manifest["heads_codec"] == "bloomier"
+    decoded = decode_heads(rows)
+    events = generate_rows(ids)
+    from fleet.student import head_logits
+
+    h = model._features([np.asarray(t) for t in events[0]], [np.asarray(f, np.float32) for f in events[1]])
+    for c, cid in enumerate(ids):
+        want = torch.sigmoid(head_logits("film", h, decoded[c])).numpy()
+        np.testing.assert_allclose(model.predict_columns(cid, *events), want, rtol=0, atol=1e-6)
+
+
 def test_stored_heads_keep_the_teachers_mean_after_quantization():
     """The bias is calibrated again on each candidate's quantized weights and stored so: whatever bits a
     campaign gets, its served mean probability on its fit + validation rows is its teacher's."""
@@ -216,6 +247,53 @@ def test_stored_heads_keep_the_teachers_mean_after_quantization():
     for k in range(c):
         sel = cidx == k
         assert float(p_served[sel].mean() / p_teacher[sel].mean()) == pytest.approx(1.0, abs=2e-3)
+
+
+def test_bloomier_fit_stores_the_calibrated_bias_and_serves_the_decoded_blocks():
+    """_bloomier_fit: blocks of at most bloomier_block_rows campaigns in the given order; served = the decoded
+    blocks (after both re-training steps); each served mean probability is its teacher's (bias calibrated last)."""
+    from fleet.stages import FIT, _bloomier_fit, _ShardRows
+    from fleet.student import head_logits
+    from fleet.weightless import decode_encoded
+
+    g = torch.Generator().manual_seed(1)
+    c, n, h = 5, 200, 8
+    student = StudentConfig(num_event_types=2, num_features=0, hidden_size=h)
+    cidx = torch.arange(c).repeat_interleave(n)
+    features = torch.tanh(torch.randn(c * n, h, generator=g))
+    teacher = ((features * torch.randn(c, h, generator=g)[cidx]).sum(1) - torch.linspace(3.0, 0.5, c)[cidx]).float()
+    split = torch.where(torch.rand(c * n, generator=g) < 0.2, VALIDATION, FIT).to(torch.int8)
+    rows = _ShardRows(cidx, teacher, torch.full((c * n,), float("nan")), split, c)
+    config = CompressConfig(codec="bloomier", head_steps=40, head_l2_grid=(1.0,), bloomier_block_rows=2,
+                            bloomier_refit_steps=15, bloomier_sparsity=0.5)
+    order = [4, 2, 0, 1, 3]
+    blocks, block_of, served, check, passes, stats = _bloomier_fit(features, rows, student, None, config, order)
+    assert [b.block.rows for b in blocks] == [2, 2, 1]
+    assert [block_of[i] for i in order] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]
+    decoded = np.concatenate([decode_encoded(b) for b in blocks])
+    np.testing.assert_array_equal(served[order].numpy(), decoded)
+    assert stats["keys"] == c * round((head_num_params(student) - 1) * 0.5)
+    p_served = torch.sigmoid(head_logits("film", features, served, index=cidx)).double()
+    p_teacher = torch.sigmoid(teacher).double()
+    for k in range(c):
+        sel = cidx == k
+        assert float(p_served[sel].mean() / p_teacher[sel].mean()) == pytest.approx(1.0, abs=5e-3)
+    assert check.kl.shape == (c,) and passes.shape == (c,)
+
+
+def test_bloomier_plan_cuts_sorted_campaigns_into_contiguous_blocks():
+    from fleet.pipeline import _plan, contiguous_batches
+
+    ids = [f"c{i:03d}" for i in range(10)]
+    assert contiguous_batches(list(reversed(ids)), 3, 1024) == [ids[:3], ids[3:7], ids[7:]]
+    assert contiguous_batches(ids, 1, 4) == [ids[:3], ids[3:7], ids[7:]]  # at most 4: 3 blocks
+    assert contiguous_batches(ids, 50, 4) == [[cid] for cid in ids]
+    plan = _plan(ids, {cid: 100 for cid in ids}, CompressConfig(codec="bloomier", bloomier_block_rows=4), 1)
+    assert [cid for batch in plan for cid in batch] == ids and max(len(b) for b in plan) <= 4
+    with pytest.raises(ValueError, match="codec"):
+        CompressConfig(codec="zip")
+    with pytest.raises(ValueError, match="bloomier_value_bits"):
+        CompressConfig(bloomier_value_bits=9)
 
 
 def test_borrowed_pool_draws_fit_rows_evenly_and_deterministically():

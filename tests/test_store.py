@@ -111,7 +111,8 @@ def test_round_trip(store):
     assert version.version_id == "v1" and version.uri == join_uri(store.uri, "adfleet", "versions", "v1")
 
     m = version.manifest
-    assert m["format"] == "fleet-version/1.1" and m["heads_format"] == "fleet-heads/1.1" and m["fleet"] == "adfleet"
+    assert m["format"] == "fleet-version/1.2" and m["heads_format"] == "fleet-heads/1.1" and m["fleet"] == "adfleet"
+    assert m["heads_codec"] == "packed"
     assert m["campaigns"] == {"count": N, "first": "c00000", "last": f"c{2 * N - 2:05d}", "num_params_max": 193}
     assert m["config"] == {"seed": 7}
     assert m["metrics"] == {"auc_delta_median": -0.001, "bad": None}  # NaN is not JSON
@@ -196,8 +197,8 @@ def test_unknown_manifest_major_is_refused(store):
     fs.pipe_file(path, json.dumps({**manifest, "format": "fleet-version/2"}).encode())
     with pytest.raises(StoreError, match=r"manifest.json: unsupported major version 'fleet-version/2'"):
         FleetVersion.open(manifest_uri, store.options)
-    fs.pipe_file(path, json.dumps({**manifest, "heads_format": "fleet-heads/2.0"}).encode())
-    with pytest.raises(StoreError, match="unsupported major version 'fleet-heads/2.0'"):
+    fs.pipe_file(path, json.dumps({**manifest, "heads_format": "fleet-heads/3.0"}).encode())
+    with pytest.raises(StoreError, match="unsupported major version 'fleet-heads/3.0'"):
         FleetVersion.open(manifest_uri, store.options)
     escaping = [{**f, "path": "../../v0/" + f["path"]} for f in manifest["files"]]
     fs.pipe_file(path, json.dumps({**manifest, "files": escaping}).encode())
