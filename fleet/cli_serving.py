@@ -22,6 +22,8 @@ from fleet.redact import scrub
 ERRORS = Console(stderr=True, soft_wrap=True, highlight=False)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: A command stopped by SIGINT (Ctrl-C): 128 + SIGINT, as a shell reports it.
+EXIT_INTERRUPTED = 130
 PREDICT_CHUNK_ROWS = 4096
 #: The environment variable holding ``fleet serve``'s admin token (else ``--admin-token-file``).
 ADMIN_TOKEN_ENV = "FLEET_ADMIN_TOKEN"
