@@ -40,13 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from rich.progress import Progress
 from rich.table import Table
 
 from fleet import stages
@@ -63,6 +57,7 @@ from fleet.errors import FleetError
 from fleet.events import EventsDataset, split_by_campaign, table_to_batch
 from fleet.heads import decode_heads
 from fleet.metrics import campaign_fidelity
+from fleet.progress import stage_progress
 from fleet.quant import quantize_rows
 from fleet.store import FleetVersion, VersionWriter, WorkDir, json_safe
 from fleet.student import POOLED_DESIGNS, head_logits
@@ -337,8 +332,7 @@ def heads_task(job: dict, ctx: stages.StageContext, backbone_bytes: bytes) -> pa
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False)
+    return stage_progress(console)
 
 
 def _hold_dict(rows: pa.Table) -> dict:
@@ -520,7 +514,7 @@ def _run_variants(cfg, results, ctx, plan, soft_shards, ok, hashes, sizes, sampl
                               "the real run's backbone (film/hinton-trained), reused; only stage 3 differs")
         if key not in backbones:
             out = pipeline.map_on_ray(backbone_task, [sample], (vctx,), f"{name}: stage 2 backbone",
-                                      threads=max(1, min(os.cpu_count() or 1, 4)))[0]
+                                      threads=max(1, min(os.cpu_count() or 1, 4)), unit="backbone")[0]
             backbones[key] = (out["bytes"], out["seconds"], "trained for this variant (same sample, steps, threads as the real run)")
         bb, bb_seconds, bb_note = backbones[key]
         jobs = head_jobs if config.codec == "packed" else contiguous_jobs(head_jobs, config.bloomier_block_rows)
@@ -667,7 +661,7 @@ def _bench_serving(manifest_uri, events_uri, ok, holdout, num_features, cfg, Fle
     model.predict(cid, [{"event_types": types, "features": feats}])  # head now cached
     warm = []
     with _progress() as progress:
-        task = progress.add_task("serving: warm predict (head cached)", total=cfg.warm_requests)
+        task = progress.add_task("serving: warm predict (head cached)", total=cfg.warm_requests, unit="requests")
         for i in range(cfg.warm_requests):
             _, types, feats = seqs[i % len(seqs)]
             t0 = time.perf_counter()
@@ -677,7 +671,8 @@ def _bench_serving(manifest_uri, events_uri, ok, holdout, num_features, cfg, Fle
         cold_model = FleetModel.open(manifest_uri, cache_size=0, num_threads=SERVING_THREADS,
                                      heads="lru")  # every predict reads its head's row group
         cold = []
-        task = progress.add_task("serving: cold predict (cache miss, Parquet row group)", total=cfg.cold_requests)
+        task = progress.add_task("serving: cold predict (cache miss, Parquet row group)", total=cfg.cold_requests,
+                                 unit="requests")
         for i in range(cfg.cold_requests):
             c, types, feats = seqs[i % len(seqs)]
             t0 = time.perf_counter()
@@ -846,7 +841,7 @@ def bench_scale(count: int, version: FleetVersion, cfg: BenchConfig, stamp: str)
     real = version.read_heads()
     t0 = time.perf_counter()
     with _progress() as progress:
-        task = progress.add_task(f"scale (simulated): generating {count:,} heads", total=count)
+        task = progress.add_task(f"scale (simulated): generating {count:,} heads", total=count, unit="heads")
         parts = []
         for table in simulated_heads(count, real, cfg.compress.seed + count):
             parts.append(table)

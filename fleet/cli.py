@@ -1,18 +1,28 @@
 """The ``fleet`` command line. Exit codes: 0 ok, 1 failed (also: a registry that cannot be read, a champion
-moved by another writer), 2 usage error, 3 finished with quarantined campaigns, 4 not promoted."""
+moved by another writer), 2 usage error (also: resuming a run id with another configuration without
+--force-config), 3 finished with quarantined campaigns, 4 not promoted, 130 interrupted (SIGINT, Ctrl-C:
+one line on stderr says what the run saved and the command that resumes it)."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
 import sys
 
 import numpy as np
 from rich.table import Table
 
 from fleet import cli_serving
-from fleet.cli_serving import EXIT_FAILED, EXIT_OK, EXIT_USAGE, json_object
+from fleet.cli_serving import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    json_object,
+)
 from fleet.errors import FleetError, UsageError
-from fleet.redact import scrub
+from fleet.redact import scrub, secret_values
 from fleet.store import storage_options_from_env
 
 
@@ -87,7 +97,12 @@ def _add_compress(sub) -> None:
     p.add_argument("--codec", choices=["packed", "bloomier"], default=None,
                    help="how heads are stored: packed integer codes (default) or bloomier (Weightless: pruned, "
                         "clustered, Bloomier-filter encoded per row group; docs/quantization.md)")
-    p.add_argument("--run-id", default=None, help="run id = version id; re-use it to resume a crashed run")
+    p.add_argument("--run-id", default=None,
+                   help="run id = version id (default: the UTC time, printed at the start); re-use it to resume an "
+                        "interrupted or crashed run")
+    p.add_argument("--force-config", action="store_true",
+                   help="resume --run-id with a configuration other than the one it was planned with (finished "
+                        "shards are kept; without this flag such a resume is a usage error)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray sized to the machine)")
     p.add_argument("--retrain-backbone", action="store_true", help="retrain the backbone and refit every head")
     p.add_argument("--config", default=None, help="JSON or TOML file of CompressConfig fields")
@@ -114,8 +129,22 @@ def _loader_spec(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def resume_command(prog: list[str], argv: list[str], run_id: str, storage_options: dict | None = None) -> str:
+    """The shell command that resumes run ``run_id``: ``prog`` + ``argv`` without ``--run-id``/``--force-config``, then
+    ``--run-id RUN_ID``; credentials (URI user info, secret values of ``storage_options``) read ``***``."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--run-id":
+            skip = True
+        elif not arg.startswith("--run-id=") and arg != "--force-config":
+            kept.append(arg)
+    return scrub(shlex.join([*prog, *kept, "--run-id", run_id]), secret_values(storage_options or {}))
+
+
 def _cmd_compress(args, console) -> int:
-    from fleet.pipeline import run_compress
+    from fleet.pipeline import interrupted_line, new_run_id, run_compress
     from fleet.stages import CompressConfig
 
     config = CompressConfig.from_file(args.config) if args.config else CompressConfig()
@@ -126,12 +155,21 @@ def _cmd_compress(args, console) -> int:
         config.codec = args.codec
         config.__post_init__()
     config.allow_loaders = list(dict.fromkeys([*config.allow_loaders, *args.allow_loader]))
-    result = run_compress(
-        teachers_uri=args.teachers, events_uri=args.events, store_uri=args.store, fleet=args.fleet, config=config,
-        run_id=args.run_id, tracking_uri=args.tracking_uri, address=args.address,
-        retrain_backbone=args.retrain_backbone, storage_options=args.storage_options if args.storage_options is not None else storage_options_from_env(),
-        register=not args.no_register, dashboard=args.dashboard, no_parent=args.no_parent,
-    )
+    options = args.storage_options if args.storage_options is not None else storage_options_from_env()
+    run_id = args.run_id or new_run_id()
+    resume = resume_command(["fleet"], args.argv, run_id, options)
+    try:
+        result = run_compress(
+            teachers_uri=args.teachers, events_uri=args.events, store_uri=args.store, fleet=args.fleet, config=config,
+            run_id=run_id, tracking_uri=args.tracking_uri, address=args.address,
+            retrain_backbone=args.retrain_backbone, storage_options=options, register=not args.no_register,
+            dashboard=args.dashboard, no_parent=args.no_parent, force_config=args.force_config, resume_command=resume,
+        )
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the line short
+        sys.stderr.write(interrupted_line(args.store, args.fleet, run_id, options, resume) + "\n")
+        sys.stderr.flush()
+        return EXIT_INTERRUPTED
     console.print(summary_table(result))
     for reject in result.rejects[:20]:
         console.print(f"[yellow]quarantined[/yellow] {reject['campaign_id']} ({reject['stage']}): {reject['reason']}")
@@ -256,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     console = Console()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.handler(args, console)
     except UsageError as exc:
@@ -268,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, argparse.ArgumentTypeError) as exc:
         cli_serving.ERRORS.print(f"[red]usage error:[/red] {scrub(str(exc))}")
         return EXIT_USAGE
+    except KeyboardInterrupt:  # `fleet compress` says what it saved itself (_cmd_compress)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        sys.stderr.write(f"interrupted: fleet {args.command} stopped by SIGINT\n")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

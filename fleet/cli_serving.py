@@ -22,6 +22,8 @@ from fleet.redact import scrub
 ERRORS = Console(stderr=True, soft_wrap=True, highlight=False)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: A command stopped by SIGINT (Ctrl-C): 128 + SIGINT, as a shell reports it.
+EXIT_INTERRUPTED = 130
 PREDICT_CHUNK_ROWS = 4096
 #: The environment variable holding ``fleet serve``'s admin token (else ``--admin-token-file``).
 ADMIN_TOKEN_ENV = "FLEET_ADMIN_TOKEN"
@@ -223,9 +225,9 @@ def _read_rows(path: str, storage_options: dict | None) -> Iterator[list[dict]]:
         import pyarrow.parquet as pq
 
         with fsspec.open(path, "rb", **(storage_options or {})) as f:
-            pf = pq.ParquetFile(f)
+            pf = pq.ParquetFile(f, pre_buffer=False)  # read and decoded on this thread (fleet.store.read_parquet_bytes)
             names = [c for c in ("campaign_id", "event_types", "features") if c in pf.schema_arrow.names]
-            for batch in pf.iter_batches(batch_size=PREDICT_CHUNK_ROWS, columns=names):
+            for batch in pf.iter_batches(batch_size=PREDICT_CHUNK_ROWS, columns=names, use_threads=False):
                 yield batch.to_pylist()
         return
     if not (lower.endswith((".jsonl", ".ndjson", ".json"))):

@@ -129,7 +129,7 @@ class HeadTable:
         verified as read, one part in memory at a time) into a table. ``sizes``: the head sizes
         (``num_params``) the backbone can score; a row of another size is a :class:`StoreError`."""
         builder = _Builder(version.uri, tuple(int(s) for s in sizes))
-        for table in version.iter_heads(COLUMNS, use_threads=False):
+        for table in version.iter_heads(COLUMNS):
             builder.add(table)
         out = builder.finish()
         del builder, table

@@ -24,14 +24,6 @@ import numpy as np
 import pyarrow as pa
 import ray
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from fleet import stages, synth
 from fleet.codec import HEADS_SCHEMA, conform_heads_table, rejects_to_table
@@ -39,14 +31,18 @@ from fleet.errors import FleetError, StoreError, UsageError
 from fleet.events import EventsDataset, write_events
 from fleet.ids import CAMPAIGN_ID_PATTERN
 from fleet.metrics import fleet_summary
+from fleet.progress import stage_progress
+from fleet.redact import scrub
 from fleet.store import (
     FleetVersion,
     VersionWriter,
     WorkDir,
     absolute_uri,
     join_uri,
+    json_safe,
     open_fs,
     remove_stale_temp_files,
+    sha256_bytes,
 )
 from fleet.teachers import list_teacher_campaigns
 
@@ -178,32 +174,36 @@ def _run_with_threads(fn: Callable, threads: int, *args: Any) -> Any:
     return fn(*args)
 
 
-def map_on_ray(fn: Callable, batches: Sequence[Any], args: tuple, desc: str, *, threads: int = 1) -> list[Any]:
+def map_on_ray(fn: Callable, batches: Sequence[Any], args: tuple, desc: str, *, threads: int = 1,
+               sizes: Sequence[int] | None = None, done: int = 0, unit: str = "campaigns") -> list[Any]:
     """Run ``fn(batch, *args)`` for every batch as Ray tasks (retried on crashes and transient I/O
-    errors), with a progress bar; results are returned in ``batches`` order. Tasks are spread over the
+    errors), with a progress bar (:func:`fleet.progress.stage_progress`) that counts ``unit``: a batch
+    counts ``sizes[i]`` (default :func:`campaigns_in`), and ``done`` were done before
+    (the shards a resumed run skips). Results are returned in ``batches`` order. Tasks are spread over the
     cluster's nodes (``SPREAD``) rather than packed onto the driver's node, where a warm worker would
     otherwise take short tasks one after another while other nodes stay idle."""
+    sizes = list(sizes) if sizes is not None else [campaigns_in(b) for b in batches]
     remote = ray.remote(num_cpus=threads, max_retries=3, retry_exceptions=list(TRANSIENT_ERRORS),
                         scheduling_strategy="SPREAD")(_run_with_threads)
     refs = [remote.remote(fn, threads, batch, *args) for batch in batches]
     index = {ref: i for i, ref in enumerate(refs)}
     results: list[Any] = [None] * len(refs)
-    with _progress() as progress:
-        task = progress.add_task(desc, total=len(refs))
+    with stage_progress(console) as progress:
+        task = progress.add_task(desc, total=done + sum(sizes), completed=done, unit=unit)
         pending = list(refs)
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for ref in done:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
                 results[index[ref]] = ray.get(ref)
-                progress.advance(task)
+                progress.advance(task, sizes[index[ref]])
     return results
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
-    )
+def campaigns_in(batch: Any) -> int:
+    """Campaigns of a task's batch: a list of ids, a job ``{"campaigns": [...], ...}``, else one."""
+    if isinstance(batch, dict) and isinstance(batch.get("campaigns"), (list, tuple)):
+        return len(batch["campaigns"])
+    return len(batch) if isinstance(batch, (list, tuple)) else 1
 
 
 def balanced_batches(costs: dict[str, float], num_batches: int) -> list[list[str]]:
@@ -317,11 +317,64 @@ def _heads_task(job: dict, ctx: stages.StageContext, work: tuple) -> dict:
     return {"shard": job["shard"], "seconds": time.perf_counter() - started, "node": ray.get_runtime_context().get_node_id()}
 
 
-def _backbone_task(sample: pa.Table, ctx: stages.StageContext, work: tuple) -> dict:
+#: The backbone task's progress in the run's work dir (stage 2's bar reads it): ``{"attempt", "step", "steps",
+#: "loss", "validation_loss"}``, rewritten at most every :data:`BACKBONE_PROGRESS_SECONDS` seconds.
+BACKBONE_PROGRESS = "backbone_progress.json"
+BACKBONE_PROGRESS_SECONDS = 2.0
+#: How often the driver looks at :data:`BACKBONE_PROGRESS` while stage 2 runs.
+BACKBONE_POLL_SECONDS = 1.0
+
+
+class _ProgressWriter:
+    """``train_backbone``'s ``report``: writes the latest record to the work dir, at most every
+    :data:`BACKBONE_PROGRESS_SECONDS` seconds (and always the last step)."""
+
+    def __init__(self, workdir: WorkDir, attempt: str):
+        self.workdir, self.attempt, self.last = workdir, attempt, -math.inf
+
+    def __call__(self, record: dict) -> None:
+        now = time.monotonic()
+        if now - self.last >= BACKBONE_PROGRESS_SECONDS or record["step"] >= record["steps"]:
+            self.last = now
+            self.workdir.write_json(BACKBONE_PROGRESS, {**record, "attempt": self.attempt})
+
+
+def _backbone_task(sample: pa.Table, ctx: stages.StageContext, work: tuple, attempt: str = "") -> dict:
     workdir = WorkDir(*work)
-    data, stats = stages.train_backbone(sample, ctx, pool=_borrowed_pool(workdir, ctx.config))
+    data, stats = stages.train_backbone(sample, ctx, pool=_borrowed_pool(workdir, ctx.config),
+                                        report=_ProgressWriter(workdir, attempt))
     workdir.write_bytes("backbone.safetensors", data)
     return {**stats, "node": ray.get_runtime_context().get_node_id()}
+
+
+def _train_backbone_on_ray(sample: pa.Table, ctx: stages.StageContext, work: tuple, threads: int) -> dict:
+    """Stage 2 as one Ray task, its bar counting training steps (with the loss and an ETA) from the progress
+    the task writes to the work dir (:data:`BACKBONE_PROGRESS`; a record of an earlier attempt is ignored)."""
+    attempt = secrets.token_hex(8)
+    remote = ray.remote(num_cpus=threads, max_retries=3, retry_exceptions=list(TRANSIENT_ERRORS),
+                        scheduling_strategy="SPREAD")(_run_with_threads)
+    ref = remote.remote(_backbone_task, threads, sample, ctx, work, attempt)
+    workdir = WorkDir(*work)
+    steps = ctx.config.backbone_steps * len(ctx.config.backbone_widths())
+    with stage_progress(console) as progress:
+        task = progress.add_task("stage 2  backbone", total=steps, unit="steps")
+
+        def show() -> None:
+            try:
+                record = workdir.read_json(BACKBONE_PROGRESS)
+            except (StoreError, OSError, ValueError):
+                return
+            if record.get("attempt") == attempt:
+                note = f"loss {record['loss']:.4f}"
+                if record.get("validation_loss") is not None:
+                    note += f" (validation {record['validation_loss']:.4f})"
+                progress.update(task, completed=record["step"], total=record["steps"], note=note)
+
+        while not ray.wait([ref], timeout=BACKBONE_POLL_SECONDS)[0]:
+            show()
+        stats = ray.get(ref)
+        show()
+    return stats
 
 
 def _train_backbone_distributed(sample: pa.Table, ctx: stages.StageContext, work: tuple, workers: int) -> dict:
@@ -439,14 +492,24 @@ def check_compress_inputs(teachers_uri: str, events_uri: str, store_uri: str,
             raise UsageError(f"{flag}: {what} does not exist", path=uri)
 
 
+def new_run_id() -> str:
+    """The default run id: the UTC time to the second, e.g. ``20261202T151203Z``."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
 def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: str,
                  config: stages.CompressConfig, run_id: str | None = None, tracking_uri: str | None = None,
                  address: str | None = None, retrain_backbone: bool = False, storage_options: dict | None = None,
-                 register: bool = True, dashboard: bool = False, no_parent: bool = False) -> CompressResult:
+                 register: bool = True, dashboard: bool = False, no_parent: bool = False,
+                 force_config: bool = False, resume_command: str | None = None) -> CompressResult:
     """``fleet compress``: stages 1-5 on Ray, one immutable version in the store, registered in MLflow.
 
     Re-running the same ``run_id`` after a crash skips every shard already done; re-running a run id
-    whose version is already registered does nothing and returns that registration (exit code 0). With
+    whose version is already registered does nothing and returns that registration (exit code 0). A run id
+    resumes only with the configuration it was planned with (:func:`run_settings`, hashed into ``plan.json``
+    as ``config_sha256``): another one raises :class:`~fleet.errors.UsageError` naming both hashes, unless
+    ``force_config`` (the remaining stages then run with the new configuration; the plan, its batches and
+    parent, stays). The run id and ``resume_command`` (how to resume it) are printed first. With
     a champion version and no ``retrain_backbone``, campaigns whose teacher and data hashes are
     unchanged keep their head rows and the champion's backbone; only new or changed campaigns are
     fitted. A registry that cannot be read fails the run before stage 1
@@ -459,7 +522,7 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
     started = time.perf_counter()
     teachers_uri, events_uri, store_uri = (absolute_uri(u) for u in (teachers_uri, events_uri, store_uri))
     check_compress_inputs(teachers_uri, events_uri, store_uri, storage_options)
-    run_id = run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    run_id = run_id or new_run_id()
     tracking_uri = tracking_uri or registry.default_tracking_uri()
     work = (store_uri, fleet, run_id, storage_options)
     workdir = WorkDir(*work)
@@ -469,18 +532,24 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
         existing = registry.find_version(fleet, run_id, tracking_uri)
         if existing is not None:
             return _already_registered(existing, store_uri, fleet, run_id, storage_options)
+    settings = run_settings(config, teachers_uri, events_uri, retrain_backbone=retrain_backbone, no_parent=no_parent)
+    plan = workdir.read_json("plan.json") if workdir.exists("plan.json") else None
+    if plan is not None:
+        check_resume_settings(plan, settings, workdir, run_id, force_config)
+    console.out(f"run {run_id} (work dir {scrub(workdir.uri)}); to resume it after an interruption: "
+                f"{resume_command or f're-run with --run-id {run_id}'}", highlight=False)
     removed = remove_stale_temp_files(store_uri, fleet, storage_options)
     if removed:
         console.print(f"removed {len(removed)} temporary file(s) of interrupted writes under {join_uri(store_uri, fleet)}")
 
     with ray_session(address, dashboard=dashboard):
         num_cpus = int(ray.cluster_resources().get("CPU", 1))
-        if workdir.exists("plan.json"):
-            plan = workdir.read_json("plan.json")
+        if plan is not None:
             console.print(f"resuming run {run_id}: {len(plan['batches'])} batches planned")
         else:
             plan = _make_plan(teachers_uri, events_uri, store_uri, fleet, config, tracking_uri, retrain_backbone,
                               storage_options, num_cpus, no_parent)
+            plan.update(_settings_record(settings))
             workdir.write_json("plan.json", plan)
         parent = FleetVersion.open(plan["parent_manifest"], storage_options) if plan["parent_manifest"] else None
         inherit_backbone = parent is not None and not plan["retrain_backbone"]
@@ -503,7 +572,8 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
         jobs = [{"shard": name, "campaigns": batch, "backbone_quota": {c: quotas[c] for c in batch if c in quotas},
                  "parent": {c: parent_hashes[c] for c in batch if c in parent_hashes}}
                 for name, batch in zip(plan["shards"], plan["batches"]) if name not in done]
-        stage1 = map_on_ray(_soft_labels_task, jobs, (ctx, work), "stage 1  teacher soft labels")
+        stage1 = map_on_ray(_soft_labels_task, jobs, (ctx, work), "stage 1  teacher soft labels",
+                            done=sum(len(b) for n, b in zip(plan["shards"], plan["batches"]) if n in done))
         timings["soft_labels"] = time.perf_counter() - t0
         shards_skipped = {"soft_labels": len(plan["shards"]) - len(jobs)}
         _fault_point("soft_labels")
@@ -528,8 +598,7 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
                     console.print(f"stage 2  backbone on Ray Train ({config.backbone_workers} DDP workers)")
                     backbone_stats = _train_backbone_distributed(sample, ctx, work, config.backbone_workers)
                 else:
-                    backbone_stats = map_on_ray(_backbone_task, [sample], (ctx, work), "stage 2  backbone",
-                                                threads=max(1, min(_largest_node_cpus(), 4)))[0]
+                    backbone_stats = _train_backbone_on_ray(sample, ctx, work, threads=max(1, min(_largest_node_cpus(), 4)))
                 workdir.write_json("backbone_stats.json", backbone_stats)
         elif workdir.exists("backbone_stats.json"):
             backbone_stats = workdir.read_json("backbone_stats.json")
@@ -547,7 +616,8 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
             mine = [c for c in batch if c in ok]
             if mine and name not in done:
                 head_jobs.append({"shard": name, "campaigns": mine, "hashes": {c: hashes[c] for c in mine}})
-        stage3 = map_on_ray(_heads_task, head_jobs, (ctx, work), "stage 3  heads + quantize + fidelity")
+        stage3 = map_on_ray(_heads_task, head_jobs, (ctx, work), "stage 3  heads + quantize + fidelity",
+                            done=sum(sum(c in ok for c in b) for n, b in zip(plan["shards"], plan["batches"]) if n in done))
         timings["heads"] = time.perf_counter() - t0
         shards_skipped["heads"] = sum(1 for n, b in zip(plan["shards"], plan["batches"]) if any(c in ok for c in b)) - len(head_jobs)
 
@@ -624,6 +694,90 @@ def _make_plan(teachers_uri, events_uri, store_uri, fleet, config, tracking_uri,
         "parent_manifest": parent.uri if parent is not None else None, "parent_hashes": parent_hashes,
         "retrain_backbone": bool(retrain_backbone or parent is None), "config": config.to_dict(),
     }
+
+
+def run_settings(config: stages.CompressConfig, teachers_uri: str, events_uri: str, *, retrain_backbone: bool = False,
+                 no_parent: bool = False) -> dict:
+    """What a run id is planned with and must be resumed with: every ``CompressConfig`` field, the teachers and
+    events URIs (credentials scrubbed) and the two flags that shape the plan."""
+    return {"config": json_safe(config.to_dict()),
+            "inputs": {"teachers": scrub(teachers_uri), "events": scrub(events_uri),
+                       "retrain_backbone": bool(retrain_backbone), "no_parent": bool(no_parent)}}
+
+
+def settings_sha256(settings: dict) -> str:
+    """Hex sha256 of :func:`run_settings` as canonical JSON (sorted keys, no spaces): ``plan.json``'s ``config_sha256``."""
+    return sha256_bytes(json.dumps(settings, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _settings_record(settings: dict) -> dict:
+    return {"config": settings["config"], "inputs": settings["inputs"], "config_sha256": settings_sha256(settings)}
+
+
+#: The flag of each run input in messages (CompressConfig fields are named as themselves).
+_INPUT_FLAGS = {"teachers": "--teachers", "events": "--events", "retrain_backbone": "--retrain-backbone",
+                "no_parent": "--no-parent"}
+
+
+def _changed_settings(recorded: dict, wanted: dict) -> list[str]:
+    changed = [k for k in sorted(set(recorded.get("config", {})) | set(wanted["config"]))
+               if recorded.get("config", {}).get(k) != wanted["config"].get(k)]
+    return changed + [flag for key, flag in _INPUT_FLAGS.items()
+                      if recorded.get("inputs", {}).get(key) != wanted["inputs"][key]]
+
+
+def check_resume_settings(plan: dict, settings: dict, workdir: WorkDir, run_id: str, force: bool) -> None:
+    """Refuse (:class:`~fleet.errors.UsageError`) to resume ``run_id`` with settings other than its plan's, unless
+    ``force``: then record the new settings in ``plan.json`` (the replaced hash under ``config_sha256_replaced``).
+    A plan written before fleet recorded ``config_sha256`` is not checked."""
+    recorded = plan.get("config_sha256")
+    wanted = settings_sha256(settings)
+    if recorded is None or recorded == wanted:
+        return
+    changed = ", ".join(_changed_settings(plan, settings)) or "nothing named"
+    if not force:
+        raise UsageError(f"run {run_id} was planned with configuration sha256 {recorded}, this command's "
+                         f"configuration has sha256 {wanted} (differs in: {changed}); resume it with the same "
+                         "configuration, pass --force-config to resume it with this one (finished shards are kept), "
+                         "or choose another --run-id", path=join_uri(workdir.uri, "plan.json"))
+    plan.update(_settings_record(settings))
+    plan["config_sha256_replaced"] = [*plan.get("config_sha256_replaced", []), recorded]
+    workdir.write_json("plan.json", plan)
+    console.out(f"run {run_id}: resuming with a changed configuration (--force-config; differs in: {changed}); "
+                f"configuration sha256 {recorded} -> {wanted}", highlight=False)
+
+
+def saved_progress(store_uri: str, fleet: str, run_id: str, storage_options: dict | None = None) -> str:
+    """What run ``run_id`` has saved so far, in words (for the line an interrupted ``fleet compress`` prints):
+    the plan, stage 1's finished campaigns, the backbone, stage 3's finished batches, or the committed version."""
+    store_uri = absolute_uri(store_uri)
+    try:
+        workdir = WorkDir(store_uri, fleet, run_id, storage_options)
+        fs, manifest = open_fs(join_uri(store_uri, fleet, "versions", run_id, "manifest.json"), storage_options)
+        if fs.exists(manifest):
+            return f"its committed version {run_id}"
+        if not workdir.exists("plan.json"):
+            return "nothing yet (no plan.json)"
+        plan = workdir.read_json("plan.json")
+        shards = dict(zip(plan["shards"], plan["batches"]))
+        stage1 = sum(len(shards[s]) for s in workdir.done_shards("soft_labels") if s in shards)
+        parts = ["the plan", f"stage 1 for {stage1}/{len(plan['all_campaigns'])} campaigns"]
+        if workdir.exists("backbone.safetensors"):
+            parts.append("the backbone")
+        heads = len(workdir.done_shards("heads") & set(shards))
+        if heads:
+            parts.append(f"stage 3 for {heads}/{len(shards)} batches")
+        return ", ".join(parts)
+    except (FleetError, OSError, ValueError, KeyError, TypeError) as exc:
+        return f"what its work dir holds (it could not be read: {type(exc).__name__})"
+
+
+def interrupted_line(store_uri: str, fleet: str, run_id: str, storage_options: dict | None,
+                     resume_command: str) -> str:
+    """The one line an interrupted run prints on stderr: what was saved, the run id and the exact resume command."""
+    where = scrub(join_uri(absolute_uri(store_uri), fleet, "runs", run_id))
+    return (f"interrupted: run {run_id} saved {saved_progress(store_uri, fleet, run_id, storage_options)} in {where}; "
+            f"resume with: {resume_command}")
 
 
 def _already_registered(existing, store_uri: str, fleet: str, run_id: str,

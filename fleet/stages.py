@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -562,13 +563,16 @@ def backbone_sample(soft: pa.Table, quotas: dict[str, int], seed: int) -> pa.Tab
 
 
 def train_backbone(sample: pa.Table, ctx: StageContext, *, rank: int = 0, world_size: int = 1,
-                   wrap=None, pool: pa.Table | None = None) -> tuple[bytes, dict]:
+                   wrap=None, pool: pa.Table | None = None,
+                   report: Callable[[dict], None] | None = None) -> tuple[bytes, dict]:
     """Stage 2: train the shared backbone jointly with the sampled campaigns' heads on their soft labels.
 
     Returns ``(backbone.safetensors bytes, stats)``; the file also holds ``head_prior``, the mean
     trained head, which anchors every campaign's head fit in stage 3. ``rank``/``world_size``/``wrap``
     let Ray Train run it data-parallel (``wrap`` prepares the model for DDP). ``pool``: the borrowed pool
-    when the sample has ``BORROWED`` rows.
+    when the sample has ``BORROWED`` rows. ``report`` is called after every step with ``{"step", "steps",
+    "loss", "validation_loss"}``: steps done and planned over every width of the grid (a width stopped early
+    counts as done), the mean training loss of the last 20 steps and the latest validation loss (or None).
     """
     config = ctx.config
     base_config = config.student_config(ctx.num_event_types, ctx.num_features)
@@ -591,7 +595,10 @@ def train_backbone(sample: pa.Table, ctx: StageContext, *, rank: int = 0, world_
     fake_quant = (lambda w: fake_quantize(w, 8, PerTensor())) if config.backbone_qat else None
     distill_config = config.distill_config()
 
-    def train(width: int) -> tuple[Student, dict]:  # one backbone of hidden size `width`, stopped early
+    widths = config.backbone_widths()
+    steps = math.ceil(config.backbone_steps / world_size)  # data parallel: same samples, bigger effective batch
+
+    def train(width: int, offset: int) -> tuple[Student, dict]:  # one backbone of hidden size `width`, stopped early
         student_config = dataclasses.replace(base_config, hidden_size=width)
         torch.manual_seed(config.seed)
         student = Student(student_config, len(campaigns), torch.Generator().manual_seed(config.seed))
@@ -621,11 +628,19 @@ def train_backbone(sample: pa.Table, ctx: StageContext, *, rank: int = 0, world_
             val_steps.append(len(losses))  # progress() has counted the step already
             return val_losses[-1]
 
-        steps = math.ceil(config.backbone_steps / world_size)  # data parallel: same samples, bigger effective batch
+        def on_step(_step: int, loss: float) -> None:
+            losses.append(loss)
+            if report is not None:
+                report({"step": offset + len(losses), "steps": steps * len(widths),
+                        "loss": float(np.mean(losses[-20:])), "validation_loss": val_losses[-1] if val_losses else None})
+
         fit_backbone(model, epoch, distill_config, epochs=10**9, steps=steps, lr=config.backbone_lr,
-                     seed=config.seed, fake_quant=fake_quant, progress=lambda step, loss: losses.append(loss),
+                     seed=config.seed, fake_quant=fake_quant, progress=on_step,
                      validate=validate if len(val_batch) else None, eval_every=config.backbone_eval_every,
                      patience=config.backbone_patience)
+        if report is not None and len(losses) < steps:  # stopped early: the rest of this width's steps are done
+            report({"step": offset + steps, "steps": steps * len(widths), "loss": float(np.mean(losses[-20:])),
+                    "validation_loss": val_losses[-1] if val_losses else None})
         best = int(np.argmin(val_losses)) if val_losses else None
         return student, {"backbone_hidden_size": width, "backbone_steps": len(losses),
                          "backbone_best_step": val_steps[best] if best is not None else len(losses),
@@ -633,7 +648,7 @@ def train_backbone(sample: pa.Table, ctx: StageContext, *, rank: int = 0, world_
                          "backbone_final_loss": float(np.mean(losses[-20:])) if losses else float("nan")}
 
     # each width of the grid is trained; the lowest validation loss wins (the first on ties or without validation)
-    trained = [train(width) for width in config.backbone_widths()]
+    trained = [train(width, i * steps) for i, width in enumerate(widths)]
     losses = [math.inf if st["backbone_validation_loss"] is None else st["backbone_validation_loss"] for _, st in trained]
     student, stats = trained[int(np.argmin(losses))]
     data = backbone_to_bytes(student.backbone, config.backbone_bits, head_prior=student.heads.detach().mean(0))

@@ -219,6 +219,28 @@ def _json_bytes(obj: Any, uri: str) -> bytes:
         raise StoreError(f"cannot write JSON: {err}", path=uri) from None
 
 
+# Parquet is parsed on the calling thread, from bytes already in memory (or, for a sparse row-group read, a
+# Python file object read without pre-buffering): never on Arrow's IO or CPU thread pools. A pool thread
+# that holds the last reference to a buffer wrapping a Python object (bytes, or a Python file's read) must
+# take the GIL to free it; when that happens after the interpreter began to exit, CPython ends the thread
+# with pthread_exit, whose forced unwind through Arrow's noexcept code calls std::terminate: "terminate
+# called without an active exception", exit 134 (issue 13, seen in `fleet inspect` with torch loaded,
+# which holds the GIL through its exit). tests/test_cli.py checks that reading a version starts no thread.
+
+
+def read_parquet_bytes(data: bytes, *, columns: Sequence[str] | None = None,
+                       page_checksum_verification: bool = False) -> pa.Table:
+    """The table of a Parquet file held in ``data`` (only ``columns`` when given), decoded on the calling
+    thread (no Arrow thread pool)."""
+    return pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=page_checksum_verification,
+                          pre_buffer=False).read(columns=None if columns is None else list(columns), use_threads=False)
+
+
+def read_parquet_metadata(data: bytes) -> pq.FileMetaData:
+    """The footer of a Parquet file (``data``: the whole file, or ``PAR1`` + its footer span)."""
+    return pq.read_metadata(pa.BufferReader(data))
+
+
 #: Rows per heads row group. A cold lookup reads one group (~100 kB at ~100 B a head); bigger groups
 #: compress better and shrink the footer every server keeps per part. Measured on 1M simulated heads
 #: (docs/storage.md): 256 -> 1024 rows cut 125 -> 105 bytes per campaign and serving RSS by ~20 MB,
@@ -266,14 +288,17 @@ def _parquet_checksums(data: bytes, meta: pq.FileMetaData) -> tuple[dict, list[d
     """The footer span (footer + length + magic) and each row group's span (from its first column
     chunk's first page to its last chunk's end) of a Parquet file, with their sha256."""
     footer_size = int.from_bytes(data[-_PARQUET_TAIL:-4], "little") + _PARQUET_TAIL
-    groups = []
-    for i in range(meta.num_row_groups):
-        rg = meta.row_group(i)
-        chunks = [rg.column(j) for j in range(rg.num_columns)]
-        starts = [c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset for c in chunks]
-        end = max(s + c.total_compressed_size for s, c in zip(starts, chunks))
-        groups.append(_span(data, min(starts), end - min(starts)))
+    groups = [_span(data, *_row_group_range(meta, i)) for i in range(meta.num_row_groups)]
     return _span(data, len(data) - footer_size, footer_size), groups
+
+
+def _row_group_range(meta: pq.FileMetaData, group: int) -> tuple[int, int]:
+    """``(offset, size)`` of a row group's bytes: from its first column chunk's first page to its last chunk's end."""
+    rg = meta.row_group(group)
+    chunks = [rg.column(j) for j in range(rg.num_columns)]
+    starts = [c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset for c in chunks]
+    end = max(s + c.total_compressed_size for s, c in zip(starts, chunks))
+    return min(starts), end - min(starts)
 
 
 class _RangeFile(io.RawIOBase):
@@ -305,6 +330,18 @@ class _RangeFile(io.RawIOBase):
         self._pos += n
         return n
 
+
+def _read_footer(f, size: int) -> bytes:
+    """The footer span (footer + its 4-byte length + ``PAR1``) of the Parquet file ``f`` of ``size`` bytes."""
+    f.seek(size - _PARQUET_TAIL)
+    tail = f.read(_PARQUET_TAIL)
+    if len(tail) != _PARQUET_TAIL or tail[4:] != b"PAR1":
+        raise OSError("not a Parquet file (no PAR1 at its end)")
+    length = int.from_bytes(tail[:4], "little") + _PARQUET_TAIL
+    if length > size:
+        raise OSError(f"Parquet footer of {length} bytes in a file of {size}")
+    f.seek(size - length)
+    return f.read(length)
 
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -407,7 +444,7 @@ class VersionWriter:
             part = table.slice(start, size)
             rel = f"{HEADS_DIR}/part-{k:05d}.parquet"
             data = _parquet_bytes(part, row_group_size, group_sizes)
-            meta = pq.read_metadata(io.BytesIO(data))
+            meta = read_parquet_metadata(data)
             firsts, offset = [], start
             for i in range(meta.num_row_groups if part.num_rows else 0):  # (an empty file has one empty group)
                 firsts.append(ids[offset].as_py())
@@ -618,31 +655,23 @@ class FleetVersion:
         = 1.0) read with the columns added since as nulls (:func:`~fleet.codec.conform_heads_table`)."""
         return pa.concat_tables(list(self.iter_heads()))
 
-    def iter_heads(self, columns: Sequence[str] | None = None, *, use_threads: bool = True) -> Iterator[pa.Table]:
+    def iter_heads(self, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
         """Each heads part in turn, in campaign id order, as :meth:`read_heads` reads them (every part's
         checksum verified, conformed to :data:`~fleet.codec.HEADS_SCHEMA`); with ``columns`` (names of
-        that schema) only those columns are decoded. One part in memory at a time.
-
-        ``use_threads=False`` decodes in the calling thread through ``pyarrow.parquet.ParquetFile`` (no
-        dataset layer, no reader thread pool): what a serving process wants, it keeps ~40 MB less
-        resident (measured, ``FleetModel.open(heads="resident")``)."""
+        that schema) only those columns are decoded. One part in memory at a time, decoded on the calling
+        thread (:func:`read_parquet_bytes`)."""
         for part in self.manifest["parts"]:
             rel, uri = part["path"], join_uri(self.uri, part["path"])
             data = self._read_verified(rel)
-            names = None if columns is None else list(columns)
             try:
-                if use_threads:
-                    table = pq.read_table(io.BytesIO(data), columns=names, page_checksum_verification=True)
-                else:
-                    table = pq.ParquetFile(io.BytesIO(data), page_checksum_verification=True).read(
-                        columns=names, use_threads=False)
+                table = read_parquet_bytes(data, columns=columns, page_checksum_verification=True)
             except (OSError, ValueError, pa.ArrowException) as err:
                 raise StoreError(f"cannot read heads part: {type(err).__name__}: {err}", path=uri) from None
             yield conform_heads_table(table, path=uri, columns=columns)
 
     def read_rejects(self) -> pa.Table:
         """Return ``rejects.parquet`` (campaign_id, stage, reason)."""
-        return pq.read_table(io.BytesIO(self._read_verified(REJECTS)), page_checksum_verification=True)
+        return read_parquet_bytes(self._read_verified(REJECTS), page_checksum_verification=True)
 
     def locate(self, campaign_id: str) -> tuple[str, int] | None:
         """Return ``(part path relative to the version, row group index)`` whose id range could
@@ -688,23 +717,25 @@ class FleetVersion:
         return row
 
     def _read_row_group(self, rel: str, group: int) -> pa.Table:
+        """One row group of a heads part, from one ranged read of its bytes (after the part's footer, read
+        once and cached), decoded on this thread: never a read ahead on Arrow's IO pool (see
+        :func:`read_parquet_bytes`)."""
         part = self._part_by_path[rel]
         path = self._p(rel)
-        checksums = part.get("row_group_checksums")
-        if not checksums:  # a fleet-version/1.0 manifest
-            with self.fs.open(path, "rb", cache_type="none") as f:
-                pf = pq.ParquetFile(f, metadata=self._footers.get(rel), pre_buffer=True,
-                                    page_checksum_verification=True)
-                self._footers.setdefault(rel, pf.metadata)
-                return pf.read_row_group(group, use_threads=False)
+        checksums = part.get("row_group_checksums")  # absent from a fleet-version/1.0 manifest
         size = self._files[rel]["bytes"]
-        entry = checksums[group]
         with self.fs.open(path, "rb", cache_type="none") as f:
             if rel not in self._footers:
-                footer = self._read_span(f, rel, part["footer"], "footer")
-                self._footers[rel] = pq.read_metadata(io.BytesIO(b"PAR1" + footer))
-            data = self._read_span(f, rel, entry, f"row group {group}")
-        pf = pq.ParquetFile(_RangeFile(size, entry["offset"], data), metadata=self._footers[rel],
+                footer = self._read_span(f, rel, part["footer"], "footer") if checksums else _read_footer(f, size)
+                self._footers[rel] = read_parquet_metadata(b"PAR1" + footer)
+            if checksums:
+                offset = checksums[group]["offset"]
+                data = self._read_span(f, rel, checksums[group], f"row group {group}")
+            else:  # 1.0: checked by nothing but the Parquet page checksums
+                offset, length = _row_group_range(self._footers[rel], group)
+                f.seek(offset)
+                data = f.read(length)
+        pf = pq.ParquetFile(_RangeFile(size, offset, data), metadata=self._footers[rel], pre_buffer=False,
                             page_checksum_verification=True)
         return pf.read_row_group(group, use_threads=False)
 
@@ -789,7 +820,7 @@ class WorkDir:
         data = _cat(self.fs, self._p(data_rel), uri, f"shard {stage}/{shard} is marked done but its data is missing")
         if len(data) != marker["bytes"] or sha256_bytes(data) != marker["sha256"]:
             raise StoreError("checksum mismatch with the shard's done marker", path=uri)
-        return pq.read_table(io.BytesIO(data))
+        return read_parquet_bytes(data)
 
     def done_shards(self, stage: str) -> set[str]:
         """Names of the shards of ``stage`` that are done (one listing)."""

@@ -1,6 +1,6 @@
 """The scheduled nightly entry point: an incremental `fleet compress` driven by one config file.
 
-    python jobs/nightly.py --config nightly.toml [--run-id ID] [--dry-run] [--no-parent]
+    python jobs/nightly.py --config nightly.toml [--run-id ID] [--dry-run] [--no-parent] [--force-config]
 
 ``nightly.toml``::
 
@@ -20,22 +20,25 @@ Unchanged campaigns keep their heads and the champion's backbone. When the refit
 quality gate on fidelity (drift), the job runs once more with a retrained backbone that refits all.
 A registry that cannot be read fails the job before stage 1 (exit 1) unless ``--no-parent``; re-running a
 run id whose version is already registered registers nothing and exits 0.
-Exit codes as `fleet compress`: 0 ok, 1 failed, 2 usage error, 3 finished with quarantined campaigns,
-4 not promoted.
+Exit codes as `fleet compress`: 0 ok, 1 failed, 2 usage error (also: resuming a run id with another
+configuration without ``--force-config``), 3 finished with quarantined campaigns, 4 not promoted, 130
+interrupted (SIGINT: one line on stderr says what was saved and the command that resumes the run).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
 
 import tomllib
 from rich.console import Console
 
-from fleet.cli import summary_table
+from fleet.cli import resume_command, summary_table
 from fleet.errors import FleetError, UsageError
-from fleet.pipeline import run_compress
+from fleet.pipeline import interrupted_line, run_compress
 from fleet.redact import scrub, scrub_obj, secret_values
 from fleet.stages import CompressConfig
 from fleet.store import storage_options_from_env
@@ -51,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="validate the config and print the plan, run nothing")
     parser.add_argument("--no-parent", action="store_true",
                         help="full run without a parent (as `fleet compress --no-parent`)")
+    parser.add_argument("--force-config", action="store_true",
+                        help="resume --run-id with another configuration (as `fleet compress --force-config`)")
     return parser
 
 
@@ -70,6 +75,7 @@ def load_config(path: str) -> tuple[dict, CompressConfig]:
 
 def main(argv: list[str] | None = None) -> int:
     console = Console()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         nightly, config = load_config(args.config)
@@ -85,16 +91,26 @@ def main(argv: list[str] | None = None) -> int:
         plan = {"run_id": run_id, **{k: v for k, v in common.items() if k != "storage_options"}}
         console.print(scrub_obj(plan, secret_values(options or {})))
         return 0
+    here = os.path.relpath(__file__)
+    resume = resume_command(["python", here if not here.startswith("..") else os.path.abspath(__file__)], argv, run_id,
+                            options)
+    common["resume_command"] = resume
+    current = run_id  # the run under way (the interrupted line reports on it)
     try:
-        result = run_compress(run_id=run_id, **common)
+        result = run_compress(run_id=run_id, force_config=args.force_config, **common)
         console.print(summary_table(result))
         gate = result.registered.gate if result.registered else None
         inherited = "backbone_steps" not in result.metrics  # this run reused the champion's backbone
         drift = gate is not None and any(not r.startswith("quarantine share") for r in gate.reasons)
         if drift and inherited:  # a fidelity check failed (AUC, KL, mean ratio, fallback share), not quarantine
             console.print(f"[yellow]fidelity drift[/yellow] ({'; '.join(gate.reasons)}): retraining the backbone")
-            result = run_compress(run_id=f"{run_id}-retrain", retrain_backbone=True, **common)
+            current = f"{run_id}-retrain"
+            result = run_compress(run_id=current, retrain_backbone=True, **common)
             console.print(summary_table(result))
+    except KeyboardInterrupt:  # resuming the job with its run id resumes its retrain run too
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        sys.stderr.write(interrupted_line(common["store_uri"], common["fleet"], current, options, resume) + "\n")
+        return 130
     except UsageError as exc:  # an input that cannot work (fleet.pipeline.check_compress_inputs)
         console.print(f"[red]usage error:[/red] {scrub(str(exc))}")
         return 2

@@ -1,5 +1,7 @@
 """The command line contract: subcommands, flags and exit codes (0 ok, 1 failed, 2 usage, 3 quarantined)."""
 
+import json
+import os
 import subprocess
 import sys
 
@@ -130,11 +132,59 @@ def test_nightly_job_validates_its_config(tmp_path):
     assert config.bits == 4 and nightly_settings["store"] == "s"
 
 
+#: Reads a version the way ``fleet inspect`` / ``fleet predict`` do, with torch loaded, and prints how many threads
+#: that started (Arrow's pools start theirs lazily: any new thread here is one of theirs).
+_THREAD_PROBE = """
+import json, os, sys
+import pyarrow as pa
+import torch
+from fleet.cli import main
+from fleet.cli_serving import _read_rows
+from fleet.store import FleetVersion, WorkDir
+
+def threads():
+    return set(os.listdir("/proc/self/task"))
+
+uri, campaign, store, events = sys.argv[1:5]
+before = threads()
+assert main(["inspect", uri, "--campaign", campaign, "--json"]) == 0
+assert main(["inspect", uri, "--json"]) == 0
+version = FleetVersion.open(uri)
+heads = version.read_heads()
+version.read_rejects()
+work = WorkDir(store, "adfleet", "probe")
+work.write_shard("stage", "s0", heads)
+work.read_shard("stage", "s0")
+rows = [r for chunk in _read_rows(events, None) for r in chunk]
+print(json.dumps({"new_threads": len(threads() - before), "rows": len(rows), "heads": heads.num_rows}))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_reading_a_version_starts_no_arrow_thread(tmp_path):
+    """The cause of ``terminate called without an active exception`` (exit 134) at the exit of ``fleet inspect``:
+    an Arrow pool thread (a pre-buffered read of a Python file object, or a multi-threaded decode) that holds the
+    last reference to a Python-owned buffer needs the GIL to free it; after interpreter finalization began,
+    CPython ends it with pthread_exit, which unwinds through Arrow's noexcept code (std::terminate). Every read
+    of a version, a work-dir shard and a ``fleet predict`` Parquet input decodes on the calling thread."""
+    from test_serving import build_version
+
+    built = build_version(str(tmp_path / "store"), num_campaigns=5)
+    write_events(str(tmp_path / "ev"), pa.table({"campaign_id": ["a", "b"], "event_types": [[1], [2, 3]],
+                                                 "features": [[0.0], [0.0, 1.0]], "label": [1, 0]}))
+    events = next((tmp_path / "ev").rglob("*.parquet"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torch's own pool is not what this counts
+    out = subprocess.run([sys.executable, "-c", _THREAD_PROBE, built.uri, built.ids[0], str(tmp_path / "store"),
+                          str(events)], capture_output=True, text=True, check=False, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    probe = json.loads(out.stdout.strip().splitlines()[-1])
+    assert probe == {"new_threads": 0, "rows": 2, "heads": 5}
+
+
+@pytest.mark.slow
 def test_inspect_json_exits_cleanly_20_times(tmp_path):
     """``fleet inspect --campaign --json`` (torch imported, a head row read with pyarrow) exits 0 every time:
     no ``terminate called without an active exception`` (exit 134) from a native thread pool at exit."""
-    import json
-
     from test_serving import build_version
 
     built = build_version(str(tmp_path), num_campaigns=5)

@@ -109,7 +109,12 @@ def test_stage_two_keeps_the_width_with_the_lowest_validation_loss(small_fleet):
     campaigns = [f"campaign-{i:05d}" for i in range(6)]
     soft, status = soft_labels({"campaigns": campaigns}, ctx)
     sample = backbone_sample(soft, backbone_quotas(dict(zip(campaigns, status["n_rows"].to_pylist())), config), 0)
-    data, stats = train_backbone(sample, ctx)
+    reports = []
+    data, stats = train_backbone(sample, ctx, report=reports.append)
+    # stage 2's progress: steps over both widths (a width stopped early counts as done), losses
+    steps = [r["step"] for r in reports]
+    assert steps == sorted(steps) and steps[-1] == 120 and {r["steps"] for r in reports} == {120}
+    assert all(np.isfinite(r["loss"]) for r in reports) and reports[-1]["validation_loss"] is not None
     losses = stats["backbone_width_validation_losses"]
     assert set(losses) == {"8", "24"} and losses["8"] != losses["24"]
     best = min(losses, key=losses.get)

@@ -3,7 +3,10 @@
 
 import json
 import os
+import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -120,6 +123,52 @@ def test_crash_and_resume(small_fleet, ray_local, tmp_path):
     clean = compress(small_fleet, tmp_path / "clean", None, register=False, run_id="clean")
     a, b = heads_by_campaign(FleetVersion.open(resumed.manifest_uri)), heads_by_campaign(FleetVersion.open(clean.manifest_uri))
     assert a == b  # same inputs and seed: byte-identical heads
+
+
+def test_ctrl_c_then_resume(small_fleet, tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) during `fleet compress`: one line on stderr (what
+    was saved, the run id, the resume command), no traceback, exit 130. Resuming with another configuration is
+    refused (exit 2) unless --force-config; the forced resume finishes with the new configuration and shows stage 2's
+    steps and loss, and campaigns (not tasks) in stages 1 and 3, as lines (stderr is no terminal here)."""
+    store = tmp_path / "store"
+    quick = {**FAST, "backbone_steps": 60, "head_steps": 30}
+    (tmp_path / "a.json").write_text(json.dumps(quick))
+    (tmp_path / "b.json").write_text(json.dumps({**quick, "head_steps": 40}))
+    argv = ["compress", "--teachers", small_fleet["teachers"], "--events", small_fleet["events"], "--store", str(store),
+            "--no-register", "--no-parent", "--run-id", "cc"]
+    env = {**os.environ, "FLEET_PROGRESS_SECONDS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", *argv, "--config", str(tmp_path / "a.json")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = []
+    for line in proc.stderr:  # until stage 1 has started
+        seen.append(line)
+        if line.startswith("stage 1"):
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    _, rest = proc.communicate(timeout=300)
+    err = "".join(seen) + rest
+    resume = shlex.join(["fleet", *argv[:-2], "--config", str(tmp_path / "a.json"), "--run-id", "cc"])
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    assert f"run cc (work dir {store}/adfleet/runs/cc); to resume it after an interruption: {resume}\n" in err
+    interrupted = [line for line in err.splitlines() if line.startswith("interrupted")]
+    assert interrupted == [err.rstrip().splitlines()[-1]]  # one line, the last
+    assert interrupted[0].startswith("interrupted: run cc saved the plan, stage 1 for ")
+    assert interrupted[0].endswith(f" in {store}/adfleet/runs/cc; resume with: {resume}")
+
+    changed = [sys.executable, "-m", "fleet.cli", *argv, "--config", str(tmp_path / "b.json")]
+    refused = subprocess.run(changed, capture_output=True, text=True, timeout=300, check=False)
+    assert refused.returncode == 2 and "run cc was planned with configuration sha256" in refused.stderr
+    assert "(differs in: head_steps)" in refused.stderr and "--force-config" in refused.stderr
+
+    forced = subprocess.run([*changed, "--force-config"], capture_output=True, text=True, timeout=1200, env=env, check=False)
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert "resuming with a changed configuration (--force-config; differs in: head_steps)" in forced.stderr
+    assert json.loads((store / "adfleet" / "versions" / "cc" / "manifest.json").read_text())["config"]["head_steps"] == 40
+    assert re.search(r"^stage 1  teacher soft labels: \d+/20 campaigns", forced.stderr, re.MULTILINE)
+    assert re.search(r"^stage 2  backbone: 60/60 steps \(100%\), loss \d\.\d{4}( \(validation \d\.\d{4}\))?, done in ",
+                     forced.stderr, re.MULTILINE)
+    assert re.search(r"^stage 3  heads \+ quantize \+ fidelity: 20/20 campaigns \(100%\), done in ", forced.stderr, re.MULTILINE)
 
 
 def _perturb_teacher(teachers_dir, campaign_id):
