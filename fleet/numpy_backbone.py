@@ -19,6 +19,7 @@ does: ``q * scale`` per output row). Outputs equal torch's to float32 rounding (
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Mapping, Sequence
 
@@ -154,21 +155,31 @@ class NumpyBackbone:
         """The RNN over ``x (S, B, D)`` time-major, rows sorted by ``lengths`` descending; ``(B, H)`` or ``(B, 2H)``."""
         steps, b = x.shape[:2]
         h_size = self.hidden_size
-        # rows running at step t: those with max(length, 1) > t (a length-0 row reads step 0, as last_valid does)
-        active = (np.maximum(lengths, 1)[None, :] > np.arange(steps)[:, None]).sum(1).tolist()  # [S]
-        h = np.zeros((b, h_size), dtype=np.float32)
+        # rows running at step t: those with max(length, 1) > t (a length-0 row reads step 0, as last_valid
+        # does); rows whose mean counts step t: length > t. Both are prefixes of the sorted batch, and
+        # constant over segments of steps, so each segment slices its views once.
+        if steps == 0:
+            segments = []
+        elif lengths[0] == lengths[-1] and lengths[0] > 0:  # equal lengths (one sequence): one segment
+            segments = [(0, steps, b, b if pooled else 0)]
+        else:
+            t_idx = np.arange(steps)[:, None]
+            active = (np.maximum(lengths, 1)[None, :] > t_idx).sum(1)  # (S,)
+            valid = (lengths[None, :] > t_idx).sum(1) if pooled else active  # (S,)
+            cuts = np.flatnonzero((np.diff(active) != 0) | (np.diff(valid) != 0)) + 1
+            bounds = [0, *cuts.tolist(), steps]
+            segments = [(t0, t1, int(active[t0]), int(valid[t0]) if pooled else 0)
+                        for t0, t1 in itertools.pairwise(bounds)]
         mean_sum = np.zeros((b, h_size), dtype=np.float64) if pooled else None
-        valid = (lengths[None, :] > np.arange(steps)[:, None]).sum(1).tolist() if pooled else None  # [S]
+        h = np.zeros((b, h_size), dtype=np.float32)
         for layer, (w_ih_t, bias, w_hh_t, b_hn) in enumerate(self._layers):
             last_layer = layer == self.num_layers - 1
             gi = x @ w_ih_t  # (S, B, G*H), one matmul for every step
             gi += bias
             outs = None if last_layer else np.zeros((steps, b, h_size), dtype=np.float32)
             h = np.zeros((b, h_size), dtype=np.float32)
-            if self.arch == "gru":
-                self._gru(gi, h, w_hh_t, b_hn, active, outs, mean_sum if last_layer else None, valid)
-            else:
-                self._lstm(gi, h, w_hh_t, active, outs, mean_sum if last_layer else None, valid)
+            step = self._gru if self.arch == "gru" else self._lstm
+            step(gi, h, w_hh_t, b_hn, segments, outs, mean_sum if last_layer else None)
             x = outs
         if not pooled:
             return h
@@ -176,55 +187,61 @@ class NumpyBackbone:
         return np.concatenate([h, mean], axis=1)
 
     @staticmethod
-    def _gru(gi, h, w_hh_t, b_hn, active, outs, mean_sum, valid) -> None:
+    def _gru(gi, h, w_hh_t, b_hn, segments, outs, mean_sum) -> None:
         hs = h.shape[1]
         gh_buf = np.empty((h.shape[0], 3 * hs), dtype=np.float32)
-        tmp_buf = np.empty((h.shape[0], 2 * hs), dtype=np.float32)
-        for t, a in enumerate(active):
-            hv, g = h[:a], gi[t, :a]
-            gh = np.matmul(hv, w_hh_t, out=gh_buf[:a])  # (a, 3H)
-            rz = tmp_buf[:a]
-            np.add(g[:, : 2 * hs], gh[:, : 2 * hs], out=rz)  # half the pre-activations of r, z
-            np.tanh(rz, out=rz)
-            rz += 1.0
-            rz *= 0.5  # sigmoid
-            n = gh[:, 2 * hs :]
-            n += b_hn
-            n *= rz[:, :hs]  # r * (W_hn h + b_hn)
-            n += g[:, 2 * hs :]
-            np.tanh(n, out=n)
-            d = rz[:, hs:]  # z, reused: z * (h - n)
-            np.subtract(hv, n, out=gh[:, :hs])
-            d *= gh[:, :hs]
-            np.add(n, d, out=hv)  # h' = (1 - z) n + z h
-            if outs is not None:
-                outs[t, :a] = hv
-            if mean_sum is not None and valid[t]:
-                mean_sum[: valid[t]] += h[: valid[t]]
+        rz_buf = np.empty((h.shape[0], 2 * hs), dtype=np.float32)
+        for t0, t1, a, m in segments:
+            hv, gh, rz = h[:a], gh_buf[:a], rz_buf[:a]
+            gh_rz, gh_n, d = gh[:, : 2 * hs], gh[:, 2 * hs :], gh[:, :hs]
+            r, z = rz[:, :hs], rz[:, hs:]
+            g_rz, g_n = gi[t0:t1, :a, : 2 * hs], gi[t0:t1, :a, 2 * hs :]
+            sink = outs[t0:t1, :a] if outs is not None else [None] * (t1 - t0)
+            acc, acc_h = (mean_sum[:m], h[:m]) if mean_sum is not None and m else (None, None)
+            for gt_rz, gt_n, out in zip(g_rz, g_n, sink):
+                np.matmul(hv, w_hh_t, out=gh)  # (a, 3H)
+                np.add(gt_rz, gh_rz, out=rz)  # half the pre-activations of r, z
+                np.tanh(rz, out=rz)
+                rz += 1.0
+                rz *= 0.5  # sigmoid
+                gh_n += b_hn
+                gh_n *= r  # r * (W_hn h + b_hn)
+                gh_n += gt_n
+                np.tanh(gh_n, out=gh_n)  # n
+                np.subtract(hv, gh_n, out=d)
+                d *= z
+                np.add(gh_n, d, out=hv)  # h' = (1 - z) n + z h
+                if out is not None:
+                    out[...] = hv
+                if acc is not None:
+                    acc += acc_h
 
     @staticmethod
-    def _lstm(gi, h, w_hh_t, active, outs, mean_sum, valid) -> None:
+    def _lstm(gi, h, w_hh_t, b_hn, segments, outs, mean_sum) -> None:
         hs = h.shape[1]
         c = np.zeros_like(h)
         g_buf = np.empty((h.shape[0], 4 * hs), dtype=np.float32)
-        for t, a in enumerate(active):
-            hv, cv = h[:a], c[:a]
-            gates = np.matmul(hv, w_hh_t, out=g_buf[:a])  # (a, 4H): i, f, o (halved), g
-            gates += gi[t, :a]
-            np.tanh(gates, out=gates)
+        for t0, t1, a, m in segments:
+            hv, cv, gates = h[:a], c[:a], g_buf[:a]
             sig = gates[:, : 3 * hs]
-            sig += 1.0
-            sig *= 0.5
             i, f, o, g = gates[:, :hs], gates[:, hs : 2 * hs], gates[:, 2 * hs : 3 * hs], gates[:, 3 * hs :]
-            cv *= f
-            i *= g
-            cv += i  # c' = f c + i g
-            np.tanh(cv, out=g)
-            np.multiply(o, g, out=hv)  # h' = o tanh(c')
-            if outs is not None:
-                outs[t, :a] = hv
-            if mean_sum is not None and valid[t]:
-                mean_sum[: valid[t]] += h[: valid[t]]
+            sink = outs[t0:t1, :a] if outs is not None else [None] * (t1 - t0)
+            acc, acc_h = (mean_sum[:m], h[:m]) if mean_sum is not None and m else (None, None)
+            for gt, out in zip(gi[t0:t1, :a], sink):
+                np.matmul(hv, w_hh_t, out=gates)  # (a, 4H): i, f, o (halved), g
+                gates += gt
+                np.tanh(gates, out=gates)
+                sig += 1.0
+                sig *= 0.5
+                cv *= f
+                i *= g
+                cv += i  # c' = f c + i g
+                np.tanh(cv, out=g)
+                np.multiply(o, g, out=hv)  # h' = o tanh(c')
+                if out is not None:
+                    out[...] = hv
+                if acc is not None:
+                    acc += acc_h
 
 
 def decode_backbone_arrays(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> tuple[dict, dict]:
