@@ -101,12 +101,16 @@ def register(subparsers) -> None:
     """Add ``serve``, ``predict`` and ``inspect`` to ``fleet``'s subparsers."""
     from fleet.http import DEFAULT_MAX_SCORE_CAMPAIGNS
     from fleet.serving import (
+        BACKENDS,
+        DEFAULT_BACKEND,
         DEFAULT_CACHE_SIZE,
         DEFAULT_HEADS,
         DEFAULT_MAX_SEQUENCE_LENGTH,
         HEAD_MODES,
     )
 
+    backend_help = (f"how the backbone runs (default {DEFAULT_BACKEND}): numpy = pure-numpy GRU/LSTM forward; "
+                    "torch = the torch module (docs/serving.md, Backbone backend)")
     heads_help = (f"how heads are kept (default {DEFAULT_HEADS}): resident = every head in memory, quantized "
                   "(read once at start); lru = read on first use into the --cache-size LRU; dense = = --preload")
 
@@ -118,6 +122,7 @@ def register(subparsers) -> None:
                    help="heads kept dequantized in the LRU (0: no cache)")
     p.add_argument("--preload", action="store_true", help="decode every head at start (no per-request I/O)")
     p.add_argument("--heads", choices=HEAD_MODES, default=None, help=heads_help)
+    p.add_argument("--backend", choices=BACKENDS, default=None, help=backend_help)
     p.add_argument("--poll-seconds", type=_positive_float, default=None,
                    help="re-resolve a models:/ alias this often and swap to a new version")
     p.add_argument("--max-body-bytes", type=_positive_int, default=1_000_000)
@@ -148,6 +153,7 @@ def register(subparsers) -> None:
                         "(events format)")
     p.add_argument("--cache-size", type=_non_negative_int, default=DEFAULT_CACHE_SIZE)
     p.add_argument("--heads", choices=HEAD_MODES, default=None, help=heads_help)
+    p.add_argument("--backend", choices=BACKENDS, default=None, help=backend_help)
     p.add_argument("--rank", action="store_true",
                    help="score each sequence against many campaigns (a row's campaign_ids, else --campaigns, else "
                         "every campaign) and print one JSON line per sequence, best first")
@@ -189,6 +195,7 @@ def _cmd_serve(args, console) -> int:
         max_body_bytes=args.max_body_bytes, max_sequences=args.max_sequences,
         max_sequence_length=args.max_sequence_length, num_threads=args.threads, admin_token=admin_token,
         verify=not args.no_verify, heads=args.heads, max_score_campaigns=args.max_score_campaigns,
+        backend=args.backend,
     )
     if args.ray:
         try:
@@ -263,7 +270,7 @@ def _cmd_predict(args, console) -> int:
         return EXIT_USAGE
     try:
         model = FleetModel.load(args.model, args.tracking_uri, storage_options=args.storage_options,
-                                cache_size=args.cache_size, heads=args.heads)
+                                cache_size=args.cache_size, heads=args.heads, backend=args.backend)
     except (FleetError, OSError, ValueError) as exc:
         ERRORS.print(f"[red]error:[/red] cannot load {scrub(args.model)}: {scrub(str(exc))}")
         return EXIT_FAILED

@@ -808,15 +808,16 @@ def app_from_uri(
     verify: bool = True,
     heads: str | None = None,
     max_score_campaigns: int = DEFAULT_MAX_SCORE_CAMPAIGNS,
+    backend: str | None = None,
 ) -> FastAPI:
     """Load ``model_uri`` (``models:/...`` or a version URI) and build the app; a ``models:/`` URI
     can be re-resolved by ``POST /admin/reload`` and by the poller (``poll_seconds``). ``heads``:
-    :meth:`FleetModel.open`'s head mode (None: its default). Picklable through ``functools.partial``
+    :meth:`FleetModel.open`'s head mode, ``backend`` its backbone backend (None: their defaults). Picklable through ``functools.partial``
     (Ray Serve replicas call it)."""
     from fleet.serving import alias_reloader
 
     open_kw: dict[str, Any] = {"storage_options": storage_options, "preload": preload, "verify": verify,
-                               "heads": heads}
+                               "heads": heads, "backend": backend}
     if cache_size is not None:
         open_kw["cache_size"] = cache_size
     if max_sequence_length is not None:

@@ -119,7 +119,8 @@ class NumpyBackbone:
         types_s = types[order, :steps].T  # (S, B) time-major
         feats_s = feats[order, :steps].transpose(1, 0, 2)  # (S, B, F)
         x = np.concatenate([self.embedding[types_s], feats_s], axis=-1)  # (S, B, E+F)
-        out = self._run(x, lengths[order], pooled)
+        with np.errstate(over="ignore", invalid="ignore"):  # enormous features: non-finite out, as torch
+            out = self._run(x, lengths[order], pooled)
         result = np.empty_like(out)
         result[order] = out
         return result
@@ -137,7 +138,8 @@ class NumpyBackbone:
             t = np.asarray(event_types[0], dtype=np.int64)
             f = np.asarray(features[0], dtype=np.float32).reshape(len(t), f_dim)
             x = np.concatenate([self.embedding[t], f], axis=-1)[:, None, :]  # (T, 1, E+F)
-            return self._run(x, np.array([len(t)], dtype=np.int64), pooled)
+            with np.errstate(over="ignore", invalid="ignore"):
+                return self._run(x, np.array([len(t)], dtype=np.int64), pooled)
         lengths = np.fromiter((len(t) for t in event_types), dtype=np.int64, count=n)
         order = np.argsort(-lengths, kind="stable")
         steps = int(lengths.max()) if n else 0
@@ -146,7 +148,8 @@ class NumpyBackbone:
             length = int(lengths[i])
             x[:length, j, : self.embed_dim] = self.embedding[np.asarray(event_types[i], dtype=np.int64)]
             x[:length, j, self.embed_dim :] = np.asarray(features[i], dtype=np.float32).reshape(length, f_dim)
-        out = self._run(x, lengths[order], pooled)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = self._run(x, lengths[order], pooled)
         result = np.empty_like(out)
         result[order] = out
         return result

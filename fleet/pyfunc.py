@@ -10,7 +10,7 @@ The logged model's data is a directory holding ``fleet_model.json`` (written by
 
 (``format``, ``manifest_sha256`` (when present, a manifest with another sha256 is refused),
 ``storage_options``, ``storage_options_env`` are optional; so are ``cache_size``,
-``preload``, ``max_sequence_length``, ``heads``). Heads stay in Parquet and are read through the manifest URI;
+``preload``, ``max_sequence_length``, ``heads``, ``backend``). Heads stay in Parquet and are read through the manifest URI;
 credentials come from the environment variable ``storage_options_env`` (JSON, merged over the saved
 non-secret options) at load time, never from the artifact.
 
@@ -45,7 +45,7 @@ from fleet.store import ENV_STORAGE_OPTIONS, storage_options_from_env
 CONFIG_FILE = "fleet_model.json"
 PYFUNC_FORMAT = "fleet-pyfunc/1"  # same as fleet.registry.MODEL_DATA_FORMAT
 COLUMNS = ("campaign_id", "event_types", "features")
-_OPEN_KEYS = ("cache_size", "preload", "max_sequence_length", "heads")
+_OPEN_KEYS = ("cache_size", "preload", "max_sequence_length", "heads", "backend")
 #: ``predict`` params: ``with_status`` (bool, default False) returns the DataFrame of :data:`STATUS_COLUMNS`.
 WITH_STATUS = "with_status"
 STATUS_COLUMNS = ("probability", "fallback", "status")

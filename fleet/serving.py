@@ -38,6 +38,7 @@ from fleet.errors import (
 from fleet.head_table import HeadTable
 from fleet.heads import decode_heads
 from fleet.ids import CAMPAIGN_ID_PATTERN, validate_campaign_id
+from fleet.numpy_backbone import NumpyBackbone
 from fleet.store import (
     BACKBONE,
     ENV_STORAGE_OPTIONS,
@@ -67,6 +68,11 @@ DEFAULT_CACHE_SIZE = 100_000
 #: bounded LRU) or ``"dense"`` (every head dequantized at open, ``Tensor[C, P]``; what ``preload=True`` asks).
 HEAD_MODES = ("resident", "lru", "dense")
 DEFAULT_HEADS = "resident"
+#: How the backbone runs (``FleetModel.open(backend=...)``): ``"numpy"`` (:class:`fleet.numpy_backbone.NumpyBackbone`,
+#: the same features to float32 rounding) or ``"torch"`` (:class:`fleet.student.SharedBackbone`). The default
+#: is chosen from ``infra/sizing/measure_numpy_backbone.py`` (docs/serving.md, "Backbone backend").
+BACKENDS = ("torch", "numpy")
+DEFAULT_BACKEND = "numpy"
 #: Campaigns per head evaluation of :meth:`FleetModel.score_campaigns` (bounds its memory: ``B x chunk x H`` floats).
 SCORE_CHUNK = 16_384
 DEFAULT_MAX_SEQUENCE_LENGTH = 1024
@@ -351,6 +357,9 @@ class FleetModel:
         preload: decode every head at open into one dense ``Tensor[C, P]`` (no LRU, no I/O per
             request). Memory: ``4 * P * C`` bytes plus an id dict. Same as ``heads="dense"``.
         max_sequence_length: longest accepted sequence (events per sequence).
+        backend: how the backbone runs: ``"numpy"`` (default, :data:`DEFAULT_BACKEND`: the pure-numpy
+            forward of :mod:`fleet.numpy_backbone`) or ``"torch"`` (the decoded ``SharedBackbone``). Both give
+            the same features to float32 rounding (tested to 1e-5); ``model.backbone`` is the torch module either way.
         num_threads: ``torch.set_num_threads`` for inference (process-wide); None leaves it.
         verify: check every file's sha256 at open (heads parts included).
     """
@@ -363,8 +372,12 @@ class FleetModel:
         preload: bool = False,
         max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
         heads: str | None = None,
+        backend: str | None = None,
     ):
         mode = _head_mode(heads, preload)
+        backend = DEFAULT_BACKEND if backend is None else backend
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if cache_size < 0:
             raise ValueError(f"cache_size must be >= 0, got {cache_size}")
         if max_sequence_length < 1:
@@ -377,6 +390,9 @@ class FleetModel:
         backbone.requires_grad_(False)
         self.backbone = backbone.eval()
         self.config: StudentConfig = backbone.config
+        self.backend = backend
+        self._numpy_backbone = (NumpyBackbone.from_state_dict(backbone.state_dict(), arch=self.config.arch)
+                                if backend == "numpy" else None)
         self.head_config, self.num_params = self._head_layout(version)
         self._cache = _HeadCache(cache_size, self.num_params)
         self._absent = _BoundedSet(ABSENT_CACHE_SIZE)
@@ -424,12 +440,14 @@ class FleetModel:
         verify: bool = True,
         manifest_sha256: str | None = None,
         heads: str | None = None,
+        backend: str | None = None,
     ) -> FleetModel:
         """Open a committed version (its directory or ``manifest.json`` URI).
 
         ``storage_options`` None reads ``$FLEET_STORAGE_OPTIONS`` (JSON) when set. ``manifest_sha256``
         (the registry's tag, passed by :meth:`load`): a manifest with another sha256 is refused.
-        ``heads``: ``"resident"`` (default), ``"lru"`` or ``"dense"`` (see the class).
+        ``heads``: ``"resident"`` (default), ``"lru"`` or ``"dense"``; ``backend``: ``"numpy"`` (default) or
+        ``"torch"`` (see the class).
         """
         mode = _head_mode(heads, preload)
         if storage_options is None:
@@ -439,7 +457,8 @@ class FleetModel:
         # resident and dense read (and verify) the backbone and every heads part anyway
         version = FleetVersion.open(manifest_or_version_uri, storage_options, verify=verify and mode == "lru",
                                     manifest_sha256=manifest_sha256)
-        return cls(version, cache_size=cache_size, max_sequence_length=max_sequence_length, heads=mode)
+        return cls(version, cache_size=cache_size, max_sequence_length=max_sequence_length, heads=mode,
+                   backend=backend)
 
     @classmethod
     def load(cls, model_uri: str, tracking_uri: str | None = None, **kw: Any) -> FleetModel:
@@ -902,6 +921,16 @@ class FleetModel:
         n = len(types)
         num_feats = self.config.num_features
         pooled = self.head_config.head in POOLED_DESIGNS
+        if self._numpy_backbone is not None:  # sorts by length itself and computes nothing for padding
+            run = self._numpy_backbone.forward_ragged
+            if n <= BACKBONE_CHUNK:
+                return torch.from_numpy(run(types, feats, pooled))
+            h = np.empty((n, feature_width(self.head_config)), dtype=np.float32)  # (B, W)
+            order = np.argsort(np.fromiter((len(t) for t in types), dtype=np.int64, count=n), kind="stable")
+            for start in range(0, n, BACKBONE_CHUNK):  # bounds the (T, chunk, E+F) input buffer
+                idx = order[start : start + BACKBONE_CHUNK]
+                h[idx] = run([types[i] for i in idx.tolist()], [feats[i] for i in idx.tolist()], pooled)
+            return torch.from_numpy(h)
         if n <= BACKBONE_CHUNK and max(len(t) for t in types) <= 2 * min(len(t) for t in types):
             batch = collate(types, feats, num_feats)  # one call; padding at most 2x
             return self.backbone(batch.event_types, batch.features, batch.lengths, pooled)
@@ -1010,6 +1039,8 @@ def alias_reloader(model_uri: str, tracking_uri: str | None = None, **open_kw: A
 
 
 __all__ = [
+    "BACKENDS",
+    "DEFAULT_BACKEND",
     "DEFAULT_CACHE_SIZE",
     "DEFAULT_HEADS",
     "DEFAULT_MAX_SEQUENCE_LENGTH",

@@ -154,3 +154,29 @@ def test_import_does_not_load_torch():
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env)
+
+
+# ----------------------------------------------------------------------------- FleetModel(backend=...)
+
+
+@pytest.mark.parametrize("arch,head", [("gru", "film"), ("lstm", "film_pool"), ("lstm", "linear")])
+def test_fleet_model_numpy_backend_equals_torch_backend(tmp_path, arch, head):
+    import random
+
+    from fleet.serving import DEFAULT_BACKEND, FleetModel
+    from tests.test_serving import build_version, random_sequences
+
+    built = build_version(str(tmp_path), num_campaigns=10, head=head, arch=arch)
+    m_np, m_t = FleetModel.open(built.uri, backend="numpy"), FleetModel.open(built.uri, backend="torch")
+    assert (m_np.backend, m_t.backend, FleetModel.open(built.uri).backend) == ("numpy", "torch", DEFAULT_BACKEND)
+    rng = random.Random(3)
+    seqs = random_sequences(rng, 300, 1, 40)  # > BACKBONE_CHUNK rows, mixed lengths: the chunked path
+    rows = [{"campaign_id": built.ids[i % len(built.ids)], **s} for i, s in enumerate(seqs)]
+    np.testing.assert_allclose(m_np.predict_batch(rows), m_t.predict_batch(rows), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(m_np.predict_batch(rows[:7]), m_t.predict_batch(rows[:7]), atol=1e-6, rtol=0)
+    for s in seqs[:5]:  # one sequence: the hot path
+        np.testing.assert_allclose(m_np.predict(built.ids[0], [s]), m_t.predict(built.ids[0], [s]), atol=1e-6, rtol=0)
+        np.testing.assert_allclose(m_np.score_campaigns(s).probabilities, m_t.score_campaigns(s).probabilities,
+                                   atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="backend"):
+        FleetModel.open(built.uri, backend="onnx")

@@ -73,12 +73,13 @@ def build_version(
     rows_per_part: int = 20,
     fleet: str = "adfleet",
     statuses: dict[str, str] | None = None,
+    arch: str = "gru",
 ) -> BuiltVersion:
     """Write a real version: random backbone (int8), random heads at mixed bits (some pruned).
     ``statuses`` overrides the head status of some campaign ids (default: ok, fp16_fallback at 16 bits)."""
     torch.manual_seed(seed)
     config = StudentConfig(num_event_types=NUM_EVENT_TYPES, num_features=NUM_FEATURES, hidden_size=16, embed_dim=8,
-                           head=head, head_rank=head_rank)
+                           head=head, head_rank=head_rank, arch=arch)
     backbone = SharedBackbone(config).eval()
     tensors, metadata = encode_backbone(backbone)
     decoded = decode_backbone(tensors, metadata)
