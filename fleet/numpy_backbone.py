@@ -144,10 +144,15 @@ class NumpyBackbone:
         order = np.argsort(-lengths, kind="stable")
         steps = int(lengths.max()) if n else 0
         x = np.zeros((steps, n, self.embed_dim + f_dim), dtype=np.float32)  # (S, B, E+F), time-major
-        for j, i in enumerate(order.tolist()):
-            length = int(lengths[i])
-            x[:length, j, : self.embed_dim] = self.embedding[np.asarray(event_types[i], dtype=np.int64)]
-            x[:length, j, self.embed_dim :] = np.asarray(features[i], dtype=np.float32).reshape(length, f_dim)
+        picked = order.tolist()
+        sorted_len = lengths[order]
+        col = np.repeat(np.arange(n), sorted_len)  # each event's column (its row's rank)
+        starts = np.cumsum(sorted_len) - sorted_len
+        step_of = np.arange(len(col)) - np.repeat(starts, sorted_len)  # each event's time step
+        x[step_of, col, : self.embed_dim] = self.embedding[
+            np.concatenate([np.asarray(event_types[i], dtype=np.int64) for i in picked])]
+        x[step_of, col, self.embed_dim :] = np.concatenate(
+            [np.asarray(features[i], dtype=np.float32).reshape(-1) for i in picked]).reshape(-1, f_dim)
         with np.errstate(over="ignore", invalid="ignore"):
             out = self._run(x, lengths[order], pooled)
         result = np.empty_like(out)
