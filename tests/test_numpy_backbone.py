@@ -180,3 +180,23 @@ def test_fleet_model_numpy_backend_equals_torch_backend(tmp_path, arch, head):
                                    atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="backend"):
         FleetModel.open(built.uri, backend="onnx")
+
+
+def test_cli_predict_backend_flag(tmp_path, capsys):
+    import json
+    import random
+
+    from fleet.cli import main
+    from tests.test_serving import build_version, random_sequences
+
+    built = build_version(str(tmp_path / "store"), num_campaigns=4, arch="lstm")
+    path = tmp_path / "seqs.jsonl"
+    path.write_text("".join(json.dumps(s) + "\n" for s in random_sequences(random.Random(9), 5)))
+    out = {}
+    for backend in ("numpy", "torch"):
+        capsys.readouterr()
+        assert main(["predict", "--model", built.uri, "--campaign", built.ids[0], "--input", str(path),
+                     "--backend", backend]) == 0
+        out[backend] = np.array([float(v) for v in capsys.readouterr().out.split()])
+    assert len(out["numpy"]) == 5
+    np.testing.assert_allclose(out["numpy"], out["torch"], atol=1e-6, rtol=0)
