@@ -152,7 +152,7 @@ class NumpyBackbone:
         x[step_of, col, : self.embed_dim] = self.embedding[
             np.concatenate([np.asarray(event_types[i], dtype=np.int64) for i in picked])]
         x[step_of, col, self.embed_dim :] = np.concatenate(
-            [np.asarray(features[i], dtype=np.float32).reshape(-1) for i in picked]).reshape(-1, f_dim)
+            [np.asarray(features[i], dtype=np.float32).reshape(-1) for i in picked]).reshape(len(col), f_dim)
         with np.errstate(over="ignore", invalid="ignore"):
             out = self._run(x, lengths[order], pooled)
         result = np.empty_like(out)

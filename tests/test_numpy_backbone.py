@@ -134,6 +134,19 @@ def test_from_bytes_without_torch_equals_decoded_backbone(arch, bits):
                                atol=ATOL, rtol=0)
 
 
+def test_no_numeric_features():
+    torch.manual_seed(1)
+    backbone = SharedBackbone(StudentConfig(num_event_types=V, num_features=0, arch="lstm", hidden_size=8, embed_dim=4)).eval()
+    nb = NumpyBackbone.from_state_dict(backbone.state_dict())
+    types = [np.array([1, 2, 3]), np.array([4])]
+    feats = [np.zeros(0, np.float32), np.zeros(0, np.float32)]
+    padded = np.array([[1, 2, 3], [4, 0, 0]])
+    with torch.no_grad():
+        ref = backbone(torch.from_numpy(padded), torch.zeros(2, 3, 0), torch.tensor([3, 1]), True).numpy()
+    np.testing.assert_allclose(nb.forward_ragged(types, feats, True), ref, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(nb.forward_ragged(types[:1], feats[:1], True), ref[:1], atol=ATOL, rtol=0)
+
+
 def test_bad_inputs_and_weights():
     backbone = _backbone("gru")
     nb = NumpyBackbone.from_state_dict(backbone.state_dict())
