@@ -288,6 +288,34 @@ def _cmd_bench(args, console) -> int:
     return run_from_args(args, console)
 
 
+def _add_diff(p) -> None:
+    p.add_argument("a", metavar="A", help="the old version: models:/NAME@alias, models:/NAME/N, a version/manifest "
+                                          "URI, or with --fleet a bare alias or version number")
+    p.add_argument("b", metavar="B", help="the new version, as A")
+    p.add_argument("--fleet", default=None,
+                   help="registered model whose versions a bare A or B name (3 -> models:/NAME/3, champion -> "
+                        "models:/NAME@champion; default: none, A and B are URIs)")
+    p.add_argument("--max-ids", type=cli_serving._non_negative_int, default=20,
+                   help="campaign ids listed per category (added, removed, refit, ...; 0: all)")
+    p.add_argument("--json", action="store_true", help="print the diff as JSON (fleet.diff's result)")
+    cli_serving._add_model_options(p)
+    p.set_defaults(handler=_cmd_diff)
+
+
+def _cmd_diff(args, console) -> int:
+    from fleet.version_diff import diff_table, diff_versions, model_uri
+
+    a, b = model_uri(args.a, args.fleet), model_uri(args.b, args.fleet)
+    result = diff_versions(a, b, tracking_uri=args.tracking_uri, storage_options=args.storage_options,
+                           max_ids=args.max_ids or None)
+    if args.json:
+        sys.stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    else:
+        for table in diff_table(result):
+            console.print(table)
+    return EXIT_OK
+
+
 def _add_completion(p) -> None:
     p.add_argument("shell", choices=["bash", "zsh"], help="the shell to print a completion script for")
     p.set_defaults(handler=_cmd_completion)
@@ -307,6 +335,7 @@ COMMANDS = {
     "versions": ("list a fleet's registered versions, aliases and gate results", _add_versions),
     "promote": ("move the champion alias to a registered version by hand", _add_promote),
     "rollback": ("move the champion alias back to the previous champion", _add_rollback),
+    "diff": ("compare two versions: campaigns added/removed/refit, bits, fidelity and size", _add_diff),
     "serve": (cli_serving.COMMANDS["serve"], cli_serving.add_serve),
     "predict": (cli_serving.COMMANDS["predict"], cli_serving.add_predict),
     "inspect": (cli_serving.COMMANDS["inspect"], cli_serving.add_inspect),
@@ -362,7 +391,7 @@ def _command_of(argv: list[str]) -> str:
 #: teardown with Arrow's and torch's native thread pools alive has aborted such a process after its work was
 #: done (``terminate called without an active exception``, exit 134; issue 13 section 4), more often since
 #: these commands start fast; ``fleet bench`` ends its measuring subprocesses the same way.
-EXIT_WITHOUT_TEARDOWN = frozenset({"versions", "promote", "rollback", "predict", "inspect", "completion"})
+EXIT_WITHOUT_TEARDOWN = frozenset({"versions", "promote", "rollback", "diff", "predict", "inspect", "completion"})
 
 
 def main(argv: list[str] | None = None) -> int:
