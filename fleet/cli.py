@@ -316,6 +316,52 @@ def _cmd_diff(args, console) -> int:
     return EXIT_OK
 
 
+def _add_gc(p) -> None:
+    from fleet.retention import DEFAULT_GRACE_HOURS, DEFAULT_KEEP_LAST
+
+    p.add_argument("name", help="fleet (registered model) name")
+    p.add_argument("--store", default="fleet-data/store", help="store URI of the fleet's versions")
+    _add_tracking_uri(p)
+    p.add_argument("--keep-last", type=cli_serving._non_negative_int, default=DEFAULT_KEEP_LAST,
+                   help="keep the N newest committed versions (whatever else they are)")
+    p.add_argument("--grace-hours", type=_non_negative_float, default=DEFAULT_GRACE_HOURS,
+                   help="keep any version created, or moved off an alias, and any run finished, less than this "
+                        "many hours ago: readers may still use it")
+    p.add_argument("--yes", action="store_true", help="delete (default: dry run, print what would be deleted)")
+    p.add_argument("--no-registry", action="store_true",
+                   help="a store without registry (versions written with --no-register): no alias is read and no "
+                        "model version deleted; only --keep-last and --grace-hours protect versions")
+    p.add_argument("--json", action="store_true", help="print the plan (and what was deleted) as JSON")
+    p.add_argument("--storage-options", type=json_object, default=None,
+                   help="fsspec storage options as JSON (default: $FLEET_STORAGE_OPTIONS)")
+    p.set_defaults(handler=_cmd_gc)
+
+
+def _non_negative_float(text: str) -> float:
+    return cli_serving._bounded(float, 0, kind="a number")(text)
+
+
+def _cmd_gc(args, console) -> int:
+    from fleet.retention import apply_plan, plan_gc, plan_json, plan_tables
+    from fleet.store import storage_options_from_env
+
+    options = args.storage_options if args.storage_options is not None else storage_options_from_env()
+    plan = plan_gc(args.store, args.name, tracking_uri=args.tracking_uri, storage_options=options,
+                   keep_last=args.keep_last, grace_hours=args.grace_hours, registry=not args.no_registry)
+    failures = apply_plan(plan) if args.yes else []
+    if args.json:
+        sys.stdout.write(json.dumps(plan_json(plan, applied=args.yes, failures=failures), indent=2, sort_keys=True)
+                         + "\n")
+    else:
+        for table in plan_tables(plan, applied=args.yes):
+            console.print(table)
+    for failure in failures:
+        cli_serving.ERRORS.print(f"[red]error:[/red] {scrub(failure)}")
+    if not args.yes and plan.deletions and not args.json:
+        cli_serving.ERRORS.print("dry run: nothing was deleted; run again with --yes to delete")
+    return EXIT_FAILED if failures else EXIT_OK
+
+
 def _add_completion(p) -> None:
     p.add_argument("shell", choices=["bash", "zsh"], help="the shell to print a completion script for")
     p.set_defaults(handler=_cmd_completion)
@@ -336,6 +382,7 @@ COMMANDS = {
     "promote": ("move the champion alias to a registered version by hand", _add_promote),
     "rollback": ("move the champion alias back to the previous champion", _add_rollback),
     "diff": ("compare two versions: campaigns added/removed/refit, bits, fidelity and size", _add_diff),
+    "gc": ("delete old versions and finished run work dirs (dry run unless --yes)", _add_gc),
     "serve": (cli_serving.COMMANDS["serve"], cli_serving.add_serve),
     "predict": (cli_serving.COMMANDS["predict"], cli_serving.add_predict),
     "inspect": (cli_serving.COMMANDS["inspect"], cli_serving.add_inspect),
@@ -391,7 +438,8 @@ def _command_of(argv: list[str]) -> str:
 #: teardown with Arrow's and torch's native thread pools alive has aborted such a process after its work was
 #: done (``terminate called without an active exception``, exit 134; issue 13 section 4), more often since
 #: these commands start fast; ``fleet bench`` ends its measuring subprocesses the same way.
-EXIT_WITHOUT_TEARDOWN = frozenset({"versions", "promote", "rollback", "diff", "predict", "inspect", "completion"})
+EXIT_WITHOUT_TEARDOWN = frozenset({"versions", "promote", "rollback", "diff", "gc", "predict", "inspect",
+                                   "completion"})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -153,7 +153,8 @@ def test_version_is_the_installed_distribution_s():
     assert out.returncode == 0 and out.stdout == f"fleet {metadata.version('fleet')}\n"
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["versions", "--help"], ["diff", "--help"], ["completion", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["versions", "--help"], ["diff", "--help"], ["gc", "--help"],
+                                  ["completion", "--help"]])
 def test_help_imports_no_heavy_module(argv):
     """`fleet --help` (and the registry commands' help) import neither torch, Ray, MLflow, pyarrow nor the bench:
     each command's arguments and modules are loaded only when that command runs."""
@@ -200,6 +201,7 @@ def test_bash_completion_completes_commands_options_and_choices(capsys):
     assert _complete(script, ["fleet", "ver"]) == ["versions"]
     assert _complete(script, ["fleet", "--v"]) == ["--version"]
     assert set(_complete(script, ["fleet", "versions", "--"])) == {"--help", "--tracking-uri", "--json"}
+    assert set(_complete(script, ["fleet", "gc", "--"])) >= {"--yes", "--keep-last", "--grace-hours", "--json"}
     assert _complete(script, ["fleet", "compress", "--bi"]) == ["--bits"]
     assert _complete(script, ["fleet", "compress", "--bits", ""]) == ["auto", "8", "4", "2", "1"]
     assert _complete(script, ["fleet", "completion", "z"]) == ["zsh"]
