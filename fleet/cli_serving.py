@@ -195,8 +195,8 @@ def add_predict(p: argparse.ArgumentParser) -> None:
                    help="score each sequence against many campaigns (a row's campaign_ids, else --campaigns, else "
                         "every campaign) and print one JSON line per sequence, best first")
     p.add_argument("--campaigns", default=None, metavar="ID[,ID...]",
-                   help="with --rank: the campaigns to rank for rows without campaign_ids")
-    p.add_argument("--top-k", type=_positive_int, default=None, help="with --rank: keep the k best campaigns")
+                   help="with --rank: the campaigns to rank for rows without campaign_ids (default: every campaign)")
+    p.add_argument("--top-k", type=_positive_int, default=None, help="with --rank: keep the k best campaigns (default: all of them)")
     _add_model_options(p)
     p.set_defaults(handler=_cmd_predict)
 
