@@ -247,7 +247,8 @@ def add_arguments(p) -> None:
     g.add_argument("--zoo-generators", default=None, help="comma-separated generators (default: all)")
     g.add_argument("--zoo-teachers", default=None, help="comma-separated teacher classes (default: all)")
     g.add_argument("--zoo-compare", action="append", default=None, metavar="NAME=ZOO_JSON",
-                   help="print zoo runs side by side (per pair, means, wins over the first) and exit; repeatable")
+                   help="print zoo runs side by side (per pair, means, wins over the first) and exit; repeatable "
+                        "(default: none)")
     g.add_argument("--zoo-run-id", default=None,
                    help="run id of every pair (default: a timestamp); a pair already committed under it is "
                         "evaluated, not compressed again")

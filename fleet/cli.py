@@ -1,41 +1,44 @@
 """The ``fleet`` command line. Exit codes: 0 ok, 1 failed (also: a registry that cannot be read, a champion
 moved by another writer), 2 usage error (also: resuming a run id with another configuration without
 --force-config), 3 finished with quarantined campaigns, 4 not promoted, 130 interrupted (SIGINT, Ctrl-C:
-one line on stderr says what the run saved and the command that resumes it)."""
+one line on stderr says what the run saved and the command that resumes it).
+Flags are off unless given; every other option's default is in the command's --help."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import signal
 import sys
 
-import numpy as np
-from rich.table import Table
-
+# Only light modules here: `fleet --help` must not import torch, Ray, MLflow or pyarrow (each command's
+# arguments are added, and its modules imported, only when that command runs: build_parser).
 from fleet import cli_serving
 from fleet.cli_serving import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
+    HelpFormatter,
     json_object,
 )
 from fleet.errors import FleetError, UsageError
 from fleet.redact import scrub, secret_values
-from fleet.store import storage_options_from_env
+
+#: The installed distribution of ``import fleet`` (its version is ``fleet --version``).
+DISTRIBUTION = "fleet"
 
 
-def _add_synth(sub) -> None:
-    p = sub.add_parser("synth", help="generate a synthetic ad-tech fleet (events + trained teachers)")
+def _add_synth(p) -> None:
     p.add_argument("--campaigns", type=int, required=True, help="number of campaigns")
     p.add_argument("--out", required=True, help="output URI; writes OUT/events/ and OUT/teachers/")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--arch", choices=["lstm", "gru"], default="lstm")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the data and the teachers")
+    p.add_argument("--arch", choices=["lstm", "gru"], default="lstm", help="teacher RNN cell (with --teacher rnn)")
     p.add_argument("--hidden", type=int, default=256, help="teacher hidden size")
     p.add_argument("--layers", type=int, default=2, help="teacher RNN layers")
-    p.add_argument("--num-event-types", type=int, default=64)
-    p.add_argument("--num-features", type=int, default=8)
+    p.add_argument("--num-event-types", type=int, default=64, help="event type vocabulary size")
+    p.add_argument("--num-features", type=int, default=8, help="numeric features per event")
     p.add_argument("--min-sequences", type=int, default=100, help="smallest campaign size")
     p.add_argument("--max-sequences", type=int, default=20_000, help="largest campaign size")
     p.add_argument("--max-epochs", type=int, default=12, help="teacher training epochs at most (early stopping)")
@@ -44,11 +47,14 @@ def _add_synth(sub) -> None:
     p.add_argument("--teacher", choices=["rnn", "attn_gru", "conv"], default="rnn",
                    help="teacher class: rnn = --arch LSTM/GRU, attn_gru / conv = fleet.zoo's (default: %(default)s)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
-    p.add_argument("--storage-options", type=json_object, default=None, help="fsspec options as JSON")
+    p.add_argument("--storage-options", type=json_object, default=None, help="fsspec options as JSON (default: none)")
     p.set_defaults(handler=_cmd_synth)
 
 
 def _cmd_synth(args, console) -> int:
+    import numpy as np
+    from rich.table import Table
+
     from fleet.pipeline import run_synth
     from fleet.synth import SynthConfig
     from fleet.teachers import teacher_num_bytes
@@ -85,38 +91,44 @@ def _cmd_synth(args, console) -> int:
     return EXIT_OK
 
 
-def _add_compress(sub) -> None:
-    p = sub.add_parser("compress", help="distil, quantize and register one fleet version (the nightly job)")
+def _add_compress(p) -> None:
     p.add_argument("--teachers", required=True, help="teacher root URI (fleet-teacher/1)")
     p.add_argument("--events", required=True, help="events dataset URI (Parquet)")
     p.add_argument("--store", default="fleet-data/store", help="store URI for fleet versions (default: %(default)s)")
     p.add_argument("--fleet", default="adfleet", help="fleet name = MLflow registered model (default: %(default)s)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///fleet-data/mlflow.db)")
-    p.add_argument("--bits", choices=["auto", "8", "4", "2", "1"], default=None, help="head bits (default: auto)")
+    p.add_argument("--bits", choices=["auto", "8", "4", "2", "1"], default=None,
+                   help="head bits (default: the config's bits, auto unless --config says otherwise)")
     p.add_argument("--codec", choices=["packed", "bloomier"], default=None,
-                   help="how heads are stored: packed integer codes (default) or bloomier (Weightless: pruned, "
-                        "clustered, Bloomier-filter encoded per row group; docs/quantization.md)")
+                   help="how heads are stored: packed integer codes or bloomier (Weightless: pruned, clustered, "
+                        "Bloomier-filter encoded per row group; docs/quantization.md) (default: the config's codec, "
+                        "packed unless --config says otherwise)")
     p.add_argument("--run-id", default=None,
-                   help="run id = version id (default: the UTC time, printed at the start); re-use it to resume an "
-                        "interrupted or crashed run")
+                   help="run id = version id (default: the UTC time, YYYYMMDDTHHMMSSZ, printed at the start); re-use "
+                        "it to resume an interrupted or crashed run")
     p.add_argument("--force-config", action="store_true",
                    help="resume --run-id with a configuration other than the one it was planned with (finished "
                         "shards are kept; without this flag such a resume is a usage error)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray sized to the machine)")
     p.add_argument("--retrain-backbone", action="store_true", help="retrain the backbone and refit every head")
-    p.add_argument("--config", default=None, help="JSON or TOML file of CompressConfig fields")
+    p.add_argument("--config", default=None,
+                   help="JSON or TOML file of CompressConfig fields (default: CompressConfig's defaults, "
+                        "docs/compression.md)")
     p.add_argument("--storage-options", type=json_object, default=None,
-                   help="fsspec options as JSON (or $FLEET_STORAGE_OPTIONS), e.g. an S3 endpoint")
+                   help="fsspec options as JSON, e.g. an S3 endpoint (default: $FLEET_STORAGE_OPTIONS)")
     p.add_argument("--no-register", action="store_true", help="write the version but do not register it in MLflow")
     p.add_argument("--no-parent", action="store_true",
                    help="full run without a parent: do not look up the champion (needed when the registry cannot "
                         "be read; with --no-register no registry is used at all)")
     p.add_argument("--allow-loader", action="append", default=[], type=_loader_spec, metavar="MODULE:FUNCTION",
                    help="allow teachers whose config.json names this loader (repeatable; installed "
-                        "fleet.teacher_loaders entry points are always allowed, any other loader is quarantined)")
+                        "fleet.teacher_loaders entry points are always allowed, any other loader is quarantined; "
+                        "default: none)")
     p.add_argument("--dashboard", action="store_true",
                    help="start the local Ray's dashboard, on 127.0.0.1 only (default: no dashboard)")
+    p.add_argument("--json", action="store_true",
+                   help="print the end-of-run summary as JSON on stdout (summary_json) instead of a table")
     p.set_defaults(handler=_cmd_compress)
 
 
@@ -146,6 +158,7 @@ def resume_command(prog: list[str], argv: list[str], run_id: str, storage_option
 def _cmd_compress(args, console) -> int:
     from fleet.pipeline import interrupted_line, new_run_id, run_compress
     from fleet.stages import CompressConfig
+    from fleet.store import storage_options_from_env
 
     config = CompressConfig.from_file(args.config) if args.config else CompressConfig()
     if args.bits is not None:
@@ -170,9 +183,13 @@ def _cmd_compress(args, console) -> int:
         sys.stderr.write(interrupted_line(args.store, args.fleet, run_id, options, resume) + "\n")
         sys.stderr.flush()
         return EXIT_INTERRUPTED
-    console.print(summary_table(result))
-    for reject in result.rejects[:20]:
-        console.print(f"[yellow]quarantined[/yellow] {reject['campaign_id']} ({reject['stage']}): {reject['reason']}")
+    if args.json:
+        sys.stdout.write(json.dumps(summary_json(result), indent=2, sort_keys=True) + "\n")
+    else:
+        console.print(summary_table(result))
+        for reject in result.rejects[:20]:
+            console.print(f"[yellow]quarantined[/yellow] {reject['campaign_id']} ({reject['stage']}): "
+                          f"{reject['reason']}")
     existing = result.registered is not None and result.registered.existing
     gate = result.registered.gate if result.registered is not None else None
     if gate is not None and not gate.passed and not existing:
@@ -186,8 +203,31 @@ def _cmd_compress(args, console) -> int:
     return result.exit_code
 
 
-def summary_table(result) -> Table:
-    """The end-of-run summary of ``fleet compress``."""
+def summary_json(result) -> dict:
+    """The end-of-run summary of ``fleet compress --json``: ``version_id``, ``manifest_uri``, ``exit_code``,
+    ``metrics`` (the manifest's, plus ``total_seconds``), ``registered`` (``name``, ``version``, ``run_id``,
+    ``existing``, ``champion``, ``gate`` = ``passed`` / ``failed`` / null, ``gate_reasons``, ``gate_notes``;
+    null with ``--no-register``) and ``rejects`` (``campaign_id``, ``stage``, ``reason``). Non-finite numbers
+    are null."""
+    from fleet.store import json_safe
+
+    registered = None
+    if result.registered is not None:
+        r = result.registered
+        registered = {"name": r.name, "version": r.version, "run_id": r.run_id, "existing": r.existing,
+                      "champion": r.champion,
+                      "gate": None if r.gate is None else "passed" if r.gate.passed else "failed",
+                      "gate_reasons": [] if r.gate is None else list(r.gate.reasons),
+                      "gate_notes": [] if r.gate is None else list(r.gate.notes)}
+    return json_safe({"version_id": result.version_id, "manifest_uri": scrub(result.manifest_uri),
+                      "exit_code": result.exit_code, "metrics": result.metrics, "registered": registered,
+                      "rejects": list(result.rejects)})
+
+
+def summary_table(result):
+    """The end-of-run summary of ``fleet compress`` (a rich Table)."""
+    from rich.table import Table
+
     m = result.metrics
     fmt = lambda v, spec="": "n/a" if v is None else format(v, spec)
     table = Table(title=f"fleet version {result.version_id}")
@@ -218,20 +258,30 @@ def summary_table(result) -> Table:
     return table
 
 
-def _add_registry_commands(sub) -> None:
-    p = sub.add_parser("promote", help="move the champion alias to a registered version by hand")
+def _add_promote(p) -> None:
     p.add_argument("name", help="fleet (registered model) name")
     p.add_argument("version", help="MLflow model version number")
-    p.add_argument("--tracking-uri", default=None)
+    _add_tracking_uri(p)
     p.set_defaults(handler=_cmd_promote)
-    p = sub.add_parser("rollback", help="move the champion alias back to the previous champion")
+
+
+def _add_rollback(p) -> None:
     p.add_argument("name", help="fleet (registered model) name")
-    p.add_argument("--tracking-uri", default=None)
+    _add_tracking_uri(p)
     p.set_defaults(handler=_cmd_rollback)
-    p = sub.add_parser("versions", help="list a fleet's registered versions, aliases and gate results")
+
+
+def _add_versions(p) -> None:
     p.add_argument("name", help="fleet (registered model) name")
-    p.add_argument("--tracking-uri", default=None)
+    _add_tracking_uri(p)
+    p.add_argument("--json", action="store_true",
+                   help="print the versions as a JSON list (fleet.registry.list_versions' rows) instead of a table")
     p.set_defaults(handler=_cmd_versions)
+
+
+def _add_tracking_uri(p) -> None:
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///fleet-data/mlflow.db)")
 
 
 def _cmd_promote(args, console) -> int:
@@ -251,22 +301,27 @@ def _cmd_rollback(args, console) -> int:
 
 
 def _cmd_versions(args, console) -> int:
+    from rich.table import Table
+
     from fleet import registry
 
+    rows = registry.list_versions(args.name, args.tracking_uri)
+    if args.json:
+        sys.stdout.write(json.dumps(rows, indent=2, sort_keys=True) + "\n")
+        return EXIT_OK
     table = Table(title=f"{args.name} versions")
     for column in ("version", "version_id", "aliases", "gate", "created", "why not promoted"):
         table.add_column(column)
-    for v in registry.list_versions(args.name, args.tracking_uri):
+    for v in rows:
         table.add_row(str(v["version"]), str(v["version_id"]), ",".join(v["aliases"]), str(v["gate"]), str(v["created"]),
                       "; ".join(v["gate_reasons"]))
     console.print(table)
     return EXIT_OK
 
 
-def _add_bench(sub) -> None:
+def _add_bench(p) -> None:
     from fleet.bench import add_arguments
 
-    p = sub.add_parser("bench", help="benchmark fleet against its peers on one synthetic fleet (DESIGN.md targets)")
     add_arguments(p)
     p.set_defaults(handler=_cmd_bench)
 
@@ -277,26 +332,181 @@ def _cmd_bench(args, console) -> int:
     return run_from_args(args, console)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every ``fleet`` subcommand."""
-    parser = argparse.ArgumentParser(prog="fleet", description=__doc__)
+def _add_diff(p) -> None:
+    p.add_argument("a", metavar="A", help="the old version: models:/NAME@alias, models:/NAME/N, a version/manifest "
+                                          "URI, or with --fleet a bare alias or version number")
+    p.add_argument("b", metavar="B", help="the new version, as A")
+    p.add_argument("--fleet", default=None,
+                   help="registered model whose versions a bare A or B name (3 -> models:/NAME/3, champion -> "
+                        "models:/NAME@champion; default: none, A and B are URIs)")
+    p.add_argument("--max-ids", type=cli_serving._non_negative_int, default=20,
+                   help="campaign ids listed per category (added, removed, refit, ...; 0: all)")
+    p.add_argument("--json", action="store_true", help="print the diff as JSON (fleet.diff's result)")
+    cli_serving._add_model_options(p)
+    p.set_defaults(handler=_cmd_diff)
+
+
+def _cmd_diff(args, console) -> int:
+    from fleet.version_diff import diff_table, diff_versions, model_uri
+
+    a, b = model_uri(args.a, args.fleet), model_uri(args.b, args.fleet)
+    result = diff_versions(a, b, tracking_uri=args.tracking_uri, storage_options=args.storage_options,
+                           max_ids=args.max_ids or None)
+    if args.json:
+        sys.stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    else:
+        for table in diff_table(result):
+            console.print(table)
+    return EXIT_OK
+
+
+def _add_gc(p) -> None:
+    from fleet.retention import DEFAULT_GRACE_HOURS, DEFAULT_KEEP_LAST
+
+    p.add_argument("name", help="fleet (registered model) name")
+    p.add_argument("--store", default="fleet-data/store", help="store URI of the fleet's versions")
+    _add_tracking_uri(p)
+    p.add_argument("--keep-last", type=cli_serving._non_negative_int, default=DEFAULT_KEEP_LAST,
+                   help="keep the N newest committed versions (whatever else they are)")
+    p.add_argument("--grace-hours", type=_non_negative_float, default=DEFAULT_GRACE_HOURS,
+                   help="keep any version created, or moved off an alias, and any run finished, less than this "
+                        "many hours ago: readers may still use it")
+    p.add_argument("--yes", action="store_true", help="delete (default: dry run, print what would be deleted)")
+    p.add_argument("--no-registry", action="store_true",
+                   help="a store without registry (versions written with --no-register): no alias is read and no "
+                        "model version deleted; only --keep-last and --grace-hours protect versions")
+    p.add_argument("--json", action="store_true", help="print the plan (and what was deleted) as JSON")
+    p.add_argument("--storage-options", type=json_object, default=None,
+                   help="fsspec storage options as JSON (default: $FLEET_STORAGE_OPTIONS)")
+    p.set_defaults(handler=_cmd_gc)
+
+
+def _non_negative_float(text: str) -> float:
+    return cli_serving._bounded(float, 0, kind="a number")(text)
+
+
+def _cmd_gc(args, console) -> int:
+    from fleet.retention import apply_plan, plan_gc, plan_json, plan_tables
+    from fleet.store import storage_options_from_env
+
+    options = args.storage_options if args.storage_options is not None else storage_options_from_env()
+    plan = plan_gc(args.store, args.name, tracking_uri=args.tracking_uri, storage_options=options,
+                   keep_last=args.keep_last, grace_hours=args.grace_hours, registry=not args.no_registry)
+    failures = apply_plan(plan) if args.yes else []
+    if args.json:
+        sys.stdout.write(json.dumps(plan_json(plan, applied=args.yes, failures=failures), indent=2, sort_keys=True)
+                         + "\n")
+    else:
+        for table in plan_tables(plan, applied=args.yes):
+            console.print(table)
+    for failure in failures:
+        cli_serving.ERRORS.print(f"[red]error:[/red] {scrub(failure)}")
+    if not args.yes and plan.deletions and not args.json:
+        cli_serving.ERRORS.print("dry run: nothing was deleted; run again with --yes to delete")
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def _add_completion(p) -> None:
+    p.add_argument("shell", choices=["bash", "zsh"], help="the shell to print a completion script for")
+    p.set_defaults(handler=_cmd_completion)
+
+
+def _cmd_completion(args, console) -> int:
+    from fleet.completion import completion_script
+
+    sys.stdout.write(completion_script(build_parser(), args.shell))
+    return EXIT_OK
+
+
+#: Every command: name -> (one-line help, function adding its arguments), in ``fleet --help``'s order.
+COMMANDS = {
+    "synth": ("generate a synthetic ad-tech fleet (events + trained teachers)", _add_synth),
+    "compress": ("distil, quantize and register one fleet version (the nightly job)", _add_compress),
+    "versions": ("list a fleet's registered versions, aliases and gate results", _add_versions),
+    "promote": ("move the champion alias to a registered version by hand", _add_promote),
+    "rollback": ("move the champion alias back to the previous champion", _add_rollback),
+    "diff": ("compare two versions: campaigns added/removed/refit, bits, fidelity and size", _add_diff),
+    "gc": ("delete old versions and finished run work dirs (dry run unless --yes)", _add_gc),
+    "serve": (cli_serving.COMMANDS["serve"], cli_serving.add_serve),
+    "predict": (cli_serving.COMMANDS["predict"], cli_serving.add_predict),
+    "inspect": (cli_serving.COMMANDS["inspect"], cli_serving.add_inspect),
+    "bench": ("benchmark fleet against its peers on one synthetic fleet (DESIGN.md targets)", _add_bench),
+    "completion": ("print a shell completion script (bash or zsh)", _add_completion),
+}
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the installed distribution's version, looked up only when asked."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        sys.stdout.write(f"fleet {package_version()}\n")
+        parser.exit()
+
+
+def package_version() -> str:
+    """The version of the installed distribution (:data:`DISTRIBUTION`), else ``fleet.__version__`` (a
+    source tree that is not installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        import fleet
+
+        return fleet.__version__
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser of ``fleet``: every command with all its arguments, or with ``command`` only that
+    command's arguments (the others are listed but empty: :func:`main` builds no more than it runs)."""
+    parser = argparse.ArgumentParser(prog="fleet", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action=_VersionAction, help="print fleet's version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_synth(sub)
-    _add_compress(sub)
-    _add_registry_commands(sub)
-    _add_bench(sub)
-    cli_serving.register(sub)
+    for name, (text, add) in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
+        if command is None or command == name:
+            add(p)
     return parser
 
 
+def _command_of(argv: list[str]) -> str:
+    """The command ``argv`` runs: its first word that is not an option ("" when there is none)."""
+    return next((word for word in argv if not word.startswith("-")), "")
+
+
+#: Commands that start no Ray and leave nothing to clean up at exit: run as the process's entry point
+#: (``main()`` without ``argv``), they end with ``os._exit`` once their output is flushed. Interpreter
+#: teardown with Arrow's and torch's native thread pools alive has aborted such a process after its work was
+#: done (``terminate called without an active exception``, exit 134; issue 13 section 4), more often since
+#: these commands start fast; ``fleet bench`` ends its measuring subprocesses the same way.
+EXIT_WITHOUT_TEARDOWN = frozenset({"versions", "promote", "rollback", "diff", "gc", "predict", "inspect",
+                                   "completion"})
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``fleet`` console script."""
+    """Entry point of the ``fleet`` console script (``argv`` None: ``sys.argv``, and the process ends here for
+    the commands of :data:`EXIT_WITHOUT_TEARDOWN`); returns the exit code when ``argv`` is given."""
+    entry = argv is None
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_command_of(argv)).parse_args(argv)
+    args.argv = argv
+    code = _run(args)
+    if entry and args.command in EXIT_WITHOUT_TEARDOWN:
+        import os
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _run(args) -> int:
     from rich.console import Console
 
     console = Console()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv
     try:
         return args.handler(args, console)
     except UsageError as exc:

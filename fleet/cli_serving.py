@@ -60,7 +60,9 @@ _positive_float = _bounded(float, 0, strict=True, kind="a number")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ URIs")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI for models:/ URIs (default: $MLFLOW_TRACKING_URI or "
+                        "sqlite:///fleet-data/mlflow.db)")
     p.add_argument("--storage-options", type=json_object, default=None,
                    help="fsspec storage options as JSON (default: $FLEET_STORAGE_OPTIONS)")
 
@@ -97,76 +99,123 @@ def _admin_token(path: str | None) -> str | None:
         raise ValueError(f"{source}: {exc}") from None
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """The ``--help`` of every fleet command: an option's default is appended as ``(default: X)`` unless its
+    help already names it (the word "default"); flags are off unless given, and an option whose default is
+    None says in its help what happens without it (``tests/test_cli.py`` checks both)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text.lower() or not action.option_strings or action.nargs == 0
+                or action.default in (None, argparse.SUPPRESS)):
+            return text
+        return text + " (default: %(default)s)"
+
+
+#: One-line help of the commands this module adds (``fleet --help`` lists them without importing anything).
+COMMANDS = {
+    "serve": "serve a fleet version over HTTP (predict, campaigns, health, metrics)",
+    "predict": "score sequences from a JSONL or Parquet file; one probability per line",
+    "inspect": "check a fleet version's files (exit 1 if any is missing or corrupt) and summarise it, or one "
+               "campaign's head",
+}
+
+
 def register(subparsers) -> None:
     """Add ``serve``, ``predict`` and ``inspect`` to ``fleet``'s subparsers."""
+    for name, add in (("serve", add_serve), ("predict", add_predict), ("inspect", add_inspect)):
+        add(subparsers.add_parser(name, help=COMMANDS[name], description=COMMANDS[name],
+                                  formatter_class=HelpFormatter))
+
+
+def _heads_help() -> str:
+    """Help text of ``--heads`` (serve, predict)."""
+    from fleet.serving import DEFAULT_HEADS
+
+    return (f"how heads are kept (default {DEFAULT_HEADS}): resident = every head in memory, quantized "
+            "(read once at start); lru = read on first use into the --cache-size LRU; dense = --preload")
+
+
+def _backend_help() -> str:
+    """Help text of ``--backend`` (serve, predict)."""
+    from fleet.serving import DEFAULT_BACKEND
+
+    return (f"how the backbone runs (default {DEFAULT_BACKEND}): numpy = pure-numpy GRU/LSTM forward; "
+            "torch = the torch module (docs/serving.md, Backbone backend)")
+
+
+def add_serve(p: argparse.ArgumentParser) -> None:
+    """``fleet serve``'s arguments."""
     from fleet.http import DEFAULT_MAX_SCORE_CAMPAIGNS
     from fleet.serving import (
         BACKENDS,
-        DEFAULT_BACKEND,
         DEFAULT_CACHE_SIZE,
-        DEFAULT_HEADS,
         DEFAULT_MAX_SEQUENCE_LENGTH,
         HEAD_MODES,
     )
 
-    backend_help = (f"how the backbone runs (default {DEFAULT_BACKEND}): numpy = pure-numpy GRU/LSTM forward; "
-                    "torch = the torch module (docs/serving.md, Backbone backend)")
-    heads_help = (f"how heads are kept (default {DEFAULT_HEADS}): resident = every head in memory, quantized "
-                  "(read once at start); lru = read on first use into the --cache-size LRU; dense = = --preload")
+    heads_help = _heads_help()
 
-    p = subparsers.add_parser("serve", help="serve a fleet version over HTTP (predict, campaigns, health, metrics)")
     p.add_argument("--model", required=True, help="models:/NAME@alias, models:/NAME/N, or a version/manifest URI")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8080, help="TCP port to listen on")
     p.add_argument("--cache-size", type=_non_negative_int, default=DEFAULT_CACHE_SIZE,
                    help="heads kept dequantized in the LRU (0: no cache)")
     p.add_argument("--preload", action="store_true", help="decode every head at start (no per-request I/O)")
     p.add_argument("--heads", choices=HEAD_MODES, default=None, help=heads_help)
-    p.add_argument("--backend", choices=BACKENDS, default=None, help=backend_help)
+    p.add_argument("--backend", choices=BACKENDS, default=None, help=_backend_help())
     p.add_argument("--poll-seconds", type=_positive_float, default=None,
-                   help="re-resolve a models:/ alias this often and swap to a new version")
-    p.add_argument("--max-body-bytes", type=_positive_int, default=1_000_000)
+                   help="re-resolve a models:/ alias this often and swap to a new version (default: never)")
+    p.add_argument("--max-body-bytes", type=_positive_int, default=1_000_000, help="largest request body")
     p.add_argument("--max-sequences", type=_positive_int, default=1024, help="sequences (or rows) per request")
     p.add_argument("--max-score-campaigns", type=_positive_int, default=DEFAULT_MAX_SCORE_CAMPAIGNS,
                    help="campaigns a POST /v1/score may name or get back")
     p.add_argument("--max-sequence-length", type=_positive_int, default=DEFAULT_MAX_SEQUENCE_LENGTH,
                    help="events per sequence")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch inference threads (process-wide)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch inference threads (process-wide; default: torch's own choice)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of the heads files at start (the backbone is always checked)")
     p.add_argument("--admin-token-file", default=None, metavar="PATH",
                    help=f"enable /admin/* behind 'Authorization: Bearer TOKEN', TOKEN read from this file "
                         f"(default: ${ADMIN_TOKEN_ENV}; without either, /admin/* is disabled)")
     p.add_argument("--admin-token", action=_RefuseSecretFlag, help=argparse.SUPPRESS)
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
     p.add_argument("--ray", action="store_true", help="serve with Ray Serve (replicas behind one HTTP proxy)")
     p.add_argument("--replicas", type=_positive_int, default=1, help="Ray Serve replicas (with --ray)")
     _add_model_options(p)
     p.set_defaults(handler=_cmd_serve)
 
-    p = subparsers.add_parser("predict", help="score sequences from a JSONL or Parquet file; one probability per line")
+
+def add_predict(p: argparse.ArgumentParser) -> None:
+    """``fleet predict``'s arguments."""
+    from fleet.serving import BACKENDS, DEFAULT_CACHE_SIZE, HEAD_MODES
+
     p.add_argument("--model", required=True, help="models:/NAME@alias, models:/NAME/N, or a version/manifest URI")
     p.add_argument("--campaign", default=None,
-                   help="score every sequence with this campaign's head (without it, rows need campaign_id)")
+                   help="score every sequence with this campaign's head (default: none; then rows need campaign_id)")
     p.add_argument("--input", required=True,
                    help="FILE.jsonl (objects with event_types, features[, campaign_id]) or FILE.parquet "
                         "(events format)")
-    p.add_argument("--cache-size", type=_non_negative_int, default=DEFAULT_CACHE_SIZE)
-    p.add_argument("--heads", choices=HEAD_MODES, default=None, help=heads_help)
-    p.add_argument("--backend", choices=BACKENDS, default=None, help=backend_help)
+    p.add_argument("--cache-size", type=_non_negative_int, default=DEFAULT_CACHE_SIZE,
+                   help="heads kept dequantized in the LRU (0: no cache)")
+    p.add_argument("--heads", choices=HEAD_MODES, default=None, help=_heads_help())
+    p.add_argument("--backend", choices=BACKENDS, default=None, help=_backend_help())
     p.add_argument("--rank", action="store_true",
                    help="score each sequence against many campaigns (a row's campaign_ids, else --campaigns, else "
                         "every campaign) and print one JSON line per sequence, best first")
     p.add_argument("--campaigns", default=None, metavar="ID[,ID...]",
-                   help="with --rank: the campaigns to rank for rows without campaign_ids")
-    p.add_argument("--top-k", type=_positive_int, default=None, help="with --rank: keep the k best campaigns")
+                   help="with --rank: the campaigns to rank for rows without campaign_ids (default: every campaign)")
+    p.add_argument("--top-k", type=_positive_int, default=None, help="with --rank: keep the k best campaigns (default: all of them)")
     _add_model_options(p)
     p.set_defaults(handler=_cmd_predict)
 
-    p = subparsers.add_parser("inspect", help="check a fleet version's files (exit 1 if any is missing or corrupt) "
-                                              "and summarise it, or one campaign's head")
+
+def add_inspect(p: argparse.ArgumentParser) -> None:
+    """``fleet inspect``'s arguments."""
     p.add_argument("uri", help="models:/NAME@alias, models:/NAME/N, or a version/manifest URI")
-    p.add_argument("--campaign", default=None, help="show this campaign's head metadata")
+    p.add_argument("--campaign", default=None, help="show this campaign's head metadata (default: the whole version)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     _add_model_options(p)
     p.set_defaults(handler=_cmd_inspect)
@@ -481,4 +530,4 @@ def _flatten(d: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield f"{prefix}{k}", v
 
 
-__all__ = ["register", "version_summary"]
+__all__ = ["COMMANDS", "HelpFormatter", "add_inspect", "add_predict", "add_serve", "register", "version_summary"]

@@ -944,7 +944,16 @@ def resolve_version(model_uri: str, tracking_uri: str | None = None) -> tuple[st
         raise ValueError(f"model URI must be a non-empty string, got {model_uri!r}")
     if not model_uri.startswith("models:"):
         return model_uri, None, None
-    match = _MODEL_URI_RE.fullmatch(model_uri)
+    found = resolve_model_version(model_uri, tracking_uri)
+    return found["manifest_uri"], found["version_id"], found["manifest_sha256"]
+
+
+def resolve_model_version(model_uri: str, tracking_uri: str | None = None) -> dict:
+    """``models:/NAME@alias`` or ``models:/NAME/VERSION`` -> ``{"name", "version", "alias", "manifest_uri",
+    "version_id", "manifest_sha256"}`` (``alias`` None for a numbered URI; ``version_id`` and
+    ``manifest_sha256`` None when the version lacks the tag). :class:`RegistryError` when the model,
+    alias or version does not exist or the version has no ``manifest_uri`` tag; ValueError for another URI."""
+    match = _MODEL_URI_RE.fullmatch(model_uri) if isinstance(model_uri, str) else None
     if match is None:
         raise ValueError(f"unsupported model URI {model_uri!r}: use models:/NAME@ALIAS or models:/NAME/VERSION")
     name, alias = match["name"], match["alias"]
@@ -963,7 +972,8 @@ def resolve_version(model_uri: str, tracking_uri: str | None = None) -> tuple[st
     tags = _get_version(client, name, version).tags
     if not tags.get("manifest_uri"):
         raise RegistryError(f"{model_uri}: version {version} has no manifest_uri tag (not registered by fleet?)")
-    return tags["manifest_uri"], tags.get("version_id"), tags.get(MANIFEST_SHA256_TAG)
+    return {"name": name, "version": str(version), "alias": alias, "manifest_uri": tags["manifest_uri"],
+            "version_id": tags.get("version_id"), "manifest_sha256": tags.get(MANIFEST_SHA256_TAG)}
 
 
 def list_versions(name: str, tracking_uri: str | None = None) -> list[dict]:
@@ -1003,6 +1013,53 @@ def list_versions(name: str, tracking_uri: str | None = None) -> list[dict]:
             "gate": tags.get("gate"),
             "gate_reasons": json.loads(tags["gate_reasons"]) if tags.get("gate_reasons") else [],
             "gate_notes": json.loads(tags["gate_notes"]) if tags.get("gate_notes") else [],
+            "rolled_back_at": tags.get("rolled_back_at"),
             "run_id": mv.run_id,
         })
     return rows
+
+
+def champion_history(name: str, tracking_uri: str | None = None) -> list[dict]:
+    """The ``champion_history`` tag of ``name``: ``{"version", "reason", "at"}`` entries, oldest first, the
+    last one the current champion (empty when there is none). :class:`RegistryError` when the registry
+    cannot be read or the model does not exist."""
+    _check_name("registered model name", name)
+    uri = _resolve_uri(tracking_uri)
+    with _reading(uri):
+        client = _client(uri, create=False)
+        try:
+            return _read_history(client, name)
+        except MlflowException as err:
+            if _not_found(err):
+                raise RegistryError(f"no registered model named {name!r}") from None
+            raise
+
+
+#: Run tag set on the MLflow run of a model version :func:`delete_version` deleted (UTC time).
+DELETED_TAG = "fleet.deleted_at"
+
+
+def delete_version(name: str, version: str | int, tracking_uri: str | None = None) -> None:
+    """Delete the model version ``version`` of ``name`` (``fleet gc``), unless it holds an alias.
+
+    Under :func:`registry_lock`, the version's aliases are read again: a version that holds one (moved to it
+    since the caller decided) raises :class:`RegistryError` and nothing is deleted. The MLflow run that
+    logged it is kept (its params, metrics, plots and model artifacts: the history) and tagged
+    :data:`DELETED_TAG`; ``champion_history`` keeps its entries (:func:`rollback` skips deleted versions).
+    """
+    _check_name("registered model name", name)
+    uri = _resolve_uri(tracking_uri)
+    with _reading(uri):
+        client = _client(uri, create=False)
+        with registry_lock(uri):
+            model_version = _get_version(client, name, version)
+            aliases = [a for a, v in client.get_registered_model(name).aliases.items() if str(v) == str(version)]
+            if aliases:
+                raise RegistryError(f"registered model {name!r} version {version} holds the alias(es) "
+                                    f"{', '.join(sorted(aliases))}: not deleted")
+            client.delete_model_version(name, str(version))
+        if model_version.run_id:
+            try:
+                client.set_tag(model_version.run_id, DELETED_TAG, _now())
+            except MlflowException as err:  # the run itself was deleted by hand: nothing to mark
+                logger.debug("run %s of %s version %s not tagged: %s", model_version.run_id, name, version, err)

@@ -1,5 +1,6 @@
 """The command line contract: subcommands, flags and exit codes (0 ok, 1 failed, 2 usage, 3 quarantined)."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -193,3 +194,114 @@ def test_inspect_json_exits_cleanly_20_times(tmp_path):
         out = subprocess.run(argv, capture_output=True, text=True, check=False)
         assert out.returncode == 0 and "terminate called" not in out.stderr, (run, out.returncode, out.stderr)
         assert json.loads(out.stdout)["campaign_id"] == built.ids[0]
+
+
+# ----------------------------------------------------------------------------- conventions (issue 13 section 9)
+
+
+def test_version_is_the_installed_distribution_s():
+    from importlib import metadata
+
+    out = subprocess.run([sys.executable, "-m", "fleet.cli", "--version"], capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and out.stdout == f"fleet {metadata.version('fleet')}\n"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["versions", "--help"], ["diff", "--help"], ["gc", "--help"],
+                                  ["completion", "--help"]])
+def test_help_imports_no_heavy_module(argv):
+    """`fleet --help` (and the registry commands' help) import neither torch, Ray, MLflow, pyarrow nor the bench:
+    each command's arguments and modules are loaded only when that command runs."""
+    code = ("import sys\nfrom fleet.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    assert e.code == 0, e.code\nheavy = ('torch', 'ray', 'mlflow', 'pyarrow', 'numpy', 'fsspec', 'fleet.bench')\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m == 'fleet.bench'), file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip() == "[]" and "usage: fleet" in out.stdout
+
+
+def test_every_option_shows_its_default():
+    """Every option that takes a value says its default in --help: appended by the formatter, or written in
+    its help (options whose default is None say what happens without them)."""
+    from fleet.completion import _subparsers
+
+    missing = []
+    for name, sub in _subparsers(build_parser()).items():
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if not action.option_strings or action.nargs == 0 or action.required or action.help == argparse.SUPPRESS:
+                continue
+            text = formatter._expand_help(action) if action.help else ""
+            if "default" not in text.lower():
+                missing.append(f"fleet {name} {action.option_strings[-1]}")
+        assert "(default: " in sub.format_help() or name == "completion", name
+    assert not missing, missing
+    assert "(default: 8080)" in " ".join(_subparsers(build_parser())["serve"].format_help().split())
+
+
+def _complete(script: str, words: list[str]) -> list[str]:
+    """COMPREPLY of the generated bash completion for the command line ``words`` (the last one is completed)."""
+    line = " ".join(f"'{w}'" for w in words)
+    shell = (f"{script}\nCOMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; _fleet_complete; "
+             'printf "%s\\n" "${COMPREPLY[@]}"')
+    out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, check=True)
+    return [w for w in out.stdout.splitlines() if w]
+
+
+def test_bash_completion_completes_commands_options_and_choices(capsys):
+    assert main(["completion", "bash"]) == 0
+    script = capsys.readouterr().out
+    assert "complete -o default -o bashdefault -F _fleet_complete fleet" in script
+    assert _complete(script, ["fleet", "ver"]) == ["versions"]
+    assert _complete(script, ["fleet", "--v"]) == ["--version"]
+    assert set(_complete(script, ["fleet", "versions", "--"])) == {"--help", "--tracking-uri", "--json"}
+    assert set(_complete(script, ["fleet", "gc", "--"])) >= {"--yes", "--keep-last", "--grace-hours", "--json"}
+    assert _complete(script, ["fleet", "compress", "--bi"]) == ["--bits"]
+    assert _complete(script, ["fleet", "compress", "--bits", ""]) == ["auto", "8", "4", "2", "1"]
+    assert _complete(script, ["fleet", "completion", "z"]) == ["zsh"]
+    assert _complete(script, ["fleet", "compress", "--store", ""]) == []  # a value: the shell completes file names
+    assert main(["completion", "zsh"]) == 0
+    zsh = capsys.readouterr().out
+    assert "bashcompinit" in zsh and zsh.endswith(script.split("\n", 1)[1])  # the same function under zsh
+    with pytest.raises(SystemExit) as info:
+        main(["completion", "fish"])
+    assert info.value.code == 2
+
+
+def test_compress_and_versions_json(tmp_path, monkeypatch, capsys, sqlite_tracking_uri):
+    """`fleet compress --json` prints the run's summary as JSON on stdout (here a run id whose version is already
+    committed and registered: nothing runs, no Ray); `fleet versions --json` the registry's rows."""
+    import json
+
+    from test_serving import build_version
+
+    from fleet import registry
+
+    _no_ray_start(monkeypatch)
+    store = tmp_path / "store"
+    built = build_version(str(store), "night-1", num_campaigns=3)
+    folder = store / "adfleet" / "versions" / "night-1"
+    registry.register_version(
+        fleet_name="adfleet", manifest_uri=built.uri, version_id="night-1",
+        local_artifacts={"manifest.json": str(folder / "manifest.json"),
+                         "backbone.safetensors": str(folder / "backbone.safetensors")},
+        params={}, metrics={"campaigns": 3, "fidelity_kl_median": 0.0, "fidelity_mean_ratio_within_10pct_share": 1.0,
+                            "quarantine_share": 0.0, "fidelity_auc_diff_median": 0.0, "fidelity_auc_diff_p10": 0.0},
+        plots={}, tracking_uri=sqlite_tracking_uri)
+    events = pa.table({"campaign_id": ["a"], "event_types": [[1]], "features": [[0.0]], "label": [1]})
+    write_events(str(tmp_path / "ev"), events)
+    (tmp_path / "teachers").mkdir()
+    code = main(["compress", "--teachers", str(tmp_path / "teachers"), "--events", str(tmp_path / "ev"), "--store",
+                 str(store), "--run-id", "night-1", "--tracking-uri", sqlite_tracking_uri, "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    summary = json.loads(out.out)  # stdout is the JSON document only
+    assert summary["version_id"] == "night-1" and summary["exit_code"] == 0 and summary["rejects"] == []
+    assert summary["registered"] == {"name": "adfleet", "version": "1", "run_id": summary["registered"]["run_id"],
+                                     "existing": True, "champion": True, "gate": "passed", "gate_reasons": [],
+                                     "gate_notes": []}
+    assert summary["metrics"] == {"campaigns": 3} and summary["manifest_uri"] == built.uri
+
+    assert main(["versions", "adfleet", "--tracking-uri", sqlite_tracking_uri, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["version"], r["version_id"], r["aliases"], r["gate"]) for r in rows] == [
+        ("1", "night-1", ["champion"], "passed")]
