@@ -477,30 +477,12 @@ def _command_of(argv: list[str]) -> str:
     return next((word for word in argv if not word.startswith("-")), "")
 
 
-#: Commands that start no Ray and leave nothing to clean up at exit: run as the process's entry point
-#: (``main()`` without ``argv``), they end with ``os._exit`` once their output is flushed. Interpreter
-#: teardown with Arrow's and torch's native thread pools alive has aborted such a process after its work was
-#: done (``terminate called without an active exception``, exit 134; issue 13 section 4), more often since
-#: these commands start fast; ``fleet bench`` ends its measuring subprocesses the same way.
-EXIT_WITHOUT_TEARDOWN = frozenset({"versions", "promote", "rollback", "diff", "gc", "predict", "inspect",
-                                   "completion"})
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``fleet`` console script (``argv`` None: ``sys.argv``, and the process ends here for
-    the commands of :data:`EXIT_WITHOUT_TEARDOWN`); returns the exit code when ``argv`` is given."""
-    entry = argv is None
+    """Entry point of the ``fleet`` console script (``argv`` None: ``sys.argv``); returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(_command_of(argv)).parse_args(argv)
     args.argv = argv
-    code = _run(args)
-    if entry and args.command in EXIT_WITHOUT_TEARDOWN:
-        import os
-
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+    return _run(args)
 
 
 def _run(args) -> int:
