@@ -574,8 +574,12 @@ def head_latencies(manifest_uri: str, campaign_ids: list[str], count: int = 200,
         cold.append(t2 - t0)
         decode.append(t2 - t1)
     rows = table_to_heads(version.read_heads())
+    by_size: dict[int, list] = {}  # a version with capacity-ladder heads holds rows of two sizes
+    for row in rows:
+        by_size.setdefault(row.num_params, []).append(row)
     t0 = time.perf_counter()
-    decode_heads(rows)
+    for same_size in by_size.values():
+        decode_heads(same_size)
     every = (time.perf_counter() - t0) * 1000.0 / max(1, len(rows))
     return {"codec": version.manifest.get("heads_codec", "packed"), "cold_lookup": _latencies(cold),
             "decode": _latencies(decode), "decode_all_per_head_ms": every}
@@ -799,12 +803,18 @@ def simulated_heads(count: int, real: pa.Table, seed: int, chunk: int = SIM_CHUN
     """Yield ``fleet-heads/1`` tables of ``count`` SIMULATED campaigns ``sim-00000000`` ... in chunks:
     each row copies the bit width, status and fidelity fields of a random real row, and its head is that
     real head plus noise (so value statistics, hence compressibility, stay realistic), quantized at that
-    bit width with the real quantizer; hashes are random bytes."""
+    bit width with the real quantizer; hashes are random bytes. Only real rows of the commonest head size
+    are drawn from (a version with capacity-ladder heads holds two sizes)."""
     from fleet.codec import table_to_heads
     from fleet.heads import decode_heads
 
+    rows = table_to_heads(real)
+    sizes = [r.num_params for r in rows]
+    base = max(set(sizes), key=sizes.count)  # capacity-ladder heads of another size are left out
+    keep = [i for i, size in enumerate(sizes) if size == base]
+    real = real.take(pa.array(keep))
     rng = np.random.default_rng(seed)
-    real_heads = decode_heads(table_to_heads(real)).numpy()  # (R, P)
+    real_heads = decode_heads([rows[i] for i in keep]).numpy()  # (R, P)
     std = real_heads.std(0, keepdims=True) + 1e-6
     real_bits = real["bits"].to_numpy()
     group = int(pc.max(real["group_size"]).as_py() or 64)
