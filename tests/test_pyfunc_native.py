@@ -6,9 +6,11 @@ Real version in a local store, real SQLite MLflow store; one fresh Python proces
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -47,20 +49,30 @@ def logged(tmp_path_factory, _mlflow_db_template):
     (root / "manifest.json").write_bytes(version.manifest_bytes)
     manifest_config = {"teachers_uri": f"s3://AKIAFLEETKEY:{SECRET}@bucket/teachers",
                        "events_uri": "s3://bucket/events", "num_features": built.config.num_features}
-    reg = registry.register_version(
-        fleet_name="adfleet", manifest_uri=built.uri, version_id="v1",
-        local_artifacts={"backbone.safetensors": str(root / "backbone.safetensors"),
-                         "manifest.json": str(root / "manifest.json")},
-        params=_run_params(CompressConfig(), manifest_config),
-        metrics={"campaigns": 4, "stage_seconds_soft_labels": 1.5, "stage_seconds_finalize": 0.25},
-        plots={}, tracking_uri=uri, example_campaign_id=built.ids[1])
+    records: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("mlflow").addHandler(handler)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reg = registry.register_version(
+            fleet_name="adfleet", manifest_uri=built.uri, version_id="v1",
+            local_artifacts={"backbone.safetensors": str(root / "backbone.safetensors"),
+                             "manifest.json": str(root / "manifest.json")},
+            params=_run_params(CompressConfig(), manifest_config),
+            metrics={"campaigns": 4, "stage_seconds_soft_labels": 1.5, "stage_seconds_finalize": 0.25},
+            plots={}, tracking_uri=uri, example_campaign_id=built.ids[1])
+    logging.getLogger("mlflow").removeHandler(handler)
+    records += [str(w.message) for w in caught]
     source = MlflowClient(uri, uri).get_model_version_download_uri("adfleet", reg.version)
     model_dir = download_artifacts(artifact_uri=source, dst_path=str(root / "model"))
-    return {"uri": uri, "built": built, "reg": reg, "model": Path(model_dir)}
+    return {"uri": uri, "built": built, "reg": reg, "model": Path(model_dir), "messages": records}
 
 
 def test_signature_and_input_example(logged):
     model_dir, built = logged["model"], logged["built"]
+    # neither "An input example was not provided" nor "Failed to validate serving input example"
+    assert not [m for m in logged["messages"] if "input example" in m.lower()], logged["messages"]
     mlmodel = Model.load(str(model_dir))
     assert {p.name for p in mlmodel.signature.params.params} == {"with_status", "top_k"}
     assert mlmodel.saved_input_example_info is not None
