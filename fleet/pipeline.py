@@ -662,7 +662,8 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
 
     registered = None
     if register:
-        registered = _register(version, fleet, tracking_uri, config, heads, metrics, storage_options, parent)
+        registered = _register(version, fleet, tracking_uri, config, heads,
+                               {**metrics, "stage_seconds_finalize": timings["finalize"]}, storage_options, parent)
     metrics = {**metrics, "total_seconds": time.perf_counter() - started}
     not_promoted = registered is not None and registered.gate is not None and not registered.gate.passed
     exit_code = EXIT_NOT_PROMOTED if not_promoted else EXIT_QUARANTINED if rejects else 0
@@ -887,10 +888,29 @@ def _register(version: FleetVersion, fleet: str, tracking_uri: str, config: stag
         return registry.register_version(
             fleet_name=fleet, manifest_uri=version.uri.rstrip("/") + "/manifest.json", version_id=version.version_id,
             local_artifacts={"backbone.safetensors": backbone_path, "manifest.json": manifest_path},
-            params=config.to_dict(), metrics=flat, plots=figures, tracking_uri=tracking_uri,
+            params=_run_params(config, version.manifest.get("config") or {}), metrics=flat, plots=figures, tracking_uri=tracking_uri,
             gate=registry.GateConfig(**config.gate), storage_options=storage_options,
             parent_version_id=parent.version_id if parent else None,
+            example_campaign_id=_example_campaign(heads),
         )
+
+
+def _run_params(config: stages.CompressConfig, manifest_config: dict) -> dict:
+    """The MLflow run's params: the compress config and the version's inputs (``teachers_uri``,
+    ``events_uri`` as the manifest records them; :func:`fleet.registry.register_version` scrubs
+    credentials out of every param value)."""
+    inputs = {k: manifest_config[k] for k in ("teachers_uri", "events_uri") if manifest_config.get(k) is not None}
+    return {**config.to_dict(), **inputs}
+
+
+def _example_campaign(heads: pa.Table) -> str | None:
+    """The campaign id of the logged model's input example: the first (sorted) whose head passed its
+    quality gate, else the first; None for a version without heads."""
+    from fleet.codec import head_passed
+
+    rows = sorted(zip(heads["campaign_id"].to_pylist(), heads["status"].to_pylist()))
+    passed = [cid for cid, status in rows if head_passed(status)]
+    return passed[0] if passed else rows[0][0] if rows else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -68,6 +68,24 @@ def model_signature():
                                                                          ParamSpec(TOP_K, "long", None)]))
 
 
+def input_example(campaign_id: str, num_features: int, length: int = 1):
+    """The input example a fleet pyfunc is logged with (``mlflow.pyfunc.log_model(..., input_example=...)``):
+    one row of the request :meth:`FleetPyfunc.predict` accepts, ``campaign_id`` (a real campaign of the
+    version, so the example scores) and a made-up sequence of ``length`` events of type 0 with all
+    ``num_features`` features 0.0 (``features`` flat, ``length * num_features`` floats). Nothing else of
+    the fleet's data is in it."""
+    import pandas as pd
+
+    if not isinstance(campaign_id, str) or not campaign_id:
+        raise ValueError(f"campaign_id must be a non-empty string, got {campaign_id!r}")
+    if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) or num_features < 0:
+        raise ValueError(f"num_features must be an integer >= 0, got {num_features!r}")
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
+        raise ValueError(f"length must be an integer >= 1, got {length!r}")
+    return pd.DataFrame({COLUMNS[0]: [campaign_id], COLUMNS[1]: [[0] * int(length)],
+                         COLUMNS[2]: [[0.0] * (int(length) * int(num_features))]}, columns=list(COLUMNS))
+
+
 def write_config(directory: str, manifest_uri: str, version_id: str, **open_kw: Any) -> str:
     """Write ``directory/fleet_model.json`` (the pyfunc's ``data_path``); return its path."""
     unknown = sorted(set(open_kw) - set(_OPEN_KEYS))
@@ -221,4 +239,4 @@ def _storage_options(config: dict) -> dict:
 
 
 __all__ = ["CAMPAIGN_IDS", "CONFIG_FILE", "PYFUNC_FORMAT", "SCORE_COLUMNS", "STATUS_COLUMNS", "TOP_K", "WITH_STATUS",
-           "FleetPyfunc", "model_signature", "write_config"]
+           "FleetPyfunc", "input_example", "model_signature", "write_config"]

@@ -78,9 +78,16 @@ GATE_METRICS = {  # metric key -> label used in gate reasons
 }
 #: Gate metrics checked only when at least one campaign of the fleet has a hold-out AUC.
 AUC_GATE_METRICS = ("fidelity_auc_diff_median", "fidelity_auc_diff_p10")
-# Installed with the model; fleet itself must be installed where the model is loaded (the
-# PyPI name "fleet" belongs to another project, so it is not listed here).
+#: The logged model's pip requirements (``requirements.txt``, what ``mlflow models serve`` installs with its
+#: default environment manager): these packages at the versions installed here, except torch. fleet itself
+#: is not among them (the PyPI name "fleet" belongs to another project): its package directory travels with
+#: the model as ``code_paths`` (``<model>/code/fleet``, put first on ``sys.path`` when MLflow loads it).
 RUNTIME_PACKAGES = ("mlflow", "torch", "safetensors", "numpy", "pyarrow", "fsspec", "s3fs")
+#: torch as pyproject.toml requires it, not pinned: the weights are safetensors (no torch-version pickles),
+#: and the installed build (``+cpu`` / ``+cu124``) is a local wheel tag that a package index cannot resolve.
+TORCH_REQUIREMENT = "torch>=2.4"
+#: The directory of the ``fleet`` package, logged as the model's ``code_paths``.
+FLEET_CODE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _MODEL_URI_RE = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))")
@@ -495,13 +502,29 @@ def _clean_params(params: dict, secrets: set[str]) -> dict[str, str]:
 
 
 def _pip_requirements() -> list[str]:
+    """:data:`RUNTIME_PACKAGES` pinned to the installed versions (``==``), torch as :data:`TORCH_REQUIREMENT`."""
     reqs = []
     for package in RUNTIME_PACKAGES:
+        if package == "torch":
+            reqs.append(TORCH_REQUIREMENT)
+            continue
         try:
             reqs.append(f"{package}=={metadata.version(package).split('+')[0]}")  # drop local tags (+cpu)
         except metadata.PackageNotFoundError:
             reqs.append(package)
     return reqs
+
+
+def _num_features(backbone_path: str) -> int:
+    """``num_features`` of the student config in a backbone file's safetensors metadata."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(backbone_path, "np") as f:
+            return int(json.loads((f.metadata() or {})["student_config"])["num_features"])
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        raise ValueError(f"local artifact backbone.safetensors ({backbone_path}): no student_config.num_features "
+                         f"in its metadata ({exc!r}); cannot build the input example") from None
 
 
 def _sqlite_artifact_root(uri: str) -> str | None:
@@ -702,6 +725,7 @@ def register_version(
     gate: GateConfig | None = None,
     storage_options: dict | None = None,
     parent_version_id: str | None = None,
+    example_campaign_id: str | None = None,
 ) -> RegisteredVersion:
     """Log one run and register one new version of the model ``fleet_name``; move ``champion`` to
     it when it passes ``gate`` (``GateConfig()`` when None) against the current champion's metrics.
@@ -731,6 +755,12 @@ def register_version(
             (``fleet_model.json``); credentials are read at load time from ``$FLEET_STORAGE_OPTIONS``
             and are scrubbed from params.
         parent_version_id: the fleet version this one was trained from (tag ``parent_version_id``).
+        example_campaign_id: a campaign of the version: the model is logged with the input example
+            :func:`fleet.pyfunc.input_example` of it (that id, one event of type 0, zero features; the
+            feature count read from the backbone's metadata), which MLflow saves as
+            ``input_example.json`` / ``serving_input_example.json`` and tries once on the logged model
+            (a warning when that fails, e.g. without the store's credentials in the environment).
+            None: no input example.
     """
     _check_name("fleet name", fleet_name)
     _check_name("version id", version_id)
@@ -739,6 +769,12 @@ def register_version(
     if not isinstance(manifest_uri, str) or not manifest_uri:
         raise ValueError(f"manifest_uri must be a non-empty string, got {manifest_uri!r}")
     _check_local_artifacts(local_artifacts, fleet_name, version_id)
+    example = None
+    if example_campaign_id is not None:
+        # lazily: fleet.pyfunc imports serving (torch)
+        from fleet.pyfunc import input_example
+
+        example = input_example(example_campaign_id, _num_features(local_artifacts["backbone.safetensors"]))
     plot_files = _check_plots(plots)
     gate = gate if gate is not None else GateConfig()
     secrets = secret_values(storage_options or {})
@@ -813,8 +849,10 @@ def register_version(
                     name="model",
                     loader_module="fleet.pyfunc",
                     data_path=data_dir,
+                    code_paths=[FLEET_CODE_DIR],  # <model>/code/fleet: loadable where fleet is not installed
                     pip_requirements=_pip_requirements(),
                     signature=model_signature(),  # declares the with_status and top_k params, else MLflow drops them
+                    input_example=example,
                 )
             with registry_lock(uri):
                 found = _versions_of(client, fleet_name, version_id)

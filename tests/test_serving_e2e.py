@@ -153,3 +153,30 @@ def test_ray_serve_replicas_answer_like_fleet_model(registered):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=30)
+
+
+def test_registered_run_is_mlflow_native(registered, small_fleet):
+    """The compress run's MLflow record (issue 13 §7): inputs as params, stage times as metrics, and a
+    model logged with an input example (one campaign of the version) that the loaded pyfunc scores."""
+    from mlflow.models import Model
+    from mlflow.tracking import MlflowClient
+
+    from fleet import registry
+    from fleet.store import absolute_uri
+
+    tracking = registered["tracking"]
+    found = registry.find_version("servefleet", "v1", tracking_uri=tracking)
+    run = MlflowClient(tracking, tracking).get_run(found.run_id)
+    assert run.data.params["teachers_uri"] == absolute_uri(small_fleet["teachers"])
+    assert run.data.params["events_uri"] == absolute_uri(small_fleet["events"])
+    for stage in ("soft_labels", "backbone", "heads", "finalize"):
+        assert run.data.metrics[f"stage_seconds_{stage}"] >= 0
+    mlflow.set_tracking_uri(tracking)
+    pyfunc = mlflow.pyfunc.load_model("models:/servefleet@champion")
+    source = MlflowClient(tracking, tracking).get_model_version_download_uri("servefleet", found.version)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(registered["root"] / "native"))
+    example = Model.load(local).load_input_example(local)
+    ids = FleetVersion.open(registered["manifest"]).read_heads()["campaign_id"].to_pylist()
+    assert len(example) == 1 and example["campaign_id"][0] in ids
+    assert np.isfinite(pyfunc.predict(example)).all()
+    assert os.path.isdir(os.path.join(local, "code", "fleet"))
