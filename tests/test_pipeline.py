@@ -137,8 +137,11 @@ def test_ctrl_c_then_resume(small_fleet, tmp_path):
     argv = ["compress", "--teachers", small_fleet["teachers"], "--events", small_fleet["events"], "--store", str(store),
             "--no-register", "--no-parent", "--run-id", "cc"]
     env = {**os.environ, "FLEET_PROGRESS_SECONDS": "1"}
+    # SIGINT as an interactive shell leaves it: a background job of a non-interactive shell (a CI script's `&`)
+    # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
     proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", *argv, "--config", str(tmp_path / "a.json")], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stderr:  # until stage 1 has started
         seen.append(line)
