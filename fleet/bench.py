@@ -365,7 +365,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         real = pipeline.run_compress(teachers_uri=os.path.abspath(fleet["teachers_uri"]),
                                      events_uri=os.path.abspath(fleet["events_uri"]), store_uri=store,
                                      fleet=fleet_name, config=cfg.compress, run_id=stamp, tracking_uri=tracking_uri,
-                                     address=cfg.address, retrain_backbone=True)
+                                     address=cfg.address, retrain_backbone=True,
+                                     register=cfg.mlflow, no_parent=not cfg.mlflow)  # --no-mlflow: no registry
         real_wall = time.perf_counter() - t0
         work = WorkDir(store, fleet_name, stamp)
         plan = work.read_json("plan.json")
@@ -1349,7 +1350,8 @@ def add_arguments(p) -> None:
                    help="train a backbone per head-design/loss variant (default: reuse the real run's backbone)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///OUT/mlflow.db)")
-    p.add_argument("--no-mlflow", action="store_true", help="do not log the bench run to MLflow")
+    p.add_argument("--no-mlflow", action="store_true",
+                   help="use no MLflow at all: the bench run is not logged and the real run's version is not registered")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
     from fleet import bench_zoo
 

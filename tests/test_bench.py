@@ -133,3 +133,17 @@ def test_weightless_variant_jobs_are_contiguous_and_head_latencies_cover_both_co
     assert sum("| (d) fleet" in line for line in lines) == 2 and "bloomier" in "\n".join(lines)
     assert lines.index(next(line for line in lines if "int4" in line)) < lines.index(
         next(line for line in lines if "Weightless" in line))  # METHOD_ORDER
+
+
+@pytest.mark.slow
+def test_bench_without_mlflow_writes_no_registry(ray_local, tmp_path, monkeypatch):
+    """``--no-mlflow``: no tracking database, no MLflow run, the real run's version written but not registered."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    code = main(["bench", *TINY, "--fleet-dir", str(tmp_path / "fleet"), "--out", str(out), "--no-mlflow",
+                 "--scale-campaigns", "100", "--peer-subset", "1"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["real_run"]["registered"] is None and "mlflow_run_id" not in results
+    assert not [p for p in tmp_path.rglob("*") if p.name in ("mlflow.db", "mlruns", "mlartifacts")]

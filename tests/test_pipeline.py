@@ -137,11 +137,12 @@ def test_ctrl_c_then_resume(small_fleet, tmp_path):
     argv = ["compress", "--teachers", small_fleet["teachers"], "--events", small_fleet["events"], "--store", str(store),
             "--no-register", "--no-parent", "--run-id", "cc"]
     env = {**os.environ, "FLEET_PROGRESS_SECONDS": "1"}
-    # SIGINT as an interactive shell leaves it: a background job of a non-interactive shell (a CI script's `&`)
-    # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
-    proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", *argv, "--config", str(tmp_path / "a.json")], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # SIGINT handled as when started from a terminal: a background job of a non-interactive shell (a CI script's
+    # `&`) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler of its own.
+    launch = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "sys.argv[0] = 'fleet'; runpy.run_module('fleet.cli', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", launch, *argv, "--config", str(tmp_path / "a.json")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     seen = []
     for line in proc.stderr:  # until stage 1 has started
         seen.append(line)
