@@ -682,17 +682,7 @@ class FleetModel:
         """Probabilities ``float64[N]`` of ``sequences`` (dicts with ``event_types`` and flat
         ``features``) under one campaign's head."""
         campaign_id = _check_id(campaign_id, None)
-        if not isinstance(sequences, (list, tuple)):
-            raise InvalidInputError("sequences must be a list of {event_types, features} objects")
-        types, feats = [], []
-        for i, seq in enumerate(sequences):
-            if not isinstance(seq, Mapping):
-                raise InvalidInputError("a sequence must be an object with event_types and features", row=i)
-            try:
-                types.append(seq["event_types"])
-                feats.append(seq["features"])
-            except KeyError as exc:
-                raise InvalidInputError(f"missing field {exc.args[0]!r}", row=i) from None
+        types, feats = _sequence_columns(sequences)
         return self.predict_columns(campaign_id, types, feats)
 
     def predict_batch(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
@@ -816,17 +806,7 @@ class FleetModel:
                                                        list[str]]:
         """``(names, probabilities (B, K), fallback bool[K], unknown)``: ``names(columns)`` gives the ids of
         columns (materialised only for what a caller returns: a million ids are not built for a top 10)."""
-        if not isinstance(sequences, (list, tuple)):
-            raise InvalidInputError("sequences must be a list of {event_types, features} objects")
-        types, feats = [], []
-        for i, seq in enumerate(sequences):
-            if not isinstance(seq, Mapping):
-                raise InvalidInputError("a sequence must be an object with event_types and features", row=i)
-            try:
-                types.append(seq["event_types"])
-                feats.append(seq["features"])
-            except KeyError as exc:
-                raise InvalidInputError(f"missing field {exc.args[0]!r}", row=i) from None
+        types, feats = _sequence_columns(sequences)
         if campaign_ids is None:
             if self._table is None and self._dense is None:
                 raise InvalidInputError("scoring every campaign (no campaign_ids) needs every head in memory: "
@@ -996,6 +976,23 @@ def _as_array(value: Any) -> np.ndarray | None:
         return np.asarray(value)
     except (ValueError, TypeError, OverflowError):
         return None
+
+
+def _sequence_columns(sequences: Any) -> tuple[list, list]:
+    """``(event_types, features)`` columns of ``sequences`` (a list of ``{event_types, features}`` objects);
+    :class:`InvalidInputError` naming the row otherwise."""
+    if not isinstance(sequences, (list, tuple)):
+        raise InvalidInputError("sequences must be a list of {event_types, features} objects")
+    types, feats = [], []
+    for i, seq in enumerate(sequences):
+        if not isinstance(seq, Mapping):
+            raise InvalidInputError("a sequence must be an object with event_types and features", row=i)
+        try:
+            types.append(seq["event_types"])
+            feats.append(seq["features"])
+        except KeyError as exc:
+            raise InvalidInputError(f"missing field {exc.args[0]!r}", row=i) from None
+    return types, feats
 
 
 def _check_id(campaign_id: Any, row: int | None) -> str:

@@ -163,8 +163,8 @@ def test_with_status_flags_fallback_heads(gated):
         model.predict(df, params={"with_status": 3})
 
 
-def test_with_status_through_mlflow(mlflow_env, gated, tmp_path):
-    """A model logged with fleet.pyfunc.model_signature() gets the param through mlflow's loader."""
+def _log_and_load_signed(gated, tmp_path):
+    """``gated``'s pyfunc logged with fleet.pyfunc.model_signature() in the test experiment, loaded back by mlflow."""
     from fleet.pyfunc import model_signature
 
     write_config(str(tmp_path / "data"), gated.uri, "g1")
@@ -172,7 +172,12 @@ def test_with_status_through_mlflow(mlflow_env, gated, tmp_path):
     with mlflow.start_run(experiment_id=experiment):
         info = mlflow.pyfunc.log_model(name="model", loader_module="fleet.pyfunc", data_path=str(tmp_path / "data"),
                                        signature=model_signature())
-    loaded = mlflow.pyfunc.load_model(info.model_uri)
+    return mlflow.pyfunc.load_model(info.model_uri)
+
+
+def test_with_status_through_mlflow(mlflow_env, gated, tmp_path):
+    """A model logged with fleet.pyfunc.model_signature() gets the param through mlflow's loader."""
+    loaded = _log_and_load_signed(gated, tmp_path)
     ids = ["camp-0000", "camp-0002"]
     df = frame(ids, random_sequences(random.Random(41), 2))
     plain = loaded.predict(df)
@@ -223,14 +228,7 @@ def test_ranking_request(gated):
 
 def test_ranking_request_through_mlflow(mlflow_env, gated, tmp_path):
     """Logged with fleet.pyfunc.model_signature(), the top_k param reaches the model through mlflow's loader."""
-    from fleet.pyfunc import model_signature
-
-    write_config(str(tmp_path / "data"), gated.uri, "g1")
-    experiment = mlflow.get_experiment_by_name("fleet-test").experiment_id
-    with mlflow.start_run(experiment_id=experiment):
-        info = mlflow.pyfunc.log_model(name="model", loader_module="fleet.pyfunc", data_path=str(tmp_path / "data"),
-                                       signature=model_signature())
-    loaded = mlflow.pyfunc.load_model(info.model_uri)
+    loaded = _log_and_load_signed(gated, tmp_path)
     seqs = random_sequences(random.Random(43), 2)
     out = loaded.predict(rank_frame(seqs, [gated.ids, gated.ids[:3]]), params={"top_k": 2})
     want = FleetModel.open(gated.uri).score_campaigns(seqs[0], gated.ids, top_k=2)
