@@ -360,6 +360,41 @@ def _cmd_diff(args, console) -> int:
     return EXIT_OK
 
 
+def _add_report(p) -> None:
+    p.add_argument("uri", metavar="VERSION_OR_URI",
+                   help="models:/NAME@alias, models:/NAME/N, a version directory or manifest.json URI, or with --fleet "
+                        "a bare alias or version number")
+    p.add_argument("--fleet", default=None,
+                   help="registered model whose versions a bare VERSION_OR_URI names (3 -> models:/NAME/3, champion -> "
+                        "models:/NAME@champion; default: none)")
+    p.add_argument("--out", default=None,
+                   help="file to write the HTML page to, '-' for stdout (default: report-<version id>.html in the "
+                        "current directory); never the version directory, which is immutable")
+    cli_serving._add_model_options(p)
+    p.set_defaults(handler=_cmd_report)
+
+
+def _cmd_report(args, console) -> int:
+    from fleet.report import version_report
+    from fleet.store import storage_options_from_env
+    from fleet.version_diff import model_uri
+
+    options = args.storage_options if args.storage_options is not None else storage_options_from_env()
+    page, version_id = version_report(model_uri(args.uri, args.fleet), tracking_uri=args.tracking_uri,
+                                      storage_options=options)
+    if args.out == "-":
+        sys.stdout.write(page)
+        return EXIT_OK
+    out = args.out or f"report-{version_id}.html"
+    try:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(page)
+    except OSError as exc:
+        raise FleetError(f"cannot write the report: {exc.strerror or exc}", path=out) from None
+    cli_serving.ERRORS.print(f"wrote the run report of version {version_id} to {out}", highlight=False, markup=False)
+    return EXIT_OK
+
+
 def _add_gc(p) -> None:
     from fleet.retention import DEFAULT_GRACE_HOURS, DEFAULT_KEEP_LAST
 
@@ -426,6 +461,7 @@ COMMANDS = {
     "promote": ("move the champion alias to a registered version by hand", _add_promote),
     "rollback": ("move the champion alias back to the previous champion", _add_rollback),
     "diff": ("compare two versions: campaigns added/removed/refit, bits, fidelity and size", _add_diff),
+    "report": ("write a version's run report: one self-contained HTML page of tables and plots", _add_report),
     "gc": ("delete old versions and finished run work dirs (dry run unless --yes)", _add_gc),
     "serve": (cli_serving.COMMANDS["serve"], cli_serving.add_serve),
     "predict": (cli_serving.COMMANDS["predict"], cli_serving.add_predict),

@@ -34,10 +34,12 @@ from fleet.metrics import fleet_summary
 from fleet.progress import stage_progress
 from fleet.redact import scrub
 from fleet.store import (
+    REPORT,
     FleetVersion,
     VersionWriter,
     WorkDir,
     absolute_uri,
+    created_at_now,
     join_uri,
     json_safe,
     open_fs,
@@ -650,12 +652,14 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
         writer.write_heads(heads)
         writer.write_rejects(rejects_to_table([(r["campaign_id"], r["stage"], r["reason"]) for r in rejects]))
         _size_metrics(metrics, writer.files, teacher_bytes)
-        writer.commit(config={**config.to_dict(), "num_event_types": plan["num_event_types"],
-                              "num_features": plan["num_features"], "teachers_uri": teachers_uri,
-                              "events_uri": events_uri},
-                      lineage={"parent_version": parent.version_id if parent else None, "run_id": run_id,
-                               "retrain_backbone": not inherit_backbone},
-                      metrics=metrics)
+        version_config = {**config.to_dict(), "num_event_types": plan["num_event_types"],
+                          "num_features": plan["num_features"], "teachers_uri": teachers_uri, "events_uri": events_uri}
+        lineage = {"parent_version": parent.version_id if parent else None, "run_id": run_id,
+                   "retrain_backbone": not inherit_backbone}
+        created_at = created_at_now()
+        writer.write_report(_report(fleet, run_id, heads, rejects, metrics, version_config, lineage, created_at,
+                                    config, tracking_uri if register else None))
+        writer.commit(config=version_config, lineage=lineage, metrics=metrics, created_at=created_at)
         version = FleetVersion.open(writer_uri, storage_options)
     metrics = version.manifest["metrics"]
     timings["finalize"] = time.perf_counter() - t0
@@ -848,6 +852,28 @@ def _version_metrics(heads: pa.Table, rejects: list[dict], num: int, reused: int
     return metrics
 
 
+def _report(fleet: str, run_id: str, heads: pa.Table, rejects: list[dict], metrics: dict, version_config: dict,
+            lineage: dict, created_at: str, config: stages.CompressConfig, tracking_uri: str | None) -> str:
+    """The version's run report (:func:`fleet.report.render_report`), rendered before its manifest is written.
+    The gate is evaluated as the registry will evaluate it (against the champion of this moment:
+    :func:`fleet.registry.preview_gate`); with no registry (``tracking_uri`` None) against the thresholds only."""
+    from fleet import registry, report
+
+    gate_config = registry.GateConfig(**config.gate)
+    if tracking_uri is None:
+        gate = registry.evaluate_gate(metrics, None, gate_config)
+        note = "Not registered (--no-register): the configured thresholds only, no champion comparison."
+    else:
+        gate, champion = registry.preview_gate(fleet, metrics, gate_config, tracking_uri)
+        against = f"champion version {champion}" if champion is not None else "no champion (the first version)"
+        note = (f"Evaluated when this version was written, against {against} of {fleet}; the registry records its "
+                "own evaluation in the version's tags (fleet versions), which differs only if the champion moved "
+                "in between.")
+    return report.render_report(fleet=fleet, version_id=run_id, heads=heads, rejects=rejects, metrics=metrics,
+                                config=version_config, lineage=lineage, created_at=created_at, gate=gate,
+                                gate_note=note)
+
+
 def _size_metrics(metrics: dict, files: dict[str, dict], teacher_bytes: int) -> None:
     heads_bytes = sum(f["bytes"] for p, f in files.items() if p.startswith("heads/"))
     backbone_bytes = files["backbone.safetensors"]["bytes"]
@@ -892,6 +918,7 @@ def _register(version: FleetVersion, fleet: str, tracking_uri: str, config: stag
             gate=registry.GateConfig(**config.gate), storage_options=storage_options,
             parent_version_id=parent.version_id if parent else None,
             example_campaign_id=_example_campaign(heads),
+            run_files={REPORT: report} if (report := version.read_report()) is not None else None,
         )
 
 

@@ -98,6 +98,58 @@ def fidelity_vs_size(n_train: Sequence[float], auc_diffs: Sequence[float]) -> by
     return _png(fig)
 
 
+def mean_abs_diff_vs_size(n_train: Sequence[float], mean_abs_diffs: Sequence[float]) -> bytes:
+    """Scatter of each campaign's hold-out mean |p_student - p_teacher| against its training rows (log x):
+    fidelity defined for every campaign with a hold-out row, AUC or not. Campaigns with no rows or a
+    non-finite value are left out."""
+    title = "Fidelity: mean |p_student - p_teacher| vs training rows"
+    fig, ax, _, diffs = _vs_size(n_train, mean_abs_diffs, "mean_abs_diffs", title, "mean |p_student - p_teacher|")
+    if fig is None:
+        return _no_data(title)
+    median = float(np.median(diffs))
+    ax.axhline(median, color="tab:red", linestyle="--", linewidth=1, label=f"median {median:.4f}")
+    ax.set_ylim(bottom=0)
+    ax.legend(loc="upper right")
+    return _png(fig)
+
+
+def bits_histogram(bits: Sequence[int]) -> bytes:
+    """Bars of campaigns per stored bit width (one bar per width present, labelled with its count)."""
+    values = _as_1d(bits, "bits")
+    title = "Head bit widths"
+    if values.size == 0:
+        return _no_data(title)
+    widths, counts = np.unique(values.astype(np.int64), return_counts=True)
+    fig, ax = _new_figure()
+    bars = ax.bar([str(w) for w in widths], counts, color="tab:blue")
+    ax.bar_label(bars, labels=[str(int(c)) for c in counts], padding=2)
+    ax.set_ylim(0, counts.max() * 1.15)
+    ax.set_xlabel("bits per stored weight")
+    ax.set_ylabel("campaigns")
+    ax.set_title(f"{title} (n={values.size}, mean {values.mean():.2f} bits)")
+    return _png(fig)
+
+
+def stage_times(seconds_by_stage: dict[str, float]) -> bytes:
+    """Horizontal bars of seconds per pipeline stage, in the given order top-down, labelled with the time
+    and share; stages without a finite time are left out (never drawn as zero)."""
+    stages = {str(k): float(v) for k, v in (seconds_by_stage or {}).items()
+              if v is not None and np.isfinite(v) and v >= 0}
+    total = sum(stages.values())
+    title = "Stage times"
+    if not stages:
+        return _no_data(title)
+    names, seconds = list(stages)[::-1], list(stages.values())[::-1]  # barh draws bottom-up
+    fig, ax = _new_figure(height=max(2.5, 0.5 * len(names) + 1.5))
+    bars = ax.barh(names, seconds, color="tab:blue")
+    share = [100 * s / total if total else 0.0 for s in seconds]
+    ax.bar_label(bars, labels=[f"{s:.1f} s ({p:.0f}%)" for s, p in zip(seconds, share)], padding=3)
+    ax.set_xlim(0, max(max(seconds), 1e-9) * 1.35)
+    ax.set_xlabel("seconds")
+    ax.set_title(f"{title} (total {total:.1f} s)")
+    return _png(fig)
+
+
 def calibration_vs_size(n_train: Sequence[float], mean_ratios: Sequence[float]) -> bytes:
     """Scatter of each campaign's hold-out mean(p_student) / mean(p_teacher) against its training rows
     (log x, log y), with the 10% band of the mean-ratio gate; defined for every campaign, AUC or not.

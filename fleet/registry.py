@@ -178,6 +178,9 @@ class GateResult:
     passed: bool
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: every check made, passed or not: ``{"check", "value", "bound", "passed"}`` (``value`` None: the metric
+    #: is missing or not finite); not stored in the registry's tags, not compared (:func:`evaluate_gate`)
+    checks: list[dict] = field(default_factory=list, compare=False)
 
 
 def _finite(value: Any) -> float | None:
@@ -225,6 +228,7 @@ def evaluate_gate(metrics: dict, champion_metrics: dict | None, gate: GateConfig
     """
     reasons: list[str] = []
     notes: list[str] = []
+    checks: list[dict] = []
     values: dict[str, float] = {}
     has_auc = _fleet_has_auc(metrics)
     if not has_auc:
@@ -248,23 +252,30 @@ def evaluate_gate(metrics: dict, champion_metrics: dict | None, gate: GateConfig
         else:
             values[key] = value
 
-    def low(key: str, bound: float) -> None:
+    def check(name: str, value: float | None, bound: float, ok: bool) -> None:
+        checks.append({"check": name, "value": value, "bound": bound, "passed": ok})
+
+    def low(key: str, bound: float, label: str | None = None) -> None:
+        label = label or GATE_METRICS[key]  # the reason's wording (the mean-ratio one names its metric)
+        check(f"{GATE_METRICS[key]} >= {bound:g}", values.get(key), bound, key in values and values[key] >= bound)
         if key in values and values[key] < bound:
             v, b = _fmt_pair(values[key], bound)
-            reasons.append(f"{GATE_METRICS[key]} {v} < {b}")
+            reasons.append(f"{label} {v} < {b}")
 
     def high(key: str, bound: float, label: str) -> None:
+        name = GATE_METRICS.get(key, "fallback share")
+        check(f"{name} <= {bound:g}", values.get(key), bound, key in values and values[key] <= bound)
         if key in values and values[key] > bound:
             v, b = _fmt_pair(values[key], bound)
             reasons.append(f"{label} {v} > {b}")
 
-    low("fidelity_auc_diff_median", gate.min_median_auc_diff)
-    low("fidelity_auc_diff_p10", gate.min_p10_auc_diff)
+    if has_auc:
+        low("fidelity_auc_diff_median", gate.min_median_auc_diff)
+        low("fidelity_auc_diff_p10", gate.min_p10_auc_diff)
     high("quarantine_share", gate.max_quarantine_share, "quarantine share")
     high("fidelity_kl_median", gate.max_kl_median, "median KL (fidelity_kl_median)")
-    if values.get("fidelity_mean_ratio_within_10pct_share", 1.0) < gate.min_mean_ratio_share:
-        v, b = _fmt_pair(values["fidelity_mean_ratio_within_10pct_share"], gate.min_mean_ratio_share)
-        reasons.append(f"mean-ratio-within-10% share (fidelity_mean_ratio_within_10pct_share) {v} < {b}")
+    low("fidelity_mean_ratio_within_10pct_share", gate.min_mean_ratio_share,
+        "mean-ratio-within-10% share (fidelity_mean_ratio_within_10pct_share)")
     high("fallback_share", gate.max_fallback_share, "fallback share (campaigns_status_fallback / campaigns)")
 
     for key in AUC_GATE_METRICS:
@@ -272,11 +283,13 @@ def evaluate_gate(metrics: dict, champion_metrics: dict | None, gate: GateConfig
         if best is None or key not in values:
             continue
         drop = best - values[key]
+        check(f"{GATE_METRICS[key]} drop from the champion's {best:.4f} <= {gate.max_regression:g}", drop,
+              gate.max_regression, drop <= gate.max_regression)
         if drop > gate.max_regression:
             v, c = _fmt_pair(values[key], best)
             d, m = _fmt_pair(drop, gate.max_regression)
             reasons.append(f"{GATE_METRICS[key]} {v} regresses from the champion's {c} by {d} > {m}")
-    return GateResult(passed=not reasons, reasons=reasons, notes=notes)
+    return GateResult(passed=not reasons, reasons=reasons, notes=notes, checks=checks)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -726,6 +739,7 @@ def register_version(
     storage_options: dict | None = None,
     parent_version_id: str | None = None,
     example_campaign_id: str | None = None,
+    run_files: dict[str, bytes] | None = None,
 ) -> RegisteredVersion:
     """Log one run and register one new version of the model ``fleet_name``; move ``champion`` to
     it when it passes ``gate`` (``GateConfig()`` when None) against the current champion's metrics.
@@ -761,6 +775,8 @@ def register_version(
             ``input_example.json`` / ``serving_input_example.json`` and tries once on the logged model
             (a warning when that fails, e.g. without the store's credentials in the environment).
             None: no input example.
+        run_files: file name -> bytes, logged at the root of the run's artifacts (the version's
+            ``report.html``, which MLflow's UI shows in its artifact view).
     """
     _check_name("fleet name", fleet_name)
     _check_name("version id", version_id)
@@ -796,11 +812,7 @@ def register_version(
 
     # The gate needs only the candidate's and the champion's metrics, so it is decided before the
     # version exists and its outcome is among the version's tags from the start.
-    champion_before = _champion(client, fleet_name)
-    champion_metrics = None
-    if champion_before is not None:
-        run_id = _get_version(client, fleet_name, champion_before).run_id
-        champion_metrics = client.get_run(run_id).data.metrics if run_id else None
+    champion_before, champion_metrics = _champion_metrics(client, fleet_name)
     result = evaluate_gate(metrics, champion_metrics, gate)
     gate_status = "passed" if result.passed else "failed"
 
@@ -829,6 +841,11 @@ def register_version(
         }
         with open(os.path.join(data_dir, MODEL_DATA_FILE), "w") as f:
             json.dump(model_data, f, indent=2)
+        files_dir = os.path.join(tmp, "run_files")
+        os.makedirs(files_dir)
+        for name, data in (run_files or {}).items():
+            with open(os.path.join(files_dir, _check_name("run file name", name)), "wb") as f:
+                f.write(data)
         plots_dir = os.path.join(tmp, "plots")
         os.makedirs(plots_dir)
         for name, data in plot_files.items():
@@ -841,6 +858,8 @@ def register_version(
                 _log_batches(client, run_id, _clean_metrics(metrics), _clean_params(params, secrets))
                 if plot_files:
                     client.log_artifacts(run_id, plots_dir, "plots")
+                if run_files:
+                    client.log_artifacts(run_id, files_dir)
                 from fleet.pyfunc import (
                     model_signature,  # lazily: fleet.pyfunc imports serving (torch)
                 )
@@ -880,6 +899,29 @@ def register_version(
                              gate=result, champion=result.passed)
 
 
+def _champion_metrics(client: MlflowClient, name: str) -> tuple[str | None, dict | None]:
+    """``(champion version, its run's metrics)``: what the gate compares a candidate with (None, None: no
+    champion; metrics None: a champion without a run)."""
+    champion = _champion(client, name)
+    if champion is None:
+        return None, None
+    run_id = _get_version(client, name, champion).run_id
+    return champion, client.get_run(run_id).data.metrics if run_id else None
+
+
+def preview_gate(name: str, metrics: dict, gate: GateConfig | None = None,
+                 tracking_uri: str | None = None) -> tuple[GateResult, str | None]:
+    """``(gate result, champion version)``: :func:`evaluate_gate` of ``metrics`` against the current champion,
+    as :func:`register_version` will decide it unless ``champion`` moves before then (the run report shows
+    it before the version is committed). Reads only: :class:`RegistryError` naming the tracking URI when the
+    registry cannot be read."""
+    _check_name("registered model name", name)
+    uri = _resolve_uri(tracking_uri)
+    with _reading(uri):
+        champion, champion_metrics = _champion_metrics(_client(uri), name)
+    return evaluate_gate(metrics, champion_metrics, gate if gate is not None else GateConfig()), champion
+
+
 def champion_version(name: str, tracking_uri: str | None = None) -> str | None:
     """The version holding ``champion``, or None (no such alias or registered model); raises
     :class:`RegistryError` naming the tracking URI when the registry cannot be read."""
@@ -889,15 +931,17 @@ def champion_version(name: str, tracking_uri: str | None = None) -> str | None:
         return _champion(_client(uri), name)
 
 
-def find_version(name: str, version_id: str, tracking_uri: str | None = None) -> RegisteredVersion | None:
+def find_version(name: str, version_id: str, tracking_uri: str | None = None, *,
+                 create: bool = True) -> RegisteredVersion | None:
     """The model version of ``name`` registered for the fleet version ``version_id`` (``existing=True``;
     the oldest if there are several), or None; :class:`RegistryError` naming the tracking URI when the
-    registry cannot be read."""
+    registry cannot be read (with ``create=False``, a read-only command's, also when a SQLite registry does
+    not exist: nothing is created)."""
     _check_name("registered model name", name)
     _check_name("version id", version_id)
     uri = _resolve_uri(tracking_uri)
     with _reading(uri):
-        client = _client(uri)
+        client = _client(uri, create=create)
         found = _versions_of(client, name, version_id)
         return _existing(client, name, found[0], None) if found else None
 

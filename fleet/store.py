@@ -5,6 +5,7 @@ Layout (see ``docs/storage.md``)::
     <store>/<fleet>/versions/<version_id>/backbone.safetensors
                                          heads/part-00000.parquet ...   (sorted by campaign_id)
                                          rejects.parquet
+                                         report.html                    (optional: the run report)
                                          manifest.json                  (written last)
     <store>/<fleet>/runs/<run_id>/<stage>/<shard>.parquet
                                   <stage>/_done/<shard>                 (written after the data)
@@ -59,6 +60,9 @@ VERSION_FORMAT = "fleet-version/1.2"
 MANIFEST = "manifest.json"
 BACKBONE = "backbone.safetensors"
 REJECTS = "rejects.parquet"
+#: The version's run report (``fleet.report``): one self-contained HTML page, listed and checksummed in the
+#: manifest like every other file; optional (versions written before it, or by other writers, lack it).
+REPORT = "report.html"
 HEADS_DIR = "heads"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -343,7 +347,8 @@ def _read_footer(f, size: int) -> bytes:
     f.seek(size - length)
     return f.read(length)
 
-def _now() -> str:
+def created_at_now() -> str:
+    """The current UTC time as a manifest's ``created_at``: fixed width, so it sorts as a string."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
@@ -482,6 +487,11 @@ class VersionWriter:
                              path=join_uri(self.uri, REJECTS)) from None
         self._write(REJECTS, _parquet_bytes(table, 64 * 1024), rows=table.num_rows)
 
+    def write_report(self, html: str) -> None:
+        """Write ``report.html`` (the run report, :func:`fleet.report.render_report`), UTF-8; before
+        :meth:`commit`, so the manifest lists and checksums it."""
+        self._write(REPORT, html.encode("utf-8"))
+
     def commit(self, config: dict | None = None, lineage: dict | None = None, metrics: dict | None = None,
                *, created_at: str | None = None) -> str:
         """Write ``manifest.json`` last (checksums of every file written, index, lineage) and return
@@ -504,7 +514,7 @@ class VersionWriter:
             "format": VERSION_FORMAT,
             "fleet": self.fleet,
             "version_id": self.version_id,
-            "created_at": created_at or _now(),
+            "created_at": created_at or created_at_now(),
             "heads_format": self._heads_format,
             "heads_codec": self._heads_codec,
             "files": [self._files[k] for k in sorted(self._files)],
@@ -672,6 +682,11 @@ class FleetVersion:
     def read_rejects(self) -> pa.Table:
         """Return ``rejects.parquet`` (campaign_id, stage, reason)."""
         return read_parquet_bytes(self._read_verified(REJECTS), page_checksum_verification=True)
+
+    def read_report(self) -> bytes | None:
+        """The verified bytes of ``report.html``, or None when the version has none (written before the run
+        report existed, or by a writer that wrote none)."""
+        return self._read_verified(REPORT) if REPORT in self._files else None
 
     def locate(self, campaign_id: str) -> tuple[str, int] | None:
         """Return ``(part path relative to the version, row group index)`` whose id range could
