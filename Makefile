@@ -9,6 +9,8 @@ DEMO_DIR ?= fleet-data/demo
 setup: $(VENV)/.installed
 
 # torch==2.13.0 first: it comes from this machine's disk as a CPU build; a bare `torch` would pull CUDA.
+# The `test` extra brings playwright; the browser it drives is the system's `chromium` (root: `apt-get install -y
+# chromium`, as .ci/run does), never a download: tests/test_report.py's browser test is skipped without it.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

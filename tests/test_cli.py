@@ -206,7 +206,7 @@ def test_version_is_the_installed_distribution_s():
     assert out.returncode == 0 and out.stdout == f"fleet {metadata.version('fleet')}\n"
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["versions", "--help"], ["diff", "--help"], ["gc", "--help"],
+@pytest.mark.parametrize("argv", [["--help"], ["versions", "--help"], ["diff", "--help"], ["gc", "--help"], ["report", "--help"],
                                   ["completion", "--help"]])
 def test_help_imports_no_heavy_module(argv):
     """`fleet --help` (and the registry commands' help) import neither torch, Ray, MLflow, pyarrow nor the bench:
