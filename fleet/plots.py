@@ -102,7 +102,7 @@ def mean_abs_diff_vs_size(n_train: Sequence[float], mean_abs_diffs: Sequence[flo
     """Scatter of each campaign's hold-out mean |p_student - p_teacher| against its training rows (log x):
     fidelity defined for every campaign with a hold-out row, AUC or not. Campaigns with no rows or a
     non-finite value are left out."""
-    title = "Fidelity: mean |p_student - p_teacher| vs training rows"
+    title = "Fidelity: mean |p_student - p_teacher|"
     fig, ax, _, diffs = _vs_size(n_train, mean_abs_diffs, "mean_abs_diffs", title, "mean |p_student - p_teacher|")
     if fig is None:
         return _no_data(title)
@@ -154,7 +154,7 @@ def calibration_vs_size(n_train: Sequence[float], mean_ratios: Sequence[float]) 
     """Scatter of each campaign's hold-out mean(p_student) / mean(p_teacher) against its training rows
     (log x, log y), with the 10% band of the mean-ratio gate; defined for every campaign, AUC or not.
     Campaigns with no rows or a non-finite or non-positive ratio are left out."""
-    title = "Calibration: mean p_student / mean p_teacher per campaign"
+    title = "Calibration: mean p_student / mean p_teacher"  # per campaign; longer is cut at 6.4 in
     fig, ax, _, ratios = _vs_size(n_train, mean_ratios, "mean_ratios", title, "mean ratio (log scale)",
                                   positive=True)
     if fig is None:

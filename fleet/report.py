@@ -35,10 +35,11 @@ body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; 
 h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ccc; }
 table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.92em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
-th { background: #f2f2f2; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #f2f2f2; } td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td:first-child { white-space: nowrap; }
 .pass { color: #1a7f37; font-weight: bold; } .fail { color: #c62828; font-weight: bold; }
 .note { color: #555; font-size: 0.92em; } .plots { display: flex; flex-wrap: wrap; gap: 1em; }
-figure { margin: 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
+figure { margin: 0; width: calc(50% - 0.5em); } figure img { width: 100%; border: 1px solid #ddd; }
 """
 
 
