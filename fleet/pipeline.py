@@ -911,6 +911,7 @@ def _register(version: FleetVersion, fleet: str, tracking_uri: str, config: stag
                                                         "backbone": metrics.get("backbone_bytes", 0)}),
         }
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        page = version.read_report()  # the version's run report, checked against the manifest
         return registry.register_version(
             fleet_name=fleet, manifest_uri=version.uri.rstrip("/") + "/manifest.json", version_id=version.version_id,
             local_artifacts={"backbone.safetensors": backbone_path, "manifest.json": manifest_path},
@@ -918,7 +919,7 @@ def _register(version: FleetVersion, fleet: str, tracking_uri: str, config: stag
             gate=registry.GateConfig(**config.gate), storage_options=storage_options,
             parent_version_id=parent.version_id if parent else None,
             example_campaign_id=_example_campaign(heads),
-            run_files={REPORT: report} if (report := version.read_report()) is not None else None,
+            run_files={REPORT: page} if page is not None else None,
         )
 
 

@@ -260,7 +260,9 @@ def version_report(uri: str, *, tracking_uri: str | None = None, storage_options
     heads = pa.concat_tables(list(version.iter_heads(columns=list(HEAD_COLUMNS))))
     rejects = version.read_rejects().to_pylist()
     config = manifest.get("config") or {}
-    checks = registry.evaluate_gate(manifest.get("metrics") or {}, None, registry.GateConfig(**config.get("gate", {})))
+    fields = registry.GateConfig.__dataclass_fields__  # an older version's config may name fields since removed
+    gate_config = registry.GateConfig(**{k: v for k, v in (config.get("gate") or {}).items() if k in fields})
+    checks = registry.evaluate_gate(manifest.get("metrics") or {}, None, gate_config)
     try:
         registered = registry.find_version(manifest["fleet"], version.version_id, tracking_uri, create=False)
     except registry.RegistryError as exc:

@@ -91,6 +91,14 @@ def test_gate_checks_list_every_check_and_keep_the_reasons():
     assert [c["value"] for c in missing.checks if not c["passed"]] == [None]
 
 
+def test_fleet_report_of_a_missing_version_fails_naming_it(tmp_path, capsys):
+    missing = tmp_path / "store" / "adfleet" / "versions" / "v9"
+    assert cli.main(["report", str(missing), "--out", str(tmp_path / "r.html")]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and str(missing) in captured.err and "manifest" in captured.err
+    assert not (tmp_path / "r.html").exists()
+
+
 @pytest.fixture(scope="module")
 def compressed(small_fleet, ray_local, tmp_path_factory, _mlflow_db_template):
     """One real fleet compress of the 20-campaign test fleet into a fresh store and SQLite registry."""
