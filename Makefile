@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 DEMO_DIR ?= fleet-data/demo
 # Ray runs with token authentication on 127.0.0.1 (fleet.pipeline.init_ray; docs/security.md).
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast lint clean
 
 setup: $(VENV)/.installed
 
@@ -21,7 +21,11 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	DEMO_DIR=$(DEMO_DIR) $(PY) jobs/demo.py
 
-test: setup
+# lint first: CI runs `make test`, so a lint finding fails CI like a failing test
+lint: setup
+	$(PY) -m ruff check fleet jobs tests
+
+test: setup lint
 	$(PY) -m pytest -q -ra
 
 test-fast: setup

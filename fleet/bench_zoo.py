@@ -175,20 +175,22 @@ def _line(pair: dict) -> str:
     return (f"AUC diff median {_f(pair['auc_diff_median'])} p10 {_f(pair['auc_diff_p10'])} "
             f"worst {_f(pair['auc_diff_worst'])} vw {_f(pair['auc_diff_volume_weighted'])} "
             f"top10% {_f(pair['top_decile_auc_diff_median'])} ratio-ok {_f(pair['mean_ratio_within_10pct_share'], '.2f')} "
-            f"ECE+ {_f(pair['ece_excess_median'])} missed {pair['missed_targets'] or 'none'}")
+            f"ECE+ {_f(pair['ece_excess_median'])} worse-95% {pair.get('auc_significantly_worse', 'n/a')} missed {pair['missed_targets'] or 'none'}")
 
 
 def render_table(pairs: list[dict]) -> str:
     """The zoo table: one row per (generator, teacher class)."""
-    head = ("| generator | teacher | campaigns (with AUC) | AUC diff median / p10 / worst | volume-weighted | "
+    head = ("| generator | teacher | campaigns (with AUC) | AUC diff median / p10 / worst | significantly worse | "
+            "volume-weighted | "
             "largest 10% median | mean ratio within 10% | ECE excess median | KL median | verdicts | "
-            "B / campaign | run / floor | targets missed |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|\n")
+            "B / campaign | run / floor | targets missed |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|\n")
     lines = []
     for p in pairs:
         verdicts = ", ".join(f"{k} {v}" for k, v in sorted((p.get("status_counts") or {}).items()))
         lines.append(
             f"| {p['generator']} | {p['teacher']} | {p['n_campaigns']} ({p['n_with_auc']}) | "
             f"{_f(p['auc_diff_median'])} / {_f(p['auc_diff_p10'])} / {_f(p['auc_diff_worst'])} | "
+            f"{p.get('auc_significantly_worse', 'n/a')} | "
             f"{_f(p['auc_diff_volume_weighted'])} | {_f(p['top_decile_auc_diff_median'])} "
             f"({p.get('top_decile_n_with_auc')}) | {_f(p['mean_ratio_within_10pct_share'], '.2f')} | "
             f"{_f(p['ece_excess_median'])} | {_f(p['kl_median'], '.4f')} | {verdicts} | "
@@ -236,7 +238,55 @@ def render_comparison(runs: list[tuple[str, dict]]) -> str:
                 wins = sum((b > a) if higher else (b < a) for a, b in both)
                 counts.append(f"{k} {wins}/{len(both)}")
             out.append(f"| {name} | {'; '.join(counts)} |")
+        out += ["", (f"Paired per campaign (each campaign of every pair against itself under {runs[0][0]}; mean +- "
+                     "standard error, share of campaigns where the run does better):"), "",
+                "| run | " + " | ".join(name for name, _ in PAIRED) + " |", "|---|" + "---:|" * len(PAIRED)]
+        for (name, _), mine in list(zip(runs, by_pair))[1:]:
+            cells = []
+            for _, figure in PAIRED:
+                diffs = paired_differences(by_pair[0], mine, figure)
+                cells.append("n/a" if len(diffs) < 2 else f"{diffs.mean():+.4f} +- "
+                             f"{diffs.std(ddof=1) / math.sqrt(len(diffs)):.4f}, better {np.mean(diffs < 0):.2f} "
+                             f"(n={len(diffs)})")
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
+
+
+def _log_kl(row: dict) -> float | None:
+    return None if row.get("kl") is None else math.log(max(float(row["kl"]), 1e-6))
+
+
+def _ratio_error(row: dict) -> float | None:
+    return None if row.get("mean_ratio") is None else abs(float(row["mean_ratio"]) - 1.0)
+
+
+def _auc_loss(row: dict) -> float | None:
+    return None if row.get("auc_diff") is None else -float(row["auc_diff"])
+
+
+#: Per-campaign figures of the paired comparison, each oriented so that lower is better:
+#: (column name, figure of one campaign row of :func:`evaluate_run`).
+PAIRED = (("AUC diff (negated)", _auc_loss), ("log KL", _log_kl), ("|mean ratio - 1|", _ratio_error))
+
+
+def paired_differences(first: dict, other: dict, figure) -> np.ndarray:
+    """``figure(other's row) - figure(first's row)`` for every campaign that both runs evaluated with a
+    defined figure, over the pairs both hold (``first``/``other``: (generator, teacher) -> pair result).
+
+    A zoo fleet is made again from its seed, so both runs judge the same campaigns on the same hold-out
+    rows: comparing each campaign with itself removes the campaign-to-campaign spread that makes a p10 of
+    15 campaigns move by 0.015 between runs of one configuration."""
+    diffs = []
+    for key in first.keys() & other.keys():
+        mine = {c["campaign_id"]: c for c in other[key]["campaigns"]}
+        for row in first[key]["campaigns"]:
+            twin = mine.get(row["campaign_id"])
+            if twin is None:
+                continue
+            a, b = figure(row), figure(twin)
+            if a is not None and b is not None:
+                diffs.append(b - a)
+    return np.asarray(diffs, dtype=np.float64)
 
 
 def add_arguments(p) -> None:

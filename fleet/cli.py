@@ -27,7 +27,7 @@ from fleet.errors import FleetError, UsageError
 from fleet.redact import scrub, secret_values
 
 #: The installed distribution of ``import fleet`` (its version is ``fleet --version``).
-DISTRIBUTION = "fleet"
+DISTRIBUTION = "fleet-distill"  # pyproject.toml [project] name; `import fleet` is the package
 
 
 def _add_synth(p) -> None:

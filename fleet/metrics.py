@@ -37,6 +37,8 @@ MEAN_RATIO_TOLERANCE = 0.1
 # The bound is inclusive up to float32 rounding: heads rows store mean_ratio as float32, where 1.1 is
 # 1.10000002, and 1.1 - 1.0 > 0.1 even in float64.
 _BOUND_SLACK = 1e-6
+#: Normal quantile of the two-sided 95% interval (``auc_significantly_worse``).
+Z_95 = 1.959964
 #: ``top_decile_*`` look at the largest ``ceil(n / TOP_DECILE_DIVISOR)`` campaigns by volume (at least 1).
 TOP_DECILE_DIVISOR = 10
 
@@ -72,6 +74,35 @@ def auc(scores, labels, min_per_class: int = 1) -> float | None:
     ranks = _average_ranks(scores)
     u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
+
+
+def auc_diff_standard_error(scores_a, scores_b, labels) -> float | None:
+    """Standard error of ``auc(scores_a) - auc(scores_b)`` on the same rows (DeLong et al. 1988, paired).
+
+    The two AUCs are correlated (same positives, same negatives); DeLong's structural components give the
+    variance of their difference without resampling, so the figure is deterministic. Rows whose label is NaN
+    are ignored. Returns None when there is not at least one positive and one negative; 0.0 when both
+    scores rank every (positive, negative) pair the same way.
+    """
+    scores_a, scores_b, labels = _numpy(scores_a), _numpy(scores_b), _numpy(labels)
+    if not scores_a.shape == scores_b.shape == labels.shape:
+        raise ValueError(f"scores and labels differ in length: {scores_a.shape[0]}, {scores_b.shape[0]}, {labels.shape[0]}")
+    known = np.isfinite(labels)
+    positive = labels[known] > 0.5
+    m, n = int(positive.sum()), int((~positive).sum())
+    if m < 1 or n < 1:
+        return None
+    components = []  # per model: (V10 over positives (m,), V01 over negatives (n,))
+    for scores in (scores_a[known], scores_b[known]):
+        all_ranks = _average_ranks(scores)  # (m + n,)
+        pos_ranks, neg_ranks = _average_ranks(scores[positive]), _average_ranks(scores[~positive])
+        v10 = (all_ranks[positive] - pos_ranks) / n  # share of negatives each positive outranks
+        v01 = 1.0 - (all_ranks[~positive] - neg_ranks) / m  # share of positives outranking each negative
+        components.append((v10, v01))
+    d10 = components[0][0] - components[1][0]  # (m,)
+    d01 = components[0][1] - components[1][1]  # (n,)
+    var = (d10.var(ddof=1) / m if m > 1 else 0.0) + (d01.var(ddof=1) / n if n > 1 else 0.0)
+    return float(math.sqrt(max(var, 0.0)))
 
 
 def _clip(p: np.ndarray) -> np.ndarray:
@@ -135,8 +166,8 @@ def campaign_fidelity(p_student, p_teacher, labels, min_per_class: int = 1) -> d
         min_per_class: fewest positives (and negatives) for an AUC.
 
     Returns:
-        ``teacher_auc``, ``student_auc``, ``auc_diff`` (student - teacher; all None when the AUC is
-        undefined), ``mean_abs_diff`` (mean ``|p_s - p_t|``), ``agreement`` (share of rows on the same
+        ``teacher_auc``, ``student_auc``, ``auc_diff`` (student - teacher) and ``auc_diff_se`` (its
+        paired DeLong standard error, :func:`auc_diff_standard_error`; all None when the AUC is undefined), ``mean_abs_diff`` (mean ``|p_s - p_t|``), ``agreement`` (share of rows on the same
         side of 0.5; both None when ``n_holdout == 0``), ``n_holdout``, ``n_pos``, and ``auc_status``:
         ``"ok"``, ``"no_labels"`` (no row has a label) or ``"too_few_positives"`` (fewer than
         ``min_per_class`` of either class; in ad tech it is the positives that run short).
@@ -170,6 +201,7 @@ def campaign_fidelity(p_student, p_teacher, labels, min_per_class: int = 1) -> d
         "teacher_auc": teacher_auc,
         "student_auc": student_auc,
         "auc_diff": None if status != "ok" else student_auc - teacher_auc,
+        "auc_diff_se": None if status != "ok" else auc_diff_standard_error(p_student, p_teacher, labels),
         "mean_abs_diff": float(np.abs(p_student - p_teacher).mean()) if n else None,
         "agreement": float(((p_student >= 0.5) == (p_teacher >= 0.5)).mean()) if n else None,
         "n_holdout": n,
@@ -213,7 +245,10 @@ def fleet_summary(rows: Sequence[dict]) -> dict:
         interpolation) of ``auc_diff`` and ``worst``, up to 10 ``{"campaign_id", "auc_diff"}`` dicts,
         worst first; ``mean_abs_diff_median`` and ``mean_abs_diff_p90``;
         ``auc_diff_volume_weighted`` (``sum(n_rows * auc_diff) / sum(n_rows)`` over the campaigns with
-        an ``auc_diff``, a missing ``n_rows`` weighing 1); ``top_decile_auc_diff_median`` and
+        an ``auc_diff``, a missing ``n_rows`` weighing 1); ``auc_significantly_worse`` and
+        ``auc_significantly_worse_campaigns``: how many (and which) campaigns' students are worse than their
+        teachers beyond the hold-out's noise, ``auc_diff + Z_95 * auc_diff_se < 0`` (95% two-sided DeLong
+        interval entirely below 0; rows without ``auc_diff_se`` are not counted); ``top_decile_auc_diff_median`` and
         ``top_decile_n_with_auc``: the largest 10% of ALL campaigns by ``n_rows`` (``ceil(0.1 * n)``,
         at least 1; ties broken by ``campaign_id``; a missing ``n_rows`` counts as 0), the median
         ``auc_diff`` over those of them with one and how many had one;
@@ -232,6 +267,8 @@ def fleet_summary(rows: Sequence[dict]) -> dict:
                                                         str(rows[i].get("campaign_id") or ""), i))
     top = by_volume[: max(1, -(-len(rows) // TOP_DECILE_DIVISOR))]  # ceil(n / 10) in ints: 0.1 * 30 > 3.0
     top_diffs = [float(rows[i]["auc_diff"]) for i in top if rows[i].get("auc_diff") is not None]
+    significantly_worse = [r.get("campaign_id") for _, r in with_auc if r.get("auc_diff_se") is not None
+                           and float(r["auc_diff"]) + Z_95 * float(r["auc_diff_se"]) < 0.0]
     ratios, kls = _defined(rows, "mean_ratio"), _defined(rows, "kl")
     excess = [float(r["student_ece"]) - float(r["teacher_ece"]) for r in rows
               if r.get("student_ece") is not None and r.get("teacher_ece") is not None]
@@ -242,6 +279,8 @@ def fleet_summary(rows: Sequence[dict]) -> dict:
         "median": _percentile(diffs, 50),
         "p10": _percentile(diffs, 10),
         "worst": [{"campaign_id": r.get("campaign_id"), "auc_diff": float(r["auc_diff"])} for _, r in worst],
+        "auc_significantly_worse": len(significantly_worse),
+        "auc_significantly_worse_campaigns": significantly_worse,
         "mean_abs_diff_median": _percentile(mads, 50),
         "mean_abs_diff_p90": _percentile(mads, 90),
         "auc_diff_volume_weighted": float(np.dot(weights, diffs) / weights.sum()) if weights.sum() > 0 else None,

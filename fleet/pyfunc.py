@@ -12,7 +12,9 @@ The logged model's data is a directory holding ``fleet_model.json`` (written by
 ``storage_options``, ``storage_options_env`` are optional; so are ``cache_size``,
 ``preload``, ``max_sequence_length``, ``heads``, ``backend``). Heads stay in Parquet and are read through the manifest URI;
 credentials come from the environment variable ``storage_options_env`` (JSON, merged over the saved
-non-secret options) at load time, never from the artifact.
+non-secret options) at load time, never from the artifact. A store that has moved is found through
+``$FLEET_STORE_ROOT`` (:func:`fleet.store.relocated`: the saved manifest URI's ``<fleet>/versions/<id>/
+manifest.json`` under that root; ``manifest_sha256`` still pins the version).
 
 ``predict`` scores a DataFrame with the columns of the events format
 (``campaign_id``, ``event_types``, ``features``) through :meth:`FleetModel.predict_with_status`, the
@@ -40,7 +42,7 @@ import numpy as np
 from fleet.codec import check_format
 from fleet.errors import StoreError, UnknownCampaignError
 from fleet.serving import FleetModel, InvalidInputError
-from fleet.store import ENV_STORAGE_OPTIONS, storage_options_from_env
+from fleet.store import ENV_STORAGE_OPTIONS, relocated, storage_options_from_env
 
 CONFIG_FILE = "fleet_model.json"
 PYFUNC_FORMAT = "fleet-pyfunc/1"  # same as fleet.registry.MODEL_DATA_FORMAT
@@ -211,7 +213,7 @@ def _load_pyfunc(data_path: str) -> FleetPyfunc:
     try:
         with open(path) as f:
             config = json.load(f)
-        manifest_uri, version_id = config["manifest_uri"], config.get("version_id")
+        manifest_uri, version_id = relocated(config["manifest_uri"]), config.get("version_id")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise StoreError(f"not a fleet pyfunc config ({exc!r})", path=path) from None
     check_format(config.get("format", PYFUNC_FORMAT), PYFUNC_FORMAT, path=path)

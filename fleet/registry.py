@@ -56,6 +56,7 @@ from mlflow.tracking import MlflowClient
 
 from fleet.errors import FleetError
 from fleet.redact import is_secret_name, public_options, scrub, secret_values
+from fleet.store import relocated
 
 logger = logging.getLogger(__name__)
 
@@ -1027,7 +1028,7 @@ def resolve_version(model_uri: str, tracking_uri: str | None = None) -> tuple[st
     if not model_uri.startswith("models:"):
         return model_uri, None, None
     found = resolve_model_version(model_uri, tracking_uri)
-    return found["manifest_uri"], found["version_id"], found["manifest_sha256"]
+    return relocated(found["manifest_uri"]), found["version_id"], found["manifest_sha256"]
 
 
 def resolve_model_version(model_uri: str, tracking_uri: str | None = None) -> dict:

@@ -82,6 +82,25 @@ _STATS_COLUMNS = ["campaign_id", "bits", "group_size", "status"]
 
 
 ENV_STORAGE_OPTIONS = "FLEET_STORAGE_OPTIONS"
+#: Where a store has moved to: a saved manifest URI is read under this root instead (:func:`relocated`).
+ENV_STORE_ROOT = "FLEET_STORE_ROOT"
+
+
+def relocated(manifest_uri: str, store_root: str | None = None) -> str:
+    """``manifest_uri`` (``<store>/<fleet>/versions/<id>/manifest.json``) under ``store_root`` (default:
+    ``$FLEET_STORE_ROOT``): ``<store_root>/<fleet>/versions/<id>/manifest.json``; unchanged when no root is set.
+
+    A version's files are named relative to its manifest, so a copied or moved store is served from its new
+    root by this one substitution; a reader that checks the manifest's sha256 still refuses another version.
+    """
+    root = os.environ.get(ENV_STORE_ROOT) if store_root is None else store_root
+    if not root:
+        return manifest_uri
+    parts = manifest_uri.rstrip("/").rsplit("/", 4)
+    if len(parts) != 5 or parts[2] != "versions" or parts[4] != MANIFEST:
+        raise StoreError(f"cannot relocate {manifest_uri!r} under ${ENV_STORE_ROOT}: not "
+                         f"<store>/<fleet>/versions/<id>/{MANIFEST}", path=manifest_uri)
+    return "/".join([root.rstrip("/"), *parts[1:]])
 
 
 def storage_options_from_env(env_name: str = ENV_STORAGE_OPTIONS) -> dict | None:

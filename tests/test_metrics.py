@@ -11,6 +11,7 @@ import torch
 from fleet.metrics import (
     CALIBRATION_KEYS,
     auc,
+    auc_diff_standard_error,
     brier,
     campaign_fidelity,
     ece,
@@ -62,7 +63,7 @@ def test_campaign_fidelity_ok():
     p_teacher = np.array([0.1, 0.4, 0.35, 0.8, 0.9, 0.2])
     p_student = np.array([0.1, 0.3, 0.45, 0.7, 0.4, 0.6])
     fid = campaign_fidelity(p_student, p_teacher, labels)
-    assert set(fid) == {"teacher_auc", "student_auc", "auc_diff", "mean_abs_diff", "agreement", "n_holdout", "n_pos",
+    assert set(fid) == {"teacher_auc", "student_auc", "auc_diff", "auc_diff_se", "mean_abs_diff", "agreement", "n_holdout", "n_pos",
                         "auc_status", *CALIBRATION_KEYS}
     assert fid["auc_status"] == "ok"
     assert fid["teacher_auc"] == pytest.approx(auc(p_teacher, labels))
@@ -244,3 +245,37 @@ def test_fleet_summary_new_figures_empty_or_undefined():
                     "ece_excess_median", "kl_median", "kl_p90"):
             assert s[key] is None, key
         assert s["top_decile_n_with_auc"] == 0 and s["status_counts"] == {}
+
+
+def test_auc_diff_standard_error_by_hand():
+    # positives then negatives; model a: AUC 0.75 (V10 = [1, 0.5], V01 = [0.5, 1]); model b: AUC 1 (all 1)
+    labels = [1, 1, 0, 0]
+    a, b = [0.9, 0.4, 0.5, 0.1], [0.9, 0.6, 0.5, 0.1]
+    # var = var([0, -0.5]) / 2 + var([-0.5, 0]) / 2 (sample variances, 0.125 each)
+    assert auc_diff_standard_error(a, b, labels) == pytest.approx(math.sqrt(0.125))
+    assert auc_diff_standard_error(b, a, labels) == pytest.approx(math.sqrt(0.125))
+    assert auc_diff_standard_error(a, a, labels) == 0.0
+    assert auc_diff_standard_error(a, b, [1, 1, 1, float("nan")]) is None  # no negative
+
+
+def test_auc_diff_standard_error_matches_a_paired_bootstrap():
+    rng = np.random.default_rng(3)
+    labels = (rng.random(300) < 0.25).astype(np.float64)
+    a, b = labels + rng.normal(0, 1.0, 300), labels + rng.normal(0, 1.3, 300)
+    diffs = []
+    for _ in range(2000):
+        i = rng.integers(0, 300, 300)
+        diffs.append(auc(a[i], labels[i]) - auc(b[i], labels[i]))
+    assert auc_diff_standard_error(a, b, labels) == pytest.approx(np.std(diffs), rel=0.1)
+
+
+def test_fleet_summary_counts_campaigns_significantly_worse():
+    rows = [{"campaign_id": "c1", "auc_diff": -0.05, "auc_diff_se": 0.02},  # interval below 0: counted
+            {"campaign_id": "c2", "auc_diff": -0.05, "auc_diff_se": 0.03},  # -0.05 + 1.96 * 0.03 > 0
+            {"campaign_id": "c3", "auc_diff": -0.2},  # no standard error: not counted
+            {"campaign_id": "c4", "auc_diff": 0.1, "auc_diff_se": 0.0}]
+    summary = fleet_summary(rows)
+    assert summary["auc_significantly_worse"] == 1
+    assert summary["auc_significantly_worse_campaigns"] == ["c1"]
+    fid = campaign_fidelity([0.9, 0.4, 0.5, 0.1], [0.9, 0.6, 0.5, 0.1], [1, 1, 0, 0])
+    assert fid["auc_diff"] == pytest.approx(-0.25) and fid["auc_diff_se"] == pytest.approx(math.sqrt(0.125))

@@ -13,8 +13,10 @@ import pytest
 from mlflow.exceptions import MlflowException
 from test_serving import build_version, random_sequences
 
+from fleet.errors import StoreError
 from fleet.pyfunc import CONFIG_FILE, FleetPyfunc, _load_pyfunc, write_config
 from fleet.serving import FleetModel, alias_reloader
+from fleet.store import ENV_STORE_ROOT, relocated
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +92,27 @@ def test_load_pyfunc_directly(tmp_path, versions):
     assert _load_pyfunc(path).model.version_id == "v2"  # the file itself works too
     rows = [{"campaign_id": b.ids[0], **s} for s in random_sequences(random.Random(2), 3)]
     np.testing.assert_allclose(model.predict(rows), model.model.predict_batch(rows), atol=0)
+
+
+def test_a_moved_store_is_found_under_fleet_store_root(tmp_path, versions, monkeypatch):
+    """A config saved when the store lived elsewhere loads from $FLEET_STORE_ROOT; its sha256 pin still holds."""
+    b = versions["v2"]
+    root, fleet_name, versions_dir, vid, manifest = b.uri.rsplit("/", 4)
+    moved = f"/gone/old-store/{fleet_name}/{versions_dir}/{vid}/{manifest}"
+    write_config(str(tmp_path / "d"), moved, "v2")
+    with pytest.raises(Exception, match="old-store"):
+        _load_pyfunc(str(tmp_path / "d"))
+    monkeypatch.setenv(ENV_STORE_ROOT, root)
+    assert _load_pyfunc(str(tmp_path / "d")).model.version_id == "v2"
+    pinned = tmp_path / "pinned"
+    pinned.mkdir()
+    (pinned / CONFIG_FILE).write_text(json.dumps({"manifest_uri": moved, "version_id": "v2",
+                                                  "manifest_sha256": "0" * 64}))
+    with pytest.raises(Exception, match="sha256"):
+        _load_pyfunc(str(pinned))
+    assert relocated("s3://b/x/adfleet/versions/v1/manifest.json", "s3://c") == "s3://c/adfleet/versions/v1/manifest.json"
+    with pytest.raises(StoreError, match="cannot relocate"):
+        relocated("s3://b/manifest.json", "s3://c")
 
 
 def test_registry_style_config_and_mismatch(tmp_path, versions, monkeypatch):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from fleet import zoo
+from fleet.bench_zoo import _auc_loss, _log_kl, paired_differences, render_comparison
 from fleet.errors import TeacherFormatError
 from fleet.events import EVENTS_SCHEMA, table_to_batch
 from fleet.synth import ZOO_LOADER, SynthConfig, generate
@@ -81,3 +84,22 @@ def test_zoo_teacher_loads_only_when_its_loader_is_allowed(tmp_path):
 def test_zoo_loader_refuses_an_unknown_arch():
     with pytest.raises(ValueError, match="unknown teacher arch"):
         zoo.load_teacher({"arch": "transformer"}, {})
+
+
+def test_paired_comparison_pairs_each_campaign_with_itself():
+    def run(diffs, kls):
+        campaigns = [{"campaign_id": f"c{i}", "auc_diff": d, "kl": k, "mean_ratio": 1.0}
+                     for i, (d, k) in enumerate(zip(diffs, kls))]
+        figures = ("auc_diff_median", "auc_diff_p10", "auc_diff_worst", "auc_diff_volume_weighted",
+                   "top_decile_auc_diff_median", "mean_ratio_within_10pct_share", "ece_excess_median", "kl_median",
+                   "kl_p90")
+        return {("g", "t"): {"generator": "g", "teacher": "t", "campaigns": campaigns, "status_counts": {},
+                             **dict.fromkeys(figures, 0.0)}}
+
+    first = run([0.0, -0.02, None], [0.01, 0.01, 0.01])
+    other = run([0.01, 0.0, 0.3], [0.001, 0.01, 0.1])
+    # c2 has no AUC in the first run: two AUC pairs; every campaign has a KL in both
+    assert list(paired_differences(first, other, _auc_loss)) == pytest.approx([-0.01, -0.02])
+    assert list(paired_differences(first, other, _log_kl)) == pytest.approx([math.log(0.1), 0.0, math.log(10.0)])
+    table = render_comparison([("a", {"pairs": list(first.values())}), ("b", {"pairs": list(other.values())})])
+    assert "Paired per campaign" in table and "-0.0150 +- 0.0050, better 1.00 (n=2)" in table

@@ -1,0 +1,72 @@
+"""docs/architecture.md is the import map: every module is listed, and no module imports a higher layer."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "architecture.md"
+
+
+def documented_layers() -> list[list[str]]:
+    """The module names of each layer of the doc's first code block, lowest layer first."""
+    block = DOC.read_text().split("```", 2)[1]
+    layers: list[list[str]] = []
+    pending = ""  # a layer whose names go on to the next line (the first column ends with a comma)
+    for line in block.splitlines():
+        if not line.strip() or line[0].isspace():
+            continue
+        names = pending + re.split(r"\s{2,}", line.strip(), maxsplit=1)[0]
+        if names.endswith(","):
+            pending = names + " "
+            continue
+        pending = ""
+        layers.append([n.strip() for n in names.split(",") if n.strip()])
+    return layers
+
+
+def documented_late_imports() -> set[tuple[str, str]]:
+    return set(re.findall(r"^- `(\w+)` -> `(\w+)`", DOC.read_text(), flags=re.MULTILINE))
+
+
+def fleet_imports(module: str) -> tuple[set[str], set[str]]:
+    """The fleet modules ``fleet/<module>.py`` imports at module level, and inside functions."""
+    tree = ast.parse((ROOT / "fleet" / f"{module}.py").read_text())
+    in_functions = {id(inner) for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    for inner in ast.walk(node)}
+    top, late = set(), set()
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module == "fleet":
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fleet."):
+            names = [node.module.split(".")[1]]
+        elif isinstance(node, ast.Import):
+            names = [a.name.split(".")[1] for a in node.names if a.name.startswith("fleet.")]
+        (late if id(node) in in_functions else top).update(n for n in names if n != module)
+    return top, late
+
+
+def test_every_module_is_documented_once():
+    modules = sorted(p.stem for p in (ROOT / "fleet").glob("*.py") if p.stem != "__init__")
+    listed = [name for layer in documented_layers() for name in layer]
+    assert sorted(listed) == modules, "docs/architecture.md must list each fleet module once"
+
+
+def test_no_module_imports_a_higher_layer():
+    layer_of = {name: i for i, layer in enumerate(documented_layers()) for name in layer}
+    allowed_late = documented_late_imports()
+    upward = []
+    for module, level in layer_of.items():
+        top, late = fleet_imports(module)
+        upward += [f"{module} -> {dep} (module level)" for dep in sorted(top) if layer_of.get(dep, -1) > level]
+        upward += [f"{module} -> {dep} (in a function, not listed as a late import)" for dep in sorted(late)
+                   if layer_of.get(dep, -1) > level and (module, dep) not in allowed_late]
+    assert not upward, "upward imports against docs/architecture.md:\n" + "\n".join(upward)
+
+
+def test_listed_late_imports_exist():
+    for module, dep in documented_late_imports():
+        assert dep in fleet_imports(module)[1], f"{module} -> {dep} is listed as a late import but not made"
