@@ -25,7 +25,7 @@ import pyarrow as pa
 import ray
 from rich.console import Console
 
-from fleet import stages, synth
+from fleet import DEFAULT_FLEET, DEFAULT_STORE, stages, synth
 from fleet.codec import HEADS_SCHEMA, conform_heads_table, rejects_to_table
 from fleet.errors import FleetError, StoreError, UsageError
 from fleet.events import EventsDataset, write_events
@@ -43,8 +43,9 @@ from fleet.store import (
     open_fs,
     remove_stale_temp_files,
     sha256_bytes,
+    storage_options_from_env,
 )
-from fleet.teachers import list_teacher_campaigns
+from fleet.teachers import list_teacher_campaigns, validate_loader_spec
 
 console = Console(stderr=True)
 TRANSIENT_ERRORS = (OSError, TimeoutError, ConnectionError)
@@ -495,6 +496,57 @@ def check_compress_inputs(teachers_uri: str, events_uri: str, store_uri: str,
 def new_run_id() -> str:
     """The default run id: the UTC time to the second, e.g. ``20261202T151203Z``."""
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+def compress_config(config: stages.CompressConfig | dict | str | None = None, *, bits: int | str | None = None,
+                    codec: str | None = None, allow_loaders: Sequence[str] = ()) -> stages.CompressConfig:
+    """The :class:`~fleet.stages.CompressConfig` of a run: ``config`` (a ``CompressConfig``, left unchanged; a dict of
+    its fields; a JSON or TOML file path; None: the defaults), then ``bits`` (``"auto"`` or 1, 2, 4, 8, 16, as an int
+    or a string) and ``codec`` over it when given, and ``allow_loaders`` added to its own. ValueError names a bad
+    value (``fleet compress`` exit 2)."""
+    if config is None:
+        config = stages.CompressConfig()
+    elif isinstance(config, dict):
+        config = stages.CompressConfig.from_dict(config)
+    elif isinstance(config, str):
+        config = stages.CompressConfig.from_file(config)
+    elif not isinstance(config, stages.CompressConfig):
+        raise ValueError(f"config must be a CompressConfig, a dict of its fields or a file path, not "
+                         f"{type(config).__name__}")
+    added = [validate_loader_spec(spec) for spec in allow_loaders]
+    overrides: dict[str, Any] = {"allow_loaders": list(dict.fromkeys([*config.allow_loaders, *added]))}
+    if bits is not None:
+        overrides["bits"] = bits  # "16" -> 16 in CompressConfig.__post_init__
+    if codec is not None:
+        overrides["codec"] = codec
+    return dataclasses.replace(config, **overrides)  # __post_init__ checks the result
+
+
+def compress(teachers: str, events: str, *, store: str = DEFAULT_STORE, fleet: str = DEFAULT_FLEET,
+             config: stages.CompressConfig | dict | str | None = None, bits: int | str | None = None,
+             codec: str | None = None, allow_loaders: Sequence[str] = (), run_id: str | None = None,
+             tracking_uri: str | None = None, address: str | None = None, retrain_backbone: bool = False,
+             storage_options: dict | None = None, register: bool = True, no_parent: bool = False,
+             force_config: bool = False, dashboard: bool = False,
+             resume_command: str | None = None) -> CompressResult:
+    """``fleet compress`` as a function (``fleet.compress``; the CLI calls this): distil the teachers under
+    ``teachers`` on the events dataset ``events`` into one fleet version of ``fleet`` in ``store``, register it in
+    MLflow (``tracking_uri``; default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///fleet-data/mlflow.db``) and move the
+    ``champion`` alias when it passes the quality gate.
+
+    ``config``, ``bits``, ``codec`` and ``allow_loaders`` make the run's configuration (:func:`compress_config`);
+    ``storage_options`` default to ``$FLEET_STORAGE_OPTIONS``; every other argument is :func:`run_compress`'s (the
+    flag of the same name: ``run_id`` resumes an interrupted run, ``address`` runs on a Ray cluster, ...). Returns
+    the :class:`CompressResult` (``exit_code``: the CLI's, 0 ok / 3 quarantined / 4 not promoted); raises
+    :class:`~fleet.errors.UsageError` or ValueError for inputs that cannot work, :class:`~fleet.errors.FleetError`
+    for a failed run, and KeyboardInterrupt on Ctrl-C (the run's finished shards are kept: call again with the
+    same ``run_id`` to resume)."""
+    config = compress_config(config, bits=bits, codec=codec, allow_loaders=allow_loaders)
+    options = storage_options if storage_options is not None else storage_options_from_env()
+    return run_compress(teachers_uri=teachers, events_uri=events, store_uri=store, fleet=fleet, config=config,
+                        run_id=run_id, tracking_uri=tracking_uri, address=address, retrain_backbone=retrain_backbone,
+                        storage_options=options, register=register, dashboard=dashboard, no_parent=no_parent,
+                        force_config=force_config, resume_command=resume_command)
 
 
 def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: str,

@@ -36,6 +36,7 @@ import time
 import tomllib
 from rich.console import Console
 
+from fleet import DEFAULT_FLEET
 from fleet.cli import resume_command, summary_table
 from fleet.errors import FleetError, UsageError
 from fleet.pipeline import interrupted_line, run_compress
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     run_id = args.run_id or time.strftime("nightly-%Y%m%dT%H%M%SZ", time.gmtime())
     options = nightly.get("storage_options") or storage_options_from_env()
     common = {"teachers_uri": nightly["teachers"], "events_uri": nightly["events"], "store_uri": nightly["store"],
-                  "fleet": nightly.get("fleet", "adfleet"), "config": config, "tracking_uri": nightly.get("tracking_uri"),
+                  "fleet": nightly.get("fleet", DEFAULT_FLEET), "config": config, "tracking_uri": nightly.get("tracking_uri"),
                   "address": nightly.get("address"), "storage_options": options, "no_parent": args.no_parent}
     if args.dry_run:
         plan = {"run_id": run_id, **{k: v for k, v in common.items() if k != "storage_options"}}

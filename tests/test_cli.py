@@ -256,7 +256,7 @@ def test_bash_completion_completes_commands_options_and_choices(capsys):
     assert set(_complete(script, ["fleet", "versions", "--"])) == {"--help", "--tracking-uri", "--json"}
     assert set(_complete(script, ["fleet", "gc", "--"])) >= {"--yes", "--keep-last", "--grace-hours", "--json"}
     assert _complete(script, ["fleet", "compress", "--bi"]) == ["--bits"]
-    assert _complete(script, ["fleet", "compress", "--bits", ""]) == ["auto", "8", "4", "2", "1"]
+    assert _complete(script, ["fleet", "compress", "--bits", ""]) == ["auto", "16", "8", "4", "2", "1"]
     assert _complete(script, ["fleet", "completion", "z"]) == ["zsh"]
     assert _complete(script, ["fleet", "compress", "--store", ""]) == []  # a value: the shell completes file names
     assert main(["completion", "zsh"]) == 0
