@@ -28,7 +28,7 @@ from rich.console import Console
 from fleet import DEFAULT_FLEET, DEFAULT_STORE, stages, synth
 from fleet.codec import HEADS_SCHEMA, conform_heads_table, rejects_to_table
 from fleet.errors import FleetError, StoreError, UsageError
-from fleet.events import EventsDataset, write_events
+from fleet.events import EventsDataset, data_fingerprint, write_events
 from fleet.ids import CAMPAIGN_ID_PATTERN
 from fleet.metrics import fleet_summary
 from fleet.progress import stage_progress
@@ -40,6 +40,7 @@ from fleet.store import (
     absolute_uri,
     join_uri,
     json_safe,
+    list_versions,
     open_fs,
     remove_stale_temp_files,
     sha256_bytes,
@@ -747,6 +748,116 @@ def _make_plan(teachers_uri, events_uri, store_uri, fleet, config, tracking_uri,
         "parent_manifest": parent.uri if parent is not None else None, "parent_hashes": parent_hashes,
         "retrain_backbone": bool(retrain_backbone or parent is None), "config": config.to_dict(),
     }
+
+
+#: Campaigns whose events ``preview_compress`` reads at once (bounded memory on large fleets).
+PREVIEW_CHUNK = 256
+#: Committed versions ``preview_compress`` reads, newest first, for the stage times of earlier runs.
+PREVIEW_HISTORY = 10
+
+
+def preview_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: str,
+                     config: stages.CompressConfig, tracking_uri: str | None = None, retrain_backbone: bool = False,
+                     storage_options: dict | None = None, no_parent: bool = False) -> dict:
+    """What :func:`run_compress` with these arguments would do, worked out in this process (no Ray) without
+    writing anything: no work dir, no version, no registry database (``nightly --dry-run``).
+
+    The parent is the champion (none with ``no_parent``, or while the registry has none). Each campaign is
+    classified as stage 1 would: its teacher's digest (files only, :func:`fleet.teachers.read_teacher_digest`)
+    and its data fingerprint (events checked and cut as stage 1 does, :func:`fleet.stages.prepared_campaign_table`)
+    against the parent's head row: ``new`` (not in the parent), ``changed`` (another teacher or data),
+    ``reused`` (the same: its head is kept), ``refit`` (in the parent but fitted again: a full run, or the
+    bloomier codec, reuses no head), ``invalid`` (would be quarantined: ``{campaign_id: reason}``); ``removed``
+    are the parent's campaigns without a teacher now. ``estimate`` scales the stage times of earlier runs in the
+    store (:func:`estimate_seconds`), or is None without one. Raises what ``run_compress`` raises before stage 1
+    for inputs that cannot work (:class:`~fleet.errors.UsageError`, an unreadable registry)."""
+    from fleet import registry
+    from fleet.teachers import read_teacher_digest
+
+    teachers_uri, events_uri, store_uri = (absolute_uri(u) for u in (teachers_uri, events_uri, store_uri))
+    check_compress_inputs(teachers_uri, events_uri, store_uri, storage_options)
+    events = EventsDataset(events_uri, storage_options)
+    events.validate_files()
+    parent = None
+    if not no_parent and registry.champion_version(fleet, tracking_uri, create=False) is not None:
+        manifest_uri, _ = registry.resolve_manifest_uri(f"models:/{fleet}@champion", tracking_uri)
+        parent = FleetVersion.open(manifest_uri, storage_options)
+    campaigns = list_teacher_campaigns(teachers_uri, storage_options)
+    if not campaigns:
+        raise FleetError("no teachers found", path=teachers_uri)
+    num_event_types, num_features = _input_space(teachers_uri, campaigns, config, storage_options)
+    ctx = stages.StageContext(teachers_uri, events_uri, config, num_event_types, num_features, storage_options)
+    parent_rows = {}
+    if parent is not None:
+        table = parent.read_heads().select(["campaign_id", "teacher_sha256", "data_fingerprint"])
+        parent_rows = {c: [t.hex(), d.hex()] for c, t, d in zip(*(table[k].to_pylist() for k in table.column_names))}
+    reuse = (parent is not None and not retrain_backbone and config.codec == "packed"
+             and parent.manifest.get("heads_codec", "packed") == "packed")  # as _make_plan
+    plan: dict[str, Any] = {key: [] for key in ("new", "changed", "reused", "refit")}
+    plan["invalid"] = {}
+    valid = []
+    for campaign_id in campaigns:
+        if CAMPAIGN_ID_PATTERN.fullmatch(campaign_id) is None:
+            plan["invalid"][campaign_id] = "invalid campaign id"
+        elif campaign_id not in parent_rows:
+            plan["new"].append(campaign_id)
+        elif not reuse:
+            plan["refit"].append(campaign_id)
+        else:
+            valid.append(campaign_id)
+    for start in range(0, len(valid), PREVIEW_CHUNK):
+        chunk = valid[start:start + PREVIEW_CHUNK]
+        tables = events.read_campaigns(chunk)
+        for campaign_id in chunk:
+            try:
+                teacher = read_teacher_digest(teachers_uri, campaign_id, storage_options)
+                table, _ = stages.prepared_campaign_table(tables[campaign_id], campaign_id, ctx)
+            except FleetError as exc:
+                plan["invalid"][campaign_id] = scrub(str(exc))
+                continue
+            same = parent_rows[campaign_id] == [teacher, data_fingerprint(table)]
+            plan["reused" if same else "changed"].append(campaign_id)
+    inherit_backbone = parent is not None and not retrain_backbone
+    fitted = len(plan["new"]) + len(plan["changed"]) + len(plan["refit"])
+    history = [(v, FleetVersion.open(join_uri(store_uri, fleet, "versions", v), storage_options).manifest["metrics"])
+               for v in list_versions(store_uri, fleet, storage_options)[-PREVIEW_HISTORY:][::-1]]
+    return {
+        "fleet": fleet, "parent": parent.version_id if parent is not None else None,
+        "mode": ("incremental" if reuse else "full: every head fitted") + (
+            "" if inherit_backbone else ", backbone trained"),
+        "campaigns": {**plan, "removed": sorted(set(parent_rows) - set(campaigns))},
+        "estimate": estimate_seconds(history, fitted, train_backbone=not inherit_backbone),
+    }
+
+
+def estimate_seconds(history: Sequence[tuple[str, dict]], fitted: int, *, train_backbone: bool) -> dict | None:
+    """Stage times of a run fitting ``fitted`` campaigns, from ``history``: ``(version id, manifest metrics)`` of
+    earlier versions, newest first. Stages 1 and 3 are the newest run's that fitted any campaign, scaled by
+    campaigns fitted; the backbone's is the newest run's that trained one (0 when this run inherits it); finalize
+    the newest run's. Returns ``{"stage_seconds": {stage: seconds or None}, "total_seconds": seconds or None,
+    "from_versions": {stage: version id}}`` (None where no earlier run measured it), or None without history."""
+    if not history:
+        return None
+    per = next(((v, m) for v, m in history if m.get("campaigns_ok") and m.get("stage_seconds_heads") is not None),
+               None)
+    trained = next(((v, m) for v, m in history
+                    if "backbone_steps" in m and m.get("stage_seconds_backbone") is not None), None)
+    seconds: dict[str, float | None] = {}
+    sources: dict[str, str] = {}
+    for stage in ("soft_labels", "backbone", "heads", "finalize"):
+        source = trained if stage == "backbone" else per if stage in ("soft_labels", "heads") else history[0]
+        if stage == "backbone" and not train_backbone:
+            seconds[stage] = 0.0
+        elif source is None or source[1].get(f"stage_seconds_{stage}") is None:
+            seconds[stage] = None
+        else:
+            measured = float(source[1][f"stage_seconds_{stage}"])
+            scaled = stage in ("soft_labels", "heads")  # per campaign fitted
+            seconds[stage] = measured / source[1]["campaigns_ok"] * fitted if scaled else measured
+            sources[stage] = source[0]
+    known = [v for v in seconds.values() if v is not None]
+    return {"stage_seconds": seconds, "total_seconds": sum(known) if len(known) == len(seconds) else None,
+            "from_versions": sources}
 
 
 def run_settings(config: stages.CompressConfig, teachers_uri: str, events_uri: str, *, retrain_backbone: bool = False,
