@@ -21,7 +21,7 @@ quality gate on fidelity (drift), the job runs once more with a retrained backbo
 ``--dry-run`` prints the plan and changes nothing (no Ray, work dir, version or registry database): the champion
 it would start from, the campaigns new / changed (teacher or data) / reused / refit / invalid / removed, worked
 out as stage 1 does (teacher digests and data fingerprints against the champion's heads), and the estimated
-time per stage from the stage times of earlier versions in the store. Exit 0, or 1 / 2 as a run would fail.
+time of stages 1-3 from the stage times of earlier versions in the store. Exit 0, or 1 / 2 as a run would fail.
 A registry that cannot be read fails the job before stage 1 (exit 1) unless ``--no-parent``; re-running a
 run id whose version is already registered registers nothing and exits 0.
 Exit codes as `fleet compress`: 0 ok, 1 failed, 2 usage error (also: resuming a run id with another
@@ -102,7 +102,8 @@ def plan_tables(preview: dict) -> list:
         shown = ", ".join(ids[:PLAN_IDS]) + (f", ... ({len(ids) - PLAN_IDS} more)" if len(ids) > PLAN_IDS else "")
         table.add_row(what, str(len(ids)), shown)
     estimate = preview["estimate"]
-    times = Table(title="estimated time (earlier runs' stage times, scaled by campaigns fitted)")
+    times = Table(title="estimated time of stages 1-3 (earlier runs' stage times, scaled by campaigns fitted; "
+                        "finalize, writing and registering the version, not included)")
     for column in ("stage", "seconds", "measured in version"):
         times.add_column(column, justify="right" if column == "seconds" else "left")
     if estimate is None:

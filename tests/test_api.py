@@ -100,16 +100,16 @@ def test_bits_16_on_the_command_line_reaches_the_config(tmp_path):
 
 
 def test_estimate_scales_stage_times_by_campaigns_fitted():
-    history = [("v3", {"campaigns_ok": 0, "stage_seconds_soft_labels": 1.0, "stage_seconds_heads": 0.0,
-                       "stage_seconds_finalize": 2.0}),  # everything reused: no per-campaign rate
+    history = [("v3", {"campaigns_ok": 0, "stage_seconds_soft_labels": 1.0, "stage_seconds_heads": 0.0}),
+               # v3 reused everything: no per-campaign rate; v2 inherited its backbone
                ("v2", {"campaigns_ok": 10, "stage_seconds_soft_labels": 20.0, "stage_seconds_heads": 40.0,
-                       "stage_seconds_backbone": 0.1, "stage_seconds_finalize": 3.0}),  # inherited its backbone
+                       "stage_seconds_backbone": 0.1}),
                ("v1", {"campaigns_ok": 50, "backbone_steps": 400, "stage_seconds_soft_labels": 50.0,
-                       "stage_seconds_heads": 100.0, "stage_seconds_backbone": 30.0, "stage_seconds_finalize": 4.0})]
+                       "stage_seconds_heads": 100.0, "stage_seconds_backbone": 30.0})]
     inherit = estimate_seconds(history, 5, train_backbone=False)
-    assert inherit["stage_seconds"] == {"soft_labels": 10.0, "backbone": 0.0, "heads": 20.0, "finalize": 2.0}
-    assert inherit["total_seconds"] == 32.0
-    assert inherit["from_versions"] == {"soft_labels": "v2", "heads": "v2", "finalize": "v3"}
+    assert inherit["stage_seconds"] == {"soft_labels": 10.0, "backbone": 0.0, "heads": 20.0}
+    assert inherit["total_seconds"] == 30.0
+    assert inherit["from_versions"] == {"soft_labels": "v2", "heads": "v2"}
     full = estimate_seconds(history, 5, train_backbone=True)
     assert full["stage_seconds"]["backbone"] == 30.0 and full["from_versions"]["backbone"] == "v1"
     assert estimate_seconds(history[:2], 5, train_backbone=True)["total_seconds"] is None  # no backbone measured
