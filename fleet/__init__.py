@@ -1,18 +1,43 @@
 """fleet: compress fleets of per-campaign recurrent models into one shared backbone + tiny heads.
 
-``fleet.diff(a, b)`` is :func:`fleet.version_diff.diff_versions` (what ``fleet diff`` prints), imported on
-first use so that ``import fleet`` stays light.
+The Python API (docs/api.md), the functions the ``fleet`` command line calls:
+
+- ``fleet.compress(teachers, events, ...)``: :func:`fleet.pipeline.compress` (what ``fleet compress`` runs);
+- ``fleet.FleetModel``: :class:`fleet.serving.FleetModel` (what ``fleet predict`` / ``fleet serve`` score with);
+- ``fleet.diff(a, b)``: :func:`fleet.version_diff.diff_versions` (what ``fleet diff`` prints);
+- ``fleet.CompressConfig``: :class:`fleet.stages.CompressConfig` (what ``--config`` holds).
+
+Each is imported on first use (a module ``__getattr__``), so ``import fleet`` and ``fleet --help`` load
+none of torch, Ray, MLflow or pyarrow.
 """
 
 __version__ = "0.1.0"
 
-_LAZY = {"diff": ("fleet.version_diff", "diff_versions")}
+#: Where ``fleet compress`` / ``fleet.compress`` write fleet versions and which fleet (MLflow registered
+#: model) they write, unless told otherwise.
+DEFAULT_STORE = "fleet-data/store"
+DEFAULT_FLEET = "adfleet"
+
+_LAZY = {
+    "compress": ("fleet.pipeline", "compress"),
+    "FleetModel": ("fleet.serving", "FleetModel"),
+    "diff": ("fleet.version_diff", "diff_versions"),
+    "CompressConfig": ("fleet.stages", "CompressConfig"),
+}
+__all__ = ["DEFAULT_FLEET", "DEFAULT_STORE", "CompressConfig", "FleetModel", "__version__", "compress", "diff"]
 
 
 def __getattr__(name: str):
+    """The lazily imported API names of :data:`_LAZY` (module ``__getattr__``, PEP 562)."""
     if name in _LAZY:
         import importlib
 
         module, attribute = _LAZY[name]
-        return getattr(importlib.import_module(module), attribute)
+        value = getattr(importlib.import_module(module), attribute)
+        globals()[name] = value  # later look-ups skip this function
+        return value
     raise AttributeError(f"module 'fleet' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

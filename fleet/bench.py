@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from rich.console import Console
+from rich.filesize import decimal
 from rich.progress import Progress
 from rich.table import Table
 
@@ -971,11 +972,8 @@ def _fmt(v, spec: str, none: str = "n/a") -> str:
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1000
-    return str(n)
+    """Bytes in SI units (rich's formatter: ``950 bytes``, ``1.2 kB``, ``3.4 MB``)."""
+    return decimal(round(n))
 
 
 def render_markdown(results: dict, plots_prefix: str = "") -> str:

@@ -14,7 +14,7 @@ import sys
 
 # Only light modules here: `fleet --help` must not import torch, Ray, MLflow or pyarrow (each command's
 # arguments are added, and its modules imported, only when that command runs: build_parser).
-from fleet import cli_serving
+from fleet import DEFAULT_FLEET, DEFAULT_STORE, cli_serving
 from fleet.cli_serving import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -94,11 +94,11 @@ def _cmd_synth(args, console) -> int:
 def _add_compress(p) -> None:
     p.add_argument("--teachers", required=True, help="teacher root URI (fleet-teacher/1)")
     p.add_argument("--events", required=True, help="events dataset URI (Parquet)")
-    p.add_argument("--store", default="fleet-data/store", help="store URI for fleet versions (default: %(default)s)")
-    p.add_argument("--fleet", default="adfleet", help="fleet name = MLflow registered model (default: %(default)s)")
+    p.add_argument("--store", default=DEFAULT_STORE, help="store URI for fleet versions (default: %(default)s)")
+    p.add_argument("--fleet", default=DEFAULT_FLEET, help="fleet name = MLflow registered model (default: %(default)s)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///fleet-data/mlflow.db)")
-    p.add_argument("--bits", choices=["auto", "8", "4", "2", "1"], default=None,
+    p.add_argument("--bits", choices=["auto", "16", "8", "4", "2", "1"], default=None,
                    help="head bits (default: the config's bits, auto unless --config says otherwise)")
     p.add_argument("--codec", choices=["packed", "bloomier"], default=None,
                    help="how heads are stored: packed integer codes or bloomier (Weightless: pruned, clustered, "
@@ -156,27 +156,19 @@ def resume_command(prog: list[str], argv: list[str], run_id: str, storage_option
 
 
 def _cmd_compress(args, console) -> int:
-    from fleet.pipeline import interrupted_line, new_run_id, run_compress
-    from fleet.stages import CompressConfig
+    from fleet.pipeline import compress, interrupted_line, new_run_id
     from fleet.store import storage_options_from_env
 
-    config = CompressConfig.from_file(args.config) if args.config else CompressConfig()
-    if args.bits is not None:
-        config.bits = "auto" if args.bits == "auto" else int(args.bits)
-        config.__post_init__()
-    if args.codec is not None:
-        config.codec = args.codec
-        config.__post_init__()
-    config.allow_loaders = list(dict.fromkeys([*config.allow_loaders, *args.allow_loader]))
     options = args.storage_options if args.storage_options is not None else storage_options_from_env()
     run_id = args.run_id or new_run_id()
     resume = resume_command(["fleet"], args.argv, run_id, options)
     try:
-        result = run_compress(
-            teachers_uri=args.teachers, events_uri=args.events, store_uri=args.store, fleet=args.fleet, config=config,
-            run_id=run_id, tracking_uri=args.tracking_uri, address=args.address,
-            retrain_backbone=args.retrain_backbone, storage_options=options, register=not args.no_register,
-            dashboard=args.dashboard, no_parent=args.no_parent, force_config=args.force_config, resume_command=resume,
+        result = compress(
+            args.teachers, args.events, store=args.store, fleet=args.fleet, config=args.config, bits=args.bits,
+            codec=args.codec, allow_loaders=args.allow_loader, run_id=run_id, tracking_uri=args.tracking_uri,
+            address=args.address, retrain_backbone=args.retrain_backbone, storage_options=options,
+            register=not args.no_register, dashboard=args.dashboard, no_parent=args.no_parent,
+            force_config=args.force_config, resume_command=resume,
         )
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the line short
@@ -399,7 +391,7 @@ def _add_gc(p) -> None:
     from fleet.retention import DEFAULT_GRACE_HOURS, DEFAULT_KEEP_LAST
 
     p.add_argument("name", help="fleet (registered model) name")
-    p.add_argument("--store", default="fleet-data/store", help="store URI of the fleet's versions")
+    p.add_argument("--store", default=DEFAULT_STORE, help="store URI of the fleet's versions")
     _add_tracking_uri(p)
     p.add_argument("--keep-last", type=cli_serving._non_negative_int, default=DEFAULT_KEEP_LAST,
                    help="keep the N newest committed versions (whatever else they are)")

@@ -26,10 +26,24 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
+from swagger_ui_bundle import swagger_ui_path
 
 from fleet.codec import head_passed
 from fleet.errors import (
@@ -54,6 +68,8 @@ DEFAULT_MAX_SCORE_CAMPAIGNS = 10_000
 DRAIN_LIMIT_BYTES = 16 * 2**20
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _BODY_KEY = "fleet.body"
+#: Where ``/docs`` (Swagger UI) loads its JavaScript and CSS from: this app (the ``swagger-ui-bundle`` package).
+DOCS_STATIC = "/docs/static"
 #: Longest ``detail`` of an error body.
 MAX_DETAIL_CHARS = 1000
 #: Where a path or URI was in an error text, a client reads this.
@@ -301,98 +317,64 @@ def _endpoint_label(path: str) -> str:
 
 
 class _Metrics:
-    """Request counters and latency histograms in Prometheus text format (no global registry)."""
+    """The app's Prometheus metrics (``prometheus_client``) in a registry of its own, never the global one (two
+    apps in one process count apart): request counts and latencies by endpoint, sequences and heads scored, the
+    served model's gauges (read from the :class:`ModelHolder` at each scrape), and prometheus_client's process,
+    platform and garbage-collector metrics."""
 
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._counts: dict[tuple[str, int], int] = {}
-        self._hist: dict[str, list] = {}  # endpoint -> [bucket counts..., sum, count]
-        self.sequences = 0
-        self.scored_campaigns = 0
+    def __init__(self, holder: ModelHolder):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("fleet_http_requests", "HTTP requests by endpoint and status code.",
+                                ["endpoint", "status"], registry=self.registry)
+        self.duration = Histogram("fleet_http_request_duration_seconds", "Time from request start to response end.",
+                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.sequences = Counter("fleet_predicted_sequences", "Sequences scored.", registry=self.registry)
+        self.scored_campaigns = Counter("fleet_scored_campaigns", "Campaign heads evaluated by /v1/score.",
+                                        registry=self.registry)
+        self.registry.register(_ModelCollector(holder))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
-        with self._lock:
-            key = (endpoint, status)
-            self._counts[key] = self._counts.get(key, 0) + 1
-            h = self._hist.get(endpoint)
-            if h is None:
-                h = self._hist[endpoint] = [0] * len(LATENCY_BUCKETS) + [0.0, 0]
-            for i, bound in enumerate(LATENCY_BUCKETS):
-                if seconds <= bound:
-                    h[i] += 1
-            h[-2] += seconds
-            h[-1] += 1
+        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
+        self.duration.labels(endpoint=endpoint).observe(seconds)
 
     def add_sequences(self, n: int) -> None:
-        with self._lock:
-            self.sequences += n
+        self.sequences.inc(n)
 
     def add_scored(self, sequences: int, campaigns: int) -> None:
-        with self._lock:
-            self.sequences += sequences
-            self.scored_campaigns += campaigns
+        self.sequences.inc(sequences)
+        self.scored_campaigns.inc(campaigns)
 
-    def render(self, holder: ModelHolder) -> str:
+    def render(self) -> bytes:
+        """The Prometheus text exposition (format 0.0.4) of every metric."""
+        return generate_latest(self.registry)
+
+
+class _ModelCollector(Collector):
+    """The served model's metrics, read from the holder when scraped: head cache, version, swaps, reload errors."""
+
+    def __init__(self, holder: ModelHolder):
+        self.holder = holder
+
+    def collect(self):
+        holder = self.holder
         model = holder.get()
         cache = holder.cache_totals()
-        lines = [
-            "# HELP fleet_http_requests_total HTTP requests by endpoint and status code.",
-            "# TYPE fleet_http_requests_total counter",
-        ]
-        with self._lock:
-            counts = sorted(self._counts.items())
-            hist = sorted((k, list(v)) for k, v in self._hist.items())
-            sequences = self.sequences
-            scored = self.scored_campaigns
-        lines += [f'fleet_http_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in counts]
-        lines += [
-            "# HELP fleet_http_request_duration_seconds Time from request start to response end.",
-            "# TYPE fleet_http_request_duration_seconds histogram",
-        ]
-        for endpoint, h in hist:
-            for bound, n in zip(LATENCY_BUCKETS, h):
-                lines.append(f'fleet_http_request_duration_seconds_bucket{{endpoint="{endpoint}",le="{bound}"}} {n}')
-            lines.append(f'fleet_http_request_duration_seconds_bucket{{endpoint="{endpoint}",le="+Inf"}} {h[-1]}')
-            lines.append(f'fleet_http_request_duration_seconds_sum{{endpoint="{endpoint}"}} {h[-2]!r}')
-            lines.append(f'fleet_http_request_duration_seconds_count{{endpoint="{endpoint}"}} {h[-1]}')
-        lines += [
-            "# HELP fleet_predicted_sequences_total Sequences scored.",
-            "# TYPE fleet_predicted_sequences_total counter",
-            f"fleet_predicted_sequences_total {sequences}",
-            "# HELP fleet_scored_campaigns_total Campaign heads evaluated by /v1/score.",
-            "# TYPE fleet_scored_campaigns_total counter",
-            f"fleet_scored_campaigns_total {scored}",
-            "# HELP fleet_head_cache_hits_total Head lookups served from memory.",
-            "# TYPE fleet_head_cache_hits_total counter",
-            f"fleet_head_cache_hits_total {cache['hits']}",
-            "# HELP fleet_head_cache_misses_total Head lookups that read a row group.",
-            "# TYPE fleet_head_cache_misses_total counter",
-            f"fleet_head_cache_misses_total {cache['misses']}",
-            "# HELP fleet_head_cache_size Heads held dequantized in memory.",
-            "# TYPE fleet_head_cache_size gauge",
-            f"fleet_head_cache_size {cache['size']}",
-            "# HELP fleet_head_cache_capacity Bound of the head cache.",
-            "# TYPE fleet_head_cache_capacity gauge",
-            f"fleet_head_cache_capacity {cache['capacity']}",
-            "# HELP fleet_model_info The fleet version being served (value 1).",
-            "# TYPE fleet_model_info gauge",
-            f'fleet_model_info{{version="{_label(model.version_id)}",fleet="{_label(model.manifest.get("fleet"))}"}} 1',
-            "# HELP fleet_model_campaigns Campaigns in the served version.",
-            "# TYPE fleet_model_campaigns gauge",
-            f"fleet_model_campaigns {model.num_campaigns}",
-            "# HELP fleet_model_swaps_total Model versions swapped in since start.",
-            "# TYPE fleet_model_swaps_total counter",
-            f"fleet_model_swaps_total {holder.swaps}",
-            "# HELP fleet_model_reload_errors_total Failed reloads (the old version kept serving).",
-            "# TYPE fleet_model_reload_errors_total counter",
-            f"fleet_model_reload_errors_total {holder.reload_errors}",
-        ]
-        return "\n".join(lines) + "\n"
-
-
-def _label(value: Any) -> str:
-    value = "" if value is None else str(value)
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        yield CounterMetricFamily("fleet_head_cache_hits", "Head lookups served from memory.", value=cache["hits"])
+        yield CounterMetricFamily("fleet_head_cache_misses", "Head lookups that read a row group.",
+                                  value=cache["misses"])
+        yield GaugeMetricFamily("fleet_head_cache_size", "Heads held dequantized in memory.", value=cache["size"])
+        yield GaugeMetricFamily("fleet_head_cache_capacity", "Bound of the head cache.", value=cache["capacity"])
+        info = GaugeMetricFamily("fleet_model_info", "The fleet version being served (value 1).",
+                                 labels=["version", "fleet"])
+        info.add_metric([str(model.version_id), str(model.manifest.get("fleet") or "")], 1)
+        yield info
+        yield GaugeMetricFamily("fleet_model_campaigns", "Campaigns in the served version.", value=model.num_campaigns)
+        yield CounterMetricFamily("fleet_model_swaps", "Model versions swapped in since start.", value=holder.swaps)
+        yield CounterMetricFamily("fleet_model_reload_errors", "Failed reloads (the old version kept serving).",
+                                  value=holder.reload_errors)
 
 
 # ----------------------------------------------------------------------------- ASGI gate
@@ -603,7 +585,7 @@ def create_app(
     holder = model_provider if isinstance(model_provider, ModelHolder) else ModelHolder(model_provider)
     if max_body_bytes < 1 or max_sequences < 1 or max_score_campaigns < 1:
         raise ValueError("max_body_bytes, max_sequences and max_score_campaigns must be >= 1")
-    metrics = _Metrics()
+    metrics = _Metrics(holder)
     admin = APIRouter(prefix="/admin", dependencies=[Depends(_admin_guard(admin_token))])
 
     @asynccontextmanager
@@ -614,7 +596,7 @@ def create_app(
         finally:
             holder.stop()
 
-    app = FastAPI(title="fleet", version="1", lifespan=lifespan,
+    app = FastAPI(title="fleet", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Probabilities of event sequences per campaign from a fleet version.")
     app.state.holder = holder
     app.state.metrics = metrics
@@ -699,7 +681,7 @@ def create_app(
     @app.get("/metrics", response_model=None)
     def prometheus() -> Response:
         """Prometheus text exposition."""
-        return Response(metrics.render(holder), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(metrics.render(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     @admin.post("/reload", response_model=None, responses={401: {"model": ErrorResponse},
                                                          403: {"model": ErrorResponse},
@@ -719,10 +701,26 @@ def create_app(
         return _json({"changed": changed, "previous": previous, "version": holder.get().version_id})
 
     app.include_router(admin)
+    _install_docs(app)
     _install_handlers(app)
     _install_openapi(app)
     app.add_middleware(_Gate, metrics=metrics, max_body_bytes=max_body_bytes)
     return app
+
+
+def _install_docs(app: FastAPI) -> None:
+    """``GET /docs``: Swagger UI over ``/openapi.json`` from assets served by this app (``/docs/static``, the
+    ``swagger-ui-bundle`` package), so the page works without internet access; no request leaves for another
+    host (``validatorUrl`` off)."""
+    app.mount(DOCS_STATIC, StaticFiles(directory=str(swagger_ui_path)), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> Response:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} API",
+                                   swagger_js_url=f"{DOCS_STATIC}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_STATIC}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_STATIC}/favicon-32x32.png",
+                                   oauth2_redirect_url=None, swagger_ui_parameters={"validatorUrl": None})
 
 
 def _body_spec(model_name: str) -> dict:

@@ -25,14 +25,14 @@ import pyarrow as pa
 import ray
 from rich.console import Console
 
-from fleet import stages, synth
+from fleet import DEFAULT_FLEET, DEFAULT_STORE, stages, synth
 from fleet.codec import HEADS_SCHEMA, conform_heads_table, rejects_to_table
 from fleet.errors import FleetError, StoreError, UsageError
-from fleet.events import EventsDataset, write_events
+from fleet.events import EventsDataset, data_fingerprint, write_events
 from fleet.ids import CAMPAIGN_ID_PATTERN
 from fleet.metrics import fleet_summary
 from fleet.progress import stage_progress
-from fleet.redact import scrub
+from fleet.redact import scrub, secret_values
 from fleet.store import (
     REPORT,
     FleetVersion,
@@ -42,11 +42,13 @@ from fleet.store import (
     created_at_now,
     join_uri,
     json_safe,
+    list_versions,
     open_fs,
     remove_stale_temp_files,
     sha256_bytes,
+    storage_options_from_env,
 )
-from fleet.teachers import list_teacher_campaigns
+from fleet.teachers import list_teacher_campaigns, validate_loader_spec
 
 console = Console(stderr=True)
 TRANSIENT_ERRORS = (OSError, TimeoutError, ConnectionError)
@@ -499,6 +501,57 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
 
+def compress_config(config: stages.CompressConfig | dict | str | None = None, *, bits: int | str | None = None,
+                    codec: str | None = None, allow_loaders: Sequence[str] = ()) -> stages.CompressConfig:
+    """The :class:`~fleet.stages.CompressConfig` of a run: ``config`` (a ``CompressConfig``, left unchanged; a dict of
+    its fields; a JSON or TOML file path; None: the defaults), then ``bits`` (``"auto"`` or 1, 2, 4, 8, 16, as an int
+    or a string) and ``codec`` over it when given, and ``allow_loaders`` added to its own. ValueError names a bad
+    value (``fleet compress`` exit 2)."""
+    if config is None:
+        config = stages.CompressConfig()
+    elif isinstance(config, dict):
+        config = stages.CompressConfig.from_dict(config)
+    elif isinstance(config, str):
+        config = stages.CompressConfig.from_file(config)
+    elif not isinstance(config, stages.CompressConfig):
+        raise ValueError(f"config must be a CompressConfig, a dict of its fields or a file path, not "
+                         f"{type(config).__name__}")
+    added = [validate_loader_spec(spec) for spec in allow_loaders]
+    overrides: dict[str, Any] = {"allow_loaders": list(dict.fromkeys([*config.allow_loaders, *added]))}
+    if bits is not None:
+        overrides["bits"] = bits  # "16" -> 16 in CompressConfig.__post_init__
+    if codec is not None:
+        overrides["codec"] = codec
+    return dataclasses.replace(config, **overrides)  # __post_init__ checks the result
+
+
+def compress(teachers: str, events: str, *, store: str = DEFAULT_STORE, fleet: str = DEFAULT_FLEET,
+             config: stages.CompressConfig | dict | str | None = None, bits: int | str | None = None,
+             codec: str | None = None, allow_loaders: Sequence[str] = (), run_id: str | None = None,
+             tracking_uri: str | None = None, address: str | None = None, retrain_backbone: bool = False,
+             storage_options: dict | None = None, register: bool = True, no_parent: bool = False,
+             force_config: bool = False, dashboard: bool = False,
+             resume_command: str | None = None) -> CompressResult:
+    """``fleet compress`` as a function (``fleet.compress``; the CLI calls this): distil the teachers under
+    ``teachers`` on the events dataset ``events`` into one fleet version of ``fleet`` in ``store``, register it in
+    MLflow (``tracking_uri``; default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///fleet-data/mlflow.db``) and move the
+    ``champion`` alias when it passes the quality gate.
+
+    ``config``, ``bits``, ``codec`` and ``allow_loaders`` make the run's configuration (:func:`compress_config`);
+    ``storage_options`` default to ``$FLEET_STORAGE_OPTIONS``; every other argument is :func:`run_compress`'s (the
+    flag of the same name: ``run_id`` resumes an interrupted run, ``address`` runs on a Ray cluster, ...). Returns
+    the :class:`CompressResult` (``exit_code``: the CLI's, 0 ok / 3 quarantined / 4 not promoted); raises
+    :class:`~fleet.errors.UsageError` or ValueError for inputs that cannot work, :class:`~fleet.errors.FleetError`
+    for a failed run, and KeyboardInterrupt on Ctrl-C (the run's finished shards are kept: call again with the
+    same ``run_id`` to resume)."""
+    config = compress_config(config, bits=bits, codec=codec, allow_loaders=allow_loaders)
+    options = storage_options if storage_options is not None else storage_options_from_env()
+    return run_compress(teachers_uri=teachers, events_uri=events, store_uri=store, fleet=fleet, config=config,
+                        run_id=run_id, tracking_uri=tracking_uri, address=address, retrain_backbone=retrain_backbone,
+                        storage_options=options, register=register, dashboard=dashboard, no_parent=no_parent,
+                        force_config=force_config, resume_command=resume_command)
+
+
 def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: str,
                  config: stages.CompressConfig, run_id: str | None = None, tracking_uri: str | None = None,
                  address: str | None = None, retrain_backbone: bool = False, storage_options: dict | None = None,
@@ -699,6 +752,117 @@ def _make_plan(teachers_uri, events_uri, store_uri, fleet, config, tracking_uri,
         "parent_manifest": parent.uri if parent is not None else None, "parent_hashes": parent_hashes,
         "retrain_backbone": bool(retrain_backbone or parent is None), "config": config.to_dict(),
     }
+
+
+#: Campaigns whose events ``preview_compress`` reads at once (bounded memory on large fleets).
+PREVIEW_CHUNK = 256
+#: Committed versions ``preview_compress`` reads, newest first, for the stage times of earlier runs.
+PREVIEW_HISTORY = 10
+
+
+def preview_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: str,
+                     config: stages.CompressConfig, tracking_uri: str | None = None, retrain_backbone: bool = False,
+                     storage_options: dict | None = None, no_parent: bool = False) -> dict:
+    """What :func:`run_compress` with these arguments would do, worked out in this process (no Ray) without
+    writing anything: no work dir, no version, no registry database (``nightly --dry-run``).
+
+    The parent is the champion (none with ``no_parent``, or while the registry has none). Each campaign is
+    classified as stage 1 would: its teacher's digest (files only, :func:`fleet.teachers.read_teacher_digest`)
+    and its data fingerprint (events checked and cut as stage 1 does, :func:`fleet.stages.prepared_campaign_table`)
+    against the parent's head row: ``new`` (not in the parent), ``changed`` (another teacher or data),
+    ``reused`` (the same: its head is kept), ``refit`` (in the parent but fitted again: a full run, or the
+    bloomier codec, reuses no head), ``invalid`` (would be quarantined: ``{campaign_id: reason}``); ``removed``
+    are the parent's campaigns without a teacher now. ``estimate`` scales the stage times of earlier runs in the
+    store (:func:`estimate_seconds`), or is None without one. Raises what ``run_compress`` raises before stage 1
+    for inputs that cannot work (:class:`~fleet.errors.UsageError`, an unreadable registry)."""
+    from fleet import registry
+    from fleet.teachers import read_teacher_digest
+
+    teachers_uri, events_uri, store_uri = (absolute_uri(u) for u in (teachers_uri, events_uri, store_uri))
+    check_compress_inputs(teachers_uri, events_uri, store_uri, storage_options)
+    events = EventsDataset(events_uri, storage_options)
+    events.validate_files()
+    parent = None
+    if not no_parent and registry.champion_version(fleet, tracking_uri, create=False) is not None:
+        manifest_uri, _ = registry.resolve_manifest_uri(f"models:/{fleet}@champion", tracking_uri)
+        parent = FleetVersion.open(manifest_uri, storage_options, verify=False)  # read_heads checks what it reads
+    campaigns = list_teacher_campaigns(teachers_uri, storage_options)
+    if not campaigns:
+        raise FleetError("no teachers found", path=teachers_uri)
+    num_event_types, num_features = _input_space(teachers_uri, campaigns, config, storage_options)
+    ctx = stages.StageContext(teachers_uri, events_uri, config, num_event_types, num_features, storage_options)
+    parent_rows = {}
+    if parent is not None:
+        table = parent.read_heads().select(["campaign_id", "teacher_sha256", "data_fingerprint"])
+        parent_rows = {c: [t.hex(), d.hex()] for c, t, d in zip(*(table[k].to_pylist() for k in table.column_names))}
+    reuse = (parent is not None and not retrain_backbone and config.codec == "packed"
+             and parent.manifest.get("heads_codec", "packed") == "packed")  # as _make_plan
+    plan: dict[str, Any] = {key: [] for key in ("new", "changed", "reused", "refit")}
+    plan["invalid"] = {}
+    valid = []
+    for campaign_id in campaigns:
+        if CAMPAIGN_ID_PATTERN.fullmatch(campaign_id) is None:
+            plan["invalid"][campaign_id] = "invalid campaign id"
+        elif campaign_id not in parent_rows:
+            plan["new"].append(campaign_id)
+        elif not reuse:
+            plan["refit"].append(campaign_id)
+        else:
+            valid.append(campaign_id)
+    for start in range(0, len(valid), PREVIEW_CHUNK):
+        chunk = valid[start:start + PREVIEW_CHUNK]
+        tables = events.read_campaigns(chunk)
+        for campaign_id in chunk:
+            try:
+                teacher = read_teacher_digest(teachers_uri, campaign_id, storage_options)
+                table, _ = stages.prepared_campaign_table(tables[campaign_id], campaign_id, ctx)
+            except FleetError as exc:
+                plan["invalid"][campaign_id] = scrub(str(exc), secret_values(storage_options or {}))
+                continue
+            same = parent_rows[campaign_id] == [teacher, data_fingerprint(table)]
+            plan["reused" if same else "changed"].append(campaign_id)
+    inherit_backbone = parent is not None and not retrain_backbone
+    fitted = len(plan["new"]) + len(plan["changed"]) + len(plan["refit"])
+    history = [(v, FleetVersion.open(join_uri(store_uri, fleet, "versions", v), storage_options, verify=False)
+                .manifest["metrics"]) for v in list_versions(store_uri, fleet, storage_options)[-PREVIEW_HISTORY:][::-1]]
+    return {
+        "fleet": fleet, "parent": parent.version_id if parent is not None else None,
+        "mode": ("incremental" if reuse else "full: every head fitted") + (
+            "" if inherit_backbone else ", backbone trained"),
+        "campaigns": {**plan, "removed": sorted(set(parent_rows) - set(campaigns))},
+        "estimate": estimate_seconds(history, fitted, train_backbone=not inherit_backbone),
+    }
+
+
+def estimate_seconds(history: Sequence[tuple[str, dict]], fitted: int, *, train_backbone: bool) -> dict | None:
+    """Times of stages 1-3 of a run fitting ``fitted`` campaigns, from ``history``: ``(version id, manifest
+    metrics)`` of earlier versions, newest first. Stages 1 and 3 are the newest run's that fitted any campaign,
+    scaled by campaigns fitted; the backbone's is the newest run's that trained one (0 when this run inherits it).
+    Finalize (writing the version, registering it) ends after the manifest is written, so no manifest holds its
+    time: it is not estimated. Returns ``{"stage_seconds": {stage: seconds or None}, "total_seconds": seconds or
+    None, "from_versions": {stage: version id}}`` (None where no earlier run measured it), or None without
+    history."""
+    if not history:
+        return None
+    per = next(((v, m) for v, m in history if m.get("campaigns_ok") and m.get("stage_seconds_heads") is not None),
+               None)
+    trained = next(((v, m) for v, m in history
+                    if "backbone_steps" in m and m.get("stage_seconds_backbone") is not None), None)
+    seconds: dict[str, float | None] = {}
+    sources: dict[str, str] = {}
+    for stage in ("soft_labels", "backbone", "heads"):
+        source = trained if stage == "backbone" else per
+        if stage == "backbone" and not train_backbone:
+            seconds[stage] = 0.0
+        elif source is None or source[1].get(f"stage_seconds_{stage}") is None:
+            seconds[stage] = None
+        else:
+            measured = float(source[1][f"stage_seconds_{stage}"])
+            seconds[stage] = measured if stage == "backbone" else measured / source[1]["campaigns_ok"] * fitted
+            sources[stage] = source[0]
+    known = [v for v in seconds.values() if v is not None]
+    return {"stage_seconds": seconds, "total_seconds": sum(known) if len(known) == len(seconds) else None,
+            "from_versions": sources}
 
 
 def run_settings(config: stages.CompressConfig, teachers_uri: str, events_uri: str, *, retrain_backbone: bool = False,

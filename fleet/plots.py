@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from rich.filesize import decimal
 
 _DPI = 100
 
@@ -167,14 +168,6 @@ def calibration_vs_size(n_train: Sequence[float], mean_ratios: Sequence[float]) 
     return _png(fig)
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 def size_breakdown(bytes_by_part: dict[str, int]) -> bytes:
     """Horizontal bars of bytes per part of a fleet version (backbone, heads, rejects, ...),
     largest first, labelled with size and share."""
@@ -191,8 +184,8 @@ def size_breakdown(bytes_by_part: dict[str, int]) -> bytes:
     names = [str(k) for k, _ in items]
     sizes = [float(v) for _, v in items]
     bars = ax.barh(names, sizes, color="tab:blue")
-    ax.bar_label(bars, labels=[f"{_human_bytes(s)} ({100 * s / total:.1f}%)" for s in sizes], padding=3)
+    ax.bar_label(bars, labels=[f"{decimal(round(s))} ({100 * s / total:.1f}%)" for s in sizes], padding=3)
     ax.set_xlim(0, max(sizes) * 1.35)  # room for the labels
     ax.set_xlabel("bytes")
-    ax.set_title(f"{title} (total {_human_bytes(total)})")
+    ax.set_title(f"{title} (total {decimal(round(total))})")
     return _png(fig)

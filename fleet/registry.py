@@ -923,13 +923,18 @@ def preview_gate(name: str, metrics: dict, gate: GateConfig | None = None,
     return evaluate_gate(metrics, champion_metrics, gate if gate is not None else GateConfig()), champion
 
 
-def champion_version(name: str, tracking_uri: str | None = None) -> str | None:
+def champion_version(name: str, tracking_uri: str | None = None, *, create: bool = True) -> str | None:
     """The version holding ``champion``, or None (no such alias or registered model); raises
-    :class:`RegistryError` naming the tracking URI when the registry cannot be read."""
+    :class:`RegistryError` naming the tracking URI when the registry cannot be read. With ``create=False``
+    (``nightly --dry-run``) a SQLite registry whose database does not exist yet has no champion (None), and
+    nothing is created."""
     _check_name("registered model name", name)
     uri = _resolve_uri(tracking_uri)
+    path = _sqlite_path(uri)
+    if not create and path is not None and path not in _INITIALISED and not os.path.isfile(path):
+        return None
     with _reading(uri):
-        return _champion(_client(uri), name)
+        return _champion(_client(uri, create=create), name)
 
 
 def find_version(name: str, version_id: str, tracking_uri: str | None = None, *,

@@ -338,6 +338,14 @@ def _campaign_row(campaign_id: str, status: str, stage: str | None = None, reaso
             "n_truncated": fields.get("n_truncated")}
 
 
+def prepared_campaign_table(table: pa.Table, campaign_id: str, ctx: StageContext) -> tuple[pa.Table, int]:
+    """A campaign's events as stage 1 uses (and fingerprints) them: checked against the events contract
+    (:class:`~fleet.errors.FleetError` naming campaign, file and reason), rows cut to ``max_sequence_length``;
+    returns ``(table, rows truncated)``."""
+    validate_campaign_table(table, campaign_id, ctx.num_event_types, ctx.num_features, ctx.events_uri)
+    return truncate_sequences(table, ctx.config.max_sequence_length, ctx.num_features)
+
+
 def soft_labels(job: dict, ctx: StageContext, pool: pa.Table | None = None) -> tuple[pa.Table, pa.Table]:
     """Stage 1 for one batch: ``job = {"campaigns": [...], "parent": {campaign: [teacher_sha, data_fp]}}``.
 
@@ -371,8 +379,7 @@ def soft_labels(job: dict, ctx: StageContext, pool: pa.Table | None = None) -> t
                                  f"fleet's {(ctx.num_event_types, ctx.num_features)}", campaign_id=campaign_id,
                                  path=f"{ctx.teachers_uri.rstrip('/')}/{campaign_id}/config.json")
             table = tables[campaign_id]
-            validate_campaign_table(table, campaign_id, ctx.num_event_types, ctx.num_features, ctx.events_uri)
-            table, n_truncated = truncate_sequences(table, ctx.config.max_sequence_length, ctx.num_features)
+            table, n_truncated = prepared_campaign_table(table, campaign_id, ctx)
         except FleetError as exc:
             status_rows.append(_campaign_row(campaign_id, "rejected", "soft_labels", str(exc)))
             continue

@@ -194,8 +194,30 @@ def load_teacher(root_uri: str, campaign_id: str, storage_options: dict | None =
 
     model = _build_model(config, state_dict, fail, config_uri, weights_uri, loaders)
     model.eval()
-    digest = hashlib.sha256(config_bytes + b"\0" + weights_bytes).hexdigest()
-    return LoadedTeacher(campaign_id, model, config, digest, len(weights_bytes))
+    return LoadedTeacher(campaign_id, model, config, teacher_digest(config_bytes, weights_bytes), len(weights_bytes))
+
+
+def teacher_digest(config_bytes: bytes, weights_bytes: bytes) -> str:
+    """Hex sha256 of a teacher's two files (``LoadedTeacher.sha256``): an incremental run reuses a head only
+    while its teacher's digest is unchanged."""
+    return hashlib.sha256(config_bytes + b"\0" + weights_bytes).hexdigest()
+
+
+def read_teacher_digest(root_uri: str, campaign_id: str, storage_options: dict | None = None) -> str:
+    """:func:`teacher_digest` of ``campaign_id``'s teacher under ``root_uri``, from its files alone: nothing is
+    parsed, built or imported (``nightly --dry-run``). Raises :class:`TeacherFormatError` naming the campaign
+    and file for an invalid id or a missing file."""
+    validate_campaign_id(campaign_id, path=root_uri)
+    prefix = _campaign_prefix(root_uri, campaign_id)
+    fs, path = fsspec.core.url_to_fs(prefix, **(storage_options or {}))
+
+    def fail(reason: str, uri: str) -> TeacherFormatError:
+        return TeacherFormatError(reason, campaign_id=campaign_id, path=uri)
+
+    if "file" in _protocols(fs):  # as load_teacher: never read through a symlink leading outside the root
+        _check_symlinks(fsspec.core.url_to_fs(root_uri)[1], path, fail, prefix)
+    return teacher_digest(_read_required(fs, f"{path}/{CONFIG_FILE}", fail, f"{prefix}/{CONFIG_FILE}"),
+                          _read_required(fs, f"{path}/{WEIGHTS_FILE}", fail, f"{prefix}/{WEIGHTS_FILE}"))
 
 
 def _build_model(config: dict, state_dict: dict, fail, config_uri: str, weights_uri: str,

@@ -121,14 +121,16 @@ def test_relative_sqlite_uri_that_looks_absolute_is_warned_about(tmp_path, monke
     assert "relative path" not in caplog.text  # four slashes: absolute, no warning
 
 
-def test_nightly_job_validates_its_config(tmp_path):
+def test_nightly_job_validates_its_config(tmp_path, capsys):
     sys.path.insert(0, "jobs")
     import nightly
 
     (tmp_path / "bad.toml").write_text('[nightly]\nteachers = "t"\n')
     assert nightly.main(["--config", str(tmp_path / "bad.toml")]) == 2
     (tmp_path / "ok.toml").write_text('[nightly]\nteachers = "t"\nevents = "e"\nstore = "s"\n[compress]\nbits = 4\n')
-    assert nightly.main(["--config", str(tmp_path / "ok.toml"), "--dry-run"]) == 0
+    capsys.readouterr()
+    assert nightly.main(["--config", str(tmp_path / "ok.toml"), "--dry-run"]) == 2  # the plan needs its inputs
+    assert "--teachers: teacher root does not exist" in capsys.readouterr().err
     nightly_settings, config = nightly.load_config(str(tmp_path / "ok.toml"))
     assert config.bits == 4 and nightly_settings["store"] == "s"
 
@@ -256,7 +258,7 @@ def test_bash_completion_completes_commands_options_and_choices(capsys):
     assert set(_complete(script, ["fleet", "versions", "--"])) == {"--help", "--tracking-uri", "--json"}
     assert set(_complete(script, ["fleet", "gc", "--"])) >= {"--yes", "--keep-last", "--grace-hours", "--json"}
     assert _complete(script, ["fleet", "compress", "--bi"]) == ["--bits"]
-    assert _complete(script, ["fleet", "compress", "--bits", ""]) == ["auto", "8", "4", "2", "1"]
+    assert _complete(script, ["fleet", "compress", "--bits", ""]) == ["auto", "16", "8", "4", "2", "1"]
     assert _complete(script, ["fleet", "completion", "z"]) == ["zsh"]
     assert _complete(script, ["fleet", "compress", "--store", ""]) == []  # a value: the shell completes file names
     assert main(["completion", "zsh"]) == 0

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 
@@ -20,6 +21,8 @@ import uvicorn
 from conftest import free_port
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
 from test_serving import NUM_FEATURES, BuiltVersion, build_version, random_sequences
 
 from fleet.codec import heads_to_table
@@ -175,10 +178,55 @@ def test_metrics(client, versions):
     assert 'fleet_http_requests_total{endpoint="/v1/campaigns/{id}",status="200"}' in text  # no ids in labels
     assert 'fleet_http_request_duration_seconds_bucket{endpoint="/v1/predict",le="0.005"}' in text
     assert 'fleet_http_request_duration_seconds_count{endpoint="/v1/predict"}' in text
-    assert 'fleet_model_info{version="v1",fleet="adfleet"} 1' in text
+    assert _samples(text)["fleet_model_info[('fleet', 'adfleet'), ('version', 'v1')]"] == 1.0  # labels in any order
     values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and line[0] != "#"}
     assert values["fleet_head_cache_misses_total"] >= 1 and values["fleet_head_cache_hits_total"] >= 0
     assert values["fleet_model_campaigns"] == 50
+
+
+def _samples(text: str) -> dict[str, float]:
+    """``{series: value}`` of a Prometheus text exposition, parsed by prometheus_client's own parser."""
+    return {f"{s.name}{sorted(s.labels.items())}": s.value for family in text_string_to_metric_families(text)
+            for s in family.samples}
+
+
+def test_metrics_are_prometheus_client_s_in_a_registry_per_app(client, models):
+    text = client.get("/metrics").text
+    families = {f.name: f.type for f in text_string_to_metric_families(text)}
+    for name, kind in (("fleet_http_requests", "counter"), ("fleet_http_request_duration_seconds", "histogram"),
+                       ("fleet_predicted_sequences", "counter"), ("fleet_scored_campaigns", "counter"),
+                       ("fleet_head_cache_hits", "counter"), ("fleet_head_cache_misses", "counter"),
+                       ("fleet_head_cache_size", "gauge"), ("fleet_head_cache_capacity", "gauge"),
+                       ("fleet_model_info", "gauge"), ("fleet_model_campaigns", "gauge"),
+                       ("fleet_model_swaps", "counter"), ("fleet_model_reload_errors", "counter")):
+        assert families.get(name) == kind, name  # every metric docs/serving.md lists, as before
+    assert {"process_cpu_seconds", "process_resident_memory_bytes", "python_gc_collections", "python_info"} <= set(
+        families)  # for free: process, GC and platform collectors
+    # a second app in this process counts apart (its own registry), and the global registry holds no fleet metric
+    other = create_app(ModelHolder(models["v2"]))
+    with serve(other) as url, httpx.Client(base_url=url, timeout=30) as second:
+        second.post("/v1/predict", json={"campaign_id": "nope", "sequences": seq_body(random.Random(1), 1)})
+        mine = _samples(second.get("/metrics").text)
+    assert mine["fleet_http_requests_total[('endpoint', '/v1/predict'), ('status', '404')]"] == 1.0
+    assert "fleet_http_requests_total[('endpoint', '/v1/predict'), ('status', '200')]" not in mine
+    assert mine["fleet_model_info[('fleet', 'adfleet'), ('version', 'v2')]"] == 1.0
+    assert not [f.name for f in REGISTRY.collect() if f.name.startswith("fleet_")]
+
+
+def test_docs_work_offline(client):
+    r = client.get("/docs")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    html = r.text
+    assert "SwaggerUIBundle" in html and "validatorUrl" in html
+    urls = re.findall(r"""(?:src|href)=["']([^"']+)["']|url:\s*'([^']+)'""", html)
+    urls = [a or b for a, b in urls]
+    assert urls and all(u.startswith("/") and not u.startswith("//") for u in urls), urls  # this server only
+    assert not re.search(r"https?://", html), "the page names another host"
+    for url in urls:
+        asset = client.get(url)
+        assert asset.status_code == 200 and len(asset.content) > 100, url
+    assert "javascript" in client.get("/docs/static/swagger-ui-bundle.js").headers["content-type"]
+    assert client.get("/redoc").status_code == 404  # ReDoc loads its script from a CDN: not served
 
 
 # --------------------------------------------------------------------------- errors
@@ -458,7 +506,7 @@ def test_admin_reload(server, versions):
         body = strict_json(client.post("/v1/predict", json={"campaign_id": cid, "sequences": seqs}))
         assert body["version"] == "v2"
         np.testing.assert_allclose(body["probabilities"], versions["v2"].expected(cid, seqs), atol=1e-6)
-        assert 'fleet_model_info{version="v2",fleet="adfleet"} 1' in client.get("/metrics").text
+        assert _samples(client.get("/metrics").text)["fleet_model_info[('fleet', 'adfleet'), ('version', 'v2')]"] == 1.0
         assert "fleet_model_swaps_total 1" in client.get("/metrics").text
     finally:
         switch.target = "v1"

@@ -37,6 +37,27 @@ def test_auc_matches_pairwise_reference_with_ties(seed):
     assert auc(scores, labels) == pytest.approx(_pairwise_auc(scores, labels), abs=1e-12)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_auc_matches_scikit_learn(seed):
+    """Cross-check against scikit-learn's roc_auc_score (a test extra): ties, NaN labels, float32 scores, sizes up
+    to 5,000 rows, rare and common positives."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(2, 5000))
+    labels = (rng.random(n) < rng.choice([0.01, 0.2, 0.5, 0.9])).astype(np.float64)
+    labels[:2] = [0, 1]
+    scores = (rng.normal(size=n) + labels * rng.random()).astype(np.float32)
+    if seed % 2:
+        scores = np.round(scores, 1)  # many ties
+    unknown = rng.random(n) < 0.1
+    unknown[:2] = False
+    labels[unknown] = np.nan
+    known = ~unknown
+    assert auc(scores, labels) == pytest.approx(roc_auc_score(labels[known], scores[known]), abs=1e-9)
+    assert auc(torch.from_numpy(scores), torch.from_numpy(labels)) == pytest.approx(auc(scores, labels), abs=0)
+
+
 def test_auc_known_values_and_inputs():
     assert auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
     assert auc([1, 2, 3], [0, 1, 1]) == 1.0
