@@ -969,10 +969,11 @@ os._exit(0)
 """
 
 
-def _event_sequences(events_uri: str, campaign_ids: list[str], rng, count: int) -> list[tuple[list, list]]:
+def _event_sequences(events_uri: str, rng, count: int) -> list[tuple[list, list]]:
     """``count`` real event sequences ``(event_types, features)`` (lists, as a request carries them): the first
     rows of up to 64 random campaigns of ``events_uri``, drawn at random."""
     events = EventsDataset(events_uri)
+    campaign_ids = events.campaign_ids()
     picked = sorted(rng.choice(campaign_ids, size=min(len(campaign_ids), 64), replace=False).tolist())
     out = []
     for table in events.read_campaigns(picked).values():
@@ -1029,7 +1030,7 @@ def serving_targets(manifest_uri: str, events_uri: str, teachers_uri: str, sim_m
     model = FleetModel.open(manifest_uri, num_threads=SERVING_THREADS)
     real_ids = [cid for part in model.version.iter_heads(["campaign_id"]) for cid in part["campaign_id"].to_pylist()]
     num_features = model.config.num_features
-    seqs = _event_sequences(events_uri, real_ids, rng, max(requests, 200))
+    seqs = _event_sequences(events_uri, rng, max(requests, 200))
     out: dict = {"version": model.version_id, "campaigns": len(real_ids), "sim_campaigns": sim_count,
                  "heads": model.heads_mode, "backend": model.backend, "threads": SERVING_THREADS,
                  "sequence_length": {"max": max(len(t) for t, _ in seqs), "median": float(np.median([len(t) for t, _ in seqs]))}}
