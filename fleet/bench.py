@@ -78,6 +78,8 @@ RESULTS_FORMAT = "fleet-bench/1"
 EXPERIMENT = "fleet-bench"
 SIM_CHUNK = 100_000  # simulated heads generated per chunk (bounded memory for 1M campaigns)
 SERVING_THREADS = 1  # torch intra-op threads of every serving measurement (in-process, HTTP server, scale probe)
+#: The environment of the serving subprocesses (HTTP servers, probes): BLAS and OpenMP pools of SERVING_THREADS too.
+SERVING_ENV = {name: str(SERVING_THREADS) for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
 # ----------------------------------------------------------------------------- config
@@ -716,7 +718,7 @@ def _http_server(manifest_uri: str, heads: str, log_path: str):
     port = _free_port()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-c", _SERVER_SRC, manifest_uri, str(port), str(SERVING_THREADS), heads],
-                                stdout=log, stderr=subprocess.STDOUT)
+                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **SERVING_ENV})
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -1059,7 +1061,7 @@ def serving_targets(manifest_uri: str, events_uri: str, teachers_uri: str, sim_m
     console.print(f"serving targets: score_campaigns on {sim_count:,} SIMULATED campaigns in a fresh process")
     proc = subprocess.run([sys.executable, "-c", _TARGETS_PROBE_SRC, sim_manifest_uri, seqs_path, str(sim_count),
                            str(requests), str(SLOW_REQUESTS), str(SCORE_K), str(seed)],
-                          capture_output=True, text=True, timeout=3600, check=False)
+                          capture_output=True, text=True, timeout=3600, check=False, env={**os.environ, **SERVING_ENV})
     try:
         probe = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):
