@@ -12,8 +12,10 @@ One run measures (DESIGN.md section 5):
                               plus variants (bits 8/4/2/1, heads lowrank/linear, loss class_distance) that
                               share its stage 1 and, where the config allows, its backbone
 
-plus serving latencies (in-process warm/cold, HTTP on loopback), serving RSS, and a *simulated* scale
-test (random heads of the real shape and bit mix, 10k and 1M campaigns, in the real store format).
+plus serving latencies (in-process warm/cold, HTTP on loopback), serving RSS, a *simulated* scale
+test (random heads of the real shape and bit mix, 10k and 1M campaigns, in the real store format), and
+issue 12's serving targets side by side with the K-teacher peer (:func:`serving_targets`; alone:
+``fleet bench --serving-only --model VERSION --fleet-dir DIR``).
 Every size is a serialized file measured on disk or in memory, never a parameter count.
 Outputs under ``--out``: ``results.json``, ``results.md``, ``*.png``; the run is logged to MLflow
 (experiment ``fleet-bench``). Ray is used only through :mod:`fleet.pipeline` (imported lazily, so the
