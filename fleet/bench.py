@@ -12,8 +12,10 @@ One run measures (DESIGN.md section 5):
                               plus variants (bits 8/4/2/1, heads lowrank/linear, loss class_distance) that
                               share its stage 1 and, where the config allows, its backbone
 
-plus serving latencies (in-process warm/cold, HTTP on loopback), serving RSS, and a *simulated* scale
-test (random heads of the real shape and bit mix, 10k and 1M campaigns, in the real store format).
+plus serving latencies (in-process warm/cold, HTTP on loopback), serving RSS, a *simulated* scale
+test (random heads of the real shape and bit mix, 10k and 1M campaigns, in the real store format), and
+issue 12's serving targets side by side with the K-teacher peer (:func:`serving_targets`; alone:
+``fleet bench --serving-only --model VERSION --fleet-dir DIR``).
 Every size is a serialized file measured on disk or in memory, never a parameter count.
 Outputs under ``--out``: ``results.json``, ``results.md``, ``*.png``; the run is logged to MLflow
 (experiment ``fleet-bench``). Ray is used only through :mod:`fleet.pipeline` (imported lazily, so the
@@ -23,7 +25,9 @@ subprocesses that measure serving memory never load it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import glob
 import io
 import json
 import math
@@ -36,6 +40,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -76,6 +81,8 @@ RESULTS_FORMAT = "fleet-bench/1"
 EXPERIMENT = "fleet-bench"
 SIM_CHUNK = 100_000  # simulated heads generated per chunk (bounded memory for 1M campaigns)
 SERVING_THREADS = 1  # torch intra-op threads of every serving measurement (in-process, HTTP server, scale probe)
+#: The environment of the serving subprocesses (HTTP servers, probes): BLAS and OpenMP pools of SERVING_THREADS too.
+SERVING_ENV = {name: str(SERVING_THREADS) for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
 # ----------------------------------------------------------------------------- config
@@ -479,6 +486,11 @@ def run_bench(cfg: BenchConfig) -> dict:
     results["serving"] = bench_serving(real.manifest_uri, fleet["events_uri"], ok, holdout, plan["num_features"], cfg)
     if cfg.scale_campaigns:
         results["scale"] = {str(s): bench_scale(s, version, cfg, stamp) for s in cfg.scale_campaigns}
+        largest = max(cfg.scale_campaigns)
+        results["serving_targets"] = serving_targets(
+            real.manifest_uri, fleet["events_uri"], fleet["teachers_uri"], results["scale"][str(largest)]["manifest_uri"],
+            largest, out_dir=cfg.out, seed=cfg.compress.seed, requests=cfg.warm_requests,
+            http_requests=cfg.http_requests)
     results["targets"] = evaluate_targets(results)
     results["bench_seconds"] = time.perf_counter() - started_all
     results["machine"]["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -695,25 +707,24 @@ def _bench_serving(manifest_uri, events_uri, ok, holdout, num_features, cfg, Fle
 _SERVER_SRC = """
 import sys, uvicorn
 from fleet.http import app_from_uri
-app = app_from_uri(sys.argv[1], num_threads=int(sys.argv[3]), heads="lru")
+app = app_from_uri(sys.argv[1], num_threads=int(sys.argv[3]), heads=sys.argv[4])
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", access_log=False)
 """
 
 
-def bench_http(manifest_uri: str, seqs: list[tuple], requests: int, concurrency: int, log_dir: str) -> dict:
-    """A real uvicorn server (``fleet.http.app_from_uri``) in a subprocess on 127.0.0.1, driven by an
-    httpx client until ``requests`` are done (after a warm-up), first with one request in flight
-    (``"single"``: latency without queueing), then with ``concurrency`` in flight (the load figures)."""
+@contextlib.contextmanager
+def _http_server(manifest_uri: str, heads: str, log_path: str):
+    """A real uvicorn server (``fleet.http.app_from_uri``, ``heads`` mode, :data:`SERVING_THREADS` threads) in a
+    subprocess on 127.0.0.1: yields ``(process, base URL)`` once ``/healthz`` answers; stopped on exit."""
     import httpx
 
     port = _free_port()
-    log_path = os.path.join(log_dir, "http-server.log")
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-c", _SERVER_SRC, manifest_uri, str(port), str(SERVING_THREADS)], stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-c", _SERVER_SRC, manifest_uri, str(port), str(SERVING_THREADS), heads],
+                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **SERVING_ENV})
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while True:
             if proc.poll() is not None:
                 with open(log_path) as f:
@@ -724,41 +735,9 @@ def bench_http(manifest_uri: str, seqs: list[tuple], requests: int, concurrency:
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise FleetError("HTTP server did not answer within 120 s")
+                raise FleetError("HTTP server did not answer within 300 s")
             time.sleep(0.2)
-        rss_idle = _rss_mb(proc.pid)
-        bodies = [json.dumps({"campaign_id": c, "sequences": [{"event_types": t, "features": f}]}).encode()
-                  for c, t, f in seqs]
-        errors = 0
-
-        async def drive(total: int, concurrency: int, latencies: list[float] | None) -> None:
-            counter = iter(range(total))
-            limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-            async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client:
-                async def worker() -> None:
-                    nonlocal errors
-                    for i in counter:
-                        body = bodies[i % len(bodies)]
-                        t0 = time.perf_counter()
-                        r = await client.post("/v1/predict", content=body, headers={"content-type": "application/json"})
-                        dt = time.perf_counter() - t0
-                        if r.status_code != 200:
-                            errors += 1
-                        elif latencies is not None:
-                            latencies.append(dt)
-                await asyncio.gather(*(worker() for _ in range(concurrency)))
-
-        asyncio.run(drive(min(200, requests), concurrency, None))  # warm-up: connections, caches, allocator
-        single: list[float] = []
-        asyncio.run(drive(requests, 1, single))
-        latencies: list[float] = []
-        t0 = time.perf_counter()
-        asyncio.run(drive(requests, concurrency, latencies))
-        wall = time.perf_counter() - t0
-        return {**_latencies(latencies), "requests": requests, "concurrency": concurrency, "errors": errors,
-                "throughput_rps": len(latencies) / wall if wall else None, "server_rss_idle": rss_idle,
-                "server_rss_after_load": _rss_mb(proc.pid), "single": {**_latencies(single), "requests": requests},
-                "note": "server (uvicorn subprocess) and client share the machine's cores"}
+        yield proc, base
     finally:
         proc.terminate()
         try:
@@ -766,6 +745,56 @@ def bench_http(manifest_uri: str, seqs: list[tuple], requests: int, concurrency:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _drive_http(base: str, path: str, bodies: list[bytes], total: int, concurrency: int,
+                latencies: list[float] | None) -> int:
+    """POST ``bodies`` (cycled) to ``base + path`` until ``total`` are done, ``concurrency`` in flight; appends
+    each 200's latency (s) to ``latencies``; returns the number of non-200 answers."""
+    import httpx
+
+    errors = 0
+
+    async def drive() -> None:
+        counter = iter(range(total))
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
+            async def worker() -> None:
+                nonlocal errors
+                for i in counter:
+                    body = bodies[i % len(bodies)]
+                    t0 = time.perf_counter()
+                    r = await client.post(path, content=body, headers={"content-type": "application/json"})
+                    dt = time.perf_counter() - t0
+                    if r.status_code != 200:
+                        errors += 1
+                    elif latencies is not None:
+                        latencies.append(dt)
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+    asyncio.run(drive())
+    return errors
+
+
+def bench_http(manifest_uri: str, seqs: list[tuple], requests: int, concurrency: int, log_dir: str) -> dict:
+    """A real uvicorn server (``heads="lru"``, the figures docs/benchmarks.md reports) driven by an httpx client
+    until ``requests`` are done (after a warm-up), first with one request in flight (``"single"``: latency
+    without queueing), then with ``concurrency`` in flight (the load figures)."""
+    with _http_server(manifest_uri, "lru", os.path.join(log_dir, "http-server.log")) as (proc, base):
+        rss_idle = _rss_mb(proc.pid)
+        bodies = [json.dumps({"campaign_id": c, "sequences": [{"event_types": t, "features": f}]}).encode()
+                  for c, t, f in seqs]
+        errors = _drive_http(base, "/v1/predict", bodies, min(200, requests), concurrency, None)  # warm-up
+        single: list[float] = []
+        errors += _drive_http(base, "/v1/predict", bodies, requests, 1, single)
+        latencies: list[float] = []
+        t0 = time.perf_counter()
+        errors += _drive_http(base, "/v1/predict", bodies, requests, concurrency, latencies)
+        wall = time.perf_counter() - t0
+        return {**_latencies(latencies), "requests": requests, "concurrency": concurrency, "errors": errors,
+                "throughput_rps": len(latencies) / wall if wall else None, "server_rss_idle": rss_idle,
+                "server_rss_after_load": _rss_mb(proc.pid), "single": {**_latencies(single), "requests": requests},
+                "note": "server (uvicorn subprocess) and client share the machine's cores"}
 
 
 # ----------------------------------------------------------------------------- scale (SIMULATED)
@@ -846,16 +875,16 @@ def simulated_heads(count: int, real: pa.Table, seed: int, chunk: int = SIM_CHUN
         yield pa.table({f.name: columns[f.name].cast(f.type) for f in HEADS_SCHEMA}, schema=HEADS_SCHEMA)
 
 
-def bench_scale(count: int, version: FleetVersion, cfg: BenchConfig, stamp: str) -> dict:
-    """SIMULATED scale test: ``count`` random heads of the real shape and bit mix, written in the real
-    store format with the real backbone, opened and served by FleetModel in a fresh subprocess."""
-    store = os.path.abspath(os.path.join(cfg.out, "scale-store"))
+def write_simulated_version(count: int, version: FleetVersion, store: str, stamp: str,
+                            seed: int) -> tuple[str, float, float, dict]:
+    """Write a SIMULATED version of ``count`` campaigns (:func:`simulated_heads` of ``version``'s heads, its
+    backbone) as fleet ``sim-<count>`` under ``store``: ``(manifest_uri, generate_s, build_s, files)``."""
     real = version.read_heads()
     t0 = time.perf_counter()
     with _progress() as progress:
         task = progress.add_task(f"scale (simulated): generating {count:,} heads", total=count, unit="heads")
         parts = []
-        for table in simulated_heads(count, real, cfg.compress.seed + count):
+        for table in simulated_heads(count, real, seed):
             parts.append(table)
             progress.advance(task, table.num_rows)
     heads = pa.concat_tables(parts)
@@ -866,9 +895,14 @@ def bench_scale(count: int, version: FleetVersion, cfg: BenchConfig, stamp: str)
     writer.write_backbone_bytes(version.read_backbone_bytes())
     writer.write_heads(heads)  # parts of 100k rows, row groups of 256 rows, manifest index of row groups
     manifest_uri = writer.commit(lineage={"simulated": True}, metrics={"simulated": True})
-    build_s = time.perf_counter() - t0
-    del heads
-    files = writer.files
+    return manifest_uri, generate_s, time.perf_counter() - t0, writer.files
+
+
+def bench_scale(count: int, version: FleetVersion, cfg: BenchConfig, stamp: str) -> dict:
+    """SIMULATED scale test: ``count`` random heads of the real shape and bit mix, written in the real
+    store format with the real backbone, opened and served by FleetModel in a fresh subprocess."""
+    manifest_uri, generate_s, build_s, files = write_simulated_version(
+        count, version, os.path.abspath(os.path.join(cfg.out, "scale-store")), stamp, cfg.compress.seed + count)
     heads_bytes = sum(f["bytes"] for p, f in files.items() if p.startswith("heads/"))
     console.print(f"scale {count:,}: probing cold lookups in a fresh process")
     proc = subprocess.run([sys.executable, "-c", _PROBE_SRC, manifest_uri, str(cfg.cold_requests),
@@ -887,6 +921,223 @@ def bench_scale(count: int, version: FleetVersion, cfg: BenchConfig, stamp: str)
         "note": "SIMULATED heads (real shape, real bit mix, real backbone, real store format); "
                 "served by FleetModel (heads='lru') in a fresh subprocess; cold = random campaigns, cache misses",
     }
+
+
+# ----------------------------------------------------------------------------- serving targets (issue 12)
+
+#: Campaigns one ``score_campaigns`` request scores in the serving targets (and the K teachers of the peer).
+SCORE_K = 1000
+#: Requests timed per serving-target figure that costs far more than a millisecond each (scoring every one of
+#: a simulated version's campaigns; the K-teacher peer: K RNN forward passes each).
+SLOW_REQUESTS = 20
+#: The targets of issue 12 (one thread): key -> (figure, target text, bound in the figure's unit).
+SERVING_TARGETS = {
+    "predict": ("warm predict, one sequence T<=100, p99", "<= 0.5 ms", 0.5),
+    "score": (f"score_campaigns: 1 sequence x {SCORE_K:,} campaigns, p99", "<= 1 ms", 1.0),
+    "score_all": ("same x all campaigns of the SIMULATED version (top 10), p99", "<= 50 ms", 50.0),
+    "http_predict": ("HTTP /v1/predict p99, loopback, 1 in flight", "<= 2 ms", 2.0),
+    "http_score": (f"HTTP /v1/score 1 x {SCORE_K:,} p99, loopback, 1 in flight", "<= 3 ms", 3.0),
+    "rss": ("serving process RSS, every campaign of the SIMULATED version resident", "<= 200 MB", 200.0),
+}
+
+_TARGETS_PROBE_SRC = """
+import json, os, sys, time
+import numpy as np
+from fleet.serving import FleetModel
+uri, seqs_path, count, n_score, n_all, k, seed = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:8])
+def rss():
+    out = {}
+    for line in open("/proc/self/status"):
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            out[line.split(":")[0]] = int(line.split()[1]) / 1024.0
+    return out
+before = rss()
+t0 = time.perf_counter(); model = FleetModel.open(uri, verify=False, num_threads=1); open_s = time.perf_counter() - t0
+after_open = rss()
+seqs = [{"event_types": t, "features": f} for t, f in json.load(open(seqs_path))]
+rng = np.random.default_rng(seed)
+requests = [["sim-%08d" % j for j in rng.choice(count, size=min(k, count), replace=False)] for _ in range(50)]
+for i in range(20):
+    model.score_campaigns(seqs[i % len(seqs)], requests[i % len(requests)])
+score = []
+for i in range(n_score):
+    seq, ids = seqs[i % len(seqs)], requests[i % len(requests)]
+    t0 = time.perf_counter(); model.score_campaigns(seq, ids); score.append(time.perf_counter() - t0)
+after_score = rss()
+every = []
+for i in range(n_all):
+    t0 = time.perf_counter(); model.score_campaigns(seqs[i % len(seqs)], top_k=10); every.append(time.perf_counter() - t0)
+print(json.dumps({"open_s": open_s, "score": score, "score_all": every, "rss_before_open": before,
+                  "rss_after_open": after_open, "rss_after_score": after_score, "rss_after_all": rss(),
+                  "heads": model.cache_info()}), flush=True)
+os._exit(0)
+"""
+
+
+def _event_sequences(events_uri: str, rng, count: int) -> list[tuple[list, list]]:
+    """``count`` real event sequences ``(event_types, features)`` (lists, as a request carries them): the first
+    rows of up to 64 random campaigns of ``events_uri``, drawn at random."""
+    events = EventsDataset(events_uri)
+    campaign_ids = events.campaign_ids()
+    picked = sorted(rng.choice(campaign_ids, size=min(len(campaign_ids), 64), replace=False).tolist())
+    out = []
+    for table in events.read_campaigns(picked).values():
+        t = table.slice(0, 16)
+        out.extend(zip(t["event_types"].to_pylist(), t["features"].to_pylist()))
+    return [out[i % len(out)] for i in rng.permutation(max(count, len(out)))[:count]]
+
+
+def teacher_peer(teachers_uri: str, campaign_ids: list[str], seqs: list[tuple[list, list]], num_features: int,
+                 k: int = SCORE_K, requests: int = SLOW_REQUESTS) -> dict:
+    """The K-teacher peer of ``score_campaigns``: one sequence scored by ``k`` fp32 teachers = ``k`` teacher RNN
+    forward passes (batch 1, one torch thread, ``torch.inference_mode``). With fewer than ``k`` teachers the
+    loaded ones are cycled (the time is still ``k`` forward passes; their memory is given per teacher)."""
+    from fleet.data import collate
+
+    ids = campaign_ids[:k]
+    teachers = [load_teacher(teachers_uri, cid) for cid in ids]
+    models = [t.model for t in teachers]
+    batches = [collate([np.asarray(t)], [np.asarray(f, dtype=np.float32)], num_features) for t, f in seqs]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(SERVING_THREADS)
+    try:
+        lat = []
+        with torch.inference_mode():
+            for i in range(requests + 2):  # 2 warm-up requests
+                b = batches[i % len(batches)]
+                t0 = time.perf_counter()
+                for j in range(k):
+                    models[j % len(models)](b.event_types, b.features, b.lengths)
+                if i >= 2:
+                    lat.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    cfg = teachers[0].config
+    return {**_latencies(lat), "k": k, "teachers_loaded": len(models),
+            "teacher_bytes_mean": float(np.mean([t.num_bytes for t in teachers])),
+            "teacher": {key: cfg.get(key) for key in ("arch", "hidden_size", "num_layers", "embed_dim")},
+            "note": f"{k} forward passes of fp32 teachers per request (batch 1, {SERVING_THREADS} torch thread)"
+                    + (f"; {len(models)} teachers loaded and cycled" if len(models) < k else "")}
+
+
+def serving_targets(manifest_uri: str, events_uri: str, teachers_uri: str, sim_manifest_uri: str, sim_count: int, *,
+                    out_dir: str, seed: int, requests: int, http_requests: int) -> dict:
+    """Every figure of issue 12's targets table (one thread, FleetModel's defaults: resident heads, numpy
+    backbone): warm predict on the real version (in-process); score 1 x :data:`SCORE_K` and 1 x every campaign
+    plus the serving RSS in a fresh process on the SIMULATED version of ``sim_count`` campaigns; HTTP
+    ``/v1/predict`` and ``/v1/score`` (1 in flight) against a server on that version; and the K-teacher peer
+    (:func:`teacher_peer`) on the same sequences. ``requests`` / ``http_requests``: timed calls per figure
+    (:data:`SLOW_REQUESTS` for the slow ones)."""
+    from fleet.serving import FleetModel
+
+    rng = np.random.default_rng(seed + 12)
+    threads_before = torch.get_num_threads()
+    model = FleetModel.open(manifest_uri, num_threads=SERVING_THREADS)
+    real_ids = [cid for part in model.version.iter_heads(["campaign_id"]) for cid in part["campaign_id"].to_pylist()]
+    num_features = model.config.num_features
+    seqs = _event_sequences(events_uri, rng, max(requests, 200))
+    out: dict = {"version": model.version_id, "campaigns": len(real_ids), "sim_campaigns": sim_count,
+                 "heads": model.heads_mode, "backend": model.backend, "threads": SERVING_THREADS,
+                 "sequence_length": {"max": max(len(t) for t, _ in seqs), "median": float(np.median([len(t) for t, _ in seqs]))}}
+    try:
+        with _progress() as progress:
+            task = progress.add_task("serving targets: warm predict", total=requests, unit="requests")
+            picks = rng.choice(len(real_ids), size=requests)
+            for i in range(100):
+                t, f = seqs[i % len(seqs)]
+                model.predict(real_ids[picks[i % len(picks)]], [{"event_types": t, "features": f}])
+            lat = []
+            for i in range(requests):
+                t, f = seqs[i % len(seqs)]
+                cid = real_ids[picks[i]]
+                t0 = time.perf_counter()
+                model.predict(cid, [{"event_types": t, "features": f}])
+                lat.append(time.perf_counter() - t0)
+                progress.advance(task)
+        out["predict"] = _latencies(lat)
+    finally:
+        torch.set_num_threads(threads_before)
+    del model
+    seqs_path = os.path.join(out_dir, "serving-sequences.json")
+    with open(seqs_path, "w") as f:
+        json.dump(seqs, f)
+    console.print(f"serving targets: score_campaigns on {sim_count:,} SIMULATED campaigns in a fresh process")
+    proc = subprocess.run([sys.executable, "-c", _TARGETS_PROBE_SRC, sim_manifest_uri, seqs_path, str(sim_count),
+                           str(requests), str(SLOW_REQUESTS), str(SCORE_K), str(seed)],
+                          capture_output=True, text=True, timeout=3600, check=False, env={**os.environ, **SERVING_ENV})
+    try:
+        probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise FleetError(f"serving-targets probe failed (exit {proc.returncode}): {proc.stderr[-2000:]}") from None
+    out["score"], out["score_all"] = _latencies(probe["score"]), _latencies(probe["score_all"])
+    out["probe"] = {k: v for k, v in probe.items() if k not in ("score", "score_all")}
+    console.print("serving targets: HTTP on loopback (resident heads, SIMULATED version)")
+    with _http_server(sim_manifest_uri, "resident", os.path.join(out_dir, "http-targets-server.log")) as (proc_, base):
+        ids = [f"sim-{j:08d}" for j in range(sim_count)]
+        predict_bodies = [orjson.dumps({"campaign_id": ids[int(rng.integers(sim_count))],
+                                        "sequences": [{"event_types": t, "features": f}]}) for t, f in seqs]
+        score_bodies = [orjson.dumps({"sequence": {"event_types": t, "features": f},
+                                      "campaign_ids": [ids[j] for j in rng.choice(sim_count, size=min(SCORE_K, sim_count),
+                                                                                   replace=False)]})
+                        for t, f in seqs[:50]]
+        errors = _drive_http(base, "/v1/predict", predict_bodies, 200, 1, None)  # warm-up
+        errors += _drive_http(base, "/v1/score", score_bodies, 100, 1, None)
+        single: list[float] = []
+        errors += _drive_http(base, "/v1/predict", predict_bodies, http_requests, 1, single)
+        scored: list[float] = []
+        errors += _drive_http(base, "/v1/score", score_bodies, http_requests, 1, scored)
+        out["http_predict"], out["http_score"] = _latencies(single), _latencies(scored)
+        out["http_errors"] = errors
+        out["server_rss"] = _rss_mb(proc_.pid)
+    out["rss_mb"] = out["server_rss"]["rss_mb"]
+    console.print(f"serving targets: K-teacher peer ({SCORE_K:,} fp32 teacher forward passes per request)")
+    out["peer"] = teacher_peer(teachers_uri, list_teacher_campaigns(teachers_uri), seqs, num_features)
+    out["load_average"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    out["targets"] = evaluate_serving_targets(out)
+    return out
+
+
+def evaluate_serving_targets(st: dict) -> list[dict]:
+    """The rows of the serving targets table: figure, target, fleet's value (p99 ms, or MB), met or not, and for
+    the scoring rows the K-teacher peer's p99 on the same 1 x K and the ratio fleet wins by."""
+    rows = []
+    for key, (figure, target, bound) in SERVING_TARGETS.items():
+        value = st["rss_mb"] if key == "rss" else st[key]["p99_ms"]
+        row = {"key": key, "figure": figure, "target": target, "value": value, "passed": value <= bound,
+               "p50": None if key == "rss" else st[key]["p50_ms"], "peer": None, "ratio": None}
+        if key in ("score", "http_score"):
+            row["peer"] = st["peer"]["p99_ms"]
+            row["ratio"] = st["peer"]["p99_ms"] / value if value else None
+        rows.append(row)
+    return rows
+
+
+def render_serving_targets(st: dict) -> list[str]:
+    """Markdown of :func:`serving_targets`: the targets table, fleet side by side with the K-teacher peer."""
+    peer = st["peer"]
+    t = peer["teacher"]
+    lines = ["| figure (one thread) | target | fleet p50 | fleet p99 | met | K-teacher peer p50 / p99 | fleet wins by (p99) |",
+             "|---|---|---:|---:|---|---:|---:|"]
+    for r in st["targets"]:
+        unit = "MB" if r["key"] == "rss" else "ms"
+        p50 = "" if r["p50"] is None else f"{r['p50']:.3f} {unit}"
+        value = f"{r['value']:.0f} MB" if r["key"] == "rss" else f"{r['value']:.3f} ms"
+        peer_txt = "" if r["peer"] is None else f"{peer['p50_ms']:,.1f} / {peer['p99_ms']:,.1f} ms"
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:,.0f}x"
+        met = "yes" if r["passed"] else f"**no** ({r['value'] / SERVING_TARGETS[r['key']][2]:.1f}x the target)"
+        lines.append(f"| {r['figure']} | {r['target']} | {p50} | {value} | {met} | {peer_txt} | {ratio} |")
+    lines += ["", (f"Real version {st['version']} ({st['campaigns']} campaigns) for warm predict; SIMULATED version of "
+                   f"{st['sim_campaigns']:,} campaigns (real backbone and bit mix) for the other rows; FleetModel's "
+                   f"defaults (heads `{st['heads']}`, backend `{st['backend']}`), {st['threads']} thread; real event "
+                   f"sequences, length median {st['sequence_length']['median']:.0f}, max {st['sequence_length']['max']}. "
+                   f"Peer: {peer['k']:,} fp32 teacher forward passes per request ({t.get('num_layers')}-layer "
+                   f"{str(t.get('arch')).upper()}, hidden {t.get('hidden_size')}, {peer['teacher_bytes_mean'] / 1e6:.2f} MB "
+                   f"each; {peer['teachers_loaded']} loaded{' and cycled' if peer['teachers_loaded'] < peer['k'] else ''}). "
+                   f"Serving RSS: the HTTP server process after the load; the in-process probe measured "
+                   f"{st['probe']['rss_after_open']['VmRSS']:.0f} MB after opening the version "
+                   f"({st['probe']['rss_before_open']['VmRSS']:.0f} MB before: imports) and "
+                   f"{st['probe']['rss_after_all']['VmRSS']:.0f} MB after scoring every campaign."), ""]
+    return lines
 
 
 # ----------------------------------------------------------------------------- targets (DESIGN.md section 5)
@@ -1055,6 +1306,9 @@ def render_markdown(results: dict, plots_prefix: str = "") -> str:
                          f"| {r['cold']['p50_ms']:.2f} / {r['cold']['p99_ms']:.2f} ms "
                          f"| {r['rss_mb']:.0f} MB ({r['peak_rss_mb']:.0f} MB) | {r['rss_before_open_mb']:.0f} MB |")
         lines.append("")
+    st = results.get("serving_targets")
+    if st:
+        lines += ["### Serving targets (issue 12), side by side with the K-teacher peer", "", *render_serving_targets(st)]
     lines += ["### DESIGN.md targets", "", "| figure | target | measured | | source |", "|---|---|---:|---|---|"]
     for t in results["targets"]:
         v = t["value"]
@@ -1318,7 +1572,8 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 def add_arguments(p) -> None:
     """``fleet bench``'s options (the parser is built in :mod:`fleet.cli`)."""
-    p.add_argument("--campaigns", type=int, required=True, help="N: campaigns of the synthetic fleet")
+    p.add_argument("--campaigns", type=int, default=None, help="N: campaigns of the synthetic fleet (required but with "
+                                                                "--serving-only)")
     p.add_argument("--fleet-dir", default=None,
                    help="cached synthetic fleet (events/, teachers/, synth.json); reused when its seed and shape "
                         "match, created otherwise (default: OUT/fleet)")
@@ -1344,6 +1599,11 @@ def add_arguments(p) -> None:
     g.add_argument("--cold-requests", type=int, default=500, help="in-process predictions timed on a cache miss")
     g.add_argument("--http-requests", type=int, default=2000, help="HTTP predictions timed on loopback")
     g.add_argument("--http-concurrency", type=int, default=8, help="concurrent HTTP clients")
+    g.add_argument("--serving-only", action="store_true",
+                   help="run only the serving targets (issue 12, with the K-teacher peer) against --model, a version "
+                        "compressed from --fleet-dir's teachers and events, and a SIMULATED version of the largest "
+                        "--scale-campaigns; writes OUT/serving-targets.json and .md")
+    g.add_argument("--model", default=None, help="with --serving-only: the version to serve (directory or manifest URI)")
     g.add_argument("--variant-backbones", action="store_true",
                    help="train a backbone per head-design/loss variant (default: reuse the real run's backbone)")
     p.add_argument("--tracking-uri", default=None,
@@ -1358,6 +1618,8 @@ def add_arguments(p) -> None:
 
 def config_from_args(args) -> BenchConfig:
     """A :class:`BenchConfig` from parsed ``fleet bench`` arguments (ValueError on bad combinations)."""
+    if args.campaigns is None:
+        raise ValueError("--campaigns is required (but with --serving-only)")
     synth = SynthConfig(campaigns=args.campaigns, seed=args.seed, arch=args.arch, hidden_size=args.hidden,
                         num_layers=args.layers, min_sequences=args.min_sequences, max_sequences=args.max_sequences,
                         max_epochs=args.max_epochs)
@@ -1378,6 +1640,8 @@ def config_from_args(args) -> BenchConfig:
 def run_from_args(args, out_console) -> int:
     """``fleet bench``: run, print the summary table; exit 0 (1 on a FleetError, raised to the CLI).
     With ``--zoo``: the zoo's fidelity table instead (exit 1 when a pair misses a target)."""
+    if args.serving_only:
+        return run_serving_only(args, out_console)
     config = config_from_args(args)
     if args.zoo or args.zoo_compare:
         from fleet import bench_zoo
@@ -1387,6 +1651,49 @@ def run_from_args(args, out_console) -> int:
     out_console.print(summary_table(results))
     out_console.print(f"results: {os.path.join(args.out, 'results.json')}, {os.path.join(args.out, 'results.md')}"
                       + (f"; MLflow run {results['mlflow_run_id']}" if results.get("mlflow_run_id") else ""))
+    return 0
+
+
+def run_serving_only(args, out_console) -> int:
+    """``fleet bench --serving-only``: the serving targets alone (:func:`serving_targets`) against ``--model``,
+    with a SIMULATED version of the largest ``--scale-campaigns`` written under ``OUT/scale-store`` (reused when
+    it is there); ``OUT/serving-targets.json`` and ``.md``; a summary table. Exit 0."""
+    if not args.model or not args.fleet_dir:
+        raise ValueError("--serving-only needs --model (a version) and --fleet-dir (its teachers/ and events/)")
+    if not args.scale_campaigns:
+        raise ValueError("--serving-only needs a --scale-campaigns size for its SIMULATED version")
+    os.makedirs(args.out, exist_ok=True)
+    started = time.perf_counter()
+    machine = _machine()
+    version = FleetVersion.open(args.model)
+    count = max(args.scale_campaigns)
+    store = os.path.abspath(os.path.join(args.out, "scale-store"))
+    existing = sorted(glob.glob(os.path.join(store, f"sim-{count}", "versions", "*", "manifest.json")))
+    if existing:
+        sim_uri = existing[-1]
+    else:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        sim_uri = write_simulated_version(count, version, store, stamp, args.seed + count)[0]
+    fleet_dir = os.path.abspath(args.fleet_dir)
+    st = serving_targets(version.manifest_uri, os.path.join(fleet_dir, "events"), os.path.join(fleet_dir, "teachers"),
+                         sim_uri, count, out_dir=args.out, seed=args.seed, requests=args.warm_requests,
+                         http_requests=args.http_requests)
+    machine["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    results = {"format": RESULTS_FORMAT, "created_at": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
+               "machine": machine, "argv": list(sys.argv), "seconds": time.perf_counter() - started,
+               "serving_targets": st}
+    with open(os.path.join(args.out, "serving-targets.json"), "w") as f:
+        json.dump(json_safe(results), f, indent=1, sort_keys=True)
+    with open(os.path.join(args.out, "serving-targets.md"), "w") as f:
+        f.write("\n".join(render_serving_targets(st)))
+    table = Table(title=f"serving targets (issue 12), {SERVING_THREADS} thread")
+    for col in ("figure", "target", "fleet p99", "met", "peer p99", "fleet wins by"):
+        table.add_column(col, justify="left" if col in ("figure", "target") else "right")
+    for r in st["targets"]:
+        table.add_row(r["figure"], r["target"], f"{r['value']:,.3f}", "yes" if r["passed"] else "[red]no[/red]",
+                      "" if r["peer"] is None else f"{r['peer']:,.1f}", "" if r["ratio"] is None else f"{r['ratio']:,.0f}x")
+    out_console.print(table)
+    out_console.print(f"results: {os.path.join(args.out, 'serving-targets.json')}")
     return 0
 
 

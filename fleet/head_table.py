@@ -11,32 +11,32 @@ for all C campaigns, contiguous numpy arrays instead of Python objects:
   num_stored, masked)``; ``status``: per campaign an index into the distinct status strings;
 - ``masks``: the pruning bitmaps of the pruned rows only (offsets per campaign when any row has one).
 
-:meth:`HeadTable.decode` dequantizes only the rows a request needs, one vectorised
-:func:`fleet.quant.dequantize_packed` call per format present among them. So the heads cost about
+:meth:`HeadTable.decode_into` dequantizes only the rows a request needs, one vectorised
+:func:`fleet.quant.dequantize_codes` call per format present among them, straight into the caller's
+``(M, P)`` buffer (a smaller design's row into the columns of the wider one it is widened to). So the heads cost about
 their Parquet bytes (minus the hashes and fidelity columns, which serving does not read) plus
 ~10 bytes of offsets and codes per campaign, and no request ever reads storage.
 
 Every row is checked against the heads contract at open (vectorised, :func:`fleet.codec.check_head_row`'s
 rules for the columns serving reads: bits, shape, group size, byte lengths of packed, scales and mask,
 status; ids valid, sorted and unique): a row that breaks it is a :class:`~fleet.errors.StoreError`
-naming the campaign. Codes are checked (padding bits, symmetric range) when a request decodes them,
-as on the LRU path.
+naming the campaign. Codes are checked (padding bits, symmetric range) the first time a request decodes
+them, as on the LRU path; a row that passed is marked (one bool per campaign) and not checked again.
 """
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from fleet.codec import SUPPORTED_BITS
 from fleet.errors import StoreError
 from fleet.ids import CAMPAIGN_ID_PATTERN
-from fleet.quant import dequantize_packed, num_groups
+from fleet.quant import dequantize_codes, num_groups
 
 #: The heads columns serving reads (the hashes and fidelity columns stay in Parquet).
 COLUMNS = ("campaign_id", "bits", "shape", "group_size", "packed", "scales", "mask", "status")
@@ -60,8 +60,13 @@ def _binary_parts(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def _gather(data: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
-    """``data[starts[i] : starts[i] + width]`` for every i: ``(n, width)`` (one fancy index)."""
-    return data[starts.astype(np.int64)[:, None] + np.arange(width, dtype=np.int64)]
+    """``data[starts[i] : starts[i] + width]`` for every i: ``(n, width)``, one row gather from a strided
+    view of windows (each start must leave ``width`` items: the offsets of a built table do)."""
+    if len(data) < width:  # no window fits (only when there is nothing to gather)
+        return np.zeros((len(starts), width), dtype=data.dtype)
+    windows = np.lib.stride_tricks.as_strided(data, shape=(len(data) - width + 1, width),
+                                              strides=(data.strides[0], data.strides[0]), writeable=False)
+    return windows[starts]
 
 
 def _fixed_width_ids(column: pa.ChunkedArray) -> np.ndarray:
@@ -110,6 +115,7 @@ class HeadTable:
         self.scales_start = scales_start
         self.masks = masks
         self.mask_start = mask_start
+        self.checked = np.zeros(len(ids), dtype=bool)  # rows whose codes passed their check once
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -118,7 +124,7 @@ class HeadTable:
     def nbytes(self) -> int:
         """Bytes of every array the table holds."""
         arrays = (self.ids, self.fmt, self.formats, self.status, self.packed, self.packed_start, self.scales,
-                  self.scales_start, self.masks, self.mask_start)
+                  self.scales_start, self.masks, self.mask_start, self.checked)
         return sum(a.nbytes for a in arrays if a is not None)
 
     # ------------------------------------------------------------------ build
@@ -138,14 +144,15 @@ class HeadTable:
 
     # ------------------------------------------------------------------ lookup
 
-    def find(self, campaign_ids: Sequence[str]) -> np.ndarray:
+    def find(self, campaign_ids: Sequence[str] | np.ndarray) -> np.ndarray:
         """Row of each id (``int64[K]``), -1 where the version has no such campaign. Ids must be valid
-        campaign ids (ASCII); one vectorised binary search for all of them."""
+        campaign ids (ASCII), as ``str`` or already encoded (``S<w>`` array, :func:`fleet.ids.encode_campaign_ids`);
+        one vectorised binary search for all of them."""
         n = len(campaign_ids)
         if n == 0 or len(self.ids) == 0:
             return np.full(n, -1, dtype=np.int64)
         width = self.ids.dtype.itemsize
-        query = np.array(campaign_ids, dtype="S")  # ASCII ids -> fixed-width bytes, in C
+        query = campaign_ids if isinstance(campaign_ids, np.ndarray) else np.array(campaign_ids, dtype="S")
         hit = np.ones(n, dtype=bool)
         if query.dtype.itemsize > width:  # an id longer than every stored one is absent
             hit = np.char.str_len(query) <= width
@@ -165,42 +172,57 @@ class HeadTable:
 
     # ------------------------------------------------------------------ decode
 
-    def decode(self, rows: np.ndarray) -> list[tuple[np.ndarray, int, torch.Tensor]]:
-        """Dequantize ``rows`` (``int64[M]``): ``[(where, num_params, Tensor[len(where), num_params])]``,
-        ``where`` indexing into ``rows``, one entry per format among them (pruned entries 0).
-        Codes with nonzero padding bits or outside the symmetric range are a :class:`StoreError`."""
+    def decode_into(self, rows: np.ndarray, out: np.ndarray,
+                    columns: Mapping[int, Sequence[tuple[int, int, int]]]) -> None:
+        """Dequantize ``rows`` (``int64[M]``) into ``out`` (float32 ``(M, P)``, zeros where nothing is written):
+        row ``i``, a head of ``size`` parameters, goes to ``out[i]`` by the runs ``columns[size]``, each
+        ``(source, target, length)``: ``out[i, target : target + length] = head[source : source + length]``
+        (a size not in ``columns``: its first ``size`` columns). One vectorised :func:`fleet.quant.dequantize_codes`
+        per format among the rows (pruned entries 0). Codes with nonzero padding bits or outside the symmetric
+        range are a :class:`StoreError` naming the campaign; rows that passed once are not checked again
+        (:attr:`checked`)."""
         rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return
         codes = self.fmt[rows]
-        out = []
-        for code in np.unique(codes).tolist():
-            sel = np.flatnonzero(codes == code)
-            bits, group, size, stored, masked = (int(v) for v in self.formats[code])
+        first = codes[0]
+        if len(rows) == 1 or (codes == first).all():  # one format (the single-sequence hot path): no grouping
+            groups = [(int(first), slice(None))]
+        else:  # the rows of each format (a bincount: a few distinct small codes)
+            present = np.flatnonzero(np.bincount(codes, minlength=len(self.formats))).tolist()
+            groups = [(code, np.flatnonzero(codes == code)) for code in present]
+        check = not self.checked[rows].all()
+        for code, sel in groups:
+            bits, group, size, stored, masked = self.formats[code].tolist()
             picked = rows[sel]
             width = 2 * stored if bits == 16 else -(-stored * bits // 8)
             packed = _gather(self.packed, self.packed_start[picked], width)
             scales = None if bits == 16 else _gather(self.scales, self.scales_start[picked], num_groups(stored, group))
             try:
-                values = dequantize_packed(packed, scales, bits, stored, group)  # (n, k)
+                values = dequantize_codes(packed, scales, bits, stored, group, check=check)  # (n, stored)
             except ValueError as err:
-                for i in range(len(picked)):  # name the row that does not decode
-                    try:
-                        dequantize_packed(packed[i : i + 1], None if scales is None else scales[i : i + 1], bits,
-                                          stored, group)
-                    except ValueError:
-                        bad = i
-                        break
-                else:  # pragma: no cover - a group fails only through one of its rows
-                    bad = 0
                 raise StoreError(f"head does not decode: {err}",
-                                 campaign_id=self.campaign_ids(picked[bad : bad + 1])[0]) from None
+                                 campaign_id=self._undecodable(picked, packed, scales, bits, stored, group)) from None
             if masked:
                 keep = np.unpackbits(_gather(self.masks, self.mask_start[picked], (size + 7) // 8), axis=1,
-                                     count=size, bitorder="little").astype(bool)  # (n, P)
-                full = torch.zeros(len(sel), size)
-                full[torch.from_numpy(keep)] = values.reshape(-1)  # each row keeps exactly `stored` entries
+                                     count=size, bitorder="little").astype(bool)  # (n, size)
+                full = np.zeros((len(picked), size), dtype=np.float32)
+                full[keep] = values.reshape(-1)  # each row keeps exactly `stored` entries
                 values = full
-            out.append((sel, size, values))
-        return out
+            for source, target, length in columns.get(size, ((0, 0, size),)):
+                out[sel, target : target + length] = values[:, source : source + length]
+        if check:
+            self.checked[rows] = True
+
+    def _undecodable(self, picked: np.ndarray, packed: np.ndarray, scales: np.ndarray | None, bits: int,
+                     stored: int, group: int) -> str:
+        """The id of the first of ``picked`` whose codes do not decode on their own."""
+        for i in range(len(picked)):
+            try:
+                dequantize_codes(packed[i : i + 1], None if scales is None else scales[i : i + 1], bits, stored, group)
+            except ValueError:
+                return self.campaign_ids(picked[i : i + 1])[0]
+        return self.campaign_ids(picked[:1])[0]  # pragma: no cover - a group fails only through one of its rows
 
 
 class _Builder:

@@ -454,7 +454,7 @@ def dequantize_rows(qvs: list[QuantizedVector]) -> Tensor:
 def dequantize_packed(packed: np.ndarray, scales: np.ndarray | None, bits: int, count: int,
                       group_size: int) -> Tensor:
     """Float32 ``(n, count)`` from ``n`` stored rows of one format, as contiguous arrays (the decoding
-    step of :func:`dequantize_rows`, also used on the resident head table of :mod:`fleet.head_table`).
+    step of :func:`dequantize_rows`): :func:`dequantize_codes` as a tensor (no copy).
 
     Args:
         packed: ``uint8 (n, ceil(count * bits / 8))`` codes packed by :func:`pack_codes`; for bits 16
@@ -464,40 +464,57 @@ def dequantize_packed(packed: np.ndarray, scales: np.ndarray | None, bits: int, 
 
     Nonzero padding bits and codes outside the symmetric range raise ``ValueError``.
     """
+    return torch.from_numpy(dequantize_codes(packed, scales, bits, count, group_size))
+
+
+def dequantize_codes(packed: np.ndarray, scales: np.ndarray | None, bits: int, count: int, group_size: int,
+                     *, check: bool = True) -> np.ndarray:
+    """:func:`dequantize_packed` in numpy: float32 ``(n, count)`` (the resident head table of
+    :mod:`fleet.head_table` decodes with it per request). ``check=False`` skips the checks of padding bits
+    and code range, for rows already checked once (stored codes do not change)."""
     _check_bits(bits)
     n = packed.shape[0]
     if bits == 16:
-        return torch.from_numpy(np.ascontiguousarray(packed).view("<f2").astype(np.float32).reshape(n, count))
-    per, nbytes = 8 // bits, packed_size(count, bits)
-    q = _q_table(bits)[packed.reshape(n, nbytes)].reshape(n, nbytes * per)  # int8 (n, nbytes * per): LSB first
-    if q.shape[1] > count and (q[:, count:] != _q_table(bits)[0, 0]).any():  # padding must be code 0
+        return np.ascontiguousarray(packed).view("<f2").astype(np.float32).reshape(n, count)
+    nbytes = packed_size(count, bits)
+    q = np.take(_q_table(bits), packed.reshape(n, nbytes)).view(np.int8)  # (n, nbytes * per): LSB first
+    if check and q.shape[1] > count and (q[:, count:] != _q_of_code_zero(bits)).any():  # padding must be code 0
         raise ValueError("packed codes have nonzero padding bits after the last element")
     q = q[:, :count]
     qmin, qmax = _qrange(bits, symmetric=True)
-    if q.size and (q.min() < qmin or q.max() > qmax):
+    if check and q.size and (q.min() < qmin or q.max() > qmax):
         raise ValueError(f"codes outside the symmetric range [{qmin}, {qmax}] at bits {bits}")
     scale = np.asarray(scales, dtype="<f2").astype(np.float32).reshape(n, num_groups(count, group_size))  # (n, G)
     # q * scale in float32, one rounding: the numbers of dequantize(q, scale, 0, bits, PerGroup(group_size)).
     # A non-finite stored scale gives non-finite values (0 * inf = nan): callers check, numpy need not warn.
+    values = q.astype(np.float32)  # then one same-type multiply (int8 * float32 would cast through buffers)
     with np.errstate(invalid="ignore", over="ignore"):
-        return torch.from_numpy(q * np.repeat(scale, group_size, axis=1)[:, :count])
+        values *= np.repeat(scale, group_size, axis=1)[:, :count]
+    return values
 
 
 _Q_TABLES: dict[int, np.ndarray] = {}
 
 
 def _q_table(bits: int) -> np.ndarray:
-    """``int8 (256, 8 // bits)``: the signed ``q`` of each code in a packed byte, first code first (LSB
-    first, :func:`pack_codes`), through the offset-binary rule of :func:`_codes_to_q`. A lookup turns packed
-    rows into ``q`` in one gather (vectorised over rows: the resident head table decodes thousands per request)."""
+    """``(256,)`` words of ``8 // bits`` bytes: word ``b`` holds the signed int8 ``q`` of each code in a packed
+    byte ``b``, first code first (LSB first, :func:`pack_codes`), through the offset-binary rule of
+    :func:`_codes_to_q`. ``np.take(_q_table(bits), packed).view(np.int8)`` turns packed rows into ``q`` in one 1-D
+    gather (vectorised over rows: the resident head table decodes thousands per request)."""
     table = _Q_TABLES.get(bits)
     if table is None:
         per = 8 // bits
         shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
         codes = (np.arange(256, dtype=np.uint8)[:, None] >> shifts) & np.uint8(2**bits - 1)  # (256, per)
-        table = _codes_to_q(torch.from_numpy(codes.astype(np.int32)), bits).numpy().astype(np.int8)
+        q = _codes_to_q(torch.from_numpy(codes.astype(np.int32)), bits).numpy().astype(np.int8)  # (256, per)
+        table = np.ascontiguousarray(q).view(f"u{per}").reshape(256)  # one word per byte value
         _Q_TABLES[bits] = table
     return table
+
+
+def _q_of_code_zero(bits: int) -> int:
+    """The ``q`` that code 0 (padding) decodes to at ``bits``."""
+    return int(_q_table(bits)[0:1].view(np.int8)[0])
 
 
 def dequantize_vector(qv: QuantizedVector) -> Tensor:

@@ -2,7 +2,9 @@
 
 A campaign's head is a flat parameter vector; the heads of C campaigns are one ``Tensor[C, P]``,
 never C modules. :func:`head_logits` evaluates a batch in which row ``b`` uses its own head row,
-so a mixed-campaign batch is ``head_logits(design, h, heads[campaign_index], rank)``.
+so a mixed-campaign batch is ``head_logits(design, h, heads[campaign_index], rank)``. The head formulas
+(:func:`head_logits` without ``index``, :func:`head_logits_cross`) also take float32 numpy arrays and then
+compute in numpy: serving's per-request path (:mod:`fleet.serving`) runs them without torch dispatch.
 See ``docs/compression.md`` for the designs and why they look like this.
 """
 
@@ -12,6 +14,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -288,10 +291,12 @@ def head_logits(
     - ``linear``:  logit ``= w . h + b``
     - ``film_pool``: features are ``(B, 2H)`` = last state ``h`` ++ mean state ``m``;
       ``z = tanh(h * (1 + gamma) + beta + g * m)``, logit ``= w . z + b`` (``g = 0``: exactly ``film``)
+
+    Numpy ``features`` and ``params`` (float32, ``index`` None) give numpy logits by the same formulas.
     """
     pooled = None
     if design in POOLED_DESIGNS:
-        features, pooled = features.chunk(2, dim=1)  # (B, H) each
+        features, pooled = _halves(features)  # (B, H) each
     batch, hidden = features.shape
     if params.ndim == 1:
         params = params.unsqueeze(0)  # (1, P)
@@ -312,18 +317,32 @@ def head_logits_cross(design: str, features: torch.Tensor, params: torch.Tensor,
     """Logits ``(B, K)`` of every backbone row ``features (B, H)`` (``(B, 2H)`` for :data:`POOLED_DESIGNS`)
     under every head row ``params (K, P)``: entry ``[b, k]`` is ``head_logits(design, features[b:b+1],
     params[k], rank)`` (the same formulas, :func:`head_logits`), computed in one broadcast ``(B, K, H)``
-    evaluation. Used to score one user against many campaigns (``FleetModel.score_campaigns``)."""
+    evaluation. Used to score one user against many campaigns (``FleetModel.score_campaigns``). Torch
+    tensors or float32 numpy arrays (then numpy logits)."""
     pooled = None
     if design in POOLED_DESIGNS:
-        features, pooled = features.chunk(2, dim=1)  # (B, H) each
-        pooled = pooled.unsqueeze(1)  # (B, 1, H)
+        features, pooled = _halves(features)  # (B, H) each
+        pooled = pooled[:, None]  # (B, 1, H)
     hidden = features.shape[1]
     expected = _num_params(design, hidden, rank)
     if params.ndim != 2 or params.shape[1] != expected:
         raise ValueError(f"head {design!r} (H={hidden}, rank={rank}) needs params of shape (K, {expected}), "
                          f"got {tuple(params.shape)}")
-    p = {name: seg.unsqueeze(0) for name, seg in _segments(design, params, hidden, rank).items()}  # (1, K, *shape)
-    return _design_logits(design, features.unsqueeze(1), pooled, p)  # (B, K)
+    p = {name: seg[None] for name, seg in _segments(design, params, hidden, rank).items()}  # (1, K, *shape)
+    return _design_logits(design, features[:, None], pooled, p)  # (B, K)
+
+
+def _halves(features):
+    """``(last (B, H), mean (B, H))`` views of pooled features ``(B, 2H)`` (torch or numpy)."""
+    half = features.shape[1] // 2
+    return features[:, :half], features[:, half:]
+
+
+def _np_addcmul(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """``a + b * c``: :func:`torch.addcmul` for numpy arrays."""
+    out = b * c
+    out += a
+    return out
 
 
 def _segments(design: str, params: torch.Tensor, hidden_size: int, rank: int) -> dict[str, torch.Tensor]:
@@ -338,14 +357,15 @@ def _design_logits(design: str, features: torch.Tensor, pooled: torch.Tensor | N
                    p: dict[str, torch.Tensor]) -> torch.Tensor:
     """The head formulas of :func:`head_logits` (the one place they live): ``features (..., H)`` (and
     ``pooled (..., H)`` for a pooled design) against segments ``p`` of shapes ``(..., *shape)`` that
-    broadcast with them; logits ``(...)``."""
+    broadcast with them; logits ``(...)``. Torch tensors, or numpy arrays (computed with numpy)."""
+    tanh, addcmul = (torch.tanh, torch.addcmul) if isinstance(features, torch.Tensor) else (np.tanh, _np_addcmul)
     if design == "film":
-        z = torch.tanh(torch.addcmul(p["beta"], features, p["gamma"]))  # (..., H)
+        z = tanh(addcmul(p["beta"], features, p["gamma"]))  # (..., H)
     elif design == "film_pool":
-        z = torch.tanh(torch.addcmul(torch.addcmul(p["beta"], features, p["gamma"]), pooled, p["g"]))  # (..., H)
+        z = tanh(addcmul(addcmul(p["beta"], features, p["gamma"]), pooled, p["g"]))  # (..., H)
     elif design == "lowrank":
-        s = (p["v"] * features.unsqueeze(-1)).sum(-2)  # (..., r)  v^T h
-        z = torch.tanh(features + (p["u"] * s.unsqueeze(-2)).sum(-1))  # (..., H)
+        s = (p["v"] * features[..., None]).sum(-2)  # (..., r)  v^T h
+        z = tanh(features + (p["u"] * s[..., None, :]).sum(-1))  # (..., H)
     else:
         z = features  # (..., H)
     return (z * p["w"]).sum(-1) + p["b"].squeeze(-1)  # (...)

@@ -147,3 +147,48 @@ def test_bench_without_mlflow_writes_no_registry(ray_local, tmp_path, monkeypatc
     results = json.loads((out / "results.json").read_text())
     assert results["real_run"]["registered"] is None and "mlflow_run_id" not in results
     assert not [p for p in tmp_path.rglob("*") if p.name in ("mlflow.db", "mlruns", "mlartifacts")]
+
+
+def test_serving_only_targets_table(tmp_path):
+    """``fleet bench --serving-only``: every row of issue 12's targets table measured against a real version, its
+    SIMULATED big sibling, a real HTTP server and K fp32 teachers (the peer, cycled when fewer than K exist); the
+    scoring rows carry the peer and the ratio; JSON and markdown written. No timing assertions."""
+    import pyarrow as pa
+    from test_serving import NUM_EVENT_TYPES, NUM_FEATURES, build_version
+
+    from fleet.events import write_events
+    from fleet.synth import SynthConfig, campaign_ids, generate
+    from fleet.teachers import TeacherConfig, TeacherRNN, save_teacher
+
+    built = build_version(str(tmp_path / "store"))
+    fleet_dir, out = tmp_path / "fleet", tmp_path / "out"
+    synth = SynthConfig(campaigns=3, num_event_types=NUM_EVENT_TYPES, num_features=NUM_FEATURES, min_sequences=100,
+                        max_sequences=120, seed=1)
+    write_events(str(fleet_dir / "events"), pa.concat_tables([generate(synth, i) for i in range(3)]))
+    for cid in campaign_ids(3):
+        config = TeacherConfig(cid, arch="lstm", num_event_types=NUM_EVENT_TYPES, embed_dim=8,
+                               num_features=NUM_FEATURES, hidden_size=16, num_layers=1)
+        save_teacher(str(fleet_dir / "teachers"), TeacherRNN(config), config)
+    code = main(["bench", "--serving-only", "--model", built.uri, "--fleet-dir", str(fleet_dir), "--out", str(out),
+                 "--scale-campaigns", "1500", "--warm-requests", "30", "--http-requests", "20"])
+    assert code == 0
+    st = json.loads((out / "serving-targets.json").read_text())["serving_targets"]
+    assert [r["key"] for r in st["targets"]] == list(bench.SERVING_TARGETS)
+    for row in st["targets"]:
+        assert finite(row["value"]) and row["value"] > 0 and isinstance(row["passed"], bool), row
+        if row["key"] in ("score", "http_score"):
+            assert finite(row["peer"]) and finite(row["ratio"]) and row["ratio"] > 0, row
+        else:
+            assert row["peer"] is None and row["ratio"] is None, row
+    assert st["peer"]["k"] == bench.SCORE_K and st["peer"]["teachers_loaded"] == 3
+    assert st["score"]["n"] == 30 and st["score_all"]["n"] == bench.SLOW_REQUESTS and st["http_errors"] == 0
+    assert st["sim_campaigns"] == 1500 and st["probe"]["heads"]["size"] == 1500
+    md = (out / "serving-targets.md").read_text()
+    assert "K-teacher peer" in md and sum(line.startswith("| ") for line in md.splitlines()) == len(bench.SERVING_TARGETS) + 1
+    code = main(["bench", "--serving-only", "--model", built.uri, "--fleet-dir", str(fleet_dir), "--out", str(out),
+                 "--scale-campaigns", "1500", "--warm-requests", "30", "--http-requests", "20"])
+    assert code == 0 and len(list((out / "scale-store" / "sim-1500" / "versions").iterdir())) == 1  # reused
+
+
+def test_serving_only_needs_a_model():
+    assert main(["bench", "--serving-only", "--out", "unused", "--fleet-dir", "unused"]) != 0

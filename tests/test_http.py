@@ -801,3 +801,83 @@ def test_error_bodies_name_campaign_row_and_reason_never_paths_credentials_or_tr
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert "reload failed" in logged and "Traceback" in logged  # the operator's log keeps the trace ...
     assert "hunter2-pw" not in logged and "tok-5b1e-query" not in logged  # ... without the credentials
+
+
+_PREDICT_BODIES = [
+    b'{"campaign_id": "camp-0000", "sequences": [{"event_types": [1, 2], "features": [0, 1.5, -2, 3, 4, 5e-3]}]}',
+    b'{"campaign_id": "camp-0000", "sequences": [], "extra": 1}',
+    b'{"campaign_id": "camp-0000", "sequences": [{"event_types": [], "features": [], "x": [true]}]}',
+    b'{"campaign_id": "camp-0000", "sequences": [{"event_types": [18446744073709551615], "features": [1, 2, 3]}]}',
+    b'{"campaign_id": "camp-0000", "sequences": [{"event_types": [100000000000000000000000], "features": [0,0,0]}]}',
+    b'{"campaign_id": "camp-0000", "sequences": [{"event_types": [true], "features": [0, 0, 0]}]}',
+    b'{"campaign_id": "camp-0000", "sequences": [{"event_types": [1.0], "features": [0, 0, 0]}]}',
+    b'{"campaign_id": "camp-0000", "sequences": [{"event_types": [1], "features": [false, 0, 0]}]}',
+    b'{"campaign_id": "camp-0000", "sequences": [{"event_types": [1], "features": ["0", 0, 0]}]}',
+    b'{"campaign_id": "camp-0000", "sequences": [{"event_types": [1], "features": [NaN, 0, 0]}]}',
+    b'{"campaign_id": "camp-0000", "sequences": [{"event_types": [1], "features": [1e999, 0, 0]}]}',
+    b'{"campaign_id": "camp-0000", "sequences": [{"event_types": [1]}]}',
+    b'{"campaign_id": "camp-0000", "sequences": [[1, 2]]}',
+    b'{"campaign_id": 7, "sequences": []}', b'{"sequences": []}', b"[]", b"not json", b"",
+]
+_SCORE_BODIES = [
+    b'{"sequence": {"event_types": [1], "features": [0, 1, 2]}}',
+    b'{"sequence": {"event_types": [1], "features": [0, 1, 2]}, "campaign_ids": null, "top_k": null}',
+    b'{"sequence": {"event_types": [1], "features": [0, 1, 2]}, "campaign_ids": ["a", "b", "a"], "top_k": 2}',
+    b'{"sequence": {"event_types": [1], "features": [0, 1, 2]}, "campaign_ids": [], "note": 1}',
+    b'{"sequence": {"event_types": [1], "features": [0, 1, 2]}, "campaign_ids": ["a", 2]}',
+    b'{"sequence": {"event_types": [1], "features": [0, 1, 2]}, "campaign_ids": "a"}',
+    b'{"sequence": {"event_types": [1], "features": [0, 1, 2]}, "top_k": 0}',
+    b'{"sequence": {"event_types": [1], "features": [0, 1, 2]}, "top_k": true}',
+    b'{"sequence": {"event_types": [1], "features": [0, 1, 2]}, "top_k": 2.0}',
+    b'{"sequence": {"event_types": [1.5], "features": [0, 1, 2]}}',
+    b'{"sequences": [{"event_types": [1], "features": [0, 1, 2]}]}', b"{}", b"null",
+]
+
+
+@pytest.mark.parametrize("body", _PREDICT_BODIES)
+def test_fast_predict_parse_agrees_with_the_model(body):
+    """The hot endpoints' minimal check accepts only what PredictRequest accepts, with the same values; anything
+    else goes to pydantic (None), which names the problem."""
+    from pydantic import ValidationError
+
+    from fleet.http import PredictRequest, _fast_predict_body
+
+    fast = _fast_predict_body(body)
+    try:
+        req = PredictRequest.model_validate_json(body)
+    except ValidationError:
+        assert fast is None
+        return
+    if fast is not None:
+        assert fast == (req.campaign_id, [s.event_types for s in req.sequences], [s.features for s in req.sequences])
+
+
+@pytest.mark.parametrize("body", _SCORE_BODIES)
+def test_fast_score_parse_agrees_with_the_model(body):
+    from pydantic import ValidationError
+
+    from fleet.http import ScoreRequest, _fast_score_body
+
+    fast = _fast_score_body(body)
+    try:
+        req = ScoreRequest.model_validate_json(body)
+    except ValidationError:
+        assert fast is None
+        return
+    assert fast is not None  # every plain body takes the fast path
+    seq = {"event_types": req.sequence.event_types, "features": req.sequence.features}
+    assert fast == (seq, req.campaign_ids, req.top_k)
+
+
+def test_fast_path_answers_what_the_model_computes(client, versions, models):
+    """Through the fast parse and orjson, /v1/predict returns exactly the model's probabilities (also for an
+    int beyond 64 bits in a feature, which orjson reads as the float pydantic would make of it)."""
+    cid = versions["v1"].ids[0]
+    feats = [0.5] * NUM_FEATURES
+    seqs = [{"event_types": [1, 2], "features": feats * 2}, {"event_types": [1], "features": [2**70, *feats[1:]]}]
+    r = client.post("/v1/predict", content=json.dumps({"campaign_id": cid, "sequences": seqs}).encode(),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
+    want = models["v1"].predict(cid, [{"event_types": s["event_types"], "features": [float(x) for x in s["features"]]}
+                                      for s in seqs])
+    assert strict_json(r)["probabilities"] == want.tolist()

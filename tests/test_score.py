@@ -236,7 +236,7 @@ def test_resident_equals_lru_exactly(built, models):
         assert models["resident"].head_status(cid) == models["lru"].head_status(cid) == built.rows[cid].status
     heads_r, _ = models["resident"]._heads(built.ids, {})
     heads_l, _ = models["lru"]._heads(built.ids, {})
-    assert torch.equal(heads_r, heads_l)  # the same dequantized parameters, bit for bit
+    np.testing.assert_array_equal(heads_r, heads_l)  # the same dequantized parameters, bit for bit
 
 
 def test_open_options(built):
@@ -286,6 +286,24 @@ def test_resident_refuses_corrupt_rows_at_open(built, tmp_path):
         with pytest.raises(StoreError, match=f"{cid8}.*symmetric range"):
             m.score_campaigns(random_sequences(random.Random(11), 1)[0], [built.ids[1], cid8])
         assert m.predict(built.ids[1], random_sequences(random.Random(11), 1)).shape == (1,)  # the others still serve
+        with pytest.raises(StoreError, match=f"{cid8}.*symmetric range"):  # a bad row is never marked checked
+            m.predict(cid8, random_sequences(random.Random(11), 1))
+
+
+def test_resident_codes_are_checked_once(built, models):
+    """The resident table checks a row's codes the first time a request decodes it and marks it; later decodes
+    of checked rows skip the check and give the same parameters bit for bit."""
+    m = FleetModel.open(built.uri)
+    table = m._table
+    assert not table.checked.any()
+    seq = random_sequences(random.Random(13), 1)[0]
+    first = m.score_campaigns(seq, built.ids[:10])
+    assert table.checked[:10].all() and not table.checked[10:].any()
+    again = m.score_campaigns(seq, built.ids[:10])
+    np.testing.assert_array_equal(again.probabilities, first.probabilities)
+    heads, _ = m._heads(built.ids, {})  # every row now: all checked, equal to the LRU path
+    assert table.checked.all()
+    np.testing.assert_array_equal(heads, models["lru"]._heads(built.ids, {})[0])
 
 
 # --------------------------------------------------------------------------- fleet predict --rank

@@ -221,3 +221,27 @@ def test_pooled_features_are_last_and_mean_of_the_valid_states_only():
         feats2 = feats.clone()
         feats2[1, 4:] = 1e3  # after lengths: no effect
         assert torch.equal(backbone(types, feats2, lengths, pooled=True), out)
+
+
+@pytest.mark.parametrize("design", HEAD_DESIGNS)
+def test_head_formulas_on_numpy_arrays_equal_torch(design):
+    """Serving evaluates heads on float32 numpy arrays: head_logits (rows) and head_logits_cross give torch's
+    logits (to float32 rounding) for every design."""
+    import numpy as np
+
+    from fleet.student import head_logits_cross
+
+    rank = 2 if design == "lowrank" else 1
+    config = _config(hidden_size=8, head=design, head_rank=rank)
+    g = torch.Generator().manual_seed(3)
+    features = torch.randn(5, feature_width(config), generator=g)  # (B, W)
+    heads = torch.randn(6, head_num_params(config), generator=g)  # (K, P)
+    want = head_logits_cross(design, features, heads, rank)  # (B, K)
+    got = head_logits_cross(design, features.numpy(), heads.numpy(), rank)
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32 and got.shape == (5, 6)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-6, rtol=0)
+    rows = heads[torch.tensor([0, 3, 3, 5, 1])]  # (B, P): row b's own head
+    want_rows = head_logits(design, features, rows, rank)
+    got_rows = head_logits(design, features.numpy(), rows.numpy(), rank)
+    assert isinstance(got_rows, np.ndarray) and got_rows.shape == (5,)
+    np.testing.assert_allclose(got_rows, want_rows.numpy(), atol=1e-6, rtol=0)
