@@ -44,7 +44,7 @@ from fleet.store import (
     remove_stale_temp_files,
     sha256_bytes,
 )
-from fleet.teachers import list_teacher_campaigns
+from fleet.teacher_pack import PACKS_DIR, TeacherCatalog, locate_teachers
 
 console = Console(stderr=True)
 TRANSIENT_ERRORS = (OSError, TimeoutError, ConnectionError)
@@ -411,14 +411,17 @@ def _train_backbone_distributed(sample: pa.Table, ctx: stages.StageContext, work
     return workdir.read_json("backbone_stats.json")
 
 
-def _input_space(teachers_uri: str, campaigns: list[str], config: stages.CompressConfig,
+def _input_space(teachers_uri: str, catalog: TeacherCatalog, config: stages.CompressConfig,
                  storage_options: dict | None) -> tuple[int, int]:
     if config.num_event_types and config.num_features:
         return config.num_event_types, config.num_features
     fs, path = open_fs(teachers_uri, storage_options)
-    for campaign_id in [c for c in campaigns if CAMPAIGN_ID_PATTERN.fullmatch(c)][:50]:  # an id is no path yet
+    packs = sorted({slot.pack for slot in catalog.packed.values()})[:50]
+    directories = [c for c in catalog.campaigns if CAMPAIGN_ID_PATTERN.fullmatch(c) and c not in catalog.packed
+                   and c not in catalog.conflicts][:50]  # an id is no path yet
+    for config_path in [f"{path}/{PACKS_DIR}/{p}/config.json" for p in packs] + [f"{path}/{c}/config.json" for c in directories]:
         try:
-            data = json.loads(fs.cat_file(f"{path}/{campaign_id}/config.json"))
+            data = json.loads(fs.cat_file(config_path))
             return int(data["num_event_types"]), int(data["num_features"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
@@ -569,8 +572,11 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
         # stage 1: soft labels (the floor)
         t0 = time.perf_counter()
         done = workdir.done_shards("soft_labels")
+        packed, conflicts = plan.get("packed", {}), plan.get("teacher_conflicts", {})
         jobs = [{"shard": name, "campaigns": batch, "backbone_quota": {c: quotas[c] for c in batch if c in quotas},
-                 "parent": {c: parent_hashes[c] for c in batch if c in parent_hashes}}
+                 "parent": {c: parent_hashes[c] for c in batch if c in parent_hashes},
+                 "packed": {c: packed[c] for c in batch if c in packed},
+                 "teacher_conflicts": {c: conflicts[c] for c in batch if c in conflicts}}
                 for name, batch in zip(plan["shards"], plan["batches"]) if name not in done]
         stage1 = map_on_ray(_soft_labels_task, jobs, (ctx, work), "stage 1  teacher soft labels",
                             done=sum(len(b) for n, b in zip(plan["shards"], plan["batches"]) if n in done))
@@ -675,10 +681,11 @@ def _make_plan(teachers_uri, events_uri, store_uri, fleet, config, tracking_uri,
                num_cpus, no_parent) -> dict:
     """The run's fixed plan (written once to ``plan.json``, so a resumed run redoes exactly the same shards)."""
     parent = None if no_parent else _parent_version(fleet, store_uri, tracking_uri, storage_options)
-    campaigns = list_teacher_campaigns(teachers_uri, storage_options)
+    catalog = locate_teachers(teachers_uri, storage_options)
+    campaigns = catalog.campaigns
     if not campaigns:
         raise FleetError("no teachers found", path=teachers_uri)
-    num_event_types, num_features = _input_space(teachers_uri, campaigns, config, storage_options)
+    num_event_types, num_features = _input_space(teachers_uri, catalog, config, storage_options)
     sizes = EventsDataset(events_uri, storage_options).campaign_sizes()
     batches = _plan(campaigns, sizes, config, num_cpus)
     parent_hashes = {}
@@ -691,6 +698,7 @@ def _make_plan(teachers_uri, events_uri, store_uri, fleet, config, tracking_uri,
     return {
         "all_campaigns": campaigns, "batches": batches, "shards": [f"b{i:05d}" for i in range(len(batches))],
         "num_event_types": num_event_types, "num_features": num_features,
+        "packed": catalog.plan_entries(), "teacher_conflicts": catalog.conflicts,
         "sizes": {c: int(sizes.get(c, 0)) for c in campaigns},
         "parent_manifest": parent.uri if parent is not None else None, "parent_hashes": parent_hashes,
         "retrain_backbone": bool(retrain_backbone or parent is None), "config": config.to_dict(),
