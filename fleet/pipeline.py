@@ -221,16 +221,25 @@ def balanced_batches(costs: dict[str, float], num_batches: int) -> list[list[str
 def run_synth(config: synth.SynthConfig, out_uri: str, storage_options: dict | None = None,
               address: str | None = None) -> dict:
     """``fleet synth``: record ``out/synth.json``, write ``out/events/`` on the driver, then train every
-    teacher on Ray. Re-running an interrupted run with the same config resumes it (teachers already
+    teacher on Ray (per-user fleets: one task per pack writes its events part and its trained pack,
+    :func:`fleet.synth.build_user_pack`). Re-running an interrupted run with the same config resumes it (teachers already
     saved are kept); an ``out`` that holds another fleet is refused, never overwritten."""
     import pyarrow as pa
 
     started = time.perf_counter()
     out_uri = absolute_uri(out_uri).rstrip("/")
     _record_synth_config(config, out_uri, storage_options)
+    events_uri, teachers_uri = f"{out_uri}/events", f"{out_uri}/teachers"
+    if config.entities == "user":  # a task per pack: its entities' events, then their teachers trained together
+        with ray_session(address):
+            packs = list(range(math.ceil(config.campaigns / config.pack_size)))
+            per_batch = map_on_ray(synth.build_user_pack, packs, (config, events_uri, teachers_uri, storage_options),
+                                   "training teacher packs", sizes=[len(synth.pack_members(config, p)) for p in packs],
+                                   unit="entities")
+        return {"seconds": time.perf_counter() - started, "events_uri": events_uri, "teachers_uri": teachers_uri,
+                "campaigns": [s for batch in per_batch for s in batch]}
     ids = synth.campaign_ids(config.campaigns)
     tables = [synth.generate(config, i) for i in range(config.campaigns)]
-    events_uri, teachers_uri = f"{out_uri}/events", f"{out_uri}/teachers"
     write_events(events_uri, pa.concat_tables(tables), storage_options)
     rows = {cid: len(t) for cid, t in zip(ids, tables)}
     with ray_session(address):

@@ -27,6 +27,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
@@ -374,37 +375,54 @@ def stacked_forward(params: dict[str, torch.Tensor], arch: str, num_layers: int,
 
     ``params``: a TeacherRNN ``state_dict`` with every tensor stacked ``[G, ...]``; ``event_types``
     ``(G, B, T)`` long, ``features`` ``(G, B, T, F)``, ``lengths`` ``(G, B)`` (right padding after them).
-    Returns logits ``(G, B)``. Differentiable (fleet.synth trains with it).
+    Returns logits ``(G, B)``. Rows are sorted longest first, so step ``t`` runs only the leading rows
+    still within their length (no work on padding beyond the longest row of any teacher at that rank).
+    Differentiable (fleet.synth trains with it).
     """
     g, b, t = event_types.shape
-    teacher = torch.arange(g)[:, None, None]  # (G, 1, 1)
-    x = torch.cat([params["embedding.weight"][teacher, event_types], features], dim=-1)  # (G, B, T, E + F)
+    order = torch.argsort(lengths, dim=1, descending=True, stable=True)  # (G, B) longest rows first
+    lengths = lengths.gather(1, order)  # (G, B)
+    event_types = event_types.gather(1, order[:, :, None].expand(-1, -1, t))  # (G, B, T)
+    features = features.gather(1, order[:, :, None, None].expand(-1, -1, t, features.shape[-1]))  # (G, B, T, F)
+    active = (lengths[:, :, None] > torch.arange(t)).sum(1).amax(0).tolist()  # rows still running at each step
+    table = params["embedding.weight"]  # (G, V, E)
+    rows = event_types + (torch.arange(g) * table.shape[1])[:, None, None]  # (G, B, T) rows of the (G * V, E) table
+    embedded = F.embedding(rows, table.reshape(-1, table.shape[-1]))  # (G, B, T, E); a cheap backward, unlike indexing
+    steps = [x[:, :n] for x, n in zip(torch.cat([embedded, features], dim=-1).unbind(2), active)]  # T x (G, b_t, I)
     for layer in range(num_layers):
         w_ih = params[f"rnn.weight_ih_l{layer}"].transpose(1, 2)  # (G, I, nH)
         w_hh = params[f"rnn.weight_hh_l{layer}"].transpose(1, 2)  # (G, H, nH)
+        b_ih = params[f"rnn.bias_ih_l{layer}"][:, None, :]  # (G, 1, nH)
         b_hh = params[f"rnn.bias_hh_l{layer}"][:, None, :]  # (G, 1, nH)
-        gates_in = torch.baddbmm(params[f"rnn.bias_ih_l{layer}"][:, None, :], x.reshape(g, b * t, -1), w_ih)
-        gates_in = gates_in.reshape(g, b, t, -1)  # (G, B, T, nH): every step's input projection at once
-        hidden = w_hh.shape[1]
-        h = x.new_zeros(g, b, hidden)  # (G, B, H)
-        c = x.new_zeros(g, b, hidden)
+        h = steps[0].new_zeros(g, b, w_hh.shape[1])  # (G, B, H)
+        c = torch.zeros_like(h)
         outputs = []
-        for step in range(t):
-            gates_h = torch.baddbmm(b_hh, h, w_hh)  # (G, B, nH)
+        for x, n in zip(steps, active):
+            h, c = h[:, :n], c[:, :n]  # (G, b_t, H): the rows past their end are no longer needed
+            gates_in = torch.baddbmm(b_ih, x, w_ih)  # (G, b_t, nH)
+            gates_h = torch.baddbmm(b_hh, h, w_hh)  # (G, b_t, nH)
             if arch == "lstm":
-                i, f, cell, o = (gates_in[:, :, step] + gates_h).chunk(4, dim=-1)  # (G, B, H) each
+                i, f, cell, o = (gates_in + gates_h).chunk(4, dim=-1)  # (G, b_t, H) each
                 c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(cell)
                 h = torch.sigmoid(o) * torch.tanh(c)
             else:  # gru: reset, update, new (the new gate's hidden part is scaled by the reset gate)
-                r_in, z_in, n_in = gates_in[:, :, step].chunk(3, dim=-1)
+                r_in, z_in, n_in = gates_in.chunk(3, dim=-1)
                 r_h, z_h, n_h = gates_h.chunk(3, dim=-1)
                 r, z = torch.sigmoid(r_in + r_h), torch.sigmoid(z_in + z_h)
                 h = (1 - z) * torch.tanh(n_in + r * n_h) + z * h
             outputs.append(h)
-        x = torch.stack(outputs, dim=2)  # (G, B, T, H)
-    last = (lengths - 1).clamp(min=0)[:, :, None, None].expand(-1, -1, 1, x.shape[-1])  # (G, B, 1, H)
-    final = x.gather(2, last).squeeze(2)  # (G, B, H)
-    return torch.baddbmm(params["readout.bias"][:, None, :], final, params["readout.weight"].transpose(1, 2)).squeeze(-1)
+        steps = outputs
+    # each row's state at its last valid step: rows ending at step s are rows active[s + 1] .. active[s] - 1 (per
+    # teacher some of them may end later or be shorter; the mask picks exactly the right step)
+    final = steps[0].new_zeros(g, b, steps[0].shape[-1])  # (G, B, H)
+    ends = lengths - 1  # (G, B)
+    for step, h in enumerate(steps):
+        n = h.shape[1]
+        mask = (ends[:, :n] == step)[:, :, None]  # (G, b_t, 1)
+        if mask.any():
+            final = torch.cat([torch.where(mask, h, final[:, :n]), final[:, n:]], dim=1)
+    logits = torch.baddbmm(params["readout.bias"][:, None, :], final, params["readout.weight"].transpose(1, 2))
+    return torch.empty_like(logits.squeeze(-1)).scatter(1, order, logits.squeeze(-1))  # (G, B) in input row order
 
 
 def pad_stack(batches: Sequence[SequenceBatch]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
