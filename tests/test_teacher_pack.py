@@ -228,3 +228,38 @@ def test_per_user_packed_fleet_compress_predict_and_incremental(ray_local, tmp_p
             assert new[campaign_id]["teacher_sha256"] != row["teacher_sha256"]
         else:
             assert new[campaign_id] == row
+
+
+def test_pack_teachers_command(tmp_path, capsys):
+    from fleet.cli import main
+
+    tiny_teachers(tmp_path / "src", ["c0", "c1", "c2"])
+    assert main(["pack-teachers", str(tmp_path / "src"), str(tmp_path / "dst"), "--pack-size", "2"]) == 0
+    assert list_teacher_campaigns(str(tmp_path / "dst")) == ["c0", "c1", "c2"]
+    assert "3 teachers in 2 packs" in capsys.readouterr().out
+    assert main(["pack-teachers", str(tmp_path / "src"), str(tmp_path / "dst")]) == 1  # DST not empty
+    (tmp_path / "src/c1/model.safetensors").write_bytes(b"\x80\x04not safetensors")
+    assert main(["pack-teachers", str(tmp_path / "src"), str(tmp_path / "dst2")]) == 3
+    err = " ".join(capsys.readouterr().err.split())
+    assert "skipped c1" in err and "pickle" in err
+    assert list_teacher_campaigns(str(tmp_path / "dst2")) == ["c0", "c2"]
+    assert main(["pack-teachers", str(tmp_path / "src"), str(tmp_path / "dst3"), "--pack-size", "0"]) == 2
+
+
+def test_packs_and_directories_on_s3(s3_server, s3_bucket):
+    """On S3 (moto server): listing reads the index files, slots are read by byte range."""
+    options = s3_server["storage_options"]
+    root = f"{s3_bucket}/teachers"
+    torch.manual_seed(0)
+    config = TeacherConfig(campaign_id="d0", **TINY)
+    save_teacher(root, TeacherRNN(config).eval(), config, options)
+    ids = ["p0", "p1", "p2"]
+    models = [TeacherRNN(TeacherConfig(campaign_id=c, **TINY)).eval() for c in ids]
+    write_pack(root, "pack-00000", {"arch": "lstm", **TINY}, ids, stack_states(models), options)
+    catalog = locate_teachers(root, options)
+    assert catalog.campaigns == ["d0", "p0", "p1", "p2"] and list(catalog.packed) == ids
+    loaded = load_teachers(root, ["p2", "d0", "p1"], catalog.plan_entries(), options)
+    for k in (1, 2):
+        for name, tensor in models[k].state_dict().items():
+            assert torch.equal(loaded[ids[k]].model.state_dict()[name], tensor)
+    assert isinstance(loaded["d0"], LoadedTeacher)
