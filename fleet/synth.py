@@ -408,9 +408,10 @@ def train_stacked_teachers(config: SynthConfig, ids: list[str], batches: list[Se
     """Train the reference teachers of entities ``ids`` (rows ``batches``) together: parameters stacked
     ``[K, ...]`` (:func:`fleet.teacher_pack.stacked_forward`), Adam per element (so per teacher), each
     teacher's gradient clipped to norm 1 and its own early stopping on its validation split (patience
-    ``config.patience``; a stopped teacher is frozen at its best). An epoch runs as many steps as the
-    largest entity has minibatches; step ``j`` gives every entity the minibatch at the same quantile of
-    its length-sorted rows (similar lengths: little padding). Deterministic for ``config.seed`` and ``ids``.
+    ``config.patience``; a stopped teacher is frozen at its best). An epoch shows every entity each of its
+    training rows once: its length-sorted minibatches are spread over as many steps as the largest entity
+    has minibatches, each at the step of the same length quantile (similar lengths: little padding), and
+    an entity takes an Adam step only at the steps that hold one of its minibatches. Deterministic for ``config.seed`` and ``ids``.
     Returns ``(state dicts stacked [K, ...], per-entity stats)``."""
     teacher_config = config.teacher_config(ids[0])
     generator = torch.Generator().manual_seed(_campaign_seed(config.seed, f"pack:{ids[0]}"))
@@ -432,9 +433,15 @@ def train_stacked_teachers(config: SynthConfig, ids: list[str], batches: list[Se
         chunks = [list(torch.split(torch.argsort(t.lengths.float() + torch.rand(len(t), generator=generator) * 4.0),
                                    config.batch_size)) for t in train]
         bands = max(len(c) for c in chunks)
+        at_band: list[list[tuple[int, int]]] = [[] for _ in range(bands)]  # band -> (entity, its chunk)
+        for k in torch.nonzero(active).flatten().tolist():
+            for c in range(len(chunks[k])):  # chunk c (quantile c / n_k of the lengths) at the same quantile band
+                at_band[c * bands // len(chunks[k])].append((k, c))
         for band in torch.randperm(bands, generator=generator).tolist():
-            members = torch.nonzero(active).flatten().tolist()
-            picks = [train[k].select(chunks[k][band * len(chunks[k]) // bands]) for k in members]
+            if not at_band[band]:
+                continue
+            members = [k for k, _ in at_band[band]]
+            picks = [train[k].select(chunks[k][c]) for k, c in at_band[band]]
             rows = max(len(p) for p in picks)
             steps_t = max(int(p.lengths.max()) for p in picks)
             per_group = max(1, TRAIN_GROUP_FLOATS // (rows * steps_t * width))
@@ -445,7 +452,9 @@ def train_stacked_teachers(config: SynthConfig, ids: list[str], batches: list[Se
                 loss = _stacked_bce(sub, teacher_config, picks[start:start + per_group]).sum()
                 for name, grad in zip(sub, torch.autograd.grad(loss, list(sub.values()))):
                     grads[name][group] = grad
-            _adam_step(params, grads, moments, steps, active, config.lr)
+            stepping = torch.zeros(count, dtype=torch.bool)
+            stepping[members] = True
+            _adam_step(params, grads, moments, steps, stepping, config.lr)
         epochs[active] = epoch
         loss = _stacked_validation(params, teacher_config, val)
         improved = active & (loss < best_loss - 1e-4)
@@ -471,7 +480,7 @@ def _stacked_validation(params, config: TeacherConfig, val: list[SequenceBatch])
 def _adam_step(params: dict, grads: dict, moments: dict, steps: torch.Tensor, active: torch.Tensor, lr: float,
                betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
     """One Adam step of the ``active`` stacked teachers (``[K, ...]`` tensors), after clipping each teacher's
-    gradient to norm 1 (as :func:`train_teacher` does per model); inactive teachers stay as they are."""
+    gradient to norm 1 (as :func:`train_teacher` does per model); the others stay as they are."""
     norms = torch.sqrt(sum(g.pow(2).flatten(1).sum(1) for g in grads.values()))  # (K,)
     scale = torch.clamp(1.0 / (norms + 1e-6), max=1.0)  # (K,)
     steps += active.float()

@@ -394,7 +394,8 @@ def stacked_forward(params: dict[str, torch.Tensor], arch: str, num_layers: int,
         w_hh = params[f"rnn.weight_hh_l{layer}"].transpose(1, 2)  # (G, H, nH)
         b_ih = params[f"rnn.bias_ih_l{layer}"][:, None, :]  # (G, 1, nH)
         b_hh = params[f"rnn.bias_hh_l{layer}"][:, None, :]  # (G, 1, nH)
-        h = steps[0].new_zeros(g, b, w_hh.shape[1])  # (G, B, H)
+        hidden = w_hh.shape[1]
+        h = steps[0].new_zeros(g, b, hidden)  # (G, B, H)
         c = torch.zeros_like(h)
         outputs = []
         for x, n in zip(steps, active):
@@ -402,9 +403,10 @@ def stacked_forward(params: dict[str, torch.Tensor], arch: str, num_layers: int,
             gates_in = torch.baddbmm(b_ih, x, w_ih)  # (G, b_t, nH)
             gates_h = torch.baddbmm(b_hh, h, w_hh)  # (G, b_t, nH)
             if arch == "lstm":
-                i, f, cell, o = (gates_in + gates_h).chunk(4, dim=-1)  # (G, b_t, H) each
-                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(cell)
-                h = torch.sigmoid(o) * torch.tanh(c)
+                gates = gates_in + gates_h  # (G, b_t, 4H): input, forget, cell, output
+                i, f, _, o = torch.sigmoid(gates).chunk(4, dim=-1)  # (G, b_t, H) each; one call for all gates
+                c = f * c + i * torch.tanh(gates[..., 2 * hidden:3 * hidden])
+                h = o * torch.tanh(c)
             else:  # gru: reset, update, new (the new gate's hidden part is scaled by the reset gate)
                 r_in, z_in, n_in = gates_in.chunk(3, dim=-1)
                 r_h, z_h, n_h = gates_h.chunk(3, dim=-1)
@@ -460,13 +462,14 @@ def stacked_logits(params: dict[str, torch.Tensor], arch: str, num_layers: int, 
         chunks = [(g, orders[g][slice(*bounds[g][r])]) for g in range(len(batches)) if r < len(bounds[g])]
         chunks.sort(key=lambda item: int(batches[item[0]].lengths[item[1]].max()))  # similar lengths together
         group: list = []
+        rows = steps = 0  # the current group's largest chunk and longest row
         for item in [*chunks, None]:
             if item is not None:
-                trial = [*group, item]
-                rows = max(len(i) for _, i in trial)
-                steps = max(int(batches[g].lengths[i].max()) for g, i in trial)
-                if not group or len(trial) * rows * steps * width <= STACKED_FLOAT_BUDGET:
-                    group = trial
+                g, index = item
+                wider = (max(rows, len(index)), max(steps, int(batches[g].lengths[index].max())))
+                if not group or (len(group) + 1) * wider[0] * wider[1] * width <= STACKED_FLOAT_BUDGET:
+                    group.append(item)
+                    rows, steps = wider
                     continue
             members = torch.tensor([g for g, _ in group])
             subs = [batches[g].select(i) for g, i in group]
@@ -474,6 +477,7 @@ def stacked_logits(params: dict[str, torch.Tensor], arch: str, num_layers: int, 
             for k, (g, index) in enumerate(group):
                 outputs[g][index] = logits[k, : len(index)]
             group = [item] if item is not None else []
+            rows, steps = (len(item[1]), int(batches[item[0]].lengths[item[1]].max())) if item is not None else (0, 0)
     return outputs
 
 
