@@ -576,12 +576,19 @@ def bench_teacher_pass(teachers_uri: str, events_uri: str, campaigns: int = TEAC
     batches = [table_to_batch(tables[t.campaign_id].slice(0, rows), num_features) for t in teachers]
     sequences = sum(len(b) for b in batches)
     timings, outputs = {}, {}
-    for mode in ("one_at_a_time", "batched"):
-        started = time.perf_counter()
-        outputs[mode] = teacher_logits(teachers, batches, batched=mode == "batched")
-        timings[mode] = time.perf_counter() - started
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in stage 1's Ray tasks (one CPU, one torch thread each)
+    try:
+        teacher_logits(teachers[:2], batches[:2], batched=False)  # warm-up
+        teacher_logits(teachers[:2], batches[:2])
+        for mode in ("one_at_a_time", "batched"):
+            started = time.perf_counter()
+            outputs[mode] = teacher_logits(teachers, batches, batched=mode == "batched")
+            timings[mode] = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
     diff = max(float((a - b).abs().max()) for a, b in zip(outputs["batched"], outputs["one_at_a_time"]) if len(a))
-    return {"teachers": len(teachers), "sequences": sequences, "torch_threads": torch.get_num_threads(),
+    return {"teachers": len(teachers), "sequences": sequences, "torch_threads": 1,
             "teacher": {k: teachers[0].config.get(k) for k in ("arch", "hidden_size", "num_layers")},
             "seconds": timings, "sequences_per_second": {k: sequences / v for k, v in timings.items()},
             "speedup": timings["one_at_a_time"] / timings["batched"], "max_abs_logit_diff": diff,
