@@ -38,7 +38,6 @@ from fleet.teachers import (
     CONFIG_FILE,
     TEACHER_FORMAT,
     LoadedTeacher,
-    TeacherConfig,
     TeacherRNN,
     _check_symlinks,
     _protocols,
@@ -563,7 +562,3 @@ def pack_teachers(src_uri: str, dst_uri: str, pack_size: int = DEFAULT_PACK_SIZE
         flush(key)
     return {"packs": written, "packed": packed, "skipped": skipped}
 
-
-def teacher_config_from_pack(config: dict, campaign_id: str) -> TeacherConfig:
-    """The reference :class:`TeacherConfig` of ``campaign_id`` in a pack of shared ``config``."""
-    return TeacherConfig(campaign_id=campaign_id, **{k: config[k] for k in _ARCH_FIELDS if k in config})
