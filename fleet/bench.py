@@ -366,6 +366,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         fleet = prepare_fleet(cfg.synth, cfg.fleet_dir, cfg.address)
         results["fleet"] = fleet
         console.print(f"fleet: {fleet['how']}")
+        results["teacher_pass"] = bench_teacher_pass(fleet["teachers_uri"], fleet["events_uri"])
 
         # (d) the real run: the headline wall time, and stage 1 for everyone
         fleet_name = f"bench-n{n}"
@@ -567,6 +568,44 @@ def contiguous_jobs(head_jobs: list[dict], block_rows: int) -> list[dict]:
     return [{"shard": f"w{i:05d}", "campaigns": batch, "hashes": {c: hashes[c] for c in batch},
              "soft": soft.filter(pc.is_in(soft["campaign_id"], value_set=pa.array(batch)))}
             for i, batch in enumerate(batches)]
+
+
+TEACHER_PASS_CAMPAIGNS, TEACHER_PASS_ROWS = 32, 256  # the teacher-pass section: teachers, rows of each (at most)
+
+
+def bench_teacher_pass(teachers_uri: str, events_uri: str, campaigns: int = TEACHER_PASS_CAMPAIGNS,
+                       rows: int = TEACHER_PASS_ROWS) -> dict:
+    """Stage 1's teacher pass on the bench fleet's first ``campaigns`` teachers (at most ``rows`` rows each):
+    sequences/s batched (stacked parameters, :func:`fleet.teacher_pack.teacher_logits`) vs one at a time,
+    in this process, and the largest difference of their logits."""
+    from fleet.teacher_pack import load_teachers, locate_teachers, teacher_logits
+
+    catalog = locate_teachers(teachers_uri)
+    ids = catalog.campaigns[:campaigns]
+    loaded = load_teachers(teachers_uri, ids, catalog.plan_entries())
+    teachers = [loaded[c] for c in ids if not isinstance(loaded[c], Exception)]
+    tables = EventsDataset(events_uri).read_campaigns([t.campaign_id for t in teachers])
+    num_features = teachers[0].config["num_features"]
+    batches = [table_to_batch(tables[t.campaign_id].slice(0, rows), num_features) for t in teachers]
+    sequences = sum(len(b) for b in batches)
+    timings, outputs = {}, {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in stage 1's Ray tasks (one CPU, one torch thread each)
+    try:
+        teacher_logits(teachers[:2], batches[:2], batched=False)  # warm-up
+        teacher_logits(teachers[:2], batches[:2])
+        for mode in ("one_at_a_time", "batched"):
+            started = time.perf_counter()
+            outputs[mode] = teacher_logits(teachers, batches, batched=mode == "batched")
+            timings[mode] = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
+    diff = max(float((a - b).abs().max()) for a, b in zip(outputs["batched"], outputs["one_at_a_time"]) if len(a))
+    return {"teachers": len(teachers), "sequences": sequences, "torch_threads": 1,
+            "teacher": {k: teachers[0].config.get(k) for k in ("arch", "hidden_size", "num_layers")},
+            "seconds": timings, "sequences_per_second": {k: sequences / v for k, v in timings.items()},
+            "speedup": timings["one_at_a_time"] / timings["batched"], "max_abs_logit_diff": diff,
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
 
 def head_latencies(manifest_uri: str, campaign_ids: list[str], count: int = 200, seed: int = 0) -> dict:
@@ -1294,6 +1333,16 @@ def render_markdown(results: dict, plots_prefix: str = "") -> str:
                   f"{_fmt(s['http']['throughput_rps'], ',.0f')} req/s, {s['http']['errors']} errors |"), "",
                   (f"Serving process RSS (HTTP server, this fleet): {s['http']['server_rss_after_load']['rss_mb']:.0f} MB after "
                   f"the load (peak {s['http']['server_rss_after_load']['peak_rss_mb']:.0f} MB)."), ""]
+    tp = results.get("teacher_pass")
+    if tp:
+        t = tp["teacher"]
+        lines += ["### Teacher pass (stage 1): batched vs one at a time", "",
+                  "| mode | seconds | sequences/s |", "|---|---:|---:|",
+                  *(f"| {mode.replace('_', ' ')} | {tp['seconds'][mode]:.2f} | {tp['sequences_per_second'][mode]:,.0f} |"
+                    for mode in ("one_at_a_time", "batched")), "",
+                  (f"{tp['teachers']} teachers ({t['num_layers']}-layer {str(t['arch']).upper()} h={t['hidden_size']}), "
+                   f"{tp['sequences']:,} sequences, torch threads {tp['torch_threads']}: batched = "
+                   f"**{tp['speedup']:.2f}x** one at a time; largest logit difference {tp['max_abs_logit_diff']:.1e}."), ""]
     sc = results.get("scale")
     if sc:
         lines += ["### Scale — SIMULATED (random heads of the real shape and bit mix, real backbone, real store format)", "",

@@ -31,17 +31,23 @@ DISTRIBUTION = "fleet-distill"  # pyproject.toml [project] name; `import fleet` 
 
 
 def _add_synth(p) -> None:
-    p.add_argument("--campaigns", type=int, required=True, help="number of campaigns")
+    p.add_argument("--campaigns", type=int, required=True, help="number of campaigns (with --entities user: users)")
     p.add_argument("--out", required=True, help="output URI; writes OUT/events/ and OUT/teachers/")
     p.add_argument("--seed", type=int, default=0, help="random seed of the data and the teachers")
+    p.add_argument("--entities", choices=["campaign", "user"], default="campaign",
+                   help="campaign: one teacher directory each; user: many small entities whose teachers are trained "
+                        "--pack-size at a time and written as fleet-teacher-pack/1 packs (default: %(default)s)")
+    p.add_argument("--pack-size", type=int, default=None, help="teachers per pack (--entities user only; default: 1024)")
     p.add_argument("--arch", choices=["lstm", "gru"], default="lstm", help="teacher RNN cell (with --teacher rnn)")
-    p.add_argument("--hidden", type=int, default=256, help="teacher hidden size")
-    p.add_argument("--layers", type=int, default=2, help="teacher RNN layers")
+    p.add_argument("--hidden", type=int, default=None, help="teacher hidden size (default: 256; per user: 16)")
+    p.add_argument("--layers", type=int, default=None, help="teacher RNN layers (default: 2; per user: 1)")
     p.add_argument("--num-event-types", type=int, default=64, help="event type vocabulary size")
     p.add_argument("--num-features", type=int, default=8, help="numeric features per event")
-    p.add_argument("--min-sequences", type=int, default=100, help="smallest campaign size")
-    p.add_argument("--max-sequences", type=int, default=20_000, help="largest campaign size")
-    p.add_argument("--max-epochs", type=int, default=12, help="teacher training epochs at most (early stopping)")
+    p.add_argument("--min-sequences", type=int, default=None, help="smallest entity size (default: 100; per user: 20)")
+    p.add_argument("--max-sequences", type=int, default=None,
+                   help="largest entity size (default: 20000; per user: 300)")
+    p.add_argument("--max-epochs", type=int, default=None,
+                   help="teacher training epochs at most, early stopping (default: 12; per user: 8)")
     p.add_argument("--generator", choices=["default", "affinity", "interaction"], default="default",
                    help="how campaigns are generated (fleet.zoo; default: %(default)s)")
     p.add_argument("--teacher", choices=["rnn", "attn_gru", "conv"], default="rnn",
@@ -56,15 +62,20 @@ def _cmd_synth(args, console) -> int:
     from rich.table import Table
 
     from fleet.pipeline import run_synth
-    from fleet.synth import SynthConfig
+    from fleet.synth import SynthConfig, user_config
     from fleet.teachers import teacher_num_bytes
     from fleet.zoo import build_teacher
 
-    config = SynthConfig(
-        campaigns=args.campaigns, seed=args.seed, arch=args.arch, hidden_size=args.hidden, num_layers=args.layers,
-        num_event_types=args.num_event_types, num_features=args.num_features, min_sequences=args.min_sequences,
-        max_sequences=args.max_sequences, max_epochs=args.max_epochs, generator=args.generator, teacher=args.teacher,
-    )
+    common = {"seed": args.seed, "arch": args.arch, "num_event_types": args.num_event_types,
+              "num_features": args.num_features, "generator": args.generator, "teacher": args.teacher}
+    sized = {"hidden_size": args.hidden, "num_layers": args.layers, "min_sequences": args.min_sequences,
+             "max_sequences": args.max_sequences, "max_epochs": args.max_epochs}
+    if args.entities == "user":
+        config = user_config(args.campaigns, pack_size=args.pack_size, **common, **sized)
+    elif args.pack_size is not None:
+        raise UsageError("--pack-size is for --entities user; pack campaign teachers with fleet pack-teachers")
+    else:
+        config = SynthConfig(campaigns=args.campaigns, **common, **{k: v for k, v in sized.items() if v is not None})
     result = run_synth(config, args.out, args.storage_options, args.address)
     stats = result["campaigns"]
     rows = np.array([s["rows"] for s in stats])
@@ -73,7 +84,7 @@ def _cmd_synth(args, console) -> int:
     table = Table(title=f"synthetic fleet -> {args.out}")
     table.add_column("figure")
     table.add_column("value", justify="right")
-    table.add_row("campaigns", str(len(stats)))
+    table.add_row("users" if config.entities == "user" else "campaigns", str(len(stats)))
     table.add_row("sequences (total)", f"{rows.sum():,}")
     table.add_row("campaign size min / median / p90 / max", f"{rows.min()} / {np.median(rows):.0f} / {np.percentile(rows, 90):.0f} / {rows.max()}")
     table.add_row("label rate min / median / max", f"{rates.min():.3f} / {np.median(rates):.3f} / {rates.max():.3f}")
@@ -83,12 +94,40 @@ def _cmd_synth(args, console) -> int:
     table.add_row("teacher", f"{layers}-layer {kind} h={config.hidden_size}: "
                   f"{sum(p.numel() for p in teacher.parameters()):,} params, {teacher_num_bytes(teacher) / 1e6:.2f} MB")
     trained = [s for s in stats if not s["resumed"]]
+    if config.entities == "user":
+        table.add_row("teachers per pack (fleet-teacher-pack/1)", str(config.pack_size))
     table.add_row("teachers trained / kept from an interrupted run", f"{len(trained)} / {len(stats) - len(trained)}")
     if trained:
         table.add_row("teacher epochs median", f"{np.median([s['epochs'] for s in trained]):.0f}")
     table.add_row("wall time", f"{result['seconds']:.1f} s")
     console.print(table)
     return EXIT_OK
+
+
+def _add_pack_teachers(p) -> None:
+    p.add_argument("src", help="teacher root URI to read (campaign directories and/or packs)")
+    p.add_argument("dst", help="new teacher root URI to write DST/packs/pack-NNNNN/ into (must be empty or absent)")
+    p.add_argument("--pack-size", type=int, default=1024, help="teachers per pack at most (default: %(default)s)")
+    p.add_argument("--allow-loader", action="append", default=[], type=_loader_spec, metavar="MODULE:FUNCTION",
+                   help="allow this custom teacher loader (repeatable; default: installed entry points only)")
+    p.add_argument("--storage-options", type=json_object, default=None, help="fsspec options as JSON (default: none)")
+    p.set_defaults(handler=_cmd_pack_teachers)
+
+
+def _cmd_pack_teachers(args, console) -> int:
+    """Exit 0: every teacher packed; 3: some teachers did not load and were left out (named on stderr)."""
+    from fleet.pipeline import EXIT_QUARANTINED
+    from fleet.teacher_pack import pack_teachers
+
+    if args.pack_size < 1:
+        raise UsageError("--pack-size must be >= 1")
+    result = pack_teachers(args.src, args.dst, args.pack_size, args.storage_options, allow_loaders=args.allow_loader)
+    for campaign_id, reason in sorted(result["skipped"].items()):
+        cli_serving.ERRORS.print(f"skipped {campaign_id}: {scrub(reason)}", highlight=False, markup=False)
+    skipped = len(result["skipped"])
+    console.print(f"{result['packed']} teachers in {result['packs']} packs under {args.dst.rstrip('/')}/packs"
+                  + (f"; {skipped} skipped (stderr)" if skipped else ""))
+    return EXIT_QUARANTINED if skipped else EXIT_OK
 
 
 def _add_compress(p) -> None:
@@ -448,6 +487,7 @@ def _cmd_completion(args, console) -> int:
 #: Every command: name -> (one-line help, function adding its arguments), in ``fleet --help``'s order.
 COMMANDS = {
     "synth": ("generate a synthetic ad-tech fleet (events + trained teachers)", _add_synth),
+    "pack-teachers": ("convert teachers into fleet-teacher-pack/1 packs (many teachers per file)", _add_pack_teachers),
     "compress": ("distil, quantize and register one fleet version (the nightly job)", _add_compress),
     "versions": ("list a fleet's registered versions, aliases and gate results", _add_versions),
     "promote": ("move the champion alias to a registered version by hand", _add_promote),

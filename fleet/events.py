@@ -66,9 +66,10 @@ def holdout_mask(campaign_id: str, num_rows: int, fraction: float = HOLDOUT_FRAC
 
 
 def write_events(uri: str, table: pa.Table, storage_options: dict | None = None, rows_per_file: int = 500_000,
-                 row_group_size: int = 2048) -> None:
-    """Write an events table as ``uri/part-NNNNN.parquet``, sorted by campaign id (row order within a
-    campaign kept) with small row groups so per-campaign filters skip everything else."""
+                 row_group_size: int = 2048, start_part: int = 0) -> None:
+    """Write an events table as ``uri/part-NNNNN.parquet`` (numbered from ``start_part``: a dataset written
+    in pieces), sorted by campaign id (row order within a campaign kept) with small row groups so
+    per-campaign filters skip everything else."""
     table = table.cast(EVENTS_SCHEMA)
     order = pc.sort_indices(
         pa.table({"c": table["campaign_id"], "i": pa.array(np.arange(len(table)))}), [("c", "ascending"), ("i", "ascending")]
@@ -77,7 +78,7 @@ def write_events(uri: str, table: pa.Table, storage_options: dict | None = None,
     fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     fs.makedirs(path, exist_ok=True)
     for part, start in enumerate(range(0, max(len(table), 1), rows_per_file)):
-        with fs.open(f"{path}/part-{part:05d}.parquet", "wb") as f:
+        with fs.open(f"{path}/part-{start_part + part:05d}.parquet", "wb") as f:
             pq.write_table(table.slice(start, rows_per_file), f, row_group_size=row_group_size, compression="zstd")
 
 

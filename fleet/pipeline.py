@@ -48,6 +48,7 @@ from fleet.store import (
     sha256_bytes,
     storage_options_from_env,
 )
+from fleet.teacher_pack import PACKS_DIR, TeacherCatalog, locate_teachers
 from fleet.teachers import list_teacher_campaigns, validate_loader_spec
 
 console = Console(stderr=True)
@@ -225,16 +226,25 @@ def balanced_batches(costs: dict[str, float], num_batches: int) -> list[list[str
 def run_synth(config: synth.SynthConfig, out_uri: str, storage_options: dict | None = None,
               address: str | None = None) -> dict:
     """``fleet synth``: record ``out/synth.json``, write ``out/events/`` on the driver, then train every
-    teacher on Ray. Re-running an interrupted run with the same config resumes it (teachers already
+    teacher on Ray (per-user fleets: one task per pack writes its events part and its trained pack,
+    :func:`fleet.synth.build_user_pack`). Re-running an interrupted run with the same config resumes it (teachers already
     saved are kept); an ``out`` that holds another fleet is refused, never overwritten."""
     import pyarrow as pa
 
     started = time.perf_counter()
     out_uri = absolute_uri(out_uri).rstrip("/")
     _record_synth_config(config, out_uri, storage_options)
+    events_uri, teachers_uri = f"{out_uri}/events", f"{out_uri}/teachers"
+    if config.entities == "user":  # a task per pack: its entities' events, then their teachers trained together
+        with ray_session(address):
+            packs = list(range(math.ceil(config.campaigns / config.pack_size)))
+            per_batch = map_on_ray(synth.build_user_pack, packs, (config, events_uri, teachers_uri, storage_options),
+                                   "training teacher packs", sizes=[len(synth.pack_members(config, p)) for p in packs],
+                                   unit="entities")
+        return {"seconds": time.perf_counter() - started, "events_uri": events_uri, "teachers_uri": teachers_uri,
+                "campaigns": [s for batch in per_batch for s in batch]}
     ids = synth.campaign_ids(config.campaigns)
     tables = [synth.generate(config, i) for i in range(config.campaigns)]
-    events_uri, teachers_uri = f"{out_uri}/events", f"{out_uri}/teachers"
     write_events(events_uri, pa.concat_tables(tables), storage_options)
     rows = {cid: len(t) for cid, t in zip(ids, tables)}
     with ray_session(address):
@@ -415,14 +425,17 @@ def _train_backbone_distributed(sample: pa.Table, ctx: stages.StageContext, work
     return workdir.read_json("backbone_stats.json")
 
 
-def _input_space(teachers_uri: str, campaigns: list[str], config: stages.CompressConfig,
+def _input_space(teachers_uri: str, catalog: TeacherCatalog, config: stages.CompressConfig,
                  storage_options: dict | None) -> tuple[int, int]:
     if config.num_event_types and config.num_features:
         return config.num_event_types, config.num_features
     fs, path = open_fs(teachers_uri, storage_options)
-    for campaign_id in [c for c in campaigns if CAMPAIGN_ID_PATTERN.fullmatch(c)][:50]:  # an id is no path yet
+    packs = sorted({slot.pack for slot in catalog.packed.values()})[:50]
+    directories = [c for c in catalog.campaigns if CAMPAIGN_ID_PATTERN.fullmatch(c) and c not in catalog.packed
+                   and c not in catalog.conflicts][:50]  # an id is no path yet
+    for config_path in [f"{path}/{PACKS_DIR}/{p}/config.json" for p in packs] + [f"{path}/{c}/config.json" for c in directories]:
         try:
-            data = json.loads(fs.cat_file(f"{path}/{campaign_id}/config.json"))
+            data = json.loads(fs.cat_file(config_path))
             return int(data["num_event_types"]), int(data["num_features"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
@@ -624,8 +637,11 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
         # stage 1: soft labels (the floor)
         t0 = time.perf_counter()
         done = workdir.done_shards("soft_labels")
+        packed, conflicts = plan.get("packed", {}), plan.get("teacher_conflicts", {})
         jobs = [{"shard": name, "campaigns": batch, "backbone_quota": {c: quotas[c] for c in batch if c in quotas},
-                 "parent": {c: parent_hashes[c] for c in batch if c in parent_hashes}}
+                 "parent": {c: parent_hashes[c] for c in batch if c in parent_hashes},
+                 "packed": {c: packed[c] for c in batch if c in packed},
+                 "teacher_conflicts": {c: conflicts[c] for c in batch if c in conflicts}}
                 for name, batch in zip(plan["shards"], plan["batches"]) if name not in done]
         stage1 = map_on_ray(_soft_labels_task, jobs, (ctx, work), "stage 1  teacher soft labels",
                             done=sum(len(b) for n, b in zip(plan["shards"], plan["batches"]) if n in done))
@@ -732,10 +748,11 @@ def _make_plan(teachers_uri, events_uri, store_uri, fleet, config, tracking_uri,
                num_cpus, no_parent) -> dict:
     """The run's fixed plan (written once to ``plan.json``, so a resumed run redoes exactly the same shards)."""
     parent = None if no_parent else _parent_version(fleet, store_uri, tracking_uri, storage_options)
-    campaigns = list_teacher_campaigns(teachers_uri, storage_options)
+    catalog = locate_teachers(teachers_uri, storage_options)
+    campaigns = catalog.campaigns
     if not campaigns:
         raise FleetError("no teachers found", path=teachers_uri)
-    num_event_types, num_features = _input_space(teachers_uri, campaigns, config, storage_options)
+    num_event_types, num_features = _input_space(teachers_uri, catalog, config, storage_options)
     sizes = EventsDataset(events_uri, storage_options).campaign_sizes()
     batches = _plan(campaigns, sizes, config, num_cpus)
     parent_hashes = {}
@@ -748,6 +765,7 @@ def _make_plan(teachers_uri, events_uri, store_uri, fleet, config, tracking_uri,
     return {
         "all_campaigns": campaigns, "batches": batches, "shards": [f"b{i:05d}" for i in range(len(batches))],
         "num_event_types": num_event_types, "num_features": num_features,
+        "packed": catalog.plan_entries(), "teacher_conflicts": catalog.conflicts,
         "sizes": {c: int(sizes.get(c, 0)) for c in campaigns},
         "parent_manifest": parent.uri if parent is not None else None, "parent_hashes": parent_hashes,
         "retrain_backbone": bool(retrain_backbone or parent is None), "config": config.to_dict(),

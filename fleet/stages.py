@@ -24,7 +24,7 @@ import torch
 
 from fleet.backbone_codec import backbone_from_bytes, backbone_to_bytes
 from fleet.codec import CODECS, DATA_FINGERPRINT_BYTES, heads_to_table
-from fleet.data import SequenceBatch, map_minibatches
+from fleet.data import SequenceBatch
 from fleet.distill import (
     DistillConfig,
     calibrate_bias,
@@ -65,7 +65,7 @@ from fleet.student import (
     ladder_config,
     widen_heads,
 )
-from fleet.teachers import load_teacher
+from fleet.teacher_pack import load_teachers, pack_config_uri, teacher_logits
 
 FIT, VALIDATION, HOLDOUT, UNUSED = 0, 1, 2, 3  # row splits of a campaign
 BORROWED = 4  # a soft-label row of another campaign's sequence (of the borrowed pool) labelled by this campaign's teacher
@@ -347,11 +347,14 @@ def prepared_campaign_table(table: pa.Table, campaign_id: str, ctx: StageContext
 
 
 def soft_labels(job: dict, ctx: StageContext, pool: pa.Table | None = None) -> tuple[pa.Table, pa.Table]:
-    """Stage 1 for one batch: ``job = {"campaigns": [...], "parent": {campaign: [teacher_sha, data_fp]}}``.
+    """Stage 1 for one batch: ``job = {"campaigns": [...], "parent": {campaign: [teacher_sha, data_fp]}}``, and
+    where the packed ones are (``"packed"``: ``{campaign: [pack, slot, sha256]}``) and which are ambiguous
+    (``"teacher_conflicts"``: ``{campaign: reason}``), both from :func:`fleet.teacher_pack.locate_teachers`.
 
     Runs each teacher over its campaign's fit, validation and hold-out rows, and over its share of the
     borrowed ``pool`` (:func:`borrowed_pool`, :func:`borrowed_rows_of`), as ``BORROWED`` rows whose ``row``
-    is the pool's row. A campaign whose teacher
+    is the pool's row. Reference teachers of one architecture run together, their parameters stacked
+    (:func:`fleet.teacher_pack.teacher_logits`); custom ones one at a time. A campaign whose teacher
     and data hashes equal the parent's (``parent``; empty when the backbone is retrained) is
     ``reused``: its teacher is not run. A bad teacher, bad events or non-finite outputs quarantine
     that campaign only (``rejected`` with stage and reason; reasons are scrubbed of credentials,
@@ -369,15 +372,22 @@ def soft_labels(job: dict, ctx: StageContext, pool: pa.Table | None = None) -> t
     tables = events.read_campaigns(valid)
     pool_batch = table_to_batch(pool, ctx.num_features) if pool is not None and len(pool) else None
     pool_source = pool["campaign_id"].to_numpy(zero_copy_only=False) if pool_batch is not None else None
+    teachers = load_teachers(ctx.teachers_uri, valid, job.get("packed"), ctx.storage_options,
+                             allow_loaders=ctx.config.allow_loaders, untrusted_roots=(ctx.events_uri,),
+                             conflicts=job.get("teacher_conflicts"))
+    pending = []  # (campaign_id, teacher, rows to label, used rows, splits, borrowed rows, hashes)
     for campaign_id in valid:
         try:
-            teacher = load_teacher(ctx.teachers_uri, campaign_id, ctx.storage_options,
-                                   allow_loaders=ctx.config.allow_loaders, untrusted_roots=(ctx.events_uri,))
+            teacher = teachers[campaign_id]
+            if isinstance(teacher, FleetError):
+                raise teacher
             space = (teacher.config.get("num_event_types"), teacher.config.get("num_features"))
             if space != (ctx.num_event_types, ctx.num_features):
+                where = (pack_config_uri(ctx.teachers_uri, job["packed"][campaign_id][0])
+                         if campaign_id in job.get("packed", {}) else f"{ctx.teachers_uri.rstrip('/')}/{campaign_id}/config.json")
                 raise FleetError(f"teacher input space (num_event_types, num_features) = {space} differs from the "
                                  f"fleet's {(ctx.num_event_types, ctx.num_features)}", campaign_id=campaign_id,
-                                 path=f"{ctx.teachers_uri.rstrip('/')}/{campaign_id}/config.json")
+                                 path=where)
             table = tables[campaign_id]
             table, n_truncated = prepared_campaign_table(table, campaign_id, ctx)
         except FleetError as exc:
@@ -396,16 +406,17 @@ def soft_labels(job: dict, ctx: StageContext, pool: pa.Table | None = None) -> t
             own_fit = torch.from_numpy(np.flatnonzero(splits[used] == FIT))
             eligible = (pool_source != campaign_id) & in_support(pool_batch, batch.select(own_fit).packed_types)
             borrowed = borrowed_rows_of(campaign_id, eligible, len(own_fit), ctx.config)
-        try:
-            logits = map_minibatches(teacher.model, batch).float()  # (n_used,)
-            borrowed_logits = (map_minibatches(teacher.model, pool_batch.select(torch.from_numpy(borrowed))).float()
-                               if len(borrowed) else torch.zeros(0))  # (n_borrowed,)
-        except Exception as exc:  # noqa: BLE001  a custom teacher may fail in any way: quarantine it, keep going
+        rows = SequenceBatch.concat([batch, pool_batch.select(torch.from_numpy(borrowed))]) if len(borrowed) else batch
+        pending.append((campaign_id, teacher, rows, used, splits, borrowed, batch.labels, hashes))
+    # the teacher pass: teachers of one architecture together (stacked parameters), custom ones alone
+    outputs = teacher_logits([p[1] for p in pending], [p[2] for p in pending])
+    for (campaign_id, _, _, used, splits, borrowed, labels, hashes), output in zip(pending, outputs):
+        if isinstance(output, Exception):
             status_rows.append(_campaign_row(campaign_id, "rejected", "soft_labels",
-                                             f"campaign {campaign_id!r}: teacher forward failed: {type(exc).__name__}: {exc}"))
+                                             f"campaign {campaign_id!r}: teacher forward failed: {type(output).__name__}: {output}"))
             continue
-        if (logits.shape != (len(used),) or borrowed_logits.shape != (len(borrowed),)
-                or not (torch.isfinite(logits).all() and torch.isfinite(borrowed_logits).all())):
+        output = output.float()  # (n_used + n_borrowed,): own rows first, then the borrowed ones
+        if output.shape != (len(used) + len(borrowed),) or not torch.isfinite(output).all():
             status_rows.append(_campaign_row(campaign_id, "rejected", "soft_labels",
                                              f"campaign {campaign_id!r}: teacher produced non-finite or misshaped outputs"))
             continue
@@ -414,10 +425,12 @@ def soft_labels(job: dict, ctx: StageContext, pool: pa.Table | None = None) -> t
             "campaign_id": pa.array([campaign_id] * n, pa.string()),
             "row": pa.array(np.concatenate([used, borrowed]).astype(np.int32)),
             "split": pa.array(np.concatenate([splits[used], np.full(len(borrowed), BORROWED, np.int8)])),
-            "teacher_logit": pa.array(torch.cat([logits, borrowed_logits]).numpy()),
-            "label": pa.array(np.concatenate([batch.labels.numpy(), np.full(len(borrowed), np.nan, np.float32)])),
+            "teacher_logit": pa.array(output.numpy()),
+            "label": pa.array(np.concatenate([labels.numpy(), np.full(len(borrowed), np.nan, np.float32)])),
         }, schema=SOFT_LABELS_SCHEMA))
         status_rows.append(_campaign_row(campaign_id, "ok", **hashes))
+    position = {c: i for i, c in enumerate(valid)}
+    status_rows.sort(key=lambda row: position.get(row["campaign_id"], -1))  # campaign order (invalid ids first)
     soft = pa.concat_tables(soft_parts) if soft_parts else SOFT_LABELS_SCHEMA.empty_table()
     secrets = secret_values(ctx.storage_options or {})
     for row in status_rows:  # a reason may quote a loader's or a teacher's exception: no credential in it

@@ -24,13 +24,27 @@ import torch
 import torch.nn.functional as F
 
 from fleet.data import SequenceBatch
-from fleet.events import EVENTS_SCHEMA, EventsDataset, holdout_mask, table_to_batch
-from fleet.teachers import CONFIG_FILE, TeacherConfig, save_teacher
+from fleet.events import (
+    EVENTS_SCHEMA,
+    EventsDataset,
+    holdout_mask,
+    table_to_batch,
+    write_events,
+)
+from fleet.teacher_pack import (
+    pack_complete,
+    pad_stack,
+    stacked_forward,
+    stacked_logits,
+    write_pack,
+)
+from fleet.teachers import CONFIG_FILE, TeacherConfig, TeacherRNN, save_teacher
 
 SYNTH_FILE = "synth.json"  # the SynthConfig of a fleet directory, recorded before any teacher is trained
 _BASE_FEATURES = 8  # hour sin/cos, log gap, log recency, price, dwell, device, position
 GENERATOR_NAMES = ("default", "affinity", "interaction")  # SynthConfig.generator: fleet.zoo.GENERATORS
 TEACHER_NAMES = ("rnn", "attn_gru", "conv")  # SynthConfig.teacher: fleet.zoo.TEACHERS
+ENTITY_KINDS = ("campaign", "user")  # SynthConfig.entities
 ZOO_LOADER = "fleet.zoo:load_teacher"  # the config.json "loader" of the zoo's teacher classes
 
 
@@ -50,6 +64,11 @@ class SynthConfig:
             :func:`generate_campaign`; the others: :mod:`fleet.zoo`).
         teacher: the teacher class, one of :data:`TEACHER_NAMES` (``"rnn"``: :class:`TeacherRNN` of ``arch``;
             ``"attn_gru"``, ``"conv"``: :mod:`fleet.zoo`, saved with ``"loader": "fleet.zoo:load_teacher"``).
+        entities: ``"campaign"`` (one teacher directory each, trained one at a time) or ``"user"`` (a
+            per-user fleet: many small entities ``user-0000000`` ..., their reference teachers trained
+            ``pack_size`` at a time with stacked parameters and written as ``fleet-teacher-pack/1`` packs;
+            :func:`user_config` gives the per-user defaults).
+        pack_size: teachers per pack (``entities="user"`` only; 0 for campaigns).
     """
 
     campaigns: int = 200
@@ -69,8 +88,17 @@ class SynthConfig:
     lr: float = 2e-3
     generator: str = "default"
     teacher: str = "rnn"
+    entities: str = "campaign"
+    pack_size: int = 0
 
     def __post_init__(self) -> None:
+        if self.entities not in ENTITY_KINDS:
+            raise ValueError(f"entities must be one of {ENTITY_KINDS}, got {self.entities!r}")
+        if self.entities == "user" and (self.pack_size < 1 or self.teacher != "rnn" or self.generator != "default"):
+            raise ValueError("a per-user fleet needs pack_size >= 1, teacher 'rnn' and generator 'default'")
+        if self.entities == "campaign" and self.pack_size:
+            raise ValueError("pack_size is for per-user fleets (entities='user'); pack campaign teachers with "
+                             "fleet pack-teachers")
         if self.campaigns < 1:
             raise ValueError("campaigns must be >= 1")
         if self.arch not in ("lstm", "gru"):
@@ -115,8 +143,29 @@ def generate(config: SynthConfig, index: int) -> pa.Table:
 
 
 def campaign_ids(count: int) -> list[str]:
-    """Ids of a synthetic fleet: ``campaign-00000`` ..."""
+    """Ids of a synthetic campaign fleet: ``campaign-00000`` ..."""
     return [f"campaign-{i:05d}" for i in range(count)]
+
+
+def entity_id(config: SynthConfig, index: int) -> str:
+    """Id of entity ``index``: ``campaign-00000`` ... or, per user, ``user-0000000`` ..."""
+    return f"user-{index:07d}" if config.entities == "user" else f"campaign-{index:05d}"
+
+
+def entity_ids(config: SynthConfig) -> list[str]:
+    """Ids of every entity of a synthetic fleet, in order (sorted)."""
+    return [entity_id(config, i) for i in range(config.campaigns)]
+
+
+#: ``fleet synth --entities user`` defaults (SynthConfig fields): many small entities, small teachers
+USER_DEFAULTS = {"min_sequences": 20, "max_sequences": 300, "hidden_size": 16, "num_layers": 1, "embed_dim": 8,
+                 "max_epochs": 8, "batch_size": 32, "lr": 1e-2, "pack_size": 1024}
+
+
+def user_config(campaigns: int, **overrides) -> SynthConfig:
+    """A per-user :class:`SynthConfig`: :data:`USER_DEFAULTS` with ``overrides`` (``None`` values ignored)."""
+    fields_ = {**USER_DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
+    return SynthConfig(campaigns=campaigns, entities="user", **fields_)
 
 
 def _world(config: SynthConfig) -> dict[str, np.ndarray]:
@@ -198,7 +247,7 @@ def generate_campaign(config: SynthConfig, index: int) -> pa.Table:
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     return pa.table(
         {
-            "campaign_id": pa.array([campaign_ids(index + 1)[index]] * n, pa.string()),
+            "campaign_id": pa.array([entity_id(config, index)] * n, pa.string()),
             "event_types": pa.ListArray.from_arrays(pa.array(offsets), pa.array(types.astype(np.int32))),
             "features": pa.ListArray.from_arrays(
                 pa.array(offsets * config.num_features), pa.array(features.reshape(-1))
@@ -309,3 +358,161 @@ def teacher_saved(teachers_uri: str, config: TeacherConfig, storage_options: dic
     fs, path = fsspec.core.url_to_fs(f"{teachers_uri.rstrip('/')}/{config.campaign_id}/{CONFIG_FILE}",
                                      **(storage_options or {}))
     return fs.exists(path) and json.loads(fs.cat_file(path)) == config.to_json()
+
+
+# ---------------------------------------------------------------------------------------------
+# per-user fleets: teachers trained pack_size at a time, written as packs
+
+TRAIN_GROUP_FLOATS = 1 << 26  # a stacked training step runs at most this many (entity x row x step) x width floats
+
+
+def pack_members(config: SynthConfig, pack: int) -> range:
+    """Entity indices of pack ``pack`` (consecutive, so every pack is a sorted id range)."""
+    return range(pack * config.pack_size, min((pack + 1) * config.pack_size, config.campaigns))
+
+
+def pack_name(pack: int) -> str:
+    """Name of a per-user fleet's pack ``pack``: ``pack-00000`` ..."""
+    return f"pack-{pack:05d}"
+
+
+def init_stacked(config: TeacherConfig, count: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """``count`` freshly initialised :class:`TeacherRNN` state dicts stacked ``[count, ...]`` (PyTorch's
+    initialisation: embeddings N(0, 1), RNN and readout weights U(-1/sqrt(H), 1/sqrt(H)))."""
+    shapes = {name: tuple(t.shape) for name, t in TeacherRNN(config).state_dict().items()}
+    bound = 1 / math.sqrt(config.hidden_size)
+    out = {}
+    for name, shape in shapes.items():
+        if name == "embedding.weight":
+            out[name] = torch.randn((count, *shape), generator=generator)
+        else:
+            out[name] = (torch.rand((count, *shape), generator=generator) * 2 - 1) * bound
+    return out
+
+
+def _stacked_bce(params, config: TeacherConfig, batches: list[SequenceBatch]) -> torch.Tensor:
+    """``(G,)`` mean binary cross-entropy of each stacked teacher on its own batch (padding rows masked)."""
+    types, feats, lengths = pad_stack(batches)
+    logits = stacked_forward(params, config.arch, config.num_layers, types, feats, lengths)  # (G, B)
+    labels = torch.zeros_like(logits)
+    mask = torch.zeros_like(logits)
+    for k, batch in enumerate(batches):
+        labels[k, : len(batch)] = batch.labels
+        mask[k, : len(batch)] = 1.0
+    losses = F.binary_cross_entropy_with_logits(logits, labels, reduction="none") * mask  # (G, B)
+    return losses.sum(1) / mask.sum(1).clamp(min=1)
+
+
+def train_stacked_teachers(config: SynthConfig, ids: list[str], batches: list[SequenceBatch],
+                           ) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Train the reference teachers of entities ``ids`` (rows ``batches``) together: parameters stacked
+    ``[K, ...]`` (:func:`fleet.teacher_pack.stacked_forward`), Adam per element (so per teacher), each
+    teacher's gradient clipped to norm 1 and its own early stopping on its validation split (patience
+    ``config.patience``; a stopped teacher is frozen at its best). An epoch shows every entity each of its
+    training rows once: its length-sorted minibatches are spread over as many steps as the largest entity
+    has minibatches, each at the step of the same length quantile (similar lengths: little padding), and
+    an entity takes an Adam step only at the steps that hold one of its minibatches. Deterministic for ``config.seed`` and ``ids``.
+    Returns ``(state dicts stacked [K, ...], per-entity stats)``."""
+    teacher_config = config.teacher_config(ids[0])
+    generator = torch.Generator().manual_seed(_campaign_seed(config.seed, f"pack:{ids[0]}"))
+    params = {k: v.requires_grad_() for k, v in init_stacked(teacher_config, len(ids), generator).items()}
+    splits = [split_train_validation(cid, len(b), config.seed) for cid, b in zip(ids, batches)]
+    train = [b.select(torch.from_numpy(t)) for b, (t, _) in zip(batches, splits)]
+    val = [b.select(torch.from_numpy(v)) for b, (_, v) in zip(batches, splits)]
+    count = len(ids)
+    moments = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in params.items()}
+    steps = torch.zeros(count)  # (K,) Adam steps taken by each teacher
+    active = torch.ones(count, dtype=torch.bool)
+    best = {k: v.detach().clone() for k, v in params.items()}
+    best_loss = _stacked_validation(params, teacher_config, val)  # (K,)
+    best_epoch, stale, epochs = torch.zeros(count, dtype=torch.long), torch.zeros(count, dtype=torch.long), torch.zeros(count, dtype=torch.long)
+    width = 4 * teacher_config.hidden_size + teacher_config.embed_dim + teacher_config.num_features
+    for epoch in range(1, config.max_epochs + 1):
+        if not active.any():
+            break
+        chunks = [list(torch.split(torch.argsort(t.lengths.float() + torch.rand(len(t), generator=generator) * 4.0),
+                                   config.batch_size)) for t in train]
+        bands = max(len(c) for c in chunks)
+        at_band: list[list[tuple[int, int]]] = [[] for _ in range(bands)]  # band -> (entity, its chunk)
+        for k in torch.nonzero(active).flatten().tolist():
+            for c in range(len(chunks[k])):  # chunk c (quantile c / n_k of the lengths) at the same quantile band
+                at_band[c * bands // len(chunks[k])].append((k, c))
+        for band in torch.randperm(bands, generator=generator).tolist():
+            if not at_band[band]:
+                continue
+            members = [k for k, _ in at_band[band]]
+            picks = [train[k].select(chunks[k][c]) for k, c in at_band[band]]
+            rows = max(len(p) for p in picks)
+            steps_t = max(int(p.lengths.max()) for p in picks)
+            per_group = max(1, TRAIN_GROUP_FLOATS // (rows * steps_t * width))
+            grads = {k: torch.zeros_like(v) for k, v in params.items()}
+            for start in range(0, len(members), per_group):
+                group = torch.tensor(members[start:start + per_group])
+                sub = {k: v[group] for k, v in params.items()}
+                loss = _stacked_bce(sub, teacher_config, picks[start:start + per_group]).sum()
+                for name, grad in zip(sub, torch.autograd.grad(loss, list(sub.values()))):
+                    grads[name][group] = grad
+            stepping = torch.zeros(count, dtype=torch.bool)
+            stepping[members] = True
+            _adam_step(params, grads, moments, steps, stepping, config.lr)
+        epochs[active] = epoch
+        loss = _stacked_validation(params, teacher_config, val)
+        improved = active & (loss < best_loss - 1e-4)
+        for name, value in params.items():
+            best[name][improved] = value.detach()[improved]
+        best_loss = torch.where(improved, loss, best_loss)
+        best_epoch[improved] = epoch
+        stale = torch.where(improved, torch.zeros_like(stale), stale + active.long())
+        active &= stale < config.patience
+    stats = [{"epochs": int(epochs[k]), "best_epoch": int(best_epoch[k]), "val_loss": float(best_loss[k]),
+              "n_train": len(train[k])} for k in range(count)]
+    return best, stats
+
+
+@torch.no_grad()
+def _stacked_validation(params, config: TeacherConfig, val: list[SequenceBatch]) -> torch.Tensor:
+    """``(K,)`` validation loss of each stacked teacher on its own validation rows."""
+    logits = stacked_logits({k: v.detach() for k, v in params.items()}, config.arch, config.num_layers, val)
+    return torch.tensor([float(F.binary_cross_entropy_with_logits(lg, v.labels)) for lg, v in zip(logits, val)])
+
+
+@torch.no_grad()
+def _adam_step(params: dict, grads: dict, moments: dict, steps: torch.Tensor, active: torch.Tensor, lr: float,
+               betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    """One Adam step of the ``active`` stacked teachers (``[K, ...]`` tensors), after clipping each teacher's
+    gradient to norm 1 (as :func:`train_teacher` does per model); the others stay as they are."""
+    norms = torch.sqrt(sum(g.pow(2).flatten(1).sum(1) for g in grads.values()))  # (K,)
+    scale = torch.clamp(1.0 / (norms + 1e-6), max=1.0)  # (K,)
+    steps += active.float()
+    t = steps.clamp(min=1)
+    for name, p in params.items():
+        shape = (-1,) + (1,) * (p.dim() - 1)
+        g = grads[name] * scale.view(shape)
+        m, v = moments[name]
+        on = active.view(shape)
+        m.copy_(torch.where(on, betas[0] * m + (1 - betas[0]) * g, m))
+        v.copy_(torch.where(on, betas[1] * v + (1 - betas[1]) * g * g, v))
+        m_hat = m / (1 - betas[0] ** t).view(shape)
+        v_hat = v / (1 - betas[1] ** t).view(shape)
+        p.sub_(torch.where(on, lr * m_hat / (v_hat.sqrt() + eps), torch.zeros_like(p)))
+
+
+def build_user_pack(pack: int, config: SynthConfig, events_uri: str, teachers_uri: str,
+                    storage_options: dict | None = None) -> list[dict]:
+    """One task of a per-user ``fleet synth``: generate pack ``pack``'s entities, write their events as
+    ``events/part-<pack>.parquet`` and train their teachers together into ``teachers/packs/pack-<pack>``.
+    A pack already complete (its ``config.json``, written last) is kept (``"resumed": True``)."""
+    members = pack_members(config, pack)
+    ids = [entity_id(config, i) for i in members]
+    teacher_json = config.teacher_config(ids[0]).to_json()
+    started = time.perf_counter()
+    tables = [generate_campaign(config, i) for i in members]
+    stats = [{"campaign_id": cid, "rows": len(t), "label_rate": float(t["label"].to_numpy(zero_copy_only=False).mean())}
+             for cid, t in zip(ids, tables)]
+    if pack_complete(teachers_uri, pack_name(pack), teacher_json, storage_options):
+        return [{**s, "seconds": 0.0, "resumed": True} for s in stats]
+    write_events(events_uri, pa.concat_tables(tables), storage_options, rows_per_file=1 << 30, start_part=pack)
+    tensors, train_stats = train_stacked_teachers(config, ids, [table_to_batch(t, config.num_features) for t in tables])
+    write_pack(teachers_uri, pack_name(pack), teacher_json, ids, tensors, storage_options)
+    seconds = (time.perf_counter() - started) / len(ids)
+    return [{**s, "seconds": seconds, "resumed": False, **t} for s, t in zip(stats, train_stats)]

@@ -140,13 +140,14 @@ class LoadedTeacher:
 
 
 def list_teacher_campaigns(root_uri: str, storage_options: dict | None = None) -> list[str]:
-    """Names of the campaign prefixes under ``root_uri``, sorted (not yet validated: invalid ones are reported
-    by :func:`load_teacher` so the pipeline can quarantine them)."""
-    fs, path = fsspec.core.url_to_fs(root_uri, **(storage_options or {}))
-    if not fs.exists(path):
-        raise TeacherFormatError("teacher root does not exist", path=root_uri)
-    names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)]
-    return sorted(name for name in names if fs.isdir(f"{path}/{name}"))
+    """Campaigns under ``root_uri``, sorted: its campaign directories and the campaigns of its packs
+    (``fleet-teacher-pack/1``, :func:`fleet.teacher_pack.locate_teachers`: one listing and one
+    ``index.parquet`` read per pack, no request per campaign). Not yet validated: invalid ids are reported
+    by :func:`load_teacher` so the pipeline can quarantine them."""
+    # lazily: teacher_pack builds on this module
+    from fleet.teacher_pack import locate_teachers
+
+    return locate_teachers(root_uri, storage_options).campaigns
 
 
 def load_teacher(root_uri: str, campaign_id: str, storage_options: dict | None = None, *,
@@ -169,8 +170,6 @@ def load_teacher(root_uri: str, campaign_id: str, storage_options: dict | None =
 
     if "file" in _protocols(fs):
         _check_symlinks(fsspec.core.url_to_fs(root_uri)[1], path, fail, prefix)
-    allow = (allow_loaders,) if isinstance(allow_loaders, str) else tuple(allow_loaders)
-    loaders = _LoaderPolicy(allow, (root_uri, *untrusted_roots))
     config_bytes = _read_required(fs, f"{path}/{CONFIG_FILE}", fail, config_uri)
     weights_bytes = _read_required(fs, f"{path}/{WEIGHTS_FILE}", fail, weights_uri)
     try:
@@ -192,7 +191,8 @@ def load_teacher(root_uri: str, campaign_id: str, storage_options: dict | None =
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise fail(f"tensor {name!r} holds NaN or inf values", weights_uri)
 
-    model = _build_model(config, state_dict, fail, config_uri, weights_uri, loaders)
+    model = build_teacher_model(config, state_dict, fail, config_uri, weights_uri, allow_loaders=allow_loaders,
+                                untrusted_roots=(root_uri, *untrusted_roots))
     model.eval()
     return LoadedTeacher(campaign_id, model, config, teacher_digest(config_bytes, weights_bytes), len(weights_bytes))
 
@@ -220,8 +220,13 @@ def read_teacher_digest(root_uri: str, campaign_id: str, storage_options: dict |
                           _read_required(fs, f"{path}/{WEIGHTS_FILE}", fail, f"{prefix}/{WEIGHTS_FILE}"))
 
 
-def _build_model(config: dict, state_dict: dict, fail, config_uri: str, weights_uri: str,
-                 loaders: _LoaderPolicy) -> nn.Module:
+def build_teacher_model(config: dict, state_dict: dict, fail, config_uri: str, weights_uri: str, *,
+                        allow_loaders: Iterable[str] = (), untrusted_roots: Iterable[str] = ()) -> nn.Module:
+    """The module of a teacher's ``config`` dict and ``state_dict``: a :class:`TeacherRNN`, or what its allowed
+    ``"loader"`` builds (policy as in :func:`load_teacher`; nothing is imported from ``untrusted_roots``).
+    Problems raise ``fail(reason, uri)`` (a :class:`TeacherFormatError` naming the campaign)."""
+    allow = (allow_loaders,) if isinstance(allow_loaders, str) else tuple(allow_loaders)
+    loaders = _LoaderPolicy(allow, tuple(untrusted_roots))
     loader = config.get("loader")
     if loader is not None:
         function = loaders.resolve(loader, fail, config_uri)
