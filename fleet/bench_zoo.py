@@ -266,7 +266,7 @@ def _auc_loss(row: dict) -> float | None:
 
 #: Per-campaign figures of the paired comparison, each oriented so that lower is better:
 #: (column name, figure of one campaign row of :func:`evaluate_run`).
-PAIRED = (("AUC diff (negated)", _auc_loss), ("log KL", _log_kl), ("|mean ratio - 1|", _ratio_error))
+PAIRED = (("AUC diff (negated)", _auc_loss), ("log KL", _log_kl), ("abs(mean ratio - 1)", _ratio_error))
 
 
 def paired_differences(first: dict, other: dict, figure) -> np.ndarray:
