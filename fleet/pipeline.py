@@ -49,7 +49,7 @@ from fleet.store import (
     storage_options_from_env,
 )
 from fleet.teacher_pack import PACKS_DIR, TeacherCatalog, locate_teachers
-from fleet.teachers import list_teacher_campaigns, validate_loader_spec
+from fleet.teachers import validate_loader_spec
 
 console = Console(stderr=True)
 TRANSIENT_ERRORS = (OSError, TimeoutError, ConnectionError)
@@ -804,10 +804,11 @@ def preview_compress(*, teachers_uri: str, events_uri: str, store_uri: str, flee
     if not no_parent and registry.champion_version(fleet, tracking_uri, create=False) is not None:
         manifest_uri, _ = registry.resolve_manifest_uri(f"models:/{fleet}@champion", tracking_uri)
         parent = FleetVersion.open(manifest_uri, storage_options, verify=False)  # read_heads checks what it reads
-    campaigns = list_teacher_campaigns(teachers_uri, storage_options)
+    catalog = locate_teachers(teachers_uri, storage_options)
+    campaigns = catalog.campaigns
     if not campaigns:
         raise FleetError("no teachers found", path=teachers_uri)
-    num_event_types, num_features = _input_space(teachers_uri, campaigns, config, storage_options)
+    num_event_types, num_features = _input_space(teachers_uri, catalog, config, storage_options)
     ctx = stages.StageContext(teachers_uri, events_uri, config, num_event_types, num_features, storage_options)
     parent_rows = {}
     if parent is not None:
@@ -821,6 +822,8 @@ def preview_compress(*, teachers_uri: str, events_uri: str, store_uri: str, flee
     for campaign_id in campaigns:
         if CAMPAIGN_ID_PATTERN.fullmatch(campaign_id) is None:
             plan["invalid"][campaign_id] = "invalid campaign id"
+        elif campaign_id in catalog.conflicts:
+            plan["invalid"][campaign_id] = catalog.conflicts[campaign_id]
         elif campaign_id not in parent_rows:
             plan["new"].append(campaign_id)
         elif not reuse:
@@ -832,7 +835,9 @@ def preview_compress(*, teachers_uri: str, events_uri: str, store_uri: str, flee
         tables = events.read_campaigns(chunk)
         for campaign_id in chunk:
             try:
-                teacher = read_teacher_digest(teachers_uri, campaign_id, storage_options)
+                slot = catalog.packed.get(campaign_id)  # a packed teacher's digest is its index entry
+                teacher = slot.sha256 if slot is not None else read_teacher_digest(teachers_uri, campaign_id,
+                                                                                     storage_options)
                 table, _ = stages.prepared_campaign_table(tables[campaign_id], campaign_id, ctx)
             except FleetError as exc:
                 plan["invalid"][campaign_id] = scrub(str(exc), secret_values(storage_options or {}))
