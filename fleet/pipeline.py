@@ -1072,11 +1072,35 @@ def _size_metrics(metrics: dict, files: dict[str, dict], teacher_bytes: int) -> 
     })
 
 
+def run_plots(heads: pa.Table, metrics: dict) -> dict[str, bytes]:
+    """The PNGs logged with a version's MLflow run, name -> bytes: only figures with something to draw (the AUC
+    plots only when a campaign has an AUC; the size breakdown of the parts whose size is known), never a
+    missing value drawn as zero. Fidelity against the teacher (mean |p_student - p_teacher|) and calibration
+    are defined for every campaign with hold-out rows, so a valid version always has those two."""
+    from fleet import plots
+
+    def floats(column: str) -> list[float]:
+        return [float("nan") if v is None else float(v) for v in heads[column].to_pylist()]
+
+    n_train = floats("n_train")
+    with_auc = [(n, s - t) for n, s, t in zip(n_train, floats("student_auc"), floats("teacher_auc"), strict=True)
+                if math.isfinite(s) and math.isfinite(t)]
+    figures = {"mean_abs_diff_vs_size.png": plots.mean_abs_diff_vs_size(n_train, floats("mean_abs_diff")),
+               "calibration_vs_size.png": plots.calibration_vs_size(n_train, floats("mean_ratio"))}
+    if with_auc:
+        figures["fidelity_histogram.png"] = plots.fidelity_histogram([d for _, d in with_auc])
+        figures["fidelity_vs_size.png"] = plots.fidelity_vs_size([n for n, _ in with_auc], [d for _, d in with_auc])
+    parts = {part: metrics[f"{part}_bytes"] for part in ("heads", "backbone") if metrics.get(f"{part}_bytes") is not None}
+    if parts:
+        figures["size_breakdown.png"] = plots.size_breakdown(parts)
+    return figures
+
+
 def _register(version: FleetVersion, fleet: str, tracking_uri: str, config: stages.CompressConfig, heads: pa.Table,
               metrics: dict, storage_options: dict | None, parent: FleetVersion | None):
     import tempfile
 
-    from fleet import plots, registry
+    from fleet import registry
 
     with tempfile.TemporaryDirectory() as tmp:
         backbone_path, manifest_path = os.path.join(tmp, "backbone.safetensors"), os.path.join(tmp, "manifest.json")
@@ -1084,19 +1108,7 @@ def _register(version: FleetVersion, fleet: str, tracking_uri: str, config: stag
             f.write(version.read_backbone_bytes())
         with open(manifest_path, "wb") as f:
             f.write(version.manifest_bytes)  # the stored bytes: the registry tags their sha256
-        auc_diff = [s - t for s, t in zip(heads["student_auc"].to_pylist(), heads["teacher_auc"].to_pylist())
-                    if s is not None and t is not None]
-        n_train = [n for n, s, t in zip(heads["n_train"].to_pylist(), heads["student_auc"].to_pylist(),
-                                        heads["teacher_auc"].to_pylist()) if s is not None and t is not None]
-        figures = {
-            "fidelity_histogram.png": plots.fidelity_histogram(auc_diff),
-            "fidelity_vs_size.png": plots.fidelity_vs_size(n_train, auc_diff),
-            "calibration_vs_size.png": plots.calibration_vs_size(
-                [float("nan") if v is None else v for v in heads["n_train"].to_pylist()],
-                [float("nan") if v is None else v for v in heads["mean_ratio"].to_pylist()]),
-            "size_breakdown.png": plots.size_breakdown({"heads": metrics.get("heads_bytes", 0),
-                                                        "backbone": metrics.get("backbone_bytes", 0)}),
-        }
+        figures = run_plots(heads, metrics)
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         page = version.read_report()  # the version's run report, checked against the manifest
         return registry.register_version(

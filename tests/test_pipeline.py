@@ -72,7 +72,26 @@ def test_end_to_end_local(small_fleet, ray_local, tmp_path, sqlite_tracking_uri)
     client = MlflowClient(tracking_uri=sqlite_tracking_uri)
     run_id = client.get_model_version("adfleet", "1").run_id
     assert {a.path for a in client.list_artifacts(run_id, "plots")} == {
-        f"plots/{name}.png" for name in ("fidelity_histogram", "fidelity_vs_size", "calibration_vs_size", "size_breakdown")}
+        f"plots/{name}.png" for name in ("fidelity_histogram", "fidelity_vs_size", "calibration_vs_size", "size_breakdown",
+                                         "mean_abs_diff_vs_size")}
+
+
+def test_run_plots_draw_only_what_is_there():
+    """No campaign with an AUC: no AUC plots (never a "no data" figure); an unknown size is not drawn as 0."""
+    import pyarrow as pa
+
+    from fleet.pipeline import run_plots
+
+    heads = pa.table({"n_train": [100, 200, None], "student_auc": [None, None, None],
+                      "teacher_auc": [0.7, None, None], "mean_abs_diff": [0.01, 0.02, None],
+                      "mean_ratio": [1.0, 0.95, None]})
+    assert set(run_plots(heads, {"heads_bytes": 1000})) == {"mean_abs_diff_vs_size.png", "calibration_vs_size.png",
+                                                            "size_breakdown.png"}
+    assert set(run_plots(heads, {})) == {"mean_abs_diff_vs_size.png", "calibration_vs_size.png"}
+    with_auc = heads.set_column(1, "student_auc", pa.array([0.75, None, None], pa.float64()))
+    figures = run_plots(with_auc, {"heads_bytes": 1000, "backbone_bytes": 5000})
+    assert {"fidelity_histogram.png", "fidelity_vs_size.png"} <= set(figures)
+    assert all(png.startswith(b"\x89PNG") for png in figures.values())
 
 
 def test_independent_reader_without_fleet(small_fleet, ray_local, tmp_path):
