@@ -1622,7 +1622,7 @@ def _sizes(text: str) -> tuple[int, ...]:
 def add_arguments(p) -> None:
     """``fleet bench``'s options (the parser is built in :mod:`fleet.cli`)."""
     p.add_argument("--campaigns", type=int, default=None, help="N: campaigns of the synthetic fleet (required but with "
-                                                                "--serving-only)")
+                                                                "--serving-only, where it has no default)")
     p.add_argument("--fleet-dir", default=None,
                    help="cached synthetic fleet (events/, teachers/, synth.json); reused when its seed and shape "
                         "match, created otherwise (default: OUT/fleet)")
@@ -1652,7 +1652,8 @@ def add_arguments(p) -> None:
                    help="run only the serving targets (issue 12, with the K-teacher peer) against --model, a version "
                         "compressed from --fleet-dir's teachers and events, and a SIMULATED version of the largest "
                         "--scale-campaigns; writes OUT/serving-targets.json and .md")
-    g.add_argument("--model", default=None, help="with --serving-only: the version to serve (directory or manifest URI)")
+    g.add_argument("--model", default=None, help="with --serving-only: the version to serve (directory or manifest URI; "
+                                               "no default: required with --serving-only)")
     g.add_argument("--variant-backbones", action="store_true",
                    help="train a backbone per head-design/loss variant (default: reuse the real run's backbone)")
     p.add_argument("--tracking-uri", default=None,

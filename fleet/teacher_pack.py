@@ -106,9 +106,9 @@ def locate_teachers(root_uri: str, storage_options: dict | None = None) -> Teach
     has_packs = False
     for entry in fs.ls(path, detail=True):
         name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-        if entry.get("type") != "directory":
-            continue
-        if name == PACKS_DIR:
+        if entry.get("type") != "directory" and not entry.get("islink"):
+            continue  # a symlink is listed like a directory, so that load_teacher refuses (quarantines) it
+        if name == PACKS_DIR and not entry.get("islink"):
             has_packs = True
         else:
             directories.add(name)

@@ -221,7 +221,7 @@ def test_bloomier_codec_stage_three_writes_one_block_that_serving_decodes(tmp_pa
     events = generate_rows(ids)
     from fleet.student import head_logits
 
-    h = model._features([np.asarray(t) for t in events[0]], [np.asarray(f, np.float32) for f in events[1]])
+    h = torch.from_numpy(model._features([np.asarray(t) for t in events[0]], [np.asarray(f, np.float32) for f in events[1]]))
     for c, cid in enumerate(ids):
         want = torch.sigmoid(head_logits("film", h, decoded[c])).numpy()
         np.testing.assert_allclose(model.predict_columns(cid, *events), want, rtol=0, atol=1e-6)
