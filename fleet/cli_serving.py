@@ -346,10 +346,7 @@ def _cmd_predict(args, console) -> int:
             out.write("".join(f"{p!r}\n" for p in pred.probabilities.tolist()))
             fallback.update(dict.fromkeys(pred.fallback_campaigns))
             offset += len(rows)
-    except FileNotFoundError as exc:
-        ERRORS.print(f"[red]error:[/red] {scrub(str(exc))}")
-        return EXIT_FAILED
-    except (FleetError, ValueError, OSError) as exc:
+    except (FleetError, ValueError, OSError) as exc:  # OSError includes FileNotFoundError
         ERRORS.print(f"[red]error:[/red] {scrub(str(exc))}")
         return EXIT_FAILED
     out.flush()
