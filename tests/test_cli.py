@@ -204,8 +204,10 @@ def test_inspect_json_exits_cleanly_20_times(tmp_path):
 def test_version_is_the_installed_distribution_s():
     from importlib import metadata
 
+    from fleet.cli import DISTRIBUTION
+
     out = subprocess.run([sys.executable, "-m", "fleet.cli", "--version"], capture_output=True, text=True, check=False)
-    assert out.returncode == 0 and out.stdout == f"fleet {metadata.version('fleet')}\n"
+    assert out.returncode == 0 and out.stdout == f"fleet {metadata.version(DISTRIBUTION)}\n"
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["versions", "--help"], ["diff", "--help"], ["gc", "--help"], ["report", "--help"],
