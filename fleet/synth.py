@@ -42,6 +42,7 @@ from fleet.teachers import CONFIG_FILE, TeacherConfig, TeacherRNN, save_teacher
 
 SYNTH_FILE = "synth.json"  # the SynthConfig of a fleet directory, recorded before any teacher is trained
 _BASE_FEATURES = 8  # hour sin/cos, log gap, log recency, price, dwell, device, position
+_FRESH_STREAM = 0xF5E5  # third seed word of a campaign's fresh sequences (fresh_rng)
 GENERATOR_NAMES = ("default", "affinity", "interaction")  # SynthConfig.generator: fleet.zoo.GENERATORS
 TEACHER_NAMES = ("rnn", "attn_gru", "conv")  # SynthConfig.teacher: fleet.zoo.TEACHERS
 ENTITY_KINDS = ("campaign", "user")  # SynthConfig.entities
@@ -133,13 +134,20 @@ def with_defaults(recorded: dict) -> dict:
     return {**{f.name: f.default for f in fields(SynthConfig) if f.name not in recorded}, **recorded}
 
 
-def generate(config: SynthConfig, index: int) -> pa.Table:
-    """Event rows of campaign ``index`` (events schema) from the generator ``config.generator`` names."""
+def generate(config: SynthConfig, index: int, fresh_rows: int = 0) -> pa.Table:
+    """Event rows of campaign ``index`` (events schema) from the generator ``config.generator`` names;
+    with ``fresh_rows`` > 0, that many new sequences of the same campaign instead (:func:`generate_campaign`)."""
     if config.generator == "default":
-        return generate_campaign(config, index)
+        return generate_campaign(config, index, fresh_rows)
     from fleet.zoo import GENERATORS  # lazily: fleet.zoo imports this module
 
-    return GENERATORS[config.generator](config, index)
+    return GENERATORS[config.generator](config, index, fresh_rows)
+
+
+def fresh_rng(config: SynthConfig, index: int) -> np.random.Generator:
+    """The random stream of a campaign's fresh sequences: independent of the stream its own rows and
+    parameters are drawn from (``default_rng([seed, index])``), so drawing them changes nothing else."""
+    return np.random.default_rng([config.seed, index, _FRESH_STREAM])
 
 
 def campaign_ids(count: int) -> list[str]:
@@ -179,14 +187,49 @@ def _world(config: SynthConfig) -> dict[str, np.ndarray]:
     }
 
 
-def generate_campaign(config: SynthConfig, index: int) -> pa.Table:
-    """Event rows of campaign ``index`` (events schema)."""
+def generate_campaign(config: SynthConfig, index: int, fresh_rows: int = 0) -> pa.Table:
+    """Event rows of campaign ``index`` (events schema).
+
+    With ``fresh_rows`` > 0: that many new sequences of the same campaign instead of its own rows: the
+    campaign's parameters (and its base-rate bias, fixed on its own rows) are the same, the sequences and
+    labels come from :func:`fresh_rng`. Seen by no teacher or student, they measure fidelity precisely.
+    """
     world = _world(config)
     rng = np.random.default_rng([config.seed, index])
     k = config.num_event_types
     size = config.min_sequences * (1.0 + rng.pareto(config.size_alpha))
-    n = int(min(round(size), config.max_sequences))
+    rows = _default_rows(config, world, rng, int(min(round(size), config.max_sequences)))
+    affinity = rng.normal(scale=1.2, size=k) * (rng.uniform(size=k) < 0.3)  # a few event types matter a lot
+    recency_scale = math.exp(rng.normal(math.log(120), 1.0))
+    peak_hour, tod_amplitude = rng.uniform(0, 24), rng.uniform(0.0, 1.5)
+    price_slope = rng.normal(scale=0.8)
+    params = (affinity, recency_scale, peak_hour, tod_amplitude, price_slope, rng.uniform(1.0, 2.5))
+    logit = _default_logit(world, rows, *params)
+    rate = math.exp(rng.uniform(math.log(0.02), math.log(0.30)))
+    bias = _bias_for_rate(logit, rate)
+    if fresh_rows > 0:
+        rng = fresh_rng(config, index)
+        rows = _default_rows(config, world, rng, fresh_rows)
+        logit = _default_logit(world, rows, *params)
+    labels = (rng.uniform(size=len(logit)) < 1 / (1 + np.exp(-(logit + bias)))).astype(np.int8)
 
+    n, lengths = len(logit), rows["lengths"]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.table(
+        {
+            "campaign_id": pa.array([entity_id(config, index)] * n, pa.string()),
+            "event_types": pa.ListArray.from_arrays(pa.array(offsets), pa.array(rows["types"].astype(np.int32))),
+            "features": pa.ListArray.from_arrays(
+                pa.array(offsets * config.num_features), pa.array(rows["features"].reshape(-1))
+            ),
+            "label": pa.array(labels, pa.int8()),
+        },
+        schema=EVENTS_SCHEMA,
+    )
+
+
+def _default_rows(config: SynthConfig, world: dict, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """``n`` sequences of the default generator drawn from ``rng``: their events and what their label reads."""
     lengths = np.clip(np.round(np.exp(rng.normal(math.log(18), 0.7, size=n))), 5, 100).astype(np.int64)
     seq = np.repeat(np.arange(n), lengths)  # (E,) sequence of each event
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
@@ -224,38 +267,27 @@ def generate_campaign(config: SynthConfig, index: int) -> pa.Table:
     else:
         extra = rng.normal(size=(len(seq), config.num_features - _BASE_FEATURES)).astype(np.float32)
         features = np.concatenate([features, extra], axis=1)
+    noise = rng.normal(0, 0.5, n)  # (n,)
+    return {"lengths": lengths, "seq": seq, "types": types, "features": features, "age": age, "hour": hour,
+            "device": device, "price": price, "last": starts + lengths - 1, "noise": noise}
+
+
+def _default_logit(world: dict, rows: dict, affinity: np.ndarray, recency_scale: float, peak_hour: float,
+                   tod_amplitude: float, price_slope: float, affinity_scale: float) -> np.ndarray:
+    """(n,) label logit of the default generator's ``rows`` under a campaign's parameters (before its bias)."""
+    seq, types, age, last, device = rows["seq"], rows["types"], rows["age"], rows["last"], rows["device"]
+    n = len(rows["lengths"])
 
     def per_sequence(values: np.ndarray) -> np.ndarray:
         return np.bincount(seq, weights=values, minlength=n)
 
-    last = starts + lengths - 1
-    shared = per_sequence(world["type_value"][types] * np.exp(-age / 240.0)) + 0.4 * device + rng.normal(0, 0.5, n)
-    affinity = rng.normal(scale=1.2, size=k) * (rng.uniform(size=k) < 0.3)  # a few event types matter a lot
-    recency_scale = math.exp(rng.normal(math.log(120), 1.0))
-    peak_hour, tod_amplitude = rng.uniform(0, 24), rng.uniform(0.0, 1.5)
-    price_slope = rng.normal(scale=0.8)
+    shared = per_sequence(world["type_value"][types] * np.exp(-age / 240.0)) + 0.4 * device + rows["noise"]
     specific = (
-        rng.uniform(1.0, 2.5) * np.tanh(per_sequence(affinity[types] * np.exp(-age / recency_scale)))
-        + tod_amplitude * np.cos(2 * np.pi * (hour[last] - peak_hour) / 24)
-        + price_slope * np.log(price[last]) * (2 * device - 1)
+        affinity_scale * np.tanh(per_sequence(affinity[types] * np.exp(-age / recency_scale)))
+        + tod_amplitude * np.cos(2 * np.pi * (rows["hour"][last] - peak_hour) / 24)
+        + price_slope * np.log(rows["price"][last]) * (2 * device - 1)
     )
-    logit = shared + specific
-    rate = math.exp(rng.uniform(math.log(0.02), math.log(0.30)))
-    bias = _bias_for_rate(logit, rate)
-    labels = (rng.uniform(size=n) < 1 / (1 + np.exp(-(logit + bias)))).astype(np.int8)
-
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    return pa.table(
-        {
-            "campaign_id": pa.array([entity_id(config, index)] * n, pa.string()),
-            "event_types": pa.ListArray.from_arrays(pa.array(offsets), pa.array(types.astype(np.int32))),
-            "features": pa.ListArray.from_arrays(
-                pa.array(offsets * config.num_features), pa.array(features.reshape(-1))
-            ),
-            "label": pa.array(labels, pa.int8()),
-        },
-        schema=EVENTS_SCHEMA,
-    )
+    return shared + specific
 
 
 def _bias_for_rate(logit: np.ndarray, rate: float) -> float:

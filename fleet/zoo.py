@@ -101,11 +101,14 @@ def _with_noise(rng: np.random.Generator, signal: list[np.ndarray], num_features
     return features.astype(np.float32)
 
 
-def _labels(rng: np.random.Generator, logit: np.ndarray, low: float, high: float) -> np.ndarray:
-    """(n,) int8 labels of ``logit`` (n,) shifted so the mean probability is a base rate log-uniform in
-    [``low``, ``high``]."""
+def _label_bias(rng: np.random.Generator, logit: np.ndarray, low: float, high: float) -> float:
+    """The bias that shifts ``logit`` (n,) to a mean probability at a base rate log-uniform in [``low``, ``high``]."""
     rate = math.exp(rng.uniform(math.log(low), math.log(high)))
-    bias = synth._bias_for_rate(logit, rate)
+    return synth._bias_for_rate(logit, rate)
+
+
+def _labels(rng: np.random.Generator, logit: np.ndarray, bias: float) -> np.ndarray:
+    """(n,) int8 labels drawn with probability ``sigmoid(logit + bias)``."""
     return (rng.uniform(size=len(logit)) < 1 / (1 + np.exp(-(logit + bias)))).astype(np.int8)
 
 
@@ -133,16 +136,38 @@ def _shared_type_value(config: synth.SynthConfig, salt: int) -> np.ndarray:
     return rng.normal(scale=0.6, size=config.num_event_types)
 
 
-def generate_affinity(config: synth.SynthConfig, index: int) -> pa.Table:
-    """Campaign ``index`` of the ``"affinity"`` generator (events schema; see the module docstring)."""
+def generate_affinity(config: synth.SynthConfig, index: int, fresh_rows: int = 0) -> pa.Table:
+    """Campaign ``index`` of the ``"affinity"`` generator (events schema; see the module docstring); with
+    ``fresh_rows`` > 0, that many new sequences of it instead (:func:`fleet.synth.generate_campaign`)."""
     rng = np.random.default_rng([config.seed, index])
     n = _campaign_size(config, rng)
     k = config.num_event_types
     m = min(k, int(rng.integers(max(2, k // 10), max(3, k // 4) + 1)))  # active event types
     active = rng.choice(k, size=m, replace=False)  # (m,)
-    probs = rng.dirichlet(np.full(m, 0.8))  # (m,)
-    cdf = np.cumsum(probs)
+    cdf = np.cumsum(rng.dirichlet(np.full(m, 0.8)))  # (m,)
+    rows = _affinity_rows(config, rng, n, active, cdf)
+    affinity = np.zeros(k)
+    chosen = active[rng.uniform(size=m) < 0.5]
+    chosen = chosen if len(chosen) else active[:1]
+    affinity[chosen] = rng.normal(0.0, 1.5, size=len(chosen))  # sparse, both signs
+    by_events = rng.uniform() < 0.5  # recency by events from the end, else by minutes before the prediction point
+    half_life = math.exp(rng.normal(math.log(3), 0.5) if by_events else rng.normal(math.log(60), 0.8))
+    scale, saturation = rng.uniform(1.5, 3.0), rng.uniform(0.5, 1.5)
+    key = active[_draw(cdf, rng.uniform())]
+    sign, size, threshold = rng.choice([-1.0, 1.0]), rng.uniform(0.8, 2.0), rng.integers(2, 4)
+    params = (affinity, by_events, half_life, scale, saturation, key, sign * size, threshold)
+    logit = _affinity_logit(config, rows, *params) + rng.normal(0.0, 0.3, size=n)
+    bias = _label_bias(rng, logit, 0.01, 0.40)
+    if fresh_rows > 0:
+        rng = synth.fresh_rng(config, index)
+        rows = _affinity_rows(config, rng, fresh_rows, active, cdf)
+        logit = _affinity_logit(config, rows, *params) + rng.normal(0.0, 0.3, size=fresh_rows)
+    return _table(index, rows["lengths"], rows["types"], rows["features"], _labels(rng, logit, bias))
 
+
+def _affinity_rows(config: synth.SynthConfig, rng: np.random.Generator, n: int, active: np.ndarray,
+                   cdf: np.ndarray) -> dict[str, np.ndarray]:
+    """``n`` sequences of an ``"affinity"`` campaign (its ``active`` types drawn by ``cdf``) from ``rng``."""
     lengths = np.clip(np.round(np.exp(rng.normal(math.log(9), 0.7, size=n))), 3, 40).astype(np.int64)  # (n,)
     seq, starts, position, last = _layout(lengths)
     from_end = lengths[seq] - 1 - position  # (E,) 0 at the prediction point
@@ -159,38 +184,54 @@ def generate_affinity(config: synth.SynthConfig, index: int) -> pa.Table:
         [from_end / 10.0, np.log1p(age) / 5, np.log(dwell) / 2, np.log1p(gaps) / 5, np.log(price)],
         config.num_features,
     )  # (E, F)
+    return {"lengths": lengths, "seq": seq, "types": types, "features": features, "from_end": from_end,
+            "age": age, "dwell": dwell}
+
+
+def _affinity_logit(config: synth.SynthConfig, rows: dict, affinity: np.ndarray, by_events: bool,
+                    half_life: float, scale: float, saturation: float, key: int, count_effect: float,
+                    threshold: int) -> np.ndarray:
+    """(n,) label logit of ``"affinity"`` ``rows`` under a campaign's parameters (before noise and bias)."""
+    seq, types, n = rows["seq"], rows["types"], len(rows["lengths"])
 
     def per_sequence(values: np.ndarray) -> np.ndarray:  # (E,) -> (n,) sums
         return np.bincount(seq, weights=values, minlength=n)
 
-    affinity = np.zeros(k)
-    chosen = active[rng.uniform(size=m) < 0.5]
-    chosen = chosen if len(chosen) else active[:1]
-    affinity[chosen] = rng.normal(0.0, 1.5, size=len(chosen))  # sparse, both signs
-    if rng.uniform() < 0.5:  # recency by events from the end
-        decay = 0.5 ** (from_end / math.exp(rng.normal(math.log(3), 0.5)))
-    else:  # recency by minutes before the prediction point
-        decay = 0.5 ** (age / math.exp(rng.normal(math.log(60), 0.8)))
-    engagement = 1.0 + 0.5 * np.tanh(np.log(dwell) - 1.0)  # (E,) long views count more
+    decay = 0.5 ** ((rows["from_end"] if by_events else rows["age"]) / half_life)  # (E,)
+    engagement = 1.0 + 0.5 * np.tanh(np.log(rows["dwell"]) - 1.0)  # (E,) long views count more
     score = per_sequence(affinity[types] * decay * engagement)  # (n,)
-    saturating = rng.uniform(1.5, 3.0) * np.tanh(score / rng.uniform(0.5, 1.5))
-    key = active[_draw(cdf, rng.uniform())]
     counts = np.bincount(seq[types == key], minlength=n)  # (n,) events of the key type
-    count_effect = rng.choice([-1.0, 1.0]) * rng.uniform(0.8, 2.0) * (counts >= rng.integers(2, 4))
-    shared = per_sequence(_shared_type_value(config, 0xAFF1)[types] * 0.5 ** (from_end / 5.0))
-    logit = saturating + count_effect + 0.5 * shared + rng.normal(0.0, 0.3, size=n)
-    return _table(index, lengths, types, features, _labels(rng, logit, 0.01, 0.40))
+    shared = per_sequence(_shared_type_value(config, 0xAFF1)[types] * 0.5 ** (rows["from_end"] / 5.0))
+    return scale * np.tanh(score / saturation) + count_effect * (counts >= threshold) + 0.5 * shared
 
 
-def generate_interaction(config: synth.SynthConfig, index: int) -> pa.Table:
-    """Campaign ``index`` of the ``"interaction"`` generator (events schema; see the module docstring)."""
+def generate_interaction(config: synth.SynthConfig, index: int, fresh_rows: int = 0) -> pa.Table:
+    """Campaign ``index`` of the ``"interaction"`` generator (events schema; see the module docstring); with
+    ``fresh_rows`` > 0, that many new sequences of it instead (:func:`fleet.synth.generate_campaign`)."""
     rng = np.random.default_rng([config.seed, index])
     n = _campaign_size(config, rng)
     k = config.num_event_types
     tilt = _shared_type_value(config, 0x1A7E) + rng.normal(0.0, 0.5, size=k)  # (K,) fleet + campaign popularity
     probs = np.exp(0.5 * tilt) / np.exp(0.5 * tilt).sum()  # (K,) nearly flat: most types occur
     cdf = np.cumsum(probs)
+    rows = _interaction_rows(config, rng, n, cdf)
+    phase = rng.uniform(0, 24)
+    type_value = rng.normal(0.0, 1.0, size=k)  # (K,) campaign-specific, dense
+    position = int(rng.integers(0, 20))
+    type_weight, x_weight = rng.uniform(0.5, 1.5), rng.normal(0.0, 0.8)
+    params = (phase, type_value, position, type_weight, x_weight, rng.uniform(1.5, 3.0), rng.uniform(1.0, 3.0))
+    logit = _interaction_logit(config, rows, *params) + rng.normal(0.0, 0.3, size=n)
+    bias = _label_bias(rng, logit, 0.01, 0.40)
+    if fresh_rows > 0:
+        rng = synth.fresh_rng(config, index)
+        rows = _interaction_rows(config, rng, fresh_rows, cdf)
+        logit = _interaction_logit(config, rows, *params) + rng.normal(0.0, 0.3, size=fresh_rows)
+    return _table(index, rows["lengths"], rows["types"], rows["features"], _labels(rng, logit, bias))
 
+
+def _interaction_rows(config: synth.SynthConfig, rng: np.random.Generator, n: int,
+                      cdf: np.ndarray) -> dict[str, np.ndarray]:
+    """``n`` sequences of an ``"interaction"`` campaign (event types drawn by ``cdf``) from ``rng``."""
     lengths = np.clip(np.round(np.exp(rng.normal(math.log(60), 0.6, size=n))), 20, 200).astype(np.int64)  # (n,)
     seq, starts, position, last = _layout(lengths)
     e = len(seq)
@@ -204,20 +245,26 @@ def generate_interaction(config: synth.SynthConfig, index: int) -> pa.Table:
         [np.sin(2 * np.pi * hour / 24), np.cos(2 * np.pi * hour / 24), x, np.log1p(gaps) / 5, position / 100.0],
         config.num_features,
     )  # (E, F)
+    return {"lengths": lengths, "seq": seq, "starts": starts, "types": types, "features": features, "hour": hour,
+            "x": x}
+
+
+def _interaction_logit(config: synth.SynthConfig, rows: dict, phase: float, type_value: np.ndarray, position: int,
+                       type_weight: float, x_weight: float, interaction_weight: float,
+                       average_weight: float) -> np.ndarray:
+    """(n,) label logit of ``"interaction"`` ``rows`` under a campaign's parameters (before noise and bias)."""
+    seq, types, x, lengths = rows["seq"], rows["types"], rows["x"], rows["lengths"]
+    n = len(lengths)
 
     def per_sequence(values: np.ndarray) -> np.ndarray:  # (E,) -> (n,) sums
         return np.bincount(seq, weights=values, minlength=n)
 
-    phase = rng.uniform(0, 24)
-    interaction = per_sequence(x * np.cos(2 * np.pi * (hour - phase) / 24)) / lengths  # (n,) over ALL events
-    type_value = rng.normal(0.0, 1.0, size=k)  # (K,) campaign-specific, dense
-    at = starts + int(rng.integers(0, 20))  # (n,) the event at the campaign's position
-    positional = rng.uniform(0.5, 1.5) * type_value[types[at]] + rng.normal(0.0, 0.8) * x[at]
+    interaction = per_sequence(x * np.cos(2 * np.pi * (rows["hour"] - phase) / 24)) / lengths  # (n,) over ALL events
+    at = rows["starts"] + position  # (n,) the event at the campaign's position
+    positional = type_weight * type_value[types[at]] + x_weight * x[at]
     average = per_sequence(type_value[types]) / lengths  # (n,) over ALL events
     shared = per_sequence(_shared_type_value(config, 0x1E7E)[types]) / lengths
-    logit = (rng.uniform(1.5, 3.0) * interaction + positional + rng.uniform(1.0, 3.0) * average + shared
-             + rng.normal(0.0, 0.3, size=n))
-    return _table(index, lengths, types, features, _labels(rng, logit, 0.01, 0.40))
+    return interaction_weight * interaction + positional + average_weight * average + shared
 
 
 #: Generators by name (``SynthConfig.generator``); ``fleet.synth.generate`` dispatches on this.

@@ -31,6 +31,21 @@ def test_generators_are_deterministic_and_keep_the_events_contract(generator):
                                                                        a["features"].to_pylist()))
 
 
+@pytest.mark.parametrize("generator", ["default", "affinity", "interaction"])
+def test_fresh_rows_are_new_draws_of_the_same_campaign(generator):
+    """``fresh_rows``: new sequences of one campaign (its parameters, its base rate), from their own stream."""
+    config = SynthConfig(campaigns=10, seed=2, generator=generator, min_sequences=2500, max_sequences=3000)
+    own, fresh = generate(config, 4), generate(config, 4, fresh_rows=3000)
+    assert len(fresh) == 3000 and fresh.schema.equals(own.schema)
+    assert set(fresh["campaign_id"].to_pylist()) == set(own["campaign_id"].to_pylist())
+    assert fresh.equals(generate(config, 4, fresh_rows=3000))  # deterministic
+    assert generate(config, 4).equals(own)  # drawing them changes nothing of the campaign's own rows
+    assert fresh["event_types"][0] != own["event_types"][0] and fresh["event_types"][1] != own["event_types"][1]
+    # the campaign's base rate: same parameters and bias; another campaign of the fleet differs more
+    rate = [float(np.mean(t["label"].to_numpy())) for t in (own, fresh)]
+    assert abs(rate[0] - rate[1]) < 0.04, rate
+
+
 def test_generators_differ_in_structure():
     """Few event types and short sequences (affinity) vs long ones over the whole vocabulary (interaction)."""
     lengths, vocab = {}, {}
@@ -103,3 +118,29 @@ def test_paired_comparison_pairs_each_campaign_with_itself():
     assert list(paired_differences(first, other, _log_kl)) == pytest.approx([math.log(0.1), 0.0, math.log(10.0)])
     table = render_comparison([("a", {"pairs": list(first.values())}), ("b", {"pairs": list(other.values())})])
     assert "Paired per campaign" in table and "-0.0150 +- 0.0050, better 1.00 (n=2)" in table
+
+
+def test_zoo_evaluation_on_fresh_rows_judges_every_campaign_and_keeps_the_hold_out(small_fleet, ray_local, tmp_path):
+    """``evaluate_run`` with fresh rows: what serving answers on new sequences of each campaign against its
+    teacher; the hold-out figures (the run's stage-1 teacher logits) are the same as without fresh rows."""
+    from test_pipeline import fast_config
+
+    from fleet.bench_zoo import FreshRows, evaluate_run
+    from fleet.pipeline import run_compress
+
+    store = str(tmp_path / "store")
+    run_compress(teachers_uri=small_fleet["teachers"], events_uri=small_fleet["events"], store_uri=store,
+                 fleet="zoo-small", config=fast_config(backbone_steps=60, head_steps=60), run_id="r1",
+                 register=False)
+    fresh = FreshRows(small_fleet["config"], small_fleet["teachers"], (), 400)
+    judged = evaluate_run(store, "zoo-small", "r1", small_fleet["events"], 5, fresh)
+    plain = evaluate_run(store, "zoo-small", "r1", small_fleet["events"], 5)
+    assert judged["evaluated_on"] == "400 fresh sequences per campaign" and plain["evaluated_on"] == "hold-out rows"
+    assert judged["n_campaigns"] == plain["n_campaigns"] == 20
+    assert all(c["n_holdout"] == 400 for c in judged["campaigns"])
+    assert judged["n_with_auc"] > plain["n_with_auc"]  # 400 rows per campaign: more campaigns with both classes
+    assert judged["holdout"]["campaigns"] == plain["campaigns"]
+    assert judged["holdout"]["auc_diff_median"] == plain["auc_diff_median"]
+    # real teachers on new draws of their own campaigns: better than a coin (log loss ln 2) on every one
+    losses = [c["teacher_log_loss"] for c in judged["campaigns"]]
+    assert max(losses) < math.log(2) and np.median(losses) < 0.5
