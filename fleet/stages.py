@@ -116,6 +116,10 @@ class CompressConfig:
         prune_sparsity: fraction of each head's weights pruned by magnitude before quantization.
         gate_slack: auto-bits gate: the quantized head's mean |p - p_teacher| on validation rows may
             exceed the float head's by at most this much.
+        gate_max_correlation_drop: auto-bits gate: the Pearson correlation of the quantized head's logits
+            with the teacher's on validation rows may be at most this much below the float head's. Scale-free:
+            a teacher whose probabilities barely vary keeps its ranking even where ``gate_slack`` (absolute)
+            would let 1-2 bits flatten it.
         gate_max_kl, gate_max_ratio_error: the absolute per-campaign gate against the teacher on validation
             rows: a head passes when the mean KL(teacher || student) is at most ``gate_max_kl`` nats and
             ``|mean(p_student) / mean(p_teacher) - 1|`` at most ``gate_max_ratio_error``. A head whose float
@@ -188,6 +192,7 @@ class CompressConfig:
     group_size: int = 64
     prune_sparsity: float = 0.0
     gate_slack: float = 0.01
+    gate_max_correlation_drop: float = 0.02
     gate_max_kl: float = 0.05
     gate_max_ratio_error: float = 0.1
     head_qat: bool = False
@@ -263,6 +268,8 @@ class CompressConfig:
             raise ValueError(f"head_l2 ({self.head_l2}) must be one of head_l2_grid {self.head_l2_grid}")
         if not (self.gate_max_kl > 0 and self.gate_max_ratio_error > 0):
             raise ValueError("gate_max_kl and gate_max_ratio_error must be > 0")
+        if not self.gate_max_correlation_drop >= 0:
+            raise ValueError("gate_max_correlation_drop must be >= 0")
         self.student_config(2, 1)  # validates the student fields early
         self.distill_config()
 
@@ -944,6 +951,7 @@ class GateCheck:
     mean_abs_diff: torch.Tensor  # mean |p_student - p_teacher|
     kl: torch.Tensor  # mean KL(Bernoulli(p_teacher) || Bernoulli(p_student)), nats
     ratio_error: torch.Tensor  # |mean(p_student) / mean(p_teacher) - 1|
+    correlation: torch.Tensor  # Pearson correlation of student and teacher logits (1 where the teacher's is constant)
 
 
 class CampaignGate:
@@ -951,8 +959,9 @@ class CampaignGate:
 
     Absolute: a head passes when its mean KL(teacher || student) is at most ``gate_max_kl`` and its mean
     probability is within ``gate_max_ratio_error`` of the teacher's (:meth:`passes`). Quantization
-    (:meth:`bits_pass`) may cost at most ``gate_slack`` of mean |p - p_teacher| over the float head and
-    must keep a passing head passing; a head whose float version already fails may only be quantized where
+    (:meth:`bits_pass`) may cost at most ``gate_slack`` of mean |p - p_teacher| and
+    ``gate_max_correlation_drop`` of logit correlation with the teacher over the float head, and must keep
+    a passing head passing; a head whose float version already fails may only be quantized where
     that leaves its KL within 10% of the float head's, so a head that is bad already is not made worse.
     All campaigns are evaluated at once (``bincount`` over the rows' campaign index), no Python loop.
     """
@@ -963,6 +972,9 @@ class CampaignGate:
         self.p_teacher = torch.sigmoid(teacher_logits).double()  # (N,)
         self.count = torch.bincount(campaign_index, minlength=num_campaigns).clamp(min=1).double()  # (C,)
         self.mean_teacher = self._mean(self.p_teacher)  # (C,)
+        t = teacher_logits.double()
+        self.t_centred = t - self._mean(t)[campaign_index]  # (N,)
+        self.t_var = self._mean(self.t_centred ** 2)  # (C,)
         self.design, self.rank = student_config.head, student_config.head_rank
         self.config = config
 
@@ -977,7 +989,12 @@ class CampaignGate:
         p, q = self.p_teacher.clamp(eps, 1 - eps), torch.sigmoid(logits).double().clamp(eps, 1 - eps)  # (N,)
         kl = p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))  # (N,)
         ratio = self._mean(q) / self.mean_teacher.clamp(min=eps)  # (C,)
-        return GateCheck(self._mean((q - self.p_teacher).abs()), self._mean(kl), (ratio - 1).abs())
+        s = logits.double()
+        s_centred = s - self._mean(s)[self.index]  # (N,)
+        s_var = self._mean(s_centred ** 2)  # (C,)
+        corr = self._mean(s_centred * self.t_centred) / (s_var * self.t_var).sqrt().clamp(min=1e-12)  # (C,)
+        corr = torch.where(self.t_var > 1e-12, corr, torch.ones_like(corr))  # a constant teacher has no ranking
+        return GateCheck(self._mean((q - self.p_teacher).abs()), self._mean(kl), (ratio - 1).abs(), corr)
 
     def passes(self, check: GateCheck) -> torch.Tensor:
         """``(C,)`` whether each campaign's head passes the absolute gate."""
@@ -986,5 +1003,6 @@ class CampaignGate:
     def bits_pass(self, check: GateCheck, float_check: GateCheck) -> torch.Tensor:
         """``(C,)`` whether a quantized head may replace the float head measured as ``float_check``."""
         close = check.mean_abs_diff <= float_check.mean_abs_diff + self.config.gate_slack
+        close &= check.correlation >= float_check.correlation - self.config.gate_max_correlation_drop
         no_worse = check.kl <= float_check.kl * 1.1 + 1e-4
         return close & torch.where(self.passes(float_check), self.passes(check), no_worse)

@@ -97,6 +97,28 @@ def test_gate_is_absolute_and_quantization_never_makes_a_bad_head_worse():
     assert gate.bits_pass(gate.measure(_heads([0.115, 0.3])), float_check).tolist() == [False, True]
 
 
+def test_bits_gate_keeps_the_ranking_of_a_teacher_whose_probabilities_barely_vary():
+    """Within gate_slack (absolute) a low-variance teacher's ranking can be flattened or reversed; the
+    correlation term (scale-free) refuses that and allows a head that keeps it."""
+    x = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0] * 2)[:, None]  # (10, 1): features of two campaigns
+    index = torch.tensor([0] * 5 + [1] * 5)
+    teacher = torch.cat([-2.0 + 0.05 * x[:5, 0], -2.0 + 2.0 * x[5:, 0]])  # campaign 0: logits vary by 0.1 only
+    student = StudentConfig(num_event_types=2, num_features=0, hidden_size=1, head="linear")
+    gate = CampaignGate(x, index, teacher, 2, student, CompressConfig(gate_slack=0.05))
+    float_check = gate.measure(torch.tensor([[0.05, -2.0], [2.0, -2.0]]))  # (C, 2): w, b; equal to the teachers
+    np.testing.assert_allclose(float_check.correlation.numpy(), [1.0, 1.0], atol=1e-6)
+    reversed_ = gate.measure(torch.tensor([[-0.02, -2.0], [1.9, -2.0]]))
+    expected = np.corrcoef(-0.02 * x[:5, 0].numpy(), teacher[:5].numpy())[0, 1]
+    np.testing.assert_allclose(reversed_.correlation.numpy(), [expected, 1.0], atol=1e-6)
+    assert float(reversed_.mean_abs_diff[0]) < 0.01  # what the absolute slack alone would have let through
+    assert gate.bits_pass(reversed_, float_check).tolist() == [False, True]
+    assert gate.bits_pass(gate.measure(torch.tensor([[0.04, -2.0], [1.9, -2.0]])), float_check).tolist() == [True, True]
+    flat = gate.measure(torch.tensor([[0.0, -2.0], [2.0, -2.0]]))  # a constant head has no ranking
+    assert gate.bits_pass(flat, float_check).tolist() == [False, True]
+    loose = CampaignGate(x, index, teacher, 2, student, CompressConfig(gate_slack=0.05, gate_max_correlation_drop=2.0))
+    assert loose.bits_pass(loose.measure(torch.tensor([[-0.02, -2.0], [1.9, -2.0]])), float_check).tolist() == [True, True]
+
+
 def test_compress_config_checks_the_grid():
     assert CompressConfig(head_l2_grid=[0, 1, 10]).head_l2_grid == (0.0, 1.0, 10.0)
     with pytest.raises(ValueError, match="head_l2"):
