@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -58,6 +59,9 @@ from fleet.teacher_pack import (
     write_pack,
 )
 from fleet.teachers import WEIGHTS_FILE
+
+if TYPE_CHECKING:  # the probe process imports fleet.stages when it runs, not before
+    from fleet.stages import CompressConfig
 
 console = Console(stderr=True)
 SCALE_FORMAT = "fleet-bench-scale/1"
@@ -265,8 +269,10 @@ def _peak_rss_mb() -> float:
 
 def ray_worker_peaks() -> dict | None:
     """Peak RSS (``VmHWM``) of the Ray workers this process started and that are alive now (processes below
-    it named ``ray::...`` by Ray): ``{"workers", "max_mb", "sum_mb"}``, or None where there is no ``/proc`` or
-    none (a Ray cluster this process only connected to runs its workers elsewhere)."""
+    it that Ray titled ``ray::...``, its agents left out): ``{"workers", "max_mb", "sum_mb"}``, or None where
+    there is no ``/proc`` or none (a Ray cluster this process only connected to runs its workers elsewhere)."""
+    from ray._private.ray_constants import AGENT_PROCESS_LIST
+
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
@@ -288,8 +294,9 @@ def ray_worker_peaks() -> dict | None:
     for pid in below:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if not f.read().startswith(b"ray::"):
-                    continue
+                title = f.read().split(b"\0", 1)[0].decode(errors="replace").strip()
+            if not title.startswith("ray::") or title in AGENT_PROCESS_LIST:
+                continue
             with open(f"/proc/{pid}/status") as f:
                 peaks += [int(line.split()[1]) / 1024.0 for line in f if line.startswith("VmHWM:")]
         except OSError:
@@ -440,7 +447,7 @@ def check_targets(results: dict) -> list[str]:
 
 
 def run_scale(*, out: str, fleet_dir: str, sizes: list[tuple[str, int]], seed: int, teacher: dict,
-              config, tracking_uri: str, address: str | None, command: str) -> dict:
+              config: CompressConfig, tracking_uri: str, address: str | None, command: str) -> dict:
     """Make (or reuse) each size's fleet, compress it in full in a fresh driver process, run the incremental night
     at the largest size; write ``scale.json``, ``scale.md`` and ``scale.png`` under ``out`` after every step (an
     interrupted run keeps what it measured). Returns the results, ``missed_targets`` included."""
@@ -638,7 +645,7 @@ def add_arguments(p) -> None:
                         "(default: %(default)s)")
 
 
-def run_from_args(args, config, log) -> int:
+def run_from_args(args, config: CompressConfig, log) -> int:
     """Entry point of ``fleet bench --scale``; exit 0 when every target is met, 1 when one is missed (or a run
     fails), 2 on a usage error."""
     if args.campaigns is not None:

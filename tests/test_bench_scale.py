@@ -57,6 +57,8 @@ def test_scale_end_to_end_at_tiny_sizes(ray_local, tmp_path, sqlite_tracking_uri
         assert finite(row["finalize_and_registration_seconds"]) and row["finalize_and_registration_seconds"] > 0
         # the driver is its own process: its peak holds torch, Ray's client and MLflow, far above nothing
         assert row["driver_peak_rss_mb"] > 100
+        # its own local Ray's workers (not its agents) are found below it, their peaks read
+        assert row["run"]["ray_workers"]["workers"] >= 1 and finite(row["ray_worker_peak_rss_mb"])
     assert results["targets"]["per_entity_ratio"] == pytest.approx(
         rows["user", 40]["per_entity_ms"] / rows["campaign", 12]["per_entity_ms"])
     assert results["targets"]["driver_peak_rss_mb"] == rows["user", 40]["driver_peak_rss_mb"]
