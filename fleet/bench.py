@@ -15,7 +15,9 @@ One run measures (DESIGN.md section 5):
 plus serving latencies (in-process warm/cold, HTTP on loopback), serving RSS, a *simulated* scale
 test (random heads of the real shape and bit mix, 10k and 1M campaigns, in the real store format), and
 issue 12's serving targets side by side with the K-teacher peer (:func:`serving_targets`; alone:
-``fleet bench --serving-only --model VERSION --fleet-dir DIR``).
+``fleet bench --serving-only --model VERSION --fleet-dir DIR``). The REAL scale benchmark (real runs at
+1,000 to 100,000 entities) is ``fleet bench --scale`` (:mod:`fleet.bench_scale`); ``--zoo`` is
+:mod:`fleet.bench_zoo`.
 Every size is a serialized file measured on disk or in memory, never a parameter count.
 Outputs under ``--out``: ``results.json``, ``results.md``, ``*.png``; the run is logged to MLflow
 (experiment ``fleet-bench``). Ray is used only through :mod:`fleet.pipeline` (imported lazily, so the
@@ -59,7 +61,7 @@ from fleet.codec import (
 )
 from fleet.data import map_minibatches
 from fleet.distill import compute_features
-from fleet.errors import FleetError
+from fleet.errors import FleetError, UsageError
 from fleet.events import EventsDataset, split_by_campaign, table_to_batch
 from fleet.heads import decode_heads
 from fleet.metrics import campaign_fidelity
@@ -360,7 +362,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                     or f"sqlite:///{os.path.abspath(os.path.join(cfg.out, 'mlflow.db'))}")
     n = cfg.synth.campaigns
     results: dict = {"format": RESULTS_FORMAT, "created_at": stamp, "campaigns": n,
-                     "machine": _machine(), "bench_config": _bench_params(cfg), "methods": {}}
+                     "machine": machine_info(), "bench_config": _bench_params(cfg), "methods": {}}
 
     with pipeline.ray_session(cfg.address):
         fleet = prepare_fleet(cfg.synth, cfg.fleet_dir, cfg.address)
@@ -1230,7 +1232,9 @@ def evaluate_targets(results: dict) -> list[dict]:
 # ----------------------------------------------------------------------------- outputs
 
 
-def _machine() -> dict:
+def machine_info() -> dict:
+    """The machine a benchmark runs on: CPUs, memory (GiB), GPU, platform, Python and torch versions, and the
+    load average now (``load_average_at_start``)."""
     import platform
 
     mem = None
@@ -1625,19 +1629,21 @@ def add_arguments(p) -> None:
                                                                 "--serving-only, where it has no default)")
     p.add_argument("--fleet-dir", default=None,
                    help="cached synthetic fleet (events/, teachers/, synth.json); reused when its seed and shape "
-                        "match, created otherwise (default: OUT/fleet)")
+                        "match, created otherwise (default: OUT/fleet; --zoo: fleet-data/zoo; --scale: "
+                        "fleet-data/scale, a directory KIND-N per size)")
     p.add_argument("--out", required=True, help="output directory: results.json, results.md, PNGs, stores")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic fleet and of the compression")
     p.add_argument("--peer-subset", type=int, default=20, help="K: campaigns peer (c) is run on (then extrapolated)")
     p.add_argument("--scale-campaigns", type=_sizes, default=(10_000, 1_000_000),
                    help="SIMULATED fleet sizes for the scale test, comma-separated (default: 10000,1000000; 0: skip)")
     g = p.add_argument_group("teachers (a fleet created by the benchmark)")
-    g.add_argument("--arch", choices=["lstm", "gru"], default="lstm", help="teacher RNN cell")
-    g.add_argument("--hidden", type=int, default=256, help="teacher hidden size")
-    g.add_argument("--layers", type=int, default=2, help="teacher RNN layers")
-    g.add_argument("--min-sequences", type=int, default=100, help="smallest campaign size")
-    g.add_argument("--max-sequences", type=int, default=20_000, help="largest campaign size")
-    g.add_argument("--max-epochs", type=int, default=12, help="teacher training epochs at most")
+    g.add_argument("--arch", choices=["lstm", "gru"], default="lstm", help="teacher RNN cell (default: %(default)s)")
+    g.add_argument("--hidden", type=int, default=None, help="teacher hidden size (default: 256; --scale: 16)")
+    g.add_argument("--layers", type=int, default=None, help="teacher RNN layers (default: 2; --scale: 1)")
+    g.add_argument("--min-sequences", type=int, default=None, help="smallest campaign size (default: 100; --scale: 20)")
+    g.add_argument("--max-sequences", type=int, default=None,
+                   help="largest campaign size (default: 20000; --scale: 300)")
+    g.add_argument("--max-epochs", type=int, default=None, help="teacher training epochs at most (default: 12; --scale: 8)")
     g = p.add_argument_group("compression (the real run and its variants)")
     g.add_argument("--config", default=None, help="JSON or TOML file of CompressConfig fields (bits must stay auto; default: CompressConfig's "
                         "defaults with --seed)")
@@ -1661,24 +1667,33 @@ def add_arguments(p) -> None:
     p.add_argument("--no-mlflow", action="store_true",
                    help="use no MLflow at all: the bench run is not logged and the real run's version is not registered")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
-    from fleet import bench_zoo
+    from fleet import bench_scale, bench_zoo
 
     bench_zoo.add_arguments(p)
+    bench_scale.add_arguments(p)
 
 
-def config_from_args(args) -> BenchConfig:
-    """A :class:`BenchConfig` from parsed ``fleet bench`` arguments (ValueError on bad combinations)."""
-    if args.campaigns is None:
-        raise ValueError("--campaigns is required (but with --serving-only)")
-    synth = SynthConfig(campaigns=args.campaigns, seed=args.seed, arch=args.arch, hidden_size=args.hidden,
-                        num_layers=args.layers, min_sequences=args.min_sequences, max_sequences=args.max_sequences,
-                        max_epochs=args.max_epochs)
+def compress_config_from_args(args) -> stages.CompressConfig:
+    """The compression config of ``fleet bench``'s runs: ``--config`` (else the defaults with ``--seed``), then
+    ``--backbone-steps`` and ``--head-steps`` over it (ValueError on a bad value)."""
     compress = stages.CompressConfig.from_file(args.config) if args.config else stages.CompressConfig(seed=args.seed)
     if args.backbone_steps is not None:
         compress.backbone_steps = args.backbone_steps
     if args.head_steps is not None:
         compress.head_steps = args.head_steps
     compress.__post_init__()
+    return compress
+
+
+def config_from_args(args) -> BenchConfig:
+    """A :class:`BenchConfig` from parsed ``fleet bench`` arguments (ValueError on bad combinations)."""
+    if args.campaigns is None:
+        raise ValueError("--campaigns is required (but with --serving-only and --scale)")
+    sized = {"hidden_size": args.hidden, "num_layers": args.layers, "min_sequences": args.min_sequences,
+             "max_sequences": args.max_sequences, "max_epochs": args.max_epochs}
+    synth = SynthConfig(campaigns=args.campaigns, seed=args.seed, arch=args.arch,
+                        **{k: v for k, v in sized.items() if v is not None})  # the rest: SynthConfig's defaults
+    compress = compress_config_from_args(args)
     return BenchConfig(synth=synth, fleet_dir=args.fleet_dir or os.path.join(args.out, "fleet"), out=args.out,
                        compress=compress, peer_subset=args.peer_subset, scale_campaigns=args.scale_campaigns,
                        warm_requests=args.warm_requests, cold_requests=args.cold_requests,
@@ -1689,7 +1704,14 @@ def config_from_args(args) -> BenchConfig:
 
 def run_from_args(args, out_console) -> int:
     """``fleet bench``: run, print the summary table; exit 0 (1 on a FleetError, raised to the CLI).
-    With ``--zoo``: the zoo's fidelity table instead (exit 1 when a pair misses a target)."""
+    With ``--zoo``: the zoo's fidelity table instead (exit 1 when a pair misses a target); with ``--scale``: the
+    real runs at growing fleet sizes (:mod:`fleet.bench_scale`, exit 1 when a target is missed)."""
+    if args.scale:
+        if args.zoo or args.zoo_compare or args.serving_only:
+            raise UsageError("--scale runs alone: not with --zoo, --zoo-compare or --serving-only")
+        from fleet import bench_scale
+
+        return bench_scale.run_from_args(args, compress_config_from_args(args), out_console.print)
     if args.serving_only:
         return run_serving_only(args, out_console)
     config = config_from_args(args)
@@ -1714,7 +1736,7 @@ def run_serving_only(args, out_console) -> int:
         raise ValueError("--serving-only needs a --scale-campaigns size for its SIMULATED version")
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
-    machine = _machine()
+    machine = machine_info()
     version = FleetVersion.open(args.model)
     count = max(args.scale_campaigns)
     store = os.path.abspath(os.path.join(args.out, "scale-store"))
