@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from datetime import datetime, timedelta, timezone
@@ -105,6 +106,11 @@ def copy(fleet_store, tmp_path):
     return {"store": store, "uri": uri, "versions": fleet_store["versions"], "client": client}
 
 
+def _hours_ago(event: str, why: str) -> float:
+    """The age in ``"<event> 2.0 h ago"`` of a plan's reason: the wall clock runs on while the suite does."""
+    return float(re.search(rf"{event} (\d+\.\d) h ago", why).group(1))
+
+
 def _decisions(plan) -> dict:
     return {(i.kind, i.id): i.delete for i in plan.items}
 
@@ -117,14 +123,16 @@ def test_plan_keeps_aliases_the_newest_the_rollback_target_recent_and_in_use(fle
         ("run", "crashed"): False, ("run", "v6"): True, ("run", "v7"): False,
         ("incomplete version", "fresh"): False, ("incomplete version", "partial"): True}
     why = {(i.kind, i.id): "; ".join(i.why) for i in plan.items}
-    assert "left champion 0.0 h ago (< 24 h)" in why[("version", "v1")]
+    assert _hours_ago("left champion", why[("version", "v1")]) <= 0.5 and "(< 24 h)" in why[("version", "v1")]
     assert "fleet rollback's target" in why[("version", "v2")]
     assert why[("version", "v3")].startswith("alias @champion")
     assert why[("version", "v4")].startswith("alias @staging")
     assert why[("version", "v5")] == "parent of unfinished run(s) crashed"
-    assert "one of the 1 newest" in why[("version", "v7")] and "committed 2.0 h ago" in why[("version", "v7")]
+    assert "one of the 1 newest" in why[("version", "v7")]
+    # committed 2 h before this module was imported; the suite may reach this test minutes later
+    assert 2.0 <= _hours_ago("committed", why[("version", "v7")]) <= 2.5
     assert why[("run", "crashed")] == "unfinished (resume: fleet compress --run-id crashed)"
-    assert "finished 0.0 h ago" in why[("run", "v7")]
+    assert _hours_ago("finished", why[("run", "v7")]) <= 0.5
     assert [i.id for i in plan.deletions] == ["v6", "v6", "partial"]
     assert plan.deletions[0].model_versions == [fleet_store["versions"]["v6"]]
     # two days later v1 left champion long enough ago; nothing else changes
