@@ -261,10 +261,16 @@ def _write_json(path: str, obj) -> None:
 
 
 def _peak_rss_mb() -> float:
-    """This process's peak RSS so far (``ru_maxrss``, KiB on Linux), in MB (MiB)."""
-    import resource
+    """This process's own peak RSS so far, in MB (MiB): ``VmHWM`` of ``/proc/self/status`` where there is one.
+    Not ``ru_maxrss`` there: a process started by ``subprocess`` begins with its parent's peak in that counter
+    (the bench parent's, which made the fleet), so it would report the parent's peak, not the run's."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024.0 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def ray_worker_peaks() -> dict | None:
