@@ -40,7 +40,7 @@ ZOO_TEACHER = {"hidden_size": 64, "num_layers": 1, "arch": "lstm"}
 #: Campaign sizes of the zoo's fleets (the first-hour report: 30 campaigns of 100-3,000 rows).
 ZOO_SIZES = {"min_sequences": 100, "max_sequences": 3000}
 #: Fresh sequences per campaign the zoo is judged on (``--zoo-fresh-rows``): at the zoo's lowest base rate
-#: (1%) about 20 positives, so every campaign has an AUC, where its hold-out rows give one to 15 of 60.
+#: (1%) about 20 positives, so every campaign has an AUC (its hold-out rows give one to 15-16 of 60).
 ZOO_FRESH_ROWS = 2000
 
 #: Issue 16's targets, per pair: (metric key of :func:`evaluate_run`, comparison, bound).
@@ -194,9 +194,9 @@ def run_zoo(*, out: str, fleet_dir: str, generators: list[str], teachers: list[s
                                                    store_uri=store, fleet=f"zoo-{name}", config=config,
                                                    run_id=pair_run, tracking_uri=tracking, retrain_backbone=True)
                     gate = result.registered.gate if result.registered is not None else None
-                fresh = FreshRows(synth, made["teachers_uri"], tuple(config.allow_loaders), fresh_rows)
+                fresh = FreshRows(synth, made["teachers_uri"], tuple(config.allow_loaders), fresh_rows) if fresh_rows else None
                 evaluation = evaluate_run(store, f"zoo-{name}", pair_run, made["events_uri"],
-                                          config.min_auc_class_count, fresh if fresh_rows > 0 else None)
+                                          config.min_auc_class_count, fresh)
                 pair = {"generator": generator, "teacher": teacher, "run_id": pair_run, "synth_seconds": synth_seconds,
                         "promoted": None if gate is None else bool(gate.passed),
                         "gate_reasons": None if gate is None else gate.reasons, **evaluation}
