@@ -398,7 +398,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             "fleet": fleet_name, "version_id": real.version_id, "manifest_uri": real.manifest_uri,
             "exit_code": real.exit_code, "wall_seconds": real_wall, "floor_seconds": floor,
             "total_over_floor": real_wall / floor if floor else None, "run_over_floor": m.get("run_over_floor"),
-            "stage_seconds": {k[len("stage_seconds_"):]: v for k, v in m.items() if k.startswith("stage_seconds_")},
+            "stage_seconds": pipeline.stage_seconds(m),
             "registration_and_overhead_seconds": real_wall - m.get("run_seconds", 0.0),
             "registered": None if real.registered is None else
             {"name": real.registered.name, "version": real.registered.version,
@@ -665,7 +665,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rss_mb(pid: int | str = "self") -> dict:
+def proc_rss_mb(pid: int | str = "self") -> dict:
+    """``{"rss_mb", "peak_rss_mb"}`` (VmRSS, VmHWM; MiB) of process ``pid`` from ``/proc/<pid>/status``
+    (OSError where there is no ``/proc`` or no such process)."""
     out = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -822,7 +824,7 @@ def bench_http(manifest_uri: str, seqs: list[tuple], requests: int, concurrency:
     until ``requests`` are done (after a warm-up), first with one request in flight (``"single"``: latency
     without queueing), then with ``concurrency`` in flight (the load figures)."""
     with _http_server(manifest_uri, "lru", os.path.join(log_dir, "http-server.log")) as (proc, base):
-        rss_idle = _rss_mb(proc.pid)
+        rss_idle = proc_rss_mb(proc.pid)
         bodies = [json.dumps({"campaign_id": c, "sequences": [{"event_types": t, "features": f}]}).encode()
                   for c, t, f in seqs]
         errors = _drive_http(base, "/v1/predict", bodies, min(200, requests), concurrency, None)  # warm-up
@@ -834,7 +836,7 @@ def bench_http(manifest_uri: str, seqs: list[tuple], requests: int, concurrency:
         wall = time.perf_counter() - t0
         return {**_latencies(latencies), "requests": requests, "concurrency": concurrency, "errors": errors,
                 "throughput_rps": len(latencies) / wall if wall else None, "server_rss_idle": rss_idle,
-                "server_rss_after_load": _rss_mb(proc.pid), "single": {**_latencies(single), "requests": requests},
+                "server_rss_after_load": proc_rss_mb(proc.pid), "single": {**_latencies(single), "requests": requests},
                 "note": "server (uvicorn subprocess) and client share the machine's cores"}
 
 
@@ -1129,7 +1131,7 @@ def serving_targets(manifest_uri: str, events_uri: str, teachers_uri: str, sim_m
         errors += _drive_http(base, "/v1/score", score_bodies, http_requests, 1, scored)
         out["http_predict"], out["http_score"] = _latencies(single), _latencies(scored)
         out["http_errors"] = errors
-        out["server_rss"] = _rss_mb(proc_.pid)
+        out["server_rss"] = proc_rss_mb(proc_.pid)
     out["rss_mb"] = out["server_rss"]["rss_mb"]
     console.print(f"serving targets: K-teacher peer ({SCORE_K:,} fp32 teacher forward passes per request)")
     out["peer"] = teacher_peer(teachers_uri, list_teacher_campaigns(teachers_uri), seqs, num_features)

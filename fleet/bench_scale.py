@@ -264,10 +264,11 @@ def _peak_rss_mb() -> float:
     """This process's own peak RSS so far, in MB (MiB): ``VmHWM`` of ``/proc/self/status`` where there is one.
     Not ``ru_maxrss`` there: a process started by ``subprocess`` begins with its parent's peak in that counter
     (the bench parent's, which made the fleet), so it would report the parent's peak, not the run's."""
+    from fleet.bench import proc_rss_mb
+
     try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) / 1024.0 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
+        return proc_rss_mb("self")["peak_rss_mb"]
+    except OSError:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
@@ -278,6 +279,8 @@ def ray_worker_peaks() -> dict | None:
     it that Ray titled ``ray::...``, its agents left out): ``{"workers", "max_mb", "sum_mb"}``, or None where
     there is no ``/proc`` or none (a Ray cluster this process only connected to runs its workers elsewhere)."""
     from ray._private.ray_constants import AGENT_PROCESS_LIST
+
+    from fleet.bench import proc_rss_mb
 
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
@@ -303,8 +306,7 @@ def ray_worker_peaks() -> dict | None:
                 title = f.read().split(b"\0", 1)[0].decode(errors="replace").strip()
             if not title.startswith("ray::") or title in AGENT_PROCESS_LIST:
                 continue
-            with open(f"/proc/{pid}/status") as f:
-                peaks += [int(line.split()[1]) / 1024.0 for line in f if line.startswith("VmHWM:")]
+            peaks.append(proc_rss_mb(pid)["peak_rss_mb"])
         except OSError:
             continue  # exited meanwhile
     return {"workers": len(peaks), "max_mb": max(peaks), "sum_mb": sum(peaks)} if peaks else None
@@ -347,6 +349,7 @@ def run_probe(spec: dict) -> dict:
         "exit_code": result.exit_code, "registered_version": result.registered.version if result.registered else None,
         "gate_passed": None if gate is None else bool(gate.passed), "wall_seconds": wall, "ray_start_seconds": ray_start,
         "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+        "stage_seconds": pipeline.stage_seconds(result.metrics),
         "refitted": None if spec["full"] else refitted, "refitted_count": len(refitted),
         "driver_peak_rss_mb": _peak_rss_mb(), "driver_peak_rss_before_run_mb": before, "ray_workers": workers,
     }
@@ -390,13 +393,14 @@ def _compress_in_fresh_process(spec: dict, label: str) -> dict:
 def size_row(kind: str, entities: int, fleet: dict, run: dict) -> dict:
     """The figures of one size from its fleet (:func:`prepare_fleet`) and full run (:func:`run_probe`)."""
     m = run["metrics"]
-    stage1 = m.get("stage_seconds_soft_labels")
+    stage1 = run["stage_seconds"].get("soft_labels")
     heads_rows = m.get("campaigns_ok", 0) + m.get("campaigns_reused", 0)
     return {
-        "kind": kind, "entities": entities, "fleet": fleet, "run": {k: v for k, v in run.items() if k != "metrics"},
+        "kind": kind, "entities": entities, "fleet": fleet,
+        "run": {k: v for k, v in run.items() if k not in ("metrics", "stage_seconds")},
         "metrics": m, "wall_seconds": run["wall_seconds"], "per_entity_ms": 1000.0 * run["wall_seconds"] / entities,
-        "stage_seconds": {k[len("stage_seconds_"):]: v for k, v in m.items() if k.startswith("stage_seconds_")},
-        "stage1_seconds": stage1, "run_over_stage1": run["wall_seconds"] / stage1 if stage1 else None,
+        "stage_seconds": run["stage_seconds"], "stage1_seconds": stage1,
+        "run_over_stage1": run["wall_seconds"] / stage1 if stage1 else None,
         "finalize_and_registration_seconds": run["wall_seconds"] - m["run_seconds"] if "run_seconds" in m else None,
         "driver_peak_rss_mb": run["driver_peak_rss_mb"],
         "ray_worker_peak_rss_mb": (run["ray_workers"] or {}).get("max_mb"),
@@ -443,13 +447,12 @@ def target_figures(results: dict) -> dict:
 def check_targets(results: dict) -> list[str]:
     """Keys of the targets of :data:`TARGETS` that ``results`` misses (a figure not measured is a miss)."""
     figures = target_figures(results)
-    missed = []
-    for key, op, bound, _ in TARGETS:
-        value = figures[key]
-        ok = value is not None and (value <= bound if op == "<=" else value == bound)
-        if not ok:
-            missed.append(key)
-    return missed
+    return [key for key, op, bound, _ in TARGETS if not _met(figures[key], op, bound)]
+
+
+def _met(value, op: str, bound) -> bool:
+    """Whether a target's measured ``value`` meets ``op bound`` (a value not measured, None, does not)."""
+    return value is not None and (value <= bound if op == "<=" else value == bound)
 
 
 def run_scale(*, out: str, fleet_dir: str, sizes: list[tuple[str, int]], seed: int, teacher: dict,
@@ -512,11 +515,10 @@ def incremental_night(kind: str, synth: SynthConfig, fleet: dict, spec: dict, fu
     refitted = night.pop("refitted")
     return {
         "kind": kind, "entities": synth.campaigns, "changed": len(changed), "changed_share": CHANGED_SHARE,
-        "run": {k: v for k, v in night.items() if k != "metrics"}, "metrics": m,
+        "run": {k: v for k, v in night.items() if k not in ("metrics", "stage_seconds")}, "metrics": m,
         "wall_seconds": night["wall_seconds"], "full_wall_seconds": full["wall_seconds"],
         "fraction": night["wall_seconds"] / full["wall_seconds"],
-        "stage_seconds": {k[len("stage_seconds_"):]: v for k, v in m.items() if k.startswith("stage_seconds_")},
-        "refitted": len(refitted), "reused": m.get("campaigns_reused"),
+        "stage_seconds": night["stage_seconds"], "refitted": len(refitted), "reused": m.get("campaigns_reused"),
         "refitted_exactly_changed": sorted(refitted) == changed,
         "changed_not_refitted": sorted(set(changed) - set(refitted))[:20],
         "refitted_not_changed": sorted(set(refitted) - set(changed))[:20],
@@ -569,7 +571,7 @@ def render_targets(results: dict) -> str:
         value = figures[key]
         shown = ("n/a (not measured)" if value is None else ("yes" if value else "no") if isinstance(value, bool)
                  else f"{value:,.3g}")
-        met = value is not None and (value <= bound if op == "<=" else value == bound)
+        met = _met(value, op, bound)
         lines.append(f"| {what} | {op} {'yes' if isinstance(bound, bool) else format(bound, 'g')} | {shown} | "
                      f"{'yes' if met else '**no**'} |")
     return "\n".join(lines) + "\n"

@@ -121,7 +121,7 @@ def evaluate_run(store_uri: str, fleet: str, run_id: str, events_uri: str, min_p
         "head_row_bytes_p50_p90_max": [float(np.percentile(row_bytes, 50)), float(np.percentile(row_bytes, 90)),
                                        float(max(row_bytes))] if row_bytes else None,
         "run_over_floor": metrics.get("run_over_floor"),
-        "stage_seconds": {k[len("stage_seconds_"):]: v for k, v in metrics.items() if k.startswith("stage_seconds_")},
+        "stage_seconds": pipeline.stage_seconds(metrics),
     }
     if fresh:
         out["holdout"] = figures(holdout)

@@ -565,6 +565,15 @@ def compress(teachers: str, events: str, *, store: str = DEFAULT_STORE, fleet: s
                         force_config=force_config, resume_command=resume_command)
 
 
+
+STAGE_SECONDS_PREFIX = "stage_seconds_"  # a run's metrics hold each stage's wall seconds as stage_seconds_<stage>
+
+
+def stage_seconds(metrics: dict) -> dict:
+    """``{stage: seconds}`` of a run's metrics (its ``stage_seconds_<stage>`` entries)."""
+    return {k[len(STAGE_SECONDS_PREFIX):]: v for k, v in metrics.items() if k.startswith(STAGE_SECONDS_PREFIX)}
+
+
 def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: str,
                  config: stages.CompressConfig, run_id: str | None = None, tracking_uri: str | None = None,
                  address: str | None = None, retrain_backbone: bool = False, storage_options: dict | None = None,
@@ -1027,7 +1036,7 @@ def _version_metrics(heads: pa.Table, rejects: list[dict], num: int, reused: int
         "bits_mean": float(bits.mean()) if len(bits) else None,
         **{f"bits_{b}_campaigns": int((bits == b).sum()) for b in (1, 2, 4, 8, 16)},
         "teacher_bytes_total": teacher_bytes,
-        **{f"stage_seconds_{k}": v for k, v in timings.items()},
+        **{f"{STAGE_SECONDS_PREFIX}{k}": v for k, v in timings.items()},
         "stage1_shards_computed": stage1_run, "stage1_shards_skipped": skipped.get("soft_labels", 0),
         "stage3_shards_computed": stage3_run, "stage3_shards_skipped": skipped.get("heads", 0),
         "nodes": nodes,
