@@ -115,6 +115,8 @@ def test_bits_gate_keeps_the_ranking_of_a_teacher_whose_probabilities_barely_var
     assert gate.bits_pass(gate.measure(torch.tensor([[0.04, -2.0], [1.9, -2.0]])), float_check).tolist() == [True, True]
     flat = gate.measure(torch.tensor([[0.0, -2.0], [2.0, -2.0]]))  # a constant head has no ranking
     assert gate.bits_pass(flat, float_check).tolist() == [False, True]
+    with pytest.raises(ValueError, match="gate_max_correlation_drop must be >= 0"):
+        CompressConfig(gate_max_correlation_drop=-0.1)
     loose = CampaignGate(x, index, teacher, 2, student, CompressConfig(gate_slack=0.05, gate_max_correlation_drop=2.0))
     assert loose.bits_pass(loose.measure(torch.tensor([[-0.02, -2.0], [1.9, -2.0]])), float_check).tolist() == [True, True]
 
