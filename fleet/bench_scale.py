@@ -72,6 +72,10 @@ CHANGES_FILE = "bench-scale-changes.json"  # in a fleet dir while changed teache
 READOUT_BIAS = "readout.bias"  # the TeacherRNN tensor the incremental night changes
 RUN_TARGET_MIN_N = 1_000  # the run / stage 1 target holds from this fleet size up
 HEADS_TARGET_MIN_N = 10_000  # the heads bytes per entity target holds from this fleet size up
+#: How ``heads B / entity`` divides: the columns serving reads (:data:`fleet.head_table.COLUMNS`: the quantized
+#: head), the hashes incremental runs compare, and the rest (per-campaign fidelity and calibration figures).
+HEADS_PARTS = (("served", "head (served columns)"), ("change_detection", "teacher_sha256 + data_fingerprint"),
+               ("fidelity", "fidelity metrics"))
 #: The run's stages in the manifest's metrics (``stage_seconds_<key>``), in order, with their names.
 STAGE_NAMES = (("soft_labels", "stage 1"), ("backbone", "stage 2"), ("heads", "stages 3-5"))
 
@@ -352,7 +356,32 @@ def run_probe(spec: dict) -> dict:
         "stage_seconds": pipeline.stage_seconds(result.metrics),
         "refitted": None if spec["full"] else refitted, "refitted_count": len(refitted),
         "driver_peak_rss_mb": _peak_rss_mb(), "driver_peak_rss_before_run_mb": before, "ray_workers": workers,
+        "heads_bytes_by_part": heads_bytes_by_part(os.path.dirname(result.manifest_uri)),
     }
+
+
+def heads_bytes_by_part(version_dir: str) -> dict[str, int]:
+    """Compressed bytes of the version's heads Parquet column chunks (footers and headers left out), summed
+    into the parts of :data:`HEADS_PARTS`."""
+    import glob
+
+    import pyarrow.parquet as pq
+
+    from fleet.head_table import COLUMNS
+    from fleet.store import HEADS_DIR
+
+    parts = dict.fromkeys([key for key, _ in HEADS_PARTS], 0)
+    for path in glob.glob(os.path.join(version_dir, HEADS_DIR, "*.parquet")):
+        meta = pq.ParquetFile(path).metadata
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            for c in range(group.num_columns):
+                column = group.column(c)
+                name = column.path_in_schema.split(".")[0]
+                part = ("served" if name in COLUMNS else
+                        "change_detection" if name in ("teacher_sha256", "data_fingerprint") else "fidelity")
+                parts[part] += column.total_compressed_size
+    return parts
 
 
 def _probe_main(argv: list[str]) -> int:
@@ -406,6 +435,8 @@ def size_row(kind: str, entities: int, fleet: dict, run: dict) -> dict:
         "ray_worker_peak_rss_mb": (run["ray_workers"] or {}).get("max_mb"),
         "heads_bytes": m.get("heads_bytes"),
         "heads_bytes_per_entity": m["heads_bytes"] / heads_rows if m.get("heads_bytes") and heads_rows else None,
+        "heads_part_bytes_per_entity": ({k: v / heads_rows for k, v in run["heads_bytes_by_part"].items()}
+                                        if run.get("heads_bytes_by_part") and heads_rows else None),
         "quarantined": m.get("campaigns_quarantined"),
     }
 
@@ -601,6 +632,14 @@ def render_markdown(results: dict) -> str:
                      f"{inc['full_wall_seconds']:,.1f} s ({stages_}); refitted {inc['refitted']:,}, reused "
                      f"{_f(inc['reused'], ',')}; exactly the changed ones: "
                      f"{'yes' if inc['refitted_exactly_changed'] else '**no**'}.\n")
+    split = [r for r in results.get("sizes") or [] if r.get("heads_part_bytes_per_entity")]
+    if split:
+        names = dict(HEADS_PARTS)
+        lines = [f"- {r['kind']} {r['entities']:,}: "
+                 + ", ".join(f"{names[k]} {v:,.1f} B" for k, v in r["heads_part_bytes_per_entity"].items())
+                 for r in split]
+        parts.append("Heads bytes per entity by column (Parquet column chunks; the rest is footers and page "
+                     "headers):\n\n" + "\n".join(lines) + "\n")
     parts.append(render_targets(results))
     missed = results.get("missed_targets", check_targets(results))
     parts.append(f"Targets missed: {', '.join(missed) if missed else 'none'}.\n")

@@ -54,6 +54,13 @@ def test_scale_end_to_end_at_tiny_sizes(ray_local, tmp_path, sqlite_tracking_uri
         assert row["heads_bytes_per_entity"] == pytest.approx(
             row["metrics"]["heads_bytes"] / (row["metrics"]["campaigns_ok"] + row["metrics"]["campaigns_reused"]))
         assert set(row["stage_seconds"]) == {"soft_labels", "backbone", "heads"}
+        # the heads file's column chunks, by part: each part present, together under the file (its footer and
+        # schema, a large share of a file of a few dozen rows)
+        split = row["heads_part_bytes_per_entity"]
+        assert set(split) == {k for k, _ in bench_scale.HEADS_PARTS} and all(v > 0 for v in split.values())
+        assert sum(split.values()) < row["heads_bytes_per_entity"]
+        # the two hashes are 48 raw bytes per row: incompressible, so at least that much
+        assert split["change_detection"] >= 48
         assert finite(row["finalize_and_registration_seconds"]) and row["finalize_and_registration_seconds"] > 0
         # the driver is its own process: its peak holds torch, Ray's client and MLflow, far above nothing
         assert row["driver_peak_rss_mb"] > 100
@@ -81,6 +88,7 @@ def test_scale_end_to_end_at_tiny_sizes(ray_local, tmp_path, sqlite_tracking_uri
     md = (out / "scale.md").read_text()
     assert "| campaign | 12 |" in md and "| user | 40 |" in md and "Incremental night (user)" in md
     assert "Targets missed:" in md and "n/a (not measured)" in md
+    assert "Heads bytes per entity by column" in md and "user 40: head (served columns)" in md
     assert (out / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
