@@ -11,7 +11,8 @@ pushes down to row-group statistics, so the whole dataset is never loaded. Event
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import json
+from collections.abc import Iterable, Sequence
 
 import fsspec
 import numpy as np
@@ -66,10 +67,10 @@ def holdout_mask(campaign_id: str, num_rows: int, fraction: float = HOLDOUT_FRAC
 
 
 def write_events(uri: str, table: pa.Table, storage_options: dict | None = None, rows_per_file: int = 500_000,
-                 row_group_size: int = 2048, start_part: int = 0) -> None:
+                 row_group_size: int = 2048, start_part: int = 0) -> int:
     """Write an events table as ``uri/part-NNNNN.parquet`` (numbered from ``start_part``: a dataset written
     in pieces), sorted by campaign id (row order within a campaign kept) with small row groups so
-    per-campaign filters skip everything else."""
+    per-campaign filters skip everything else. Returns the number of files written."""
     table = table.cast(EVENTS_SCHEMA)
     order = pc.sort_indices(
         pa.table({"c": table["campaign_id"], "i": pa.array(np.arange(len(table)))}), [("c", "ascending"), ("i", "ascending")]
@@ -80,6 +81,59 @@ def write_events(uri: str, table: pa.Table, storage_options: dict | None = None,
     for part, start in enumerate(range(0, max(len(table), 1), rows_per_file)):
         with fs.open(f"{path}/part-{start_part + part:05d}.parquet", "wb") as f:
             pq.write_table(table.slice(start, rows_per_file), f, row_group_size=row_group_size, compression="zstd")
+    return part + 1
+
+
+#: Rows :func:`write_events_in_parts` holds before writing them out: ~180 MB of events at 50 events of 8 features
+#: a row; with :func:`write_events`'s sorted copy, ``fleet synth``'s driver peaked ~330 MB above its baseline.
+EVENTS_PART_ROWS = 100_000
+#: Written into an events dataset by :func:`write_events_in_parts` after its last part, so a dataset whose
+#: writer crashed is told from a complete one. The reader ignores it (pyarrow skips ``_``-prefixed files),
+#: so a dataset without one (e.g. a user's) reads the same.
+EVENTS_COMPLETE = "_SUCCESS"
+
+
+def write_events_in_parts(uri: str, tables: Iterable[pa.Table], storage_options: dict | None = None,
+                          part_rows: int = EVENTS_PART_ROWS) -> None:
+    """Write the events dataset ``uri`` from ``tables`` (events schema, consumed lazily), holding at most
+    ``part_rows`` rows plus one table in memory: tables are gathered until they reach ``part_rows`` rows,
+    then written by :func:`write_events` as the next files. Each table holds whole campaigns, and every
+    part's ids must sort after the previous part's (the dataset stays sorted by campaign id, each campaign
+    in one part). Anything already under ``uri`` (a crashed write's parts) is removed first, and
+    :data:`EVENTS_COMPLETE` (``{"files", "rows"}``) is written last (:func:`events_complete`)."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    fs.makedirs(path, exist_ok=True)
+    files, rows, last_id = 0, 0, None
+    buffered: list[pa.Table] = []  # whole campaigns, fewer than part_rows rows until flushed
+
+    def flush() -> None:
+        nonlocal files, rows, last_id
+        part = pa.concat_tables(buffered)
+        buffered.clear()
+        first, last = (v.as_py() for v in pc.min_max(part["campaign_id"]).values())
+        if last_id is not None and first <= last_id:
+            raise ValueError(f"events part starts at campaign {first!r}, not after the previous part's last {last_id!r}")
+        files += write_events(uri, part, storage_options, start_part=files)
+        rows, last_id = rows + len(part), last
+
+    held = 0
+    for table in tables:
+        buffered.append(table)
+        held += len(table)
+        if held >= part_rows:
+            flush()
+            held = 0
+    if buffered:
+        flush()
+    fs.pipe_file(f"{path}/{EVENTS_COMPLETE}", json.dumps({"files": files, "rows": rows}).encode())
+
+
+def events_complete(uri: str, storage_options: dict | None = None) -> bool:
+    """Whether ``uri`` is an events dataset that :func:`write_events_in_parts` finished writing."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    return fs.exists(f"{path}/{EVENTS_COMPLETE}")
 
 
 _NO_ROWS = np.zeros(0, dtype=np.int64)

@@ -28,7 +28,7 @@ from rich.console import Console
 from fleet import DEFAULT_FLEET, DEFAULT_STORE, stages, synth
 from fleet.codec import HEADS_SCHEMA, conform_heads_table, rejects_to_table
 from fleet.errors import FleetError, StoreError, UsageError
-from fleet.events import EventsDataset, data_fingerprint, write_events
+from fleet.events import EVENTS_PART_ROWS, EventsDataset, data_fingerprint, events_complete, write_events_in_parts
 from fleet.ids import CAMPAIGN_ID_PATTERN
 from fleet.metrics import fleet_summary
 from fleet.progress import stage_progress
@@ -224,13 +224,14 @@ def balanced_batches(costs: dict[str, float], num_batches: int) -> list[list[str
 
 
 def run_synth(config: synth.SynthConfig, out_uri: str, storage_options: dict | None = None,
-              address: str | None = None) -> dict:
-    """``fleet synth``: record ``out/synth.json``, write ``out/events/`` on the driver, then train every
-    teacher on Ray (per-user fleets: one task per pack writes its events part and its trained pack,
-    :func:`fleet.synth.build_user_pack`). Re-running an interrupted run with the same config resumes it (teachers already
-    saved are kept); an ``out`` that holds another fleet is refused, never overwritten."""
-    import pyarrow as pa
-
+              address: str | None = None, part_rows: int = EVENTS_PART_ROWS) -> dict:
+    """``fleet synth``: record ``out/synth.json``, write ``out/events/`` on the driver (campaigns generated in
+    order and written about ``part_rows`` rows at a time, :func:`fleet.events.write_events_in_parts`, so the
+    driver's memory does not grow with the fleet), then train every teacher on Ray (per-user fleets: one task
+    per pack writes its events part and its trained pack, :func:`fleet.synth.build_user_pack`). Re-running an
+    interrupted run with the same config resumes it (complete events and teachers already saved are kept;
+    events whose writing was interrupted are written again before any teacher trains); an ``out`` that holds
+    another fleet is refused, never overwritten."""
     started = time.perf_counter()
     out_uri = absolute_uri(out_uri).rstrip("/")
     _record_synth_config(config, out_uri, storage_options)
@@ -244,9 +245,19 @@ def run_synth(config: synth.SynthConfig, out_uri: str, storage_options: dict | N
         return {"seconds": time.perf_counter() - started, "events_uri": events_uri, "teachers_uri": teachers_uri,
                 "campaigns": [s for batch in per_batch for s in batch]}
     ids = synth.campaign_ids(config.campaigns)
-    tables = [synth.generate(config, i) for i in range(config.campaigns)]
-    write_events(events_uri, pa.concat_tables(tables), storage_options)
-    rows = {cid: len(t) for cid, t in zip(ids, tables)}
+    rows: dict[str, int] = {}  # rows per campaign: all the driver keeps of the events (teacher batch sizes)
+
+    def campaign_tables():
+        for i, cid in enumerate(ids):
+            table = synth.generate(config, i)
+            rows[cid] = len(table)
+            yield table
+
+    if events_complete(events_uri, storage_options):  # a resumed run: only count the rows again
+        for _ in campaign_tables():
+            pass
+    else:
+        write_events_in_parts(events_uri, campaign_tables(), storage_options, part_rows)
     with ray_session(address):
         num_cpus = int(ray.cluster_resources().get("CPU", 1))
         # ~8 teachers per task: a progress bar that moves, and little lost when a run is interrupted
