@@ -604,7 +604,79 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
     (:class:`~fleet.registry.RegistryError`); ``no_parent`` runs in full without looking up a parent
     (with ``register=False`` it then needs no registry at all). Inputs that cannot work raise
     :class:`~fleet.errors.UsageError` first (:func:`check_compress_inputs`).
+
+    When registering, the version's MLflow run spans the compress (:class:`CompressRun`): started once the run
+    is planned, named by the run id, its params the configuration and the scrubbed teachers / events URIs, each
+    stage's seconds logged as the stage ends; registration logs into it and ends it FINISHED. A compress that
+    fails ends it FAILED (KILLED on Ctrl-C); one killed outright leaves it RUNNING; resuming the run id
+    continues it (its MLflow run id is kept in the work dir, :data:`MLFLOW_RUN_FILE`).
     """
+    mlflow_run = CompressRun()
+    try:
+        return _run_compress(mlflow_run, teachers_uri=teachers_uri, events_uri=events_uri, store_uri=store_uri,
+                             fleet=fleet, config=config, run_id=run_id, tracking_uri=tracking_uri, address=address,
+                             retrain_backbone=retrain_backbone, storage_options=storage_options, register=register,
+                             dashboard=dashboard, no_parent=no_parent, force_config=force_config,
+                             resume_command=resume_command)
+    except KeyboardInterrupt:
+        mlflow_run.end("KILLED")
+        raise
+    except BaseException:
+        mlflow_run.end("FAILED")
+        raise
+
+
+#: The work-dir file holding the MLflow run id of a registering compress (``{"run_id", "tracking_uri"}``).
+MLFLOW_RUN_FILE = "mlflow_run.json"
+#: The step each stage's metrics are logged at in the compress's MLflow run (a resumed run logs them again at it).
+STAGE_STEPS = {"soft_labels": 1, "backbone": 2, "heads": 3, "finalize": 4}
+
+
+class CompressRun:
+    """The MLflow run of one registering ``fleet compress`` (:mod:`fleet.registry` does the MLflow part):
+    nothing happens until :meth:`start`, so a ``--no-register`` compress never touches a registry."""
+
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+        self.tracking_uri: str | None = None
+        self._started = time.perf_counter()
+
+    def start(self, workdir: WorkDir, fleet: str, version_id: str, params: dict, tracking_uri: str,
+              storage_options: dict | None) -> None:
+        """Start the run, or continue the one recorded in ``workdir`` (:data:`MLFLOW_RUN_FILE`), and record it."""
+        from fleet import registry
+
+        saved = workdir.read_json(MLFLOW_RUN_FILE).get("run_id") if workdir.exists(MLFLOW_RUN_FILE) else None
+        self.run_id = registry.start_compress_run(fleet, version_id, params, tracking_uri,
+                                                  storage_options=storage_options, resume_run_id=saved)
+        self.tracking_uri = tracking_uri
+        if self.run_id != saved:
+            workdir.write_json(MLFLOW_RUN_FILE, {"run_id": self.run_id, "tracking_uri": scrub(tracking_uri)})
+
+    def stage(self, stage: str, seconds: float, **progress: float) -> None:
+        """Log that ``stage`` ended after ``seconds`` (``stage_seconds_<stage>``), the seconds since the compress
+        started (``elapsed_seconds``) and ``progress`` metrics, at the stage's step (:data:`STAGE_STEPS`)."""
+        if self.run_id is None:
+            return
+        from fleet import registry
+
+        metrics = {f"{STAGE_SECONDS_PREFIX}{stage}": seconds, "elapsed_seconds": time.perf_counter() - self._started,
+                   **progress}
+        registry.log_run_metrics(self.run_id, metrics, STAGE_STEPS[stage], self.tracking_uri)
+
+    def end(self, status: str) -> None:
+        """End the run with ``status`` unless registration ended it (or it never started)."""
+        if self.run_id is not None:
+            from fleet import registry
+
+            registry.end_compress_run(self.run_id, status, self.tracking_uri)
+
+
+def _run_compress(mlflow_run: CompressRun, *, teachers_uri: str, events_uri: str, store_uri: str, fleet: str,
+                  config: stages.CompressConfig, run_id: str | None, tracking_uri: str | None, address: str | None,
+                  retrain_backbone: bool, storage_options: dict | None, register: bool, dashboard: bool,
+                  no_parent: bool, force_config: bool, resume_command: str | None) -> CompressResult:
+    """:func:`run_compress`'s body; ``mlflow_run`` is started here when registering."""
     from fleet import registry
 
     started = time.perf_counter()
@@ -639,6 +711,10 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
                               storage_options, num_cpus, no_parent)
             plan.update(_settings_record(settings))
             workdir.write_json("plan.json", plan)
+        if register:
+            mlflow_run.start(workdir, fleet, run_id, _run_params(config, {"teachers_uri": teachers_uri,
+                                                                          "events_uri": events_uri}),
+                             tracking_uri, storage_options)
         parent = FleetVersion.open(plan["parent_manifest"], storage_options) if plan["parent_manifest"] else None
         inherit_backbone = parent is not None and not plan["retrain_backbone"]
         ctx = stages.StageContext(teachers_uri, events_uri, config, plan["num_event_types"], plan["num_features"],
@@ -667,6 +743,7 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
                             done=sum(len(b) for n, b in zip(plan["shards"], plan["batches"]) if n in done))
         timings["soft_labels"] = time.perf_counter() - t0
         shards_skipped = {"soft_labels": len(plan["shards"]) - len(jobs)}
+        mlflow_run.stage("soft_labels", timings["soft_labels"], stage_campaigns_soft_labels=num)
         _fault_point("soft_labels")
 
         status = pa.concat_tables([workdir.read_shard("campaigns", s) for s in plan["shards"]],
@@ -694,6 +771,7 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
         elif workdir.exists("backbone_stats.json"):
             backbone_stats = workdir.read_json("backbone_stats.json")
         timings["backbone"] = time.perf_counter() - t0
+        mlflow_run.stage("backbone", timings["backbone"])
         _fault_point("backbone")
 
         # stages 3-5: heads, quantization, fidelity
@@ -711,6 +789,7 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
                             done=sum(sum(c in ok for c in b) for n, b in zip(plan["shards"], plan["batches"]) if n in done))
         timings["heads"] = time.perf_counter() - t0
         shards_skipped["heads"] = sum(1 for n, b in zip(plan["shards"], plan["batches"]) if any(c in ok for c in b)) - len(head_jobs)
+        mlflow_run.stage("heads", timings["heads"], stage_campaigns_heads=len(ok))
 
     # finalize: one immutable version
     t0 = time.perf_counter()
@@ -752,11 +831,13 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
         version = FleetVersion.open(writer_uri, storage_options)
     metrics = version.manifest["metrics"]
     timings["finalize"] = time.perf_counter() - t0
+    mlflow_run.stage("finalize", timings["finalize"])
 
     registered = None
     if register:
         registered = _register(version, fleet, tracking_uri, config, heads,
-                               {**metrics, "stage_seconds_finalize": timings["finalize"]}, storage_options, parent)
+                               {**metrics, "stage_seconds_finalize": timings["finalize"]}, storage_options, parent,
+                               mlflow_run.run_id)
     metrics = {**metrics, "total_seconds": time.perf_counter() - started}
     not_promoted = registered is not None and registered.gate is not None and not registered.gate.passed
     exit_code = EXIT_NOT_PROMOTED if not_promoted else EXIT_QUARANTINED if rejects else 0
@@ -1117,7 +1198,7 @@ def run_plots(heads: pa.Table, metrics: dict) -> dict[str, bytes]:
 
 
 def _register(version: FleetVersion, fleet: str, tracking_uri: str, config: stages.CompressConfig, heads: pa.Table,
-              metrics: dict, storage_options: dict | None, parent: FleetVersion | None):
+              metrics: dict, storage_options: dict | None, parent: FleetVersion | None, mlflow_run_id: str | None = None):
     import tempfile
 
     from fleet import registry
@@ -1138,7 +1219,7 @@ def _register(version: FleetVersion, fleet: str, tracking_uri: str, config: stag
             gate=registry.GateConfig(**config.gate), storage_options=storage_options,
             parent_version_id=parent.version_id if parent else None,
             example_campaign_id=_example_campaign(heads),
-            run_files={REPORT: page} if page is not None else None,
+            run_files={REPORT: page} if page is not None else None, mlflow_run_id=mlflow_run_id,
         )
 
 

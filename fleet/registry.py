@@ -1,6 +1,8 @@
 """MLflow side of fleet: one registered model per fleet, one model version per nightly run, a
 quality gate and the ``champion`` alias (``docs/architecture.md``, DESIGN section 3).
 
+``fleet compress``'s run spans the compress (:func:`start_compress_run`, :func:`log_run_metrics` as each stage
+ends, :func:`end_compress_run` when it fails; registration logs into it and ends it FINISHED).
 A run logs params, metrics and plots into the experiment ``fleet-<fleet_name>`` and a pyfunc model
 whose artifacts are the backbone and the manifest (heads stay in Parquet, referenced by the
 manifest URI). Each model version carries the tags ``version_id``, ``manifest_uri``, ``manifest_sha256``,
@@ -51,6 +53,7 @@ from typing import Any
 
 import mlflow
 from filelock import FileLock, Timeout
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -586,11 +589,10 @@ def _fluent_uris(uri: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _log_batches(client: MlflowClient, run_id: str, metrics: dict[str, float], params: dict[str, str]) -> None:
-    from mlflow.entities import Metric, Param
-
+def _log_batches(client: MlflowClient, run_id: str, metrics: dict[str, float], params: dict[str, str],
+                 step: int = 0) -> None:
     now_ms = int(datetime.now(timezone.utc).timestamp() * 1000)
-    metric_list = [Metric(k, v, now_ms, 0) for k, v in metrics.items()]
+    metric_list = [Metric(k, v, now_ms, step) for k, v in metrics.items()]
     param_list = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(metric_list), 1000):
         client.log_batch(run_id, metrics=metric_list[i : i + 1000])
@@ -741,6 +743,7 @@ def register_version(
     parent_version_id: str | None = None,
     example_campaign_id: str | None = None,
     run_files: dict[str, bytes] | None = None,
+    mlflow_run_id: str | None = None,
 ) -> RegisteredVersion:
     """Log one run and register one new version of the model ``fleet_name``; move ``champion`` to
     it when it passes ``gate`` (``GateConfig()`` when None) against the current champion's metrics.
@@ -749,7 +752,8 @@ def register_version(
     earlier or a concurrent call), nothing is logged or registered and that version is returned with
     ``existing=True`` (:class:`RegistryError` if it was registered with another ``manifest_uri``).
     Registering and moving ``champion`` happen under :func:`registry_lock`, after re-reading the
-    champion the gate compared against: if it moved meanwhile, the run just logged is deleted, nothing
+    champion the gate compared against: if it moved meanwhile, the run just logged is deleted (ended FAILED
+    and kept when it is ``mlflow_run_id``), nothing
     is registered and :class:`ChampionMovedError` is raised (re-running gates against the new champion).
 
     Args:
@@ -778,6 +782,10 @@ def register_version(
             None: no input example.
         run_files: file name -> bytes, logged at the root of the run's artifacts (the version's
             ``report.html``, which MLflow's UI shows in its artifact view).
+        mlflow_run_id: the run :func:`start_compress_run` started (``fleet compress``): everything is logged
+            into it and it ends FINISHED, instead of a new run. When the version id turns out to be registered
+            already by another run, this one is tagged :data:`DUPLICATE_TAG` and deleted; when ``champion``
+            moved, it ends FAILED and is kept (re-running the run id continues it).
     """
     _check_name("fleet name", fleet_name)
     _check_name("version id", version_id)
@@ -808,6 +816,8 @@ def register_version(
     if found:
         logger.warning("%s: fleet version %s is already registered as version %s; nothing registered",
                        fleet_name, version_id, found[0].version)
+        if mlflow_run_id is not None:
+            _discard_duplicate(client, mlflow_run_id, found[0])
         return _existing(client, fleet_name, found[0], public_manifest_uri)
     experiment_id = _experiment_id(client, uri, f"fleet-{fleet_name}")
 
@@ -854,9 +864,20 @@ def register_version(
                 f.write(data)
 
         with _fluent_uris(uri):
-            with mlflow.start_run(experiment_id=experiment_id, run_name=version_id, tags=run_tags) as run:
+            if mlflow_run_id is None:
+                active = mlflow.start_run(experiment_id=experiment_id, run_name=version_id, tags=run_tags)
+            else:
+                active = mlflow.start_run(run_id=mlflow_run_id)  # the compress's own run, resumed
+            with active as run:
                 run_id = run.info.run_id
-                _log_batches(client, run_id, _clean_metrics(metrics), _clean_params(params, secrets))
+                if mlflow_run_id is None:
+                    _log_batches(client, run_id, _clean_metrics(metrics), _clean_params(params, secrets))
+                else:
+                    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in run_tags.items()])
+                    logged = client.get_run(run_id).data
+                    _log_params_once(client, run_id, logged.params, _clean_params(params, secrets))
+                    _log_batches(client, run_id, {k: v for k, v in _clean_metrics(metrics).items()
+                                                  if logged.metrics.get(k) != v}, {})
                 if plot_files:
                     client.log_artifacts(run_id, plots_dir, "plots")
                 if run_files:
@@ -877,14 +898,17 @@ def register_version(
             with registry_lock(uri):
                 found = _versions_of(client, fleet_name, version_id)
                 if found:  # a concurrent call registered this version id since the check above
-                    client.delete_run(run_id)
+                    _discard_duplicate(client, run_id, found[0])
                     return _existing(client, fleet_name, found[0], public_manifest_uri)
                 try:
                     _check_champion(client, fleet_name, champion_before,
                                     f"fleet version {version_id!r} was gated against it",
                                     "re-run it (same run id) to gate it against the new champion")
                 except ChampionMovedError:
-                    client.delete_run(run_id)
+                    if mlflow_run_id is None:
+                        client.delete_run(run_id)
+                    else:  # kept: re-running the run id continues it
+                        client.set_terminated(run_id, "FAILED")
                     raise
                 # register_model (rather than log_model's registered_model_name) sets the version's
                 # tags in the same call that creates it: no reader ever sees a version without them.
@@ -899,6 +923,113 @@ def register_version(
     return RegisteredVersion(name=fleet_name, version=version, run_id=run_id, manifest_uri=public_manifest_uri,
                              gate=result, champion=result.passed)
 
+
+
+# ----------------------------------------------------------------------------- the run of a compress
+
+#: Run tag on a compress run deleted because its version id was registered by another run meanwhile: that
+#: model version (``register_version`` with ``mlflow_run_id``).
+DUPLICATE_TAG = "fleet.duplicate_of"
+#: Run tag listing the params a resumed compress run was asked to log with another value than the one already
+#: logged (``--force-config``); MLflow keeps the first value.
+PARAMS_CHANGED_TAG = "fleet.params_changed_on_resume"
+#: The statuses :func:`end_compress_run` accepts.
+END_STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+def start_compress_run(fleet_name: str, version_id: str, params: dict, tracking_uri: str | None = None, *,
+                       storage_options: dict | None = None, resume_run_id: str | None = None) -> str:
+    """Start the MLflow run of one ``fleet compress`` (named ``version_id``, in the experiment
+    ``fleet-<fleet_name>``, tags ``fleet.name`` and ``fleet.version_id``) and log ``params`` into it
+    (flattened and scrubbed as :func:`register_version` does: credential-looking keys dropped, values of
+    ``storage_options`` and URI credentials masked); return its run id.
+
+    ``resume_run_id`` (the run an interrupted compress of the same version id started) is continued instead,
+    set back to RUNNING, when it is still in this registry, not deleted and of the same fleet version; its
+    params keep their first values (a changed one is named in the tag :data:`PARAMS_CHANGED_TAG`). Otherwise
+    a new run is started. :class:`RegistryError` naming the tracking URI when the registry cannot be written.
+    """
+    _check_name("fleet name", fleet_name)
+    _check_name("version id", version_id)
+    uri = _resolve_uri(tracking_uri)
+    clean = _clean_params(params, secret_values(storage_options or {}))
+    with _reading(uri):
+        client = _client(uri)
+        experiment_id = _experiment_id(client, uri, f"fleet-{fleet_name}")
+        run = _resumable_run(client, resume_run_id, experiment_id, version_id) if resume_run_id else None
+        if run is None:
+            run = client.create_run(experiment_id, run_name=version_id,
+                                    tags={"fleet.name": fleet_name, "fleet.version_id": version_id})
+            logged: dict = {}
+        else:
+            client.update_run(run.info.run_id, status="RUNNING")
+            logged = run.data.params
+        _log_params_once(client, run.info.run_id, logged, clean)
+        return run.info.run_id
+
+
+def _resumable_run(client: MlflowClient, run_id: str, experiment_id: str, version_id: str):
+    """The run ``run_id`` when it can be continued for ``version_id`` (else None, said at debug level)."""
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        if _not_found(err) or err.error_code == "INVALID_PARAMETER_VALUE":
+            logger.info("MLflow run %s of fleet version %s is not in this registry: starting a new one", run_id,
+                        version_id)
+            return None
+        raise
+    if (run.info.lifecycle_stage != "active" or run.info.experiment_id != experiment_id
+            or run.data.tags.get("fleet.version_id") != version_id):
+        logger.info("MLflow run %s is deleted or not fleet version %s's: starting a new one", run_id, version_id)
+        return None
+    return run
+
+
+def _log_params_once(client: MlflowClient, run_id: str, logged: dict, params: dict[str, str]) -> None:
+    """Log the ``params`` not logged yet (MLflow refuses to change one); name the changed ones in the tag
+    :data:`PARAMS_CHANGED_TAG`."""
+    changed = sorted(k for k, v in params.items() if k in logged and logged[k] != v)
+    if changed:
+        logger.warning("MLflow run %s keeps the first value of its param(s) %s (changed on resume)", run_id,
+                       ", ".join(changed))
+        client.set_tag(run_id, PARAMS_CHANGED_TAG, json.dumps(changed)[:_PARAM_MAX])
+    _log_batches(client, run_id, {}, {k: v for k, v in params.items() if k not in logged})
+
+
+def log_run_metrics(run_id: str, metrics: dict, step: int, tracking_uri: str | None = None) -> None:
+    """Log ``metrics`` (flattened, sanitised, finite only) into the run ``run_id`` at ``step``, timestamped now
+    (``fleet compress`` logs each stage's seconds as it ends). Progress only: an error is logged as a warning,
+    never raised (registering at the end needs the registry anyway)."""
+    uri = _resolve_uri(tracking_uri)
+    try:
+        _log_batches(_client(uri), run_id, _clean_metrics(metrics), {}, step=step)
+    except Exception as err:  # noqa: BLE001 - a store or network error of any kind: the compress goes on
+        logger.warning("metrics not logged into MLflow run %s (%s): %s", run_id, scrub(uri), err)
+
+
+def end_compress_run(run_id: str, status: str, tracking_uri: str | None = None) -> None:
+    """End the run ``run_id`` with ``status`` (:data:`END_STATUSES`) if it is still RUNNING (a run that
+    :func:`register_version` ended is left as it is). Called on the way out of a failed compress: an error is
+    logged as a warning, never raised."""
+    if status not in END_STATUSES:
+        raise ValueError(f"status must be one of {', '.join(END_STATUSES)}, got {status!r}")
+    uri = _resolve_uri(tracking_uri)
+    try:
+        client = _client(uri)
+        run = client.get_run(run_id)
+        if run.info.status == "RUNNING" and run.info.lifecycle_stage == "active":
+            client.set_terminated(run_id, status)
+    except Exception as err:  # noqa: BLE001 - any store or network error: the compress's own error matters more
+        logger.warning("MLflow run %s (%s) not ended %s: %s", run_id, scrub(uri), status, err)
+
+
+def _discard_duplicate(client: MlflowClient, run_id: str, model_version) -> None:
+    """The run ``run_id`` logged a fleet version that ``model_version`` (another run's) registered
+    meanwhile: tag it :data:`DUPLICATE_TAG` and delete it (one run per version). Nothing when it is that run."""
+    if model_version.run_id == run_id:
+        return
+    client.set_tag(run_id, DUPLICATE_TAG, f"{model_version.name}/{model_version.version}")
+    client.delete_run(run_id)
 
 def _champion_metrics(client: MlflowClient, name: str) -> tuple[str | None, dict | None]:
     """``(champion version, its run's metrics)``: what the gate compares a candidate with (None, None: no

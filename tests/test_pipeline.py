@@ -74,6 +74,18 @@ def test_end_to_end_local(small_fleet, ray_local, tmp_path, sqlite_tracking_uri)
     assert {a.path for a in client.list_artifacts(run_id, "plots")} == {
         f"plots/{name}.png" for name in ("fidelity_histogram", "fidelity_vs_size", "calibration_vs_size", "size_breakdown",
                                          "mean_abs_diff_vs_size")}
+    # the MLflow run spans the compress: one run, FINISHED, its params the config and the inputs, each stage's
+    # seconds logged as the stage ended (at the stage's step)
+    runs = client.search_runs([client.get_experiment_by_name("fleet-adfleet").experiment_id])
+    assert [(r.info.run_id, r.info.run_name, r.info.status) for r in runs] == [(run_id, "night-1", "FINISHED")]
+    assert runs[0].data.params["teachers_uri"] == small_fleet["teachers"]
+    assert runs[0].data.params["events_uri"] == small_fleet["events"] and runs[0].data.params["head_steps"] == "150"
+    for step, stage in enumerate(("soft_labels", "backbone", "heads", "finalize"), 1):
+        history = client.get_metric_history(run_id, f"stage_seconds_{stage}")
+        assert [m.step for m in history] == [step] and history[0].value >= 0
+    assert [m.step for m in client.get_metric_history(run_id, "elapsed_seconds")] == [1, 2, 3, 4]
+    assert runs[0].data.metrics["stage_campaigns_heads"] == 20
+    assert json.loads((tmp_path / "store" / "adfleet" / "runs" / "night-1" / "mlflow_run.json").read_text())["run_id"] == run_id
 
 
 def test_run_plots_draw_only_what_is_there():
@@ -142,6 +154,39 @@ def test_crash_and_resume(small_fleet, ray_local, tmp_path):
     clean = compress(small_fleet, tmp_path / "clean", None, register=False, run_id="clean")
     a, b = heads_by_campaign(FleetVersion.open(resumed.manifest_uri)), heads_by_campaign(FleetVersion.open(clean.manifest_uri))
     assert a == b  # same inputs and seed: byte-identical heads
+
+
+def test_a_failed_compress_fails_its_mlflow_run_and_a_resume_finishes_it(small_fleet, ray_local, tmp_path,
+                                                                        sqlite_tracking_uri, monkeypatch):
+    """A compress failing after stage 2 ends its MLflow run FAILED; resuming the run id continues that run (stages
+    1 and 2 skipped) and registers into it: one run for the version, FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    from fleet import pipeline
+
+    def fail_after_backbone(stage):
+        if stage == "backbone":
+            raise RuntimeError("injected failure after the backbone")
+
+    store = tmp_path / "store"
+    monkeypatch.setattr(pipeline, "_fault_point", fail_after_backbone)
+    with pytest.raises(RuntimeError, match="injected"):
+        compress(small_fleet, store, sqlite_tracking_uri, run_id="flaky")
+    monkeypatch.undo()
+    client = MlflowClient(tracking_uri=sqlite_tracking_uri)
+    experiment = client.get_experiment_by_name("fleet-adfleet").experiment_id
+    (failed,) = client.search_runs([experiment])
+    assert failed.info.run_name == "flaky" and failed.info.status == "FAILED"
+    assert {m.key for m in client.get_metric_history(failed.info.run_id, "stage_seconds_backbone")} == {"stage_seconds_backbone"}
+    assert "stage_seconds_heads" not in failed.data.metrics
+
+    resumed = compress(small_fleet, store, sqlite_tracking_uri, run_id="flaky")
+    assert resumed.exit_code == 0 and resumed.metrics["stage1_shards_computed"] == 0
+    runs = client.search_runs([experiment])
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(failed.info.run_id, "FINISHED")]
+    assert resumed.registered.run_id == failed.info.run_id
+    assert [m.step for m in client.get_metric_history(failed.info.run_id, "stage_seconds_soft_labels")] == [1, 1]
+    assert all(f"stage_seconds_{s}" in runs[0].data.metrics for s in ("soft_labels", "backbone", "heads", "finalize"))
 
 
 def test_ctrl_c_then_resume(small_fleet, tmp_path):

@@ -484,3 +484,71 @@ def test_the_gate_refuses_to_move_a_champion_that_moved_while_it_decided(tmp_pat
     assert [r.info.run_name for r in client.search_runs([experiment])] == ["v2", "v1"]  # its run was deleted
     again = _register(tmp_path, uri, "v3")
     assert again.version == "3" and again.champion and not again.existing
+
+
+# ----------------------------------------------------------------------------- the run of a compress
+
+COMPRESS_PARAMS = {"head_steps": 150, "teachers_uri": "s3://AKIAFLEETKEY:s3cr3t-value@bucket/teachers",
+                   "events_uri": "s3://bucket/events?secret=s3cr3t-value", "aws_secret_access_key": "x"}
+
+
+def _runs(uri, fleet="adfleet"):
+    client = MlflowClient(uri, uri)
+    return client.search_runs([client.get_experiment_by_name(f"fleet-{fleet}").experiment_id])
+
+
+def test_a_compress_run_spans_stages_and_registration(tmp_path, sqlite_tracking_uri):
+    """start_compress_run -> stage metrics over steps -> register_version into that run: one run, FINISHED,
+    params scrubbed, each stage's seconds a metric history."""
+    uri = sqlite_tracking_uri
+    run_id = registry.start_compress_run("adfleet", "v1", COMPRESS_PARAMS, uri, storage_options=STORAGE)
+    client = MlflowClient(uri, uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and run.info.run_name == "v1" and run.data.tags["fleet.version_id"] == "v1"
+    params = run.data.params
+    assert params["teachers_uri"] == "s3://***@bucket/teachers" and "s3cr3t" not in json.dumps(params)
+    assert params["head_steps"] == "150" and "aws_secret_access_key" not in params
+    for step, stage in enumerate(("soft_labels", "backbone"), 1):
+        registry.log_run_metrics(run_id, {f"stage_seconds_{stage}": 2.0 * step, "elapsed_seconds": 3.0 * step}, step, uri)
+    registered = _register(tmp_path, uri, "v1", mlflow_run_id=run_id)
+    assert registered.run_id == run_id and registered.champion
+    assert [r.info.run_id for r in _runs(uri)] == [run_id]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["fleet.manifest_uri"] == registered.manifest_uri
+    assert run.data.metrics["stage_seconds_backbone"] == 4.0 and run.data.metrics["compression_ratio"] == 180.5
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "elapsed_seconds")] == [(1, 3.0), (2, 6.0)]
+    assert client.get_model_version("adfleet", "1").run_id == run_id
+    assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/fidelity_histogram.png"]
+
+
+def test_a_resumed_compress_continues_its_run(tmp_path, sqlite_tracking_uri):
+    """A failed compress's run ends FAILED; resuming it (same MLflow run id) sets it RUNNING again and keeps the
+    first params; an unknown or deleted run id starts a new run."""
+    uri = sqlite_tracking_uri
+    run_id = registry.start_compress_run("adfleet", "v1", COMPRESS_PARAMS, uri)
+    registry.end_compress_run(run_id, "FAILED", uri)
+    client = MlflowClient(uri, uri)
+    assert client.get_run(run_id).info.status == "FAILED"
+    again = registry.start_compress_run("adfleet", "v1", {**COMPRESS_PARAMS, "head_steps": 7}, uri, resume_run_id=run_id)
+    assert again == run_id and client.get_run(run_id).info.status == "RUNNING"
+    run = client.get_run(run_id)
+    assert run.data.params["head_steps"] == "150" and run.data.tags[registry.PARAMS_CHANGED_TAG] == '["head_steps"]'
+    _register(tmp_path, uri, "v1", mlflow_run_id=run_id)
+    registry.end_compress_run(run_id, "FAILED", uri)  # ended by registration: left FINISHED
+    assert [(r.info.run_id, r.info.status) for r in _runs(uri)] == [(run_id, "FINISHED")]
+    other = registry.start_compress_run("adfleet", "v2", {}, uri, resume_run_id=run_id)  # another version's run
+    assert other != run_id
+    with pytest.raises(ValueError, match="status must be one of"):
+        registry.end_compress_run(other, "DONE", uri)
+
+
+def test_a_compress_run_whose_version_was_registered_meanwhile_is_deleted(tmp_path, sqlite_tracking_uri):
+    uri = sqlite_tracking_uri
+    run_id = registry.start_compress_run("adfleet", "v1", {}, uri)
+    first = _register(tmp_path, uri, "v1")  # another process registered v1 in its own run
+    again = _register(tmp_path, uri, "v1", mlflow_run_id=run_id)
+    assert again.existing and again.run_id == first.run_id
+    client = MlflowClient(uri, uri)
+    run = client.get_run(run_id)
+    assert run.info.lifecycle_stage == "deleted" and run.data.tags[registry.DUPLICATE_TAG] == "adfleet/1"
+    assert [r.info.run_id for r in _runs(uri)] == [first.run_id]
