@@ -8,7 +8,7 @@ per-user entity shape of :data:`fleet.synth.USER_DEFAULTS` (20-300 sequences eac
 hidden 16, embedding 8; the ``fleet bench`` teacher flags override it), so their per-entity costs compare.
 
 Every size is compressed once in full (:func:`fleet.pipeline.run_compress`, backbone retrained, the same
-configuration for every size) by a fresh driver process (:func:`run_probe`, ``python -m fleet.bench_scale``),
+configuration for every size) by a fresh driver process (:func:`run_probe`, ``python -m fleet.bench.scale``),
 so that the driver's peak RSS is that run's alone. At the largest size an incremental night follows: the full
 run's version is made champion, 1% of the teachers change (:func:`change_teachers`: the readout bias of each
 negated, so its bytes and sha256 change), ``fleet compress`` runs again against the champion, and the changed
@@ -385,7 +385,7 @@ def heads_bytes_by_part(version_dir: str) -> dict[str, int]:
 
 
 def _probe_main(argv: list[str]) -> int:
-    """``python -m fleet.bench_scale SPEC.json``: :func:`run_probe` of the spec, its result written to the
+    """``python -m fleet.bench.scale SPEC.json``: :func:`run_probe` of the spec, its result written to the
     spec's ``result`` path; exit 1 (the error on stderr) when the run fails."""
     from fleet.redact import scrub
 
@@ -407,7 +407,7 @@ def _compress_in_fresh_process(spec: dict, label: str) -> dict:
         with open(os.path.join(tmp, "spec.json"), "w") as f:
             json.dump(spec, f)
         # the driver's stdout to our stderr (fd 2): this command's stdout is its summary only
-        proc = subprocess.run([sys.executable, "-m", "fleet.bench_scale", os.path.join(tmp, "spec.json")],
+        proc = subprocess.run([sys.executable, "-m", "fleet.bench.scale", os.path.join(tmp, "spec.json")],
                               stdout=2, check=False)
         if proc.returncode != 0 or not os.path.exists(spec["result"]):
             raise FleetError(f"{label}: the fleet compress driver process failed (exit {proc.returncode}); "

@@ -16,8 +16,8 @@ plus serving latencies (in-process warm/cold, HTTP on loopback), serving RSS, a 
 test (random heads of the real shape and bit mix, 10k and 1M campaigns, in the real store format), and
 issue 12's serving targets side by side with the K-teacher peer (:func:`serving_targets`; alone:
 ``fleet bench --serving-only --model VERSION --fleet-dir DIR``). The REAL scale benchmark (real runs at
-1,000 to 100,000 entities) is ``fleet bench --scale`` (:mod:`fleet.bench_scale`); ``--zoo`` is
-:mod:`fleet.bench_zoo`.
+1,000 to 100,000 entities) is ``fleet bench --scale`` (:mod:`fleet.bench.scale`); ``--zoo`` is
+:mod:`fleet.bench.zoo`.
 Every size is a serialized file measured on disk or in memory, never a parameter count.
 Outputs under ``--out``: ``results.json``, ``results.md``, ``*.png``; the run is logged to MLflow
 (experiment ``fleet-bench``). Ray is used only through :mod:`fleet.pipeline` (imported lazily, so the
@@ -1669,10 +1669,10 @@ def add_arguments(p) -> None:
     p.add_argument("--no-mlflow", action="store_true",
                    help="use no MLflow at all: the bench run is not logged and the real run's version is not registered")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
-    from fleet import bench_scale, bench_zoo
+    from fleet.bench import scale, zoo
 
-    bench_zoo.add_arguments(p)
-    bench_scale.add_arguments(p)
+    zoo.add_arguments(p)
+    scale.add_arguments(p)
 
 
 def compress_config_from_args(args) -> stages.CompressConfig:
@@ -1707,20 +1707,20 @@ def config_from_args(args) -> BenchConfig:
 def run_from_args(args, out_console) -> int:
     """``fleet bench``: run, print the summary table; exit 0 (1 on a FleetError, raised to the CLI).
     With ``--zoo``: the zoo's fidelity table instead (exit 1 when a pair misses a target); with ``--scale``: the
-    real runs at growing fleet sizes (:mod:`fleet.bench_scale`, exit 1 when a target is missed)."""
+    real runs at growing fleet sizes (:mod:`fleet.bench.scale`, exit 1 when a target is missed)."""
     if args.scale:
         if args.zoo or args.zoo_compare or args.serving_only:
             raise UsageError("--scale runs alone: not with --zoo, --zoo-compare or --serving-only")
-        from fleet import bench_scale
+        from fleet.bench import scale
 
-        return bench_scale.run_from_args(args, compress_config_from_args(args), out_console.print)
+        return scale.run_from_args(args, compress_config_from_args(args), out_console.print)
     if args.serving_only:
         return run_serving_only(args, out_console)
     config = config_from_args(args)
     if args.zoo or args.zoo_compare:
-        from fleet import bench_zoo
+        from fleet.bench import zoo
 
-        return bench_zoo.run_from_args(args, config.compress, out_console.print)
+        return zoo.run_from_args(args, config.compress, out_console.print)
     results = run_bench(config)
     out_console.print(summary_table(results))
     out_console.print(f"results: {os.path.join(args.out, 'results.json')}, {os.path.join(args.out, 'results.md')}"
