@@ -268,7 +268,7 @@ def _peak_rss_mb() -> float:
     """This process's own peak RSS so far, in MB (MiB): ``VmHWM`` of ``/proc/self/status`` where there is one.
     Not ``ru_maxrss`` there: a process started by ``subprocess`` begins with its parent's peak in that counter
     (the bench parent's, which made the fleet), so it would report the parent's peak, not the run's."""
-    from fleet.bench import proc_rss_mb
+    from fleet.bench.common import proc_rss_mb
 
     try:
         return proc_rss_mb("self")["peak_rss_mb"]
@@ -284,7 +284,7 @@ def ray_worker_peaks() -> dict | None:
     there is no ``/proc`` or none (a Ray cluster this process only connected to runs its workers elsewhere)."""
     from ray._private.ray_constants import AGENT_PROCESS_LIST
 
-    from fleet.bench import proc_rss_mb
+    from fleet.bench.common import proc_rss_mb
 
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
@@ -491,7 +491,7 @@ def run_scale(*, out: str, fleet_dir: str, sizes: list[tuple[str, int]], seed: i
     """Make (or reuse) each size's fleet, compress it in full in a fresh driver process, run the incremental night
     at the largest size; write ``scale.json``, ``scale.md`` and ``scale.png`` under ``out`` after every step (an
     interrupted run keeps what it measured). Returns the results, ``missed_targets`` included."""
-    from fleet.bench import machine_info
+    from fleet.bench.common import machine_info
     from fleet.pipeline import new_run_id
 
     os.makedirs(out, exist_ok=True)
