@@ -351,14 +351,14 @@ def _cmd_versions(args, console) -> int:
 
 
 def _add_bench(p) -> None:
-    from fleet.bench import add_arguments
+    from fleet.bench.cli import add_arguments
 
     add_arguments(p)
     p.set_defaults(handler=_cmd_bench)
 
 
 def _cmd_bench(args, console) -> int:
-    from fleet.bench import run_from_args
+    from fleet.bench.cli import run_from_args
 
     return run_from_args(args, console)
 

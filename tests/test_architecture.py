@@ -28,29 +28,64 @@ def documented_layers() -> list[list[str]]:
 
 
 def documented_late_imports() -> set[tuple[str, str]]:
-    return set(re.findall(r"^- `(\w+)` -> `(\w+)`", DOC.read_text(), flags=re.MULTILINE))
+    return set(re.findall(r"^- `([\w.]+)` -> `([\w.]+)`", DOC.read_text(), flags=re.MULTILINE))
+
+
+def module_path(module: str) -> pathlib.Path:
+    """The file of ``module``, a name relative to ``fleet`` (``stages``, ``bench.scale``; a package: its
+    ``__init__``)."""
+    base = ROOT / "fleet" / module.replace(".", "/")
+    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+
+
+def all_modules() -> list[str]:
+    """Every module of the ``fleet`` package but its ``__init__``, as names relative to ``fleet``: ``stages``, and
+    for a subpackage its modules as ``bench.scale`` and its ``__init__`` as ``bench``."""
+    names = []
+    for path in (ROOT / "fleet").rglob("*.py"):
+        parts = path.relative_to(ROOT / "fleet").with_suffix("").parts
+        parts = parts[:-1] if parts[-1] == "__init__" else parts
+        if parts:
+            names.append(".".join(parts))
+    return sorted(names)
+
+
+def _resolve(dotted: str) -> str:
+    """The module that ``fleet.<dotted>`` names: the longest prefix of it that is a module of ``fleet``
+    (``bench.scale.run_probe`` -> ``bench.scale``; ``bench.add_arguments`` -> ``bench``)."""
+    parts = dotted.split(".")
+    for end in range(len(parts), 0, -1):
+        name = ".".join(parts[:end])
+        if (ROOT / "fleet" / name.replace(".", "/")).is_dir() or module_path(name).is_file():
+            return name
+    return parts[0]
 
 
 def fleet_imports(module: str) -> tuple[set[str], set[str]]:
-    """The fleet modules ``fleet/<module>.py`` imports at module level, and inside functions."""
-    tree = ast.parse((ROOT / "fleet" / f"{module}.py").read_text())
+    """The fleet modules ``module`` (``stages``, ``bench.scale``) imports at module level, and inside functions."""
+    path = module_path(module)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
     in_functions = {id(inner) for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
                     for inner in ast.walk(node)}
     top, late = set(), set()
     for node in ast.walk(tree):
         names = []
-        if isinstance(node, ast.ImportFrom) and node.module == "fleet":
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fleet."):
-            names = [node.module.split(".")[1]]
+        if isinstance(node, ast.ImportFrom) and node.level:  # relative: from the package of this module
+            base = ".".join(package.split(".")[:len(package.split(".")) - (node.level - 1)]) if package else ""
+            base = ".".join(p for p in (base, node.module or "") if p)
+            names = [_resolve(f"{base}.{a.name}" if base else a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and (node.module == "fleet" or node.module.startswith("fleet.")):
+            base = node.module[len("fleet."):] if node.module != "fleet" else ""
+            names = [_resolve(f"{base}.{a.name}" if base else a.name) for a in node.names]
         elif isinstance(node, ast.Import):
-            names = [a.name.split(".")[1] for a in node.names if a.name.startswith("fleet.")]
+            names = [_resolve(a.name[len("fleet."):]) for a in node.names if a.name.startswith("fleet.")]
         (late if id(node) in in_functions else top).update(n for n in names if n != module)
     return top, late
 
 
 def test_every_module_is_documented_once():
-    modules = sorted(p.stem for p in (ROOT / "fleet").glob("*.py") if p.stem != "__init__")
+    modules = all_modules()
     listed = [name for layer in documented_layers() for name in layer]
     assert sorted(listed) == modules, "docs/architecture.md must list each fleet module once"
 

@@ -6,8 +6,13 @@ import math
 
 import pytest
 
-from fleet import bench
+from fleet.bench.cli import add_arguments, config_from_args
+from fleet.bench.methods import LABELS, contiguous_jobs, head_latencies, retarget_backbone
+from fleet.bench.report import PLOTS, head_codec_lines
+from fleet.bench.run import prepare_fleet
+from fleet.bench.serving import SCORE_K, SERVING_TARGETS, SLOW_REQUESTS
 from fleet.cli import main
+from fleet.errors import FleetError
 
 TINY = ["--campaigns", "20", "--seed", "3", "--hidden", "16", "--layers", "1", "--min-sequences", "100",
         "--max-sequences", "400", "--max-epochs", "2", "--peer-subset", "3", "--scale-campaigns", "2000",
@@ -29,7 +34,7 @@ def test_bench_smoke(ray_local, tmp_path, sqlite_tracking_uri):
     out, fleet_dir = tmp_path / "out", tmp_path / "fleet"
     code = main(["bench", *TINY, "--fleet-dir", str(fleet_dir), "--out", str(out), "--tracking-uri", sqlite_tracking_uri])
     assert code == 0
-    for name in ("results.json", "results.md", *bench.PLOTS):
+    for name in ("results.json", "results.md", *PLOTS):
         assert (out / name).stat().st_size > 0, name
     assert json.loads((fleet_dir / "synth.json").read_text())["campaigns"] == 20
 
@@ -61,18 +66,18 @@ def test_bench_smoke(ray_local, tmp_path, sqlite_tracking_uri):
     assert "extrapolated" in md and "SIMULATED" in md
 
     # a second bench on the same dir reuses the fleet; another seed is refused, nothing is overwritten
-    info = bench.prepare_fleet(bench.config_from_args(_args(fleet_dir, out)).synth, str(fleet_dir))
+    info = prepare_fleet(config_from_args(_args(fleet_dir, out)).synth, str(fleet_dir))
     assert info["reused"] and "synth.json" in info["how"]
-    other = bench.config_from_args(_args(fleet_dir, out, seed="4")).synth
-    with pytest.raises(bench.FleetError, match="seed"):
-        bench.prepare_fleet(other, str(fleet_dir))
+    other = config_from_args(_args(fleet_dir, out, seed="4")).synth
+    with pytest.raises(FleetError, match="seed"):
+        prepare_fleet(other, str(fleet_dir))
 
 
 def _args(fleet_dir, out, seed="3"):
     import argparse
 
     parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    add_arguments(parser)
     argv = list(TINY)
     argv[argv.index("--seed") + 1] = seed
     return parser.parse_args([*argv, "--fleet-dir", str(fleet_dir), "--out", str(out)])
@@ -87,9 +92,9 @@ def test_retarget_backbone_keeps_weights_and_drops_a_foreign_head_prior():
     torch.manual_seed(0)
     backbone = SharedBackbone(StudentConfig(num_event_types=8, num_features=2, hidden_size=8, embed_dim=4))
     data = backbone_to_bytes(backbone, 8, head_prior=torch.ones(25))
-    assert bench.retarget_backbone(data, "film", 1) == data
+    assert retarget_backbone(data, "film", 1) == data
     for design in ("lowrank", "linear"):
-        moved, prior = backbone_from_bytes(bench.retarget_backbone(data, design, 1))
+        moved, prior = backbone_from_bytes(retarget_backbone(data, design, 1))
         assert moved.config.head == design and prior is None
         same, _ = backbone_from_bytes(data)
         for (name, a), (_, b) in zip(moved.state_dict().items(), same.state_dict().items()):
@@ -111,7 +116,7 @@ def test_weightless_variant_jobs_are_contiguous_and_head_latencies_cover_both_co
 
     jobs = [{"campaigns": ["a", "c", "e"], "hashes": {c: [c, c] for c in "ace"}, "soft": soft("ace")},
             {"campaigns": ["b", "d"], "hashes": {c: [c, c] for c in "bd"}, "soft": soft("bd")}]
-    regrouped = bench.contiguous_jobs(jobs, block_rows=2)
+    regrouped = contiguous_jobs(jobs, block_rows=2)
     assert [j["campaigns"] for j in regrouped] == [["a", "b"], ["c"], ["d", "e"]]  # <= 2 each, sizes even
     assert sorted(regrouped[2]["soft"]["campaign_id"].to_pylist()) == ["d", "d", "e", "e"]
     assert regrouped[0]["hashes"] == {"a": ["a", "a"], "b": ["b", "b"]}
@@ -122,14 +127,14 @@ def test_weightless_variant_jobs_are_contiguous_and_head_latencies_cover_both_co
         writer = VersionWriter(str(tmp_path), "f", name.replace("_", "-"))
         writer.write_backbone({"x": torch.zeros(1)})
         writer.write_heads(heads_to_table(picked), row_group_size=8)
-        lat = bench.head_latencies(writer.commit(), [r.campaign_id for r in picked], count=10)
+        lat = head_latencies(writer.commit(), [r.campaign_id for r in picked], count=10)
         assert lat["codec"] == ("bloomier" if name == "fleet_weightless" else "packed")
         assert lat["cold_lookup"]["n"] == min(10, len(picked)) and finite(lat["decode"]["p99_ms"])
         assert finite(lat["decode_all_per_head_ms"])
         fid = {k: 0.01 for k in FIDELITY_KEYS}
-        results["methods"][name] = {"label": bench.LABELS[name], "bytes_per_campaign": 70.0, "fidelity": fid,
+        results["methods"][name] = {"label": LABELS[name], "bytes_per_campaign": 70.0, "fidelity": fid,
                                     "head_latency": lat}
-    lines = bench.head_codec_lines(results)
+    lines = head_codec_lines(results)
     assert sum("| (d) fleet" in line for line in lines) == 2 and "bloomier" in "\n".join(lines)
     assert lines.index(next(line for line in lines if "int4" in line)) < lines.index(
         next(line for line in lines if "Weightless" in line))  # METHOD_ORDER
@@ -173,18 +178,18 @@ def test_serving_only_targets_table(tmp_path):
                  "--scale-campaigns", "1500", "--warm-requests", "30", "--http-requests", "20"])
     assert code == 0
     st = json.loads((out / "serving-targets.json").read_text())["serving_targets"]
-    assert [r["key"] for r in st["targets"]] == list(bench.SERVING_TARGETS)
+    assert [r["key"] for r in st["targets"]] == list(SERVING_TARGETS)
     for row in st["targets"]:
         assert finite(row["value"]) and row["value"] > 0 and isinstance(row["passed"], bool), row
         if row["key"] in ("score", "http_score"):
             assert finite(row["peer"]) and finite(row["ratio"]) and row["ratio"] > 0, row
         else:
             assert row["peer"] is None and row["ratio"] is None, row
-    assert st["peer"]["k"] == bench.SCORE_K and st["peer"]["teachers_loaded"] == 3
-    assert st["score"]["n"] == 30 and st["score_all"]["n"] == bench.SLOW_REQUESTS and st["http_errors"] == 0
+    assert st["peer"]["k"] == SCORE_K and st["peer"]["teachers_loaded"] == 3
+    assert st["score"]["n"] == 30 and st["score_all"]["n"] == SLOW_REQUESTS and st["http_errors"] == 0
     assert st["sim_campaigns"] == 1500 and st["probe"]["heads"]["size"] == 1500
     md = (out / "serving-targets.md").read_text()
-    assert "K-teacher peer" in md and sum(line.startswith("| ") for line in md.splitlines()) == len(bench.SERVING_TARGETS) + 1
+    assert "K-teacher peer" in md and sum(line.startswith("| ") for line in md.splitlines()) == len(SERVING_TARGETS) + 1
     code = main(["bench", "--serving-only", "--model", built.uri, "--fleet-dir", str(fleet_dir), "--out", str(out),
                  "--scale-campaigns", "1500", "--warm-requests", "30", "--http-requests", "20"])
     assert code == 0 and len(list((out / "scale-store" / "sim-1500" / "versions").iterdir())) == 1  # reused

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from fleet import bench_scale
+from fleet.bench import scale as bench_scale
 from fleet.cli import main
 from fleet.teacher_pack import locate_teachers
 from fleet.teachers import read_teacher_digest

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fleet import zoo
-from fleet.bench_zoo import _auc_loss, _log_kl, paired_differences, render_comparison
+from fleet.bench.zoo import _auc_loss, _log_kl, paired_differences, render_comparison
 from fleet.errors import TeacherFormatError
 from fleet.events import EVENTS_SCHEMA, table_to_batch
 from fleet.synth import ZOO_LOADER, SynthConfig, generate
@@ -125,7 +125,7 @@ def test_zoo_evaluation_on_fresh_rows_judges_every_campaign_and_keeps_the_hold_o
     teacher; the hold-out figures (the run's stage-1 teacher logits) are the same as without fresh rows."""
     from test_pipeline import fast_config
 
-    from fleet.bench_zoo import FreshRows, evaluate_run
+    from fleet.bench.zoo import FreshRows, evaluate_run
     from fleet.pipeline import run_compress
 
     store = str(tmp_path / "store")

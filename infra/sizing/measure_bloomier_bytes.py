@@ -6,7 +6,7 @@ int4 and ternary, on the same heads, WITHOUT re-training (the re-training step n
     python infra/sizing/measure_bloomier_bytes.py --manifest STORE/FLEET/versions/ID/manifest.json
 
 Each head set is written with the store's Parquet settings (:class:`fleet.store.VersionWriter`, blocks of 1024
-rows) and read back as serving does (:func:`fleet.bench.head_latencies`). Prints JSON: per codec setting the
+rows) and read back as serving does (:func:`fleet.bench.methods.head_latencies`). Prints JSON: per codec setting the
 heads Parquet bytes / N, the median relative weight error ``||decoded - head|| / ||head||``, the per-head decode
 and cold-lookup latency (ms) and, for bloomier, the encode time of one block.
 """
@@ -21,8 +21,8 @@ import time
 
 import numpy as np
 import torch
+from fleet.bench.methods import head_latencies
 
-from fleet.bench import head_latencies
 from fleet.codec import heads_to_table, table_to_heads
 from fleet.heads import bloomier_head_row, decode_heads, head_row
 from fleet.quant import dequantize_rows, quantize_rows

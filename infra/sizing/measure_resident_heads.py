@@ -4,7 +4,7 @@ large SIMULATED version, for choosing the default head mode (docs/serving.md, "W
     python infra/sizing/measure_resident_heads.py --campaigns 1000000 --out /tmp/resident [--manifest M]
 
 Builds (once; reused when ``--out`` already holds it) a version of ``--campaigns`` SIMULATED heads the way
-``fleet bench``'s scale test does (:func:`fleet.bench.simulated_heads`: a seed head plus noise at its bit
+``fleet bench``'s scale test does (:func:`fleet.bench.simulated.simulated_heads`: a seed head plus noise at its bit
 width, random hashes, the store's Parquet settings). The seed heads are those of ``--manifest`` when given,
 else 1,000 random FiLM heads at H=64 (193 parameters, group size 64) with the bit mix of the N=1000
 benchmark version (255 x 1, 284 x 2, 456 x 4, 5 x 8 bits; docs/storage.md) and a random GRU backbone.
@@ -109,9 +109,9 @@ def seed_table(rng: np.random.Generator):
 def build(out: str, campaigns: int, manifest: str | None) -> str:
     """The simulated version's manifest URI (built unless ``out`` holds it already)."""
     import pyarrow as pa
+    from fleet.bench.simulated import simulated_heads
 
     from fleet.backbone_codec import encode_backbone
-    from fleet.bench import simulated_heads
     from fleet.store import FleetVersion, VersionWriter, list_versions
     from fleet.student import SharedBackbone, StudentConfig
 

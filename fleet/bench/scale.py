@@ -8,7 +8,7 @@ per-user entity shape of :data:`fleet.synth.USER_DEFAULTS` (20-300 sequences eac
 hidden 16, embedding 8; the ``fleet bench`` teacher flags override it), so their per-entity costs compare.
 
 Every size is compressed once in full (:func:`fleet.pipeline.run_compress`, backbone retrained, the same
-configuration for every size) by a fresh driver process (:func:`run_probe`, ``python -m fleet.bench_scale``),
+configuration for every size) by a fresh driver process (:func:`run_probe`, ``python -m fleet.bench.scale``),
 so that the driver's peak RSS is that run's alone. At the largest size an incremental night follows: the full
 run's version is made champion, 1% of the teachers change (:func:`change_teachers`: the readout bias of each
 negated, so its bytes and sha256 change), ``fleet compress`` runs again against the champion, and the changed
@@ -268,7 +268,7 @@ def _peak_rss_mb() -> float:
     """This process's own peak RSS so far, in MB (MiB): ``VmHWM`` of ``/proc/self/status`` where there is one.
     Not ``ru_maxrss`` there: a process started by ``subprocess`` begins with its parent's peak in that counter
     (the bench parent's, which made the fleet), so it would report the parent's peak, not the run's."""
-    from fleet.bench import proc_rss_mb
+    from fleet.bench.common import proc_rss_mb
 
     try:
         return proc_rss_mb("self")["peak_rss_mb"]
@@ -284,7 +284,7 @@ def ray_worker_peaks() -> dict | None:
     there is no ``/proc`` or none (a Ray cluster this process only connected to runs its workers elsewhere)."""
     from ray._private.ray_constants import AGENT_PROCESS_LIST
 
-    from fleet.bench import proc_rss_mb
+    from fleet.bench.common import proc_rss_mb
 
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
@@ -385,7 +385,7 @@ def heads_bytes_by_part(version_dir: str) -> dict[str, int]:
 
 
 def _probe_main(argv: list[str]) -> int:
-    """``python -m fleet.bench_scale SPEC.json``: :func:`run_probe` of the spec, its result written to the
+    """``python -m fleet.bench.scale SPEC.json``: :func:`run_probe` of the spec, its result written to the
     spec's ``result`` path; exit 1 (the error on stderr) when the run fails."""
     from fleet.redact import scrub
 
@@ -407,7 +407,7 @@ def _compress_in_fresh_process(spec: dict, label: str) -> dict:
         with open(os.path.join(tmp, "spec.json"), "w") as f:
             json.dump(spec, f)
         # the driver's stdout to our stderr (fd 2): this command's stdout is its summary only
-        proc = subprocess.run([sys.executable, "-m", "fleet.bench_scale", os.path.join(tmp, "spec.json")],
+        proc = subprocess.run([sys.executable, "-m", "fleet.bench.scale", os.path.join(tmp, "spec.json")],
                               stdout=2, check=False)
         if proc.returncode != 0 or not os.path.exists(spec["result"]):
             raise FleetError(f"{label}: the fleet compress driver process failed (exit {proc.returncode}); "
@@ -491,7 +491,7 @@ def run_scale(*, out: str, fleet_dir: str, sizes: list[tuple[str, int]], seed: i
     """Make (or reuse) each size's fleet, compress it in full in a fresh driver process, run the incremental night
     at the largest size; write ``scale.json``, ``scale.md`` and ``scale.png`` under ``out`` after every step (an
     interrupted run keeps what it measured). Returns the results, ``missed_targets`` included."""
-    from fleet.bench import machine_info
+    from fleet.bench.common import machine_info
     from fleet.pipeline import new_run_id
 
     os.makedirs(out, exist_ok=True)
