@@ -90,6 +90,9 @@ CAMPAIGNS_SCHEMA = pa.schema([
     pa.field("n_truncated", pa.int32(), nullable=True),  # rows cut to max_sequence_length
 ])
 
+#: Campaigns whose events one read of :func:`_campaign_batches` holds (bounds stage 2's memory at any fleet size).
+CAMPAIGNS_PER_READ = 1024
+
 
 @dataclass
 class CompressConfig:
@@ -449,22 +452,33 @@ def soft_labels(job: dict, ctx: StageContext, pool: pa.Table | None = None) -> t
 def _campaign_batches(events: EventsDataset, soft: pa.Table, campaigns: list[str], ctx: StageContext,
                       pool: SequenceBatch | None = None):
     """Yield ``(campaign_id, SequenceBatch of its soft-labelled rows, soft rows)`` per campaign: its own rows
-    (from the events) then its ``BORROWED`` rows (from ``pool``, the batch of :func:`borrowed_pool`)."""
-    tables = events.read_campaigns(campaigns)
+    (from the events) then its ``BORROWED`` rows (from ``pool``, the batch of :func:`borrowed_pool`).
+
+    The events are read :data:`CAMPAIGNS_PER_READ` campaigns at a time: a campaign's whole table is read but only
+    its soft-labelled rows are kept, so stage 2, which samples a few rows of every campaign, holds the events of
+    one read at a time, not of the whole fleet (100,000 users: 21 GB in one read)."""
     soft_by_campaign = split_by_campaign(soft, campaigns)
-    for campaign_id in campaigns:
-        mine = soft_by_campaign[campaign_id]
-        is_borrowed = pa.compute.equal(mine["split"], BORROWED)
-        own, theirs = mine.filter(pa.compute.invert(is_borrowed)), mine.filter(is_borrowed)
-        own_table, _ = truncate_sequences(tables[campaign_id].take(own["row"]), ctx.config.max_sequence_length,
-                                          ctx.num_features)  # as stage 1 cut them
-        batch = table_to_batch(own_table, ctx.num_features)
-        if len(theirs):
-            if pool is None:
-                raise ValueError(f"campaign {campaign_id!r} has borrowed rows but no borrowed pool was given")
-            batch = SequenceBatch.concat([batch, pool.select(torch.from_numpy(theirs["row"].to_numpy().astype(np.int64)))])
-            mine = pa.concat_tables([own, theirs])
-        yield campaign_id, batch, mine
+    for start in range(0, len(campaigns), CAMPAIGNS_PER_READ):
+        chunk = campaigns[start : start + CAMPAIGNS_PER_READ]
+        tables = events.read_campaigns(chunk)
+        for campaign_id in chunk:
+            yield _campaign_batch(campaign_id, tables[campaign_id], soft_by_campaign[campaign_id], ctx, pool)
+
+
+def _campaign_batch(campaign_id: str, table: pa.Table, mine: pa.Table, ctx: StageContext,
+                    pool: SequenceBatch | None) -> tuple[str, SequenceBatch, pa.Table]:
+    """One item of :func:`_campaign_batches` from the campaign's events ``table`` and soft rows ``mine``."""
+    is_borrowed = pa.compute.equal(mine["split"], BORROWED)
+    own, theirs = mine.filter(pa.compute.invert(is_borrowed)), mine.filter(is_borrowed)
+    own_table, _ = truncate_sequences(table.take(own["row"]), ctx.config.max_sequence_length,
+                                      ctx.num_features)  # as stage 1 cut them
+    batch = table_to_batch(own_table, ctx.num_features)
+    if len(theirs):
+        if pool is None:
+            raise ValueError(f"campaign {campaign_id!r} has borrowed rows but no borrowed pool was given")
+        batch = SequenceBatch.concat([batch, pool.select(torch.from_numpy(theirs["row"].to_numpy().astype(np.int64)))])
+        mine = pa.concat_tables([own, theirs])
+    return campaign_id, batch, mine
 
 
 def borrowed_pool_rows(sizes: dict[str, int], config: CompressConfig) -> dict[str, list[int]]:

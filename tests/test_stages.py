@@ -341,3 +341,36 @@ def test_in_support_keeps_rows_whose_every_event_type_the_campaign_knows():
                                  torch.zeros(4))  # rows [1, 2], [3], [1, 5], [2]
     assert in_support(batch, torch.tensor([[1, 2], [3, 3]])).tolist() == [True, True, False, True]
     assert in_support(batch, torch.tensor([7])).tolist() == [False] * 4
+
+
+def test_campaign_batches_read_in_parts_equal_one_read(tmp_path, monkeypatch):
+    """Stage 2 reads a fleet's events CAMPAIGNS_PER_READ campaigns at a time: the same batches, rows and order
+    as one read of every campaign."""
+    from fleet import stages
+    from fleet.events import EventsDataset, write_events
+    from fleet.stages import StageContext, _campaign_batches
+    from fleet.synth import SynthConfig, generate
+
+    synth = SynthConfig(campaigns=5, num_event_types=8, num_features=3, min_sequences=40, max_sequences=90, seed=2)
+    tables = [generate(synth, i) for i in range(5)]
+    events_uri = str(tmp_path / "events")
+    write_events(events_uri, pa.concat_tables(tables))
+    config = CompressConfig(num_event_types=8, num_features=3)
+    ids = sorted(t["campaign_id"][0].as_py() for t in tables)
+    soft = pa.concat_tables([  # every other row of each campaign, as a sample takes some
+        pa.table({"campaign_id": [cid] * (len(t) // 2), "row": pa.array(range(0, len(t) - 1, 2), pa.int32()),
+                  "split": pa.array(row_splits(cid, len(t), config)[0:len(t) - 1:2], pa.int8()),
+                  "teacher_logit": pa.array(np.linspace(-1, 1, len(t) // 2, dtype=np.float32)),
+                  "label": pa.array(np.zeros(len(t) // 2, np.float32))}, schema=SOFT_LABELS_SCHEMA)
+        for cid, t in zip([t["campaign_id"][0].as_py() for t in tables], tables)])
+    ctx = StageContext(teachers_uri=str(tmp_path / "teachers"), events_uri=events_uri, config=config,
+                       num_event_types=8, num_features=3)
+    events = EventsDataset(events_uri)
+    whole = list(_campaign_batches(events, soft, ids, ctx))
+    monkeypatch.setattr(stages, "CAMPAIGNS_PER_READ", 2)  # three reads of 2, 2 and 1 campaigns
+    parts = list(_campaign_batches(events, soft, ids, ctx))
+    assert [c for c, _, _ in parts] == [c for c, _, _ in whole] == ids
+    for (_, a, rows_a), (_, b, rows_b) in zip(whole, parts):
+        assert len(a) == len(rows_a) > 0 and rows_a.equals(rows_b)
+        for name in ("event_types", "features", "lengths", "labels"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0, equal_nan=True)
