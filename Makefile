@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= fleet-data/demo
-# Ray runs with token authentication on 127.0.0.1 (fleet.pipeline.init_ray; docs/security.md).
+# Ray runs with token authentication on 127.0.0.1 (fleet.run.pipeline.init_ray; docs/security.md).
 
 .PHONY: setup demo test test-fast lint clean
 

@@ -2,10 +2,10 @@
 
 The Python API (docs/api.md), the functions the ``fleet`` command line calls:
 
-- ``fleet.compress(teachers, events, ...)``: :func:`fleet.pipeline.compress` (what ``fleet compress`` runs);
-- ``fleet.FleetModel``: :class:`fleet.serving.FleetModel` (what ``fleet predict`` / ``fleet serve`` score with);
-- ``fleet.diff(a, b)``: :func:`fleet.version_diff.diff_versions` (what ``fleet diff`` prints);
-- ``fleet.CompressConfig``: :class:`fleet.stages.CompressConfig` (what ``--config`` holds).
+- ``fleet.compress(teachers, events, ...)``: :func:`fleet.run.pipeline.compress` (what ``fleet compress`` runs);
+- ``fleet.FleetModel``: :class:`fleet.serve.serving.FleetModel` (what ``fleet predict`` / ``fleet serve`` score with);
+- ``fleet.diff(a, b)``: :func:`fleet.versions.version_diff.diff_versions` (what ``fleet diff`` prints);
+- ``fleet.CompressConfig``: :class:`fleet.run.stages.CompressConfig` (what ``--config`` holds).
 
 Each is imported on first use (a module ``__getattr__``), so ``import fleet`` and ``fleet --help`` load
 none of torch, Ray, MLflow or pyarrow.
@@ -19,10 +19,10 @@ DEFAULT_STORE = "fleet-data/store"
 DEFAULT_FLEET = "adfleet"
 
 _LAZY = {
-    "compress": ("fleet.pipeline", "compress"),
-    "FleetModel": ("fleet.serving", "FleetModel"),
-    "diff": ("fleet.version_diff", "diff_versions"),
-    "CompressConfig": ("fleet.stages", "CompressConfig"),
+    "compress": ("fleet.run.pipeline", "compress"),
+    "FleetModel": ("fleet.serve.serving", "FleetModel"),
+    "diff": ("fleet.versions.version_diff", "diff_versions"),
+    "CompressConfig": ("fleet.run.stages", "CompressConfig"),
 }
 __all__ = ["DEFAULT_FLEET", "DEFAULT_STORE", "CompressConfig", "FleetModel", "__version__", "compress", "diff"]
 

@@ -13,10 +13,10 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from fleet.cli import main as fleet_main
-from fleet.events import EventsDataset, holdout_mask, table_to_batch
-from fleet.serving import FleetModel
-from fleet.teachers import load_teacher
+from fleet.cli.main import main as fleet_main
+from fleet.formats.events import EventsDataset, holdout_mask, table_to_batch
+from fleet.formats.teachers import load_teacher
+from fleet.serve.serving import FleetModel
 
 ROOT = os.environ.get("DEMO_DIR", "fleet-data/demo")
 FLEET = "demo"
@@ -33,7 +33,7 @@ def main() -> int:
                        "--store", f"{ROOT}/store", "--fleet", FLEET, "--tracking-uri", TRACKING])
     if code not in (0, 3):
         return code
-    from fleet import registry
+    from fleet.storage import registry
 
     champion = registry.champion_version(FLEET, TRACKING)
     newest = registry.list_versions(FLEET, TRACKING)[-1]["version"]

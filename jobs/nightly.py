@@ -41,13 +41,13 @@ import tomllib
 from rich.console import Console
 
 from fleet import DEFAULT_FLEET
-from fleet.cli import resume_command, summary_table
-from fleet.cli_serving import ERRORS
-from fleet.errors import FleetError, UsageError
-from fleet.pipeline import interrupted_line, preview_compress, run_compress
-from fleet.redact import scrub, scrub_obj, secret_values
-from fleet.stages import CompressConfig
-from fleet.store import storage_options_from_env
+from fleet.cli.main import resume_command, summary_table
+from fleet.cli.serving import ERRORS
+from fleet.core.errors import FleetError, UsageError
+from fleet.core.redact import scrub, scrub_obj, secret_values
+from fleet.run.pipeline import interrupted_line, preview_compress, run_compress
+from fleet.run.stages import CompressConfig
+from fleet.storage.store import storage_options_from_env
 
 REQUIRED = ("teachers", "events", "store")
 
@@ -86,7 +86,7 @@ PLAN_IDS = 10
 
 
 def plan_tables(preview: dict) -> list:
-    """``--dry-run``'s output (rich Tables) of :func:`fleet.pipeline.preview_compress`'s plan: the parent and mode,
+    """``--dry-run``'s output (rich Tables) of :func:`fleet.run.pipeline.preview_compress`'s plan: the parent and mode,
     campaigns new / changed / reused / refit / invalid / removed (counts and the first ids), and the estimated
     time per stage."""
     from rich.table import Table
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         sys.stderr.write(interrupted_line(common["store_uri"], common["fleet"], current, options, resume) + "\n")
         return 130
-    except UsageError as exc:  # an input that cannot work (fleet.pipeline.check_compress_inputs)
+    except UsageError as exc:  # an input that cannot work (fleet.run.pipeline.check_compress_inputs)
         ERRORS.print(f"[red]usage error:[/red] {scrub(str(exc))}")
         return 2
     except FleetError as exc:

@@ -17,9 +17,9 @@ import time
 import numpy as np
 import torch
 
-from fleet.metrics import fleet_summary
-from fleet.stages import CompressConfig, StageContext, fit_heads_shard
-from fleet.store import WorkDir
+from fleet.compression.metrics import fleet_summary
+from fleet.run.stages import CompressConfig, StageContext, fit_heads_shard
+from fleet.storage.store import WorkDir
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,7 +28,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_server():
     """Start ``python -m moto.server`` on a free loopback port; yield ``{"endpoint_url",
-    "storage_options"}`` (pass ``storage_options`` to fleet.store); stop it at the end."""
+    "storage_options"}`` (pass ``storage_options`` to fleet.storage.store); stop it at the end."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tempfile.TemporaryFile()  # noqa: SIM115 - the server's stdout for the whole session; not a pipe: the server logs every request and would block on a full pipe
@@ -91,11 +91,11 @@ def s3_bucket(s3_server):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A shared local Ray (2 CPUs) for the whole session, started as fleet.pipeline.ray_session starts one
-    (token authentication, 127.0.0.1 only, no dashboard); fleet.pipeline reuses an initialised Ray."""
+    """A shared local Ray (2 CPUs) for the whole session, started as fleet.run.pipeline.ray_session starts one
+    (token authentication, 127.0.0.1 only, no dashboard); fleet.run.pipeline reuses an initialised Ray."""
     import ray
 
-    from fleet.pipeline import init_ray
+    from fleet.run.pipeline import init_ray
 
     if not ray.is_initialized():
         init_ray(num_cpus=2)
@@ -110,8 +110,8 @@ SMALL_FLEET = {"campaigns": 20, "seed": 7, "arch": "lstm", "hidden_size": 32, "n
 @pytest.fixture(scope="session")
 def small_fleet(ray_local, tmp_path_factory):
     """20 campaigns with small trained LSTM teachers: ``{"events": uri, "teachers": uri, "config": SynthConfig}``."""
-    from fleet.pipeline import run_synth
-    from fleet.synth import SynthConfig
+    from fleet.run.pipeline import run_synth
+    from fleet.synthetic.synth import SynthConfig
 
     config = SynthConfig(**SMALL_FLEET)
     out = tmp_path_factory.mktemp("small-fleet")

@@ -1,4 +1,4 @@
-"""fleet.adaptive.choose_bits: fewest passing bits per campaign, never a failing head, fp16 last."""
+"""fleet.compression.adaptive.choose_bits: fewest passing bits per campaign, never a failing head, fp16 last."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fleet.adaptive import choose_bits
-from fleet.quant import dequantize_rows, quantize_rows
+from fleet.compression.adaptive import choose_bits
+from fleet.compression.quant import dequantize_rows, quantize_rows
 
 P = 193
 

@@ -18,12 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 
 import fleet
-from fleet import registry
-from fleet.cli import build_parser
-from fleet.events import EVENTS_SCHEMA
-from fleet.pipeline import compress_config, estimate_seconds, preview_compress
-from fleet.stages import CompressConfig
-from fleet.store import FleetVersion
+from fleet.cli.main import build_parser
+from fleet.formats.events import EVENTS_SCHEMA
+from fleet.run.pipeline import compress_config, estimate_seconds, preview_compress
+from fleet.run.stages import CompressConfig
+from fleet.storage import registry
+from fleet.storage.store import FleetVersion
 
 DOCS = pathlib.Path(__file__).parents[1] / "docs" / "api.md"
 JOBS = pathlib.Path(__file__).parents[1] / "jobs"
@@ -74,9 +74,9 @@ def test_import_fleet_is_light_and_names_the_cli_functions():
     code = ("import sys, fleet\n"
             "heavy = ('torch', 'ray', 'mlflow', 'pyarrow', 'numpy', 'fsspec', 'fastapi')\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
-            "import fleet.pipeline, fleet.serving, fleet.version_diff, fleet.stages\n"
-            "assert fleet.compress is fleet.pipeline.compress and fleet.FleetModel is fleet.serving.FleetModel\n"
-            "assert fleet.diff is fleet.version_diff.diff_versions and fleet.CompressConfig is fleet.stages.CompressConfig\n"
+            "import fleet.run.pipeline, fleet.serve.serving, fleet.versions.version_diff, fleet.run.stages\n"
+            "assert fleet.compress is fleet.run.pipeline.compress and fleet.FleetModel is fleet.serve.serving.FleetModel\n"
+            "assert fleet.diff is fleet.versions.version_diff.diff_versions and fleet.CompressConfig is fleet.run.stages.CompressConfig\n"
             "assert {'compress', 'FleetModel', 'diff'} <= set(dir(fleet))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr

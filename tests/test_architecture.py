@@ -105,3 +105,17 @@ def test_no_module_imports_a_higher_layer():
 def test_listed_late_imports_exist():
     for module, dep in documented_late_imports():
         assert dep in fleet_imports(module)[1], f"{module} -> {dep} is listed as a late import but not made"
+
+
+def test_each_package_is_one_run_of_layers():
+    """The tree shows the layers: a package's modules stand together in the list, no package between them."""
+    packages = [name.split(".")[0] for layer in documented_layers() for name in layer]
+    runs = [p for i, p in enumerate(packages) if i == 0 or packages[i - 1] != p]
+    split = sorted({p for p in runs if runs.count(p) > 1})
+    assert not split, f"packages listed in more than one place in docs/architecture.md: {split}"
+
+
+def test_no_module_left_at_the_top():
+    """Every module but the Python API (``fleet/__init__``) lives in a layer's subpackage."""
+    flat = [m for m in all_modules() if "." not in m and not (ROOT / "fleet" / m).is_dir()]
+    assert not flat, f"modules outside a subpackage: {flat}"

@@ -11,8 +11,8 @@ from fleet.bench.methods import LABELS, contiguous_jobs, head_latencies, retarge
 from fleet.bench.report import PLOTS, head_codec_lines
 from fleet.bench.run import prepare_fleet
 from fleet.bench.serving import SCORE_K, SERVING_TARGETS, SLOW_REQUESTS
-from fleet.cli import main
-from fleet.errors import FleetError
+from fleet.cli.main import main
+from fleet.core.errors import FleetError
 
 TINY = ["--campaigns", "20", "--seed", "3", "--hidden", "16", "--layers", "1", "--min-sequences", "100",
         "--max-sequences", "400", "--max-epochs", "2", "--peer-subset", "3", "--scale-campaigns", "2000",
@@ -86,8 +86,8 @@ def _args(fleet_dir, out, seed="3"):
 def test_retarget_backbone_keeps_weights_and_drops_a_foreign_head_prior():
     import torch
 
-    from fleet.backbone_codec import backbone_from_bytes, backbone_to_bytes
-    from fleet.student import SharedBackbone, StudentConfig
+    from fleet.compression.student import SharedBackbone, StudentConfig
+    from fleet.formats.backbone_codec import backbone_from_bytes, backbone_to_bytes
 
     torch.manual_seed(0)
     backbone = SharedBackbone(StudentConfig(num_event_types=8, num_features=2, hidden_size=8, embed_dim=4))
@@ -108,8 +108,8 @@ def test_weightless_variant_jobs_are_contiguous_and_head_latencies_cover_both_co
     import torch
     from test_weightless import _mixed_rows
 
-    from fleet.codec import heads_to_table
-    from fleet.store import VersionWriter
+    from fleet.formats.codec import heads_to_table
+    from fleet.storage.store import VersionWriter
 
     def soft(ids):
         return pa.table({"campaign_id": [c for c in ids for _ in range(2)], "row": [0, 1] * len(ids)})
@@ -161,9 +161,9 @@ def test_serving_only_targets_table(tmp_path):
     import pyarrow as pa
     from test_serving import NUM_EVENT_TYPES, NUM_FEATURES, build_version
 
-    from fleet.events import write_events
-    from fleet.synth import SynthConfig, campaign_ids, generate
-    from fleet.teachers import TeacherConfig, TeacherRNN, save_teacher
+    from fleet.formats.events import write_events
+    from fleet.formats.teachers import TeacherConfig, TeacherRNN, save_teacher
+    from fleet.synthetic.synth import SynthConfig, campaign_ids, generate
 
     built = build_version(str(tmp_path / "store"))
     fleet_dir, out = tmp_path / "fleet", tmp_path / "out"

@@ -9,9 +9,9 @@ import math
 import pytest
 
 from fleet.bench import scale as bench_scale
-from fleet.cli import main
-from fleet.teacher_pack import locate_teachers
-from fleet.teachers import read_teacher_digest
+from fleet.cli.main import main
+from fleet.formats.teacher_pack import locate_teachers
+from fleet.formats.teachers import read_teacher_digest
 
 SIZES = "campaign:12,user:40"
 TEACHER = {"hidden_size": 8, "min_sequences": 20, "max_sequences": 50, "max_epochs": 1}
@@ -99,9 +99,9 @@ def test_changed_teachers_are_restored_exactly(tmp_path):
 
     import torch
 
-    from fleet.synth import init_stacked
-    from fleet.teacher_pack import write_pack
-    from fleet.teachers import TeacherConfig, TeacherRNN, save_teacher
+    from fleet.formats.teacher_pack import write_pack
+    from fleet.formats.teachers import TeacherConfig, TeacherRNN, save_teacher
+    from fleet.synthetic.synth import init_stacked
 
     teachers = tmp_path / "fleet" / "teachers"
     config = TeacherConfig("campaign-00000", arch="gru", num_event_types=6, embed_dim=4, num_features=3,

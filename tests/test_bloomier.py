@@ -1,4 +1,4 @@
-"""fleet.bloomier: the Bloomier filter (stored keys return their value, false positives at the documented
+"""fleet.compression.bloomier: the Bloomier filter (stored keys return their value, false positives at the documented
 rate, deterministic for a seed) and a plain-Python reader built from the documented hash functions only."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleet.bloomier import (
+from fleet.compression.bloomier import (
     BloomierFilter,
     cells_at,
     lookup_packed,
@@ -21,7 +21,7 @@ from fleet.bloomier import (
 )
 
 # --------------------------------------------------------------------------- a reader from the docstring alone
-# Written from fleet/bloomier.py's module docstring (= docs/storage.md), with Python ints: no fleet code.
+# Written from fleet/compression/bloomier.py's module docstring (= docs/storage.md), with Python ints: no fleet code.
 
 M64 = (1 << 64) - 1
 

@@ -9,8 +9,8 @@ import sys
 import pyarrow as pa
 import pytest
 
-from fleet.cli import build_parser, main
-from fleet.events import write_events
+from fleet.cli.main import build_parser, main
+from fleet.formats.events import write_events
 
 
 def test_every_documented_command_exists():
@@ -34,7 +34,7 @@ def test_usage_errors_exit_2(argv):
 
 
 def test_bad_storage_options_is_a_usage_error():
-    out = subprocess.run([sys.executable, "-m", "fleet.cli", "compress", "--teachers", "t", "--events", "e",
+    out = subprocess.run([sys.executable, "-m", "fleet.cli.main", "compress", "--teachers", "t", "--events", "e",
                           "--storage-options", "{not json"], capture_output=True, text=True, check=False)
     assert out.returncode == 2 and "JSON" in out.stderr
 
@@ -46,12 +46,12 @@ def test_bad_config_file_is_a_usage_error(tmp_path):
 
 def _no_ray_start(monkeypatch):
     """Make any start of Ray fail the test: usage errors are found before it."""
-    import fleet.pipeline
+    import fleet.run.pipeline
 
     def refuse(*args, **kwargs):
         raise AssertionError("Ray was started for a usage error")
 
-    monkeypatch.setattr(fleet.pipeline, "ray_session", refuse)
+    monkeypatch.setattr(fleet.run.pipeline, "ray_session", refuse)
 
 
 def test_missing_teachers_is_a_usage_error_before_ray(tmp_path, monkeypatch, capsys):
@@ -141,9 +141,9 @@ _THREAD_PROBE = """
 import json, os, sys
 import pyarrow as pa
 import torch
-from fleet.cli import main
-from fleet.cli_serving import _read_rows
-from fleet.store import FleetVersion, WorkDir
+from fleet.cli.main import main
+from fleet.cli.serving import _read_rows
+from fleet.storage.store import FleetVersion, WorkDir
 
 def threads():
     return set(os.listdir("/proc/self/task"))
@@ -191,7 +191,7 @@ def test_inspect_json_exits_cleanly_20_times(tmp_path):
     from test_serving import build_version
 
     built = build_version(str(tmp_path), num_campaigns=5)
-    argv = [sys.executable, "-m", "fleet.cli", "inspect", built.uri, "--campaign", built.ids[0], "--json"]
+    argv = [sys.executable, "-m", "fleet.cli.main", "inspect", built.uri, "--campaign", built.ids[0], "--json"]
     for run in range(20):
         out = subprocess.run(argv, capture_output=True, text=True, check=False)
         assert out.returncode == 0 and "terminate called" not in out.stderr, (run, out.returncode, out.stderr)
@@ -204,9 +204,9 @@ def test_inspect_json_exits_cleanly_20_times(tmp_path):
 def test_version_is_the_installed_distribution_s():
     from importlib import metadata
 
-    from fleet.cli import DISTRIBUTION
+    from fleet.cli.main import DISTRIBUTION
 
-    out = subprocess.run([sys.executable, "-m", "fleet.cli", "--version"], capture_output=True, text=True, check=False)
+    out = subprocess.run([sys.executable, "-m", "fleet.cli.main", "--version"], capture_output=True, text=True, check=False)
     assert out.returncode == 0 and out.stdout == f"fleet {metadata.version(DISTRIBUTION)}\n"
 
 
@@ -215,7 +215,7 @@ def test_version_is_the_installed_distribution_s():
 def test_help_imports_no_heavy_module(argv):
     """`fleet --help` (and the registry commands' help) import neither torch, Ray, MLflow, pyarrow nor the bench:
     each command's arguments and modules are loaded only when that command runs."""
-    code = ("import sys\nfrom fleet.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+    code = ("import sys\nfrom fleet.cli.main import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
             "    assert e.code == 0, e.code\nheavy = ('torch', 'ray', 'mlflow', 'pyarrow', 'numpy', 'fsspec', 'fleet.bench')\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m == 'fleet.bench'), file=sys.stderr)")
     out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=False)
@@ -226,7 +226,7 @@ def test_help_imports_no_heavy_module(argv):
 def test_every_option_shows_its_default():
     """Every option that takes a value says its default in --help: appended by the formatter, or written in
     its help (options whose default is None say what happens without them)."""
-    from fleet.completion import _subparsers
+    from fleet.cli.completion import _subparsers
 
     missing = []
     for name, sub in _subparsers(build_parser()).items():
@@ -278,7 +278,7 @@ def test_compress_and_versions_json(tmp_path, monkeypatch, capsys, sqlite_tracki
 
     from test_serving import build_version
 
-    from fleet import registry
+    from fleet.storage import registry
 
     _no_ray_start(monkeypatch)
     store = tmp_path / "store"

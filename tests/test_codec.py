@@ -1,4 +1,4 @@
-"""fleet.codec: the fleet-heads/1.1 schema, its bit packing contract and the rows <-> table codec."""
+"""fleet.formats.codec: the fleet-heads/1.1 schema, its bit packing contract and the rows <-> table codec."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from fleet.codec import (
+from fleet.compression.metrics import CALIBRATION_KEYS
+from fleet.core.errors import StoreError
+from fleet.formats.codec import (
     HEADS_FORMAT,
     HEADS_SCHEMA,
     REJECTS_SCHEMA,
@@ -24,8 +26,6 @@ from fleet.codec import (
     table_to_rejects,
     validate_heads_table,
 )
-from fleet.errors import StoreError
-from fleet.metrics import CALIBRATION_KEYS
 
 # --------------------------------------------------------------------------- pinned schemas
 
@@ -86,7 +86,7 @@ def test_rejects_schema_is_pinned():
 
 
 # --------------------------------------------------------------------------- reference packing
-# Written from the contract in docs/storage.md, independently of fleet.quant.
+# Written from the contract in docs/storage.md, independently of fleet.compression.quant.
 
 
 def ref_pack(codes, bits: int) -> bytes:

@@ -1,4 +1,4 @@
-"""``fleet diff A B`` / ``fleet.diff``: two real versions written with fleet.store (B derived from A the way an
+"""``fleet diff A B`` / ``fleet.diff``: two real versions written with fleet.storage.store (B derived from A the way an
 incremental run derives a version from its parent), compared by path and through the registry."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import pytest
 from test_serving import build_version
 
 import fleet
-from fleet import registry
-from fleet.cli import main
-from fleet.cli_serving import version_summary
-from fleet.codec import heads_to_table, table_to_heads
-from fleet.store import FleetVersion, VersionWriter
+from fleet.cli.main import main
+from fleet.cli.serving import version_summary
+from fleet.formats.codec import heads_to_table, table_to_heads
+from fleet.storage import registry
+from fleet.storage.store import FleetVersion, VersionWriter
 
 AGREEMENT = {"fidelity_kl_median": 0.001, "fidelity_mean_ratio_within_10pct_share": 1.0, "campaigns": 10,
              "campaigns_status_fallback": 0, "quarantine_share": 0.0, "fidelity_auc_diff_median": 0.0,
@@ -117,7 +117,7 @@ def test_fleet_diff_resolves_aliases_and_versions_like_inspect(versions, tmp_pat
     assert result["campaigns"]["refit"] == 3
 
     # the human table, from the console script, on stdout; the same figures
-    env_argv = [sys.executable, "-m", "fleet.cli", "diff", "models:/adfleet@champion", "models:/adfleet/2",
+    env_argv = [sys.executable, "-m", "fleet.cli.main", "diff", "models:/adfleet@champion", "models:/adfleet/2",
                 "--tracking-uri", sqlite_tracking_uri]
     run = subprocess.run(env_argv, capture_output=True, text=True, check=False, env={**os.environ, "COLUMNS": "200"})
     assert run.returncode == 0, run.stderr

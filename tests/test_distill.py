@@ -1,4 +1,4 @@
-"""fleet.distill: loss properties, phase a (backbone) and phase b (batched head fit)."""
+"""fleet.compression.distill: loss properties, phase a (backbone) and phase b (batched head fit)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fleet.data import SequenceBatch
-from fleet.distill import (
+from fleet.compression.data import SequenceBatch
+from fleet.compression.distill import (
     DistillConfig,
     calibrate_bias,
     campaign_losses,
@@ -19,7 +19,7 @@ from fleet.distill import (
     fit_heads_grid,
     select_per_campaign,
 )
-from fleet.student import (
+from fleet.compression.student import (
     HEAD_DESIGNS,
     POOLED_DESIGNS,
     SharedBackbone,

@@ -186,8 +186,8 @@ def _shim(path: pathlib.Path, body: str) -> None:
 @pytest.fixture(scope="module")
 def demo_checkout(small_fleet, tmp_path_factory):
     """A directory as ``make demo`` leaves a checkout (see the module docstring); returns it."""
-    from fleet import registry
-    from fleet.cli import main as fleet_main
+    from fleet.cli.main import main as fleet_main
+    from fleet.storage import registry
 
     work = tmp_path_factory.mktemp("docs-run")
     for entry in ROOT.iterdir():
@@ -198,7 +198,7 @@ def demo_checkout(small_fleet, tmp_path_factory):
     (venv_bin / "activate").write_text(f'export VIRTUAL_ENV="{work / ".venv"}"\nexport PATH="{venv_bin}:$PATH"\n')
     python = shlex.quote(sys.executable)
     _shim(venv_bin / "python", f'exec {python} "$@"\n')
-    _shim(venv_bin / "fleet", f'exec {python} -m fleet.cli "$@"\n')
+    _shim(venv_bin / "fleet", f'exec {python} -m fleet.cli.main "$@"\n')
     demo = work / "fleet-data" / "demo"
     shutil.copytree(small_fleet["root"], demo)
     tracking = f"sqlite:///{demo}/mlflow.db"

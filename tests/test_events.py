@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fleet.errors import EventsFormatError, InvalidCampaignIdError
-from fleet.events import (
+from fleet.core.errors import EventsFormatError, InvalidCampaignIdError
+from fleet.formats.events import (
     EVENTS_SCHEMA,
     EventsDataset,
     data_fingerprint,
@@ -103,7 +103,7 @@ def test_missing_dataset_and_bad_ids(tmp_path):
 
 
 def test_rows_by_campaign_groups_rows_in_order():
-    from fleet.events import rows_by_campaign
+    from fleet.formats.events import rows_by_campaign
 
     ids = pa.chunked_array([["b", "a", "b"], ["c", "a"]])
     groups = rows_by_campaign(ids)
@@ -112,7 +112,7 @@ def test_rows_by_campaign_groups_rows_in_order():
 
 
 def test_split_by_campaign_keeps_table_order_per_campaign():
-    from fleet.events import split_by_campaign
+    from fleet.formats.events import split_by_campaign
 
     table = pa.concat_tables([pa.table({"campaign_id": ["b", "a"], "x": [0, 1]}),
                               pa.table({"campaign_id": ["b", "c", "a"], "x": [2, 3, 4]})])
@@ -219,7 +219,7 @@ def test_ids_no_campaign_can_have_are_never_read_and_no_ids_read_nothing(tmp_pat
 
 
 def test_truncate_sequences_keeps_the_last_events_and_their_features():
-    from fleet.events import truncate_sequences
+    from fleet.formats.events import truncate_sequences
 
     table = rows("a", 8, num_features=2)  # lengths 1 2 3 4 1 2 3 4
     same, count = truncate_sequences(table, 4, num_features=2)
@@ -237,7 +237,7 @@ def test_truncate_sequences_keeps_the_last_events_and_their_features():
 def test_a_long_row_pads_only_its_own_minibatch():
     """2,000 rows of 20 events and one of 10,000: the batch is stored packed (events, not rows x 10,000) and
     no minibatch pads more than batch_size * BUCKET_SPREAD * median length events, except the long row alone."""
-    from fleet.data import BUCKET_SPREAD, map_minibatches
+    from fleet.compression.data import BUCKET_SPREAD, map_minibatches
 
     n, num_features = 2000, 3
     lengths = [20] * n + [10_000]

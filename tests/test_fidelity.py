@@ -7,10 +7,11 @@ import pytest
 import safetensors.torch
 import torch
 
-from fleet.backbone_codec import backbone_from_bytes
-from fleet.data import map_minibatches
-from fleet.events import EventsDataset, table_to_batch
-from fleet.stages import (
+from fleet.compression.data import map_minibatches
+from fleet.formats.backbone_codec import backbone_from_bytes
+from fleet.formats.events import EventsDataset, table_to_batch
+from fleet.formats.teachers import load_teacher
+from fleet.run.stages import (
     BORROWED,
     FIT,
     CompressConfig,
@@ -24,7 +25,6 @@ from fleet.stages import (
     soft_labels,
     train_backbone,
 )
-from fleet.teachers import load_teacher
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,5 @@
 """``fleet gc``: retention of versions and run work dirs on a real local store with a real SQLite MLflow
-registry (fleet.retention; docs/operations.md, "Retention")."""
+registry (fleet.versions.retention; docs/operations.md, "Retention")."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from test_serving import build_version
 
-from fleet import registry
-from fleet.cli import main
-from fleet.errors import StoreError
-from fleet.retention import apply_plan, plan_gc
-from fleet.store import FleetVersion, VersionWriter, WorkDir, list_versions
+from fleet.cli.main import main
+from fleet.core.errors import StoreError
+from fleet.storage import registry
+from fleet.storage.store import FleetVersion, VersionWriter, WorkDir, list_versions
+from fleet.versions.retention import apply_plan, plan_gc
 
 PASS = {"fidelity_kl_median": 0.001, "fidelity_mean_ratio_within_10pct_share": 1.0, "campaigns": 5,
         "campaigns_status_fallback": 0, "quarantine_share": 0.0, "fidelity_auc_diff_median": 0.0,

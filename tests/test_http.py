@@ -1,4 +1,4 @@
-"""fleet.http: a real uvicorn server on 127.0.0.1 (in a thread) and httpx, over real fleet versions."""
+"""fleet.serve.http: a real uvicorn server on 127.0.0.1 (in a thread) and httpx, over real fleet versions."""
 
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from test_serving import NUM_FEATURES, BuiltVersion, build_version, random_sequences
 
-from fleet.codec import heads_to_table
-from fleet.http import ModelHolder, create_app
-from fleet.serving import FleetModel
-from fleet.store import FleetVersion, VersionWriter
+from fleet.formats.codec import heads_to_table
+from fleet.serve.http import ModelHolder, create_app
+from fleet.serve.serving import FleetModel
+from fleet.storage.store import FleetVersion, VersionWriter
 
 ADMIN_TOKEN = "s3cret-admin-token"
 
@@ -607,7 +607,7 @@ def test_fleet_serve_command(versions, tmp_path):
     import sys
 
     port = free_port()
-    code = ("import argparse, sys; from rich.console import Console; from fleet.cli_serving import register; "
+    code = ("import argparse, sys; from rich.console import Console; from fleet.cli.serving import register; "
             "p = argparse.ArgumentParser(); register(p.add_subparsers(dest='command', required=True)); "
             "a = p.parse_args(sys.argv[1:]); sys.exit(a.handler(a, Console(stderr=True)))")
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - the server subprocess's stdout while it runs
@@ -733,8 +733,8 @@ def test_unusable_admin_tokens_are_refused(models, token):
 
 
 def test_admin_token_comes_from_the_environment_or_a_file_never_the_command_line(tmp_path, monkeypatch, capsys):
-    from fleet.cli import main as fleet_main
-    from fleet.cli_serving import _admin_token
+    from fleet.cli.main import main as fleet_main
+    from fleet.cli.serving import _admin_token
 
     monkeypatch.delenv("FLEET_ADMIN_TOKEN", raising=False)
     assert _admin_token(None) is None  # nothing configured: /admin/* disabled
@@ -778,7 +778,7 @@ def test_error_bodies_name_campaign_row_and_reason_never_paths_credentials_or_tr
     def broken(current):
         raise OSError(f"cannot reach {leak[0]}; last manifest {leak[1]}/v2/manifest.json")
 
-    caplog.set_level(logging.INFO, logger="fleet.http")
+    caplog.set_level(logging.INFO, logger="fleet.serve.http")
     seqs = seq_body(random.Random(40), 2)
     with serve(create_app(ModelHolder(model, reload=broken), admin_token=ADMIN_TOKEN)) as url:
         r = httpx.post(url + "/v1/predict", json={"campaign_id": cid, "sequences": seqs})  # a corrupt head
@@ -840,7 +840,7 @@ def test_fast_predict_parse_agrees_with_the_model(body):
     else goes to pydantic (None), which names the problem."""
     from pydantic import ValidationError
 
-    from fleet.http import PredictRequest, _fast_predict_body
+    from fleet.serve.http import PredictRequest, _fast_predict_body
 
     fast = _fast_predict_body(body)
     try:
@@ -856,7 +856,7 @@ def test_fast_predict_parse_agrees_with_the_model(body):
 def test_fast_score_parse_agrees_with_the_model(body):
     from pydantic import ValidationError
 
-    from fleet.http import ScoreRequest, _fast_score_body
+    from fleet.serve.http import ScoreRequest, _fast_score_body
 
     fast = _fast_score_body(body)
     try:

@@ -2,8 +2,8 @@ import random
 
 import pytest
 
-from fleet.errors import InvalidCampaignIdError
-from fleet.ids import encode_campaign_ids, validate_campaign_id
+from fleet.core.errors import InvalidCampaignIdError
+from fleet.core.ids import encode_campaign_ids, validate_campaign_id
 
 
 @pytest.mark.parametrize("good", ["a", "campaign-00001", "User_42.x-y", "9" * 128])
@@ -40,7 +40,7 @@ BAD = [
 
 
 def test_encode_campaign_ids_agrees_with_the_pattern():
-    """The vectorised check (fleet.ids.encode_campaign_ids) accepts a list exactly when every entry passes
+    """The vectorised check (fleet.core.ids.encode_campaign_ids) accepts a list exactly when every entry passes
     validate_campaign_id, and encodes it as the fixed-width bytes HeadTable.find searches."""
     encoded = encode_campaign_ids(GOOD)
     assert encoded is not None and [e.decode("ascii") for e in encoded.tolist()] == GOOD

@@ -17,7 +17,7 @@ import pytest
 
 yaml = pytest.importorskip("yaml", reason="PyYAML (a dependency of ray) is needed to read the manifests")
 
-from fleet.cli import build_parser
+from fleet.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -156,7 +156,7 @@ def commands_in_text(text: str) -> list[tuple[str, list[str]]]:
                 image = next((i for i, w in enumerate(seg) if re.search(r"/fleet:[^/]*$", w)), None)
                 if image is not None and len(seg) > image + 1:
                     found.append(("fleet", seg[image + 1:]))
-            elif head.startswith("python") and len(seg) > 2 and seg[1:3] == ["-m", "fleet.cli"]:
+            elif head.startswith("python") and len(seg) > 2 and seg[1:3] == ["-m", "fleet.cli.main"]:
                 found.append(("fleet", seg[3:]))
             elif head.startswith("python") and len(seg) > 1 and seg[1].endswith("jobs/nightly.py"):
                 found.append(("nightly", seg[2:]))

@@ -24,11 +24,11 @@ import torch
 from test_http import serve, strict_json
 from test_serving import build_version, random_sequences, run_cli
 
-from fleet.codec import heads_to_table, table_to_heads
-from fleet.errors import StoreError
-from fleet.http import ModelHolder, create_app
-from fleet.serving import FleetModel, head_metadata
-from fleet.store import (
+from fleet.core.errors import StoreError
+from fleet.formats.codec import heads_to_table, table_to_heads
+from fleet.serve.http import ModelHolder, create_app
+from fleet.serve.serving import FleetModel, head_metadata
+from fleet.storage.store import (
     TEMP_FILE_MAX_AGE_S,
     FleetVersion,
     VersionWriter,
@@ -53,7 +53,7 @@ def test_no_byte_flip_of_a_heads_file_gives_a_wrong_answer(tmp_path):
     - ``FleetVersion.open(verify=True)`` is refused (StoreError);
     - a fresh ``FleetVersion`` opened with ``verify=False`` (``fleet serve --no-verify``, ``fleet inspect
       --campaign``) gives a campaign's original head row (which fixes both its probabilities and its
-      metadata, :func:`fleet.serving.head_metadata`) or StoreError; an absent id (every 4th flip)
+      metadata, :func:`fleet.serve.serving.head_metadata`) or StoreError; an absent id (every 4th flip)
       stays absent or errs;
     - a ``FleetModel`` opened (verified) before the damage, footer warm, no head cache (every lookup
       is a cold lookup after a verified open) gives bitwise the original probability and head status
@@ -159,7 +159,7 @@ def test_a_head_row_that_breaks_the_contract_is_refused_before_decoding(tmp_path
 
 
 def test_load_refuses_a_manifest_that_does_not_match_the_registry_tag(tmp_path, sqlite_tracking_uri, capsys):
-    from fleet import registry
+    from fleet.storage import registry
 
     built = build_version(str(tmp_path / "store"), num_campaigns=5)
     version = FleetVersion.open(built.uri)

@@ -1,4 +1,4 @@
-"""fleet.metrics: AUC against a brute-force reference, per-campaign fidelity, fleet summary."""
+"""fleet.compression.metrics: AUC against a brute-force reference, per-campaign fidelity, fleet summary."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fleet.metrics import (
+from fleet.compression.metrics import (
     CALIBRATION_KEYS,
     auc,
     auc_diff_standard_error,

@@ -22,7 +22,7 @@ import fsspec
 import pytest
 from conftest import free_port
 
-from fleet.store import FleetVersion
+from fleet.storage.store import FleetVersion
 
 pytestmark = pytest.mark.slow
 
@@ -232,7 +232,7 @@ def test_compress_on_two_node_cluster_with_s3_and_mlflow_server(small_fleet, s3_
     assert sorted(os.listdir(cwd)) == [], "the driver wrote to its local working dir"
 
     # registered in the MLflow server, champion points at the S3 manifest
-    from fleet import registry
+    from fleet.storage import registry
 
     manifest_uri, version_id = registry.resolve_manifest_uri("models:/mnfleet@champion", mlflow_server)
     assert version_id == run_id and manifest_uri == f"{store}/mnfleet/versions/{run_id}/manifest.json"

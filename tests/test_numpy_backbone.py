@@ -1,4 +1,4 @@
-"""fleet.numpy_backbone: the pure-numpy backbone forward equals SharedBackbone's (torch) to 1e-5.
+"""fleet.compression.numpy_backbone: the pure-numpy backbone forward equals SharedBackbone's (torch) to 1e-5.
 
 Real backbones (random weights, also int8 round-tripped through backbone.safetensors), both archs,
 one and two layers, last state and pooled (last ++ mean), lengths 1 / short / long / mixed in one batch,
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from fleet.backbone_codec import backbone_to_bytes, decode_backbone, encode_backbone
-from fleet.numpy_backbone import NumpyBackbone, numpy_backbone_from_bytes
-from fleet.student import SharedBackbone, StudentConfig
+from fleet.compression.numpy_backbone import NumpyBackbone, numpy_backbone_from_bytes
+from fleet.compression.student import SharedBackbone, StudentConfig
+from fleet.formats.backbone_codec import backbone_to_bytes, decode_backbone, encode_backbone
 
 V, F = 30, 3
 ATOL = 1e-5
@@ -163,7 +163,7 @@ def test_bad_inputs_and_weights():
 
 
 def test_import_does_not_load_torch():
-    code = "import sys, fleet.numpy_backbone; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, fleet.compression.numpy_backbone; assert 'torch' not in sys.modules, 'torch imported'"
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env)
@@ -176,7 +176,7 @@ def test_import_does_not_load_torch():
 def test_fleet_model_numpy_backend_equals_torch_backend(tmp_path, arch, head):
     import random
 
-    from fleet.serving import DEFAULT_BACKEND, FleetModel
+    from fleet.serve.serving import DEFAULT_BACKEND, FleetModel
     from tests.test_serving import build_version, random_sequences
 
     built = build_version(str(tmp_path), num_campaigns=10, head=head, arch=arch)
@@ -199,7 +199,7 @@ def test_cli_predict_backend_flag(tmp_path, capsys):
     import json
     import random
 
-    from fleet.cli import main
+    from fleet.cli.main import main
     from tests.test_serving import build_version, random_sequences
 
     built = build_version(str(tmp_path / "store"), num_campaigns=4, arch="lstm")

@@ -15,10 +15,10 @@ import pytest
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from fleet import registry
-from fleet.pipeline import run_compress
-from fleet.stages import CompressConfig
-from fleet.store import FleetVersion, list_versions
+from fleet.run.pipeline import run_compress
+from fleet.run.stages import CompressConfig
+from fleet.storage import registry
+from fleet.storage.store import FleetVersion, list_versions
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +92,7 @@ def test_run_plots_draw_only_what_is_there():
     """No campaign with an AUC: no AUC plots (never a "no data" figure); an unknown size is not drawn as 0."""
     import pyarrow as pa
 
-    from fleet.pipeline import run_plots
+    from fleet.run.pipeline import run_plots
 
     heads = pa.table({"n_train": [100, 200, None], "student_auc": [None, None, None],
                       "teacher_auc": [0.7, None, None], "mean_abs_diff": [0.01, 0.02, None],
@@ -139,7 +139,7 @@ def test_s3_store_with_mlflow_server(small_fleet, ray_local, s3_server, s3_bucke
 def test_crash_and_resume(small_fleet, ray_local, tmp_path):
     store = tmp_path / "store"
     env = {**os.environ, "FLEET_FAULT_AFTER_STAGE": "soft_labels"}
-    cmd = [sys.executable, "-m", "fleet.cli", "compress", "--teachers", small_fleet["teachers"],
+    cmd = [sys.executable, "-m", "fleet.cli.main", "compress", "--teachers", small_fleet["teachers"],
            "--events", small_fleet["events"], "--store", str(store), "--run-id", "crashy", "--no-register",
            "--config", str(tmp_path / "fast.json")]
     (tmp_path / "fast.json").write_text(json.dumps(FAST))
@@ -162,7 +162,7 @@ def test_a_failed_compress_fails_its_mlflow_run_and_a_resume_finishes_it(small_f
     1 and 2 skipped) and registers into it: one run for the version, FINISHED."""
     from mlflow.tracking import MlflowClient
 
-    from fleet import pipeline
+    from fleet.run import pipeline
 
     def fail_after_backbone(stage):
         if stage == "backbone":
@@ -204,7 +204,7 @@ def test_ctrl_c_then_resume(small_fleet, tmp_path):
     # SIGINT handled as when started from a terminal: a background job of a non-interactive shell (a CI script's
     # `&`) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler of its own.
     launch = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-              "sys.argv[0] = 'fleet'; runpy.run_module('fleet.cli', run_name='__main__')")
+              "sys.argv[0] = 'fleet'; runpy.run_module('fleet.cli.main', run_name='__main__')")
     proc = subprocess.Popen([sys.executable, "-c", launch, *argv, "--config", str(tmp_path / "a.json")], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     seen = []
@@ -224,7 +224,7 @@ def test_ctrl_c_then_resume(small_fleet, tmp_path):
     assert interrupted[0].startswith("interrupted: run cc saved the plan, stage 1 for ")
     assert interrupted[0].endswith(f" in {store}/adfleet/runs/cc; resume with: {resume}")
 
-    changed = [sys.executable, "-m", "fleet.cli", *argv, "--config", str(tmp_path / "b.json")]
+    changed = [sys.executable, "-m", "fleet.cli.main", *argv, "--config", str(tmp_path / "b.json")]
     refused = subprocess.run(changed, capture_output=True, text=True, timeout=300, check=False)
     assert refused.returncode == 2 and "run cc was planned with configuration sha256" in refused.stderr
     assert "(differs in: head_steps)" in refused.stderr and "--force-config" in refused.stderr
@@ -273,7 +273,7 @@ def test_re_running_a_registered_run_id_registers_nothing(small_fleet, ray_local
                                                           capsys):
     """`fleet compress --run-id X` once X is committed and registered: nothing runs, nothing is
     registered, champion does not move, exit 0."""
-    from fleet import cli
+    from fleet.cli.main import main as cli
 
     store = tmp_path / "store"
     assert compress(small_fleet, store, sqlite_tracking_uri, run_id="once").registered.version == "1"
@@ -293,8 +293,8 @@ def test_re_running_a_registered_run_id_registers_nothing(small_fleet, ray_local
 
 
 def test_an_unreadable_registry_fails_before_stage_one_unless_no_parent(small_fleet, ray_local, tmp_path, capsys):
-    from fleet import cli
-    from fleet.registry import RegistryError
+    from fleet.cli.main import main as cli
+    from fleet.storage.registry import RegistryError
 
     broken = tmp_path / "mlflow.db"
     broken.write_bytes(b"this is not an sqlite database " * 64)
@@ -336,7 +336,7 @@ def test_quarantine_bad_teachers(small_fleet, ray_local, tmp_path):
 
 
 def test_gate_blocks_worse_version_and_rollback(small_fleet, ray_local, tmp_path, sqlite_tracking_uri, capsys):
-    from fleet import cli
+    from fleet.cli.main import main as cli
 
     store = tmp_path / "store"
     good = compress(small_fleet, store, sqlite_tracking_uri, run_id="good")

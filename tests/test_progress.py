@@ -1,4 +1,4 @@
-"""Progress on stderr (fleet.progress): a bar on a terminal, one line every N seconds elsewhere (CI, kubectl logs)."""
+"""Progress on stderr (fleet.core.progress): a bar on a terminal, one line every N seconds elsewhere (CI, kubectl logs)."""
 
 import io
 import re
@@ -6,7 +6,7 @@ import time
 
 from rich.console import Console
 
-from fleet.progress import (
+from fleet.core.progress import (
     LOG_SECONDS,
     LineProgress,
     eta_seconds,

@@ -1,5 +1,5 @@
-"""fleet.pyfunc: a fleet version logged as an MLflow pyfunc (sqlite tracking store in tmp_path)
-answers exactly like FleetModel.predict_batch; models:/ URIs resolve through fleet.registry."""
+"""fleet.serve.pyfunc: a fleet version logged as an MLflow pyfunc (sqlite tracking store in tmp_path)
+answers exactly like FleetModel.predict_batch; models:/ URIs resolve through fleet.storage.registry."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 from mlflow.exceptions import MlflowException
 from test_serving import build_version, random_sequences
 
-from fleet.errors import StoreError
-from fleet.pyfunc import CONFIG_FILE, FleetPyfunc, _load_pyfunc, write_config
-from fleet.serving import FleetModel, alias_reloader
-from fleet.store import ENV_STORE_ROOT, relocated
+from fleet.core.errors import StoreError
+from fleet.serve.pyfunc import CONFIG_FILE, FleetPyfunc, _load_pyfunc, write_config
+from fleet.serve.serving import FleetModel, alias_reloader
+from fleet.storage.store import ENV_STORE_ROOT, relocated
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def mlflow_env(tmp_path_factory, versions):
         data = root / f"data-{vid}"
         write_config(str(data), b.uri, vid)
         with mlflow.start_run(experiment_id=experiment):
-            info = mlflow.pyfunc.log_model(name="model", loader_module="fleet.pyfunc", data_path=str(data))
+            info = mlflow.pyfunc.log_model(name="model", loader_module="fleet.serve.pyfunc", data_path=str(data))
         uris[vid] = info.model_uri
         mv = mlflow.register_model(info.model_uri, "adfleet", tags={"version_id": vid, "manifest_uri": b.uri})
         client.set_registered_model_alias("adfleet", "champion", mv.version)  # v2 ends as champion
@@ -116,7 +116,7 @@ def test_a_moved_store_is_found_under_fleet_store_root(tmp_path, versions, monke
 
 
 def test_registry_style_config_and_mismatch(tmp_path, versions, monkeypatch):
-    """The config fleet.registry writes (format, non-secret options, env var name) loads; a config
+    """The config fleet.storage.registry writes (format, non-secret options, env var name) loads; a config
     naming another version than its manifest is refused."""
     b = versions["v1"]
     d = tmp_path / "reg"
@@ -136,7 +136,7 @@ def test_registry_style_config_and_mismatch(tmp_path, versions, monkeypatch):
 
 
 def test_load_models_uri_and_alias_reloader(mlflow_env, versions):
-    """FleetModel.load resolves models:/ URIs via fleet.registry; the reloader follows the alias."""
+    """FleetModel.load resolves models:/ URIs via fleet.storage.registry; the reloader follows the alias."""
     tracking_uri, client = mlflow_env["tracking_uri"], mlflow_env["client"]
     assert FleetModel.load("models:/adfleet/1", tracking_uri).version_id == "v1"
     champion = FleetModel.load("models:/adfleet@champion", tracking_uri, cache_size=8, heads="lru")
@@ -187,19 +187,19 @@ def test_with_status_flags_fallback_heads(gated):
 
 
 def _log_and_load_signed(gated, tmp_path):
-    """``gated``'s pyfunc logged with fleet.pyfunc.model_signature() in the test experiment, loaded back by mlflow."""
-    from fleet.pyfunc import model_signature
+    """``gated``'s pyfunc logged with fleet.serve.pyfunc.model_signature() in the test experiment, loaded back by mlflow."""
+    from fleet.serve.pyfunc import model_signature
 
     write_config(str(tmp_path / "data"), gated.uri, "g1")
     experiment = mlflow.get_experiment_by_name("fleet-test").experiment_id
     with mlflow.start_run(experiment_id=experiment):
-        info = mlflow.pyfunc.log_model(name="model", loader_module="fleet.pyfunc", data_path=str(tmp_path / "data"),
+        info = mlflow.pyfunc.log_model(name="model", loader_module="fleet.serve.pyfunc", data_path=str(tmp_path / "data"),
                                        signature=model_signature())
     return mlflow.pyfunc.load_model(info.model_uri)
 
 
 def test_with_status_through_mlflow(mlflow_env, gated, tmp_path):
-    """A model logged with fleet.pyfunc.model_signature() gets the param through mlflow's loader."""
+    """A model logged with fleet.serve.pyfunc.model_signature() gets the param through mlflow's loader."""
     loaded = _log_and_load_signed(gated, tmp_path)
     ids = ["camp-0000", "camp-0002"]
     df = frame(ids, random_sequences(random.Random(41), 2))
@@ -219,7 +219,7 @@ def rank_frame(seqs, campaign_ids) -> pd.DataFrame:
 
 
 def test_ranking_request(gated):
-    from fleet.pyfunc import SCORE_COLUMNS
+    from fleet.serve.pyfunc import SCORE_COLUMNS
 
     fleet_model = FleetModel.open(gated.uri)
     model = FleetPyfunc(fleet_model)
@@ -250,7 +250,7 @@ def test_ranking_request(gated):
 
 
 def test_ranking_request_through_mlflow(mlflow_env, gated, tmp_path):
-    """Logged with fleet.pyfunc.model_signature(), the top_k param reaches the model through mlflow's loader."""
+    """Logged with fleet.serve.pyfunc.model_signature(), the top_k param reaches the model through mlflow's loader."""
     loaded = _log_and_load_signed(gated, tmp_path)
     seqs = random_sequences(random.Random(43), 2)
     out = loaded.predict(rank_frame(seqs, [gated.ids, gated.ids[:3]]), params={"top_k": 2})

@@ -1,4 +1,4 @@
-"""The pyfunc fleet.registry logs is MLflow-native (issue 13 §7): a signature and an input example that
+"""The pyfunc fleet.storage.registry logs is MLflow-native (issue 13 §7): a signature and an input example that
 scores, fleet's code under ``code_paths``, pip requirements an environment manager can install, and a
 run whose params name the inputs (credentials scrubbed) and whose metrics hold the stage times.
 Real version in a local store, real SQLite MLflow store; one fresh Python process loads the model."""
@@ -24,12 +24,12 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 from test_serving import build_version
 
-from fleet import registry
-from fleet.pipeline import _example_campaign, _run_params
-from fleet.pyfunc import COLUMNS, input_example
-from fleet.serving import FleetModel
-from fleet.stages import CompressConfig
-from fleet.store import FleetVersion
+from fleet.run.pipeline import _example_campaign, _run_params
+from fleet.run.stages import CompressConfig
+from fleet.serve.pyfunc import COLUMNS, input_example
+from fleet.serve.serving import FleetModel
+from fleet.storage import registry
+from fleet.storage.store import FleetVersion
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "s3cr3t-value"
@@ -37,7 +37,7 @@ SECRET = "s3cr3t-value"
 
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory, _mlflow_db_template):
-    """One version built in a local store and registered through fleet.registry; its model downloaded."""
+    """One version built in a local store and registered through fleet.storage.registry; its model downloaded."""
     import shutil
 
     root = tmp_path_factory.mktemp("native")
@@ -100,7 +100,7 @@ def test_signature_and_input_example(logged):
 def test_code_paths_and_requirements(logged):
     model_dir = logged["model"]
     flavor = Model.load(str(model_dir)).flavors["python_function"]
-    assert flavor["loader_module"] == "fleet.pyfunc" and flavor["code"] == "code"
+    assert flavor["loader_module"] == "fleet.serve.pyfunc" and flavor["code"] == "code"
     code = model_dir / "code" / "fleet"
     shipped = {p.relative_to(code).as_posix() for p in code.rglob("*.py")}
     assert shipped == {p.relative_to(REPO / "fleet").as_posix() for p in (REPO / "fleet").rglob("*.py")}
@@ -137,7 +137,7 @@ def test_run_params_and_stage_metrics(logged):
     run = MlflowClient(logged["uri"]).get_run(logged["reg"].run_id)
     params, metrics = run.data.params, run.data.metrics
     assert params["events_uri"] == "s3://bucket/events"
-    assert params["teachers_uri"] == "s3://***@bucket/teachers"  # fleet.redact.scrub: the URI's userinfo
+    assert params["teachers_uri"] == "s3://***@bucket/teachers"  # fleet.core.redact.scrub: the URI's userinfo
     assert SECRET not in params["teachers_uri"] and all(SECRET not in v for v in params.values())
     assert params["backbone_steps"] == str(CompressConfig().backbone_steps)
     assert metrics["stage_seconds_soft_labels"] == 1.5 and metrics["stage_seconds_finalize"] == 0.25

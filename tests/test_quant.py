@@ -1,4 +1,4 @@
-"""fleet.quant: quantization math, STE, bit packing (pinned format), storage vectors, pruning."""
+"""fleet.compression.quant: quantization math, STE, bit packing (pinned format), storage vectors, pruning."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fleet.quant import (
+from fleet.compression.quant import (
     PACKABLE_BITS,
     SUPPORTED_BITS,
     PerGroup,

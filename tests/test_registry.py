@@ -1,4 +1,4 @@
-"""fleet.registry against real MLflow stores (SQLite, and one HTTP server), and fleet.plots."""
+"""fleet.storage.registry against real MLflow stores (SQLite, and one HTTP server), and fleet.core.plots."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from filelock import FileLock
 from mlflow.artifacts import download_artifacts
 from mlflow.tracking import MlflowClient
 
-from fleet import plots, registry
-from fleet.errors import FleetError
-from fleet.registry import GateConfig, RegistryError, evaluate_gate
+from fleet.core import plots
+from fleet.core.errors import FleetError
+from fleet.storage import registry
+from fleet.storage.registry import GateConfig, RegistryError, evaluate_gate
 
 GOOD = {"fidelity_auc_diff_median": -0.002, "fidelity_auc_diff_p10": -0.01, "quarantine_share": 0.01,
         "fidelity_kl_median": 0.004, "fidelity_mean_ratio_within_10pct_share": 0.93, "campaigns": 100,
@@ -284,8 +285,8 @@ def test_plots_are_png_and_handle_empty_input():
 
 def test_unreadable_champion_is_named_when_a_run_looks_for_its_parent(tmp_path, sqlite_tracking_uri):
     """An incremental run starts from the champion; if its version's files are gone the error says which."""
-    from fleet.errors import StoreError
-    from fleet.pipeline import _parent_version
+    from fleet.core.errors import StoreError
+    from fleet.run.pipeline import _parent_version
 
     missing = tmp_path / "store" / "adfleet" / "versions" / "v1" / "manifest.json"
     registry.register_version(fleet_name="adfleet", manifest_uri=str(missing), version_id="v1",
@@ -336,7 +337,7 @@ def _hold_registry_lock(uri: str) -> FileLock:
 
 
 def _fleet_cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fleet.cli", *args]
+    return [sys.executable, "-m", "fleet.cli.main", *args]
 
 
 def _versions(tmp_path, uri: str, name: str, count: int) -> None:
@@ -366,7 +367,7 @@ def test_re_registering_a_version_id_registers_nothing_and_keeps_the_champion(tm
 
 _INIT_WORKER = """
 import sys
-from fleet import registry
+from fleet.storage import registry
 print("ready", flush=True)
 for line in sys.stdin:
     try:
@@ -446,8 +447,8 @@ def test_racing_rollbacks_and_promotes_are_compare_and_set(tmp_path, sqlite_trac
 
 _GATE_RACER = """
 import json, sys
-from fleet import registry
-from fleet.errors import FleetError
+from fleet.storage import registry
+from fleet.core.errors import FleetError
 uri, folder = sys.argv[1], sys.argv[2]
 metrics = json.loads(sys.argv[3])
 try:

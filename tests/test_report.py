@@ -1,4 +1,4 @@
-"""The run report (fleet.report): rendered by a real fleet compress before the manifest (listed and checksummed
+"""The run report (fleet.versions.report): rendered by a real fleet compress before the manifest (listed and checksummed
 there), logged to the MLflow run, re-rendered by `fleet report`, and opened in a real headless Chromium."""
 
 import base64
@@ -8,10 +8,10 @@ import shutil
 import pyarrow as pa
 import pytest
 
-from fleet import cli
-from fleet.registry import GateConfig, evaluate_gate
-from fleet.report import MAX_PROBLEM_ROWS, TOP_CAMPAIGNS, render_report
-from fleet.store import REPORT, FleetVersion, sha256_bytes
+from fleet.cli.main import main as cli
+from fleet.storage.registry import GateConfig, evaluate_gate
+from fleet.storage.store import REPORT, FleetVersion, sha256_bytes
+from fleet.versions.report import MAX_PROBLEM_ROWS, TOP_CAMPAIGNS, render_report
 
 CHROMIUM = shutil.which("chromium")
 
@@ -104,7 +104,7 @@ def compressed(small_fleet, ray_local, tmp_path_factory, _mlflow_db_template):
     """One real fleet compress of the 20-campaign test fleet into a fresh store and SQLite registry."""
     from test_pipeline import fast_config
 
-    from fleet.pipeline import run_compress
+    from fleet.run.pipeline import run_compress
 
     root = tmp_path_factory.mktemp("report")
     shutil.copyfile(_mlflow_db_template, root / "mlflow.db")

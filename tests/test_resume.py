@@ -6,18 +6,18 @@ import json
 import pyarrow as pa
 import pytest
 
-from fleet.cli import main, resume_command
-from fleet.errors import UsageError
-from fleet.events import write_events
-from fleet.pipeline import (
+from fleet.cli.main import main, resume_command
+from fleet.core.errors import UsageError
+from fleet.formats.events import write_events
+from fleet.run.pipeline import (
     check_resume_settings,
     interrupted_line,
     run_settings,
     saved_progress,
     settings_sha256,
 )
-from fleet.stages import CompressConfig
-from fleet.store import WorkDir
+from fleet.run.stages import CompressConfig
+from fleet.storage.store import WorkDir
 
 
 def test_settings_hash_covers_the_config_and_the_inputs():

@@ -1,8 +1,8 @@
 """One user against many campaigns (FleetModel.score_campaigns, its batch form, fleet predict --rank) and the
-resident quantized head table (heads="resident"), on small real versions written with fleet.store.
+resident quantized head table (heads="resident"), on small real versions written with fleet.storage.store.
 
 Every score is checked against K separate ``predict`` calls (the per-row scoring path) and, where the
-version allows, against probabilities computed independently of fleet.serving (``BuiltVersion.expected``).
+version allows, against probabilities computed independently of fleet.serve.serving (``BuiltVersion.expected``).
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from test_serving import (
     run_cli,
 )
 
-from fleet.codec import HeadRow, heads_to_table
-from fleet.errors import StoreError
-from fleet.quant import quantize_rows
-from fleet.serving import CampaignScores, FleetModel, InvalidInputError
-from fleet.store import FleetVersion, VersionWriter
-from fleet.student import head_num_params, ladder_config
+from fleet.compression.quant import quantize_rows
+from fleet.compression.student import head_num_params, ladder_config
+from fleet.core.errors import StoreError
+from fleet.formats.codec import HeadRow, heads_to_table
+from fleet.serve.serving import CampaignScores, FleetModel, InvalidInputError
+from fleet.storage.store import FleetVersion, VersionWriter
 
 MODES = ("resident", "lru", "dense")
 
@@ -152,9 +152,9 @@ def test_batch_form(built, models):
 
 def test_many_campaigns_in_chunks(built, models, monkeypatch):
     """More campaigns than one head evaluation takes (SCORE_CHUNK): chunks are stitched in order."""
-    import fleet.serving
+    import fleet.serve.serving
 
-    monkeypatch.setattr(fleet.serving, "SCORE_CHUNK", 7)
+    monkeypatch.setattr(fleet.serve.serving, "SCORE_CHUNK", 7)
     seq = random_sequences(random.Random(6), 1)[0]
     ids = built.ids[::-1] + ["camp-0003"]
     for mode in MODES:

@@ -1,6 +1,6 @@
 """Secrets stay secret (docs/security.md section 7): credentials in URIs (``s3://key:secret@...``, query
 tokens) and storage options' secret values never reach a manifest, the rejects, MLflow params / tags /
-artifacts, reject reasons, CLI errors, logs or HTTP bodies; they read ``***`` (:mod:`fleet.redact`)."""
+artifacts, reject reasons, CLI errors, logs or HTTP bodies; they read ``***`` (:mod:`fleet.core.redact`)."""
 
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ from test_security import SPACE, _events, write_custom_teacher, write_reference_
 from test_serving import build_version
 from torch import nn
 
-from fleet import registry, stages
-from fleet.cli import main as fleet_main
-from fleet.codec import rejects_to_table
-from fleet.errors import StoreError
-from fleet.events import write_events
-from fleet.redact import public_options, scrub, scrub_obj, secret_values
-from fleet.store import FleetVersion, VersionWriter, open_fs
+from fleet.cli.main import main as fleet_main
+from fleet.core.errors import StoreError
+from fleet.core.redact import public_options, scrub, scrub_obj, secret_values
+from fleet.formats.codec import rejects_to_table
+from fleet.formats.events import write_events
+from fleet.run import stages
+from fleet.storage import registry
+from fleet.storage.store import FleetVersion, VersionWriter, open_fs
 
 ACCESS_KEY, SECRET_KEY = "AKIAFLEETLEAKTEST", "fleet-secret-value-7f3a"
 PASSWORD, QUERY_TOKEN, SIGNATURE, HEADER_TOKEN = "hunter2-pw", "tok-5b1e-query", "sig-9c2d-amz", "hdr-4e8f-bearer"

@@ -5,7 +5,7 @@
    loader module is never imported from under the teacher or events root; teacher directories with
    symlinks leading outside the root are refused. A payload that would run creates a marker file: every
    test checks that the marker does not exist.
-2. Ray runs with token authentication: the local Ray that ``fleet.pipeline.ray_session`` starts listens on
+2. Ray runs with token authentication: the local Ray that ``fleet.run.pipeline.ray_session`` starts listens on
    loopback only (every listening socket of the driver and its children, read with psutil), refuses a
    client with a wrong token, keeps its token in a 0600 file that is on no command line, starts the
    dashboard only when asked (and on 127.0.0.1), and does not put the driver's working directory on the
@@ -34,8 +34,8 @@ import torch
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from fleet.errors import FleetError, TeacherFormatError
-from fleet.teachers import (
+from fleet.core.errors import FleetError, TeacherFormatError
+from fleet.formats.teachers import (
     TeacherConfig,
     TeacherRNN,
     list_teacher_campaigns,
@@ -183,12 +183,13 @@ def test_fleet_zoo_is_an_entry_point_and_its_spec_can_be_allowed(monkeypatch):
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert project["entry-points"]["fleet.teacher_loaders"] == {"zoo": "fleet.zoo:load_teacher"}
+    assert project["entry-points"]["fleet.teacher_loaders"] == {"zoo": "fleet.synthetic.zoo:load_teacher"}
     if "zoo" in loader_entry_points():  # installed metadata (after `pip install -e .`) says the same
-        assert loader_entry_points()["zoo"].value == "fleet.zoo:load_teacher"
-    # `fleet compress --allow-loader fleet.zoo:load_teacher` (repeatable) reaches CompressConfig.allow_loaders,
+        assert loader_entry_points()["zoo"].value == "fleet.synthetic.zoo:load_teacher"
+    # `fleet compress --allow-loader fleet.synthetic.zoo:load_teacher` (repeatable) reaches CompressConfig.allow_loaders,
     # after the config file's own list
-    from fleet import cli, pipeline
+    from fleet.cli.main import main as cli
+    from fleet.run import pipeline
 
     seen = {}
 
@@ -197,9 +198,9 @@ def test_fleet_zoo_is_an_entry_point_and_its_spec_can_be_allowed(monkeypatch):
         raise FleetError("stop here")
 
     monkeypatch.setattr(pipeline, "run_compress", fake_run_compress)
-    code = cli.main(["compress", "--teachers", "t", "--events", "e", "--allow-loader", "fleet.zoo:load_teacher",
-                     "--allow-loader", MY_LOADER, "--allow-loader", "fleet.zoo:load_teacher"])
-    assert code == 1 and seen["config"].allow_loaders == ["fleet.zoo:load_teacher", MY_LOADER]
+    code = cli.main(["compress", "--teachers", "t", "--events", "e", "--allow-loader", "fleet.synthetic.zoo:load_teacher",
+                     "--allow-loader", MY_LOADER, "--allow-loader", "fleet.synthetic.zoo:load_teacher"])
+    assert code == 1 and seen["config"].allow_loaders == ["fleet.synthetic.zoo:load_teacher", MY_LOADER]
     assert seen["dashboard"] is False
     with pytest.raises(SystemExit) as info:
         cli.build_parser().parse_args(["compress", "--teachers", "t", "--events", "e", "--allow-loader", "payload"])
@@ -207,12 +208,12 @@ def test_fleet_zoo_is_an_entry_point_and_its_spec_can_be_allowed(monkeypatch):
 
 
 def test_allow_loaders_in_config_files(tmp_path):
-    from fleet.stages import CompressConfig
+    from fleet.run.stages import CompressConfig
 
     assert CompressConfig().allow_loaders == []
     toml = tmp_path / "c.toml"
-    toml.write_text(f'[compress]\nallow_loaders = ["fleet.zoo:load_teacher", "{MY_LOADER}"]\n')
-    assert CompressConfig.from_file(str(toml)).allow_loaders == ["fleet.zoo:load_teacher", MY_LOADER]
+    toml.write_text(f'[compress]\nallow_loaders = ["fleet.synthetic.zoo:load_teacher", "{MY_LOADER}"]\n')
+    assert CompressConfig.from_file(str(toml)).allow_loaders == ["fleet.synthetic.zoo:load_teacher", MY_LOADER]
     js = tmp_path / "c.json"
     js.write_text(json.dumps({"allow_loaders": [MY_LOADER]}))
     assert CompressConfig.from_file(str(js)).allow_loaders == [MY_LOADER]
@@ -258,8 +259,8 @@ def _events(campaigns: list[str], rows: int = 40) -> pa.Table:
 
 def test_stage_one_quarantines_what_the_operator_did_not_allow(tmp_path, no_payload_module):
     """Through the pipeline's stage function: the campaign is quarantined with the reason, the rest runs."""
-    from fleet import stages
-    from fleet.events import write_events
+    from fleet.formats.events import write_events
+    from fleet.run import stages
 
     root, outside, marker = tmp_path / "teachers", tmp_path / "elsewhere", tmp_path / "PAYLOAD-RAN"
     campaigns = ["c-ok", "c-custom", "c-payload", "c-link"]
@@ -331,7 +332,7 @@ def _command_lines(pid: int) -> list[str]:
 SESSION_SCRIPT = textwrap.dedent("""\
     import importlib.util, json, os, sys
     import ray
-    from fleet.pipeline import ray_session
+    from fleet.run.pipeline import ray_session
 
     @ray.remote
     def probe():
@@ -363,7 +364,7 @@ INTRUDER = textwrap.dedent("""\
 
 
 def _open_session(tmp_path: Path, mode: str):
-    """``fleet.pipeline.ray_session`` held open in a subprocess whose cwd holds a payload module."""
+    """``fleet.run.pipeline.ray_session`` held open in a subprocess whose cwd holds a payload module."""
     cwd = tmp_path / "driver-cwd"
     write_payload(cwd, tmp_path / "PAYLOAD-RAN")
     script = tmp_path / "session.py"
@@ -454,7 +455,7 @@ def test_the_shared_test_ray_is_token_authenticated_on_loopback(ray_local):
 def test_fleet_never_starts_or_joins_ray_without_authentication(monkeypatch):
     import ray
 
-    from fleet.pipeline import init_ray
+    from fleet.run.pipeline import init_ray
 
     was_running = ray.is_initialized()
     monkeypatch.setenv("RAY_AUTH_MODE", "DISABLED".lower())  # spelled so test_nothing_turns_ray_authentication_off passes
@@ -464,7 +465,7 @@ def test_fleet_never_starts_or_joins_ray_without_authentication(monkeypatch):
         init_ray("127.0.0.1:6379")
     assert ray.is_initialized() == was_running
     # the Ray token never travels as a flag of the commands that run on Ray
-    from fleet.cli import build_parser
+    from fleet.cli.main import build_parser
 
     sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
     flags = {name: {o for a in sub.choices[name]._actions for o in a.option_strings} for name in ("compress", "synth")}

@@ -1,8 +1,8 @@
-"""fleet.serving: FleetModel against a small real fleet version written with fleet.store.
+"""fleet.serve.serving: FleetModel against a small real fleet version written with fleet.storage.store.
 
-The expected probabilities are computed independently of fleet.serving: the backbone decoded from
-its safetensors, each head dequantized with fleet.quant and scattered by its pruning mask, then
-fleet.student.head_logits and a sigmoid. ``build_version`` is imported by test_http and test_pyfunc.
+The expected probabilities are computed independently of fleet.serve.serving: the backbone decoded from
+its safetensors, each head dequantized with fleet.compression.quant and scattered by its pruning mask, then
+fleet.compression.student.head_logits and a sigmoid. ``build_version`` is imported by test_http and test_pyfunc.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fleet.backbone_codec import decode_backbone, encode_backbone
-from fleet.codec import HeadRow, heads_to_table
-from fleet.errors import StoreError, UnknownCampaignError
-from fleet.quant import dequantize_vector, magnitude_prune_mask, quantize_rows
-from fleet.serving import FleetModel, InvalidInputError, head_metadata
-from fleet.store import FleetVersion, VersionWriter
-from fleet.student import SharedBackbone, StudentConfig, head_logits, head_num_params
+from fleet.compression.quant import dequantize_vector, magnitude_prune_mask, quantize_rows
+from fleet.compression.student import SharedBackbone, StudentConfig, head_logits, head_num_params
+from fleet.core.errors import StoreError, UnknownCampaignError
+from fleet.formats.backbone_codec import decode_backbone, encode_backbone
+from fleet.formats.codec import HeadRow, heads_to_table
+from fleet.serve.serving import FleetModel, InvalidInputError, head_metadata
+from fleet.storage.store import FleetVersion, VersionWriter
 
 NUM_EVENT_TYPES, NUM_FEATURES = 12, 3
 BITS_CYCLE = (8, 4, 2, 1, 16)
@@ -442,12 +442,12 @@ def test_version_index_is_used(built):
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Parse ``argv`` with a parser holding only fleet.cli_serving's commands and run the handler."""
+    """Parse ``argv`` with a parser holding only fleet.cli.serving's commands and run the handler."""
     import argparse
 
     from rich.console import Console
 
-    from fleet.cli_serving import register
+    from fleet.cli.serving import register
 
     parser = argparse.ArgumentParser(prog="fleet")
     register(parser.add_subparsers(dest="command", required=True))
@@ -528,7 +528,7 @@ def gated(tmp_path_factory) -> BuiltVersion:
 
 
 def test_head_passed_rule():
-    from fleet.codec import FAILED_STATUSES, head_passed
+    from fleet.formats.codec import FAILED_STATUSES, head_passed
 
     assert FAILED_STATUSES == ("fallback", "gate_failed")
     assert [head_passed(s) for s in ("ok", "capacity", "fp16_fallback")] == [True, True, True]
@@ -580,7 +580,7 @@ def test_head_status_is_served_from_the_cache(gated, count_reads):
 
 
 def test_metadata_has_passed_and_calibration_fields(gated):
-    from fleet.serving import CALIBRATION_KEYS
+    from fleet.serve.serving import CALIBRATION_KEYS
 
     m = FleetModel.open(gated.uri)
     assert m.metadata("camp-0000")["passed"] is False and m.metadata("camp-0004")["passed"] is False

@@ -14,15 +14,15 @@ import pytest
 import torch
 from conftest import free_port
 
-from fleet.backbone_codec import backbone_from_bytes
-from fleet.codec import table_to_heads
-from fleet.events import EventsDataset, table_to_batch
-from fleet.heads import decode_heads
-from fleet.pipeline import run_compress
-from fleet.serving import FleetModel
-from fleet.stages import CompressConfig
-from fleet.store import FleetVersion
-from fleet.student import head_logits
+from fleet.compression.student import head_logits
+from fleet.formats.backbone_codec import backbone_from_bytes
+from fleet.formats.codec import table_to_heads
+from fleet.formats.events import EventsDataset, table_to_batch
+from fleet.formats.heads import decode_heads
+from fleet.run.pipeline import run_compress
+from fleet.run.stages import CompressConfig
+from fleet.serve.serving import FleetModel
+from fleet.storage.store import FleetVersion
 
 pytestmark = pytest.mark.slow
 CAMPAIGNS = ["campaign-00001", "campaign-00007", "campaign-00012"]
@@ -86,7 +86,7 @@ def test_four_ways_agree(registered):
            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
     port_fleet, port_mlflow = free_port(), free_port()
     servers = [
-        subprocess.Popen([sys.executable, "-m", "fleet.cli", "serve", "--model", "models:/servefleet@champion",
+        subprocess.Popen([sys.executable, "-m", "fleet.cli.main", "serve", "--model", "models:/servefleet@champion",
                           "--tracking-uri", tracking, "--port", str(port_fleet)], env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
         subprocess.Popen([os.path.join(bin_dir, "mlflow"), "models", "serve", "-m",
@@ -137,7 +137,7 @@ def test_ray_serve_replicas_answer_like_fleet_model(registered):
     expected = FleetModel.load("models:/servefleet@champion", tracking_uri=tracking).predict_batch(rows)
     port = free_port()
     env = dict(os.environ)
-    server = subprocess.Popen([sys.executable, "-m", "fleet.cli", "serve", "--model", "models:/servefleet@champion",
+    server = subprocess.Popen([sys.executable, "-m", "fleet.cli.main", "serve", "--model", "models:/servefleet@champion",
                                "--tracking-uri", tracking, "--ray", "--replicas", "2", "--port", str(port)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -161,8 +161,8 @@ def test_registered_run_is_mlflow_native(registered, small_fleet):
     from mlflow.models import Model
     from mlflow.tracking import MlflowClient
 
-    from fleet import registry
-    from fleet.store import absolute_uri
+    from fleet.storage import registry
+    from fleet.storage.store import absolute_uri
 
     tracking = registered["tracking"]
     found = registry.find_version("servefleet", "v1", tracking_uri=tracking)

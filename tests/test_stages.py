@@ -1,4 +1,4 @@
-"""fleet.stages pieces that need no fleet: the backbone sample's budget and the per-campaign gate."""
+"""fleet.run.stages pieces that need no fleet: the backbone sample's budget and the per-campaign gate."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from fleet.data import SequenceBatch
-from fleet.stages import (
+from fleet.compression.data import SequenceBatch
+from fleet.compression.student import StudentConfig, head_num_params
+from fleet.run.stages import (
     FIT,
     SOFT_LABELS_SCHEMA,
     VALIDATION,
@@ -23,7 +24,6 @@ from fleet.stages import (
     in_support,
     row_splits,
 )
-from fleet.student import StudentConfig, head_num_params
 
 
 def test_backbone_quotas_take_every_row_when_the_fleet_fits_the_budget():
@@ -135,18 +135,18 @@ def test_compress_config_checks_the_grid():
 def _ladder_shard(tmp_path, head_ladder: bool, **overrides):
     """Two campaigns over one random backbone: campaign 0's teacher is a film head of the last state,
     campaign 1's reads only the mean of the states (film_pool with gamma = -1), which film cannot follow."""
-    from fleet.backbone_codec import backbone_from_bytes, backbone_to_bytes
-    from fleet.distill import compute_features
-    from fleet.events import table_to_batch, write_events
-    from fleet.stages import HOLDOUT, StageContext, fit_heads_shard, row_splits
-    from fleet.student import (
+    from fleet.compression.distill import compute_features
+    from fleet.compression.student import (
         SharedBackbone,
         head_layout,
         head_logits,
         head_num_params,
         init_heads,
     )
-    from fleet.synth import SynthConfig, generate
+    from fleet.formats.backbone_codec import backbone_from_bytes, backbone_to_bytes
+    from fleet.formats.events import table_to_batch, write_events
+    from fleet.run.stages import HOLDOUT, StageContext, fit_heads_shard, row_splits
+    from fleet.synthetic.synth import SynthConfig, generate
 
     synth = SynthConfig(campaigns=2, num_event_types=8, num_features=3, min_sequences=700, max_sequences=700, seed=1)
     tables = [generate(synth, i) for i in range(2)]
@@ -186,8 +186,8 @@ def _ladder_shard(tmp_path, head_ladder: bool, **overrides):
 
 
 def test_capacity_ladder_gives_a_failing_campaign_the_larger_head_and_every_path_serves_both(tmp_path):
-    from fleet.serving import FleetModel
-    from fleet.store import VersionWriter
+    from fleet.serve.serving import FleetModel
+    from fleet.storage.store import VersionWriter
 
     heads, data, ids = _ladder_shard(tmp_path / "a", head_ladder=True)
     rows = heads.to_pylist()
@@ -224,10 +224,10 @@ def generate_rows(ids: list[str]):
 def test_bloomier_codec_stage_three_writes_one_block_that_serving_decodes(tmp_path):
     """codec='bloomier': the shard's heads are one block (rows in campaign id order), no ladder (the campaign
     film cannot follow stays a film head, flagged fallback), and a model serves exactly the decoded block."""
-    from fleet.codec import table_to_heads
-    from fleet.heads import decode_heads
-    from fleet.serving import FleetModel
-    from fleet.store import VersionWriter
+    from fleet.formats.codec import table_to_heads
+    from fleet.formats.heads import decode_heads
+    from fleet.serve.serving import FleetModel
+    from fleet.storage.store import VersionWriter
 
     heads, data, ids = _ladder_shard(tmp_path, head_ladder=True, codec="bloomier", head_steps=60,
                                      head_l2_grid=(1.0,), bloomier_refit_steps=20, bloomier_sparsity=0.5)
@@ -243,7 +243,7 @@ def test_bloomier_codec_stage_three_writes_one_block_that_serving_decodes(tmp_pa
     assert model.manifest["heads_codec"] == "bloomier"
     decoded = decode_heads(rows)
     events = generate_rows(ids)
-    from fleet.student import head_logits
+    from fleet.compression.student import head_logits
 
     h = torch.from_numpy(model._features([np.asarray(t) for t in events[0]], [np.asarray(f, np.float32) for f in events[1]]))
     for c, cid in enumerate(ids):
@@ -254,8 +254,8 @@ def test_bloomier_codec_stage_three_writes_one_block_that_serving_decodes(tmp_pa
 def test_stored_heads_keep_the_teachers_mean_after_quantization():
     """The bias is calibrated again on each candidate's quantized weights and stored so: whatever bits a
     campaign gets, its served mean probability on its fit + validation rows is its teacher's."""
-    from fleet.stages import FIT, _fit_rung, _ShardRows
-    from fleet.student import head_logits
+    from fleet.compression.student import head_logits
+    from fleet.run.stages import FIT, _fit_rung, _ShardRows
 
     g = torch.Generator().manual_seed(0)
     c, n, h = 6, 300, 8
@@ -276,9 +276,9 @@ def test_stored_heads_keep_the_teachers_mean_after_quantization():
 def test_bloomier_fit_stores_the_calibrated_bias_and_serves_the_decoded_blocks():
     """_bloomier_fit: blocks of at most bloomier_block_rows campaigns in the given order; served = the decoded
     blocks (after both re-training steps); each served mean probability is its teacher's (bias calibrated last)."""
-    from fleet.stages import FIT, _bloomier_fit, _ShardRows
-    from fleet.student import head_logits
-    from fleet.weightless import decode_encoded
+    from fleet.compression.student import head_logits
+    from fleet.compression.weightless import decode_encoded
+    from fleet.run.stages import FIT, _bloomier_fit, _ShardRows
 
     g = torch.Generator().manual_seed(1)
     c, n, h = 5, 200, 8
@@ -306,7 +306,7 @@ def test_bloomier_fit_stores_the_calibrated_bias_and_serves_the_decoded_blocks()
 
 
 def test_bloomier_plan_cuts_sorted_campaigns_into_contiguous_blocks():
-    from fleet.pipeline import _plan, contiguous_batches
+    from fleet.run.pipeline import _plan, contiguous_batches
 
     ids = [f"c{i:03d}" for i in range(10)]
     assert contiguous_batches(list(reversed(ids)), 3, 1024) == [ids[:3], ids[3:7], ids[7:]]
@@ -346,10 +346,10 @@ def test_in_support_keeps_rows_whose_every_event_type_the_campaign_knows():
 def test_campaign_batches_read_in_parts_equal_one_read(tmp_path, monkeypatch):
     """Stage 2 reads a fleet's events CAMPAIGNS_PER_READ campaigns at a time: the same batches, rows and order
     as one read of every campaign."""
-    from fleet import stages
-    from fleet.events import EventsDataset, write_events
-    from fleet.stages import StageContext, _campaign_batches
-    from fleet.synth import SynthConfig, generate
+    from fleet.formats.events import EventsDataset, write_events
+    from fleet.run import stages
+    from fleet.run.stages import StageContext, _campaign_batches
+    from fleet.synthetic.synth import SynthConfig, generate
 
     synth = SynthConfig(campaigns=5, num_event_types=8, num_features=3, min_sequences=40, max_sequences=90, seed=2)
     tables = [generate(synth, i) for i in range(5)]

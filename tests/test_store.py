@@ -1,4 +1,4 @@
-"""fleet.store: fleet versions and run work dirs on a local path, memory:// and s3:// (moto server)."""
+"""fleet.storage.store: fleet versions and run work dirs on a local path, memory:// and s3:// (moto server)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fleet.codec import HeadRow, heads_to_table, rejects_to_table, table_to_heads
-from fleet.errors import InvalidCampaignIdError, StoreError
-from fleet.store import (
+from fleet.core.errors import InvalidCampaignIdError, StoreError
+from fleet.formats.codec import HeadRow, heads_to_table, rejects_to_table, table_to_heads
+from fleet.storage.store import (
     FleetVersion,
     VersionWriter,
     WorkDir,
@@ -345,8 +345,8 @@ def test_a_version_written_as_fleet_heads_1_0_is_read(local_store):
     a ``fleet-version/1`` manifest (no footer / row group checksums) and no Parquet page checksums."""
     import io
 
-    from fleet.codec import HEADS_SCHEMA
-    from fleet.metrics import CALIBRATION_KEYS
+    from fleet.compression.metrics import CALIBRATION_KEYS
+    from fleet.formats.codec import HEADS_SCHEMA
 
     heads = make_heads()
     manifest_uri = write_version(local_store, "v1", heads)

@@ -1,11 +1,11 @@
-"""fleet.student: config validation, backbone shapes and padding, head designs as stacked rows."""
+"""fleet.compression.student: config validation, backbone shapes and padding, head designs as stacked rows."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fleet.student import (
+from fleet.compression.student import (
     HEAD_DESIGNS,
     HEAD_LADDER,
     SharedBackbone,
@@ -229,7 +229,7 @@ def test_head_formulas_on_numpy_arrays_equal_torch(design):
     logits (to float32 rounding) for every design."""
     import numpy as np
 
-    from fleet.student import head_logits_cross
+    from fleet.compression.student import head_logits_cross
 
     rank = 2 if design == "lowrank" else 1
     config = _config(hidden_size=8, head=design, head_rank=rank)

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fleet.errors import FleetError
-from fleet.events import (
+from fleet.core.errors import FleetError
+from fleet.formats.events import (
     EVENTS_COMPLETE,
     EVENTS_SCHEMA,
     EventsDataset,
@@ -17,8 +17,8 @@ from fleet.events import (
     table_to_batch,
     write_events_in_parts,
 )
-from fleet.synth import SynthConfig, campaign_ids, generate, generate_campaign
-from fleet.teachers import list_teacher_campaigns, load_teacher
+from fleet.formats.teachers import list_teacher_campaigns, load_teacher
+from fleet.synthetic.synth import SynthConfig, campaign_ids, generate, generate_campaign
 
 
 def test_generation_is_deterministic_and_ad_tech_shaped():
@@ -111,7 +111,7 @@ def test_small_fleet_on_ray(small_fleet):
     ids = events.campaign_ids()
     assert ids == campaign_ids(20) == list_teacher_campaigns(small_fleet["teachers"])
     aucs = []
-    from fleet.metrics import auc
+    from fleet.compression.metrics import auc
 
     for campaign_id, table in events.read_campaigns(ids).items():
         teacher = load_teacher(small_fleet["teachers"], campaign_id)
@@ -126,7 +126,7 @@ def test_small_fleet_on_ray(small_fleet):
 def test_interrupted_synth_resumes_and_another_fleet_is_refused(ray_local, tmp_path):
     """A second run keeps the teachers already saved, trains the missing or half-written ones, and
     refuses an output directory that holds another fleet."""
-    from fleet.pipeline import run_synth
+    from fleet.run.pipeline import run_synth
 
     config = SynthConfig(campaigns=4, seed=5, hidden_size=8, num_layers=1, embed_dim=4, num_event_types=8,
                          min_sequences=100, max_sequences=200, max_epochs=1)

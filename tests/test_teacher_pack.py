@@ -8,10 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fleet.data import collate, map_minibatches
-from fleet.errors import TeacherFormatError
-from fleet.synth import user_config
-from fleet.teacher_pack import (
+from fleet.compression.data import collate, map_minibatches
+from fleet.core.errors import TeacherFormatError
+from fleet.formats.teacher_pack import (
     PACK_FORMAT,
     load_teachers,
     locate_teachers,
@@ -21,7 +20,7 @@ from fleet.teacher_pack import (
     teacher_logits,
     write_pack,
 )
-from fleet.teachers import (
+from fleet.formats.teachers import (
     LoadedTeacher,
     TeacherConfig,
     TeacherRNN,
@@ -30,6 +29,7 @@ from fleet.teachers import (
     save_teacher,
     teacher_num_bytes,
 )
+from fleet.synthetic.synth import user_config
 
 TINY = {"num_event_types": 7, "embed_dim": 3, "num_features": 2, "hidden_size": 5, "num_layers": 2}
 
@@ -144,9 +144,9 @@ def test_soft_labels_batched_equal_one_at_a_time_on_packs(tmp_path, monkeypatch)
     """Stage 1 on a packed fleet gives the soft labels of one-at-a-time evaluation."""
     import pyarrow as pa
 
-    from fleet import stages
-    from fleet.events import write_events
-    from fleet.synth import generate_campaign
+    from fleet.formats.events import write_events
+    from fleet.run import stages
+    from fleet.synthetic.synth import generate_campaign
 
     config = user_config(6, pack_size=4, num_event_types=7, num_features=2, hidden_size=4, embed_dim=3)
     write_events(str(tmp_path / "events"), pa.concat_tables([generate_campaign(config, i) for i in range(6)]))
@@ -168,8 +168,8 @@ def test_soft_labels_batched_equal_one_at_a_time_on_packs(tmp_path, monkeypatch)
 
 
 def test_stacked_training_is_deterministic():
-    from fleet.events import table_to_batch
-    from fleet.synth import entity_id, generate_campaign, train_stacked_teachers
+    from fleet.formats.events import table_to_batch
+    from fleet.synthetic.synth import entity_id, generate_campaign, train_stacked_teachers
 
     config = user_config(3, pack_size=3, hidden_size=4, embed_dim=3, num_event_types=9, num_features=3, max_epochs=2)
     ids = [entity_id(config, i) for i in range(3)]
@@ -184,11 +184,11 @@ def test_stacked_training_is_deterministic():
 
 @pytest.mark.slow
 def test_per_user_packed_fleet_compress_predict_and_incremental(ray_local, tmp_path, sqlite_tracking_uri):
-    from fleet.events import EventsDataset
-    from fleet.pipeline import run_compress, run_synth
-    from fleet.serving import FleetModel
-    from fleet.stages import CompressConfig
-    from fleet.store import FleetVersion
+    from fleet.formats.events import EventsDataset
+    from fleet.run.pipeline import run_compress, run_synth
+    from fleet.run.stages import CompressConfig
+    from fleet.serve.serving import FleetModel
+    from fleet.storage.store import FleetVersion
 
     config = user_config(10, seed=5, pack_size=4, hidden_size=8, num_event_types=16, max_epochs=2)
     synth = run_synth(config, str(tmp_path / "fleet"))
@@ -231,7 +231,7 @@ def test_per_user_packed_fleet_compress_predict_and_incremental(ray_local, tmp_p
 
 
 def test_pack_teachers_command(tmp_path, capsys):
-    from fleet.cli import main
+    from fleet.cli.main import main
 
     tiny_teachers(tmp_path / "src", ["c0", "c1", "c2"])
     assert main(["pack-teachers", str(tmp_path / "src"), str(tmp_path / "dst"), "--pack-size", "2"]) == 0

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from fleet.errors import InvalidCampaignIdError, TeacherFormatError
-from fleet.teachers import (
+from fleet.core.errors import InvalidCampaignIdError, TeacherFormatError
+from fleet.formats.teachers import (
     TeacherConfig,
     TeacherRNN,
     list_teacher_campaigns,

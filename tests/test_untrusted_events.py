@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
-from fleet import stages
-from fleet.errors import EventsFormatError
-from fleet.events import table_to_batch, write_events
-from fleet.teachers import TeacherConfig, TeacherRNN, load_teacher
+from fleet.core.errors import EventsFormatError
+from fleet.formats.events import table_to_batch, write_events
+from fleet.formats.teachers import TeacherConfig, TeacherRNN, load_teacher
+from fleet.run import stages
 
 SPACE = {"num_event_types": 6, "num_features": 2}
 NOT_UTF8 = "caf\udcff"  # a directory name with the byte 0xff, as Python lists it
@@ -103,9 +103,9 @@ TINY = {"hidden_size": 8, "embed_dim": 4, "backbone_steps": 20, "backbone_eval_e
 @pytest.mark.slow
 def test_compress_counts_truncated_rows_quarantines_bad_ids_and_refuses_bad_files_before_any_stage(
         ray_local, tmp_path):
-    from fleet.cli import summary_table
-    from fleet.pipeline import run_compress
-    from fleet.store import FleetVersion
+    from fleet.cli.main import summary_table
+    from fleet.run.pipeline import run_compress
+    from fleet.storage.store import FleetVersion
 
     root = tmp_path / "teachers"
     campaigns = {f"c{i}": 60 for i in range(3)}

@@ -1,4 +1,4 @@
-"""The ``bloomier`` heads codec (fleet.weightless): encode/decode round trip, fleet-heads/2.0 tables, the store
+"""The ``bloomier`` heads codec (fleet.compression.weightless): encode/decode round trip, fleet-heads/2.0 tables, the store
 (a block never straddles a row group), serving equal to the decoded table, the docs' decoder, and the
 re-training step."""
 
@@ -14,7 +14,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fleet.codec import (
+from fleet.compression.quant import quantize_rows
+from fleet.compression.weightless import (
+    assign_clusters,
+    decode_encoded,
+    encode_block,
+    false_positives,
+    kmeans_1d,
+    prune_keep,
+    refit_blocks,
+    refit_centroids,
+)
+from fleet.core.errors import StoreError
+from fleet.formats.codec import (
     HEADS_FORMAT_V2,
     HEADS_SCHEMA,
     HEADS_SCHEMA_V2,
@@ -26,19 +38,7 @@ from fleet.codec import (
     table_to_heads,
     validate_heads_table,
 )
-from fleet.errors import StoreError
-from fleet.heads import bloomier_head_row, decode_heads
-from fleet.quant import quantize_rows
-from fleet.weightless import (
-    assign_clusters,
-    decode_encoded,
-    encode_block,
-    false_positives,
-    kmeans_1d,
-    prune_keep,
-    refit_blocks,
-    refit_centroids,
-)
+from fleet.formats.heads import bloomier_head_row, decode_heads
 
 
 def _sha(text: str) -> bytes:
@@ -151,7 +151,7 @@ def test_other_major_versions_are_refused():
 
 
 def test_store_keeps_each_block_in_one_row_group_and_point_lookups_decode_it(tmp_path):
-    from fleet.store import FleetVersion, VersionWriter
+    from fleet.storage.store import FleetVersion, VersionWriter
 
     rows, ids, want = _mixed_rows()
     writer = VersionWriter(str(tmp_path), "f", "v1")
@@ -173,15 +173,15 @@ def test_store_keeps_each_block_in_one_row_group_and_point_lookups_decode_it(tmp
 
 def test_serving_equals_the_decoded_table(tmp_path):
     """FleetModel (cold lookups and preload) scores with exactly the heads the filter decodes."""
-    from fleet.backbone_codec import decode_backbone, encode_backbone
-    from fleet.serving import FleetModel
-    from fleet.store import VersionWriter
-    from fleet.student import (
+    from fleet.compression.student import (
         SharedBackbone,
         StudentConfig,
         head_logits,
         head_num_params,
     )
+    from fleet.formats.backbone_codec import decode_backbone, encode_backbone
+    from fleet.serve.serving import FleetModel
+    from fleet.storage.store import VersionWriter
 
     torch.manual_seed(0)
     config = StudentConfig(num_event_types=6, num_features=2, hidden_size=8, embed_dim=4)
@@ -275,8 +275,8 @@ def test_docs_bloomier_decoder_reads_a_written_row_group(tmp_path):
 def test_refit_fixes_false_positives_and_keeps_the_keys_then_centroids_fit_the_final_table():
     """A linear head (logit = w . h + b) of 8 campaigns: the refit keeps the stored positions, re-encodes with
     the same seed and size; the centroid refit changes no cluster index and lowers the loss on the data."""
-    from fleet.distill import DistillConfig, campaign_losses
-    from fleet.student import StudentConfig
+    from fleet.compression.distill import DistillConfig, campaign_losses
+    from fleet.compression.student import StudentConfig
 
     g = torch.Generator().manual_seed(0)
     c, n, hdim = 8, 200, 12

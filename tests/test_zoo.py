@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from fleet import zoo
 from fleet.bench.zoo import _auc_loss, _log_kl, paired_differences, render_comparison
-from fleet.errors import TeacherFormatError
-from fleet.events import EVENTS_SCHEMA, table_to_batch
-from fleet.synth import ZOO_LOADER, SynthConfig, generate
-from fleet.teachers import load_teacher, save_teacher
+from fleet.core.errors import TeacherFormatError
+from fleet.formats.events import EVENTS_SCHEMA, table_to_batch
+from fleet.formats.teachers import load_teacher, save_teacher
+from fleet.synthetic import zoo
+from fleet.synthetic.synth import ZOO_LOADER, SynthConfig, generate
 
 
 @pytest.mark.parametrize("generator", ["affinity", "interaction"])
@@ -126,7 +126,7 @@ def test_zoo_evaluation_on_fresh_rows_judges_every_campaign_and_keeps_the_hold_o
     from test_pipeline import fast_config
 
     from fleet.bench.zoo import FreshRows, evaluate_run
-    from fleet.pipeline import run_compress
+    from fleet.run.pipeline import run_compress
 
     store = str(tmp_path / "store")
     run_compress(teachers_uri=small_fleet["teachers"], events_uri=small_fleet["events"], store_uri=store,

@@ -1,4 +1,4 @@
-"""``fleet bench``'s command line: its options (the parser is built in :mod:`fleet.cli`), and the dispatch to
+"""``fleet bench``'s command line: its options (the parser is built in :mod:`fleet.cli.main`), and the dispatch to
 the benchmark (:func:`fleet.bench.run.run_bench`), ``--serving-only``, ``--zoo`` (:mod:`fleet.bench.zoo`) and
 ``--scale`` (:mod:`fleet.bench.scale`)."""
 
@@ -12,15 +12,15 @@ import time
 
 from rich.table import Table
 
-from fleet import stages
 from fleet.bench.common import RESULTS_FORMAT, SERVING_THREADS, BenchConfig, machine_info
 from fleet.bench.report import summary_table
 from fleet.bench.run import run_bench
 from fleet.bench.serving import render_serving_targets, serving_targets
 from fleet.bench.simulated import write_simulated_version
-from fleet.errors import UsageError
-from fleet.store import FleetVersion, json_safe
-from fleet.synth import SynthConfig
+from fleet.core.errors import UsageError
+from fleet.run import stages
+from fleet.storage.store import FleetVersion, json_safe
+from fleet.synthetic.synth import SynthConfig
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -36,7 +36,7 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(p) -> None:
-    """``fleet bench``'s options (the parser is built in :mod:`fleet.cli`)."""
+    """``fleet bench``'s options (the parser is built in :mod:`fleet.cli.main`)."""
     p.add_argument("--campaigns", type=int, default=None, help="N: campaigns of the synthetic fleet (required but with "
                                                                 "--serving-only, where it has no default)")
     p.add_argument("--fleet-dir", default=None,

@@ -12,9 +12,9 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from fleet import stages
-from fleet.progress import stage_progress
-from fleet.synth import SynthConfig
+from fleet.core.progress import stage_progress
+from fleet.run import stages
+from fleet.synthetic.synth import SynthConfig
 
 console = Console(stderr=True)
 RESULTS_FORMAT = "fleet-bench/1"

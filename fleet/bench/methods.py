@@ -18,18 +18,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from fleet import stages
-from fleet.backbone_codec import backbone_from_bytes
 from fleet.bench.common import _latencies
-from fleet.codec import conform_heads_table, table_to_heads
-from fleet.data import map_minibatches
-from fleet.distill import compute_features
-from fleet.events import EventsDataset, table_to_batch
-from fleet.heads import decode_heads
-from fleet.metrics import campaign_fidelity
-from fleet.store import FleetVersion, VersionWriter
-from fleet.student import POOLED_DESIGNS, head_logits
-from fleet.teachers import load_teacher
+from fleet.compression.data import map_minibatches
+from fleet.compression.distill import compute_features
+from fleet.compression.metrics import campaign_fidelity
+from fleet.compression.student import POOLED_DESIGNS, head_logits
+from fleet.formats.backbone_codec import backbone_from_bytes
+from fleet.formats.codec import conform_heads_table, table_to_heads
+from fleet.formats.events import EventsDataset, table_to_batch
+from fleet.formats.heads import decode_heads
+from fleet.formats.teachers import load_teacher
+from fleet.run import stages
+from fleet.storage.store import FleetVersion, VersionWriter
 
 # variants of (d) other than the real run: name -> CompressConfig overrides
 VARIANTS = {
@@ -170,7 +170,7 @@ def independent_student_task(job: dict, ctx: stages.StageContext) -> dict:
 def retarget_backbone(data: bytes, head: str, head_rank: int) -> bytes:
     """``backbone.safetensors`` bytes whose student config names another head design (the weights are
     unchanged); the stored head prior is dropped when the design changes (it is a mean of the old design's
-    heads), so stage 3 starts from :func:`fleet.student.init_heads`."""
+    heads), so stage 3 starts from :func:`fleet.compression.student.init_heads`."""
     from safetensors.torch import load, save
 
     header = json.loads(data[8: 8 + int.from_bytes(data[:8], "little")])
@@ -198,7 +198,7 @@ def heads_task(job: dict, ctx: stages.StageContext, backbone_bytes: bytes) -> pa
 
 def _run_variants(cfg, results, ctx, plan, soft_shards, ok, hashes, sizes, sample, real_backbone, m, teacher_total,
                   store, stamp) -> None:
-    from fleet import pipeline
+    from fleet.run import pipeline
 
     okset = set(ok)
     backbones = {_backbone_key(cfg.compress): (real_backbone, m.get("stage_seconds_backbone", 0.0), "shared with the real run")}
@@ -251,8 +251,8 @@ def _run_variants(cfg, results, ctx, plan, soft_shards, ok, hashes, sizes, sampl
 def contiguous_jobs(head_jobs: list[dict], block_rows: int) -> list[dict]:
     """The shard jobs of the real run (cost-balanced, ids interleaved) regrouped as the ``bloomier`` codec's plan
     cuts them: contiguous runs of the sorted campaign ids, at most ``block_rows`` each, as many as there were
-    jobs (:func:`fleet.pipeline.contiguous_batches`); each job's ``soft`` holds its campaigns' stage-1 rows."""
-    from fleet.pipeline import contiguous_batches
+    jobs (:func:`fleet.run.pipeline.contiguous_batches`); each job's ``soft`` holds its campaigns' stage-1 rows."""
+    from fleet.run.pipeline import contiguous_batches
 
     hashes = {c: h for job in head_jobs for c, h in job["hashes"].items()}
     soft = pa.concat_tables([job["soft"] for job in head_jobs])
@@ -264,7 +264,7 @@ def contiguous_jobs(head_jobs: list[dict], block_rows: int) -> list[dict]:
 
 def head_latencies(manifest_uri: str, campaign_ids: list[str], count: int = 200, seed: int = 0) -> dict:
     """Per-head read costs of a written version, any codec: ``cold_lookup`` (one campaign's row group read, checked
-    and decoded: :meth:`FleetVersion.read_head_row` + :func:`fleet.heads.decode_heads`, footers cached after the
+    and decoded: :meth:`FleetVersion.read_head_row` + :func:`fleet.formats.heads.decode_heads`, footers cached after the
     first lookup of a part, as in serving), ``decode`` (the decode alone of that one row), and ``decode_all_per_head_ms``
     (every head of the version decoded in one call, per head). ``count`` random campaigns, in ms."""
     import random

@@ -17,7 +17,7 @@ from rich.table import Table
 from fleet.bench.common import EXPERIMENT, RESULTS_FORMAT
 from fleet.bench.methods import METHOD_ORDER
 from fleet.bench.serving import render_serving_targets
-from fleet.store import json_safe
+from fleet.storage.store import json_safe
 
 
 def _fmt(v, spec: str, none: str = "n/a") -> str:
@@ -280,7 +280,7 @@ def log_to_mlflow(results: dict, out: str, tracking_uri: str) -> str:
     """One run in the experiment ``fleet-bench``: params, flat numeric metrics, results and plots as artifacts."""
     from mlflow.tracking import MlflowClient
 
-    from fleet.registry import sanitize_key
+    from fleet.storage.registry import sanitize_key
 
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_experiment_by_name(EXPERIMENT)

@@ -1,6 +1,6 @@
 """``fleet bench``'s run (:func:`run_bench`): the cached synthetic fleet, one real ``run_compress``, every method of
 :mod:`fleet.bench.methods`, the teacher pass, serving, the SIMULATED scale test and serving targets, the DESIGN.md
-targets; results written by :mod:`fleet.bench.report`. Ray is used only through :mod:`fleet.pipeline` (imported
+targets; results written by :mod:`fleet.bench.report`. Ray is used only through :mod:`fleet.run.pipeline` (imported
 lazily, so the subprocesses that measure serving memory never load it)."""
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from fleet import stages
 from fleet.bench.common import RESULTS_FORMAT, BenchConfig, console, machine_info
 from fleet.bench.methods import (
     _fid_row,
@@ -32,11 +31,12 @@ from fleet.bench.methods import (
 from fleet.bench.report import log_to_mlflow, write_outputs
 from fleet.bench.serving import bench_serving, serving_targets
 from fleet.bench.simulated import bench_scale
-from fleet.events import EventsDataset, split_by_campaign, table_to_batch
-from fleet.metrics import campaign_fidelity
-from fleet.store import FleetVersion, WorkDir, json_safe
-from fleet.synth import SYNTH_FILE, SynthConfig, campaign_ids, teacher_saved, with_defaults
-from fleet.teachers import list_teacher_campaigns
+from fleet.compression.metrics import campaign_fidelity
+from fleet.formats.events import EventsDataset, split_by_campaign, table_to_batch
+from fleet.formats.teachers import list_teacher_campaigns
+from fleet.run import stages
+from fleet.storage.store import FleetVersion, WorkDir, json_safe
+from fleet.synthetic.synth import SYNTH_FILE, SynthConfig, campaign_ids, teacher_saved, with_defaults
 
 
 def prepare_fleet(config: SynthConfig, fleet_dir: str, address: str | None = None) -> dict:
@@ -52,7 +52,7 @@ def prepare_fleet(config: SynthConfig, fleet_dir: str, address: str | None = Non
             recorded = with_defaults(json.load(f))  # fields added since it was written: their defaults
         if recorded == info["synth"]:
             return {**info, "reused": True, "how": "synth.json matches the requested SynthConfig"}
-    from fleet.pipeline import (
+    from fleet.run.pipeline import (
         run_synth,  # refuses another fleet; resumes an interrupted one
     )
 
@@ -76,7 +76,7 @@ def _hold_dict(rows: pa.Table) -> dict:
 
 def run_bench(cfg: BenchConfig) -> dict:
     """Run every part of the benchmark; write results.json/results.md/plots under ``cfg.out``; return the results."""
-    from fleet import pipeline
+    from fleet.run import pipeline
 
     started_all = time.perf_counter()
     os.makedirs(cfg.out, exist_ok=True)
@@ -236,9 +236,9 @@ TEACHER_PASS_CAMPAIGNS, TEACHER_PASS_ROWS = 32, 256  # the teacher-pass section:
 def bench_teacher_pass(teachers_uri: str, events_uri: str, campaigns: int = TEACHER_PASS_CAMPAIGNS,
                        rows: int = TEACHER_PASS_ROWS) -> dict:
     """Stage 1's teacher pass on the bench fleet's first ``campaigns`` teachers (at most ``rows`` rows each):
-    sequences/s batched (stacked parameters, :func:`fleet.teacher_pack.teacher_logits`) vs one at a time,
+    sequences/s batched (stacked parameters, :func:`fleet.formats.teacher_pack.teacher_logits`) vs one at a time,
     in this process, and the largest difference of their logits."""
-    from fleet.teacher_pack import load_teachers, locate_teachers, teacher_logits
+    from fleet.formats.teacher_pack import load_teachers, locate_teachers, teacher_logits
 
     catalog = locate_teachers(teachers_uri)
     ids = catalog.campaigns[:campaigns]

@@ -4,10 +4,10 @@ Each size of ``--scale-sizes`` (``KIND:N``) is a synthetic fleet of N small enti
 finished after an interruption) under ``--fleet-dir`` by ``fleet synth``: kind ``campaign`` has one teacher
 directory per entity (the campaign path, teachers trained one at a time), kind ``user`` has
 ``fleet-teacher-pack/1`` packs (``--entities user``, teachers trained a pack at a time). Both kinds have the
-per-user entity shape of :data:`fleet.synth.USER_DEFAULTS` (20-300 sequences each, 1-layer LSTM teachers of
+per-user entity shape of :data:`fleet.synthetic.synth.USER_DEFAULTS` (20-300 sequences each, 1-layer LSTM teachers of
 hidden 16, embedding 8; the ``fleet bench`` teacher flags override it), so their per-entity costs compare.
 
-Every size is compressed once in full (:func:`fleet.pipeline.run_compress`, backbone retrained, the same
+Every size is compressed once in full (:func:`fleet.run.pipeline.run_compress`, backbone retrained, the same
 configuration for every size) by a fresh driver process (:func:`run_probe`, ``python -m fleet.bench.scale``),
 so that the driver's peak RSS is that run's alone. At the largest size an incremental night follows: the full
 run's version is made champion, 1% of the teachers change (:func:`change_teachers`: the readout bias of each
@@ -37,8 +37,18 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from fleet.errors import FleetError, UsageError
-from fleet.synth import (
+from fleet.core.errors import FleetError, UsageError
+from fleet.formats.teacher_pack import (
+    PACK_WEIGHTS_FILE,
+    PACKS_DIR,
+    locate_teachers,
+    pack_complete,
+    pack_config_uri,
+    read_pack_index,
+    write_pack,
+)
+from fleet.formats.teachers import WEIGHTS_FILE
+from fleet.synthetic.synth import (
     SYNTH_FILE,
     USER_DEFAULTS,
     SynthConfig,
@@ -49,19 +59,9 @@ from fleet.synth import (
     user_config,
     with_defaults,
 )
-from fleet.teacher_pack import (
-    PACK_WEIGHTS_FILE,
-    PACKS_DIR,
-    locate_teachers,
-    pack_complete,
-    pack_config_uri,
-    read_pack_index,
-    write_pack,
-)
-from fleet.teachers import WEIGHTS_FILE
 
-if TYPE_CHECKING:  # the probe process imports fleet.stages when it runs, not before
-    from fleet.stages import CompressConfig
+if TYPE_CHECKING:  # the probe process imports fleet.run.stages when it runs, not before
+    from fleet.run.stages import CompressConfig
 
 console = Console(stderr=True)
 SCALE_FORMAT = "fleet-bench-scale/1"
@@ -72,7 +72,7 @@ CHANGES_FILE = "bench-scale-changes.json"  # in a fleet dir while changed teache
 READOUT_BIAS = "readout.bias"  # the TeacherRNN tensor the incremental night changes
 RUN_TARGET_MIN_N = 1_000  # the run / stage 1 target holds from this fleet size up
 HEADS_TARGET_MIN_N = 10_000  # the heads bytes per entity target holds from this fleet size up
-#: How ``heads B / entity`` divides: the columns serving reads (:data:`fleet.head_table.COLUMNS`: the quantized
+#: How ``heads B / entity`` divides: the columns serving reads (:data:`fleet.serve.head_table.COLUMNS`: the quantized
 #: head), the hashes incremental runs compare, and the rest (per-campaign fidelity and calibration figures).
 HEADS_PARTS = (("served", "head (served columns)"), ("change_detection", "teacher_sha256 + data_fingerprint"),
                ("fidelity", "fidelity metrics"))
@@ -117,7 +117,7 @@ def parse_sizes(text: str) -> list[tuple[str, int]]:
 
 
 def synth_config(kind: str, entities: int, seed: int, teacher: dict | None = None) -> SynthConfig:
-    """The fleet of one size: the per-user entity shape (:data:`fleet.synth.USER_DEFAULTS`) for both kinds,
+    """The fleet of one size: the per-user entity shape (:data:`fleet.synthetic.synth.USER_DEFAULTS`) for both kinds,
     with ``teacher`` (SynthConfig fields; None values ignored) over it."""
     overrides = {k: v for k, v in (teacher or {}).items() if v is not None}
     if kind == "user":
@@ -147,7 +147,7 @@ def fleet_ready(config: SynthConfig, fleet_dir: str) -> bool:
 
 def prepare_fleet(config: SynthConfig, fleet_dir: str, address: str | None) -> dict:
     """Reuse the fleet of ``config`` in ``fleet_dir`` (after restoring teachers an interrupted incremental night
-    left changed), or make or finish it with ``fleet synth`` (:func:`fleet.pipeline.run_synth`, resumable)."""
+    left changed), or make or finish it with ``fleet synth`` (:func:`fleet.run.pipeline.run_synth`, resumable)."""
     restored = restore_teachers(fleet_dir)
     if restored:
         console.print(f"{fleet_dir}: restored {len(restored):,} teachers an interrupted incremental night had changed")
@@ -155,7 +155,7 @@ def prepare_fleet(config: SynthConfig, fleet_dir: str, address: str | None) -> d
             "teachers_uri": os.path.join(fleet_dir, "teachers")}
     if fleet_ready(config, fleet_dir):
         return {**info, "reused": True, "synth_seconds": None}
-    from fleet.pipeline import run_synth
+    from fleet.run.pipeline import run_synth
 
     console.print(f"{fleet_dir}: making the fleet ({config.campaigns:,} {config.entities} teachers; resumable)")
     made = run_synth(config, fleet_dir, address=address)
@@ -205,7 +205,7 @@ def read_readout_bias(teachers_uri: str, campaign_ids) -> dict[str, torch.Tensor
 def set_readout_bias(teachers_uri: str, values: dict[str, torch.Tensor]) -> None:
     """Write ``values`` (campaign -> readout bias ``(1,)``) into the teachers under a local teacher root, every
     other byte of their tensors unchanged: a directory's ``model.safetensors`` is replaced (atomically, same
-    metadata), a pack is written again (:func:`fleet.teacher_pack.write_pack`, so the changed slots' sha256 in
+    metadata), a pack is written again (:func:`fleet.formats.teacher_pack.write_pack`, so the changed slots' sha256 in
     ``index.parquet`` follow and the others stay)."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -254,7 +254,7 @@ def restore_teachers(fleet_dir: str) -> list[str]:
 
 
 def _write_json(path: str, obj) -> None:
-    from fleet.store import json_safe
+    from fleet.storage.store import json_safe
 
     with open(f"{path}.tmp", "w") as f:
         json.dump(json_safe(obj), f, indent=1)
@@ -325,8 +325,9 @@ def run_probe(spec: dict) -> dict:
     the peak RSS of this driver and of its Ray workers."""
     import pyarrow as pa
 
-    from fleet import pipeline, registry, stages
-    from fleet.store import WorkDir
+    from fleet.run import pipeline, stages
+    from fleet.storage import registry
+    from fleet.storage.store import WorkDir
 
     config = stages.CompressConfig.from_dict(spec["config"])
     t0 = time.perf_counter()
@@ -367,8 +368,8 @@ def heads_bytes_by_part(version_dir: str) -> dict[str, int]:
 
     import pyarrow.parquet as pq
 
-    from fleet.head_table import COLUMNS
-    from fleet.store import HEADS_DIR
+    from fleet.serve.head_table import COLUMNS
+    from fleet.storage.store import HEADS_DIR
 
     parts = dict.fromkeys([key for key, _ in HEADS_PARTS], 0)
     for path in glob.glob(os.path.join(version_dir, HEADS_DIR, "*.parquet")):
@@ -387,7 +388,7 @@ def heads_bytes_by_part(version_dir: str) -> dict[str, int]:
 def _probe_main(argv: list[str]) -> int:
     """``python -m fleet.bench.scale SPEC.json``: :func:`run_probe` of the spec, its result written to the
     spec's ``result`` path; exit 1 (the error on stderr) when the run fails."""
-    from fleet.redact import scrub
+    from fleet.core.redact import scrub
 
     with open(argv[0]) as f:
         spec = json.load(f)
@@ -492,7 +493,7 @@ def run_scale(*, out: str, fleet_dir: str, sizes: list[tuple[str, int]], seed: i
     at the largest size; write ``scale.json``, ``scale.md`` and ``scale.png`` under ``out`` after every step (an
     interrupted run keeps what it measured). Returns the results, ``missed_targets`` included."""
     from fleet.bench.common import machine_info
-    from fleet.pipeline import new_run_id
+    from fleet.run.pipeline import new_run_id
 
     os.makedirs(out, exist_ok=True)
     store = os.path.abspath(os.path.join(out, "store"))

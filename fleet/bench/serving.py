@@ -19,9 +19,9 @@ import pyarrow as pa
 import torch
 
 from fleet.bench.common import SERVING_ENV, SERVING_THREADS, BenchConfig, _latencies, _progress, console, proc_rss_mb
-from fleet.errors import FleetError
-from fleet.events import EventsDataset
-from fleet.teachers import list_teacher_campaigns, load_teacher
+from fleet.core.errors import FleetError
+from fleet.formats.events import EventsDataset
+from fleet.formats.teachers import list_teacher_campaigns, load_teacher
 
 
 def _free_port() -> int:
@@ -47,7 +47,7 @@ def _sequences(events_uri: str, ok: list[str], holdout: dict, num_features: int,
 def bench_serving(manifest_uri: str, events_uri: str, ok: list[str], holdout: dict, num_features: int,
                   cfg: BenchConfig) -> dict:
     """Warm and cold in-process latency, HTTP latency under bounded concurrency, and server RSS."""
-    from fleet.serving import FleetModel
+    from fleet.serve.serving import FleetModel
 
     threads_before = torch.get_num_threads()
     try:
@@ -103,7 +103,7 @@ def _bench_serving(manifest_uri, events_uri, ok, holdout, num_features, cfg, Fle
 
 _SERVER_SRC = """
 import sys, uvicorn
-from fleet.http import app_from_uri
+from fleet.serve.http import app_from_uri
 app = app_from_uri(sys.argv[1], num_threads=int(sys.argv[3]), heads=sys.argv[4])
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", access_log=False)
 """
@@ -111,7 +111,7 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", a
 
 @contextlib.contextmanager
 def _http_server(manifest_uri: str, heads: str, log_path: str):
-    """A real uvicorn server (``fleet.http.app_from_uri``, ``heads`` mode, :data:`SERVING_THREADS` threads) in a
+    """A real uvicorn server (``fleet.serve.http.app_from_uri``, ``heads`` mode, :data:`SERVING_THREADS` threads) in a
     subprocess on 127.0.0.1: yields ``(process, base URL)`` once ``/healthz`` answers; stopped on exit."""
     import httpx
 
@@ -215,7 +215,7 @@ SERVING_TARGETS = {
 _TARGETS_PROBE_SRC = """
 import json, os, sys, time
 import numpy as np
-from fleet.serving import FleetModel
+from fleet.serve.serving import FleetModel
 uri, seqs_path, count, n_score, n_all, k, seed = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:8])
 def rss():
     out = {}
@@ -264,7 +264,7 @@ def teacher_peer(teachers_uri: str, campaign_ids: list[str], seqs: list[tuple[li
     """The K-teacher peer of ``score_campaigns``: one sequence scored by ``k`` fp32 teachers = ``k`` teacher RNN
     forward passes (batch 1, one torch thread, ``torch.inference_mode``). With fewer than ``k`` teachers the
     loaded ones are cycled (the time is still ``k`` forward passes; their memory is given per teacher)."""
-    from fleet.data import collate
+    from fleet.compression.data import collate
 
     ids = campaign_ids[:k]
     teachers = [load_teacher(teachers_uri, cid) for cid in ids]
@@ -300,7 +300,7 @@ def serving_targets(manifest_uri: str, events_uri: str, teachers_uri: str, sim_m
     ``/v1/predict`` and ``/v1/score`` (1 in flight) against a server on that version; and the K-teacher peer
     (:func:`teacher_peer`) on the same sequences. ``requests`` / ``http_requests``: timed calls per figure
     (:data:`SLOW_REQUESTS` for the slow ones)."""
-    from fleet.serving import FleetModel
+    from fleet.serve.serving import FleetModel
 
     rng = np.random.default_rng(seed + 12)
     threads_before = torch.get_num_threads()

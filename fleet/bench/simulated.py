@@ -16,10 +16,10 @@ import pyarrow.compute as pc
 import torch
 
 from fleet.bench.common import BenchConfig, _latencies, _progress, console
-from fleet.codec import DATA_FINGERPRINT_BYTES, HEADS_SCHEMA
-from fleet.errors import FleetError
-from fleet.quant import quantize_rows
-from fleet.store import FleetVersion, VersionWriter
+from fleet.compression.quant import quantize_rows
+from fleet.core.errors import FleetError
+from fleet.formats.codec import DATA_FINGERPRINT_BYTES, HEADS_SCHEMA
+from fleet.storage.store import FleetVersion, VersionWriter
 
 SIM_CHUNK = 100_000  # simulated heads generated per chunk (bounded memory for 1M campaigns)
 
@@ -28,7 +28,7 @@ _PROBE_SRC = """
 import json, sys, time
 t_import = time.perf_counter()
 import numpy as np
-from fleet.serving import FleetModel
+from fleet.serve.serving import FleetModel
 uri, count, seed, n_campaigns = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 def rss():
     out = {}
@@ -60,8 +60,8 @@ def simulated_heads(count: int, real: pa.Table, seed: int, chunk: int = SIM_CHUN
     real head plus noise (so value statistics, hence compressibility, stay realistic), quantized at that
     bit width with the real quantizer; hashes are random bytes. Only real rows of the commonest head size
     are drawn from (a version with capacity-ladder heads holds two sizes)."""
-    from fleet.codec import table_to_heads
-    from fleet.heads import decode_heads
+    from fleet.formats.codec import table_to_heads
+    from fleet.formats.heads import decode_heads
 
     rows = table_to_heads(real)
     sizes = [r.num_params for r in rows]

@@ -1,6 +1,6 @@
 """``fleet bench --zoo``: fidelity on a zoo of differently built fleets, not on one.
 
-Every (generator x teacher class) pair of :mod:`fleet.zoo` is made into a synthetic fleet with
+Every (generator x teacher class) pair of :mod:`fleet.synthetic.zoo` is made into a synthetic fleet with
 ``fleet synth`` (kept and resumed under ``--fleet-dir``), compressed with ``fleet compress``'s
 configuration (the defaults unless ``--config``) and judged by :func:`evaluate_run`, which scores what
 is *served* (``FleetModel`` on the committed version) against the teacher: on ``--zoo-fresh-rows`` fresh
@@ -25,15 +25,15 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from fleet import pipeline, stages
-from fleet.data import map_minibatches
-from fleet.errors import StoreError
-from fleet.events import EventsDataset, table_to_batch
-from fleet.metrics import campaign_fidelity, fleet_summary
-from fleet.serving import FleetModel
-from fleet.store import FleetVersion, WorkDir
-from fleet.synth import ZOO_LOADER, SynthConfig, entity_id, generate
-from fleet.teachers import load_teacher
+from fleet.compression.data import map_minibatches
+from fleet.compression.metrics import campaign_fidelity, fleet_summary
+from fleet.core.errors import StoreError
+from fleet.formats.events import EventsDataset, table_to_batch
+from fleet.formats.teachers import load_teacher
+from fleet.run import pipeline, stages
+from fleet.serve.serving import FleetModel
+from fleet.storage.store import FleetVersion, WorkDir
+from fleet.synthetic.synth import ZOO_LOADER, SynthConfig, entity_id, generate
 
 #: Teachers of the zoo: small enough that 9 fleets of 60 campaigns train on 2 cores in minutes.
 ZOO_TEACHER = {"hidden_size": 64, "num_layers": 1, "arch": "lstm"}
@@ -78,7 +78,7 @@ def evaluate_run(store_uri: str, fleet: str, run_id: str, events_uri: str, min_p
     With ``fresh``, the headline figures are on ``fresh.rows`` new sequences of every campaign
     (:func:`fresh_fidelity`) and the hold-out figures go under ``"holdout"``; without it, the headline
     figures are the hold-out ones: every campaign's hold-out rows against the teacher logits of the run's
-    stage 1. Figures: :func:`fleet.metrics.fleet_summary` (volume = the campaign's event rows), the worst
+    stage 1. Figures: :func:`fleet.compression.metrics.fleet_summary` (volume = the campaign's event rows), the worst
     AUC diff, the verdict counts (heads ``status``), the bytes per campaign (heads Parquet / N and the
     distribution of a head row's bytes) and the run's time over its floor.
     """
@@ -129,8 +129,8 @@ def evaluate_run(store_uri: str, fleet: str, run_id: str, events_uri: str, min_p
 
 
 def fresh_fidelity(model: FleetModel, fresh: FreshRows, campaigns: list[str], min_per_class: int) -> dict[str, dict]:
-    """:func:`fleet.metrics.campaign_fidelity` of every campaign on ``fresh.rows`` fresh sequences of it
-    (:func:`fleet.synth.generate` with ``fresh_rows``: the campaign's parameters, new draws), the teacher
+    """:func:`fleet.compression.metrics.campaign_fidelity` of every campaign on ``fresh.rows`` fresh sequences of it
+    (:func:`fleet.synthetic.synth.generate` with ``fresh_rows``: the campaign's parameters, new draws), the teacher
     (loaded as stage 1 loads it, its loader allowed as the run's) and the served student both scoring them."""
     index = {entity_id(fresh.synth, i): i for i in range(fresh.synth.campaigns)}
     out = {}
@@ -340,7 +340,7 @@ def paired_differences(first: dict, other: dict, figure) -> np.ndarray:
 def add_arguments(p) -> None:
     """``fleet bench --zoo`` flags (the rest of ``fleet bench``'s flags do not apply)."""
     g = p.add_argument_group("zoo (with --zoo)")
-    g.add_argument("--zoo", action="store_true", help="run every (generator x teacher class) pair of fleet.zoo "
+    g.add_argument("--zoo", action="store_true", help="run every (generator x teacher class) pair of fleet.synthetic.zoo "
                                                      "and report fidelity per pair (zoo.json, zoo.md)")
     g.add_argument("--zoo-generators", default=None, help="comma-separated generators (default: all)")
     g.add_argument("--zoo-teachers", default=None, help="comma-separated teacher classes (default: all)")
@@ -358,7 +358,7 @@ def add_arguments(p) -> None:
 def run_from_args(args, config: stages.CompressConfig, log) -> int:
     """Entry point of ``fleet bench --zoo``; exit 0 when every pair meets every target, 1 when one misses,
     2 on a usage error."""
-    from fleet.zoo import GENERATORS, TEACHERS
+    from fleet.synthetic.zoo import GENERATORS, TEACHERS
 
     if args.zoo_compare:
         runs = []

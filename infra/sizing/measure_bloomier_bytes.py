@@ -5,7 +5,7 @@ int4 and ternary, on the same heads, WITHOUT re-training (the re-training step n
     python infra/sizing/measure_bloomier_bytes.py --gaussian 4096                # N(0, 0.3) heads, P = 193
     python infra/sizing/measure_bloomier_bytes.py --manifest STORE/FLEET/versions/ID/manifest.json
 
-Each head set is written with the store's Parquet settings (:class:`fleet.store.VersionWriter`, blocks of 1024
+Each head set is written with the store's Parquet settings (:class:`fleet.storage.store.VersionWriter`, blocks of 1024
 rows) and read back as serving does (:func:`fleet.bench.methods.head_latencies`). Prints JSON: per codec setting the
 heads Parquet bytes / N, the median relative weight error ``||decoded - head|| / ||head||``, the per-head decode
 and cold-lookup latency (ms) and, for bloomier, the encode time of one block.
@@ -21,13 +21,13 @@ import time
 
 import numpy as np
 import torch
-from fleet.bench.methods import head_latencies
 
-from fleet.codec import heads_to_table, table_to_heads
-from fleet.heads import bloomier_head_row, decode_heads, head_row
-from fleet.quant import dequantize_rows, quantize_rows
-from fleet.store import FleetVersion, VersionWriter
-from fleet.weightless import decode_encoded, encode_block
+from fleet.bench.methods import head_latencies
+from fleet.compression.quant import dequantize_rows, quantize_rows
+from fleet.compression.weightless import decode_encoded, encode_block
+from fleet.formats.codec import heads_to_table, table_to_heads
+from fleet.formats.heads import bloomier_head_row, decode_heads, head_row
+from fleet.storage.store import FleetVersion, VersionWriter
 
 BLOCK = 1024
 SETTINGS = [(0.5, 3, 5), (0.7, 3, 5), (0.8, 2, 4), (0.9, 3, 5)]  # (sparsity, value bits, check bits)

@@ -6,7 +6,7 @@ sizing the store (docs/storage.md).
 The version's heads are re-quantized at each forced width (8, 4, 2, 1 bits; group size 64), then
 ``--campaigns`` SIMULATED heads are drawn from them exactly as ``fleet bench``'s scale test does
 (:func:`fleet.bench.simulated.simulated_heads`: a real head plus noise, random hashes) and written with the
-store's Parquet settings (:class:`fleet.store.VersionWriter`). Prints all heads Parquet bytes / N.
+store's Parquet settings (:class:`fleet.storage.store.VersionWriter`). Prints all heads Parquet bytes / N.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import tempfile
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from fleet.bench.simulated import simulated_heads
 
-from fleet.codec import table_to_heads
-from fleet.heads import decode_heads
-from fleet.quant import quantize_rows
-from fleet.store import FleetVersion, VersionWriter
+from fleet.bench.simulated import simulated_heads
+from fleet.compression.quant import quantize_rows
+from fleet.formats.codec import table_to_heads
+from fleet.formats.heads import decode_heads
+from fleet.storage.store import FleetVersion, VersionWriter
 
 GROUP_SIZE = 64
 

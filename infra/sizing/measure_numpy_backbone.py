@@ -1,5 +1,5 @@
 """numpy vs torch backbone for serving (issue 12 §3): one-sequence latency, import time and RSS, for
-choosing ``fleet.serving.DEFAULT_BACKEND`` (docs/serving.md, "Backbone backend").
+choosing ``fleet.serve.serving.DEFAULT_BACKEND`` (docs/serving.md, "Backbone backend").
 
     python infra/sizing/measure_numpy_backbone.py [--calls 2000] [--seq-len 50] [--out result.json]
 
@@ -15,7 +15,7 @@ one sequence of ``--seq-len`` events:
 
 ``--calls`` timed calls each, after 200 warm-up calls, torch and numpy interleaved in blocks of 100 so that
 a change of machine load hits both; p50 / p99 in microseconds. Import: fresh processes (5 each, median)
-that import only ``numpy + fleet.numpy_backbone``, only ``torch``, ``fleet.serving`` (today's serving
+that import only ``numpy + fleet.compression.numpy_backbone``, only ``torch``, ``fleet.serve.serving`` (today's serving
 imports), and a torch-free process that also loads a backbone from ``backbone.safetensors`` bytes and runs
 one forward; seconds and VmRSS / VmHWM (MB). The 1-minute load average (``/proc/loadavg``) is recorded
 next to every figure: the numbers are only comparable at similar load.
@@ -51,11 +51,11 @@ def _build(store: str, arch: str):
     """A real version: random backbone (int8), 20 FiLM heads at 8 bits. Returns (manifest uri, torch backbone)."""
     import torch
 
-    from fleet.backbone_codec import decode_backbone, encode_backbone
-    from fleet.codec import HeadRow, heads_to_table
-    from fleet.quant import quantize_rows
-    from fleet.store import VersionWriter
-    from fleet.student import SharedBackbone, StudentConfig, head_num_params
+    from fleet.compression.quant import quantize_rows
+    from fleet.compression.student import SharedBackbone, StudentConfig, head_num_params
+    from fleet.formats.backbone_codec import decode_backbone, encode_backbone
+    from fleet.formats.codec import HeadRow, heads_to_table
+    from fleet.storage.store import VersionWriter
 
     torch.manual_seed(0)
     config = StudentConfig(num_event_types=V, num_features=F, arch=arch, hidden_size=H, embed_dim=E)
@@ -101,9 +101,9 @@ def _timed(fns: dict, calls: int, block: int = 100) -> dict:
 def latency(calls: int, seq_len: int) -> dict:
     import torch
 
-    from fleet.data import collate
-    from fleet.numpy_backbone import NumpyBackbone
-    from fleet.serving import FleetModel
+    from fleet.compression.data import collate
+    from fleet.compression.numpy_backbone import NumpyBackbone
+    from fleet.serve.serving import FleetModel
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -158,7 +158,7 @@ print(json.dumps(out))
 
 TORCH_FREE_FORWARD = r"""
 import numpy as np
-nb = fleet.numpy_backbone.numpy_backbone_from_bytes(open(sys.argv[1], "rb").read())
+nb = fleet.compression.numpy_backbone.numpy_backbone_from_bytes(open(sys.argv[1], "rb").read())
 nb.forward_ragged([np.arange(50) % nb.num_event_types], [np.zeros(50 * nb.num_features, np.float32)])
 """
 
@@ -166,17 +166,17 @@ nb.forward_ragged([np.arange(50) % nb.num_event_types], [np.zeros(50 * nb.num_fe
 def imports(repeats: int) -> dict:
     import torch
 
-    from fleet.backbone_codec import backbone_to_bytes
-    from fleet.student import SharedBackbone, StudentConfig
+    from fleet.compression.student import SharedBackbone, StudentConfig
+    from fleet.formats.backbone_codec import backbone_to_bytes
 
     torch.manual_seed(0)
     data = backbone_to_bytes(SharedBackbone(StudentConfig(num_event_types=V, num_features=F, hidden_size=H,
                                                           embed_dim=E)))
     cases = {
-        "numpy+fleet.numpy_backbone": ("import numpy, fleet.numpy_backbone", ""),
+        "numpy+fleet.compression.numpy_backbone": ("import numpy, fleet.compression.numpy_backbone", ""),
         "torch": ("import torch", ""),
-        "fleet.serving (today)": ("import fleet.serving", ""),
-        "torch-free backbone: import + load + 1 forward": ("import numpy, fleet.numpy_backbone", TORCH_FREE_FORWARD),
+        "fleet.serve.serving (today)": ("import fleet.serve.serving", ""),
+        "torch-free backbone: import + load + 1 forward": ("import numpy, fleet.compression.numpy_backbone", TORCH_FREE_FORWARD),
     }
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
     out = {}

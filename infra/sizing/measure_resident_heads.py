@@ -35,7 +35,7 @@ def rss():
             out[line.split(":")[0]] = round(int(line.split()[1]) / 1024.0, 1)
     return out
 import numpy as np
-from fleet.serving import FleetModel
+from fleet.serve.serving import FleetModel
 uri, mode, requests = sys.argv[1], sys.argv[2], int(sys.argv[3])
 before = rss()
 c0, t0 = time.process_time(), time.perf_counter()
@@ -92,8 +92,8 @@ def seed_table(rng: np.random.Generator):
     """1,000 random FiLM heads (H=64) at the benchmark's bit mix, as a fleet-heads table."""
     import torch
 
-    from fleet.codec import HeadRow, heads_to_table
-    from fleet.quant import quantize_rows
+    from fleet.compression.quant import quantize_rows
+    from fleet.formats.codec import HeadRow, heads_to_table
 
     values = torch.from_numpy(rng.normal(scale=0.3, size=(len(SEED_BITS), 193)).astype(np.float32))
     bits = np.array(SEED_BITS)
@@ -109,11 +109,11 @@ def seed_table(rng: np.random.Generator):
 def build(out: str, campaigns: int, manifest: str | None) -> str:
     """The simulated version's manifest URI (built unless ``out`` holds it already)."""
     import pyarrow as pa
-    from fleet.bench.simulated import simulated_heads
 
-    from fleet.backbone_codec import encode_backbone
-    from fleet.store import FleetVersion, VersionWriter, list_versions
-    from fleet.student import SharedBackbone, StudentConfig
+    from fleet.bench.simulated import simulated_heads
+    from fleet.compression.student import SharedBackbone, StudentConfig
+    from fleet.formats.backbone_codec import encode_backbone
+    from fleet.storage.store import FleetVersion, VersionWriter, list_versions
 
     fleet, version_id = f"sim-{campaigns}", "v1"
     if version_id in list_versions(out, fleet):

@@ -2,7 +2,7 @@
 
     python infra/sizing/measure_stage_costs.py --fleet-dir fleet-data/n200 [--backbone-steps 200] [--out costs.json]
 
-Runs the stage functions of fleet.stages directly in this one process with ONE torch thread (the
+Runs the stage functions of fleet.run.stages directly in this one process with ONE torch thread (the
 pipeline runs one thread per CPU a task holds), over the whole fleet in batches of 25 campaigns,
 with the default CompressConfig. Reports wall and process CPU seconds: on a shared machine the wall
 time is inflated by other load, the CPU time much less so, and CPU time is what a cluster must supply.
@@ -21,9 +21,9 @@ import time
 import pyarrow as pa
 import torch
 
-from fleet import stages
-from fleet.events import EventsDataset
-from fleet.teachers import list_teacher_campaigns
+from fleet.formats.events import EventsDataset
+from fleet.formats.teachers import list_teacher_campaigns
+from fleet.run import stages
 
 
 def _clock() -> tuple[float, float]:

@@ -19,8 +19,8 @@ import time
 
 import numpy as np
 
-from fleet.serving import FleetModel, _distinct_ids
-from fleet.student import head_logits_cross
+from fleet.compression.student import head_logits_cross
+from fleet.serve.serving import FleetModel, _distinct_ids
 
 
 def _time(fn, n: int = 300) -> str:

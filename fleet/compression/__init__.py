@@ -1,0 +1,1 @@
+"""The compression math, pure torch and numpy: SequenceBatch, the shared backbone and stacked heads, distillation, quantization, bit selection, fidelity metrics, the bloomier heads codec's math. Imports fleet.core only."""

@@ -1,0 +1,1 @@
+"""Where versions live: fleet versions and run work dirs on fsspec (store), and the MLflow registry (registry). Imports core, compression, formats; registry imports fleet.serve.pyfunc late (logging a version)."""

@@ -1,0 +1,1 @@
+"""Tools over stored versions: `fleet diff` (version_diff), `fleet gc` (retention) and the run report (report). Imports storage and below."""
