@@ -57,6 +57,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+import fleet
 from fleet.core.errors import FleetError
 from fleet.core.redact import is_secret_name, public_options, scrub, secret_values
 from fleet.storage.store import relocated
@@ -91,7 +92,7 @@ RUNTIME_PACKAGES = ("mlflow", "torch", "safetensors", "numpy", "pyarrow", "fsspe
 #: and the installed build (``+cpu`` / ``+cu124``) is a local wheel tag that a package index cannot resolve.
 TORCH_REQUIREMENT = "torch>=2.4"
 #: The directory of the ``fleet`` package, logged as the model's ``code_paths``.
-FLEET_CODE_DIR = os.path.dirname(os.path.abspath(__file__))
+FLEET_CODE_DIR = os.path.dirname(os.path.abspath(fleet.__file__))
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _MODEL_URI_RE = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))")
