@@ -840,7 +840,7 @@ def test_fast_predict_parse_agrees_with_the_model(body):
     else goes to pydantic (None), which names the problem."""
     from pydantic import ValidationError
 
-    from fleet.serve.http import PredictRequest, _fast_predict_body
+    from fleet.serve.http_schemas import PredictRequest, _fast_predict_body
 
     fast = _fast_predict_body(body)
     try:
@@ -856,7 +856,7 @@ def test_fast_predict_parse_agrees_with_the_model(body):
 def test_fast_score_parse_agrees_with_the_model(body):
     from pydantic import ValidationError
 
-    from fleet.serve.http import ScoreRequest, _fast_score_body
+    from fleet.serve.http_schemas import ScoreRequest, _fast_score_body
 
     fast = _fast_score_body(body)
     try:

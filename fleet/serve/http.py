@@ -1,13 +1,19 @@
 """The HTTP service: a FastAPI app over a swappable :class:`~fleet.serve.serving.FleetModel`.
 
-``create_app(ModelHolder(model))`` serves ``POST /v1/predict``, ``POST /v1/predict/batch``,
-``POST /v1/score`` (one sequence against many campaigns), ``GET /v1/campaigns/{id}``, ``GET /healthz``, ``GET /metrics`` and ``POST /admin/reload``; the
-bodies, status codes and limits are a contract documented in ``docs/serving.md``.
+``create_app(ModelHolder(model))`` serves ``POST /v1/predict``, ``POST /v1/predict/batch``, ``POST /v1/score``
+(one sequence against many campaigns), ``GET /v1/campaigns/{id}``, ``GET /healthz``, ``GET /metrics`` and
+``POST /admin/reload``; the bodies, status codes and limits are a contract documented in ``docs/serving.md``.
+This module holds the app factory, the routes, the error handlers and the admin guard; its parts live beside it:
+the bodies, their parsing and the error bodies in :mod:`fleet.serve.http_schemas`, the served model in
+:mod:`fleet.serve.http_holder`, the Prometheus metrics in :mod:`fleet.serve.http_metrics` and the middleware
+(the body limit, request metrics) in :mod:`fleet.serve.http_middleware`. What callers import (``__all__``:
+:class:`ModelHolder`, the bodies, :func:`public_detail`, ...) stays importable from here.
 
 The hot endpoints (``/v1/predict``, ``/v1/score``) parse their body with orjson and a minimal check of its
-shape (:func:`_fast_predict_body`, :func:`_fast_score_body`); a body that does not pass goes through the
-pydantic models, which name what is wrong (so the 422s and the OpenAPI schema are the models'). Small
-requests run on the event loop (no thread hop), larger ones in the thread pool. Responses are orjson.
+shape (:func:`~fleet.serve.http_schemas._fast_predict_body`, :func:`~fleet.serve.http_schemas._fast_score_body`);
+a body that does not pass goes through the pydantic models, which name what is wrong (so the 422s and the
+OpenAPI schema are the models'). Small requests run on the event loop (no thread hop), larger ones in the thread
+pool. Responses are orjson.
 
 Guarantees: a request takes the model reference once, so a swap never changes a version under a
 request in flight; bodies are bounded (``Content-Length`` and streamed bytes); no input yields a
@@ -21,32 +27,16 @@ from __future__ import annotations
 import hmac
 import logging
 import re
-import threading
-import time
 import traceback
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Any
 
-import numpy as np
-import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    GCCollector,
-    Histogram,
-    PlatformCollector,
-    ProcessCollector,
-)
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
@@ -60,466 +50,46 @@ from fleet.core.errors import (
 )
 from fleet.core.redact import scrub
 from fleet.formats.codec import head_passed
+from fleet.serve.http_holder import ModelHolder, ReloadUnavailable
+from fleet.serve.http_metrics import CONTENT_TYPE, HttpMetrics
+from fleet.serve.http_middleware import BodyLimit, RequestMetrics, _body
+from fleet.serve.http_schemas import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_SCORE_CAMPAIGNS,
+    DEFAULT_MAX_SEQUENCES,
+    BatchRequest,
+    BatchResponse,
+    CampaignResponse,
+    ErrorResponse,
+    PredictRequest,
+    PredictResponse,
+    ScoreRequest,
+    ScoreResponse,
+    SequenceIn,
+    _error,
+    _fast_predict_body,
+    _fast_score_body,
+    _json,
+    _parse,
+    _RequestError,
+    _validation_errors,
+    public_detail,
+)
 from fleet.serve.serving import FleetModel, InvalidInputError
-from fleet.storage.store import json_safe
 
 log = logging.getLogger("fleet.serve.http")
 
-DEFAULT_MAX_BODY_BYTES = 1_000_000
-DEFAULT_MAX_SEQUENCES = 1024
-#: Most campaigns one ``POST /v1/score`` may name (and most scores it may return: ``top_k``, or every
-#: campaign of the version when it names none).
-DEFAULT_MAX_SCORE_CAMPAIGNS = 10_000
-#: After refusing an oversized body we still read (and drop) up to this many bytes, so the client
-#: gets to read the 413 instead of a connection reset.
-DRAIN_LIMIT_BYTES = 16 * 2**20
 #: A ``/v1/predict`` of at most this many events in all, or a ``/v1/score`` of at most this many sequence
 #: events x campaigns, runs on the event loop (sub-millisecond work: a thread hop would cost more); larger
 #: requests run in the thread pool so that the loop keeps answering.
 INLINE_MAX_EVENTS = 4096
 INLINE_MAX_SCORE_WORK = 200_000
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-_BODY_KEY = "fleet.body"
 #: Where ``/docs`` (Swagger UI) loads its JavaScript and CSS from: this app (the ``swagger-ui-bundle`` package).
 DOCS_STATIC = "/docs/static"
-#: Longest ``detail`` of an error body.
-MAX_DETAIL_CHARS = 1000
-#: Where a path or URI was in an error text, a client reads this.
-HIDDEN_PATH = "<path>"
-# URIs (scheme://...) and absolute local paths (two segments or more) inside an error text.
-_LOCATION_RE = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"()<>,;]*"
-                          r"|(?<![\w./~-])/(?:[^\s/'\"()<>,;:]+/)+[^\s/'\"()<>,;:]*")
 _ADMIN_TOKEN_RE = re.compile(r"[\x21-\x7e]+")  # visible ASCII: it travels in a header
 
 
-# ----------------------------------------------------------------------------- bodies (the contract)
-
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
-
-
-class SequenceIn(BaseModel):
-    """One event sequence: ``event_types`` (length T) and flat row-major ``features`` (T * num_features)."""
-
-    model_config = ConfigDict(strict=True)
-    event_types: list[StrictInt]
-    features: list[FiniteFloat]
-
-
-class PredictRequest(BaseModel):
-    """``POST /v1/predict``: several sequences scored by one campaign's head."""
-
-    model_config = ConfigDict(strict=True)
-    campaign_id: str
-    sequences: list[SequenceIn]
-
-
-class BatchRow(SequenceIn):
-    """One row of ``POST /v1/predict/batch``: a sequence and the campaign that scores it."""
-
-    campaign_id: str
-
-
-class BatchRequest(BaseModel):
-    """``POST /v1/predict/batch``: rows mixing campaigns."""
-
-    model_config = ConfigDict(strict=True)
-    rows: list[BatchRow]
-
-
-class ScoreRequest(BaseModel):
-    """``POST /v1/score``: one sequence scored by many campaigns' heads (one backbone pass)."""
-
-    model_config = ConfigDict(strict=True)
-    sequence: SequenceIn
-    campaign_ids: list[str] | None = Field(default=None, description="campaigns to score (duplicates scored "
-                                           "once); omitted or null: every campaign of the version")
-    top_k: StrictInt | None = Field(default=None, ge=1, description="return only the k highest probabilities, "
-                                    "best first; omitted or null: every scored campaign, in request order")
-
-
-class ScoreResponse(BaseModel):
-    """``POST /v1/score`` 200: the scored campaigns, their probabilities and fallback flags (aligned), and the
-    requested ids the version does not hold."""
-
-    version: str
-    campaign_ids: list[str] = Field(description="scored campaigns: with top_k the best k, highest first; else in "
-                                                "request order (version order when none were named)")
-    probabilities: list[float]
-    fallback: list[bool] = Field(description="per scored campaign: true when its head did not pass its quality "
-                                             "gate; the probability is still returned")
-    unknown: list[str] = Field(description="requested ids that are not in the served version (not scored)")
-
-
-class PredictResponse(BaseModel):
-    """``POST /v1/predict`` 200: probabilities in order, and the quality-gate verdict of the head."""
-
-    campaign_id: str
-    version: str
-    probabilities: list[float]
-    status: str = Field(description="the head's status: ok, capacity, fallback, ... (fleet.formats.codec.head_passed)")
-    fallback: bool = Field(description="true when the head did not pass its quality gate (status fallback or "
-                                       "gate_failed); the probabilities are still returned")
-
-
-class BatchResponse(BaseModel):
-    """``POST /v1/predict/batch`` 200: probabilities in row order, and per row whether its head is a fallback."""
-
-    version: str
-    probabilities: list[float]
-    fallback: list[bool] = Field(description="per row, in row order: true when that row's head did not pass "
-                                             "its quality gate; the probability is still returned")
-
-
-class CampaignResponse(BaseModel):
-    """``GET /v1/campaigns/{id}`` 200: a head's metadata (:func:`fleet.serve.serving.head_metadata`). Also the
-    nullable agreement / calibration floats of ``fleet.compression.metrics.CALIBRATION_KEYS`` (kl, brier_vs_teacher, ...)."""
-
-    model_config = ConfigDict(extra="allow")
-    campaign_id: str
-    version: str
-    bits: int
-    group_size: int
-    shape: list[int]
-    num_params: int
-    num_stored: int
-    pruned: bool
-    bytes: int
-    status: str
-    passed: bool = Field(description="false when the head did not pass its quality gate (status fallback or "
-                                     "gate_failed)")
-    teacher_auc: float | None
-    student_auc: float | None
-    mean_abs_diff: float | None
-    agreement: float | None
-    n_train: int | None
-    n_holdout: int | None
-    teacher_sha256: str
-    data_fingerprint: str
-
-
-class ErrorResponse(BaseModel):
-    """Every error: a stable ``code``, a readable ``detail``, and for body errors the failing ``errors``."""
-
-    code: str
-    detail: str
-    errors: list[dict] | None = None
-
-
-# ----------------------------------------------------------------------------- the model holder
-
-
-class ReloadUnavailable(RuntimeError):
-    """The holder has no reload callable."""
-
-
-class ModelHolder:
-    """Holds the served :class:`FleetModel`; :meth:`swap` replaces it atomically.
-
-    Args:
-        model: the model served first.
-        reload: optional ``reload(current) -> FleetModel | None`` (a new model, or None when nothing
-            changed), e.g. :func:`fleet.serve.serving.alias_reloader`; used by ``POST /admin/reload`` and
-            by the poller.
-        poll_seconds: when set (and ``reload`` given), a background thread calls :meth:`reload`
-            every ``poll_seconds`` while the app runs (:meth:`start` / :meth:`stop`).
-    """
-
-    def __init__(self, model: FleetModel, *, reload: Callable[[FleetModel], FleetModel | None] | None = None,
-                 poll_seconds: float | None = None):
-        if poll_seconds is not None and poll_seconds <= 0:
-            raise ValueError(f"poll_seconds must be > 0, got {poll_seconds}")
-        self._model = model
-        self._reload = reload
-        self.poll_seconds = poll_seconds
-        self._swap_lock = threading.Lock()
-        self._reload_lock = threading.Lock()  # one reload at a time (admin and poller)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.swaps = 0
-        self.reload_errors = 0
-        self.last_reload_error: str | None = None
-        self._retired = {"hits": 0, "misses": 0}  # cache counters of models swapped out
-
-    def get(self) -> FleetModel:
-        """The current model (take it once per request)."""
-        return self._model
-
-    def swap(self, new: FleetModel) -> FleetModel:
-        """Serve ``new`` from now on; return the old model (requests holding it finish on it)."""
-        if not isinstance(new, FleetModel):
-            raise TypeError(f"swap needs a FleetModel, got {type(new).__name__}")
-        with self._swap_lock:
-            old, self._model = self._model, new
-            info = old.cache_info()
-            self._retired["hits"] += info["hits"]
-            self._retired["misses"] += info["misses"]
-            self.swaps += 1
-        log.info("serving fleet version %s (was %s)", new.version_id, old.version_id)
-        return old
-
-    @property
-    def can_reload(self) -> bool:
-        return self._reload is not None
-
-    def reload(self) -> bool:
-        """Call the reload callable; swap and return True when it yields another version."""
-        if self._reload is None:
-            raise ReloadUnavailable("this server has no reload source (serve a models:/ URI to enable it)")
-        with self._reload_lock:
-            current = self.get()
-            try:
-                new = self._reload(current)
-            except Exception as exc:
-                self.reload_errors += 1
-                self.last_reload_error = f"{type(exc).__name__}: {public_detail(exc)}"  # shown by /healthz
-                raise
-            self.last_reload_error = None
-            if new is None or new is current or new.version_id == current.version_id:
-                return False
-            self.swap(new)
-            return True
-
-    def cache_totals(self) -> dict:
-        info = self.get().cache_info()
-        return {"hits": self._retired["hits"] + info["hits"], "misses": self._retired["misses"] + info["misses"],
-                "size": info["size"], "capacity": info["capacity"]}
-
-    def start(self) -> None:
-        """Start the poller (no-op without ``poll_seconds`` or reload callable, or when running)."""
-        if self._reload is None or self.poll_seconds is None or (self._thread and self._thread.is_alive()):
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._poll, name="fleet-model-poller", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
-            try:
-                self.reload()
-            except Exception as exc:  # noqa: BLE001 - keep serving the current version
-                log.warning("model poll failed, still serving %s: %s", self.get().version_id, scrub(str(exc)))
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-_ENDPOINTS = {
-    "/v1/predict": "/v1/predict",
-    "/v1/predict/batch": "/v1/predict/batch",
-    "/v1/score": "/v1/score",
-    "/healthz": "/healthz",
-    "/metrics": "/metrics",
-    "/admin/reload": "/admin/reload",
-}
-
-
-def _endpoint_label(path: str) -> str:
-    label = _ENDPOINTS.get(path)
-    if label is not None:
-        return label
-    if path.startswith("/v1/campaigns/"):
-        return "/v1/campaigns/{id}"  # never the id itself: labels must stay few
-    return "other"
-
-
-class _Metrics:
-    """The app's Prometheus metrics (``prometheus_client``) in a registry of its own, never the global one (two
-    apps in one process count apart): request counts and latencies by endpoint, sequences and heads scored, the
-    served model's gauges (read from the :class:`ModelHolder` at each scrape), and prometheus_client's process,
-    platform and garbage-collector metrics."""
-
-    def __init__(self, holder: ModelHolder):
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("fleet_http_requests", "HTTP requests by endpoint and status code.",
-                                ["endpoint", "status"], registry=self.registry)
-        self.duration = Histogram("fleet_http_request_duration_seconds", "Time from request start to response end.",
-                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.sequences = Counter("fleet_predicted_sequences", "Sequences scored.", registry=self.registry)
-        self.scored_campaigns = Counter("fleet_scored_campaigns", "Campaign heads evaluated by /v1/score.",
-                                        registry=self.registry)
-        self.registry.register(_ModelCollector(holder))
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
-        GCCollector(registry=self.registry)
-
-    def observe(self, endpoint: str, status: int, seconds: float) -> None:
-        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
-        self.duration.labels(endpoint=endpoint).observe(seconds)
-
-    def add_sequences(self, n: int) -> None:
-        self.sequences.inc(n)
-
-    def add_scored(self, sequences: int, campaigns: int) -> None:
-        self.sequences.inc(sequences)
-        self.scored_campaigns.inc(campaigns)
-
-    def render(self) -> bytes:
-        """The Prometheus text exposition (format 0.0.4) of every metric."""
-        return generate_latest(self.registry)
-
-
-class _ModelCollector(Collector):
-    """The served model's metrics, read from the holder when scraped: head cache, version, swaps, reload errors."""
-
-    def __init__(self, holder: ModelHolder):
-        self.holder = holder
-
-    def collect(self):
-        holder = self.holder
-        model = holder.get()
-        cache = holder.cache_totals()
-        yield CounterMetricFamily("fleet_head_cache_hits", "Head lookups served from memory.", value=cache["hits"])
-        yield CounterMetricFamily("fleet_head_cache_misses", "Head lookups that read a row group.",
-                                  value=cache["misses"])
-        yield GaugeMetricFamily("fleet_head_cache_size", "Heads held dequantized in memory.", value=cache["size"])
-        yield GaugeMetricFamily("fleet_head_cache_capacity", "Bound of the head cache.", value=cache["capacity"])
-        info = GaugeMetricFamily("fleet_model_info", "The fleet version being served (value 1).",
-                                 labels=["version", "fleet"])
-        info.add_metric([str(model.version_id), str(model.manifest.get("fleet") or "")], 1)
-        yield info
-        yield GaugeMetricFamily("fleet_model_campaigns", "Campaigns in the served version.", value=model.num_campaigns)
-        yield CounterMetricFamily("fleet_model_swaps", "Model versions swapped in since start.", value=holder.swaps)
-        yield CounterMetricFamily("fleet_model_reload_errors", "Failed reloads (the old version kept serving).",
-                                  value=holder.reload_errors)
-
-
-# ----------------------------------------------------------------------------- ASGI gate
-
-
-class _Gate:
-    """Pure ASGI middleware: bounds request bodies (Content-Length and streamed bytes) and records
-    metrics. The body is read here once and handed to the endpoint through the scope."""
-
-    def __init__(self, app, metrics: _Metrics, max_body_bytes: int):
-        self.app = app
-        self.metrics = metrics
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = [500]
-
-        async def send_status(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            if scope["method"] in ("POST", "PUT", "PATCH"):
-                body, problem = await self._read_body(scope, receive)
-                if problem is not None:
-                    await _send_error(send_status, *problem)
-                    return
-                scope[_BODY_KEY] = body
-                receive = _replay(body, receive)
-            await self.app(scope, receive, send_status)
-        finally:
-            self.metrics.observe(_endpoint_label(scope.get("path", "")), status[0], time.perf_counter() - started)
-
-    async def _read_body(self, scope, receive) -> tuple[bytes, tuple | None]:
-        limit = self.max_body_bytes
-        declared = None
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    return b"", (400, "bad_request", "Content-Length is not an integer")
-        too_large = (413, "payload_too_large", f"request body exceeds {limit} bytes")
-        if declared is not None and declared > limit:
-            await _drain(receive)
-            return b"", too_large
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return b"", (400, "bad_request", "client disconnected")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                if message.get("more_body", False):
-                    await _drain(receive)
-                return b"", too_large
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks), None
-
-
-async def _drain(receive) -> None:
-    drained = 0
-    while drained <= DRAIN_LIMIT_BYTES:
-        message = await receive()
-        if message["type"] != "http.request":
-            return
-        drained += len(message.get("body", b""))
-        if not message.get("more_body", False):
-            return
-
-
-def _replay(body: bytes, receive):
-    done = False
-
-    async def replay():
-        nonlocal done
-        if not done:
-            done = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()  # later calls wait for the disconnect
-
-    return replay
-
-
-async def _send_error(send, status: int, code: str, detail: str) -> None:
-    payload = _dumps({"code": code, "detail": detail})
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": payload})
-
-
-# ----------------------------------------------------------------------------- responses
-
-
-def _dumps(obj: Any) -> bytes:
-    """Compact JSON (orjson; numpy arrays as lists). NaN and inf become null, as :func:`fleet.storage.store.json_safe`
-    makes them: they never reach a response."""
-    try:
-        return orjson.dumps(obj, default=_array_list, option=orjson.OPT_SERIALIZE_NUMPY)
-    except TypeError:  # odd types (orjson.JSONEncodeError is a TypeError)
-        return orjson.dumps(json_safe(obj))
-
-
-def _array_list(obj: Any) -> list:
-    """orjson's fallback for what it does not serialize itself: a numpy array that is not C-contiguous."""
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
-
-
-def _json(obj: Any, status: int = 200) -> Response:
-    return Response(_dumps(obj), status_code=status, media_type="application/json")
-
-
-def public_detail(error: BaseException | str) -> str:
-    """What a client may read of an error: for a :class:`~fleet.core.errors.FleetError` its campaign and
-    reason (with the row), never its path; any store path or URI inside is replaced by ``<path>`` and
-    credentials by ``***`` (:func:`fleet.core.redact.scrub`); at most :data:`MAX_DETAIL_CHARS` characters.
-    Every error body's ``detail`` goes through it."""
-    if isinstance(error, FleetError):
-        campaign = [] if error.campaign_id is None else [f"campaign {error.campaign_id!r}"]
-        text = ": ".join([*campaign, error.reason])
-    else:
-        text = str(error)
-    return _LOCATION_RE.sub(HIDDEN_PATH, scrub(text))[:MAX_DETAIL_CHARS]
+# ----------------------------------------------------------------------------- the admin guard, the log's text
 
 
 def _log_text(exc: BaseException) -> str:
@@ -551,97 +121,6 @@ def _admin_guard(admin_token: str | None) -> Callable[[Request], None]:
     return guard
 
 
-def _error(status: int, code: str, detail: str, errors: list | None = None) -> Response:
-    body: dict[str, Any] = {"code": code, "detail": public_detail(detail)}
-    if errors is not None:
-        body["errors"] = errors
-    return _json(body, status)
-
-
-class _RequestError(Exception):
-    def __init__(self, status: int, code: str, detail: str, errors: list | None = None):
-        super().__init__(detail)
-        self.status, self.code, self.detail, self.errors = status, code, detail, errors
-
-
-def _validation_errors(exc: ValidationError | RequestValidationError) -> list[dict]:
-    """Locations and messages only: never echo the input (it may hold NaN or megabytes)."""
-    raw = exc.errors(include_input=False, include_url=False) if isinstance(exc, ValidationError) else exc.errors()
-    out = []
-    for err in raw[:20]:
-        loc = [p if isinstance(p, (int, str)) else str(p) for p in err.get("loc", ())]
-        out.append({"loc": loc, "msg": str(err.get("msg", "")), "type": str(err.get("type", ""))})
-    return out
-
-
-def _parse(model: type[BaseModel], body: bytes) -> BaseModel:
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        detail = f"body does not match {model.__name__}"
-        raise _RequestError(422, "invalid_body", detail, _validation_errors(exc)) from None
-
-
-def _body(request: Request) -> bytes:
-    return request.scope.get(_BODY_KEY, b"")
-
-
-def _sequence_lists(seq: Any) -> tuple[list, list] | None:
-    """``(event_types, features)`` of a parsed sequence object when both are lists of what the models accept
-    (ints; ints or floats: orjson yields no NaN or inf), else None."""
-    if type(seq) is not dict:
-        return None
-    types, feats = seq.get("event_types"), seq.get("features")
-    if type(types) is not list or type(feats) is not list:
-        return None
-    if (types and not set(map(type, types)) <= _INT) or (feats and not set(map(type, feats)) <= _NUMBER):
-        return None  # a bool, a string, a float event type, a big int orjson made a float, ...
-    return types, feats
-
-
-_INT = frozenset({int})
-_NUMBER = frozenset({int, float})
-
-
-def _loads(body: bytes) -> Any:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:  # also NaN, Infinity and 1e999: the models' parser names them
-        return None
-
-
-def _fast_predict_body(body: bytes) -> tuple[str, list, list] | None:
-    """``(campaign_id, event_types columns, features columns)`` of a ``PredictRequest`` body in its plain shape
-    (what :class:`PredictRequest` accepts, checked without building models), or None: then pydantic parses it
-    and names what is wrong. Values are checked by the model (:meth:`fleet.serve.serving.FleetModel.predict_with_status`)."""
-    obj = _loads(body)
-    if type(obj) is not dict or type(obj.get("campaign_id")) is not str or type(obj.get("sequences")) is not list:
-        return None
-    types, feats = [], []
-    for seq in obj["sequences"]:
-        columns = _sequence_lists(seq)
-        if columns is None:
-            return None
-        types.append(columns[0])
-        feats.append(columns[1])
-    return obj["campaign_id"], types, feats
-
-
-def _fast_score_body(body: bytes) -> tuple[dict, list[str] | None, int | None] | None:
-    """``(sequence, campaign_ids, top_k)`` of a ``ScoreRequest`` body in its plain shape, or None (pydantic then
-    parses it), as :func:`_fast_predict_body`."""
-    obj = _loads(body)
-    if type(obj) is not dict:
-        return None
-    columns = _sequence_lists(obj.get("sequence"))
-    ids, top_k = obj.get("campaign_ids"), obj.get("top_k")
-    if columns is None or (ids is not None and (type(ids) is not list or (ids and set(map(type, ids)) != {str}))):
-        return None
-    if top_k is not None and (type(top_k) is not int or top_k < 1):
-        return None
-    return {"event_types": columns[0], "features": columns[1]}, ids, top_k
-
-
 # ----------------------------------------------------------------------------- the app
 
 
@@ -662,7 +141,7 @@ def create_app(
     holder = model_provider if isinstance(model_provider, ModelHolder) else ModelHolder(model_provider)
     if max_body_bytes < 1 or max_sequences < 1 or max_score_campaigns < 1:
         raise ValueError("max_body_bytes, max_sequences and max_score_campaigns must be >= 1")
-    metrics = _Metrics(holder)
+    metrics = HttpMetrics(holder)
     admin = APIRouter(prefix="/admin", dependencies=[Depends(_admin_guard(admin_token))])
 
     @asynccontextmanager
@@ -771,7 +250,7 @@ def create_app(
     @app.get("/metrics", response_model=None)
     def prometheus() -> Response:
         """Prometheus text exposition."""
-        return Response(metrics.render(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @admin.post("/reload", response_model=None, responses={401: {"model": ErrorResponse},
                                                          403: {"model": ErrorResponse},
@@ -794,7 +273,8 @@ def create_app(
     _install_docs(app)
     _install_handlers(app)
     _install_openapi(app)
-    app.add_middleware(_Gate, metrics=metrics, max_body_bytes=max_body_bytes)
+    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # added last, so outermost: it times the body's read too
     return app
 
 
@@ -900,8 +380,8 @@ def app_from_uri(
 ) -> FastAPI:
     """Load ``model_uri`` (``models:/...`` or a version URI) and build the app; a ``models:/`` URI
     can be re-resolved by ``POST /admin/reload`` and by the poller (``poll_seconds``). ``heads``:
-    :meth:`FleetModel.open`'s head mode, ``backend`` its backbone backend (None: their defaults). Picklable through ``functools.partial``
-    (Ray Serve replicas call it)."""
+    :meth:`FleetModel.open`'s head mode, ``backend`` its backbone backend (None: their defaults). Picklable
+    through ``functools.partial`` (Ray Serve replicas call it)."""
     from fleet.serve.serving import alias_reloader
 
     open_kw: dict[str, Any] = {"storage_options": storage_options, "preload": preload, "verify": verify,

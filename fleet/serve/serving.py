@@ -1040,7 +1040,7 @@ Reloader = Callable[["FleetModel | None"], "FleetModel | None"]
 
 
 def alias_reloader(model_uri: str, tracking_uri: str | None = None, **open_kw: Any) -> Reloader:
-    """A reload callable for :class:`fleet.serve.http.ModelHolder`: ``reload(current)`` re-resolves
+    """A reload callable for :class:`fleet.serve.http_holder.ModelHolder`: ``reload(current)`` re-resolves
     ``model_uri`` and returns a newly opened model when it now names another version, else None.
     A plain version/manifest URI names an immutable version, so it never changes."""
 
