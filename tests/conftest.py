@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,16 +12,11 @@ import uuid
 
 import pytest
 
+from fleet.bench.probe import free_port, stop_process  # free_port: shared by the test modules that start servers
+
 # ============================================================================ S3 (moto server)
 # A real S3 endpoint over HTTP (moto's server in a subprocess, once per session): s3fs talks the
 # real protocol to it. moto's in-process mock does not work with s3fs's aiobotocore client.
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (shared by the test modules that start servers)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -59,12 +53,7 @@ def s3_server():
             },
         }
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=10)
         log.close()
 
 

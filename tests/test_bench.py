@@ -3,12 +3,13 @@ fidelity keys, the cached fleet is reused (and a different one refused). No timi
 
 import json
 import math
+import pathlib
 
 import pytest
 
 from fleet.bench.cli import add_arguments, config_from_args
 from fleet.bench.methods import LABELS, contiguous_jobs, head_latencies, retarget_backbone
-from fleet.bench.report import PLOTS, head_codec_lines
+from fleet.bench.report import DOCS_END, PLOTS, head_codec_lines
 from fleet.bench.run import prepare_fleet
 from fleet.bench.serving import SCORE_K, SERVING_TARGETS, SLOW_REQUESTS
 from fleet.cli.main import main
@@ -197,3 +198,91 @@ def test_serving_only_targets_table(tmp_path):
 
 def test_serving_only_needs_a_model():
     assert main(["bench", "--serving-only", "--out", "unused", "--fleet-dir", "unused"]) != 0
+
+
+# ----------------------------------------------------------------------------- fleet bench --write-docs
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _method(label: str, bytes_per_campaign: float, *, extrapolated: bool = False, **extra) -> dict:
+    fidelity = {"campaigns": 4, "campaigns_with_auc": 2, "auc_median": 0.71, "auc_diff_median": -0.001,
+                "auc_diff_p10": -0.01, "auc_diff_worst": -0.02, "mean_abs_diff_median": 0.01,
+                "mean_abs_diff_p90": 0.02, "mean_abs_diff_worst": 0.05}
+    return {"label": label, "bytes_per_campaign": bytes_per_campaign, "bytes_total": 4 * bytes_per_campaign,
+            "extrapolated": extrapolated, "compression_ratio": 3e5 / bytes_per_campaign, "time_s": 12.5,
+            "fidelity": fidelity, "bytes_note": "measured", "time_note": "wall time", **extra}
+
+
+def _bench_results(run_dir: pathlib.Path) -> pathlib.Path:
+    """A results.json of a (made-up) N=4 ``fleet bench`` run and placeholder PNGs next to it: its path."""
+    run_dir.mkdir()
+    subset = {"auc_diff_median": -0.002, "auc_diff_p10": -0.02, "mean_abs_diff_median": 0.01}
+    results = {
+        "campaigns": 4, "created_at": "20260101T000000Z", "bench_seconds": 600.0, "mlflow_run_id": None,
+        "argv": ["/venv/bin/fleet", "bench", "--campaigns", "4", "--out", "bench-out/n4"],
+        "fleet": {"how": "made by the benchmark"},
+        "machine": {"cpus": 2, "memory_gib": 24.0, "platform": "Linux", "python": "3.11", "torch": "2.13",
+                    "load_average_at_start": [1.0, 1.0, 1.0], "load_average_at_end": [2.0, 1.5, 1.0]},
+        "bench_config": {"synth": {"num_layers": 1, "arch": "lstm", "hidden_size": 16, "seed": 3},
+                         "compress": {"min_auc_class_count": 5}},
+        "methods": {"teacher_fp32": _method("(a) teacher fp32", 3e5),
+                    "teacher_int8_dynamic": _method("(b) teacher int8", 8e4),
+                    "independent_students": _method("(c) independent students", 7e3, extrapolated=True, subset_size=3,
+                                                    fleet_auto_on_same_subset=subset),
+                    "fleet_auto": _method("(d) fleet auto", 130.0,
+                                          bits_campaigns={"1": 0, "2": 1, "4": 2, "8": 1, "16": 0})},
+        "real_run": {"stage_seconds": {"soft_labels": 5.0, "backbone": 4.0, "heads": 2.0},
+                     "registration_and_overhead_seconds": 1.5, "wall_seconds": 12.5, "total_over_floor": 2.5,
+                     "run_over_floor": 2.2, "floor_seconds": 5.0},
+        "targets": [{"figure": "bytes per campaign", "target": "<= 128 B", "value": 130.0, "passed": False,
+                     "source": "real run"},
+                    {"figure": "AUC diff median", "target": ">= -0.005", "value": -0.001, "passed": True,
+                     "source": "real run"}],
+    }
+    (run_dir / "results.json").write_text(json.dumps(results))
+    for name in PLOTS:
+        (run_dir / name).write_bytes(b"PNG " + name.encode())
+    return run_dir / "results.json"
+
+
+def test_write_docs_rewrites_the_generated_section_only(tmp_path):
+    """``fleet bench --write-docs RESULTS.json`` on a copy of docs/benchmarks.md: the section above its end line is
+    rewritten from the results (with --docs-prose's prose), the rest is kept byte for byte, the PNGs are copied next
+    to the page; nothing is run. A page without the end line is refused and left as it was; a new page is created.
+    """
+    real = ROOT / "docs" / "benchmarks.md"
+    original = real.read_text()
+    assert original.count(DOCS_END) == 1
+    page = tmp_path / "docs" / "benchmarks.md"
+    page.parent.mkdir()
+    page.write_text(original)
+    results = _bench_results(tmp_path / "run")
+    prose = tmp_path / "prose.json"
+    prose.write_text(json.dumps({"status": "A made-up run.", "why": {"bytes per": "Too few campaigns."},
+                                 "notes": "Caveats."}))
+    argv = ["bench", "--write-docs", str(results), "--docs", str(page), "--docs-prose", str(prose)]
+    assert main(argv) == 0
+    text = page.read_text()
+    head, end, tail = text.partition(DOCS_END)
+    assert end and tail == original.partition(DOCS_END)[2]
+    assert "**N = 4** campaigns" in head and "N = 1000" not in head
+    assert "fleet bench --campaigns 4 --out bench-out/n4" in head and "| (d) fleet auto | 130 bytes |" in head
+    assert "> A made-up run." in head and "Too few campaigns." in head and "\nCaveats.\n" in head
+    for name in PLOTS:
+        assert (tmp_path / "docs" / "benchmarks" / name).read_bytes() == b"PNG " + name.encode()
+    assert main(argv) == 0 and page.read_text() == text  # the kept part is kept again
+    assert real.read_text() == original
+
+    other = tmp_path / "other.md"
+    other.write_text("# by hand\n")
+    assert main(["bench", "--write-docs", str(results), "--docs", str(other)]) == 1
+    assert other.read_text() == "# by hand\n" and not (tmp_path / "other").exists()
+    new = tmp_path / "new.md"
+    assert main(["bench", "--write-docs", str(results), "--docs", str(new)]) == 0
+    assert new.read_text().endswith("\n" + DOCS_END + "\n") and (tmp_path / "new" / next(iter(PLOTS))).is_file()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"reasons": "?"}))
+    assert main(["bench", "--write-docs", str(results), "--docs", str(new), "--docs-prose", str(bad)]) == 2
+    assert main(["bench", "--write-docs", str(results), "--zoo", "--docs", str(new)]) == 2
+    assert main(["bench", "--campaigns", "4"]) == 2  # --out is required but with --write-docs

@@ -24,7 +24,9 @@ Outputs under ``--out``: ``results.json``, ``results.md``, ``*.png``; the run is
 
 The modules, lowest first (each imports only those above it in this list):
 
-- :mod:`fleet.bench.common`: :class:`BenchConfig`, the results format, console, latency summaries, RSS, machine;
+- :mod:`fleet.bench.probe`: the serving subprocesses (``python -m fleet.bench.probe KIND ARGS``: HTTP server, probes),
+  a process's RSS; it imports only the standard library at module level;
+- :mod:`fleet.bench.common`: :class:`BenchConfig`, the results format, console, latency summaries, machine;
 - :mod:`fleet.bench.methods`: the methods (a)-(d) and fleet's variants, summed up the same way;
 - :mod:`fleet.bench.serving`: serving latencies, HTTP, issue 12's serving targets and the K-teacher peer;
 - :mod:`fleet.bench.simulated`: the SIMULATED scale test;

@@ -1,6 +1,6 @@
 """``fleet bench``'s command line: its options (the parser is built in :mod:`fleet.cli.main`), and the dispatch to
-the benchmark (:func:`fleet.bench.run.run_bench`), ``--serving-only``, ``--zoo`` (:mod:`fleet.bench.zoo`) and
-``--scale`` (:mod:`fleet.bench.scale`)."""
+the benchmark (:func:`fleet.bench.run.run_bench`), ``--serving-only``, ``--zoo`` (:mod:`fleet.bench.zoo`),
+``--scale`` (:mod:`fleet.bench.scale`) and ``--write-docs`` (:func:`fleet.bench.report.write_docs`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 from rich.table import Table
 
 from fleet.bench.common import RESULTS_FORMAT, SERVING_THREADS, BenchConfig, machine_info
-from fleet.bench.report import summary_table
+from fleet.bench.report import DOCS_PROSE, summary_table, write_docs
 from fleet.bench.run import run_bench
 from fleet.bench.serving import render_serving_targets, serving_targets
 from fleet.bench.simulated import write_simulated_version
@@ -43,7 +43,8 @@ def add_arguments(p) -> None:
                    help="cached synthetic fleet (events/, teachers/, synth.json); reused when its seed and shape "
                         "match, created otherwise (default: OUT/fleet; --zoo: fleet-data/zoo; --scale: "
                         "fleet-data/scale, a directory KIND-N per size)")
-    p.add_argument("--out", required=True, help="output directory: results.json, results.md, PNGs, stores")
+    p.add_argument("--out", default=None, help="output directory: results.json, results.md, PNGs, stores (no default: "
+                                               "required but with --write-docs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic fleet and of the compression")
     p.add_argument("--peer-subset", type=int, default=20, help="K: campaigns peer (c) is run on (then extrapolated)")
     p.add_argument("--scale-campaigns", type=_sizes, default=(10_000, 1_000_000),
@@ -79,6 +80,16 @@ def add_arguments(p) -> None:
     p.add_argument("--no-mlflow", action="store_true",
                    help="use no MLflow at all: the bench run is not logged and the real run's version is not registered")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    g = p.add_argument_group("docs (from an earlier run's results; nothing is run)")
+    g.add_argument("--write-docs", default=None, metavar="RESULTS.json",
+                   help="rewrite the generated section of --docs (the text above its end-of-section line) from a "
+                        "run's results.json, its PNGs copied into the page's folder of the same name "
+                        "(docs/benchmarks/), and exit (default: off)")
+    g.add_argument("--docs", default="docs/benchmarks.md", help="with --write-docs: the page (default: %(default)s)")
+    g.add_argument("--docs-prose", default=None, metavar="PROSE.json",
+                   help="with --write-docs: the page's hand-written prose, a JSON object of "
+                        f"{', '.join(DOCS_PROSE)} (why: target figure prefix -> why it was missed; shared: what "
+                        "else ran on the machine) (default: none)")
     from fleet.bench import scale, zoo
 
     zoo.add_arguments(p)
@@ -117,7 +128,14 @@ def config_from_args(args) -> BenchConfig:
 def run_from_args(args, out_console) -> int:
     """``fleet bench``: run, print the summary table; exit 0 (1 on a FleetError, raised to the CLI).
     With ``--zoo``: the zoo's fidelity table instead (exit 1 when a pair misses a target); with ``--scale``: the
-    real runs at growing fleet sizes (:mod:`fleet.bench.scale`, exit 1 when a target is missed)."""
+    real runs at growing fleet sizes (:mod:`fleet.bench.scale`, exit 1 when a target is missed); with
+    ``--write-docs``: :func:`write_docs_from_args`, nothing run."""
+    if args.write_docs:
+        if args.scale or args.zoo or args.zoo_compare or args.serving_only:
+            raise UsageError("--write-docs runs alone: not with --scale, --zoo, --zoo-compare or --serving-only")
+        return write_docs_from_args(args, out_console)
+    if not args.out:
+        raise UsageError("--out is required (but with --write-docs)")
     if args.scale:
         if args.zoo or args.zoo_compare or args.serving_only:
             raise UsageError("--scale runs alone: not with --zoo, --zoo-compare or --serving-only")
@@ -178,4 +196,22 @@ def run_serving_only(args, out_console) -> int:
                       "" if r["peer"] is None else f"{r['peer']:,.1f}", "" if r["ratio"] is None else f"{r['ratio']:,.0f}x")
     out_console.print(table)
     out_console.print(f"results: {os.path.join(args.out, 'serving-targets.json')}")
+    return 0
+
+
+def write_docs_from_args(args, out_console) -> int:
+    """``fleet bench --write-docs RESULTS.json``: the generated section of ``--docs`` rewritten from a run's
+    results (:func:`write_docs`; its PNGs into the directory named as the page without ``.md``), with the prose of
+    ``--docs-prose``. Runs nothing. Exit 0."""
+    if not os.path.isfile(args.write_docs):
+        raise UsageError(f"--write-docs: no file {args.write_docs}")
+    prose = {}
+    if args.docs_prose:
+        with open(args.docs_prose) as f:
+            prose = json.load(f)
+        if not isinstance(prose, dict) or set(prose) - set(DOCS_PROSE):
+            raise UsageError(f"--docs-prose must hold a JSON object of {', '.join(DOCS_PROSE)}")
+    plots_dir = os.path.splitext(args.docs)[0]
+    write_docs(args.write_docs, args.docs, plots_dir, **prose)
+    out_console.print(f"docs: {args.docs} (generated section) from {args.write_docs}; plots in {plots_dir}")
     return 0

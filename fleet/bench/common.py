@@ -1,6 +1,6 @@
 """What every part of ``fleet bench`` shares: :class:`BenchConfig`, the results format and MLflow experiment, the
-stderr console and its progress bars, the serving thread settings, latency summaries, a process's RSS and the
-machine a benchmark runs on."""
+stderr console and its progress bars, the serving thread settings, latency summaries and the machine a benchmark
+runs on. A process's RSS is :mod:`fleet.bench.probe`'s (a module light enough for the serving subprocesses)."""
 
 from __future__ import annotations
 
@@ -80,17 +80,6 @@ def _latencies(samples: list[float]) -> dict:
     return {"n": int(a.size), "p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),
             "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max()), "mean_ms": float(a.mean()),
             "samples_ms": [round(float(x), 4) for x in a]}
-
-
-def proc_rss_mb(pid: int | str = "self") -> dict:
-    """``{"rss_mb", "peak_rss_mb"}`` (VmRSS, VmHWM; MiB) of process ``pid`` from ``/proc/<pid>/status``
-    (OSError where there is no ``/proc`` or no such process)."""
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                out[line.split(":")[0]] = int(line.split()[1]) / 1024.0
-    return {"rss_mb": out.get("VmRSS"), "peak_rss_mb": out.get("VmHWM")}
 
 
 def machine_info() -> dict:

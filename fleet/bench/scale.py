@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from fleet.bench.probe import proc_rss_mb
 from fleet.core.errors import FleetError, UsageError
 from fleet.formats.teacher_pack import (
     PACK_WEIGHTS_FILE,
@@ -268,8 +269,6 @@ def _peak_rss_mb() -> float:
     """This process's own peak RSS so far, in MB (MiB): ``VmHWM`` of ``/proc/self/status`` where there is one.
     Not ``ru_maxrss`` there: a process started by ``subprocess`` begins with its parent's peak in that counter
     (the bench parent's, which made the fleet), so it would report the parent's peak, not the run's."""
-    from fleet.bench.common import proc_rss_mb
-
     try:
         return proc_rss_mb("self")["peak_rss_mb"]
     except OSError:
@@ -283,8 +282,6 @@ def ray_worker_peaks() -> dict | None:
     it that Ray titled ``ray::...``, its agents left out): ``{"workers", "max_mb", "sum_mb"}``, or None where
     there is no ``/proc`` or none (a Ray cluster this process only connected to runs its workers elsewhere)."""
     from ray._private.ray_constants import AGENT_PROCESS_LIST
-
-    from fleet.bench.common import proc_rss_mb
 
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]

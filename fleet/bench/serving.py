@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,11 @@ import orjson
 import pyarrow as pa
 import torch
 
-from fleet.bench.common import SERVING_ENV, SERVING_THREADS, BenchConfig, _latencies, _progress, console, proc_rss_mb
+from fleet.bench.common import SERVING_ENV, SERVING_THREADS, BenchConfig, _latencies, _progress, console
+from fleet.bench.probe import free_port, proc_rss_mb, run_in_fresh_process, stop_process
 from fleet.core.errors import FleetError
 from fleet.formats.events import EventsDataset
 from fleet.formats.teachers import list_teacher_campaigns, load_teacher
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sequences(events_uri: str, ok: list[str], holdout: dict, num_features: int, rng, count: int) -> list[tuple]:
@@ -74,26 +68,13 @@ def _bench_serving(manifest_uri, events_uri, ok, holdout, num_features, cfg, Fle
     model = FleetModel.open(manifest_uri, num_threads=SERVING_THREADS, heads="lru")
     cid, types, feats = seqs[0]
     model.predict(cid, [{"event_types": types, "features": feats}])  # head now cached
-    warm = []
+    warm_requests = [(cid, t, f) for _, t, f in (seqs[i % len(seqs)] for i in range(cfg.warm_requests))]  # one head
     with _progress() as progress:
-        task = progress.add_task("serving: warm predict (head cached)", total=cfg.warm_requests, unit="requests")
-        for i in range(cfg.warm_requests):
-            _, types, feats = seqs[i % len(seqs)]
-            t0 = time.perf_counter()
-            model.predict(cid, [{"event_types": types, "features": feats}])
-            warm.append(time.perf_counter() - t0)
-            progress.advance(task)
+        warm = _time_predicts(model, warm_requests, progress, "serving: warm predict (head cached)")
         cold_model = FleetModel.open(manifest_uri, cache_size=0, num_threads=SERVING_THREADS,
                                      heads="lru")  # every predict reads its head's row group
-        cold = []
-        task = progress.add_task("serving: cold predict (cache miss, Parquet row group)", total=cfg.cold_requests,
-                                 unit="requests")
-        for i in range(cfg.cold_requests):
-            c, types, feats = seqs[i % len(seqs)]
-            t0 = time.perf_counter()
-            cold_model.predict(c, [{"event_types": types, "features": feats}])
-            cold.append(time.perf_counter() - t0)
-            progress.advance(task)
+        cold = _time_predicts(cold_model, [seqs[i % len(seqs)] for i in range(cfg.cold_requests)], progress,
+                              "serving: cold predict (cache miss, Parquet row group)")
     out["warm"] = _latencies(warm)
     out["cold"] = _latencies(cold)
     out["in_process_torch_threads"] = torch.get_num_threads()
@@ -101,23 +82,30 @@ def _bench_serving(manifest_uri, events_uri, ok, holdout, num_features, cfg, Fle
     return out
 
 
-_SERVER_SRC = """
-import sys, uvicorn
-from fleet.serve.http import app_from_uri
-app = app_from_uri(sys.argv[1], num_threads=int(sys.argv[3]), heads=sys.argv[4])
-uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", access_log=False)
-"""
+def _time_predicts(model, requests: list[tuple], progress, label: str) -> list[float]:
+    """The seconds of each ``model.predict`` of ``requests`` (``(campaign_id, event_types, features)``, one sequence
+    each), made one after another as the progress task ``label``."""
+    task = progress.add_task(label, total=len(requests), unit="requests")
+    seconds = []
+    for cid, types, feats in requests:
+        t0 = time.perf_counter()
+        model.predict(cid, [{"event_types": types, "features": feats}])
+        seconds.append(time.perf_counter() - t0)
+        progress.advance(task)
+    return seconds
 
 
 @contextlib.contextmanager
 def _http_server(manifest_uri: str, heads: str, log_path: str):
-    """A real uvicorn server (``fleet.serve.http.app_from_uri``, ``heads`` mode, :data:`SERVING_THREADS` threads) in a
-    subprocess on 127.0.0.1: yields ``(process, base URL)`` once ``/healthz`` answers; stopped on exit."""
+    """A real uvicorn server (``python -m fleet.bench.probe server``: ``fleet.serve.http.app_from_uri``, ``heads``
+    mode, :data:`SERVING_THREADS` threads) in a subprocess on 127.0.0.1: yields ``(process, base URL)`` once
+    ``/healthz`` answers; stopped on exit."""
     import httpx
 
-    port = _free_port()
+    port = free_port()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-c", _SERVER_SRC, manifest_uri, str(port), str(SERVING_THREADS), heads],
+        proc = subprocess.Popen([sys.executable, "-m", "fleet.bench.probe", "server", manifest_uri, str(port),
+                                 str(SERVING_THREADS), heads],
                                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **SERVING_ENV})
     base = f"http://127.0.0.1:{port}"
     try:
@@ -136,12 +124,7 @@ def _http_server(manifest_uri: str, heads: str, log_path: str):
             time.sleep(0.2)
         yield proc, base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=20)
 
 
 def _drive_http(base: str, path: str, bodies: list[bytes], total: int, concurrency: int,
@@ -212,40 +195,6 @@ SERVING_TARGETS = {
 }
 
 
-_TARGETS_PROBE_SRC = """
-import json, os, sys, time
-import numpy as np
-from fleet.serve.serving import FleetModel
-uri, seqs_path, count, n_score, n_all, k, seed = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:8])
-def rss():
-    out = {}
-    for line in open("/proc/self/status"):
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            out[line.split(":")[0]] = int(line.split()[1]) / 1024.0
-    return out
-before = rss()
-t0 = time.perf_counter(); model = FleetModel.open(uri, verify=False, num_threads=1); open_s = time.perf_counter() - t0
-after_open = rss()
-seqs = [{"event_types": t, "features": f} for t, f in json.load(open(seqs_path))]
-rng = np.random.default_rng(seed)
-requests = [["sim-%08d" % j for j in rng.choice(count, size=min(k, count), replace=False)] for _ in range(50)]
-for i in range(20):
-    model.score_campaigns(seqs[i % len(seqs)], requests[i % len(requests)])
-score = []
-for i in range(n_score):
-    seq, ids = seqs[i % len(seqs)], requests[i % len(requests)]
-    t0 = time.perf_counter(); model.score_campaigns(seq, ids); score.append(time.perf_counter() - t0)
-after_score = rss()
-every = []
-for i in range(n_all):
-    t0 = time.perf_counter(); model.score_campaigns(seqs[i % len(seqs)], top_k=10); every.append(time.perf_counter() - t0)
-print(json.dumps({"open_s": open_s, "score": score, "score_all": every, "rss_before_open": before,
-                  "rss_after_open": after_open, "rss_after_score": after_score, "rss_after_all": rss(),
-                  "heads": model.cache_info()}), flush=True)
-os._exit(0)
-"""
-
-
 def _event_sequences(events_uri: str, rng, count: int) -> list[tuple[list, list]]:
     """``count`` real event sequences ``(event_types, features)`` (lists, as a request carries them): the first
     rows of up to 64 random campaigns of ``events_uri``, drawn at random."""
@@ -312,20 +261,13 @@ def serving_targets(manifest_uri: str, events_uri: str, teachers_uri: str, sim_m
                  "heads": model.heads_mode, "backend": model.backend, "threads": SERVING_THREADS,
                  "sequence_length": {"max": max(len(t) for t, _ in seqs), "median": float(np.median([len(t) for t, _ in seqs]))}}
     try:
+        picks = rng.choice(len(real_ids), size=requests)
+        for i in range(100):
+            t, f = seqs[i % len(seqs)]
+            model.predict(real_ids[picks[i % len(picks)]], [{"event_types": t, "features": f}])
         with _progress() as progress:
-            task = progress.add_task("serving targets: warm predict", total=requests, unit="requests")
-            picks = rng.choice(len(real_ids), size=requests)
-            for i in range(100):
-                t, f = seqs[i % len(seqs)]
-                model.predict(real_ids[picks[i % len(picks)]], [{"event_types": t, "features": f}])
-            lat = []
-            for i in range(requests):
-                t, f = seqs[i % len(seqs)]
-                cid = real_ids[picks[i]]
-                t0 = time.perf_counter()
-                model.predict(cid, [{"event_types": t, "features": f}])
-                lat.append(time.perf_counter() - t0)
-                progress.advance(task)
+            lat = _time_predicts(model, [(real_ids[picks[i]], *seqs[i % len(seqs)]) for i in range(requests)], progress,
+                                 "serving targets: warm predict")
         out["predict"] = _latencies(lat)
     finally:
         torch.set_num_threads(threads_before)
@@ -334,13 +276,8 @@ def serving_targets(manifest_uri: str, events_uri: str, teachers_uri: str, sim_m
     with open(seqs_path, "w") as f:
         json.dump(seqs, f)
     console.print(f"serving targets: score_campaigns on {sim_count:,} SIMULATED campaigns in a fresh process")
-    proc = subprocess.run([sys.executable, "-c", _TARGETS_PROBE_SRC, sim_manifest_uri, seqs_path, str(sim_count),
-                           str(requests), str(SLOW_REQUESTS), str(SCORE_K), str(seed)],
-                          capture_output=True, text=True, timeout=3600, check=False, env={**os.environ, **SERVING_ENV})
-    try:
-        probe = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        raise FleetError(f"serving-targets probe failed (exit {proc.returncode}): {proc.stderr[-2000:]}") from None
+    probe = run_in_fresh_process("targets", [sim_manifest_uri, seqs_path, sim_count, requests, SLOW_REQUESTS, SCORE_K,
+                                             seed], timeout=3600, env={**os.environ, **SERVING_ENV})
     out["score"], out["score_all"] = _latencies(probe["score"]), _latencies(probe["score_all"])
     out["probe"] = {k: v for k, v in probe.items() if k not in ("score", "score_all")}
     console.print("serving targets: HTTP on loopback (resident heads, SIMULATED version)")

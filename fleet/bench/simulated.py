@@ -4,10 +4,7 @@ written in the real store format with the real backbone, served by FleetModel in
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -16,42 +13,12 @@ import pyarrow.compute as pc
 import torch
 
 from fleet.bench.common import BenchConfig, _latencies, _progress, console
+from fleet.bench.probe import run_in_fresh_process
 from fleet.compression.quant import quantize_rows
-from fleet.core.errors import FleetError
 from fleet.formats.codec import DATA_FINGERPRINT_BYTES, HEADS_SCHEMA
 from fleet.storage.store import FleetVersion, VersionWriter
 
 SIM_CHUNK = 100_000  # simulated heads generated per chunk (bounded memory for 1M campaigns)
-
-
-_PROBE_SRC = """
-import json, sys, time
-t_import = time.perf_counter()
-import numpy as np
-from fleet.serve.serving import FleetModel
-uri, count, seed, n_campaigns = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-def rss():
-    out = {}
-    for line in open("/proc/self/status"):
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            out[line.split(":")[0]] = int(line.split()[1]) / 1024.0
-    return out
-before = rss()
-t0 = time.perf_counter(); model = FleetModel.open(uri, verify=False, num_threads=1, heads="lru"); open_s = time.perf_counter() - t0
-t0 = time.perf_counter(); FleetModel.open(uri, verify=True, heads="lru"); open_verify_s = time.perf_counter() - t0
-rng = np.random.default_rng(seed)
-cfg = model.config
-lat = []
-for k in rng.choice(n_campaigns, size=min(count, n_campaigns), replace=False):  # distinct ids: every lookup a miss
-    cid = "sim-%08d" % int(k)
-    t = rng.integers(0, cfg.num_event_types, size=20).tolist()
-    f = rng.normal(size=20 * cfg.num_features).astype("float32").tolist()
-    t0 = time.perf_counter(); model.predict(cid, [{"event_types": t, "features": f}]); lat.append(time.perf_counter() - t0)
-print(json.dumps({"open_s": open_s, "open_verify_s": open_verify_s, "lat": lat, "rss_before_open": before,
-                  "rss_after": rss(), "cache": model.cache_info()}), flush=True)
-import os
-os._exit(0)  # skip interpreter teardown: native thread pools have been seen to abort the process there
-"""
 
 
 def simulated_heads(count: int, real: pa.Table, seed: int, chunk: int = SIM_CHUNK):
@@ -129,12 +96,7 @@ def bench_scale(count: int, version: FleetVersion, cfg: BenchConfig, stamp: str)
         count, version, os.path.abspath(os.path.join(cfg.out, "scale-store")), stamp, cfg.compress.seed + count)
     heads_bytes = sum(f["bytes"] for p, f in files.items() if p.startswith("heads/"))
     console.print(f"scale {count:,}: probing cold lookups in a fresh process")
-    proc = subprocess.run([sys.executable, "-c", _PROBE_SRC, manifest_uri, str(cfg.cold_requests),
-                           str(cfg.compress.seed), str(count)], capture_output=True, text=True, timeout=1800, check=False)
-    try:
-        probe = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        raise FleetError(f"scale probe failed (exit {proc.returncode}): {proc.stderr[-2000:]}") from None
+    probe = run_in_fresh_process("cold", [manifest_uri, cfg.cold_requests, cfg.compress.seed, count], timeout=1800)
     return {
         "simulated": True, "campaigns": count, "heads_bytes": heads_bytes, "bytes_per_campaign": heads_bytes / count,
         "backbone_bytes": files["backbone.safetensors"]["bytes"], "parts": sum(1 for p in files if p.startswith("heads/")),
