@@ -11,7 +11,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from rich.console import Console
@@ -325,76 +325,84 @@ def _cmd_predict(args, console) -> int:
         return EXIT_FAILED
     if args.rank:
         return _rank(model, args)
-    offset = 0
-    out = sys.stdout
-    fallback: dict[str, None] = {}  # campaigns whose heads did not pass their quality gate, first-use order
-    try:
-        for rows in _read_rows(args.input, args.storage_options):
-            if args.campaign is not None:
-                ids: Any = args.campaign
-            else:
-                if any("campaign_id" not in r for r in rows):
-                    raise InvalidInputError("rows need a campaign_id (or pass --campaign)")
-                ids = [r["campaign_id"] for r in rows]
-            try:
-                types, feats = [r.get("event_types") for r in rows], [r.get("features") for r in rows]
-                pred = model.predict_with_status(ids, types, feats)
-            except (InvalidInputError, UnknownCampaignError) as exc:
-                shifted = re.sub(r"\brow (\d+)", lambda m, offset=offset: f"row {offset + int(m.group(1))}", str(exc))
-                ERRORS.print(f"[red]error:[/red] {shifted}")
-                return EXIT_FAILED
-            out.write("".join(f"{p!r}\n" for p in pred.probabilities.tolist()))
-            fallback.update(dict.fromkeys(pred.fallback_campaigns))
-            offset += len(rows)
-    except (FleetError, ValueError, OSError) as exc:  # OSError includes FileNotFoundError
-        ERRORS.print(f"[red]error:[/red] {scrub(str(exc))}")
-        return EXIT_FAILED
-    out.flush()
-    if fallback:
-        _warn_fallback(list(fallback))
-    return EXIT_OK
+
+    def lines(rows: list[dict], offset: int, fallback: dict[str, None]) -> str:
+        if args.campaign is not None:
+            ids: Any = args.campaign
+        else:
+            if any("campaign_id" not in r for r in rows):
+                raise InvalidInputError("rows need a campaign_id (or pass --campaign)")
+            ids = [r["campaign_id"] for r in rows]
+        try:
+            types, feats = [r.get("event_types") for r in rows], [r.get("features") for r in rows]
+            pred = model.predict_with_status(ids, types, feats)
+        except (InvalidInputError, UnknownCampaignError) as exc:
+            raise _RowError(re.sub(r"\brow (\d+)", lambda m: f"row {offset + int(m.group(1))}", str(exc))) from exc
+        fallback.update(dict.fromkeys(pred.fallback_campaigns))
+        return "".join(f"{p!r}\n" for p in pred.probabilities.tolist())
+
+    return _write_predictions(args, lines)
 
 
 def _rank(model, args) -> int:
     """``fleet predict --rank``: one JSON line per input sequence, ``{"campaign_ids", "probabilities",
     "fallback", "unknown"}``, campaigns best first (:meth:`FleetModel.score_campaigns`); rows sharing
     their list of campaigns are scored in one batch (:meth:`FleetModel.score_campaigns_batch`)."""
-    from fleet.core.errors import FleetError
     from fleet.serve.serving import InvalidInputError
 
     default = None if args.campaigns is None else [c.strip() for c in args.campaigns.split(",") if c.strip()]
+
+    def lines(rows: list[dict], offset: int, fallback: dict[str, None]) -> str:
+        groups: dict[tuple | None, list[int]] = {}
+        for i, r in enumerate(rows):
+            ids = r.get("campaign_ids", default)
+            if ids is not None and (isinstance(ids, str) or not isinstance(ids, list)):
+                raise InvalidInputError("campaign_ids must be a list of campaign ids", row=offset + i)
+            groups.setdefault(None if ids is None else tuple(ids), []).append(i)
+        out: list[str | None] = [None] * len(rows)
+        for ids, members in groups.items():
+            seqs = [{"event_types": rows[i].get("event_types"), "features": rows[i].get("features")}
+                    for i in members]
+            try:
+                batch = model.score_campaigns_batch(seqs, None if ids is None else list(ids))
+            except InvalidInputError as exc:  # name the row of the file (0-based, as fleet predict does)
+                if exc.row is None:
+                    text = f"row {offset + members[0]}: {exc}"
+                else:
+                    text = re.sub(r"\brow \d+", f"row {offset + members[exc.row]}", str(exc), count=1)
+                raise _RowError(scrub(text)) from exc
+            top_k = args.top_k or len(batch.ids)
+            for b, i in enumerate(members):
+                res = batch.row(b, top_k)
+                fallback.update(dict.fromkeys(res.fallback_campaigns))
+                out[i] = json.dumps({"campaign_ids": res.ids, "probabilities": res.probabilities.tolist(),
+                                     "fallback": res.fallback.tolist(), "unknown": res.unknown})
+        return "".join(line + "\n" for line in out)
+
+    return _write_predictions(args, lines)
+
+
+class _RowError(Exception):
+    """A row ``fleet predict`` cannot score; its message already names the row as the input file numbers it."""
+
+
+def _write_predictions(args, lines: Callable[[list[dict], int, dict[str, None]], str]) -> int:
+    """``fleet predict``'s loop over the input, with or without ``--rank``: ``lines(rows, offset, fallback)``
+    turns one chunk of rows (the first is row ``offset`` of the file) into its stdout text and adds the campaigns
+    it scored with a head that did not pass its gate to ``fallback``. Any error ends the command (exit 1,
+    one line on stderr); at the end the fallback campaigns are named in one warning."""
+    from fleet.core.errors import FleetError
+
     out, offset = sys.stdout, 0
-    fallback: dict[str, None] = {}
+    fallback: dict[str, None] = {}  # campaigns whose heads did not pass their quality gate, first-use order
     try:
         for rows in _read_rows(args.input, args.storage_options):
-            groups: dict[tuple | None, list[int]] = {}
-            for i, r in enumerate(rows):
-                ids = r.get("campaign_ids", default)
-                if ids is not None and (isinstance(ids, str) or not isinstance(ids, list)):
-                    raise InvalidInputError("campaign_ids must be a list of campaign ids", row=offset + i)
-                groups.setdefault(None if ids is None else tuple(ids), []).append(i)
-            lines: list[str | None] = [None] * len(rows)
-            for ids, members in groups.items():
-                seqs = [{"event_types": rows[i].get("event_types"), "features": rows[i].get("features")}
-                        for i in members]
-                try:
-                    batch = model.score_campaigns_batch(seqs, None if ids is None else list(ids))
-                except InvalidInputError as exc:  # name the row of the file (0-based, as fleet predict does)
-                    if exc.row is None:
-                        text = f"row {offset + members[0]}: {exc}"
-                    else:
-                        text = re.sub(r"\brow \d+", f"row {offset + members[exc.row]}", str(exc), count=1)
-                    ERRORS.print(f"[red]error:[/red] {scrub(text)}")
-                    return EXIT_FAILED
-                top_k = args.top_k or len(batch.ids)
-                for b, i in enumerate(members):
-                    res = batch.row(b, top_k)
-                    fallback.update(dict.fromkeys(res.fallback_campaigns))
-                    lines[i] = json.dumps({"campaign_ids": res.ids, "probabilities": res.probabilities.tolist(),
-                                           "fallback": res.fallback.tolist(), "unknown": res.unknown})
-            out.write("".join(line + "\n" for line in lines))
+            out.write(lines(rows, offset, fallback))
             offset += len(rows)
-    except (FleetError, ValueError, OSError) as exc:
+    except _RowError as exc:
+        ERRORS.print(f"[red]error:[/red] {exc}")
+        return EXIT_FAILED
+    except (FleetError, ValueError, OSError) as exc:  # OSError includes FileNotFoundError
         ERRORS.print(f"[red]error:[/red] {scrub(str(exc))}")
         return EXIT_FAILED
     out.flush()

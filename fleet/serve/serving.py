@@ -706,18 +706,7 @@ class FleetModel:
     def predict_batch(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
         """Probabilities ``float64[N]``, in row order, of rows mixing campaigns
         (dicts with ``campaign_id``, ``event_types``, ``features``)."""
-        if not isinstance(rows, (list, tuple)):
-            raise InvalidInputError("rows must be a list of {campaign_id, event_types, features} objects")
-        ids, types, feats = [], [], []
-        for i, r in enumerate(rows):
-            if not isinstance(r, Mapping):
-                raise InvalidInputError("a row must be an object with campaign_id, event_types and features", row=i)
-            try:
-                ids.append(r["campaign_id"])
-                types.append(r["event_types"])
-                feats.append(r["features"])
-            except KeyError as exc:
-                raise InvalidInputError(f"missing field {exc.args[0]!r}", row=i) from None
+        ids, types, feats = _columns(rows, "row", ("campaign_id", "event_types", "features"))
         return self.predict_columns(ids, types, feats)
 
     def predict_columns(
@@ -1005,18 +994,25 @@ def _as_array(value: Any) -> np.ndarray | None:
 def _sequence_columns(sequences: Any) -> tuple[list, list]:
     """``(event_types, features)`` columns of ``sequences`` (a list of ``{event_types, features}`` objects);
     :class:`InvalidInputError` naming the row otherwise."""
-    if not isinstance(sequences, (list, tuple)):
-        raise InvalidInputError("sequences must be a list of {event_types, features} objects")
-    types, feats = [], []
-    for i, seq in enumerate(sequences):
-        if not isinstance(seq, Mapping):
-            raise InvalidInputError("a sequence must be an object with event_types and features", row=i)
+    types, feats = _columns(sequences, "sequence", ("event_types", "features"))
+    return types, feats
+
+
+def _columns(items: Any, noun: str, names: tuple[str, ...]) -> list[list]:
+    """One list per field of ``names`` from ``items``, a list of objects holding those fields (each a ``noun``);
+    :class:`InvalidInputError` naming the row of the first one that is not such an object or lacks a field."""
+    if not isinstance(items, (list, tuple)):
+        raise InvalidInputError(f"{noun}s must be a list of {{{', '.join(names)}}} objects")
+    columns: list[list] = [[] for _ in names]
+    for i, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise InvalidInputError(f"a {noun} must be an object with {', '.join(names[:-1])} and {names[-1]}", row=i)
         try:
-            types.append(seq["event_types"])
-            feats.append(seq["features"])
+            for column, name in zip(columns, names):
+                column.append(item[name])
         except KeyError as exc:
             raise InvalidInputError(f"missing field {exc.args[0]!r}", row=i) from None
-    return types, feats
+    return columns
 
 
 def _check_id(campaign_id: Any, row: int | None) -> str:

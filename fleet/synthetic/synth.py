@@ -74,12 +74,13 @@ class SynthConfig:
 
     campaigns: int = 200
     seed: int = 0
-    arch: str = "lstm"
-    hidden_size: int = 256
-    num_layers: int = 2
-    embed_dim: int = 16
-    num_event_types: int = 64
-    num_features: int = 8
+    # the teacher architecture's defaults are TeacherConfig's (one source of truth)
+    arch: str = TeacherConfig.arch
+    hidden_size: int = TeacherConfig.hidden_size
+    num_layers: int = TeacherConfig.num_layers
+    embed_dim: int = TeacherConfig.embed_dim
+    num_event_types: int = TeacherConfig.num_event_types
+    num_features: int = TeacherConfig.num_features
     min_sequences: int = 100
     max_sequences: int = 20_000
     size_alpha: float = 1.1
