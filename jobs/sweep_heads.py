@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from fleet.compression.metrics import fleet_summary
+from fleet.run.plan import Plan
 from fleet.run.stages import CompressConfig, StageContext, fit_heads_shard
-from fleet.storage.store import WorkDir
+from fleet.storage.store import RunDir
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,22 +30,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("variants", nargs="+", help="JSON objects of CompressConfig overrides")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    work = WorkDir(args.store, args.fleet, args.run_id)
-    plan, backbone = work.read_json("plan.json"), work.read_bytes("backbone.safetensors")
-    hashes = {}
-    for shard in plan["shards"]:
-        table = work.read_shard("campaigns", shard)
-        hashes.update({c: (t, d) for c, t, d in zip(*(table[k].to_pylist() for k in
-                                                      ("campaign_id", "teacher_sha256", "data_fingerprint")))})
+    run_dir = RunDir(args.store, args.fleet, args.run_id)
+    plan, backbone = Plan.read(run_dir), run_dir.read_backbone()
+    table = run_dir.campaigns.read_all(plan.shards)
+    hashes = {c: [t, d] for c, t, d in zip(*(table[k].to_pylist() for k in
+                                             ("campaign_id", "teacher_sha256", "data_fingerprint"))) if t}
     for variant in args.variants:
         overrides = json.loads(variant)
-        config = CompressConfig.from_dict({**plan["config"], **overrides})
-        ctx = StageContext(args.teachers, args.events, config, plan["num_event_types"], plan["num_features"])
+        config = CompressConfig.from_dict({**plan.config, **overrides})
+        ctx = StageContext(args.teachers, args.events, config, plan.num_event_types, plan.num_features)
         started, rows = time.perf_counter(), []
-        for shard, batch in zip(plan["shards"], plan["batches"]):
-            ok = [c for c in batch if hashes.get(c, (None,))[0]]
-            job = {"campaigns": ok, "hashes": {c: hashes[c] for c in ok}}
-            rows += fit_heads_shard(job, ctx, work.read_shard("soft_labels", shard), backbone).to_pylist()
+        for job in plan.head_jobs(hashes, done=set()):
+            rows += fit_heads_shard(job, ctx, run_dir.soft_labels.read(job.shard), backbone).to_pylist()
         summary = fleet_summary([{"campaign_id": r["campaign_id"], "mean_abs_diff": r["mean_abs_diff"],
                                   "auc_diff": None if r["student_auc"] is None else r["student_auc"] - r["teacher_auc"]}
                                  for r in rows])

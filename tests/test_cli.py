@@ -143,7 +143,7 @@ import pyarrow as pa
 import torch
 from fleet.cli.main import main
 from fleet.cli.serving import _read_rows
-from fleet.storage.store import FleetVersion, WorkDir
+from fleet.storage.store import FleetVersion, RunDir
 
 def threads():
     return set(os.listdir("/proc/self/task"))
@@ -155,9 +155,9 @@ assert main(["inspect", uri, "--json"]) == 0
 version = FleetVersion.open(uri)
 heads = version.read_heads()
 version.read_rejects()
-work = WorkDir(store, "adfleet", "probe")
-work.write_shard("stage", "s0", heads)
-work.read_shard("stage", "s0")
+work = RunDir(store, "adfleet", "probe")
+work.heads.write("s0", heads)
+work.heads.read("s0")
 rows = [r for chunk in _read_rows(events, None) for r in chunk]
 print(json.dumps({"new_threads": len(threads() - before), "rows": len(rows), "heads": heads.num_rows}))
 """

@@ -15,6 +15,7 @@ from fleet.run.stages import (
     BORROWED,
     FIT,
     CompressConfig,
+    ShardJob,
     StageContext,
     backbone_quotas,
     backbone_sample,
@@ -34,13 +35,13 @@ def fitted(small_fleet):
     config = CompressConfig(backbone_steps=600, backbone_per_campaign=300, head_steps=300)
     ctx = StageContext(small_fleet["teachers"], small_fleet["events"], config, 24, 8)
     campaigns = [f"campaign-{i:05d}" for i in range(20)]
-    soft, status = soft_labels({"campaigns": campaigns}, ctx)
+    soft, status = soft_labels(ShardJob(campaigns), ctx)
     assert status["status"].to_pylist() == ["ok"] * 20
     quotas = backbone_quotas(dict(zip(status["campaign_id"].to_pylist(), status["n_rows"].to_pylist())), config)
     backbone, _ = train_backbone(backbone_sample(soft, quotas, config.seed), ctx)
     hashes = dict(zip(status["campaign_id"].to_pylist(), zip(status["teacher_sha256"].to_pylist(),
                                                             status["data_fingerprint"].to_pylist())))
-    job = {"campaigns": campaigns, "hashes": hashes}
+    job = ShardJob(campaigns, hashes=hashes)
 
     def heads(**overrides):
         ctx.config = CompressConfig(**{**config.to_dict(), **overrides})
@@ -84,7 +85,7 @@ def test_borrowed_rows_are_labelled_by_the_campaigns_own_teacher(small_fleet):
     pool = borrowed_pool(events, borrowed_pool_rows(events.campaign_sizes(), config), 24, 8, config.max_sequence_length)
     pool_batch = table_to_batch(pool, 8)
     campaigns = ["campaign-00000", "campaign-00003"]
-    soft, status = soft_labels({"campaigns": campaigns}, ctx, pool)
+    soft, status = soft_labels(ShardJob(campaigns), ctx, pool)
     assert status["status"].to_pylist() == ["ok", "ok"]
     for campaign_id in campaigns:
         mine = soft.filter(pc.and_(pc.equal(soft["campaign_id"], campaign_id), pc.equal(soft["split"], BORROWED)))
@@ -107,7 +108,7 @@ def test_stage_two_keeps_the_width_with_the_lowest_validation_loss(small_fleet):
     config = CompressConfig(hidden_size_grid=(8, 24), **settings)
     ctx = StageContext(small_fleet["teachers"], small_fleet["events"], config, 24, 8)
     campaigns = [f"campaign-{i:05d}" for i in range(6)]
-    soft, status = soft_labels({"campaigns": campaigns}, ctx)
+    soft, status = soft_labels(ShardJob(campaigns), ctx)
     sample = backbone_sample(soft, backbone_quotas(dict(zip(campaigns, status["n_rows"].to_pylist())), config), 0)
     reports = []
     data, stats = train_backbone(sample, ctx, report=reports.append)

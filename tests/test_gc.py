@@ -17,7 +17,7 @@ from test_serving import build_version
 from fleet.cli.main import main
 from fleet.core.errors import StoreError
 from fleet.storage import registry
-from fleet.storage.store import FleetVersion, VersionWriter, WorkDir, list_versions
+from fleet.storage.store import FleetVersion, RunDir, VersionWriter, list_versions
 from fleet.versions.retention import apply_plan, plan_gc
 
 PASS = {"fidelity_kl_median": 0.001, "fidelity_mean_ratio_within_10pct_share": 1.0, "campaigns": 5,
@@ -80,9 +80,8 @@ def fleet_store(tmp_path_factory, _mlflow_db_template):
                 for vid in ("v1", "v2", "v3", "v4", "v6")}
     MlflowClient(uri, uri).set_registered_model_alias("adfleet", "staging", versions["v4"])
     for rid in ("v6", "v7", "crashed"):
-        WorkDir(store, "adfleet", rid).write_json("backbone_stats.json", {"steps": 1})
-    WorkDir(store, "adfleet", "crashed").write_json(
-        "plan.json", {"parent_manifest": f"{store}/adfleet/versions/v5", "batches": []})
+        RunDir(store, "adfleet", rid).write_backbone_stats({"steps": 1})
+    RunDir(store, "adfleet", "crashed").write_plan({"parent_manifest": f"{store}/adfleet/versions/v5", "batches": []})
     _age_files(f"{store}/adfleet/runs/v6", 30)
     for name in ("partial", "fresh"):
         os.makedirs(f"{store}/adfleet/versions/{name}/heads")
@@ -221,7 +220,7 @@ def test_gc_without_registry_keeps_only_the_newest_and_recent(where, tmp_path, c
         writer.write_backbone_bytes(base.read_backbone_bytes())
         writer.write_heads(base.read_heads())
         writer.commit(created_at=at)
-    WorkDir(store, "adfleet", "c", options).write_json("plan.json", {"parent_manifest": None})  # finished just now
+    RunDir(store, "adfleet", "c", options).write_plan({"parent_manifest": None})  # finished just now
     argv = ["gc", "adfleet", "--store", store, "--no-registry", "--keep-last", "1", "--yes", "--json",
             "--tracking-uri", f"sqlite:///{tmp_path}/none.db"]
     if options:

@@ -31,8 +31,8 @@ from fleet.serve.serving import FleetModel, head_metadata
 from fleet.storage.store import (
     TEMP_FILE_MAX_AGE_S,
     FleetVersion,
+    RunDir,
     VersionWriter,
-    WorkDir,
     _put,
     open_fs,
     remove_stale_temp_files,
@@ -261,7 +261,7 @@ def test_temp_files_of_interrupted_writes_are_removed_by_the_next_run(tmp_path):
     other file stay, and other fleets are not touched."""
     store = str(tmp_path / "store")
     build_version(store, num_campaigns=3)
-    WorkDir(store, "adfleet", "run-1").write_json("plan.json", {"a": 1})
+    RunDir(store, "adfleet", "run-1").write_plan({"a": 1})
     fs, _ = open_fs(store)
     leftovers = [
         os.path.join(store, "adfleet", "versions", "v1", "heads", ".part-00000.parquet.tmp-" + "a" * 32),

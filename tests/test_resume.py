@@ -7,17 +7,12 @@ import pyarrow as pa
 import pytest
 
 from fleet.cli.main import main, resume_command
-from fleet.core.errors import UsageError
+from fleet.core.errors import StoreError, UsageError
 from fleet.formats.events import write_events
-from fleet.run.pipeline import (
-    check_resume_settings,
-    interrupted_line,
-    run_settings,
-    saved_progress,
-    settings_sha256,
-)
-from fleet.run.stages import CompressConfig
-from fleet.storage.store import WorkDir
+from fleet.run.pipeline import check_resume_settings, interrupted_line, saved_progress
+from fleet.run.plan import Plan, run_settings, settings_sha256
+from fleet.run.stages import CompressConfig, ShardJob
+from fleet.storage.store import RunDir
 
 
 def test_settings_hash_covers_the_config_and_the_inputs():
@@ -31,18 +26,19 @@ def test_settings_hash_covers_the_config_and_the_inputs():
     assert "topsecret" not in json.dumps(secret)  # plan.json never holds a credential
 
 
-def _planned(tmp_path, settings) -> WorkDir:
-    workdir = WorkDir(str(tmp_path / "store"), "adfleet", "r1")
-    plan = {"shards": ["b00000", "b00001"], "batches": [["a", "b"], ["c"]], "all_campaigns": ["a", "b", "c"],
-            "config": settings["config"], "inputs": settings["inputs"], "config_sha256": settings_sha256(settings)}
-    workdir.write_json("plan.json", plan)
+def _planned(tmp_path, settings) -> RunDir:
+    workdir = RunDir(str(tmp_path / "store"), "adfleet", "r1")
+    plan = Plan(shards=["b00000", "b00001"], batches=[["a", "b"], ["c"]], all_campaigns=["a", "b", "c"],
+                num_event_types=1, num_features=1, config=settings["config"], inputs=settings["inputs"],
+                config_sha256=settings_sha256(settings))
+    plan.write(workdir)
     return workdir
 
 
 def test_resume_with_another_config_is_refused_unless_forced(tmp_path):
     planned = run_settings(CompressConfig(), "/t", "/e")
     workdir = _planned(tmp_path, planned)
-    plan = workdir.read_json("plan.json")
+    plan = Plan.read(workdir)
     check_resume_settings(plan, run_settings(CompressConfig(), "/t", "/e"), workdir, "r1", force=False)  # same: fine
     changed = run_settings(CompressConfig(head_steps=7, bits=4), "/t", "/e2")
     with pytest.raises(UsageError) as info:
@@ -50,12 +46,12 @@ def test_resume_with_another_config_is_refused_unless_forced(tmp_path):
     message = str(info.value)
     assert settings_sha256(planned) in message and settings_sha256(changed) in message and "--force-config" in message
     assert "differs in: bits, head_steps, --events" in message and message.startswith(f"{workdir.uri}/plan.json: ")
-    assert workdir.read_json("plan.json") == plan  # nothing changed
+    assert Plan.read(workdir) == plan  # nothing changed
 
     check_resume_settings(plan, changed, workdir, "r1", force=True)
-    forced = workdir.read_json("plan.json")
-    assert forced["config_sha256"] == settings_sha256(changed) and forced["config"]["head_steps"] == 7
-    assert forced["config_sha256_replaced"] == [settings_sha256(planned)] and forced["batches"] == plan["batches"]
+    forced = Plan.read(workdir)
+    assert forced.config_sha256 == settings_sha256(changed) and forced.config["head_steps"] == 7
+    assert forced.config_sha256_replaced == [settings_sha256(planned)] and forced.batches == plan.batches
     check_resume_settings(forced, changed, workdir, "r1", force=False)  # the next resume compares with the new one
 
 
@@ -79,9 +75,9 @@ def test_what_an_interrupted_run_saved(tmp_path):
     assert saved_progress(store, "adfleet", "r1") == "nothing yet (no plan.json)"
     workdir = _planned(tmp_path, run_settings(CompressConfig(), "/t", "/e"))
     assert saved_progress(store, "adfleet", "r1") == "the plan, stage 1 for 0/3 campaigns"
-    workdir.write_shard("soft_labels", "b00000", pa.table({"x": [1]}))
-    workdir.write_bytes("backbone.safetensors", b"x")
-    workdir.write_shard("heads", "b00001", pa.table({"x": [1]}))
+    workdir.soft_labels.write("b00000", pa.table({"x": [1]}))
+    workdir.write_backbone(b"x")
+    workdir.heads.write("b00001", pa.table({"x": [1]}))
     assert saved_progress(store, "adfleet", "r1") == "the plan, stage 1 for 2/3 campaigns, the backbone, stage 3 for 1/2 batches"
     line = interrupted_line(store, "adfleet", "r1", None, "fleet compress --run-id r1")
     assert line == (f"interrupted: run r1 saved the plan, stage 1 for 2/3 campaigns, the backbone, stage 3 for 1/2 "
@@ -95,3 +91,30 @@ def test_resume_command():
     assert command == ("fleet compress --teachers t --events 'e b' --storage-options "
                        "'{\"key\": \"***\", \"secret\": \"***\"}' --run-id r1")  # both secrets masked
     assert resume_command(["fleet"], ["compress", "--run-id=x", "--teachers", "t"], "x") == "fleet compress --teachers t --run-id x"
+
+
+def test_plan_json_round_trip_and_plans_written_before_the_plan_format(tmp_path):
+    """plan.json keeps every key fleet always wrote, and a plan an older fleet wrote (no ``format``, no ``packed``,
+    no ``config_sha256``, ...) still reads: a run planned before resumes after."""
+    old = json.loads(json.dumps({
+        "all_campaigns": ["a", "b", "c"], "batches": [["a", "c"], ["b"]], "shards": ["b00000", "b00001"],
+        "num_event_types": 8, "num_features": 3, "sizes": {"a": 10, "b": 5, "c": 7},
+        "parent_manifest": "/s/adfleet/versions/v1/manifest.json", "parent_hashes": {"a": ["t", "d"]},
+        "retrain_backbone": False, "config": CompressConfig().to_dict()}))
+    run_dir = RunDir(str(tmp_path / "store"), "adfleet", "r1")
+    run_dir.write_plan(old)
+    plan = Plan.read(run_dir)
+    assert plan.packed == {} and plan.inputs is None and plan.config_sha256 is None and plan.batches == old["batches"]
+    plan.write(run_dir)
+    written = run_dir.read_plan()
+    assert {k: written[k] for k in old} == old and written["format"] == "fleet-plan/1"
+    assert Plan.read(run_dir) == plan == Plan.from_json(plan.to_json())
+
+    assert plan.soft_label_jobs({"a": 3, "b": 2}, plan.parent_hashes, done={"b00001"}) == [
+        ShardJob(["a", "c"], "b00000", backbone_quota={"a": 3}, parent={"a": ["t", "d"]})]
+    assert plan.head_jobs({"b": ["t", "d"], "c": ["t2", "d2"]}, done={"b00000"}) == [
+        ShardJob(["b"], "b00001", hashes={"b": ["t", "d"]})]
+    with pytest.raises(StoreError, match="lacks num_features"):
+        Plan.from_json({k: v for k, v in old.items() if k != "num_features"})
+    with pytest.raises(StoreError, match="fleet-plan/2"):
+        Plan.from_json({**old, "format": "fleet-plan/2"})

@@ -21,6 +21,7 @@ from fleet.core.redact import public_options, scrub, scrub_obj, secret_values
 from fleet.formats.codec import rejects_to_table
 from fleet.formats.events import write_events
 from fleet.run import stages
+from fleet.run.stages import ShardJob
 from fleet.storage import registry
 from fleet.storage.store import FleetVersion, VersionWriter, open_fs
 
@@ -133,7 +134,7 @@ def test_reject_reasons_hold_no_credentials(tmp_path):
     write_events(events, _events(["c-ok", "c-load", "c-forward"]))
     ctx = stages.StageContext(str(root), events, stages.CompressConfig(allow_loaders=loaders), **SPACE,
                               storage_options={"secret": SECRET_KEY})
-    _, status = stages.soft_labels({"campaigns": ["c-ok", "c-load", "c-forward"]}, ctx)
+    _, status = stages.soft_labels(ShardJob(["c-ok", "c-load", "c-forward"]), ctx)
     rows = {r["campaign_id"]: r for r in status.to_pylist()}
     assert rows["c-ok"]["status"] == "ok"
     for cid in ("c-load", "c-forward"):

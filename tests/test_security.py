@@ -261,6 +261,7 @@ def test_stage_one_quarantines_what_the_operator_did_not_allow(tmp_path, no_payl
     """Through the pipeline's stage function: the campaign is quarantined with the reason, the rest runs."""
     from fleet.formats.events import write_events
     from fleet.run import stages
+    from fleet.run.stages import ShardJob
 
     root, outside, marker = tmp_path / "teachers", tmp_path / "elsewhere", tmp_path / "PAYLOAD-RAN"
     campaigns = ["c-ok", "c-custom", "c-payload", "c-link"]
@@ -274,7 +275,7 @@ def test_stage_one_quarantines_what_the_operator_did_not_allow(tmp_path, no_payl
 
     def run(config):
         ctx = stages.StageContext(str(root), events, config, **SPACE)
-        _, status = stages.soft_labels({"campaigns": campaigns}, ctx)
+        _, status = stages.soft_labels(ShardJob(campaigns), ctx)
         return {r["campaign_id"]: r for r in status.to_pylist()}
 
     rows = run(stages.CompressConfig())

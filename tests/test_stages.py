@@ -145,7 +145,7 @@ def _ladder_shard(tmp_path, head_ladder: bool, **overrides):
     )
     from fleet.formats.backbone_codec import backbone_from_bytes, backbone_to_bytes
     from fleet.formats.events import table_to_batch, write_events
-    from fleet.run.stages import HOLDOUT, StageContext, fit_heads_shard, row_splits
+    from fleet.run.stages import HOLDOUT, ShardJob, StageContext, fit_heads_shard, row_splits
     from fleet.synthetic.synth import SynthConfig, generate
 
     synth = SynthConfig(campaigns=2, num_event_types=8, num_features=3, min_sequences=700, max_sequences=700, seed=1)
@@ -178,7 +178,7 @@ def _ladder_shard(tmp_path, head_ladder: bool, **overrides):
                                    schema=SOFT_LABELS_SCHEMA))
     soft = pa.concat_tables(soft_parts)
     ids = [t["campaign_id"][0].as_py() for t in tables]
-    job = {"campaigns": ids, "hashes": {c: ["00" * 32, "00" * 16] for c in ids}}
+    job = ShardJob(ids, hashes={c: ["00" * 32, "00" * 16] for c in ids})
     ctx = StageContext(teachers_uri=str(tmp_path / "teachers"), events_uri=events_uri, config=config,
                        num_event_types=8, num_features=3)
     assert HOLDOUT in soft["split"].to_pylist()
@@ -306,13 +306,13 @@ def test_bloomier_fit_stores_the_calibrated_bias_and_serves_the_decoded_blocks()
 
 
 def test_bloomier_plan_cuts_sorted_campaigns_into_contiguous_blocks():
-    from fleet.run.pipeline import _plan, contiguous_batches
+    from fleet.run.plan import contiguous_batches, plan_batches
 
     ids = [f"c{i:03d}" for i in range(10)]
     assert contiguous_batches(list(reversed(ids)), 3, 1024) == [ids[:3], ids[3:7], ids[7:]]
     assert contiguous_batches(ids, 1, 4) == [ids[:3], ids[3:7], ids[7:]]  # at most 4: 3 blocks
     assert contiguous_batches(ids, 50, 4) == [[cid] for cid in ids]
-    plan = _plan(ids, {cid: 100 for cid in ids}, CompressConfig(codec="bloomier", bloomier_block_rows=4), 1)
+    plan = plan_batches(ids, {cid: 100 for cid in ids}, CompressConfig(codec="bloomier", bloomier_block_rows=4), 1)
     assert [cid for batch in plan for cid in batch] == ids and max(len(b) for b in plan) <= 4
     with pytest.raises(ValueError, match="codec"):
         CompressConfig(codec="zip")

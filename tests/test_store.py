@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import pickle
 import uuid
 
 import fsspec
@@ -20,8 +21,8 @@ from fleet.core.errors import InvalidCampaignIdError, StoreError
 from fleet.formats.codec import HeadRow, heads_to_table, rejects_to_table, table_to_heads
 from fleet.storage.store import (
     FleetVersion,
+    RunDir,
     VersionWriter,
-    WorkDir,
     join_uri,
     list_versions,
     open_fs,
@@ -225,26 +226,26 @@ def test_versions_are_immutable(store):
 
 
 def test_workdir_shards_and_markers(store):
-    work = WorkDir(store.uri, "adfleet", "run-2025-01-01", storage_options=store.options)
+    work = RunDir(store.uri, "adfleet", "run-2025-01-01", storage_options=store.options)
     assert work.uri == join_uri(store.uri, "adfleet", "runs", "run-2025-01-01")
-    assert work.done_shards("soft_labels") == set() and not work.is_done("soft_labels", "00000")
+    assert work.soft_labels.done() == set() and not work.soft_labels.is_done("00000")
     shard = pa.table({"campaign_id": ["c1", "c2"], "p": pa.array([0.25, 0.75], pa.float32())})
-    work.write_shard("soft_labels", "00000", shard)
-    work.write_shard("soft_labels", "00003", shard.slice(1))
-    assert work.is_done("soft_labels", "00000") and not work.is_done("soft_labels", "00001")
-    assert work.done_shards("soft_labels") == {"00000", "00003"}
-    assert work.read_shard("soft_labels", "00000").equals(shard)
+    work.soft_labels.write("00000", shard)
+    work.soft_labels.write("00003", shard.slice(1))
+    assert work.soft_labels.is_done("00000") and not work.soft_labels.is_done("00001")
+    assert work.soft_labels.done() == {"00000", "00003"}
+    assert work.soft_labels.read("00000").equals(shard)
 
     # a crash between data and marker: the shard is not done and will be redone
     work.write_bytes("soft_labels/00001.parquet", b"half a parquet file")
-    assert not work.is_done("soft_labels", "00001")
+    assert not work.soft_labels.is_done("00001")
     with pytest.raises(StoreError, match="shard soft_labels/00001 is not done"):
-        work.read_shard("soft_labels", "00001")
+        work.soft_labels.read("00001")
 
     # a damaged shard is refused
     work.write_bytes("soft_labels/00003.parquet", b"garbage")
     with pytest.raises(StoreError, match="00003.parquet: checksum mismatch"):
-        work.read_shard("soft_labels", "00003")
+        work.soft_labels.read("00003")
 
     work.write_json("state/stage2.json", {"epoch": 3, "loss": math.inf})
     assert work.read_json("state/stage2.json") == {"epoch": 3, "loss": None}
@@ -257,11 +258,12 @@ def test_workdir_shards_and_markers(store):
         with pytest.raises(StoreError, match="invalid"):
             work.write_bytes(bad, b"")
     with pytest.raises(StoreError, match="invalid shard"):
-        work.write_shard("soft_labels", "../00000", shard)
+        work.soft_labels.write("../00000", shard)
 
-    # a second WorkDir on the same run (a resumed driver) sees the same state
-    again = WorkDir(store.uri, "adfleet", "run-2025-01-01", storage_options=store.options)
-    assert again.done_shards("soft_labels") == {"00000", "00003"}
+    # a second RunDir on the same run (a resumed driver) sees the same state
+    again = RunDir(store.uri, "adfleet", "run-2025-01-01", storage_options=store.options)
+    assert again.soft_labels.done() == {"00000", "00003"}
+    assert pickle.loads(pickle.dumps(work)).soft_labels.read("00000").equals(shard)  # as a Ray task gets it
 
 
 # --------------------------------------------------------------------------- point reads

@@ -146,6 +146,7 @@ def test_soft_labels_batched_equal_one_at_a_time_on_packs(tmp_path, monkeypatch)
 
     from fleet.formats.events import write_events
     from fleet.run import stages
+    from fleet.run.stages import ShardJob
     from fleet.synthetic.synth import generate_campaign
 
     config = user_config(6, pack_size=4, num_event_types=7, num_features=2, hidden_size=4, embed_dim=3)
@@ -158,7 +159,7 @@ def test_soft_labels_batched_equal_one_at_a_time_on_packs(tmp_path, monkeypatch)
                    stack_states([TeacherRNN(TeacherConfig(campaign_id=c, **{**TINY, "hidden_size": 4})) for c in members]))
     catalog = locate_teachers(str(tmp_path / "teachers"))
     ctx = stages.StageContext(str(tmp_path / "teachers"), str(tmp_path / "events"), stages.CompressConfig(), 7, 2)
-    job = {"campaigns": ids, "packed": catalog.plan_entries()}
+    job = ShardJob(ids, packed=catalog.plan_entries())
     soft, status = stages.soft_labels(job, ctx)
     monkeypatch.setattr(stages, "teacher_logits", lambda t, b: teacher_logits(t, b, batched=False))
     alone, status_alone = stages.soft_labels(job, ctx)

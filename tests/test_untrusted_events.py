@@ -17,6 +17,7 @@ from fleet.core.errors import EventsFormatError
 from fleet.formats.events import table_to_batch, write_events
 from fleet.formats.teachers import TeacherConfig, TeacherRNN, load_teacher
 from fleet.run import stages
+from fleet.run.stages import ShardJob
 
 SPACE = {"num_event_types": 6, "num_features": 2}
 NOT_UTF8 = "caf\udcff"  # a directory name with the byte 0xff, as Python lists it
@@ -62,13 +63,13 @@ def test_stage_one_quarantines_invalid_and_non_ascii_ids_and_null_elements(tmp_p
     pq.write_table(table, tmp_path / "events.parquet")
     ctx = stages.StageContext(str(root), str(tmp_path / "events.parquet"), stages.CompressConfig(), **SPACE)
 
-    soft, status = stages.soft_labels({"campaigns": ["é", NOT_UTF8]}, ctx)
+    soft, status = stages.soft_labels(ShardJob(["é", NOT_UTF8]), ctx)
     assert soft.num_rows == 0
     assert status["campaign_id"].to_pylist() == ["\\xe9", "caf\\udcff"]
     assert status["status"].to_pylist() == ["rejected", "rejected"]
     assert all("invalid campaign id" in reason for reason in status["reason"].to_pylist())
 
-    _, status = stages.soft_labels({"campaigns": ["nulls", "ok"]}, ctx)
+    _, status = stages.soft_labels(ShardJob(["nulls", "ok"]), ctx)
     rows = {r["campaign_id"]: r for r in status.to_pylist()}
     assert rows["ok"]["status"] == "ok" and rows["ok"]["n_truncated"] == 0
     assert rows["nulls"]["status"] == "rejected"
@@ -82,7 +83,7 @@ def test_stage_one_keeps_the_last_max_sequence_length_events_of_a_long_row(tmp_p
     write_events(str(tmp_path / "events"), table)
     config = stages.CompressConfig(max_sequence_length=100)
     ctx = stages.StageContext(str(root), str(tmp_path / "events"), config, **SPACE)
-    soft, status = stages.soft_labels({"campaigns": ["long"]}, ctx)
+    soft, status = stages.soft_labels(ShardJob(["long"]), ctx)
     assert status["status"].to_pylist() == ["ok"] and status["n_truncated"].to_pylist() == [1]
     assert status["n_rows"].to_pylist() == [20]
     teacher = load_teacher(str(root), "long")

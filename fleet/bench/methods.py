@@ -29,6 +29,7 @@ from fleet.formats.events import EventsDataset, table_to_batch
 from fleet.formats.heads import decode_heads
 from fleet.formats.teachers import load_teacher
 from fleet.run import stages
+from fleet.run.stages import ShardJob
 from fleet.storage.store import FleetVersion, VersionWriter
 
 # variants of (d) other than the real run: name -> CompressConfig overrides
@@ -192,22 +193,19 @@ def backbone_task(sample: pa.Table, ctx: stages.StageContext) -> dict:
 
 
 def heads_task(job: dict, ctx: stages.StageContext, backbone_bytes: bytes) -> pa.Table:
-    """Stages 3-5 for one shard of one variant (``job["soft"]`` holds the shard's stage-1 rows)."""
-    return stages.fit_heads_shard(job, ctx, job["soft"], backbone_bytes)
+    """Stages 3-5 for one shard of one variant: ``job`` holds a shard job's ``shard``, ``campaigns`` and ``hashes``
+    (:class:`~fleet.run.plan.ShardJob`), and ``soft``, the shard's stage-1 rows."""
+    shard_job = ShardJob(job["campaigns"], job["shard"], hashes=job["hashes"])
+    return stages.fit_heads_shard(shard_job, ctx, job["soft"], backbone_bytes)
 
 
 def _run_variants(cfg, results, ctx, plan, soft_shards, ok, hashes, sizes, sample, real_backbone, m, teacher_total,
                   store, stamp) -> None:
     from fleet.run import pipeline
 
-    okset = set(ok)
     backbones = {_backbone_key(cfg.compress): (real_backbone, m.get("stage_seconds_backbone", 0.0), "shared with the real run")}
-    head_jobs = []
-    for name, batch in zip(plan["shards"], plan["batches"]):
-        mine = [c for c in batch if c in okset]
-        if mine:
-            soft = soft_shards[name]
-            head_jobs.append({"shard": name, "campaigns": mine, "hashes": {c: hashes[c] for c in mine}, "soft": soft})
+    head_jobs = [{"shard": job.shard, "campaigns": job.campaigns, "hashes": job.hashes, "soft": soft_shards[job.shard]}
+                 for job in plan.head_jobs({c: hashes[c] for c in ok}, done=set())]
     floor = m["stage_seconds_soft_labels"]
     for name, overrides in VARIANTS.items():
         config = dataclasses.replace(cfg.compress, **overrides)
@@ -251,8 +249,8 @@ def _run_variants(cfg, results, ctx, plan, soft_shards, ok, hashes, sizes, sampl
 def contiguous_jobs(head_jobs: list[dict], block_rows: int) -> list[dict]:
     """The shard jobs of the real run (cost-balanced, ids interleaved) regrouped as the ``bloomier`` codec's plan
     cuts them: contiguous runs of the sorted campaign ids, at most ``block_rows`` each, as many as there were
-    jobs (:func:`fleet.run.pipeline.contiguous_batches`); each job's ``soft`` holds its campaigns' stage-1 rows."""
-    from fleet.run.pipeline import contiguous_batches
+    jobs (:func:`fleet.run.plan.contiguous_batches`); each job's ``soft`` holds its campaigns' stage-1 rows."""
+    from fleet.run.plan import contiguous_batches
 
     hashes = {c: h for job in head_jobs for c, h in job["hashes"].items()}
     soft = pa.concat_tables([job["soft"] for job in head_jobs])

@@ -35,7 +35,8 @@ from fleet.compression.metrics import campaign_fidelity
 from fleet.formats.events import EventsDataset, split_by_campaign, table_to_batch
 from fleet.formats.teachers import list_teacher_campaigns
 from fleet.run import stages
-from fleet.storage.store import FleetVersion, WorkDir, json_safe
+from fleet.run.plan import Plan
+from fleet.storage.store import FleetVersion, RunDir, json_safe
 from fleet.synthetic.synth import SYNTH_FILE, SynthConfig, campaign_ids, teacher_saved, with_defaults
 
 
@@ -103,12 +104,12 @@ def run_bench(cfg: BenchConfig) -> dict:
                                      address=cfg.address, retrain_backbone=True,
                                      register=cfg.mlflow, no_parent=not cfg.mlflow)  # --no-mlflow: no registry
         real_wall = time.perf_counter() - t0
-        work = WorkDir(store, fleet_name, stamp)
-        plan = work.read_json("plan.json")
-        soft_shards = {s: work.read_shard("soft_labels", s) for s in plan["shards"]}
-        status = pa.concat_tables([work.read_shard("campaigns", s) for s in plan["shards"]])
-        sample = pa.concat_tables([work.read_shard("backbone_sample", s) for s in plan["shards"]])
-        real_backbone = work.read_bytes("backbone.safetensors")
+        run_dir = RunDir(store, fleet_name, stamp)
+        plan = Plan.read(run_dir)
+        soft_shards = {s: run_dir.soft_labels.read(s) for s in plan.shards}
+        status = run_dir.campaigns.read_all(plan.shards)
+        sample = run_dir.backbone_sample.read_all(plan.shards)
+        real_backbone = run_dir.read_backbone()
         version = FleetVersion.open(real.manifest_uri)
         m = real.metrics
         floor = m["stage_seconds_soft_labels"]
@@ -135,7 +136,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         by_campaign = split_by_campaign(soft)
         holdout = {c: t.filter(pc.equal(t["split"], stages.HOLDOUT)) for c, t in by_campaign.items()}
         ctx = stages.StageContext(os.path.abspath(fleet["teachers_uri"]), os.path.abspath(fleet["events_uri"]),
-                                  cfg.compress, plan["num_event_types"], plan["num_features"])
+                                  cfg.compress, plan.num_event_types, plan.num_features)
 
         # (a) fp32 teachers: fidelity of the stage-1 hold-out logits against labels
         rows = []
@@ -149,7 +150,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             time_note="one inference pass over every campaign's transfer rows = stage 1 of the real run (the floor)")
 
         # (b) torch dynamic int8 teachers
-        batches = [b for b in (sorted(set(batch) & set(ok)) for batch in plan["batches"]) if b]
+        batches = [b for b in (sorted(set(batch) & set(ok)) for batch in plan.batches) if b]
         jobs = [{"campaigns": b, "holdout": {c: _hold_dict(holdout[c]) for c in b}} for b in batches]
         t0 = time.perf_counter()
         parts = pipeline.map_on_ray(int8_dynamic_task, jobs, (ctx,), "(b) teachers -> dynamic int8 + hold-out")
@@ -210,7 +211,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                       teacher_total, store, stamp)
 
     # serving: in-process warm/cold, HTTP on loopback, server RSS (outside Ray: nothing else runs)
-    results["serving"] = bench_serving(real.manifest_uri, fleet["events_uri"], ok, holdout, plan["num_features"], cfg)
+    results["serving"] = bench_serving(real.manifest_uri, fleet["events_uri"], ok, holdout, plan.num_features, cfg)
     if cfg.scale_campaigns:
         results["scale"] = {str(s): bench_scale(s, version, cfg, stamp) for s in cfg.scale_campaigns}
         largest = max(cfg.scale_campaigns)

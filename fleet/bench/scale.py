@@ -320,11 +320,10 @@ def run_probe(spec: dict) -> dict:
     incremental run against the champion) and ``promote`` (make the version champion afterwards). Returns the
     run's wall time (Ray's start excluded), its scalar metrics, the campaigns it refitted (incremental runs), and
     the peak RSS of this driver and of its Ray workers."""
-    import pyarrow as pa
-
     from fleet.run import pipeline, stages
+    from fleet.run.plan import Plan
     from fleet.storage import registry
-    from fleet.storage.store import WorkDir
+    from fleet.storage.store import RunDir
 
     config = stages.CompressConfig.from_dict(spec["config"])
     t0 = time.perf_counter()
@@ -341,9 +340,8 @@ def run_probe(spec: dict) -> dict:
     if spec["promote"]:
         registry.promote(spec["fleet"], result.registered.version, spec["tracking_uri"],
                          reason="fleet bench --scale: the parent of the incremental night")
-    work = WorkDir(spec["store"], spec["fleet"], spec["run_id"])
-    plan = work.read_json("plan.json")
-    status = pa.concat_tables([work.read_shard("campaigns", s) for s in plan["shards"]], promote_options="default")
+    run_dir = RunDir(spec["store"], spec["fleet"], spec["run_id"])
+    status = run_dir.campaigns.read_all(Plan.read(run_dir).shards)
     refitted = [c for c, s in zip(status["campaign_id"].to_pylist(), status["status"].to_pylist()) if s == "ok"]
     gate = result.registered.gate if result.registered is not None else None
     return {

@@ -31,8 +31,9 @@ from fleet.core.errors import StoreError
 from fleet.formats.events import EventsDataset, table_to_batch
 from fleet.formats.teachers import load_teacher
 from fleet.run import pipeline, stages
+from fleet.run.plan import Plan
 from fleet.serve.serving import FleetModel
-from fleet.storage.store import FleetVersion, WorkDir
+from fleet.storage.store import FleetVersion, RunDir
 from fleet.synthetic.synth import ZOO_LOADER, SynthConfig, entity_id, generate
 
 #: Teachers of the zoo: small enough that 9 fleets of 60 campaigns train on 2 cores in minutes.
@@ -82,15 +83,15 @@ def evaluate_run(store_uri: str, fleet: str, run_id: str, events_uri: str, min_p
     AUC diff, the verdict counts (heads ``status``), the bytes per campaign (heads Parquet / N and the
     distribution of a head row's bytes) and the run's time over its floor.
     """
-    work = WorkDir(store_uri, fleet, run_id)
-    plan = work.read_json("plan.json")
+    run_dir = RunDir(store_uri, fleet, run_id)
+    plan = Plan.read(run_dir)
     version = FleetVersion.open(f"{store_uri.rstrip('/')}/{fleet}/versions/{run_id}/manifest.json")
     model = FleetModel.open(version.uri, preload=True)
-    soft = pa.concat_tables([work.read_shard("soft_labels", s) for s in plan["shards"]])
+    soft = run_dir.soft_labels.read_all(plan.shards)
     hold = soft.filter(pa.compute.equal(soft["split"], stages.HOLDOUT))
     heads = version.read_heads()
     status = dict(zip(heads["campaign_id"].to_pylist(), heads["status"].to_pylist()))
-    sizes = plan.get("sizes") or EventsDataset(events_uri).campaign_sizes()
+    sizes = plan.sizes or EventsDataset(events_uri).campaign_sizes()
     campaigns = sorted(status)
     tables = EventsDataset(events_uri).read_campaigns(campaigns)
     by_campaign = {c: hold.filter(pa.compute.equal(hold["campaign_id"], c)) for c in campaigns}

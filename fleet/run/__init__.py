@@ -1,1 +1,2 @@
-"""The compression run: the stages as plain functions (stages) and as Ray tasks (pipeline, the only module that imports ray). Imports every package below it."""
+"""The compression run: the stages as plain functions (stages), the run's plan (plan) and the stages as Ray tasks
+(pipeline, the only module that imports ray). Imports every package below it."""

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import heapq
-import itertools
+import functools
 import json
 import math
 import os
@@ -39,22 +38,25 @@ from fleet.formats.events import (
     events_complete,
     write_events_in_parts,
 )
-from fleet.formats.teacher_pack import PACKS_DIR, TeacherCatalog, locate_teachers
+from fleet.formats.teacher_pack import locate_teachers
 from fleet.formats.teachers import validate_loader_spec
 from fleet.run import stages
+from fleet.run.plan import Plan, balanced_batches, input_space, make_plan, run_settings, settings_sha256
+from fleet.run.stages import ShardJob
 from fleet.storage.store import (
+    BACKBONE,
+    HEADS_DIR,
+    PLAN,
     REPORT,
     FleetVersion,
+    RunDir,
     VersionWriter,
-    WorkDir,
     absolute_uri,
     created_at_now,
     join_uri,
-    json_safe,
     list_versions,
     open_fs,
     remove_stale_temp_files,
-    sha256_bytes,
     storage_options_from_env,
 )
 from fleet.synthetic import synth
@@ -78,7 +80,6 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, *, dash
 
 
 LOOPBACK = "127.0.0.1"
-BORROWED_POOL = "borrowed_pool"  # work-dir stage and shard name of the run's borrowed pool (stages.borrowed_pool)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, *, dashboard: bool = False) -> None:
@@ -213,22 +214,11 @@ def map_on_ray(fn: Callable, batches: Sequence[Any], args: tuple, desc: str, *, 
 
 
 def campaigns_in(batch: Any) -> int:
-    """Campaigns of a task's batch: a list of ids, a job ``{"campaigns": [...], ...}``, else one."""
-    if isinstance(batch, dict) and isinstance(batch.get("campaigns"), (list, tuple)):
-        return len(batch["campaigns"])
-    return len(batch) if isinstance(batch, (list, tuple)) else 1
-
-
-def balanced_batches(costs: dict[str, float], num_batches: int) -> list[list[str]]:
-    """Split items into at most ``num_batches`` batches of similar total cost (largest first, greedy,
-    a heap of batch loads); each batch is sorted and the result is deterministic."""
-    heap = [(0.0, i) for i in range(max(1, min(num_batches, len(costs))))]
-    members: list[list[str]] = [[] for _ in heap]
-    for item in sorted(costs, key=lambda k: (-costs[k], k)):
-        load, i = heapq.heappop(heap)
-        members[i].append(item)
-        heapq.heappush(heap, (load + costs[item], i))
-    return sorted((sorted(m) for m in members if m), key=lambda m: m[0])
+    """Campaigns of a task's batch: a :class:`~fleet.run.plan.ShardJob`'s, a dict's ``"campaigns"`` (the bench's
+    jobs), a list of ids, else one."""
+    campaigns = batch.campaigns if isinstance(batch, ShardJob) else batch.get("campaigns") if isinstance(batch, dict) \
+        else batch
+    return len(campaigns) if isinstance(campaigns, (list, tuple)) else 1
 
 
 def run_synth(config: synth.SynthConfig, out_uri: str, storage_options: dict | None = None,
@@ -323,38 +313,42 @@ def _fault_point(stage: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _borrowed_pool(workdir: WorkDir, config: stages.CompressConfig) -> pa.Table | None:
-    """The run's borrowed pool (written by :func:`run_compress` before stage 1), or None when it has none."""
-    return workdir.read_shard(BORROWED_POOL, BORROWED_POOL) if config.borrowed_rows else None
+def _borrowed_pool(run_dir: RunDir, config: stages.CompressConfig) -> pa.Table | None:
+    """The run's borrowed pool (written by :func:`_soft_labels_stage` before its tasks), or None when it has none."""
+    return run_dir.read_borrowed_pool() if config.borrowed_rows else None
 
 
-def _soft_labels_task(job: dict, ctx: stages.StageContext, work: tuple) -> dict:
+def _task_result(job: ShardJob, started: float) -> dict:
+    """What a stage task tells the driver: its shard, its seconds and its node."""
+    return {"shard": job.shard, "seconds": time.perf_counter() - started,
+            "node": ray.get_runtime_context().get_node_id()}
+
+
+def _soft_labels_task(job: ShardJob, ctx: stages.StageContext, run_dir: RunDir) -> dict:
     started = time.perf_counter()
-    workdir = WorkDir(*work)
-    soft, campaigns = stages.soft_labels(job, ctx, _borrowed_pool(workdir, ctx.config))
+    soft, campaigns = stages.soft_labels(job, ctx, _borrowed_pool(run_dir, ctx.config))
     ok = [c for c, s in zip(campaigns["campaign_id"].to_pylist(), campaigns["status"].to_pylist()) if s == "ok"]
-    if job["backbone_quota"]:
-        quotas = {c: job["backbone_quota"][c] for c in ok}
-        workdir.write_shard("backbone_sample", job["shard"], stages.backbone_sample(soft, quotas, ctx.config.seed))
-    workdir.write_shard("campaigns", job["shard"], campaigns)
-    workdir.write_shard("soft_labels", job["shard"], soft)  # written last: its marker means "shard done"
-    return {"shard": job["shard"], "seconds": time.perf_counter() - started, "node": ray.get_runtime_context().get_node_id()}
+    if job.backbone_quota:
+        quotas = {c: job.backbone_quota[c] for c in ok}
+        run_dir.backbone_sample.write(job.shard, stages.backbone_sample(soft, quotas, ctx.config.seed))
+    run_dir.campaigns.write(job.shard, campaigns)
+    run_dir.soft_labels.write(job.shard, soft)  # written last: its marker means "shard done"
+    return _task_result(job, started)
 
 
-def _heads_task(job: dict, ctx: stages.StageContext, work: tuple) -> dict:
+def _heads_task(job: ShardJob, ctx: stages.StageContext, run_dir: RunDir) -> dict:
     started = time.perf_counter()
-    workdir = WorkDir(*work)
-    heads = stages.fit_heads_shard(job, ctx, workdir.read_shard("soft_labels", job["shard"]),
-                                   workdir.read_bytes("backbone.safetensors"), _borrowed_pool(workdir, ctx.config))
-    workdir.write_shard("heads", job["shard"], heads)
-    return {"shard": job["shard"], "seconds": time.perf_counter() - started, "node": ray.get_runtime_context().get_node_id()}
+    heads = stages.fit_heads_shard(job, ctx, run_dir.soft_labels.read(job.shard), run_dir.read_backbone(),
+                                   _borrowed_pool(run_dir, ctx.config))
+    run_dir.heads.write(job.shard, heads)
+    return _task_result(job, started)
 
 
-#: The backbone task's progress in the run's work dir (stage 2's bar reads it): ``{"attempt", "step", "steps",
-#: "loss", "validation_loss"}``, rewritten at most every :data:`BACKBONE_PROGRESS_SECONDS` seconds.
-BACKBONE_PROGRESS = "backbone_progress.json"
+#: The backbone task rewrites its progress in the run's work dir (stage 2's bar reads it: ``{"attempt", "step",
+#: "steps", "loss", "validation_loss"}``, :meth:`~fleet.storage.store.RunDir.read_backbone_progress`) at most every
+#: this many seconds.
 BACKBONE_PROGRESS_SECONDS = 2.0
-#: How often the driver looks at :data:`BACKBONE_PROGRESS` while stage 2 runs.
+#: How often the driver reads the backbone's progress while stage 2 runs.
 BACKBONE_POLL_SECONDS = 1.0
 
 
@@ -362,39 +356,37 @@ class _ProgressWriter:
     """``train_backbone``'s ``report``: writes the latest record to the work dir, at most every
     :data:`BACKBONE_PROGRESS_SECONDS` seconds (and always the last step)."""
 
-    def __init__(self, workdir: WorkDir, attempt: str):
-        self.workdir, self.attempt, self.last = workdir, attempt, -math.inf
+    def __init__(self, run_dir: RunDir, attempt: str):
+        self.run_dir, self.attempt, self.last = run_dir, attempt, -math.inf
 
     def __call__(self, record: dict) -> None:
         now = time.monotonic()
         if now - self.last >= BACKBONE_PROGRESS_SECONDS or record["step"] >= record["steps"]:
             self.last = now
-            self.workdir.write_json(BACKBONE_PROGRESS, {**record, "attempt": self.attempt})
+            self.run_dir.write_backbone_progress({**record, "attempt": self.attempt})
 
 
-def _backbone_task(sample: pa.Table, ctx: stages.StageContext, work: tuple, attempt: str = "") -> dict:
-    workdir = WorkDir(*work)
-    data, stats = stages.train_backbone(sample, ctx, pool=_borrowed_pool(workdir, ctx.config),
-                                        report=_ProgressWriter(workdir, attempt))
-    workdir.write_bytes("backbone.safetensors", data)
+def _backbone_task(sample: pa.Table, ctx: stages.StageContext, run_dir: RunDir, attempt: str = "") -> dict:
+    data, stats = stages.train_backbone(sample, ctx, pool=_borrowed_pool(run_dir, ctx.config),
+                                        report=_ProgressWriter(run_dir, attempt))
+    run_dir.write_backbone(data)
     return {**stats, "node": ray.get_runtime_context().get_node_id()}
 
 
-def _train_backbone_on_ray(sample: pa.Table, ctx: stages.StageContext, work: tuple, threads: int) -> dict:
+def _train_backbone_on_ray(sample: pa.Table, ctx: stages.StageContext, run_dir: RunDir, threads: int) -> dict:
     """Stage 2 as one Ray task, its bar counting training steps (with the loss and an ETA) from the progress
-    the task writes to the work dir (:data:`BACKBONE_PROGRESS`; a record of an earlier attempt is ignored)."""
+    the task writes to the work dir (a record of an earlier attempt is ignored)."""
     attempt = secrets.token_hex(8)
     remote = ray.remote(num_cpus=threads, max_retries=3, retry_exceptions=list(TRANSIENT_ERRORS),
                         scheduling_strategy="SPREAD")(_run_with_threads)
-    ref = remote.remote(_backbone_task, threads, sample, ctx, work, attempt)
-    workdir = WorkDir(*work)
+    ref = remote.remote(_backbone_task, threads, sample, ctx, run_dir, attempt)
     steps = ctx.config.backbone_steps * len(ctx.config.backbone_widths())
     with stage_progress(console) as progress:
         task = progress.add_task("stage 2  backbone", total=steps, unit="steps")
 
         def show() -> None:
             try:
-                record = workdir.read_json(BACKBONE_PROGRESS)
+                record = run_dir.read_backbone_progress()
             except (StoreError, OSError, ValueError):
                 return
             if record.get("attempt") == attempt:
@@ -410,7 +402,7 @@ def _train_backbone_on_ray(sample: pa.Table, ctx: stages.StageContext, work: tup
     return stats
 
 
-def _train_backbone_distributed(sample: pa.Table, ctx: stages.StageContext, work: tuple, workers: int) -> dict:
+def _train_backbone_distributed(sample: pa.Table, ctx: stages.StageContext, run_dir: RunDir, workers: int) -> dict:
     """Stage 2 on Ray Train: ``workers`` DDP workers, each on its share of every step's minibatches;
     rank 0 writes the backbone and its stats to the work dir."""
     from ray.train import RunConfig, ScalingConfig
@@ -419,68 +411,27 @@ def _train_backbone_distributed(sample: pa.Table, ctx: stages.StageContext, work
     def loop(loop_config: dict) -> None:
         import ray.train as rt
 
-        context = rt.get_context()
+        context, work = rt.get_context(), loop_config["run_dir"]
         data, stats = stages.train_backbone(loop_config["sample"], loop_config["ctx"], rank=context.get_world_rank(),
                                             world_size=context.get_world_size(),
                                             wrap=lambda m: prepare_model(m, move_to_device=False),
-                                            pool=_borrowed_pool(WorkDir(*loop_config["work"]), loop_config["ctx"].config))
+                                            pool=_borrowed_pool(work, loop_config["ctx"].config))
         if context.get_world_rank() == 0:
-            workdir = WorkDir(*loop_config["work"])
-            workdir.write_bytes("backbone.safetensors", data)
-            workdir.write_json("backbone_stats.json", {**stats, "backbone_workers": context.get_world_size(),
-                                                       "node": ray.get_runtime_context().get_node_id()})
+            work.write_backbone(data)
+            work.write_backbone_stats({**stats, "backbone_workers": context.get_world_size(),
+                                       "node": ray.get_runtime_context().get_node_id()})
 
     import pyarrow.fs
 
-    workdir = WorkDir(*work)
-    fs, path = open_fs(join_uri(workdir.uri, "ray_train"), work[3])  # Ray Train's checkpoints live on the store too
+    fs, path = run_dir.ray_train_storage()  # Ray Train's checkpoints live on the store too
     trainer = TorchTrainer(
-        loop, train_loop_config={"sample": sample, "ctx": ctx, "work": work},
+        loop, train_loop_config={"sample": sample, "ctx": ctx, "run_dir": run_dir},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name="backbone", storage_path=path,
                              storage_filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))),
     )
     trainer.fit()
-    return workdir.read_json("backbone_stats.json")
-
-
-def _input_space(teachers_uri: str, catalog: TeacherCatalog, config: stages.CompressConfig,
-                 storage_options: dict | None) -> tuple[int, int]:
-    if config.num_event_types and config.num_features:
-        return config.num_event_types, config.num_features
-    fs, path = open_fs(teachers_uri, storage_options)
-    packs = sorted({slot.pack for slot in catalog.packed.values()})[:50]
-    directories = [c for c in catalog.campaigns if CAMPAIGN_ID_PATTERN.fullmatch(c) and c not in catalog.packed
-                   and c not in catalog.conflicts][:50]  # an id is no path yet
-    for config_path in [f"{path}/{PACKS_DIR}/{p}/config.json" for p in packs] + [f"{path}/{c}/config.json" for c in directories]:
-        try:
-            data = json.loads(fs.cat_file(config_path))
-            return int(data["num_event_types"]), int(data["num_features"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    raise FleetError("cannot read num_event_types/num_features from any of the first teachers' config.json; "
-                     "set them in the config", path=teachers_uri)
-
-
-def _plan(campaigns: list[str], sizes: dict[str, int], config: stages.CompressConfig, num_cpus: int) -> list[list[str]]:
-    cost = {c: float(min(sizes.get(c, 1), config.max_fit_rows + config.max_validation_rows) + 50) for c in campaigns}
-    per_task = config.campaigns_per_task or 2000
-    num_batches = max(4 * num_cpus, math.ceil(len(campaigns) / per_task), math.ceil(sum(cost.values()) / 200_000))
-    if config.campaigns_per_task:
-        num_batches = math.ceil(len(campaigns) / config.campaigns_per_task)
-    if config.codec == "bloomier":
-        return contiguous_batches(campaigns, num_batches, config.bloomier_block_rows)
-    return balanced_batches(cost, num_batches)
-
-
-def contiguous_batches(campaigns: list[str], num_batches: int, max_size: int) -> list[list[str]]:
-    """Sorted ``campaigns`` cut into contiguous runs of at most ``max_size``: ``num_batches`` runs of equal
-    size (+-1) or more where ``max_size`` needs more. The ``bloomier`` codec's plan: one batch is one filter
-    block, whose rows must be consecutive in the heads table."""
-    ordered = sorted(campaigns)
-    count = max(1, min(len(ordered), max(num_batches, math.ceil(len(ordered) / max_size))))
-    bounds = [round(i * len(ordered) / count) for i in range(count + 1)]
-    return [ordered[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+    return run_dir.read_backbone_stats()
 
 
 def _parent_version(fleet: str, store_uri: str, tracking_uri: str | None, storage_options: dict | None):
@@ -617,7 +568,7 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
     is planned, named by the run id, its params the configuration and the scrubbed teachers / events URIs, each
     stage's seconds logged as the stage ends; registration logs into it and ends it FINISHED. A compress that
     fails ends it FAILED (KILLED on Ctrl-C); one killed outright leaves it RUNNING; resuming the run id
-    continues it (its MLflow run id is kept in the work dir, :data:`MLFLOW_RUN_FILE`).
+    continues it (its MLflow run id is kept in the work dir, :meth:`~fleet.storage.store.RunDir.read_mlflow_run`).
     """
     mlflow_run = CompressRun()
     try:
@@ -634,8 +585,6 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
         raise
 
 
-#: The work-dir file holding the MLflow run id of a registering compress (``{"run_id", "tracking_uri"}``).
-MLFLOW_RUN_FILE = "mlflow_run.json"
 #: The step each stage's metrics are logged at in the compress's MLflow run (a resumed run logs them again at it).
 STAGE_STEPS = {"soft_labels": 1, "backbone": 2, "heads": 3, "finalize": 4}
 
@@ -649,17 +598,18 @@ class CompressRun:
         self.tracking_uri: str | None = None
         self._started = time.perf_counter()
 
-    def start(self, workdir: WorkDir, fleet: str, version_id: str, params: dict, tracking_uri: str,
+    def start(self, run_dir: RunDir, fleet: str, version_id: str, params: dict, tracking_uri: str,
               storage_options: dict | None) -> None:
-        """Start the run, or continue the one recorded in ``workdir`` (:data:`MLFLOW_RUN_FILE`), and record it."""
+        """Start the run, or continue the one recorded in ``run_dir``, and record it there."""
         from fleet.storage import registry
 
-        saved = workdir.read_json(MLFLOW_RUN_FILE).get("run_id") if workdir.exists(MLFLOW_RUN_FILE) else None
+        recorded = run_dir.read_mlflow_run()
+        saved = recorded.get("run_id") if recorded else None
         self.run_id = registry.start_compress_run(fleet, version_id, params, tracking_uri,
                                                   storage_options=storage_options, resume_run_id=saved)
         self.tracking_uri = tracking_uri
         if self.run_id != saved:
-            workdir.write_json(MLFLOW_RUN_FILE, {"run_id": self.run_id, "tracking_uri": scrub(tracking_uri)})
+            run_dir.write_mlflow_run(self.run_id, scrub(tracking_uri))
 
     def stage(self, stage: str, seconds: float, **progress: float) -> None:
         """Log that ``stage`` ended after ``seconds`` (``stage_seconds_<stage>``), the seconds since the compress
@@ -680,205 +630,250 @@ class CompressRun:
             registry.end_compress_run(self.run_id, status, self.tracking_uri)
 
 
+@dataclass
+class StageReport:
+    """What the stages of a run reported, for the version's metrics (:func:`_version_metrics`)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)  # wall seconds of each stage that ended
+    tasks: dict[str, list[dict]] = field(default_factory=dict)  # per Ray stage, its tasks run this time
+    skipped: dict[str, int] = field(default_factory=dict)  # per Ray stage, its shards done by an earlier attempt
+    backbone: dict = field(default_factory=dict)  # stage 2's training stats ({} for an inherited backbone)
+
+
+@dataclass
+class _Run:
+    """One ``fleet compress`` as its stages see it: its inputs, its work dir, its plan (set once planned) and what
+    its stages reported."""
+
+    teachers_uri: str
+    events_uri: str
+    store_uri: str
+    fleet: str
+    run_id: str
+    config: stages.CompressConfig
+    storage_options: dict | None
+    tracking_uri: str
+    register: bool
+    mlflow_run: CompressRun
+    plan: Plan | None = None
+    report: StageReport = field(default_factory=StageReport)
+    run_dir: RunDir = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.run_dir = RunDir(self.store_uri, self.fleet, self.run_id, self.storage_options)  # checks both names
+
+    @functools.cached_property
+    def ctx(self) -> stages.StageContext:
+        """What every stage task needs (once planned: the input space is the plan's)."""
+        return stages.StageContext(self.teachers_uri, self.events_uri, self.config, self.plan.num_event_types,
+                                   self.plan.num_features, self.storage_options)
+
+    @functools.cached_property
+    def parent(self) -> FleetVersion | None:
+        """The planned parent version, or None for a full run."""
+        return FleetVersion.open(self.plan.parent_manifest, self.storage_options) if self.plan.parent_manifest else None
+
+    @property
+    def inherit_backbone(self) -> bool:
+        """Whether the run keeps its parent's backbone (and so may reuse its parent's heads)."""
+        return self.parent is not None and not self.plan.retrain_backbone
+
+    def stage_done(self, stage: str, started: float, **progress: float) -> None:
+        """Record that ``stage``, begun at ``started`` (``time.perf_counter``), ended, and log it to MLflow."""
+        self.report.seconds[stage] = time.perf_counter() - started
+        self.mlflow_run.stage(stage, self.report.seconds[stage], **progress)
+
+
 def _run_compress(mlflow_run: CompressRun, *, teachers_uri: str, events_uri: str, store_uri: str, fleet: str,
                   config: stages.CompressConfig, run_id: str | None, tracking_uri: str | None, address: str | None,
                   retrain_backbone: bool, storage_options: dict | None, register: bool, dashboard: bool,
                   no_parent: bool, force_config: bool, resume_command: str | None) -> CompressResult:
-    """:func:`run_compress`'s body; ``mlflow_run`` is started here when registering."""
+    """:func:`run_compress`'s body: the checks before anything runs, then one function per stage (plan, soft labels,
+    backbone, heads, the version, registration); ``mlflow_run`` is started here when registering."""
     from fleet.storage import registry
 
     started = time.perf_counter()
     teachers_uri, events_uri, store_uri = (absolute_uri(u) for u in (teachers_uri, events_uri, store_uri))
     check_compress_inputs(teachers_uri, events_uri, store_uri, storage_options)
-    run_id = run_id or new_run_id()
-    tracking_uri = tracking_uri or registry.default_tracking_uri()
-    work = (store_uri, fleet, run_id, storage_options)
-    workdir = WorkDir(*work)
-    timings: dict[str, float] = {}
+    run = _Run(teachers_uri, events_uri, store_uri, fleet, run_id or new_run_id(), config, storage_options,
+               tracking_uri or registry.default_tracking_uri(), register, mlflow_run)
     EventsDataset(events_uri, storage_options).validate_files()  # every file's schema, before any stage
     if register:  # also the check that the registry can be read, before anything runs
-        existing = registry.find_version(fleet, run_id, tracking_uri)
+        existing = registry.find_version(fleet, run.run_id, run.tracking_uri)
         if existing is not None:
-            return _already_registered(existing, store_uri, fleet, run_id, storage_options)
+            return _already_registered(existing, store_uri, fleet, run.run_id, storage_options)
     settings = run_settings(config, teachers_uri, events_uri, retrain_backbone=retrain_backbone, no_parent=no_parent)
-    plan = workdir.read_json("plan.json") if workdir.exists("plan.json") else None
-    if plan is not None:
-        check_resume_settings(plan, settings, workdir, run_id, force_config)
-    console.out(f"run {run_id} (work dir {scrub(workdir.uri)}); to resume it after an interruption: "
-                f"{resume_command or f're-run with --run-id {run_id}'}", highlight=False)
+    recorded = (check_resume_settings(Plan.read(run.run_dir), settings, run.run_dir, run.run_id, force_config)
+                if run.run_dir.has_plan() else None)
+    console.out(f"run {run.run_id} (work dir {scrub(run.run_dir.uri)}); to resume it after an interruption: "
+                f"{resume_command or f're-run with --run-id {run.run_id}'}", highlight=False)
     removed = remove_stale_temp_files(store_uri, fleet, storage_options)
     if removed:
         console.print(f"removed {len(removed)} temporary file(s) of interrupted writes under {join_uri(store_uri, fleet)}")
 
     with ray_session(address, dashboard=dashboard):
-        num_cpus = int(ray.cluster_resources().get("CPU", 1))
-        if plan is not None:
-            console.print(f"resuming run {run_id}: {len(plan['batches'])} batches planned")
-        else:
-            plan = _make_plan(teachers_uri, events_uri, store_uri, fleet, config, tracking_uri, retrain_backbone,
-                              storage_options, num_cpus, no_parent)
-            plan.update(_settings_record(settings))
-            workdir.write_json("plan.json", plan)
+        run.plan = _plan_stage(run, recorded, settings, retrain_backbone=retrain_backbone, no_parent=no_parent)
         if register:
-            mlflow_run.start(workdir, fleet, run_id, _run_params(config, {"teachers_uri": teachers_uri,
-                                                                          "events_uri": events_uri}),
-                             tracking_uri, storage_options)
-        parent = FleetVersion.open(plan["parent_manifest"], storage_options) if plan["parent_manifest"] else None
-        inherit_backbone = parent is not None and not plan["retrain_backbone"]
-        ctx = stages.StageContext(teachers_uri, events_uri, config, plan["num_event_types"], plan["num_features"],
-                                  storage_options)
-        parent_hashes = plan["parent_hashes"] if inherit_backbone else {}
-        num = len(plan["all_campaigns"])
-        quotas = {} if inherit_backbone else stages.backbone_quotas(plan["sizes"], config)
-        if config.borrowed_rows and not workdir.is_done(BORROWED_POOL, BORROWED_POOL):
-            pool = stages.borrowed_pool(EventsDataset(events_uri, storage_options),
-                                        stages.borrowed_pool_rows(plan["sizes"], config), plan["num_event_types"],
-                                        plan["num_features"], config.max_sequence_length)
-            if pool is None:
-                raise FleetError("no campaign's events can be borrowed for the transfer set", path=events_uri)
-            workdir.write_shard(BORROWED_POOL, BORROWED_POOL, pool)
-
-        # stage 1: soft labels (the floor)
-        t0 = time.perf_counter()
-        done = workdir.done_shards("soft_labels")
-        packed, conflicts = plan.get("packed", {}), plan.get("teacher_conflicts", {})
-        jobs = [{"shard": name, "campaigns": batch, "backbone_quota": {c: quotas[c] for c in batch if c in quotas},
-                 "parent": {c: parent_hashes[c] for c in batch if c in parent_hashes},
-                 "packed": {c: packed[c] for c in batch if c in packed},
-                 "teacher_conflicts": {c: conflicts[c] for c in batch if c in conflicts}}
-                for name, batch in zip(plan["shards"], plan["batches"]) if name not in done]
-        stage1 = map_on_ray(_soft_labels_task, jobs, (ctx, work), "stage 1  teacher soft labels",
-                            done=sum(len(b) for n, b in zip(plan["shards"], plan["batches"]) if n in done))
-        timings["soft_labels"] = time.perf_counter() - t0
-        shards_skipped = {"soft_labels": len(plan["shards"]) - len(jobs)}
-        mlflow_run.stage("soft_labels", timings["soft_labels"], stage_campaigns_soft_labels=num)
-        _fault_point("soft_labels")
-
-        status = pa.concat_tables([workdir.read_shard("campaigns", s) for s in plan["shards"]],
-                                  promote_options="default")  # shards of an older run may lack n_truncated
-        by_status = {s: [] for s in ("ok", "reused", "rejected")}
-        for cid, st in zip(status["campaign_id"].to_pylist(), status["status"].to_pylist()):
-            by_status[st].append(cid)
-
-        # stage 2: backbone
-        t0 = time.perf_counter()
-        backbone_stats: dict = {}
-        if not workdir.exists("backbone.safetensors"):
-            if inherit_backbone:
-                workdir.write_bytes("backbone.safetensors", parent.read_backbone_bytes())
-            elif not by_status["ok"]:
-                raise FleetError("every campaign was quarantined in stage 1; nothing to distil", path=teachers_uri)
-            else:
-                sample = pa.concat_tables([workdir.read_shard("backbone_sample", s) for s in plan["shards"]])
-                if config.backbone_workers > 1:
-                    console.print(f"stage 2  backbone on Ray Train ({config.backbone_workers} DDP workers)")
-                    backbone_stats = _train_backbone_distributed(sample, ctx, work, config.backbone_workers)
-                else:
-                    backbone_stats = _train_backbone_on_ray(sample, ctx, work, threads=max(1, min(_largest_node_cpus(), 4)))
-                workdir.write_json("backbone_stats.json", backbone_stats)
-        elif workdir.exists("backbone_stats.json"):
-            backbone_stats = workdir.read_json("backbone_stats.json")
-        timings["backbone"] = time.perf_counter() - t0
-        mlflow_run.stage("backbone", timings["backbone"])
-        _fault_point("backbone")
-
-        # stages 3-5: heads, quantization, fidelity
-        t0 = time.perf_counter()
-        hashes = {cid: [t, d] for cid, t, d in zip(status["campaign_id"].to_pylist(), status["teacher_sha256"].to_pylist(),
-                                                     status["data_fingerprint"].to_pylist())}
-        ok = set(by_status["ok"])
-        done = workdir.done_shards("heads")
-        head_jobs = []
-        for name, batch in zip(plan["shards"], plan["batches"]):
-            mine = [c for c in batch if c in ok]
-            if mine and name not in done:
-                head_jobs.append({"shard": name, "campaigns": mine, "hashes": {c: hashes[c] for c in mine}})
-        stage3 = map_on_ray(_heads_task, head_jobs, (ctx, work), "stage 3  heads + quantize + fidelity",
-                            done=sum(sum(c in ok for c in b) for n, b in zip(plan["shards"], plan["batches"]) if n in done))
-        timings["heads"] = time.perf_counter() - t0
-        shards_skipped["heads"] = sum(1 for n, b in zip(plan["shards"], plan["batches"]) if any(c in ok for c in b)) - len(head_jobs)
-        mlflow_run.stage("heads", timings["heads"], stage_campaigns_heads=len(ok))
-
-    # finalize: one immutable version
-    t0 = time.perf_counter()
-    head_tables = [workdir.read_shard("heads", n) for n, b in zip(plan["shards"], plan["batches"]) if any(c in ok for c in b)]
-    if by_status["reused"]:
-        reused = pa.array(sorted(by_status["reused"]))
-        parent_heads = parent.read_heads()
-        head_tables.append(parent_heads.filter(pa.compute.is_in(parent_heads["campaign_id"], value_set=reused)))
-    heads = (pa.concat_tables([conform_heads_table(t) for t in head_tables]) if head_tables  # a resumed run's older shards
-             else HEADS_SCHEMA.empty_table())
-    rejected = status.filter(pa.compute.equal(status["status"], "rejected"))
-    rejects = [{"campaign_id": c, "stage": s, "reason": r} for c, s, r in
-               zip(rejected["campaign_id"].to_pylist(), rejected["stage"].to_pylist(), rejected["reason"].to_pylist())]
-    teacher_bytes = int(pa.compute.sum(status["teacher_bytes"]).as_py() or 0)
-    nodes = {"soft_labels": sorted({r["node"] for r in stage1}), "heads": sorted({r["node"] for r in stage3}),
-             "backbone": [backbone_stats["node"]] if "node" in backbone_stats else []}
-    metrics = _version_metrics(heads, rejects, num, len(by_status["reused"]), teacher_bytes, timings, backbone_stats,
-                               shards_skipped, len(jobs), len(head_jobs), nodes,
-                               volumes=dict(zip(status["campaign_id"].to_pylist(), status["n_rows"].to_pylist())))
-    metrics["rows_truncated"] = int(pa.compute.sum(status["n_truncated"]).as_py() or 0)
-    writer_uri = join_uri(store_uri, fleet, "versions", run_id)
-    try:
-        version = FleetVersion.open(writer_uri, storage_options)
-        console.print(f"version {run_id} was already committed; registering it")
-    except StoreError:
-        writer = VersionWriter(store_uri, fleet, run_id, storage_options)
-        writer.write_backbone_bytes(workdir.read_bytes("backbone.safetensors"))
-        writer.write_heads(heads)
-        writer.write_rejects(rejects_to_table([(r["campaign_id"], r["stage"], r["reason"]) for r in rejects]))
-        _size_metrics(metrics, writer.files, teacher_bytes)
-        version_config = {**config.to_dict(), "num_event_types": plan["num_event_types"],
-                          "num_features": plan["num_features"], "teachers_uri": teachers_uri, "events_uri": events_uri}
-        lineage = {"parent_version": parent.version_id if parent else None, "run_id": run_id,
-                   "retrain_backbone": not inherit_backbone}
-        created_at = created_at_now()
-        writer.write_report(_report(fleet, run_id, heads, rejects, metrics, version_config, lineage, created_at,
-                                    config, tracking_uri if register else None))
-        writer.commit(config=version_config, lineage=lineage, metrics=metrics, created_at=created_at)
-        version = FleetVersion.open(writer_uri, storage_options)
-    metrics = version.manifest["metrics"]
-    timings["finalize"] = time.perf_counter() - t0
-    mlflow_run.stage("finalize", timings["finalize"])
-
-    registered = None
-    if register:
-        registered = _register(version, fleet, tracking_uri, config, heads,
-                               {**metrics, "stage_seconds_finalize": timings["finalize"]}, storage_options, parent,
-                               mlflow_run.run_id)
-    metrics = {**metrics, "total_seconds": time.perf_counter() - started}
+            mlflow_run.start(run.run_dir, fleet, run.run_id, _run_params(config, {"teachers_uri": teachers_uri,
+                                                                                  "events_uri": events_uri}),
+                             run.tracking_uri, storage_options)
+        status = _soft_labels_stage(run)
+        _backbone_stage(run, status)
+        _heads_stage(run, status)
+    version, heads, rejects = _version_stage(run, status)
+    registered = _register_stage(run, version, heads)
+    metrics = {**version.manifest["metrics"], "total_seconds": time.perf_counter() - started}
     not_promoted = registered is not None and registered.gate is not None and not registered.gate.passed
     exit_code = EXIT_NOT_PROMOTED if not_promoted else EXIT_QUARANTINED if rejects else 0
     return CompressResult(version.version_id, version.uri.rstrip("/") + "/manifest.json", metrics, exit_code,
                           registered, rejects)
 
 
-def _make_plan(teachers_uri, events_uri, store_uri, fleet, config, tracking_uri, retrain_backbone, storage_options,
-               num_cpus, no_parent) -> dict:
-    """The run's fixed plan (written once to ``plan.json``, so a resumed run redoes exactly the same shards)."""
-    parent = None if no_parent else _parent_version(fleet, store_uri, tracking_uri, storage_options)
-    catalog = locate_teachers(teachers_uri, storage_options)
-    campaigns = catalog.campaigns
-    if not campaigns:
-        raise FleetError("no teachers found", path=teachers_uri)
-    num_event_types, num_features = _input_space(teachers_uri, catalog, config, storage_options)
-    sizes = EventsDataset(events_uri, storage_options).campaign_sizes()
-    batches = _plan(campaigns, sizes, config, num_cpus)
-    parent_hashes = {}
-    # bloomier: a filter block is a contiguous id range refitted whole, so no head is reused from the parent, and
-    # a packed run does not reuse the rows of a bloomier parent either (a row decodes only within its block)
-    if (parent is not None and not retrain_backbone and config.codec == "packed"
-            and parent.manifest.get("heads_codec", "packed") == "packed"):
-        table = parent.read_heads().select(["campaign_id", "teacher_sha256", "data_fingerprint"])
-        parent_hashes = {c: [t.hex(), d.hex()] for c, t, d in zip(*(table[k].to_pylist() for k in table.column_names))}
-    return {
-        "all_campaigns": campaigns, "batches": batches, "shards": [f"b{i:05d}" for i in range(len(batches))],
-        "num_event_types": num_event_types, "num_features": num_features,
-        "packed": catalog.plan_entries(), "teacher_conflicts": catalog.conflicts,
-        "sizes": {c: int(sizes.get(c, 0)) for c in campaigns},
-        "parent_manifest": parent.uri if parent is not None else None, "parent_hashes": parent_hashes,
-        "retrain_backbone": bool(retrain_backbone or parent is None), "config": config.to_dict(),
-    }
+def _plan_stage(run: _Run, recorded: Plan | None, settings: dict, *, retrain_backbone: bool, no_parent: bool) -> Plan:
+    """The run's plan: the one a resumed run ``recorded``, else a new one (:func:`~fleet.run.plan.make_plan`, its
+    parent the champion unless ``no_parent``) written to the work dir once."""
+    if recorded is not None:
+        console.print(f"resuming run {run.run_id}: {len(recorded.batches)} batches planned")
+        return recorded
+    parent = None if no_parent else _parent_version(run.fleet, run.store_uri, run.tracking_uri, run.storage_options)
+    plan = make_plan(run.teachers_uri, run.events_uri, run.config, settings, parent=parent,
+                     retrain_backbone=retrain_backbone, num_cpus=int(ray.cluster_resources().get("CPU", 1)),
+                     storage_options=run.storage_options)
+    plan.write(run.run_dir)
+    return plan
+
+
+def _soft_labels_stage(run: _Run) -> pa.Table:
+    """Stage 1, the floor, on Ray (after the run's borrowed pool, when it has one): every teacher over its campaign's
+    rows, one task per shard not done yet. Returns every campaign's verdict (the campaigns shards)."""
+    plan, config, run_dir = run.plan, run.config, run.run_dir
+    if config.borrowed_rows and not run_dir.has_borrowed_pool():
+        pool = stages.borrowed_pool(EventsDataset(run.events_uri, run.storage_options),
+                                    stages.borrowed_pool_rows(plan.sizes, config), plan.num_event_types,
+                                    plan.num_features, config.max_sequence_length)
+        if pool is None:
+            raise FleetError("no campaign's events can be borrowed for the transfer set", path=run.events_uri)
+        run_dir.write_borrowed_pool(pool)
+    t0 = time.perf_counter()
+    quotas = {} if run.inherit_backbone else stages.backbone_quotas(plan.sizes, config)
+    done = run_dir.soft_labels.done()
+    jobs = plan.soft_label_jobs(quotas, plan.parent_hashes if run.inherit_backbone else {}, done)
+    run.report.tasks["soft_labels"] = map_on_ray(_soft_labels_task, jobs, (run.ctx, run_dir),
+                                                 "stage 1  teacher soft labels",
+                                                 done=sum(len(b) for b in plan.batches_of(done)))
+    run.report.skipped["soft_labels"] = len(plan.shards) - len(jobs)
+    run.stage_done("soft_labels", t0, stage_campaigns_soft_labels=len(plan.all_campaigns))
+    _fault_point("soft_labels")
+    return run_dir.campaigns.read_all(plan.shards)  # shards of an older run may lack n_truncated
+
+
+def _backbone_stage(run: _Run, status: pa.Table) -> None:
+    """Stage 2: the backbone in the work dir, kept when a resumed run has it; else the parent's (an incremental run),
+    else trained on stage 1's sample (on Ray Train with ``backbone_workers`` > 1, else as one Ray task)."""
+    t0 = time.perf_counter()
+    run_dir, config = run.run_dir, run.config
+    if run_dir.has_backbone():
+        run.report.backbone = run_dir.read_backbone_stats() or {}
+    elif run.inherit_backbone:
+        run_dir.write_backbone(run.parent.read_backbone_bytes())
+    elif not _with_status(status, "ok"):
+        raise FleetError("every campaign was quarantined in stage 1; nothing to distil", path=run.teachers_uri)
+    else:
+        sample = run_dir.backbone_sample.read_all(run.plan.shards)
+        if config.backbone_workers > 1:
+            console.print(f"stage 2  backbone on Ray Train ({config.backbone_workers} DDP workers)")
+            stats = _train_backbone_distributed(sample, run.ctx, run_dir, config.backbone_workers)
+        else:
+            stats = _train_backbone_on_ray(sample, run.ctx, run_dir, threads=max(1, min(_largest_node_cpus(), 4)))
+        run_dir.write_backbone_stats(stats)
+        run.report.backbone = stats
+    run.stage_done("backbone", t0)
+    _fault_point("backbone")
+
+
+def _heads_stage(run: _Run, status: pa.Table) -> None:
+    """Stages 3-5 (heads, quantization, fidelity) on Ray: one task per shard not done yet that holds a campaign
+    stage 1 left to fit (``ok``)."""
+    t0 = time.perf_counter()
+    hashes = {c: [t, d] for c, s, t, d in zip(*(status[k].to_pylist() for k in
+                                                ("campaign_id", "status", "teacher_sha256", "data_fingerprint")))
+              if s == "ok"}
+    done = run.run_dir.heads.done()
+    jobs = run.plan.head_jobs(hashes, done)
+    run.report.tasks["heads"] = map_on_ray(_heads_task, jobs, (run.ctx, run.run_dir),
+                                           "stage 3  heads + quantize + fidelity",
+                                           done=sum(c in hashes for b in run.plan.batches_of(done) for c in b))
+    run.report.skipped["heads"] = len(run.plan.shards_with(set(hashes))) - len(jobs)
+    run.stage_done("heads", t0, stage_campaigns_heads=len(hashes))
+
+
+def _version_stage(run: _Run, status: pa.Table) -> tuple[FleetVersion, pa.Table, list[dict]]:
+    """Finalize: the version's heads (stage 3's and those reused from the parent) and metrics, then the version
+    itself (:func:`_write_version`; kept when a resumed run committed it). Returns ``(version, heads, rejects)``."""
+    t0 = time.perf_counter()
+    heads = _assemble_heads(run, status)
+    rejects = _rejects(status)
+    metrics = _version_metrics(heads, status, len(run.plan.all_campaigns), run.report)
+    version_uri = join_uri(run.store_uri, run.fleet, "versions", run.run_id)
+    try:
+        version = FleetVersion.open(version_uri, run.storage_options)
+        console.print(f"version {run.run_id} was already committed; registering it")
+    except StoreError:
+        _write_version(run, heads, rejects, metrics)
+        version = FleetVersion.open(version_uri, run.storage_options)
+    run.stage_done("finalize", t0)
+    return version, heads, rejects
+
+
+def _register_stage(run: _Run, version: FleetVersion, heads: pa.Table):
+    """Register ``version`` in MLflow (ending the compress's MLflow run), or None when the run does not register."""
+    if not run.register:
+        return None
+    return _register(version, run.fleet, run.tracking_uri, run.config, heads,
+                     {**version.manifest["metrics"], "stage_seconds_finalize": run.report.seconds["finalize"]},
+                     run.storage_options, run.parent, run.mlflow_run.run_id)
+
+
+def _with_status(status: pa.Table, verdict: str) -> list[str]:
+    """The campaigns of stage 1's ``status`` table whose verdict is ``verdict`` (ok, reused, rejected)."""
+    return [c for c, s in zip(status["campaign_id"].to_pylist(), status["status"].to_pylist()) if s == verdict]
+
+
+def _assemble_heads(run: _Run, status: pa.Table) -> pa.Table:
+    """The version's heads: stage 3's shards, and the parent's rows of the campaigns stage 1 found unchanged."""
+    tables = [run.run_dir.heads.read(s) for s in run.plan.shards_with(set(_with_status(status, "ok")))]
+    reused = sorted(_with_status(status, "reused"))
+    if reused:
+        parent_heads = run.parent.read_heads()
+        tables.append(parent_heads.filter(pa.compute.is_in(parent_heads["campaign_id"], value_set=pa.array(reused))))
+    return (pa.concat_tables([conform_heads_table(t) for t in tables]) if tables  # a resumed run's older shards
+            else HEADS_SCHEMA.empty_table())
+
+
+def _rejects(status: pa.Table) -> list[dict]:
+    """The quarantined campaigns of stage 1's ``status`` table: ``{"campaign_id", "stage", "reason"}`` each."""
+    rejected = status.filter(pa.compute.equal(status["status"], "rejected"))
+    return [{"campaign_id": c, "stage": s, "reason": r} for c, s, r in
+            zip(rejected["campaign_id"].to_pylist(), rejected["stage"].to_pylist(), rejected["reason"].to_pylist())]
+
+
+def _write_version(run: _Run, heads: pa.Table, rejects: list[dict], metrics: dict) -> None:
+    """Write and commit version ``run_id``: the work dir's backbone, ``heads``, ``rejects``, the run report, and the
+    manifest with ``metrics`` (completed by the sizes of the files written)."""
+    writer = VersionWriter(run.store_uri, run.fleet, run.run_id, run.storage_options)
+    writer.write_backbone_bytes(run.run_dir.read_backbone())
+    writer.write_heads(heads)
+    writer.write_rejects(rejects_to_table([(r["campaign_id"], r["stage"], r["reason"]) for r in rejects]))
+    _size_metrics(metrics, writer.files)
+    version_config = {**run.config.to_dict(), "num_event_types": run.plan.num_event_types,
+                      "num_features": run.plan.num_features, "teachers_uri": run.teachers_uri,
+                      "events_uri": run.events_uri}
+    lineage = {"parent_version": run.parent.version_id if run.parent else None, "run_id": run.run_id,
+               "retrain_backbone": not run.inherit_backbone}
+    created_at = created_at_now()
+    writer.write_report(_report(run.fleet, run.run_id, heads, rejects, metrics, version_config, lineage, created_at,
+                                run.config, run.tracking_uri if run.register else None))
+    writer.commit(config=version_config, lineage=lineage, metrics=metrics, created_at=created_at)
 
 
 #: Campaigns whose events ``preview_compress`` reads at once (bounded memory on large fleets).
@@ -917,14 +912,14 @@ def preview_compress(*, teachers_uri: str, events_uri: str, store_uri: str, flee
     campaigns = catalog.campaigns
     if not campaigns:
         raise FleetError("no teachers found", path=teachers_uri)
-    num_event_types, num_features = _input_space(teachers_uri, catalog, config, storage_options)
+    num_event_types, num_features = input_space(teachers_uri, catalog, config, storage_options)
     ctx = stages.StageContext(teachers_uri, events_uri, config, num_event_types, num_features, storage_options)
     parent_rows = {}
     if parent is not None:
         table = parent.read_heads().select(["campaign_id", "teacher_sha256", "data_fingerprint"])
         parent_rows = {c: [t.hex(), d.hex()] for c, t, d in zip(*(table[k].to_pylist() for k in table.column_names))}
     reuse = (parent is not None and not retrain_backbone and config.codec == "packed"
-             and parent.manifest.get("heads_codec", "packed") == "packed")  # as _make_plan
+             and parent.manifest.get("heads_codec", "packed") == "packed")  # as make_plan
     plan: dict[str, Any] = {key: [] for key in ("new", "changed", "reused", "refit")}
     plan["invalid"] = {}
     valid = []
@@ -997,55 +992,37 @@ def estimate_seconds(history: Sequence[tuple[str, dict]], fitted: int, *, train_
             "from_versions": sources}
 
 
-def run_settings(config: stages.CompressConfig, teachers_uri: str, events_uri: str, *, retrain_backbone: bool = False,
-                 no_parent: bool = False) -> dict:
-    """What a run id is planned with and must be resumed with: every ``CompressConfig`` field, the teachers and
-    events URIs (credentials scrubbed) and the two flags that shape the plan."""
-    return {"config": json_safe(config.to_dict()),
-            "inputs": {"teachers": scrub(teachers_uri), "events": scrub(events_uri),
-                       "retrain_backbone": bool(retrain_backbone), "no_parent": bool(no_parent)}}
-
-
-def settings_sha256(settings: dict) -> str:
-    """Hex sha256 of :func:`run_settings` as canonical JSON (sorted keys, no spaces): ``plan.json``'s ``config_sha256``."""
-    return sha256_bytes(json.dumps(settings, sort_keys=True, separators=(",", ":")).encode())
-
-
-def _settings_record(settings: dict) -> dict:
-    return {"config": settings["config"], "inputs": settings["inputs"], "config_sha256": settings_sha256(settings)}
-
-
 #: The flag of each run input in messages (CompressConfig fields are named as themselves).
 _INPUT_FLAGS = {"teachers": "--teachers", "events": "--events", "retrain_backbone": "--retrain-backbone",
                 "no_parent": "--no-parent"}
 
 
-def _changed_settings(recorded: dict, wanted: dict) -> list[str]:
-    changed = [k for k in sorted(set(recorded.get("config", {})) | set(wanted["config"]))
-               if recorded.get("config", {}).get(k) != wanted["config"].get(k)]
+def _changed_settings(recorded: Plan, wanted: dict) -> list[str]:
+    changed = [k for k in sorted(set(recorded.config) | set(wanted["config"]))
+               if recorded.config.get(k) != wanted["config"].get(k)]
     return changed + [flag for key, flag in _INPUT_FLAGS.items()
-                      if recorded.get("inputs", {}).get(key) != wanted["inputs"][key]]
+                      if (recorded.inputs or {}).get(key) != wanted["inputs"][key]]
 
 
-def check_resume_settings(plan: dict, settings: dict, workdir: WorkDir, run_id: str, force: bool) -> None:
-    """Refuse (:class:`~fleet.core.errors.UsageError`) to resume ``run_id`` with settings other than its plan's, unless
-    ``force``: then record the new settings in ``plan.json`` (the replaced hash under ``config_sha256_replaced``).
-    A plan written before fleet recorded ``config_sha256`` is not checked."""
-    recorded = plan.get("config_sha256")
+def check_resume_settings(plan: Plan, settings: dict, run_dir: RunDir, run_id: str, force: bool) -> Plan:
+    """The plan to resume ``run_id`` with: ``plan`` when ``settings`` are its own (or it predates ``config_sha256``:
+    not checked). Other settings are refused (:class:`~fleet.core.errors.UsageError`) unless ``force``: then the plan
+    records them (the replaced hash under ``config_sha256_replaced``) in ``run_dir`` and is returned."""
+    recorded = plan.config_sha256
     wanted = settings_sha256(settings)
     if recorded is None or recorded == wanted:
-        return
+        return plan
     changed = ", ".join(_changed_settings(plan, settings)) or "nothing named"
     if not force:
         raise UsageError(f"run {run_id} was planned with configuration sha256 {recorded}, this command's "
                          f"configuration has sha256 {wanted} (differs in: {changed}); resume it with the same "
                          "configuration, pass --force-config to resume it with this one (finished shards are kept), "
-                         "or choose another --run-id", path=join_uri(workdir.uri, "plan.json"))
-    plan.update(_settings_record(settings))
-    plan["config_sha256_replaced"] = [*plan.get("config_sha256_replaced", []), recorded]
-    workdir.write_json("plan.json", plan)
+                         "or choose another --run-id", path=run_dir.plan_uri)
+    plan = plan.with_settings(settings)
+    plan.write(run_dir)
     console.out(f"run {run_id}: resuming with a changed configuration (--force-config; differs in: {changed}); "
                 f"configuration sha256 {recorded} -> {wanted}", highlight=False)
+    return plan
 
 
 def saved_progress(store_uri: str, fleet: str, run_id: str, storage_options: dict | None = None) -> str:
@@ -1053,21 +1030,20 @@ def saved_progress(store_uri: str, fleet: str, run_id: str, storage_options: dic
     the plan, stage 1's finished campaigns, the backbone, stage 3's finished batches, or the committed version."""
     store_uri = absolute_uri(store_uri)
     try:
-        workdir = WorkDir(store_uri, fleet, run_id, storage_options)
+        run_dir = RunDir(store_uri, fleet, run_id, storage_options)
         fs, manifest = open_fs(join_uri(store_uri, fleet, "versions", run_id, "manifest.json"), storage_options)
         if fs.exists(manifest):
             return f"its committed version {run_id}"
-        if not workdir.exists("plan.json"):
-            return "nothing yet (no plan.json)"
-        plan = workdir.read_json("plan.json")
-        shards = dict(zip(plan["shards"], plan["batches"]))
-        stage1 = sum(len(shards[s]) for s in workdir.done_shards("soft_labels") if s in shards)
-        parts = ["the plan", f"stage 1 for {stage1}/{len(plan['all_campaigns'])} campaigns"]
-        if workdir.exists("backbone.safetensors"):
+        if not run_dir.has_plan():
+            return f"nothing yet (no {PLAN})"
+        plan = Plan.read(run_dir)
+        stage1 = sum(len(b) for b in plan.batches_of(run_dir.soft_labels.done()))
+        parts = ["the plan", f"stage 1 for {stage1}/{len(plan.all_campaigns)} campaigns"]
+        if run_dir.has_backbone():
             parts.append("the backbone")
-        heads = len(workdir.done_shards("heads") & set(shards))
+        heads = len(plan.batches_of(run_dir.heads.done()))
         if heads:
-            parts.append(f"stage 3 for {heads}/{len(shards)} batches")
+            parts.append(f"stage 3 for {heads}/{len(plan.shards)} batches")
         return ", ".join(parts)
     except (FleetError, OSError, ValueError, KeyError, TypeError) as exc:
         return f"what its work dir holds (it could not be read: {type(exc).__name__})"
@@ -1097,14 +1073,17 @@ def _already_registered(existing, store_uri: str, fleet: str, run_id: str,
     return CompressResult(version.version_id, manifest_uri, version.manifest["metrics"], 0, existing)
 
 
-def _version_metrics(heads: pa.Table, rejects: list[dict], num: int, reused: int, teacher_bytes: int,
-                     timings: dict, backbone_stats: dict, skipped: dict, stage1_run: int, stage3_run: int,
-                     nodes: dict, volumes: dict[str, int] | None = None) -> dict:
-    """The manifest's metrics (docs/pipeline.md, "Metrics in the manifest"); ``volumes`` maps a
-    campaign to its row count (stage 1's ``n_rows``), the weight of the volume-weighted figures."""
+def _version_metrics(heads: pa.Table, status: pa.Table, campaigns: int, report: StageReport) -> dict:
+    """The manifest's metrics (docs/pipeline.md, "Metrics in the manifest") of a version of ``campaigns`` planned
+    campaigns: its ``heads``, stage 1's verdict of every campaign (``status``: quarantined and reused campaigns,
+    teacher bytes, truncated rows, and each campaign's row count, the weight of the volume-weighted figures) and
+    what the stages reported."""
     from fleet.compression.metrics import CALIBRATION_KEYS
 
-    volumes = volumes or {}
+    verdicts = status["status"].to_pylist()
+    reused, quarantined = verdicts.count("reused"), verdicts.count("rejected")
+    volumes = dict(zip(status["campaign_id"].to_pylist(), status["n_rows"].to_pylist()))
+    tasks, timings = report.tasks, report.seconds
     keys = ("campaign_id", "student_auc", "teacher_auc", "mean_abs_diff", "n_train", "status", *CALIBRATION_KEYS)
     columns = {k: heads[k].to_pylist() if k in heads.column_names else [None] * heads.num_rows for k in keys}
     rows = []
@@ -1118,8 +1097,8 @@ def _version_metrics(heads: pa.Table, rejects: list[dict], num: int, reused: int
     status_counts = {"ok": 0, "capacity": 0, "fallback": 0, **summary["status_counts"]}
     bits = heads["bits"].to_numpy() if heads.num_rows else np.zeros(0)
     metrics = {
-        "campaigns": num, "campaigns_ok": heads.num_rows - reused, "campaigns_reused": reused,
-        "campaigns_quarantined": len(rejects), "quarantine_share": len(rejects) / max(1, num),
+        "campaigns": campaigns, "campaigns_ok": heads.num_rows - reused, "campaigns_reused": reused,
+        "campaigns_quarantined": quarantined, "quarantine_share": quarantined / max(1, campaigns),
         "fidelity_auc_diff_median": summary.get("median"), "fidelity_auc_diff_p10": summary.get("p10"),
         "fidelity_mean_abs_diff_median": summary.get("mean_abs_diff_median"),
         "fidelity_mean_abs_diff_p90": summary.get("mean_abs_diff_p90"),
@@ -1135,16 +1114,19 @@ def _version_metrics(heads: pa.Table, rejects: list[dict], num: int, reused: int
         **{f"campaigns_status_{k}": v for k, v in status_counts.items()},
         "bits_mean": float(bits.mean()) if len(bits) else None,
         **{f"bits_{b}_campaigns": int((bits == b).sum()) for b in (1, 2, 4, 8, 16)},
-        "teacher_bytes_total": teacher_bytes,
+        "teacher_bytes_total": int(pa.compute.sum(status["teacher_bytes"]).as_py() or 0),
         **{f"{STAGE_SECONDS_PREFIX}{k}": v for k, v in timings.items()},
-        "stage1_shards_computed": stage1_run, "stage1_shards_skipped": skipped.get("soft_labels", 0),
-        "stage3_shards_computed": stage3_run, "stage3_shards_skipped": skipped.get("heads", 0),
-        "nodes": nodes,
-        **{k: v for k, v in backbone_stats.items() if k != "node"},
+        "stage1_shards_computed": len(tasks["soft_labels"]), "stage1_shards_skipped": report.skipped["soft_labels"],
+        "stage3_shards_computed": len(tasks["heads"]), "stage3_shards_skipped": report.skipped["heads"],
+        "nodes": {"soft_labels": sorted({r["node"] for r in tasks["soft_labels"]}),
+                  "heads": sorted({r["node"] for r in tasks["heads"]}),
+                  "backbone": [report.backbone["node"]] if "node" in report.backbone else []},
+        **{k: v for k, v in report.backbone.items() if k != "node"},
     }
     run = sum(timings.values())
     metrics["run_seconds"] = run
     metrics["run_over_floor"] = run / timings["soft_labels"] if timings.get("soft_labels") else None
+    metrics["rows_truncated"] = int(pa.compute.sum(status["n_truncated"]).as_py() or 0)
     return metrics
 
 
@@ -1171,9 +1153,10 @@ def _report(fleet: str, run_id: str, heads: pa.Table, rejects: list[dict], metri
                                 gate_note=note)
 
 
-def _size_metrics(metrics: dict, files: dict[str, dict], teacher_bytes: int) -> None:
-    heads_bytes = sum(f["bytes"] for p, f in files.items() if p.startswith("heads/"))
-    backbone_bytes = files["backbone.safetensors"]["bytes"]
+def _size_metrics(metrics: dict, files: dict[str, dict]) -> None:
+    """Add the sizes of a version's ``files`` (``VersionWriter.files``) and its compression ratios to ``metrics``."""
+    heads_bytes = sum(f["bytes"] for p, f in files.items() if p.startswith(f"{HEADS_DIR}/"))
+    backbone_bytes, teacher_bytes = files[BACKBONE]["bytes"], metrics["teacher_bytes_total"]
     n = max(1, metrics["campaigns_ok"] + metrics["campaigns_reused"])
     metrics.update({
         "heads_bytes": heads_bytes, "backbone_bytes": backbone_bytes, "bytes_per_campaign": heads_bytes / n,

@@ -326,6 +326,23 @@ class StageContext:
     storage_options: dict | None = None
 
 
+@dataclass(frozen=True)
+class ShardJob:
+    """One stage task's batch (:meth:`fleet.run.plan.Plan.soft_label_jobs`, :meth:`~fleet.run.plan.Plan.head_jobs`):
+    the ``campaigns`` of work-dir shard ``shard``. Stage 1 reads ``backbone_quota`` (each campaign's fit rows in the
+    backbone sample), ``parent`` (``{campaign: [teacher_sha, data_fp]}`` of the parent's heads a campaign may
+    reuse), ``packed`` (``{campaign: [pack, slot, sha256]}``) and ``teacher_conflicts`` (``{campaign: reason}``);
+    stage 3 reads ``hashes`` (``{campaign: [teacher_sha, data_fp]}`` of the heads it fits)."""
+
+    campaigns: list[str]
+    shard: str = ""
+    backbone_quota: dict[str, int] = field(default_factory=dict)
+    parent: dict[str, list[str]] = field(default_factory=dict)
+    packed: dict[str, list] = field(default_factory=dict)
+    teacher_conflicts: dict[str, str] = field(default_factory=dict)
+    hashes: dict[str, list[str]] = field(default_factory=dict)
+
+
 def row_splits(campaign_id: str, num_rows: int, config: CompressConfig) -> np.ndarray:
     """Split of each row of a campaign: HOLDOUT (the shared split of :func:`fleet.formats.events.holdout_mask`),
     VALIDATION (a second hash, ``validation_fraction`` of the rest), FIT, or UNUSED beyond the caps."""
@@ -356,10 +373,10 @@ def prepared_campaign_table(table: pa.Table, campaign_id: str, ctx: StageContext
     return truncate_sequences(table, ctx.config.max_sequence_length, ctx.num_features)
 
 
-def soft_labels(job: dict, ctx: StageContext, pool: pa.Table | None = None) -> tuple[pa.Table, pa.Table]:
-    """Stage 1 for one batch: ``job = {"campaigns": [...], "parent": {campaign: [teacher_sha, data_fp]}}``, and
-    where the packed ones are (``"packed"``: ``{campaign: [pack, slot, sha256]}``) and which are ambiguous
-    (``"teacher_conflicts"``: ``{campaign: reason}``), both from :func:`fleet.formats.teacher_pack.locate_teachers`.
+def soft_labels(job: ShardJob, ctx: StageContext, pool: pa.Table | None = None) -> tuple[pa.Table, pa.Table]:
+    """Stage 1 for one batch: ``job``'s ``campaigns``, with their ``parent`` hashes, where the packed ones are
+    (``packed``) and which are ambiguous (``teacher_conflicts``), both from
+    :func:`fleet.formats.teacher_pack.locate_teachers`.
 
     Runs each teacher over its campaign's fit, validation and hold-out rows, and over its share of the
     borrowed ``pool`` (:func:`borrowed_pool`, :func:`borrowed_rows_of`), as ``BORROWED`` rows whose ``row``
@@ -370,7 +387,7 @@ def soft_labels(job: dict, ctx: StageContext, pool: pa.Table | None = None) -> t
     that campaign only (``rejected`` with stage and reason; reasons are scrubbed of credentials,
     :func:`fleet.core.redact.scrub`). Returns ``(soft_labels, campaigns)``.
     """
-    campaigns, parent = job["campaigns"], job.get("parent", {})
+    campaigns, parent = job.campaigns, job.parent
     events = EventsDataset(ctx.events_uri, ctx.storage_options)
     valid = []
     status_rows, soft_parts = [], []
@@ -382,9 +399,9 @@ def soft_labels(job: dict, ctx: StageContext, pool: pa.Table | None = None) -> t
     tables = events.read_campaigns(valid)
     pool_batch = table_to_batch(pool, ctx.num_features) if pool is not None and len(pool) else None
     pool_source = pool["campaign_id"].to_numpy(zero_copy_only=False) if pool_batch is not None else None
-    teachers = load_teachers(ctx.teachers_uri, valid, job.get("packed"), ctx.storage_options,
+    teachers = load_teachers(ctx.teachers_uri, valid, job.packed, ctx.storage_options,
                              allow_loaders=ctx.config.allow_loaders, untrusted_roots=(ctx.events_uri,),
-                             conflicts=job.get("teacher_conflicts"))
+                             conflicts=job.teacher_conflicts)
     pending = []  # (campaign_id, teacher, rows to label, used rows, splits, borrowed rows, hashes)
     for campaign_id in valid:
         try:
@@ -393,8 +410,8 @@ def soft_labels(job: dict, ctx: StageContext, pool: pa.Table | None = None) -> t
                 raise teacher
             space = (teacher.config.get("num_event_types"), teacher.config.get("num_features"))
             if space != (ctx.num_event_types, ctx.num_features):
-                where = (pack_config_uri(ctx.teachers_uri, job["packed"][campaign_id][0])
-                         if campaign_id in job.get("packed", {}) else f"{ctx.teachers_uri.rstrip('/')}/{campaign_id}/config.json")
+                where = (pack_config_uri(ctx.teachers_uri, job.packed[campaign_id][0])
+                         if campaign_id in job.packed else f"{ctx.teachers_uri.rstrip('/')}/{campaign_id}/config.json")
                 raise FleetError(f"teacher input space (num_event_types, num_features) = {space} differs from the "
                                  f"fleet's {(ctx.num_event_types, ctx.num_features)}", campaign_id=campaign_id,
                                  path=where)
@@ -701,7 +718,7 @@ def train_backbone(sample: pa.Table, ctx: StageContext, *, rank: int = 0, world_
     return data, stats
 
 
-def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes: bytes,
+def fit_heads_shard(job: ShardJob, ctx: StageContext, soft: pa.Table, backbone_bytes: bytes,
                     pool: pa.Table | None = None) -> pa.Table:
     """Stages 3-5 for one batch: fit all its campaigns' heads at once on frozen backbone features (one
     batched fit per prior strength of ``head_l2_grid``, each campaign keeping the strength that follows
@@ -712,7 +729,7 @@ def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes
     next design of :data:`fleet.compression.student.HEAD_LADDER` (all such campaigns in one batched fit, starting from
     their first head) and keeps the larger head when it passes, or when it fails by less.
 
-    ``job = {"campaigns": [...], "hashes": {campaign: [teacher_sha, data_fp]}}``; ``soft`` holds
+    ``job``: the batch's ``campaigns`` and their ``hashes``; ``soft`` holds
     the batch's stage-1 rows (``pool``: the borrowed pool, when they include ``BORROWED`` rows). Returns the batch's heads rows; ``status`` is the campaign's verdict:
     ``ok`` (passes the gate), ``capacity`` (passes with the ladder's larger head) or ``fallback`` (no
     head passes: its best one is stored anyway, flagged when served).
@@ -720,7 +737,7 @@ def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes
     config = ctx.config
     backbone, head_prior = backbone_from_bytes(backbone_bytes)
     student_config = backbone.config
-    campaigns = job["campaigns"]
+    campaigns = job.campaigns
     events = EventsDataset(ctx.events_uri, ctx.storage_options)
     batches, index, logits, labels, splits = [], [], [], [], []
     pool_batch = table_to_batch(pool, ctx.num_features) if pool is not None else None
@@ -753,7 +770,7 @@ def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes
             sel = hold_idx == c
             fid = campaign_fidelity(p_student[sel].numpy(), p_teacher[sel].numpy(), hold_labels[sel].numpy(),
                                     config.min_auc_class_count)
-            teacher_sha, data_fp = job["hashes"][campaign_id]
+            teacher_sha, data_fp = job.hashes[campaign_id]
             k, r = block_of[c]
             out.append(bloomier_head_row(
                 campaign_id, blocks[k], r, teacher_sha256=bytes.fromhex(teacher_sha),
@@ -797,7 +814,7 @@ def fit_heads_shard(job: dict, ctx: StageContext, soft: pa.Table, backbone_bytes
             mine = big_p[big_rows.cidx[big_hold] == failing.index(c)]
         fid = campaign_fidelity(mine.numpy(), p_teacher[sel].numpy(), hold_labels[sel].numpy(),
                                 config.min_auc_class_count)
-        teacher_sha, data_fp = job["hashes"][campaign_id]
+        teacher_sha, data_fp = job.hashes[campaign_id]
         row = head_row(campaign_id, vectors[c], head_num_params(designs[c]), masks[c],
                        teacher_sha256=bytes.fromhex(teacher_sha), data_fingerprint=bytes.fromhex(data_fp))
         out.append(dataclasses.replace(

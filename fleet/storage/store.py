@@ -7,7 +7,8 @@ Layout (see ``docs/storage.md``)::
                                          rejects.parquet
                                          report.html                    (optional: the run report)
                                          manifest.json                  (written last)
-    <store>/<fleet>/runs/<run_id>/<stage>/<shard>.parquet
+    <store>/<fleet>/runs/<run_id>/plan.json, backbone.safetensors ...   (RunDir: every name in it)
+                                  <stage>/<shard>.parquet
                                   <stage>/_done/<shard>                 (written after the data)
 
 A version without ``manifest.json`` does not exist for readers; a committed version is never
@@ -815,55 +816,185 @@ def list_versions(store_uri: str, fleet: str, storage_options: dict | None = Non
 # ----------------------------------------------------------------------------- run work dir
 
 
-class WorkDir:
-    """A run's work dir ``<store>/<fleet>/runs/<run_id>/`` for resumable stages.
+#: The names in a run's work dir (docs/storage.md, "Run work dirs"), each read and written by one method of
+#: :class:`RunDir`; its backbone is :data:`BACKBONE`, as in a version.
+PLAN = "plan.json"
+MLFLOW_RUN = "mlflow_run.json"
+BACKBONE_STATS = "backbone_stats.json"
+BACKBONE_PROGRESS = "backbone_progress.json"
+RAY_TRAIN = "ray_train"
+#: The work dir's shard sets (:class:`ShardSet`), one folder each.
+SOFT_LABELS_SHARDS = "soft_labels"
+CAMPAIGNS_SHARDS = "campaigns"
+BACKBONE_SAMPLE_SHARDS = "backbone_sample"
+HEADS_SHARDS = "heads"
+BORROWED_POOL_SHARDS = "borrowed_pool"  # one shard, of the same name
+
+
+class ShardSet:
+    """One stage's shards in a run work dir, ``<stage>/<shard>.parquet``.
 
     A shard is done once its marker ``<stage>/_done/<shard>`` exists; the marker is written after
     the data and holds its size and sha256, so a crash between the two only redoes the shard.
     """
 
-    def __init__(self, store_uri: str, fleet: str, run_id: str, storage_options: dict | None = None):
-        self.uri = join_uri(store_uri, _check_name("fleet name", fleet), "runs", _check_name("run id", run_id))
-        self.fs, self._path = open_fs(self.uri, storage_options)
+    def __init__(self, run_dir: RunDir, stage: str):
+        self._dir, self.stage = run_dir, _check_name("stage", stage)
 
-    def _p(self, rel: str) -> str:
-        return join_uri(self._path, rel)
-
-    def _shard_rel(self, stage: str, shard: str) -> tuple[str, str]:
-        _check_name("stage", stage)
+    def _rel(self, shard: str) -> tuple[str, str]:
         _check_name("shard", shard)
-        return f"{stage}/{shard}.parquet", f"{stage}/_done/{shard}"
+        return f"{self.stage}/{shard}.parquet", f"{self.stage}/_done/{shard}"
 
-    def is_done(self, stage: str, shard: str) -> bool:
-        """Whether ``shard`` of ``stage`` was completely written."""
-        return _exists(self.fs, self._p(self._shard_rel(stage, shard)[1]))
+    def is_done(self, shard: str) -> bool:
+        """Whether ``shard`` was completely written."""
+        return _exists(self._dir.fs, self._dir._p(self._rel(shard)[1]))
 
-    def write_shard(self, stage: str, shard: str, table: pa.Table, row_group_size: int = 64 * 1024) -> None:
+    def done(self) -> set[str]:
+        """Names of the shards that are done (one listing)."""
+        path = self._dir._p(f"{self.stage}/_done")
+        self._dir.fs.invalidate_cache(path)
+        try:
+            return {p.rstrip("/").rsplit("/", 1)[-1] for p in self._dir.fs.ls(path, detail=False)}
+        except FileNotFoundError:
+            return set()
+
+    def write(self, shard: str, table: pa.Table, row_group_size: int = 64 * 1024) -> None:
         """Write the shard's Parquet, then its done marker."""
-        data_rel, marker_rel = self._shard_rel(stage, shard)
+        data_rel, marker_rel = self._rel(shard)
         data = _parquet_bytes(table, row_group_size)
-        _put(self.fs, self._p(data_rel), data)
+        _put(self._dir.fs, self._dir._p(data_rel), data)
         marker = {"sha256": sha256_bytes(data), "bytes": len(data), "rows": table.num_rows}
-        _put(self.fs, self._p(marker_rel), _json_bytes(marker, join_uri(self.uri, marker_rel)))
+        _put(self._dir.fs, self._dir._p(marker_rel), _json_bytes(marker, join_uri(self._dir.uri, marker_rel)))
 
-    def read_shard(self, stage: str, shard: str) -> pa.Table:
+    def read(self, shard: str) -> pa.Table:
         """Read a done shard, checked against the size and sha256 in its marker."""
-        data_rel, marker_rel = self._shard_rel(stage, shard)
-        uri = join_uri(self.uri, data_rel)
-        marker = json.loads(_cat(self.fs, self._p(marker_rel), uri, f"shard {stage}/{shard} is not done"))
-        data = _cat(self.fs, self._p(data_rel), uri, f"shard {stage}/{shard} is marked done but its data is missing")
+        data_rel, marker_rel = self._rel(shard)
+        fs, uri = self._dir.fs, join_uri(self._dir.uri, data_rel)
+        marker = json.loads(_cat(fs, self._dir._p(marker_rel), uri, f"shard {self.stage}/{shard} is not done"))
+        data = _cat(fs, self._dir._p(data_rel), uri, f"shard {self.stage}/{shard} is marked done but its data is missing")
         if len(data) != marker["bytes"] or sha256_bytes(data) != marker["sha256"]:
             raise StoreError("checksum mismatch with the shard's done marker", path=uri)
         return read_parquet_bytes(data)
 
-    def done_shards(self, stage: str) -> set[str]:
-        """Names of the shards of ``stage`` that are done (one listing)."""
-        path = self._p(f"{_check_name('stage', stage)}/_done")
-        self.fs.invalidate_cache(path)
-        try:
-            return {p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False)}
-        except FileNotFoundError:
-            return set()
+    def read_all(self, shards: Sequence[str]) -> pa.Table:
+        """The done ``shards``, in order, as one table (a column an older shard lacks reads as nulls)."""
+        return pa.concat_tables([self.read(s) for s in shards], promote_options="default")
+
+
+class RunDir:
+    """A run's work dir ``<store>/<fleet>/runs/<run_id>/``: what the stages of one ``fleet compress``
+    hand to each other, so that a resumed run redoes only what is missing (docs/storage.md).
+
+    Every intermediate has its reader and writer here (the plan, the MLflow run, the backbone with its
+    stats and training progress, the borrowed pool) or is a :class:`ShardSet` (stage 1's soft labels,
+    campaigns and backbone sample; stage 3's heads). A ``RunDir`` pickles as its arguments (a Ray task
+    opens the same work dir).
+    """
+
+    def __init__(self, store_uri: str, fleet: str, run_id: str, storage_options: dict | None = None):
+        self._args = (store_uri, fleet, run_id, storage_options)
+        self.uri = join_uri(store_uri, _check_name("fleet name", fleet), "runs", _check_name("run id", run_id))
+        self.fs, self._path = open_fs(self.uri, storage_options)
+
+    def __reduce__(self):
+        return RunDir, self._args
+
+    def _p(self, rel: str) -> str:
+        return join_uri(self._path, rel)
+
+    # the run's intermediates
+
+    @property
+    def soft_labels(self) -> ShardSet:
+        """Stage 1's soft labels (``fleet.run.stages.SOFT_LABELS_SCHEMA``), a batch's last shard: when it is done,
+        the batch's stage 1 is."""
+        return ShardSet(self, SOFT_LABELS_SHARDS)
+
+    @property
+    def campaigns(self) -> ShardSet:
+        """Stage 1's verdict per campaign (status, hashes, rows, teacher bytes)."""
+        return ShardSet(self, CAMPAIGNS_SHARDS)
+
+    @property
+    def backbone_sample(self) -> ShardSet:
+        """Stage 1's rows of each batch that stage 2 trains the backbone on."""
+        return ShardSet(self, BACKBONE_SAMPLE_SHARDS)
+
+    @property
+    def heads(self) -> ShardSet:
+        """Stage 3's heads rows."""
+        return ShardSet(self, HEADS_SHARDS)
+
+    @property
+    def plan_uri(self) -> str:
+        """Where the plan is (for messages)."""
+        return join_uri(self.uri, PLAN)
+
+    def has_plan(self) -> bool:
+        """Whether the run was planned."""
+        return self.exists(PLAN)
+
+    def read_plan(self) -> dict:
+        """The plan's JSON object (``fleet.run.plan.Plan.read`` makes it a ``Plan``)."""
+        return self.read_json(PLAN)
+
+    def write_plan(self, plan: dict) -> None:
+        """Write the plan's JSON object."""
+        self.write_json(PLAN, plan)
+
+    def read_mlflow_run(self) -> dict | None:
+        """``{"run_id", "tracking_uri"}`` of the compress's MLflow run, or None before it started."""
+        return self.read_json(MLFLOW_RUN) if self.exists(MLFLOW_RUN) else None
+
+    def write_mlflow_run(self, run_id: str, tracking_uri: str) -> None:
+        """Record the compress's MLflow run (``tracking_uri`` already scrubbed of credentials)."""
+        self.write_json(MLFLOW_RUN, {"run_id": run_id, "tracking_uri": tracking_uri})
+
+    def has_backbone(self) -> bool:
+        """Whether stage 2 wrote the backbone."""
+        return self.exists(BACKBONE)
+
+    def read_backbone(self) -> bytes:
+        """The backbone's ``backbone.safetensors`` content."""
+        return self.read_bytes(BACKBONE)
+
+    def write_backbone(self, data: bytes) -> None:
+        """Write the backbone's ``backbone.safetensors`` content."""
+        self.write_bytes(BACKBONE, data)
+
+    def read_backbone_stats(self) -> dict | None:
+        """Stage 2's training stats, or None when it trained none (an inherited backbone)."""
+        return self.read_json(BACKBONE_STATS) if self.exists(BACKBONE_STATS) else None
+
+    def write_backbone_stats(self, stats: dict) -> None:
+        """Write stage 2's training stats."""
+        self.write_json(BACKBONE_STATS, stats)
+
+    def read_backbone_progress(self) -> dict:
+        """The latest progress record of the backbone's training (:class:`StoreError` before the first)."""
+        return self.read_json(BACKBONE_PROGRESS)
+
+    def write_backbone_progress(self, record: dict) -> None:
+        """Replace the backbone's training progress record."""
+        self.write_json(BACKBONE_PROGRESS, record)
+
+    def has_borrowed_pool(self) -> bool:
+        """Whether the run's borrowed pool was written."""
+        return ShardSet(self, BORROWED_POOL_SHARDS).is_done(BORROWED_POOL_SHARDS)
+
+    def read_borrowed_pool(self) -> pa.Table:
+        """The run's borrowed pool (``fleet.run.stages.borrowed_pool``)."""
+        return ShardSet(self, BORROWED_POOL_SHARDS).read(BORROWED_POOL_SHARDS)
+
+    def write_borrowed_pool(self, pool: pa.Table) -> None:
+        """Write the run's borrowed pool."""
+        ShardSet(self, BORROWED_POOL_SHARDS).write(BORROWED_POOL_SHARDS, pool)
+
+    def ray_train_storage(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        """``(filesystem, path)`` of the folder where Ray Train keeps its checkpoints."""
+        return self.fs, self._p(RAY_TRAIN)
+
+    # objects by relative name: what the methods above are made of
 
     def exists(self, name: str) -> bool:
         """Whether the object ``name`` (relative path) exists in the work dir."""
@@ -890,8 +1021,9 @@ class WorkDir:
 __all__ = [
     "VERSION_FORMAT",
     "FleetVersion",
+    "RunDir",
+    "ShardSet",
     "VersionWriter",
-    "WorkDir",
     "join_uri",
     "list_versions",
     "open_fs",

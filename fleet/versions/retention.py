@@ -164,7 +164,8 @@ def plan_gc(store_uri: str, fleet: str, *, tracking_uri: str | None = None, stor
     version and no model version is deleted. ``now`` (UTC) is the time ages are counted from. Raises
     :class:`fleet.storage.registry.RegistryError` when the registry cannot be read (or its database does not exist).
     """
-    from fleet.storage.store import _check_name, absolute_uri, join_uri, open_fs
+    from fleet.core.errors import StoreError
+    from fleet.storage.store import PLAN, RunDir, _check_name, absolute_uri, join_uri, open_fs
 
     if keep_last < 0 or grace_hours < 0:
         raise ValueError(f"keep_last and grace_hours must be >= 0, got {keep_last} and {grace_hours}")
@@ -223,11 +224,11 @@ def plan_gc(store_uri: str, fleet: str, *, tracking_uri: str | None = None, stor
     unfinished = sorted(runs - committed_ids)
     parents: dict[str, list[str]] = {}
     for rid in unfinished:
-        if "plan.json" in tree[("runs", rid)]:
+        if PLAN in tree[("runs", rid)]:
             try:
-                plan = json.loads(fs.cat_file(join_uri(root, "runs", rid, "plan.json")))
+                plan = RunDir(store_uri, fleet, rid, storage_options).read_plan()
                 parent = _version_id_of(plan.get("parent_manifest"))
-            except (FileNotFoundError, ValueError, AttributeError):
+            except (StoreError, ValueError, AttributeError):
                 parent = None
             if parent:
                 parents.setdefault(parent, []).append(rid)

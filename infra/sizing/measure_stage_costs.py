@@ -24,6 +24,7 @@ import torch
 from fleet.formats.events import EventsDataset
 from fleet.formats.teachers import list_teacher_campaigns
 from fleet.run import stages
+from fleet.run.stages import ShardJob
 
 
 def _clock() -> tuple[float, float]:
@@ -48,7 +49,7 @@ def measure(fleet_dir: str, backbone_steps: int, batch: int = 25) -> dict:
     softs, statuses, samples = [], [], []
     for names in batches:  # stage 1 (+ the backbone sample, as the pipeline's stage-1 task does)
         w, c = _clock()
-        soft, status = stages.soft_labels({"campaigns": names, "parent": {}}, ctx)
+        soft, status = stages.soft_labels(ShardJob(names), ctx)
         ok = [x for x, s in zip(status["campaign_id"].to_pylist(), status["status"].to_pylist()) if s == "ok"]
         samples.append(stages.backbone_sample(soft, {x: quotas[x] for x in ok}, config.seed))
         w2, c2 = _clock()
@@ -68,8 +69,8 @@ def measure(fleet_dir: str, backbone_steps: int, batch: int = 25) -> dict:
 
     for soft, status in zip(softs, statuses):  # stages 3-5
         rows = [r for r in status.to_pylist() if r["status"] == "ok"]
-        job = {"campaigns": [r["campaign_id"] for r in rows],
-               "hashes": {r["campaign_id"]: [r["teacher_sha256"], r["data_fingerprint"]] for r in rows}}
+        job = ShardJob([r["campaign_id"] for r in rows],
+                       hashes={r["campaign_id"]: [r["teacher_sha256"], r["data_fingerprint"]] for r in rows})
         w, c = _clock()
         stages.fit_heads_shard(job, ctx, soft, backbone)
         w2, c2 = _clock()
