@@ -273,7 +273,7 @@ def test_re_running_a_registered_run_id_registers_nothing(small_fleet, ray_local
                                                           capsys):
     """`fleet compress --run-id X` once X is committed and registered: nothing runs, nothing is
     registered, champion does not move, exit 0."""
-    from fleet.cli.main import main as cli
+    from fleet.cli import main as cli
 
     store = tmp_path / "store"
     assert compress(small_fleet, store, sqlite_tracking_uri, run_id="once").registered.version == "1"
@@ -293,7 +293,7 @@ def test_re_running_a_registered_run_id_registers_nothing(small_fleet, ray_local
 
 
 def test_an_unreadable_registry_fails_before_stage_one_unless_no_parent(small_fleet, ray_local, tmp_path, capsys):
-    from fleet.cli.main import main as cli
+    from fleet.cli import main as cli
     from fleet.storage.registry import RegistryError
 
     broken = tmp_path / "mlflow.db"
@@ -336,7 +336,7 @@ def test_quarantine_bad_teachers(small_fleet, ray_local, tmp_path):
 
 
 def test_gate_blocks_worse_version_and_rollback(small_fleet, ray_local, tmp_path, sqlite_tracking_uri, capsys):
-    from fleet.cli.main import main as cli
+    from fleet.cli import main as cli
 
     store = tmp_path / "store"
     good = compress(small_fleet, store, sqlite_tracking_uri, run_id="good")

@@ -8,7 +8,7 @@ import shutil
 import pyarrow as pa
 import pytest
 
-from fleet.cli.main import main as cli
+from fleet.cli import main as cli
 from fleet.storage.registry import GateConfig, evaluate_gate
 from fleet.storage.store import REPORT, FleetVersion, sha256_bytes
 from fleet.versions.report import MAX_PROBLEM_ROWS, TOP_CAMPAIGNS, render_report

@@ -188,7 +188,7 @@ def test_fleet_zoo_is_an_entry_point_and_its_spec_can_be_allowed(monkeypatch):
         assert loader_entry_points()["zoo"].value == "fleet.synthetic.zoo:load_teacher"
     # `fleet compress --allow-loader fleet.synthetic.zoo:load_teacher` (repeatable) reaches CompressConfig.allow_loaders,
     # after the config file's own list
-    from fleet.cli.main import main as cli
+    from fleet.cli import main as cli
     from fleet.run import pipeline
 
     seen = {}
