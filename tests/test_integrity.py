@@ -159,7 +159,7 @@ def test_a_head_row_that_breaks_the_contract_is_refused_before_decoding(tmp_path
 
 
 def test_load_refuses_a_manifest_that_does_not_match_the_registry_tag(tmp_path, sqlite_tracking_uri, capsys):
-    from fleet.storage import registry
+    from fleet.storage import registry, tracking
 
     built = build_version(str(tmp_path / "store"), num_campaigns=5)
     version = FleetVersion.open(built.uri)
@@ -187,7 +187,7 @@ def test_load_refuses_a_manifest_that_does_not_match_the_registry_tag(tmp_path, 
         json.dump(manifest, f, indent=2, sort_keys=True)
     with pytest.raises(StoreError, match=f"does not match the sha256 {sha} recorded in the registry"):
         FleetModel.load("models:/adfleet@champion", sqlite_tracking_uri)
-    with registry._fluent_uris(sqlite_tracking_uri), pytest.raises(StoreError, match="recorded in the registry"):
+    with tracking.fluent_uris(sqlite_tracking_uri), pytest.raises(StoreError, match="recorded in the registry"):
         mlflow.pyfunc.load_model("models:/adfleet/1")  # the pyfunc's fleet_model.json carries the sha256 too
     code, _, err = run_cli(["inspect", "models:/adfleet/1", "--tracking-uri", sqlite_tracking_uri], capsys)
     assert code == 1 and "recorded in the registry" in err

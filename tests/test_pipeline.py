@@ -294,7 +294,7 @@ def test_re_running_a_registered_run_id_registers_nothing(small_fleet, ray_local
 
 def test_an_unreadable_registry_fails_before_stage_one_unless_no_parent(small_fleet, ray_local, tmp_path, capsys):
     from fleet.cli import main as cli
-    from fleet.storage.registry import RegistryError
+    from fleet.core.errors import RegistryError
 
     broken = tmp_path / "mlflow.db"
     broken.write_bytes(b"this is not an sqlite database " * 64)

@@ -15,9 +15,9 @@ from mlflow.artifacts import download_artifacts
 from mlflow.tracking import MlflowClient
 
 from fleet.core import plots
-from fleet.core.errors import FleetError
-from fleet.storage import registry
-from fleet.storage.registry import GateConfig, RegistryError, evaluate_gate
+from fleet.core.errors import FleetError, RegistryError
+from fleet.storage import registry, runs, tracking
+from fleet.storage.promotion_gate import GateResult, PromotionGate, evaluate_gate
 
 GOOD = {"fidelity_auc_diff_median": -0.002, "fidelity_auc_diff_p10": -0.01, "quarantine_share": 0.01,
         "fidelity_kl_median": 0.004, "fidelity_mean_ratio_within_10pct_share": 0.93, "campaigns": 100,
@@ -51,8 +51,8 @@ def _register(tmp_path, uri, version_id, metrics=GOOD, fleet="adfleet", **kw):
 
 
 def test_gate_passes_and_reports_every_failure():
-    assert evaluate_gate(GOOD, None, GateConfig()) == registry.GateResult(True, [])
-    result = evaluate_gate(BAD, None, GateConfig())
+    assert evaluate_gate(GOOD, None, PromotionGate()) == GateResult(True, [])
+    result = evaluate_gate(BAD, None, PromotionGate())
     assert not result.passed
     assert result.reasons == ["median AUC diff -0.031 < -0.010", "quarantine share 0.200 > 0.050"]
 
@@ -60,15 +60,15 @@ def test_gate_passes_and_reports_every_failure():
 def test_gate_missing_metric_and_regression():
     agreement = {"fidelity_kl_median": 0.0, "fidelity_mean_ratio_within_10pct_share": 1.0}
     result = evaluate_gate({"fidelity_auc_diff_median": 0.0, "quarantine_share": float("nan"), **agreement}, None,
-                           GateConfig())
+                           PromotionGate())
     assert not result.passed and len(result.reasons) == 2
     assert "'fidelity_auc_diff_p10' is missing" in result.reasons[0] and "quarantine_share" in result.reasons[1]
 
     champion = {"fidelity_auc_diff_median": 0.01, "fidelity_auc_diff_p10": -0.02}
-    result = evaluate_gate(GOOD, champion, GateConfig())
+    result = evaluate_gate(GOOD, champion, PromotionGate())
     assert result.reasons == ["median AUC diff -0.002 regresses from the champion's 0.010 by 0.012 > 0.005"]
-    assert evaluate_gate(GOOD, champion, GateConfig(max_regression=0.02)).passed
-    assert evaluate_gate(GOOD, {"unrelated": 1.0}, GateConfig()).passed  # nothing to compare
+    assert evaluate_gate(GOOD, champion, PromotionGate(max_regression=0.02)).passed
+    assert evaluate_gate(GOOD, {"unrelated": 1.0}, PromotionGate()).passed  # nothing to compare
 
 
 # A fleet where no campaign has a hold-out AUC (too few positives everywhere): as the pipeline logs it
@@ -79,46 +79,46 @@ NO_AUC = {"campaigns": 40, "campaigns_ok": 38, "campaigns_reused": 0, "campaigns
 
 
 def test_gate_on_a_fleet_without_any_auc_skips_the_auc_checks_with_a_note():
-    result = evaluate_gate(NO_AUC, {"fidelity_auc_diff_median": 0.01, "fidelity_auc_diff_p10": 0.0}, GateConfig())
+    result = evaluate_gate(NO_AUC, {"fidelity_auc_diff_median": 0.01, "fidelity_auc_diff_p10": 0.0}, PromotionGate())
     assert result.passed and result.reasons == []
     assert len(result.notes) == 1 and "AUC checks skipped" in result.notes[0]
     # the same counts without the campaigns_ok / reused split: campaigns - quarantined have a head
     assert evaluate_gate({k: v for k, v in NO_AUC.items() if k not in ("campaigns_ok", "campaigns_reused")},
-                         None, GateConfig()).notes == result.notes
+                         None, PromotionGate()).notes == result.notes
     # one campaign with an AUC: the AUC metrics are required again
-    some = evaluate_gate({**NO_AUC, "fidelity_campaigns_without_auc": 37}, None, GateConfig())
+    some = evaluate_gate({**NO_AUC, "fidelity_campaigns_without_auc": 37}, None, PromotionGate())
     assert not some.passed and some.notes == []
     assert "'fidelity_auc_diff_median' is missing" in some.reasons[0]
     # with an AUC, its checks run as before (and notes stay empty)
     full = evaluate_gate({**NO_AUC, "fidelity_auc_diff_median": -0.02, "fidelity_auc_diff_p10": -0.02}, None,
-                         GateConfig())
+                         PromotionGate())
     assert full.reasons == ["median AUC diff -0.020 < -0.010"] and full.notes == []
 
 
 def test_gate_fails_on_a_high_median_kl():
-    result = evaluate_gate({**NO_AUC, "fidelity_kl_median": 0.05}, None, GateConfig())
+    result = evaluate_gate({**NO_AUC, "fidelity_kl_median": 0.05}, None, PromotionGate())
     assert not result.passed
     assert result.reasons == ["median KL (fidelity_kl_median) 0.050 > 0.020"]
-    assert evaluate_gate({**NO_AUC, "fidelity_kl_median": 0.05}, None, GateConfig(max_kl_median=0.1)).passed
-    missing = evaluate_gate({k: v for k, v in NO_AUC.items() if k != "fidelity_kl_median"}, None, GateConfig())
+    assert evaluate_gate({**NO_AUC, "fidelity_kl_median": 0.05}, None, PromotionGate(max_kl_median=0.1)).passed
+    missing = evaluate_gate({k: v for k, v in NO_AUC.items() if k != "fidelity_kl_median"}, None, PromotionGate())
     assert not missing.passed and "'fidelity_kl_median' is missing" in missing.reasons[0]
 
 
 def test_gate_fails_on_a_low_mean_ratio_share():
-    result = evaluate_gate({**NO_AUC, "fidelity_mean_ratio_within_10pct_share": 0.7}, None, GateConfig())
+    result = evaluate_gate({**NO_AUC, "fidelity_mean_ratio_within_10pct_share": 0.7}, None, PromotionGate())
     assert result.reasons == ["mean-ratio-within-10% share (fidelity_mean_ratio_within_10pct_share) 0.700 < 0.800"]
     missing = evaluate_gate({k: v for k, v in NO_AUC.items() if k != "fidelity_mean_ratio_within_10pct_share"},
-                            None, GateConfig())
+                            None, PromotionGate())
     assert not missing.passed and "'fidelity_mean_ratio_within_10pct_share' is missing" in missing.reasons[0]
 
 
 def test_gate_fails_on_a_high_fallback_share():
-    result = evaluate_gate({**NO_AUC, "campaigns_status_fallback": 6}, None, GateConfig())  # 6 / 40 = 0.15
+    result = evaluate_gate({**NO_AUC, "campaigns_status_fallback": 6}, None, PromotionGate())  # 6 / 40 = 0.15
     assert result.reasons == ["fallback share (campaigns_status_fallback / campaigns) 0.150 > 0.100"]
-    assert evaluate_gate({**NO_AUC, "campaigns_status_fallback": 4}, None, GateConfig()).passed  # 0.1: not above
+    assert evaluate_gate({**NO_AUC, "campaigns_status_fallback": 4}, None, PromotionGate()).passed  # 0.1: not above
     no_count = {k: v for k, v in NO_AUC.items() if k != "campaigns_status_fallback"}
-    assert evaluate_gate(no_count, None, GateConfig()).passed  # a missing count is 0
-    assert not evaluate_gate({**NO_AUC, "campaigns_status_fallback": float("nan")}, None, GateConfig()).passed
+    assert evaluate_gate(no_count, None, PromotionGate()).passed  # a missing count is 0
+    assert not evaluate_gate({**NO_AUC, "campaigns_status_fallback": float("nan")}, None, PromotionGate()).passed
 
 
 @pytest.mark.parametrize("kwargs", [{"max_quarantine_share": 1.5}, {"max_regression": -0.1},
@@ -128,8 +128,8 @@ def test_gate_fails_on_a_high_fallback_share():
                                     {"min_median_auc_diff": float("nan")}, {"min_p10_auc_diff": 0.0},
                                     {"min_median_auc_diff": "0.1"}])
 def test_gate_config_rejects_bad_values(kwargs):
-    with pytest.raises(ValueError, match="GateConfig"):
-        GateConfig(**kwargs)
+    with pytest.raises(ValueError, match="PromotionGate"):
+        PromotionGate(**kwargs)
 
 
 # ----------------------------------------------------------------------------- registry on SQLite
@@ -244,10 +244,10 @@ def test_bad_inputs_are_refused(tmp_path, sqlite_tracking_uri):
 
 def test_default_tracking_uri(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
-    assert registry.default_tracking_uri() == "http://mlflow:5000"
+    assert tracking.default_tracking_uri() == "http://mlflow:5000"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     monkeypatch.chdir(tmp_path)
-    assert registry.default_tracking_uri() == f"sqlite:///{tmp_path}/fleet-data/mlflow.db"
+    assert tracking.default_tracking_uri() == f"sqlite:///{tmp_path}/fleet-data/mlflow.db"
     assert not (tmp_path / "fleet-data").exists()  # created by a writer's first use only
     assert registry.champion_version("adfleet") is None  # a writer's lookup (fleet compress) creates it
     assert (tmp_path / "fleet-data" / "mlflow.db").is_file()
@@ -502,7 +502,7 @@ def test_a_compress_run_spans_stages_and_registration(tmp_path, sqlite_tracking_
     """start_compress_run -> stage metrics over steps -> register_version into that run: one run, FINISHED,
     params scrubbed, each stage's seconds a metric history."""
     uri = sqlite_tracking_uri
-    run_id = registry.start_compress_run("adfleet", "v1", COMPRESS_PARAMS, uri, storage_options=STORAGE)
+    run_id = runs.start_compress_run("adfleet", "v1", COMPRESS_PARAMS, uri, storage_options=STORAGE)
     client = MlflowClient(uri, uri)
     run = client.get_run(run_id)
     assert run.info.status == "RUNNING" and run.info.run_name == "v1" and run.data.tags["fleet.version_id"] == "v1"
@@ -510,7 +510,7 @@ def test_a_compress_run_spans_stages_and_registration(tmp_path, sqlite_tracking_
     assert params["teachers_uri"] == "s3://***@bucket/teachers" and "s3cr3t" not in json.dumps(params)
     assert params["head_steps"] == "150" and "aws_secret_access_key" not in params
     for step, stage in enumerate(("soft_labels", "backbone"), 1):
-        registry.log_run_metrics(run_id, {f"stage_seconds_{stage}": 2.0 * step, "elapsed_seconds": 3.0 * step}, step, uri)
+        runs.log_run_metrics(run_id, {f"stage_seconds_{stage}": 2.0 * step, "elapsed_seconds": 3.0 * step}, step, uri)
     registered = _register(tmp_path, uri, "v1", mlflow_run_id=run_id)
     assert registered.run_id == run_id and registered.champion
     assert [r.info.run_id for r in _runs(uri)] == [run_id]
@@ -526,30 +526,30 @@ def test_a_resumed_compress_continues_its_run(tmp_path, sqlite_tracking_uri):
     """A failed compress's run ends FAILED; resuming it (same MLflow run id) sets it RUNNING again and keeps the
     first params; an unknown or deleted run id starts a new run."""
     uri = sqlite_tracking_uri
-    run_id = registry.start_compress_run("adfleet", "v1", COMPRESS_PARAMS, uri)
-    registry.end_compress_run(run_id, "FAILED", uri)
+    run_id = runs.start_compress_run("adfleet", "v1", COMPRESS_PARAMS, uri)
+    runs.end_compress_run(run_id, "FAILED", uri)
     client = MlflowClient(uri, uri)
     assert client.get_run(run_id).info.status == "FAILED"
-    again = registry.start_compress_run("adfleet", "v1", {**COMPRESS_PARAMS, "head_steps": 7}, uri, resume_run_id=run_id)
+    again = runs.start_compress_run("adfleet", "v1", {**COMPRESS_PARAMS, "head_steps": 7}, uri, resume_run_id=run_id)
     assert again == run_id and client.get_run(run_id).info.status == "RUNNING"
     run = client.get_run(run_id)
-    assert run.data.params["head_steps"] == "150" and run.data.tags[registry.PARAMS_CHANGED_TAG] == '["head_steps"]'
+    assert run.data.params["head_steps"] == "150" and run.data.tags[runs.PARAMS_CHANGED_TAG] == '["head_steps"]'
     _register(tmp_path, uri, "v1", mlflow_run_id=run_id)
-    registry.end_compress_run(run_id, "FAILED", uri)  # ended by registration: left FINISHED
+    runs.end_compress_run(run_id, "FAILED", uri)  # ended by registration: left FINISHED
     assert [(r.info.run_id, r.info.status) for r in _runs(uri)] == [(run_id, "FINISHED")]
-    other = registry.start_compress_run("adfleet", "v2", {}, uri, resume_run_id=run_id)  # another version's run
+    other = runs.start_compress_run("adfleet", "v2", {}, uri, resume_run_id=run_id)  # another version's run
     assert other != run_id
     with pytest.raises(ValueError, match="status must be one of"):
-        registry.end_compress_run(other, "DONE", uri)
+        runs.end_compress_run(other, "DONE", uri)
 
 
 def test_a_compress_run_whose_version_was_registered_meanwhile_is_deleted(tmp_path, sqlite_tracking_uri):
     uri = sqlite_tracking_uri
-    run_id = registry.start_compress_run("adfleet", "v1", {}, uri)
+    run_id = runs.start_compress_run("adfleet", "v1", {}, uri)
     first = _register(tmp_path, uri, "v1")  # another process registered v1 in its own run
     again = _register(tmp_path, uri, "v1", mlflow_run_id=run_id)
     assert again.existing and again.run_id == first.run_id
     client = MlflowClient(uri, uri)
     run = client.get_run(run_id)
-    assert run.info.lifecycle_stage == "deleted" and run.data.tags[registry.DUPLICATE_TAG] == "adfleet/1"
+    assert run.info.lifecycle_stage == "deleted" and run.data.tags[runs.DUPLICATE_TAG] == "adfleet/1"
     assert [r.info.run_id for r in _runs(uri)] == [first.run_id]

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from fleet.cli import main as cli
-from fleet.storage.registry import GateConfig, evaluate_gate
+from fleet.storage.promotion_gate import PromotionGate, evaluate_gate
 from fleet.storage.store import REPORT, FleetVersion, sha256_bytes
 from fleet.versions.report import MAX_PROBLEM_ROWS, TOP_CAMPAIGNS, render_report
 
@@ -48,7 +48,7 @@ def images(page: str) -> list[bytes]:
 
 def test_render_is_one_self_contained_page():
     rejects = [{"campaign_id": "bad<id>", "stage": "soft_labels", "reason": "teacher <script>alert(1)</script>"}]
-    gate = evaluate_gate(METRICS, None, GateConfig())
+    gate = evaluate_gate(METRICS, None, PromotionGate())
     page = render_report(fleet="adfleet", version_id="v1", heads=heads_table(40, fallback=2), rejects=rejects,
                          metrics=METRICS, gate=gate, gate_note="checked here")
     assert page.startswith("<!DOCTYPE html>") and "<title>fleet adfleet version v1</title>" in page
@@ -71,7 +71,7 @@ def test_render_without_auc_and_many_problems_caps_the_lists():
     rejects = [{"campaign_id": f"c{i:04d}", "stage": "soft_labels", "reason": "no events"} for i in range(250)]
     metrics = {**METRICS, "fidelity_auc_diff_median": None, "fidelity_auc_diff_p10": None,
                "fidelity_campaigns_without_auc": 40, "quarantine_share": 0.86}
-    gate = evaluate_gate(metrics, {"fidelity_auc_diff_median": 0.0}, GateConfig())
+    gate = evaluate_gate(metrics, {"fidelity_auc_diff_median": 0.0}, PromotionGate())
     page = render_report(fleet="adfleet", version_id="v2", heads=heads_table(40, with_auc=False), rejects=rejects,
                          metrics=metrics, gate=gate, gate_note="")
     assert len(images(page)) == 4  # no AUC anywhere: no AUC plot (never a "no data" figure)
@@ -82,12 +82,12 @@ def test_render_without_auc_and_many_problems_caps_the_lists():
 
 def test_gate_checks_list_every_check_and_keep_the_reasons():
     metrics = {**METRICS, "fidelity_kl_median": 0.5, "fidelity_auc_diff_median": -0.02}
-    result = evaluate_gate(metrics, {"fidelity_auc_diff_median": 0.0, "fidelity_auc_diff_p10": -0.01}, GateConfig())
+    result = evaluate_gate(metrics, {"fidelity_auc_diff_median": 0.0, "fidelity_auc_diff_p10": -0.01}, PromotionGate())
     failed = [c["check"] for c in result.checks if not c["passed"]]
     assert failed == ["median AUC diff >= -0.01", "median KL <= 0.02",
                       "median AUC diff drop from the champion's 0.0000 <= 0.005"]
     assert len(result.reasons) == 3 and not result.passed
-    missing = evaluate_gate({k: v for k, v in METRICS.items() if k != "fidelity_kl_median"}, None, GateConfig())
+    missing = evaluate_gate({k: v for k, v in METRICS.items() if k != "fidelity_kl_median"}, None, PromotionGate())
     assert [c["value"] for c in missing.checks if not c["passed"]] == [None]
 
 

@@ -281,7 +281,7 @@ def log_to_mlflow(results: dict, out: str, tracking_uri: str) -> str:
     """One run in the experiment ``fleet-bench``: params, flat numeric metrics, results and plots as artifacts."""
     from mlflow.tracking import MlflowClient
 
-    from fleet.storage.registry import sanitize_key
+    from fleet.storage.runs import sanitize_key
 
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_experiment_by_name(EXPERIMENT)

@@ -52,3 +52,13 @@ class UnknownCampaignError(FleetError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message
         return Exception.__str__(self)
+
+
+class RegistryError(FleetError):
+    """A registered model, version or alias is missing, the registry cannot be read, or it is not in the
+    expected state (:mod:`fleet.storage.registry`)."""
+
+
+class ChampionMovedError(RegistryError):
+    """``champion`` moved between the moment a move was decided and the moment it was to be written;
+    nothing was changed."""

@@ -26,7 +26,7 @@ from rich.console import Console
 
 from fleet import DEFAULT_FLEET, DEFAULT_STORE
 from fleet.compression.metrics import fleet_summary
-from fleet.core.errors import FleetError, StoreError, UsageError
+from fleet.core.errors import FleetError, RegistryError, StoreError, UsageError
 from fleet.core.ids import CAMPAIGN_ID_PATTERN
 from fleet.core.progress import stage_progress
 from fleet.core.redact import scrub, secret_values
@@ -436,16 +436,15 @@ def _train_backbone_distributed(sample: pa.Table, ctx: stages.StageContext, run_
 
 def _parent_version(fleet: str, store_uri: str, tracking_uri: str | None, storage_options: dict | None):
     """The champion's fleet version (the parent of an incremental run), or None when the fleet has no
-    champion yet. A registry that cannot be read raises :class:`~fleet.storage.registry.RegistryError` (naming
+    champion yet. A registry that cannot be read raises :class:`~fleet.core.errors.RegistryError` (naming
     the tracking URI): a run never falls back to a full run without lineage silently (``--no-parent``)."""
     from fleet.storage import registry
 
     try:
         version = registry.champion_version(fleet, tracking_uri)
-    except registry.RegistryError as exc:
-        raise registry.RegistryError(f"{exc}; fleet {fleet!r} needs its champion as the parent of an incremental "
-                                     "run: fix the registry, or pass --no-parent for a full run without a "
-                                     "parent") from None
+    except RegistryError as exc:
+        raise RegistryError(f"{exc}; fleet {fleet!r} needs its champion as the parent of an incremental "
+                            "run: fix the registry, or pass --no-parent for a full run without a parent") from None
     if version is None:
         console.print(f"fleet {fleet!r} has no champion yet: full run (backbone trained, every head fitted)")
         return None
@@ -560,7 +559,7 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
     a champion version and no ``retrain_backbone``, campaigns whose teacher and data hashes are
     unchanged keep their head rows and the champion's backbone; only new or changed campaigns are
     fitted. A registry that cannot be read fails the run before stage 1
-    (:class:`~fleet.storage.registry.RegistryError`); ``no_parent`` runs in full without looking up a parent
+    (:class:`~fleet.core.errors.RegistryError`); ``no_parent`` runs in full without looking up a parent
     (with ``register=False`` it then needs no registry at all). Inputs that cannot work raise
     :class:`~fleet.core.errors.UsageError` first (:func:`check_compress_inputs`).
 
@@ -590,7 +589,7 @@ STAGE_STEPS = {"soft_labels": 1, "backbone": 2, "heads": 3, "finalize": 4}
 
 
 class CompressRun:
-    """The MLflow run of one registering ``fleet compress`` (:mod:`fleet.storage.registry` does the MLflow part):
+    """The MLflow run of one registering ``fleet compress`` (:mod:`fleet.storage.runs` does the MLflow part):
     nothing happens until :meth:`start`, so a ``--no-register`` compress never touches a registry."""
 
     def __init__(self) -> None:
@@ -601,12 +600,12 @@ class CompressRun:
     def start(self, run_dir: RunDir, fleet: str, version_id: str, params: dict, tracking_uri: str,
               storage_options: dict | None) -> None:
         """Start the run, or continue the one recorded in ``run_dir``, and record it there."""
-        from fleet.storage import registry
+        from fleet.storage import runs
 
         recorded = run_dir.read_mlflow_run()
         saved = recorded.get("run_id") if recorded else None
-        self.run_id = registry.start_compress_run(fleet, version_id, params, tracking_uri,
-                                                  storage_options=storage_options, resume_run_id=saved)
+        self.run_id = runs.start_compress_run(fleet, version_id, params, tracking_uri,
+                                              storage_options=storage_options, resume_run_id=saved)
         self.tracking_uri = tracking_uri
         if self.run_id != saved:
             run_dir.write_mlflow_run(self.run_id, scrub(tracking_uri))
@@ -616,18 +615,18 @@ class CompressRun:
         started (``elapsed_seconds``) and ``progress`` metrics, at the stage's step (:data:`STAGE_STEPS`)."""
         if self.run_id is None:
             return
-        from fleet.storage import registry
+        from fleet.storage import runs
 
         metrics = {f"{STAGE_SECONDS_PREFIX}{stage}": seconds, "elapsed_seconds": time.perf_counter() - self._started,
                    **progress}
-        registry.log_run_metrics(self.run_id, metrics, STAGE_STEPS[stage], self.tracking_uri)
+        runs.log_run_metrics(self.run_id, metrics, STAGE_STEPS[stage], self.tracking_uri)
 
     def end(self, status: str) -> None:
         """End the run with ``status`` unless registration ended it (or it never started)."""
         if self.run_id is not None:
-            from fleet.storage import registry
+            from fleet.storage import runs
 
-            registry.end_compress_run(self.run_id, status, self.tracking_uri)
+            runs.end_compress_run(self.run_id, status, self.tracking_uri)
 
 
 @dataclass
@@ -691,12 +690,13 @@ def _run_compress(mlflow_run: CompressRun, *, teachers_uri: str, events_uri: str
     """:func:`run_compress`'s body: the checks before anything runs, then one function per stage (plan, soft labels,
     backbone, heads, the version, registration); ``mlflow_run`` is started here when registering."""
     from fleet.storage import registry
+    from fleet.storage.tracking import default_tracking_uri
 
     started = time.perf_counter()
     teachers_uri, events_uri, store_uri = (absolute_uri(u) for u in (teachers_uri, events_uri, store_uri))
     check_compress_inputs(teachers_uri, events_uri, store_uri, storage_options)
     run = _Run(teachers_uri, events_uri, store_uri, fleet, run_id or new_run_id(), config, storage_options,
-               tracking_uri or registry.default_tracking_uri(), register, mlflow_run)
+               tracking_uri or default_tracking_uri(), register, mlflow_run)
     EventsDataset(events_uri, storage_options).validate_files()  # every file's schema, before any stage
     if register:  # also the check that the registry can be read, before anything runs
         existing = registry.find_version(fleet, run.run_id, run.tracking_uri)
@@ -1063,8 +1063,6 @@ def _already_registered(existing, store_uri: str, fleet: str, run_id: str,
     version = FleetVersion.open(join_uri(store_uri, fleet, "versions", run_id), storage_options)
     manifest_uri = version.uri.rstrip("/") + "/manifest.json"
     if existing.manifest_uri != manifest_uri:
-        from fleet.storage.registry import RegistryError
-
         raise RegistryError(f"fleet version {run_id!r} is already registered as {fleet} version {existing.version} "
                             f"with manifest {existing.manifest_uri!r}, not {manifest_uri!r}; use another run id")
     gate = "none" if existing.gate is None else "passed" if existing.gate.passed else "failed"
@@ -1136,14 +1134,14 @@ def _report(fleet: str, run_id: str, heads: pa.Table, rejects: list[dict], metri
     The gate is evaluated as the registry will evaluate it (against the champion of this moment:
     :func:`fleet.storage.registry.preview_gate`); with no registry (``tracking_uri`` None) against the thresholds only."""
     from fleet.storage import registry
+    from fleet.storage.promotion_gate import evaluate_gate
     from fleet.versions import report
 
-    gate_config = registry.GateConfig(**config.gate)
     if tracking_uri is None:
-        gate = registry.evaluate_gate(metrics, None, gate_config)
+        gate = evaluate_gate(metrics, None, config.gate)
         note = "Not registered (--no-register): the configured thresholds only, no champion comparison."
     else:
-        gate, champion = registry.preview_gate(fleet, metrics, gate_config, tracking_uri)
+        gate, champion = registry.preview_gate(fleet, metrics, config.gate, tracking_uri)
         against = f"champion version {champion}" if champion is not None else "no champion (the first version)"
         note = (f"Evaluated when this version was written, against {against} of {fleet}; the registry records its "
                 "own evaluation in the version's tags (fleet versions), which differs only if the champion moved "
@@ -1208,7 +1206,7 @@ def _register(version: FleetVersion, fleet: str, tracking_uri: str, config: stag
             fleet_name=fleet, manifest_uri=version.uri.rstrip("/") + "/manifest.json", version_id=version.version_id,
             local_artifacts={"backbone.safetensors": backbone_path, "manifest.json": manifest_path},
             params=_run_params(config, version.manifest.get("config") or {}), metrics=flat, plots=figures, tracking_uri=tracking_uri,
-            gate=registry.GateConfig(**config.gate), storage_options=storage_options,
+            gate=config.gate, storage_options=storage_options,
             parent_version_id=parent.version_id if parent else None,
             example_campaign_id=_example_campaign(heads),
             run_files={REPORT: page} if page is not None else None, mlflow_run_id=mlflow_run_id,

@@ -66,6 +66,7 @@ from fleet.formats.events import (
 from fleet.formats.heads import bloomier_head_row, decode_heads, encode_heads, head_row
 from fleet.formats.teacher_pack import load_teachers, pack_config_uri, teacher_logits
 from fleet.serve.serving import DEFAULT_MAX_SEQUENCE_LENGTH
+from fleet.storage.promotion_gate import PromotionGate
 
 FIT, VALIDATION, HOLDOUT, UNUSED = 0, 1, 2, 3  # row splits of a campaign
 BORROWED = 4  # a soft-label row of another campaign's sequence (of the borrowed pool) labelled by this campaign's teacher
@@ -172,7 +173,9 @@ class CompressConfig:
             and negative labels (fewer: AUC too noisy, reported as unavailable; mean |p - p_teacher| still is).
         seed: every random choice derives from it.
         num_event_types, num_features: the fleet's input space (0: from the first teacher's config).
-        gate: quality-gate thresholds for moving ``champion`` (fleet.storage.registry.GateConfig fields).
+        gate: the promotion gate, thresholds for moving ``champion``
+            (:class:`fleet.storage.promotion_gate.PromotionGate`; a config file gives a table of its fields, any
+            left out keeps its default).
     """
 
     # the student and distillation defaults are StudentConfig's and DistillConfig's (one source of truth)
@@ -229,12 +232,14 @@ class CompressConfig:
     seed: int = 0
     num_event_types: int = 0
     num_features: int = 0
-    gate: dict = field(default_factory=dict)
+    gate: PromotionGate = field(default_factory=PromotionGate)
     # teacher loaders the operator allows ("package.module:function", `fleet compress --allow-loader`); installed
     # `fleet.teacher_loaders` entry points are always allowed, any other config.json "loader" is quarantined
     allow_loaders: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.gate, PromotionGate):  # a config file's (or to_dict's) table of its fields
+            self.gate = PromotionGate.from_dict(self.gate)
         if self.bits != "auto" and self.bits not in (1, 2, 4, 8, 16):
             if isinstance(self.bits, str) and self.bits.isdigit():
                 self.bits = int(self.bits)

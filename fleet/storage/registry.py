@@ -1,13 +1,12 @@
-"""MLflow side of fleet: one registered model per fleet, one model version per nightly run, a
-quality gate and the ``champion`` alias (``docs/architecture.md``, DESIGN section 3).
+"""MLflow side of fleet: one registered model per fleet, one model version per nightly run and the ``champion``
+alias (``docs/architecture.md``, DESIGN section 3).
 
-``fleet compress``'s run spans the compress (:func:`start_compress_run`, :func:`log_run_metrics` as each stage
-ends, :func:`end_compress_run` when it fails; registration logs into it and ends it FINISHED).
-A run logs params, metrics and plots into the experiment ``fleet-<fleet_name>`` and a pyfunc model
-whose artifacts are the backbone and the manifest (heads stay in Parquet, referenced by the
-manifest URI). Each model version carries the tags ``version_id``, ``manifest_uri``, ``manifest_sha256``,
-``parent_version_id`` (when there is one), ``gate``, ``gate_reasons`` and ``gate_notes`` (checks that
-did not apply, e.g. the AUC checks on a fleet without any hold-out AUC).
+:func:`register_version` logs a run (into the experiment ``fleet-<fleet_name>``; or into the run of ``fleet
+compress``, :mod:`fleet.storage.runs`) with params, metrics, plots and a pyfunc model whose artifacts are the
+backbone and the manifest (heads stay in Parquet, referenced by the manifest URI), and registers it. Each model
+version carries the tags ``version_id``, ``manifest_uri``, ``manifest_sha256``, ``parent_version_id`` (when there
+is one), ``gate``, ``gate_reasons`` and ``gate_notes`` (checks that did not apply, e.g. the AUC checks on a fleet
+without any hold-out AUC): the outcome of the promotion gate (:mod:`fleet.storage.promotion_gate`).
 
 ``champion`` moves only when the gate passes (:func:`register_version`) or by hand
 (:func:`promote`, :func:`rollback`). Every move is recorded in the registered-model tag
@@ -17,18 +16,14 @@ entry is the current champion; :func:`rollback` pops it.
 Registration is idempotent on (fleet, ``version_id``): registering a version id that is already
 registered returns that version (:attr:`RegisteredVersion.existing`) and registers nothing. Every alias
 move (the gate, :func:`promote`, :func:`rollback`) is a compare-and-set: it re-reads, under
-:func:`registry_lock`, the ``champion`` it based its decision on and raises :class:`ChampionMovedError`,
-changing nothing, when another writer moved it meanwhile. On a SQLite store the lock is a file lock next
-to the database, and a fresh database is created and migrated under a second one, so concurrent first
-use cannot corrupt it; with a server there is no lock (docs/security.md, section 5, says what holds).
+:func:`fleet.storage.tracking.registry_lock`, the ``champion`` it based its decision on and raises
+:class:`~fleet.core.errors.ChampionMovedError`, changing nothing, when another writer moved it meanwhile.
 
-Tracking URIs are ``sqlite:///path`` or ``http(s)://server``; MLflow's file store is refused. A
-registry that cannot be read raises :class:`RegistryError` naming the tracking URI and the error. Only
-writers (:func:`register_version`, and the lookups of ``fleet compress``) create a missing SQLite
+Where the registry is and how it is opened (tracking URIs, locks, the client) is :mod:`fleet.storage.tracking`.
+A registry that cannot be read raises :class:`~fleet.core.errors.RegistryError` naming the tracking URI and the
+error. Only writers (:func:`register_version`, and the lookups of ``fleet compress``) create a missing SQLite
 database; the read-only functions (:func:`resolve_version`, :func:`list_versions`) and the alias moves
-(:func:`promote`, :func:`rollback`) raise :class:`RegistryError` naming the URI instead. A
-``sqlite:///a/b.db`` whose relative path looks like a mistyped absolute one (``/a`` exists, ``./a`` does
-not) is warned about once.
+(:func:`promote`, :func:`rollback`) raise :class:`~fleet.core.errors.RegistryError` naming the URI instead.
 Nothing here is safe to call from several threads at once: MLflow's fluent ``log_model`` needs the
 process-wide tracking URI, which :func:`register_version` sets and restores around the call.
 """
@@ -38,29 +33,35 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
-import numbers
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
-from typing import Any
 
 import mlflow
-from filelock import FileLock, Timeout
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import fleet
-from fleet.core.errors import FleetError
-from fleet.core.redact import is_secret_name, public_options, scrub, secret_values
+from fleet.core.errors import ChampionMovedError, RegistryError
+from fleet.core.redact import public_options, scrub, secret_values
+from fleet.storage.promotion_gate import GateResult, PromotionGate, evaluate_gate
+from fleet.storage.runs import discard_duplicate_run, fleet_experiment, log_params_and_metrics
 from fleet.storage.store import relocated
+from fleet.storage.tracking import (
+    check_name,
+    database_missing,
+    fluent_uris,
+    not_found,
+    registry_access,
+    registry_client,
+    registry_lock,
+    resolve_tracking_uri,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,16 +74,6 @@ REQUIRED_ARTIFACTS = ("backbone.safetensors", "manifest.json")
 #: Version tag: hex sha256 of the ``manifest.json`` artifact, which must be the stored manifest's bytes;
 #: ``FleetModel.load`` refuses a manifest that does not match it.
 MANIFEST_SHA256_TAG = "manifest_sha256"
-GATE_METRICS = {  # metric key -> label used in gate reasons
-    "fidelity_auc_diff_median": "median AUC diff",
-    "fidelity_auc_diff_p10": "p10 AUC diff",
-    "quarantine_share": "quarantine share",
-    "fidelity_kl_median": "median KL",
-    "fidelity_mean_ratio_within_10pct_share": "mean-ratio-within-10% share",
-    "campaigns_status_fallback": "fallback share",
-}
-#: Gate metrics checked only when at least one campaign of the fleet has a hold-out AUC.
-AUC_GATE_METRICS = ("fidelity_auc_diff_median", "fidelity_auc_diff_p10")
 #: The logged model's pip requirements (``requirements.txt``, what ``mlflow models serve`` installs with its
 #: default environment manager): these packages at the versions installed here, except torch. fleet itself
 #: is not among them (the PyPI name "fleet" belongs to another project): its package directory travels with
@@ -94,210 +85,8 @@ TORCH_REQUIREMENT = "torch>=2.4"
 #: The directory of the ``fleet`` package, logged as the model's ``code_paths``.
 FLEET_CODE_DIR = os.path.dirname(os.path.abspath(fleet.__file__))
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _MODEL_URI_RE = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))")
 _HISTORY_MAX = 200  # entries kept in champion_history (~70 bytes each, far below the tag limit)
-_PARAM_MAX = 6000  # MLflow's limit on a param value
-_KEY_MAX = 250  # MLflow's limit on a metric / param key
-#: Seconds a registry writer waits for another fleet process's lock on a SQLite store before failing.
-LOCK_TIMEOUT_S = 300.0
-
-
-class RegistryError(FleetError):
-    """A registered model, version or alias is missing, the registry cannot be read, or it is not in the
-    expected state."""
-
-
-class ChampionMovedError(RegistryError):
-    """``champion`` moved between the moment a move was decided and the moment it was to be written;
-    nothing was changed."""
-
-
-# ----------------------------------------------------------------------------- gate
-
-
-@dataclass
-class GateConfig:
-    """Quality gate a new fleet version must pass before it becomes ``champion``.
-
-    AUC diffs are student AUC minus teacher AUC on the hold-out rows, one per campaign: 0 means as
-    good as the teacher, negative means worse.
-
-    The AUC checks apply only to a fleet where at least one campaign has a hold-out AUC (most
-    campaigns have too few positives for one); the teacher-agreement checks (KL, mean ratio,
-    fallback share) are defined for every fleet. These defaults are the only place the
-    thresholds are set (provisional: to be tuned on the zoo).
-
-    Args:
-        min_median_auc_diff: lowest acceptable median AUC diff over the fleet's campaigns.
-        min_p10_auc_diff: lowest acceptable 10th percentile AUC diff (the campaigns fitted worst);
-            at most ``min_median_auc_diff``, since a p10 is never above the median.
-        max_quarantine_share: highest acceptable share of campaigns quarantined by the run, in [0, 1].
-        max_regression: how much lower than the current champion's the median and the p10 AUC diff
-            may be, >= 0.
-        max_kl_median: highest acceptable median over the campaigns of their mean hold-out
-            KL(teacher || student), in nats, >= 0 (``fidelity_kl_median``).
-        min_mean_ratio_share: lowest acceptable share of campaigns whose mean student probability is
-            within 10% of the teacher's, in [0, 1] (``fidelity_mean_ratio_within_10pct_share``).
-        max_fallback_share: highest acceptable share of campaigns stored with ``status = fallback``
-            (``campaigns_status_fallback / campaigns``), in [0, 1].
-    """
-
-    min_median_auc_diff: float = -0.01
-    min_p10_auc_diff: float = -0.03
-    max_quarantine_share: float = 0.05
-    max_regression: float = 0.005
-    max_kl_median: float = 0.02
-    min_mean_ratio_share: float = 0.8
-    max_fallback_share: float = 0.1
-
-    def __post_init__(self) -> None:
-        for name in ("min_median_auc_diff", "min_p10_auc_diff", "max_quarantine_share", "max_regression",
-                     "max_kl_median", "min_mean_ratio_share", "max_fallback_share"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise ValueError(f"GateConfig.{name} must be a finite number, got {value!r}")
-            setattr(self, name, float(value))
-        for name in ("min_median_auc_diff", "min_p10_auc_diff"):
-            if not -1.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"GateConfig.{name} must be in [-1, 1] (a difference of AUCs), got {getattr(self, name)}")
-        if self.min_p10_auc_diff > self.min_median_auc_diff:
-            raise ValueError(
-                f"GateConfig.min_p10_auc_diff ({self.min_p10_auc_diff}) is above min_median_auc_diff "
-                f"({self.min_median_auc_diff}): a p10 is never above the median; were they swapped?"
-            )
-        for name in ("max_quarantine_share", "min_mean_ratio_share", "max_fallback_share"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"GateConfig.{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.max_kl_median < 0.0:
-            raise ValueError(f"GateConfig.max_kl_median must be >= 0 (nats), got {self.max_kl_median}")
-        if not 0.0 <= self.max_regression <= 1.0:
-            raise ValueError(f"GateConfig.max_regression must be in [0, 1], got {self.max_regression}")
-
-
-@dataclass
-class GateResult:
-    """Outcome of :func:`evaluate_gate`: ``reasons`` lists every failed check, empty when passed;
-    ``notes`` lists checks that did not apply (e.g. the AUC checks on a fleet without any AUC)."""
-
-    passed: bool
-    reasons: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    #: every check made, passed or not: ``{"check", "value", "bound", "passed"}`` (``value`` None: the metric
-    #: is missing or not finite); not stored in the registry's tags, not compared (:func:`evaluate_gate`)
-    checks: list[dict] = field(default_factory=list, compare=False)
-
-
-def _finite(value: Any) -> float | None:
-    """``value`` as a float, or None when it is missing, not a number or not finite."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _fmt_pair(a: float, b: float) -> tuple[str, str]:
-    """Format two numbers with 3 decimals, or more when 3 would make them look equal."""
-    sa, sb = f"{a:.3f}", f"{b:.3f}"
-    return (sa, sb) if sa != sb else (f"{a:.6g}", f"{b:.6g}")
-
-
-def _fleet_has_auc(metrics: dict) -> bool:
-    """Whether at least one campaign has a hold-out AUC: an AUC metric is present, or fewer
-    campaigns lack one than have a head (``campaigns_ok + campaigns_reused``, else ``campaigns -
-    campaigns_quarantined``). Without ``fidelity_campaigns_without_auc`` it is assumed (then a missing
-    AUC metric fails the gate, as it always did)."""
-    if any(_finite(metrics.get(key)) is not None for key in AUC_GATE_METRICS):
-        return True
-    without = _finite(metrics.get("fidelity_campaigns_without_auc"))
-    ok, reused = _finite(metrics.get("campaigns_ok")), _finite(metrics.get("campaigns_reused"))
-    if ok is not None and reused is not None:
-        headed = ok + reused
-    else:
-        campaigns = _finite(metrics.get("campaigns"))
-        headed = None if campaigns is None else campaigns - (_finite(metrics.get("campaigns_quarantined")) or 0.0)
-    return without is None or headed is None or without < headed
-
-
-def evaluate_gate(metrics: dict, champion_metrics: dict | None, gate: GateConfig) -> GateResult:
-    """Check a candidate's ``metrics`` against ``gate`` and, when given, the champion's metrics.
-
-    Uses ``fidelity_kl_median``, ``fidelity_mean_ratio_within_10pct_share``, ``quarantine_share``,
-    ``campaigns_status_fallback`` / ``campaigns`` (a missing fallback count is 0) and, when at least
-    one campaign has a hold-out AUC (an AUC metric is present, or ``fidelity_campaigns_without_auc``
-    is below the number of campaigns with a head), ``fidelity_auc_diff_median`` and
-    ``fidelity_auc_diff_p10``; on a fleet without any AUC those checks are skipped with a note in
-    :attr:`GateResult.notes`. A candidate metric that is missing or not finite fails the gate. The
-    regression check compares the median and p10 with the champion's; a champion metric that is
-    missing is not compared.
-    """
-    reasons: list[str] = []
-    notes: list[str] = []
-    checks: list[dict] = []
-    values: dict[str, float] = {}
-    has_auc = _fleet_has_auc(metrics)
-    if not has_auc:
-        notes.append(f"AUC checks skipped: no campaign has a hold-out AUC "
-                     f"(fidelity_campaigns_without_auc = {metrics.get('fidelity_campaigns_without_auc')!r})")
-    fallback = metrics.get("campaigns_status_fallback", 0)
-    for key, label in GATE_METRICS.items():
-        if key in AUC_GATE_METRICS and not has_auc:
-            continue
-        if key == "campaigns_status_fallback":
-            count, campaigns = _finite(fallback), _finite(metrics.get("campaigns"))
-            if count is None or (count > 0 and not campaigns):
-                reasons.append(f"{label}: metrics 'campaigns_status_fallback' / 'campaigns' are missing or not "
-                               f"finite ({fallback!r} / {metrics.get('campaigns')!r})")
-            else:
-                values["fallback_share"] = count / campaigns if count > 0 else 0.0
-            continue
-        value = _finite(metrics.get(key))
-        if value is None:
-            reasons.append(f"{label}: metric {key!r} is missing or not a finite number ({metrics.get(key)!r})")
-        else:
-            values[key] = value
-
-    def check(name: str, value: float | None, bound: float, ok: bool) -> None:
-        checks.append({"check": name, "value": value, "bound": bound, "passed": ok})
-
-    def low(key: str, bound: float, label: str | None = None) -> None:
-        label = label or GATE_METRICS[key]  # the reason's wording (the mean-ratio one names its metric)
-        check(f"{GATE_METRICS[key]} >= {bound:g}", values.get(key), bound, key in values and values[key] >= bound)
-        if key in values and values[key] < bound:
-            v, b = _fmt_pair(values[key], bound)
-            reasons.append(f"{label} {v} < {b}")
-
-    def high(key: str, bound: float, label: str) -> None:
-        name = GATE_METRICS.get(key, "fallback share")
-        check(f"{name} <= {bound:g}", values.get(key), bound, key in values and values[key] <= bound)
-        if key in values and values[key] > bound:
-            v, b = _fmt_pair(values[key], bound)
-            reasons.append(f"{label} {v} > {b}")
-
-    if has_auc:
-        low("fidelity_auc_diff_median", gate.min_median_auc_diff)
-        low("fidelity_auc_diff_p10", gate.min_p10_auc_diff)
-    high("quarantine_share", gate.max_quarantine_share, "quarantine share")
-    high("fidelity_kl_median", gate.max_kl_median, "median KL (fidelity_kl_median)")
-    low("fidelity_mean_ratio_within_10pct_share", gate.min_mean_ratio_share,
-        "mean-ratio-within-10% share (fidelity_mean_ratio_within_10pct_share)")
-    high("fallback_share", gate.max_fallback_share, "fallback share (campaigns_status_fallback / campaigns)")
-
-    for key in AUC_GATE_METRICS:
-        best = _finite((champion_metrics or {}).get(key))
-        if best is None or key not in values:
-            continue
-        drop = best - values[key]
-        check(f"{GATE_METRICS[key]} drop from the champion's {best:.4f} <= {gate.max_regression:g}", drop,
-              gate.max_regression, drop <= gate.max_regression)
-        if drop > gate.max_regression:
-            v, c = _fmt_pair(values[key], best)
-            d, m = _fmt_pair(drop, gate.max_regression)
-            reasons.append(f"{GATE_METRICS[key]} {v} regresses from the champion's {c} by {d} > {m}")
-    return GateResult(passed=not reasons, reasons=reasons, notes=notes, checks=checks)
-
-
-# ----------------------------------------------------------------------------- helpers
 
 
 @dataclass
@@ -315,208 +104,8 @@ class RegisteredVersion:
     existing: bool = False
 
 
-def default_tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` when set, else a SQLite file ``./fleet-data/mlflow.db`` (absolute
-    path; nothing is created here: a writer's first use creates it, a reader's fails, see :func:`_client`)."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    path = os.path.abspath(os.path.join("fleet-data", "mlflow.db"))
-    return f"sqlite:///{path}"
-
-
-def _check_tracking_uri(uri: str) -> str:
-    if not isinstance(uri, str) or not uri:
-        raise ValueError(f"tracking URI must be a non-empty string, got {uri!r}")
-    scheme = uri.split(":", 1)[0] if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri) else ""
-    if scheme in ("", "file"):
-        raise ValueError(
-            f"tracking URI {uri!r} would use MLflow's file store, which fleet does not support; "
-            "use sqlite:///path/to/mlflow.db or http(s)://host:port"
-        )
-    return uri
-
-
-_WARNED_RELATIVE: set[str] = set()  # sqlite URIs already warned about by _warn_relative_sqlite
-
-
-def _warn_relative_sqlite(uri: str) -> None:
-    """Warn (once per URI) when ``sqlite:///a/b.db`` looks like a mistyped absolute path: its path is
-    relative to the current directory (``./a/b.db``), but ``/a`` exists and ``./a`` does not, so
-    ``sqlite:////a/b.db`` (four slashes) was probably meant."""
-    if not uri.startswith("sqlite:///") or uri.startswith("sqlite:////") or uri in _WARNED_RELATIVE:
-        return
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
-    first = path.split("/", 1)[0]
-    if not first or first in (".", "..", ":memory:") or "/" not in path:
-        return
-    if os.path.isdir(os.path.join(os.sep, first)) and not os.path.exists(first):
-        _WARNED_RELATIVE.add(uri)
-        logger.warning("tracking URI %s names the relative path %s (under the current directory %s); "
-                       "for the absolute path /%s write sqlite:////%s (four slashes)",
-                       scrub(uri), path, os.getcwd(), path, path)
-
-
-def _resolve_uri(tracking_uri: str | None) -> str:
-    uri = _check_tracking_uri(tracking_uri or default_tracking_uri())
-    _warn_relative_sqlite(uri)
-    return uri
-
-
-def _sqlite_path(uri: str) -> str | None:
-    """The database file of a ``sqlite:///path`` URI (absolute), None for any other store or ``:memory:``."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
-    if not path or path == ":memory:":
-        return None
-    return os.path.abspath(path)
-
-
-def _unreadable(uri: str, err: BaseException) -> RegistryError:
-    """The error for a registry that cannot be read: names the tracking URI (without credentials)."""
-    detail = scrub(f"{type(err).__name__}: {err}")
-    return RegistryError(f"cannot read the MLflow registry at {scrub(uri)}: {detail}")
-
-
-@contextmanager
-def _reading(uri: str) -> Iterator[None]:
-    """Turn any failure to talk to the registry into :func:`_unreadable`'s :class:`RegistryError`."""
-    try:
-        yield
-    except RegistryError:
-        raise
-    except Exception as err:  # a store or network error of any kind: re-raised naming the registry
-        raise _unreadable(uri, err) from err
-
-
-@contextmanager
-def _file_lock(lock_path: str, uri: str, what: str) -> Iterator[None]:
-    """Hold the exclusive file lock ``lock_path`` (``what`` it is, for messages); say so on stderr (a
-    warning) when another process holds it, and fail after :data:`LOCK_TIMEOUT_S`."""
-    lock = FileLock(lock_path)
-    try:
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            logger.warning("waiting for the %s %s (held by another fleet process using %s)",
-                           what, lock_path, scrub(uri))
-            lock.acquire(timeout=LOCK_TIMEOUT_S)
-    except Timeout:
-        raise RegistryError(f"{what} {lock_path} is still held by another process after "
-                            f"{LOCK_TIMEOUT_S:.0f} s; nothing was changed") from None
-    except OSError as err:
-        raise _unreadable(uri, err) from err
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-@contextmanager
-def registry_lock(tracking_uri: str | None = None) -> Iterator[None]:
-    """Hold fleet's write lock on the registry ``tracking_uri``: every alias move and registration
-    happens under it. On ``sqlite:///path/mlflow.db`` it is the file lock ``path/mlflow.db.lock``
-    (blocks other fleet processes on this machine, up to :data:`LOCK_TIMEOUT_S`); with a server it does
-    nothing (docs/security.md, section 5)."""
-    uri = _resolve_uri(tracking_uri)
-    path = _sqlite_path(uri)
-    if path is None:
-        yield
-        return
-    with _file_lock(path + ".lock", uri, "registry lock"):
-        yield
-
-
-_INITIALISED: set[str] = set()  # SQLite databases this process has opened (so created and migrated)
-
-
-def _client(tracking_uri: str | None, *, create: bool = True) -> MlflowClient:
-    """A client of the registry ``tracking_uri``. A SQLite database is opened the first time (in this
-    process) under the file lock ``<db>.init.lock``: MLflow creates and migrates a fresh database on
-    first use, and two processes doing that at once corrupt it (``_alembic_tmp_* already exists``).
-    With ``create=False`` (the read-only commands) a SQLite database that does not exist is a
-    :class:`RegistryError` naming the URI, and nothing (file, lock or directory) is created."""
-    uri = _resolve_uri(tracking_uri)
-    path = _sqlite_path(uri)
-    if path is not None and path not in _INITIALISED and not os.path.isfile(path):
-        if not create:
-            raise RegistryError(f"no MLflow tracking database at {scrub(uri)} ({path} does not exist; nothing "
-                                "was created): pass --tracking-uri or set $MLFLOW_TRACKING_URI to the registry "
-                                "fleet compress wrote")
-        with _reading(uri):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-    with _reading(uri):
-        if path is None or path in _INITIALISED:
-            return MlflowClient(tracking_uri=uri, registry_uri=uri)
-        with _file_lock(path + ".init.lock", uri, "registry initialisation lock"):
-            client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # creates the tracking tables
-            client.search_registered_models(max_results=1)  # and the registry's
-        _INITIALISED.add(path)
-        return client
-
-
-def _check_name(kind: str, value: Any) -> str:
-    if not isinstance(value, str) or _NAME_RE.fullmatch(value) is None:
-        raise ValueError(f"invalid {kind} {value!r}: must match ^[A-Za-z0-9][A-Za-z0-9_.-]{{0,127}}$")
-    return value
-
-
-def _not_found(err: MlflowException) -> bool:
-    return err.error_code == "RESOURCE_DOES_NOT_EXIST"
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _flatten(d: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """``{"a": {"b": 1}}`` -> ``("a.b", 1)``."""
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            yield from _flatten(v, key + ".")
-        else:
-            yield key, v
-
-
-def sanitize_key(name: Any) -> str:
-    """An MLflow-safe metric/param key: ASCII letters, digits and ``_ - . /`` and space; no empty,
-    ``.`` or ``..`` path segments; at most 250 characters."""
-    cleaned = re.sub(r"[^A-Za-z0-9_\-. /]", "_", str(name))
-    segments = [s.strip() for s in cleaned.split("/")]
-    key = "/".join(s for s in segments if s and s not in (".", ".."))
-    return (key or "_")[:_KEY_MAX]
-
-
-def _clean_metrics(metrics: dict) -> dict[str, float]:
-    """Flatten, keep finite numbers, sanitise names."""
-    out: dict[str, float] = {}
-    for key, value in _flatten(metrics):
-        number = _finite(value)
-        if number is None:
-            logger.debug("metric %r not logged: %r is not a finite number", key, value)
-            continue
-        clean = sanitize_key(key)
-        if clean in out:
-            logger.warning("metric %r collides with another after sanitising to %r; last one wins", key, clean)
-        out[clean] = number
-    return out
-
-
-def _clean_params(params: dict, secrets: set[str]) -> dict[str, str]:
-    """Flatten, stringify (JSON for lists), drop secret-looking keys, :func:`fleet.core.redact.scrub` the
-    values (``secrets`` and URI credentials become ``***``), truncate to MLflow's limit."""
-    out: dict[str, str] = {}
-    for key, value in _flatten(params):
-        if is_secret_name(key.rsplit(".", 1)[-1]):
-            logger.warning("param %r not logged: its name looks like a credential", key)
-            continue
-        text = scrub(value if isinstance(value, str) else json.dumps(value, default=str), secrets)
-        if len(text) > _PARAM_MAX:
-            text = text[: _PARAM_MAX - 3] + "..."
-        out[sanitize_key(key)] = text
-    return out
 
 
 def _pip_requirements() -> list[str]:
@@ -545,77 +134,23 @@ def _num_features(backbone_path: str) -> int:
                          f"in its metadata ({exc!r}); cannot build the input example") from None
 
 
-def _sqlite_artifact_root(uri: str) -> str | None:
-    """Artifacts of a ``sqlite:///path/mlflow.db`` store go next to it (``<dir>/mlartifacts``), not
-    into ``./mlruns`` of whatever the working directory is."""
-    path = _sqlite_path(uri)
-    return None if path is None else os.path.join(os.path.dirname(path), "mlartifacts")
-
-
-def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    root = _sqlite_artifact_root(uri)
-    try:
-        return client.create_experiment(name, artifact_location=os.path.join(root, name) if root else None)
-    except MlflowException as err:  # created meanwhile by a concurrent run
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        logger.debug("experiment %s created concurrently: %s", name, err)
-        return experiment.experiment_id
-
-
-@contextmanager
-def _fluent_uris(uri: str) -> Iterator[None]:
-    """Point MLflow's process-wide tracking and registry URIs at ``uri``; restore them (and the
-    ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` environment variables MLflow sets) after."""
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    saved = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None))
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved[0])
-        mlflow.set_registry_uri(saved[1])
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _log_batches(client: MlflowClient, run_id: str, metrics: dict[str, float], params: dict[str, str],
-                 step: int = 0) -> None:
-    now_ms = int(datetime.now(timezone.utc).timestamp() * 1000)
-    metric_list = [Metric(k, v, now_ms, step) for k, v in metrics.items()]
-    param_list = [Param(k, v) for k, v in params.items()]
-    for i in range(0, len(metric_list), 1000):
-        client.log_batch(run_id, metrics=metric_list[i : i + 1000])
-    for i in range(0, len(param_list), 100):
-        client.log_batch(run_id, params=param_list[i : i + 100])
-
-
 def _check_local_artifacts(local_artifacts: dict[str, str], fleet_name: str, version_id: str) -> None:
     missing = [name for name in REQUIRED_ARTIFACTS if name not in local_artifacts]
     if missing:
         raise ValueError(f"local_artifacts needs {', '.join(missing)} (got {sorted(local_artifacts)})")
     for name, path in local_artifacts.items():
-        _check_name("artifact name", name)
+        check_name("artifact name", name)
         if not os.path.isfile(path):
             raise ValueError(f"local artifact {name!r}: {path} is not a file")
     try:
         with open(local_artifacts["manifest.json"], "rb") as f:
             manifest = json.load(f)
     except (OSError, ValueError) as err:
-        raise ValueError(f"local artifact manifest.json ({local_artifacts['manifest.json']}) is not JSON: {err}") from None
+        raise ValueError(f"local artifact manifest.json ({local_artifacts['manifest.json']}) is not JSON: "
+                         f"{err}") from None
     if not isinstance(manifest, dict):
-        raise ValueError(f"local artifact manifest.json ({local_artifacts['manifest.json']}) is not a JSON object")  # noqa: TRY004 - bad input, register_version raises ValueError
+        raise ValueError(  # noqa: TRY004 - bad input, register_version raises ValueError
+            f"local artifact manifest.json ({local_artifacts['manifest.json']}) is not a JSON object")
     for key, expected in (("version_id", version_id), ("fleet", fleet_name)):
         if key in manifest and manifest[key] != expected:
             raise ValueError(f"manifest.json says {key}={manifest[key]!r} but register_version got {expected!r}")
@@ -625,7 +160,7 @@ def _check_plots(plots: dict[str, bytes]) -> dict[str, bytes]:
     out = {}
     for name, data in plots.items():
         base = name.removesuffix(".png")
-        _check_name("plot name", base)
+        check_name("plot name", base)
         if not isinstance(data, (bytes, bytearray)) or not bytes(data[:8]) == b"\x89PNG\r\n\x1a\n":
             raise ValueError(f"plot {name!r} is not PNG bytes")
         out[base + ".png"] = bytes(data)
@@ -656,7 +191,7 @@ def _champion(client: MlflowClient, name: str) -> str | None:
     try:
         version = client.get_registered_model(name).aliases.get(CHAMPION)
     except MlflowException as err:
-        if _not_found(err):
+        if not_found(err):
             return None
         raise
     return None if version is None else str(version)
@@ -666,7 +201,7 @@ def _get_version(client: MlflowClient, name: str, version: str | int):
     try:
         return client.get_model_version(name, str(version))
     except MlflowException as err:
-        if _not_found(err) or err.error_code == "INVALID_PARAMETER_VALUE":
+        if not_found(err) or err.error_code == "INVALID_PARAMETER_VALUE":
             raise RegistryError(f"registered model {name!r} has no version {version!r}") from None
         raise
 
@@ -701,7 +236,7 @@ def _versions_of(client: MlflowClient, name: str, version_id: str) -> list:
     try:
         found = client.search_model_versions(f"name = '{name}' and tags.version_id = '{version_id}'")
     except MlflowException as err:
-        if _not_found(err):
+        if not_found(err):
             return []
         raise
     return sorted(found, key=lambda mv: int(mv.version))
@@ -739,7 +274,7 @@ def register_version(
     metrics: dict,
     plots: dict[str, bytes],
     tracking_uri: str | None = None,
-    gate: GateConfig | None = None,
+    gate: PromotionGate | None = None,
     storage_options: dict | None = None,
     parent_version_id: str | None = None,
     example_campaign_id: str | None = None,
@@ -747,15 +282,15 @@ def register_version(
     mlflow_run_id: str | None = None,
 ) -> RegisteredVersion:
     """Log one run and register one new version of the model ``fleet_name``; move ``champion`` to
-    it when it passes ``gate`` (``GateConfig()`` when None) against the current champion's metrics.
+    it when it passes ``gate`` (``PromotionGate()`` when None) against the current champion's metrics.
 
     Idempotent on (``fleet_name``, ``version_id``): when that version id is already registered (by an
     earlier or a concurrent call), nothing is logged or registered and that version is returned with
     ``existing=True`` (:class:`RegistryError` if it was registered with another ``manifest_uri``).
-    Registering and moving ``champion`` happen under :func:`registry_lock`, after re-reading the
-    champion the gate compared against: if it moved meanwhile, the run just logged is deleted (ended FAILED
-    and kept when it is ``mlflow_run_id``), nothing
-    is registered and :class:`ChampionMovedError` is raised (re-running gates against the new champion).
+    Registering and moving ``champion`` happen under :func:`~fleet.storage.tracking.registry_lock`, after
+    re-reading the champion the gate compared against: if it moved meanwhile, the run just logged is deleted
+    (ended FAILED and kept when it is ``mlflow_run_id``), nothing is registered and :class:`ChampionMovedError`
+    is raised (re-running gates against the new champion).
 
     Args:
         fleet_name: registered model name; the run goes to the experiment ``fleet-<fleet_name>``.
@@ -783,15 +318,15 @@ def register_version(
             None: no input example.
         run_files: file name -> bytes, logged at the root of the run's artifacts (the version's
             ``report.html``, which MLflow's UI shows in its artifact view).
-        mlflow_run_id: the run :func:`start_compress_run` started (``fleet compress``): everything is logged
-            into it and it ends FINISHED, instead of a new run. When the version id turns out to be registered
-            already by another run, this one is tagged :data:`DUPLICATE_TAG` and deleted; when ``champion``
-            moved, it ends FAILED and is kept (re-running the run id continues it).
+        mlflow_run_id: the run :func:`fleet.storage.runs.start_compress_run` started (``fleet compress``):
+            everything is logged into it and it ends FINISHED, instead of a new run. When the version id turns out
+            to be registered already by another run, this one is tagged :data:`fleet.storage.runs.DUPLICATE_TAG`
+            and deleted; when ``champion`` moved, it ends FAILED and is kept (re-running the run id continues it).
     """
-    _check_name("fleet name", fleet_name)
-    _check_name("version id", version_id)
+    check_name("fleet name", fleet_name)
+    check_name("version id", version_id)
     if parent_version_id is not None:
-        _check_name("parent version id", parent_version_id)
+        check_name("parent version id", parent_version_id)
     if not isinstance(manifest_uri, str) or not manifest_uri:
         raise ValueError(f"manifest_uri must be a non-empty string, got {manifest_uri!r}")
     _check_local_artifacts(local_artifacts, fleet_name, version_id)
@@ -802,25 +337,26 @@ def register_version(
 
         example = input_example(example_campaign_id, _num_features(local_artifacts["backbone.safetensors"]))
     plot_files = _check_plots(plots)
-    gate = gate if gate is not None else GateConfig()
+    gate = gate if gate is not None else PromotionGate()
     secrets = secret_values(storage_options or {})
     public_manifest_uri = scrub(manifest_uri)
     if any(s in public_manifest_uri for s in secrets):
-        raise ValueError("manifest_uri contains a credential from storage_options; pass credentials only in storage_options")
+        raise ValueError("manifest_uri contains a credential from storage_options; pass credentials only in "
+                         "storage_options")
     if mlflow.active_run() is not None:
         raise RegistryError("register_version starts its own MLflow run: end the active run first")
 
-    uri = _resolve_uri(tracking_uri)
-    client = _client(uri)
-    with _reading(uri):
+    uri = resolve_tracking_uri(tracking_uri)
+    client = registry_client(uri)
+    with registry_access(uri):
         found = _versions_of(client, fleet_name, version_id)
     if found:
         logger.warning("%s: fleet version %s is already registered as version %s; nothing registered",
                        fleet_name, version_id, found[0].version)
         if mlflow_run_id is not None:
-            _discard_duplicate(client, mlflow_run_id, found[0])
+            discard_duplicate_run(client, mlflow_run_id, found[0])
         return _existing(client, fleet_name, found[0], public_manifest_uri)
-    experiment_id = _experiment_id(client, uri, f"fleet-{fleet_name}")
+    experiment_id = fleet_experiment(client, uri, fleet_name)
 
     # The gate needs only the candidate's and the champion's metrics, so it is decided before the
     # version exists and its outcome is among the version's tags from the start.
@@ -856,7 +392,7 @@ def register_version(
         files_dir = os.path.join(tmp, "run_files")
         os.makedirs(files_dir)
         for name, data in (run_files or {}).items():
-            with open(os.path.join(files_dir, _check_name("run file name", name)), "wb") as f:
+            with open(os.path.join(files_dir, check_name("run file name", name)), "wb") as f:
                 f.write(data)
         plots_dir = os.path.join(tmp, "plots")
         os.makedirs(plots_dir)
@@ -864,21 +400,16 @@ def register_version(
             with open(os.path.join(plots_dir, name), "wb") as f:
                 f.write(data)
 
-        with _fluent_uris(uri):
+        with fluent_uris(uri):
             if mlflow_run_id is None:
                 active = mlflow.start_run(experiment_id=experiment_id, run_name=version_id, tags=run_tags)
             else:
                 active = mlflow.start_run(run_id=mlflow_run_id)  # the compress's own run, resumed
             with active as run:
                 run_id = run.info.run_id
-                if mlflow_run_id is None:
-                    _log_batches(client, run_id, _clean_metrics(metrics), _clean_params(params, secrets))
-                else:
+                if mlflow_run_id is not None:  # the compress's own run: its tags now, what it lacks of the rest
                     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in run_tags.items()])
-                    logged = client.get_run(run_id).data
-                    _log_params_once(client, run_id, logged.params, _clean_params(params, secrets))
-                    _log_batches(client, run_id, {k: v for k, v in _clean_metrics(metrics).items()
-                                                  if logged.metrics.get(k) != v}, {})
+                log_params_and_metrics(client, run_id, params, metrics, secrets, resumed=mlflow_run_id is not None)
                 if plot_files:
                     client.log_artifacts(run_id, plots_dir, "plots")
                 if run_files:
@@ -899,7 +430,7 @@ def register_version(
             with registry_lock(uri):
                 found = _versions_of(client, fleet_name, version_id)
                 if found:  # a concurrent call registered this version id since the check above
-                    _discard_duplicate(client, run_id, found[0])
+                    discard_duplicate_run(client, run_id, found[0])
                     return _existing(client, fleet_name, found[0], public_manifest_uri)
                 try:
                     _check_champion(client, fleet_name, champion_before,
@@ -925,113 +456,6 @@ def register_version(
                              gate=result, champion=result.passed)
 
 
-
-# ----------------------------------------------------------------------------- the run of a compress
-
-#: Run tag on a compress run deleted because its version id was registered by another run meanwhile: that
-#: model version (``register_version`` with ``mlflow_run_id``).
-DUPLICATE_TAG = "fleet.duplicate_of"
-#: Run tag listing the params a resumed compress run was asked to log with another value than the one already
-#: logged (``--force-config``); MLflow keeps the first value.
-PARAMS_CHANGED_TAG = "fleet.params_changed_on_resume"
-#: The statuses :func:`end_compress_run` accepts.
-END_STATUSES = ("FINISHED", "FAILED", "KILLED")
-
-
-def start_compress_run(fleet_name: str, version_id: str, params: dict, tracking_uri: str | None = None, *,
-                       storage_options: dict | None = None, resume_run_id: str | None = None) -> str:
-    """Start the MLflow run of one ``fleet compress`` (named ``version_id``, in the experiment
-    ``fleet-<fleet_name>``, tags ``fleet.name`` and ``fleet.version_id``) and log ``params`` into it
-    (flattened and scrubbed as :func:`register_version` does: credential-looking keys dropped, values of
-    ``storage_options`` and URI credentials masked); return its run id.
-
-    ``resume_run_id`` (the run an interrupted compress of the same version id started) is continued instead,
-    set back to RUNNING, when it is still in this registry, not deleted and of the same fleet version; its
-    params keep their first values (a changed one is named in the tag :data:`PARAMS_CHANGED_TAG`). Otherwise
-    a new run is started. :class:`RegistryError` naming the tracking URI when the registry cannot be written.
-    """
-    _check_name("fleet name", fleet_name)
-    _check_name("version id", version_id)
-    uri = _resolve_uri(tracking_uri)
-    clean = _clean_params(params, secret_values(storage_options or {}))
-    with _reading(uri):
-        client = _client(uri)
-        experiment_id = _experiment_id(client, uri, f"fleet-{fleet_name}")
-        run = _resumable_run(client, resume_run_id, experiment_id, version_id) if resume_run_id else None
-        if run is None:
-            run = client.create_run(experiment_id, run_name=version_id,
-                                    tags={"fleet.name": fleet_name, "fleet.version_id": version_id})
-            logged: dict = {}
-        else:
-            client.update_run(run.info.run_id, status="RUNNING")
-            logged = run.data.params
-        _log_params_once(client, run.info.run_id, logged, clean)
-        return run.info.run_id
-
-
-def _resumable_run(client: MlflowClient, run_id: str, experiment_id: str, version_id: str):
-    """The run ``run_id`` when it can be continued for ``version_id`` (else None, said at debug level)."""
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as err:
-        if _not_found(err) or err.error_code == "INVALID_PARAMETER_VALUE":
-            logger.info("MLflow run %s of fleet version %s is not in this registry: starting a new one", run_id,
-                        version_id)
-            return None
-        raise
-    if (run.info.lifecycle_stage != "active" or run.info.experiment_id != experiment_id
-            or run.data.tags.get("fleet.version_id") != version_id):
-        logger.info("MLflow run %s is deleted or not fleet version %s's: starting a new one", run_id, version_id)
-        return None
-    return run
-
-
-def _log_params_once(client: MlflowClient, run_id: str, logged: dict, params: dict[str, str]) -> None:
-    """Log the ``params`` not logged yet (MLflow refuses to change one); name the changed ones in the tag
-    :data:`PARAMS_CHANGED_TAG`."""
-    changed = sorted(k for k, v in params.items() if k in logged and logged[k] != v)
-    if changed:
-        logger.warning("MLflow run %s keeps the first value of its param(s) %s (changed on resume)", run_id,
-                       ", ".join(changed))
-        client.set_tag(run_id, PARAMS_CHANGED_TAG, json.dumps(changed)[:_PARAM_MAX])
-    _log_batches(client, run_id, {}, {k: v for k, v in params.items() if k not in logged})
-
-
-def log_run_metrics(run_id: str, metrics: dict, step: int, tracking_uri: str | None = None) -> None:
-    """Log ``metrics`` (flattened, sanitised, finite only) into the run ``run_id`` at ``step``, timestamped now
-    (``fleet compress`` logs each stage's seconds as it ends). Progress only: an error is logged as a warning,
-    never raised (registering at the end needs the registry anyway)."""
-    uri = _resolve_uri(tracking_uri)
-    try:
-        _log_batches(_client(uri), run_id, _clean_metrics(metrics), {}, step=step)
-    except Exception as err:  # noqa: BLE001 - a store or network error of any kind: the compress goes on
-        logger.warning("metrics not logged into MLflow run %s (%s): %s", run_id, scrub(uri), err)
-
-
-def end_compress_run(run_id: str, status: str, tracking_uri: str | None = None) -> None:
-    """End the run ``run_id`` with ``status`` (:data:`END_STATUSES`) if it is still RUNNING (a run that
-    :func:`register_version` ended is left as it is). Called on the way out of a failed compress: an error is
-    logged as a warning, never raised."""
-    if status not in END_STATUSES:
-        raise ValueError(f"status must be one of {', '.join(END_STATUSES)}, got {status!r}")
-    uri = _resolve_uri(tracking_uri)
-    try:
-        client = _client(uri)
-        run = client.get_run(run_id)
-        if run.info.status == "RUNNING" and run.info.lifecycle_stage == "active":
-            client.set_terminated(run_id, status)
-    except Exception as err:  # noqa: BLE001 - any store or network error: the compress's own error matters more
-        logger.warning("MLflow run %s (%s) not ended %s: %s", run_id, scrub(uri), status, err)
-
-
-def _discard_duplicate(client: MlflowClient, run_id: str, model_version) -> None:
-    """The run ``run_id`` logged a fleet version that ``model_version`` (another run's) registered
-    meanwhile: tag it :data:`DUPLICATE_TAG` and delete it (one run per version). Nothing when it is that run."""
-    if model_version.run_id == run_id:
-        return
-    client.set_tag(run_id, DUPLICATE_TAG, f"{model_version.name}/{model_version.version}")
-    client.delete_run(run_id)
-
 def _champion_metrics(client: MlflowClient, name: str) -> tuple[str | None, dict | None]:
     """``(champion version, its run's metrics)``: what the gate compares a candidate with (None, None: no
     champion; metrics None: a champion without a run)."""
@@ -1042,17 +466,17 @@ def _champion_metrics(client: MlflowClient, name: str) -> tuple[str | None, dict
     return champion, client.get_run(run_id).data.metrics if run_id else None
 
 
-def preview_gate(name: str, metrics: dict, gate: GateConfig | None = None,
+def preview_gate(name: str, metrics: dict, gate: PromotionGate | None = None,
                  tracking_uri: str | None = None) -> tuple[GateResult, str | None]:
     """``(gate result, champion version)``: :func:`evaluate_gate` of ``metrics`` against the current champion,
     as :func:`register_version` will decide it unless ``champion`` moves before then (the run report shows
     it before the version is committed). Reads only: :class:`RegistryError` naming the tracking URI when the
     registry cannot be read."""
-    _check_name("registered model name", name)
-    uri = _resolve_uri(tracking_uri)
-    with _reading(uri):
-        champion, champion_metrics = _champion_metrics(_client(uri), name)
-    return evaluate_gate(metrics, champion_metrics, gate if gate is not None else GateConfig()), champion
+    check_name("registered model name", name)
+    uri = resolve_tracking_uri(tracking_uri)
+    with registry_access(uri):
+        champion, champion_metrics = _champion_metrics(registry_client(uri), name)
+    return evaluate_gate(metrics, champion_metrics, gate if gate is not None else PromotionGate()), champion
 
 
 def champion_version(name: str, tracking_uri: str | None = None, *, create: bool = True) -> str | None:
@@ -1060,13 +484,12 @@ def champion_version(name: str, tracking_uri: str | None = None, *, create: bool
     :class:`RegistryError` naming the tracking URI when the registry cannot be read. With ``create=False``
     (``nightly --dry-run``) a SQLite registry whose database does not exist yet has no champion (None), and
     nothing is created."""
-    _check_name("registered model name", name)
-    uri = _resolve_uri(tracking_uri)
-    path = _sqlite_path(uri)
-    if not create and path is not None and path not in _INITIALISED and not os.path.isfile(path):
+    check_name("registered model name", name)
+    uri = resolve_tracking_uri(tracking_uri)
+    if not create and database_missing(uri):
         return None
-    with _reading(uri):
-        return _champion(_client(uri, create=create), name)
+    with registry_access(uri):
+        return _champion(registry_client(uri, create=create), name)
 
 
 def find_version(name: str, version_id: str, tracking_uri: str | None = None, *,
@@ -1075,11 +498,11 @@ def find_version(name: str, version_id: str, tracking_uri: str | None = None, *,
     the oldest if there are several), or None; :class:`RegistryError` naming the tracking URI when the
     registry cannot be read (with ``create=False``, a read-only command's, also when a SQLite registry does
     not exist: nothing is created)."""
-    _check_name("registered model name", name)
-    _check_name("version id", version_id)
-    uri = _resolve_uri(tracking_uri)
-    with _reading(uri):
-        client = _client(uri, create=create)
+    check_name("registered model name", name)
+    check_name("version id", version_id)
+    uri = resolve_tracking_uri(tracking_uri)
+    with registry_access(uri):
+        client = registry_client(uri, create=create)
         found = _versions_of(client, name, version_id)
         return _existing(client, name, found[0], None) if found else None
 
@@ -1090,10 +513,10 @@ def promote(name: str, version: str | int, tracking_uri: str | None = None, reas
     Compare-and-set: the champion read first is re-read under :func:`registry_lock`; if another writer
     moved it meanwhile, :class:`ChampionMovedError` is raised and nothing changes.
     """
-    _check_name("registered model name", name)
-    uri = _resolve_uri(tracking_uri)
-    with _reading(uri):
-        client = _client(uri, create=False)
+    check_name("registered model name", name)
+    uri = resolve_tracking_uri(tracking_uri)
+    with registry_access(uri):
+        client = registry_client(uri, create=False)
         version = str(_get_version(client, name, version).version)
         expected = _champion(client, name)
         if expected == version:
@@ -1112,10 +535,10 @@ def rollback(name: str, tracking_uri: str | None = None) -> str:
     champion read first is re-read under :func:`registry_lock`; if another writer moved it meanwhile
     (e.g. a concurrent rollback), :class:`ChampionMovedError` is raised and nothing changes.
     """
-    _check_name("registered model name", name)
-    uri = _resolve_uri(tracking_uri)
-    with _reading(uri):
-        client = _client(uri, create=False)
+    check_name("registered model name", name)
+    uri = resolve_tracking_uri(tracking_uri)
+    with registry_access(uri):
+        client = registry_client(uri, create=False)
         current = _champion(client, name)
         if current is None:
             raise RegistryError(f"registered model {name!r} has no {CHAMPION} to roll back from")
@@ -1177,12 +600,12 @@ def resolve_model_version(model_uri: str, tracking_uri: str | None = None) -> di
     if match is None:
         raise ValueError(f"unsupported model URI {model_uri!r}: use models:/NAME@ALIAS or models:/NAME/VERSION")
     name, alias = match["name"], match["alias"]
-    client = _client(tracking_uri, create=False)
+    client = registry_client(tracking_uri, create=False)
     if alias is not None:
         try:
             version = client.get_registered_model(name).aliases.get(alias)
         except MlflowException as err:
-            if _not_found(err):
+            if not_found(err):
                 raise RegistryError(f"{model_uri}: no registered model {name!r}") from None
             raise
         if version is None:
@@ -1200,14 +623,14 @@ def list_versions(name: str, tracking_uri: str | None = None) -> list[dict]:
     """Every version of ``name``, oldest first: ``version``, ``version_id``, ``manifest_uri``,
     ``parent_version_id``, ``aliases``, ``champion``, ``created`` (ISO 8601 UTC), ``gate``
     (``passed`` / ``failed`` / None), ``gate_reasons``, ``gate_notes``, ``run_id``."""
-    _check_name("registered model name", name)
-    client = _client(tracking_uri, create=False)
+    check_name("registered model name", name)
+    client = registry_client(tracking_uri, create=False)
     try:
         aliases_of: dict[str, list[str]] = {}
         for alias, version in client.get_registered_model(name).aliases.items():
             aliases_of.setdefault(str(version), []).append(alias)
     except MlflowException as err:
-        if _not_found(err):
+        if not_found(err):
             raise RegistryError(f"no registered model named {name!r}") from None
         raise
     versions, token = [], None
@@ -1243,14 +666,14 @@ def champion_history(name: str, tracking_uri: str | None = None) -> list[dict]:
     """The ``champion_history`` tag of ``name``: ``{"version", "reason", "at"}`` entries, oldest first, the
     last one the current champion (empty when there is none). :class:`RegistryError` when the registry
     cannot be read or the model does not exist."""
-    _check_name("registered model name", name)
-    uri = _resolve_uri(tracking_uri)
-    with _reading(uri):
-        client = _client(uri, create=False)
+    check_name("registered model name", name)
+    uri = resolve_tracking_uri(tracking_uri)
+    with registry_access(uri):
+        client = registry_client(uri, create=False)
         try:
             return _read_history(client, name)
         except MlflowException as err:
-            if _not_found(err):
+            if not_found(err):
                 raise RegistryError(f"no registered model named {name!r}") from None
             raise
 
@@ -1267,10 +690,10 @@ def delete_version(name: str, version: str | int, tracking_uri: str | None = Non
     logged it is kept (its params, metrics, plots and model artifacts: the history) and tagged
     :data:`DELETED_TAG`; ``champion_history`` keeps its entries (:func:`rollback` skips deleted versions).
     """
-    _check_name("registered model name", name)
-    uri = _resolve_uri(tracking_uri)
-    with _reading(uri):
-        client = _client(uri, create=False)
+    check_name("registered model name", name)
+    uri = resolve_tracking_uri(tracking_uri)
+    with registry_access(uri):
+        client = registry_client(uri, create=False)
         with registry_lock(uri):
             model_version = _get_version(client, name, version)
             aliases = [a for a, v in client.get_registered_model(name).aliases.items() if str(v) == str(version)]

@@ -215,7 +215,7 @@ def render_report(*, fleet: str, version_id: str, heads, rejects: Sequence[dict]
         heads: a ``pyarrow.Table`` with (a subset of) :data:`HEAD_COLUMNS`, one row per head.
         rejects: ``{"campaign_id", "stage", "reason"}`` per quarantined campaign.
         metrics, config, lineage: the manifest's (``metrics`` as ``fleet compress`` writes them).
-        gate: a :class:`fleet.storage.registry.GateResult` (its ``checks`` become the gate table) or None.
+        gate: a :class:`fleet.storage.promotion_gate.GateResult` (its ``checks`` become the gate table) or None.
         gate_note: where the gate result comes from (shown next to it; alone when ``gate`` is None).
     """
     config, lineage = config or {}, lineage or {}
@@ -251,7 +251,9 @@ def version_report(uri: str, *, tracking_uri: str | None = None, storage_options
     created) gets the threshold checks alone, saying so."""
     import pyarrow as pa
 
+    from fleet.core.errors import RegistryError
     from fleet.storage import registry
+    from fleet.storage.promotion_gate import GateResult, PromotionGate, evaluate_gate
     from fleet.storage.store import FleetVersion
 
     target, _, manifest_sha256 = registry.resolve_version(uri, tracking_uri)  # a plain URI as is
@@ -260,17 +262,17 @@ def version_report(uri: str, *, tracking_uri: str | None = None, storage_options
     heads = pa.concat_tables(list(version.iter_heads(columns=list(HEAD_COLUMNS))))
     rejects = version.read_rejects().to_pylist()
     config = manifest.get("config") or {}
-    fields = registry.GateConfig.__dataclass_fields__  # an older version's config may name fields since removed
-    gate_config = registry.GateConfig(**{k: v for k, v in (config.get("gate") or {}).items() if k in fields})
-    checks = registry.evaluate_gate(manifest.get("metrics") or {}, None, gate_config)
+    fields = PromotionGate.__dataclass_fields__  # an older version's config may name fields since removed
+    gate_config = PromotionGate.from_dict({k: v for k, v in (config.get("gate") or {}).items() if k in fields})
+    checks = evaluate_gate(manifest.get("metrics") or {}, None, gate_config)
     try:
         registered = registry.find_version(manifest["fleet"], version.version_id, tracking_uri, create=False)
-    except registry.RegistryError as exc:
+    except RegistryError as exc:
         registered, note = None, f"registry not read ({exc})"
     else:
         note = "not registered"
     if registered is not None and registered.gate is not None:
-        gate = registry.GateResult(registered.gate.passed, registered.gate.reasons, registered.gate.notes, checks.checks)
+        gate = GateResult(registered.gate.passed, registered.gate.reasons, registered.gate.notes, checks.checks)
         note = (f"The decision recorded in the registry for {registered.name} version {registered.version}"
                 f"{' (champion now)' if registered.champion else ''}; the checks are re-evaluated on the manifest's "
                 "metrics against the configured thresholds (a regression from the champion of the time is among the "

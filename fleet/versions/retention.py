@@ -116,11 +116,12 @@ def _version_id_of(manifest_uri: str | None) -> str | None:
 
 def _registry_facts(fleet: str, tracking_uri: str | None) -> tuple[list[dict], list[dict], list[str]]:
     """``(model versions, champion_history, notes)``; no registered model of that name is no versions."""
+    from fleet.core.errors import RegistryError
     from fleet.storage import registry
 
     try:
         rows = registry.list_versions(fleet, tracking_uri)
-    except registry.RegistryError as err:
+    except RegistryError as err:
         if "no registered model named" not in str(err):
             raise
         return [], [], [f"no registered model named {fleet!r}: no alias protects any version"]
@@ -162,7 +163,7 @@ def plan_gc(store_uri: str, fleet: str, *, tracking_uri: str | None = None, stor
 
     ``registry=False``: no registry is read (a store written with ``--no-register``), so no alias protects a
     version and no model version is deleted. ``now`` (UTC) is the time ages are counted from. Raises
-    :class:`fleet.storage.registry.RegistryError` when the registry cannot be read (or its database does not exist).
+    :class:`fleet.core.errors.RegistryError` when the registry cannot be read (or its database does not exist).
     """
     from fleet.core.errors import StoreError
     from fleet.storage.store import PLAN, RunDir, _check_name, absolute_uri, join_uri, open_fs

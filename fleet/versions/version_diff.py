@@ -154,7 +154,7 @@ def diff_versions(a: str, b: str, *, tracking_uri: str | None = None, storage_op
     ``config_changes`` (``{key: [a, b]}`` of the manifests' configs, flattened).
 
     ``storage_options`` default to ``$FLEET_STORAGE_OPTIONS``. Raises :class:`fleet.core.errors.StoreError` for a
-    version that cannot be read or fails a checksum, :class:`fleet.storage.registry.RegistryError` for a
+    version that cannot be read or fails a checksum, :class:`fleet.core.errors.RegistryError` for a
     ``models:/`` URI that does not resolve.
     """
     import numpy as np
