@@ -295,7 +295,8 @@ class CompressConfig:
                              distance_weight=self.distance_weight, head_l2=self.head_l2)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every field as JSON-able values; the gate as its non-default fields (:meth:`PromotionGate.to_dict`)."""
+        return {**dataclasses.asdict(self), "gate": self.gate.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict) -> CompressConfig:

@@ -99,6 +99,13 @@ class PromotionGate:
             raise ValueError(f"unknown gate keys: {unknown} (PromotionGate fields: {', '.join(names)})")
         return cls(**data)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The fields that differ from their defaults (the inverse of :meth:`from_dict`; a default gate is ``{}``,
+        so a run's recorded settings, and their hash, do not change when a threshold's default is only restated)."""
+        default = type(self)()
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(default, f.name)}
+
 
 @dataclass
 class GateResult:
