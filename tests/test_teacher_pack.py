@@ -168,6 +168,58 @@ def test_soft_labels_batched_equal_one_at_a_time_on_packs(tmp_path, monkeypatch)
     np.testing.assert_allclose(soft["teacher_logit"].to_numpy(), alone["teacher_logit"].to_numpy(), rtol=0, atol=1e-5)
 
 
+def test_an_unchanged_packed_teacher_is_not_loaded_unless_its_data_changed(tmp_path):
+    """Stage 1 of an incremental run: a packed teacher whose index sha256 is the parent's is reused without its
+    slices being read (a flipped bit in them goes unseen: its head, fitted on the intact teacher, is kept); when
+    the campaign's data changed, the teacher is loaded after all, with every check (the flipped bit quarantines it)."""
+    import pyarrow as pa
+
+    from fleet.formats.events import write_events
+    from fleet.run import stages
+    from fleet.run.stages import ShardJob
+    from fleet.synthetic.synth import generate_campaign
+
+    config = user_config(4, pack_size=4, num_event_types=7, num_features=2, hidden_size=4, embed_dim=3)
+    ids = [f"user-{i:07d}" for i in range(4)]
+    events = pa.concat_tables([generate_campaign(config, i) for i in range(4)])
+    write_events(str(tmp_path / "events"), events)
+    torch.manual_seed(0)
+    shape = {**TINY, "hidden_size": 4}
+    write_pack(str(tmp_path / "teachers"), "p", {"arch": "lstm", **shape}, ids,
+               stack_states([TeacherRNN(TeacherConfig(campaign_id=c, **shape)) for c in ids]))
+    catalog = locate_teachers(str(tmp_path / "teachers"))
+    ctx = stages.StageContext(str(tmp_path / "teachers"), str(tmp_path / "events"), stages.CompressConfig(), 7, 2)
+    _, first = stages.soft_labels(ShardJob(ids, packed=catalog.plan_entries()), ctx)
+    parent = {c: [t, d] for c, t, d in zip(*(first[k].to_pylist() for k in ("campaign_id", "teacher_sha256",
+                                                                             "data_fingerprint")))}
+    skipped = load_teachers(str(tmp_path / "teachers"), ids, catalog.plan_entries(),
+                            unchanged={c: h[0] for c, h in parent.items()})
+    assert all(t.model is None and t.sha256 == parent[c][0] for c, t in skipped.items())
+    assert [t.num_bytes for t in skipped.values()] == first["teacher_bytes"].to_pylist()
+
+    weights = tmp_path / "teachers/packs/p/weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    header_size = int.from_bytes(data[:8], "little")
+    begin, end = json.loads(data[8:8 + header_size])["readout.bias"]["data_offsets"]
+    data[8 + header_size + begin + 1 * ((end - begin) // 4)] ^= 0x01  # slot 1 (ids[1]): a flipped bit
+    weights.write_bytes(bytes(data))
+    job = ShardJob(ids, packed=catalog.plan_entries(), parent=parent)
+    _, reused = stages.soft_labels(job, ctx)
+    assert reused["status"].to_pylist() == ["reused"] * 4
+    assert reused["teacher_bytes"].equals(first["teacher_bytes"])
+
+    changed = ids[1:3]  # new data for two campaigns: the one with the flipped bit and an intact one
+    mask = pa.compute.is_in(events["campaign_id"], pa.array(changed))
+    labels = pa.compute.if_else(mask, pa.compute.subtract(1, events["label"]), events["label"])
+    write_events(str(tmp_path / "events2"), events.set_column(events.schema.get_field_index("label"), "label", labels))
+    ctx2 = stages.StageContext(str(tmp_path / "teachers"), str(tmp_path / "events2"), stages.CompressConfig(), 7, 2)
+    soft, status = stages.soft_labels(job, ctx2)
+    assert status["status"].to_pylist() == ["reused", "rejected", "ok", "reused"]
+    rejected = status.filter(pa.compute.equal(status["status"], "rejected")).to_pylist()[0]
+    assert "slot 1" in rejected["reason"] and "sha256" in rejected["reason"]
+    assert set(soft["campaign_id"].to_pylist()) == {ids[2]}
+
+
 def test_stacked_training_is_deterministic():
     from fleet.formats.events import table_to_batch
     from fleet.synthetic.synth import entity_id, generate_campaign, train_stacked_teachers

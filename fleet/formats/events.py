@@ -158,7 +158,10 @@ def split_by_campaign(table: pa.Table, campaign_ids: Sequence[str] | None = None
     groups = rows_by_campaign(table["campaign_id"])
     campaign_ids = sorted(groups) if campaign_ids is None else list(campaign_ids)
     rows = [groups.get(cid, _NO_ROWS) for cid in campaign_ids]
-    grouped = table.take(np.concatenate(rows) if rows else _NO_ROWS)
+    order = np.concatenate(rows) if rows else _NO_ROWS
+    # rows already grouped in this order (a fleet written campaign by campaign): slice the table as it is
+    in_order = len(order) == len(table) and bool((order == np.arange(len(table))).all())
+    grouped = table if in_order else table.take(order)
     starts = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
     return {cid: grouped.slice(int(starts[k]), len(rows[k])) for k, cid in enumerate(campaign_ids)}
 

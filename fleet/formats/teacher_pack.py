@@ -199,21 +199,26 @@ def pack_complete(root_uri: str, pack: str, config: dict, storage_options: dict 
 def load_teachers(root_uri: str, campaigns: Iterable[str], packed: dict[str, list] | None = None,
                   storage_options: dict | None = None, *, allow_loaders: Iterable[str] = (),
                   untrusted_roots: Iterable[str] = (), conflicts: dict[str, str] | None = None,
-                  ) -> dict[str, LoadedTeacher | TeacherFormatError]:
+                  unchanged: dict[str, str] | None = None) -> dict[str, LoadedTeacher | TeacherFormatError]:
     """Load the teachers of ``campaigns`` (valid ids): a packed one (``packed``: ``{campaign: [pack, slot,
     sha256]}``, :meth:`TeacherCatalog.plan_entries`) from its slot, read by byte range (one header read
     per pack), any other from its directory (:func:`fleet.formats.teachers.load_teacher`). A problem is returned
     as the campaign's :class:`TeacherFormatError` (naming campaign, file and, for a pack, the slot), never
-    raised: the others still load."""
-    packed, conflicts = packed or {}, conflicts or {}
+    raised: the others still load.
+
+    ``unchanged`` (``{campaign: sha256}``, an incremental run's parent hashes): a packed campaign whose index
+    sha256 equals its entry there is not loaded: its :class:`LoadedTeacher` has ``model`` None and the pack's
+    config (read and checked as for any slot), its slot's bytes from the weights header; its slices are
+    neither read nor checked (a caller that then needs the model loads it without ``unchanged``)."""
+    packed, conflicts, unchanged = packed or {}, conflicts or {}, unchanged or {}
     out: dict[str, LoadedTeacher | TeacherFormatError] = {}
-    by_pack: dict[str, list[tuple[str, int, str]]] = {}
+    by_pack: dict[str, list[tuple[str, int, str, bool]]] = {}  # pack -> (campaign, slot, sha256, unchanged)
     for campaign_id in campaigns:
         if campaign_id in conflicts:
             out[campaign_id] = TeacherFormatError(conflicts[campaign_id], campaign_id=campaign_id, path=root_uri)
         elif campaign_id in packed:
             pack, slot, sha = packed[campaign_id]
-            by_pack.setdefault(pack, []).append((campaign_id, int(slot), sha))
+            by_pack.setdefault(pack, []).append((campaign_id, int(slot), sha, unchanged.get(campaign_id) == sha))
         else:
             try:
                 out[campaign_id] = load_teacher(root_uri, campaign_id, storage_options, allow_loaders=allow_loaders,
@@ -239,11 +244,12 @@ def _load_pack_slots(root_uri, pack, members, storage_options, allow_loaders, un
         header, data_start, num_slots = _read_header(fs, f"{path}/{PACK_WEIGHTS_FILE}", weights_uri)
     except TeacherFormatError as exc:
         reason = f"pack {pack!r}: {exc.reason}"
-        return {c: TeacherFormatError(reason, campaign_id=c, path=exc.path) for c, _, _ in members}
-    slots = sorted({slot for _, slot, _ in members if 0 <= slot < num_slots})
+        return {c: TeacherFormatError(reason, campaign_id=c, path=exc.path) for c, *_ in members}
+    slots = sorted({slot for _, slot, _, skip in members if 0 <= slot < num_slots and not skip})
     slices = _read_slots(fs, f"{path}/{PACK_WEIGHTS_FILE}", header, data_start, num_slots, slots)
     campaign_config = {k: v for k, v in config.items() if k != "format"}
-    for campaign_id, slot, sha in members:
+    slot_bytes = sum((info["data_offsets"][1] - info["data_offsets"][0]) // num_slots for info in header.values())
+    for campaign_id, slot, sha, skip in members:
         where = f"{weights_uri} slot {slot}"
 
         def fail(reason: str, uri: str, campaign_id=campaign_id, slot=slot) -> TeacherFormatError:
@@ -252,6 +258,10 @@ def _load_pack_slots(root_uri, pack, members, storage_options, allow_loaders, un
         try:
             if not 0 <= slot < num_slots:
                 raise fail(f"slot out of range (the pack holds {num_slots})", weights_uri)
+            if skip:
+                out[campaign_id] = LoadedTeacher(campaign_id, None, {**campaign_config, "campaign_id": campaign_id,
+                                                                     "format": TEACHER_FORMAT}, sha, slot_bytes)
+                continue
             raw = {name: slices[name][slot] for name in header}
             if slot_sha256(config_bytes, raw) != sha:
                 raise fail("sha256 of the slot's slices does not match index.parquet", where)

@@ -130,10 +130,12 @@ def save_teacher(
 
 @dataclass
 class LoadedTeacher:
-    """A teacher ready to run: the module (eval mode), its config dict and the sha256 of its files."""
+    """A teacher ready to run: the module (eval mode), its config dict and the sha256 of its files. ``model`` is
+    None for a packed teacher that was not loaded because its index sha256 is one the caller already holds
+    (:func:`fleet.formats.teacher_pack.load_teachers`'s ``unchanged``)."""
 
     campaign_id: str
-    model: nn.Module
+    model: nn.Module | None
     config: dict[str, Any]
     sha256: str
     num_bytes: int

@@ -405,10 +405,12 @@ def soft_labels(job: ShardJob, ctx: StageContext, pool: pa.Table | None = None) 
     tables = events.read_campaigns(valid)
     pool_batch = table_to_batch(pool, ctx.num_features) if pool is not None and len(pool) else None
     pool_source = pool["campaign_id"].to_numpy(zero_copy_only=False) if pool_batch is not None else None
+    load_options = {"allow_loaders": ctx.config.allow_loaders, "untrusted_roots": (ctx.events_uri,)}
+    # a packed teacher whose index sha256 is the parent's is not loaded unless its data changed (read below)
     teachers = load_teachers(ctx.teachers_uri, valid, job.packed, ctx.storage_options,
-                             allow_loaders=ctx.config.allow_loaders, untrusted_roots=(ctx.events_uri,),
-                             conflicts=job.teacher_conflicts)
-    pending = []  # (campaign_id, teacher, rows to label, used rows, splits, borrowed rows, hashes)
+                             conflicts=job.teacher_conflicts, **load_options,
+                             unchanged={c: hashes[0] for c, hashes in parent.items()})
+    pending = []  # (campaign_id, rows to label, used rows, splits, borrowed rows, labels, hashes)
     for campaign_id in valid:
         try:
             teacher = teachers[campaign_id]
@@ -440,10 +442,17 @@ def soft_labels(job: ShardJob, ctx: StageContext, pool: pa.Table | None = None) 
             eligible = (pool_source != campaign_id) & in_support(pool_batch, batch.select(own_fit).packed_types)
             borrowed = borrowed_rows_of(campaign_id, eligible, len(own_fit), ctx.config)
         rows = SequenceBatch.concat([batch, pool_batch.select(torch.from_numpy(borrowed))]) if len(borrowed) else batch
-        pending.append((campaign_id, teacher, rows, used, splits, borrowed, batch.labels, hashes))
+        pending.append((campaign_id, rows, used, splits, borrowed, batch.labels, hashes))
+    not_loaded = [p[0] for p in pending if teachers[p[0]].model is None]  # teacher unchanged, data changed
+    if not_loaded:
+        teachers.update(load_teachers(ctx.teachers_uri, not_loaded, job.packed, ctx.storage_options, **load_options))
+    for campaign_id in not_loaded:
+        if isinstance(teachers[campaign_id], FleetError):
+            status_rows.append(_campaign_row(campaign_id, "rejected", "soft_labels", str(teachers[campaign_id])))
+    pending = [p for p in pending if not isinstance(teachers[p[0]], FleetError)]
     # the teacher pass: teachers of one architecture together (stacked parameters), custom ones alone
-    outputs = teacher_logits([p[1] for p in pending], [p[2] for p in pending])
-    for (campaign_id, _, _, used, splits, borrowed, labels, hashes), output in zip(pending, outputs):
+    outputs = teacher_logits([teachers[p[0]] for p in pending], [p[1] for p in pending])
+    for (campaign_id, _, used, splits, borrowed, labels, hashes), output in zip(pending, outputs, strict=True):
         if isinstance(output, Exception):
             status_rows.append(_campaign_row(campaign_id, "rejected", "soft_labels",
                                              f"campaign {campaign_id!r}: teacher forward failed: {type(output).__name__}: {output}"))
