@@ -320,6 +320,23 @@ def test_bloomier_plan_cuts_sorted_campaigns_into_contiguous_blocks():
         CompressConfig(bloomier_value_bits=9)
 
 
+def test_packed_plan_cuts_sorted_campaigns_into_contiguous_batches_of_similar_cost():
+    """A batch is a range of ids (its events read prunes Parquet row groups by range), balanced by cost to within
+    one campaign's cost of the mean."""
+    from fleet.run.plan import contiguous_balanced_batches, plan_batches
+
+    rng = np.random.default_rng(0)
+    costs = {f"u{i:05d}": float(rng.choice([70, 100, 350, 1000])) for i in rng.permutation(5000)}
+    batches = contiguous_balanced_batches(costs, 13)
+    assert len(batches) == 13 and [c for b in batches for c in b] == sorted(costs)
+    loads = [sum(costs[c] for c in b) for b in batches]
+    assert max(abs(load - sum(loads) / 13) for load in loads) <= max(costs.values())
+    assert contiguous_balanced_batches({"b": 1.0, "a": 5.0}, 8) == [["a"], ["b"]]
+    assert contiguous_balanced_batches({"a": 1.0}, 1) == [["a"]]
+    plan = plan_batches(sorted(costs), {c: int(v) for c, v in costs.items()}, CompressConfig(), 2)
+    assert [c for b in plan for c in b] == sorted(costs) and len(plan) >= 8
+
+
 def test_borrowed_pool_draws_fit_rows_evenly_and_deterministically():
     config = CompressConfig(borrowed_rows=120)
     sizes = {f"c{i:02d}": n for i, n in enumerate([100, 250, 3000, 40, 900, 120])}
