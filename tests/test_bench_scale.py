@@ -91,6 +91,17 @@ def test_scale_end_to_end_at_tiny_sizes(ray_local, tmp_path, sqlite_tracking_uri
     assert "Heads bytes per entity by column" in md and "user 40: head (served columns)" in md
     assert (out / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # --scale-night: the night again, against the same champion; the full runs' figures kept, the night replaced
+    code = main(["bench", *TINY, "--scale-night", "--fleet-dir", str(fleets), "--out", str(out),
+                 "--tracking-uri", sqlite_tracking_uri])
+    again = json.loads((out / "scale.json").read_text())
+    assert code == 1 and again["sizes"] == results["sizes"]
+    night = again["incremental"]
+    assert night["run"]["run_id"] != inc["run"]["run_id"] and "--scale-night" in night["command"]
+    assert night["refitted"] == 1 and night["refitted_exactly_changed"] is True and night["reused"] == inc["reused"]
+    assert night["full_wall_seconds"] == inc["full_wall_seconds"] and len(night["load_average_at_start"]) == 3
+    assert not (user_dir / bench_scale.CHANGES_FILE).exists()
+
 
 def test_changed_teachers_are_restored_exactly(tmp_path):
     """Directory teachers and pack slots: a change moves the sha256 of exactly the changed teachers; restoring
@@ -172,6 +183,8 @@ def test_scale_sizes_and_flags():
     assert main(["bench", "--scale", "--zoo", "--out", "unused"]) == 2
     assert main(["bench", "--scale", "--campaigns", "10", "--out", "unused"]) == 2
     assert main(["bench", "--scale", "--no-mlflow", "--out", "unused"]) == 2
+    assert main(["bench", "--scale-night", "--out", "unused"]) == 2  # without --scale
+    assert main(["bench", "--scale", "--scale-night", "--out", "no-such-dir"]) == 2  # no scale.json there
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--scale", "--scale-sizes", "team:10", "--out", "unused"])
     assert exc.value.code == 2

@@ -136,6 +136,8 @@ def run_from_args(args, out_console) -> int:
         return write_docs_from_args(args, out_console)
     if not args.out:
         raise UsageError("--out is required (but with --write-docs)")
+    if args.scale_night and not args.scale:
+        raise UsageError("--scale-night re-runs the night of a --scale run: give it with --scale")
     if args.scale:
         if args.zoo or args.zoo_compare or args.serving_only:
             raise UsageError("--scale runs alone: not with --zoo, --zoo-compare or --serving-only")

@@ -553,6 +553,42 @@ def incremental_night(kind: str, synth: SynthConfig, fleet: dict, spec: dict, fu
     }
 
 
+def rerun_night(*, out: str, tracking_uri: str, address: str | None, command: str) -> dict:
+    """``--scale-night``: the incremental night of the ``--scale`` run whose ``scale.json`` is in ``out``, again,
+    against its largest size's full run (made champion again if a night passed its gate since) and with this code; the full runs' figures are kept
+    and the night's are replaced (``incremental.command``, ``incremental.load_average_at_start`` say when and
+    how). Returns the results, ``missed_targets`` included."""
+    from fleet.run.pipeline import new_run_id
+
+    path = os.path.join(out, "scale.json")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+        row = _extremes(results["sizes"])[1]  # the largest size: the night's fleet and its champion
+        config, seed = dict(results["config"]), int(results["seed"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise UsageError(f"--scale-night needs the scale.json of a finished fleet bench --scale in --out: {path}: "
+                         f"{type(exc).__name__}: {exc}") from None
+    kind, entities, fleet = row["kind"], row["entities"], row["fleet"]
+    shape = {k: v for k, v in (results.get("entity_shape") or {}).items() if k != "pack_size"}
+    synth = synth_config(kind, entities, seed, shape)  # its ids and seed pick the teachers the night changes
+    spec = {"teachers_uri": fleet["teachers_uri"], "events_uri": fleet["events_uri"],
+            "store": os.path.join(out, "store"), "fleet": f"scale-{kind}-{entities}", "tracking_uri": tracking_uri,
+            "config": config, "address": address}
+    from fleet.storage import registry
+
+    full_version = str(row["run"]["registered_version"])  # the night's parent, as in the first night
+    if registry.champion_version(spec["fleet"], tracking_uri, create=False) != full_version:  # a night passed its gate
+        registry.promote(spec["fleet"], full_version, tracking_uri,
+                         reason="fleet bench --scale-night: the full run is the parent of the night")
+    started, load = time.perf_counter(), os.getloadavg() if hasattr(os, "getloadavg") else None
+    night = incremental_night(kind, synth, fleet, spec, {"wall_seconds": row["wall_seconds"]}, new_run_id(),
+                              f"scale {kind}:{entities:,} night")
+    results["incremental"] = {**night, "command": command, "load_average_at_start": load}
+    _finish(results, out, started - results.get("seconds", 0.0))
+    return results
+
+
 def _finish(results: dict, out: str, started: float) -> None:
     results["seconds"] = time.perf_counter() - started
     results["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -686,6 +722,10 @@ def add_arguments(p) -> None:
     g.add_argument("--scale-sizes", type=parse_sizes, default=DEFAULT_SIZES,
                    help="fleet sizes KIND:N, comma-separated; KIND campaign (teacher directories) or user (packs) "
                         "(default: %(default)s)")
+    g.add_argument("--scale-night", action="store_true",
+                   help="re-run only the incremental night, against the largest size's full run of the --scale run "
+                        "already in OUT (its full runs kept; OUT/scale.json's night replaced), e.g. after a change to "
+                        "incremental runs")
 
 
 def run_from_args(args, config: CompressConfig, log) -> int:
@@ -701,6 +741,11 @@ def run_from_args(args, config: CompressConfig, log) -> int:
     tracking_uri = (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
                     or f"sqlite:///{os.path.join(out, 'mlflow.db')}")
     command = "fleet " + shlex.join(getattr(args, "argv", sys.argv[1:]))
+    if args.scale_night:
+        results = rerun_night(out=out, tracking_uri=tracking_uri, address=args.address, command=command)
+        log(f"scale: the incremental night re-run: {os.path.join(out, 'scale.md')}; targets missed: "
+            f"{', '.join(results['missed_targets']) or 'none'}")
+        return 1 if results["missed_targets"] else 0
     results = run_scale(out=out, fleet_dir=args.fleet_dir or "fleet-data/scale", sizes=args.scale_sizes,
                         seed=args.seed, teacher=teacher, config=config, tracking_uri=tracking_uri,
                         address=args.address, command=command)

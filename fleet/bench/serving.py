@@ -16,6 +16,7 @@ import numpy as np
 import orjson
 import pyarrow as pa
 import torch
+from rich.filesize import decimal
 
 from fleet.bench.common import SERVING_ENV, SERVING_THREADS, BenchConfig, _latencies, _progress, console
 from fleet.bench.probe import free_port, proc_rss_mb, run_in_fresh_process, stop_process
@@ -340,7 +341,7 @@ def render_serving_targets(st: dict) -> list[str]:
                    f"defaults (heads `{st['heads']}`, backend `{st['backend']}`), {st['threads']} thread; real event "
                    f"sequences, length median {st['sequence_length']['median']:.0f}, max {st['sequence_length']['max']}. "
                    f"Peer: {peer['k']:,} fp32 teacher forward passes per request ({t.get('num_layers')}-layer "
-                   f"{str(t.get('arch')).upper()}, hidden {t.get('hidden_size')}, {peer['teacher_bytes_mean'] / 1e6:.2f} MB "
+                   f"{str(t.get('arch')).upper()}, hidden {t.get('hidden_size')}, {decimal(round(peer['teacher_bytes_mean']))} "
                    f"each; {peer['teachers_loaded']} loaded{' and cycled' if peer['teachers_loaded'] < peer['k'] else ''}). "
                    f"Serving RSS: the HTTP server process after the load; the in-process probe measured "
                    f"{st['probe']['rss_after_open']['VmRSS']:.0f} MB after opening the version "

@@ -60,6 +60,7 @@ def _add_synth(p) -> None:
 
 def _cmd_synth(args, console) -> int:
     import numpy as np
+    from rich.filesize import decimal
     from rich.table import Table
 
     from fleet.formats.teachers import teacher_num_bytes
@@ -93,7 +94,7 @@ def _cmd_synth(args, console) -> int:
     layers = 2 if config.teacher == "conv" else config.num_layers
     table.add_row("generator", config.generator)
     table.add_row("teacher", f"{layers}-layer {kind} h={config.hidden_size}: "
-                  f"{sum(p.numel() for p in teacher.parameters()):,} params, {teacher_num_bytes(teacher) / 1e6:.2f} MB")
+                  f"{sum(p.numel() for p in teacher.parameters()):,} params, {decimal(teacher_num_bytes(teacher))}")
     trained = [s for s in stats if not s["resumed"]]
     if config.entities == "user":
         table.add_row("teachers per pack (fleet-teacher-pack/1)", str(config.pack_size))
