@@ -663,7 +663,10 @@ def render_markdown(results: dict) -> str:
                      f"({inc['changed_share']:.0%}); {inc['wall_seconds']:,.1f} s = {inc['fraction']:.1%} of the full run's "
                      f"{inc['full_wall_seconds']:,.1f} s ({stages_}); refitted {inc['refitted']:,}, reused "
                      f"{_f(inc['reused'], ',')}; exactly the changed ones: "
-                     f"{'yes' if inc['refitted_exactly_changed'] else '**no**'}.\n")
+                     f"{'yes' if inc['refitted_exactly_changed'] else '**no**'}."
+                     + (f" Re-run on its own later (`{inc['command']}`, load average at its start "
+                        f"{', '.join(f'{v:.1f}' for v in inc.get('load_average_at_start') or [])}; run "
+                        f"{inc['run']['run_id']})." if inc.get("command") else "") + "\n")
     split = [r for r in results.get("sizes") or [] if r.get("heads_part_bytes_per_entity")]
     if split:
         names = dict(HEADS_PARTS)
