@@ -9,7 +9,6 @@ from torch import Tensor
 
 from fleet.compression.quant import (
     DEFAULT_GROUP_SIZE,
-    SUPPORTED_BITS,
     PerGroup,
     QuantizedVector,
     dequantize,
@@ -17,6 +16,7 @@ from fleet.compression.quant import (
     quantize,
     storage_scales,
 )
+from fleet.core.constants import SUPPORTED_BITS
 
 Gate = Callable[[Tensor], Tensor]  # dequantized heads [C, P] -> passes BoolTensor[C]
 

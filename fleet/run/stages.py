@@ -47,11 +47,12 @@ from fleet.compression.student import (
     ladder_config,
     widen_heads,
 )
+from fleet.core.constants import DATA_FINGERPRINT_BYTES, SUPPORTED_BITS, TEACHER_SHA256_BYTES
 from fleet.core.errors import FleetError
 from fleet.core.ids import printable_id, validate_campaign_id
 from fleet.core.redact import scrub, secret_values
 from fleet.formats.backbone_codec import backbone_from_bytes, backbone_to_bytes
-from fleet.formats.codec import CODECS, DATA_FINGERPRINT_BYTES, heads_to_table
+from fleet.formats.codec import CODECS, heads_to_table
 from fleet.formats.events import (
     HOLDOUT_FRACTION,
     EventsDataset,
@@ -240,11 +241,11 @@ class CompressConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.gate, PromotionGate):  # a config file's (or to_dict's) table of its fields
             self.gate = PromotionGate.from_dict(self.gate)
-        if self.bits != "auto" and self.bits not in (1, 2, 4, 8, 16):
+        if self.bits != "auto" and self.bits not in SUPPORTED_BITS:
             if isinstance(self.bits, str) and self.bits.isdigit():
                 self.bits = int(self.bits)
-            if self.bits not in (1, 2, 4, 8, 16):
-                raise ValueError(f"bits must be 'auto' or one of 1, 2, 4, 8, 16; got {self.bits!r}")
+            if self.bits not in SUPPORTED_BITS:
+                raise ValueError(f"bits must be 'auto' or one of {', '.join(map(str, SUPPORTED_BITS))}; got {self.bits!r}")
         if self.head_qat and self.bits == "auto":
             raise ValueError("head_qat needs a fixed bits value (QAT trains for one bit width)")
         if self.codec not in CODECS:
@@ -977,7 +978,8 @@ def _decoded(vectors: list, mask: torch.Tensor | None, student_config: StudentCo
     """Heads ``(C, P)`` exactly as serving decodes the stored ``vectors`` (pruned entries 0)."""
     n_params = head_num_params(student_config)
     return decode_heads([head_row(f"draft-{c}", v, n_params, None if mask is None else mask[c],
-                                  teacher_sha256=b"\0" * 32, data_fingerprint=b"\0" * DATA_FINGERPRINT_BYTES)
+                                  teacher_sha256=b"\0" * TEACHER_SHA256_BYTES,
+                                  data_fingerprint=b"\0" * DATA_FINGERPRINT_BYTES)
                          for c, v in enumerate(vectors)])
 
 
