@@ -17,6 +17,7 @@ from typing import Any
 from rich.console import Console
 
 from fleet.core.constants import ENV_ADMIN_TOKEN, ENV_STORAGE_OPTIONS
+from fleet.core.jsonobj import parse_json_object
 from fleet.core.redact import scrub
 
 #: Where every CLI error, usage error and note goes: stderr, one unwrapped line each (stdout is for data).
@@ -29,13 +30,11 @@ PREDICT_CHUNK_ROWS = 4096
 
 
 def json_object(text: str) -> dict:
+    """An argparse type: the JSON object ``text`` holds (:func:`fleet.core.jsonobj.parse_json_object`)."""
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"must be JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
+        return parse_json_object(text, "the value")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _bounded(cast, minimum, *, strict: bool = False, kind: str = "an integer"):
@@ -292,13 +291,7 @@ def _read_rows(path: str, storage_options: dict | None) -> Iterator[list[dict]]:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not JSON ({exc})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object")  # noqa: TRY004 - bad input data; _cmd_predict catches ValueError
-            chunk.append(row)
+            chunk.append(parse_json_object(line, f"{path}:{number}"))  # ValueError: _cmd_predict catches it
             if len(chunk) == PREDICT_CHUNK_ROWS:
                 yield chunk
                 chunk = []

@@ -46,6 +46,7 @@ from fleet.core.constants import (
 )
 from fleet.core.errors import StoreError
 from fleet.core.ids import validate_campaign_id
+from fleet.core.jsonobj import parse_json_object
 from fleet.core.redact import scrub, scrub_obj, secret_values
 from fleet.formats.codec import (
     REJECTS_SCHEMA,
@@ -105,13 +106,7 @@ def storage_options_from_env(env_name: str = ENV_STORAGE_OPTIONS) -> dict | None
     text = os.environ.get(env_name)
     if not text:
         return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"${env_name} must be a JSON object: {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"${env_name} must be a JSON object")  # noqa: TRY004 - bad config value; tests expect ValueError
-    return value
+    return parse_json_object(text, f"${env_name}")
 
 
 def sha256_bytes(data: bytes) -> str:
