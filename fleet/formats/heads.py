@@ -7,13 +7,11 @@ the head exactly as :func:`decode_heads` will rebuild it (kept values dequantize
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 from torch import Tensor
 
-from fleet.compression.adaptive import choose_bits
+from fleet.compression.adaptive import BitsGate, choose_bits
 from fleet.compression.quant import (
     DEFAULT_GROUP_SIZE,
     QuantizedVector,
@@ -24,8 +22,6 @@ from fleet.compression.quant import (
 from fleet.compression.weightless import EncodedBlock, decode_weights
 from fleet.formats.codec import HeadRow
 
-Gate = Callable[[Tensor], Tensor]  # dequantized heads [C, P] -> passes BoolTensor[C]
-
 
 def encode_heads(
     params: Tensor,
@@ -33,7 +29,7 @@ def encode_heads(
     *,
     group_size: int = DEFAULT_GROUP_SIZE,
     sparsity: float = 0.0,
-    gate: Gate | None = None,
+    gate: BitsGate | None = None,
     candidates: tuple[int, ...] = (1, 2, 4, 8, 16),
 ) -> tuple[list[QuantizedVector], Tensor, Tensor | None]:
     """Quantize heads ``[C, P]`` at ``bits`` (an int, or ``"auto"``: per row the fewest ``candidates``

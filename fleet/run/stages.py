@@ -1002,6 +1002,9 @@ class CampaignGate:
     ``gate_max_correlation_drop`` of logit correlation with the teacher over the float head, and must keep
     a passing head passing; a head whose float version already fails may only be quantized where
     that leaves its KL within 10% of the float head's, so a head that is bad already is not made worse.
+    :meth:`measure` then :meth:`bits_pass` against the float heads' check is the bits gate of bit selection
+    (:data:`fleet.compression.adaptive.BitsGate`, given to :func:`fleet.formats.heads.encode_heads`); the promotion
+    gate (:class:`fleet.storage.promotion_gate.PromotionGate`) judges a whole version instead.
     All campaigns are evaluated at once (``bincount`` over the rows' campaign index), no Python loop.
     """
 
