@@ -24,7 +24,7 @@ from fleet.cli.serving import (
     HelpFormatter,
     json_object,
 )
-from fleet.core.constants import ENV_STORAGE_OPTIONS, PACK_FORMAT, SUPPORTED_BITS, TEACHER_FORMAT
+from fleet.core.constants import CODECS, ENV_STORAGE_OPTIONS, PACK_FORMAT, SUPPORTED_BITS, TEACHER_FORMAT
 from fleet.core.errors import FleetError, UsageError
 from fleet.core.redact import scrub, secret_values
 
@@ -139,9 +139,9 @@ def _add_compress(p) -> None:
     p.add_argument("--fleet", default=DEFAULT_FLEET, help="fleet name = MLflow registered model (default: %(default)s)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///fleet-data/mlflow.db)")
-    p.add_argument("--bits", choices=["auto", "16", "8", "4", "2", "1"], default=None,
+    p.add_argument("--bits", choices=["auto", *(str(b) for b in reversed(SUPPORTED_BITS))], default=None,
                    help="head bits (default: the config's bits, auto unless --config says otherwise)")
-    p.add_argument("--codec", choices=["packed", "bloomier"], default=None,
+    p.add_argument("--codec", choices=list(CODECS), default=None,
                    help="how heads are stored: packed integer codes or bloomier (Weightless: pruned, clustered, "
                         "Bloomier-filter encoded per row group; docs/quantization.md) (default: the config's codec, "
                         "packed unless --config says otherwise)")

@@ -10,6 +10,7 @@ written or with deployed configuration: bump the format's version and update ``d
 from __future__ import annotations
 
 import re
+from typing import Literal, get_args
 
 # ----------------------------------------------------------------------------- format names
 
@@ -49,6 +50,11 @@ BENCH_SCALE_FORMAT = "fleet-bench-scale/1"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 #: Bit widths a head may be stored with; 16 means float16 values (no codes, no scales).
 SUPPORTED_BITS = (1, 2, 4, 8, 16)
+#: Head codecs (a heads row's ``codec``, ``CompressConfig.codec``): ``packed`` (bit-packed integer codes,
+#: ``fleet-heads/1.1``), ``bloomier`` (Weightless, ``fleet-heads/2.0``); :data:`CODECS` are its values, in order.
+Codec = Literal["packed", "bloomier"]
+#: The values of :data:`Codec`.
+CODECS: tuple[Codec, ...] = get_args(Codec)
 #: Bytes of a head row's ``teacher_sha256`` (a full sha256 of the teacher's files).
 TEACHER_SHA256_BYTES = 32
 #: Bytes of a campaign's data fingerprint (``fleet.formats.events.data_fingerprint``): a 128-bit sha256 prefix
@@ -72,6 +78,7 @@ __all__ = [
     "BACKBONE_FORMAT",
     "BENCH_RESULTS_FORMAT",
     "BENCH_SCALE_FORMAT",
+    "CODECS",
     "DATA_FINGERPRINT_BYTES",
     "ENV_ADMIN_TOKEN",
     "ENV_FAULT_AFTER_STAGE",
@@ -90,4 +97,5 @@ __all__ = [
     "TEACHER_FORMAT",
     "TEACHER_SHA256_BYTES",
     "VERSION_FORMAT",
+    "Codec",
 ]

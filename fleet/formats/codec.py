@@ -27,20 +27,20 @@ import pyarrow.compute as pc
 
 from fleet.compression.weightless import MAX_VALUE_BITS, WeightlessBlock
 from fleet.core.constants import (
+    CODECS,
     DATA_FINGERPRINT_BYTES,
     HEADS_FORMAT,
     HEADS_FORMAT_V2,
     REJECTS_FORMAT,
     SUPPORTED_BITS,
     TEACHER_SHA256_BYTES,
+    Codec,
 )
 from fleet.core.errors import InvalidCampaignIdError, StoreError
 from fleet.core.ids import validate_campaign_id
 
 #: Major versions of ``fleet-heads`` this fleet reads.
 READ_MAJORS = (1, 2)
-#: Head codecs: ``packed`` (bit-packed integer codes, ``fleet-heads/1.1``), ``bloomier`` (Weightless, ``2.0``).
-CODECS = ("packed", "bloomier")
 
 #: Rejects keep at most this many characters of a (possibly invalid) campaign id.
 MAX_REJECT_ID_CHARS = 256
@@ -175,7 +175,7 @@ class HeadRow:
     teacher_brier: float | None = None
     student_ece: float | None = None
     teacher_ece: float | None = None
-    codec: str = "packed"
+    codec: Codec = "packed"
     block: WeightlessBlock | None = None
     block_row: int = 0
 
@@ -551,7 +551,6 @@ def validate_heads_table(table: pa.Table) -> pa.Table:
 
 __all__ = [
     "BLOOMIER_TYPE",
-    "CODECS",
     "FAILED_STATUSES",
     "HEADS_SCHEMA",
     "HEADS_SCHEMA_V2",

@@ -7,6 +7,8 @@ the head exactly as :func:`decode_heads` will rebuild it (kept values dequantize
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -20,17 +22,18 @@ from fleet.compression.quant import (
     quantize_rows,
 )
 from fleet.compression.weightless import EncodedBlock, decode_weights
+from fleet.core.constants import SUPPORTED_BITS
 from fleet.formats.codec import HeadRow
 
 
 def encode_heads(
     params: Tensor,
-    bits: int | str,
+    bits: Literal["auto"] | int,
     *,
     group_size: int = DEFAULT_GROUP_SIZE,
     sparsity: float = 0.0,
     gate: BitsGate | None = None,
-    candidates: tuple[int, ...] = (1, 2, 4, 8, 16),
+    candidates: tuple[int, ...] = SUPPORTED_BITS,
 ) -> tuple[list[QuantizedVector], Tensor, Tensor | None]:
     """Quantize heads ``[C, P]`` at ``bits`` (an int, or ``"auto"``: per row the fewest ``candidates``
     bits that pass ``gate``), after magnitude pruning when ``sparsity > 0``.

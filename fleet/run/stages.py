@@ -16,6 +16,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +26,7 @@ import torch
 from fleet.compression.data import SequenceBatch
 from fleet.compression.distill import (
     DistillConfig,
+    Loss,
     calibrate_bias,
     campaign_losses,
     compute_features,
@@ -37,6 +39,8 @@ from fleet.compression.metrics import CALIBRATION_KEYS, PROB_EPS, campaign_fidel
 from fleet.compression.quant import PerGroup, PerTensor, fake_quantize, quantize_rows
 from fleet.compression.student import (
     POOLED_DESIGNS,
+    Arch,
+    HeadDesign,
     Student,
     StudentConfig,
     backbone_forward,
@@ -47,12 +51,12 @@ from fleet.compression.student import (
     ladder_config,
     widen_heads,
 )
-from fleet.core.constants import DATA_FINGERPRINT_BYTES, SUPPORTED_BITS, TEACHER_SHA256_BYTES
+from fleet.core.constants import CODECS, DATA_FINGERPRINT_BYTES, SUPPORTED_BITS, TEACHER_SHA256_BYTES, Codec
 from fleet.core.errors import FleetError
 from fleet.core.ids import printable_id, validate_campaign_id
 from fleet.core.redact import scrub, secret_values
 from fleet.formats.backbone_codec import backbone_from_bytes, backbone_to_bytes
-from fleet.formats.codec import CODECS, heads_to_table
+from fleet.formats.codec import heads_to_table
 from fleet.formats.events import (
     HOLDOUT_FRACTION,
     EventsDataset,
@@ -180,14 +184,14 @@ class CompressConfig:
     """
 
     # the student and distillation defaults are StudentConfig's and DistillConfig's (one source of truth)
-    arch: str = StudentConfig.arch
+    arch: Arch = StudentConfig.arch
     hidden_size: int = StudentConfig.hidden_size
     hidden_size_grid: tuple[int, ...] = ()
     embed_dim: int = StudentConfig.embed_dim
     num_layers: int = StudentConfig.num_layers
-    head: str = StudentConfig.head
+    head: HeadDesign = StudentConfig.head
     head_rank: int = StudentConfig.head_rank
-    loss: str = DistillConfig.loss
+    loss: Loss = DistillConfig.loss
     temperature: float = DistillConfig.temperature
     hard_label_weight: float = DistillConfig.hard_label_weight
     distance_weight: float = DistillConfig.distance_weight
@@ -195,7 +199,7 @@ class CompressConfig:
     head_l2_grid: tuple[float, ...] = (0.0, 1.0, 10.0)
     calibrate_bias: bool = True
     head_ladder: bool = True
-    bits: str | int = "auto"
+    bits: Literal["auto"] | int = "auto"  # an int of SUPPORTED_BITS
     group_size: int = 64
     prune_sparsity: float = 0.0
     gate_slack: float = 0.01
@@ -203,7 +207,7 @@ class CompressConfig:
     gate_max_kl: float = 0.05
     gate_max_ratio_error: float = 0.1
     head_qat: bool = False
-    codec: str = "packed"
+    codec: Codec = "packed"
     bloomier_sparsity: float = 0.7
     bloomier_value_bits: int = 3
     bloomier_check_bits: int = 5
