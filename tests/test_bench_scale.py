@@ -10,6 +10,7 @@ import pytest
 
 from fleet.bench import scale as bench_scale
 from fleet.cli.main import main
+from fleet.core.constants import BENCH_SCALE_FORMAT
 from fleet.formats.teacher_pack import locate_teachers
 from fleet.formats.teachers import read_teacher_digest
 
@@ -37,7 +38,7 @@ def test_scale_end_to_end_at_tiny_sizes(ray_local, tmp_path, sqlite_tracking_uri
     results = json.loads((out / "scale.json").read_text())
     # at 12 and 40 entities no size is large enough for the run / stage 1 and heads targets: not measured = missed
     assert code == 1 and {"run_over_stage1", "heads_bytes_per_entity"} <= set(results["missed_targets"])
-    assert results["format"] == bench_scale.SCALE_FORMAT and results["sizes_requested"] == SIZES.split(",")
+    assert results["format"] == BENCH_SCALE_FORMAT and results["sizes_requested"] == SIZES.split(",")
     assert results["command"].startswith("fleet bench --scale") and len(results["load_average_at_start"]) == 3
     assert len(results["load_average_at_end"]) == 3
 

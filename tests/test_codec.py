@@ -10,9 +10,9 @@ import pyarrow.compute as pc
 import pytest
 
 from fleet.compression.metrics import CALIBRATION_KEYS
+from fleet.core.constants import HEADS_FORMAT
 from fleet.core.errors import StoreError
 from fleet.formats.codec import (
-    HEADS_FORMAT,
     HEADS_SCHEMA,
     REJECTS_SCHEMA,
     HeadRow,

@@ -13,10 +13,11 @@ import pytest
 from mlflow.exceptions import MlflowException
 from test_serving import build_version, random_sequences
 
+from fleet.core.constants import ENV_STORE_ROOT, PYFUNC_CONFIG_FILE
 from fleet.core.errors import StoreError
-from fleet.serve.pyfunc import CONFIG_FILE, FleetPyfunc, _load_pyfunc, write_config
+from fleet.serve.pyfunc import FleetPyfunc, _load_pyfunc, write_config
 from fleet.serve.serving import FleetModel, alias_reloader
-from fleet.storage.store import ENV_STORE_ROOT, relocated
+from fleet.storage.store import relocated
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_a_moved_store_is_found_under_fleet_store_root(tmp_path, versions, monke
     assert _load_pyfunc(str(tmp_path / "d")).model.version_id == "v2"
     pinned = tmp_path / "pinned"
     pinned.mkdir()
-    (pinned / CONFIG_FILE).write_text(json.dumps({"manifest_uri": moved, "version_id": "v2",
+    (pinned / PYFUNC_CONFIG_FILE).write_text(json.dumps({"manifest_uri": moved, "version_id": "v2",
                                                   "manifest_sha256": "0" * 64}))
     with pytest.raises(Exception, match="sha256"):
         _load_pyfunc(str(pinned))
@@ -121,16 +122,16 @@ def test_registry_style_config_and_mismatch(tmp_path, versions, monkeypatch):
     b = versions["v1"]
     d = tmp_path / "reg"
     d.mkdir()
-    (d / CONFIG_FILE).write_text(json.dumps({
+    (d / PYFUNC_CONFIG_FILE).write_text(json.dumps({
         "format": "fleet-pyfunc/1", "manifest_uri": b.uri, "version_id": "v1",
         "storage_options_env": "MY_FLEET_OPTS", "storage_options": {"auto_mkdir": False},
     }))
     monkeypatch.setenv("MY_FLEET_OPTS", json.dumps({"auto_mkdir": True}))
     assert _load_pyfunc(str(d)).model.version_id == "v1"
-    (d / CONFIG_FILE).write_text(json.dumps({"manifest_uri": b.uri, "version_id": "v9"}))
+    (d / PYFUNC_CONFIG_FILE).write_text(json.dumps({"manifest_uri": b.uri, "version_id": "v9"}))
     with pytest.raises(Exception, match="v9"):
         _load_pyfunc(str(d))
-    (d / CONFIG_FILE).write_text(json.dumps({"format": "fleet-pyfunc/2", "manifest_uri": b.uri}))
+    (d / PYFUNC_CONFIG_FILE).write_text(json.dumps({"format": "fleet-pyfunc/2", "manifest_uri": b.uri}))
     with pytest.raises(Exception, match="fleet-pyfunc/2"):
         _load_pyfunc(str(d))
 

@@ -11,7 +11,6 @@ from hypothesis.extra import numpy as hnp
 
 from fleet.compression.quant import (
     PACKABLE_BITS,
-    SUPPORTED_BITS,
     PerGroup,
     PerTensor,
     QuantizedVector,
@@ -28,6 +27,7 @@ from fleet.compression.quant import (
     quantize_vector,
     unpack_codes,
 )
+from fleet.core.constants import SUPPORTED_BITS
 
 P = 193
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from fleet.compression.data import collate, map_minibatches
+from fleet.core.constants import PACK_FORMAT
 from fleet.core.errors import TeacherFormatError
 from fleet.formats.teacher_pack import (
-    PACK_FORMAT,
     load_teachers,
     locate_teachers,
     pack_teachers,

@@ -25,9 +25,9 @@ from fleet.compression.weightless import (
     refit_blocks,
     refit_centroids,
 )
+from fleet.core.constants import HEADS_FORMAT_V2
 from fleet.core.errors import StoreError
 from fleet.formats.codec import (
-    HEADS_FORMAT_V2,
     HEADS_SCHEMA,
     HEADS_SCHEMA_V2,
     HeadRow,

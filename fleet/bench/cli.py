@@ -12,11 +12,12 @@ import time
 
 from rich.table import Table
 
-from fleet.bench.common import RESULTS_FORMAT, SERVING_THREADS, BenchConfig, machine_info
+from fleet.bench.common import SERVING_THREADS, BenchConfig, machine_info
 from fleet.bench.report import DOCS_PROSE, summary_table, write_docs
 from fleet.bench.run import run_bench
 from fleet.bench.serving import render_serving_targets, serving_targets
 from fleet.bench.simulated import write_simulated_version
+from fleet.core.constants import BENCH_RESULTS_FORMAT
 from fleet.core.errors import UsageError
 from fleet.run import stages
 from fleet.storage.store import FleetVersion, json_safe
@@ -183,7 +184,7 @@ def run_serving_only(args, out_console) -> int:
                          sim_uri, count, out_dir=args.out, seed=args.seed, requests=args.warm_requests,
                          http_requests=args.http_requests)
     machine["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    results = {"format": RESULTS_FORMAT, "created_at": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
+    results = {"format": BENCH_RESULTS_FORMAT, "created_at": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
                "machine": machine, "argv": list(sys.argv), "seconds": time.perf_counter() - started,
                "serving_targets": st}
     with open(os.path.join(args.out, "serving-targets.json"), "w") as f:

@@ -17,7 +17,6 @@ from fleet.run import stages
 from fleet.synthetic.synth import SynthConfig
 
 console = Console(stderr=True)
-RESULTS_FORMAT = "fleet-bench/1"
 EXPERIMENT = "fleet-bench"
 SERVING_THREADS = 1  # torch intra-op threads of every serving measurement (in-process, HTTP server, scale probe)
 #: The environment of the serving subprocesses (HTTP servers, probes): BLAS and OpenMP pools of SERVING_THREADS too.

@@ -23,6 +23,7 @@ from fleet.compression.data import map_minibatches
 from fleet.compression.distill import compute_features
 from fleet.compression.metrics import campaign_fidelity
 from fleet.compression.student import POOLED_DESIGNS, head_logits
+from fleet.core.constants import SUPPORTED_BITS
 from fleet.formats.backbone_codec import backbone_from_bytes
 from fleet.formats.codec import conform_heads_table, table_to_heads
 from fleet.formats.events import EventsDataset, table_to_batch
@@ -242,7 +243,7 @@ def _run_variants(cfg, results, ctx, plan, soft_shards, ok, hashes, sizes, sampl
             time_note=f"stage 1 of the real run (shared) + backbone ({bb_note}) + heads {heads_seconds:.1f} s",
             extra={"heads_bytes": hb, "backbone_bytes": len(bb), "backbone_seconds": bb_seconds, "backbone_note": bb_note,
                    "heads_seconds": heads_seconds, "overrides": overrides,
-                   "bits_campaigns": {str(b): int((bits == b).sum()) for b in (1, 2, 4, 8, 16)},
+                   "bits_campaigns": {str(b): int((bits == b).sum()) for b in SUPPORTED_BITS},
                    "head_latency": head_latencies(manifest_uri, heads["campaign_id"].to_pylist())})
 
 

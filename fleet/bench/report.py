@@ -14,9 +14,10 @@ import numpy as np
 from rich.filesize import decimal
 from rich.table import Table
 
-from fleet.bench.common import EXPERIMENT, RESULTS_FORMAT
+from fleet.bench.common import EXPERIMENT
 from fleet.bench.methods import METHOD_ORDER
 from fleet.bench.serving import render_serving_targets
+from fleet.core.constants import BENCH_RESULTS_FORMAT
 from fleet.core.errors import FleetError
 from fleet.storage.store import json_safe
 
@@ -294,7 +295,7 @@ def log_to_mlflow(results: dict, out: str, tracking_uri: str) -> str:
             location = os.path.join(os.path.dirname(os.path.abspath(db)), "mlartifacts", EXPERIMENT)
         exp_id = client.create_experiment(EXPERIMENT, artifact_location=location)
     run = client.create_run(exp_id, run_name=f"bench-n{results['campaigns']}-{results['created_at']}",
-                            tags={"fleet.bench": RESULTS_FORMAT})
+                            tags={"fleet.bench": BENCH_RESULTS_FORMAT})
     run_id = run.info.run_id
     metrics: dict[str, float] = {}
     for key, r in results["methods"].items():

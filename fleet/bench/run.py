@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from fleet.bench.common import RESULTS_FORMAT, BenchConfig, console, machine_info
+from fleet.bench.common import BenchConfig, console, machine_info
 from fleet.bench.methods import (
     _fid_row,
     _heads_rows,
@@ -32,6 +32,7 @@ from fleet.bench.report import log_to_mlflow, write_outputs
 from fleet.bench.serving import bench_serving, serving_targets
 from fleet.bench.simulated import bench_scale
 from fleet.compression.metrics import campaign_fidelity
+from fleet.core.constants import BENCH_RESULTS_FORMAT, SUPPORTED_BITS
 from fleet.formats.events import EventsDataset, split_by_campaign, table_to_batch
 from fleet.formats.teachers import list_teacher_campaigns
 from fleet.run import stages
@@ -86,7 +87,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     tracking_uri = (cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
                     or f"sqlite:///{os.path.abspath(os.path.join(cfg.out, 'mlflow.db'))}")
     n = cfg.synth.campaigns
-    results: dict = {"format": RESULTS_FORMAT, "created_at": stamp, "campaigns": n,
+    results: dict = {"format": BENCH_RESULTS_FORMAT, "created_at": stamp, "campaigns": n,
                      "machine": machine_info(), "bench_config": _bench_params(cfg), "methods": {}}
 
     with pipeline.ray_session(cfg.address):
@@ -202,7 +203,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             bytes_note="heads/*.parquet / N per campaign; total adds backbone.safetensors (measured files)",
             time_note="one full run_compress incl. registration (stage times in real_run)",
             extra={"heads_bytes": heads_bytes, "backbone_bytes": backbone_bytes,
-                   "bits_campaigns": {str(b): int((bits == b).sum()) for b in (1, 2, 4, 8, 16)},
+                   "bits_campaigns": {str(b): int((bits == b).sum()) for b in SUPPORTED_BITS},
                    "head_latency": head_latencies(real.manifest_uri, heads_real["campaign_id"].to_pylist()),
                    "on_peer_subset": fidelity_summary([r for r in rows_d if r["campaign_id"] in set(subset)])})
         results["methods"]["independent_students"]["fleet_auto_on_same_subset"] = \

@@ -38,6 +38,7 @@ import torch
 from rich.console import Console
 
 from fleet.bench.probe import proc_rss_mb
+from fleet.core.constants import BENCH_SCALE_FORMAT
 from fleet.core.errors import FleetError, UsageError
 from fleet.formats.teacher_pack import (
     PACK_WEIGHTS_FILE,
@@ -65,7 +66,6 @@ if TYPE_CHECKING:  # the probe process imports fleet.run.stages when it runs, no
     from fleet.run.stages import CompressConfig
 
 console = Console(stderr=True)
-SCALE_FORMAT = "fleet-bench-scale/1"
 KINDS = ("campaign", "user")  # --scale-sizes KIND: teacher directories (fleet synth) / packs (--entities user)
 DEFAULT_SIZES = "campaign:1000,campaign:10000,user:100000"
 CHANGED_SHARE = 0.01  # teachers the incremental night changes (at least one)
@@ -494,7 +494,7 @@ def run_scale(*, out: str, fleet_dir: str, sizes: list[tuple[str, int]], seed: i
     store = os.path.abspath(os.path.join(out, "store"))
     stamp = new_run_id()
     machine = machine_info()
-    results = {"format": SCALE_FORMAT, "created_at": stamp, "command": command, "machine": machine,
+    results = {"format": BENCH_SCALE_FORMAT, "created_at": stamp, "command": command, "machine": machine,
                "load_average_at_start": machine["load_average_at_start"], "seed": seed,
                "sizes_requested": [f"{k}:{n}" for k, n in sizes], "config": config.to_dict(),
                "entity_shape": {k: v for k, v in dataclasses.asdict(synth_config("user", 1, seed, teacher)).items()

@@ -15,7 +15,8 @@ import torch
 from fleet.bench.common import BenchConfig, _latencies, _progress, console
 from fleet.bench.probe import run_in_fresh_process
 from fleet.compression.quant import quantize_rows
-from fleet.formats.codec import DATA_FINGERPRINT_BYTES, HEADS_SCHEMA
+from fleet.core.constants import DATA_FINGERPRINT_BYTES, TEACHER_SHA256_BYTES
+from fleet.formats.codec import HEADS_SCHEMA
 from fleet.storage.store import FleetVersion, VersionWriter
 
 SIM_CHUNK = 100_000  # simulated heads generated per chunk (bounded memory for 1M campaigns)
@@ -52,7 +53,7 @@ def simulated_heads(count: int, real: pa.Table, seed: int, chunk: int = SIM_CHUN
                 packed[i], scales[i] = v.packed, v.scales
         ids = [f"sim-{i:08d}" for i in range(start, start + m)]
         shape = pa.ListArray.from_arrays(pa.array(np.arange(m + 1, dtype=np.int32)), pa.array(np.full(m, p, np.int32)))
-        teacher_hashes = rng.integers(0, 256, size=(m, 32), dtype=np.uint8)
+        teacher_hashes = rng.integers(0, 256, size=(m, TEACHER_SHA256_BYTES), dtype=np.uint8)
         data_hashes = rng.integers(0, 256, size=(m, DATA_FINGERPRINT_BYTES), dtype=np.uint8)
         columns = {
             "campaign_id": pa.array(ids, pa.string()), "bits": pa.array(real_bits[pick].astype(np.int8)),

@@ -24,6 +24,7 @@ from fleet.cli.serving import (
     HelpFormatter,
     json_object,
 )
+from fleet.core.constants import CODECS, ENV_STORAGE_OPTIONS, PACK_FORMAT, SUPPORTED_BITS, TEACHER_FORMAT
 from fleet.core.errors import FleetError, UsageError
 from fleet.core.redact import scrub, secret_values
 
@@ -37,7 +38,7 @@ def _add_synth(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed of the data and the teachers")
     p.add_argument("--entities", choices=["campaign", "user"], default="campaign",
                    help="campaign: one teacher directory each; user: many small entities whose teachers are trained "
-                        "--pack-size at a time and written as fleet-teacher-pack/1 packs (default: %(default)s)")
+                        f"--pack-size at a time and written as {PACK_FORMAT} packs (default: %(default)s)")
     p.add_argument("--pack-size", type=int, default=None, help="teachers per pack (--entities user only; default: 1024)")
     p.add_argument("--arch", choices=["lstm", "gru"], default="lstm", help="teacher RNN cell (with --teacher rnn)")
     p.add_argument("--hidden", type=int, default=None, help="teacher hidden size (default: 256; per user: 16)")
@@ -97,7 +98,7 @@ def _cmd_synth(args, console) -> int:
                   f"{sum(p.numel() for p in teacher.parameters()):,} params, {decimal(teacher_num_bytes(teacher))}")
     trained = [s for s in stats if not s["resumed"]]
     if config.entities == "user":
-        table.add_row("teachers per pack (fleet-teacher-pack/1)", str(config.pack_size))
+        table.add_row(f"teachers per pack ({PACK_FORMAT})", str(config.pack_size))
     table.add_row("teachers trained / kept from an interrupted run", f"{len(trained)} / {len(stats) - len(trained)}")
     if trained:
         table.add_row("teacher epochs median", f"{np.median([s['epochs'] for s in trained]):.0f}")
@@ -133,15 +134,15 @@ def _cmd_pack_teachers(args, console) -> int:
 
 
 def _add_compress(p) -> None:
-    p.add_argument("--teachers", required=True, help="teacher root URI (fleet-teacher/1)")
+    p.add_argument("--teachers", required=True, help=f"teacher root URI ({TEACHER_FORMAT})")
     p.add_argument("--events", required=True, help="events dataset URI (Parquet)")
     p.add_argument("--store", default=DEFAULT_STORE, help="store URI for fleet versions (default: %(default)s)")
     p.add_argument("--fleet", default=DEFAULT_FLEET, help="fleet name = MLflow registered model (default: %(default)s)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///fleet-data/mlflow.db)")
-    p.add_argument("--bits", choices=["auto", "16", "8", "4", "2", "1"], default=None,
+    p.add_argument("--bits", choices=["auto", *(str(b) for b in reversed(SUPPORTED_BITS))], default=None,
                    help="head bits (default: the config's bits, auto unless --config says otherwise)")
-    p.add_argument("--codec", choices=["packed", "bloomier"], default=None,
+    p.add_argument("--codec", choices=list(CODECS), default=None,
                    help="how heads are stored: packed integer codes or bloomier (Weightless: pruned, clustered, "
                         "Bloomier-filter encoded per row group; docs/quantization.md) (default: the config's codec, "
                         "packed unless --config says otherwise)")
@@ -157,7 +158,7 @@ def _add_compress(p) -> None:
                    help="JSON or TOML file of CompressConfig fields (default: CompressConfig's defaults, "
                         "docs/compression.md)")
     p.add_argument("--storage-options", type=json_object, default=None,
-                   help="fsspec options as JSON, e.g. an S3 endpoint (default: $FLEET_STORAGE_OPTIONS)")
+                   help=f"fsspec options as JSON, e.g. an S3 endpoint (default: ${ENV_STORAGE_OPTIONS})")
     p.add_argument("--no-register", action="store_true", help="write the version but do not register it in MLflow")
     p.add_argument("--no-parent", action="store_true",
                    help="full run without a parent: do not look up the champion (needed when the registry cannot "
@@ -271,7 +272,7 @@ def summary_table(result):
     table.add_row("heads bytes (per campaign)", f"{m['heads_bytes']:,} ({m['bytes_per_campaign']:.1f} B)")
     table.add_row("backbone bytes", f"{m['backbone_bytes']:,}")
     table.add_row("compression ratio vs fp32 teachers", f"{m['compression_ratio']:,.0f}x")
-    table.add_row("bits 1/2/4/8/16 (campaigns)", " / ".join(str(m[f"bits_{b}_campaigns"]) for b in (1, 2, 4, 8, 16)))
+    table.add_row("bits 1/2/4/8/16 (campaigns)", " / ".join(str(m[f"bits_{b}_campaigns"]) for b in SUPPORTED_BITS))
     table.add_row("AUC diff student-teacher median / p10",
                   f"{fmt(m['fidelity_auc_diff_median'], '+.4f')} / {fmt(m['fidelity_auc_diff_p10'], '+.4f')}")
     table.add_row("mean |p_s - p_t| median", fmt(m["fidelity_mean_abs_diff_median"], ".4f"))
@@ -445,7 +446,7 @@ def _add_gc(p) -> None:
                         "model version deleted; only --keep-last and --grace-hours protect versions")
     p.add_argument("--json", action="store_true", help="print the plan (and what was deleted) as JSON")
     p.add_argument("--storage-options", type=json_object, default=None,
-                   help="fsspec storage options as JSON (default: $FLEET_STORAGE_OPTIONS)")
+                   help=f"fsspec storage options as JSON (default: ${ENV_STORAGE_OPTIONS})")
     p.set_defaults(handler=_cmd_gc)
 
 
@@ -489,7 +490,7 @@ def _cmd_completion(args, console) -> int:
 #: Every command: name -> (one-line help, function adding its arguments), in ``fleet --help``'s order.
 COMMANDS = {
     "synth": ("generate a synthetic ad-tech fleet (events + trained teachers)", _add_synth),
-    "pack-teachers": ("convert teachers into fleet-teacher-pack/1 packs (many teachers per file)", _add_pack_teachers),
+    "pack-teachers": (f"convert teachers into {PACK_FORMAT} packs (many teachers per file)", _add_pack_teachers),
     "compress": ("distil, quantize and register one fleet version (the nightly job)", _add_compress),
     "versions": ("list a fleet's registered versions, aliases and gate results", _add_versions),
     "promote": ("move the champion alias to a registered version by hand", _add_promote),

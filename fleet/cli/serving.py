@@ -16,6 +16,8 @@ from typing import Any
 
 from rich.console import Console
 
+from fleet.core.constants import ENV_ADMIN_TOKEN, ENV_STORAGE_OPTIONS
+from fleet.core.jsonobj import parse_json_object
 from fleet.core.redact import scrub
 
 #: Where every CLI error, usage error and note goes: stderr, one unwrapped line each (stdout is for data).
@@ -25,18 +27,14 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 #: A command stopped by SIGINT (Ctrl-C): 128 + SIGINT, as a shell reports it.
 EXIT_INTERRUPTED = 130
 PREDICT_CHUNK_ROWS = 4096
-#: The environment variable holding ``fleet serve``'s admin token (else ``--admin-token-file``).
-ADMIN_TOKEN_ENV = "FLEET_ADMIN_TOKEN"
 
 
 def json_object(text: str) -> dict:
+    """An argparse type: the JSON object ``text`` holds (:func:`fleet.core.jsonobj.parse_json_object`)."""
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"must be JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
+        return parse_json_object(text, "the value")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _bounded(cast, minimum, *, strict: bool = False, kind: str = "an integer"):
@@ -64,7 +62,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="MLflow tracking URI for models:/ URIs (default: $MLFLOW_TRACKING_URI or "
                         "sqlite:///fleet-data/mlflow.db)")
     p.add_argument("--storage-options", type=json_object, default=None,
-                   help="fsspec storage options as JSON (default: $FLEET_STORAGE_OPTIONS)")
+                   help=f"fsspec storage options as JSON (default: ${ENV_STORAGE_OPTIONS})")
 
 
 class _RefuseSecretFlag(argparse.Action):
@@ -73,7 +71,7 @@ class _RefuseSecretFlag(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         parser.error(f"{option_string} is not accepted: a token on the command line is visible to every "
-                     f"user (ps); set ${ADMIN_TOKEN_ENV} or pass --admin-token-file PATH")
+                     f"user (ps); set ${ENV_ADMIN_TOKEN} or pass --admin-token-file PATH")
 
 
 def _admin_token(path: str | None) -> str | None:
@@ -83,7 +81,7 @@ def _admin_token(path: str | None) -> str | None:
     from fleet.serve.http import check_admin_token
 
     if path is None:
-        token, source = os.environ.get(ADMIN_TOKEN_ENV), f"${ADMIN_TOKEN_ENV}"
+        token, source = os.environ.get(ENV_ADMIN_TOKEN), f"${ENV_ADMIN_TOKEN}"
         if token is None:
             return None
     else:
@@ -178,7 +176,7 @@ def add_serve(p: argparse.ArgumentParser) -> None:
                    help="skip the sha256 check of the heads files at start (the backbone is always checked)")
     p.add_argument("--admin-token-file", default=None, metavar="PATH",
                    help=f"enable /admin/* behind 'Authorization: Bearer TOKEN', TOKEN read from this file "
-                        f"(default: ${ADMIN_TOKEN_ENV}; without either, /admin/* is disabled)")
+                        f"(default: ${ENV_ADMIN_TOKEN}; without either, /admin/* is disabled)")
     p.add_argument("--admin-token", action=_RefuseSecretFlag, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level")
@@ -293,13 +291,7 @@ def _read_rows(path: str, storage_options: dict | None) -> Iterator[list[dict]]:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not JSON ({exc})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object")  # noqa: TRY004 - bad input data; _cmd_predict catches ValueError
-            chunk.append(row)
+            chunk.append(parse_json_object(line, f"{path}:{number}"))  # ValueError: _cmd_predict catches it
             if len(chunk) == PREDICT_CHUNK_ROWS:
                 yield chunk
                 chunk = []

@@ -9,7 +9,6 @@ from torch import Tensor
 
 from fleet.compression.quant import (
     DEFAULT_GROUP_SIZE,
-    SUPPORTED_BITS,
     PerGroup,
     QuantizedVector,
     dequantize,
@@ -17,13 +16,18 @@ from fleet.compression.quant import (
     quantize,
     storage_scales,
 )
+from fleet.core.constants import SUPPORTED_BITS
 
-Gate = Callable[[Tensor], Tensor]  # dequantized heads [C, P] -> passes BoolTensor[C]
+#: The bits gate: dequantized heads ``[C, P]`` -> ``BoolTensor[C]``, whether each campaign's head may be stored at
+#: the bit width tried (fleet.run.stages.CampaignGate.bits_pass, bound to the float heads' check). Not to be
+#: confused with the promotion gate (fleet.storage.promotion_gate.PromotionGate: may a version become champion)
+#: or the HTTP body limit (fleet.serve.http_middleware.BodyLimit).
+BitsGate = Callable[[Tensor], Tensor]
 
 
 def choose_bits(
     params: Tensor,
-    passes_gate: Gate,
+    passes_gate: BitsGate,
     candidates: Sequence[int] = SUPPORTED_BITS,
     group_size: int = DEFAULT_GROUP_SIZE,
 ) -> tuple[list[QuantizedVector], Tensor]:
@@ -76,7 +80,7 @@ def choose_bits(
     return vectors, bits_chosen  # type: ignore[return-value]  # every row is filled above
 
 
-def _call_gate(passes_gate: Gate, heads: Tensor, c: int) -> Tensor:
+def _call_gate(passes_gate: BitsGate, heads: Tensor, c: int) -> Tensor:
     ok = torch.as_tensor(passes_gate(heads))
     if ok.shape != (c,) or ok.dtype != torch.bool:
         raise ValueError(f"passes_gate must return a bool tensor of shape ({c},), got {ok.dtype} {tuple(ok.shape)}")

@@ -12,6 +12,7 @@ import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,9 @@ from fleet.compression.student import (
     init_heads,
 )
 
-LOSSES = ("hinton", "class_distance")
+#: The distillation loss (``DistillConfig.loss``); :data:`LOSSES` are its values, in this order.
+Loss = Literal["hinton", "class_distance"]
+LOSSES: tuple[Loss, ...] = get_args(Loss)
 
 BatchTriple = tuple[SequenceBatch, torch.Tensor, torch.Tensor]
 Progress = Callable[[int, float], None]
@@ -55,7 +58,7 @@ class DistillConfig:
             campaigns near the anchor and fades as ``n_c`` grows.
     """
 
-    loss: str = "hinton"
+    loss: Loss = "hinton"
     temperature: float = 2.0
     hard_label_weight: float = 0.0
     distance_weight: float = 0.1

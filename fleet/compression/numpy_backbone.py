@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-BACKBONE_FORMAT = "fleet-backbone/1"  # = fleet.formats.backbone_codec.BACKBONE_FORMAT (not imported: it imports torch)
+from fleet.core.constants import BACKBONE_FORMAT
 
 
 class NumpyBackbone:

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-SUPPORTED_BITS = (1, 2, 4, 8, 16)
+from fleet.core.constants import SUPPORTED_BITS
+
 PACKABLE_BITS = (1, 2, 4, 8)  # bit widths stored as packed codes; 16 is stored as raw float16
 DEFAULT_GROUP_SIZE = 64
 TERNARY_THRESHOLD = 0.7  # TWN: delta = 0.7 * mean|x|
@@ -138,7 +139,7 @@ def choose_qparams(
 
     Args:
         x: ``[P]`` or ``[C, P]`` (rows are independent).
-        bits: one of :data:`SUPPORTED_BITS`.
+        bits: one of :data:`fleet.core.constants.SUPPORTED_BITS`.
         granularity: :class:`PerTensor` or :class:`PerGroup`.
         symmetric: ``False`` selects affine quantization (bits 8 and 4 only).
 
@@ -335,7 +336,7 @@ class QuantizedVector:
     """One symmetric-quantized flat parameter vector as stored (one heads row).
 
     Args:
-        bits: one of :data:`SUPPORTED_BITS`.
+        bits: one of :data:`fleet.core.constants.SUPPORTED_BITS`.
         count: number of entries ``P``.
         group_size: entries per scale (the last group may be shorter).
         packed: codes packed by :func:`pack_codes` (``ceil(count * bits / 8)`` bytes); for bits 16

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -21,8 +22,12 @@ from torch.func import functional_call
 
 from fleet.compression.data import last_valid
 
-ARCHS = ("gru", "lstm")
-HEAD_DESIGNS = ("film", "lowrank", "linear", "film_pool")
+#: The backbone's recurrent cell (``StudentConfig.arch``); :data:`ARCHS` are its values, in this order.
+Arch = Literal["gru", "lstm"]
+ARCHS: tuple[Arch, ...] = get_args(Arch)
+#: The per-campaign head design (``StudentConfig.head``); :data:`HEAD_DESIGNS` are its values, in this order.
+HeadDesign = Literal["film", "lowrank", "linear", "film_pool"]
+HEAD_DESIGNS: tuple[HeadDesign, ...] = get_args(HeadDesign)
 #: The capacity ladder: a campaign whose head fails its gate at 16 bits is refitted with the next design.
 #: Each larger design holds every segment of the smaller one, and its extra segments are off at 0: a smaller
 #: row widened with zeros (:func:`widen_heads`) is the same head.
@@ -52,11 +57,11 @@ class StudentConfig:
 
     num_event_types: int
     num_features: int
-    arch: str = "gru"
+    arch: Arch = "gru"
     hidden_size: int = 64
     embed_dim: int = 16
     num_layers: int = 1
-    head: str = "film"
+    head: HeadDesign = "film"
     head_rank: int = 1
 
     def __post_init__(self) -> None:

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import numpy as np
 
+from fleet.core.constants import NAME_PATTERN
 from fleet.core.errors import InvalidCampaignIdError
-
-CAMPAIGN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def _pattern_tables() -> tuple[np.ndarray, np.ndarray, int]:
-    """``(first bool[256], rest bool[256], max_length)`` of :data:`CAMPAIGN_ID_PATTERN`, read off the pattern
-    itself (the one home of the rule): which byte may open an id, which may follow, and the longest id."""
-    first = np.array([CAMPAIGN_ID_PATTERN.fullmatch(chr(b)) is not None for b in range(256)])
+    """``(first bool[256], rest bool[256], max_length)`` of :data:`fleet.core.constants.NAME_PATTERN`, read off
+    the pattern itself (the one home of the rule): which byte may open an id, which may follow, and the longest id."""
+    first = np.array([NAME_PATTERN.fullmatch(chr(b)) is not None for b in range(256)])
     opener = chr(int(np.flatnonzero(first)[0]))
-    rest = np.array([CAMPAIGN_ID_PATTERN.fullmatch(opener + chr(b)) is not None for b in range(256)])
+    rest = np.array([NAME_PATTERN.fullmatch(opener + chr(b)) is not None for b in range(256)])
     longest = 1
-    while CAMPAIGN_ID_PATTERN.fullmatch(opener * (longest + 1)) is not None:
+    while NAME_PATTERN.fullmatch(opener * (longest + 1)) is not None:
         longest += 1
     return first, rest, longest
 
@@ -30,10 +28,10 @@ _FIRST_BYTE, _NEXT_BYTE, _MAX_ID_LENGTH = _pattern_tables()
 def validate_campaign_id(campaign_id: object, *, path: str | None = None) -> str:
     """Return ``campaign_id`` if it matches ``^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$``, else raise
     :class:`InvalidCampaignIdError` (so ``../x``, ``""`` and 200-character ids never reach storage)."""
-    if not isinstance(campaign_id, str) or CAMPAIGN_ID_PATTERN.fullmatch(campaign_id) is None:
+    if not isinstance(campaign_id, str) or NAME_PATTERN.fullmatch(campaign_id) is None:
         shown = campaign_id if not isinstance(campaign_id, str) or len(campaign_id) <= 40 else campaign_id[:40] + "..."
         raise InvalidCampaignIdError(
-            f"invalid campaign id {shown!r}: must match ^[A-Za-z0-9][A-Za-z0-9_.-]{{0,127}}$", path=path
+            f"invalid campaign id {shown!r}: must match ^{NAME_PATTERN.pattern}$", path=path
         )
     return campaign_id
 
@@ -42,7 +40,7 @@ def printable_id(campaign_id: object) -> str:
     """``campaign_id`` as reports show it: itself when valid, else its ASCII escape (``ascii()`` without the
     quotes: non-ASCII, control and undecodable characters as backslash escapes), at most 256 characters; so an
     invalid id read from a directory name can always be written to a Parquet string column and a terminal."""
-    if isinstance(campaign_id, str) and CAMPAIGN_ID_PATTERN.fullmatch(campaign_id):
+    if isinstance(campaign_id, str) and NAME_PATTERN.fullmatch(campaign_id):
         return campaign_id
     return (ascii(campaign_id)[1:-1] if isinstance(campaign_id, str) else ascii(campaign_id))[:256]
 

@@ -31,17 +31,17 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from fleet.core.constants import ENV_PROGRESS_SECONDS
+
 #: Seconds between two progress lines when stderr is not a terminal.
 LOG_SECONDS = 10.0
-#: The environment variable that overrides :data:`LOG_SECONDS` (a positive number of seconds).
-LOG_SECONDS_ENV = "FLEET_PROGRESS_SECONDS"
 
 
 def log_seconds() -> float:
     """Seconds between two progress lines: ``$FLEET_PROGRESS_SECONDS`` when it is a positive number, else
     :data:`LOG_SECONDS`."""
     try:
-        value = float(os.environ.get(LOG_SECONDS_ENV, ""))
+        value = float(os.environ.get(ENV_PROGRESS_SECONDS, ""))
     except ValueError:
         return LOG_SECONDS
     return value if value > 0 else LOG_SECONDS
@@ -166,5 +166,5 @@ def stage_progress(console: Console) -> Progress:
     return LineProgress(console, log_seconds())
 
 
-__all__ = ["LOG_SECONDS", "LOG_SECONDS_ENV", "LineProgress", "eta_seconds", "log_seconds", "progress_line",
+__all__ = ["LOG_SECONDS", "LineProgress", "eta_seconds", "log_seconds", "progress_line",
            "stage_progress"]

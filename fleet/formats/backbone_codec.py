@@ -16,9 +16,8 @@ from safetensors.torch import save as save_safetensors
 
 from fleet.compression.quant import PerTensor, choose_qparams, dequantize, quantize
 from fleet.compression.student import SharedBackbone, StudentConfig, quantizable_weights
+from fleet.core.constants import BACKBONE_FORMAT
 from fleet.core.errors import StoreError
-
-BACKBONE_FORMAT = "fleet-backbone/1"
 
 
 def encode_backbone(backbone: SharedBackbone, bits: int = 8) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

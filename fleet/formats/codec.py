@@ -26,23 +26,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fleet.compression.weightless import MAX_VALUE_BITS, WeightlessBlock
+from fleet.core.constants import (
+    CODECS,
+    DATA_FINGERPRINT_BYTES,
+    HEADS_FORMAT,
+    HEADS_FORMAT_V2,
+    REJECTS_FORMAT,
+    SUPPORTED_BITS,
+    TEACHER_SHA256_BYTES,
+    Codec,
+)
 from fleet.core.errors import InvalidCampaignIdError, StoreError
 from fleet.core.ids import validate_campaign_id
 
-HEADS_FORMAT = "fleet-heads/1.1"
-#: Heads tables holding ``bloomier`` rows (:data:`HEADS_SCHEMA_V2`).
-HEADS_FORMAT_V2 = "fleet-heads/2.0"
 #: Major versions of ``fleet-heads`` this fleet reads.
 READ_MAJORS = (1, 2)
-#: Head codecs: ``packed`` (bit-packed integer codes, ``fleet-heads/1.1``), ``bloomier`` (Weightless, ``2.0``).
-CODECS = ("packed", "bloomier")
-REJECTS_FORMAT = "fleet-rejects/1"
-
-#: Bit widths a head may be stored with; 16 means float16 values (no codes, no scales).
-SUPPORTED_BITS = (1, 2, 4, 8, 16)
-#: Bytes of a campaign's data fingerprint (``fleet.formats.events.data_fingerprint``): a 128-bit sha256 prefix
-#: is ample to detect changed data between nights (it is no security boundary) at half the bytes.
-DATA_FINGERPRINT_BYTES = 16
 
 #: Rejects keep at most this many characters of a (possibly invalid) campaign id.
 MAX_REJECT_ID_CHARS = 256
@@ -177,7 +175,7 @@ class HeadRow:
     teacher_brier: float | None = None
     student_ece: float | None = None
     teacher_ece: float | None = None
-    codec: str = "packed"
+    codec: Codec = "packed"
     block: WeightlessBlock | None = None
     block_row: int = 0
 
@@ -236,7 +234,7 @@ def check_head_row(row: HeadRow) -> None:
         raise bad(f"bits={row.bits!r} not in {SUPPORTED_BITS}")
     else:
         _check_packed_row(row, bad)
-    for name, size in (("teacher_sha256", 32), ("data_fingerprint", DATA_FINGERPRINT_BYTES)):
+    for name, size in (("teacher_sha256", TEACHER_SHA256_BYTES), ("data_fingerprint", DATA_FINGERPRINT_BYTES)):
         value = getattr(row, name)
         if not isinstance(value, bytes) or len(value) != size:
             raise bad(f"{name} must be {size} raw bytes")
@@ -553,16 +551,11 @@ def validate_heads_table(table: pa.Table) -> pa.Table:
 
 __all__ = [
     "BLOOMIER_TYPE",
-    "CODECS",
     "FAILED_STATUSES",
-    "HEADS_FORMAT",
-    "HEADS_FORMAT_V2",
     "HEADS_SCHEMA",
     "HEADS_SCHEMA_V2",
     "READ_MAJORS",
-    "REJECTS_FORMAT",
     "REJECTS_SCHEMA",
-    "SUPPORTED_BITS",
     "HeadRow",
     "RejectRow",
     "block_spans",

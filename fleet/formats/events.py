@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 import torch
 
 from fleet.compression.data import SequenceBatch
+from fleet.core.constants import DATA_FINGERPRINT_BYTES, NAME_PATTERN
 from fleet.core.errors import EventsFormatError
-from fleet.core.ids import CAMPAIGN_ID_PATTERN, validate_campaign_id
-from fleet.formats.codec import DATA_FINGERPRINT_BYTES
+from fleet.core.ids import validate_campaign_id
 
 EVENTS_SCHEMA = pa.schema(
     [
@@ -219,12 +219,12 @@ class EventsDataset:
 
     def campaign_sizes(self) -> dict[str, int]:
         """Rows per campaign id (reads only the ``campaign_id`` column). Ids no campaign can have (null, not
-        UTF-8, not matching :data:`fleet.core.ids.CAMPAIGN_ID_PATTERN`) are left out: they are never read."""
+        UTF-8, not matching :data:`fleet.core.constants.NAME_PATTERN`) are left out: they are never read."""
         counts = pc.value_counts(self._dataset.to_table(columns=["campaign_id"])["campaign_id"])
         sizes = {}
         for raw, count in zip(counts.field("values").cast(pa.binary()).to_pylist(), counts.field("counts").to_pylist()):
             campaign_id = raw.decode("utf-8", "replace") if raw is not None else ""
-            if CAMPAIGN_ID_PATTERN.fullmatch(campaign_id):
+            if NAME_PATTERN.fullmatch(campaign_id):
                 sizes[campaign_id] = count
         return sizes
 

@@ -7,13 +7,13 @@ the head exactly as :func:`decode_heads` will rebuild it (kept values dequantize
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fleet.compression.adaptive import choose_bits
+from fleet.compression.adaptive import BitsGate, choose_bits
 from fleet.compression.quant import (
     DEFAULT_GROUP_SIZE,
     QuantizedVector,
@@ -22,19 +22,18 @@ from fleet.compression.quant import (
     quantize_rows,
 )
 from fleet.compression.weightless import EncodedBlock, decode_weights
+from fleet.core.constants import SUPPORTED_BITS
 from fleet.formats.codec import HeadRow
-
-Gate = Callable[[Tensor], Tensor]  # dequantized heads [C, P] -> passes BoolTensor[C]
 
 
 def encode_heads(
     params: Tensor,
-    bits: int | str,
+    bits: Literal["auto"] | int,
     *,
     group_size: int = DEFAULT_GROUP_SIZE,
     sparsity: float = 0.0,
-    gate: Gate | None = None,
-    candidates: tuple[int, ...] = (1, 2, 4, 8, 16),
+    gate: BitsGate | None = None,
+    candidates: tuple[int, ...] = SUPPORTED_BITS,
 ) -> tuple[list[QuantizedVector], Tensor, Tensor | None]:
     """Quantize heads ``[C, P]`` at ``bits`` (an int, or ``"auto"``: per row the fewest ``candidates``
     bits that pass ``gate``), after magnitude pruning when ``sparsity > 0``.

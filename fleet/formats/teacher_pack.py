@@ -32,11 +32,10 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from fleet.compression.data import SequenceBatch, _bucket_bounds, map_minibatches
+from fleet.core.constants import NAME_PATTERN, PACK_FORMAT, TEACHER_FORMAT
 from fleet.core.errors import FleetError, TeacherFormatError
-from fleet.core.ids import CAMPAIGN_ID_PATTERN
 from fleet.formats.teachers import (
     CONFIG_FILE,
-    TEACHER_FORMAT,
     LoadedTeacher,
     TeacherRNN,
     _check_symlinks,
@@ -45,7 +44,6 @@ from fleet.formats.teachers import (
     load_teacher,
 )
 
-PACK_FORMAT = "fleet-teacher-pack/1"
 PACKS_DIR = "packs"  # <root>/packs/<pack>/: a teacher root's packs (so no campaign directory may be named so)
 PACK_WEIGHTS_FILE = "weights.safetensors"
 INDEX_FILE = "index.parquet"
@@ -166,7 +164,7 @@ def write_pack(root_uri: str, pack: str, config: dict, campaign_ids: Sequence[st
     ``config`` a teacher config dict (``campaign_id`` and ``format`` are dropped). Weights first, then the
     index, ``config.json`` last (its presence means complete). Returns each slot's sha256."""
     for campaign_id in campaign_ids:
-        if not isinstance(campaign_id, str) or not CAMPAIGN_ID_PATTERN.fullmatch(campaign_id):
+        if not isinstance(campaign_id, str) or not NAME_PATTERN.fullmatch(campaign_id):
             raise ValueError(f"invalid campaign id {campaign_id!r}")
     if len(set(campaign_ids)) != len(campaign_ids):
         raise ValueError("a campaign appears twice in one pack")
@@ -551,9 +549,9 @@ def pack_teachers(src_uri: str, dst_uri: str, pack_size: int = DEFAULT_PACK_SIZE
 
     plan = catalog.plan_entries()
     for start in range(0, len(catalog.campaigns), 256):  # bounded memory: a chunk of teachers at a time
-        chunk = [c for c in catalog.campaigns[start:start + 256] if CAMPAIGN_ID_PATTERN.fullmatch(c)]
+        chunk = [c for c in catalog.campaigns[start:start + 256] if NAME_PATTERN.fullmatch(c)]
         skipped.update({c: "invalid campaign id" for c in catalog.campaigns[start:start + 256]
-                        if not CAMPAIGN_ID_PATTERN.fullmatch(c)})
+                        if not NAME_PATTERN.fullmatch(c)})
         loaded = load_teachers(src_uri, chunk, plan, storage_options, allow_loaders=allow_loaders,
                                conflicts=catalog.conflicts)
         for campaign_id in chunk:

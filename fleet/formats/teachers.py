@@ -32,10 +32,10 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from fleet.compression.data import last_valid
+from fleet.core.constants import TEACHER_FORMAT
 from fleet.core.errors import TeacherFormatError
 from fleet.core.ids import validate_campaign_id
 
-TEACHER_FORMAT = "fleet-teacher/1"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+ header, zip container of torch.save

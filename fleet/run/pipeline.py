@@ -26,8 +26,8 @@ from rich.console import Console
 
 from fleet import DEFAULT_FLEET, DEFAULT_STORE
 from fleet.compression.metrics import fleet_summary
+from fleet.core.constants import ENV_FAULT_AFTER_STAGE, NAME_PATTERN, SUPPORTED_BITS
 from fleet.core.errors import FleetError, RegistryError, StoreError, UsageError
-from fleet.core.ids import CAMPAIGN_ID_PATTERN
 from fleet.core.progress import stage_progress
 from fleet.core.redact import scrub, secret_values
 from fleet.formats.codec import HEADS_SCHEMA, conform_heads_table, rejects_to_table
@@ -309,7 +309,7 @@ class CompressResult:
 
 def _fault_point(stage: str) -> None:
     """Crash-test hook: ``FLEET_FAULT_AFTER_STAGE=<stage>`` SIGKILLs the driver once ``stage`` is done."""
-    if os.environ.get("FLEET_FAULT_AFTER_STAGE") == stage:
+    if os.environ.get(ENV_FAULT_AFTER_STAGE) == stage:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -924,7 +924,7 @@ def preview_compress(*, teachers_uri: str, events_uri: str, store_uri: str, flee
     plan["invalid"] = {}
     valid = []
     for campaign_id in campaigns:
-        if CAMPAIGN_ID_PATTERN.fullmatch(campaign_id) is None:
+        if NAME_PATTERN.fullmatch(campaign_id) is None:
             plan["invalid"][campaign_id] = "invalid campaign id"
         elif campaign_id in catalog.conflicts:
             plan["invalid"][campaign_id] = catalog.conflicts[campaign_id]
@@ -1111,7 +1111,7 @@ def _version_metrics(heads: pa.Table, status: pa.Table, campaigns: int, report: 
         "fidelity_kl_p90": summary["kl_p90"],
         **{f"campaigns_status_{k}": v for k, v in status_counts.items()},
         "bits_mean": float(bits.mean()) if len(bits) else None,
-        **{f"bits_{b}_campaigns": int((bits == b).sum()) for b in (1, 2, 4, 8, 16)},
+        **{f"bits_{b}_campaigns": int((bits == b).sum()) for b in SUPPORTED_BITS},
         "teacher_bytes_total": int(pa.compute.sum(status["teacher_bytes"]).as_py() or 0),
         **{f"{STAGE_SECONDS_PREFIX}{k}": v for k, v in timings.items()},
         "stage1_shards_computed": len(tasks["soft_labels"]), "stage1_shards_skipped": report.skipped["soft_labels"],

@@ -18,15 +18,13 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from fleet.core.constants import NAME_PATTERN, PLAN_FORMAT
 from fleet.core.errors import FleetError, StoreError
-from fleet.core.ids import CAMPAIGN_ID_PATTERN
 from fleet.core.redact import scrub
 from fleet.formats.events import EventsDataset
 from fleet.formats.teacher_pack import PACKS_DIR, TeacherCatalog, locate_teachers
 from fleet.run.stages import CompressConfig, ShardJob
 from fleet.storage.store import FleetVersion, RunDir, json_safe, open_fs, sha256_bytes
-
-PLAN_FORMAT = "fleet-plan/1"
 
 
 @dataclass(frozen=True)
@@ -155,7 +153,7 @@ def input_space(teachers_uri: str, catalog: TeacherCatalog, config: CompressConf
         return config.num_event_types, config.num_features
     fs, path = open_fs(teachers_uri, storage_options)
     packs = sorted({slot.pack for slot in catalog.packed.values()})[:50]
-    directories = [c for c in catalog.campaigns if CAMPAIGN_ID_PATTERN.fullmatch(c) and c not in catalog.packed
+    directories = [c for c in catalog.campaigns if NAME_PATTERN.fullmatch(c) and c not in catalog.packed
                    and c not in catalog.conflicts][:50]  # an id is no path yet
     for config_path in [f"{path}/{PACKS_DIR}/{p}/config.json" for p in packs] + [f"{path}/{c}/config.json" for c in directories]:
         try:

@@ -16,6 +16,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +26,7 @@ import torch
 from fleet.compression.data import SequenceBatch
 from fleet.compression.distill import (
     DistillConfig,
+    Loss,
     calibrate_bias,
     campaign_losses,
     compute_features,
@@ -37,6 +39,8 @@ from fleet.compression.metrics import CALIBRATION_KEYS, PROB_EPS, campaign_fidel
 from fleet.compression.quant import PerGroup, PerTensor, fake_quantize, quantize_rows
 from fleet.compression.student import (
     POOLED_DESIGNS,
+    Arch,
+    HeadDesign,
     Student,
     StudentConfig,
     backbone_forward,
@@ -47,11 +51,12 @@ from fleet.compression.student import (
     ladder_config,
     widen_heads,
 )
+from fleet.core.constants import CODECS, DATA_FINGERPRINT_BYTES, SUPPORTED_BITS, TEACHER_SHA256_BYTES, Codec
 from fleet.core.errors import FleetError
 from fleet.core.ids import printable_id, validate_campaign_id
 from fleet.core.redact import scrub, secret_values
 from fleet.formats.backbone_codec import backbone_from_bytes, backbone_to_bytes
-from fleet.formats.codec import CODECS, DATA_FINGERPRINT_BYTES, heads_to_table
+from fleet.formats.codec import heads_to_table
 from fleet.formats.events import (
     HOLDOUT_FRACTION,
     EventsDataset,
@@ -179,14 +184,14 @@ class CompressConfig:
     """
 
     # the student and distillation defaults are StudentConfig's and DistillConfig's (one source of truth)
-    arch: str = StudentConfig.arch
+    arch: Arch = StudentConfig.arch
     hidden_size: int = StudentConfig.hidden_size
     hidden_size_grid: tuple[int, ...] = ()
     embed_dim: int = StudentConfig.embed_dim
     num_layers: int = StudentConfig.num_layers
-    head: str = StudentConfig.head
+    head: HeadDesign = StudentConfig.head
     head_rank: int = StudentConfig.head_rank
-    loss: str = DistillConfig.loss
+    loss: Loss = DistillConfig.loss
     temperature: float = DistillConfig.temperature
     hard_label_weight: float = DistillConfig.hard_label_weight
     distance_weight: float = DistillConfig.distance_weight
@@ -194,7 +199,7 @@ class CompressConfig:
     head_l2_grid: tuple[float, ...] = (0.0, 1.0, 10.0)
     calibrate_bias: bool = True
     head_ladder: bool = True
-    bits: str | int = "auto"
+    bits: Literal["auto"] | int = "auto"  # an int of SUPPORTED_BITS
     group_size: int = 64
     prune_sparsity: float = 0.0
     gate_slack: float = 0.01
@@ -202,7 +207,7 @@ class CompressConfig:
     gate_max_kl: float = 0.05
     gate_max_ratio_error: float = 0.1
     head_qat: bool = False
-    codec: str = "packed"
+    codec: Codec = "packed"
     bloomier_sparsity: float = 0.7
     bloomier_value_bits: int = 3
     bloomier_check_bits: int = 5
@@ -240,11 +245,11 @@ class CompressConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.gate, PromotionGate):  # a config file's (or to_dict's) table of its fields
             self.gate = PromotionGate.from_dict(self.gate)
-        if self.bits != "auto" and self.bits not in (1, 2, 4, 8, 16):
+        if self.bits != "auto" and self.bits not in SUPPORTED_BITS:
             if isinstance(self.bits, str) and self.bits.isdigit():
                 self.bits = int(self.bits)
-            if self.bits not in (1, 2, 4, 8, 16):
-                raise ValueError(f"bits must be 'auto' or one of 1, 2, 4, 8, 16; got {self.bits!r}")
+            if self.bits not in SUPPORTED_BITS:
+                raise ValueError(f"bits must be 'auto' or one of {', '.join(map(str, SUPPORTED_BITS))}; got {self.bits!r}")
         if self.head_qat and self.bits == "auto":
             raise ValueError("head_qat needs a fixed bits value (QAT trains for one bit width)")
         if self.codec not in CODECS:
@@ -986,7 +991,8 @@ def _decoded(vectors: list, mask: torch.Tensor | None, student_config: StudentCo
     """Heads ``(C, P)`` exactly as serving decodes the stored ``vectors`` (pruned entries 0)."""
     n_params = head_num_params(student_config)
     return decode_heads([head_row(f"draft-{c}", v, n_params, None if mask is None else mask[c],
-                                  teacher_sha256=b"\0" * 32, data_fingerprint=b"\0" * DATA_FINGERPRINT_BYTES)
+                                  teacher_sha256=b"\0" * TEACHER_SHA256_BYTES,
+                                  data_fingerprint=b"\0" * DATA_FINGERPRINT_BYTES)
                          for c, v in enumerate(vectors)])
 
 
@@ -1009,6 +1015,9 @@ class CampaignGate:
     ``gate_max_correlation_drop`` of logit correlation with the teacher over the float head, and must keep
     a passing head passing; a head whose float version already fails may only be quantized where
     that leaves its KL within 10% of the float head's, so a head that is bad already is not made worse.
+    :meth:`measure` then :meth:`bits_pass` against the float heads' check is the bits gate of bit selection
+    (:data:`fleet.compression.adaptive.BitsGate`, given to :func:`fleet.formats.heads.encode_heads`); the promotion
+    gate (:class:`fleet.storage.promotion_gate.PromotionGate`) judges a whole version instead.
     All campaigns are evaluated at once (``bincount`` over the rows' campaign index), no Python loop.
     """
 

@@ -34,9 +34,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fleet.compression.quant import dequantize_codes, num_groups
+from fleet.core.constants import NAME_PATTERN, SUPPORTED_BITS
 from fleet.core.errors import StoreError
-from fleet.core.ids import CAMPAIGN_ID_PATTERN
-from fleet.formats.codec import SUPPORTED_BITS
 
 #: The heads columns serving reads (the hashes and fidelity columns stay in Parquet).
 COLUMNS = ("campaign_id", "bits", "shape", "group_size", "packed", "scales", "mask", "status")
@@ -254,7 +253,7 @@ class _Builder:
         if n == 0:
             return
         ids = table.column("campaign_id")
-        ok = pc.match_substring_regex(ids, f"^{CAMPAIGN_ID_PATTERN.pattern}$").to_numpy(zero_copy_only=False)
+        ok = pc.match_substring_regex(ids, f"^{NAME_PATTERN.pattern}$").to_numpy(zero_copy_only=False)
         if not ok.all():
             bad = ids[int(np.flatnonzero(~ok)[0])].as_py()
             raise StoreError(f"invalid campaign id {str(bad)[:40]!r} in heads", path=self.uri)

@@ -42,6 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 from swagger_ui_bundle import swagger_ui_path
 
+from fleet.core.constants import ENV_ADMIN_TOKEN
 from fleet.core.errors import (
     FleetError,
     InvalidCampaignIdError,
@@ -113,7 +114,7 @@ def _admin_guard(admin_token: str | None) -> Callable[[Request], None]:
     def guard(request: Request) -> None:
         if expected is None:
             raise _RequestError(403, "admin_disabled", "admin endpoints are disabled: start fleet serve with "
-                                                       "$FLEET_ADMIN_TOKEN or --admin-token-file to enable them")
+                                                       f"${ENV_ADMIN_TOKEN} or --admin-token-file to enable them")
         given = request.headers.get("authorization", "").encode("latin-1")  # the header's bytes (ASGI: latin-1)
         if not hmac.compare_digest(given, expected):
             raise _RequestError(401, "unauthorized", "admin endpoints need Authorization: Bearer <token>")

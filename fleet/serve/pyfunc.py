@@ -39,13 +39,12 @@ from typing import Any
 
 import numpy as np
 
+from fleet.core.constants import ENV_STORAGE_OPTIONS, PYFUNC_CONFIG_FILE, PYFUNC_FORMAT
 from fleet.core.errors import StoreError, UnknownCampaignError
 from fleet.formats.codec import check_format
 from fleet.serve.serving import FleetModel, InvalidInputError
-from fleet.storage.store import ENV_STORAGE_OPTIONS, relocated, storage_options_from_env
+from fleet.storage.store import relocated, storage_options_from_env
 
-CONFIG_FILE = "fleet_model.json"
-PYFUNC_FORMAT = "fleet-pyfunc/1"  # same as fleet.storage.registry.MODEL_DATA_FORMAT
 COLUMNS = ("campaign_id", "event_types", "features")
 _OPEN_KEYS = ("cache_size", "preload", "max_sequence_length", "heads", "backend")
 #: ``predict`` params: ``with_status`` (bool, default False) returns the DataFrame of :data:`STATUS_COLUMNS`.
@@ -94,7 +93,7 @@ def write_config(directory: str, manifest_uri: str, version_id: str, **open_kw: 
     if unknown:
         raise ValueError(f"unknown fleet_model.json keys {unknown}; allowed: {list(_OPEN_KEYS)}")
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, CONFIG_FILE)
+    path = os.path.join(directory, PYFUNC_CONFIG_FILE)
     with open(path, "w") as f:
         json.dump({"format": PYFUNC_FORMAT, "manifest_uri": manifest_uri, "version_id": version_id, **open_kw}, f,
                   indent=2, sort_keys=True)
@@ -209,7 +208,7 @@ def _bad_request(message: str) -> Exception:
 
 def _load_pyfunc(data_path: str) -> FleetPyfunc:
     """MLflow ``loader_module`` entry point: ``data_path`` is the logged directory (or the JSON file)."""
-    path = os.path.join(data_path, CONFIG_FILE) if os.path.isdir(data_path) else data_path
+    path = os.path.join(data_path, PYFUNC_CONFIG_FILE) if os.path.isdir(data_path) else data_path
     try:
         with open(path) as f:
             config = json.load(f)
@@ -220,7 +219,7 @@ def _load_pyfunc(data_path: str) -> FleetPyfunc:
     model = FleetModel.open(manifest_uri, _storage_options(config), manifest_sha256=config.get("manifest_sha256"),
                             **{k: config[k] for k in _OPEN_KEYS if k in config})
     if version_id is not None and model.version_id != version_id:
-        raise StoreError(f"{CONFIG_FILE} names version {version_id!r} but the manifest holds {model.version_id!r}",
+        raise StoreError(f"{PYFUNC_CONFIG_FILE} names version {version_id!r} but the manifest holds {model.version_id!r}",
                          path=manifest_uri)
     return FleetPyfunc(model)
 
@@ -240,5 +239,5 @@ def _storage_options(config: dict) -> dict:
     return merged  # {} (not None): the environment was consulted already
 
 
-__all__ = ["CAMPAIGN_IDS", "CONFIG_FILE", "PYFUNC_FORMAT", "SCORE_COLUMNS", "STATUS_COLUMNS", "TOP_K", "WITH_STATUS",
+__all__ = ["CAMPAIGN_IDS", "SCORE_COLUMNS", "STATUS_COLUMNS", "TOP_K", "WITH_STATUS",
            "FleetPyfunc", "input_example", "model_signature", "write_config"]

@@ -51,7 +51,6 @@ from fleet.formats.heads import decode_heads
 from fleet.serve.head_table import HeadTable
 from fleet.storage.store import (
     BACKBONE,
-    ENV_STORAGE_OPTIONS,
     FleetVersion,
     join_uri,
     storage_options_from_env,
@@ -1061,7 +1060,6 @@ __all__ = [
     "DEFAULT_CACHE_SIZE",
     "DEFAULT_HEADS",
     "DEFAULT_MAX_SEQUENCE_LENGTH",
-    "ENV_STORAGE_OPTIONS",
     "HEAD_MODES",
     "CampaignScores",
     "CampaignScoresBatch",

@@ -47,6 +47,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import fleet
+from fleet.core.constants import ENV_STORAGE_OPTIONS, PYFUNC_CONFIG_FILE, PYFUNC_FORMAT
 from fleet.core.errors import ChampionMovedError, RegistryError
 from fleet.core.redact import public_options, scrub, secret_values
 from fleet.storage.promotion_gate import GateResult, PromotionGate, evaluate_gate
@@ -67,9 +68,6 @@ logger = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 HISTORY_TAG = "champion_history"
-MODEL_DATA_FILE = "fleet_model.json"  # read by fleet.serve.pyfunc._load_pyfunc(data_path)
-MODEL_DATA_FORMAT = "fleet-pyfunc/1"
-STORAGE_OPTIONS_ENV = "FLEET_STORAGE_OPTIONS"  # JSON storage options (credentials) at load time
 REQUIRED_ARTIFACTS = ("backbone.safetensors", "manifest.json")
 #: Version tag: hex sha256 of the ``manifest.json`` artifact, which must be the stored manifest's bytes;
 #: ``FleetModel.load`` refuses a manifest that does not match it.
@@ -380,14 +378,14 @@ def register_version(
         for name, path in local_artifacts.items():
             shutil.copyfile(path, os.path.join(data_dir, name))
         model_data = {
-            "format": MODEL_DATA_FORMAT,
+            "format": PYFUNC_FORMAT,
             "manifest_uri": public_manifest_uri,
             "version_id": version_id,
             "manifest_sha256": version_tags[MANIFEST_SHA256_TAG],
-            "storage_options_env": STORAGE_OPTIONS_ENV,
+            "storage_options_env": ENV_STORAGE_OPTIONS,  # JSON storage options (credentials) at load time
             "storage_options": public_options(storage_options or {}),
         }
-        with open(os.path.join(data_dir, MODEL_DATA_FILE), "w") as f:
+        with open(os.path.join(data_dir, PYFUNC_CONFIG_FILE), "w") as f:  # read by fleet.serve.pyfunc._load_pyfunc
             json.dump(model_data, f, indent=2)
         files_dir = os.path.join(tmp, "run_files")
         os.makedirs(files_dir)

@@ -36,12 +36,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from fleet.core.constants import (
+    ENV_STORAGE_OPTIONS,
+    ENV_STORE_ROOT,
+    HEADS_FORMAT,
+    NAME_PATTERN,
+    REJECTS_FORMAT,
+    VERSION_FORMAT,
+)
 from fleet.core.errors import StoreError
 from fleet.core.ids import validate_campaign_id
+from fleet.core.jsonobj import parse_json_object
 from fleet.core.redact import scrub, scrub_obj, secret_values
 from fleet.formats.codec import (
-    HEADS_FORMAT,
-    REJECTS_FORMAT,
     REJECTS_SCHEMA,
     HeadRow,
     block_spans,
@@ -54,10 +61,6 @@ from fleet.formats.codec import (
     validate_heads_table,
 )
 
-#: 1.1 added each heads part's ``footer`` and ``row_group_checksums`` (sha256 of the byte ranges a
-#: cold lookup reads); 1.0 manifests are still read, their point lookups checked by nothing but the
-#: Parquet page checksums (when the file has them). 1.2 added ``heads_codec`` (absent: ``"packed"``).
-VERSION_FORMAT = "fleet-version/1.2"
 MANIFEST = "manifest.json"
 BACKBONE = "backbone.safetensors"
 REJECTS = "rejects.parquet"
@@ -66,7 +69,6 @@ REJECTS = "rejects.parquet"
 REPORT = "report.html"
 HEADS_DIR = "heads"
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _HASH_CHUNK = 8 * 2**20
 #: Names of the temporary files :func:`_put` writes on a local disk before renaming them.
 _TEMP_RE = re.compile(r"\..+\.tmp-[0-9a-f]{32}")
@@ -80,11 +82,6 @@ _STATS_COLUMNS = ["campaign_id", "bits", "group_size", "status"]
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-ENV_STORAGE_OPTIONS = "FLEET_STORAGE_OPTIONS"
-#: Where a store has moved to: a saved manifest URI is read under this root instead (:func:`relocated`).
-ENV_STORE_ROOT = "FLEET_STORE_ROOT"
 
 
 def relocated(manifest_uri: str, store_root: str | None = None) -> str:
@@ -109,13 +106,7 @@ def storage_options_from_env(env_name: str = ENV_STORAGE_OPTIONS) -> dict | None
     text = os.environ.get(env_name)
     if not text:
         return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"${env_name} must be a JSON object: {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"${env_name} must be a JSON object")  # noqa: TRY004 - bad config value; tests expect ValueError
-    return value
+    return parse_json_object(text, f"${env_name}")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -155,8 +146,8 @@ def open_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.Abstr
 
 
 def _check_name(kind: str, value: str) -> str:
-    if not isinstance(value, str) or _NAME_RE.fullmatch(value) is None:
-        raise StoreError(f"invalid {kind} {value!r}: must match ^[A-Za-z0-9][A-Za-z0-9_.-]{{0,127}}$")
+    if not isinstance(value, str) or NAME_PATTERN.fullmatch(value) is None:
+        raise StoreError(f"invalid {kind} {value!r}: must match ^{NAME_PATTERN.pattern}$")
     return value
 
 
@@ -797,7 +788,7 @@ def list_versions(store_uri: str, fleet: str, storage_options: dict | None = Non
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
     except FileNotFoundError:
         return []
-    candidates = [join_uri(path, n, MANIFEST) for n in names if _NAME_RE.fullmatch(n)]
+    candidates = [join_uri(path, n, MANIFEST) for n in names if NAME_PATTERN.fullmatch(n)]
     found = []
     for p in candidates:
         try:
@@ -1019,7 +1010,6 @@ class RunDir:
 
 
 __all__ = [
-    "VERSION_FORMAT",
     "FleetVersion",
     "RunDir",
     "ShardSet",

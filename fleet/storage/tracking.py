@@ -26,6 +26,7 @@ from filelock import FileLock, Timeout
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from fleet.core.constants import NAME_PATTERN
 from fleet.core.errors import RegistryError
 from fleet.core.redact import scrub
 
@@ -33,8 +34,6 @@ logger = logging.getLogger(__name__)
 
 #: Seconds a registry writer waits for another fleet process's lock on a SQLite store before failing.
 LOCK_TIMEOUT_S = 300.0
-
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def default_tracking_uri() -> str:
@@ -102,8 +101,8 @@ def sqlite_path(uri: str) -> str | None:
 def check_name(kind: str, value: Any) -> str:
     """``value`` when it is a valid name for the registry (a registered model, a fleet version id, an artifact):
     ``^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$``; else ValueError naming ``kind``."""
-    if not isinstance(value, str) or _NAME_RE.fullmatch(value) is None:
-        raise ValueError(f"invalid {kind} {value!r}: must match ^[A-Za-z0-9][A-Za-z0-9_.-]{{0,127}}$")
+    if not isinstance(value, str) or NAME_PATTERN.fullmatch(value) is None:
+        raise ValueError(f"invalid {kind} {value!r}: must match ^{NAME_PATTERN.pattern}$")
     return value
 
 
