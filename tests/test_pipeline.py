@@ -335,7 +335,8 @@ def test_quarantine_bad_teachers(small_fleet, ray_local, tmp_path):
     assert version.read_heads().num_rows == 18 and version.read_rejects().num_rows == 2
 
 
-def test_gate_blocks_worse_version_and_rollback(small_fleet, ray_local, tmp_path, sqlite_tracking_uri, capsys):
+def test_gate_blocks_worse_version_and_rollback(small_fleet, ray_local, tmp_path, sqlite_tracking_uri, capsys,
+                                                monkeypatch):
     from fleet.cli import main as cli
 
     store = tmp_path / "store"
@@ -355,6 +356,12 @@ def test_gate_blocks_worse_version_and_rollback(small_fleet, ray_local, tmp_path
     assert worse["version_id"] == "worse" and not worse["champion"] and worse["gate"] == "failed" and worse["gate_reasons"]
     assert "not promoted" in err and all(reason in err for reason in worse["gate_reasons"])
     assert f"fleet promote adfleet {worse['version']} --tracking-uri {sqlite_tracking_uri}" in err
+    monkeypatch.setenv("COLUMNS", "400")  # `fleet versions`' table on one line per version
+    assert cli.main(["versions", "adfleet", "--tracking-uri", sqlite_tracking_uri]) == 0
+    table = capsys.readouterr().out
+    assert "why not promoted" in table
+    row = next(line for line in table.splitlines() if " worse " in line)
+    assert "failed" in row and worse["gate_reasons"][0] in row
     assert registry.champion_version("adfleet", sqlite_tracking_uri) == good.registered.version
     registry.promote("adfleet", worse["version"], sqlite_tracking_uri)
     assert registry.rollback("adfleet", sqlite_tracking_uri) == good.registered.version

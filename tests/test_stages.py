@@ -45,6 +45,23 @@ def test_backbone_quotas_grow_with_the_square_root_of_data_within_budget_and_cap
     assert min(quotas.values()) >= 1
 
 
+def test_backbone_quotas_sample_a_uniform_subset_when_the_floor_exceeds_the_budget():
+    """Many small entities: every campaign at its floor would overrun the budget, so a hash-ranked subset that fits
+    gets at least the floor each and the rest 0, which backbone_sample leaves out."""
+    config = CompressConfig(backbone_max_sequences=4000, backbone_min_rows=16)
+    sizes = {f"u{i:05d}": 60 + i % 200 for i in range(2000)}
+    quotas = backbone_quotas(sizes, config)
+    assert set(quotas) == set(sizes) and quotas == backbone_quotas(sizes, config)  # every campaign, deterministic
+    sampled = [c for c, q in quotas.items() if q > 0]
+    assert 200 <= len(sampled) <= 250 and all(quotas[c] >= 16 for c in sampled)  # 4000 // 16 = 250 at most
+    assert abs(sum(quotas.values()) - 4000) <= 4000 * 0.2
+    ids = sorted(sizes)
+    assert {c for c in sampled if c < ids[1000]} and {c for c in sampled if c >= ids[1000]}  # spread over the ids
+    soft = pa.concat_tables([_soft(c, [FIT] * 20 + [VALIDATION] * 8) for c in ids[:40]])
+    sample = backbone_sample(soft, {c: quotas[c] for c in ids[:40]}, seed=0)
+    assert set(sample["campaign_id"].to_pylist()) == {c for c in ids[:40] if quotas[c] > 0}
+
+
 def _soft(campaign: str, splits: list[int]) -> pa.Table:
     n = len(splits)
     return pa.table({"campaign_id": [campaign] * n, "row": pa.array(range(n), pa.int32()),

@@ -10,8 +10,10 @@ stage 3  :func:`fit_heads_shard`  all heads of a batch in one optimisation; quan
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 from collections.abc import Callable
@@ -158,7 +160,9 @@ class CompressConfig:
             ``backbone_eval_every`` steps, and keeps its best state.
         backbone_max_sequences, backbone_per_campaign: the pooled sample the backbone trains on: about
             ``backbone_max_sequences`` fit rows shared so that each campaign contributes in proportion to the
-            square root of its fit rows, at most ``backbone_per_campaign`` (see :func:`backbone_quotas`).
+            square root of its fit rows, at most ``backbone_per_campaign`` and at least ``backbone_min_rows``
+            (a uniform subset of campaigns when the budget cannot give every one that many; see
+            :func:`backbone_quotas`).
         backbone_workers: >1 trains with Ray Train's TorchTrainer (DDP) on that many workers.
         head_steps, head_lr: the batched head fit (stage 3).
         max_fit_rows, max_validation_rows: per-campaign caps on transfer rows (the rest is unused).
@@ -223,6 +227,7 @@ class CompressConfig:
     backbone_batch_size: int = 128
     backbone_max_sequences: int = 40_000
     backbone_per_campaign: int = 2000
+    backbone_min_rows: int = 16
     backbone_workers: int = 1
     head_steps: int = 300
     head_lr: float = 0.05
@@ -268,7 +273,7 @@ class CompressConfig:
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
         for name in ("backbone_steps", "head_steps", "backbone_workers", "max_fit_rows", "backbone_per_campaign",
-                     "backbone_eval_every", "backbone_patience", "max_sequence_length"):
+                     "backbone_min_rows", "backbone_eval_every", "backbone_patience", "max_sequence_length"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1")
         self.head_l2_grid = tuple(float(v) for v in self.head_l2_grid)
@@ -598,8 +603,11 @@ def expected_fit_rows(num_rows: int, config: CompressConfig) -> int:
 
 def backbone_quotas(sizes: dict[str, int], config: CompressConfig) -> dict[str, int]:
     """Fit rows of each campaign in the backbone sample: ``min(fit rows, backbone_per_campaign,
-    k * sqrt(fit rows))`` (at least 1), with ``k`` chosen so that the quotas add up to about
-    ``backbone_max_sequences``; every fit row when the whole fleet fits in that budget.
+    k * sqrt(fit rows))`` (at least ``backbone_min_rows``, or all its fit rows when fewer), with ``k`` chosen so
+    that the quotas add up to about ``backbone_max_sequences``; every fit row when the whole fleet fits in that
+    budget. When the budget cannot give every campaign its floor (many small entities: 100,000 users and a
+    40,000-row budget), a uniform subset of campaigns (ranked by a hash of the id) that fits it is sampled and
+    the others get 0 (not in the sample; stage 3 still fits their heads on the backbone).
 
     Proportional to the square root of a campaign's data: a large campaign teaches the backbone more than
     a small one (a fixed per-campaign cap let the large, valuable campaigns count like the smallest), but
@@ -610,7 +618,15 @@ def backbone_quotas(sizes: dict[str, int], config: CompressConfig) -> dict[str, 
     budget = config.backbone_max_sequences
     if sum(cap.values()) <= budget:
         return cap
-    root = {c: math.sqrt(f) for c, f in fit.items()}
+    floor = {c: min(f, config.backbone_min_rows) for c, f in cap.items()}
+    left_out = {}
+    if sum(floor.values()) > budget:  # too many campaigns for the floor: a uniform subset of them (by id hash)
+        ranked = sorted(cap, key=lambda c: hashlib.sha256(f"backbone:{c}".encode()).digest())
+        running = list(itertools.accumulate(floor[c] for c in ranked))
+        keep = bisect.bisect_right(running, budget)
+        left_out = dict.fromkeys(ranked[max(1, keep):], 0)
+        cap = {c: cap[c] for c in ranked[:max(1, keep)]}
+    root = {c: math.sqrt(fit[c]) for c in cap}
 
     def total(k: float) -> float:
         return sum(min(cap[c], k * root[c]) for c in cap)
@@ -619,7 +635,8 @@ def backbone_quotas(sizes: dict[str, int], config: CompressConfig) -> dict[str, 
     for _ in range(50):  # bisection on k: total(k) is increasing
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if total(mid) < budget else (lo, mid)
-    return {c: max(1, min(cap[c], int(lo * root[c]))) for c in sorted(cap)}
+    quotas = {c: max(floor[c], min(cap[c], int(lo * root[c]))) for c in cap}
+    return dict(sorted({**quotas, **left_out}.items()))
 
 
 def backbone_sample(soft: pa.Table, quotas: dict[str, int], seed: int) -> pa.Table:
@@ -635,6 +652,8 @@ def backbone_sample(soft: pa.Table, quotas: dict[str, int], seed: int) -> pa.Tab
         for campaign_id in sorted(quotas):
             rows = groups.get(campaign_id, np.zeros(0, np.int64))
             want = max(1, math.ceil(quotas[campaign_id] * share))
+            if quotas[campaign_id] <= 0:  # not in the sample (backbone_quotas)
+                continue
             picked.append(rows if len(rows) <= want else np.sort(rng.choice(rows, want, replace=False)))
         keep.append(rows_of.take(pa.array(np.concatenate(picked) if picked else np.zeros(0, np.int64))))
     return pa.concat_tables(keep)
