@@ -21,9 +21,10 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	DEMO_DIR=$(DEMO_DIR) $(PY) jobs/demo.py
 
-# lint first: CI runs `make test`, so a lint finding fails CI like a failing test
+# lint first: CI runs `make test`, so a lint finding or an unformatted file fails CI like a failing test
 lint: setup
 	$(PY) -m ruff check fleet jobs tests
+	$(PY) -m ruff format --check fleet jobs tests
 
 test: setup lint
 	$(PY) -m pytest -q -ra

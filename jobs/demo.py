@@ -25,12 +25,42 @@ TRACKING = f"sqlite:///{os.path.abspath(ROOT)}/mlflow.db"
 
 def main() -> int:
     console = Console()
-    code = fleet_main(["synth", "--campaigns", "24", "--out", ROOT, "--hidden", "64", "--layers", "1",
-                       "--min-sequences", "400", "--max-sequences", "3000", "--seed", "0"])  # keeps saved teachers
+    code = fleet_main(
+        [
+            "synth",
+            "--campaigns",
+            "24",
+            "--out",
+            ROOT,
+            "--hidden",
+            "64",
+            "--layers",
+            "1",
+            "--min-sequences",
+            "400",
+            "--max-sequences",
+            "3000",
+            "--seed",
+            "0",
+        ]
+    )  # keeps saved teachers
     if code:
         return code
-    code = fleet_main(["compress", "--teachers", f"{ROOT}/teachers", "--events", f"{ROOT}/events",
-                       "--store", f"{ROOT}/store", "--fleet", FLEET, "--tracking-uri", TRACKING])
+    code = fleet_main(
+        [
+            "compress",
+            "--teachers",
+            f"{ROOT}/teachers",
+            "--events",
+            f"{ROOT}/events",
+            "--store",
+            f"{ROOT}/store",
+            "--fleet",
+            FLEET,
+            "--tracking-uri",
+            TRACKING,
+        ]
+    )
     if code not in (0, 3):
         return code
     from fleet.storage import registry
@@ -44,8 +74,10 @@ def main() -> int:
     rows = EventsDataset(f"{ROOT}/events").read_campaigns([campaign])[campaign]
     held_out = [i for i, h in enumerate(holdout_mask(campaign, len(rows))) if h][:5]
     sample = rows.take(held_out)
-    sequences = [{"event_types": e, "features": f} for e, f in
-                 zip(sample["event_types"].to_pylist(), sample["features"].to_pylist())]
+    sequences = [
+        {"event_types": e, "features": f}
+        for e, f in zip(sample["event_types"].to_pylist(), sample["features"].to_pylist())
+    ]
     p_fleet = model.predict(campaign, sequences)
     batch = table_to_batch(sample, model.config.num_features)
     teacher = load_teacher(f"{ROOT}/teachers", campaign).model

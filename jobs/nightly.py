@@ -57,13 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nightly", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="TOML file with [nightly] and [compress] tables")
     parser.add_argument("--run-id", default=None, help="run id (default: nightly-<UTC date-time>); reuse to resume")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the plan (campaigns new / changed / reused, estimated time) and change nothing: "
-                             "no Ray, no work dir, no version, no registry database")
-    parser.add_argument("--no-parent", action="store_true",
-                        help="full run without a parent (as `fleet compress --no-parent`)")
-    parser.add_argument("--force-config", action="store_true",
-                        help="resume --run-id with another configuration (as `fleet compress --force-config`)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (campaigns new / changed / reused, estimated time) and change nothing: "
+        "no Ray, no work dir, no version, no registry database",
+    )
+    parser.add_argument(
+        "--no-parent", action="store_true", help="full run without a parent (as `fleet compress --no-parent`)"
+    )
+    parser.add_argument(
+        "--force-config",
+        action="store_true",
+        help="resume --run-id with another configuration (as `fleet compress --force-config`)",
+    )
     return parser
 
 
@@ -95,22 +102,31 @@ def plan_tables(preview: dict) -> list:
     table = Table(title=f"dry run: fleet {preview['fleet']}, parent {preview['parent'] or '(none)'}, {preview['mode']}")
     for column in ("campaigns", "count", "ids"):
         table.add_column(column, justify="right" if column == "count" else "left")
-    for key, what in (("new", "new (fitted)"), ("changed", "changed teacher or data (fitted)"),
-                      ("reused", "unchanged (head reused)"), ("refit", "unchanged but fitted again"),
-                      ("invalid", "invalid (would be quarantined)"), ("removed", "removed (no teacher now)")):
+    for key, what in (
+        ("new", "new (fitted)"),
+        ("changed", "changed teacher or data (fitted)"),
+        ("reused", "unchanged (head reused)"),
+        ("refit", "unchanged but fitted again"),
+        ("invalid", "invalid (would be quarantined)"),
+        ("removed", "removed (no teacher now)"),
+    ):
         ids = list(campaigns[key])
         shown = ", ".join(ids[:PLAN_IDS]) + (f", ... ({len(ids) - PLAN_IDS} more)" if len(ids) > PLAN_IDS else "")
         table.add_row(what, str(len(ids)), shown)
     estimate = preview["estimate"]
-    times = Table(title="estimated time of stages 1-3 (earlier runs' stage times, scaled by campaigns fitted; "
-                        "finalize, writing and registering the version, not included)")
+    times = Table(
+        title="estimated time of stages 1-3 (earlier runs' stage times, scaled by campaigns fitted; "
+        "finalize, writing and registering the version, not included)"
+    )
     for column in ("stage", "seconds", "measured in version"):
         times.add_column(column, justify="right" if column == "seconds" else "left")
     if estimate is None:
         times.add_row("(no earlier version in the store: no estimate)", "n/a", "")
     else:
         for stage, seconds in estimate["stage_seconds"].items():
-            times.add_row(stage, "n/a" if seconds is None else f"{seconds:.1f}", estimate["from_versions"].get(stage, ""))
+            times.add_row(
+                stage, "n/a" if seconds is None else f"{seconds:.1f}", estimate["from_versions"].get(stage, "")
+            )
         total = estimate["total_seconds"]
         times.add_row("total", "n/a" if total is None else f"{total:.1f}", "")
     return [table, times]
@@ -127,9 +143,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_id = args.run_id or time.strftime("nightly-%Y%m%dT%H%M%SZ", time.gmtime())
     options = nightly.get("storage_options") or storage_options_from_env()
-    common = {"teachers_uri": nightly["teachers"], "events_uri": nightly["events"], "store_uri": nightly["store"],
-                  "fleet": nightly.get("fleet", DEFAULT_FLEET), "config": config, "tracking_uri": nightly.get("tracking_uri"),
-                  "address": nightly.get("address"), "storage_options": options, "no_parent": args.no_parent}
+    common = {
+        "teachers_uri": nightly["teachers"],
+        "events_uri": nightly["events"],
+        "store_uri": nightly["store"],
+        "fleet": nightly.get("fleet", DEFAULT_FLEET),
+        "config": config,
+        "tracking_uri": nightly.get("tracking_uri"),
+        "address": nightly.get("address"),
+        "storage_options": options,
+        "no_parent": args.no_parent,
+    }
     if args.dry_run:
         try:
             preview = preview_compress(**{k: v for k, v in common.items() if k not in ("address",)})
@@ -145,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             console.print(table)
         return 0
     here = os.path.relpath(__file__)
-    resume = resume_command(["python", here if not here.startswith("..") else os.path.abspath(__file__)], argv, run_id,
-                            options)
+    resume = resume_command(
+        ["python", here if not here.startswith("..") else os.path.abspath(__file__)], argv, run_id, options
+    )
     common["resume_command"] = resume
     current = run_id  # the run under way (the interrupted line reports on it)
     try:

@@ -33,8 +33,11 @@ def main(argv: list[str] | None = None) -> None:
     run_dir = RunDir(args.store, args.fleet, args.run_id)
     plan, backbone = Plan.read(run_dir), run_dir.read_backbone()
     table = run_dir.campaigns.read_all(plan.shards)
-    hashes = {c: [t, d] for c, t, d in zip(*(table[k].to_pylist() for k in
-                                             ("campaign_id", "teacher_sha256", "data_fingerprint"))) if t}
+    hashes = {
+        c: [t, d]
+        for c, t, d in zip(*(table[k].to_pylist() for k in ("campaign_id", "teacher_sha256", "data_fingerprint")))
+        if t
+    }
     for variant in args.variants:
         overrides = json.loads(variant)
         config = CompressConfig.from_dict({**plan.config, **overrides})
@@ -42,13 +45,23 @@ def main(argv: list[str] | None = None) -> None:
         started, rows = time.perf_counter(), []
         for job in plan.head_jobs(hashes, done=set()):
             rows += fit_heads_shard(job, ctx, run_dir.soft_labels.read(job.shard), backbone).to_pylist()
-        summary = fleet_summary([{"campaign_id": r["campaign_id"], "mean_abs_diff": r["mean_abs_diff"],
-                                  "auc_diff": None if r["student_auc"] is None else r["student_auc"] - r["teacher_auc"]}
-                                 for r in rows])
-        print(f"{overrides}  {time.perf_counter() - started:.0f}s  AUC diff median {summary['median']:+.4f} "
-              f"p10 {summary['p10']:+.4f}  mean|p_s-p_t| median {summary['mean_abs_diff_median']:.4f}  "
-              f"campaigns with AUC {len(rows) - summary['no_auc']}/{len(rows)}  "
-              f"mean bits {np.mean([r['bits'] for r in rows]):.2f}", flush=True)
+        summary = fleet_summary(
+            [
+                {
+                    "campaign_id": r["campaign_id"],
+                    "mean_abs_diff": r["mean_abs_diff"],
+                    "auc_diff": None if r["student_auc"] is None else r["student_auc"] - r["teacher_auc"],
+                }
+                for r in rows
+            ]
+        )
+        print(
+            f"{overrides}  {time.perf_counter() - started:.0f}s  AUC diff median {summary['median']:+.4f} "
+            f"p10 {summary['p10']:+.4f}  mean|p_s-p_t| median {summary['mean_abs_diff_median']:.4f}  "
+            f"campaigns with AUC {len(rows) - summary['no_auc']}/{len(rows)}  "
+            f"mean bits {np.mean([r['bits'] for r in rows]):.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

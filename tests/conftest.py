@@ -65,8 +65,12 @@ def s3_bucket(s3_server):
     name = f"test-{uuid.uuid4().hex[:16]}"
     # No region here: s3fs would send LocationConstraint=us-east-1, which S3 (and moto) reject.
     opts = s3_server["storage_options"]
-    fs = s3fs.S3FileSystem(key=opts["key"], secret=opts["secret"],
-                           client_kwargs={"endpoint_url": s3_server["endpoint_url"]}, skip_instance_cache=True)
+    fs = s3fs.S3FileSystem(
+        key=opts["key"],
+        secret=opts["secret"],
+        client_kwargs={"endpoint_url": s3_server["endpoint_url"]},
+        skip_instance_cache=True,
+    )
     fs.mkdir(name)
     return f"s3://{name}"
 
@@ -92,8 +96,19 @@ def ray_local():
     ray.shutdown()
 
 
-SMALL_FLEET = {"campaigns": 20, "seed": 7, "arch": "lstm", "hidden_size": 32, "num_layers": 1, "embed_dim": 8,
-                   "num_event_types": 24, "num_features": 8, "min_sequences": 150, "max_sequences": 1500, "max_epochs": 8}
+SMALL_FLEET = {
+    "campaigns": 20,
+    "seed": 7,
+    "arch": "lstm",
+    "hidden_size": 32,
+    "num_layers": 1,
+    "embed_dim": 8,
+    "num_event_types": 24,
+    "num_features": 8,
+    "min_sequences": 150,
+    "max_sequences": 1500,
+    "max_epochs": 8,
+}
 
 
 @pytest.fixture(scope="session")
@@ -105,8 +120,13 @@ def small_fleet(ray_local, tmp_path_factory):
     config = SynthConfig(**SMALL_FLEET)
     out = tmp_path_factory.mktemp("small-fleet")
     result = run_synth(config, str(out))
-    return {"events": result["events_uri"], "teachers": result["teachers_uri"], "config": config,
-            "stats": result["campaigns"], "root": str(out)}
+    return {
+        "events": result["events_uri"],
+        "teachers": result["teachers_uri"],
+        "config": config,
+        "stats": result["campaigns"],
+        "root": str(out),
+    }
 
 
 # ============================================================================ MLflow
@@ -154,9 +174,20 @@ def mlflow_server(tmp_path_factory, _mlflow_db_template):
     # Own process group: `mlflow server` runs uvicorn as a child, which must stop with it.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(
-        [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
+        [
+            mlflow_bin,
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--default-artifact-root",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
@@ -174,8 +205,9 @@ def mlflow_server(tmp_path_factory, _mlflow_db_template):
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 if time.monotonic() > deadline:
                     log.seek(0)
-                    raise RuntimeError(f"mlflow server did not answer on {url} within 90 s: "
-                                       f"{log.read().decode()[-2000:]}") from None
+                    raise RuntimeError(
+                        f"mlflow server did not answer on {url} within 90 s: {log.read().decode()[-2000:]}"
+                    ) from None
                 time.sleep(0.2)
         yield url
     finally:

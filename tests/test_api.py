@@ -71,13 +71,15 @@ def test_api_example_runs_as_written(demo):
 
 
 def test_import_fleet_is_light_and_names_the_cli_functions():
-    code = ("import sys, fleet\n"
-            "heavy = ('torch', 'ray', 'mlflow', 'pyarrow', 'numpy', 'fsspec', 'fastapi')\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
-            "import fleet.run.pipeline, fleet.serve.serving, fleet.versions.version_diff, fleet.run.stages\n"
-            "assert fleet.compress is fleet.run.pipeline.compress and fleet.FleetModel is fleet.serve.serving.FleetModel\n"
-            "assert fleet.diff is fleet.versions.version_diff.diff_versions and fleet.CompressConfig is fleet.run.stages.CompressConfig\n"
-            "assert {'compress', 'FleetModel', 'diff'} <= set(dir(fleet))\n")
+    code = (
+        "import sys, fleet\n"
+        "heavy = ('torch', 'ray', 'mlflow', 'pyarrow', 'numpy', 'fsspec', 'fastapi')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+        "import fleet.run.pipeline, fleet.serve.serving, fleet.versions.version_diff, fleet.run.stages\n"
+        "assert fleet.compress is fleet.run.pipeline.compress and fleet.FleetModel is fleet.serve.serving.FleetModel\n"
+        "assert fleet.diff is fleet.versions.version_diff.diff_versions and fleet.CompressConfig is fleet.run.stages.CompressConfig\n"
+        "assert {'compress', 'FleetModel', 'diff'} <= set(dir(fleet))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
@@ -100,12 +102,29 @@ def test_bits_16_on_the_command_line_reaches_the_config(tmp_path):
 
 
 def test_estimate_scales_stage_times_by_campaigns_fitted():
-    history = [("v3", {"campaigns_ok": 0, "stage_seconds_soft_labels": 1.0, "stage_seconds_heads": 0.0}),
-               # v3 reused everything: no per-campaign rate; v2 inherited its backbone
-               ("v2", {"campaigns_ok": 10, "stage_seconds_soft_labels": 20.0, "stage_seconds_heads": 40.0,
-                       "stage_seconds_backbone": 0.1}),
-               ("v1", {"campaigns_ok": 50, "backbone_steps": 400, "stage_seconds_soft_labels": 50.0,
-                       "stage_seconds_heads": 100.0, "stage_seconds_backbone": 30.0})]
+    history = [
+        ("v3", {"campaigns_ok": 0, "stage_seconds_soft_labels": 1.0, "stage_seconds_heads": 0.0}),
+        # v3 reused everything: no per-campaign rate; v2 inherited its backbone
+        (
+            "v2",
+            {
+                "campaigns_ok": 10,
+                "stage_seconds_soft_labels": 20.0,
+                "stage_seconds_heads": 40.0,
+                "stage_seconds_backbone": 0.1,
+            },
+        ),
+        (
+            "v1",
+            {
+                "campaigns_ok": 50,
+                "backbone_steps": 400,
+                "stage_seconds_soft_labels": 50.0,
+                "stage_seconds_heads": 100.0,
+                "stage_seconds_backbone": 30.0,
+            },
+        ),
+    ]
     inherit = estimate_seconds(history, 5, train_backbone=False)
     assert inherit["stage_seconds"] == {"soft_labels": 10.0, "backbone": 0.0, "heads": 20.0}
     assert inherit["total_seconds"] == 30.0
@@ -147,12 +166,14 @@ def test_nightly_dry_run_prints_the_plan_and_changes_nothing(demo, capsys, monke
     new_config.write_text(json.dumps({**json.loads(new_config.read_text()), "campaign_id": "campaign-00100"}))
     events = pq.read_table(nxt / "events")
     rows = events.filter(pc.equal(events["campaign_id"], "campaign-00002"))
-    rows = rows.set_column(rows.schema.get_field_index("campaign_id"), "campaign_id",
-                           pa.array(["campaign-00100"] * len(rows), pa.string()))
+    rows = rows.set_column(
+        rows.schema.get_field_index("campaign_id"), "campaign_id", pa.array(["campaign-00100"] * len(rows), pa.string())
+    )
     pq.write_table(rows.cast(EVENTS_SCHEMA), nxt / "events" / "part-99999.parquet")
     (root / "nightly.toml").write_text(
         f'[nightly]\nteachers = "{nxt}/teachers"\nevents = "{nxt}/events"\nstore = "{demo_dir}/store"\n'
-        f'fleet = "demo"\ntracking_uri = "{tracking}"\n[compress]\nbits = 8\n')
+        f'fleet = "demo"\ntracking_uri = "{tracking}"\n[compress]\nbits = 8\n'
+    )
     before = _tree(root)
     monkeypatch.syspath_prepend(str(JOBS))
     import nightly
@@ -168,12 +189,20 @@ def test_nightly_dry_run_prints_the_plan_and_changes_nothing(demo, capsys, monke
     assert re.search(r"removed \(no teacher now\)\s*│\s*1\s*│\s*campaign-00019", out)
     assert "estimated time" in out and re.search(r"total\s*│\s*\d+\.\d", out) and version_id in out
 
-    plan = preview_compress(teachers_uri=str(nxt / "teachers"), events_uri=str(nxt / "events"),
-                            store_uri=str(demo_dir / "store"), fleet="demo", config=CompressConfig(bits=8),
-                            tracking_uri=tracking)
+    plan = preview_compress(
+        teachers_uri=str(nxt / "teachers"),
+        events_uri=str(nxt / "events"),
+        store_uri=str(demo_dir / "store"),
+        fleet="demo",
+        config=CompressConfig(bits=8),
+        tracking_uri=tracking,
+    )
     campaigns = plan["campaigns"]
     assert (campaigns["new"], campaigns["changed"], campaigns["removed"]) == (
-        ["campaign-00100"], ["campaign-00001"], ["campaign-00019"])
+        ["campaign-00100"],
+        ["campaign-00001"],
+        ["campaign-00019"],
+    )
     assert len(campaigns["reused"]) == 18 and not campaigns["refit"] and not campaigns["invalid"]
     m = ns["result"].metrics
     expected = m["stage_seconds_soft_labels"] / m["campaigns_ok"] * 2  # two campaigns fitted
@@ -182,8 +211,13 @@ def test_nightly_dry_run_prints_the_plan_and_changes_nothing(demo, capsys, monke
 
     # no registry yet: a full run, every campaign new, and the registry's database is not created
     missing = root / "nowhere" / "mlflow.db"
-    plan = preview_compress(teachers_uri=str(nxt / "teachers"), events_uri=str(nxt / "events"),
-                            store_uri=str(demo_dir / "store"), fleet="demo", config=CompressConfig(),
-                            tracking_uri=f"sqlite:///{missing}")
+    plan = preview_compress(
+        teachers_uri=str(nxt / "teachers"),
+        events_uri=str(nxt / "events"),
+        store_uri=str(demo_dir / "store"),
+        fleet="demo",
+        config=CompressConfig(),
+        tracking_uri=f"sqlite:///{missing}",
+    )
     assert plan["parent"] is None and len(plan["campaigns"]["new"]) == 20 and "backbone trained" in plan["mode"]
     assert not missing.parent.exists() and _tree(root) == before

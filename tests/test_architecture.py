@@ -66,20 +66,28 @@ def fleet_imports(module: str) -> tuple[set[str], set[str]]:
     path = module_path(module)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     tree = ast.parse(path.read_text())
-    in_functions = {id(inner) for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-                    for inner in ast.walk(node)}
+    in_functions = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for inner in ast.walk(node)
+    }
     top, late = set(), set()
     for node in ast.walk(tree):
         names = []
         if isinstance(node, ast.ImportFrom) and node.level:  # relative: from the package of this module
-            base = ".".join(package.split(".")[:len(package.split(".")) - (node.level - 1)]) if package else ""
+            base = ".".join(package.split(".")[: len(package.split(".")) - (node.level - 1)]) if package else ""
             base = ".".join(p for p in (base, node.module or "") if p)
             names = [_resolve(f"{base}.{a.name}" if base else a.name) for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and (node.module == "fleet" or node.module.startswith("fleet.")):
-            base = node.module[len("fleet."):] if node.module != "fleet" else ""
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and (node.module == "fleet" or node.module.startswith("fleet."))
+        ):
+            base = node.module[len("fleet.") :] if node.module != "fleet" else ""
             names = [_resolve(f"{base}.{a.name}" if base else a.name) for a in node.names]
         elif isinstance(node, ast.Import):
-            names = [_resolve(a.name[len("fleet."):]) for a in node.names if a.name.startswith("fleet.")]
+            names = [_resolve(a.name[len("fleet.") :]) for a in node.names if a.name.startswith("fleet.")]
         (late if id(node) in in_functions else top).update(n for n in names if n != module)
     return top, late
 
@@ -97,8 +105,11 @@ def test_no_module_imports_a_higher_layer():
     for module, level in layer_of.items():
         top, late = fleet_imports(module)
         upward += [f"{module} -> {dep} (module level)" for dep in sorted(top) if layer_of.get(dep, -1) > level]
-        upward += [f"{module} -> {dep} (in a function, not listed as a late import)" for dep in sorted(late)
-                   if layer_of.get(dep, -1) > level and (module, dep) not in allowed_late]
+        upward += [
+            f"{module} -> {dep} (in a function, not listed as a late import)"
+            for dep in sorted(late)
+            if layer_of.get(dep, -1) > level and (module, dep) not in allowed_late
+        ]
     assert not upward, "upward imports against docs/architecture.md:\n" + "\n".join(upward)
 
 

@@ -15,15 +15,63 @@ from fleet.bench.serving import SCORE_K, SERVING_TARGETS, SLOW_REQUESTS
 from fleet.cli.main import main
 from fleet.core.errors import FleetError
 
-TINY = ["--campaigns", "20", "--seed", "3", "--hidden", "16", "--layers", "1", "--min-sequences", "100",
-        "--max-sequences", "400", "--max-epochs", "2", "--peer-subset", "3", "--scale-campaigns", "2000",
-        "--backbone-steps", "60", "--head-steps", "40", "--warm-requests", "100", "--cold-requests", "50",
-        "--http-requests", "100", "--http-concurrency", "4"]
-METHODS = {"teacher_fp32", "teacher_int8_dynamic", "independent_students", "fleet_auto", "fleet_bits8", "fleet_bits4",
-           "fleet_bits2", "fleet_bits1", "fleet_weightless", "fleet_auto_lowrank", "fleet_auto_linear",
-           "fleet_auto_class_distance"}
-FIDELITY_KEYS = {"auc_median", "auc_diff_median", "auc_diff_p10", "auc_diff_worst", "mean_abs_diff_median",
-                 "mean_abs_diff_p90", "mean_abs_diff_worst", "campaigns", "campaigns_with_auc"}
+TINY = [
+    "--campaigns",
+    "20",
+    "--seed",
+    "3",
+    "--hidden",
+    "16",
+    "--layers",
+    "1",
+    "--min-sequences",
+    "100",
+    "--max-sequences",
+    "400",
+    "--max-epochs",
+    "2",
+    "--peer-subset",
+    "3",
+    "--scale-campaigns",
+    "2000",
+    "--backbone-steps",
+    "60",
+    "--head-steps",
+    "40",
+    "--warm-requests",
+    "100",
+    "--cold-requests",
+    "50",
+    "--http-requests",
+    "100",
+    "--http-concurrency",
+    "4",
+]
+METHODS = {
+    "teacher_fp32",
+    "teacher_int8_dynamic",
+    "independent_students",
+    "fleet_auto",
+    "fleet_bits8",
+    "fleet_bits4",
+    "fleet_bits2",
+    "fleet_bits1",
+    "fleet_weightless",
+    "fleet_auto_lowrank",
+    "fleet_auto_linear",
+    "fleet_auto_class_distance",
+}
+FIDELITY_KEYS = {
+    "auc_median",
+    "auc_diff_median",
+    "auc_diff_p10",
+    "auc_diff_worst",
+    "mean_abs_diff_median",
+    "mean_abs_diff_p90",
+    "mean_abs_diff_worst",
+    "campaigns",
+    "campaigns_with_auc",
+}
 
 
 def finite(v) -> bool:
@@ -33,7 +81,9 @@ def finite(v) -> bool:
 @pytest.mark.slow
 def test_bench_smoke(ray_local, tmp_path, sqlite_tracking_uri):
     out, fleet_dir = tmp_path / "out", tmp_path / "fleet"
-    code = main(["bench", *TINY, "--fleet-dir", str(fleet_dir), "--out", str(out), "--tracking-uri", sqlite_tracking_uri])
+    code = main(
+        ["bench", *TINY, "--fleet-dir", str(fleet_dir), "--out", str(out), "--tracking-uri", sqlite_tracking_uri]
+    )
     assert code == 0
     for name in ("results.json", "results.md", *PLOTS):
         assert (out / name).stat().st_size > 0, name
@@ -53,7 +103,10 @@ def test_bench_smoke(ray_local, tmp_path, sqlite_tracking_uri):
     assert len(results["methods"]["independent_students"]["per_campaign"]) == 3
     assert len(results["methods"]["fleet_auto"]["per_campaign"]) == 20
     # fleet's heads are far smaller than any teacher file, measured
-    assert results["methods"]["fleet_auto"]["bytes_per_campaign"] < results["methods"]["teacher_int8_dynamic"]["bytes_per_campaign"]
+    assert (
+        results["methods"]["fleet_auto"]["bytes_per_campaign"]
+        < results["methods"]["teacher_int8_dynamic"]["bytes_per_campaign"]
+    )
     serving = results["serving"]
     for part in (serving["warm"], serving["cold"], serving["http"], serving["http"]["single"]):
         assert finite(part["p50_ms"]) and finite(part["p99_ms"]) and part["n"] > 0
@@ -115,8 +168,10 @@ def test_weightless_variant_jobs_are_contiguous_and_head_latencies_cover_both_co
     def soft(ids):
         return pa.table({"campaign_id": [c for c in ids for _ in range(2)], "row": [0, 1] * len(ids)})
 
-    jobs = [{"campaigns": ["a", "c", "e"], "hashes": {c: [c, c] for c in "ace"}, "soft": soft("ace")},
-            {"campaigns": ["b", "d"], "hashes": {c: [c, c] for c in "bd"}, "soft": soft("bd")}]
+    jobs = [
+        {"campaigns": ["a", "c", "e"], "hashes": {c: [c, c] for c in "ace"}, "soft": soft("ace")},
+        {"campaigns": ["b", "d"], "hashes": {c: [c, c] for c in "bd"}, "soft": soft("bd")},
+    ]
     regrouped = contiguous_jobs(jobs, block_rows=2)
     assert [j["campaigns"] for j in regrouped] == [["a", "b"], ["c"], ["d", "e"]]  # <= 2 each, sizes even
     assert sorted(regrouped[2]["soft"]["campaign_id"].to_pylist()) == ["d", "d", "e", "e"]
@@ -133,12 +188,17 @@ def test_weightless_variant_jobs_are_contiguous_and_head_latencies_cover_both_co
         assert lat["cold_lookup"]["n"] == min(10, len(picked)) and finite(lat["decode"]["p99_ms"])
         assert finite(lat["decode_all_per_head_ms"])
         fid = {k: 0.01 for k in FIDELITY_KEYS}
-        results["methods"][name] = {"label": LABELS[name], "bytes_per_campaign": 70.0, "fidelity": fid,
-                                    "head_latency": lat}
+        results["methods"][name] = {
+            "label": LABELS[name],
+            "bytes_per_campaign": 70.0,
+            "fidelity": fid,
+            "head_latency": lat,
+        }
     lines = head_codec_lines(results)
     assert sum("| (d) fleet" in line for line in lines) == 2 and "bloomier" in "\n".join(lines)
     assert lines.index(next(line for line in lines if "int4" in line)) < lines.index(
-        next(line for line in lines if "Weightless" in line))  # METHOD_ORDER
+        next(line for line in lines if "Weightless" in line)
+    )  # METHOD_ORDER
 
 
 @pytest.mark.slow
@@ -147,8 +207,21 @@ def test_bench_without_mlflow_writes_no_registry(ray_local, tmp_path, monkeypatc
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    code = main(["bench", *TINY, "--fleet-dir", str(tmp_path / "fleet"), "--out", str(out), "--no-mlflow",
-                 "--scale-campaigns", "100", "--peer-subset", "1"])
+    code = main(
+        [
+            "bench",
+            *TINY,
+            "--fleet-dir",
+            str(tmp_path / "fleet"),
+            "--out",
+            str(out),
+            "--no-mlflow",
+            "--scale-campaigns",
+            "100",
+            "--peer-subset",
+            "1",
+        ]
+    )
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["real_run"]["registered"] is None and "mlflow_run_id" not in results
@@ -168,15 +241,44 @@ def test_serving_only_targets_table(tmp_path):
 
     built = build_version(str(tmp_path / "store"))
     fleet_dir, out = tmp_path / "fleet", tmp_path / "out"
-    synth = SynthConfig(campaigns=3, num_event_types=NUM_EVENT_TYPES, num_features=NUM_FEATURES, min_sequences=100,
-                        max_sequences=120, seed=1)
+    synth = SynthConfig(
+        campaigns=3,
+        num_event_types=NUM_EVENT_TYPES,
+        num_features=NUM_FEATURES,
+        min_sequences=100,
+        max_sequences=120,
+        seed=1,
+    )
     write_events(str(fleet_dir / "events"), pa.concat_tables([generate(synth, i) for i in range(3)]))
     for cid in campaign_ids(3):
-        config = TeacherConfig(cid, arch="lstm", num_event_types=NUM_EVENT_TYPES, embed_dim=8,
-                               num_features=NUM_FEATURES, hidden_size=16, num_layers=1)
+        config = TeacherConfig(
+            cid,
+            arch="lstm",
+            num_event_types=NUM_EVENT_TYPES,
+            embed_dim=8,
+            num_features=NUM_FEATURES,
+            hidden_size=16,
+            num_layers=1,
+        )
         save_teacher(str(fleet_dir / "teachers"), TeacherRNN(config), config)
-    code = main(["bench", "--serving-only", "--model", built.uri, "--fleet-dir", str(fleet_dir), "--out", str(out),
-                 "--scale-campaigns", "1500", "--warm-requests", "30", "--http-requests", "20"])
+    code = main(
+        [
+            "bench",
+            "--serving-only",
+            "--model",
+            built.uri,
+            "--fleet-dir",
+            str(fleet_dir),
+            "--out",
+            str(out),
+            "--scale-campaigns",
+            "1500",
+            "--warm-requests",
+            "30",
+            "--http-requests",
+            "20",
+        ]
+    )
     assert code == 0
     st = json.loads((out / "serving-targets.json").read_text())["serving_targets"]
     assert [r["key"] for r in st["targets"]] == list(SERVING_TARGETS)
@@ -191,8 +293,24 @@ def test_serving_only_targets_table(tmp_path):
     assert st["sim_campaigns"] == 1500 and st["probe"]["heads"]["size"] == 1500
     md = (out / "serving-targets.md").read_text()
     assert "K-teacher peer" in md and sum(line.startswith("| ") for line in md.splitlines()) == len(SERVING_TARGETS) + 1
-    code = main(["bench", "--serving-only", "--model", built.uri, "--fleet-dir", str(fleet_dir), "--out", str(out),
-                 "--scale-campaigns", "1500", "--warm-requests", "30", "--http-requests", "20"])
+    code = main(
+        [
+            "bench",
+            "--serving-only",
+            "--model",
+            built.uri,
+            "--fleet-dir",
+            str(fleet_dir),
+            "--out",
+            str(out),
+            "--scale-campaigns",
+            "1500",
+            "--warm-requests",
+            "30",
+            "--http-requests",
+            "20",
+        ]
+    )
     assert code == 0 and len(list((out / "scale-store" / "sim-1500" / "versions").iterdir())) == 1  # reused
 
 
@@ -206,12 +324,29 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _method(label: str, bytes_per_campaign: float, *, extrapolated: bool = False, **extra) -> dict:
-    fidelity = {"campaigns": 4, "campaigns_with_auc": 2, "auc_median": 0.71, "auc_diff_median": -0.001,
-                "auc_diff_p10": -0.01, "auc_diff_worst": -0.02, "mean_abs_diff_median": 0.01,
-                "mean_abs_diff_p90": 0.02, "mean_abs_diff_worst": 0.05}
-    return {"label": label, "bytes_per_campaign": bytes_per_campaign, "bytes_total": 4 * bytes_per_campaign,
-            "extrapolated": extrapolated, "compression_ratio": 3e5 / bytes_per_campaign, "time_s": 12.5,
-            "fidelity": fidelity, "bytes_note": "measured", "time_note": "wall time", **extra}
+    fidelity = {
+        "campaigns": 4,
+        "campaigns_with_auc": 2,
+        "auc_median": 0.71,
+        "auc_diff_median": -0.001,
+        "auc_diff_p10": -0.01,
+        "auc_diff_worst": -0.02,
+        "mean_abs_diff_median": 0.01,
+        "mean_abs_diff_p90": 0.02,
+        "mean_abs_diff_worst": 0.05,
+    }
+    return {
+        "label": label,
+        "bytes_per_campaign": bytes_per_campaign,
+        "bytes_total": 4 * bytes_per_campaign,
+        "extrapolated": extrapolated,
+        "compression_ratio": 3e5 / bytes_per_campaign,
+        "time_s": 12.5,
+        "fidelity": fidelity,
+        "bytes_note": "measured",
+        "time_note": "wall time",
+        **extra,
+    }
 
 
 def _bench_results(run_dir: pathlib.Path) -> pathlib.Path:
@@ -219,26 +354,51 @@ def _bench_results(run_dir: pathlib.Path) -> pathlib.Path:
     run_dir.mkdir()
     subset = {"auc_diff_median": -0.002, "auc_diff_p10": -0.02, "mean_abs_diff_median": 0.01}
     results = {
-        "campaigns": 4, "created_at": "20260101T000000Z", "bench_seconds": 600.0, "mlflow_run_id": None,
+        "campaigns": 4,
+        "created_at": "20260101T000000Z",
+        "bench_seconds": 600.0,
+        "mlflow_run_id": None,
         "argv": ["/venv/bin/fleet", "bench", "--campaigns", "4", "--out", "bench-out/n4"],
         "fleet": {"how": "made by the benchmark"},
-        "machine": {"cpus": 2, "memory_gib": 24.0, "platform": "Linux", "python": "3.11", "torch": "2.13",
-                    "load_average_at_start": [1.0, 1.0, 1.0], "load_average_at_end": [2.0, 1.5, 1.0]},
-        "bench_config": {"synth": {"num_layers": 1, "arch": "lstm", "hidden_size": 16, "seed": 3},
-                         "compress": {"min_auc_class_count": 5}},
-        "methods": {"teacher_fp32": _method("(a) teacher fp32", 3e5),
-                    "teacher_int8_dynamic": _method("(b) teacher int8", 8e4),
-                    "independent_students": _method("(c) independent students", 7e3, extrapolated=True, subset_size=3,
-                                                    fleet_auto_on_same_subset=subset),
-                    "fleet_auto": _method("(d) fleet auto", 130.0,
-                                          bits_campaigns={"1": 0, "2": 1, "4": 2, "8": 1, "16": 0})},
-        "real_run": {"stage_seconds": {"soft_labels": 5.0, "backbone": 4.0, "heads": 2.0},
-                     "registration_and_overhead_seconds": 1.5, "wall_seconds": 12.5, "total_over_floor": 2.5,
-                     "run_over_floor": 2.2, "floor_seconds": 5.0},
-        "targets": [{"figure": "bytes per campaign", "target": "<= 128 B", "value": 130.0, "passed": False,
-                     "source": "real run"},
-                    {"figure": "AUC diff median", "target": ">= -0.005", "value": -0.001, "passed": True,
-                     "source": "real run"}],
+        "machine": {
+            "cpus": 2,
+            "memory_gib": 24.0,
+            "platform": "Linux",
+            "python": "3.11",
+            "torch": "2.13",
+            "load_average_at_start": [1.0, 1.0, 1.0],
+            "load_average_at_end": [2.0, 1.5, 1.0],
+        },
+        "bench_config": {
+            "synth": {"num_layers": 1, "arch": "lstm", "hidden_size": 16, "seed": 3},
+            "compress": {"min_auc_class_count": 5},
+        },
+        "methods": {
+            "teacher_fp32": _method("(a) teacher fp32", 3e5),
+            "teacher_int8_dynamic": _method("(b) teacher int8", 8e4),
+            "independent_students": _method(
+                "(c) independent students", 7e3, extrapolated=True, subset_size=3, fleet_auto_on_same_subset=subset
+            ),
+            "fleet_auto": _method("(d) fleet auto", 130.0, bits_campaigns={"1": 0, "2": 1, "4": 2, "8": 1, "16": 0}),
+        },
+        "real_run": {
+            "stage_seconds": {"soft_labels": 5.0, "backbone": 4.0, "heads": 2.0},
+            "registration_and_overhead_seconds": 1.5,
+            "wall_seconds": 12.5,
+            "total_over_floor": 2.5,
+            "run_over_floor": 2.2,
+            "floor_seconds": 5.0,
+        },
+        "targets": [
+            {
+                "figure": "bytes per campaign",
+                "target": "<= 128 B",
+                "value": 130.0,
+                "passed": False,
+                "source": "real run",
+            },
+            {"figure": "AUC diff median", "target": ">= -0.005", "value": -0.001, "passed": True, "source": "real run"},
+        ],
     }
     (run_dir / "results.json").write_text(json.dumps(results))
     for name in PLOTS:
@@ -259,8 +419,9 @@ def test_write_docs_rewrites_the_generated_section_only(tmp_path):
     page.write_text(original)
     results = _bench_results(tmp_path / "run")
     prose = tmp_path / "prose.json"
-    prose.write_text(json.dumps({"status": "A made-up run.", "why": {"bytes per": "Too few campaigns."},
-                                 "notes": "Caveats."}))
+    prose.write_text(
+        json.dumps({"status": "A made-up run.", "why": {"bytes per": "Too few campaigns."}, "notes": "Caveats."})
+    )
     argv = ["bench", "--write-docs", str(results), "--docs", str(page), "--docs-prose", str(prose)]
     assert main(argv) == 0
     text = page.read_text()

@@ -48,8 +48,13 @@ def ref_lookup(table: bytes, cells: int, cell_bits: int, value_bits: int, seed: 
 
 
 @settings(max_examples=40, deadline=None)
-@given(data=st.data(), n=st.integers(0, 300), value_bits=st.integers(1, 8), check_bits=st.integers(0, 6),
-       seed=st.integers(0, 2**64 - 1))
+@given(
+    data=st.data(),
+    n=st.integers(0, 300),
+    value_bits=st.integers(1, 8),
+    check_bits=st.integers(0, 6),
+    seed=st.integers(0, 2**64 - 1),
+)
 def test_every_stored_key_returns_its_value(data, n, value_bits, check_bits, seed):
     keys = data.draw(st.lists(st.integers(0, 2**64 - 1), min_size=n, max_size=n, unique=True))
     values = data.draw(st.lists(st.integers(1, 2**value_bits - 1), min_size=n, max_size=n))
@@ -57,8 +62,9 @@ def test_every_stored_key_returns_its_value(data, n, value_bits, check_bits, see
     assert f.lookup(np.array(keys, np.uint64)).tolist() == values
     stored = f.to_bytes()
     assert len(stored) == (f.cells * f.cell_bits + 7) // 8
-    packed = lookup_packed(stored, np.array(keys, np.uint64), seed=f.seed, value_bits=value_bits,
-                           cell_bits=f.cell_bits, cells=f.cells)
+    packed = lookup_packed(
+        stored, np.array(keys, np.uint64), seed=f.seed, value_bits=value_bits, cell_bits=f.cell_bits, cells=f.cells
+    )
     assert packed.tolist() == values
     again = BloomierFilter.from_bytes(stored, seed=f.seed, value_bits=value_bits, check_bits=check_bits, cells=f.cells)
     np.testing.assert_array_equal(again.table, f.table)

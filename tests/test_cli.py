@@ -18,15 +18,34 @@ def test_every_documented_command_exists():
     commands = parser._subparsers._group_actions[0].choices
     assert {"synth", "compress", "serve", "predict", "inspect", "promote", "rollback", "versions"} <= set(commands)
     compress_flags = {s for a in commands["compress"]._actions for s in a.option_strings}
-    assert {"--teachers", "--events", "--store", "--fleet", "--tracking-uri", "--bits", "--run-id", "--address",
-            "--retrain-backbone", "--config", "--storage-options", "--codec"} <= compress_flags
+    assert {
+        "--teachers",
+        "--events",
+        "--store",
+        "--fleet",
+        "--tracking-uri",
+        "--bits",
+        "--run-id",
+        "--address",
+        "--retrain-backbone",
+        "--config",
+        "--storage-options",
+        "--codec",
+    } <= compress_flags
     codec = next(a for a in commands["compress"]._actions if "--codec" in a.option_strings)
     assert codec.choices == ["packed", "bloomier"] and codec.default is None  # None: the config's (packed)
 
 
-@pytest.mark.parametrize("argv", [["compress"], ["compress", "--teachers", "x", "--events", "y", "--bits", "3"],
-                                  ["compress", "--teachers", "x", "--events", "y", "--codec", "zip"],
-                                  ["synth", "--campaigns", "x", "--out", "o"], ["nope"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["compress"],
+        ["compress", "--teachers", "x", "--events", "y", "--bits", "3"],
+        ["compress", "--teachers", "x", "--events", "y", "--codec", "zip"],
+        ["synth", "--campaigns", "x", "--out", "o"],
+        ["nope"],
+    ],
+)
 def test_usage_errors_exit_2(argv):
     with pytest.raises(SystemExit) as info:
         main(argv)
@@ -34,8 +53,23 @@ def test_usage_errors_exit_2(argv):
 
 
 def test_bad_storage_options_is_a_usage_error():
-    out = subprocess.run([sys.executable, "-m", "fleet.cli.main", "compress", "--teachers", "t", "--events", "e",
-                          "--storage-options", "{not json"], capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fleet.cli.main",
+            "compress",
+            "--teachers",
+            "t",
+            "--events",
+            "e",
+            "--storage-options",
+            "{not json",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert out.returncode == 2 and "JSON" in out.stderr
 
 
@@ -60,8 +94,17 @@ def test_missing_teachers_is_a_usage_error_before_ray(tmp_path, monkeypatch, cap
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     events = pa.table({"campaign_id": ["a"], "event_types": [[1]], "features": [[0.0]], "label": [1]})
     write_events(str(tmp_path / "ev"), events)  # valid events: the teachers are what is missing
-    code = main(["compress", "--teachers", str(tmp_path / "none"), "--events", str(tmp_path / "ev"),
-                 "--store", str(tmp_path / "store")])
+    code = main(
+        [
+            "compress",
+            "--teachers",
+            str(tmp_path / "none"),
+            "--events",
+            str(tmp_path / "ev"),
+            "--store",
+            str(tmp_path / "store"),
+        ]
+    )
     assert code == 2
     out = capsys.readouterr()
     assert "usage error" in out.err and f"{tmp_path / 'none'}: --teachers: teacher root does not exist" in out.err
@@ -82,8 +125,12 @@ def test_memory_uri_is_a_usage_error_before_ray(tmp_path, monkeypatch, capsys, f
     events = pa.table({"campaign_id": ["a"], "event_types": [[1]], "features": [[0.0]], "label": [1]})
     write_events(str(tmp_path / "ev"), events)
     (tmp_path / "teachers").mkdir()
-    uris = {"--teachers": str(tmp_path / "teachers"), "--events": str(tmp_path / "ev"), "--store": str(tmp_path / "s"),
-            flag: "memory://fleet-test/x"}
+    uris = {
+        "--teachers": str(tmp_path / "teachers"),
+        "--events": str(tmp_path / "ev"),
+        "--store": str(tmp_path / "s"),
+        flag: "memory://fleet-test/x",
+    }
     code = main(["compress", *[a for kv in uris.items() for a in kv], "--no-register", "--no-parent"])
     assert code == 2
     err = capsys.readouterr().err
@@ -173,12 +220,21 @@ def test_reading_a_version_starts_no_arrow_thread(tmp_path):
     from test_serving import build_version
 
     built = build_version(str(tmp_path / "store"), num_campaigns=5)
-    write_events(str(tmp_path / "ev"), pa.table({"campaign_id": ["a", "b"], "event_types": [[1], [2, 3]],
-                                                 "features": [[0.0], [0.0, 1.0]], "label": [1, 0]}))
+    write_events(
+        str(tmp_path / "ev"),
+        pa.table(
+            {"campaign_id": ["a", "b"], "event_types": [[1], [2, 3]], "features": [[0.0], [0.0, 1.0]], "label": [1, 0]}
+        ),
+    )
     events = next((tmp_path / "ev").rglob("*.parquet"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torch's own pool is not what this counts
-    out = subprocess.run([sys.executable, "-c", _THREAD_PROBE, built.uri, built.ids[0], str(tmp_path / "store"),
-                          str(events)], capture_output=True, text=True, check=False, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", _THREAD_PROBE, built.uri, built.ids[0], str(tmp_path / "store"), str(events)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     probe = json.loads(out.stdout.strip().splitlines()[-1])
     assert probe == {"new_threads": 0, "rows": 2, "heads": 5}
@@ -206,18 +262,31 @@ def test_version_is_the_installed_distribution_s():
 
     from fleet.cli.main import DISTRIBUTION
 
-    out = subprocess.run([sys.executable, "-m", "fleet.cli.main", "--version"], capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "fleet.cli.main", "--version"], capture_output=True, text=True, check=False
+    )
     assert out.returncode == 0 and out.stdout == f"fleet {metadata.version(DISTRIBUTION)}\n"
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["versions", "--help"], ["diff", "--help"], ["gc", "--help"], ["report", "--help"],
-                                  ["completion", "--help"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["versions", "--help"],
+        ["diff", "--help"],
+        ["gc", "--help"],
+        ["report", "--help"],
+        ["completion", "--help"],
+    ],
+)
 def test_help_imports_no_heavy_module(argv):
     """`fleet --help` (and the registry commands' help) import neither torch, Ray, MLflow, pyarrow nor the bench:
     each command's arguments and modules are loaded only when that command runs."""
-    code = ("import sys\nfrom fleet.cli.main import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
-            "    assert e.code == 0, e.code\nheavy = ('torch', 'ray', 'mlflow', 'pyarrow', 'numpy', 'fsspec', 'fleet.bench')\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m == 'fleet.bench'), file=sys.stderr)")
+    code = (
+        "import sys\nfrom fleet.cli.main import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+        "    assert e.code == 0, e.code\nheavy = ('torch', 'ray', 'mlflow', 'pyarrow', 'numpy', 'fsspec', 'fleet.bench')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m == 'fleet.bench'), file=sys.stderr)"
+    )
     out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stderr.strip() == "[]" and "usage: fleet" in out.stdout
@@ -245,8 +314,10 @@ def test_every_option_shows_its_default():
 def _complete(script: str, words: list[str]) -> list[str]:
     """COMPREPLY of the generated bash completion for the command line ``words`` (the last one is completed)."""
     line = " ".join(f"'{w}'" for w in words)
-    shell = (f"{script}\nCOMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; _fleet_complete; "
-             'printf "%s\\n" "${COMPREPLY[@]}"')
+    shell = (
+        f"{script}\nCOMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; _fleet_complete; "
+        'printf "%s\\n" "${COMPREPLY[@]}"'
+    )
     out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, check=True)
     return [w for w in out.stdout.splitlines() if w]
 
@@ -285,27 +356,62 @@ def test_compress_and_versions_json(tmp_path, monkeypatch, capsys, sqlite_tracki
     built = build_version(str(store), "night-1", num_campaigns=3)
     folder = store / "adfleet" / "versions" / "night-1"
     registry.register_version(
-        fleet_name="adfleet", manifest_uri=built.uri, version_id="night-1",
-        local_artifacts={"manifest.json": str(folder / "manifest.json"),
-                         "backbone.safetensors": str(folder / "backbone.safetensors")},
-        params={}, metrics={"campaigns": 3, "fidelity_kl_median": 0.0, "fidelity_mean_ratio_within_10pct_share": 1.0,
-                            "quarantine_share": 0.0, "fidelity_auc_diff_median": 0.0, "fidelity_auc_diff_p10": 0.0},
-        plots={}, tracking_uri=sqlite_tracking_uri)
+        fleet_name="adfleet",
+        manifest_uri=built.uri,
+        version_id="night-1",
+        local_artifacts={
+            "manifest.json": str(folder / "manifest.json"),
+            "backbone.safetensors": str(folder / "backbone.safetensors"),
+        },
+        params={},
+        metrics={
+            "campaigns": 3,
+            "fidelity_kl_median": 0.0,
+            "fidelity_mean_ratio_within_10pct_share": 1.0,
+            "quarantine_share": 0.0,
+            "fidelity_auc_diff_median": 0.0,
+            "fidelity_auc_diff_p10": 0.0,
+        },
+        plots={},
+        tracking_uri=sqlite_tracking_uri,
+    )
     events = pa.table({"campaign_id": ["a"], "event_types": [[1]], "features": [[0.0]], "label": [1]})
     write_events(str(tmp_path / "ev"), events)
     (tmp_path / "teachers").mkdir()
-    code = main(["compress", "--teachers", str(tmp_path / "teachers"), "--events", str(tmp_path / "ev"), "--store",
-                 str(store), "--run-id", "night-1", "--tracking-uri", sqlite_tracking_uri, "--json"])
+    code = main(
+        [
+            "compress",
+            "--teachers",
+            str(tmp_path / "teachers"),
+            "--events",
+            str(tmp_path / "ev"),
+            "--store",
+            str(store),
+            "--run-id",
+            "night-1",
+            "--tracking-uri",
+            sqlite_tracking_uri,
+            "--json",
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     summary = json.loads(out.out)  # stdout is the JSON document only
     assert summary["version_id"] == "night-1" and summary["exit_code"] == 0 and summary["rejects"] == []
-    assert summary["registered"] == {"name": "adfleet", "version": "1", "run_id": summary["registered"]["run_id"],
-                                     "existing": True, "champion": True, "gate": "passed", "gate_reasons": [],
-                                     "gate_notes": []}
+    assert summary["registered"] == {
+        "name": "adfleet",
+        "version": "1",
+        "run_id": summary["registered"]["run_id"],
+        "existing": True,
+        "champion": True,
+        "gate": "passed",
+        "gate_reasons": [],
+        "gate_notes": [],
+    }
     assert summary["metrics"] == {"campaigns": 3} and summary["manifest_uri"] == built.uri
 
     assert main(["versions", "adfleet", "--tracking-uri", sqlite_tracking_uri, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["version"], r["version_id"], r["aliases"], r["gate"]) for r in rows] == [
-        ("1", "night-1", ["champion"], "passed")]
+        ("1", "night-1", ["champion"], "passed")
+    ]

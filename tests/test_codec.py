@@ -61,8 +61,17 @@ PINNED_HEADS_SCHEMA = pa.schema(
     metadata={"format": "fleet-heads/1.1"},
 )
 #: The columns fleet-heads/1.1 added to fleet-heads/1 (= 1.0), at the end.
-V11_COLUMNS = ["kl", "brier_vs_teacher", "mean_ratio", "student_log_loss", "teacher_log_loss", "student_brier",
-               "teacher_brier", "student_ece", "teacher_ece"]
+V11_COLUMNS = [
+    "kl",
+    "brier_vs_teacher",
+    "mean_ratio",
+    "student_log_loss",
+    "teacher_log_loss",
+    "student_brier",
+    "teacher_brier",
+    "student_ece",
+    "teacher_ece",
+]
 
 PINNED_REJECTS_SCHEMA = pa.schema(
     [
@@ -78,7 +87,7 @@ def test_heads_schema_is_pinned():
     # Changing this schema is a format change: bump HEADS_FORMAT and update docs/storage.md.
     assert HEADS_FORMAT == "fleet-heads/1.1"
     assert HEADS_SCHEMA.equals(PINNED_HEADS_SCHEMA, check_metadata=True), HEADS_SCHEMA
-    assert HEADS_SCHEMA.names[-len(V11_COLUMNS):] == V11_COLUMNS == list(CALIBRATION_KEYS)
+    assert HEADS_SCHEMA.names[-len(V11_COLUMNS) :] == V11_COLUMNS == list(CALIBRATION_KEYS)
 
 
 def test_rejects_schema_is_pinned():
@@ -137,9 +146,16 @@ def make_head(campaign_id: str, q, bits: int, scales, group_size: int, shape=Non
         packed, scale_bytes = ref_pack(q_to_codes(q, bits), bits), np.asarray(scales, "<f2").tobytes()
     mask_bytes = None if mask is None else np.packbits(np.asarray(mask, bool), bitorder="little").tobytes()
     return HeadRow(
-        campaign_id=campaign_id, bits=bits, shape=shape, group_size=group_size, packed=packed,
-        scales=scale_bytes, mask=mask_bytes, teacher_sha256=sha("t" + campaign_id),
-        data_fingerprint=sha("d" + campaign_id)[:16], **kw,
+        campaign_id=campaign_id,
+        bits=bits,
+        shape=shape,
+        group_size=group_size,
+        packed=packed,
+        scales=scale_bytes,
+        mask=mask_bytes,
+        teacher_sha256=sha("t" + campaign_id),
+        data_fingerprint=sha("d" + campaign_id)[:16],
+        **kw,
     )
 
 
@@ -172,8 +188,21 @@ CASES = [
 
 def all_heads() -> list[HeadRow]:
     return [
-        make_head(cid, q, bits, scales, gs, shape, mask, teacher_auc=0.75, student_auc=0.7421875,
-                  mean_abs_diff=0.015625, agreement=0.984375, n_train=100, n_holdout=20)
+        make_head(
+            cid,
+            q,
+            bits,
+            scales,
+            gs,
+            shape,
+            mask,
+            teacher_auc=0.75,
+            student_auc=0.7421875,
+            mean_abs_diff=0.015625,
+            agreement=0.984375,
+            n_train=100,
+            n_holdout=20,
+        )
         for cid, q, bits, scales, gs, shape, mask in CASES
     ]
 
@@ -182,11 +211,15 @@ def all_heads() -> list[HeadRow]:
 # COPY of the snippet in docs/storage.md ("Decoding a head without fleet"); it uses only numpy and
 # pyarrow.compute, never fleet. test_docs_decoder_matches_this_copy keeps the two identical.
 
+
 def decode_head(table, campaign_id):
     row = table.filter(pc.field("campaign_id") == campaign_id).to_pylist()[0]
     n, bits = int(np.prod(row["shape"])), row["bits"]
-    keep = np.ones(n, bool) if row["mask"] is None else np.unpackbits(
-        np.frombuffer(row["mask"], np.uint8), bitorder="little")[:n].astype(bool)
+    keep = (
+        np.ones(n, bool)
+        if row["mask"] is None
+        else np.unpackbits(np.frombuffer(row["mask"], np.uint8), bitorder="little")[:n].astype(bool)
+    )
     k = int(keep.sum())
     if bits == 16:  # float16 values, no codes
         values = np.frombuffer(row["packed"], "<f2").astype(np.float32)
@@ -285,14 +318,24 @@ def test_table_to_heads_tolerates_a_newer_minor_version():
     assert [h.campaign_id for h in back] == table.column("campaign_id").to_pylist()
 
 
-CALIBRATION = {"kl": 0.0078125, "brier_vs_teacher": 0.0009765625, "mean_ratio": 1.03125, "student_log_loss": 0.40625,
-               "teacher_log_loss": 0.390625, "student_brier": 0.125, "teacher_brier": 0.1171875,
-               "student_ece": 0.03125, "teacher_ece": 0.015625}  # exact in float32
+CALIBRATION = {
+    "kl": 0.0078125,
+    "brier_vs_teacher": 0.0009765625,
+    "mean_ratio": 1.03125,
+    "student_log_loss": 0.40625,
+    "teacher_log_loss": 0.390625,
+    "student_brier": 0.125,
+    "teacher_brier": 0.1171875,
+    "student_ece": 0.03125,
+    "teacher_ece": 0.015625,
+}  # exact in float32
 
 
 def test_heads_round_trip_with_calibration_fields():
-    heads = [make_head("a", [1, -1, 0], 2, [1.0], 64, status="fallback", **CALIBRATION),
-             make_head("b", [1, 0, 0], 2, [1.0], 64, kl=0.25)]  # the other fields stay None
+    heads = [
+        make_head("a", [1, -1, 0], 2, [1.0], 64, status="fallback", **CALIBRATION),
+        make_head("b", [1, 0, 0], 2, [1.0], 64, kl=0.25),
+    ]  # the other fields stay None
     table = heads_to_table(heads)
     assert table.column("kl").type == pa.float32() and table.column("mean_ratio").to_pylist() == [1.03125, None]
     back = table_to_heads(table)
@@ -310,8 +353,10 @@ def _v10_table(heads) -> pa.Table:
 def test_a_fleet_heads_1_0_table_reads_with_the_new_fields_none(tmp_path):
     import pyarrow.parquet as pq
 
-    heads = [make_head("a", [1, -1, 0], 2, [1.0], 64, teacher_auc=0.75, **CALIBRATION),
-             make_head("b", [1, 0, 0], 2, [1.0], 64)]
+    heads = [
+        make_head("a", [1, -1, 0], 2, [1.0], 64, teacher_auc=0.75, **CALIBRATION),
+        make_head("b", [1, 0, 0], 2, [1.0], 64),
+    ]
     old = _v10_table(heads)
     assert old.schema.names == HEADS_SCHEMA.names[: -len(V11_COLUMNS)]
     pq.write_table(old, tmp_path / "part-00000.parquet")
@@ -388,8 +433,7 @@ def test_validate_heads_table_sorts_and_checks_ids():
     assert validate_heads_table(shuffled).equals(table)
     with pytest.raises(StoreError, match="duplicate"):
         validate_heads_table(pa.concat_tables([table, table.slice(0, 1)]))
-    bad = table.set_column(0, HEADS_SCHEMA.field("campaign_id"),
-                           pa.array(["ok"] * 6 + ["bad id"], pa.string()))
+    bad = table.set_column(0, HEADS_SCHEMA.field("campaign_id"), pa.array(["ok"] * 6 + ["bad id"], pa.string()))
     with pytest.raises(StoreError, match="bad id"):
         validate_heads_table(bad)
     with pytest.raises(StoreError, match="does not match"):
@@ -404,13 +448,16 @@ def test_check_format_accepts_same_major(fmt):
     assert check_format(fmt) == fmt
 
 
-@pytest.mark.parametrize("fmt, message", [
-    ("fleet-heads/2", "unsupported major version 'fleet-heads/2'"),
-    ("fleet-heads/0.9", "unsupported major version"),
-    ("fleet-teacher/1", "unknown format"),
-    ("fleet-heads", "unknown format"),
-    (None, "unknown format"),
-])
+@pytest.mark.parametrize(
+    "fmt, message",
+    [
+        ("fleet-heads/2", "unsupported major version 'fleet-heads/2'"),
+        ("fleet-heads/0.9", "unsupported major version"),
+        ("fleet-teacher/1", "unknown format"),
+        ("fleet-heads", "unknown format"),
+        (None, "unknown format"),
+    ],
+)
 def test_check_format_refuses_other_formats_naming_the_path(fmt, message):
     with pytest.raises(StoreError, match=message) as err:
         check_format(fmt, "fleet-heads/1", path="s3://b/v/manifest.json")
@@ -422,11 +469,13 @@ def test_check_format_refuses_other_formats_naming_the_path(fmt, message):
 
 def test_rejects_table_from_tuples_and_dataclasses():
     long_bad_id = "x/" * 300
-    table = rejects_to_table([
-        ("c2", "soft_labels", "teacher missing"),
-        RejectRow("c1", "heads", "NaN loss"),
-        (long_bad_id, "validate", "invalid campaign id"),
-    ])
+    table = rejects_to_table(
+        [
+            ("c2", "soft_labels", "teacher missing"),
+            RejectRow("c1", "heads", "NaN loss"),
+            (long_bad_id, "validate", "invalid campaign id"),
+        ]
+    )
     assert table.schema.equals(REJECTS_SCHEMA, check_metadata=True)
     rows = table_to_rejects(table)
     assert [r.campaign_id for r in rows] == ["c1", "c2", long_bad_id[:256]]

@@ -34,10 +34,27 @@ from fleet.serve.serving import FleetModel
 from fleet.storage.store import VersionWriter
 from fleet.synthetic.synth import SynthConfig, campaign_ids, generate
 
-SYNTH = SynthConfig(campaigns=4, seed=5, arch="gru", hidden_size=8, num_layers=1, embed_dim=4, num_event_types=8,
-                    num_features=4, min_sequences=200, max_sequences=300)
-CONFIG = CompressConfig(hidden_size=8, embed_dim=4, backbone_steps=30, backbone_eval_every=10,
-                        backbone_batch_size=64, head_steps=40, campaigns_per_task=2)  # 2 shards of 2 campaigns
+SYNTH = SynthConfig(
+    campaigns=4,
+    seed=5,
+    arch="gru",
+    hidden_size=8,
+    num_layers=1,
+    embed_dim=4,
+    num_event_types=8,
+    num_features=4,
+    min_sequences=200,
+    max_sequences=300,
+)
+CONFIG = CompressConfig(
+    hidden_size=8,
+    embed_dim=4,
+    backbone_steps=30,
+    backbone_eval_every=10,
+    backbone_batch_size=64,
+    head_steps=40,
+    campaigns_per_task=2,
+)  # 2 shards of 2 campaigns
 IDS = campaign_ids(SYNTH.campaigns)
 BROKEN = IDS[-1]  # its teacher's weights file is corrupt: stage 1 rejects the campaign
 GOOD = IDS[:-1]
@@ -58,8 +75,15 @@ def run(tmp_path_factory):
             teacher.readout.weight.mul_(4.0)  # logits that vary (std about 0.5 here), not all near 0
         save_teacher(teachers_uri, teacher, SYNTH.teacher_config(campaign_id))
     (root / "teachers" / BROKEN / WEIGHTS_FILE).write_bytes(b"not a safetensors file")
-    plan = make_plan(teachers_uri, events_uri, CONFIG, run_settings(CONFIG, teachers_uri, events_uri), parent=None,
-                     retrain_backbone=True, num_cpus=1)
+    plan = make_plan(
+        teachers_uri,
+        events_uri,
+        CONFIG,
+        run_settings(CONFIG, teachers_uri, events_uri),
+        parent=None,
+        retrain_backbone=True,
+        num_cpus=1,
+    )
     ctx = StageContext(teachers_uri, events_uri, CONFIG, plan.num_event_types, plan.num_features)
 
     # stage 1 (pipeline._soft_labels_stage, _soft_labels_task): the backbone sample takes the quotas of the ok ones
@@ -74,14 +98,28 @@ def run(tmp_path_factory):
     # stage 2 (pipeline._backbone_task)
     backbone, backbone_stats = train_backbone(sample, ctx)
     # stages 3-5 (pipeline._heads_stage, _heads_task): the campaigns stage 1 passed, with their hashes
-    hashes = {c: [t, d] for c, s, t, d in zip(*(status[k].to_pylist() for k in
-                                                ("campaign_id", "status", "teacher_sha256", "data_fingerprint")))
-              if s == "ok"}
-    heads = pa.concat_tables([fit_heads_shard(job, ctx, soft[job.shard], backbone)
-                              for job in plan.head_jobs(hashes, set())])
-    return {"jobs": jobs, "soft": pa.concat_tables(soft.values()), "status": status, "sample": sample,
-            "backbone": backbone, "backbone_stats": backbone_stats, "heads": heads, "events": events_uri,
-            "teachers": teachers_uri, "root": root}
+    hashes = {
+        c: [t, d]
+        for c, s, t, d in zip(
+            *(status[k].to_pylist() for k in ("campaign_id", "status", "teacher_sha256", "data_fingerprint"))
+        )
+        if s == "ok"
+    }
+    heads = pa.concat_tables(
+        [fit_heads_shard(job, ctx, soft[job.shard], backbone) for job in plan.head_jobs(hashes, set())]
+    )
+    return {
+        "jobs": jobs,
+        "soft": pa.concat_tables(soft.values()),
+        "status": status,
+        "sample": sample,
+        "backbone": backbone,
+        "backbone_stats": backbone_stats,
+        "heads": heads,
+        "events": events_uri,
+        "teachers": teachers_uri,
+        "root": root,
+    }
 
 
 def _campaign(table: pa.Table, campaign_id: str) -> pa.Table:
@@ -143,8 +181,9 @@ def test_stage_three_gives_every_good_campaign_a_head_that_tracks_its_teacher(ru
         assert row["n_holdout"] == pc.sum(pc.equal(mine["split"], HOLDOUT)).as_py() > 0
         fit = mine.filter(pc.equal(mine["split"], FIT))
         table = events[campaign_id].take(fit["row"])
-        p_student = model.predict_columns(campaign_id, table["event_types"].to_pylist(),
-                                          table["features"].to_pylist())  # (n,)
+        p_student = model.predict_columns(
+            campaign_id, table["event_types"].to_pylist(), table["features"].to_pylist()
+        )  # (n,)
         p_teacher = 1.0 / (1.0 + np.exp(-fit["teacher_logit"].to_numpy().astype(np.float64)))  # (n,)
         student_error = np.mean((p_student - p_teacher) ** 2)
         constant_error = np.mean((p_teacher.mean() - p_teacher) ** 2)

@@ -20,9 +20,15 @@ from fleet.formats.codec import heads_to_table, table_to_heads
 from fleet.storage import registry
 from fleet.storage.store import FleetVersion, VersionWriter
 
-AGREEMENT = {"fidelity_kl_median": 0.001, "fidelity_mean_ratio_within_10pct_share": 1.0, "campaigns": 10,
-             "campaigns_status_fallback": 0, "quarantine_share": 0.0, "fidelity_auc_diff_median": 0.0,
-             "fidelity_auc_diff_p10": 0.0}
+AGREEMENT = {
+    "fidelity_kl_median": 0.001,
+    "fidelity_mean_ratio_within_10pct_share": 1.0,
+    "campaigns": 10,
+    "campaigns_status_fallback": 0,
+    "quarantine_share": 0.0,
+    "fidelity_auc_diff_median": 0.0,
+    "fidelity_auc_diff_p10": 0.0,
+}
 
 
 def _derive(a: FleetVersion, store: str, version_id: str) -> str:
@@ -32,8 +38,9 @@ def _derive(a: FleetVersion, store: str, version_id: str) -> str:
     rows = {r.campaign_id: r for r in table_to_heads(a.read_heads())}
     new = dict(rows)
     del new["camp-0000"]
-    new["camp-0100"] = dataclasses.replace(rows["camp-0002"], campaign_id="camp-0100",
-                                           teacher_sha256=hashlib.sha256(b"t100").digest())
+    new["camp-0100"] = dataclasses.replace(
+        rows["camp-0002"], campaign_id="camp-0100", teacher_sha256=hashlib.sha256(b"t100").digest()
+    )
     content = ("bits", "shape", "group_size", "packed", "scales", "mask")
 
     def head_of(target, source, **kw):
@@ -45,10 +52,14 @@ def _derive(a: FleetVersion, store: str, version_id: str) -> str:
     new = {cid: dataclasses.replace(r, kl=0.03125 if cid == "camp-0010" else 0.0078125) for cid, r in new.items()}
     writer = VersionWriter(store, "adfleet", version_id)
     writer.write_backbone_bytes(a.read_backbone_bytes())
-    writer.write_heads(heads_to_table(sorted(new.values(), key=lambda r: r.campaign_id)), rows_per_part=4,
-                       row_group_size=2)
-    return writer.commit(config={**a.manifest["config"], "bits": 4}, lineage={"parent_version": a.version_id},
-                         metrics={"campaigns": len(new)})
+    writer.write_heads(
+        heads_to_table(sorted(new.values(), key=lambda r: r.campaign_id)), rows_per_part=4, row_group_size=2
+    )
+    return writer.commit(
+        config={**a.manifest["config"], "bits": 4},
+        lineage={"parent_version": a.version_id},
+        metrics={"campaigns": len(new)},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +91,9 @@ def test_diff_counts_campaigns_bits_fidelity_and_size(versions):
     assert result["fidelity"]["kl"]["a"]["n"] == 0 and result["fidelity"]["kl"]["b"]["median"] == 0.0078125
     assert result["fidelity"]["auc_diff"]["a"]["median"] == pytest.approx(0.734375 - 0.75)
     # no campaign has a KL in A: the campaigns that got worse are ranked by mean |p_s - p_t|
-    assert result["most_worse"] == [{"campaign_id": "camp-0010", "metric": "mean_abs_diff", "a": 0.015625,
-                                     "b": 0.0625, "delta": 0.046875}]
+    assert result["most_worse"] == [
+        {"campaign_id": "camp-0010", "metric": "mean_abs_diff", "a": 0.015625, "b": 0.0625, "delta": 0.046875}
+    ]
     sa, sb = (version_summary(FleetVersion.open(versions[k])) for k in ("a", "b"))
     for key in ("bytes", "heads_bytes", "backbone_bytes"):
         assert result["size"][key] == {"a": sa[key], "b": sb[key], "delta": sb[key] - sa[key]}
@@ -103,10 +115,18 @@ def test_fleet_diff_resolves_aliases_and_versions_like_inspect(versions, tmp_pat
     for vid in ("va", "vb"):
         folder = f"{versions['store']}/adfleet/versions/{vid}"
         registry.register_version(
-            fleet_name="adfleet", manifest_uri=f"{folder}/manifest.json", version_id=vid,
-            local_artifacts={"manifest.json": f"{folder}/manifest.json",
-                             "backbone.safetensors": f"{folder}/backbone.safetensors"},
-            params={}, metrics=AGREEMENT, plots={}, tracking_uri=sqlite_tracking_uri)
+            fleet_name="adfleet",
+            manifest_uri=f"{folder}/manifest.json",
+            version_id=vid,
+            local_artifacts={
+                "manifest.json": f"{folder}/manifest.json",
+                "backbone.safetensors": f"{folder}/backbone.safetensors",
+            },
+            params={},
+            metrics=AGREEMENT,
+            plots={},
+            tracking_uri=sqlite_tracking_uri,
+        )
     registry.promote("adfleet", "1", sqlite_tracking_uri)  # champion = A
     code = main(["diff", "champion", "2", "--fleet", "adfleet", "--tracking-uri", sqlite_tracking_uri, "--json"])
     out = capsys.readouterr()
@@ -117,8 +137,16 @@ def test_fleet_diff_resolves_aliases_and_versions_like_inspect(versions, tmp_pat
     assert result["campaigns"]["refit"] == 3
 
     # the human table, from the console script, on stdout; the same figures
-    env_argv = [sys.executable, "-m", "fleet.cli.main", "diff", "models:/adfleet@champion", "models:/adfleet/2",
-                "--tracking-uri", sqlite_tracking_uri]
+    env_argv = [
+        sys.executable,
+        "-m",
+        "fleet.cli.main",
+        "diff",
+        "models:/adfleet@champion",
+        "models:/adfleet/2",
+        "--tracking-uri",
+        sqlite_tracking_uri,
+    ]
     run = subprocess.run(env_argv, capture_output=True, text=True, check=False, env={**os.environ, "COLUMNS": "200"})
     assert run.returncode == 0, run.stderr
     assert "A = va (model version 1, @champion) -> B = vb (model version 2)" in run.stdout

@@ -60,7 +60,8 @@ def _sequences(n: int, t: int, seed: int, labels: torch.Tensor | None = None) ->
 
 
 @pytest.mark.parametrize(
-    "bad", [{"loss": "mse"}, {"temperature": 0.0}, {"hard_label_weight": 1.5}, {"distance_weight": -1.0}, {"head_l2": -0.1}]
+    "bad",
+    [{"loss": "mse"}, {"temperature": 0.0}, {"hard_label_weight": 1.5}, {"distance_weight": -1.0}, {"head_l2": -0.1}],
 )
 def test_distill_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
@@ -163,13 +164,20 @@ def _toy_backbone_problem(num_campaigns: int = 3, n: int = 192):
     campaign_index = torch.arange(n) % num_campaigns
     with torch.no_grad():
         teacher_logits = 3 * teacher(batch.event_types, batch.features, batch.lengths, campaign_index)
-    batches = [(batch.select(slice(i, i + 32)), campaign_index[i : i + 32], teacher_logits[i : i + 32]) for i in range(0, n, 32)]
+    batches = [
+        (batch.select(slice(i, i + 32)), campaign_index[i : i + 32], teacher_logits[i : i + 32])
+        for i in range(0, n, 32)
+    ]
     return config, batch, campaign_index, teacher_logits, batches
 
 
 def _eval_loss(student, batch, campaign_index, teacher_logits, config) -> float:
     with torch.no_grad():
-        return float(distill_loss(student(batch.event_types, batch.features, batch.lengths, campaign_index), teacher_logits, None, config))
+        return float(
+            distill_loss(
+                student(batch.event_types, batch.features, batch.lengths, campaign_index), teacher_logits, None, config
+            )
+        )
 
 
 def test_fit_backbone_reduces_loss_and_respects_steps():
@@ -178,7 +186,9 @@ def test_fit_backbone_reduces_loss_and_respects_steps():
     distill_config = DistillConfig()
     before = _eval_loss(student, batch, campaign_index, teacher_logits, distill_config)
     seen = []
-    out = fit_backbone(student, batches, distill_config, epochs=10, lr=1e-2, seed=0, progress=lambda s, loss: seen.append((s, loss)))
+    out = fit_backbone(
+        student, batches, distill_config, epochs=10, lr=1e-2, seed=0, progress=lambda s, loss: seen.append((s, loss))
+    )
     after = _eval_loss(out, batch, campaign_index, teacher_logits, distill_config)
     assert out is student and not out.training
     assert [s for s, _ in seen] == list(range(1, 61))  # 6 batches x 10 epochs, the list re-iterated
@@ -214,7 +224,9 @@ def test_fit_backbone_qat_hook_reaches_recurrent_weights():
 
     before = student.backbone.rnn.weight_hh_l0.detach().clone()
     losses = []
-    fit_backbone(student, batches[:2], DistillConfig(), epochs=1, fake_quant=ste, progress=lambda s, loss: losses.append(loss))
+    fit_backbone(
+        student, batches[:2], DistillConfig(), epochs=1, fake_quant=ste, progress=lambda s, loss: losses.append(loss)
+    )
     assert (3 * config.hidden_size, config.hidden_size) in calls  # weight_hh of the GRU went through the hook
     assert not torch.equal(before, student.backbone.rnn.weight_hh_l0)
     assert all(torch.isfinite(torch.tensor(losses)))
@@ -232,8 +244,17 @@ def test_fit_backbone_stops_early_and_restores_its_best_state():
         return next(scripted)
 
     steps = []
-    fit_backbone(student, batches, DistillConfig(), epochs=100, steps=1000, validate=validate, eval_every=4,
-                 patience=3, progress=lambda s, loss: steps.append(s))
+    fit_backbone(
+        student,
+        batches,
+        DistillConfig(),
+        epochs=100,
+        steps=1000,
+        validate=validate,
+        eval_every=4,
+        patience=3,
+        progress=lambda s, loss: steps.append(s),
+    )
     assert len(steps) == 20  # 5 evaluations x 4 steps: stopped at the 3rd evaluation without improvement
     assert modes == [False] * 5  # validate runs in eval mode
     for key, value in states[1].items():  # the student is back at its best evaluated state
@@ -245,8 +266,15 @@ def test_fit_backbone_evaluates_its_last_steps_too():
     student = Student(config, 3, torch.Generator().manual_seed(0))
     losses = iter([2.0, 1.0])
     calls = []
-    fit_backbone(student, batches, DistillConfig(), epochs=100, steps=7, validate=lambda: calls.append(1) or next(losses),
-                 eval_every=5)
+    fit_backbone(
+        student,
+        batches,
+        DistillConfig(),
+        epochs=100,
+        steps=7,
+        validate=lambda: calls.append(1) or next(losses),
+        eval_every=5,
+    )
     assert len(calls) == 2  # at step 5 and after the last step (7)
 
 
@@ -271,21 +299,35 @@ def _head_problem(design: str, seed: int = 0, hidden: int = 8):
 def test_batched_head_fit_equals_fitting_campaigns_one_at_a_time(design):
     config, features, campaign_index, teacher_logits, labels, init, c = _head_problem(design)
     distill_config = DistillConfig(loss="class_distance", hard_label_weight=0.3, head_l2=0.1)
-    batched = fit_heads(features, campaign_index, teacher_logits, labels, c, config, distill_config,
-                        steps=60, init=init, chunk_size=32)
+    batched = fit_heads(
+        features, campaign_index, teacher_logits, labels, c, config, distill_config, steps=60, init=init, chunk_size=32
+    )
     assert batched.shape == (c, head_num_params(config))
     for k in range(c):
         rows = campaign_index == k
-        alone = fit_heads(features[rows], torch.zeros(int(rows.sum()), dtype=torch.long), teacher_logits[rows], labels[rows],
-                          1, config, distill_config, steps=60, init=init[k : k + 1])
+        alone = fit_heads(
+            features[rows],
+            torch.zeros(int(rows.sum()), dtype=torch.long),
+            teacher_logits[rows],
+            labels[rows],
+            1,
+            config,
+            distill_config,
+            steps=60,
+            init=init[k : k + 1],
+        )
         torch.testing.assert_close(batched[k], alone[0], rtol=0, atol=1e-4)
     torch.testing.assert_close(batched[5], init[5])  # no rows: the head keeps its init
 
 
 def test_fit_heads_is_deterministic_and_chunking_does_not_matter():
     config, features, campaign_index, teacher_logits, labels, _init, c = _head_problem("film", seed=3)
-    runs = [fit_heads(features, campaign_index, teacher_logits, labels, c, config, DistillConfig(), steps=40, seed=1, chunk_size=s)
-            for s in (4096, 4096, 16)]
+    runs = [
+        fit_heads(
+            features, campaign_index, teacher_logits, labels, c, config, DistillConfig(), steps=40, seed=1, chunk_size=s
+        )
+        for s in (4096, 4096, 16)
+    ]
     assert torch.equal(runs[0], runs[1])
     torch.testing.assert_close(runs[2], runs[0], rtol=0, atol=1e-4)
 
@@ -318,7 +360,18 @@ def test_fit_heads_qat_hook_gets_stacked_heads_and_gradients_flow():
         shapes.append(tuple(p.shape))
         return p + (torch.round(p * 8) / 8 - p).detach()
 
-    heads = fit_heads(features, campaign_index, teacher_logits, labels, c, config, DistillConfig(), steps=30, init=init, fake_quant=ste)
+    heads = fit_heads(
+        features,
+        campaign_index,
+        teacher_logits,
+        labels,
+        c,
+        config,
+        DistillConfig(),
+        steps=30,
+        init=init,
+        fake_quant=ste,
+    )
     assert shapes == [(c, head_num_params(config))] * 30
     assert not torch.equal(heads[3], init[3])  # the STE passed gradients to the float heads
     plain = fit_heads(features, campaign_index, teacher_logits, labels, c, config, DistillConfig(), steps=30, init=init)
@@ -338,11 +391,31 @@ def test_fit_heads_rejects_bad_inputs():
 def test_per_campaign_head_l2_equals_one_fit_per_strength():
     config, features, campaign_index, teacher_logits, labels, init, c = _head_problem("film", seed=5)
     strengths = torch.tensor([0.0, 10.0, 1.0, 0.0, 100.0, 1.0, 10.0])
-    mixed = fit_heads(features, campaign_index, teacher_logits, labels, c, config, DistillConfig(), steps=40,
-                      init=init, head_l2=strengths)
+    mixed = fit_heads(
+        features,
+        campaign_index,
+        teacher_logits,
+        labels,
+        c,
+        config,
+        DistillConfig(),
+        steps=40,
+        init=init,
+        head_l2=strengths,
+    )
     for value in (0.0, 1.0, 10.0, 100.0):
-        alone = fit_heads(features, campaign_index, teacher_logits, labels, c, config, DistillConfig(), steps=40,
-                          init=init, head_l2=value)
+        alone = fit_heads(
+            features,
+            campaign_index,
+            teacher_logits,
+            labels,
+            c,
+            config,
+            DistillConfig(),
+            steps=40,
+            init=init,
+            head_l2=value,
+        )
         rows = strengths == value
         torch.testing.assert_close(mixed[rows], alone[rows], rtol=0, atol=1e-5)
 
@@ -352,8 +425,9 @@ def test_prior_never_pulls_the_bias():
     the campaign's own base rate (shrinking it would drag the campaign's mean toward the fleet's)."""
     config, features, campaign_index, teacher_logits, _labels, init, c = _head_problem("film", seed=2)
     teacher_logits = teacher_logits + 3.0  # every teacher far above the anchor's base rate
-    heads = fit_heads(features, campaign_index, teacher_logits, None, c, config, DistillConfig(), steps=200,
-                      init=init, head_l2=1e6)
+    heads = fit_heads(
+        features, campaign_index, teacher_logits, None, c, config, DistillConfig(), steps=200, init=init, head_l2=1e6
+    )
     has_rows = torch.bincount(campaign_index, minlength=c) > 0
     torch.testing.assert_close(heads[:, :-1], init[:, :-1], rtol=0, atol=1e-3)
     assert bool((heads[has_rows, -1] > init[has_rows, -1] + 1.0).all())
@@ -365,10 +439,15 @@ def test_grid_selection_equals_selecting_one_campaign_at_a_time():
     grid = (0.0, 1.0, 10.0)
     kw = {"steps": 40, "init": init}
     fit = ~val
-    candidates = fit_heads_grid(features[fit], campaign_index[fit], teacher_logits[fit], labels[fit], c, config,
-                                DistillConfig(), grid, **kw)  # (G, C, P)
-    losses = torch.stack([campaign_losses(h, features[val], campaign_index[val], teacher_logits[val], c, config,
-                                          DistillConfig()) for h in candidates])  # (G, C)
+    candidates = fit_heads_grid(
+        features[fit], campaign_index[fit], teacher_logits[fit], labels[fit], c, config, DistillConfig(), grid, **kw
+    )  # (G, C, P)
+    losses = torch.stack(
+        [
+            campaign_losses(h, features[val], campaign_index[val], teacher_logits[val], c, config, DistillConfig())
+            for h in candidates
+        ]
+    )  # (G, C)
     trusted = torch.bincount(campaign_index[val], minlength=c) >= 3
     choice = select_per_campaign(losses, 1, trusted)
     for k in range(c):
@@ -376,11 +455,26 @@ def test_grid_selection_equals_selecting_one_campaign_at_a_time():
         best, best_loss = 1, None
         if int(rows_val.sum()) >= 3:
             for g, strength in enumerate(grid):
-                alone = fit_heads(features[rows_fit], torch.zeros(int(rows_fit.sum()), dtype=torch.long),
-                                  teacher_logits[rows_fit], labels[rows_fit], 1, config, DistillConfig(), steps=40,
-                                  init=init[k:k + 1], head_l2=strength)
-                loss = float(distill_loss(head_logits("film", features[rows_val], alone[0]), teacher_logits[rows_val],
-                                          None, DistillConfig()))
+                alone = fit_heads(
+                    features[rows_fit],
+                    torch.zeros(int(rows_fit.sum()), dtype=torch.long),
+                    teacher_logits[rows_fit],
+                    labels[rows_fit],
+                    1,
+                    config,
+                    DistillConfig(),
+                    steps=40,
+                    init=init[k : k + 1],
+                    head_l2=strength,
+                )
+                loss = float(
+                    distill_loss(
+                        head_logits("film", features[rows_val], alone[0]),
+                        teacher_logits[rows_val],
+                        None,
+                        DistillConfig(),
+                    )
+                )
                 if best_loss is None or loss < best_loss - 1e-6:
                     best, best_loss = g, loss
         assert int(choice[k]) == best, k
@@ -428,12 +522,32 @@ def test_row_weight_of_two_equals_the_row_twice():
     doubled = torch.arange(0, len(campaign_index), 3)  # every third row
     weights = torch.ones(len(campaign_index))
     weights[doubled] = 2.0
-    weighted = fit_heads(features, campaign_index, teacher_logits, labels, c, config, distill_config, steps=40,
-                         init=init, row_weights=weights)
+    weighted = fit_heads(
+        features,
+        campaign_index,
+        teacher_logits,
+        labels,
+        c,
+        config,
+        distill_config,
+        steps=40,
+        init=init,
+        row_weights=weights,
+    )
     rows = torch.cat([torch.arange(len(campaign_index)), doubled])
-    repeated = fit_heads(features[rows], campaign_index[rows], teacher_logits[rows], labels[rows], c, config,
-                         distill_config, steps=40, init=init)
+    repeated = fit_heads(
+        features[rows],
+        campaign_index[rows],
+        teacher_logits[rows],
+        labels[rows],
+        c,
+        config,
+        distill_config,
+        steps=40,
+        init=init,
+    )
     torch.testing.assert_close(weighted, repeated, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="row_weights"):
-        fit_heads(features, campaign_index, teacher_logits, labels, c, config, distill_config, steps=1,
-                  row_weights=-weights)
+        fit_heads(
+            features, campaign_index, teacher_logits, labels, c, config, distill_config, steps=1, row_weights=-weights
+        )

@@ -138,7 +138,9 @@ def all_commands() -> list[Command]:
 
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
 _TICKED = re.compile(r"`((?:docs|jobs|infra|fleet|tests|examples)/[A-Za-z0-9_./-]*[A-Za-z0-9_])`")
-_WORD = re.compile(r"(?<![\w/.$:-])((?:docs|jobs|infra|tests|examples|fleet)/[A-Za-z0-9_./-]*\.(?:md|py|toml|jsonl|parquet|yaml|json|png|sh))\b")
+_WORD = re.compile(
+    r"(?<![\w/.$:-])((?:docs|jobs|infra|tests|examples|fleet)/[A-Za-z0-9_./-]*\.(?:md|py|toml|jsonl|parquet|yaml|json|png|sh))\b"
+)
 
 
 def referenced_paths() -> list[tuple[str, str, pathlib.Path]]:
@@ -160,8 +162,11 @@ def referenced_paths() -> list[tuple[str, str, pathlib.Path]]:
 def test_every_path_a_doc_names_is_in_the_repo():
     refs = referenced_paths()
     assert len(refs) > 20  # the extraction finds the docs' links
-    missing = [f"{where}: {text}" for where, text, resolved in refs  # `fleet/__init__`: a module, its .py file
-               if not (resolved.exists() or resolved.with_name(resolved.name + ".py").exists())]
+    missing = [
+        f"{where}: {text}"
+        for where, text, resolved in refs  # `fleet/__init__`: a module, its .py file
+        if not (resolved.exists() or resolved.with_name(resolved.name + ".py").exists())
+    ]
     assert not missing, "docs name files that are not in the repo:\n" + "\n".join(missing)
 
 
@@ -169,8 +174,10 @@ def test_commands_are_found_with_their_lines():
     found = all_commands()
     readme = [c for c in found if c.path.name == "README.md"]
     assert readme and readme[0].text.startswith("make demo") and readme[0].line > 1
-    assert any(c.text.startswith("fleet compress --teachers") and c.text.endswith("--fleet demo") or
-               "--fleet demo " in c.text for c in readme), "a continued line is joined"
+    assert any(
+        c.text.startswith("fleet compress --teachers") and c.text.endswith("--fleet demo") or "--fleet demo " in c.text
+        for c in readme
+    ), "a continued line is joined"
     assert all(c.skip for c in found if c.text.startswith(("kubectl", "fleet bench", "make test")))
     assert [c for c in found if not c.skip], "some commands run"
 
@@ -202,8 +209,21 @@ def demo_checkout(small_fleet, tmp_path_factory):
     demo = work / "fleet-data" / "demo"
     shutil.copytree(small_fleet["root"], demo)
     tracking = f"sqlite:///{demo}/mlflow.db"
-    code = fleet_main(["compress", "--teachers", f"{demo}/teachers", "--events", f"{demo}/events",
-                       "--store", f"{demo}/store", "--fleet", "demo", "--tracking-uri", tracking])
+    code = fleet_main(
+        [
+            "compress",
+            "--teachers",
+            f"{demo}/teachers",
+            "--events",
+            f"{demo}/events",
+            "--store",
+            f"{demo}/store",
+            "--fleet",
+            "demo",
+            "--tracking-uri",
+            tracking,
+        ]
+    )
     assert code in (0, 3, 4), f"the demo's fleet compress exited {code}"
     if registry.champion_version("demo", tracking) is None:
         registry.promote("demo", registry.list_versions("demo", tracking)[-1]["version"], tracking)
@@ -238,8 +258,11 @@ class Terminal:
 
     def __init__(self, cwd: pathlib.Path):
         self.cwd = str(cwd)
-        env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "FLEET_STORAGE_OPTIONS",
-                                                                 "VIRTUAL_ENV", "PYTHONPATH"}}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in {"MLFLOW_TRACKING_URI", "FLEET_STORAGE_OPTIONS", "VIRTUAL_ENV", "PYTHONPATH"}
+        }
         env["PATH"] = f"{cwd / '.venv' / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}"
         env["PYTHONPATH"] = str(ROOT)
         env["PWD"] = self.cwd
@@ -248,9 +271,16 @@ class Terminal:
         self.state = pathlib.Path(cwd).parent / f"{pathlib.Path(cwd).name}.state"
 
     def run(self, command: str, timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess:
-        script = (f"{command}\n__rc=$?\n{{ pwd; env -0; }} > {shlex.quote(str(self.state))}\nexit $__rc\n")
-        out = subprocess.run(["bash", "-c", script], cwd=self.cwd, env=self.env, capture_output=True, text=True,
-                             timeout=timeout, check=False)
+        script = f"{command}\n__rc=$?\n{{ pwd; env -0; }} > {shlex.quote(str(self.state))}\nexit $__rc\n"
+        out = subprocess.run(
+            ["bash", "-c", script],
+            cwd=self.cwd,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         if self.state.exists():
             cwd, _, rest = self.state.read_text().partition("\n")
             self.cwd = cwd
@@ -259,9 +289,15 @@ class Terminal:
         return out
 
     def start(self, command: str) -> subprocess.Popen:
-        return subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=self.cwd, env=self.env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        return subprocess.Popen(
+            ["bash", "-c", f"exec {command}"],
+            cwd=self.cwd,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -316,7 +352,8 @@ def test_docs_run_as_written(demo_checkout, capsys):
                     expected = _expected_codes(command.text)
                     assert out.returncode in expected, (
                         f"{command.where}: `{command.text}` exited {out.returncode} (expected {sorted(expected)})\n"
-                        f"stderr:\n{out.stderr[-4000:]}\nstdout:\n{out.stdout[-1500:]}")
+                        f"stderr:\n{out.stderr[-4000:]}\nstdout:\n{out.stdout[-1500:]}"
+                    )
                 ran.append(command.where)
                 timings.append((time.monotonic() - started, command.where, command.text[:70]))
         finally:

@@ -25,8 +25,10 @@ def rows(campaign_id, n, num_features=2, start=0):
         types.append([(start + i + k) % 5 for k in range(t)])
         feats.append([float(start + i + k) for k in range(t * num_features)])
         labels.append(None if i % 3 == 2 else i % 2)
-    return pa.table({"campaign_id": [campaign_id] * n, "event_types": types, "features": feats, "label": labels},
-                    schema=EVENTS_SCHEMA)
+    return pa.table(
+        {"campaign_id": [campaign_id] * n, "event_types": types, "features": feats, "label": labels},
+        schema=EVENTS_SCHEMA,
+    )
 
 
 def test_round_trip_and_per_campaign_reads(tmp_path):
@@ -48,6 +50,7 @@ def test_filter_pushdown_reads_few_row_groups(tmp_path):
     dataset = EventsDataset(str(tmp_path / "ev"))
     fragment = next(iter(dataset._dataset.get_fragments()))
     import pyarrow.compute as pc
+
     kept = fragment.split_by_row_group(filter=pc.field("campaign_id").isin(["c042"]))
     assert len(kept) == 1  # statistics prune 99 of 100 row groups
 
@@ -78,17 +81,31 @@ def test_data_hash_tracks_content():
     "mutate, match",
     [
         (lambda t: t.slice(0, 0), "no event rows"),
-        (lambda t: t.set_column(1, "event_types", pa.array([[0, 9]] + [[1]] * 3, pa.list_(pa.int32()))), "row 0: event type outside"),
-        (lambda t: t.set_column(1, "event_types", pa.array([[1]] * 3 + [[-1]], pa.list_(pa.int32()))), "row 3: event type outside"),
-        (lambda t: t.set_column(2, "features", pa.array([[1.0]] * 4, pa.list_(pa.float32()))), "row 0: features has 1 values"),
+        (
+            lambda t: t.set_column(1, "event_types", pa.array([[0, 9]] + [[1]] * 3, pa.list_(pa.int32()))),
+            "row 0: event type outside",
+        ),
+        (
+            lambda t: t.set_column(1, "event_types", pa.array([[1]] * 3 + [[-1]], pa.list_(pa.int32()))),
+            "row 3: event type outside",
+        ),
+        (
+            lambda t: t.set_column(2, "features", pa.array([[1.0]] * 4, pa.list_(pa.float32()))),
+            "row 0: features has 1 values",
+        ),
         (lambda t: t.set_column(1, "event_types", pa.array([[]] * 4, pa.list_(pa.int32()))), "empty sequence"),
         (lambda t: t.set_column(3, "label", pa.array([0, 1, 2, None], pa.int8())), "label must be"),
-        (lambda t: t.set_column(2, "features", pa.array([[float("nan"), 0.0]] * 4, pa.list_(pa.float32()))), "NaN or inf"),
+        (
+            lambda t: t.set_column(2, "features", pa.array([[float("nan"), 0.0]] * 4, pa.list_(pa.float32()))),
+            "NaN or inf",
+        ),
     ],
 )
 def test_bad_rows_raise_named_errors(mutate, match):
-    table = pa.table({"campaign_id": ["k"] * 4, "event_types": [[1]] * 4, "features": [[0.5, 0.5]] * 4,
-                      "label": [0, 1, 0, None]}, schema=EVENTS_SCHEMA)
+    table = pa.table(
+        {"campaign_id": ["k"] * 4, "event_types": [[1]] * 4, "features": [[0.5, 0.5]] * 4, "label": [0, 1, 0, None]},
+        schema=EVENTS_SCHEMA,
+    )
     with pytest.raises(EventsFormatError, match=match) as info:
         validate_campaign_table(mutate(table), "k", num_event_types=5, num_features=2, path="s3://b/events")
     assert "campaign 'k'" in str(info.value) and "s3://b/events" in str(info.value)
@@ -114,8 +131,9 @@ def test_rows_by_campaign_groups_rows_in_order():
 def test_split_by_campaign_keeps_table_order_per_campaign():
     from fleet.formats.events import split_by_campaign
 
-    table = pa.concat_tables([pa.table({"campaign_id": ["b", "a"], "x": [0, 1]}),
-                              pa.table({"campaign_id": ["b", "c", "a"], "x": [2, 3, 4]})])
+    table = pa.concat_tables(
+        [pa.table({"campaign_id": ["b", "a"], "x": [0, 1]}), pa.table({"campaign_id": ["b", "c", "a"], "x": [2, 3, 4]})]
+    )
     parts = split_by_campaign(table)
     assert list(parts) == ["a", "b", "c"]
     assert {k: v["x"].to_pylist() for k, v in parts.items()} == {"a": [1, 4], "b": [0, 2], "c": [3]}
@@ -127,8 +145,12 @@ def test_split_by_campaign_keeps_table_order_per_campaign():
 
 
 def good_columns(campaign_id="a", n=4):
-    return {"campaign_id": [campaign_id] * n, "event_types": [[1, 2]] * n, "features": [[0.5] * 4] * n,
-            "label": pa.array([0, 1] * (n // 2), pa.int8())}
+    return {
+        "campaign_id": [campaign_id] * n,
+        "event_types": [[1, 2]] * n,
+        "features": [[0.5] * 4] * n,
+        "label": pa.array([0, 1] * (n // 2), pa.int8()),
+    }
 
 
 @pytest.mark.parametrize(
@@ -143,8 +165,9 @@ def good_columns(campaign_id="a", n=4):
         ("label", pa.array([2**64 - 1] * 4, pa.uint64()), "int8, nullable", "found uint64"),
     ],
 )
-def test_files_with_wrong_column_types_are_refused_naming_file_column_and_types(tmp_path, column, values, expected,
-                                                                                found):
+def test_files_with_wrong_column_types_are_refused_naming_file_column_and_types(
+    tmp_path, column, values, expected, found
+):
     """Real Parquet files: the good one passes, the bad one is refused before any row is read."""
     pq.write_table(pa.table(good_columns("a")), tmp_path / "part-0.parquet")
     pq.write_table(pa.table({**good_columns("b"), column: values}), tmp_path / "part-1.parquet")
@@ -170,10 +193,14 @@ def test_a_missing_column_or_a_file_that_is_not_parquet_is_refused_naming_the_fi
 def test_integer_and_float_widths_are_read_as_the_contract_with_the_same_fingerprint(tmp_path):
     """int64 event types, float64 features, int64 labels, large lists: what pyarrow writes from Python lists."""
     reference = rows("a", 9)
-    wide = pa.table({"campaign_id": pa.array(reference["campaign_id"].to_pylist(), pa.large_string()),
-                     "event_types": pa.array(reference["event_types"].to_pylist(), pa.large_list(pa.int64())),
-                     "features": pa.array(reference["features"].to_pylist(), pa.list_(pa.float64())),
-                     "label": pa.array(reference["label"].to_pylist(), pa.int64())})
+    wide = pa.table(
+        {
+            "campaign_id": pa.array(reference["campaign_id"].to_pylist(), pa.large_string()),
+            "event_types": pa.array(reference["event_types"].to_pylist(), pa.large_list(pa.int64())),
+            "features": pa.array(reference["features"].to_pylist(), pa.list_(pa.float64())),
+            "label": pa.array(reference["label"].to_pylist(), pa.int64()),
+        }
+    )
     pq.write_table(wide, tmp_path / "part-0.parquet")
     dataset = EventsDataset(str(tmp_path))
     dataset.validate_files()
@@ -193,8 +220,15 @@ def test_integer_and_float_widths_are_read_as_the_contract_with_the_same_fingerp
     ],
 )
 def test_null_lists_and_null_elements_name_the_row_and_the_column(tmp_path, column, values, row):
-    table = pa.table({"campaign_id": ["k"] * 4, "event_types": [[1]] * 4, "features": [[0.5, 0.5]] * 4,
-                      "label": pa.array([0, 1, 0, None], pa.int8()), column: values})
+    table = pa.table(
+        {
+            "campaign_id": ["k"] * 4,
+            "event_types": [[1]] * 4,
+            "features": [[0.5, 0.5]] * 4,
+            "label": pa.array([0, 1, 0, None], pa.int8()),
+            column: values,
+        }
+    )
     pq.write_table(table, tmp_path / "part-0.parquet")
     dataset = EventsDataset(str(tmp_path))
     dataset.validate_files()
@@ -205,12 +239,22 @@ def test_null_lists_and_null_elements_name_the_row_and_the_column(tmp_path, colu
 def test_ids_no_campaign_can_have_are_never_read_and_no_ids_read_nothing(tmp_path):
     """Null, not-UTF-8 and invalid ids in the events: left out of the sizes; an empty id list reads nothing
     (``isin([])`` used to fail the whole batch)."""
-    bad_utf8 = pa.Array.from_buffers(pa.string(), 1, [None, pa.py_buffer(np.array([0, 2], np.int32).tobytes()),
-                                                      pa.py_buffer(b"a\xff")])
+    bad_utf8 = pa.Array.from_buffers(
+        pa.string(), 1, [None, pa.py_buffer(np.array([0, 2], np.int32).tobytes()), pa.py_buffer(b"a\xff")]
+    )
     ids = pa.concat_arrays([pa.array(["ok", "ok", None, "../x", "café"], pa.string()), bad_utf8])
     n = len(ids)
-    pq.write_table(pa.table({"campaign_id": ids, "event_types": [[1]] * n, "features": [[0.5, 0.5]] * n,
-                             "label": pa.array([0] * n, pa.int8())}), tmp_path / "part-0.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "campaign_id": ids,
+                "event_types": [[1]] * n,
+                "features": [[0.5, 0.5]] * n,
+                "label": pa.array([0] * n, pa.int8()),
+            }
+        ),
+        tmp_path / "part-0.parquet",
+    )
     dataset = EventsDataset(str(tmp_path))
     dataset.validate_files()
     assert dataset.campaign_sizes() == {"ok": 2}
@@ -229,7 +273,7 @@ def test_truncate_sequences_keeps_the_last_events_and_their_features():
     for before, after in zip(table.to_pylist(), cut.to_pylist()):
         keep = min(2, len(before["event_types"]))
         assert after["event_types"] == before["event_types"][-keep:]
-        assert after["features"] == before["features"][-2 * keep:]
+        assert after["features"] == before["features"][-2 * keep :]
         assert after["label"] == before["label"]
     validate_campaign_table(cut, "a", num_event_types=5, num_features=2, path="p")
 
@@ -242,9 +286,15 @@ def test_a_long_row_pads_only_its_own_minibatch():
     n, num_features = 2000, 3
     lengths = [20] * n + [10_000]
     lengths[7], lengths[n] = 10_000, 20  # the long row is not the last one
-    table = pa.table({"campaign_id": ["a"] * (n + 1), "event_types": [[i % 5] * t for i, t in enumerate(lengths)],
-                      "features": [[float(i)] * (t * num_features) for i, t in enumerate(lengths)],
-                      "label": pa.array([0] * (n + 1), pa.int8())}, schema=EVENTS_SCHEMA)
+    table = pa.table(
+        {
+            "campaign_id": ["a"] * (n + 1),
+            "event_types": [[i % 5] * t for i, t in enumerate(lengths)],
+            "features": [[float(i)] * (t * num_features) for i, t in enumerate(lengths)],
+            "label": pa.array([0] * (n + 1), pa.int8()),
+        },
+        schema=EVENTS_SCHEMA,
+    )
     batch = table_to_batch(table, num_features)
     assert batch.packed_features.numel() == sum(lengths) * num_features
     budget = 512 * BUCKET_SPREAD * 20

@@ -39,8 +39,12 @@ def fitted(small_fleet):
     assert status["status"].to_pylist() == ["ok"] * 20
     quotas = backbone_quotas(dict(zip(status["campaign_id"].to_pylist(), status["n_rows"].to_pylist())), config)
     backbone, _ = train_backbone(backbone_sample(soft, quotas, config.seed), ctx)
-    hashes = dict(zip(status["campaign_id"].to_pylist(), zip(status["teacher_sha256"].to_pylist(),
-                                                            status["data_fingerprint"].to_pylist())))
+    hashes = dict(
+        zip(
+            status["campaign_id"].to_pylist(),
+            zip(status["teacher_sha256"].to_pylist(), status["data_fingerprint"].to_pylist()),
+        )
+    )
     job = ShardJob(campaigns, hashes=hashes)
 
     def heads(**overrides):
@@ -63,8 +67,11 @@ def test_student_tracks_teachers_on_holdout(fitted):
 
 def test_int4_heads_lose_at_most_half_a_point_of_auc(fitted):
     by_id = {r["campaign_id"]: r for r in fitted["fp16"]}
-    loss = [by_id[r["campaign_id"]]["student_auc"] - r["student_auc"]
-            for r in fitted["int4"] if r["student_auc"] is not None]
+    loss = [
+        by_id[r["campaign_id"]]["student_auc"] - r["student_auc"]
+        for r in fitted["int4"]
+        if r["student_auc"] is not None
+    ]
     assert np.median(loss) <= 0.005
     assert all(r["bits"] == 4 for r in fitted["int4"])
 
@@ -91,7 +98,9 @@ def test_borrowed_rows_are_labelled_by_the_campaigns_own_teacher(small_fleet):
         mine = soft.filter(pc.and_(pc.equal(soft["campaign_id"], campaign_id), pc.equal(soft["split"], BORROWED)))
         own = soft.filter(pc.and_(pc.equal(soft["campaign_id"], campaign_id), pc.equal(soft["split"], FIT)))
         own_types = table_to_batch(events.read_campaigns([campaign_id])[campaign_id].take(own["row"]), 8).packed_types
-        eligible = (pool["campaign_id"].to_numpy(zero_copy_only=False) != campaign_id) & in_support(pool_batch, own_types)
+        eligible = (pool["campaign_id"].to_numpy(zero_copy_only=False) != campaign_id) & in_support(
+            pool_batch, own_types
+        )
         rows = mine["row"].to_numpy()
         assert len(rows) == min(eligible.sum(), config.borrowed_rows - len(own)) > 0
         assert len(set(rows.tolist())) == len(rows) and eligible[rows].all()  # other campaigns', of types it knows

@@ -20,9 +20,15 @@ from fleet.storage import registry
 from fleet.storage.store import FleetVersion, RunDir, VersionWriter, list_versions
 from fleet.versions.retention import apply_plan, plan_gc
 
-PASS = {"fidelity_kl_median": 0.001, "fidelity_mean_ratio_within_10pct_share": 1.0, "campaigns": 5,
-        "campaigns_status_fallback": 0, "quarantine_share": 0.0, "fidelity_auc_diff_median": 0.0,
-        "fidelity_auc_diff_p10": 0.0}
+PASS = {
+    "fidelity_kl_median": 0.001,
+    "fidelity_mean_ratio_within_10pct_share": 1.0,
+    "campaigns": 5,
+    "campaigns_status_fallback": 0,
+    "quarantine_share": 0.0,
+    "fidelity_auc_diff_median": 0.0,
+    "fidelity_auc_diff_p10": 0.0,
+}
 FAIL = {**PASS, "fidelity_kl_median": 0.5}
 NOW = datetime.now(timezone.utc)
 
@@ -41,10 +47,18 @@ def _commit(base: FleetVersion, store: str, version_id: str, created_at: str) ->
 def _register(store: str, version_id: str, uri: str, metrics: dict) -> str:
     folder = f"{store}/adfleet/versions/{version_id}"
     return registry.register_version(
-        fleet_name="adfleet", manifest_uri=f"{folder}/manifest.json", version_id=version_id,
-        local_artifacts={"manifest.json": f"{folder}/manifest.json",
-                         "backbone.safetensors": f"{folder}/backbone.safetensors"},
-        params={}, metrics=metrics, plots={}, tracking_uri=uri).version
+        fleet_name="adfleet",
+        manifest_uri=f"{folder}/manifest.json",
+        version_id=version_id,
+        local_artifacts={
+            "manifest.json": f"{folder}/manifest.json",
+            "backbone.safetensors": f"{folder}/backbone.safetensors",
+        },
+        params={},
+        metrics=metrics,
+        plots={},
+        tracking_uri=uri,
+    ).version
 
 
 def _age_files(path: str, hours: float) -> None:
@@ -72,12 +86,20 @@ def fleet_store(tmp_path_factory, _mlflow_db_template):
     shutil.copyfile(_mlflow_db_template, root / "mlflow.db")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     base = FleetVersion.open(build_version(str(root / "base"), "base", num_campaigns=5).uri)
-    created = {"v1": _ago(days=10), "v2": _ago(days=9), "v3": _ago(days=8), "v4": _ago(days=7), "v5": _ago(days=6),
-               "v6": _ago(days=5), "v7": _ago(hours=2)}
+    created = {
+        "v1": _ago(days=10),
+        "v2": _ago(days=9),
+        "v3": _ago(days=8),
+        "v4": _ago(days=7),
+        "v5": _ago(days=6),
+        "v6": _ago(days=5),
+        "v7": _ago(hours=2),
+    }
     for vid, at in created.items():
         _commit(base, store, vid, at)
-    versions = {vid: _register(store, vid, uri, FAIL if vid in ("v4", "v6") else PASS)
-                for vid in ("v1", "v2", "v3", "v4", "v6")}
+    versions = {
+        vid: _register(store, vid, uri, FAIL if vid in ("v4", "v6") else PASS) for vid in ("v1", "v2", "v3", "v4", "v6")
+    }
     MlflowClient(uri, uri).set_registered_model_alias("adfleet", "staging", versions["v4"])
     for rid in ("v6", "v7", "crashed"):
         RunDir(store, "adfleet", rid).write_backbone_stats({"steps": 1})
@@ -100,8 +122,9 @@ def copy(fleet_store, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri, uri)  # the copied registry's tags still name the original store's manifests:
     for mv in client.search_model_versions("name = 'adfleet'"):  # point them at the copy (what a move would do)
-        client.set_model_version_tag("adfleet", mv.version, "manifest_uri",
-                                     mv.tags["manifest_uri"].replace(fleet_store["store"], store))
+        client.set_model_version_tag(
+            "adfleet", mv.version, "manifest_uri", mv.tags["manifest_uri"].replace(fleet_store["store"], store)
+        )
     return {"store": store, "uri": uri, "versions": fleet_store["versions"], "client": client}
 
 
@@ -117,10 +140,19 @@ def _decisions(plan) -> dict:
 def test_plan_keeps_aliases_the_newest_the_rollback_target_recent_and_in_use(fleet_store):
     plan = plan_gc(fleet_store["store"], "adfleet", tracking_uri=fleet_store["uri"], keep_last=1)
     assert _decisions(plan) == {
-        ("version", "v1"): False, ("version", "v2"): False, ("version", "v3"): False, ("version", "v4"): False,
-        ("version", "v5"): False, ("version", "v6"): True, ("version", "v7"): False,
-        ("run", "crashed"): False, ("run", "v6"): True, ("run", "v7"): False,
-        ("incomplete version", "fresh"): False, ("incomplete version", "partial"): True}
+        ("version", "v1"): False,
+        ("version", "v2"): False,
+        ("version", "v3"): False,
+        ("version", "v4"): False,
+        ("version", "v5"): False,
+        ("version", "v6"): True,
+        ("version", "v7"): False,
+        ("run", "crashed"): False,
+        ("run", "v6"): True,
+        ("run", "v7"): False,
+        ("incomplete version", "fresh"): False,
+        ("incomplete version", "partial"): True,
+    }
     why = {(i.kind, i.id): "; ".join(i.why) for i in plan.items}
     assert _hours_ago("left champion", why[("version", "v1")]) <= 0.5 and "(< 24 h)" in why[("version", "v1")]
     assert "fleet rollback's target" in why[("version", "v2")]
@@ -135,11 +167,17 @@ def test_plan_keeps_aliases_the_newest_the_rollback_target_recent_and_in_use(fle
     assert [i.id for i in plan.deletions] == ["v6", "v6", "partial"]
     assert plan.deletions[0].model_versions == [fleet_store["versions"]["v6"]]
     # two days later v1 left champion long enough ago; nothing else changes
-    later = plan_gc(fleet_store["store"], "adfleet", tracking_uri=fleet_store["uri"], keep_last=1,
-                    now=NOW + timedelta(days=2))
-    assert [(i.kind, i.id) for i in later.deletions] == [("version", "v1"), ("version", "v6"), ("run", "v6"),
-                                                          ("run", "v7"), ("incomplete version", "fresh"),
-                                                          ("incomplete version", "partial")]
+    later = plan_gc(
+        fleet_store["store"], "adfleet", tracking_uri=fleet_store["uri"], keep_last=1, now=NOW + timedelta(days=2)
+    )
+    assert [(i.kind, i.id) for i in later.deletions] == [
+        ("version", "v1"),
+        ("version", "v6"),
+        ("run", "v6"),
+        ("run", "v7"),
+        ("incomplete version", "fresh"),
+        ("incomplete version", "partial"),
+    ]
 
 
 def test_fleet_gc_is_a_dry_run_until_yes(copy, capsys):
@@ -149,8 +187,13 @@ def test_fleet_gc_is_a_dry_run_until_yes(copy, capsys):
     assert main([*argv, "--json"]) == 0
     out = capsys.readouterr()
     plan = json.loads(out.out)
-    assert plan["dry_run"] and plan["delete"] == {"versions": 1, "runs": 1, "incomplete_versions": 1,
-                                                   "model_versions": 1, "bytes": plan["delete"]["bytes"]}
+    assert plan["dry_run"] and plan["delete"] == {
+        "versions": 1,
+        "runs": 1,
+        "incomplete_versions": 1,
+        "model_versions": 1,
+        "bytes": plan["delete"]["bytes"],
+    }
     assert plan["delete"]["bytes"] > 0
     assert main(argv) == 0
     out = capsys.readouterr()
@@ -221,14 +264,28 @@ def test_gc_without_registry_keeps_only_the_newest_and_recent(where, tmp_path, c
         writer.write_heads(base.read_heads())
         writer.commit(created_at=at)
     RunDir(store, "adfleet", "c", options).write_plan({"parent_manifest": None})  # finished just now
-    argv = ["gc", "adfleet", "--store", store, "--no-registry", "--keep-last", "1", "--yes", "--json",
-            "--tracking-uri", f"sqlite:///{tmp_path}/none.db"]
+    argv = [
+        "gc",
+        "adfleet",
+        "--store",
+        store,
+        "--no-registry",
+        "--keep-last",
+        "1",
+        "--yes",
+        "--json",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/none.db",
+    ]
     if options:
         argv += ["--storage-options", json.dumps(options)]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
-    assert [(i["kind"], i["id"]) for i in result["items"] if i["delete"]] == [("version", "a"), ("version", "b"),
-                                                                           ("version", "d")]
+    assert [(i["kind"], i["id"]) for i in result["items"] if i["delete"]] == [
+        ("version", "a"),
+        ("version", "b"),
+        ("version", "d"),
+    ]
     assert result["delete"]["bytes"] > 0 and not result["failures"]
     assert list_versions(store, "adfleet", options) == ["c"]
     assert not (tmp_path / "none.db").exists()

@@ -54,8 +54,10 @@ def serve(app):
 
 def strict_json(response: httpx.Response):
     """Parse a response as standard JSON: NaN/Infinity literals are an error."""
+
     def no_constants(name):
         raise AssertionError(f"non-standard JSON constant {name} in response: {response.text[:200]}")
+
     return json.loads(response.content, parse_constant=no_constants)
 
 
@@ -186,22 +188,34 @@ def test_metrics(client, versions):
 
 def _samples(text: str) -> dict[str, float]:
     """``{series: value}`` of a Prometheus text exposition, parsed by prometheus_client's own parser."""
-    return {f"{s.name}{sorted(s.labels.items())}": s.value for family in text_string_to_metric_families(text)
-            for s in family.samples}
+    return {
+        f"{s.name}{sorted(s.labels.items())}": s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def test_metrics_are_prometheus_client_s_in_a_registry_per_app(client, models):
     text = client.get("/metrics").text
     families = {f.name: f.type for f in text_string_to_metric_families(text)}
-    for name, kind in (("fleet_http_requests", "counter"), ("fleet_http_request_duration_seconds", "histogram"),
-                       ("fleet_predicted_sequences", "counter"), ("fleet_scored_campaigns", "counter"),
-                       ("fleet_head_cache_hits", "counter"), ("fleet_head_cache_misses", "counter"),
-                       ("fleet_head_cache_size", "gauge"), ("fleet_head_cache_capacity", "gauge"),
-                       ("fleet_model_info", "gauge"), ("fleet_model_campaigns", "gauge"),
-                       ("fleet_model_swaps", "counter"), ("fleet_model_reload_errors", "counter")):
+    for name, kind in (
+        ("fleet_http_requests", "counter"),
+        ("fleet_http_request_duration_seconds", "histogram"),
+        ("fleet_predicted_sequences", "counter"),
+        ("fleet_scored_campaigns", "counter"),
+        ("fleet_head_cache_hits", "counter"),
+        ("fleet_head_cache_misses", "counter"),
+        ("fleet_head_cache_size", "gauge"),
+        ("fleet_head_cache_capacity", "gauge"),
+        ("fleet_model_info", "gauge"),
+        ("fleet_model_campaigns", "gauge"),
+        ("fleet_model_swaps", "counter"),
+        ("fleet_model_reload_errors", "counter"),
+    ):
         assert families.get(name) == kind, name  # every metric docs/serving.md lists, as before
     assert {"process_cpu_seconds", "process_resident_memory_bytes", "python_gc_collections", "python_info"} <= set(
-        families)  # for free: process, GC and platform collectors
+        families
+    )  # for free: process, GC and platform collectors
     # a second app in this process counts apart (its own registry), and the global registry holds no fleet metric
     other = create_app(ModelHolder(models["v2"]))
     with serve(other) as url, httpx.Client(base_url=url, timeout=30) as second:
@@ -304,16 +318,21 @@ def test_not_found_and_wrong_method(client):
 # --------------------------------------------------------------------------- fuzz: never a 5xx
 
 _leaf = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**80), max_value=2**80),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**80), max_value=2**80),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
     st.sampled_from(["NaN", "Infinity", "-Infinity", "camp-0000", "camp-0001", "../x", ""]),
 )
-_any = st.recursive(_leaf, lambda ch: st.lists(ch, max_size=4) | st.dictionaries(st.text(max_size=8), ch, max_size=4),
-                    max_leaves=20)
+_any = st.recursive(
+    _leaf, lambda ch: st.lists(ch, max_size=4) | st.dictionaries(st.text(max_size=8), ch, max_size=4), max_leaves=20
+)
 _event_types = st.one_of(st.lists(st.integers(min_value=-3, max_value=15), max_size=6), _any)
 _features = st.one_of(
     st.lists(st.floats(allow_nan=True, allow_infinity=True, width=64), max_size=20),
-    st.lists(st.floats(min_value=-1e6, max_value=1e6), max_size=20), _any,
+    st.lists(st.floats(min_value=-1e6, max_value=1e6), max_size=20),
+    _any,
 )
 _seq = st.fixed_dictionaries({"event_types": _event_types, "features": _features})
 
@@ -332,8 +351,9 @@ def _near_valid_seq(draw):
     elif mutation == "length":
         feats = feats[:-1] if draw(st.booleans()) else feats + [0.0]
     elif mutation == "special":
-        feats[draw(st.integers(0, len(feats) - 1))] = draw(st.sampled_from(
-            [1e38, -3.4e38, 3.5e38, 1e300, -0.0, 5e-324, float("nan"), float("inf")]))
+        feats[draw(st.integers(0, len(feats) - 1))] = draw(
+            st.sampled_from([1e38, -3.4e38, 3.5e38, 1e300, -0.0, 5e-324, float("nan"), float("inf")])
+        )
     return {"event_types": types, "features": feats}
 
 
@@ -344,14 +364,24 @@ _seqs = st.one_of(st.lists(_seq, max_size=4), st.lists(_near_valid_seq(), max_si
 _predict = st.fixed_dictionaries({"campaign_id": _cid, "sequences": _seqs})
 _batch_row = st.builds(lambda c, s: {"campaign_id": c, **s}, _cid, _seq)
 _plausible_row = st.builds(lambda c, s: {"campaign_id": c, **s}, _good_cid, _near_valid_seq())
-_batch = st.fixed_dictionaries({"rows": st.one_of(st.lists(_batch_row, max_size=4), st.lists(_plausible_row, max_size=3),
-                                                  _any)})
+_batch = st.fixed_dictionaries(
+    {"rows": st.one_of(st.lists(_batch_row, max_size=4), st.lists(_plausible_row, max_size=3), _any)}
+)
 _raw_text = st.one_of(
     st.binary(max_size=64),
-    st.sampled_from([b"[" * 5000, b"{" * 5000, (b'{"campaign_id": "camp-0000", "sequences": [{"event_types": [1],'
-                     b' "features": [1e99999, -0, 0]}]}'), b"9" * 5000, b'{"rows": [' + b"{}," * 100 + b"{}]}",
-                     b'{"campaign_id": "camp-0000", "sequences": "' + b"A" * 1000 + b'"}']),
+    st.sampled_from(
+        [
+            b"[" * 5000,
+            b"{" * 5000,
+            (b'{"campaign_id": "camp-0000", "sequences": [{"event_types": [1], "features": [1e99999, -0, 0]}]}'),
+            b"9" * 5000,
+            b'{"rows": [' + b"{}," * 100 + b"{}]}",
+            b'{"campaign_id": "camp-0000", "sequences": "' + b"A" * 1000 + b'"}',
+        ]
+    ),
 )
+
+
 def _dumps(strategy):
     return strategy.map(lambda o: json.dumps(o, allow_nan=True).encode())  # may write NaN / Infinity literals
 
@@ -418,7 +448,8 @@ def test_score(score_server, versions):
     schema = strict_json(client.get("/openapi.json"))
     assert {"sequence", "campaign_ids", "top_k"} <= set(schema["components"]["schemas"]["ScoreRequest"]["properties"])
     assert {"campaign_ids", "probabilities", "fallback", "unknown"} <= set(
-        schema["components"]["schemas"]["ScoreResponse"]["properties"])
+        schema["components"]["schemas"]["ScoreResponse"]["properties"]
+    )
     assert "/v1/score" in schema["paths"]
     metrics = client.get("/metrics").text
     assert 'fleet_http_requests_total{endpoint="/v1/score",status="200"}' in metrics
@@ -440,20 +471,27 @@ def test_score_limits_are_413_and_bad_bodies_422(score_server, versions):
     code, body = post({"sequence": seq})  # every campaign (50) without top_k: above the limit
     assert code == 413 and body["code"] == "too_many_campaigns" and "top_k" in body["detail"]
     assert post({"sequence": seq, "top_k": SCORE_LIMIT + 1})[0] == 413
-    for bad in ({"campaign_ids": b.ids[:2]},  # no sequence
-                {"sequence": seq, "campaign_ids": "camp-0000"},  # not a list
-                {"sequence": seq, "campaign_ids": [1, 2]},
-                {"sequence": seq, "top_k": 0}, {"sequence": seq, "top_k": 2.5}, {"sequence": seq, "top_k": "3"},
-                {"sequence": {"event_types": [1.5], "features": [0, 0, 0]}, "campaign_ids": b.ids[:2]},
-                {"sequences": [seq], "campaign_ids": b.ids[:2]}):
+    for bad in (
+        {"campaign_ids": b.ids[:2]},  # no sequence
+        {"sequence": seq, "campaign_ids": "camp-0000"},  # not a list
+        {"sequence": seq, "campaign_ids": [1, 2]},
+        {"sequence": seq, "top_k": 0},
+        {"sequence": seq, "top_k": 2.5},
+        {"sequence": seq, "top_k": "3"},
+        {"sequence": {"event_types": [1.5], "features": [0, 0, 0]}, "campaign_ids": b.ids[:2]},
+        {"sequences": [seq], "campaign_ids": b.ids[:2]},
+    ):
         code, body = post(bad)
         assert code == 422 and body["code"] == "invalid_body", (bad, body)
     code, body = post({"sequence": seq, "campaign_ids": [b.ids[0], "../x"]})
     assert code == 422 and body["code"] == "invalid_input" and "campaign_ids[1]" in body["detail"]
     code, body = post({"sequence": {"event_types": [99], "features": [0, 0, 0]}, "campaign_ids": b.ids[:2]})
     assert code == 422 and body["code"] == "invalid_input" and "event types" in body["detail"]
-    r = client.post("/v1/score", content=b'{"sequence": {"event_types": [1], "features": [NaN, 0, 0]}}',
-                    headers={"content-type": "application/json"})
+    r = client.post(
+        "/v1/score",
+        content=b'{"sequence": {"event_types": [1], "features": [NaN, 0, 0]}}',
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 422
 
 
@@ -464,15 +502,18 @@ def test_score_on_an_lru_server(models, versions):
     with serve(create_app(models["v1"])) as url:
         r = httpx.post(url + "/v1/score", json={"sequence": seq, "campaign_ids": ids})
         assert r.status_code == 200
-        np.testing.assert_allclose(strict_json(r)["probabilities"], [versions["v1"].expected(c, [seq])[0] for c in ids],
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            strict_json(r)["probabilities"], [versions["v1"].expected(c, [seq])[0] for c in ids], atol=1e-6
+        )
         r = httpx.post(url + "/v1/score", json={"sequence": seq, "top_k": 3})
         assert r.status_code == 422 and "resident" in strict_json(r)["detail"]
 
 
 _score_ids = st.one_of(st.none(), st.lists(_cid, max_size=6), _any)
-_score = st.fixed_dictionaries({"sequence": st.one_of(_seq, _near_valid_seq()), "campaign_ids": _score_ids},
-                               optional={"top_k": st.one_of(st.integers(-2, 30), _any)})
+_score = st.fixed_dictionaries(
+    {"sequence": st.one_of(_seq, _near_valid_seq()), "campaign_ids": _score_ids},
+    optional={"top_k": st.one_of(st.integers(-2, 30), _any)},
+)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -607,17 +648,37 @@ def test_fleet_serve_command(versions, tmp_path):
     import sys
 
     port = free_port()
-    code = ("import argparse, sys; from rich.console import Console; from fleet.cli.serving import register; "
-            "p = argparse.ArgumentParser(); register(p.add_subparsers(dest='command', required=True)); "
-            "a = p.parse_args(sys.argv[1:]); sys.exit(a.handler(a, Console(stderr=True)))")
+    code = (
+        "import argparse, sys; from rich.console import Console; from fleet.cli.serving import register; "
+        "p = argparse.ArgumentParser(); register(p.add_subparsers(dest='command', required=True)); "
+        "a = p.parse_args(sys.argv[1:]); sys.exit(a.handler(a, Console(stderr=True)))"
+    )
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - the server subprocess's stdout while it runs
     token_file = tmp_path / "admin-token"
     token_file.write_text(ADMIN_TOKEN + "\n")
     env = {k: v for k, v in os.environ.items() if k != "FLEET_ADMIN_TOKEN"}
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, "serve", "--model", versions["v1"].uri, "--port", str(port),
-         "--cache-size", "8", "--max-sequences", "2", "--log-level", "warning", "--admin-token-file", str(token_file)],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
+        [
+            sys.executable,
+            "-c",
+            code,
+            "serve",
+            "--model",
+            versions["v1"].uri,
+            "--port",
+            str(port),
+            "--cache-size",
+            "8",
+            "--max-sequences",
+            "2",
+            "--log-level",
+            "warning",
+            "--admin-token-file",
+            str(token_file),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -664,9 +725,13 @@ def gated_client(tmp_path_factory):
 def test_predict_bodies_flag_fallback_heads(gated_client):
     client, b, model = gated_client
     seqs = seq_body(random.Random(30), 4)
-    for cid, status, fallback in [("camp-0000", "fallback", True), ("camp-0004", "gate_failed", True),
-                                  ("camp-0002", "capacity", False), ("camp-0006", "ok", False),
-                                  ("camp-0008", "fp16_fallback", False)]:
+    for cid, status, fallback in [
+        ("camp-0000", "fallback", True),
+        ("camp-0004", "gate_failed", True),
+        ("camp-0002", "capacity", False),
+        ("camp-0006", "ok", False),
+        ("camp-0008", "fp16_fallback", False),
+    ]:
         body = strict_json(client.post("/v1/predict", json={"campaign_id": cid, "sequences": seqs}))
         assert body["status"] == status and body["fallback"] is fallback, (cid, body)
         np.testing.assert_allclose(body["probabilities"], b.expected(cid, seqs), atol=1e-6, rtol=0)  # still given
@@ -714,8 +779,15 @@ def test_admin_token_is_checked_with_compare_digest(models, monkeypatch):
     real = hmac.compare_digest
     monkeypatch.setattr(hmac, "compare_digest", spy)
     with serve(create_app(models["v1"], admin_token=ADMIN_TOKEN)) as url:
-        for value in (None, ADMIN_TOKEN, f"bearer {ADMIN_TOKEN}", f"Bearer {ADMIN_TOKEN[:-1]}",
-                      f"Bearer {ADMIN_TOKEN}x", f"Bearer  {ADMIN_TOKEN}", "Bearer é"):
+        for value in (
+            None,
+            ADMIN_TOKEN,
+            f"bearer {ADMIN_TOKEN}",
+            f"Bearer {ADMIN_TOKEN[:-1]}",
+            f"Bearer {ADMIN_TOKEN}x",
+            f"Bearer  {ADMIN_TOKEN}",
+            "Bearer é",
+        ):
             headers = {} if value is None else {"authorization": value.encode("latin-1")}
             r = httpx.post(url + "/admin/reload", headers=headers)
             assert r.status_code == 401 and strict_json(r)["code"] == "unauthorized", (value, r.text)
@@ -767,12 +839,15 @@ def _write_nan_head_version(store: str, source: BuiltVersion, campaign_id: str) 
     return writer.commit()
 
 
-def test_error_bodies_name_campaign_row_and_reason_never_paths_credentials_or_traces(versions, models, tmp_path,
-                                                                                     caplog):
+def test_error_bodies_name_campaign_row_and_reason_never_paths_credentials_or_traces(
+    versions, models, tmp_path, caplog
+):
     b = versions["v1"]
     cid = next(c for c, r in b.rows.items() if r.bits != 16)
     store = str(tmp_path / "store")
-    model = FleetModel.open(_write_nan_head_version(store, b, cid), cache_size=4, heads="lru")  # resident: refused at open
+    model = FleetModel.open(
+        _write_nan_head_version(store, b, cid), cache_size=4, heads="lru"
+    )  # resident: refused at open
     leak = ("https://bob:hunter2-pw@registry.example/api?token=tok-5b1e-query", "/srv/fleet-store/adfleet/versions")
 
     def broken(current):
@@ -790,7 +865,8 @@ def test_error_bodies_name_campaign_row_and_reason_never_paths_credentials_or_tr
         assert batch.status_code == 503 and f"campaign {cid!r}" in strict_json(batch)["detail"]
         unknown = httpx.post(url + "/v1/predict/batch", json={"rows": [rows[0], {**rows[0], "campaign_id": "zz"}]})
         assert unknown.status_code == 404 and strict_json(unknown)["detail"] == (
-            "campaign 'zz': row 1: not in fleet version 'nan1'")
+            "campaign 'zz': row 1: not in fleet version 'nan1'"
+        )
         reload = httpx.post(url + "/admin/reload", headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
         assert reload.status_code == 503 and "still serving nan1" in strict_json(reload)["detail"]
         health = httpx.get(url + "/healthz")
@@ -817,7 +893,11 @@ _PREDICT_BODIES = [
     b'{"campaign_id": "camp-0000", "sequences": [{"event_types": [1], "features": [1e999, 0, 0]}]}',
     b'{"campaign_id": "camp-0000", "sequences": [{"event_types": [1]}]}',
     b'{"campaign_id": "camp-0000", "sequences": [[1, 2]]}',
-    b'{"campaign_id": 7, "sequences": []}', b'{"sequences": []}', b"[]", b"not json", b"",
+    b'{"campaign_id": 7, "sequences": []}',
+    b'{"sequences": []}',
+    b"[]",
+    b"not json",
+    b"",
 ]
 _SCORE_BODIES = [
     b'{"sequence": {"event_types": [1], "features": [0, 1, 2]}}',
@@ -830,7 +910,9 @@ _SCORE_BODIES = [
     b'{"sequence": {"event_types": [1], "features": [0, 1, 2]}, "top_k": true}',
     b'{"sequence": {"event_types": [1], "features": [0, 1, 2]}, "top_k": 2.0}',
     b'{"sequence": {"event_types": [1.5], "features": [0, 1, 2]}}',
-    b'{"sequences": [{"event_types": [1], "features": [0, 1, 2]}]}', b"{}", b"null",
+    b'{"sequences": [{"event_types": [1], "features": [0, 1, 2]}]}',
+    b"{}",
+    b"null",
 ]
 
 
@@ -875,9 +957,13 @@ def test_fast_path_answers_what_the_model_computes(client, versions, models):
     cid = versions["v1"].ids[0]
     feats = [0.5] * NUM_FEATURES
     seqs = [{"event_types": [1, 2], "features": feats * 2}, {"event_types": [1], "features": [2**70, *feats[1:]]}]
-    r = client.post("/v1/predict", content=json.dumps({"campaign_id": cid, "sequences": seqs}).encode(),
-                    headers={"content-type": "application/json"})
+    r = client.post(
+        "/v1/predict",
+        content=json.dumps({"campaign_id": cid, "sequences": seqs}).encode(),
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
-    want = models["v1"].predict(cid, [{"event_types": s["event_types"], "features": [float(x) for x in s["features"]]}
-                                      for s in seqs])
+    want = models["v1"].predict(
+        cid, [{"event_types": s["event_types"], "features": [float(x) for x in s["features"]]} for s in seqs]
+    )
     assert strict_json(r)["probabilities"] == want.tolist()

@@ -155,7 +155,7 @@ def commands_in_text(text: str) -> list[tuple[str, list[str]]]:
             elif seg[:2] == ["docker", "run"]:  # docker run [options] <fleet image> ARGS: ENTRYPOINT fleet
                 image = next((i for i, w in enumerate(seg) if re.search(r"/fleet:[^/]*$", w)), None)
                 if image is not None and len(seg) > image + 1:
-                    found.append(("fleet", seg[image + 1:]))
+                    found.append(("fleet", seg[image + 1 :]))
             elif head.startswith("python") and len(seg) > 2 and seg[1:3] == ["-m", "fleet.cli.main"]:
                 found.append(("fleet", seg[3:]))
             elif head.startswith("python") and len(seg) > 1 and seg[1].endswith("jobs/nightly.py"):
@@ -230,16 +230,26 @@ def test_manifest_loads_with_required_fields(path):
         for container in _containers(doc):
             resources = container.get("resources", {})
             for key in ("requests", "limits"):
-                assert {"cpu", "memory"} <= set(resources.get(key, {})), \
+                assert {"cpu", "memory"} <= set(resources.get(key, {})), (
                     f"{path}: container {container['name']} lacks resources.{key}.cpu/memory"
+                )
 
 
 def test_the_expected_manifests_exist():
     kinds = {(d["kind"], d.get("metadata", {}).get("name")) for _, d in _all_docs()}
-    for expected in [("RayJob", "fleet-nightly"), ("CronJob", "fleet-nightly"), ("ConfigMap", "fleet-env"),
-                     ("ConfigMap", "fleet-nightly"), ("Secret", "fleet-secrets"), ("Deployment", "mlflow"),
-                     ("Service", "mlflow"), ("StatefulSet", "mlflow-postgres"), ("Secret", "mlflow-secrets"),
-                     ("Deployment", "fleet-serve"), ("Service", "fleet-serve")]:
+    for expected in [
+        ("RayJob", "fleet-nightly"),
+        ("CronJob", "fleet-nightly"),
+        ("ConfigMap", "fleet-env"),
+        ("ConfigMap", "fleet-nightly"),
+        ("Secret", "fleet-secrets"),
+        ("Deployment", "mlflow"),
+        ("Service", "mlflow"),
+        ("StatefulSet", "mlflow-postgres"),
+        ("Secret", "mlflow-secrets"),
+        ("Deployment", "fleet-serve"),
+        ("Service", "fleet-serve"),
+    ]:
         assert expected in kinds, f"missing {expected} in infra/"
 
 
@@ -248,8 +258,9 @@ def test_references_resolve():
     kustomize = _docs(INFRA / "kuberay" / "kustomization.yaml")[0]
     defined = {(d["kind"], d["metadata"]["name"]) for _, d in _all_docs() if d["kind"] != "Kustomization"}
     defined |= {("ConfigMap", g["name"]) for g in kustomize.get("configMapGenerator", [])}
-    secret_keys = {d["metadata"]["name"]: set(d.get("stringData", {})) | set(d.get("data", {}))
-                   for d in _by_kind("Secret")}
+    secret_keys = {
+        d["metadata"]["name"]: set(d.get("stringData", {})) | set(d.get("data", {})) for d in _by_kind("Secret")
+    }
     for path, doc in _all_docs():
         for pod in _pod_specs(doc):
             if "serviceAccountName" in pod:
@@ -269,8 +280,12 @@ def test_references_resolve():
                 for arg in container.get("args", []):
                     for var in re.findall(r"\$\(([A-Z_][A-Z0-9_]*)\)", arg):  # $(VAR) expansion needs VAR in env
                         names = {e["name"] for e in container.get("env", [])}
-                        names |= {k for s in container.get("envFrom", []) if "secretRef" in s
-                                  for k in secret_keys.get(s["secretRef"]["name"], set())}
+                        names |= {
+                            k
+                            for s in container.get("envFrom", [])
+                            if "secretRef" in s
+                            for k in secret_keys.get(s["secretRef"]["name"], set())
+                        }
                         assert var in names, f"{path}: {container['name']} expands $({var}) but does not define it"
 
 
@@ -341,8 +356,10 @@ def test_cronjob_schedules_with_rbac():
     bindings = [b for b in _by_kind("RoleBinding") if any(s["name"] == account for s in b["subjects"])]
     assert bindings, f"no RoleBinding for {account}"
     role = _one("Role", bindings[0]["roleRef"]["name"])
-    assert any("ray.io" in r["apiGroups"] and "rayjobs" in r["resources"] and {"create", "get"} <= set(r["verbs"])
-               for r in role["rules"])
+    assert any(
+        "ray.io" in r["apiGroups"] and "rayjobs" in r["resources"] and {"create", "get"} <= set(r["verbs"])
+        for r in role["rules"]
+    )
     job_deadline = cron["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"]
     assert job_deadline > _one("RayJob", "fleet-nightly")["spec"]["activeDeadlineSeconds"]
 
@@ -372,11 +389,18 @@ def _run_submit_script(tmp_path, **env) -> tuple[subprocess.CompletedProcess, Pa
     kubectl.write_text(STUB_KUBECTL)
     kubectl.chmod(kubectl.stat().st_mode | stat.S_IXUSR)
     created = tmp_path / "created.yaml"
-    full_env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "NAMESPACE": "fleet", "TMPDIR": str(tmp_path),
-                "TEMPLATE": str(INFRA / "kuberay" / "rayjob-nightly.yaml"), "STUB_LOG": str(tmp_path / "calls"),
-                "STUB_CREATED": str(created), **env}
-    out = subprocess.run([*container["command"], script], env=full_env, capture_output=True, text=True, timeout=30,
-                         check=False)
+    full_env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "NAMESPACE": "fleet",
+        "TMPDIR": str(tmp_path),
+        "TEMPLATE": str(INFRA / "kuberay" / "rayjob-nightly.yaml"),
+        "STUB_LOG": str(tmp_path / "calls"),
+        "STUB_CREATED": str(created),
+        **env,
+    }
+    out = subprocess.run(
+        [*container["command"], script], env=full_env, capture_output=True, text=True, timeout=30, check=False
+    )
     return out, created
 
 
@@ -399,8 +423,9 @@ def test_cronjob_script_creates_a_unique_resumable_rayjob(tmp_path):
 def test_cronjob_script_refuses_to_overlap_and_reports_failure(tmp_path):
     out, created = _run_submit_script(tmp_path, STUB_ACTIVE="fleet-nightly-20260101t010000z=Running\n")
     assert out.returncode != 0 and "still running" in out.stderr and not created.exists()
-    out, created = _run_submit_script(tmp_path, STUB_ACTIVE="fleet-nightly-20260101t010000z=Complete\n",
-                                      STUB_JOB_STATUS="FAILED")
+    out, created = _run_submit_script(
+        tmp_path, STUB_ACTIVE="fleet-nightly-20260101t010000z=Complete\n", STUB_JOB_STATUS="FAILED"
+    )
     assert out.returncode != 0 and created.exists()
 
 
@@ -421,8 +446,11 @@ def _ray_pod_labels() -> list[dict]:
     """Labels of every pod of the nightly's Ray cluster: head, each worker group, the job submitter."""
     spec = _one("RayJob", "fleet-nightly")["spec"]
     cluster = spec["rayClusterSpec"]
-    templates = [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"]),
-                 spec["submitterPodTemplate"]]
+    templates = [
+        cluster["headGroupSpec"]["template"],
+        *(g["template"] for g in cluster["workerGroupSpecs"]),
+        spec["submitterPodTemplate"],
+    ]
     return [t.get("metadata", {}).get("labels", {}) for t in templates]
 
 
@@ -458,10 +486,13 @@ def test_networkpolicy_admits_ray_ports_from_ray_pods_only():
     policy = _one("NetworkPolicy", "fleet-nightly-ray")["spec"]
     ray_pods = _ray_pod_labels()
     serve_pods = [_one("Deployment", "fleet-serve")["spec"]["template"]["metadata"]["labels"]]
-    other_pods = [d["spec"]["jobTemplate"]["spec"]["template"].get("metadata", {}).get("labels", {})
-                  for d in _by_kind("CronJob")]
-    other_pods += [d["spec"]["template"].get("metadata", {}).get("labels", {})
-                   for d in _by_kind("Deployment") + _by_kind("StatefulSet")]
+    other_pods = [
+        d["spec"]["jobTemplate"]["spec"]["template"].get("metadata", {}).get("labels", {}) for d in _by_kind("CronJob")
+    ]
+    other_pods += [
+        d["spec"]["template"].get("metadata", {}).get("labels", {})
+        for d in _by_kind("Deployment") + _by_kind("StatefulSet")
+    ]
     assert "Ingress" in policy["policyTypes"]
     assert all(_selects(policy["podSelector"], labels) for labels in ray_pods), "the policy must cover every Ray pod"
     assert not any(_selects(policy["podSelector"], labels) for labels in serve_pods)
@@ -505,8 +536,10 @@ def test_mlflow_server_deployment():
     service = _one("Service", "mlflow")
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     env = _one("ConfigMap", "fleet-env")["data"]
-    assert f"{service['metadata']['name']}.fleet.svc.cluster.local:{service['spec']['ports'][0]['port']}" \
+    assert (
+        f"{service['metadata']['name']}.fleet.svc.cluster.local:{service['spec']['ports'][0]['port']}"
         in env["MLFLOW_TRACKING_URI"]
+    )
 
 
 def test_serving_deployment_serves_the_champion_with_polling():
@@ -575,12 +608,18 @@ def test_every_nightly_flag_exists_in_jobs_nightly():
 
 
 def test_the_scanner_catches_drift():
-    bad = commands_in_text("RAY_AUTH_MODE=token fleet compress --teachers t --no-such-flag 1 && fleet nope\n"
-                           "python /app/jobs/nightly.py --config x --bogus")
-    assert bad == [("fleet", ["compress", "--teachers", "t", "--no-such-flag", "1"]), ("fleet", ["nope"]),
-                   ("nightly", ["--config", "x", "--bogus"])]
-    assert commands_in_text("docker run --rm -e A=b registry.example.com/fleet:0.1.0 serve --nope\n"
-                            "kubectl -n fleet exec deploy/x -- fleet rollback adfleet\nfleet = 'adfleet'\nfleet") == [
-        ("fleet", ["serve", "--nope"]), ("fleet", ["rollback", "adfleet"])]
+    bad = commands_in_text(
+        "RAY_AUTH_MODE=token fleet compress --teachers t --no-such-flag 1 && fleet nope\n"
+        "python /app/jobs/nightly.py --config x --bogus"
+    )
+    assert bad == [
+        ("fleet", ["compress", "--teachers", "t", "--no-such-flag", "1"]),
+        ("fleet", ["nope"]),
+        ("nightly", ["--config", "x", "--bogus"]),
+    ]
+    assert commands_in_text(
+        "docker run --rm -e A=b registry.example.com/fleet:0.1.0 serve --nope\n"
+        "kubectl -n fleet exec deploy/x -- fleet rollback adfleet\nfleet = 'adfleet'\nfleet"
+    ) == [("fleet", ["serve", "--nope"]), ("fleet", ["rollback", "adfleet"])]
     errors = _check_argv(FLEET_COMMANDS["compress"], bad[0][1][1:], "x")
     assert errors == ["x: fleet compress: unknown flag --no-such-flag"]

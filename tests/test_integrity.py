@@ -130,8 +130,9 @@ def test_a_head_row_that_breaks_the_contract_is_refused_before_decoding(tmp_path
     built = build_version(str(tmp_path), num_campaigns=5, row_group_size=2, rows_per_part=100)
     table = heads_to_table(list(built.rows.values()))
     bad_id = built.ids[1]
-    packed = [p[:-1] if cid == bad_id else p
-              for cid, p in zip(table["campaign_id"].to_pylist(), table["packed"].to_pylist())]
+    packed = [
+        p[:-1] if cid == bad_id else p for cid, p in zip(table["campaign_id"].to_pylist(), table["packed"].to_pylist())
+    ]
     table = table.set_column(table.schema.get_field_index("packed"), "packed", pa.array(packed, pa.binary()))
     version = FleetVersion.open(built.uri)
     writer = VersionWriter(str(tmp_path), "adfleet", "v2")
@@ -167,14 +168,28 @@ def test_load_refuses_a_manifest_that_does_not_match_the_registry_tag(tmp_path, 
     folder.mkdir()
     (folder / "manifest.json").write_bytes(version.manifest_bytes)
     (folder / "backbone.safetensors").write_bytes(version.read_backbone_bytes())
-    metrics = {"fidelity_auc_diff_median": 0.0, "fidelity_auc_diff_p10": 0.0, "quarantine_share": 0.0,
-               "fidelity_kl_median": 0.0, "fidelity_mean_ratio_within_10pct_share": 1.0, "campaigns": 5,
-               "campaigns_status_fallback": 0}
+    metrics = {
+        "fidelity_auc_diff_median": 0.0,
+        "fidelity_auc_diff_p10": 0.0,
+        "quarantine_share": 0.0,
+        "fidelity_kl_median": 0.0,
+        "fidelity_mean_ratio_within_10pct_share": 1.0,
+        "campaigns": 5,
+        "campaigns_status_fallback": 0,
+    }
     registry.register_version(
-        fleet_name="adfleet", manifest_uri=built.uri, version_id=built.version_id,
-        local_artifacts={"manifest.json": str(folder / "manifest.json"),
-                         "backbone.safetensors": str(folder / "backbone.safetensors")},
-        params={}, metrics=metrics, plots={}, tracking_uri=sqlite_tracking_uri)
+        fleet_name="adfleet",
+        manifest_uri=built.uri,
+        version_id=built.version_id,
+        local_artifacts={
+            "manifest.json": str(folder / "manifest.json"),
+            "backbone.safetensors": str(folder / "backbone.safetensors"),
+        },
+        params={},
+        metrics=metrics,
+        plots={},
+        tracking_uri=sqlite_tracking_uri,
+    )
     sha = version.manifest_sha256
     assert sha == hashlib.sha256(version.manifest_bytes).hexdigest()
     assert registry.resolve_version("models:/adfleet/1", sqlite_tracking_uri) == (built.uri, built.version_id, sha)
@@ -225,7 +240,9 @@ def test_store_failures_are_503_store_unavailable_without_paths(tmp_path):
                 assert store not in r.text and "part-00000" not in r.text and "heads/" not in r.text
             if state is not None:  # the other row group is intact and still answers, exactly
                 r = client.get(f"/v1/campaigns/{intact}")
-                assert r.status_code == 200 and strict_json(r)["teacher_sha256"] == built.rows[intact].teacher_sha256.hex()
+                assert (
+                    r.status_code == 200 and strict_json(r)["teacher_sha256"] == built.rows[intact].teacher_sha256.hex()
+                )
         with open(path, "wb") as f:
             f.write(original)
         assert client.get(f"/v1/campaigns/{intact}").status_code == 200

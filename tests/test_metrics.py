@@ -84,8 +84,18 @@ def test_campaign_fidelity_ok():
     p_teacher = np.array([0.1, 0.4, 0.35, 0.8, 0.9, 0.2])
     p_student = np.array([0.1, 0.3, 0.45, 0.7, 0.4, 0.6])
     fid = campaign_fidelity(p_student, p_teacher, labels)
-    assert set(fid) == {"teacher_auc", "student_auc", "auc_diff", "auc_diff_se", "mean_abs_diff", "agreement", "n_holdout", "n_pos",
-                        "auc_status", *CALIBRATION_KEYS}
+    assert set(fid) == {
+        "teacher_auc",
+        "student_auc",
+        "auc_diff",
+        "auc_diff_se",
+        "mean_abs_diff",
+        "agreement",
+        "n_holdout",
+        "n_pos",
+        "auc_status",
+        *CALIBRATION_KEYS,
+    }
     assert fid["auc_status"] == "ok"
     assert fid["teacher_auc"] == pytest.approx(auc(p_teacher, labels))
     assert fid["auc_diff"] == pytest.approx(fid["student_auc"] - fid["teacher_auc"])
@@ -113,8 +123,13 @@ def test_campaign_fidelity_statuses():
 def test_fleet_summary_percentiles_and_worst():
     rng = np.random.default_rng(0)
     diffs = rng.normal(-0.002, 0.01, 37)
-    rows = [{"campaign_id": f"c{i:03d}", "auc_diff": float(d), "mean_abs_diff": float(abs(d))} for i, d in enumerate(diffs)]
-    rows += [{"campaign_id": "nolab", "auc_diff": None, "mean_abs_diff": 0.5}, {"campaign_id": "empty", "auc_diff": None, "mean_abs_diff": None}]
+    rows = [
+        {"campaign_id": f"c{i:03d}", "auc_diff": float(d), "mean_abs_diff": float(abs(d))} for i, d in enumerate(diffs)
+    ]
+    rows += [
+        {"campaign_id": "nolab", "auc_diff": None, "mean_abs_diff": 0.5},
+        {"campaign_id": "empty", "auc_diff": None, "mean_abs_diff": None},
+    ]
     summary = fleet_summary(rows)
     assert summary["n_campaigns"] == 39 and summary["n_with_auc"] == 37 and summary["no_auc"] == 2
     assert summary["median"] == pytest.approx(np.median(diffs))
@@ -143,8 +158,17 @@ def test_fleet_summary_small_and_empty():
 
 def test_calibration_keys_are_returned_and_listed():
     fid = campaign_fidelity([0.2, 0.7], [0.3, 0.6], [0, 1])
-    assert CALIBRATION_KEYS == ("kl", "brier_vs_teacher", "mean_ratio", "student_log_loss", "teacher_log_loss",
-                                "student_brier", "teacher_brier", "student_ece", "teacher_ece")
+    assert CALIBRATION_KEYS == (
+        "kl",
+        "brier_vs_teacher",
+        "mean_ratio",
+        "student_log_loss",
+        "teacher_log_loss",
+        "student_brier",
+        "teacher_brier",
+        "student_ece",
+        "teacher_ece",
+    )
     assert set(CALIBRATION_KEYS) <= set(fid)
 
 
@@ -217,14 +241,44 @@ def test_calibration_none_cases():
 
 def test_fleet_summary_volume_weighting_and_calibration_by_hand():
     rows = [
-        {"campaign_id": "a", "n_rows": 100, "auc_diff": -0.02, "kl": 0.01, "mean_ratio": 1.05,
-         "student_ece": 0.05, "teacher_ece": 0.03, "status": "ok"},
-        {"campaign_id": "b", "n_rows": 300, "auc_diff": 0.01, "kl": 0.03, "mean_ratio": 0.8,
-         "student_ece": 0.10, "teacher_ece": 0.10, "status": "fallback"},
-        {"campaign_id": "c", "n_rows": 50, "auc_diff": None, "kl": 0.002, "mean_ratio": 1.1,
-         "student_ece": None, "teacher_ece": 0.02, "status": "ok"},
-        {"campaign_id": "d", "auc_diff": 0.04, "kl": None, "mean_ratio": None,  # no n_rows: weight 1
-         "student_ece": 0.02, "teacher_ece": 0.04},
+        {
+            "campaign_id": "a",
+            "n_rows": 100,
+            "auc_diff": -0.02,
+            "kl": 0.01,
+            "mean_ratio": 1.05,
+            "student_ece": 0.05,
+            "teacher_ece": 0.03,
+            "status": "ok",
+        },
+        {
+            "campaign_id": "b",
+            "n_rows": 300,
+            "auc_diff": 0.01,
+            "kl": 0.03,
+            "mean_ratio": 0.8,
+            "student_ece": 0.10,
+            "teacher_ece": 0.10,
+            "status": "fallback",
+        },
+        {
+            "campaign_id": "c",
+            "n_rows": 50,
+            "auc_diff": None,
+            "kl": 0.002,
+            "mean_ratio": 1.1,
+            "student_ece": None,
+            "teacher_ece": 0.02,
+            "status": "ok",
+        },
+        {
+            "campaign_id": "d",
+            "auc_diff": 0.04,
+            "kl": None,
+            "mean_ratio": None,  # no n_rows: weight 1
+            "student_ece": 0.02,
+            "teacher_ece": 0.04,
+        },
         {"campaign_id": "e", "n_rows": 10, "auc_diff": None, "kl": None, "mean_ratio": None},
     ]
     s = fleet_summary(rows)
@@ -235,8 +289,9 @@ def test_fleet_summary_volume_weighting_and_calibration_by_hand():
     # ratios 1.05 (in), .8 (out), 1.1 (in: the bound is inclusive) -> 2 / 3
     assert s["mean_ratio_within_10pct_share"] == pytest.approx(2 / 3)
     # the same bound read back from a float32 heads column (1.1 -> 1.10000002) still counts
-    assert fleet_summary([{"mean_ratio": float(np.float32(1.1))}, {"mean_ratio": float(np.float32(0.9))},
-                          {"mean_ratio": 1.101}])["mean_ratio_within_10pct_share"] == pytest.approx(2 / 3)
+    assert fleet_summary(
+        [{"mean_ratio": float(np.float32(1.1))}, {"mean_ratio": float(np.float32(0.9))}, {"mean_ratio": 1.101}]
+    )["mean_ratio_within_10pct_share"] == pytest.approx(2 / 3)
     # student - teacher ECE: a .02, b 0, d -.02 (c has no student ECE) -> median 0
     assert s["ece_excess_median"] == pytest.approx(0.0)
     # KLs .002, .01, .03: median .01; p90 at position .9 * 2 = 1.8: .01 + .8 * (.03 - .01) = .026
@@ -246,8 +301,10 @@ def test_fleet_summary_volume_weighting_and_calibration_by_hand():
 
 def test_fleet_summary_top_decile_ties_and_size():
     # 12 campaigns: ceil(12 / 10) = 2; three tie at 500 rows, the two smallest ids win: c03, c05
-    rows = [{"campaign_id": f"c{i:02d}", "n_rows": 500 if i in (3, 5, 7) else 10,
-             "auc_diff": None if i == 3 else -0.01 * i} for i in range(12)]
+    rows = [
+        {"campaign_id": f"c{i:02d}", "n_rows": 500 if i in (3, 5, 7) else 10, "auc_diff": None if i == 3 else -0.01 * i}
+        for i in range(12)
+    ]
     s = fleet_summary(list(reversed(rows)))
     assert s["top_decile_n_with_auc"] == 1 and s["top_decile_auc_diff_median"] == pytest.approx(-0.05)
     # 30 campaigns: exactly 3 (0.1 * 30 is 3.0000000000000004 in floats), the ones with 29, 28, 27 rows
@@ -262,8 +319,14 @@ def test_fleet_summary_top_decile_ties_and_size():
 def test_fleet_summary_new_figures_empty_or_undefined():
     for rows in ([], [{"campaign_id": "x", "auc_diff": None, "mean_abs_diff": None}]):
         s = fleet_summary(rows)
-        for key in ("auc_diff_volume_weighted", "top_decile_auc_diff_median", "mean_ratio_within_10pct_share",
-                    "ece_excess_median", "kl_median", "kl_p90"):
+        for key in (
+            "auc_diff_volume_weighted",
+            "top_decile_auc_diff_median",
+            "mean_ratio_within_10pct_share",
+            "ece_excess_median",
+            "kl_median",
+            "kl_p90",
+        ):
             assert s[key] is None, key
         assert s["top_decile_n_with_auc"] == 0 and s["status_counts"] == {}
 
@@ -291,10 +354,12 @@ def test_auc_diff_standard_error_matches_a_paired_bootstrap():
 
 
 def test_fleet_summary_counts_campaigns_significantly_worse():
-    rows = [{"campaign_id": "c1", "auc_diff": -0.05, "auc_diff_se": 0.02},  # interval below 0: counted
-            {"campaign_id": "c2", "auc_diff": -0.05, "auc_diff_se": 0.03},  # -0.05 + 1.96 * 0.03 > 0
-            {"campaign_id": "c3", "auc_diff": -0.2},  # no standard error: not counted
-            {"campaign_id": "c4", "auc_diff": 0.1, "auc_diff_se": 0.0}]
+    rows = [
+        {"campaign_id": "c1", "auc_diff": -0.05, "auc_diff_se": 0.02},  # interval below 0: counted
+        {"campaign_id": "c2", "auc_diff": -0.05, "auc_diff_se": 0.03},  # -0.05 + 1.96 * 0.03 > 0
+        {"campaign_id": "c3", "auc_diff": -0.2},  # no standard error: not counted
+        {"campaign_id": "c4", "auc_diff": 0.1, "auc_diff_se": 0.0},
+    ]
     summary = fleet_summary(rows)
     assert summary["auc_significantly_worse"] == 1
     assert summary["auc_significantly_worse_campaigns"] == ["c1"]

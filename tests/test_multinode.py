@@ -32,8 +32,13 @@ FLEET = os.path.join(BIN, "fleet")
 
 # Few steps keep it fast; campaigns_per_task=2 turns the 20-campaign fleet into 10 tasks per batch
 # stage, more than the cluster's 2 CPUs, so both nodes get work.
-CONFIG = {"backbone_steps": 300, "backbone_per_campaign": 200, "head_steps": 150, "campaigns_per_task": 2,
-          "gate": {"min_median_auc_diff": -0.1, "min_p10_auc_diff": -0.3}}
+CONFIG = {
+    "backbone_steps": 300,
+    "backbone_per_campaign": 200,
+    "head_steps": 150,
+    "campaigns_per_task": 2,
+    "gate": {"min_median_auc_diff": -0.1, "min_p10_auc_diff": -0.3},
+}
 
 
 def _ray_env(token_path: str) -> dict:
@@ -71,10 +76,26 @@ class RayCluster:
         self.logs.append(log)
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [RAY, "start", *args, "--num-cpus", "1", "--temp-dir", os.path.join(self.temp, name),
-                 "--object-store-memory", str(100 * 1024**2), "--dashboard-agent-listen-port", str(free_port()),
-                 "--include-log-monitor", "false", "--disable-usage-stats"],
-                stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+                [
+                    RAY,
+                    "start",
+                    *args,
+                    "--num-cpus",
+                    "1",
+                    "--temp-dir",
+                    os.path.join(self.temp, name),
+                    "--object-store-memory",
+                    str(100 * 1024**2),
+                    "--dashboard-agent-listen-port",
+                    str(free_port()),
+                    "--include-log-monitor",
+                    "false",
+                    "--disable-usage-stats",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
             )
             self.groups.append(proc.pid)  # == the process group id (start_new_session)
             try:
@@ -90,9 +111,22 @@ class RayCluster:
             return f.read().decode(errors="replace")[-size:]
 
     def start(self) -> RayCluster:
-        self._start("head", ["--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
-                             "--include-dashboard", "false", "--dashboard-port", str(free_port()),
-                             "--ray-client-server-port", str(free_port())])
+        self._start(
+            "head",
+            [
+                "--head",
+                "--node-ip-address",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--include-dashboard",
+                "false",
+                "--dashboard-port",
+                str(free_port()),
+                "--ray-client-server-port",
+                str(free_port()),
+            ],
+        )
         for i in range(self.workers):
             self._start(f"worker{i}", ["--address", self.address, "--node-ip-address", "127.0.0.1"])
         return self
@@ -100,12 +134,15 @@ class RayCluster:
     def node_ids(self, expected: int, timeout: float = 60) -> list[str]:
         """Ids of the alive nodes, once ``expected`` of them have registered (asked from a subprocess:
         this test process may hold its own local Ray)."""
-        code = (f"import json, ray; ray.init(address={self.address!r}, log_to_driver=False); "
-                "print(json.dumps(sorted(n['NodeID'] for n in ray.nodes() if n['Alive'])))")
+        code = (
+            f"import json, ray; ray.init(address={self.address!r}, log_to_driver=False); "
+            "print(json.dumps(sorted(n['NodeID'] for n in ray.nodes() if n['Alive'])))"
+        )
         deadline = time.monotonic() + timeout
         while True:
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=self.env,
-                                 timeout=120, check=False)
+            out = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, env=self.env, timeout=120, check=False
+            )
             ids = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
             if len(ids) >= expected or time.monotonic() > deadline:
                 return ids
@@ -115,8 +152,9 @@ class RayCluster:
         """Pids of every live process this cluster started: members of its process groups, their
         descendants, and anything whose command line names its temp dir (Linux ``/proc``)."""
         table = _process_table()
-        mine = {pid for pid, (ppid, pgid, cmdline) in table.items()
-                if pgid in self.groups or self.temp + os.sep in cmdline}
+        mine = {
+            pid for pid, (ppid, pgid, cmdline) in table.items() if pgid in self.groups or self.temp + os.sep in cmdline
+        }
         grew = True
         while grew:  # add descendants (a process that left the group still has a parent in it)
             more = {pid for pid, (ppid, _, _) in table.items() if ppid in mine} - mine
@@ -171,7 +209,7 @@ def _process_table() -> dict[int, tuple[int, int, str]]:
                 cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp ...
         if fields[0] in ("Z", "X"):
             continue
         table[int(entry)] = (int(fields[1]), int(fields[2]), cmdline)
@@ -182,8 +220,9 @@ def _listing(fs, root: str) -> list[str]:
     return sorted(p.removeprefix(root.rstrip("/") + "/") for p in fs.find(root))
 
 
-def test_compress_on_two_node_cluster_with_s3_and_mlflow_server(small_fleet, s3_server, s3_bucket, mlflow_server,
-                                                                  ray_cluster, tmp_path):
+def test_compress_on_two_node_cluster_with_s3_and_mlflow_server(
+    small_fleet, s3_server, s3_bucket, mlflow_server, ray_cluster, tmp_path
+):
     options = s3_server["storage_options"]
     fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
     bucket = s3_bucket.removeprefix("s3://")
@@ -199,9 +238,28 @@ def test_compress_on_two_node_cluster_with_s3_and_mlflow_server(small_fleet, s3_
     cwd = tmp_path / "driver-cwd"  # the driver's working dir: must stay empty (no intermediates on local disk)
     cwd.mkdir()
     store, run_id = f"{s3_bucket}/store", "mn-night-1"
-    cmd = [FLEET, "compress", "--teachers", f"{s3_bucket}/input/teachers", "--events", f"{s3_bucket}/input/events",
-           "--store", store, "--fleet", "mnfleet", "--tracking-uri", mlflow_server, "--run-id", run_id,
-           "--address", ray_cluster.address, "--config", str(config), "--storage-options", json.dumps(options)]
+    cmd = [
+        FLEET,
+        "compress",
+        "--teachers",
+        f"{s3_bucket}/input/teachers",
+        "--events",
+        f"{s3_bucket}/input/events",
+        "--store",
+        store,
+        "--fleet",
+        "mnfleet",
+        "--tracking-uri",
+        mlflow_server,
+        "--run-id",
+        run_id,
+        "--address",
+        ray_cluster.address,
+        "--config",
+        str(config),
+        "--storage-options",
+        json.dumps(options),
+    ]
     started = time.monotonic()
     out = subprocess.run(cmd, cwd=cwd, env=ray_cluster.env, capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"

@@ -26,7 +26,9 @@ ATOL = 1e-5
 
 def _backbone(arch: str, layers: int = 1, hidden: int = 24, seed: int = 0) -> SharedBackbone:
     torch.manual_seed(seed)
-    cfg = StudentConfig(num_event_types=V, num_features=F, arch=arch, hidden_size=hidden, embed_dim=8, num_layers=layers)
+    cfg = StudentConfig(
+        num_event_types=V, num_features=F, arch=arch, hidden_size=hidden, embed_dim=8, num_layers=layers
+    )
     backbone = SharedBackbone(cfg).eval()
     with torch.no_grad():  # larger than default init so gates saturate sometimes
         for p in backbone.rnn.parameters():
@@ -96,8 +98,9 @@ def test_zero_length_row_reads_step_zero_like_torch(arch):
     nb = NumpyBackbone.from_state_dict(backbone.state_dict())
     types, feats, lens = _batch(np.random.default_rng(4), [5, 0, 2], 5)
     for pooled in (False, True):
-        np.testing.assert_allclose(nb.forward(types, feats, lens, pooled), _torch(backbone, types, feats, lens, pooled),
-                                   atol=ATOL, rtol=0)
+        np.testing.assert_allclose(
+            nb.forward(types, feats, lens, pooled), _torch(backbone, types, feats, lens, pooled), atol=ATOL, rtol=0
+        )
 
 
 @pytest.mark.parametrize("arch", ["gru", "lstm"])
@@ -130,13 +133,16 @@ def test_from_bytes_without_torch_equals_decoded_backbone(arch, bits):
         np.testing.assert_array_equal(b1, b2)
     np.testing.assert_array_equal(nb.embedding, ref.embedding)
     types, feats, lens = _batch(np.random.default_rng(6), [4, 30, 1])
-    np.testing.assert_allclose(nb.forward(types, feats, lens, True), _torch(decoded, types, feats, lens, True),
-                               atol=ATOL, rtol=0)
+    np.testing.assert_allclose(
+        nb.forward(types, feats, lens, True), _torch(decoded, types, feats, lens, True), atol=ATOL, rtol=0
+    )
 
 
 def test_no_numeric_features():
     torch.manual_seed(1)
-    backbone = SharedBackbone(StudentConfig(num_event_types=V, num_features=0, arch="lstm", hidden_size=8, embed_dim=4)).eval()
+    backbone = SharedBackbone(
+        StudentConfig(num_event_types=V, num_features=0, arch="lstm", hidden_size=8, embed_dim=4)
+    ).eval()
     nb = NumpyBackbone.from_state_dict(backbone.state_dict())
     types = [np.array([1, 2, 3]), np.array([4])]
     feats = [np.zeros(0, np.float32), np.zeros(0, np.float32)]
@@ -189,8 +195,9 @@ def test_fleet_model_numpy_backend_equals_torch_backend(tmp_path, arch, head):
     np.testing.assert_allclose(m_np.predict_batch(rows[:7]), m_t.predict_batch(rows[:7]), atol=1e-6, rtol=0)
     for s in seqs[:5]:  # one sequence: the hot path
         np.testing.assert_allclose(m_np.predict(built.ids[0], [s]), m_t.predict(built.ids[0], [s]), atol=1e-6, rtol=0)
-        np.testing.assert_allclose(m_np.score_campaigns(s).probabilities, m_t.score_campaigns(s).probabilities,
-                                   atol=1e-6, rtol=0)
+        np.testing.assert_allclose(
+            m_np.score_campaigns(s).probabilities, m_t.score_campaigns(s).probabilities, atol=1e-6, rtol=0
+        )
     with pytest.raises(ValueError, match="backend"):
         FleetModel.open(built.uri, backend="onnx")
 
@@ -208,8 +215,22 @@ def test_cli_predict_backend_flag(tmp_path, capsys):
     out = {}
     for backend in ("numpy", "torch"):
         capsys.readouterr()
-        assert main(["predict", "--model", built.uri, "--campaign", built.ids[0], "--input", str(path),
-                     "--backend", backend]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    "--model",
+                    built.uri,
+                    "--campaign",
+                    built.ids[0],
+                    "--input",
+                    str(path),
+                    "--backend",
+                    backend,
+                ]
+            )
+            == 0
+        )
         out[backend] = np.array([float(v) for v in capsys.readouterr().out.split()])
     assert len(out["numpy"]) == 5
     np.testing.assert_allclose(out["numpy"], out["torch"], atol=1e-6, rtol=0)

@@ -52,13 +52,17 @@ def test_lines_at_start_every_n_seconds_and_at_the_end(monkeypatch):
     stage1 = [line for line in lines if line.startswith("stage 1")]
     assert stage1[0] == "stage 1  teacher soft labels: 5/20 campaigns (25%), elapsed 0:00:00, ETA -:--:--"
     # every 0.2 s while it runs; the ETA counts this run's rate only (5 campaigns in ~0.3 s, not 10)
-    assert any(re.fullmatch(r"stage 1  teacher soft labels: 10/20 campaigns \(50%\), elapsed 0:00:0\d, ETA 0:00:0\d",
-                            line) for line in stage1[1:-1])
-    assert len(stage1) >= 3 and re.fullmatch(r"stage 1  teacher soft labels: 20/20 campaigns \(100%\), done in 0:00:0\d",
-                                             stage1[-1])
+    assert any(
+        re.fullmatch(r"stage 1  teacher soft labels: 10/20 campaigns \(50%\), elapsed 0:00:0\d, ETA 0:00:0\d", line)
+        for line in stage1[1:-1]
+    )
+    assert len(stage1) >= 3 and re.fullmatch(
+        r"stage 1  teacher soft labels: 20/20 campaigns \(100%\), done in 0:00:0\d", stage1[-1]
+    )
     # an unfinished task (the run was interrupted) gets no last line; what it logged is the start line
     assert [line for line in lines if line.startswith("stage 2")] == [
-        "stage 2  backbone: 0/2,000 steps (0%), elapsed 0:00:00, ETA -:--:--"]
+        "stage 2  backbone: 0/2,000 steps (0%), elapsed 0:00:00, ETA -:--:--"
+    ]
 
 
 def test_eta_counts_from_where_the_task_started():

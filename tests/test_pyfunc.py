@@ -23,8 +23,10 @@ from fleet.storage.store import relocated
 @pytest.fixture(scope="module")
 def versions(tmp_path_factory):
     store = str(tmp_path_factory.mktemp("store"))
-    return {"v1": build_version(store, "v1", seed=0, num_campaigns=20),
-            "v2": build_version(store, "v2", seed=1, num_campaigns=20)}
+    return {
+        "v1": build_version(store, "v1", seed=0, num_campaigns=20),
+        "v2": build_version(store, "v2", seed=1, num_campaigns=20),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +52,13 @@ def mlflow_env(tmp_path_factory, versions):
 
 def frame(ids, seqs, as_numpy=False) -> pd.DataFrame:
     conv = (lambda x, dt: np.asarray(x, dt)) if as_numpy else (lambda x, dt: x)
-    return pd.DataFrame({
-        "campaign_id": ids,
-        "event_types": [conv(s["event_types"], np.int32) for s in seqs],
-        "features": [conv(s["features"], np.float32) for s in seqs],
-    })
+    return pd.DataFrame(
+        {
+            "campaign_id": ids,
+            "event_types": [conv(s["event_types"], np.int32) for s in seqs],
+            "features": [conv(s["features"], np.float32) for s in seqs],
+        }
+    )
 
 
 @pytest.mark.parametrize("as_numpy", [False, True])
@@ -107,11 +111,14 @@ def test_a_moved_store_is_found_under_fleet_store_root(tmp_path, versions, monke
     assert _load_pyfunc(str(tmp_path / "d")).model.version_id == "v2"
     pinned = tmp_path / "pinned"
     pinned.mkdir()
-    (pinned / PYFUNC_CONFIG_FILE).write_text(json.dumps({"manifest_uri": moved, "version_id": "v2",
-                                                  "manifest_sha256": "0" * 64}))
+    (pinned / PYFUNC_CONFIG_FILE).write_text(
+        json.dumps({"manifest_uri": moved, "version_id": "v2", "manifest_sha256": "0" * 64})
+    )
     with pytest.raises(Exception, match="sha256"):
         _load_pyfunc(str(pinned))
-    assert relocated("s3://b/x/adfleet/versions/v1/manifest.json", "s3://c") == "s3://c/adfleet/versions/v1/manifest.json"
+    assert (
+        relocated("s3://b/x/adfleet/versions/v1/manifest.json", "s3://c") == "s3://c/adfleet/versions/v1/manifest.json"
+    )
     with pytest.raises(StoreError, match="cannot relocate"):
         relocated("s3://b/manifest.json", "s3://c")
 
@@ -122,10 +129,17 @@ def test_registry_style_config_and_mismatch(tmp_path, versions, monkeypatch):
     b = versions["v1"]
     d = tmp_path / "reg"
     d.mkdir()
-    (d / PYFUNC_CONFIG_FILE).write_text(json.dumps({
-        "format": "fleet-pyfunc/1", "manifest_uri": b.uri, "version_id": "v1",
-        "storage_options_env": "MY_FLEET_OPTS", "storage_options": {"auto_mkdir": False},
-    }))
+    (d / PYFUNC_CONFIG_FILE).write_text(
+        json.dumps(
+            {
+                "format": "fleet-pyfunc/1",
+                "manifest_uri": b.uri,
+                "version_id": "v1",
+                "storage_options_env": "MY_FLEET_OPTS",
+                "storage_options": {"auto_mkdir": False},
+            }
+        )
+    )
     monkeypatch.setenv("MY_FLEET_OPTS", json.dumps({"auto_mkdir": True}))
     assert _load_pyfunc(str(d)).model.version_id == "v1"
     (d / PYFUNC_CONFIG_FILE).write_text(json.dumps({"manifest_uri": b.uri, "version_id": "v9"}))
@@ -154,8 +168,11 @@ def test_load_models_uri_and_alias_reloader(mlflow_env, versions):
     loaded = mlflow.pyfunc.load_model("models:/adfleet@champion")
     seqs = random_sequences(random.Random(3), 4)
     ids = [versions["v2"].ids[i] for i in range(4)]
-    np.testing.assert_allclose(loaded.predict(frame(ids, seqs)),
-                               champion.predict_batch([{"campaign_id": c, **s} for c, s in zip(ids, seqs)]), atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.predict(frame(ids, seqs)),
+        champion.predict_batch([{"campaign_id": c, **s} for c, s in zip(ids, seqs)]),
+        atol=1e-6,
+    )
 
 
 # --------------------------------------------------------------------------- quality-gate verdicts (with_status)
@@ -194,8 +211,12 @@ def _log_and_load_signed(gated, tmp_path):
     write_config(str(tmp_path / "data"), gated.uri, "g1")
     experiment = mlflow.get_experiment_by_name("fleet-test").experiment_id
     with mlflow.start_run(experiment_id=experiment):
-        info = mlflow.pyfunc.log_model(name="model", loader_module="fleet.serve.pyfunc", data_path=str(tmp_path / "data"),
-                                       signature=model_signature())
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            loader_module="fleet.serve.pyfunc",
+            data_path=str(tmp_path / "data"),
+            signature=model_signature(),
+        )
     return mlflow.pyfunc.load_model(info.model_uri)
 
 
@@ -215,8 +236,13 @@ def test_with_status_through_mlflow(mlflow_env, gated, tmp_path):
 
 
 def rank_frame(seqs, campaign_ids) -> pd.DataFrame:
-    return pd.DataFrame({"event_types": [s["event_types"] for s in seqs], "features": [s["features"] for s in seqs],
-                         "campaign_ids": campaign_ids})
+    return pd.DataFrame(
+        {
+            "event_types": [s["event_types"] for s in seqs],
+            "features": [s["features"] for s in seqs],
+            "campaign_ids": campaign_ids,
+        }
+    )
 
 
 def test_ranking_request(gated):

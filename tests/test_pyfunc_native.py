@@ -47,8 +47,11 @@ def logged(tmp_path_factory, _mlflow_db_template):
     version = FleetVersion.open(os.path.dirname(built.uri))
     (root / "backbone.safetensors").write_bytes(version.read_backbone_bytes())
     (root / "manifest.json").write_bytes(version.manifest_bytes)
-    manifest_config = {"teachers_uri": f"s3://AKIAFLEETKEY:{SECRET}@bucket/teachers",
-                       "events_uri": "s3://bucket/events", "num_features": built.config.num_features}
+    manifest_config = {
+        "teachers_uri": f"s3://AKIAFLEETKEY:{SECRET}@bucket/teachers",
+        "events_uri": "s3://bucket/events",
+        "num_features": built.config.num_features,
+    }
     records: list[str] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: records.append(record.getMessage())
@@ -56,12 +59,19 @@ def logged(tmp_path_factory, _mlflow_db_template):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         reg = registry.register_version(
-            fleet_name="adfleet", manifest_uri=built.uri, version_id="v1",
-            local_artifacts={"backbone.safetensors": str(root / "backbone.safetensors"),
-                             "manifest.json": str(root / "manifest.json")},
+            fleet_name="adfleet",
+            manifest_uri=built.uri,
+            version_id="v1",
+            local_artifacts={
+                "backbone.safetensors": str(root / "backbone.safetensors"),
+                "manifest.json": str(root / "manifest.json"),
+            },
             params=_run_params(CompressConfig(), manifest_config),
             metrics={"campaigns": 4, "stage_seconds_soft_labels": 1.5, "stage_seconds_finalize": 0.25},
-            plots={}, tracking_uri=uri, example_campaign_id=built.ids[1])
+            plots={},
+            tracking_uri=uri,
+            example_campaign_id=built.ids[1],
+        )
     logging.getLogger("mlflow").removeHandler(handler)
     records += [str(w.message) for w in caught]
     source = MlflowClient(uri, uri).get_model_version_download_uri("adfleet", reg.version)
@@ -88,12 +98,16 @@ def test_signature_and_input_example(logged):
     from mlflow.pyfunc import scoring_server
 
     app = scoring_server.init(mlflow.pyfunc.load_model(str(model_dir)))
-    response = TestClient(app).post("/invocations", content=(model_dir / "serving_input_example.json").read_bytes(),
-                                    headers={"Content-Type": "application/json"})
+    response = TestClient(app).post(
+        "/invocations",
+        content=(model_dir / "serving_input_example.json").read_bytes(),
+        headers={"Content-Type": "application/json"},
+    )
     assert response.status_code == 200, response.text
     got = response.json()["predictions"]
-    want = FleetModel.open(built.uri).predict_batch([{"campaign_id": built.ids[1], "event_types": [0],
-                                                      "features": [0.0] * built.config.num_features}])
+    want = FleetModel.open(built.uri).predict_batch(
+        [{"campaign_id": built.ids[1], "event_types": [0], "features": [0.0] * built.config.num_features}]
+    )
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-6, rtol=0)
 
 
@@ -118,18 +132,28 @@ def test_code_paths_and_requirements(logged):
 def test_model_loads_from_its_code_in_a_fresh_process(logged, tmp_path):
     """No repo on PYTHONPATH, another working directory: ``import fleet`` resolves to <model>/code/fleet."""
     model_dir, built = logged["model"], logged["built"]
-    script = ("import json, sys, mlflow, pandas as pd\n"
-              "m = mlflow.pyfunc.load_model(sys.argv[1])\n"
-              "import fleet\n"
-              "ex = m.metadata.load_input_example(sys.argv[1])\n"
-              "print(json.dumps({'fleet': fleet.__file__, 'p': m.predict(ex).tolist()}))\n")
+    script = (
+        "import json, sys, mlflow, pandas as pd\n"
+        "m = mlflow.pyfunc.load_model(sys.argv[1])\n"
+        "import fleet\n"
+        "ex = m.metadata.load_input_example(sys.argv[1])\n"
+        "print(json.dumps({'fleet': fleet.__file__, 'p': m.predict(ex).tolist()}))\n"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
-    out = subprocess.run([sys.executable, "-c", script, str(model_dir)], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(model_dir)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert Path(result["fleet"]).resolve().is_relative_to((model_dir / "code" / "fleet").resolve())
-    want = FleetModel.open(built.uri).predict_batch([{"campaign_id": built.ids[1], "event_types": [0],
-                                                      "features": [0.0] * built.config.num_features}])
+    want = FleetModel.open(built.uri).predict_batch(
+        [{"campaign_id": built.ids[1], "event_types": [0], "features": [0.0] * built.config.num_features}]
+    )
     np.testing.assert_allclose(result["p"], want, atol=1e-6, rtol=0)
 
 
@@ -147,8 +171,10 @@ def test_example_campaign_and_input_example_rules():
     heads = pa.table({"campaign_id": ["c", "a", "b"], "status": ["ok", "gate_failed", "ok"]})
     assert _example_campaign(heads) == "b"  # the first whose head passed its gate
     assert _example_campaign(pa.table({"campaign_id": ["z", "y"], "status": ["gate_failed", "gate_failed"]})) == "y"
-    assert _example_campaign(pa.table({"campaign_id": pa.array([], pa.string()),
-                                       "status": pa.array([], pa.string())})) is None
+    assert (
+        _example_campaign(pa.table({"campaign_id": pa.array([], pa.string()), "status": pa.array([], pa.string())}))
+        is None
+    )
     assert _run_params(CompressConfig(), {"num_features": 3})["backbone_steps"] == CompressConfig().backbone_steps
     assert "teachers_uri" not in _run_params(CompressConfig(), {})
     frame = input_example("camp-1", 0, length=2)

@@ -145,7 +145,11 @@ def test_quantized_vector_sizes():
     x = torch.randn(P)
     sizes = {b: quantize_vector(x, b, 64) for b in SUPPORTED_BITS}
     assert {b: (len(v.packed), len(v.scales)) for b, v in sizes.items()} == {
-        1: (25, 8), 2: (49, 8), 4: (97, 8), 8: (193, 8), 16: (386, 0)
+        1: (25, 8),
+        2: (49, 8),
+        4: (97, 8),
+        8: (193, 8),
+        16: (386, 0),
     }
     assert sizes[4].nbytes == 105
 

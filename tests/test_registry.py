@@ -19,32 +19,59 @@ from fleet.core.errors import FleetError, RegistryError
 from fleet.storage import registry, runs, tracking
 from fleet.storage.promotion_gate import GateResult, PromotionGate, evaluate_gate
 
-GOOD = {"fidelity_auc_diff_median": -0.002, "fidelity_auc_diff_p10": -0.01, "quarantine_share": 0.01,
-        "fidelity_kl_median": 0.004, "fidelity_mean_ratio_within_10pct_share": 0.93, "campaigns": 100,
-        "campaigns_status_fallback": 3, "compression_ratio": 180.5, "stage_seconds": {"distill": 12.5, "quantize": 1.25}, "nan_metric": float("nan")}
+GOOD = {
+    "fidelity_auc_diff_median": -0.002,
+    "fidelity_auc_diff_p10": -0.01,
+    "quarantine_share": 0.01,
+    "fidelity_kl_median": 0.004,
+    "fidelity_mean_ratio_within_10pct_share": 0.93,
+    "campaigns": 100,
+    "campaigns_status_fallback": 3,
+    "compression_ratio": 180.5,
+    "stage_seconds": {"distill": 12.5, "quantize": 1.25},
+    "nan_metric": float("nan"),
+}
 BAD = {**GOOD, "fidelity_auc_diff_median": -0.031, "quarantine_share": 0.2}
 PNG = plots.fidelity_histogram([-0.01, 0.0, 0.002])
-STORAGE = {"key": "AKIAFLEETKEY", "secret": "s3cr3t-value",
-           "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000", "region_name": "eu-west-1"}}
+STORAGE = {
+    "key": "AKIAFLEETKEY",
+    "secret": "s3cr3t-value",
+    "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000", "region_name": "eu-west-1"},
+}
 
 
 def _artifacts(tmp_path, fleet, version_id):
     """A dummy manifest and backbone, as the store would have written them."""
     folder = tmp_path / version_id
     folder.mkdir(exist_ok=True)
-    (folder / "manifest.json").write_text(json.dumps({"format": "fleet-version/1", "fleet": fleet,
-                                                      "version_id": version_id}))
+    (folder / "manifest.json").write_text(
+        json.dumps({"format": "fleet-version/1", "fleet": fleet, "version_id": version_id})
+    )
     (folder / "backbone.safetensors").write_bytes(b"\x00" * 64)
-    return {"manifest.json": str(folder / "manifest.json"), "backbone.safetensors": str(folder / "backbone.safetensors")}
+    return {
+        "manifest.json": str(folder / "manifest.json"),
+        "backbone.safetensors": str(folder / "backbone.safetensors"),
+    }
 
 
 def _register(tmp_path, uri, version_id, metrics=GOOD, fleet="adfleet", **kw):
     return registry.register_version(
-        fleet_name=fleet, manifest_uri=f"s3://bucket/fleet/{fleet}/versions/{version_id}/manifest.json",
-        version_id=version_id, local_artifacts=_artifacts(tmp_path, fleet, version_id),
-        params={"quant": {"bits": 4, "group_size": 32}, "teachers": ["a", "b"], "aws_secret_access_key": "x",
-                "store": "s3://AKIAFLEETKEY:s3cr3t-value@bucket/fleet"},
-        metrics=metrics, plots={"fidelity_histogram": PNG}, tracking_uri=uri, storage_options=STORAGE, **kw)
+        fleet_name=fleet,
+        manifest_uri=f"s3://bucket/fleet/{fleet}/versions/{version_id}/manifest.json",
+        version_id=version_id,
+        local_artifacts=_artifacts(tmp_path, fleet, version_id),
+        params={
+            "quant": {"bits": 4, "group_size": 32},
+            "teachers": ["a", "b"],
+            "aws_secret_access_key": "x",
+            "store": "s3://AKIAFLEETKEY:s3cr3t-value@bucket/fleet",
+        },
+        metrics=metrics,
+        plots={"fidelity_histogram": PNG},
+        tracking_uri=uri,
+        storage_options=STORAGE,
+        **kw,
+    )
 
 
 # ----------------------------------------------------------------------------- gate (pure)
@@ -59,8 +86,9 @@ def test_gate_passes_and_reports_every_failure():
 
 def test_gate_missing_metric_and_regression():
     agreement = {"fidelity_kl_median": 0.0, "fidelity_mean_ratio_within_10pct_share": 1.0}
-    result = evaluate_gate({"fidelity_auc_diff_median": 0.0, "quarantine_share": float("nan"), **agreement}, None,
-                           PromotionGate())
+    result = evaluate_gate(
+        {"fidelity_auc_diff_median": 0.0, "quarantine_share": float("nan"), **agreement}, None, PromotionGate()
+    )
     assert not result.passed and len(result.reasons) == 2
     assert "'fidelity_auc_diff_p10' is missing" in result.reasons[0] and "quarantine_share" in result.reasons[1]
 
@@ -73,9 +101,18 @@ def test_gate_missing_metric_and_regression():
 
 # A fleet where no campaign has a hold-out AUC (too few positives everywhere): as the pipeline logs it
 # to MLflow, the None AUC metrics are simply absent.
-NO_AUC = {"campaigns": 40, "campaigns_ok": 38, "campaigns_reused": 0, "campaigns_quarantined": 2,
-          "quarantine_share": 0.05, "fidelity_campaigns_without_auc": 38, "fidelity_kl_median": 0.006,
-          "fidelity_mean_ratio_within_10pct_share": 0.9, "campaigns_status_ok": 36, "campaigns_status_fallback": 2}
+NO_AUC = {
+    "campaigns": 40,
+    "campaigns_ok": 38,
+    "campaigns_reused": 0,
+    "campaigns_quarantined": 2,
+    "quarantine_share": 0.05,
+    "fidelity_campaigns_without_auc": 38,
+    "fidelity_kl_median": 0.006,
+    "fidelity_mean_ratio_within_10pct_share": 0.9,
+    "campaigns_status_ok": 36,
+    "campaigns_status_fallback": 2,
+}
 
 
 def test_gate_on_a_fleet_without_any_auc_skips_the_auc_checks_with_a_note():
@@ -83,15 +120,20 @@ def test_gate_on_a_fleet_without_any_auc_skips_the_auc_checks_with_a_note():
     assert result.passed and result.reasons == []
     assert len(result.notes) == 1 and "AUC checks skipped" in result.notes[0]
     # the same counts without the campaigns_ok / reused split: campaigns - quarantined have a head
-    assert evaluate_gate({k: v for k, v in NO_AUC.items() if k not in ("campaigns_ok", "campaigns_reused")},
-                         None, PromotionGate()).notes == result.notes
+    assert (
+        evaluate_gate(
+            {k: v for k, v in NO_AUC.items() if k not in ("campaigns_ok", "campaigns_reused")}, None, PromotionGate()
+        ).notes
+        == result.notes
+    )
     # one campaign with an AUC: the AUC metrics are required again
     some = evaluate_gate({**NO_AUC, "fidelity_campaigns_without_auc": 37}, None, PromotionGate())
     assert not some.passed and some.notes == []
     assert "'fidelity_auc_diff_median' is missing" in some.reasons[0]
     # with an AUC, its checks run as before (and notes stay empty)
-    full = evaluate_gate({**NO_AUC, "fidelity_auc_diff_median": -0.02, "fidelity_auc_diff_p10": -0.02}, None,
-                         PromotionGate())
+    full = evaluate_gate(
+        {**NO_AUC, "fidelity_auc_diff_median": -0.02, "fidelity_auc_diff_p10": -0.02}, None, PromotionGate()
+    )
     assert full.reasons == ["median AUC diff -0.020 < -0.010"] and full.notes == []
 
 
@@ -107,8 +149,9 @@ def test_gate_fails_on_a_high_median_kl():
 def test_gate_fails_on_a_low_mean_ratio_share():
     result = evaluate_gate({**NO_AUC, "fidelity_mean_ratio_within_10pct_share": 0.7}, None, PromotionGate())
     assert result.reasons == ["mean-ratio-within-10% share (fidelity_mean_ratio_within_10pct_share) 0.700 < 0.800"]
-    missing = evaluate_gate({k: v for k, v in NO_AUC.items() if k != "fidelity_mean_ratio_within_10pct_share"},
-                            None, PromotionGate())
+    missing = evaluate_gate(
+        {k: v for k, v in NO_AUC.items() if k != "fidelity_mean_ratio_within_10pct_share"}, None, PromotionGate()
+    )
     assert not missing.passed and "'fidelity_mean_ratio_within_10pct_share' is missing" in missing.reasons[0]
 
 
@@ -121,12 +164,21 @@ def test_gate_fails_on_a_high_fallback_share():
     assert not evaluate_gate({**NO_AUC, "campaigns_status_fallback": float("nan")}, None, PromotionGate()).passed
 
 
-@pytest.mark.parametrize("kwargs", [{"max_quarantine_share": 1.5}, {"max_regression": -0.1},
-                                    {"max_kl_median": -0.01}, {"max_kl_median": float("inf")},
-                                    {"min_mean_ratio_share": 1.2}, {"max_fallback_share": -0.1},
-                                    {"max_fallback_share": True},
-                                    {"min_median_auc_diff": float("nan")}, {"min_p10_auc_diff": 0.0},
-                                    {"min_median_auc_diff": "0.1"}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_quarantine_share": 1.5},
+        {"max_regression": -0.1},
+        {"max_kl_median": -0.01},
+        {"max_kl_median": float("inf")},
+        {"min_mean_ratio_share": 1.2},
+        {"max_fallback_share": -0.1},
+        {"max_fallback_share": True},
+        {"min_median_auc_diff": float("nan")},
+        {"min_p10_auc_diff": 0.0},
+        {"min_median_auc_diff": "0.1"},
+    ],
+)
 def test_gate_config_rejects_bad_values(kwargs):
     with pytest.raises(ValueError, match="PromotionGate"):
         PromotionGate(**kwargs)
@@ -180,7 +232,9 @@ def test_register_two_versions_tags_champion_and_resolve(tmp_path, sqlite_tracki
 
     rows = registry.list_versions("adfleet", uri)
     assert [(r["version"], r["version_id"], r["aliases"], r["champion"], r["gate"]) for r in rows] == [
-        ("1", "20260101-a", [], False, "passed"), ("2", "20260102-b", ["champion"], True, "passed")]
+        ("1", "20260101-a", [], False, "passed"),
+        ("2", "20260102-b", ["champion"], True, "passed"),
+    ]
     assert rows[0]["created"].endswith("Z") and rows[1]["run_id"] == v2.run_id
     with pytest.raises(RegistryError, match="no registered model"):
         registry.list_versions("nope", uri)
@@ -229,17 +283,38 @@ def test_bad_inputs_are_refused(tmp_path, sqlite_tracking_uri):
     with pytest.raises(ValueError, match="file store"):
         registry.champion_version("adfleet", str(tmp_path / "mlruns"))
     with pytest.raises(ValueError, match="needs backbone.safetensors"):
-        registry.register_version(fleet_name="adfleet", manifest_uri="m", version_id="v1",
-                                  local_artifacts={"manifest.json": "x"}, params={}, metrics=GOOD, plots={},
-                                  tracking_uri=sqlite_tracking_uri)
+        registry.register_version(
+            fleet_name="adfleet",
+            manifest_uri="m",
+            version_id="v1",
+            local_artifacts={"manifest.json": "x"},
+            params={},
+            metrics=GOOD,
+            plots={},
+            tracking_uri=sqlite_tracking_uri,
+        )
     with pytest.raises(ValueError, match="version_id='v1' but register_version got 'v2'"):
-        registry.register_version(fleet_name="adfleet", manifest_uri="m", version_id="v2",
-                                  local_artifacts=_artifacts(tmp_path, "adfleet", "v1"), params={}, metrics=GOOD,
-                                  plots={}, tracking_uri=sqlite_tracking_uri)
+        registry.register_version(
+            fleet_name="adfleet",
+            manifest_uri="m",
+            version_id="v2",
+            local_artifacts=_artifacts(tmp_path, "adfleet", "v1"),
+            params={},
+            metrics=GOOD,
+            plots={},
+            tracking_uri=sqlite_tracking_uri,
+        )
     with pytest.raises(ValueError, match="not PNG"):
-        registry.register_version(fleet_name="adfleet", manifest_uri="m", version_id="v4",
-                                  local_artifacts=_artifacts(tmp_path, "adfleet", "v4"), params={},
-                                  metrics=GOOD, plots={"p": b"GIF89a"}, tracking_uri=sqlite_tracking_uri)
+        registry.register_version(
+            fleet_name="adfleet",
+            manifest_uri="m",
+            version_id="v4",
+            local_artifacts=_artifacts(tmp_path, "adfleet", "v4"),
+            params={},
+            metrics=GOOD,
+            plots={"p": b"GIF89a"},
+            tracking_uri=sqlite_tracking_uri,
+        )
 
 
 def test_default_tracking_uri(tmp_path, monkeypatch):
@@ -272,8 +347,12 @@ def test_plots_are_png_and_handle_empty_input():
     assert plots.fidelity_vs_size([10, 1000, 0], [0.0, -0.01, 0.3]).startswith(png)
     assert plots.size_breakdown({"backbone": 2_000_000, "heads": 150_000, "rejects": 900}).startswith(png)
     assert plots.calibration_vs_size([10, 1000, 0, 50], [1.02, 0.7, 1.0, float("nan")]).startswith(png)
-    for empty in (plots.fidelity_histogram([]), plots.fidelity_vs_size([], []), plots.size_breakdown({}),
-                  plots.calibration_vs_size([], [])):
+    for empty in (
+        plots.fidelity_histogram([]),
+        plots.fidelity_vs_size([], []),
+        plots.size_breakdown({}),
+        plots.calibration_vs_size([], []),
+    ):
         assert empty.startswith(png)
     with pytest.raises(ValueError, match="differ in length"):
         plots.fidelity_vs_size([1, 2], [0.0])
@@ -289,9 +368,16 @@ def test_unreadable_champion_is_named_when_a_run_looks_for_its_parent(tmp_path, 
     from fleet.run.pipeline import _parent_version
 
     missing = tmp_path / "store" / "adfleet" / "versions" / "v1" / "manifest.json"
-    registry.register_version(fleet_name="adfleet", manifest_uri=str(missing), version_id="v1",
-                              local_artifacts=_artifacts(tmp_path, "adfleet", "v1"), params={}, metrics=GOOD, plots={},
-                              tracking_uri=sqlite_tracking_uri)
+    registry.register_version(
+        fleet_name="adfleet",
+        manifest_uri=str(missing),
+        version_id="v1",
+        local_artifacts=_artifacts(tmp_path, "adfleet", "v1"),
+        params={},
+        metrics=GOOD,
+        plots={},
+        tracking_uri=sqlite_tracking_uri,
+    )
     with pytest.raises(StoreError, match="champion of fleet 'adfleet' \\(registered version 1\\) cannot be read"):
         _parent_version("adfleet", str(tmp_path / "store"), sqlite_tracking_uri, None)
 
@@ -308,8 +394,9 @@ class _Racer:
     """A subprocess whose merged stdout/stderr is read line by line by a thread."""
 
     def __init__(self, argv: list[str]):
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "COLUMNS": "400"})
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "400"}
+        )
         self.lines: list[str] = []
         self._waiting = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -360,9 +447,16 @@ def test_re_registering_a_version_id_registers_nothing_and_keeps_the_champion(tm
     assert registry.find_version("adfleet", "night-1", uri).version == "1"
     assert registry.find_version("adfleet", "night-9", uri) is None
     with pytest.raises(RegistryError, match="already registered as version 1 with manifest"):
-        registry.register_version(fleet_name="adfleet", manifest_uri="s3://elsewhere/manifest.json",
-                                  version_id="night-1", local_artifacts=_artifacts(tmp_path, "adfleet", "night-1"),
-                                  params={}, metrics=GOOD, plots={}, tracking_uri=uri)
+        registry.register_version(
+            fleet_name="adfleet",
+            manifest_uri="s3://elsewhere/manifest.json",
+            version_id="night-1",
+            local_artifacts=_artifacts(tmp_path, "adfleet", "night-1"),
+            params={},
+            metrics=GOOD,
+            plots={},
+            tracking_uri=uri,
+        )
 
 
 _INIT_WORKER = """
@@ -388,8 +482,16 @@ def test_concurrent_first_use_of_a_sqlite_registry_never_corrupts_it(tmp_path, _
             return db.execute("SELECT version_num FROM alembic_version").fetchall()
 
     head = revision(_mlflow_db_template)
-    workers = [subprocess.Popen([sys.executable, "-c", _INIT_WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True) for _ in range(4)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _INIT_WORKER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     try:
         assert [w.stdout.readline().strip() for w in workers] == ["ready"] * 4
         for trial in range(10):
@@ -419,10 +521,12 @@ def test_racing_rollbacks_and_promotes_are_compare_and_set(tmp_path, sqlite_trac
     registry.promote("prom", "1", uri)
 
     with _hold_registry_lock(uri):
-        racers = {"rollback-a": _Racer(_fleet_cli("rollback", "roll", "--tracking-uri", uri)),
-                  "rollback-b": _Racer(_fleet_cli("rollback", "roll", "--tracking-uri", uri)),
-                  "promote-2": _Racer(_fleet_cli("promote", "prom", "2", "--tracking-uri", uri)),
-                  "promote-3": _Racer(_fleet_cli("promote", "prom", "3", "--tracking-uri", uri))}
+        racers = {
+            "rollback-a": _Racer(_fleet_cli("rollback", "roll", "--tracking-uri", uri)),
+            "rollback-b": _Racer(_fleet_cli("rollback", "roll", "--tracking-uri", uri)),
+            "promote-2": _Racer(_fleet_cli("promote", "prom", "2", "--tracking-uri", uri)),
+            "promote-3": _Racer(_fleet_cli("promote", "prom", "3", "--tracking-uri", uri)),
+        }
         for racer in racers.values():
             racer.wait_until_blocked()
     results = {name: racer.finish() for name, racer in racers.items()}
@@ -430,7 +534,9 @@ def test_racing_rollbacks_and_promotes_are_compare_and_set(tmp_path, sqlite_trac
     rollbacks = sorted(results[n] for n in ("rollback-a", "rollback-b"))
     assert [code for code, _ in rollbacks] == [0, 1], rollbacks
     assert "rolled back to version 2" in rollbacks[0][1]
-    assert "champion moved from version 3 to version 2 while rolling back from it; nothing was changed" in rollbacks[1][1]
+    assert (
+        "champion moved from version 3 to version 2 while rolling back from it; nothing was changed" in rollbacks[1][1]
+    )
     assert registry.champion_version("roll", uri) == "2"
     history = json.loads(MlflowClient(uri, uri).get_registered_model("roll").tags["champion_history"])
     assert [e["version"] for e in history] == ["1", "2"]  # one rollback's worth, not two, not a lost one
@@ -471,14 +577,17 @@ def test_the_gate_refuses_to_move_a_champion_that_moved_while_it_decided(tmp_pat
     _register(tmp_path, uri, "v2", metrics=BAD)  # not champion
     artifacts = _artifacts(tmp_path, "adfleet", "v3")
     with _hold_registry_lock(uri):
-        racer = _Racer([sys.executable, "-c", _GATE_RACER, uri, os.path.dirname(artifacts["manifest.json"]),
-                        json.dumps(GOOD)])
+        racer = _Racer(
+            [sys.executable, "-c", _GATE_RACER, uri, os.path.dirname(artifacts["manifest.json"]), json.dumps(GOOD)]
+        )
         racer.wait_until_blocked()  # it has read champion 1, gated, logged its run
         MlflowClient(uri, uri).set_registered_model_alias("adfleet", "champion", "2")  # another writer
     code, output = racer.finish()
     assert code == 1, output
-    assert ("champion moved from version 1 to version 2 while fleet version 'v3' was gated against it; "
-            "nothing was changed; re-run it") in output
+    assert (
+        "champion moved from version 1 to version 2 while fleet version 'v3' was gated against it; "
+        "nothing was changed; re-run it"
+    ) in output
     assert registry.find_version("adfleet", "v3", uri) is None and registry.champion_version("adfleet", uri) == "2"
     client = MlflowClient(uri, uri)
     experiment = client.get_experiment_by_name("fleet-adfleet").experiment_id
@@ -489,8 +598,12 @@ def test_the_gate_refuses_to_move_a_champion_that_moved_while_it_decided(tmp_pat
 
 # ----------------------------------------------------------------------------- the run of a compress
 
-COMPRESS_PARAMS = {"head_steps": 150, "teachers_uri": "s3://AKIAFLEETKEY:s3cr3t-value@bucket/teachers",
-                   "events_uri": "s3://bucket/events?secret=s3cr3t-value", "aws_secret_access_key": "x"}
+COMPRESS_PARAMS = {
+    "head_steps": 150,
+    "teachers_uri": "s3://AKIAFLEETKEY:s3cr3t-value@bucket/teachers",
+    "events_uri": "s3://bucket/events?secret=s3cr3t-value",
+    "aws_secret_access_key": "x",
+}
 
 
 def _runs(uri, fleet="adfleet"):

@@ -18,28 +18,41 @@ CHROMIUM = shutil.which("chromium")
 
 def heads_table(n: int, *, with_auc: bool = True, fallback: int = 0) -> pa.Table:
     """A heads table with the columns the report reads; campaign i has 100 * (i + 1) training rows."""
-    return pa.table({
-        "campaign_id": [f"campaign-{i:05d}" for i in range(n)],
-        "bits": pa.array([(1, 2, 4, 8)[i % 4] for i in range(n)], pa.int8()),
-        "shape": [[97]] * n,
-        "status": ["fallback" if i < fallback else "ok" for i in range(n)],
-        "n_train": pa.array([100 * (i + 1) for i in range(n)], pa.int32()),
-        "n_holdout": pa.array([10 + i for i in range(n)], pa.int32()),
-        "teacher_auc": pa.array([0.8 if with_auc else None] * n, pa.float32()),
-        "student_auc": pa.array([0.79 if with_auc else None] * n, pa.float32()),
-        "mean_abs_diff": pa.array([0.01 + 0.001 * i for i in range(n)], pa.float32()),
-        "agreement": pa.array([0.97] * n, pa.float32()),
-        "kl": pa.array([0.002] * n, pa.float32()),
-        "mean_ratio": pa.array([1.0 + 0.01 * (i % 5) for i in range(n)], pa.float32()),
-        "student_ece": pa.array([0.02] * n, pa.float32()),
-        "teacher_ece": pa.array([None] * n, pa.float32()),
-    })
+    return pa.table(
+        {
+            "campaign_id": [f"campaign-{i:05d}" for i in range(n)],
+            "bits": pa.array([(1, 2, 4, 8)[i % 4] for i in range(n)], pa.int8()),
+            "shape": [[97]] * n,
+            "status": ["fallback" if i < fallback else "ok" for i in range(n)],
+            "n_train": pa.array([100 * (i + 1) for i in range(n)], pa.int32()),
+            "n_holdout": pa.array([10 + i for i in range(n)], pa.int32()),
+            "teacher_auc": pa.array([0.8 if with_auc else None] * n, pa.float32()),
+            "student_auc": pa.array([0.79 if with_auc else None] * n, pa.float32()),
+            "mean_abs_diff": pa.array([0.01 + 0.001 * i for i in range(n)], pa.float32()),
+            "agreement": pa.array([0.97] * n, pa.float32()),
+            "kl": pa.array([0.002] * n, pa.float32()),
+            "mean_ratio": pa.array([1.0 + 0.01 * (i % 5) for i in range(n)], pa.float32()),
+            "student_ece": pa.array([0.02] * n, pa.float32()),
+            "teacher_ece": pa.array([None] * n, pa.float32()),
+        }
+    )
 
 
-METRICS = {"campaigns": 40, "campaigns_ok": 40, "campaigns_reused": 0, "campaigns_quarantined": 0,
-           "quarantine_share": 0.0, "fidelity_kl_median": 0.002, "fidelity_mean_ratio_within_10pct_share": 1.0,
-           "campaigns_status_fallback": 0, "fidelity_auc_diff_median": -0.01, "fidelity_auc_diff_p10": -0.01,
-           "stage_seconds_soft_labels": 3.0, "stage_seconds_backbone": 5.0, "stage_seconds_heads": 2.0}
+METRICS = {
+    "campaigns": 40,
+    "campaigns_ok": 40,
+    "campaigns_reused": 0,
+    "campaigns_quarantined": 0,
+    "quarantine_share": 0.0,
+    "fidelity_kl_median": 0.002,
+    "fidelity_mean_ratio_within_10pct_share": 1.0,
+    "campaigns_status_fallback": 0,
+    "fidelity_auc_diff_median": -0.01,
+    "fidelity_auc_diff_p10": -0.01,
+    "stage_seconds_soft_labels": 3.0,
+    "stage_seconds_backbone": 5.0,
+    "stage_seconds_heads": 2.0,
+}
 
 
 def images(page: str) -> list[bytes]:
@@ -49,8 +62,15 @@ def images(page: str) -> list[bytes]:
 def test_render_is_one_self_contained_page():
     rejects = [{"campaign_id": "bad<id>", "stage": "soft_labels", "reason": "teacher <script>alert(1)</script>"}]
     gate = evaluate_gate(METRICS, None, PromotionGate())
-    page = render_report(fleet="adfleet", version_id="v1", heads=heads_table(40, fallback=2), rejects=rejects,
-                         metrics=METRICS, gate=gate, gate_note="checked here")
+    page = render_report(
+        fleet="adfleet",
+        version_id="v1",
+        heads=heads_table(40, fallback=2),
+        rejects=rejects,
+        metrics=METRICS,
+        gate=gate,
+        gate_note="checked here",
+    )
     assert page.startswith("<!DOCTYPE html>") and "<title>fleet adfleet version v1</title>" in page
     # nothing loaded from anywhere: no script, no external URL, the favicon a data: URI
     assert "<script" not in page and not re.search(r'(src|href)="(?!data:)', page)
@@ -59,7 +79,9 @@ def test_render_is_one_self_contained_page():
     assert len(pngs) == 5 and all(p.startswith(b"\x89PNG\r\n\x1a\n") for p in pngs)  # AUC plot included
     # the largest campaigns first, TOP_CAMPAIGNS of them; both fallback heads listed
     largest = page.split("<h2>Largest campaigns</h2>")[1].split("<h2>")[0]
-    assert largest.count("<tr>") == TOP_CAMPAIGNS + 1 and largest.index("campaign-00039") < largest.index("campaign-00038")
+    assert largest.count("<tr>") == TOP_CAMPAIGNS + 1 and largest.index("campaign-00039") < largest.index(
+        "campaign-00038"
+    )
     problems = page.split("<h2>Quarantined campaigns and fallback heads</h2>")[1].split("<h2>")[0]
     assert "campaign-00000" in problems and "campaign-00001" in problems and "2 fallback heads" in problems
     # gate: every check is a row, all passed here
@@ -69,11 +91,23 @@ def test_render_is_one_self_contained_page():
 
 def test_render_without_auc_and_many_problems_caps_the_lists():
     rejects = [{"campaign_id": f"c{i:04d}", "stage": "soft_labels", "reason": "no events"} for i in range(250)]
-    metrics = {**METRICS, "fidelity_auc_diff_median": None, "fidelity_auc_diff_p10": None,
-               "fidelity_campaigns_without_auc": 40, "quarantine_share": 0.86}
+    metrics = {
+        **METRICS,
+        "fidelity_auc_diff_median": None,
+        "fidelity_auc_diff_p10": None,
+        "fidelity_campaigns_without_auc": 40,
+        "quarantine_share": 0.86,
+    }
     gate = evaluate_gate(metrics, {"fidelity_auc_diff_median": 0.0}, PromotionGate())
-    page = render_report(fleet="adfleet", version_id="v2", heads=heads_table(40, with_auc=False), rejects=rejects,
-                         metrics=metrics, gate=gate, gate_note="")
+    page = render_report(
+        fleet="adfleet",
+        version_id="v2",
+        heads=heads_table(40, with_auc=False),
+        rejects=rejects,
+        metrics=metrics,
+        gate=gate,
+        gate_note="",
+    )
     assert len(images(page)) == 4  # no AUC anywhere: no AUC plot (never a "no data" figure)
     assert f"{250 - MAX_PROBLEM_ROWS} more not listed" in page and "c0199" in page and "c0200" not in page
     assert 'class="fail">failed' in page and "quarantine share 0.860 &gt; 0.050" in page
@@ -84,8 +118,11 @@ def test_gate_checks_list_every_check_and_keep_the_reasons():
     metrics = {**METRICS, "fidelity_kl_median": 0.5, "fidelity_auc_diff_median": -0.02}
     result = evaluate_gate(metrics, {"fidelity_auc_diff_median": 0.0, "fidelity_auc_diff_p10": -0.01}, PromotionGate())
     failed = [c["check"] for c in result.checks if not c["passed"]]
-    assert failed == ["median AUC diff >= -0.01", "median KL <= 0.02",
-                      "median AUC diff drop from the champion's 0.0000 <= 0.005"]
+    assert failed == [
+        "median AUC diff >= -0.01",
+        "median KL <= 0.02",
+        "median AUC diff drop from the champion's 0.0000 <= 0.005",
+    ]
     assert len(result.reasons) == 3 and not result.passed
     missing = evaluate_gate({k: v for k, v in METRICS.items() if k != "fidelity_kl_median"}, None, PromotionGate())
     assert [c["value"] for c in missing.checks if not c["passed"]] == [None]
@@ -110,9 +147,15 @@ def compressed(small_fleet, ray_local, tmp_path_factory, _mlflow_db_template):
     shutil.copyfile(_mlflow_db_template, root / "mlflow.db")
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     config = fast_config(backbone_steps=60, head_steps=60)  # the report is under test, not the fidelity
-    result = run_compress(teachers_uri=small_fleet["teachers"], events_uri=small_fleet["events"],
-                          store_uri=str(root / "store"), fleet="adfleet", config=config, tracking_uri=tracking,
-                          run_id="night-1")
+    result = run_compress(
+        teachers_uri=small_fleet["teachers"],
+        events_uri=small_fleet["events"],
+        store_uri=str(root / "store"),
+        fleet="adfleet",
+        config=config,
+        tracking_uri=tracking,
+        run_id="night-1",
+    )
     return {"result": result, "tracking": tracking, "root": root}
 
 
@@ -145,18 +188,35 @@ def test_fleet_report_rewrites_it_for_an_existing_version(compressed, tmp_path, 
     captured = capsys.readouterr()
     assert captured.out == "" and f"to {out}" in captured.err
     page = out.read_text()
-    assert "<title>fleet adfleet version night-1</title>" in page and "recorded in the registry for adfleet version 1" in page
+    assert (
+        "<title>fleet adfleet version night-1</title>" in page
+        and "recorded in the registry for adfleet version 1" in page
+    )
     manifest = FleetVersion.open(compressed["result"].manifest_uri).manifest
     assert manifest["created_at"] in page
     # a plain version URI, no registry at the default location: nothing created, the thresholds alone
-    assert cli.main(["report", compressed["result"].manifest_uri, "--tracking-uri",
-                     f"sqlite:///{tmp_path / 'none.db'}", "--out", "-"]) == 0
+    assert (
+        cli.main(
+            [
+                "report",
+                compressed["result"].manifest_uri,
+                "--tracking-uri",
+                f"sqlite:///{tmp_path / 'none.db'}",
+                "--out",
+                "-",
+            ]
+        )
+        == 0
+    )
     assert "registry not read" in capsys.readouterr().out and not (tmp_path / "none.db").exists()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium on PATH (apt-get install -y chromium; "
-                                             "see .ci/run) to render the report in a real headless browser")
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="needs Debian's chromium on PATH (apt-get install -y chromium; "
+    "see .ci/run) to render the report in a real headless browser",
+)
 def test_report_renders_in_headless_chromium(compressed, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -174,7 +234,11 @@ def test_report_renders_in_headless_chromium(compressed, tmp_path):
             page.goto(path.as_uri(), wait_until="load")
             assert page.title() == "fleet adfleet version night-1"
             assert page.locator("h2").all_inner_texts()[:4] == [
-                "Summary", "Quality gate", "Largest campaigns", "Quarantined campaigns and fallback heads"]
+                "Summary",
+                "Quality gate",
+                "Largest campaigns",
+                "Quarantined campaigns and fallback heads",
+            ]
             assert page.locator("table").count() >= 3 and page.locator("tbody tr").count() > 20
             widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
             assert len(widths) >= 4 and all(w > 100 for w in widths)  # every inline PNG decoded

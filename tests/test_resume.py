@@ -18,9 +18,12 @@ from fleet.storage.store import RunDir
 def test_settings_hash_covers_the_config_and_the_inputs():
     base = run_settings(CompressConfig(), "/t", "/e")
     assert settings_sha256(base) == settings_sha256(run_settings(CompressConfig(), "/t", "/e"))
-    for other in (run_settings(CompressConfig(head_steps=7), "/t", "/e"), run_settings(CompressConfig(), "/t2", "/e"),
-                  run_settings(CompressConfig(), "/t", "/e", retrain_backbone=True),
-                  run_settings(CompressConfig(), "/t", "/e", no_parent=True)):
+    for other in (
+        run_settings(CompressConfig(head_steps=7), "/t", "/e"),
+        run_settings(CompressConfig(), "/t2", "/e"),
+        run_settings(CompressConfig(), "/t", "/e", retrain_backbone=True),
+        run_settings(CompressConfig(), "/t", "/e", no_parent=True),
+    ):
         assert settings_sha256(other) != settings_sha256(base)
     secret = run_settings(CompressConfig(), "s3://AKIAEXAMPLE:topsecret@bucket/t", "/e")
     assert "topsecret" not in json.dumps(secret)  # plan.json never holds a credential
@@ -28,9 +31,16 @@ def test_settings_hash_covers_the_config_and_the_inputs():
 
 def _planned(tmp_path, settings) -> RunDir:
     workdir = RunDir(str(tmp_path / "store"), "adfleet", "r1")
-    plan = Plan(shards=["b00000", "b00001"], batches=[["a", "b"], ["c"]], all_campaigns=["a", "b", "c"],
-                num_event_types=1, num_features=1, config=settings["config"], inputs=settings["inputs"],
-                config_sha256=settings_sha256(settings))
+    plan = Plan(
+        shards=["b00000", "b00001"],
+        batches=[["a", "b"], ["c"]],
+        all_campaigns=["a", "b", "c"],
+        num_event_types=1,
+        num_features=1,
+        config=settings["config"],
+        inputs=settings["inputs"],
+        config_sha256=settings_sha256(settings),
+    )
     plan.write(workdir)
     return workdir
 
@@ -62,8 +72,21 @@ def test_cli_refuses_before_ray_with_exit_2(tmp_path, capsys):
     (tmp_path / "c.json").write_text(json.dumps({"head_steps": 7}))
     teachers, ev = str(tmp_path / "teachers"), str(tmp_path / "ev")
     _planned(tmp_path, run_settings(CompressConfig(), teachers, ev, no_parent=True))
-    argv = ["compress", "--teachers", teachers, "--events", ev, "--store", str(tmp_path / "store"), "--no-register",
-            "--no-parent", "--run-id", "r1", "--config", str(tmp_path / "c.json")]
+    argv = [
+        "compress",
+        "--teachers",
+        teachers,
+        "--events",
+        ev,
+        "--store",
+        str(tmp_path / "store"),
+        "--no-register",
+        "--no-parent",
+        "--run-id",
+        "r1",
+        "--config",
+        str(tmp_path / "c.json"),
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "run r1 was planned with configuration sha256" in err and "(differs in: head_steps)" in err
@@ -78,29 +101,59 @@ def test_what_an_interrupted_run_saved(tmp_path):
     workdir.soft_labels.write("b00000", pa.table({"x": [1]}))
     workdir.write_backbone(b"x")
     workdir.heads.write("b00001", pa.table({"x": [1]}))
-    assert saved_progress(store, "adfleet", "r1") == "the plan, stage 1 for 2/3 campaigns, the backbone, stage 3 for 1/2 batches"
+    assert (
+        saved_progress(store, "adfleet", "r1")
+        == "the plan, stage 1 for 2/3 campaigns, the backbone, stage 3 for 1/2 batches"
+    )
     line = interrupted_line(store, "adfleet", "r1", None, "fleet compress --run-id r1")
-    assert line == (f"interrupted: run r1 saved the plan, stage 1 for 2/3 campaigns, the backbone, stage 3 for 1/2 "
-                    f"batches in {workdir.uri}; resume with: fleet compress --run-id r1")
+    assert line == (
+        f"interrupted: run r1 saved the plan, stage 1 for 2/3 campaigns, the backbone, stage 3 for 1/2 "
+        f"batches in {workdir.uri}; resume with: fleet compress --run-id r1"
+    )
 
 
 def test_resume_command():
-    argv = ["compress", "--teachers", "t", "--events", "e b", "--run-id", "old", "--force-config",
-            "--storage-options", '{"key": "AKIAEXAMPLE", "secret": "s3cr3t-value-123"}']
+    argv = [
+        "compress",
+        "--teachers",
+        "t",
+        "--events",
+        "e b",
+        "--run-id",
+        "old",
+        "--force-config",
+        "--storage-options",
+        '{"key": "AKIAEXAMPLE", "secret": "s3cr3t-value-123"}',
+    ]
     command = resume_command(["fleet"], argv, "r1", {"key": "AKIAEXAMPLE", "secret": "s3cr3t-value-123"})
-    assert command == ("fleet compress --teachers t --events 'e b' --storage-options "
-                       "'{\"key\": \"***\", \"secret\": \"***\"}' --run-id r1")  # both secrets masked
-    assert resume_command(["fleet"], ["compress", "--run-id=x", "--teachers", "t"], "x") == "fleet compress --teachers t --run-id x"
+    assert command == (
+        'fleet compress --teachers t --events \'e b\' --storage-options \'{"key": "***", "secret": "***"}\' --run-id r1'
+    )  # both secrets masked
+    assert (
+        resume_command(["fleet"], ["compress", "--run-id=x", "--teachers", "t"], "x")
+        == "fleet compress --teachers t --run-id x"
+    )
 
 
 def test_plan_json_round_trip_and_plans_written_before_the_plan_format(tmp_path):
     """plan.json keeps every key fleet always wrote, and a plan an older fleet wrote (no ``format``, no ``packed``,
     no ``config_sha256``, ...) still reads: a run planned before resumes after."""
-    old = json.loads(json.dumps({
-        "all_campaigns": ["a", "b", "c"], "batches": [["a", "c"], ["b"]], "shards": ["b00000", "b00001"],
-        "num_event_types": 8, "num_features": 3, "sizes": {"a": 10, "b": 5, "c": 7},
-        "parent_manifest": "/s/adfleet/versions/v1/manifest.json", "parent_hashes": {"a": ["t", "d"]},
-        "retrain_backbone": False, "config": CompressConfig().to_dict()}))
+    old = json.loads(
+        json.dumps(
+            {
+                "all_campaigns": ["a", "b", "c"],
+                "batches": [["a", "c"], ["b"]],
+                "shards": ["b00000", "b00001"],
+                "num_event_types": 8,
+                "num_features": 3,
+                "sizes": {"a": 10, "b": 5, "c": 7},
+                "parent_manifest": "/s/adfleet/versions/v1/manifest.json",
+                "parent_hashes": {"a": ["t", "d"]},
+                "retrain_backbone": False,
+                "config": CompressConfig().to_dict(),
+            }
+        )
+    )
     run_dir = RunDir(str(tmp_path / "store"), "adfleet", "r1")
     run_dir.write_plan(old)
     plan = Plan.read(run_dir)
@@ -111,9 +164,11 @@ def test_plan_json_round_trip_and_plans_written_before_the_plan_format(tmp_path)
     assert Plan.read(run_dir) == plan == Plan.from_json(plan.to_json())
 
     assert plan.soft_label_jobs({"a": 3, "b": 2}, plan.parent_hashes, done={"b00001"}) == [
-        ShardJob(["a", "c"], "b00000", backbone_quota={"a": 3}, parent={"a": ["t", "d"]})]
+        ShardJob(["a", "c"], "b00000", backbone_quota={"a": 3}, parent={"a": ["t", "d"]})
+    ]
     assert plan.head_jobs({"b": ["t", "d"], "c": ["t2", "d2"]}, done={"b00000"}) == [
-        ShardJob(["b"], "b00001", hashes={"b": ["t", "d"]})]
+        ShardJob(["b"], "b00001", hashes={"b": ["t", "d"]})
+    ]
     with pytest.raises(StoreError, match="lacks num_features"):
         Plan.from_json({k: v for k, v in old.items() if k != "num_features"})
     with pytest.raises(StoreError, match="fleet-plan/2"):

@@ -99,12 +99,15 @@ def test_unknown_ids_are_reported_not_fatal(built, models):
         assert models[mode].score_campaigns(seq, []).ids == []
 
 
-@pytest.mark.parametrize("bad,match", [
-    ("camp-0000", "list of campaign ids"),
-    (["camp-0000", "../x"], r"campaign_ids\[1\]"),
-    (["camp-0000", 7], r"campaign_ids\[1\]"),
-    (["camp-0000", "a\nb"], r"campaign_ids\[1\]"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ("camp-0000", "list of campaign ids"),
+        (["camp-0000", "../x"], r"campaign_ids\[1\]"),
+        (["camp-0000", 7], r"campaign_ids\[1\]"),
+        (["camp-0000", "a\nb"], r"campaign_ids\[1\]"),
+    ],
+)
 def test_invalid_campaign_ids(models, bad, match):
     seq = random_sequences(random.Random(3), 1)[0]
     with pytest.raises(InvalidInputError, match=match):
@@ -191,9 +194,17 @@ def build_ladder_version(store: str) -> tuple[str, BuiltVersion, list[str]]:
         row = base.rows[cid]
         if i % 3 == 0:  # a film_pool head: 4H + 1 parameters
             qv = quantize_rows(torch.randn(1, big) * 0.5, (8, 4, 16)[(i // 3) % 3], group_size=16)[0]
-            row = HeadRow(campaign_id=cid, bits=qv.bits, shape=(big,), group_size=0 if qv.bits == 16 else 16,
-                          packed=qv.packed, scales=qv.scales, teacher_sha256=row.teacher_sha256,
-                          data_fingerprint=row.data_fingerprint, status="fallback" if i == 3 else "capacity")
+            row = HeadRow(
+                campaign_id=cid,
+                bits=qv.bits,
+                shape=(big,),
+                group_size=0 if qv.bits == 16 else 16,
+                packed=qv.packed,
+                scales=qv.scales,
+                teacher_sha256=row.teacher_sha256,
+                data_fingerprint=row.data_fingerprint,
+                status="fallback" if i == 3 else "capacity",
+            )
             pooled.append(cid)
         rows.append(row)
     assert {r.num_params for r in rows} == {small, big}
@@ -219,8 +230,11 @@ def test_capacity_ladder_heads(tmp_path):
         np.testing.assert_allclose(batch.probabilities, [per_campaign(lru, s, ids) for s in seqs], atol=1e-6)
     # a film row scores as the plain film head would (widening with g = 0 changes no logit)
     film_ids = [c for c in ids if c not in pooled]
-    np.testing.assert_allclose(FleetModel.open(uri).score_campaigns(seqs[0], film_ids).probabilities,
-                               [base.expected(c, [seqs[0]])[0] for c in film_ids], atol=1e-6)
+    np.testing.assert_allclose(
+        FleetModel.open(uri).score_campaigns(seqs[0], film_ids).probabilities,
+        [base.expected(c, [seqs[0]])[0] for c in film_ids],
+        atol=1e-6,
+    )
 
 
 # --------------------------------------------------------------------------- resident == lru, exactly
@@ -312,13 +326,30 @@ def test_resident_codes_are_checked_once(built, models):
 def test_cli_predict_rank(built, tmp_path, capsys):
     seqs = random_sequences(random.Random(12), 4)
     ids = [built.ids[i] for i in (5, 1, 9)]
-    lines = [{**seqs[0]}, {**seqs[1], "campaign_ids": ids + ["camp-0001"]}, {**seqs[2]},
-             {**seqs[3], "campaign_ids": ids}]
+    lines = [
+        {**seqs[0]},
+        {**seqs[1], "campaign_ids": ids + ["camp-0001"]},
+        {**seqs[2]},
+        {**seqs[3], "campaign_ids": ids},
+    ]
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
     model = FleetModel.open(built.uri)
-    code, out, err = run_cli(["predict", "--model", built.uri, "--input", str(path), "--rank", "--top-k", "2",
-                              "--campaigns", ",".join(built.ids[:4])], capsys)
+    code, out, err = run_cli(
+        [
+            "predict",
+            "--model",
+            built.uri,
+            "--input",
+            str(path),
+            "--rank",
+            "--top-k",
+            "2",
+            "--campaigns",
+            ",".join(built.ids[:4]),
+        ],
+        capsys,
+    )
     assert code == 0, err
     got = [json.loads(line) for line in out.splitlines()]
     assert len(got) == 4

@@ -32,8 +32,10 @@ LEAKS = (SECRET_KEY, PASSWORD, QUERY_TOKEN, SIGNATURE, HEADER_TOKEN)
 #: URIs an operator may pass: userinfo, a query token, a presigned URL.
 USERINFO_URI = f"s3://{ACCESS_KEY}:{PASSWORD}@bucket/teachers"
 TOKEN_URI = f"https://events.example/fleet/events?token={QUERY_TOKEN}&v=2"
-PRESIGNED_URI = (f"https://bucket.s3.example/fleet/v1/manifest.json?X-Amz-Credential={ACCESS_KEY}%2F20260101"
-                 f"&X-Amz-Signature={SIGNATURE}&X-Amz-Expires=600")
+PRESIGNED_URI = (
+    f"https://bucket.s3.example/fleet/v1/manifest.json?X-Amz-Credential={ACCESS_KEY}%2F20260101"
+    f"&X-Amz-Signature={SIGNATURE}&X-Amz-Expires=600"
+)
 
 
 def assert_no_secret(text: str, where: str) -> None:
@@ -44,18 +46,31 @@ def assert_no_secret(text: str, where: str) -> None:
 # ----------------------------------------------------------------------------- the scrubber
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    (USERINFO_URI, "s3://***@bucket/teachers"),
-    (f"s3://{ACCESS_KEY}:p@ss@bucket/x", "s3://***@bucket/x"),  # an unescaped "@" in the password
-    (TOKEN_URI, "https://events.example/fleet/events?token=***&v=2"),
-    (PRESIGNED_URI, ("https://bucket.s3.example/fleet/v1/manifest.json?X-Amz-Credential=***&X-Amz-Signature=***"
-                     "&X-Amz-Expires=600")),
-    ("https://acct.blob.example/c/x?sv=2024&sig=abc%2Bdef&se=2026", "https://acct.blob.example/c/x?sv=2024&sig=***&se=2026"),
-    (f"key {SECRET_KEY}, {SLASHED} and its URL form {SLASHED.replace('/', '%2F').replace('+', '%2B')}",
-     "key ***, *** and its URL form ***"),
-    ("s3://bucket/fleet/adfleet/versions/v1/manifest.json?version=3", None),  # nothing secret: unchanged
-    ("row 3: 4/8 bits", None),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (USERINFO_URI, "s3://***@bucket/teachers"),
+        (f"s3://{ACCESS_KEY}:p@ss@bucket/x", "s3://***@bucket/x"),  # an unescaped "@" in the password
+        (TOKEN_URI, "https://events.example/fleet/events?token=***&v=2"),
+        (
+            PRESIGNED_URI,
+            (
+                "https://bucket.s3.example/fleet/v1/manifest.json?X-Amz-Credential=***&X-Amz-Signature=***"
+                "&X-Amz-Expires=600"
+            ),
+        ),
+        (
+            "https://acct.blob.example/c/x?sv=2024&sig=abc%2Bdef&se=2026",
+            "https://acct.blob.example/c/x?sv=2024&sig=***&se=2026",
+        ),
+        (
+            f"key {SECRET_KEY}, {SLASHED} and its URL form {SLASHED.replace('/', '%2F').replace('+', '%2B')}",
+            "key ***, *** and its URL form ***",
+        ),
+        ("s3://bucket/fleet/adfleet/versions/v1/manifest.json?version=3", None),  # nothing secret: unchanged
+        ("row 3: 4/8 bits", None),
+    ],
+)
 def test_scrub_masks_uri_credentials_query_tokens_and_known_values(text, expected):
     secrets = {SECRET_KEY, SLASHED}
     assert scrub(text, secrets) == (text if expected is None else expected)
@@ -63,16 +78,26 @@ def test_scrub_masks_uri_credentials_query_tokens_and_known_values(text, expecte
 
 
 def test_storage_options_split_into_secret_values_and_a_public_part():
-    options = {"key": ACCESS_KEY, "secret": SECRET_KEY, "token": "ab",  # too short to scrub as a value
-               "client_kwargs": {"endpoint_url": f"https://minio:{PASSWORD}@minio.example:9000",
-                                 "region_name": "eu-west-1"},
-               "headers": {"Authorization": f"Bearer {HEADER_TOKEN}"}, "config_kwargs": {"aws_session_token": "x" * 8}}
+    options = {
+        "key": ACCESS_KEY,
+        "secret": SECRET_KEY,
+        "token": "ab",  # too short to scrub as a value
+        "client_kwargs": {"endpoint_url": f"https://minio:{PASSWORD}@minio.example:9000", "region_name": "eu-west-1"},
+        "headers": {"Authorization": f"Bearer {HEADER_TOKEN}"},
+        "config_kwargs": {"aws_session_token": "x" * 8},
+    }
     assert secret_values(options) == {ACCESS_KEY, SECRET_KEY, f"Bearer {HEADER_TOKEN}", "x" * 8}
     public = public_options(options)
-    assert public == {"client_kwargs": {"endpoint_url": "https://***@minio.example:9000", "region_name": "eu-west-1"},
-                      "headers": {}, "config_kwargs": {}}
+    assert public == {
+        "client_kwargs": {"endpoint_url": "https://***@minio.example:9000", "region_name": "eu-west-1"},
+        "headers": {},
+        "config_kwargs": {},
+    }
     assert scrub_obj({"a": [USERINFO_URI], "password": "plain", "n": 1}) == {
-        "a": ["s3://***@bucket/teachers"], "password": "***", "n": 1}
+        "a": ["s3://***@bucket/teachers"],
+        "password": "***",
+        "n": 1,
+    }
 
 
 def test_fleet_errors_never_carry_credentials():
@@ -94,9 +119,16 @@ def test_manifest_and_rejects_hold_no_credentials(s3_server, s3_bucket, tmp_path
     writer.write_backbone_bytes(source.read_backbone_bytes())
     writer.write_heads(source.read_heads())
     writer.write_rejects(rejects_to_table([("c9", "soft_labels", f"cannot open {USERINFO_URI} with {SECRET_KEY}")]))
-    manifest_uri = writer.commit(config={"teachers_uri": USERINFO_URI, "events_uri": TOKEN_URI,
-                                         "note": f"secret {SECRET_KEY}", "storage": {"password": PASSWORD}},
-                                 lineage={"source": PRESIGNED_URI}, metrics={"campaigns": 4})
+    manifest_uri = writer.commit(
+        config={
+            "teachers_uri": USERINFO_URI,
+            "events_uri": TOKEN_URI,
+            "note": f"secret {SECRET_KEY}",
+            "storage": {"password": PASSWORD},
+        },
+        lineage={"source": PRESIGNED_URI},
+        metrics={"campaigns": 4},
+    )
     fs, _ = open_fs(manifest_uri, options)
     raw = fs.cat_file(manifest_uri).decode()
     assert_no_secret(raw, "manifest.json")
@@ -111,8 +143,9 @@ def test_manifest_and_rejects_hold_no_credentials(s3_server, s3_bucket, tmp_path
 
 def leaky_loader(config: dict, state_dict: dict) -> nn.Module:
     """A custom teacher loader whose failure quotes a credential URL and the storage secret."""
-    raise RuntimeError(f"cannot fetch https://bob:{PASSWORD}@models.example/w?token={QUERY_TOKEN} "
-                       f"signed with {SECRET_KEY}")
+    raise RuntimeError(
+        f"cannot fetch https://bob:{PASSWORD}@models.example/w?token={QUERY_TOKEN} signed with {SECRET_KEY}"
+    )
 
 
 class LeakyForward(nn.Module):
@@ -132,8 +165,9 @@ def test_reject_reasons_hold_no_credentials(tmp_path):
     write_custom_teacher(root, "c-load", loaders[0])
     write_custom_teacher(root, "c-forward", loaders[1])
     write_events(events, _events(["c-ok", "c-load", "c-forward"]))
-    ctx = stages.StageContext(str(root), events, stages.CompressConfig(allow_loaders=loaders), **SPACE,
-                              storage_options={"secret": SECRET_KEY})
+    ctx = stages.StageContext(
+        str(root), events, stages.CompressConfig(allow_loaders=loaders), **SPACE, storage_options={"secret": SECRET_KEY}
+    )
     _, status = stages.soft_labels(ShardJob(["c-ok", "c-load", "c-forward"]), ctx)
     rows = {r["campaign_id"]: r for r in status.to_pylist()}
     assert rows["c-ok"]["status"] == "ok"
@@ -151,40 +185,60 @@ def test_mlflow_params_tags_and_artifacts_hold_no_credentials(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     folder = tmp_path / "v1"
     folder.mkdir()
-    (folder / "manifest.json").write_text(json.dumps({"format": "fleet-version/1", "fleet": "adfleet",
-                                                      "version_id": "v1"}))
+    (folder / "manifest.json").write_text(
+        json.dumps({"format": "fleet-version/1", "fleet": "adfleet", "version_id": "v1"})
+    )
     (folder / "backbone.safetensors").write_bytes(b"\0" * 64)
-    options = {"key": "AKIAOTHERKEY", "secret": SECRET_KEY, "headers": {"Authorization": f"Bearer {HEADER_TOKEN}"},
-               "client_kwargs": {"endpoint_url": f"https://minio:{PASSWORD}@minio.example"}}
+    options = {
+        "key": "AKIAOTHERKEY",
+        "secret": SECRET_KEY,
+        "headers": {"Authorization": f"Bearer {HEADER_TOKEN}"},
+        "client_kwargs": {"endpoint_url": f"https://minio:{PASSWORD}@minio.example"},
+    }
     registered = registry.register_version(
-        fleet_name="adfleet", manifest_uri=PRESIGNED_URI, version_id="v1",
+        fleet_name="adfleet",
+        manifest_uri=PRESIGNED_URI,
+        version_id="v1",
         local_artifacts={n: str(folder / n) for n in ("manifest.json", "backbone.safetensors")},
         params={"teachers_uri": USERINFO_URI, "events_uri": TOKEN_URI, "note": f"with {SECRET_KEY}"},
-        metrics={"campaigns": 10}, plots={}, tracking_uri=uri, storage_options=options)
+        metrics={"campaigns": 10},
+        plots={},
+        tracking_uri=uri,
+        storage_options=options,
+    )
     client = MlflowClient(uri, uri)
     tags = client.get_model_version("adfleet", registered.version).tags
     run = client.get_run(registered.run_id)
     model_dir = client.get_model_version_download_uri("adfleet", registered.version)
     data = Path(download_artifacts(artifact_uri=model_dir, dst_path=str(tmp_path / "model")), "data", "fleet")
     model_json = (data / "fleet_model.json").read_text()
-    for where, text in (("model version tags", json.dumps(tags)), ("run params", json.dumps(run.data.params)),
-                        ("run tags", json.dumps(run.data.tags)), ("fleet_model.json", model_json)):
+    for where, text in (
+        ("model version tags", json.dumps(tags)),
+        ("run params", json.dumps(run.data.params)),
+        ("run tags", json.dumps(run.data.tags)),
+        ("fleet_model.json", model_json),
+    ):
         assert_no_secret(text, where)
     assert tags["manifest_uri"].endswith("X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Expires=600")
     assert run.data.params["teachers_uri"] == "s3://***@bucket/teachers"
     assert run.data.params["note"] == "with ***"
     assert json.loads(model_json)["storage_options"] == {
-        "headers": {}, "client_kwargs": {"endpoint_url": "https://***@minio.example"}}
+        "headers": {},
+        "client_kwargs": {"endpoint_url": "https://***@minio.example"},
+    }
 
 
 # ----------------------------------------------------------------------------- CLI errors
 
 
-@pytest.mark.parametrize("command", [
-    ["inspect", "{uri}"],
-    ["predict", "--model", "{uri}", "--input", "{input}"],
-    ["serve", "--model", "{uri}", "--port", "0"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["inspect", "{uri}"],
+        ["predict", "--model", "{uri}", "--input", "{input}"],
+        ["serve", "--model", "{uri}", "--port", "0"],
+    ],
+)
 def test_cli_errors_hold_no_credentials(command, tmp_path, capsys, monkeypatch):
     """A model URI with credentials that cannot be opened: the error names it, scrubbed."""
     monkeypatch.setenv("COLUMNS", "1000")  # rich must not wrap a secret across lines

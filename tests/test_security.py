@@ -77,8 +77,10 @@ def write_custom_teacher(root: Path, campaign_id: str, loader: object) -> Path:
     d = root / campaign_id
     d.mkdir(parents=True, exist_ok=True)
     (d / "model.safetensors").write_bytes(save_safetensors(dict(MeanScore(SPACE["num_features"]).state_dict())))
-    config = {**TeacherConfig(campaign_id=campaign_id, embed_dim=4, hidden_size=8, num_layers=1, **SPACE).to_json(),
-              "loader": loader}
+    config = {
+        **TeacherConfig(campaign_id=campaign_id, embed_dim=4, hidden_size=8, num_layers=1, **SPACE).to_json(),
+        "loader": loader,
+    }
     (d / "config.json").write_text(json.dumps(config))
     return d
 
@@ -95,13 +97,15 @@ def write_reference_teacher(root: Path, campaign_id: str) -> Path:
 def write_payload(directory: Path, marker: Path, name: str = "payload") -> None:
     """``<directory>/<name>.py``: importing it creates ``marker`` (what a teacher supplier's code would do)."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"{name}.py").write_text(textwrap.dedent(f"""\
+    (directory / f"{name}.py").write_text(
+        textwrap.dedent(f"""\
         import pathlib
         pathlib.Path({str(marker)!r}).write_text("payload ran")
 
         def build(config, state_dict):
             raise SystemExit("payload ran")
-        """))
+        """)
+    )
 
 
 @pytest.fixture
@@ -114,10 +118,12 @@ def no_payload_module():
         assert name not in sys.modules, f"{name} was imported"
 
 
-@pytest.mark.parametrize("loader", ["payload:build", "payload", "os:system", "payload.build", ["payload:build"],
-                                    "payload:build\nrm -rf /"])
-def test_a_loader_the_operator_did_not_allow_is_refused_and_never_imported(tmp_path, monkeypatch, loader,
-                                                                           no_payload_module):
+@pytest.mark.parametrize(
+    "loader", ["payload:build", "payload", "os:system", "payload.build", ["payload:build"], "payload:build\nrm -rf /"]
+)
+def test_a_loader_the_operator_did_not_allow_is_refused_and_never_imported(
+    tmp_path, monkeypatch, loader, no_payload_module
+):
     root, marker = tmp_path / "teachers", tmp_path / "PAYLOAD-RAN"
     campaign_dir = write_custom_teacher(root, "c1", loader)
     write_payload(campaign_dir, marker)  # next to the teacher ...
@@ -144,8 +150,9 @@ def test_an_allowed_loader_runs_and_one_allowed_spec_does_not_allow_another(tmp_
 
 
 @pytest.mark.parametrize("where", ["teachers", "events"])
-def test_an_allowed_loader_is_never_imported_from_the_teacher_or_events_root(tmp_path, monkeypatch, where,
-                                                                             no_payload_module):
+def test_an_allowed_loader_is_never_imported_from_the_teacher_or_events_root(
+    tmp_path, monkeypatch, where, no_payload_module
+):
     """Even a spec the operator allowed is refused when it would be imported from an input directory
     (a sys.path entry inside the teacher or events root), before any of its code runs."""
     root, events, marker = tmp_path / "teachers", tmp_path / "events", tmp_path / "PAYLOAD-RAN"
@@ -198,8 +205,21 @@ def test_fleet_zoo_is_an_entry_point_and_its_spec_can_be_allowed(monkeypatch):
         raise FleetError("stop here")
 
     monkeypatch.setattr(pipeline, "run_compress", fake_run_compress)
-    code = cli.main(["compress", "--teachers", "t", "--events", "e", "--allow-loader", "fleet.synthetic.zoo:load_teacher",
-                     "--allow-loader", MY_LOADER, "--allow-loader", "fleet.synthetic.zoo:load_teacher"])
+    code = cli.main(
+        [
+            "compress",
+            "--teachers",
+            "t",
+            "--events",
+            "e",
+            "--allow-loader",
+            "fleet.synthetic.zoo:load_teacher",
+            "--allow-loader",
+            MY_LOADER,
+            "--allow-loader",
+            "fleet.synthetic.zoo:load_teacher",
+        ]
+    )
     assert code == 1 and seen["config"].allow_loaders == ["fleet.synthetic.zoo:load_teacher", MY_LOADER]
     assert seen["dashboard"] is False
     with pytest.raises(SystemExit) as info:
@@ -235,9 +255,11 @@ def test_symlinks_leading_outside_the_teacher_root_are_refused(tmp_path):
     (d4 / "model.safetensors").symlink_to(Path("..") / "shared" / "c4.safetensors")
 
     assert {"c1", "c2", "c3", "c4"} <= set(list_teacher_campaigns(str(root)))  # listed, so they get quarantined
-    for campaign, what in [("c1", "teacher directory is a symlink leading outside the teacher root"),
-                           ("c2", "model.safetensors is a symlink leading outside the teacher root"),
-                           ("c3", "extra is a symlink leading outside the teacher root")]:
+    for campaign, what in [
+        ("c1", "teacher directory is a symlink leading outside the teacher root"),
+        ("c2", "model.safetensors is a symlink leading outside the teacher root"),
+        ("c3", "extra is a symlink leading outside the teacher root"),
+    ]:
         with pytest.raises(TeacherFormatError, match=what) as info:
             load_teacher(str(root), campaign)
         assert info.value.campaign_id == campaign and f"teachers/{campaign}" in info.value.path
@@ -311,8 +333,11 @@ def _listening(pid: int) -> list[tuple[str, str, int]]:
     for proc in [root, *root.children(recursive=True)]:
         try:
             name = proc.name()
-            found += [(name, c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet")
-                      if c.status == psutil.CONN_LISTEN]
+            found += [
+                (name, c.laddr.ip, c.laddr.port)
+                for c in proc.net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN
+            ]
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return found
@@ -370,8 +395,15 @@ def _open_session(tmp_path: Path, mode: str):
     write_payload(cwd, tmp_path / "PAYLOAD-RAN")
     script = tmp_path / "session.py"
     script.write_text(SESSION_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), mode], cwd=cwd, env=_clean_env(), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), mode],
+        cwd=cwd,
+        env=_clean_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     line = proc.stdout.readline()
     if not line:
         proc.kill()
@@ -418,8 +450,14 @@ def test_local_ray_is_token_authenticated_loopback_only_and_workers_do_not_see_t
         assert probe["cwd"] != str(cwd) and os.listdir(probe["cwd"]) == [], "workers run in an empty directory"
         assert info["cwd"] == str(cwd), "the driver's own cwd is restored after ray.init"
         wrong = _clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-        out = subprocess.run([sys.executable, "-c", INTRUDER, info["gcs"]], env=wrong, capture_output=True,
-                             text=True, timeout=300, check=False)
+        out = subprocess.run(
+            [sys.executable, "-c", INTRUDER, info["gcs"]],
+            env=wrong,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert "REFUSED" in out.stdout and "CONNECTED" not in out.stdout, out.stdout[-2000:]
     finally:
         _close_session(proc)
@@ -459,7 +497,9 @@ def test_fleet_never_starts_or_joins_ray_without_authentication(monkeypatch):
     from fleet.run.pipeline import init_ray
 
     was_running = ray.is_initialized()
-    monkeypatch.setenv("RAY_AUTH_MODE", "DISABLED".lower())  # spelled so test_nothing_turns_ray_authentication_off passes
+    monkeypatch.setenv(
+        "RAY_AUTH_MODE", "DISABLED".lower()
+    )  # spelled so test_nothing_turns_ray_authentication_off passes
     with pytest.raises(FleetError, match="token authentication"):
         init_ray(num_cpus=1)
     with pytest.raises(FleetError, match="token authentication"):
@@ -484,7 +524,10 @@ def test_nothing_turns_ray_authentication_off():
         for name in filenames:
             path = Path(dirpath) / name
             if path.suffix in (".py", ".md", ".yaml", ".yml", ".toml", ".sh", ".cfg", ".txt") or name in (
-                    "Makefile", "run", "Dockerfile"):
+                "Makefile",
+                "run",
+                "Dockerfile",
+            ):
                 text = path.read_text(errors="replace")
                 hits += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in pattern.finditer(text)]
     assert not hits, hits

@@ -78,8 +78,15 @@ def build_version(
     """Write a real version: random backbone (int8), random heads at mixed bits (some pruned).
     ``statuses`` overrides the head status of some campaign ids (default: ok, fp16_fallback at 16 bits)."""
     torch.manual_seed(seed)
-    config = StudentConfig(num_event_types=NUM_EVENT_TYPES, num_features=NUM_FEATURES, hidden_size=16, embed_dim=8,
-                           head=head, head_rank=head_rank, arch=arch)
+    config = StudentConfig(
+        num_event_types=NUM_EVENT_TYPES,
+        num_features=NUM_FEATURES,
+        hidden_size=16,
+        embed_dim=8,
+        head=head,
+        head_rank=head_rank,
+        arch=arch,
+    )
     backbone = SharedBackbone(config).eval()
     tensors, metadata = encode_backbone(backbone)
     decoded = decode_backbone(tensors, metadata)
@@ -102,11 +109,21 @@ def build_version(
                 dense = dequantize_vector(qv)
             heads[cid] = dense
             rows[cid] = HeadRow(
-                campaign_id=cid, bits=bits, shape=(p,), group_size=0 if bits == 16 else 16, packed=qv.packed,
+                campaign_id=cid,
+                bits=bits,
+                shape=(p,),
+                group_size=0 if bits == 16 else 16,
+                packed=qv.packed,
                 scales=qv.scales,
                 mask=None if mask is None else np.packbits(mask.numpy(), bitorder="little").tobytes(),
-                teacher_sha256=_sha("t" + cid), data_fingerprint=_sha("d" + cid)[:16], teacher_auc=0.75, student_auc=0.734375,
-                mean_abs_diff=0.015625, agreement=0.984375, n_train=100 + i, n_holdout=25,
+                teacher_sha256=_sha("t" + cid),
+                data_fingerprint=_sha("d" + cid)[:16],
+                teacher_auc=0.75,
+                student_auc=0.734375,
+                mean_abs_diff=0.015625,
+                agreement=0.984375,
+                n_train=100 + i,
+                n_holdout=25,
                 status=(statuses or {}).get(cid, "fp16_fallback" if bits == 16 else "ok"),
             )
     writer = VersionWriter(store_uri, fleet, version_id)
@@ -120,10 +137,12 @@ def random_sequences(rng: random.Random, n: int, min_len: int = 1, max_len: int 
     out = []
     for _ in range(n):
         t = rng.randint(min_len, max_len)
-        out.append({
-            "event_types": [rng.randrange(NUM_EVENT_TYPES) for _ in range(t)],
-            "features": [rng.uniform(-2, 2) for _ in range(t * NUM_FEATURES)],
-        })
+        out.append(
+            {
+                "event_types": [rng.randrange(NUM_EVENT_TYPES) for _ in range(t)],
+                "features": [rng.uniform(-2, 2) for _ in range(t * NUM_FEATURES)],
+            }
+        )
     return out
 
 
@@ -177,8 +196,10 @@ def test_mixed_batch_equals_per_campaign_predict(built, model):
 def test_large_batch_is_chunked_and_scattered_back(built, model):
     """More rows than one backbone chunk, very different lengths: order must be kept."""
     rng = random.Random(4)
-    rows = [{"campaign_id": rng.choice(built.ids), **random_sequences(rng, 1, 1, 300 if i % 50 == 0 else 8)[0]}
-            for i in range(600)]
+    rows = [
+        {"campaign_id": rng.choice(built.ids), **random_sequences(rng, 1, 1, 300 if i % 50 == 0 else 8)[0]}
+        for i in range(600)
+    ]
     got = model.predict_batch(rows)
     want = np.array([built.expected(r["campaign_id"], [r])[0] for r in rows])
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
@@ -188,8 +209,9 @@ def test_numpy_inputs_and_one_code_path(built, model):
     rng = random.Random(5)
     seqs = random_sequences(rng, 5)
     ids = [built.ids[i] for i in (0, 1, 2, 1, 0)]
-    as_np = model.predict_columns(ids, [np.array(s["event_types"], np.int32) for s in seqs],
-                                  [np.array(s["features"], np.float32) for s in seqs])
+    as_np = model.predict_columns(
+        ids, [np.array(s["event_types"], np.int32) for s in seqs], [np.array(s["features"], np.float32) for s in seqs]
+    )
     as_rows = model.predict_batch([{"campaign_id": c, **s} for c, s in zip(ids, seqs)])
     np.testing.assert_allclose(as_np, as_rows, atol=1e-7, rtol=0)
     assert model.predict(built.ids[0], []).shape == (0,)
@@ -351,8 +373,12 @@ def test_unknown_campaign(model):
     with pytest.raises(UnknownCampaignError, match="camp-0001"):
         model.predict("camp-0001", [{"event_types": [1], "features": [0.0] * NUM_FEATURES}])
     with pytest.raises(UnknownCampaignError, match="row 1"):
-        model.predict_batch([{"campaign_id": "camp-0000", "event_types": [1], "features": [0.0] * 3},
-                             {"campaign_id": "nope", "event_types": [1], "features": [0.0] * 3}])
+        model.predict_batch(
+            [
+                {"campaign_id": "camp-0000", "event_types": [1], "features": [0.0] * 3},
+                {"campaign_id": "nope", "event_types": [1], "features": [0.0] * 3},
+            ]
+        )
     assert issubclass(UnknownCampaignError, KeyError)
 
 
@@ -472,10 +498,22 @@ def test_cli_predict_jsonl_and_parquet(built, tmp_path, capsys):
     np.testing.assert_allclose([float(x) for x in out.split()], built.expected(cid, seqs), atol=1e-6)
 
     ids = [built.ids[i % 5] for i in range(7)]  # events format: a campaign per row
-    table = pa.table({"campaign_id": ids, "event_types": [s["event_types"] for s in seqs],
-                      "features": [s["features"] for s in seqs], "label": [1, 0, None, 1, 0, 1, 0]},
-                     schema=pa.schema([("campaign_id", pa.string()), ("event_types", pa.list_(pa.int32())),
-                                       ("features", pa.list_(pa.float32())), ("label", pa.int8())]))
+    table = pa.table(
+        {
+            "campaign_id": ids,
+            "event_types": [s["event_types"] for s in seqs],
+            "features": [s["features"] for s in seqs],
+            "label": [1, 0, None, 1, 0, 1, 0],
+        },
+        schema=pa.schema(
+            [
+                ("campaign_id", pa.string()),
+                ("event_types", pa.list_(pa.int32())),
+                ("features", pa.list_(pa.float32())),
+                ("label", pa.int8()),
+            ]
+        ),
+    )
     parquet = tmp_path / "in.parquet"
     pq.write_table(table, parquet)
     code, out, _ = run_cli(["predict", "--model", built.uri, "--input", str(parquet)], capsys)
@@ -491,9 +529,13 @@ def test_cli_predict_jsonl_and_parquet(built, tmp_path, capsys):
     assert code == 1 and "camp-0001" in err
     code, _, _ = run_cli(["predict", "--model", built.uri, "--input", str(jsonl)], capsys)  # no campaign anywhere
     assert code == 1
-    code, _, _ = run_cli(["predict", "--model", built.uri, "--campaign", cid, "--input", str(tmp_path / "x.jsonl")], capsys)
+    code, _, _ = run_cli(
+        ["predict", "--model", built.uri, "--campaign", cid, "--input", str(tmp_path / "x.jsonl")], capsys
+    )
     assert code == 1
-    code, _, _ = run_cli(["predict", "--model", str(tmp_path / "none"), "--campaign", cid, "--input", str(jsonl)], capsys)
+    code, _, _ = run_cli(
+        ["predict", "--model", str(tmp_path / "none"), "--campaign", cid, "--input", str(jsonl)], capsys
+    )
     assert code == 1
 
 
@@ -535,8 +577,10 @@ def test_head_passed_rule():
     assert [head_passed(s) for s in ("fallback", "gate_failed")] == [False, False]
 
 
-@pytest.mark.parametrize("open_kw", [{"cache_size": 100, "heads": "lru"}, {"cache_size": 0, "heads": "lru"},
-                                     {"preload": True}, {"heads": "resident"}])
+@pytest.mark.parametrize(
+    "open_kw",
+    [{"cache_size": 100, "heads": "lru"}, {"cache_size": 0, "heads": "lru"}, {"preload": True}, {"heads": "resident"}],
+)
 def test_predict_with_status(gated, open_kw):
     m = FleetModel.open(gated.uri, **open_kw)
     assert gated.rows["camp-0008"].status == "fp16_fallback"
@@ -569,8 +613,9 @@ def test_head_status_is_served_from_the_cache(gated, count_reads):
     m.predict("camp-0000", seqs)
     assert count_reads == {"row_group": 1, "whole": 0}
     assert m.head_status("camp-0000") == "fallback"  # warm: the status lives with the cached head
-    assert m.predict_with_status("camp-0000", [s["event_types"] for s in seqs],
-                                 [s["features"] for s in seqs]).fallback.all()
+    assert m.predict_with_status(
+        "camp-0000", [s["event_types"] for s in seqs], [s["features"] for s in seqs]
+    ).fallback.all()
     assert count_reads == {"row_group": 1, "whole": 0}
     for cid in gated.ids[1:6]:  # evict camp-0000; statuses follow their rows through the slots
         m.predict(cid, seqs)
@@ -591,8 +636,10 @@ def test_metadata_has_passed_and_calibration_fields(gated):
     if CALIBRATION_KEYS:
         filled = dataclasses.replace(row, **{k: 0.125 for k in CALIBRATION_KEYS})
         assert all(head_metadata(filled, "g1")[k] == 0.125 for k in CALIBRATION_KEYS)
-        assert head_metadata(dataclasses.replace(row, **{CALIBRATION_KEYS[0]: float("nan")}), "g1")[
-            CALIBRATION_KEYS[0]] is None
+        assert (
+            head_metadata(dataclasses.replace(row, **{CALIBRATION_KEYS[0]: float("nan")}), "g1")[CALIBRATION_KEYS[0]]
+            is None
+        )
 
 
 def test_cli_predict_warns_about_fallback_heads(gated, tmp_path, capsys):
@@ -604,8 +651,9 @@ def test_cli_predict_warns_about_fallback_heads(gated, tmp_path, capsys):
     path.write_text("".join(json.dumps({"campaign_id": c, **s}) + "\n" for c, s in zip(ids, seqs)))
     code, out, err = run_cli(["predict", "--model", gated.uri, "--input", str(path)], capsys)
     assert code == 0
-    np.testing.assert_allclose([float(x) for x in out.split()], [gated.expected(c, [s])[0] for c, s in zip(ids, seqs)],
-                               atol=1e-6)  # stdout: data only
+    np.testing.assert_allclose(
+        [float(x) for x in out.split()], [gated.expected(c, [s])[0] for c, s in zip(ids, seqs)], atol=1e-6
+    )  # stdout: data only
     warnings = [line for line in err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "camp-0000, camp-0004" in warnings[0] and "camp-0002" not in warnings[0]
     path.write_text("".join(json.dumps({"campaign_id": c, **s}) + "\n" for c, s in zip(ids[1:2] + ids[4:], seqs)))

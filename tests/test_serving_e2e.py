@@ -35,16 +35,25 @@ def registered(small_fleet, ray_local, tmp_path_factory, _mlflow_db_template):
     import shutil
 
     shutil.copy(_mlflow_db_template, root / "mlflow.db")
-    config = CompressConfig(backbone_steps=300, head_steps=150,
-                            gate={"min_median_auc_diff": -0.5, "min_p10_auc_diff": -1.0})
-    result = run_compress(teachers_uri=small_fleet["teachers"], events_uri=small_fleet["events"],
-                          store_uri=str(root / "store"), fleet="servefleet", config=config, tracking_uri=tracking,
-                          run_id="v1")
+    config = CompressConfig(
+        backbone_steps=300, head_steps=150, gate={"min_median_auc_diff": -0.5, "min_p10_auc_diff": -1.0}
+    )
+    result = run_compress(
+        teachers_uri=small_fleet["teachers"],
+        events_uri=small_fleet["events"],
+        store_uri=str(root / "store"),
+        fleet="servefleet",
+        config=config,
+        tracking_uri=tracking,
+        run_id="v1",
+    )
     assert result.registered.champion
     tables = EventsDataset(small_fleet["events"]).read_campaigns(CAMPAIGNS)
-    rows = [{"campaign_id": cid, "event_types": e, "features": f}
-            for cid in CAMPAIGNS for e, f in zip(tables[cid]["event_types"].to_pylist()[:4],
-                                                  tables[cid]["features"].to_pylist()[:4])]
+    rows = [
+        {"campaign_id": cid, "event_types": e, "features": f}
+        for cid in CAMPAIGNS
+        for e, f in zip(tables[cid]["event_types"].to_pylist()[:4], tables[cid]["features"].to_pylist()[:4])
+    ]
     return {"tracking": tracking, "manifest": result.manifest_uri, "rows": rows, "root": root}
 
 
@@ -82,26 +91,59 @@ def test_four_ways_agree(registered):
     np.testing.assert_allclose(np.asarray(pyfunc.predict(frame)), batch, atol=1e-6)
 
     bin_dir = os.path.dirname(sys.executable)  # `mlflow models serve` runs `uvicorn` from PATH
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking,
-           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
     port_fleet, port_mlflow = free_port(), free_port()
     servers = [
-        subprocess.Popen([sys.executable, "-m", "fleet.cli.main", "serve", "--model", "models:/servefleet@champion",
-                          "--tracking-uri", tracking, "--port", str(port_fleet)], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-        subprocess.Popen([os.path.join(bin_dir, "mlflow"), "models", "serve", "-m",
-                          "models:/servefleet@champion", "--env-manager", "local", "-h", "127.0.0.1",
-                          "-p", str(port_mlflow)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True),
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fleet.cli.main",
+                "serve",
+                "--model",
+                "models:/servefleet@champion",
+                "--tracking-uri",
+                tracking,
+                "--port",
+                str(port_fleet),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(
+            [
+                os.path.join(bin_dir, "mlflow"),
+                "models",
+                "serve",
+                "-m",
+                "models:/servefleet@champion",
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port_mlflow),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        ),
     ]
     try:
         _wait(f"http://127.0.0.1:{port_fleet}/healthz")
         got = httpx.post(f"http://127.0.0.1:{port_fleet}/v1/predict/batch", json={"rows": rows}, timeout=30).json()
         np.testing.assert_allclose(got["probabilities"], batch, atol=1e-6)
         assert got["version"] == "v1"
-        one = httpx.post(f"http://127.0.0.1:{port_fleet}/v1/predict", timeout=30, json={
-            "campaign_id": CAMPAIGNS[0],
-            "sequences": [{"event_types": r["event_types"], "features": r["features"]} for r in rows[:4]]}).json()
+        one = httpx.post(
+            f"http://127.0.0.1:{port_fleet}/v1/predict",
+            timeout=30,
+            json={
+                "campaign_id": CAMPAIGNS[0],
+                "sequences": [{"event_types": r["event_types"], "features": r["features"]} for r in rows[:4]],
+            },
+        ).json()
         np.testing.assert_allclose(one["probabilities"], batch[:4], atol=1e-6)
 
         _wait(f"http://127.0.0.1:{port_mlflow}/ping", timeout=180)
@@ -137,9 +179,27 @@ def test_ray_serve_replicas_answer_like_fleet_model(registered):
     expected = FleetModel.load("models:/servefleet@champion", tracking_uri=tracking).predict_batch(rows)
     port = free_port()
     env = dict(os.environ)
-    server = subprocess.Popen([sys.executable, "-m", "fleet.cli.main", "serve", "--model", "models:/servefleet@champion",
-                               "--tracking-uri", tracking, "--ray", "--replicas", "2", "--port", str(port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fleet.cli.main",
+            "serve",
+            "--model",
+            "models:/servefleet@champion",
+            "--tracking-uri",
+            tracking,
+            "--ray",
+            "--replicas",
+            "2",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         _wait(f"http://127.0.0.1:{port}/healthz", timeout=240)
         for _ in range(4):  # requests spread over both replicas

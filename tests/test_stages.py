@@ -64,9 +64,16 @@ def test_backbone_quotas_sample_a_uniform_subset_when_the_floor_exceeds_the_budg
 
 def _soft(campaign: str, splits: list[int]) -> pa.Table:
     n = len(splits)
-    return pa.table({"campaign_id": [campaign] * n, "row": pa.array(range(n), pa.int32()),
-                     "split": pa.array(splits, pa.int8()), "teacher_logit": pa.array([0.0] * n, pa.float32()),
-                     "label": pa.array([0.0] * n, pa.float32())}, schema=SOFT_LABELS_SCHEMA)
+    return pa.table(
+        {
+            "campaign_id": [campaign] * n,
+            "row": pa.array(range(n), pa.int32()),
+            "split": pa.array(splits, pa.int8()),
+            "teacher_logit": pa.array([0.0] * n, pa.float32()),
+            "label": pa.array([0.0] * n, pa.float32()),
+        },
+        schema=SOFT_LABELS_SCHEMA,
+    )
 
 
 def test_backbone_sample_takes_the_quota_of_fit_rows_and_a_quarter_as_many_validation_rows():
@@ -84,8 +91,7 @@ def _gate(teacher_p: list[list[float]], **config) -> CampaignGate:
     index = torch.cat([torch.full((len(p),), c) for c, p in enumerate(teacher_p)])
     p = torch.tensor([v for ps in teacher_p for v in ps], dtype=torch.float32)
     student = StudentConfig(num_event_types=2, num_features=0, hidden_size=1, head="linear")
-    return CampaignGate(torch.ones(len(p), 1), index, torch.logit(p), len(teacher_p), student,
-                        CompressConfig(**config))
+    return CampaignGate(torch.ones(len(p), 1), index, torch.logit(p), len(teacher_p), student, CompressConfig(**config))
 
 
 def _heads(probabilities: list[float]) -> torch.Tensor:
@@ -96,7 +102,9 @@ def test_gate_measures_kl_ratio_and_mean_abs_diff_by_hand():
     gate = _gate([[0.1, 0.1], [0.5, 0.3]])
     check = gate.measure(_heads([0.12, 0.4]))
     kl0 = 0.1 * math.log(0.1 / 0.12) + 0.9 * math.log(0.9 / 0.88)
-    kl1 = (0.5 * math.log(0.5 / 0.4) + 0.5 * math.log(0.5 / 0.6) + 0.3 * math.log(0.3 / 0.4) + 0.7 * math.log(0.7 / 0.6)) / 2
+    kl1 = (
+        0.5 * math.log(0.5 / 0.4) + 0.5 * math.log(0.5 / 0.6) + 0.3 * math.log(0.3 / 0.4) + 0.7 * math.log(0.7 / 0.6)
+    ) / 2
     np.testing.assert_allclose(check.kl.numpy(), [kl0, kl1], rtol=1e-4)
     np.testing.assert_allclose(check.ratio_error.numpy(), [0.2, 0.0], atol=1e-5)
     np.testing.assert_allclose(check.mean_abs_diff.numpy(), [0.02, 0.1], atol=1e-5)
@@ -135,7 +143,10 @@ def test_bits_gate_keeps_the_ranking_of_a_teacher_whose_probabilities_barely_var
     with pytest.raises(ValueError, match="gate_max_correlation_drop must be >= 0"):
         CompressConfig(gate_max_correlation_drop=-0.1)
     loose = CampaignGate(x, index, teacher, 2, student, CompressConfig(gate_slack=0.05, gate_max_correlation_drop=2.0))
-    assert loose.bits_pass(loose.measure(torch.tensor([[-0.02, -2.0], [1.9, -2.0]])), float_check).tolist() == [True, True]
+    assert loose.bits_pass(loose.measure(torch.tensor([[-0.02, -2.0], [1.9, -2.0]])), float_check).tolist() == [
+        True,
+        True,
+    ]
 
 
 def test_compress_config_checks_the_grid():
@@ -181,23 +192,35 @@ def _ladder_shard(tmp_path, head_ladder: bool, **overrides):
     mean_only[0, 16:24] = torch.randn(8, generator=g) * 3.0  # w
     mean_only[0, 24:32] = torch.randn(8, generator=g) * 4.0  # g (b, last, stays 0)
     assert sizes["g"] == (8,)
-    config = CompressConfig(**{"head_steps": 300, "head_ladder": head_ladder, "num_event_types": 8, "num_features": 3,
-                               **overrides})
+    config = CompressConfig(
+        **{"head_steps": 300, "head_ladder": head_ladder, "num_event_types": 8, "num_features": 3, **overrides}
+    )
     soft_parts = []
     for i, table in enumerate(tables):
         cid = table["campaign_id"][0].as_py()
         pooled = compute_features(backbone, table_to_batch(table, 3), pooled=True)  # (n, 16)
-        logits = (head_logits("film", pooled[:, :8], film[0]) if i == 0 else head_logits("film_pool", pooled, mean_only[0]))
+        logits = (
+            head_logits("film", pooled[:, :8], film[0]) if i == 0 else head_logits("film_pool", pooled, mean_only[0])
+        )
         splits = row_splits(cid, len(table), config)
-        soft_parts.append(pa.table({"campaign_id": [cid] * len(table), "row": pa.array(range(len(table)), pa.int32()),
-                                    "split": pa.array(splits, pa.int8()), "teacher_logit": pa.array(logits.numpy()),
-                                    "label": pa.array(table["label"].to_numpy().astype(np.float32))},
-                                   schema=SOFT_LABELS_SCHEMA))
+        soft_parts.append(
+            pa.table(
+                {
+                    "campaign_id": [cid] * len(table),
+                    "row": pa.array(range(len(table)), pa.int32()),
+                    "split": pa.array(splits, pa.int8()),
+                    "teacher_logit": pa.array(logits.numpy()),
+                    "label": pa.array(table["label"].to_numpy().astype(np.float32)),
+                },
+                schema=SOFT_LABELS_SCHEMA,
+            )
+        )
     soft = pa.concat_tables(soft_parts)
     ids = [t["campaign_id"][0].as_py() for t in tables]
     job = ShardJob(ids, hashes={c: ["00" * 32, "00" * 16] for c in ids})
-    ctx = StageContext(teachers_uri=str(tmp_path / "teachers"), events_uri=events_uri, config=config,
-                       num_event_types=8, num_features=3)
+    ctx = StageContext(
+        teachers_uri=str(tmp_path / "teachers"), events_uri=events_uri, config=config, num_event_types=8, num_features=3
+    )
     assert HOLDOUT in soft["split"].to_pylist()
     return fit_heads_shard(job, ctx, soft, data), data, ids
 
@@ -246,8 +269,15 @@ def test_bloomier_codec_stage_three_writes_one_block_that_serving_decodes(tmp_pa
     from fleet.serve.serving import FleetModel
     from fleet.storage.store import VersionWriter
 
-    heads, data, ids = _ladder_shard(tmp_path, head_ladder=True, codec="bloomier", head_steps=60,
-                                     head_l2_grid=(1.0,), bloomier_refit_steps=20, bloomier_sparsity=0.5)
+    heads, data, ids = _ladder_shard(
+        tmp_path,
+        head_ladder=True,
+        codec="bloomier",
+        head_steps=60,
+        head_l2_grid=(1.0,),
+        bloomier_refit_steps=20,
+        bloomier_sparsity=0.5,
+    )
     assert heads.schema.metadata[b"format"] == b"fleet-heads/2.0"
     rows = table_to_heads(heads)
     assert [r.codec for r in rows] == ["bloomier"] * 2 and [r.block_row for r in rows] == [0, 1]
@@ -262,7 +292,9 @@ def test_bloomier_codec_stage_three_writes_one_block_that_serving_decodes(tmp_pa
     events = generate_rows(ids)
     from fleet.compression.student import head_logits
 
-    h = torch.from_numpy(model._features([np.asarray(t) for t in events[0]], [np.asarray(f, np.float32) for f in events[1]]))
+    h = torch.from_numpy(
+        model._features([np.asarray(t) for t in events[0]], [np.asarray(f, np.float32) for f in events[1]])
+    )
     for c, cid in enumerate(ids):
         want = torch.sigmoid(head_logits("film", h, decoded[c])).numpy()
         np.testing.assert_allclose(model.predict_columns(cid, *events), want, rtol=0, atol=1e-6)
@@ -305,8 +337,14 @@ def test_bloomier_fit_stores_the_calibrated_bias_and_serves_the_decoded_blocks()
     teacher = ((features * torch.randn(c, h, generator=g)[cidx]).sum(1) - torch.linspace(3.0, 0.5, c)[cidx]).float()
     split = torch.where(torch.rand(c * n, generator=g) < 0.2, VALIDATION, FIT).to(torch.int8)
     rows = _ShardRows(cidx, teacher, torch.full((c * n,), float("nan")), split, c)
-    config = CompressConfig(codec="bloomier", head_steps=40, head_l2_grid=(1.0,), bloomier_block_rows=2,
-                            bloomier_refit_steps=15, bloomier_sparsity=0.5)
+    config = CompressConfig(
+        codec="bloomier",
+        head_steps=40,
+        head_l2_grid=(1.0,),
+        bloomier_block_rows=2,
+        bloomier_refit_steps=15,
+        bloomier_sparsity=0.5,
+    )
     order = [4, 2, 0, 1, 3]
     blocks, block_of, served, check, passes, stats = _bloomier_fit(features, rows, student, None, config, order)
     assert [b.block.rows for b in blocks] == [2, 2, 1]
@@ -371,8 +409,9 @@ def test_borrowed_pool_draws_fit_rows_evenly_and_deterministically():
 
 
 def test_in_support_keeps_rows_whose_every_event_type_the_campaign_knows():
-    batch = SequenceBatch.packed(torch.tensor([1, 2, 3, 1, 5, 2]), torch.zeros(6, 1), torch.tensor([2, 1, 2, 1]),
-                                 torch.zeros(4))  # rows [1, 2], [3], [1, 5], [2]
+    batch = SequenceBatch.packed(
+        torch.tensor([1, 2, 3, 1, 5, 2]), torch.zeros(6, 1), torch.tensor([2, 1, 2, 1]), torch.zeros(4)
+    )  # rows [1, 2], [3], [1, 5], [2]
     assert in_support(batch, torch.tensor([[1, 2], [3, 3]])).tolist() == [True, True, False, True]
     assert in_support(batch, torch.tensor([7])).tolist() == [False] * 4
 
@@ -391,14 +430,24 @@ def test_campaign_batches_read_in_parts_equal_one_read(tmp_path, monkeypatch):
     write_events(events_uri, pa.concat_tables(tables))
     config = CompressConfig(num_event_types=8, num_features=3)
     ids = sorted(t["campaign_id"][0].as_py() for t in tables)
-    soft = pa.concat_tables([  # every other row of each campaign, as a sample takes some
-        pa.table({"campaign_id": [cid] * (len(t) // 2), "row": pa.array(range(0, len(t) - 1, 2), pa.int32()),
-                  "split": pa.array(row_splits(cid, len(t), config)[0:len(t) - 1:2], pa.int8()),
-                  "teacher_logit": pa.array(np.linspace(-1, 1, len(t) // 2, dtype=np.float32)),
-                  "label": pa.array(np.zeros(len(t) // 2, np.float32))}, schema=SOFT_LABELS_SCHEMA)
-        for cid, t in zip([t["campaign_id"][0].as_py() for t in tables], tables)])
-    ctx = StageContext(teachers_uri=str(tmp_path / "teachers"), events_uri=events_uri, config=config,
-                       num_event_types=8, num_features=3)
+    soft = pa.concat_tables(
+        [  # every other row of each campaign, as a sample takes some
+            pa.table(
+                {
+                    "campaign_id": [cid] * (len(t) // 2),
+                    "row": pa.array(range(0, len(t) - 1, 2), pa.int32()),
+                    "split": pa.array(row_splits(cid, len(t), config)[0 : len(t) - 1 : 2], pa.int8()),
+                    "teacher_logit": pa.array(np.linspace(-1, 1, len(t) // 2, dtype=np.float32)),
+                    "label": pa.array(np.zeros(len(t) // 2, np.float32)),
+                },
+                schema=SOFT_LABELS_SCHEMA,
+            )
+            for cid, t in zip([t["campaign_id"][0].as_py() for t in tables], tables)
+        ]
+    )
+    ctx = StageContext(
+        teachers_uri=str(tmp_path / "teachers"), events_uri=events_uri, config=config, num_event_types=8, num_features=3
+    )
     events = EventsDataset(events_uri)
     whole = list(_campaign_batches(events, soft, ids, ctx))
     monkeypatch.setattr(stages, "CAMPAIGNS_PER_READ", 2)  # three reads of 2, 2 and 1 campaigns

@@ -54,7 +54,9 @@ def store(request, tmp_path):
         yield Store(f"memory://{root}", None)
         fsspec.filesystem("memory").rm(f"/{root}", recursive=True)
     else:
-        yield Store(request.getfixturevalue("s3_bucket") + "/store", request.getfixturevalue("s3_server")["storage_options"])
+        yield Store(
+            request.getfixturevalue("s3_bucket") + "/store", request.getfixturevalue("s3_server")["storage_options"]
+        )
 
 
 @pytest.fixture
@@ -73,13 +75,21 @@ def make_heads(ids=IDS, seed=0) -> pa.Table:
     rows = []
     for cid in ids:
         packed = rng.integers(0, 256, 97, dtype=np.uint8).tobytes()  # 193 values at 4 bits
-        rows.append(HeadRow(
-            campaign_id=cid, bits=4, shape=(193,), group_size=64, packed=packed,
-            scales=np.asarray(rng.random(4), "<f2").tobytes(),
-            teacher_sha256=hashlib.sha256(b"t" + cid.encode()).digest(),
-            data_fingerprint=hashlib.sha256(b"d" + cid.encode()).digest()[:16],
-            teacher_auc=float(np.float32(rng.random())), n_train=100, n_holdout=25,
-        ))
+        rows.append(
+            HeadRow(
+                campaign_id=cid,
+                bits=4,
+                shape=(193,),
+                group_size=64,
+                packed=packed,
+                scales=np.asarray(rng.random(4), "<f2").tobytes(),
+                teacher_sha256=hashlib.sha256(b"t" + cid.encode()).digest(),
+                data_fingerprint=hashlib.sha256(b"d" + cid.encode()).digest()[:16],
+                teacher_auc=float(np.float32(rng.random())),
+                n_train=100,
+                n_holdout=25,
+            )
+        )
     rng.shuffle(rows)
     return heads_to_table(rows)
 
@@ -91,12 +101,15 @@ def backbone():
 def write_version(store: Store, version_id: str, heads=None, commit=True, created_at=None, **heads_kw):
     writer = VersionWriter(store.uri, "adfleet", version_id, storage_options=store.options)
     writer.write_backbone(backbone(), {"arch": "gru", "hidden_size": "5"})
-    writer.write_heads(make_heads() if heads is None else heads, **{"rows_per_part": 200, "row_group_size": 32, **heads_kw})
+    writer.write_heads(
+        make_heads() if heads is None else heads, **{"rows_per_part": 200, "row_group_size": 32, **heads_kw}
+    )
     writer.write_rejects(rejects_to_table([("bad id!", "validate", "invalid campaign id"), ("c9", "heads", "nan")]))
     if not commit:
         return writer
-    return writer.commit({"seed": 7}, {"parent_version": "v0"}, {"auc_delta_median": -0.001, "bad": math.nan},
-                         created_at=created_at)
+    return writer.commit(
+        {"seed": 7}, {"parent_version": "v0"}, {"auc_delta_median": -0.001, "bad": math.nan}, created_at=created_at
+    )
 
 
 # --------------------------------------------------------------------------- round trip
@@ -121,8 +134,13 @@ def test_round_trip(store):
     pairs = zip(heads.column("campaign_id").to_pylist(), heads.column("teacher_sha256").to_pylist())
     assert m["lineage"]["teachers_sha256"] == teachers_digest(pairs)
     paths = [f["path"] for f in m["files"]]
-    assert paths == ["backbone.safetensors", "heads/part-00000.parquet", "heads/part-00001.parquet",
-                     "heads/part-00002.parquet", "rejects.parquet"]
+    assert paths == [
+        "backbone.safetensors",
+        "heads/part-00000.parquet",
+        "heads/part-00001.parquet",
+        "heads/part-00002.parquet",
+        "rejects.parquet",
+    ]
     assert [p["rows"] for p in m["parts"]] == [200, 200, 100]
     assert m["parts"][1]["first_campaign"] == IDS[200] and m["parts"][1]["last_campaign"] == IDS[399]
     assert m["parts"][1]["row_groups"][:2] == [IDS[200], IDS[232]] and len(m["parts"][1]["row_groups"]) == 7
@@ -362,8 +380,10 @@ def test_a_version_written_as_fleet_heads_1_0_is_read(local_store):
         fs.pipe_file(f"{path}/{part['path']}", buf.getvalue())
         files[part["path"]].update(sha256=sha256_bytes(buf.getvalue()), bytes=len(buf.getvalue()))
         del part["footer"], part["row_group_checksums"]
-    fs.pipe_file(f"{path}/manifest.json", json.dumps({**manifest, "format": "fleet-version/1",
-                                                      "heads_format": "fleet-heads/1"}).encode())
+    fs.pipe_file(
+        f"{path}/manifest.json",
+        json.dumps({**manifest, "format": "fleet-version/1", "heads_format": "fleet-heads/1"}).encode(),
+    )
 
     version = FleetVersion.open(manifest_uri, local_store.options)  # checksums verified
     table = version.read_heads()
@@ -424,7 +444,9 @@ def test_manifest_in_the_wrong_directory_is_refused(local_store):
     write_version(local_store, "v1")
     fs = local_store.fs
     fs.makedirs(local_store.path("adfleet/versions/v2"), exist_ok=True)
-    fs.cp_file(local_store.path("adfleet/versions/v1/manifest.json"), local_store.path("adfleet/versions/v2/manifest.json"))
+    fs.cp_file(
+        local_store.path("adfleet/versions/v1/manifest.json"), local_store.path("adfleet/versions/v2/manifest.json")
+    )
     with pytest.raises(StoreError, match="manifest names version 'v1' but lies in 'v2'"):
         FleetVersion.open(join_uri(local_store.uri, "adfleet/versions/v2"))
 

@@ -42,8 +42,14 @@ def _random_batch(b: int, t: int, generator: torch.Generator):
 
 @pytest.mark.parametrize(
     "bad",
-    [{"arch": "transformer"}, {"head": "mlp"}, {"hidden_size": 0}, {"num_layers": 0}, {"head": "film", "head_rank": 2},
-     {"head": "lowrank", "head_rank": 0}],
+    [
+        {"arch": "transformer"},
+        {"head": "mlp"},
+        {"hidden_size": 0},
+        {"num_layers": 0},
+        {"head": "film", "head_rank": 2},
+        {"head": "lowrank", "head_rank": 0},
+    ],
 )
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
@@ -95,7 +101,9 @@ def test_backbone_fake_quant_hook(arch):
     backbone = SharedBackbone(_config(arch=arch, hidden_size=8))
     event_types, features, lengths = _random_batch(4, 5, torch.Generator().manual_seed(2))
     plain = backbone(event_types, features, lengths)
-    torch.testing.assert_close(backbone_forward(backbone, event_types, features, lengths, fake_quant=lambda w: w), plain)
+    torch.testing.assert_close(
+        backbone_forward(backbone, event_types, features, lengths, fake_quant=lambda w: w), plain
+    )
 
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     ste = lambda w: w + (torch.round(w * 4) / 4 - w).detach()
@@ -198,11 +206,16 @@ def test_a_smaller_rung_widened_is_the_same_head_on_the_ladder():
     assert torch.equal(padded[:, -1], heads[:, -1]) and not padded[:, 24:32].any()  # b last, g (24:32) off
     pooled = torch.randn(6, feature_width(bigger))  # (B, 2H): last state ++ mean state
     index = torch.tensor([0, 1, 2, 3, 0, 1])
-    torch.testing.assert_close(head_logits("film_pool", pooled, padded, index=index),
-                               head_logits("film", pooled[:, :8], heads, index=index), rtol=0, atol=0)
+    torch.testing.assert_close(
+        head_logits("film_pool", pooled, padded, index=index),
+        head_logits("film", pooled[:, :8], heads, index=index),
+        rtol=0,
+        atol=0,
+    )
     padded[:, 24:32] = 1.0  # g on: the pooled view now changes the logits
-    assert not torch.allclose(head_logits("film_pool", pooled, padded, index=index),
-                              head_logits("film", pooled[:, :8], heads, index=index))
+    assert not torch.allclose(
+        head_logits("film_pool", pooled, padded, index=index), head_logits("film", pooled[:, :8], heads, index=index)
+    )
 
 
 def test_pooled_features_are_last_and_mean_of_the_valid_states_only():
@@ -216,7 +229,9 @@ def test_pooled_features_are_last_and_mean_of_the_valid_states_only():
         out = backbone(types, feats, lengths, pooled=True)  # (B, 2H)
         assert out.shape == (3, 12) and torch.equal(out[:, :6], backbone(types, feats, lengths))
         for row, n in enumerate(lengths.tolist()):
-            states, _ = backbone.rnn(torch.cat([backbone.embedding(types[row : row + 1, :n]), feats[row : row + 1, :n]], -1))
+            states, _ = backbone.rnn(
+                torch.cat([backbone.embedding(types[row : row + 1, :n]), feats[row : row + 1, :n]], -1)
+            )
             torch.testing.assert_close(out[row, 6:], states[0].mean(0), rtol=0, atol=1e-6)
         feats2 = feats.clone()
         feats2[1, 4:] = 1e3  # after lengths: no effect

@@ -128,8 +128,17 @@ def test_interrupted_synth_resumes_and_another_fleet_is_refused(ray_local, tmp_p
     refuses an output directory that holds another fleet."""
     from fleet.run.pipeline import run_synth
 
-    config = SynthConfig(campaigns=4, seed=5, hidden_size=8, num_layers=1, embed_dim=4, num_event_types=8,
-                         min_sequences=100, max_sequences=200, max_epochs=1)
+    config = SynthConfig(
+        campaigns=4,
+        seed=5,
+        hidden_size=8,
+        num_layers=1,
+        embed_dim=4,
+        num_event_types=8,
+        min_sequences=100,
+        max_sequences=200,
+        max_epochs=1,
+    )
     out = tmp_path / "fleet"
     first = run_synth(config, str(out), part_rows=300)  # 4 campaigns of 100-200 rows: several parts
     assert not any(s["resumed"] for s in first["campaigns"])

@@ -43,8 +43,11 @@ def tiny_teachers(root, ids, arch="lstm", seed=0, **overrides):
 
 def random_batch(rng, rows, num_event_types=7, num_features=2, max_len=30):
     lengths = rng.integers(1, max_len, size=rows)
-    return collate([rng.integers(0, num_event_types, size=n) for n in lengths],
-                   [rng.normal(size=n * num_features) for n in lengths], num_features)
+    return collate(
+        [rng.integers(0, num_event_types, size=n) for n in lengths],
+        [rng.normal(size=n * num_features) for n in lengths],
+        num_features,
+    )
 
 
 def test_pack_round_trip_equals_directory_teachers(tmp_path):
@@ -99,7 +102,7 @@ def test_a_bad_slot_quarantines_its_campaign_alone(tmp_path):
     weights = tmp_path / "packs/p/weights.safetensors"
     data = bytearray(weights.read_bytes())
     header_size = int.from_bytes(data[:8], "little")
-    begin, end = json.loads(data[8:8 + header_size])["readout.bias"]["data_offsets"]
+    begin, end = json.loads(data[8 : 8 + header_size])["readout.bias"]["data_offsets"]
     data[8 + header_size + begin + 3 * ((end - begin) // 4)] ^= 0x01  # slot 3: a flipped bit (sha256 no longer matches)
     weights.write_bytes(bytes(data))
     catalog = locate_teachers(str(tmp_path))
@@ -118,8 +121,13 @@ def test_a_bad_slot_quarantines_its_campaign_alone(tmp_path):
 def test_pack_index_is_read_not_listed_per_campaign(tmp_path):
     ids = [f"u{i}" for i in range(5)]
     torch.manual_seed(0)
-    write_pack(str(tmp_path), "p", {"arch": "gru", **TINY}, ids,
-               stack_states([TeacherRNN(TeacherConfig(campaign_id=c, arch="gru", **TINY)) for c in ids]))
+    write_pack(
+        str(tmp_path),
+        "p",
+        {"arch": "gru", **TINY},
+        ids,
+        stack_states([TeacherRNN(TeacherConfig(campaign_id=c, arch="gru", **TINY)) for c in ids]),
+    )
     assert [r[:2] for r in read_pack_index(str(tmp_path), "p")] == [(c, i) for i, c in enumerate(ids)]
     assert not any(p.is_dir() for p in (tmp_path / "packs/p").iterdir())  # no per-campaign objects at all
 
@@ -154,9 +162,14 @@ def test_soft_labels_batched_equal_one_at_a_time_on_packs(tmp_path, monkeypatch)
     ids = [f"user-{i:07d}" for i in range(6)]
     torch.manual_seed(0)
     for start in (0, 4):
-        members = ids[start:start + 4]
-        write_pack(str(tmp_path / "teachers"), f"pack-{start}", {"arch": "lstm", **TINY, "hidden_size": 4}, members,
-                   stack_states([TeacherRNN(TeacherConfig(campaign_id=c, **{**TINY, "hidden_size": 4})) for c in members]))
+        members = ids[start : start + 4]
+        write_pack(
+            str(tmp_path / "teachers"),
+            f"pack-{start}",
+            {"arch": "lstm", **TINY, "hidden_size": 4},
+            members,
+            stack_states([TeacherRNN(TeacherConfig(campaign_id=c, **{**TINY, "hidden_size": 4})) for c in members]),
+        )
     catalog = locate_teachers(str(tmp_path / "teachers"))
     ctx = stages.StageContext(str(tmp_path / "teachers"), str(tmp_path / "events"), stages.CompressConfig(), 7, 2)
     job = ShardJob(ids, packed=catalog.plan_entries())
@@ -185,22 +198,30 @@ def test_an_unchanged_packed_teacher_is_not_loaded_unless_its_data_changed(tmp_p
     write_events(str(tmp_path / "events"), events)
     torch.manual_seed(0)
     shape = {**TINY, "hidden_size": 4}
-    write_pack(str(tmp_path / "teachers"), "p", {"arch": "lstm", **shape}, ids,
-               stack_states([TeacherRNN(TeacherConfig(campaign_id=c, **shape)) for c in ids]))
+    write_pack(
+        str(tmp_path / "teachers"),
+        "p",
+        {"arch": "lstm", **shape},
+        ids,
+        stack_states([TeacherRNN(TeacherConfig(campaign_id=c, **shape)) for c in ids]),
+    )
     catalog = locate_teachers(str(tmp_path / "teachers"))
     ctx = stages.StageContext(str(tmp_path / "teachers"), str(tmp_path / "events"), stages.CompressConfig(), 7, 2)
     _, first = stages.soft_labels(ShardJob(ids, packed=catalog.plan_entries()), ctx)
-    parent = {c: [t, d] for c, t, d in zip(*(first[k].to_pylist() for k in ("campaign_id", "teacher_sha256",
-                                                                             "data_fingerprint")))}
-    skipped = load_teachers(str(tmp_path / "teachers"), ids, catalog.plan_entries(),
-                            unchanged={c: h[0] for c, h in parent.items()})
+    parent = {
+        c: [t, d]
+        for c, t, d in zip(*(first[k].to_pylist() for k in ("campaign_id", "teacher_sha256", "data_fingerprint")))
+    }
+    skipped = load_teachers(
+        str(tmp_path / "teachers"), ids, catalog.plan_entries(), unchanged={c: h[0] for c, h in parent.items()}
+    )
     assert all(t.model is None and t.sha256 == parent[c][0] for c, t in skipped.items())
     assert [t.num_bytes for t in skipped.values()] == first["teacher_bytes"].to_pylist()
 
     weights = tmp_path / "teachers/packs/p/weights.safetensors"
     data = bytearray(weights.read_bytes())
     header_size = int.from_bytes(data[:8], "little")
-    begin, end = json.loads(data[8:8 + header_size])["readout.bias"]["data_offsets"]
+    begin, end = json.loads(data[8 : 8 + header_size])["readout.bias"]["data_offsets"]
     data[8 + header_size + begin + 1 * ((end - begin) // 4)] ^= 0x01  # slot 1 (ids[1]): a flipped bit
     weights.write_bytes(bytes(data))
     job = ShardJob(ids, packed=catalog.plan_entries(), parent=parent)
@@ -235,6 +256,7 @@ def test_stacked_training_is_deterministic():
 
 # ---------------------------------------------------------------- a per-user packed fleet, end to end
 
+
 @pytest.mark.slow
 def test_per_user_packed_fleet_compress_predict_and_incremental(ray_local, tmp_path, sqlite_tracking_uri):
     from fleet.formats.events import EventsDataset
@@ -247,13 +269,23 @@ def test_per_user_packed_fleet_compress_predict_and_incremental(ray_local, tmp_p
     synth = run_synth(config, str(tmp_path / "fleet"))
     assert sorted(p.name for p in (tmp_path / "fleet/teachers/packs").iterdir()) == [f"pack-{i:05d}" for i in range(3)]
     assert not [p for p in (tmp_path / "fleet/teachers").iterdir() if p.name != "packs"]  # packs only
-    fast = CompressConfig(backbone_steps=200, backbone_per_campaign=100, head_steps=100,
-                          gate={"min_median_auc_diff": -1.0, "min_p10_auc_diff": -1.0})
+    fast = CompressConfig(
+        backbone_steps=200,
+        backbone_per_campaign=100,
+        head_steps=100,
+        gate={"min_median_auc_diff": -1.0, "min_p10_auc_diff": -1.0},
+    )
 
     def compress(run_id):
-        return run_compress(teachers_uri=synth["teachers_uri"], events_uri=synth["events_uri"],
-                            store_uri=str(tmp_path / "store"), fleet="users", config=fast,
-                            tracking_uri=sqlite_tracking_uri, run_id=run_id)
+        return run_compress(
+            teachers_uri=synth["teachers_uri"],
+            events_uri=synth["events_uri"],
+            store_uri=str(tmp_path / "store"),
+            fleet="users",
+            config=fast,
+            tracking_uri=sqlite_tracking_uri,
+            run_id=run_id,
+        )
 
     first = compress("n1")
     assert first.metrics["campaigns_ok"] + first.metrics["campaigns_quarantined"] == 10

@@ -19,8 +19,9 @@ from fleet.formats.teachers import (
 
 
 def small_config(campaign_id="c1", arch="lstm"):
-    return TeacherConfig(campaign_id=campaign_id, arch=arch, num_event_types=10, embed_dim=4, num_features=3,
-                         hidden_size=8, num_layers=2)
+    return TeacherConfig(
+        campaign_id=campaign_id, arch=arch, num_event_types=10, embed_dim=4, num_features=3, hidden_size=8, num_layers=2
+    )
 
 
 def inputs(batch=5, steps=7):

@@ -26,8 +26,7 @@ NOT_UTF8 = "caf\udcff"  # a directory name with the byte 0xff, as Python lists i
 def write_teacher(root: Path, campaign_id: str) -> None:
     """A random reference teacher under ``root/campaign_id`` (its config names "x" where the id is invalid)."""
     valid = campaign_id.isascii() and campaign_id.isalnum()
-    config = TeacherConfig(campaign_id=campaign_id if valid else "x", embed_dim=4, hidden_size=8, num_layers=1,
-                           **SPACE)
+    config = TeacherConfig(campaign_id=campaign_id if valid else "x", embed_dim=4, hidden_size=8, num_layers=1, **SPACE)
     directory = root / campaign_id
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(len(campaign_id))
@@ -97,13 +96,19 @@ def test_stage_one_keeps_the_last_max_sequence_length_events_of_a_long_row(tmp_p
     assert got == pytest.approx(expected.tolist(), abs=1e-6)
 
 
-TINY = {"hidden_size": 8, "embed_dim": 4, "backbone_steps": 20, "backbone_eval_every": 10, "head_steps": 20,
-        "head_l2_grid": (1.0,), "backbone_batch_size": 32}
+TINY = {
+    "hidden_size": 8,
+    "embed_dim": 4,
+    "backbone_steps": 20,
+    "backbone_eval_every": 10,
+    "head_steps": 20,
+    "head_l2_grid": (1.0,),
+    "backbone_batch_size": 32,
+}
 
 
 @pytest.mark.slow
-def test_compress_counts_truncated_rows_quarantines_bad_ids_and_refuses_bad_files_before_any_stage(
-        ray_local, tmp_path):
+def test_compress_counts_truncated_rows_quarantines_bad_ids_and_refuses_bad_files_before_any_stage(ray_local, tmp_path):
     from fleet.cli.main import summary_table
     from fleet.run.pipeline import run_compress
     from fleet.storage.store import FleetVersion
@@ -115,10 +120,18 @@ def test_compress_counts_truncated_rows_quarantines_bad_ids_and_refuses_bad_file
     events_dir = tmp_path / "events"
     write_events(str(events_dir), events(campaigns, long_rows={"c1": 1500}))
     config = stages.CompressConfig(**TINY)
-    run = lambda run_id: run_compress(teachers_uri=str(root), events_uri=str(events_dir),
-                                      store_uri=str(tmp_path / "store"), fleet="f", config=config, run_id=run_id,
-                                      register=False)
-    stale = tmp_path / "store" / "f" / "versions" / "old" / f".heads.parquet.tmp-{'d' * 32}"  # an interrupted write's leftover
+    run = lambda run_id: run_compress(
+        teachers_uri=str(root),
+        events_uri=str(events_dir),
+        store_uri=str(tmp_path / "store"),
+        fleet="f",
+        config=config,
+        run_id=run_id,
+        register=False,
+    )
+    stale = (
+        tmp_path / "store" / "f" / "versions" / "old" / f".heads.parquet.tmp-{'d' * 32}"
+    )  # an interrupted write's leftover
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"half")
     os.utime(stale, (1_000_000_000, 1_000_000_000))

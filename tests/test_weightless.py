@@ -86,8 +86,16 @@ def _block_rows(encodings: list, ids: list[str]) -> list[HeadRow]:
     rows, i = [], 0
     for enc in encodings:
         for r in range(enc.block.rows):
-            rows.append(bloomier_head_row(ids[i], enc, r, teacher_sha256=_sha("t" + ids[i]),
-                                          data_fingerprint=_sha("d" + ids[i])[:16], status="ok"))
+            rows.append(
+                bloomier_head_row(
+                    ids[i],
+                    enc,
+                    r,
+                    teacher_sha256=_sha("t" + ids[i]),
+                    data_fingerprint=_sha("d" + ids[i])[:16],
+                    status="ok",
+                )
+            )
             i += 1
     return rows
 
@@ -96,13 +104,25 @@ def _mixed_rows(seed: int = 0):
     """Two bloomier blocks (12 and 9 rows) then three packed int4 rows; ids ``c000, c002, ...``."""
     heads = _heads(24, 17, seed)
     ids = [f"c{2 * i:03d}" for i in range(24)]
-    encs = [encode_block(heads[:12], sparsity=0.5, value_bits=2, check_bits=3, seed=1),
-            encode_block(heads[12:21], sparsity=0.5, value_bits=2, check_bits=3, seed=2)]
+    encs = [
+        encode_block(heads[:12], sparsity=0.5, value_bits=2, check_bits=3, seed=1),
+        encode_block(heads[12:21], sparsity=0.5, value_bits=2, check_bits=3, seed=2),
+    ]
     rows = _block_rows(encs, ids)
     for i in range(21, 24):
         qv = quantize_rows(torch.tensor(heads[i : i + 1]), 4, 8)[0]
-        rows.append(HeadRow(campaign_id=ids[i], bits=4, shape=(17,), group_size=8, packed=qv.packed, scales=qv.scales,
-                            teacher_sha256=_sha("t"), data_fingerprint=_sha("d")[:16]))
+        rows.append(
+            HeadRow(
+                campaign_id=ids[i],
+                bits=4,
+                shape=(17,),
+                group_size=8,
+                packed=qv.packed,
+                scales=qv.scales,
+                teacher_sha256=_sha("t"),
+                data_fingerprint=_sha("d")[:16],
+            )
+        )
     want = np.concatenate([decode_encoded(e) for e in encs] + [decode_heads(rows[21:]).numpy()])
     return rows, ids, want
 
@@ -159,7 +179,9 @@ def test_store_keeps_each_block_in_one_row_group_and_point_lookups_decode_it(tmp
     writer.write_heads(heads_to_table(rows), rows_per_part=13, row_group_size=4)
     version = FleetVersion.open(writer.commit())
     m = version.manifest
-    assert m["format"] == "fleet-version/1.2" and m["heads_format"] == "fleet-heads/2.0" and m["heads_codec"] == "bloomier"
+    assert (
+        m["format"] == "fleet-version/1.2" and m["heads_format"] == "fleet-heads/2.0" and m["heads_codec"] == "bloomier"
+    )
     # blocks of 12 and 9 rows (larger than a row group of 4: alone), the 3 packed rows together; parts of <= 13
     assert [(p["rows"], p["row_groups"]) for p in m["parts"]] == [(12, ["c000"]), (12, ["c024", "c042"])]
     for part in m["parts"]:
@@ -201,8 +223,16 @@ def test_serving_equals_the_decoded_table(tmp_path):
     seqs = [[rng.randrange(6) for _ in range(rng.randint(1, 6))] for _ in range(8)]
     feats = [[rng.uniform(-1, 1) for _ in range(2 * len(t))] for t in seqs]
     with torch.no_grad():
-        h = torch.cat([backbone(torch.tensor([t]), torch.tensor(f, dtype=torch.float32).reshape(1, len(t), 2),
-                                torch.tensor([len(t)])) for t, f in zip(seqs, feats)])
+        h = torch.cat(
+            [
+                backbone(
+                    torch.tensor([t]),
+                    torch.tensor(f, dtype=torch.float32).reshape(1, len(t), 2),
+                    torch.tensor([len(t)]),
+                )
+                for t, f in zip(seqs, feats)
+            ]
+        )
     for preload in (False, True):
         model = FleetModel.open(uri, preload=preload)
         for c in (0, 7, 15, 16, 29):
@@ -254,8 +284,9 @@ def test_docs_bloomier_decoder_matches_this_copy():
     import re
 
     docs = (pathlib.Path(__file__).parents[1] / "docs" / "storage.md").read_text()
-    block = re.search(r"```python\n(.*?)```", docs.split("### Decoding a bloomier head without fleet")[1],
-                      re.DOTALL).group(1)
+    block = re.search(
+        r"```python\n(.*?)```", docs.split("### Decoding a bloomier head without fleet")[1], re.DOTALL
+    ).group(1)
     for fn in (mix64, decode_bloomier_head):
         assert inspect.getsource(fn).strip() in block
     assert "fleet" not in block.split("def mix64")[0]  # imports: numpy and pyarrow only
@@ -287,8 +318,9 @@ def test_refit_fixes_false_positives_and_keeps_the_keys_then_centroids_fit_the_f
     teacher = (feats * truth[cidx, :-1]).sum(1) + truth[cidx, -1]
     enc = [encode_block(truth.numpy(), sparsity=0.5, value_bits=2, check_bits=1, seed=0)]  # FP rate 3/8: many
     distill = DistillConfig(head_l2=0.0)
-    again, refit, stats = refit_blocks(truth, enc, feats, cidx, teacher, None, student, distill, steps=60, lr=0.05,
-                                       check_bits=1)
+    again, refit, stats = refit_blocks(
+        truth, enc, feats, cidx, teacher, None, student, distill, steps=60, lr=0.05, check_bits=1
+    )
     assert again[0].block.seed == enc[0].block.seed and again[0].block.cells == enc[0].block.cells
     np.testing.assert_array_equal(again[0].keep, enc[0].keep)
     first = decode_encoded(enc[0])
@@ -298,8 +330,9 @@ def test_refit_fixes_false_positives_and_keeps_the_keys_then_centroids_fit_the_f
     np.testing.assert_array_equal(refit[:, :-1].numpy()[~enc[0].keep & ~fp], 0.0)
 
     def loss(e):
-        return float(campaign_losses(torch.from_numpy(decode_encoded(e)), feats, cidx, teacher, c, student,
-                                     distill).sum())
+        return float(
+            campaign_losses(torch.from_numpy(decode_encoded(e)), feats, cidx, teacher, c, student, distill).sum()
+        )
 
     tuned = refit_centroids(again, feats, cidx, teacher, None, student, distill, steps=60, lr=0.02)
     assert tuned[0].block.table == again[0].block.table  # the table (every cluster index) is unchanged

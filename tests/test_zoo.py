@@ -27,8 +27,9 @@ def test_generators_are_deterministic_and_keep_the_events_contract(generator):
     types = np.concatenate(a["event_types"].to_pylist())
     assert types.min() >= 0 and types.max() < config.num_event_types
     # features are flattened per sequence: num_features per event
-    assert all(len(f) == config.num_features * len(t) for t, f in zip(a["event_types"].to_pylist(),
-                                                                       a["features"].to_pylist()))
+    assert all(
+        len(f) == config.num_features * len(t) for t, f in zip(a["event_types"].to_pylist(), a["features"].to_pylist())
+    )
 
 
 @pytest.mark.parametrize("generator", ["default", "affinity", "interaction"])
@@ -59,8 +60,16 @@ def test_generators_differ_in_structure():
 
 
 def test_base_rates_span_rare_and_common_labels():
-    rates = [float(np.mean(generate(SynthConfig(campaigns=30, seed=1, generator="affinity", min_sequences=800), i)
-                           ["label"].to_numpy())) for i in range(30)]
+    rates = [
+        float(
+            np.mean(
+                generate(SynthConfig(campaigns=30, seed=1, generator="affinity", min_sequences=800), i)[
+                    "label"
+                ].to_numpy()
+            )
+        )
+        for i in range(30)
+    ]
     assert min(rates) < 0.05 and max(rates) > 0.2
 
 
@@ -92,8 +101,10 @@ def test_zoo_teacher_loads_only_when_its_loader_is_allowed(tmp_path):
     table = generate(SynthConfig(campaigns=1, min_sequences=20, max_sequences=20), 0)
     batch = table_to_batch(table, config.num_features)
     with torch.no_grad():
-        assert torch.allclose(loaded.model(batch.event_types, batch.features, batch.lengths),
-                              model(batch.event_types, batch.features, batch.lengths))
+        assert torch.allclose(
+            loaded.model(batch.event_types, batch.features, batch.lengths),
+            model(batch.event_types, batch.features, batch.lengths),
+        )
 
 
 def test_zoo_loader_refuses_an_unknown_arch():
@@ -103,13 +114,30 @@ def test_zoo_loader_refuses_an_unknown_arch():
 
 def test_paired_comparison_pairs_each_campaign_with_itself():
     def run(diffs, kls):
-        campaigns = [{"campaign_id": f"c{i}", "auc_diff": d, "kl": k, "mean_ratio": 1.0}
-                     for i, (d, k) in enumerate(zip(diffs, kls))]
-        figures = ("auc_diff_median", "auc_diff_p10", "auc_diff_worst", "auc_diff_volume_weighted",
-                   "top_decile_auc_diff_median", "mean_ratio_within_10pct_share", "ece_excess_median", "kl_median",
-                   "kl_p90")
-        return {("g", "t"): {"generator": "g", "teacher": "t", "campaigns": campaigns, "status_counts": {},
-                             **dict.fromkeys(figures, 0.0)}}
+        campaigns = [
+            {"campaign_id": f"c{i}", "auc_diff": d, "kl": k, "mean_ratio": 1.0}
+            for i, (d, k) in enumerate(zip(diffs, kls))
+        ]
+        figures = (
+            "auc_diff_median",
+            "auc_diff_p10",
+            "auc_diff_worst",
+            "auc_diff_volume_weighted",
+            "top_decile_auc_diff_median",
+            "mean_ratio_within_10pct_share",
+            "ece_excess_median",
+            "kl_median",
+            "kl_p90",
+        )
+        return {
+            ("g", "t"): {
+                "generator": "g",
+                "teacher": "t",
+                "campaigns": campaigns,
+                "status_counts": {},
+                **dict.fromkeys(figures, 0.0),
+            }
+        }
 
     first = run([0.0, -0.02, None], [0.01, 0.01, 0.01])
     other = run([0.01, 0.0, 0.3], [0.001, 0.01, 0.1])
@@ -129,9 +157,15 @@ def test_zoo_evaluation_on_fresh_rows_judges_every_campaign_and_keeps_the_hold_o
     from fleet.run.pipeline import run_compress
 
     store = str(tmp_path / "store")
-    run_compress(teachers_uri=small_fleet["teachers"], events_uri=small_fleet["events"], store_uri=store,
-                 fleet="zoo-small", config=fast_config(backbone_steps=60, head_steps=60), run_id="r1",
-                 register=False)
+    run_compress(
+        teachers_uri=small_fleet["teachers"],
+        events_uri=small_fleet["events"],
+        store_uri=store,
+        fleet="zoo-small",
+        config=fast_config(backbone_steps=60, head_steps=60),
+        run_id="r1",
+        register=False,
+    )
     fresh = FreshRows(small_fleet["config"], small_fleet["teachers"], (), 400)
     judged = evaluate_run(store, "zoo-small", "r1", small_fleet["events"], 5, fresh)
     plain = evaluate_run(store, "zoo-small", "r1", small_fleet["events"], 5)

@@ -76,9 +76,15 @@ def _progress() -> Progress:
 
 def _latencies(samples: list[float]) -> dict:
     a = np.asarray(samples, dtype=np.float64) * 1000.0
-    return {"n": int(a.size), "p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),
-            "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max()), "mean_ms": float(a.mean()),
-            "samples_ms": [round(float(x), 4) for x in a]}
+    return {
+        "n": int(a.size),
+        "p50_ms": float(np.percentile(a, 50)),
+        "p90_ms": float(np.percentile(a, 90)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "max_ms": float(a.max()),
+        "mean_ms": float(a.mean()),
+        "samples_ms": [round(float(x), 4) for x in a],
+    }
 
 
 def machine_info() -> dict:
@@ -93,5 +99,12 @@ def machine_info() -> dict:
     except OSError:
         pass
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpus": os.cpu_count(), "memory_gib": mem, "gpu": torch.cuda.is_available(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "load_average_at_start": load}
+    return {
+        "cpus": os.cpu_count(),
+        "memory_gib": mem,
+        "gpu": torch.cuda.is_available(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_average_at_start": load,
+    }

@@ -58,18 +58,47 @@ LABELS = {
     "fleet_auto_linear": "(d) fleet auto, linear head",
     "fleet_auto_class_distance": "(d) fleet auto, class_distance loss",
 }
-METHOD_ORDER = ["teacher_fp32", "teacher_int8_dynamic", "independent_students", "fleet_auto", "fleet_bits8",
-                "fleet_bits4", "fleet_bits2", "fleet_bits1", "fleet_weightless", "fleet_auto_lowrank",
-                "fleet_auto_linear", "fleet_auto_class_distance"]
+METHOD_ORDER = [
+    "teacher_fp32",
+    "teacher_int8_dynamic",
+    "independent_students",
+    "fleet_auto",
+    "fleet_bits8",
+    "fleet_bits4",
+    "fleet_bits2",
+    "fleet_bits1",
+    "fleet_weightless",
+    "fleet_auto_lowrank",
+    "fleet_auto_linear",
+    "fleet_auto_class_distance",
+]
 
 
 def _backbone_key(config: stages.CompressConfig) -> tuple:
     """Everything stage 2 depends on: variants with the same key share one backbone."""
     c = config
-    return (c.arch, c.hidden_size, c.embed_dim, c.num_layers, c.head, c.head_rank, c.loss, c.temperature,
-            c.hard_label_weight, c.distance_weight, c.backbone_bits, c.backbone_qat, c.backbone_steps,
-            c.backbone_lr, c.backbone_batch_size, c.backbone_max_sequences, c.backbone_per_campaign,
-            c.backbone_eval_every, c.backbone_patience, c.seed)
+    return (
+        c.arch,
+        c.hidden_size,
+        c.embed_dim,
+        c.num_layers,
+        c.head,
+        c.head_rank,
+        c.loss,
+        c.temperature,
+        c.hard_label_weight,
+        c.distance_weight,
+        c.backbone_bits,
+        c.backbone_qat,
+        c.backbone_steps,
+        c.backbone_lr,
+        c.backbone_batch_size,
+        c.backbone_max_sequences,
+        c.backbone_per_campaign,
+        c.backbone_eval_every,
+        c.backbone_patience,
+        c.seed,
+    )
 
 
 def _q(values, q: float) -> float | None:
@@ -83,10 +112,14 @@ def fidelity_summary(rows: list[dict]) -> dict:
     mads = [r["mean_abs_diff"] for r in rows if r.get("mean_abs_diff") is not None]
     aucs = [r["auc"] for r in rows if r.get("auc") is not None]
     return {
-        "campaigns": len(rows), "campaigns_with_auc": len(diffs),
-        "auc_median": _q(aucs, 50), "auc_diff_median": _q(diffs, 50), "auc_diff_p10": _q(diffs, 10),
+        "campaigns": len(rows),
+        "campaigns_with_auc": len(diffs),
+        "auc_median": _q(aucs, 50),
+        "auc_diff_median": _q(diffs, 50),
+        "auc_diff_p10": _q(diffs, 10),
         "auc_diff_worst": min(diffs) if diffs else None,
-        "mean_abs_diff_median": _q(mads, 50), "mean_abs_diff_p90": _q(mads, 90),
+        "mean_abs_diff_median": _q(mads, 50),
+        "mean_abs_diff_p90": _q(mads, 90),
         "mean_abs_diff_worst": max(mads) if mads else None,
     }
 
@@ -98,18 +131,36 @@ def _min_count(config: stages.CompressConfig) -> int:
 
 
 def _fid_row(campaign_id: str, fid: dict, n_rows: int | None) -> dict:
-    return {"campaign_id": campaign_id, "n_rows": n_rows, "auc": fid["student_auc"], "teacher_auc": fid["teacher_auc"],
-            "auc_diff": fid["auc_diff"], "mean_abs_diff": fid["mean_abs_diff"], "n_holdout": fid["n_holdout"]}
+    return {
+        "campaign_id": campaign_id,
+        "n_rows": n_rows,
+        "auc": fid["student_auc"],
+        "teacher_auc": fid["teacher_auc"],
+        "auc_diff": fid["auc_diff"],
+        "mean_abs_diff": fid["mean_abs_diff"],
+        "n_holdout": fid["n_holdout"],
+    }
 
 
 def _heads_rows(heads: pa.Table, sizes: dict[str, int]) -> list[dict]:
     out = []
-    for r in heads.select(["campaign_id", "student_auc", "teacher_auc", "mean_abs_diff", "n_holdout", "bits"]).to_pylist():
+    for r in heads.select(
+        ["campaign_id", "student_auc", "teacher_auc", "mean_abs_diff", "n_holdout", "bits"]
+    ).to_pylist():
         s, t = r["student_auc"], r["teacher_auc"]
         ok = s is not None and t is not None and math.isfinite(s) and math.isfinite(t)
-        out.append({"campaign_id": r["campaign_id"], "n_rows": sizes.get(r["campaign_id"]), "auc": s if ok else None,
-                    "teacher_auc": t if ok else None, "auc_diff": (s - t) if ok else None,
-                    "mean_abs_diff": r["mean_abs_diff"], "n_holdout": r["n_holdout"], "bits": r["bits"]})
+        out.append(
+            {
+                "campaign_id": r["campaign_id"],
+                "n_rows": sizes.get(r["campaign_id"]),
+                "auc": s if ok else None,
+                "teacher_auc": t if ok else None,
+                "auc_diff": (s - t) if ok else None,
+                "mean_abs_diff": r["mean_abs_diff"],
+                "n_holdout": r["n_holdout"],
+                "bits": r["bits"],
+            }
+        )
     return out
 
 
@@ -129,8 +180,13 @@ def int8_dynamic_task(job: dict, ctx: stages.StageContext) -> list[dict]:
     out = []
     for campaign_id in job["campaigns"]:
         hold = job["holdout"][campaign_id]
-        teacher = load_teacher(ctx.teachers_uri, campaign_id, ctx.storage_options,
-                               allow_loaders=ctx.config.allow_loaders, untrusted_roots=(ctx.events_uri,))
+        teacher = load_teacher(
+            ctx.teachers_uri,
+            campaign_id,
+            ctx.storage_options,
+            allow_loaders=ctx.config.allow_loaders,
+            untrusted_roots=(ctx.events_uri,),
+        )
         started = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -142,10 +198,20 @@ def int8_dynamic_task(job: dict, ctx: stages.StageContext) -> list[dict]:
         started = time.perf_counter()
         logits = map_minibatches(qmodel, batch).float()
         infer_s = time.perf_counter() - started
-        fid = campaign_fidelity(torch.sigmoid(logits).numpy(), torch.sigmoid(torch.tensor(hold["teacher_logit"])).numpy(),
-                                np.asarray(hold["label"], dtype=np.float64), _min_count(ctx.config))
-        out.append({**_fid_row(campaign_id, fid, None), "bytes": buf.getbuffer().nbytes, "quantize_s": quantize_s,
-                    "inference_s": infer_s})
+        fid = campaign_fidelity(
+            torch.sigmoid(logits).numpy(),
+            torch.sigmoid(torch.tensor(hold["teacher_logit"])).numpy(),
+            np.asarray(hold["label"], dtype=np.float64),
+            _min_count(ctx.config),
+        )
+        out.append(
+            {
+                **_fid_row(campaign_id, fid, None),
+                "bytes": buf.getbuffer().nbytes,
+                "quantize_s": quantize_s,
+                "inference_s": infer_s,
+            }
+        )
     return out
 
 
@@ -158,15 +224,28 @@ def independent_student_task(job: dict, ctx: stages.StageContext) -> dict:
     seconds = time.perf_counter() - started
     backbone, head = backbone_from_bytes(data)  # head_prior = the mean of one head = the head
     hold = job["holdout"]
-    batch = _holdout_batch(EventsDataset(ctx.events_uri, ctx.storage_options), job["campaign_id"],
-                           np.asarray(hold["row"]), ctx.num_features)
+    batch = _holdout_batch(
+        EventsDataset(ctx.events_uri, ctx.storage_options),
+        job["campaign_id"],
+        np.asarray(hold["row"]),
+        ctx.num_features,
+    )
     config = backbone.config
     features = compute_features(backbone, batch, pooled=config.head in POOLED_DESIGNS)  # (n, feature width)
     logits = head_logits(config.head, features, head, config.head_rank)
-    fid = campaign_fidelity(torch.sigmoid(logits).numpy(), torch.sigmoid(torch.tensor(hold["teacher_logit"])).numpy(),
-                            np.asarray(hold["label"], dtype=np.float64), _min_count(ctx.config))
-    return {**_fid_row(job["campaign_id"], fid, None), "bytes": len(data), "seconds": seconds,
-            "steps": stats["backbone_steps"], "fit_rows": stats["backbone_rows"]}
+    fid = campaign_fidelity(
+        torch.sigmoid(logits).numpy(),
+        torch.sigmoid(torch.tensor(hold["teacher_logit"])).numpy(),
+        np.asarray(hold["label"], dtype=np.float64),
+        _min_count(ctx.config),
+    )
+    return {
+        **_fid_row(job["campaign_id"], fid, None),
+        "bytes": len(data),
+        "seconds": seconds,
+        "steps": stats["backbone_steps"],
+        "fit_rows": stats["backbone_rows"],
+    }
 
 
 def retarget_backbone(data: bytes, head: str, head_rank: int) -> bytes:
@@ -175,7 +254,7 @@ def retarget_backbone(data: bytes, head: str, head_rank: int) -> bytes:
     heads), so stage 3 starts from :func:`fleet.compression.student.init_heads`."""
     from safetensors.torch import load, save
 
-    header = json.loads(data[8: 8 + int.from_bytes(data[:8], "little")])
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
     metadata = dict(header.get("__metadata__") or {})
     student = json.loads(metadata["student_config"])
     if (student["head"], student["head_rank"]) == (head, head_rank):
@@ -200,13 +279,18 @@ def heads_task(job: dict, ctx: stages.StageContext, backbone_bytes: bytes) -> pa
     return stages.fit_heads_shard(shard_job, ctx, job["soft"], backbone_bytes)
 
 
-def _run_variants(cfg, results, ctx, plan, soft_shards, ok, hashes, sizes, sample, real_backbone, m, teacher_total,
-                  store, stamp) -> None:
+def _run_variants(
+    cfg, results, ctx, plan, soft_shards, ok, hashes, sizes, sample, real_backbone, m, teacher_total, store, stamp
+) -> None:
     from fleet.run import pipeline
 
-    backbones = {_backbone_key(cfg.compress): (real_backbone, m.get("stage_seconds_backbone", 0.0), "shared with the real run")}
-    head_jobs = [{"shard": job.shard, "campaigns": job.campaigns, "hashes": job.hashes, "soft": soft_shards[job.shard]}
-                 for job in plan.head_jobs({c: hashes[c] for c in ok}, done=set())]
+    backbones = {
+        _backbone_key(cfg.compress): (real_backbone, m.get("stage_seconds_backbone", 0.0), "shared with the real run")
+    }
+    head_jobs = [
+        {"shard": job.shard, "campaigns": job.campaigns, "hashes": job.hashes, "soft": soft_shards[job.shard]}
+        for job in plan.head_jobs({c: hashes[c] for c in ok}, done=set())
+    ]
     floor = m["stage_seconds_soft_labels"]
     for name, overrides in VARIANTS.items():
         config = dataclasses.replace(cfg.compress, **overrides)
@@ -215,13 +299,25 @@ def _run_variants(cfg, results, ctx, plan, soft_shards, ok, hashes, sizes, sampl
         key = _backbone_key(config)
         if key not in backbones and not cfg.variant_backbones:
             real_bytes = backbones[_backbone_key(cfg.compress)][0]
-            backbones[key] = (retarget_backbone(real_bytes, config.head, config.head_rank),
-                              m.get("stage_seconds_backbone", 0.0),
-                              "the real run's backbone (film/hinton-trained), reused; only stage 3 differs")
+            backbones[key] = (
+                retarget_backbone(real_bytes, config.head, config.head_rank),
+                m.get("stage_seconds_backbone", 0.0),
+                "the real run's backbone (film/hinton-trained), reused; only stage 3 differs",
+            )
         if key not in backbones:
-            out = pipeline.map_on_ray(backbone_task, [sample], (vctx,), f"{name}: stage 2 backbone",
-                                      threads=max(1, min(os.cpu_count() or 1, 4)), unit="backbone")[0]
-            backbones[key] = (out["bytes"], out["seconds"], "trained for this variant (same sample, steps, threads as the real run)")
+            out = pipeline.map_on_ray(
+                backbone_task,
+                [sample],
+                (vctx,),
+                f"{name}: stage 2 backbone",
+                threads=max(1, min(os.cpu_count() or 1, 4)),
+                unit="backbone",
+            )[0]
+            backbones[key] = (
+                out["bytes"],
+                out["seconds"],
+                "trained for this variant (same sample, steps, threads as the real run)",
+            )
         bb, bb_seconds, bb_note = backbones[key]
         jobs = head_jobs if config.codec == "packed" else contiguous_jobs(head_jobs, config.bloomier_block_rows)
         t0 = time.perf_counter()
@@ -237,14 +333,25 @@ def _run_variants(cfg, results, ctx, plan, soft_shards, ok, hashes, sizes, sampl
         rows = _heads_rows(heads, sizes)
         bits = heads["bits"].to_numpy()
         results["methods"][name] = _method(
-            name, rows, bytes_total=hb + len(bb), bytes_per_campaign=hb / len(rows), teacher_total=teacher_total,
+            name,
+            rows,
+            bytes_total=hb + len(bb),
+            bytes_per_campaign=hb / len(rows),
+            teacher_total=teacher_total,
             time_s=floor + bb_seconds + heads_seconds,
             bytes_note="heads/*.parquet / N per campaign; total adds backbone.safetensors (measured files)",
             time_note=f"stage 1 of the real run (shared) + backbone ({bb_note}) + heads {heads_seconds:.1f} s",
-            extra={"heads_bytes": hb, "backbone_bytes": len(bb), "backbone_seconds": bb_seconds, "backbone_note": bb_note,
-                   "heads_seconds": heads_seconds, "overrides": overrides,
-                   "bits_campaigns": {str(b): int((bits == b).sum()) for b in SUPPORTED_BITS},
-                   "head_latency": head_latencies(manifest_uri, heads["campaign_id"].to_pylist())})
+            extra={
+                "heads_bytes": hb,
+                "backbone_bytes": len(bb),
+                "backbone_seconds": bb_seconds,
+                "backbone_note": bb_note,
+                "heads_seconds": heads_seconds,
+                "overrides": overrides,
+                "bits_campaigns": {str(b): int((bits == b).sum()) for b in SUPPORTED_BITS},
+                "head_latency": head_latencies(manifest_uri, heads["campaign_id"].to_pylist()),
+            },
+        )
 
 
 def contiguous_jobs(head_jobs: list[dict], block_rows: int) -> list[dict]:
@@ -256,9 +363,15 @@ def contiguous_jobs(head_jobs: list[dict], block_rows: int) -> list[dict]:
     hashes = {c: h for job in head_jobs for c, h in job["hashes"].items()}
     soft = pa.concat_tables([job["soft"] for job in head_jobs])
     batches = contiguous_batches(list(hashes), len(head_jobs), block_rows)
-    return [{"shard": f"w{i:05d}", "campaigns": batch, "hashes": {c: hashes[c] for c in batch},
-             "soft": soft.filter(pc.is_in(soft["campaign_id"], value_set=pa.array(batch)))}
-            for i, batch in enumerate(batches)]
+    return [
+        {
+            "shard": f"w{i:05d}",
+            "campaigns": batch,
+            "hashes": {c: hashes[c] for c in batch},
+            "soft": soft.filter(pc.is_in(soft["campaign_id"], value_set=pa.array(batch))),
+        }
+        for i, batch in enumerate(batches)
+    ]
 
 
 def head_latencies(manifest_uri: str, campaign_ids: list[str], count: int = 200, seed: int = 0) -> dict:
@@ -287,14 +400,38 @@ def head_latencies(manifest_uri: str, campaign_ids: list[str], count: int = 200,
     for same_size in by_size.values():
         decode_heads(same_size)
     every = (time.perf_counter() - t0) * 1000.0 / max(1, len(rows))
-    return {"codec": version.manifest.get("heads_codec", "packed"), "cold_lookup": _latencies(cold),
-            "decode": _latencies(decode), "decode_all_per_head_ms": every}
+    return {
+        "codec": version.manifest.get("heads_codec", "packed"),
+        "cold_lookup": _latencies(cold),
+        "decode": _latencies(decode),
+        "decode_all_per_head_ms": every,
+    }
 
 
-def _method(key: str, rows: list[dict], *, bytes_total: float, bytes_per_campaign: float, time_s: float,
-            bytes_note: str, time_note: str, teacher_total: float | None = None, extrapolated: bool = False,
-            extra: dict | None = None) -> dict:
+def _method(
+    key: str,
+    rows: list[dict],
+    *,
+    bytes_total: float,
+    bytes_per_campaign: float,
+    time_s: float,
+    bytes_note: str,
+    time_note: str,
+    teacher_total: float | None = None,
+    extrapolated: bool = False,
+    extra: dict | None = None,
+) -> dict:
     ratio = 1.0 if key == "teacher_fp32" else (teacher_total / bytes_total if teacher_total and bytes_total else None)
-    return {"label": LABELS[key], "bytes_total": float(bytes_total), "bytes_per_campaign": float(bytes_per_campaign),
-            "compression_ratio": ratio, "bytes_note": bytes_note, "time_s": float(time_s), "time_note": time_note,
-            "extrapolated": extrapolated, "fidelity": fidelity_summary(rows), "per_campaign": rows, **(extra or {})}
+    return {
+        "label": LABELS[key],
+        "bytes_total": float(bytes_total),
+        "bytes_per_campaign": float(bytes_per_campaign),
+        "compression_ratio": ratio,
+        "bytes_note": bytes_note,
+        "time_s": float(time_s),
+        "time_note": time_note,
+        "extrapolated": extrapolated,
+        "fidelity": fidelity_summary(rows),
+        "per_campaign": rows,
+        **(extra or {}),
+    }

@@ -71,8 +71,14 @@ def run_in_fresh_process(kind: str, args: list, *, timeout: float, env: dict | N
 
     from fleet.core.errors import FleetError
 
-    proc = subprocess.run([sys.executable, "-m", "fleet.bench.probe", kind, *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, check=False, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fleet.bench.probe", kind, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=env,
+    )
     try:
         return json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):
@@ -126,9 +132,16 @@ def score_targets(uri: str, seqs_path: str, count: int, n_score: int, n_all: int
         t0 = time.perf_counter()
         model.score_campaigns(seqs[i % len(seqs)], top_k=10)
         every.append(time.perf_counter() - t0)
-    return {"open_s": open_s, "score": score, "score_all": every, "rss_before_open": before,
-            "rss_after_open": after_open, "rss_after_score": after_score, "rss_after_all": proc_status_mb(),
-            "heads": model.cache_info()}
+    return {
+        "open_s": open_s,
+        "score": score,
+        "score_all": every,
+        "rss_before_open": before,
+        "rss_after_open": after_open,
+        "rss_after_score": after_score,
+        "rss_after_all": proc_status_mb(),
+        "heads": model.cache_info(),
+    }
 
 
 def cold_lookups(uri: str, count: int, seed: int, n_campaigns: int) -> dict:
@@ -157,8 +170,14 @@ def cold_lookups(uri: str, count: int, seed: int, n_campaigns: int) -> dict:
         t0 = time.perf_counter()
         model.predict(cid, [{"event_types": t, "features": f}])
         lat.append(time.perf_counter() - t0)
-    return {"open_s": open_s, "open_verify_s": open_verify_s, "lat": lat, "rss_before_open": before,
-            "rss_after": proc_status_mb(), "cache": model.cache_info()}
+    return {
+        "open_s": open_s,
+        "open_verify_s": open_verify_s,
+        "lat": lat,
+        "rss_before_open": before,
+        "rss_after": proc_status_mb(),
+        "cache": model.cache_info(),
+    }
 
 
 def main(argv: list[str]) -> None:

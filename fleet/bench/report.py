@@ -35,10 +35,15 @@ def render_markdown(results: dict, plots_prefix: str = "") -> str:
     """The side-by-side tables of ``results`` (every number from results.json)."""
     m = results["methods"]
     n = results["campaigns"]
-    lines = [f"### Methods side by side (N = {n} campaigns, same teachers, same hold-out rows)", "",
-             ("| method | bytes / campaign | total bytes | ratio vs fp32 | campaigns with AUC | AUC median "
-             "| AUC diff median / p10 / worst | mean abs(p - p_teacher) median / p90 / worst | wall time |"),
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"### Methods side by side (N = {n} campaigns, same teachers, same hold-out rows)",
+        "",
+        (
+            "| method | bytes / campaign | total bytes | ratio vs fp32 | campaigns with AUC | AUC median "
+            "| AUC diff median / p10 / worst | mean abs(p - p_teacher) median / p90 / worst | wall time |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for key in METHOD_ORDER:
         if key not in m:
             continue
@@ -49,85 +54,149 @@ def render_markdown(results: dict, plots_prefix: str = "") -> str:
             f"| {_ratio(r['compression_ratio'])} | {f['campaigns_with_auc']} of {f['campaigns']} | {_fmt(f['auc_median'], '.4f')} "
             f"| {_fmt(f['auc_diff_median'], '+.4f')} / {_fmt(f['auc_diff_p10'], '+.4f')} / {_fmt(f['auc_diff_worst'], '+.4f')} "
             f"| {_fmt(f['mean_abs_diff_median'], '.4f')} / {_fmt(f['mean_abs_diff_p90'], '.4f')} / "
-            f"{_fmt(f['mean_abs_diff_worst'], '.4f')} | {r['time_s']:,.1f} s{ext} |")
+            f"{_fmt(f['mean_abs_diff_worst'], '.4f')} | {r['time_s']:,.1f} s{ext} |"
+        )
     c = m["independent_students"]
-    lines += ["", (f"AUCs are computed only where a campaign's hold-out rows hold at least "
-              f"{results['bench_config']['compress'].get('min_auc_class_count', 1)} positives and negatives (the real run's "
-              f"rule, applied to every method); mean abs(p - p_teacher) covers every campaign. "
-              f"Fidelity columns cover every campaign with a defined hold-out AUC "
-              f"({m['fleet_auto']['fidelity']['campaigns_with_auc']} of {m['fleet_auto']['fidelity']['campaigns']} for the "
-              f"real run); peer (c) covers its {c['subset_size']} random campaigns only. On those same campaigns the real "
-              f"run's AUC diff median / p10 is {_fmt(c['fleet_auto_on_same_subset']['auc_diff_median'], '+.4f')} / "
-              f"{_fmt(c['fleet_auto_on_same_subset']['auc_diff_p10'], '+.4f')} (peer (c): "
-              f"{_fmt(c['fidelity']['auc_diff_median'], '+.4f')} / {_fmt(c['fidelity']['auc_diff_p10'], '+.4f')})."), ""]
+    lines += [
+        "",
+        (
+            f"AUCs are computed only where a campaign's hold-out rows hold at least "
+            f"{results['bench_config']['compress'].get('min_auc_class_count', 1)} positives and negatives (the real run's "
+            f"rule, applied to every method); mean abs(p - p_teacher) covers every campaign. "
+            f"Fidelity columns cover every campaign with a defined hold-out AUC "
+            f"({m['fleet_auto']['fidelity']['campaigns_with_auc']} of {m['fleet_auto']['fidelity']['campaigns']} for the "
+            f"real run); peer (c) covers its {c['subset_size']} random campaigns only. On those same campaigns the real "
+            f"run's AUC diff median / p10 is {_fmt(c['fleet_auto_on_same_subset']['auc_diff_median'], '+.4f')} / "
+            f"{_fmt(c['fleet_auto_on_same_subset']['auc_diff_p10'], '+.4f')} (peer (c): "
+            f"{_fmt(c['fidelity']['auc_diff_median'], '+.4f')} / {_fmt(c['fidelity']['auc_diff_p10'], '+.4f')})."
+        ),
+        "",
+    ]
     lines += ["How each figure was measured:", ""]
     for key in METHOD_ORDER[:4]:
         if key in m:
             lines.append(f"- **{m[key]['label']}**: size: {m[key]['bytes_note']}; time: {m[key]['time_note']}.")
     variants = [k for k in METHOD_ORDER[4:] if k in m]
     if variants:
-        lines.append("- **(d) variants**: size as the real run (each variant written as its own version and measured); "
-                     "time = stage 1 of the real run (shared) + backbone + their own heads: "
-                     + "; ".join(f"{k}: backbone {m[k]['backbone_seconds']:.1f} s ({m[k]['backbone_note']}), heads "
-                                 f"{m[k]['heads_seconds']:.1f} s" for k in variants) + ".")
+        lines.append(
+            "- **(d) variants**: size as the real run (each variant written as its own version and measured); "
+            "time = stage 1 of the real run (shared) + backbone + their own heads: "
+            + "; ".join(
+                f"{k}: backbone {m[k]['backbone_seconds']:.1f} s ({m[k]['backbone_note']}), heads "
+                f"{m[k]['heads_seconds']:.1f} s"
+                for k in variants
+            )
+            + "."
+        )
     lines += head_codec_lines(results)
     rr = results["real_run"]
-    lines += ["", "### The real run (one full `run_compress`, default config, bits auto)", "",
-              "| stage | seconds |", "|---|---:|"]
+    lines += [
+        "",
+        "### The real run (one full `run_compress`, default config, bits auto)",
+        "",
+        "| stage | seconds |",
+        "|---|---:|",
+    ]
     for stage in ("soft_labels", "backbone", "heads"):
         if stage in rr["stage_seconds"]:
             lines.append(f"| {STAGE_NAMES[stage]} | {rr['stage_seconds'][stage]:,.1f} |")
-    lines += [f"| finalize (write the version) + registration in MLflow + driver overhead | {rr['registration_and_overhead_seconds']:,.1f} |",
-              f"| **total wall time** | **{rr['wall_seconds']:,.1f}** |", "",
-              (f"Total wall time / floor (stage 1) = **{_fmt(rr['total_over_floor'], '.2f')}x** "
-              f"(stages only, without registration: {_fmt(rr['run_over_floor'], '.2f')}x). "
-              f"Bits chosen per campaign (1/2/4/8/16): "
-              f"{' / '.join(str(m['fleet_auto']['bits_campaigns'][b]) for b in ('1', '2', '4', '8', '16'))}."), ""]
+    lines += [
+        f"| finalize (write the version) + registration in MLflow + driver overhead | {rr['registration_and_overhead_seconds']:,.1f} |",
+        f"| **total wall time** | **{rr['wall_seconds']:,.1f}** |",
+        "",
+        (
+            f"Total wall time / floor (stage 1) = **{_fmt(rr['total_over_floor'], '.2f')}x** "
+            f"(stages only, without registration: {_fmt(rr['run_over_floor'], '.2f')}x). "
+            f"Bits chosen per campaign (1/2/4/8/16): "
+            f"{' / '.join(str(m['fleet_auto']['bits_campaigns'][b]) for b in ('1', '2', '4', '8', '16'))}."
+        ),
+        "",
+    ]
     s = results.get("serving")
     if s:
-        lines += ["### Serving (real run's version, this machine)", "", "| path | p50 | p99 | notes |", "|---|---:|---:|---|",
-                  (f"| in-process warm (head cached, one sequence) | {s['warm']['p50_ms']:.3f} ms | {s['warm']['p99_ms']:.3f} ms "
-                  f"| {s['warm']['n']} calls, torch threads {s['in_process_torch_threads']} |"),
-                  (f"| in-process cold (cache miss, head read from a Parquet row group) | {s['cold']['p50_ms']:.3f} ms "
-                  f"| {s['cold']['p99_ms']:.3f} ms | {s['cold']['n']} calls; a fresh FleetModel.open takes "
-                  f"{s['open_seconds_median'] * 1000:.1f} ms |"),
-                  (f"| HTTP on loopback (uvicorn subprocess, httpx), 1 in flight | {s['http']['single']['p50_ms']:.3f} ms "
-                  f"| {s['http']['single']['p99_ms']:.3f} ms | {s['http']['single']['requests']} requests, one at a time |"),
-                  (f"| HTTP on loopback (uvicorn subprocess, httpx) | {s['http']['p50_ms']:.3f} ms | {s['http']['p99_ms']:.3f} ms "
-                  f"| {s['http']['requests']} requests, {s['http']['concurrency']} concurrent, "
-                  f"{_fmt(s['http']['throughput_rps'], ',.0f')} req/s, {s['http']['errors']} errors |"), "",
-                  (f"Serving process RSS (HTTP server, this fleet): {s['http']['server_rss_after_load']['rss_mb']:.0f} MB after "
-                  f"the load (peak {s['http']['server_rss_after_load']['peak_rss_mb']:.0f} MB)."), ""]
+        lines += [
+            "### Serving (real run's version, this machine)",
+            "",
+            "| path | p50 | p99 | notes |",
+            "|---|---:|---:|---|",
+            (
+                f"| in-process warm (head cached, one sequence) | {s['warm']['p50_ms']:.3f} ms | {s['warm']['p99_ms']:.3f} ms "
+                f"| {s['warm']['n']} calls, torch threads {s['in_process_torch_threads']} |"
+            ),
+            (
+                f"| in-process cold (cache miss, head read from a Parquet row group) | {s['cold']['p50_ms']:.3f} ms "
+                f"| {s['cold']['p99_ms']:.3f} ms | {s['cold']['n']} calls; a fresh FleetModel.open takes "
+                f"{s['open_seconds_median'] * 1000:.1f} ms |"
+            ),
+            (
+                f"| HTTP on loopback (uvicorn subprocess, httpx), 1 in flight | {s['http']['single']['p50_ms']:.3f} ms "
+                f"| {s['http']['single']['p99_ms']:.3f} ms | {s['http']['single']['requests']} requests, one at a time |"
+            ),
+            (
+                f"| HTTP on loopback (uvicorn subprocess, httpx) | {s['http']['p50_ms']:.3f} ms | {s['http']['p99_ms']:.3f} ms "
+                f"| {s['http']['requests']} requests, {s['http']['concurrency']} concurrent, "
+                f"{_fmt(s['http']['throughput_rps'], ',.0f')} req/s, {s['http']['errors']} errors |"
+            ),
+            "",
+            (
+                f"Serving process RSS (HTTP server, this fleet): {s['http']['server_rss_after_load']['rss_mb']:.0f} MB after "
+                f"the load (peak {s['http']['server_rss_after_load']['peak_rss_mb']:.0f} MB)."
+            ),
+            "",
+        ]
     tp = results.get("teacher_pass")
     if tp:
         t = tp["teacher"]
-        lines += ["### Teacher pass (stage 1): batched vs one at a time", "",
-                  "| mode | seconds | sequences/s |", "|---|---:|---:|",
-                  *(f"| {mode.replace('_', ' ')} | {tp['seconds'][mode]:.2f} | {tp['sequences_per_second'][mode]:,.0f} |"
-                    for mode in ("one_at_a_time", "batched")), "",
-                  (f"{tp['teachers']} teachers ({t['num_layers']}-layer {str(t['arch']).upper()} h={t['hidden_size']}), "
-                   f"{tp['sequences']:,} sequences, torch threads {tp['torch_threads']}: batched = "
-                   f"**{tp['speedup']:.2f}x** one at a time; largest logit difference {tp['max_abs_logit_diff']:.1e}."), ""]
+        lines += [
+            "### Teacher pass (stage 1): batched vs one at a time",
+            "",
+            "| mode | seconds | sequences/s |",
+            "|---|---:|---:|",
+            *(
+                f"| {mode.replace('_', ' ')} | {tp['seconds'][mode]:.2f} | {tp['sequences_per_second'][mode]:,.0f} |"
+                for mode in ("one_at_a_time", "batched")
+            ),
+            "",
+            (
+                f"{tp['teachers']} teachers ({t['num_layers']}-layer {str(t['arch']).upper()} h={t['hidden_size']}), "
+                f"{tp['sequences']:,} sequences, torch threads {tp['torch_threads']}: batched = "
+                f"**{tp['speedup']:.2f}x** one at a time; largest logit difference {tp['max_abs_logit_diff']:.1e}."
+            ),
+            "",
+        ]
     sc = results.get("scale")
     if sc:
-        lines += ["### Scale — SIMULATED (random heads of the real shape and bit mix, real backbone, real store format)", "",
-                  ("| campaigns | heads bytes / campaign | parts | build (write + index) | open (no verify / verify) "
-                  "| cold predict p50 / p99 | serving RSS (peak) | RSS before open (imports only) |"),
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "### Scale — SIMULATED (random heads of the real shape and bit mix, real backbone, real store format)",
+            "",
+            (
+                "| campaigns | heads bytes / campaign | parts | build (write + index) | open (no verify / verify) "
+                "| cold predict p50 / p99 | serving RSS (peak) | RSS before open (imports only) |"
+            ),
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for key, r in sc.items():
-            lines.append(f"| {int(key):,} | {r['bytes_per_campaign']:.1f} B | {r['parts']} | {r['build_seconds']:.1f} s "
-                         f"| {r['open_seconds'] * 1000:.0f} ms / {r['open_verify_seconds'] * 1000:.0f} ms "
-                         f"| {r['cold']['p50_ms']:.2f} / {r['cold']['p99_ms']:.2f} ms "
-                         f"| {r['rss_mb']:.0f} MB ({r['peak_rss_mb']:.0f} MB) | {r['rss_before_open_mb']:.0f} MB |")
+            lines.append(
+                f"| {int(key):,} | {r['bytes_per_campaign']:.1f} B | {r['parts']} | {r['build_seconds']:.1f} s "
+                f"| {r['open_seconds'] * 1000:.0f} ms / {r['open_verify_seconds'] * 1000:.0f} ms "
+                f"| {r['cold']['p50_ms']:.2f} / {r['cold']['p99_ms']:.2f} ms "
+                f"| {r['rss_mb']:.0f} MB ({r['peak_rss_mb']:.0f} MB) | {r['rss_before_open_mb']:.0f} MB |"
+            )
         lines.append("")
     st = results.get("serving_targets")
     if st:
-        lines += ["### Serving targets (issue 12), side by side with the K-teacher peer", "", *render_serving_targets(st)]
+        lines += [
+            "### Serving targets (issue 12), side by side with the K-teacher peer",
+            "",
+            *render_serving_targets(st),
+        ]
     lines += ["### DESIGN.md targets", "", "| figure | target | measured | | source |", "|---|---|---:|---|---|"]
     for t in results["targets"]:
         v = t["value"]
         val = "n/a" if v is None else (f"{v:+.4f}" if "AUC" in t["figure"] else f"{v:,.2f}")
-        lines.append(f"| {t['figure']} | {t['target']} | {val} | {'pass' if t['passed'] else '**miss**'} | {t['source']} |")
+        lines.append(
+            f"| {t['figure']} | {t['target']} | {val} | {'pass' if t['passed'] else '**miss**'} | {t['source']} |"
+        )
     lines.append("")
     if plots_prefix is not None:
         lines += ["### Plots", ""]
@@ -144,10 +213,16 @@ def head_codec_lines(results: dict) -> list[str]:
     keys = [k for k in METHOD_ORDER if k in m and "head_latency" in m[k]]
     if not keys:
         return []
-    lines = ["", "### Heads per codec: bytes, fidelity, read cost per head (same run)", "",
-             ("| method | codec | bytes / campaign | mean abs(p - p_teacher) median / p90 | AUC diff median "
-              "| decode one head p50 / p99 | cold lookup p50 / p99 | decode all, per head |"),
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "",
+        "### Heads per codec: bytes, fidelity, read cost per head (same run)",
+        "",
+        (
+            "| method | codec | bytes / campaign | mean abs(p - p_teacher) median / p90 | AUC diff median "
+            "| decode one head p50 / p99 | cold lookup p50 / p99 | decode all, per head |"
+        ),
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for k in keys:
         r, f, lat = m[k], m[k]["fidelity"], m[k]["head_latency"]
         lines.append(
@@ -155,7 +230,8 @@ def head_codec_lines(results: dict) -> list[str]:
             f"| {_fmt(f['mean_abs_diff_median'], '.4f')} / {_fmt(f['mean_abs_diff_p90'], '.4f')} "
             f"| {_fmt(f['auc_diff_median'], '+.4f')} | {lat['decode']['p50_ms']:.3f} / {lat['decode']['p99_ms']:.3f} ms "
             f"| {lat['cold_lookup']['p50_ms']:.3f} / {lat['cold_lookup']['p99_ms']:.3f} ms "
-            f"| {lat['decode_all_per_head_ms'] * 1000:.1f} us |")
+            f"| {lat['decode_all_per_head_ms'] * 1000:.1f} us |"
+        )
     lines.append("")
     return lines
 
@@ -166,8 +242,11 @@ PLOTS = {
     "latency_cdf.png": "latency CDFs",
     "stage_times.png": "stage-time breakdown",
 }
-STAGE_NAMES = {"soft_labels": "stage 1: teacher soft labels (the floor)", "backbone": "stage 2: backbone",
-               "heads": "stages 3-5: heads, quantization, fidelity"}
+STAGE_NAMES = {
+    "soft_labels": "stage 1: teacher soft labels (the floor)",
+    "backbone": "stage 2: backbone",
+    "heads": "stages 3-5: heads, quantization, fidelity",
+}
 
 
 def write_outputs(results: dict, out: str) -> None:
@@ -206,9 +285,15 @@ def make_plots(results: dict) -> dict[str, bytes]:
         r, f = m[key], m[key]["fidelity"]
         y = f["auc_diff_median"] if f["auc_diff_median"] is not None else 0.0
         lo = y - (f["auc_diff_p10"] if f["auc_diff_p10"] is not None else y)
-        ax.errorbar([r["bytes_per_campaign"]], [y], yerr=[[lo], [0]], fmt="s" if key.startswith("fleet") else "o",
-                    capsize=3, color=colors[(2 * i) % 20 if i < 10 else 2 * (i - 10) + 1],
-                    label=r["label"] + (" *" if r["extrapolated"] else ""))
+        ax.errorbar(
+            [r["bytes_per_campaign"]],
+            [y],
+            yerr=[[lo], [0]],
+            fmt="s" if key.startswith("fleet") else "o",
+            capsize=3,
+            color=colors[(2 * i) % 20 if i < 10 else 2 * (i - 10) + 1],
+            label=r["label"] + (" *" if r["extrapolated"] else ""),
+        )
     ax.set_xscale("log")
     ax.axhline(0, color="black", lw=0.8)
     ax.axhline(-0.005, color="tab:red", lw=0.8, ls="--")
@@ -220,12 +305,23 @@ def make_plots(results: dict) -> dict[str, bytes]:
     out["size_vs_fidelity.png"] = png(fig)
 
     fig, ax = figure()
-    for key, color in (("fleet_auto", "tab:blue"), ("teacher_int8_dynamic", "tab:orange"),
-                       ("independent_students", "tab:green"), ("fleet_bits1", "tab:gray")):
+    for key, color in (
+        ("fleet_auto", "tab:blue"),
+        ("teacher_int8_dynamic", "tab:orange"),
+        ("independent_students", "tab:green"),
+        ("fleet_bits1", "tab:gray"),
+    ):
         rows = [r for r in m[key]["per_campaign"] if r.get("auc_diff") is not None and r.get("n_rows")]
         if rows:
-            ax.scatter([r["n_rows"] for r in rows], [r["auc_diff"] for r in rows], s=10 if key != "independent_students" else 30,
-                       alpha=0.6, color=color, label=m[key]["label"], linewidths=0)
+            ax.scatter(
+                [r["n_rows"] for r in rows],
+                [r["auc_diff"] for r in rows],
+                s=10 if key != "independent_students" else 30,
+                alpha=0.6,
+                color=color,
+                label=m[key]["label"],
+                linewidths=0,
+            )
     ax.set_xscale("log")
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xlabel("campaign size (sequences, log)")
@@ -238,9 +334,12 @@ def make_plots(results: dict) -> dict[str, bytes]:
     curves = []
     s = results.get("serving")
     if s:
-        curves += [("in-process warm", s["warm"]), ("in-process cold (Parquet)", s["cold"]),
-                   ("HTTP loopback (1 in flight)", s["http"]["single"]),
-                   (f"HTTP loopback ({s['http']['concurrency']} in flight)", s["http"])]
+        curves += [
+            ("in-process warm", s["warm"]),
+            ("in-process cold (Parquet)", s["cold"]),
+            ("HTTP loopback (1 in flight)", s["http"]["single"]),
+            (f"HTTP loopback ({s['http']['concurrency']} in flight)", s["http"]),
+        ]
     for key, r in results.get("scale", {}).items():
         curves.append((f"cold, SIMULATED {int(key):,} campaigns", r["cold"]))
     for label, lat in curves:
@@ -259,15 +358,20 @@ def make_plots(results: dict) -> dict[str, bytes]:
     stages_ = [(k, rr["stage_seconds"][k]) for k in order if k in rr["stage_seconds"]]
     stages_ += [("finalize + registration + overhead", rr["registration_and_overhead_seconds"])]
     left = 0.0
-    for (name, secs), color in zip(stages_, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")):
+    for (name, secs), color in zip(
+        stages_, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+    ):
         ax1.barh(["real run"], [secs], left=left, color=color, label=f"{name} {secs:.1f} s")
         left += secs
     ax1.set_xlabel("seconds")
     ax1.set_title("fleet real run: stage times")
     ax1.legend(fontsize=7)
     names = [k for k in METHOD_ORDER if k in m and k != "teacher_fp32"]
-    ax2.barh([m[k]["label"] + (" *" if m[k]["extrapolated"] else "") for k in names], [m[k]["time_s"] for k in names],
-             color=["tab:green" if m[k]["extrapolated"] else "tab:blue" for k in names])
+    ax2.barh(
+        [m[k]["label"] + (" *" if m[k]["extrapolated"] else "") for k in names],
+        [m[k]["time_s"] for k in names],
+        color=["tab:green" if m[k]["extrapolated"] else "tab:blue" for k in names],
+    )
     ax2.axvline(rr["floor_seconds"], color="black", ls="--", lw=0.8, label="floor (stage 1)")
     ax2.set_xscale("log")
     ax2.tick_params(axis="y", labelsize=6.5)
@@ -291,11 +395,14 @@ def log_to_mlflow(results: dict, out: str, tracking_uri: str) -> str:
     else:
         location = None
         if tracking_uri.startswith("sqlite:///"):  # artifacts next to the database, not in ./mlruns
-            db = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
+            db = tracking_uri[len("sqlite:///") :].split("?", 1)[0]
             location = os.path.join(os.path.dirname(os.path.abspath(db)), "mlartifacts", EXPERIMENT)
         exp_id = client.create_experiment(EXPERIMENT, artifact_location=location)
-    run = client.create_run(exp_id, run_name=f"bench-n{results['campaigns']}-{results['created_at']}",
-                            tags={"fleet.bench": BENCH_RESULTS_FORMAT})
+    run = client.create_run(
+        exp_id,
+        run_name=f"bench-n{results['campaigns']}-{results['created_at']}",
+        tags={"fleet.bench": BENCH_RESULTS_FORMAT},
+    )
     run_id = run.info.run_id
     metrics: dict[str, float] = {}
     for key, r in results["methods"].items():
@@ -304,11 +411,20 @@ def log_to_mlflow(results: dict, out: str, tracking_uri: str) -> str:
         for name, v in r["fidelity"].items():
             metrics[f"{key}.{name}"] = v
     rr = results["real_run"]
-    metrics.update({"real_run.wall_seconds": rr["wall_seconds"], "real_run.total_over_floor": rr["total_over_floor"],
-                    "real_run.floor_seconds": rr["floor_seconds"]})
+    metrics.update(
+        {
+            "real_run.wall_seconds": rr["wall_seconds"],
+            "real_run.total_over_floor": rr["total_over_floor"],
+            "real_run.floor_seconds": rr["floor_seconds"],
+        }
+    )
     serving = results.get("serving", {})
-    for part, lat in (("warm", serving.get("warm")), ("cold", serving.get("cold")), ("http", serving.get("http")),
-                      ("http_single", serving.get("http", {}).get("single"))):
+    for part, lat in (
+        ("warm", serving.get("warm")),
+        ("cold", serving.get("cold")),
+        ("http", serving.get("http")),
+        ("http_single", serving.get("http", {}).get("single")),
+    ):
         for q in ("p50_ms", "p99_ms"):
             metrics[f"serving.{part}.{q}"] = (lat or {}).get(q)
     for size, r in results.get("scale", {}).items():
@@ -318,19 +434,27 @@ def log_to_mlflow(results: dict, out: str, tracking_uri: str) -> str:
     from mlflow.entities import Metric, Param
 
     now = int(time.time() * 1000)
-    clean = [Metric(sanitize_key(k), float(v), now, 0) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and math.isfinite(float(v))]
-    params = {"campaigns": results["campaigns"], "fleet_dir": results["bench_config"]["fleet_dir"],
-              "peer_subset": results["bench_config"]["peer_subset"],
-              "scale_campaigns": json.dumps(results["bench_config"]["scale_campaigns"]),
-              **{f"synth.{k}": v for k, v in results["bench_config"]["synth"].items()},
-              **{f"compress.{k}": json.dumps(v) if isinstance(v, dict) else v
-                 for k, v in results["bench_config"]["compress"].items()}}
+    clean = [
+        Metric(sanitize_key(k), float(v), now, 0)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and math.isfinite(float(v))
+    ]
+    params = {
+        "campaigns": results["campaigns"],
+        "fleet_dir": results["bench_config"]["fleet_dir"],
+        "peer_subset": results["bench_config"]["peer_subset"],
+        "scale_campaigns": json.dumps(results["bench_config"]["scale_campaigns"]),
+        **{f"synth.{k}": v for k, v in results["bench_config"]["synth"].items()},
+        **{
+            f"compress.{k}": json.dumps(v) if isinstance(v, dict) else v
+            for k, v in results["bench_config"]["compress"].items()
+        },
+    }
     plist = [Param(sanitize_key(k), str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(clean), 1000):
-        client.log_batch(run_id, metrics=clean[i:i + 1000])
+        client.log_batch(run_id, metrics=clean[i : i + 1000])
     for i in range(0, len(plist), 100):
-        client.log_batch(run_id, params=plist[i:i + 100])
+        client.log_batch(run_id, params=plist[i : i + 100])
     for name in ["results.json", "results.md", *PLOTS]:
         client.log_artifact(run_id, os.path.join(out, name))
     client.set_terminated(run_id)
@@ -354,29 +478,45 @@ def summary_table(results: dict):
             continue
         r, f = m[key], m[key]["fidelity"]
         star = "*" if r["extrapolated"] else ""
-        methods.add_row(key + star, _human(r["bytes_per_campaign"]), _ratio(r["compression_ratio"]),
-                        _fmt(f["auc_diff_median"], "+.4f"), _fmt(f["auc_diff_p10"], "+.4f"),
-                        _fmt(f["mean_abs_diff_median"], ".4f"), f"{r['time_s']:,.1f}{star}")
+        methods.add_row(
+            key + star,
+            _human(r["bytes_per_campaign"]),
+            _ratio(r["compression_ratio"]),
+            _fmt(f["auc_diff_median"], "+.4f"),
+            _fmt(f["auc_diff_p10"], "+.4f"),
+            _fmt(f["mean_abs_diff_median"], ".4f"),
+            f"{r['time_s']:,.1f}{star}",
+        )
     targets = Table(title="DESIGN.md targets")
     for col in ("figure", "target", "measured", ""):
         targets.add_column(col, justify="right" if col == "measured" else "left")
     for t in results["targets"]:
         v = t["value"]
-        targets.add_row(t["figure"], t["target"], "n/a" if v is None else f"{v:,.4g}",
-                        "pass" if t["passed"] else "[red]MISS[/red]")
+        targets.add_row(
+            t["figure"], t["target"], "n/a" if v is None else f"{v:,.4g}", "pass" if t["passed"] else "[red]MISS[/red]"
+        )
     return Group(methods, targets)
 
 
 #: The line of docs/benchmarks.md that ends the section :func:`write_docs` writes (``fleet bench --write-docs``):
 #: what stands above it is rewritten, what follows it (sections written by hand or copied from other commands) is kept.
-DOCS_END = ("<!-- end of the section `fleet bench --write-docs` writes: the text above is rewritten, the text below "
-            "kept -->")
+DOCS_END = (
+    "<!-- end of the section `fleet bench --write-docs` writes: the text above is rewritten, the text below kept -->"
+)
 #: The prose :func:`write_docs` takes (``fleet bench --docs-prose``).
 DOCS_PROSE = ("status", "why", "notes", "shared")
 
 
-def write_docs(results_path: str, docs_path: str, plots_dir: str, *, status: str = "", why: dict | None = None,
-               notes: str = "", shared: str = "") -> None:
+def write_docs(
+    results_path: str,
+    docs_path: str,
+    plots_dir: str,
+    *,
+    status: str = "",
+    why: dict | None = None,
+    notes: str = "",
+    shared: str = "",
+) -> None:
     """Write the generated section of ``docs_path`` (everything above its :data:`DOCS_END` line; a page that is
     not there yet is created) from a run's ``results.json`` (every number comes from it) and copy its PNGs into
     ``plots_dir``. ``status`` / ``notes`` / ``why`` (target figure prefix -> explanation) are prose; ``shared``
@@ -395,9 +535,12 @@ def write_docs(results_path: str, docs_path: str, plots_dir: str, *, status: str
         with open(docs_path) as f:
             page = f.read()
         if DOCS_END not in page:
-            raise FleetError(f"no line {DOCS_END!r} in the page: where the generated section ends is not known, so "
-                             "nothing is written", path=docs_path)
-        kept = page[page.index(DOCS_END):]
+            raise FleetError(
+                f"no line {DOCS_END!r} in the page: where the generated section ends is not known, so "
+                "nothing is written",
+                path=docs_path,
+            )
+        kept = page[page.index(DOCS_END) :]
     os.makedirs(plots_dir, exist_ok=True)
     for name in PLOTS:
         shutil.copyfile(os.path.join(src, name), os.path.join(plots_dir, name))
@@ -409,54 +552,92 @@ def write_docs(results_path: str, docs_path: str, plots_dir: str, *, status: str
     fa, b, c = m["fleet_auto"], m["teacher_int8_dynamic"], m["independent_students"]
     rr = results["real_run"]
     la0, la1 = mach.get("load_average_at_start"), mach.get("load_average_at_end")
-    loads = (f"load average at start {', '.join(f'{x:.1f}' for x in la0) if la0 else 'n/a'}, at end "
-             f"{', '.join(f'{x:.1f}' for x in la1) if la1 else 'n/a'} on {mach['cpus']} cores")
-    load = (f"**Shared**: {shared} ran at the same time ({loads}), so every wall time and latency here is pessimistic "
-            "and noisy; sizes and fidelity do not depend on the load." if shared else
-            f"Nothing else ran on the machine ({loads}; the benchmark's own Ray workers and servers included).")
+    loads = (
+        f"load average at start {', '.join(f'{x:.1f}' for x in la0) if la0 else 'n/a'}, at end "
+        f"{', '.join(f'{x:.1f}' for x in la1) if la1 else 'n/a'} on {mach['cpus']} cores"
+    )
+    load = (
+        f"**Shared**: {shared} ran at the same time ({loads}), so every wall time and latency here is pessimistic "
+        "and noisy; sizes and fidelity do not depend on the load."
+        if shared
+        else f"Nothing else ran on the machine ({loads}; the benchmark's own Ray workers and servers included)."
+    )
     lines = [
-        "# Benchmarks", "",
-        ("<!-- generated by `fleet bench --write-docs` from the run's results.json; numbers are never typed by "
-         "hand -->"), "",
-        (f"`fleet bench` on a synthetic fleet of **N = {results['campaigns']}** campaigns "
-        f"({results['bench_config']['synth']['num_layers']}-layer {results['bench_config']['synth']['arch'].upper()} "
-        f"teachers, hidden {results['bench_config']['synth']['hidden_size']}, seed {results['bench_config']['synth']['seed']}), "
-        f"run {results['created_at']}; the whole benchmark took {results['bench_seconds'] / 60:.1f} min."), "",
+        "# Benchmarks",
+        "",
+        (
+            "<!-- generated by `fleet bench --write-docs` from the run's results.json; numbers are never typed by "
+            "hand -->"
+        ),
+        "",
+        (
+            f"`fleet bench` on a synthetic fleet of **N = {results['campaigns']}** campaigns "
+            f"({results['bench_config']['synth']['num_layers']}-layer {results['bench_config']['synth']['arch'].upper()} "
+            f"teachers, hidden {results['bench_config']['synth']['hidden_size']}, seed {results['bench_config']['synth']['seed']}), "
+            f"run {results['created_at']}; the whole benchmark took {results['bench_seconds'] / 60:.1f} min."
+        ),
+        "",
     ]
     if status:
         lines += [f"> {status}", ""]
-    lines += ["## Command", "", "```", command, "```", "",
-              (f"Fleet: {results['fleet']['how']}. Outputs: `results.json`, `results.md`, the PNGs below; the run is "
-              f"logged to MLflow (experiment `{EXPERIMENT}`, run `{results.get('mlflow_run_id')}`)."), "",
-              "## Machine", "",
-              f"{mach['cpus']} CPU cores, {mach['memory_gib']:.0f} GiB memory, no GPU ({mach['platform']}, Python "
-              f"{mach['python']}, torch {mach['torch']}). " + load, "",
-              "## Results", "", render_markdown(results, plots_prefix=rel), "## Reading", ""]
+    lines += [
+        "## Command",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        (
+            f"Fleet: {results['fleet']['how']}. Outputs: `results.json`, `results.md`, the PNGs below; the run is "
+            f"logged to MLflow (experiment `{EXPERIMENT}`, run `{results.get('mlflow_run_id')}`)."
+        ),
+        "",
+        "## Machine",
+        "",
+        f"{mach['cpus']} CPU cores, {mach['memory_gib']:.0f} GiB memory, no GPU ({mach['platform']}, Python "
+        f"{mach['python']}, torch {mach['torch']}). " + load,
+        "",
+        "## Results",
+        "",
+        render_markdown(results, plots_prefix=rel),
+        "## Reading",
+        "",
+    ]
     k = c["subset_size"]
     speed = c["time_s"] / fa["time_s"] if fa["time_s"] else None
     sub = c["fleet_auto_on_same_subset"]
     lines += [
-        (f"- **Size.** A fleet campaign costs {fa['bytes_per_campaign']:,.0f} B of heads Parquet; with the shared "
-        f"backbone the whole fleet is {_ratio(fa['compression_ratio'])} smaller than the fp32 teachers, where torch's "
-        f"dynamic int8 gives {_ratio(b['compression_ratio'])} and independent students {_ratio(c['compression_ratio'])}."),
-        (f"- **Fidelity.** Median / p10 AUC diff vs the teacher: fleet {_fmt(fa['fidelity']['auc_diff_median'], '+.4f')} / "
-        f"{_fmt(fa['fidelity']['auc_diff_p10'], '+.4f')}, dynamic int8 {_fmt(b['fidelity']['auc_diff_median'], '+.4f')} / "
-        f"{_fmt(b['fidelity']['auc_diff_p10'], '+.4f')}; on the {k} campaigns of peer (c), independent students "
-        f"{_fmt(c['fidelity']['auc_diff_median'], '+.4f')} / {_fmt(c['fidelity']['auc_diff_p10'], '+.4f')} vs fleet "
-        f"{_fmt(sub['auc_diff_median'], '+.4f')} / {_fmt(sub['auc_diff_p10'], '+.4f')} (AUCs defined on "
-        f"{c['fidelity']['campaigns_with_auc']} of those {k}); mean |p - p_teacher| median on the same {k}: independent "
-        f"{_fmt(c['fidelity']['mean_abs_diff_median'], '.4f')}, fleet {_fmt(sub['mean_abs_diff_median'], '.4f')}. "
-        f"Mean |p - p_teacher| median over all campaigns: "
-        f"fleet {_fmt(fa['fidelity']['mean_abs_diff_median'], '.4f')}, int8 {_fmt(b['fidelity']['mean_abs_diff_median'], '.4f')}, "
-        f"independent {_fmt(c['fidelity']['mean_abs_diff_median'], '.4f')}."),
-        (f"- **Time.** The full fleet run took {fa['time_s']:,.1f} s, {_fmt(rr['total_over_floor'], '.2f')}x its floor "
-        f"(stage 1, {rr['floor_seconds']:,.1f} s); independent students would take {c['time_s']:,.0f} s "
-        f"(EXTRAPOLATED from {k} campaigns), {_fmt(speed, ',.1f')}x fleet's time."),
+        (
+            f"- **Size.** A fleet campaign costs {fa['bytes_per_campaign']:,.0f} B of heads Parquet; with the shared "
+            f"backbone the whole fleet is {_ratio(fa['compression_ratio'])} smaller than the fp32 teachers, where torch's "
+            f"dynamic int8 gives {_ratio(b['compression_ratio'])} and independent students {_ratio(c['compression_ratio'])}."
+        ),
+        (
+            f"- **Fidelity.** Median / p10 AUC diff vs the teacher: fleet {_fmt(fa['fidelity']['auc_diff_median'], '+.4f')} / "
+            f"{_fmt(fa['fidelity']['auc_diff_p10'], '+.4f')}, dynamic int8 {_fmt(b['fidelity']['auc_diff_median'], '+.4f')} / "
+            f"{_fmt(b['fidelity']['auc_diff_p10'], '+.4f')}; on the {k} campaigns of peer (c), independent students "
+            f"{_fmt(c['fidelity']['auc_diff_median'], '+.4f')} / {_fmt(c['fidelity']['auc_diff_p10'], '+.4f')} vs fleet "
+            f"{_fmt(sub['auc_diff_median'], '+.4f')} / {_fmt(sub['auc_diff_p10'], '+.4f')} (AUCs defined on "
+            f"{c['fidelity']['campaigns_with_auc']} of those {k}); mean |p - p_teacher| median on the same {k}: independent "
+            f"{_fmt(c['fidelity']['mean_abs_diff_median'], '.4f')}, fleet {_fmt(sub['mean_abs_diff_median'], '.4f')}. "
+            f"Mean |p - p_teacher| median over all campaigns: "
+            f"fleet {_fmt(fa['fidelity']['mean_abs_diff_median'], '.4f')}, int8 {_fmt(b['fidelity']['mean_abs_diff_median'], '.4f')}, "
+            f"independent {_fmt(c['fidelity']['mean_abs_diff_median'], '.4f')}."
+        ),
+        (
+            f"- **Time.** The full fleet run took {fa['time_s']:,.1f} s, {_fmt(rr['total_over_floor'], '.2f')}x its floor "
+            f"(stage 1, {rr['floor_seconds']:,.1f} s); independent students would take {c['time_s']:,.0f} s "
+            f"(EXTRAPOLATED from {k} campaigns), {_fmt(speed, ',.1f')}x fleet's time."
+        ),
     ]
     misses = [t for t in results["targets"] if not t["passed"]]
     passes = [t for t in results["targets"] if t["passed"]]
     if passes:
-        lines.append("- **Targets met:** " + "; ".join(f"{t['figure']} ({_target_value(t)} vs {t['target']})" for t in passes) + ".")
+        lines.append(
+            "- **Targets met:** "
+            + "; ".join(f"{t['figure']} ({_target_value(t)} vs {t['target']})" for t in passes)
+            + "."
+        )
     if misses:
         lines += ["", "**Targets missed, and why:**", ""]
         said: set[str] = set()
@@ -465,7 +646,9 @@ def write_docs(results_path: str, docs_path: str, plots_dir: str, *, status: str
             if reason in said:
                 reason = "Same cause as above."
             said.add(reason)
-            lines.append(f"- {t['figure']}: {_target_value(t)} (target {t['target']}; {t['source']}). {reason}".rstrip())
+            lines.append(
+                f"- {t['figure']}: {_target_value(t)} (target {t['target']}; {t['source']}). {reason}".rstrip()
+            )
     if notes:
         lines += ["", notes]
     lines += ["", kept]

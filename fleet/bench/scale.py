@@ -75,8 +75,11 @@ RUN_TARGET_MIN_N = 1_000  # the run / stage 1 target holds from this fleet size 
 HEADS_TARGET_MIN_N = 10_000  # the heads bytes per entity target holds from this fleet size up
 #: How ``heads B / entity`` divides: the columns serving reads (:data:`fleet.serve.head_table.COLUMNS`: the quantized
 #: head), the hashes incremental runs compare, and the rest (per-campaign fidelity and calibration figures).
-HEADS_PARTS = (("served", "head (served columns)"), ("change_detection", "teacher_sha256 + data_fingerprint"),
-               ("fidelity", "fidelity metrics"))
+HEADS_PARTS = (
+    ("served", "head (served columns)"),
+    ("change_detection", "teacher_sha256 + data_fingerprint"),
+    ("fidelity", "fidelity metrics"),
+)
 #: The run's stages in the manifest's metrics (``stage_seconds_<key>``), in order, with their names.
 STAGE_NAMES = (("soft_labels", "stage 1"), ("backbone", "stage 2"), ("heads", "stages 3-5"))
 
@@ -84,8 +87,12 @@ STAGE_NAMES = (("soft_labels", "stage 1"), ("backbone", "stage 2"), ("heads", "s
 TARGETS = (
     ("per_entity_ratio", "<=", 1.2, "per-entity wall cost at the largest N / at the smallest N"),
     ("run_over_stage1", "<=", 2.0, f"whole run / stage 1, worst size with N >= {RUN_TARGET_MIN_N:,}"),
-    ("incremental_fraction", "<=", 0.10,
-     f"incremental night ({CHANGED_SHARE:.0%} of teachers changed) / the full run, largest N"),
+    (
+        "incremental_fraction",
+        "<=",
+        0.10,
+        f"incremental night ({CHANGED_SHARE:.0%} of teachers changed) / the full run, largest N",
+    ),
     ("incremental_exact", "==", True, "the incremental night refitted exactly the changed teachers"),
     ("driver_peak_rss_mb", "<=", 2048.0, "driver peak RSS at the largest N, MB"),
     ("heads_bytes_per_entity", "<=", 128.0, f"heads bytes per entity, worst size with N >= {HEADS_TARGET_MIN_N:,}"),
@@ -140,10 +147,16 @@ def fleet_ready(config: SynthConfig, fleet_dir: str) -> bool:
             return False
     if config.entities == "user":
         packs = range(math.ceil(config.campaigns / config.pack_size))
-        return all(pack_complete(teachers, pack_name(p), config.teacher_config(entity_id(config, p * config.pack_size)).to_json())
-                   for p in packs)
+        return all(
+            pack_complete(
+                teachers, pack_name(p), config.teacher_config(entity_id(config, p * config.pack_size)).to_json()
+            )
+            for p in packs
+        )
     ids = entity_ids(config)
-    return locate_teachers(teachers).campaigns == ids and all(teacher_saved(teachers, config.teacher_config(c)) for c in ids)
+    return locate_teachers(teachers).campaigns == ids and all(
+        teacher_saved(teachers, config.teacher_config(c)) for c in ids
+    )
 
 
 def prepare_fleet(config: SynthConfig, fleet_dir: str, address: str | None) -> dict:
@@ -152,8 +165,11 @@ def prepare_fleet(config: SynthConfig, fleet_dir: str, address: str | None) -> d
     restored = restore_teachers(fleet_dir)
     if restored:
         console.print(f"{fleet_dir}: restored {len(restored):,} teachers an interrupted incremental night had changed")
-    info = {"fleet_dir": fleet_dir, "events_uri": os.path.join(fleet_dir, "events"),
-            "teachers_uri": os.path.join(fleet_dir, "teachers")}
+    info = {
+        "fleet_dir": fleet_dir,
+        "events_uri": os.path.join(fleet_dir, "events"),
+        "teachers_uri": os.path.join(fleet_dir, "teachers"),
+    }
     if fleet_ready(config, fleet_dir):
         return {**info, "reused": True, "synth_seconds": None}
     from fleet.run.pipeline import run_synth
@@ -248,8 +264,10 @@ def restore_teachers(fleet_dir: str) -> list[str]:
         return []
     with open(path) as f:
         record = json.load(f)["readout_bias"]
-    set_readout_bias(os.path.join(fleet_dir, "teachers"),
-                     {c: torch.tensor(r["values"], dtype=getattr(torch, r["dtype"])) for c, r in record.items()})
+    set_readout_bias(
+        os.path.join(fleet_dir, "teachers"),
+        {c: torch.tensor(r["values"], dtype=getattr(torch, r["dtype"])) for c, r in record.items()},
+    )
     os.remove(path)
     return sorted(record)
 
@@ -331,27 +349,47 @@ def run_probe(spec: dict) -> dict:
         ray_start = time.perf_counter() - t0
         before = _peak_rss_mb()
         t0 = time.perf_counter()
-        result = pipeline.run_compress(teachers_uri=spec["teachers_uri"], events_uri=spec["events_uri"],
-                                       store_uri=spec["store"], fleet=spec["fleet"], config=config,
-                                       run_id=spec["run_id"], tracking_uri=spec["tracking_uri"], address=spec["address"],
-                                       retrain_backbone=spec["full"], no_parent=spec["full"])
+        result = pipeline.run_compress(
+            teachers_uri=spec["teachers_uri"],
+            events_uri=spec["events_uri"],
+            store_uri=spec["store"],
+            fleet=spec["fleet"],
+            config=config,
+            run_id=spec["run_id"],
+            tracking_uri=spec["tracking_uri"],
+            address=spec["address"],
+            retrain_backbone=spec["full"],
+            no_parent=spec["full"],
+        )
         wall = time.perf_counter() - t0
         workers = ray_worker_peaks()
     if spec["promote"]:
-        registry.promote(spec["fleet"], result.registered.version, spec["tracking_uri"],
-                         reason="fleet bench --scale: the parent of the incremental night")
+        registry.promote(
+            spec["fleet"],
+            result.registered.version,
+            spec["tracking_uri"],
+            reason="fleet bench --scale: the parent of the incremental night",
+        )
     run_dir = RunDir(spec["store"], spec["fleet"], spec["run_id"])
     status = run_dir.campaigns.read_all(Plan.read(run_dir).shards)
     refitted = [c for c, s in zip(status["campaign_id"].to_pylist(), status["status"].to_pylist()) if s == "ok"]
     gate = result.registered.gate if result.registered is not None else None
     return {
-        "run_id": spec["run_id"], "version_id": result.version_id, "manifest_uri": result.manifest_uri,
-        "exit_code": result.exit_code, "registered_version": result.registered.version if result.registered else None,
-        "gate_passed": None if gate is None else bool(gate.passed), "wall_seconds": wall, "ray_start_seconds": ray_start,
+        "run_id": spec["run_id"],
+        "version_id": result.version_id,
+        "manifest_uri": result.manifest_uri,
+        "exit_code": result.exit_code,
+        "registered_version": result.registered.version if result.registered else None,
+        "gate_passed": None if gate is None else bool(gate.passed),
+        "wall_seconds": wall,
+        "ray_start_seconds": ray_start,
         "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
         "stage_seconds": pipeline.stage_seconds(result.metrics),
-        "refitted": None if spec["full"] else refitted, "refitted_count": len(refitted),
-        "driver_peak_rss_mb": _peak_rss_mb(), "driver_peak_rss_before_run_mb": before, "ray_workers": workers,
+        "refitted": None if spec["full"] else refitted,
+        "refitted_count": len(refitted),
+        "driver_peak_rss_mb": _peak_rss_mb(),
+        "driver_peak_rss_before_run_mb": before,
+        "ray_workers": workers,
         "heads_bytes_by_part": heads_bytes_by_part(os.path.dirname(result.manifest_uri)),
     }
 
@@ -374,8 +412,13 @@ def heads_bytes_by_part(version_dir: str) -> dict[str, int]:
             for c in range(group.num_columns):
                 column = group.column(c)
                 name = column.path_in_schema.split(".")[0]
-                part = ("served" if name in COLUMNS else
-                        "change_detection" if name in ("teacher_sha256", "data_fingerprint") else "fidelity")
+                part = (
+                    "served"
+                    if name in COLUMNS
+                    else "change_detection"
+                    if name in ("teacher_sha256", "data_fingerprint")
+                    else "fidelity"
+                )
                 parts[part] += column.total_compressed_size
     return parts
 
@@ -403,11 +446,14 @@ def _compress_in_fresh_process(spec: dict, label: str) -> dict:
         with open(os.path.join(tmp, "spec.json"), "w") as f:
             json.dump(spec, f)
         # the driver's stdout to our stderr (fd 2): this command's stdout is its summary only
-        proc = subprocess.run([sys.executable, "-m", "fleet.bench.scale", os.path.join(tmp, "spec.json")],
-                              stdout=2, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", "fleet.bench.scale", os.path.join(tmp, "spec.json")], stdout=2, check=False
+        )
         if proc.returncode != 0 or not os.path.exists(spec["result"]):
-            raise FleetError(f"{label}: the fleet compress driver process failed (exit {proc.returncode}); "
-                             "its error is above", path=spec["teachers_uri"])
+            raise FleetError(
+                f"{label}: the fleet compress driver process failed (exit {proc.returncode}); its error is above",
+                path=spec["teachers_uri"],
+            )
         with open(spec["result"]) as f:
             return json.load(f)
 
@@ -421,18 +467,26 @@ def size_row(kind: str, entities: int, fleet: dict, run: dict) -> dict:
     stage1 = run["stage_seconds"].get("soft_labels")
     heads_rows = m.get("campaigns_ok", 0) + m.get("campaigns_reused", 0)
     return {
-        "kind": kind, "entities": entities, "fleet": fleet,
+        "kind": kind,
+        "entities": entities,
+        "fleet": fleet,
         "run": {k: v for k, v in run.items() if k not in ("metrics", "stage_seconds")},
-        "metrics": m, "wall_seconds": run["wall_seconds"], "per_entity_ms": 1000.0 * run["wall_seconds"] / entities,
-        "stage_seconds": run["stage_seconds"], "stage1_seconds": stage1,
+        "metrics": m,
+        "wall_seconds": run["wall_seconds"],
+        "per_entity_ms": 1000.0 * run["wall_seconds"] / entities,
+        "stage_seconds": run["stage_seconds"],
+        "stage1_seconds": stage1,
         "run_over_stage1": run["wall_seconds"] / stage1 if stage1 else None,
         "finalize_and_registration_seconds": run["wall_seconds"] - m["run_seconds"] if "run_seconds" in m else None,
         "driver_peak_rss_mb": run["driver_peak_rss_mb"],
         "ray_worker_peak_rss_mb": (run["ray_workers"] or {}).get("max_mb"),
         "heads_bytes": m.get("heads_bytes"),
         "heads_bytes_per_entity": m["heads_bytes"] / heads_rows if m.get("heads_bytes") and heads_rows else None,
-        "heads_part_bytes_per_entity": ({k: v / heads_rows for k, v in run["heads_bytes_by_part"].items()}
-                                        if run.get("heads_bytes_by_part") and heads_rows else None),
+        "heads_part_bytes_per_entity": (
+            {k: v / heads_rows for k, v in run["heads_bytes_by_part"].items()}
+            if run.get("heads_bytes_by_part") and heads_rows
+            else None
+        ),
         "quarantined": m.get("campaigns_quarantined"),
     }
 
@@ -458,11 +512,17 @@ def target_figures(results: dict) -> dict:
         return {key: None for key, *_ in TARGETS}
     smallest, largest = _extremes(rows)
     run_ratios = [r["run_over_stage1"] for r in rows if r["entities"] >= RUN_TARGET_MIN_N and r["run_over_stage1"]]
-    heads = [r["heads_bytes_per_entity"] for r in rows
-             if r["entities"] >= HEADS_TARGET_MIN_N and r["heads_bytes_per_entity"] is not None]
+    heads = [
+        r["heads_bytes_per_entity"]
+        for r in rows
+        if r["entities"] >= HEADS_TARGET_MIN_N and r["heads_bytes_per_entity"] is not None
+    ]
     return {
-        "per_entity_ratio": (largest["per_entity_ms"] / smallest["per_entity_ms"]
-                             if smallest is not largest and smallest["per_entity_ms"] else None),
+        "per_entity_ratio": (
+            largest["per_entity_ms"] / smallest["per_entity_ms"]
+            if smallest is not largest and smallest["per_entity_ms"]
+            else None
+        ),
         "run_over_stage1": max(run_ratios, default=None),
         "incremental_fraction": inc.get("fraction"),
         "incremental_exact": inc.get("refitted_exactly_changed"),
@@ -482,8 +542,18 @@ def _met(value, op: str, bound) -> bool:
     return value is not None and (value <= bound if op == "<=" else value == bound)
 
 
-def run_scale(*, out: str, fleet_dir: str, sizes: list[tuple[str, int]], seed: int, teacher: dict,
-              config: CompressConfig, tracking_uri: str, address: str | None, command: str) -> dict:
+def run_scale(
+    *,
+    out: str,
+    fleet_dir: str,
+    sizes: list[tuple[str, int]],
+    seed: int,
+    teacher: dict,
+    config: CompressConfig,
+    tracking_uri: str,
+    address: str | None,
+    command: str,
+) -> dict:
     """Make (or reuse) each size's fleet, compress it in full in a fresh driver process, run the incremental night
     at the largest size; write ``scale.json``, ``scale.md`` and ``scale.png`` under ``out`` after every step (an
     interrupted run keeps what it measured). Returns the results, ``missed_targets`` included."""
@@ -494,12 +564,23 @@ def run_scale(*, out: str, fleet_dir: str, sizes: list[tuple[str, int]], seed: i
     store = os.path.abspath(os.path.join(out, "store"))
     stamp = new_run_id()
     machine = machine_info()
-    results = {"format": BENCH_SCALE_FORMAT, "created_at": stamp, "command": command, "machine": machine,
-               "load_average_at_start": machine["load_average_at_start"], "seed": seed,
-               "sizes_requested": [f"{k}:{n}" for k, n in sizes], "config": config.to_dict(),
-               "entity_shape": {k: v for k, v in dataclasses.asdict(synth_config("user", 1, seed, teacher)).items()
-                                if k not in ("campaigns", "seed", "entities")},
-               "sizes": [], "incremental": None}
+    results = {
+        "format": BENCH_SCALE_FORMAT,
+        "created_at": stamp,
+        "command": command,
+        "machine": machine,
+        "load_average_at_start": machine["load_average_at_start"],
+        "seed": seed,
+        "sizes_requested": [f"{k}:{n}" for k, n in sizes],
+        "config": config.to_dict(),
+        "entity_shape": {
+            k: v
+            for k, v in dataclasses.asdict(synth_config("user", 1, seed, teacher)).items()
+            if k not in ("campaigns", "seed", "entities")
+        },
+        "sizes": [],
+        "incremental": None,
+    }
     started = time.perf_counter()
     largest = max(range(len(sizes)), key=lambda i: (sizes[i][1], i))
     for i, (kind, entities) in enumerate(sizes):
@@ -508,44 +589,62 @@ def run_scale(*, out: str, fleet_dir: str, sizes: list[tuple[str, int]], seed: i
         fleet_path = os.path.abspath(os.path.join(fleet_dir, f"{kind}-{entities}"))
         console.print(f"{label}: fleet in {fleet_path}")
         fleet = prepare_fleet(synth, fleet_path, address)
-        spec = {"teachers_uri": fleet["teachers_uri"], "events_uri": fleet["events_uri"], "store": store,
-                "fleet": f"scale-{kind}-{entities}", "tracking_uri": tracking_uri, "config": config.to_dict(),
-                "address": address}  # None: the driver process starts its own local Ray
+        spec = {
+            "teachers_uri": fleet["teachers_uri"],
+            "events_uri": fleet["events_uri"],
+            "store": store,
+            "fleet": f"scale-{kind}-{entities}",
+            "tracking_uri": tracking_uri,
+            "config": config.to_dict(),
+            "address": address,
+        }  # None: the driver process starts its own local Ray
         console.print(f"{label}: full fleet compress in a fresh driver process")
-        full = _compress_in_fresh_process({**spec, "run_id": f"{stamp}-full", "full": True, "promote": i == largest},
-                                          label)
+        full = _compress_in_fresh_process(
+            {**spec, "run_id": f"{stamp}-full", "full": True, "promote": i == largest}, label
+        )
         results["sizes"].append(size_row(kind, entities, fleet, full))
         add_ratios(results["sizes"])
         _finish(results, out, started)
         row = results["sizes"][-1]
-        console.print(f"{label}: {row['wall_seconds']:,.1f} s, {row['per_entity_ms']:.2f} ms per entity, "
-                      f"driver peak RSS {row['driver_peak_rss_mb']:,.0f} MB")
+        console.print(
+            f"{label}: {row['wall_seconds']:,.1f} s, {row['per_entity_ms']:.2f} ms per entity, "
+            f"driver peak RSS {row['driver_peak_rss_mb']:,.0f} MB"
+        )
         if i == largest:
             results["incremental"] = incremental_night(kind, synth, fleet, spec, full, stamp, label)
             _finish(results, out, started)
     return results
 
 
-def incremental_night(kind: str, synth: SynthConfig, fleet: dict, spec: dict, full: dict, stamp: str,
-                      label: str) -> dict:
+def incremental_night(
+    kind: str, synth: SynthConfig, fleet: dict, spec: dict, full: dict, stamp: str, label: str
+) -> dict:
     """Change :data:`CHANGED_SHARE` of the fleet's teachers, run ``fleet compress`` against the champion (the full
     run) in a fresh driver process, restore the teachers; the night's figures against the full run's."""
     changed = changed_entities(entity_ids(synth), synth.seed)
     console.print(f"{label}: incremental night: {len(changed):,} teachers changed, fleet compress against the champion")
     change_teachers(fleet["fleet_dir"], changed)
     try:
-        night = _compress_in_fresh_process({**spec, "run_id": f"{stamp}-incremental", "full": False,
-                                            "promote": False}, f"{label} incremental")
+        night = _compress_in_fresh_process(
+            {**spec, "run_id": f"{stamp}-incremental", "full": False, "promote": False}, f"{label} incremental"
+        )
     finally:
         restore_teachers(fleet["fleet_dir"])
     m = night["metrics"]
     refitted = night.pop("refitted")
     return {
-        "kind": kind, "entities": synth.campaigns, "changed": len(changed), "changed_share": CHANGED_SHARE,
-        "run": {k: v for k, v in night.items() if k not in ("metrics", "stage_seconds")}, "metrics": m,
-        "wall_seconds": night["wall_seconds"], "full_wall_seconds": full["wall_seconds"],
+        "kind": kind,
+        "entities": synth.campaigns,
+        "changed": len(changed),
+        "changed_share": CHANGED_SHARE,
+        "run": {k: v for k, v in night.items() if k not in ("metrics", "stage_seconds")},
+        "metrics": m,
+        "wall_seconds": night["wall_seconds"],
+        "full_wall_seconds": full["wall_seconds"],
         "fraction": night["wall_seconds"] / full["wall_seconds"],
-        "stage_seconds": night["stage_seconds"], "refitted": len(refitted), "reused": m.get("campaigns_reused"),
+        "stage_seconds": night["stage_seconds"],
+        "refitted": len(refitted),
+        "reused": m.get("campaigns_reused"),
         "refitted_exactly_changed": sorted(refitted) == changed,
         "changed_not_refitted": sorted(set(changed) - set(refitted))[:20],
         "refitted_not_changed": sorted(set(refitted) - set(changed))[:20],
@@ -567,23 +666,42 @@ def rerun_night(*, out: str, tracking_uri: str, address: str | None, command: st
         row = _extremes(results["sizes"])[1]  # the largest size: the night's fleet and its champion
         config, seed = dict(results["config"]), int(results["seed"])
     except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-        raise UsageError(f"--scale-night needs the scale.json of a finished fleet bench --scale in --out: {path}: "
-                         f"{type(exc).__name__}: {exc}") from None
+        raise UsageError(
+            f"--scale-night needs the scale.json of a finished fleet bench --scale in --out: {path}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
     kind, entities, fleet = row["kind"], row["entities"], row["fleet"]
     shape = {k: v for k, v in (results.get("entity_shape") or {}).items() if k != "pack_size"}
     synth = synth_config(kind, entities, seed, shape)  # its ids and seed pick the teachers the night changes
-    spec = {"teachers_uri": fleet["teachers_uri"], "events_uri": fleet["events_uri"],
-            "store": os.path.join(out, "store"), "fleet": f"scale-{kind}-{entities}", "tracking_uri": tracking_uri,
-            "config": config, "address": address}
+    spec = {
+        "teachers_uri": fleet["teachers_uri"],
+        "events_uri": fleet["events_uri"],
+        "store": os.path.join(out, "store"),
+        "fleet": f"scale-{kind}-{entities}",
+        "tracking_uri": tracking_uri,
+        "config": config,
+        "address": address,
+    }
     from fleet.storage import registry
 
     full_version = str(row["run"]["registered_version"])  # the night's parent, as in the first night
     if registry.champion_version(spec["fleet"], tracking_uri, create=False) != full_version:  # a night passed its gate
-        registry.promote(spec["fleet"], full_version, tracking_uri,
-                         reason="fleet bench --scale-night: the full run is the parent of the night")
+        registry.promote(
+            spec["fleet"],
+            full_version,
+            tracking_uri,
+            reason="fleet bench --scale-night: the full run is the parent of the night",
+        )
     started, load = time.perf_counter(), os.getloadavg() if hasattr(os, "getloadavg") else None
-    night = incremental_night(kind, synth, fleet, spec, {"wall_seconds": row["wall_seconds"]}, new_run_id(),
-                              f"scale {kind}:{entities:,} night")
+    night = incremental_night(
+        kind,
+        synth,
+        fleet,
+        spec,
+        {"wall_seconds": row["wall_seconds"]},
+        new_run_id(),
+        f"scale {kind}:{entities:,} night",
+    )
     results["incremental"] = {**night, "command": command, "load_average_at_start": load}
     _finish(results, out, started - results.get("seconds", 0.0))
     return results
@@ -613,16 +731,22 @@ def render_table(results: dict) -> str:
     inc = results.get("incremental") or {}
     rows = results.get("sizes") or []
     largest = _extremes(rows)[1] if rows else None
-    lines = [("| kind | N | wall s | per-entity ms | x smallest N (same kind) | stage 1 s | run / stage 1 | "
-              "driver peak RSS MB | Ray worker peak RSS MB | heads B / entity | incremental / full run |"),
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        (
+            "| kind | N | wall s | per-entity ms | x smallest N (same kind) | stage 1 s | run / stage 1 | "
+            "driver peak RSS MB | Ray worker peak RSS MB | heads B / entity | incremental / full run |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         night = _f(inc.get("fraction"), ".1%") if r is largest and inc else ""
-        lines.append(f"| {r['kind']} | {r['entities']:,} | {_f(r['wall_seconds'], ',.1f')} | "
-                     f"{_f(r['per_entity_ms'], ',.2f')} | {_f(r.get('per_entity_ratio'), '.2f')}x | "
-                     f"{_f(r['stage1_seconds'], ',.1f')} | {_f(r['run_over_stage1'], '.2f')} | "
-                     f"{_f(r['driver_peak_rss_mb'], ',.0f')} | {_f(r['ray_worker_peak_rss_mb'], ',.0f')} | "
-                     f"{_f(r['heads_bytes_per_entity'], ',.1f')} | {night} |")
+        lines.append(
+            f"| {r['kind']} | {r['entities']:,} | {_f(r['wall_seconds'], ',.1f')} | "
+            f"{_f(r['per_entity_ms'], ',.2f')} | {_f(r.get('per_entity_ratio'), '.2f')}x | "
+            f"{_f(r['stage1_seconds'], ',.1f')} | {_f(r['run_over_stage1'], '.2f')} | "
+            f"{_f(r['driver_peak_rss_mb'], ',.0f')} | {_f(r['ray_worker_peak_rss_mb'], ',.0f')} | "
+            f"{_f(r['heads_bytes_per_entity'], ',.1f')} | {night} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -632,11 +756,18 @@ def render_targets(results: dict) -> str:
     lines = ["| target | bound | measured | met |", "|---|---:|---:|---|"]
     for key, op, bound, what in TARGETS:
         value = figures[key]
-        shown = ("n/a (not measured)" if value is None else ("yes" if value else "no") if isinstance(value, bool)
-                 else f"{value:,.3g}")
+        shown = (
+            "n/a (not measured)"
+            if value is None
+            else ("yes" if value else "no")
+            if isinstance(value, bool)
+            else f"{value:,.3g}"
+        )
         met = _met(value, op, bound)
-        lines.append(f"| {what} | {op} {'yes' if isinstance(bound, bool) else format(bound, 'g')} | {shown} | "
-                     f"{'yes' if met else '**no**'} |")
+        lines.append(
+            f"| {what} | {op} {'yes' if isinstance(bound, bool) else format(bound, 'g')} | {shown} | "
+            f"{'yes' if met else '**no**'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -644,37 +775,54 @@ def render_markdown(results: dict) -> str:
     """``scale.md``: the command, machine state, entity shape, size table, incremental night and targets."""
     shape = results.get("entity_shape", {})
     load0, load1 = results.get("load_average_at_start"), results.get("load_average_at_end")
-    loads = ", ".join(f"{name} {', '.join(f'{v:.1f}' for v in load)}" for name, load in
-                      (("at start", load0), ("at end", load1)) if load)
+    loads = ", ".join(
+        f"{name} {', '.join(f'{v:.1f}' for v in load)}"
+        for name, load in (("at start", load0), ("at end", load1))
+        if load
+    )
     cpus = (results.get("machine") or {}).get("cpus")
-    about = (f"Entities: {shape.get('min_sequences')}-{shape.get('max_sequences')} sequences each, "
-             f"{shape.get('num_layers')}-layer {str(shape.get('arch', '')).upper()} teachers of hidden "
-             f"{shape.get('hidden_size')} (embedding {shape.get('embed_dim')}, training epochs at most {shape.get('max_epochs')}); "
-             f"`campaign`: one teacher directory each, `user`: packs of {shape.get('pack_size')}. One full "
-             "`fleet compress` per size (backbone retrained, the same configuration), each in a fresh driver process; "
-             f"wall time excludes Ray's start. Load average ({cpus} cores) {loads or 'n/a'}; "
-             f"{results.get('seconds', 0.0):,.0f} s in all.\n")
+    about = (
+        f"Entities: {shape.get('min_sequences')}-{shape.get('max_sequences')} sequences each, "
+        f"{shape.get('num_layers')}-layer {str(shape.get('arch', '')).upper()} teachers of hidden "
+        f"{shape.get('hidden_size')} (embedding {shape.get('embed_dim')}, training epochs at most {shape.get('max_epochs')}); "
+        f"`campaign`: one teacher directory each, `user`: packs of {shape.get('pack_size')}. One full "
+        "`fleet compress` per size (backbone retrained, the same configuration), each in a fresh driver process; "
+        f"wall time excludes Ray's start. Load average ({cpus} cores) {loads or 'n/a'}; "
+        f"{results.get('seconds', 0.0):,.0f} s in all.\n"
+    )
     parts = [f"```\n{results.get('command', '')}\n```\n", about, render_table(results)]
     inc = results.get("incremental")
     if inc:
-        stages_ = ", ".join(f"{name} {inc['stage_seconds'][key]:,.1f} s" for key, name in STAGE_NAMES
-                            if key in inc["stage_seconds"])
-        parts.append(f"Incremental night ({inc['kind']}): {inc['changed']:,} of {inc['entities']:,} teachers changed "
-                     f"({inc['changed_share']:.0%}); {inc['wall_seconds']:,.1f} s = {inc['fraction']:.1%} of the full run's "
-                     f"{inc['full_wall_seconds']:,.1f} s ({stages_}); refitted {inc['refitted']:,}, reused "
-                     f"{_f(inc['reused'], ',')}; exactly the changed ones: "
-                     f"{'yes' if inc['refitted_exactly_changed'] else '**no**'}."
-                     + (f" Re-run on its own later (`{inc['command']}`, load average at its start "
-                        f"{', '.join(f'{v:.1f}' for v in inc.get('load_average_at_start') or [])}; run "
-                        f"{inc['run']['run_id']})." if inc.get("command") else "") + "\n")
+        stages_ = ", ".join(
+            f"{name} {inc['stage_seconds'][key]:,.1f} s" for key, name in STAGE_NAMES if key in inc["stage_seconds"]
+        )
+        parts.append(
+            f"Incremental night ({inc['kind']}): {inc['changed']:,} of {inc['entities']:,} teachers changed "
+            f"({inc['changed_share']:.0%}); {inc['wall_seconds']:,.1f} s = {inc['fraction']:.1%} of the full run's "
+            f"{inc['full_wall_seconds']:,.1f} s ({stages_}); refitted {inc['refitted']:,}, reused "
+            f"{_f(inc['reused'], ',')}; exactly the changed ones: "
+            f"{'yes' if inc['refitted_exactly_changed'] else '**no**'}."
+            + (
+                f" Re-run on its own later (`{inc['command']}`, load average at its start "
+                f"{', '.join(f'{v:.1f}' for v in inc.get('load_average_at_start') or [])}; run "
+                f"{inc['run']['run_id']})."
+                if inc.get("command")
+                else ""
+            )
+            + "\n"
+        )
     split = [r for r in results.get("sizes") or [] if r.get("heads_part_bytes_per_entity")]
     if split:
         names = dict(HEADS_PARTS)
-        lines = [f"- {r['kind']} {r['entities']:,}: "
-                 + ", ".join(f"{names[k]} {v:,.1f} B" for k, v in r["heads_part_bytes_per_entity"].items())
-                 for r in split]
-        parts.append("Heads bytes per entity by column (Parquet column chunks; the rest is footers and page "
-                     "headers):\n\n" + "\n".join(lines) + "\n")
+        lines = [
+            f"- {r['kind']} {r['entities']:,}: "
+            + ", ".join(f"{names[k]} {v:,.1f} B" for k, v in r["heads_part_bytes_per_entity"].items())
+            for r in split
+        ]
+        parts.append(
+            "Heads bytes per entity by column (Parquet column chunks; the rest is footers and page "
+            "headers):\n\n" + "\n".join(lines) + "\n"
+        )
     parts.append(render_targets(results))
     missed = results.get("missed_targets", check_targets(results))
     parts.append(f"Targets missed: {', '.join(missed) if missed else 'none'}.\n")
@@ -691,8 +839,11 @@ def render_plot(results: dict) -> bytes:
     fig = Figure(figsize=(13.5, 4.2), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
-    panels = (("wall_seconds", "wall time (s)"), ("per_entity_ms", "per-entity wall cost (ms)"),
-              ("driver_peak_rss_mb", "driver peak RSS (MB)"))
+    panels = (
+        ("wall_seconds", "wall time (s)"),
+        ("per_entity_ms", "per-entity wall cost (ms)"),
+        ("driver_peak_rss_mb", "driver peak RSS (MB)"),
+    )
     rows = results.get("sizes") or []
     for ax, (key, title) in zip(axes, panels):
         for kind in KINDS:
@@ -719,16 +870,26 @@ def add_arguments(p) -> None:
     """``fleet bench --scale`` flags (with ``--out``, ``--fleet-dir``, ``--seed``, the teacher flags, ``--config``,
     ``--backbone-steps``, ``--head-steps``, ``--tracking-uri`` and ``--address`` of ``fleet bench``)."""
     g = p.add_argument_group("scale (with --scale)")
-    g.add_argument("--scale", action="store_true",
-                   help="run the REAL pipeline at each --scale-sizes fleet size and an incremental night at the "
-                        "largest (scale.json, scale.md, scale.png); not with --zoo or --serving-only")
-    g.add_argument("--scale-sizes", type=parse_sizes, default=DEFAULT_SIZES,
-                   help="fleet sizes KIND:N, comma-separated; KIND campaign (teacher directories) or user (packs) "
-                        "(default: %(default)s)")
-    g.add_argument("--scale-night", action="store_true",
-                   help="re-run only the incremental night, against the largest size's full run of the --scale run "
-                        "already in OUT (its full runs kept; OUT/scale.json's night replaced), e.g. after a change to "
-                        "incremental runs")
+    g.add_argument(
+        "--scale",
+        action="store_true",
+        help="run the REAL pipeline at each --scale-sizes fleet size and an incremental night at the "
+        "largest (scale.json, scale.md, scale.png); not with --zoo or --serving-only",
+    )
+    g.add_argument(
+        "--scale-sizes",
+        type=parse_sizes,
+        default=DEFAULT_SIZES,
+        help="fleet sizes KIND:N, comma-separated; KIND campaign (teacher directories) or user (packs) "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--scale-night",
+        action="store_true",
+        help="re-run only the incremental night, against the largest size's full run of the --scale run "
+        "already in OUT (its full runs kept; OUT/scale.json's night replaced), e.g. after a change to "
+        "incremental runs",
+    )
 
 
 def run_from_args(args, config: CompressConfig, log) -> int:
@@ -738,22 +899,41 @@ def run_from_args(args, config: CompressConfig, log) -> int:
         raise UsageError("--campaigns has no meaning with --scale: the fleet sizes are --scale-sizes")
     if args.no_mlflow:
         raise UsageError("--scale needs MLflow: its incremental night runs against the registered champion")
-    teacher = {"arch": args.arch, "hidden_size": args.hidden, "num_layers": args.layers,
-               "min_sequences": args.min_sequences, "max_sequences": args.max_sequences, "max_epochs": args.max_epochs}
+    teacher = {
+        "arch": args.arch,
+        "hidden_size": args.hidden,
+        "num_layers": args.layers,
+        "min_sequences": args.min_sequences,
+        "max_sequences": args.max_sequences,
+        "max_epochs": args.max_epochs,
+    }
     out = os.path.abspath(args.out)
-    tracking_uri = (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                    or f"sqlite:///{os.path.join(out, 'mlflow.db')}")
+    tracking_uri = (
+        args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.join(out, 'mlflow.db')}"
+    )
     command = "fleet " + shlex.join(getattr(args, "argv", sys.argv[1:]))
     if args.scale_night:
         results = rerun_night(out=out, tracking_uri=tracking_uri, address=args.address, command=command)
-        log(f"scale: the incremental night re-run: {os.path.join(out, 'scale.md')}; targets missed: "
-            f"{', '.join(results['missed_targets']) or 'none'}")
+        log(
+            f"scale: the incremental night re-run: {os.path.join(out, 'scale.md')}; targets missed: "
+            f"{', '.join(results['missed_targets']) or 'none'}"
+        )
         return 1 if results["missed_targets"] else 0
-    results = run_scale(out=out, fleet_dir=args.fleet_dir or "fleet-data/scale", sizes=args.scale_sizes,
-                        seed=args.seed, teacher=teacher, config=config, tracking_uri=tracking_uri,
-                        address=args.address, command=command)
-    log(f"scale: {os.path.join(out, 'scale.md')}, scale.json, scale.png; targets missed: "
-        f"{', '.join(results['missed_targets']) or 'none'}")
+    results = run_scale(
+        out=out,
+        fleet_dir=args.fleet_dir or "fleet-data/scale",
+        sizes=args.scale_sizes,
+        seed=args.seed,
+        teacher=teacher,
+        config=config,
+        tracking_uri=tracking_uri,
+        address=args.address,
+        command=command,
+    )
+    log(
+        f"scale: {os.path.join(out, 'scale.md')}, scale.json, scale.png; targets missed: "
+        f"{', '.join(results['missed_targets']) or 'none'}"
+    )
     return 1 if results["missed_targets"] else 0
 
 

@@ -39,8 +39,9 @@ def _sequences(events_uri: str, ok: list[str], holdout: dict, num_features: int,
     return [out[i % len(out)] for i in rng.permutation(max(count, len(out)))[:count]]
 
 
-def bench_serving(manifest_uri: str, events_uri: str, ok: list[str], holdout: dict, num_features: int,
-                  cfg: BenchConfig) -> dict:
+def bench_serving(
+    manifest_uri: str, events_uri: str, ok: list[str], holdout: dict, num_features: int, cfg: BenchConfig
+) -> dict:
     """Warm and cold in-process latency, HTTP latency under bounded concurrency, and server RSS."""
     from fleet.serve.serving import FleetModel
 
@@ -72,10 +73,15 @@ def _bench_serving(manifest_uri, events_uri, ok, holdout, num_features, cfg, Fle
     warm_requests = [(cid, t, f) for _, t, f in (seqs[i % len(seqs)] for i in range(cfg.warm_requests))]  # one head
     with _progress() as progress:
         warm = _time_predicts(model, warm_requests, progress, "serving: warm predict (head cached)")
-        cold_model = FleetModel.open(manifest_uri, cache_size=0, num_threads=SERVING_THREADS,
-                                     heads="lru")  # every predict reads its head's row group
-        cold = _time_predicts(cold_model, [seqs[i % len(seqs)] for i in range(cfg.cold_requests)], progress,
-                              "serving: cold predict (cache miss, Parquet row group)")
+        cold_model = FleetModel.open(
+            manifest_uri, cache_size=0, num_threads=SERVING_THREADS, heads="lru"
+        )  # every predict reads its head's row group
+        cold = _time_predicts(
+            cold_model,
+            [seqs[i % len(seqs)] for i in range(cfg.cold_requests)],
+            progress,
+            "serving: cold predict (cache miss, Parquet row group)",
+        )
     out["warm"] = _latencies(warm)
     out["cold"] = _latencies(cold)
     out["in_process_torch_threads"] = torch.get_num_threads()
@@ -105,9 +111,12 @@ def _http_server(manifest_uri: str, heads: str, log_path: str):
 
     port = free_port()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "fleet.bench.probe", "server", manifest_uri, str(port),
-                                 str(SERVING_THREADS), heads],
-                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **SERVING_ENV})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fleet.bench.probe", "server", manifest_uri, str(port), str(SERVING_THREADS), heads],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **SERVING_ENV},
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -128,8 +137,9 @@ def _http_server(manifest_uri: str, heads: str, log_path: str):
         stop_process(proc, timeout=20)
 
 
-def _drive_http(base: str, path: str, bodies: list[bytes], total: int, concurrency: int,
-                latencies: list[float] | None) -> int:
+def _drive_http(
+    base: str, path: str, bodies: list[bytes], total: int, concurrency: int, latencies: list[float] | None
+) -> int:
     """POST ``bodies`` (cycled) to ``base + path`` until ``total`` are done, ``concurrency`` in flight; appends
     each 200's latency (s) to ``latencies``; returns the number of non-200 answers."""
     import httpx
@@ -140,6 +150,7 @@ def _drive_http(base: str, path: str, bodies: list[bytes], total: int, concurren
         counter = iter(range(total))
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
+
             async def worker() -> None:
                 nonlocal errors
                 for i in counter:
@@ -151,6 +162,7 @@ def _drive_http(base: str, path: str, bodies: list[bytes], total: int, concurren
                         errors += 1
                     elif latencies is not None:
                         latencies.append(dt)
+
             await asyncio.gather(*(worker() for _ in range(concurrency)))
 
     asyncio.run(drive())
@@ -163,8 +175,10 @@ def bench_http(manifest_uri: str, seqs: list[tuple], requests: int, concurrency:
     without queueing), then with ``concurrency`` in flight (the load figures)."""
     with _http_server(manifest_uri, "lru", os.path.join(log_dir, "http-server.log")) as (proc, base):
         rss_idle = proc_rss_mb(proc.pid)
-        bodies = [json.dumps({"campaign_id": c, "sequences": [{"event_types": t, "features": f}]}).encode()
-                  for c, t, f in seqs]
+        bodies = [
+            json.dumps({"campaign_id": c, "sequences": [{"event_types": t, "features": f}]}).encode()
+            for c, t, f in seqs
+        ]
         errors = _drive_http(base, "/v1/predict", bodies, min(200, requests), concurrency, None)  # warm-up
         single: list[float] = []
         errors += _drive_http(base, "/v1/predict", bodies, requests, 1, single)
@@ -172,10 +186,17 @@ def bench_http(manifest_uri: str, seqs: list[tuple], requests: int, concurrency:
         t0 = time.perf_counter()
         errors += _drive_http(base, "/v1/predict", bodies, requests, concurrency, latencies)
         wall = time.perf_counter() - t0
-        return {**_latencies(latencies), "requests": requests, "concurrency": concurrency, "errors": errors,
-                "throughput_rps": len(latencies) / wall if wall else None, "server_rss_idle": rss_idle,
-                "server_rss_after_load": proc_rss_mb(proc.pid), "single": {**_latencies(single), "requests": requests},
-                "note": "server (uvicorn subprocess) and client share the machine's cores"}
+        return {
+            **_latencies(latencies),
+            "requests": requests,
+            "concurrency": concurrency,
+            "errors": errors,
+            "throughput_rps": len(latencies) / wall if wall else None,
+            "server_rss_idle": rss_idle,
+            "server_rss_after_load": proc_rss_mb(proc.pid),
+            "single": {**_latencies(single), "requests": requests},
+            "note": "server (uvicorn subprocess) and client share the machine's cores",
+        }
 
 
 # ----------------------------------------------------------------------------- serving targets (issue 12)
@@ -209,8 +230,14 @@ def _event_sequences(events_uri: str, rng, count: int) -> list[tuple[list, list]
     return [out[i % len(out)] for i in rng.permutation(max(count, len(out)))[:count]]
 
 
-def teacher_peer(teachers_uri: str, campaign_ids: list[str], seqs: list[tuple[list, list]], num_features: int,
-                 k: int = SCORE_K, requests: int = SLOW_REQUESTS) -> dict:
+def teacher_peer(
+    teachers_uri: str,
+    campaign_ids: list[str],
+    seqs: list[tuple[list, list]],
+    num_features: int,
+    k: int = SCORE_K,
+    requests: int = SLOW_REQUESTS,
+) -> dict:
     """The K-teacher peer of ``score_campaigns``: one sequence scored by ``k`` fp32 teachers = ``k`` teacher RNN
     forward passes (batch 1, one torch thread, ``torch.inference_mode``). With fewer than ``k`` teachers the
     loaded ones are cycled (the time is still ``k`` forward passes; their memory is given per teacher)."""
@@ -235,15 +262,29 @@ def teacher_peer(teachers_uri: str, campaign_ids: list[str], seqs: list[tuple[li
     finally:
         torch.set_num_threads(threads)
     cfg = teachers[0].config
-    return {**_latencies(lat), "k": k, "teachers_loaded": len(models),
-            "teacher_bytes_mean": float(np.mean([t.num_bytes for t in teachers])),
-            "teacher": {key: cfg.get(key) for key in ("arch", "hidden_size", "num_layers", "embed_dim")},
-            "note": f"{k} forward passes of fp32 teachers per request (batch 1, {SERVING_THREADS} torch thread)"
-                    + (f"; {len(models)} teachers loaded and cycled" if len(models) < k else "")}
+    return {
+        **_latencies(lat),
+        "k": k,
+        "teachers_loaded": len(models),
+        "teacher_bytes_mean": float(np.mean([t.num_bytes for t in teachers])),
+        "teacher": {key: cfg.get(key) for key in ("arch", "hidden_size", "num_layers", "embed_dim")},
+        "note": f"{k} forward passes of fp32 teachers per request (batch 1, {SERVING_THREADS} torch thread)"
+        + (f"; {len(models)} teachers loaded and cycled" if len(models) < k else ""),
+    }
 
 
-def serving_targets(manifest_uri: str, events_uri: str, teachers_uri: str, sim_manifest_uri: str, sim_count: int, *,
-                    out_dir: str, seed: int, requests: int, http_requests: int) -> dict:
+def serving_targets(
+    manifest_uri: str,
+    events_uri: str,
+    teachers_uri: str,
+    sim_manifest_uri: str,
+    sim_count: int,
+    *,
+    out_dir: str,
+    seed: int,
+    requests: int,
+    http_requests: int,
+) -> dict:
     """Every figure of issue 12's targets table (one thread, FleetModel's defaults: resident heads, numpy
     backbone): warm predict on the real version (in-process); score 1 x :data:`SCORE_K` and 1 x every campaign
     plus the serving RSS in a fresh process on the SIMULATED version of ``sim_count`` campaigns; HTTP
@@ -258,17 +299,27 @@ def serving_targets(manifest_uri: str, events_uri: str, teachers_uri: str, sim_m
     real_ids = [cid for part in model.version.iter_heads(["campaign_id"]) for cid in part["campaign_id"].to_pylist()]
     num_features = model.config.num_features
     seqs = _event_sequences(events_uri, rng, max(requests, 200))
-    out: dict = {"version": model.version_id, "campaigns": len(real_ids), "sim_campaigns": sim_count,
-                 "heads": model.heads_mode, "backend": model.backend, "threads": SERVING_THREADS,
-                 "sequence_length": {"max": max(len(t) for t, _ in seqs), "median": float(np.median([len(t) for t, _ in seqs]))}}
+    out: dict = {
+        "version": model.version_id,
+        "campaigns": len(real_ids),
+        "sim_campaigns": sim_count,
+        "heads": model.heads_mode,
+        "backend": model.backend,
+        "threads": SERVING_THREADS,
+        "sequence_length": {"max": max(len(t) for t, _ in seqs), "median": float(np.median([len(t) for t, _ in seqs]))},
+    }
     try:
         picks = rng.choice(len(real_ids), size=requests)
         for i in range(100):
             t, f = seqs[i % len(seqs)]
             model.predict(real_ids[picks[i % len(picks)]], [{"event_types": t, "features": f}])
         with _progress() as progress:
-            lat = _time_predicts(model, [(real_ids[picks[i]], *seqs[i % len(seqs)]) for i in range(requests)], progress,
-                                 "serving targets: warm predict")
+            lat = _time_predicts(
+                model,
+                [(real_ids[picks[i]], *seqs[i % len(seqs)]) for i in range(requests)],
+                progress,
+                "serving targets: warm predict",
+            )
         out["predict"] = _latencies(lat)
     finally:
         torch.set_num_threads(threads_before)
@@ -277,19 +328,34 @@ def serving_targets(manifest_uri: str, events_uri: str, teachers_uri: str, sim_m
     with open(seqs_path, "w") as f:
         json.dump(seqs, f)
     console.print(f"serving targets: score_campaigns on {sim_count:,} SIMULATED campaigns in a fresh process")
-    probe = run_in_fresh_process("targets", [sim_manifest_uri, seqs_path, sim_count, requests, SLOW_REQUESTS, SCORE_K,
-                                             seed], timeout=3600, env={**os.environ, **SERVING_ENV})
+    probe = run_in_fresh_process(
+        "targets",
+        [sim_manifest_uri, seqs_path, sim_count, requests, SLOW_REQUESTS, SCORE_K, seed],
+        timeout=3600,
+        env={**os.environ, **SERVING_ENV},
+    )
     out["score"], out["score_all"] = _latencies(probe["score"]), _latencies(probe["score_all"])
     out["probe"] = {k: v for k, v in probe.items() if k not in ("score", "score_all")}
     console.print("serving targets: HTTP on loopback (resident heads, SIMULATED version)")
     with _http_server(sim_manifest_uri, "resident", os.path.join(out_dir, "http-targets-server.log")) as (proc_, base):
         ids = [f"sim-{j:08d}" for j in range(sim_count)]
-        predict_bodies = [orjson.dumps({"campaign_id": ids[int(rng.integers(sim_count))],
-                                        "sequences": [{"event_types": t, "features": f}]}) for t, f in seqs]
-        score_bodies = [orjson.dumps({"sequence": {"event_types": t, "features": f},
-                                      "campaign_ids": [ids[j] for j in rng.choice(sim_count, size=min(SCORE_K, sim_count),
-                                                                                   replace=False)]})
-                        for t, f in seqs[:50]]
+        predict_bodies = [
+            orjson.dumps(
+                {"campaign_id": ids[int(rng.integers(sim_count))], "sequences": [{"event_types": t, "features": f}]}
+            )
+            for t, f in seqs
+        ]
+        score_bodies = [
+            orjson.dumps(
+                {
+                    "sequence": {"event_types": t, "features": f},
+                    "campaign_ids": [
+                        ids[j] for j in rng.choice(sim_count, size=min(SCORE_K, sim_count), replace=False)
+                    ],
+                }
+            )
+            for t, f in seqs[:50]
+        ]
         errors = _drive_http(base, "/v1/predict", predict_bodies, 200, 1, None)  # warm-up
         errors += _drive_http(base, "/v1/score", score_bodies, 100, 1, None)
         single: list[float] = []
@@ -313,8 +379,16 @@ def evaluate_serving_targets(st: dict) -> list[dict]:
     rows = []
     for key, (figure, target, bound) in SERVING_TARGETS.items():
         value = st["rss_mb"] if key == "rss" else st[key]["p99_ms"]
-        row = {"key": key, "figure": figure, "target": target, "value": value, "passed": value <= bound,
-               "p50": None if key == "rss" else st[key]["p50_ms"], "peer": None, "ratio": None}
+        row = {
+            "key": key,
+            "figure": figure,
+            "target": target,
+            "value": value,
+            "passed": value <= bound,
+            "p50": None if key == "rss" else st[key]["p50_ms"],
+            "peer": None,
+            "ratio": None,
+        }
         if key in ("score", "http_score"):
             row["peer"] = st["peer"]["p99_ms"]
             row["ratio"] = st["peer"]["p99_ms"] / value if value else None
@@ -326,8 +400,10 @@ def render_serving_targets(st: dict) -> list[str]:
     """Markdown of :func:`serving_targets`: the targets table, fleet side by side with the K-teacher peer."""
     peer = st["peer"]
     t = peer["teacher"]
-    lines = ["| figure (one thread) | target | fleet p50 | fleet p99 | met | K-teacher peer p50 / p99 | fleet wins by (p99) |",
-             "|---|---|---:|---:|---|---:|---:|"]
+    lines = [
+        "| figure (one thread) | target | fleet p50 | fleet p99 | met | K-teacher peer p50 / p99 | fleet wins by (p99) |",
+        "|---|---|---:|---:|---|---:|---:|",
+    ]
     for r in st["targets"]:
         unit = "MB" if r["key"] == "rss" else "ms"
         p50 = "" if r["p50"] is None else f"{r['p50']:.3f} {unit}"
@@ -336,15 +412,21 @@ def render_serving_targets(st: dict) -> list[str]:
         ratio = "" if r["ratio"] is None else f"{r['ratio']:,.0f}x"
         met = "yes" if r["passed"] else f"**no** ({r['value'] / SERVING_TARGETS[r['key']][2]:.1f}x the target)"
         lines.append(f"| {r['figure']} | {r['target']} | {p50} | {value} | {met} | {peer_txt} | {ratio} |")
-    lines += ["", (f"Real version {st['version']} ({st['campaigns']} campaigns) for warm predict; SIMULATED version of "
-                   f"{st['sim_campaigns']:,} campaigns (real backbone and bit mix) for the other rows; FleetModel's "
-                   f"defaults (heads `{st['heads']}`, backend `{st['backend']}`), {st['threads']} thread; real event "
-                   f"sequences, length median {st['sequence_length']['median']:.0f}, max {st['sequence_length']['max']}. "
-                   f"Peer: {peer['k']:,} fp32 teacher forward passes per request ({t.get('num_layers')}-layer "
-                   f"{str(t.get('arch')).upper()}, hidden {t.get('hidden_size')}, {decimal(round(peer['teacher_bytes_mean']))} "
-                   f"each; {peer['teachers_loaded']} loaded{' and cycled' if peer['teachers_loaded'] < peer['k'] else ''}). "
-                   f"Serving RSS: the HTTP server process after the load; the in-process probe measured "
-                   f"{st['probe']['rss_after_open']['VmRSS']:.0f} MB after opening the version "
-                   f"({st['probe']['rss_before_open']['VmRSS']:.0f} MB before: imports) and "
-                   f"{st['probe']['rss_after_all']['VmRSS']:.0f} MB after scoring every campaign."), ""]
+    lines += [
+        "",
+        (
+            f"Real version {st['version']} ({st['campaigns']} campaigns) for warm predict; SIMULATED version of "
+            f"{st['sim_campaigns']:,} campaigns (real backbone and bit mix) for the other rows; FleetModel's "
+            f"defaults (heads `{st['heads']}`, backend `{st['backend']}`), {st['threads']} thread; real event "
+            f"sequences, length median {st['sequence_length']['median']:.0f}, max {st['sequence_length']['max']}. "
+            f"Peer: {peer['k']:,} fp32 teacher forward passes per request ({t.get('num_layers')}-layer "
+            f"{str(t.get('arch')).upper()}, hidden {t.get('hidden_size')}, {decimal(round(peer['teacher_bytes_mean']))} "
+            f"each; {peer['teachers_loaded']} loaded{' and cycled' if peer['teachers_loaded'] < peer['k'] else ''}). "
+            f"Serving RSS: the HTTP server process after the load; the in-process probe measured "
+            f"{st['probe']['rss_after_open']['VmRSS']:.0f} MB after opening the version "
+            f"({st['probe']['rss_before_open']['VmRSS']:.0f} MB before: imports) and "
+            f"{st['probe']['rss_after_all']['VmRSS']:.0f} MB after scoring every campaign."
+        ),
+        "",
+    ]
     return lines

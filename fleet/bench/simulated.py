@@ -56,9 +56,12 @@ def simulated_heads(count: int, real: pa.Table, seed: int, chunk: int = SIM_CHUN
         teacher_hashes = rng.integers(0, 256, size=(m, TEACHER_SHA256_BYTES), dtype=np.uint8)
         data_hashes = rng.integers(0, 256, size=(m, DATA_FINGERPRINT_BYTES), dtype=np.uint8)
         columns = {
-            "campaign_id": pa.array(ids, pa.string()), "bits": pa.array(real_bits[pick].astype(np.int8)),
-            "shape": shape, "group_size": pa.array(np.full(m, group, np.int32)),
-            "packed": pa.array(packed, pa.binary()), "scales": pa.array(scales, pa.binary()),
+            "campaign_id": pa.array(ids, pa.string()),
+            "bits": pa.array(real_bits[pick].astype(np.int8)),
+            "shape": shape,
+            "group_size": pa.array(np.full(m, group, np.int32)),
+            "packed": pa.array(packed, pa.binary()),
+            "scales": pa.array(scales, pa.binary()),
             "mask": pa.nulls(m, pa.binary()),
             "teacher_sha256": pa.array([h.tobytes() for h in teacher_hashes], pa.binary()),
             "data_fingerprint": pa.array([h.tobytes() for h in data_hashes], pa.binary()),
@@ -67,8 +70,9 @@ def simulated_heads(count: int, real: pa.Table, seed: int, chunk: int = SIM_CHUN
         yield pa.table({f.name: columns[f.name].cast(f.type) for f in HEADS_SCHEMA}, schema=HEADS_SCHEMA)
 
 
-def write_simulated_version(count: int, version: FleetVersion, store: str, stamp: str,
-                            seed: int) -> tuple[str, float, float, dict]:
+def write_simulated_version(
+    count: int, version: FleetVersion, store: str, stamp: str, seed: int
+) -> tuple[str, float, float, dict]:
     """Write a SIMULATED version of ``count`` campaigns (:func:`simulated_heads` of ``version``'s heads, its
     backbone) as fleet ``sim-<count>`` under ``store``: ``(manifest_uri, generate_s, build_s, files)``."""
     real = version.read_heads()
@@ -94,17 +98,27 @@ def bench_scale(count: int, version: FleetVersion, cfg: BenchConfig, stamp: str)
     """SIMULATED scale test: ``count`` random heads of the real shape and bit mix, written in the real
     store format with the real backbone, opened and served by FleetModel in a fresh subprocess."""
     manifest_uri, generate_s, build_s, files = write_simulated_version(
-        count, version, os.path.abspath(os.path.join(cfg.out, "scale-store")), stamp, cfg.compress.seed + count)
+        count, version, os.path.abspath(os.path.join(cfg.out, "scale-store")), stamp, cfg.compress.seed + count
+    )
     heads_bytes = sum(f["bytes"] for p, f in files.items() if p.startswith("heads/"))
     console.print(f"scale {count:,}: probing cold lookups in a fresh process")
     probe = run_in_fresh_process("cold", [manifest_uri, cfg.cold_requests, cfg.compress.seed, count], timeout=1800)
     return {
-        "simulated": True, "campaigns": count, "heads_bytes": heads_bytes, "bytes_per_campaign": heads_bytes / count,
-        "backbone_bytes": files["backbone.safetensors"]["bytes"], "parts": sum(1 for p in files if p.startswith("heads/")),
-        "generate_seconds": generate_s, "build_seconds": build_s, "open_seconds": probe["open_s"],
-        "open_verify_seconds": probe["open_verify_s"], "cold": _latencies(probe["lat"]),
-        "rss_mb": probe["rss_after"].get("VmRSS"), "peak_rss_mb": probe["rss_after"].get("VmHWM"),
-        "rss_before_open_mb": probe["rss_before_open"].get("VmRSS"), "manifest_uri": manifest_uri,
+        "simulated": True,
+        "campaigns": count,
+        "heads_bytes": heads_bytes,
+        "bytes_per_campaign": heads_bytes / count,
+        "backbone_bytes": files["backbone.safetensors"]["bytes"],
+        "parts": sum(1 for p in files if p.startswith("heads/")),
+        "generate_seconds": generate_s,
+        "build_seconds": build_s,
+        "open_seconds": probe["open_s"],
+        "open_verify_seconds": probe["open_verify_s"],
+        "cold": _latencies(probe["lat"]),
+        "rss_mb": probe["rss_after"].get("VmRSS"),
+        "peak_rss_mb": probe["rss_after"].get("VmHWM"),
+        "rss_before_open_mb": probe["rss_before_open"].get("VmRSS"),
+        "manifest_uri": manifest_uri,
         "note": "SIMULATED heads (real shape, real bit mix, real backbone, real store format); "
-                "served by FleetModel (heads='lru') in a fresh subprocess; cold = random campaigns, cache misses",
+        "served by FleetModel (heads='lru') in a fresh subprocess; cold = random campaigns, cache misses",
     }

@@ -58,8 +58,7 @@ TARGETS = (
 
 def synth_config(generator: str, teacher: str, campaigns: int, seed: int) -> SynthConfig:
     """The zoo fleet of one (generator, teacher class) pair."""
-    return SynthConfig(campaigns=campaigns, seed=seed, generator=generator, teacher=teacher, **ZOO_TEACHER,
-                       **ZOO_SIZES)
+    return SynthConfig(campaigns=campaigns, seed=seed, generator=generator, teacher=teacher, **ZOO_TEACHER, **ZOO_SIZES)
 
 
 @dataclass(frozen=True)
@@ -72,8 +71,9 @@ class FreshRows:
     rows: int  # per campaign
 
 
-def evaluate_run(store_uri: str, fleet: str, run_id: str, events_uri: str, min_per_class: int = 10,
-                 fresh: FreshRows | None = None) -> dict:
+def evaluate_run(
+    store_uri: str, fleet: str, run_id: str, events_uri: str, min_per_class: int = 10, fresh: FreshRows | None = None
+) -> dict:
     """Fidelity of the committed version of ``run_id``: what ``FleetModel`` serves against the teacher.
 
     With ``fresh``, the headline figures are on ``fresh.rows`` new sequences of every campaign
@@ -99,8 +99,9 @@ def evaluate_run(store_uri: str, fleet: str, run_id: str, events_uri: str, min_p
     for campaign_id in campaigns:
         mine = by_campaign[campaign_id]
         events = tables[campaign_id].take(mine["row"])
-        p_student = model.predict_columns(campaign_id, events["event_types"].to_pylist(),
-                                          events["features"].to_pylist())
+        p_student = model.predict_columns(
+            campaign_id, events["event_types"].to_pylist(), events["features"].to_pylist()
+        )
         p_teacher = 1.0 / (1.0 + np.exp(-mine["teacher_logit"].to_numpy().astype(np.float64)))
         holdout[campaign_id] = campaign_fidelity(p_student, p_teacher, mine["label"].to_numpy(), min_per_class)
 
@@ -108,19 +109,31 @@ def evaluate_run(store_uri: str, fleet: str, run_id: str, events_uri: str, min_p
         rows = [{**fidelity[c], "campaign_id": c, "n_rows": int(sizes[c]), "status": status[c]} for c in campaigns]
         summary = fleet_summary(rows)
         worst = summary["worst"][0]["auc_diff"] if summary["worst"] else None
-        return {**{k: v for k, v in summary.items() if k not in ("median", "p10", "worst")},
-                "auc_diff_median": summary["median"], "auc_diff_p10": summary["p10"], "auc_diff_worst": worst,
-                "worst_campaigns": summary["worst"], "campaigns": rows}
+        return {
+            **{k: v for k, v in summary.items() if k not in ("median", "p10", "worst")},
+            "auc_diff_median": summary["median"],
+            "auc_diff_p10": summary["p10"],
+            "auc_diff_worst": worst,
+            "worst_campaigns": summary["worst"],
+            "campaigns": rows,
+        }
 
-    row_bytes = [len(p) + len(s) + (len(m) if m else 0) for p, s, m in
-                 zip(*(heads[k].to_pylist() for k in ("packed", "scales", "mask")))]
+    row_bytes = [
+        len(p) + len(s) + (len(m) if m else 0)
+        for p, s, m in zip(*(heads[k].to_pylist() for k in ("packed", "scales", "mask")))
+    ]
     metrics = version.manifest["metrics"]
     out = {
         "evaluated_on": f"{fresh.rows} fresh sequences per campaign" if fresh else "hold-out rows",
         **figures(fresh_fidelity(model, fresh, campaigns, min_per_class) if fresh else holdout),
         "bytes_per_campaign": metrics.get("bytes_per_campaign"),
-        "head_row_bytes_p50_p90_max": [float(np.percentile(row_bytes, 50)), float(np.percentile(row_bytes, 90)),
-                                       float(max(row_bytes))] if row_bytes else None,
+        "head_row_bytes_p50_p90_max": [
+            float(np.percentile(row_bytes, 50)),
+            float(np.percentile(row_bytes, 90)),
+            float(max(row_bytes)),
+        ]
+        if row_bytes
+        else None,
         "run_over_floor": metrics.get("run_over_floor"),
         "stage_seconds": pipeline.stage_seconds(metrics),
     }
@@ -141,8 +154,9 @@ def fresh_fidelity(model: FleetModel, fresh: FreshRows, campaigns: list[str], mi
         with torch.no_grad():
             logits = map_minibatches(teacher.model, table_to_batch(table, fresh.synth.num_features)).double().numpy()
         p_student = model.predict_columns(campaign_id, table["event_types"].to_pylist(), table["features"].to_pylist())
-        out[campaign_id] = campaign_fidelity(p_student, 1.0 / (1.0 + np.exp(-logits)), table["label"].to_numpy(),
-                                             min_per_class)
+        out[campaign_id] = campaign_fidelity(
+            p_student, 1.0 / (1.0 + np.exp(-logits)), table["label"].to_numpy(), min_per_class
+        )
     return out
 
 
@@ -165,9 +179,20 @@ def check_targets(result: dict) -> list[str]:
     return missed
 
 
-def run_zoo(*, out: str, fleet_dir: str, generators: list[str], teachers: list[str], campaigns: int, seed: int,
-            config: stages.CompressConfig, run_id: str | None = None, address: str | None = None,
-            fresh_rows: int = ZOO_FRESH_ROWS, log=print) -> dict:
+def run_zoo(
+    *,
+    out: str,
+    fleet_dir: str,
+    generators: list[str],
+    teachers: list[str],
+    campaigns: int,
+    seed: int,
+    config: stages.CompressConfig,
+    run_id: str | None = None,
+    address: str | None = None,
+    fresh_rows: int = ZOO_FRESH_ROWS,
+    log=print,
+) -> dict:
     """Make (or reuse) every pair's fleet, compress it, evaluate it; write ``zoo.json`` and ``zoo.md``.
 
     ``run_id`` names every pair's run (default: a timestamp). A pair whose version ``run_id`` is already
@@ -177,8 +202,14 @@ def run_zoo(*, out: str, fleet_dir: str, generators: list[str], teachers: list[s
     hold-out rows only)."""
     os.makedirs(out, exist_ok=True)
     store, tracking = os.path.abspath(f"{out}/store"), f"sqlite:///{os.path.abspath(out)}/mlflow.db"
-    results = {"command": " ".join(sys.argv), "campaigns": campaigns, "seed": seed, "fresh_rows": fresh_rows,
-               "config": config.to_dict(), "pairs": []}
+    results = {
+        "command": " ".join(sys.argv),
+        "campaigns": campaigns,
+        "seed": seed,
+        "fresh_rows": fresh_rows,
+        "config": config.to_dict(),
+        "pairs": [],
+    }
     started = time.perf_counter()
     with pipeline.ray_session(address):
         for generator in generators:
@@ -191,16 +222,34 @@ def run_zoo(*, out: str, fleet_dir: str, generators: list[str], teachers: list[s
                 pair_run = run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
                 gate = None
                 if not _committed(store, f"zoo-{name}", pair_run):
-                    result = pipeline.run_compress(teachers_uri=made["teachers_uri"], events_uri=made["events_uri"],
-                                                   store_uri=store, fleet=f"zoo-{name}", config=config,
-                                                   run_id=pair_run, tracking_uri=tracking, retrain_backbone=True)
+                    result = pipeline.run_compress(
+                        teachers_uri=made["teachers_uri"],
+                        events_uri=made["events_uri"],
+                        store_uri=store,
+                        fleet=f"zoo-{name}",
+                        config=config,
+                        run_id=pair_run,
+                        tracking_uri=tracking,
+                        retrain_backbone=True,
+                    )
                     gate = result.registered.gate if result.registered is not None else None
-                fresh = FreshRows(synth, made["teachers_uri"], tuple(config.allow_loaders), fresh_rows) if fresh_rows else None
-                evaluation = evaluate_run(store, f"zoo-{name}", pair_run, made["events_uri"],
-                                          config.min_auc_class_count, fresh)
-                pair = {"generator": generator, "teacher": teacher, "run_id": pair_run, "synth_seconds": synth_seconds,
-                        "promoted": None if gate is None else bool(gate.passed),
-                        "gate_reasons": None if gate is None else gate.reasons, **evaluation}
+                fresh = (
+                    FreshRows(synth, made["teachers_uri"], tuple(config.allow_loaders), fresh_rows)
+                    if fresh_rows
+                    else None
+                )
+                evaluation = evaluate_run(
+                    store, f"zoo-{name}", pair_run, made["events_uri"], config.min_auc_class_count, fresh
+                )
+                pair = {
+                    "generator": generator,
+                    "teacher": teacher,
+                    "run_id": pair_run,
+                    "synth_seconds": synth_seconds,
+                    "promoted": None if gate is None else bool(gate.passed),
+                    "gate_reasons": None if gate is None else gate.reasons,
+                    **evaluation,
+                }
                 pair["missed_targets"] = check_targets(pair)
                 results["pairs"].append(pair)
                 log(f"zoo {name}: " + _line(pair))
@@ -221,18 +270,22 @@ def _f(value, spec: str = "+.4f") -> str:
 
 
 def _line(pair: dict) -> str:
-    return (f"AUC diff median {_f(pair['auc_diff_median'])} p10 {_f(pair['auc_diff_p10'])} "
-            f"worst {_f(pair['auc_diff_worst'])} vw {_f(pair['auc_diff_volume_weighted'])} "
-            f"top10% {_f(pair['top_decile_auc_diff_median'])} ratio-ok {_f(pair['mean_ratio_within_10pct_share'], '.2f')} "
-            f"ECE+ {_f(pair['ece_excess_median'])} worse-95% {pair.get('auc_significantly_worse', 'n/a')} missed {pair['missed_targets'] or 'none'}")
+    return (
+        f"AUC diff median {_f(pair['auc_diff_median'])} p10 {_f(pair['auc_diff_p10'])} "
+        f"worst {_f(pair['auc_diff_worst'])} vw {_f(pair['auc_diff_volume_weighted'])} "
+        f"top10% {_f(pair['top_decile_auc_diff_median'])} ratio-ok {_f(pair['mean_ratio_within_10pct_share'], '.2f')} "
+        f"ECE+ {_f(pair['ece_excess_median'])} worse-95% {pair.get('auc_significantly_worse', 'n/a')} missed {pair['missed_targets'] or 'none'}"
+    )
 
 
 def render_table(pairs: list[dict]) -> str:
     """The zoo table: one row per (generator, teacher class)."""
-    head = ("| generator | teacher | campaigns (with AUC) | AUC diff median / p10 / worst | significantly worse | "
-            "volume-weighted | "
-            "largest 10% median | mean ratio within 10% | ECE excess median | KL median | verdicts | "
-            "B / campaign | run / floor | targets missed |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|\n")
+    head = (
+        "| generator | teacher | campaigns (with AUC) | AUC diff median / p10 / worst | significantly worse | "
+        "volume-weighted | "
+        "largest 10% median | mean ratio within 10% | ECE excess median | KL median | verdicts | "
+        "B / campaign | run / floor | targets missed |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|\n"
+    )
     lines = []
     for p in pairs:
         verdicts = ", ".join(f"{k} {v}" for k, v in sorted((p.get("status_counts") or {}).items()))
@@ -244,16 +297,22 @@ def render_table(pairs: list[dict]) -> str:
             f"({p.get('top_decile_n_with_auc')}) | {_f(p['mean_ratio_within_10pct_share'], '.2f')} | "
             f"{_f(p['ece_excess_median'])} | {_f(p['kl_median'], '.4f')} | {verdicts} | "
             f"{_f(p['bytes_per_campaign'], '.0f')} | {_f(p['run_over_floor'], '.2f')} | "
-            f"{', '.join(p['missed_targets']) or 'none'} |")
+            f"{', '.join(p['missed_targets']) or 'none'} |"
+        )
     return head + "\n".join(lines) + "\n"
 
 
 #: Columns of :func:`render_comparison`: (metric key of :func:`evaluate_run`, format, higher is better).
 COMPARED = (
-    ("auc_diff_median", "+.4f", True), ("auc_diff_p10", "+.4f", True), ("auc_diff_worst", "+.4f", True),
-    ("auc_diff_volume_weighted", "+.4f", True), ("top_decile_auc_diff_median", "+.4f", True),
-    ("mean_ratio_within_10pct_share", ".2f", True), ("ece_excess_median", "+.4f", False),
-    ("kl_median", ".4f", False), ("kl_p90", ".4f", False),
+    ("auc_diff_median", "+.4f", True),
+    ("auc_diff_p10", "+.4f", True),
+    ("auc_diff_worst", "+.4f", True),
+    ("auc_diff_volume_weighted", "+.4f", True),
+    ("top_decile_auc_diff_median", "+.4f", True),
+    ("mean_ratio_within_10pct_share", ".2f", True),
+    ("ece_excess_median", "+.4f", False),
+    ("kl_median", ".4f", False),
+    ("kl_p90", ".4f", False),
 )
 
 
@@ -261,8 +320,10 @@ def render_comparison(runs: list[tuple[str, dict]]) -> str:
     """Zoo runs side by side (``runs``: (name, zoo.json dict)): per pair, then the mean over pairs of each
     metric and, for every run after the first, on how many pairs it does better than the first."""
     names = [k for k, _, _ in COMPARED]
-    out = ["| pair | run | " + " | ".join(names) + " | verdicts | head row B p50 |",
-           "|---|---|" + "---:|" * len(names) + "---|---:|"]
+    out = [
+        "| pair | run | " + " | ".join(names) + " | verdicts | head row B p50 |",
+        "|---|---|" + "---:|" * len(names) + "---|---:|",
+    ]
     by_pair = [{(p["generator"], p["teacher"]): p for p in r["pairs"]} for _, r in runs]
     pairs = [k for k in by_pair[0] if all(k in b for b in by_pair)]
     for key in pairs:
@@ -270,33 +331,51 @@ def render_comparison(runs: list[tuple[str, dict]]) -> str:
             p = mine[key]
             verdicts = ", ".join(f"{a} {b}" for a, b in sorted((p.get("status_counts") or {}).items()))
             row_bytes = p.get("head_row_bytes_p50_p90_max") or [None]
-            out.append(f"| {key[0]}-{key[1]} | {name} | " + " | ".join(_f(p[k], f) for k, f, _ in COMPARED)
-                       + f" | {verdicts} | {_f(row_bytes[0], '.0f')} |")
+            out.append(
+                f"| {key[0]}-{key[1]} | {name} | "
+                + " | ".join(_f(p[k], f) for k, f, _ in COMPARED)
+                + f" | {verdicts} | {_f(row_bytes[0], '.0f')} |"
+            )
     out += ["", "| run | " + " | ".join(f"mean {k}" for k in names) + " |", "|---|" + "---:|" * len(names)]
     for (name, _), mine in zip(runs, by_pair):
-        means = [np.mean([v for v in (mine[key][k] for key in pairs) if v is not None] or [math.nan])
-                 for k, _, _ in COMPARED]
+        means = [
+            np.mean([v for v in (mine[key][k] for key in pairs) if v is not None] or [math.nan]) for k, _, _ in COMPARED
+        ]
         out.append(f"| {name} | " + " | ".join(_f(float(m), f) for m, (_, f, _) in zip(means, COMPARED)) + " |")
     if len(runs) > 1:
         out += ["", f"| run | pairs on which it does better than {runs[0][0]}, per metric |", "|---|---|"]
         for (name, _), mine in list(zip(runs, by_pair))[1:]:
             counts = []
             for k, _, higher in COMPARED:
-                both = [(by_pair[0][key][k], mine[key][k]) for key in pairs
-                        if by_pair[0][key][k] is not None and mine[key][k] is not None]
+                both = [
+                    (by_pair[0][key][k], mine[key][k])
+                    for key in pairs
+                    if by_pair[0][key][k] is not None and mine[key][k] is not None
+                ]
                 wins = sum((b > a) if higher else (b < a) for a, b in both)
                 counts.append(f"{k} {wins}/{len(both)}")
             out.append(f"| {name} | {'; '.join(counts)} |")
-        out += ["", (f"Paired per campaign (each campaign of every pair against itself under {runs[0][0]}; mean +- "
-                     "standard error, share of campaigns where the run does better):"), "",
-                "| run | " + " | ".join(name for name, _ in PAIRED) + " |", "|---|" + "---:|" * len(PAIRED)]
+        out += [
+            "",
+            (
+                f"Paired per campaign (each campaign of every pair against itself under {runs[0][0]}; mean +- "
+                "standard error, share of campaigns where the run does better):"
+            ),
+            "",
+            "| run | " + " | ".join(name for name, _ in PAIRED) + " |",
+            "|---|" + "---:|" * len(PAIRED),
+        ]
         for (name, _), mine in list(zip(runs, by_pair))[1:]:
             cells = []
             for _, figure in PAIRED:
                 diffs = paired_differences(by_pair[0], mine, figure)
-                cells.append("n/a" if len(diffs) < 2 else f"{diffs.mean():+.4f} +- "
-                             f"{diffs.std(ddof=1) / math.sqrt(len(diffs)):.4f}, better {np.mean(diffs < 0):.2f} "
-                             f"(n={len(diffs)})")
+                cells.append(
+                    "n/a"
+                    if len(diffs) < 2
+                    else f"{diffs.mean():+.4f} +- "
+                    f"{diffs.std(ddof=1) / math.sqrt(len(diffs)):.4f}, better {np.mean(diffs < 0):.2f} "
+                    f"(n={len(diffs)})"
+                )
             out.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
@@ -341,19 +420,34 @@ def paired_differences(first: dict, other: dict, figure) -> np.ndarray:
 def add_arguments(p) -> None:
     """``fleet bench --zoo`` flags (the rest of ``fleet bench``'s flags do not apply)."""
     g = p.add_argument_group("zoo (with --zoo)")
-    g.add_argument("--zoo", action="store_true", help="run every (generator x teacher class) pair of fleet.synthetic.zoo "
-                                                     "and report fidelity per pair (zoo.json, zoo.md)")
+    g.add_argument(
+        "--zoo",
+        action="store_true",
+        help="run every (generator x teacher class) pair of fleet.synthetic.zoo "
+        "and report fidelity per pair (zoo.json, zoo.md)",
+    )
     g.add_argument("--zoo-generators", default=None, help="comma-separated generators (default: all)")
     g.add_argument("--zoo-teachers", default=None, help="comma-separated teacher classes (default: all)")
-    g.add_argument("--zoo-compare", action="append", default=None, metavar="NAME=ZOO_JSON",
-                   help="print zoo runs side by side (per pair, means, wins over the first) and exit; repeatable "
-                        "(default: none)")
-    g.add_argument("--zoo-run-id", default=None,
-                   help="run id of every pair (default: a timestamp); a pair already committed under it is "
-                        "evaluated, not compressed again")
-    g.add_argument("--zoo-fresh-rows", type=int, default=ZOO_FRESH_ROWS,
-                   help="fresh sequences per campaign (new draws of its generator, seen by no teacher or student) "
-                        "the figures are measured on; 0: the run's hold-out rows only (default: %(default)s)")
+    g.add_argument(
+        "--zoo-compare",
+        action="append",
+        default=None,
+        metavar="NAME=ZOO_JSON",
+        help="print zoo runs side by side (per pair, means, wins over the first) and exit; repeatable (default: none)",
+    )
+    g.add_argument(
+        "--zoo-run-id",
+        default=None,
+        help="run id of every pair (default: a timestamp); a pair already committed under it is "
+        "evaluated, not compressed again",
+    )
+    g.add_argument(
+        "--zoo-fresh-rows",
+        type=int,
+        default=ZOO_FRESH_ROWS,
+        help="fresh sequences per campaign (new draws of its generator, seen by no teacher or student) "
+        "the figures are measured on; 0: the run's hold-out rows only (default: %(default)s)",
+    )
 
 
 def run_from_args(args, config: stages.CompressConfig, log) -> int:
@@ -383,9 +477,20 @@ def run_from_args(args, config: stages.CompressConfig, log) -> int:
             print(f"fleet bench: {flag}: unknown {unknown}; known: {sorted(known)}", file=sys.stderr)
             return 2
     # the zoo's teacher classes come through the loader hook as a user's would: allowed like a user's
-    config = replace(config, allow_loaders=[*config.allow_loaders, *([] if ZOO_LOADER in config.allow_loaders
-                                                                     else [ZOO_LOADER])])
-    results = run_zoo(out=args.out, fleet_dir=args.fleet_dir or "fleet-data/zoo", generators=generators,
-                      teachers=teachers, campaigns=args.campaigns, seed=args.seed, config=config,
-                      run_id=args.zoo_run_id, address=args.address, fresh_rows=args.zoo_fresh_rows, log=log)
+    config = replace(
+        config, allow_loaders=[*config.allow_loaders, *([] if ZOO_LOADER in config.allow_loaders else [ZOO_LOADER])]
+    )
+    results = run_zoo(
+        out=args.out,
+        fleet_dir=args.fleet_dir or "fleet-data/zoo",
+        generators=generators,
+        teachers=teachers,
+        campaigns=args.campaigns,
+        seed=args.seed,
+        config=config,
+        run_id=args.zoo_run_id,
+        address=args.address,
+        fresh_rows=args.zoo_fresh_rows,
+        log=log,
+    )
     return 0 if all(not p["missed_targets"] for p in results["pairs"]) else 1

@@ -36,24 +36,43 @@ def _add_synth(p) -> None:
     p.add_argument("--campaigns", type=int, required=True, help="number of campaigns (with --entities user: users)")
     p.add_argument("--out", required=True, help="output URI; writes OUT/events/ and OUT/teachers/")
     p.add_argument("--seed", type=int, default=0, help="random seed of the data and the teachers")
-    p.add_argument("--entities", choices=["campaign", "user"], default="campaign",
-                   help="campaign: one teacher directory each; user: many small entities whose teachers are trained "
-                        f"--pack-size at a time and written as {PACK_FORMAT} packs (default: %(default)s)")
-    p.add_argument("--pack-size", type=int, default=None, help="teachers per pack (--entities user only; default: 1024)")
+    p.add_argument(
+        "--entities",
+        choices=["campaign", "user"],
+        default="campaign",
+        help="campaign: one teacher directory each; user: many small entities whose teachers are trained "
+        f"--pack-size at a time and written as {PACK_FORMAT} packs (default: %(default)s)",
+    )
+    p.add_argument(
+        "--pack-size", type=int, default=None, help="teachers per pack (--entities user only; default: 1024)"
+    )
     p.add_argument("--arch", choices=["lstm", "gru"], default="lstm", help="teacher RNN cell (with --teacher rnn)")
     p.add_argument("--hidden", type=int, default=None, help="teacher hidden size (default: 256; per user: 16)")
     p.add_argument("--layers", type=int, default=None, help="teacher RNN layers (default: 2; per user: 1)")
     p.add_argument("--num-event-types", type=int, default=64, help="event type vocabulary size")
     p.add_argument("--num-features", type=int, default=8, help="numeric features per event")
     p.add_argument("--min-sequences", type=int, default=None, help="smallest entity size (default: 100; per user: 20)")
-    p.add_argument("--max-sequences", type=int, default=None,
-                   help="largest entity size (default: 20000; per user: 300)")
-    p.add_argument("--max-epochs", type=int, default=None,
-                   help="teacher training epochs at most, early stopping (default: 12; per user: 8)")
-    p.add_argument("--generator", choices=["default", "affinity", "interaction"], default="default",
-                   help="how campaigns are generated (fleet.synthetic.zoo; default: %(default)s)")
-    p.add_argument("--teacher", choices=["rnn", "attn_gru", "conv"], default="rnn",
-                   help="teacher class: rnn = --arch LSTM/GRU, attn_gru / conv = fleet.synthetic.zoo's (default: %(default)s)")
+    p.add_argument(
+        "--max-sequences", type=int, default=None, help="largest entity size (default: 20000; per user: 300)"
+    )
+    p.add_argument(
+        "--max-epochs",
+        type=int,
+        default=None,
+        help="teacher training epochs at most, early stopping (default: 12; per user: 8)",
+    )
+    p.add_argument(
+        "--generator",
+        choices=["default", "affinity", "interaction"],
+        default="default",
+        help="how campaigns are generated (fleet.synthetic.zoo; default: %(default)s)",
+    )
+    p.add_argument(
+        "--teacher",
+        choices=["rnn", "attn_gru", "conv"],
+        default="rnn",
+        help="teacher class: rnn = --arch LSTM/GRU, attn_gru / conv = fleet.synthetic.zoo's (default: %(default)s)",
+    )
     p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
     p.add_argument("--storage-options", type=json_object, default=None, help="fsspec options as JSON (default: none)")
     p.set_defaults(handler=_cmd_synth)
@@ -69,10 +88,21 @@ def _cmd_synth(args, console) -> int:
     from fleet.synthetic.synth import SynthConfig, user_config
     from fleet.synthetic.zoo import build_teacher
 
-    common = {"seed": args.seed, "arch": args.arch, "num_event_types": args.num_event_types,
-              "num_features": args.num_features, "generator": args.generator, "teacher": args.teacher}
-    sized = {"hidden_size": args.hidden, "num_layers": args.layers, "min_sequences": args.min_sequences,
-             "max_sequences": args.max_sequences, "max_epochs": args.max_epochs}
+    common = {
+        "seed": args.seed,
+        "arch": args.arch,
+        "num_event_types": args.num_event_types,
+        "num_features": args.num_features,
+        "generator": args.generator,
+        "teacher": args.teacher,
+    }
+    sized = {
+        "hidden_size": args.hidden,
+        "num_layers": args.layers,
+        "min_sequences": args.min_sequences,
+        "max_sequences": args.max_sequences,
+        "max_epochs": args.max_epochs,
+    }
     if args.entities == "user":
         config = user_config(args.campaigns, pack_size=args.pack_size, **common, **sized)
     elif args.pack_size is not None:
@@ -89,13 +119,19 @@ def _cmd_synth(args, console) -> int:
     table.add_column("value", justify="right")
     table.add_row("users" if config.entities == "user" else "campaigns", str(len(stats)))
     table.add_row("sequences (total)", f"{rows.sum():,}")
-    table.add_row("campaign size min / median / p90 / max", f"{rows.min()} / {np.median(rows):.0f} / {np.percentile(rows, 90):.0f} / {rows.max()}")
+    table.add_row(
+        "campaign size min / median / p90 / max",
+        f"{rows.min()} / {np.median(rows):.0f} / {np.percentile(rows, 90):.0f} / {rows.max()}",
+    )
     table.add_row("label rate min / median / max", f"{rates.min():.3f} / {np.median(rates):.3f} / {rates.max():.3f}")
     kind = {"rnn": config.arch.upper(), "attn_gru": "attention GRU"}.get(config.teacher, "conv")
     layers = 2 if config.teacher == "conv" else config.num_layers
     table.add_row("generator", config.generator)
-    table.add_row("teacher", f"{layers}-layer {kind} h={config.hidden_size}: "
-                  f"{sum(p.numel() for p in teacher.parameters()):,} params, {decimal(teacher_num_bytes(teacher))}")
+    table.add_row(
+        "teacher",
+        f"{layers}-layer {kind} h={config.hidden_size}: "
+        f"{sum(p.numel() for p in teacher.parameters()):,} params, {decimal(teacher_num_bytes(teacher))}",
+    )
     trained = [s for s in stats if not s["resumed"]]
     if config.entities == "user":
         table.add_row(f"teachers per pack ({PACK_FORMAT})", str(config.pack_size))
@@ -111,8 +147,14 @@ def _add_pack_teachers(p) -> None:
     p.add_argument("src", help="teacher root URI to read (campaign directories and/or packs)")
     p.add_argument("dst", help="new teacher root URI to write DST/packs/pack-NNNNN/ into (must be empty or absent)")
     p.add_argument("--pack-size", type=int, default=1024, help="teachers per pack at most (default: %(default)s)")
-    p.add_argument("--allow-loader", action="append", default=[], type=_loader_spec, metavar="MODULE:FUNCTION",
-                   help="allow this custom teacher loader (repeatable; default: installed entry points only)")
+    p.add_argument(
+        "--allow-loader",
+        action="append",
+        default=[],
+        type=_loader_spec,
+        metavar="MODULE:FUNCTION",
+        help="allow this custom teacher loader (repeatable; default: installed entry points only)",
+    )
     p.add_argument("--storage-options", type=json_object, default=None, help="fsspec options as JSON (default: none)")
     p.set_defaults(handler=_cmd_pack_teachers)
 
@@ -128,8 +170,10 @@ def _cmd_pack_teachers(args, console) -> int:
     for campaign_id, reason in sorted(result["skipped"].items()):
         cli_serving.ERRORS.print(f"skipped {campaign_id}: {scrub(reason)}", highlight=False, markup=False)
     skipped = len(result["skipped"])
-    console.print(f"{result['packed']} teachers in {result['packs']} packs under {args.dst.rstrip('/')}/packs"
-                  + (f"; {skipped} skipped (stderr)" if skipped else ""))
+    console.print(
+        f"{result['packed']} teachers in {result['packs']} packs under {args.dst.rstrip('/')}/packs"
+        + (f"; {skipped} skipped (stderr)" if skipped else "")
+    )
     return EXIT_QUARANTINED if skipped else EXIT_OK
 
 
@@ -138,39 +182,77 @@ def _add_compress(p) -> None:
     p.add_argument("--events", required=True, help="events dataset URI (Parquet)")
     p.add_argument("--store", default=DEFAULT_STORE, help="store URI for fleet versions (default: %(default)s)")
     p.add_argument("--fleet", default=DEFAULT_FLEET, help="fleet name = MLflow registered model (default: %(default)s)")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///fleet-data/mlflow.db)")
-    p.add_argument("--bits", choices=["auto", *(str(b) for b in reversed(SUPPORTED_BITS))], default=None,
-                   help="head bits (default: the config's bits, auto unless --config says otherwise)")
-    p.add_argument("--codec", choices=list(CODECS), default=None,
-                   help="how heads are stored: packed integer codes or bloomier (Weightless: pruned, clustered, "
-                        "Bloomier-filter encoded per row group; docs/quantization.md) (default: the config's codec, "
-                        "packed unless --config says otherwise)")
-    p.add_argument("--run-id", default=None,
-                   help="run id = version id (default: the UTC time, YYYYMMDDTHHMMSSZ, printed at the start); re-use "
-                        "it to resume an interrupted or crashed run")
-    p.add_argument("--force-config", action="store_true",
-                   help="resume --run-id with a configuration other than the one it was planned with (finished "
-                        "shards are kept; without this flag such a resume is a usage error)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///fleet-data/mlflow.db)",
+    )
+    p.add_argument(
+        "--bits",
+        choices=["auto", *(str(b) for b in reversed(SUPPORTED_BITS))],
+        default=None,
+        help="head bits (default: the config's bits, auto unless --config says otherwise)",
+    )
+    p.add_argument(
+        "--codec",
+        choices=list(CODECS),
+        default=None,
+        help="how heads are stored: packed integer codes or bloomier (Weightless: pruned, clustered, "
+        "Bloomier-filter encoded per row group; docs/quantization.md) (default: the config's codec, "
+        "packed unless --config says otherwise)",
+    )
+    p.add_argument(
+        "--run-id",
+        default=None,
+        help="run id = version id (default: the UTC time, YYYYMMDDTHHMMSSZ, printed at the start); re-use "
+        "it to resume an interrupted or crashed run",
+    )
+    p.add_argument(
+        "--force-config",
+        action="store_true",
+        help="resume --run-id with a configuration other than the one it was planned with (finished "
+        "shards are kept; without this flag such a resume is a usage error)",
+    )
     p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray sized to the machine)")
     p.add_argument("--retrain-backbone", action="store_true", help="retrain the backbone and refit every head")
-    p.add_argument("--config", default=None,
-                   help="JSON or TOML file of CompressConfig fields (default: CompressConfig's defaults, "
-                        "docs/compression.md)")
-    p.add_argument("--storage-options", type=json_object, default=None,
-                   help=f"fsspec options as JSON, e.g. an S3 endpoint (default: ${ENV_STORAGE_OPTIONS})")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="JSON or TOML file of CompressConfig fields (default: CompressConfig's defaults, docs/compression.md)",
+    )
+    p.add_argument(
+        "--storage-options",
+        type=json_object,
+        default=None,
+        help=f"fsspec options as JSON, e.g. an S3 endpoint (default: ${ENV_STORAGE_OPTIONS})",
+    )
     p.add_argument("--no-register", action="store_true", help="write the version but do not register it in MLflow")
-    p.add_argument("--no-parent", action="store_true",
-                   help="full run without a parent: do not look up the champion (needed when the registry cannot "
-                        "be read; with --no-register no registry is used at all)")
-    p.add_argument("--allow-loader", action="append", default=[], type=_loader_spec, metavar="MODULE:FUNCTION",
-                   help="allow teachers whose config.json names this loader (repeatable; installed "
-                        "fleet.teacher_loaders entry points are always allowed, any other loader is quarantined; "
-                        "default: none)")
-    p.add_argument("--dashboard", action="store_true",
-                   help="start the local Ray's dashboard, on 127.0.0.1 only (default: no dashboard)")
-    p.add_argument("--json", action="store_true",
-                   help="print the end-of-run summary as JSON on stdout (summary_json) instead of a table")
+    p.add_argument(
+        "--no-parent",
+        action="store_true",
+        help="full run without a parent: do not look up the champion (needed when the registry cannot "
+        "be read; with --no-register no registry is used at all)",
+    )
+    p.add_argument(
+        "--allow-loader",
+        action="append",
+        default=[],
+        type=_loader_spec,
+        metavar="MODULE:FUNCTION",
+        help="allow teachers whose config.json names this loader (repeatable; installed "
+        "fleet.teacher_loaders entry points are always allowed, any other loader is quarantined; "
+        "default: none)",
+    )
+    p.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="start the local Ray's dashboard, on 127.0.0.1 only (default: no dashboard)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the end-of-run summary as JSON on stdout (summary_json) instead of a table",
+    )
     p.set_defaults(handler=_cmd_compress)
 
 
@@ -206,11 +288,24 @@ def _cmd_compress(args, console) -> int:
     resume = resume_command(["fleet"], args.argv, run_id, options)
     try:
         result = compress(
-            args.teachers, args.events, store=args.store, fleet=args.fleet, config=args.config, bits=args.bits,
-            codec=args.codec, allow_loaders=args.allow_loader, run_id=run_id, tracking_uri=args.tracking_uri,
-            address=args.address, retrain_backbone=args.retrain_backbone, storage_options=options,
-            register=not args.no_register, dashboard=args.dashboard, no_parent=args.no_parent,
-            force_config=args.force_config, resume_command=resume,
+            args.teachers,
+            args.events,
+            store=args.store,
+            fleet=args.fleet,
+            config=args.config,
+            bits=args.bits,
+            codec=args.codec,
+            allow_loaders=args.allow_loader,
+            run_id=run_id,
+            tracking_uri=args.tracking_uri,
+            address=args.address,
+            retrain_backbone=args.retrain_backbone,
+            storage_options=options,
+            register=not args.no_register,
+            dashboard=args.dashboard,
+            no_parent=args.no_parent,
+            force_config=args.force_config,
+            resume_command=resume,
         )
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the line short
@@ -222,18 +317,22 @@ def _cmd_compress(args, console) -> int:
     else:
         console.print(summary_table(result))
         for reject in result.rejects[:20]:
-            console.print(f"[yellow]quarantined[/yellow] {reject['campaign_id']} ({reject['stage']}): "
-                          f"{reject['reason']}")
+            console.print(
+                f"[yellow]quarantined[/yellow] {reject['campaign_id']} ({reject['stage']}): {reject['reason']}"
+            )
     existing = result.registered is not None and result.registered.existing
     gate = result.registered.gate if result.registered is not None else None
     if gate is not None and not gate.passed and not existing:
-        sys.stderr.write(f"not promoted: {result.registered.name} version {result.registered.version} "
-                         f"({result.version_id}) failed its quality gate:\n")
+        sys.stderr.write(
+            f"not promoted: {result.registered.name} version {result.registered.version} "
+            f"({result.version_id}) failed its quality gate:\n"
+        )
         for reason in gate.reasons:
             sys.stderr.write(f"  - {reason}\n")
         where = f" --tracking-uri {scrub(args.tracking_uri)}" if args.tracking_uri else ""
-        sys.stderr.write(f"to promote it anyway: fleet promote {result.registered.name} {result.registered.version}"
-                         f"{where}\n")
+        sys.stderr.write(
+            f"to promote it anyway: fleet promote {result.registered.name} {result.registered.version}{where}\n"
+        )
     return result.exit_code
 
 
@@ -248,14 +347,26 @@ def summary_json(result) -> dict:
     registered = None
     if result.registered is not None:
         r = result.registered
-        registered = {"name": r.name, "version": r.version, "run_id": r.run_id, "existing": r.existing,
-                      "champion": r.champion,
-                      "gate": None if r.gate is None else "passed" if r.gate.passed else "failed",
-                      "gate_reasons": [] if r.gate is None else list(r.gate.reasons),
-                      "gate_notes": [] if r.gate is None else list(r.gate.notes)}
-    return json_safe({"version_id": result.version_id, "manifest_uri": scrub(result.manifest_uri),
-                      "exit_code": result.exit_code, "metrics": result.metrics, "registered": registered,
-                      "rejects": list(result.rejects)})
+        registered = {
+            "name": r.name,
+            "version": r.version,
+            "run_id": r.run_id,
+            "existing": r.existing,
+            "champion": r.champion,
+            "gate": None if r.gate is None else "passed" if r.gate.passed else "failed",
+            "gate_reasons": [] if r.gate is None else list(r.gate.reasons),
+            "gate_notes": [] if r.gate is None else list(r.gate.notes),
+        }
+    return json_safe(
+        {
+            "version_id": result.version_id,
+            "manifest_uri": scrub(result.manifest_uri),
+            "exit_code": result.exit_code,
+            "metrics": result.metrics,
+            "registered": registered,
+            "rejects": list(result.rejects),
+        }
+    )
 
 
 def summary_table(result):
@@ -267,14 +378,18 @@ def summary_table(result):
     table = Table(title=f"fleet version {result.version_id}")
     table.add_column("figure")
     table.add_column("value", justify="right")
-    table.add_row("campaigns ok / reused / quarantined",
-                  f"{m['campaigns_ok']} / {m['campaigns_reused']} / {m['campaigns_quarantined']}")
+    table.add_row(
+        "campaigns ok / reused / quarantined",
+        f"{m['campaigns_ok']} / {m['campaigns_reused']} / {m['campaigns_quarantined']}",
+    )
     table.add_row("heads bytes (per campaign)", f"{m['heads_bytes']:,} ({m['bytes_per_campaign']:.1f} B)")
     table.add_row("backbone bytes", f"{m['backbone_bytes']:,}")
     table.add_row("compression ratio vs fp32 teachers", f"{m['compression_ratio']:,.0f}x")
     table.add_row("bits 1/2/4/8/16 (campaigns)", " / ".join(str(m[f"bits_{b}_campaigns"]) for b in SUPPORTED_BITS))
-    table.add_row("AUC diff student-teacher median / p10",
-                  f"{fmt(m['fidelity_auc_diff_median'], '+.4f')} / {fmt(m['fidelity_auc_diff_p10'], '+.4f')}")
+    table.add_row(
+        "AUC diff student-teacher median / p10",
+        f"{fmt(m['fidelity_auc_diff_median'], '+.4f')} / {fmt(m['fidelity_auc_diff_p10'], '+.4f')}",
+    )
     table.add_row("mean |p_s - p_t| median", fmt(m["fidelity_mean_abs_diff_median"], ".4f"))
     table.add_row("rows truncated to max_sequence_length", f"{m.get('rows_truncated', 0):,}")
     for stage in ("soft_labels", "backbone", "heads", "finalize"):
@@ -285,10 +400,15 @@ def summary_table(result):
         r = result.registered
         gate = "passed" if r.gate is None or r.gate.passed else "failed: " + "; ".join(r.gate.reasons)
         if r.existing:
-            table.add_row("MLflow", f"{r.name} v{r.version} already registered, nothing new (gate {gate}; "
-                                    f"{'champion' if r.champion else 'not champion'})")
+            table.add_row(
+                "MLflow",
+                f"{r.name} v{r.version} already registered, nothing new (gate {gate}; "
+                f"{'champion' if r.champion else 'not champion'})",
+            )
         else:
-            table.add_row("MLflow", f"{r.name} v{r.version} (gate {gate}; champion {'moved' if r.champion else 'kept'})")
+            table.add_row(
+                "MLflow", f"{r.name} v{r.version} (gate {gate}; champion {'moved' if r.champion else 'kept'})"
+            )
     return table
 
 
@@ -308,14 +428,20 @@ def _add_rollback(p) -> None:
 def _add_versions(p) -> None:
     p.add_argument("name", help="fleet (registered model) name")
     _add_tracking_uri(p)
-    p.add_argument("--json", action="store_true",
-                   help="print the versions as a JSON list (fleet.storage.registry.list_versions' rows) instead of a table")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the versions as a JSON list (fleet.storage.registry.list_versions' rows) instead of a table",
+    )
     p.set_defaults(handler=_cmd_versions)
 
 
 def _add_tracking_uri(p) -> None:
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///fleet-data/mlflow.db)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///fleet-data/mlflow.db)",
+    )
 
 
 def _cmd_promote(args, console) -> int:
@@ -347,8 +473,14 @@ def _cmd_versions(args, console) -> int:
     for column in ("version", "version_id", "aliases", "gate", "created", "why not promoted"):
         table.add_column(column)
     for v in rows:
-        table.add_row(str(v["version"]), str(v["version_id"]), ",".join(v["aliases"]), str(v["gate"]), str(v["created"]),
-                      "; ".join(v["gate_reasons"]))
+        table.add_row(
+            str(v["version"]),
+            str(v["version_id"]),
+            ",".join(v["aliases"]),
+            str(v["gate"]),
+            str(v["created"]),
+            "; ".join(v["gate_reasons"]),
+        )
     console.print(table)
     return EXIT_OK
 
@@ -367,14 +499,25 @@ def _cmd_bench(args, console) -> int:
 
 
 def _add_diff(p) -> None:
-    p.add_argument("a", metavar="A", help="the old version: models:/NAME@alias, models:/NAME/N, a version/manifest "
-                                          "URI, or with --fleet a bare alias or version number")
+    p.add_argument(
+        "a",
+        metavar="A",
+        help="the old version: models:/NAME@alias, models:/NAME/N, a version/manifest "
+        "URI, or with --fleet a bare alias or version number",
+    )
     p.add_argument("b", metavar="B", help="the new version, as A")
-    p.add_argument("--fleet", default=None,
-                   help="registered model whose versions a bare A or B name (3 -> models:/NAME/3, champion -> "
-                        "models:/NAME@champion; default: none, A and B are URIs)")
-    p.add_argument("--max-ids", type=cli_serving._non_negative_int, default=20,
-                   help="campaign ids listed per category (added, removed, refit, ...; 0: all)")
+    p.add_argument(
+        "--fleet",
+        default=None,
+        help="registered model whose versions a bare A or B name (3 -> models:/NAME/3, champion -> "
+        "models:/NAME@champion; default: none, A and B are URIs)",
+    )
+    p.add_argument(
+        "--max-ids",
+        type=cli_serving._non_negative_int,
+        default=20,
+        help="campaign ids listed per category (added, removed, refit, ...; 0: all)",
+    )
     p.add_argument("--json", action="store_true", help="print the diff as JSON (fleet.diff's result)")
     cli_serving._add_model_options(p)
     p.set_defaults(handler=_cmd_diff)
@@ -384,8 +527,9 @@ def _cmd_diff(args, console) -> int:
     from fleet.versions.version_diff import diff_table, diff_versions, model_uri
 
     a, b = model_uri(args.a, args.fleet), model_uri(args.b, args.fleet)
-    result = diff_versions(a, b, tracking_uri=args.tracking_uri, storage_options=args.storage_options,
-                           max_ids=args.max_ids or None)
+    result = diff_versions(
+        a, b, tracking_uri=args.tracking_uri, storage_options=args.storage_options, max_ids=args.max_ids or None
+    )
     if args.json:
         sys.stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
     else:
@@ -395,15 +539,24 @@ def _cmd_diff(args, console) -> int:
 
 
 def _add_report(p) -> None:
-    p.add_argument("uri", metavar="VERSION_OR_URI",
-                   help="models:/NAME@alias, models:/NAME/N, a version directory or manifest.json URI, or with --fleet "
-                        "a bare alias or version number")
-    p.add_argument("--fleet", default=None,
-                   help="registered model whose versions a bare VERSION_OR_URI names (3 -> models:/NAME/3, champion -> "
-                        "models:/NAME@champion; default: none)")
-    p.add_argument("--out", default=None,
-                   help="file to write the HTML page to, '-' for stdout (default: report-<version id>.html in the "
-                        "current directory); never the version directory, which is immutable")
+    p.add_argument(
+        "uri",
+        metavar="VERSION_OR_URI",
+        help="models:/NAME@alias, models:/NAME/N, a version directory or manifest.json URI, or with --fleet "
+        "a bare alias or version number",
+    )
+    p.add_argument(
+        "--fleet",
+        default=None,
+        help="registered model whose versions a bare VERSION_OR_URI names (3 -> models:/NAME/3, champion -> "
+        "models:/NAME@champion; default: none)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="file to write the HTML page to, '-' for stdout (default: report-<version id>.html in the "
+        "current directory); never the version directory, which is immutable",
+    )
     cli_serving._add_model_options(p)
     p.set_defaults(handler=_cmd_report)
 
@@ -414,8 +567,9 @@ def _cmd_report(args, console) -> int:
     from fleet.versions.version_diff import model_uri
 
     options = args.storage_options if args.storage_options is not None else storage_options_from_env()
-    page, version_id = version_report(model_uri(args.uri, args.fleet), tracking_uri=args.tracking_uri,
-                                      storage_options=options)
+    page, version_id = version_report(
+        model_uri(args.uri, args.fleet), tracking_uri=args.tracking_uri, storage_options=options
+    )
     if args.out == "-":
         sys.stdout.write(page)
         return EXIT_OK
@@ -435,18 +589,33 @@ def _add_gc(p) -> None:
     p.add_argument("name", help="fleet (registered model) name")
     p.add_argument("--store", default=DEFAULT_STORE, help="store URI of the fleet's versions")
     _add_tracking_uri(p)
-    p.add_argument("--keep-last", type=cli_serving._non_negative_int, default=DEFAULT_KEEP_LAST,
-                   help="keep the N newest committed versions (whatever else they are)")
-    p.add_argument("--grace-hours", type=_non_negative_float, default=DEFAULT_GRACE_HOURS,
-                   help="keep any version created, or moved off an alias, and any run finished, less than this "
-                        "many hours ago: readers may still use it")
+    p.add_argument(
+        "--keep-last",
+        type=cli_serving._non_negative_int,
+        default=DEFAULT_KEEP_LAST,
+        help="keep the N newest committed versions (whatever else they are)",
+    )
+    p.add_argument(
+        "--grace-hours",
+        type=_non_negative_float,
+        default=DEFAULT_GRACE_HOURS,
+        help="keep any version created, or moved off an alias, and any run finished, less than this "
+        "many hours ago: readers may still use it",
+    )
     p.add_argument("--yes", action="store_true", help="delete (default: dry run, print what would be deleted)")
-    p.add_argument("--no-registry", action="store_true",
-                   help="a store without registry (versions written with --no-register): no alias is read and no "
-                        "model version deleted; only --keep-last and --grace-hours protect versions")
+    p.add_argument(
+        "--no-registry",
+        action="store_true",
+        help="a store without registry (versions written with --no-register): no alias is read and no "
+        "model version deleted; only --keep-last and --grace-hours protect versions",
+    )
     p.add_argument("--json", action="store_true", help="print the plan (and what was deleted) as JSON")
-    p.add_argument("--storage-options", type=json_object, default=None,
-                   help=f"fsspec storage options as JSON (default: ${ENV_STORAGE_OPTIONS})")
+    p.add_argument(
+        "--storage-options",
+        type=json_object,
+        default=None,
+        help=f"fsspec storage options as JSON (default: ${ENV_STORAGE_OPTIONS})",
+    )
     p.set_defaults(handler=_cmd_gc)
 
 
@@ -459,12 +628,20 @@ def _cmd_gc(args, console) -> int:
     from fleet.versions.retention import apply_plan, plan_gc, plan_json, plan_tables
 
     options = args.storage_options if args.storage_options is not None else storage_options_from_env()
-    plan = plan_gc(args.store, args.name, tracking_uri=args.tracking_uri, storage_options=options,
-                   keep_last=args.keep_last, grace_hours=args.grace_hours, registry=not args.no_registry)
+    plan = plan_gc(
+        args.store,
+        args.name,
+        tracking_uri=args.tracking_uri,
+        storage_options=options,
+        keep_last=args.keep_last,
+        grace_hours=args.grace_hours,
+        registry=not args.no_registry,
+    )
     failures = apply_plan(plan) if args.yes else []
     if args.json:
-        sys.stdout.write(json.dumps(plan_json(plan, applied=args.yes, failures=failures), indent=2, sort_keys=True)
-                         + "\n")
+        sys.stdout.write(
+            json.dumps(plan_json(plan, applied=args.yes, failures=failures), indent=2, sort_keys=True) + "\n"
+        )
     else:
         for table in plan_tables(plan, applied=args.yes):
             console.print(table)

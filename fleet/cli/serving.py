@@ -58,11 +58,17 @@ _positive_float = _bounded(float, 0, strict=True, kind="a number")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI for models:/ URIs (default: $MLFLOW_TRACKING_URI or "
-                        "sqlite:///fleet-data/mlflow.db)")
-    p.add_argument("--storage-options", type=json_object, default=None,
-                   help=f"fsspec storage options as JSON (default: ${ENV_STORAGE_OPTIONS})")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI for models:/ URIs (default: $MLFLOW_TRACKING_URI or sqlite:///fleet-data/mlflow.db)",
+    )
+    p.add_argument(
+        "--storage-options",
+        type=json_object,
+        default=None,
+        help=f"fsspec storage options as JSON (default: ${ENV_STORAGE_OPTIONS})",
+    )
 
 
 class _RefuseSecretFlag(argparse.Action):
@@ -70,8 +76,10 @@ class _RefuseSecretFlag(argparse.Action):
     echoes the value."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.error(f"{option_string} is not accepted: a token on the command line is visible to every "
-                     f"user (ps); set ${ENV_ADMIN_TOKEN} or pass --admin-token-file PATH")
+        parser.error(
+            f"{option_string} is not accepted: a token on the command line is visible to every "
+            f"user (ps); set ${ENV_ADMIN_TOKEN} or pass --admin-token-file PATH"
+        )
 
 
 def _admin_token(path: str | None) -> str | None:
@@ -104,8 +112,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if ("default" in text.lower() or not action.option_strings or action.nargs == 0
-                or action.default in (None, argparse.SUPPRESS)):
+        if (
+            "default" in text.lower()
+            or not action.option_strings
+            or action.nargs == 0
+            or action.default in (None, argparse.SUPPRESS)
+        ):
             return text
         return text + " (default: %(default)s)"
 
@@ -115,31 +127,34 @@ COMMANDS = {
     "serve": "serve a fleet version over HTTP (predict, campaigns, health, metrics)",
     "predict": "score sequences from a JSONL or Parquet file; one probability per line",
     "inspect": "check a fleet version's files (exit 1 if any is missing or corrupt) and summarise it, or one "
-               "campaign's head",
+    "campaign's head",
 }
 
 
 def register(subparsers) -> None:
     """Add ``serve``, ``predict`` and ``inspect`` to ``fleet``'s subparsers."""
     for name, add in (("serve", add_serve), ("predict", add_predict), ("inspect", add_inspect)):
-        add(subparsers.add_parser(name, help=COMMANDS[name], description=COMMANDS[name],
-                                  formatter_class=HelpFormatter))
+        add(subparsers.add_parser(name, help=COMMANDS[name], description=COMMANDS[name], formatter_class=HelpFormatter))
 
 
 def _heads_help() -> str:
     """Help text of ``--heads`` (serve, predict)."""
     from fleet.serve.serving import DEFAULT_HEADS
 
-    return (f"how heads are kept (default {DEFAULT_HEADS}): resident = every head in memory, quantized "
-            "(read once at start); lru = read on first use into the --cache-size LRU; dense = --preload")
+    return (
+        f"how heads are kept (default {DEFAULT_HEADS}): resident = every head in memory, quantized "
+        "(read once at start); lru = read on first use into the --cache-size LRU; dense = --preload"
+    )
 
 
 def _backend_help() -> str:
     """Help text of ``--backend`` (serve, predict)."""
     from fleet.serve.serving import DEFAULT_BACKEND
 
-    return (f"how the backbone runs (default {DEFAULT_BACKEND}): numpy = pure-numpy GRU/LSTM forward; "
-            "torch = the torch module (docs/serving.md, Backbone backend)")
+    return (
+        f"how the backbone runs (default {DEFAULT_BACKEND}): numpy = pure-numpy GRU/LSTM forward; "
+        "torch = the torch module (docs/serving.md, Backbone backend)"
+    )
 
 
 def add_serve(p: argparse.ArgumentParser) -> None:
@@ -157,29 +172,57 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="models:/NAME@alias, models:/NAME/N, or a version/manifest URI")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8080, help="TCP port to listen on")
-    p.add_argument("--cache-size", type=_non_negative_int, default=DEFAULT_CACHE_SIZE,
-                   help="heads kept dequantized in the LRU (0: no cache)")
+    p.add_argument(
+        "--cache-size",
+        type=_non_negative_int,
+        default=DEFAULT_CACHE_SIZE,
+        help="heads kept dequantized in the LRU (0: no cache)",
+    )
     p.add_argument("--preload", action="store_true", help="decode every head at start (no per-request I/O)")
     p.add_argument("--heads", choices=HEAD_MODES, default=None, help=heads_help)
     p.add_argument("--backend", choices=BACKENDS, default=None, help=_backend_help())
-    p.add_argument("--poll-seconds", type=_positive_float, default=None,
-                   help="re-resolve a models:/ alias this often and swap to a new version (default: never)")
+    p.add_argument(
+        "--poll-seconds",
+        type=_positive_float,
+        default=None,
+        help="re-resolve a models:/ alias this often and swap to a new version (default: never)",
+    )
     p.add_argument("--max-body-bytes", type=_positive_int, default=1_000_000, help="largest request body")
     p.add_argument("--max-sequences", type=_positive_int, default=1024, help="sequences (or rows) per request")
-    p.add_argument("--max-score-campaigns", type=_positive_int, default=DEFAULT_MAX_SCORE_CAMPAIGNS,
-                   help="campaigns a POST /v1/score may name or get back")
-    p.add_argument("--max-sequence-length", type=_positive_int, default=DEFAULT_MAX_SEQUENCE_LENGTH,
-                   help="events per sequence")
-    p.add_argument("--threads", type=_positive_int, default=None,
-                   help="torch inference threads (process-wide; default: torch's own choice)")
-    p.add_argument("--no-verify", action="store_true",
-                   help="skip the sha256 check of the heads files at start (the backbone is always checked)")
-    p.add_argument("--admin-token-file", default=None, metavar="PATH",
-                   help=f"enable /admin/* behind 'Authorization: Bearer TOKEN', TOKEN read from this file "
-                        f"(default: ${ENV_ADMIN_TOKEN}; without either, /admin/* is disabled)")
+    p.add_argument(
+        "--max-score-campaigns",
+        type=_positive_int,
+        default=DEFAULT_MAX_SCORE_CAMPAIGNS,
+        help="campaigns a POST /v1/score may name or get back",
+    )
+    p.add_argument(
+        "--max-sequence-length", type=_positive_int, default=DEFAULT_MAX_SEQUENCE_LENGTH, help="events per sequence"
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch inference threads (process-wide; default: torch's own choice)",
+    )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the sha256 check of the heads files at start (the backbone is always checked)",
+    )
+    p.add_argument(
+        "--admin-token-file",
+        default=None,
+        metavar="PATH",
+        help=f"enable /admin/* behind 'Authorization: Bearer TOKEN', TOKEN read from this file "
+        f"(default: ${ENV_ADMIN_TOKEN}; without either, /admin/* is disabled)",
+    )
     p.add_argument("--admin-token", action=_RefuseSecretFlag, help=argparse.SUPPRESS)
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                   help="uvicorn's log level")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's log level",
+    )
     p.add_argument("--ray", action="store_true", help="serve with Ray Serve (replicas behind one HTTP proxy)")
     p.add_argument("--replicas", type=_positive_int, default=1, help="Ray Serve replicas (with --ray)")
     _add_model_options(p)
@@ -191,21 +234,42 @@ def add_predict(p: argparse.ArgumentParser) -> None:
     from fleet.serve.serving import BACKENDS, DEFAULT_CACHE_SIZE, HEAD_MODES
 
     p.add_argument("--model", required=True, help="models:/NAME@alias, models:/NAME/N, or a version/manifest URI")
-    p.add_argument("--campaign", default=None,
-                   help="score every sequence with this campaign's head (default: none; then rows need campaign_id)")
-    p.add_argument("--input", required=True,
-                   help="FILE.jsonl (objects with event_types, features[, campaign_id]) or FILE.parquet "
-                        "(events format)")
-    p.add_argument("--cache-size", type=_non_negative_int, default=DEFAULT_CACHE_SIZE,
-                   help="heads kept dequantized in the LRU (0: no cache)")
+    p.add_argument(
+        "--campaign",
+        default=None,
+        help="score every sequence with this campaign's head (default: none; then rows need campaign_id)",
+    )
+    p.add_argument(
+        "--input",
+        required=True,
+        help="FILE.jsonl (objects with event_types, features[, campaign_id]) or FILE.parquet (events format)",
+    )
+    p.add_argument(
+        "--cache-size",
+        type=_non_negative_int,
+        default=DEFAULT_CACHE_SIZE,
+        help="heads kept dequantized in the LRU (0: no cache)",
+    )
     p.add_argument("--heads", choices=HEAD_MODES, default=None, help=_heads_help())
     p.add_argument("--backend", choices=BACKENDS, default=None, help=_backend_help())
-    p.add_argument("--rank", action="store_true",
-                   help="score each sequence against many campaigns (a row's campaign_ids, else --campaigns, else "
-                        "every campaign) and print one JSON line per sequence, best first")
-    p.add_argument("--campaigns", default=None, metavar="ID[,ID...]",
-                   help="with --rank: the campaigns to rank for rows without campaign_ids (default: every campaign)")
-    p.add_argument("--top-k", type=_positive_int, default=None, help="with --rank: keep the k best campaigns (default: all of them)")
+    p.add_argument(
+        "--rank",
+        action="store_true",
+        help="score each sequence against many campaigns (a row's campaign_ids, else --campaigns, else "
+        "every campaign) and print one JSON line per sequence, best first",
+    )
+    p.add_argument(
+        "--campaigns",
+        default=None,
+        metavar="ID[,ID...]",
+        help="with --rank: the campaigns to rank for rows without campaign_ids (default: every campaign)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=_positive_int,
+        default=None,
+        help="with --rank: keep the k best campaigns (default: all of them)",
+    )
     _add_model_options(p)
     p.set_defaults(handler=_cmd_predict)
 
@@ -237,11 +301,21 @@ def _cmd_serve(args, console) -> int:
         ERRORS.print(f"[red]usage error:[/red] {scrub(str(exc))}")
         return EXIT_USAGE
     factory = functools.partial(
-        app_from_uri, args.model, tracking_uri=args.tracking_uri, storage_options=args.storage_options,
-        cache_size=args.cache_size, preload=args.preload, poll_seconds=args.poll_seconds,
-        max_body_bytes=args.max_body_bytes, max_sequences=args.max_sequences,
-        max_sequence_length=args.max_sequence_length, num_threads=args.threads, admin_token=admin_token,
-        verify=not args.no_verify, heads=args.heads, max_score_campaigns=args.max_score_campaigns,
+        app_from_uri,
+        args.model,
+        tracking_uri=args.tracking_uri,
+        storage_options=args.storage_options,
+        cache_size=args.cache_size,
+        preload=args.preload,
+        poll_seconds=args.poll_seconds,
+        max_body_bytes=args.max_body_bytes,
+        max_sequences=args.max_sequences,
+        max_sequence_length=args.max_sequence_length,
+        num_threads=args.threads,
+        admin_token=admin_token,
+        verify=not args.no_verify,
+        heads=args.heads,
+        max_score_campaigns=args.max_score_campaigns,
         backend=args.backend,
     )
     if args.ray:
@@ -261,8 +335,10 @@ def _cmd_serve(args, console) -> int:
         return EXIT_FAILED
     model = app.state.holder.get()
     admin = "admin endpoints enabled" if admin_token is not None else "admin endpoints disabled"
-    console.print(f"serving fleet version [bold]{model.version_id}[/bold] ({model.num_campaigns:,} campaigns) "
-                  f"on http://{args.host}:{args.port} ({admin})")
+    console.print(
+        f"serving fleet version [bold]{model.version_id}[/bold] ({model.num_campaigns:,} campaigns) "
+        f"on http://{args.host}:{args.port} ({admin})"
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return EXIT_OK
 
@@ -279,7 +355,9 @@ def _read_rows(path: str, storage_options: dict | None) -> Iterator[list[dict]]:
         import pyarrow.parquet as pq
 
         with fsspec.open(path, "rb", **(storage_options or {})) as f:
-            pf = pq.ParquetFile(f, pre_buffer=False)  # read and decoded on this thread (fleet.storage.store.read_parquet_bytes)
+            pf = pq.ParquetFile(
+                f, pre_buffer=False
+            )  # read and decoded on this thread (fleet.storage.store.read_parquet_bytes)
             names = [c for c in ("campaign_id", "event_types", "features") if c in pf.schema_arrow.names]
             for batch in pf.iter_batches(batch_size=PREDICT_CHUNK_ROWS, columns=names, use_threads=False):
                 yield batch.to_pylist()
@@ -310,8 +388,14 @@ def _cmd_predict(args, console) -> int:
         ERRORS.print("[red]usage error:[/red] --rank scores many campaigns: name them with --campaigns, not --campaign")
         return EXIT_USAGE
     try:
-        model = FleetModel.load(args.model, args.tracking_uri, storage_options=args.storage_options,
-                                cache_size=args.cache_size, heads=args.heads, backend=args.backend)
+        model = FleetModel.load(
+            args.model,
+            args.tracking_uri,
+            storage_options=args.storage_options,
+            cache_size=args.cache_size,
+            heads=args.heads,
+            backend=args.backend,
+        )
     except (FleetError, OSError, ValueError) as exc:
         ERRORS.print(f"[red]error:[/red] cannot load {scrub(args.model)}: {scrub(str(exc))}")
         return EXIT_FAILED
@@ -353,8 +437,7 @@ def _rank(model, args) -> int:
             groups.setdefault(None if ids is None else tuple(ids), []).append(i)
         out: list[str | None] = [None] * len(rows)
         for ids, members in groups.items():
-            seqs = [{"event_types": rows[i].get("event_types"), "features": rows[i].get("features")}
-                    for i in members]
+            seqs = [{"event_types": rows[i].get("event_types"), "features": rows[i].get("features")} for i in members]
             try:
                 batch = model.score_campaigns_batch(seqs, None if ids is None else list(ids))
             except InvalidInputError as exc:  # name the row of the file (0-based, as fleet predict does)
@@ -367,8 +450,14 @@ def _rank(model, args) -> int:
             for b, i in enumerate(members):
                 res = batch.row(b, top_k)
                 fallback.update(dict.fromkeys(res.fallback_campaigns))
-                out[i] = json.dumps({"campaign_ids": res.ids, "probabilities": res.probabilities.tolist(),
-                                     "fallback": res.fallback.tolist(), "unknown": res.unknown})
+                out[i] = json.dumps(
+                    {
+                        "campaign_ids": res.ids,
+                        "probabilities": res.probabilities.tolist(),
+                        "fallback": res.fallback.tolist(),
+                        "unknown": res.unknown,
+                    }
+                )
         return "".join(line + "\n" for line in out)
 
     return _write_predictions(args, lines)
@@ -413,8 +502,10 @@ def _warn_fallback(campaigns: list[str]) -> None:
     named = ", ".join(campaigns[:MAX_NAMED_FALLBACK])
     more = len(campaigns) - MAX_NAMED_FALLBACK
     rest = f" and {more} more" if more > 0 else ""
-    sys.stderr.write(f"warning: {len(campaigns)} campaign(s) scored by a head that did not pass its quality gate "
-                     f"(fallback; probabilities written anyway): {named}{rest}\n")
+    sys.stderr.write(
+        f"warning: {len(campaigns)} campaign(s) scored by a head that did not pass its quality gate "
+        f"(fallback; probabilities written anyway): {named}{rest}\n"
+    )
     sys.stderr.flush()
 
 
@@ -481,11 +572,15 @@ def _cmd_inspect(args, console) -> int:
     if args.json:
         sys.stdout.write(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
     else:
-        _print_tables(console, info, "campaign " + args.campaign if args.campaign else f"fleet version {info['version']}")
+        _print_tables(
+            console, info, "campaign " + args.campaign if args.campaign else f"fleet version {info['version']}"
+        )
     if problems:
         sys.stderr.write("".join(f"error: {scrub(str(p))}\n" for p in problems))
-        sys.stderr.write(f"error: version {version.version_id}: {len(problems)} of {len(version.manifest['files'])} "
-                         "files missing or corrupt\n")
+        sys.stderr.write(
+            f"error: version {version.version_id}: {len(problems)} of {len(version.manifest['files'])} "
+            "files missing or corrupt\n"
+        )
         return EXIT_FAILED
     return EXIT_OK
 

@@ -112,7 +112,7 @@ def unpack_cells(data: bytes, cells: int, cell_bits: int) -> np.ndarray:
     if len(data) != need:
         raise ValueError(f"{cells} cells of {cell_bits} bits need {need} bytes, got {len(data)}")
     stream = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")
-    if stream[cells * cell_bits:].any():
+    if stream[cells * cell_bits :].any():
         raise ValueError("nonzero padding bits after the last cell")
     bits = stream[: cells * cell_bits].reshape(cells, cell_bits).astype(np.uint32)
     return (bits << np.arange(cell_bits, dtype=np.uint32)).sum(1, dtype=np.uint32)
@@ -171,8 +171,17 @@ class BloomierFilter:
         return ((1 << self.value_bits) - 1) / (1 << self.cell_bits)
 
     @staticmethod
-    def build(keys: np.ndarray, values: np.ndarray, value_bits: int, check_bits: int, seed: int = 0, *,
-              load: float = LOAD, extra: int = EXTRA_CELLS, max_tries: int = MAX_TRIES) -> BloomierFilter:
+    def build(
+        keys: np.ndarray,
+        values: np.ndarray,
+        value_bits: int,
+        check_bits: int,
+        seed: int = 0,
+        *,
+        load: float = LOAD,
+        extra: int = EXTRA_CELLS,
+        max_tries: int = MAX_TRIES,
+    ) -> BloomierFilter:
         """Encode ``keys`` (distinct, ``uint64``) -> ``values`` (in ``[1, 2**value_bits)``).
 
         Tries ``seed``, ``seed + 1``, ... until the hypergraph peels (the stored ``seed`` is the one that did);
@@ -183,10 +192,17 @@ class BloomierFilter:
         values = np.asarray(values).reshape(-1)
         if values.shape != keys.shape:
             raise ValueError(f"{keys.size} keys but {values.size} values")
-        if not (isinstance(value_bits, int) and isinstance(check_bits, int) and 1 <= value_bits
-                and 0 <= check_bits and value_bits + check_bits <= MAX_CELL_BITS):
-            raise ValueError(f"need value_bits >= 1, check_bits >= 0, value_bits + check_bits <= {MAX_CELL_BITS}; "
-                             f"got {value_bits}, {check_bits}")
+        if not (
+            isinstance(value_bits, int)
+            and isinstance(check_bits, int)
+            and 1 <= value_bits
+            and 0 <= check_bits
+            and value_bits + check_bits <= MAX_CELL_BITS
+        ):
+            raise ValueError(
+                f"need value_bits >= 1, check_bits >= 0, value_bits + check_bits <= {MAX_CELL_BITS}; "
+                f"got {value_bits}, {check_bits}"
+            )
         if values.size and (values.min() < 1 or values.max() >= 1 << value_bits):
             raise ValueError(f"values must lie in [1, {1 << value_bits}) (0 means 'not in the set')")
         if np.unique(keys).size != keys.size:
@@ -230,12 +246,14 @@ class BloomierFilter:
         """The filter of a stored table (``cells`` must be a multiple of 3)."""
         if cells < 3 or cells % 3:
             raise ValueError(f"cells must be a positive multiple of 3, got {cells}")
-        return BloomierFilter(seed, value_bits, check_bits, cells // 3,
-                              unpack_cells(data, cells, value_bits + check_bits))
+        return BloomierFilter(
+            seed, value_bits, check_bits, cells // 3, unpack_cells(data, cells, value_bits + check_bits)
+        )
 
 
-def lookup_packed(data: bytes, keys: np.ndarray, *, seed: int, value_bits: int, cell_bits: int,
-                  cells: int) -> np.ndarray:
+def lookup_packed(
+    data: bytes, keys: np.ndarray, *, seed: int, value_bits: int, cell_bits: int, cells: int
+) -> np.ndarray:
     """:meth:`BloomierFilter.lookup` on a stored table without unpacking it: reads only the 3 cells of each key
     (a head's few hundred keys out of a block's tens of thousands of cells)."""
     keys = np.asarray(keys, dtype=np.uint64)

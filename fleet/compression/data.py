@@ -30,14 +30,14 @@ class SequenceBatch:
         labels: ``FloatTensor[B]`` observed outcome in {0, 1}, NaN where unknown.
     """
 
-    def __init__(self, event_types: torch.Tensor, features: torch.Tensor, lengths: torch.Tensor,
-                 labels: torch.Tensor):
+    def __init__(self, event_types: torch.Tensor, features: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor):
         valid = torch.arange(event_types.shape[1]) < lengths[:, None]  # (B, T)
         self._set(event_types[valid], features[valid], lengths, labels)
 
     @classmethod
-    def packed(cls, packed_types: torch.Tensor, packed_features: torch.Tensor, lengths: torch.Tensor,
-               labels: torch.Tensor) -> SequenceBatch:
+    def packed(
+        cls, packed_types: torch.Tensor, packed_features: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor
+    ) -> SequenceBatch:
         """A batch from its events end to end: ``(E,)`` types, ``(E, F)`` features, ``(B,)`` lengths and labels."""
         batch = cls.__new__(cls)
         batch._set(packed_types, packed_features, lengths, labels)
@@ -45,8 +45,10 @@ class SequenceBatch:
 
     def _set(self, packed_types, packed_features, lengths, labels) -> None:
         if packed_types.dim() != 1 or packed_features.dim() != 2 or len(packed_types) != len(packed_features):
-            raise ValueError(f"packed types (E,) and features (E, F) expected, got {tuple(packed_types.shape)} "
-                             f"and {tuple(packed_features.shape)}")
+            raise ValueError(
+                f"packed types (E,) and features (E, F) expected, got {tuple(packed_types.shape)} "
+                f"and {tuple(packed_features.shape)}"
+            )
         if int(lengths.sum()) != len(packed_types):
             raise ValueError(f"lengths add up to {int(lengths.sum())}, but {len(packed_types)} events are given")
         self.packed_types, self.packed_features = packed_types, packed_features
@@ -91,15 +93,19 @@ class SequenceBatch:
         starts = self.offsets[:-1][index]  # (b,) where each selected row starts in the packed events
         new_starts = torch.cumsum(lengths, 0) - lengths  # (b,) where it starts in the selection
         events = torch.repeat_interleave(starts - new_starts, lengths) + torch.arange(int(lengths.sum()))  # (e,)
-        return SequenceBatch.packed(self.packed_types[events], self.packed_features[events], lengths,
-                                    self.labels[index])
+        return SequenceBatch.packed(
+            self.packed_types[events], self.packed_features[events], lengths, self.labels[index]
+        )
 
     @staticmethod
     def concat(batches: Sequence[SequenceBatch]) -> SequenceBatch:
         """The rows of ``batches`` one after another (no padding: memory follows the number of events)."""
-        return SequenceBatch.packed(torch.cat([b.packed_types for b in batches]),
-                                    torch.cat([b.packed_features for b in batches]),
-                                    torch.cat([b.lengths for b in batches]), torch.cat([b.labels for b in batches]))
+        return SequenceBatch.packed(
+            torch.cat([b.packed_types for b in batches]),
+            torch.cat([b.packed_features for b in batches]),
+            torch.cat([b.lengths for b in batches]),
+            torch.cat([b.labels for b in batches]),
+        )
 
     def minibatches(self, batch_size: int, *, sort_by_length: bool = True):
         """Yield ``(index, sub-batch)`` of consecutive rows: at most ``batch_size`` rows and, unless one row
@@ -147,14 +153,21 @@ def collate(
     batch = len(event_types)
     lengths = np.fromiter((len(e) for e in event_types), dtype=np.int64, count=batch)
     types = np.concatenate([np.asarray(t, dtype=np.int64) for t in event_types]) if batch else np.zeros(0, np.int64)
-    feats = (np.concatenate([np.asarray(f, dtype=np.float32).reshape(-1) for f in features]) if batch
-             else np.zeros(0, np.float32)).reshape(-1, num_features)
+    feats = (
+        np.concatenate([np.asarray(f, dtype=np.float32).reshape(-1) for f in features])
+        if batch
+        else np.zeros(0, np.float32)
+    ).reshape(-1, num_features)
     if labels is None:
         labels_out = np.full(batch, np.nan, dtype=np.float32)
     else:
         labels_out = np.array([np.nan if v is None else float(v) for v in labels], dtype=np.float32)
-    return SequenceBatch.packed(torch.from_numpy(types), torch.from_numpy(np.ascontiguousarray(feats)),
-                                torch.from_numpy(lengths), torch.from_numpy(labels_out))
+    return SequenceBatch.packed(
+        torch.from_numpy(types),
+        torch.from_numpy(np.ascontiguousarray(feats)),
+        torch.from_numpy(lengths),
+        torch.from_numpy(labels_out),
+    )
 
 
 def last_valid(outputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

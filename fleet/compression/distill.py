@@ -238,8 +238,9 @@ def compute_features(
     backbone.eval()
     out = torch.empty(len(batch), backbone.config.hidden_size * (2 if pooled else 1))  # (B, H) or (B, 2H)
     for index, sub in batch.minibatches(batch_size, sort_by_length=True):
-        out[index] = backbone_forward(backbone, sub.event_types, sub.features, sub.lengths, fake_quant=fake_quant,
-                                      pooled=pooled)
+        out[index] = backbone_forward(
+            backbone, sub.event_types, sub.features, sub.lengths, fake_quant=fake_quant, pooled=pooled
+        )
     backbone.train(was_training)
     return out
 
@@ -306,8 +307,10 @@ def fit_heads(
     """
     n, width = features.shape
     if width != feature_width(student_config):
-        raise ValueError(f"features have width {width}; the {student_config.head!r} head of "
-                         f"hidden_size={student_config.hidden_size} reads {feature_width(student_config)}")
+        raise ValueError(
+            f"features have width {width}; the {student_config.head!r} head of "
+            f"hidden_size={student_config.hidden_size} reads {feature_width(student_config)}"
+        )
     if campaign_index.shape != (n,) or teacher_logits.shape != (n,):
         raise ValueError(f"campaign_index and teacher_logits must have shape ({n},)")
     if labels is not None and labels.shape != (n,):
@@ -320,7 +323,9 @@ def fit_heads(
     if init is None:
         init = init_heads(student_config, num_campaigns, torch.Generator().manual_seed(seed))
     if init.shape != (num_campaigns, head_num_params(student_config)):
-        raise ValueError(f"init must have shape ({num_campaigns}, {head_num_params(student_config)}), got {tuple(init.shape)}")
+        raise ValueError(
+            f"init must have shape ({num_campaigns}, {head_num_params(student_config)}), got {tuple(init.shape)}"
+        )
     anchor = init.detach().to(dtype)  # (C, P)
     params = anchor.clone().requires_grad_(True)  # (C, P)
 
@@ -353,7 +358,9 @@ def fit_heads(
         total = 0.0
         for rows in chunks:
             logits = head_logits(design, features[rows], leaf, rank, index=campaign_index[rows])  # (n_chunk,)
-            loss_rows = distill_loss_rows(logits, teacher_logits[rows], None if labels is None else labels[rows], distill_config)
+            loss_rows = distill_loss_rows(
+                logits, teacher_logits[rows], None if labels is None else labels[rows], distill_config
+            )
             loss = (loss_rows * row_weight[rows]).sum()
             loss.backward()
             total += float(loss.detach())
@@ -396,11 +403,22 @@ def fit_heads_grid(
     """Heads ``(G, C, P)`` of every campaign for each prior strength of ``grid`` (``G`` values):
     one batched :func:`fit_heads` per value, all campaigns together, so that a campaign's strength can
     be chosen afterwards on its own validation rows (:func:`select_per_campaign`)."""
-    return torch.stack([
-        fit_heads(features, campaign_index, teacher_logits, labels, num_campaigns, student_config, distill_config,
-                  head_l2=float(strength), **fit_kwargs)
-        for strength in grid
-    ])  # (G, C, P)
+    return torch.stack(
+        [
+            fit_heads(
+                features,
+                campaign_index,
+                teacher_logits,
+                labels,
+                num_campaigns,
+                student_config,
+                distill_config,
+                head_l2=float(strength),
+                **fit_kwargs,
+            )
+            for strength in grid
+        ]
+    )  # (G, C, P)
 
 
 def campaign_losses(
@@ -448,8 +466,9 @@ def calibrate_bias(
     """
     c = heads.shape[0]
     with torch.no_grad():
-        logits = head_logits(student_config.head, features, heads, student_config.head_rank,
-                             index=campaign_index).double()  # (N,)
+        logits = head_logits(
+            student_config.head, features, heads, student_config.head_rank, index=campaign_index
+        ).double()  # (N,)
         target = torch.bincount(campaign_index, weights=torch.sigmoid(teacher_logits.double()), minlength=c)  # (C,)
         delta = torch.zeros(c, dtype=torch.float64)  # (C,)
         for _ in range(iterations):

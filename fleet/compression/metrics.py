@@ -86,7 +86,9 @@ def auc_diff_standard_error(scores_a, scores_b, labels) -> float | None:
     """
     scores_a, scores_b, labels = _numpy(scores_a), _numpy(scores_b), _numpy(labels)
     if not scores_a.shape == scores_b.shape == labels.shape:
-        raise ValueError(f"scores and labels differ in length: {scores_a.shape[0]}, {scores_b.shape[0]}, {labels.shape[0]}")
+        raise ValueError(
+            f"scores and labels differ in length: {scores_a.shape[0]}, {scores_b.shape[0]}, {labels.shape[0]}"
+        )
     known = np.isfinite(labels)
     positive = labels[known] > 0.5
     m, n = int(positive.sum()), int((~positive).sum())
@@ -263,15 +265,22 @@ def fleet_summary(rows: Sequence[dict]) -> dict:
     mads = [float(r["mean_abs_diff"]) for r in rows if r.get("mean_abs_diff") is not None]
     worst = sorted(with_auc, key=lambda item: (float(item[1]["auc_diff"]), item[0]))[:WORST_K]
     weights = np.asarray([_volume(r) for _, r in with_auc], dtype=np.float64)
-    by_volume = sorted(range(len(rows)), key=lambda i: (-float(rows[i].get("n_rows") or 0),
-                                                        str(rows[i].get("campaign_id") or ""), i))
+    by_volume = sorted(
+        range(len(rows)), key=lambda i: (-float(rows[i].get("n_rows") or 0), str(rows[i].get("campaign_id") or ""), i)
+    )
     top = by_volume[: max(1, -(-len(rows) // TOP_DECILE_DIVISOR))]  # ceil(n / 10) in ints: 0.1 * 30 > 3.0
     top_diffs = [float(rows[i]["auc_diff"]) for i in top if rows[i].get("auc_diff") is not None]
-    significantly_worse = [r.get("campaign_id") for _, r in with_auc if r.get("auc_diff_se") is not None
-                           and float(r["auc_diff"]) + Z_95 * float(r["auc_diff_se"]) < 0.0]
+    significantly_worse = [
+        r.get("campaign_id")
+        for _, r in with_auc
+        if r.get("auc_diff_se") is not None and float(r["auc_diff"]) + Z_95 * float(r["auc_diff_se"]) < 0.0
+    ]
     ratios, kls = _defined(rows, "mean_ratio"), _defined(rows, "kl")
-    excess = [float(r["student_ece"]) - float(r["teacher_ece"]) for r in rows
-              if r.get("student_ece") is not None and r.get("teacher_ece") is not None]
+    excess = [
+        float(r["student_ece"]) - float(r["teacher_ece"])
+        for r in rows
+        if r.get("student_ece") is not None and r.get("teacher_ece") is not None
+    ]
     return {
         "n_campaigns": len(rows),
         "n_with_auc": len(with_auc),
@@ -286,8 +295,9 @@ def fleet_summary(rows: Sequence[dict]) -> dict:
         "auc_diff_volume_weighted": float(np.dot(weights, diffs) / weights.sum()) if weights.sum() > 0 else None,
         "top_decile_auc_diff_median": _percentile(top_diffs, 50),
         "top_decile_n_with_auc": len(top_diffs),
-        "mean_ratio_within_10pct_share": (sum(abs(x - 1.0) <= MEAN_RATIO_TOLERANCE + _BOUND_SLACK for x in ratios)
-                                          / len(ratios) if ratios else None),
+        "mean_ratio_within_10pct_share": (
+            sum(abs(x - 1.0) <= MEAN_RATIO_TOLERANCE + _BOUND_SLACK for x in ratios) / len(ratios) if ratios else None
+        ),
         "ece_excess_median": _percentile(excess, 50),
         "kl_median": _percentile(kls, 50),
         "kl_p90": _percentile(kls, 90),

@@ -98,8 +98,9 @@ class NumpyBackbone:
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, event_types: np.ndarray, features: np.ndarray, lengths: np.ndarray,
-                pooled: bool = False) -> np.ndarray:
+    def forward(
+        self, event_types: np.ndarray, features: np.ndarray, lengths: np.ndarray, pooled: bool = False
+    ) -> np.ndarray:
         """Backbone features ``float32 (B, H)`` of a padded batch (``(B, 2H)`` with ``pooled``: last ++ mean),
         as ``SharedBackbone.forward``. ``event_types`` int ``(B, T)`` in ``[0, num_event_types)`` (padding
         included, as torch's embedding requires), ``features (B, T, F)``, ``lengths (B,)`` in ``[0, T]``."""
@@ -107,8 +108,10 @@ class NumpyBackbone:
         feats = np.asarray(features, dtype=np.float32)
         lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
         if types.ndim != 2 or feats.shape != (*types.shape, self.num_features) or lengths.shape != types.shape[:1]:
-            raise ValueError(f"need event_types (B, T), features (B, T, {self.num_features}), lengths (B,); got "
-                             f"{types.shape}, {feats.shape}, {lengths.shape}")
+            raise ValueError(
+                f"need event_types (B, T), features (B, T, {self.num_features}), lengths (B,); got "
+                f"{types.shape}, {feats.shape}, {lengths.shape}"
+            )
         b, t = types.shape
         if b and (lengths.min() < 0 or lengths.max() > t):
             raise ValueError(f"lengths must lie in [0, {t}]")
@@ -127,8 +130,9 @@ class NumpyBackbone:
 
     __call__ = forward
 
-    def forward_ragged(self, event_types: Sequence[np.ndarray], features: Sequence[np.ndarray],
-                       pooled: bool = False) -> np.ndarray:
+    def forward_ragged(
+        self, event_types: Sequence[np.ndarray], features: Sequence[np.ndarray], pooled: bool = False
+    ) -> np.ndarray:
         """Features ``(B, W)`` of unpadded sequences: ``event_types[i]`` ints ``(T_i,)``, ``features[i]``
         ``T_i * F`` floats (flat, the events contract) or ``(T_i, F)``; rows in input order. Values already
         validated (serving validates them): types in range, ``T_i >= 1``."""
@@ -150,9 +154,11 @@ class NumpyBackbone:
         starts = np.cumsum(sorted_len) - sorted_len
         step_of = np.arange(len(col)) - np.repeat(starts, sorted_len)  # each event's time step
         x[step_of, col, : self.embed_dim] = self.embedding[
-            np.concatenate([np.asarray(event_types[i], dtype=np.int64) for i in picked])]
+            np.concatenate([np.asarray(event_types[i], dtype=np.int64) for i in picked])
+        ]
         x[step_of, col, self.embed_dim :] = np.concatenate(
-            [np.asarray(features[i], dtype=np.float32).reshape(-1) for i in picked]).reshape(len(col), f_dim)
+            [np.asarray(features[i], dtype=np.float32).reshape(-1) for i in picked]
+        ).reshape(len(col), f_dim)
         with np.errstate(over="ignore", invalid="ignore"):
             out = self._run(x, lengths[order], pooled)
         result = np.empty_like(out)
@@ -176,8 +182,9 @@ class NumpyBackbone:
             valid = (lengths[None, :] > t_idx).sum(1) if pooled else active  # (S,)
             cuts = np.flatnonzero((np.diff(active) != 0) | (np.diff(valid) != 0)) + 1
             bounds = [0, *cuts.tolist(), steps]
-            segments = [(t0, t1, int(active[t0]), int(valid[t0]) if pooled else 0)
-                        for t0, t1 in itertools.pairwise(bounds)]
+            segments = [
+                (t0, t1, int(active[t0]), int(valid[t0]) if pooled else 0) for t0, t1 in itertools.pairwise(bounds)
+            ]
         mean_sum = np.zeros((b, h_size), dtype=np.float64) if pooled else None
         h = np.zeros((b, h_size), dtype=np.float32)
         for layer, (w_ih_t, bias, w_hh_t, b_hn) in enumerate(self._layers):

@@ -132,9 +132,7 @@ def _ternary_delta(x: Tensor, s: int) -> Tensor:
 # ----------------------------------------------------------------------------- math
 
 
-def choose_qparams(
-    x: Tensor, bits: int, granularity: Granularity, symmetric: bool = True
-) -> tuple[Tensor, Tensor]:
+def choose_qparams(x: Tensor, bits: int, granularity: Granularity, symmetric: bool = True) -> tuple[Tensor, Tensor]:
     """Scales and zero points for ``x``.
 
     Args:
@@ -446,14 +444,16 @@ def dequantize_rows(qvs: list[QuantizedVector]) -> Tensor:
         n = len(rows)
         width = 2 * p if bits == 16 else packed_size(p, bits)
         packed = np.frombuffer(b"".join(qvs[i].packed for i in rows), dtype=np.uint8).reshape(n, width)
-        scales = None if bits == 16 else np.frombuffer(b"".join(qvs[i].scales for i in rows), dtype="<f2").reshape(
-            n, num_groups(p, group_size))
+        scales = (
+            None
+            if bits == 16
+            else np.frombuffer(b"".join(qvs[i].scales for i in rows), dtype="<f2").reshape(n, num_groups(p, group_size))
+        )
         out[rows] = dequantize_packed(packed, scales, bits, p, group_size)
     return out
 
 
-def dequantize_packed(packed: np.ndarray, scales: np.ndarray | None, bits: int, count: int,
-                      group_size: int) -> Tensor:
+def dequantize_packed(packed: np.ndarray, scales: np.ndarray | None, bits: int, count: int, group_size: int) -> Tensor:
     """Float32 ``(n, count)`` from ``n`` stored rows of one format, as contiguous arrays (the decoding
     step of :func:`dequantize_rows`): :func:`dequantize_codes` as a tensor (no copy).
 
@@ -468,8 +468,9 @@ def dequantize_packed(packed: np.ndarray, scales: np.ndarray | None, bits: int, 
     return torch.from_numpy(dequantize_codes(packed, scales, bits, count, group_size))
 
 
-def dequantize_codes(packed: np.ndarray, scales: np.ndarray | None, bits: int, count: int, group_size: int,
-                     *, check: bool = True) -> np.ndarray:
+def dequantize_codes(
+    packed: np.ndarray, scales: np.ndarray | None, bits: int, count: int, group_size: int, *, check: bool = True
+) -> np.ndarray:
     """:func:`dequantize_packed` in numpy: float32 ``(n, count)`` (the resident head table of
     :mod:`fleet.serve.head_table` decodes with it per request). ``check=False`` skips the checks of padding bits
     and code range, for rows already checked once (stored codes do not change)."""

@@ -75,7 +75,9 @@ class StudentConfig:
         if int(self.num_features) < 0:
             raise ValueError(f"num_features must be >= 0, got {self.num_features!r}")
         if self.head != "lowrank" and self.head_rank != 1:
-            raise ValueError(f"head_rank applies to head='lowrank' only, got head_rank={self.head_rank} with head={self.head!r}")
+            raise ValueError(
+                f"head_rank applies to head='lowrank' only, got head_rank={self.head_rank} with head={self.head!r}"
+            )
 
     def to_dict(self) -> dict:
         """Plain dict (JSON-safe) of the config."""
@@ -115,8 +117,9 @@ class SharedBackbone(nn.Module):
             batch_first=True,
         )
 
-    def forward(self, event_types: torch.Tensor, features: torch.Tensor, lengths: torch.Tensor,
-                pooled: bool = False) -> torch.Tensor:
+    def forward(
+        self, event_types: torch.Tensor, features: torch.Tensor, lengths: torch.Tensor, pooled: bool = False
+    ) -> torch.Tensor:
         """Backbone features ``(B, H)`` of a padded batch; with ``pooled``, ``(B, 2H)``: the last valid
         state ++ the mean of the valid states (what :data:`POOLED_DESIGNS` read)."""
         x = torch.cat([self.embedding(event_types), features.to(self.embedding.weight.dtype)], dim=-1)  # (B, T, E+F)
@@ -309,7 +312,9 @@ def head_logits(
     expected = _num_params(design, hidden, rank)
     rows = batch if index is None else params.shape[0]
     if params.ndim != 2 or params.shape != (rows, expected):
-        raise ValueError(f"head {design!r} (H={hidden}, rank={rank}) needs params of shape ({rows}, {expected}), got {tuple(params.shape)}")
+        raise ValueError(
+            f"head {design!r} (H={hidden}, rank={rank}) needs params of shape ({rows}, {expected}), got {tuple(params.shape)}"
+        )
     if index is not None and index.shape != (batch,):
         raise ValueError(f"index must have shape ({batch},), got {tuple(index.shape)}")
     p = _segments(design, params, hidden, rank)  # each (rows, *shape)
@@ -331,8 +336,10 @@ def head_logits_cross(design: str, features: torch.Tensor, params: torch.Tensor,
     hidden = features.shape[1]
     expected = _num_params(design, hidden, rank)
     if params.ndim != 2 or params.shape[1] != expected:
-        raise ValueError(f"head {design!r} (H={hidden}, rank={rank}) needs params of shape (K, {expected}), "
-                         f"got {tuple(params.shape)}")
+        raise ValueError(
+            f"head {design!r} (H={hidden}, rank={rank}) needs params of shape (K, {expected}), "
+            f"got {tuple(params.shape)}"
+        )
     p = {name: seg[None] for name, seg in _segments(design, params, hidden, rank).items()}  # (1, K, *shape)
     return _design_logits(design, features[:, None], pooled, p)  # (B, K)
 
@@ -358,8 +365,9 @@ def _segments(design: str, params: torch.Tensor, hidden_size: int, rank: int) ->
     return p
 
 
-def _design_logits(design: str, features: torch.Tensor, pooled: torch.Tensor | None,
-                   p: dict[str, torch.Tensor]) -> torch.Tensor:
+def _design_logits(
+    design: str, features: torch.Tensor, pooled: torch.Tensor | None, p: dict[str, torch.Tensor]
+) -> torch.Tensor:
     """The head formulas of :func:`head_logits` (the one place they live): ``features (..., H)`` (and
     ``pooled (..., H)`` for a pooled design) against segments ``p`` of shapes ``(..., *shape)`` that
     broadcast with them; logits ``(...)``. Torch tensors, or numpy arrays (computed with numpy)."""
@@ -406,6 +414,12 @@ class Student(nn.Module):
         fake_quant: FakeQuant | None = None,
     ) -> torch.Tensor:
         """Logits ``(B,)``; ``fake_quant`` (optional) is applied to the backbone's weight matrices."""
-        h = backbone_forward(self.backbone, event_types, features, lengths, fake_quant=fake_quant,
-                             pooled=self.config.head in POOLED_DESIGNS)  # (B, H) or (B, 2H)
+        h = backbone_forward(
+            self.backbone,
+            event_types,
+            features,
+            lengths,
+            fake_quant=fake_quant,
+            pooled=self.config.head in POOLED_DESIGNS,
+        )  # (B, H) or (B, 2H)
         return head_logits(self.config.head, h, self.heads, self.config.head_rank, index=campaign_index)  # (B,)

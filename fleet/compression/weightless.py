@@ -82,7 +82,9 @@ class WeightlessBlock:
             out.append("centroids are not finite")
         need = (self.cells * self.cell_bits + 7) // 8
         if len(self.table) != need:
-            out.append(f"table has {len(self.table)} bytes, expected {need} for {self.cells} cells of {self.cell_bits} bits")
+            out.append(
+                f"table has {len(self.table)} bytes, expected {need} for {self.cells} cells of {self.cell_bits} bits"
+            )
         return out
 
     @property
@@ -104,8 +106,15 @@ class WeightlessBlock:
 
     def as_dict(self) -> dict:
         """The ``bloomier`` struct of the block's first row."""
-        return {"rows": self.rows, "seed": self.seed, "value_bits": self.value_bits, "cell_bits": self.cell_bits,
-                "cells": self.cells, "centroids": self.centroids, "table": self.table}
+        return {
+            "rows": self.rows,
+            "seed": self.seed,
+            "value_bits": self.value_bits,
+            "cell_bits": self.cell_bits,
+            "cells": self.cells,
+            "centroids": self.centroids,
+            "table": self.table,
+        }
 
 
 def head_keys(block_rows: np.ndarray, num_weights: int) -> np.ndarray:
@@ -114,15 +123,15 @@ def head_keys(block_rows: np.ndarray, num_weights: int) -> np.ndarray:
     return (rows << np.uint64(KEY_ROW_SHIFT)) | np.arange(num_weights, dtype=np.uint64)
 
 
-def kmeans_1d(values: np.ndarray, k: int, iterations: int = KMEANS_ITERATIONS,
-              init: np.ndarray | None = None) -> np.ndarray:
+def kmeans_1d(
+    values: np.ndarray, k: int, iterations: int = KMEANS_ITERATIONS, init: np.ndarray | None = None
+) -> np.ndarray:
     """``k`` ascending float32 centroids of 1-D ``values`` (Lloyd's algorithm from the ``(i + 0.5) / k``
     quantiles, or from ``init``). A cluster that empties keeps its centroid. No values: ``k`` zeros."""
     values = np.asarray(values, dtype=np.float64).reshape(-1)
     if values.size == 0:
         return np.zeros(k, np.float32)
-    c = (np.quantile(values, (np.arange(k) + 0.5) / k) if init is None
-         else np.asarray(init, dtype=np.float64).copy())
+    c = np.quantile(values, (np.arange(k) + 0.5) / k) if init is None else np.asarray(init, dtype=np.float64).copy()
     for _ in range(iterations):
         c.sort()
         idx = np.searchsorted((c[:-1] + c[1:]) / 2, values)  # nearest centroid
@@ -164,8 +173,16 @@ class EncodedBlock:
     bias: np.ndarray
 
 
-def encode_block(heads: np.ndarray, *, sparsity: float, value_bits: int, check_bits: int, seed: int = 0,
-                 keep: np.ndarray | None = None, centroids: np.ndarray | None = None) -> EncodedBlock:
+def encode_block(
+    heads: np.ndarray,
+    *,
+    sparsity: float,
+    value_bits: int,
+    check_bits: int,
+    seed: int = 0,
+    keep: np.ndarray | None = None,
+    centroids: np.ndarray | None = None,
+) -> EncodedBlock:
     """Prune, cluster and Bloomier-encode heads ``(C, P)`` (one design) as one block of ``C`` rows.
 
     ``keep`` (``(C, P - 1)``) fixes the stored positions instead of pruning; ``centroids`` fixes the codebook
@@ -192,8 +209,15 @@ def encode_block(heads: np.ndarray, *, sparsity: float, value_bits: int, check_b
     rows, cols = np.nonzero(keep)  # row-major: rows ascending, then parameter index
     keys = (rows.astype(np.uint64) << np.uint64(KEY_ROW_SHIFT)) | cols.astype(np.uint64)
     f = BloomierFilter.build(keys, assign_clusters(kept, centroids), value_bits, check_bits, seed)
-    block = WeightlessBlock(rows=heads.shape[0], seed=f.seed, value_bits=value_bits, cell_bits=f.cell_bits,
-                            cells=f.cells, centroids=centroids.astype("<f4").tobytes(), table=f.to_bytes())
+    block = WeightlessBlock(
+        rows=heads.shape[0],
+        seed=f.seed,
+        value_bits=value_bits,
+        cell_bits=f.cell_bits,
+        cells=f.cells,
+        centroids=centroids.astype("<f4").tobytes(),
+        table=f.to_bytes(),
+    )
     with np.errstate(over="ignore"):
         bias16 = bias.astype(np.float16)
     if not np.isfinite(bias16).all():
@@ -204,8 +228,9 @@ def encode_block(heads: np.ndarray, *, sparsity: float, value_bits: int, check_b
 def cluster_indices(block: WeightlessBlock, block_rows: np.ndarray, num_weights: int) -> np.ndarray:
     """Cluster indices ``(C, num_weights) uint32`` (0 = zero) the filter returns for rows ``block_rows``."""
     keys = head_keys(block_rows, num_weights)
-    return lookup_packed(block.table, keys, seed=block.seed, value_bits=block.value_bits,
-                         cell_bits=block.cell_bits, cells=block.cells)
+    return lookup_packed(
+        block.table, keys, seed=block.seed, value_bits=block.value_bits, cell_bits=block.cell_bits, cells=block.cells
+    )
 
 
 def decode_weights(block: WeightlessBlock, block_rows: np.ndarray, num_weights: int) -> np.ndarray:
@@ -227,8 +252,21 @@ def false_positives(encoded: EncodedBlock, decoded: np.ndarray) -> np.ndarray:
     return (decoded[:, :-1] != 0) & ~encoded.keep
 
 
-def refit_blocks(heads, encoded: list[EncodedBlock], features, campaign_index, teacher_logits, labels,
-                 student_config, distill_config, *, steps: int, lr: float, check_bits: int, row_weights=None):
+def refit_blocks(
+    heads,
+    encoded: list[EncodedBlock],
+    features,
+    campaign_index,
+    teacher_logits,
+    labels,
+    student_config,
+    distill_config,
+    *,
+    steps: int,
+    lr: float,
+    check_bits: int,
+    row_weights=None,
+):
     """Weightless's re-training step, then one re-encoding, for blocks covering the rows of ``heads (C, P)``
     in order (block 0 holds the first ``encoded[0].block.rows`` rows, ...).
 
@@ -253,28 +291,61 @@ def refit_blocks(heads, encoded: list[EncodedBlock], features, campaign_index, t
     free[:, :-1] = torch.from_numpy(keep)
     free[:, -1] = True
     start = torch.where(free, heads.detach().float(), fixed)  # kept weights and bias: their float values
-    refit = fit_heads(features, campaign_index, teacher_logits, labels, first.shape[0], student_config,
-                      distill_config, steps=steps, lr=lr, init=start,
-                      fake_quant=lambda p: torch.where(free, p, fixed), row_weights=row_weights)
+    refit = fit_heads(
+        features,
+        campaign_index,
+        teacher_logits,
+        labels,
+        first.shape[0],
+        student_config,
+        distill_config,
+        steps=steps,
+        lr=lr,
+        init=start,
+        fake_quant=lambda p: torch.where(free, p, fixed),
+        row_weights=row_weights,
+    )
     refit = torch.where(free, refit, fixed)
     again, offset = [], 0
     for e in encoded:
         rows = e.block.rows
-        again.append(encode_block(refit[offset : offset + rows].numpy(), sparsity=0.0,
-                                  value_bits=e.block.value_bits, check_bits=check_bits, seed=e.block.seed,
-                                  keep=e.keep))
+        again.append(
+            encode_block(
+                refit[offset : offset + rows].numpy(),
+                sparsity=0.0,
+                value_bits=e.block.value_bits,
+                check_bits=check_bits,
+                seed=e.block.seed,
+                keep=e.keep,
+            )
+        )
         offset += rows
     second = np.concatenate([decode_encoded(e) for e in again])
     fp1 = (first[:, :-1] != 0) & ~keep
     fp2 = (second[:, :-1] != 0) & ~keep
-    stats = {"keys": int(keep.sum()), "positions": int(keep.size),
-             "false_positives_first": int(fp1.sum()), "false_positives": int(fp2.sum()),
-             "false_positives_unchanged": int((fp1 & fp2 & (first[:, :-1] == second[:, :-1])).sum())}
+    stats = {
+        "keys": int(keep.sum()),
+        "positions": int(keep.size),
+        "false_positives_first": int(fp1.sum()),
+        "false_positives": int(fp2.sum()),
+        "false_positives_unchanged": int((fp1 & fp2 & (first[:, :-1] == second[:, :-1])).sum()),
+    }
     return again, refit, stats
 
 
-def refit_centroids(encoded: list[EncodedBlock], features, campaign_index, teacher_logits, labels, student_config,
-                    distill_config, *, steps: int, lr: float, row_weights=None) -> list[EncodedBlock]:
+def refit_centroids(
+    encoded: list[EncodedBlock],
+    features,
+    campaign_index,
+    teacher_logits,
+    labels,
+    student_config,
+    distill_config,
+    *,
+    steps: int,
+    lr: float,
+    row_weights=None,
+) -> list[EncodedBlock]:
     """Re-train around the *final* false positives: with every block's table fixed (so every position keeps
     its cluster index, false positives included), fit each block's centroids and every row's bias to the
     teacher (Adam, full batch; a campaign's loss is its rows' weighted mean, summed over campaigns as in
@@ -285,8 +356,11 @@ def refit_centroids(encoded: list[EncodedBlock], features, campaign_index, teach
     from fleet.compression.distill import distill_loss_rows
     from fleet.compression.student import head_logits
 
-    idx = torch.from_numpy(np.concatenate([
-        cluster_indices(e.block, np.arange(e.block.rows), e.keep.shape[1]).astype(np.int64) for e in encoded]))
+    idx = torch.from_numpy(
+        np.concatenate(
+            [cluster_indices(e.block, np.arange(e.block.rows), e.keep.shape[1]).astype(np.int64) for e in encoded]
+        )
+    )
     owner = torch.cat([torch.full((e.block.rows,), k, dtype=torch.long) for k, e in enumerate(encoded)])  # (C,)
     cent = torch.stack([torch.from_numpy(e.block.centroid_values) for e in encoded])  # (B, K)
     bias = torch.from_numpy(np.concatenate([e.bias.astype(np.float32) for e in encoded]))  # (C,)

@@ -30,9 +30,7 @@ def validate_campaign_id(campaign_id: object, *, path: str | None = None) -> str
     :class:`InvalidCampaignIdError` (so ``../x``, ``""`` and 200-character ids never reach storage)."""
     if not isinstance(campaign_id, str) or NAME_PATTERN.fullmatch(campaign_id) is None:
         shown = campaign_id if not isinstance(campaign_id, str) or len(campaign_id) <= 40 else campaign_id[:40] + "..."
-        raise InvalidCampaignIdError(
-            f"invalid campaign id {shown!r}: must match ^{NAME_PATTERN.pattern}$", path=path
-        )
+        raise InvalidCampaignIdError(f"invalid campaign id {shown!r}: must match ^{NAME_PATTERN.pattern}$", path=path)
     return campaign_id
 
 

@@ -68,8 +68,9 @@ def fidelity_histogram(auc_diffs: Sequence[float]) -> bytes:
     return _png(fig)
 
 
-def _vs_size(n_train: Sequence[float], values: Sequence[float], name: str, title: str, ylabel: str,
-             positive: bool = False):
+def _vs_size(
+    n_train: Sequence[float], values: Sequence[float], name: str, title: str, ylabel: str, positive: bool = False
+):
     """``(figure, axes, sizes, values)`` of a scatter of ``values`` against training rows (log x), rows with
     no rows or a non-finite value (or, with ``positive``, a value <= 0) left out; ``None`` for the figure
     when nothing is left (the caller returns :func:`_no_data`)."""
@@ -134,8 +135,9 @@ def bits_histogram(bits: Sequence[int]) -> bytes:
 def stage_times(seconds_by_stage: dict[str, float]) -> bytes:
     """Horizontal bars of seconds per pipeline stage, in the given order top-down, labelled with the time
     and share; stages without a finite time are left out (never drawn as zero)."""
-    stages = {str(k): float(v) for k, v in (seconds_by_stage or {}).items()
-              if v is not None and np.isfinite(v) and v >= 0}
+    stages = {
+        str(k): float(v) for k, v in (seconds_by_stage or {}).items() if v is not None and np.isfinite(v) and v >= 0
+    }
     total = sum(stages.values())
     title = "Stage times"
     if not stages:
@@ -156,13 +158,17 @@ def calibration_vs_size(n_train: Sequence[float], mean_ratios: Sequence[float]) 
     (log x, log y), with the 10% band of the mean-ratio gate; defined for every campaign, AUC or not.
     Campaigns with no rows or a non-finite or non-positive ratio are left out."""
     title = "Calibration: mean p_student / mean p_teacher"  # per campaign; longer is cut at 6.4 in
-    fig, ax, _, ratios = _vs_size(n_train, mean_ratios, "mean_ratios", title, "mean ratio (log scale)",
-                                  positive=True)
+    fig, ax, _, ratios = _vs_size(n_train, mean_ratios, "mean_ratios", title, "mean ratio (log scale)", positive=True)
     if fig is None:
         return _no_data(title)
     ax.axhline(1.0, color="black", linewidth=1)
-    ax.axhspan(0.9, 1.1, color="tab:green", alpha=0.15,
-               label=f"within 10%: {float(np.mean(np.abs(ratios - 1.0) <= 0.1)):.0%} of campaigns")
+    ax.axhspan(
+        0.9,
+        1.1,
+        color="tab:green",
+        alpha=0.15,
+        label=f"within 10%: {float(np.mean(np.abs(ratios - 1.0) <= 0.1)):.0%} of campaigns",
+    )
     ax.set_yscale("log")
     ax.legend(loc="upper right")
     return _png(fig)

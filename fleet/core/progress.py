@@ -65,8 +65,15 @@ class _Progress(Progress):
     """A Progress whose tasks always carry the ``unit`` and ``note`` fields its columns show, and ``initial`` (the
     count the task started at)."""
 
-    def add_task(self, description: str, start: bool = True, total: float | None = 100.0, completed: int = 0,
-                 visible: bool = True, **fields) -> TaskID:
+    def add_task(
+        self,
+        description: str,
+        start: bool = True,
+        total: float | None = 100.0,
+        completed: int = 0,
+        visible: bool = True,
+        **fields,
+    ) -> TaskID:
         fields.setdefault("unit", "campaigns")
         fields.setdefault("note", "")
         fields["initial"] = completed
@@ -98,10 +105,18 @@ class LineProgress(_Progress):
             self._thread = None
         super().stop()
 
-    def add_task(self, description: str, start: bool = True, total: float | None = 100.0, completed: int = 0,
-                 visible: bool = True, **fields) -> TaskID:
-        task_id = super().add_task(description, start=start, total=total, completed=completed, visible=visible,
-                                   **fields)
+    def add_task(
+        self,
+        description: str,
+        start: bool = True,
+        total: float | None = 100.0,
+        completed: int = 0,
+        visible: bool = True,
+        **fields,
+    ) -> TaskID:
+        task_id = super().add_task(
+            description, start=start, total=total, completed=completed, visible=visible, **fields
+        )
         if visible:
             self._log(self._tasks[task_id])
         return task_id
@@ -160,11 +175,18 @@ def stage_progress(console: Console) -> Progress:
     """The progress display for ``console`` (stderr): a bar on a terminal, else a :class:`LineProgress` logging
     one line every :func:`log_seconds` seconds. Use as a context manager."""
     if console.is_terminal:
-        return _Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                         TextColumn("{task.fields[unit]}"), TextColumn("{task.fields[note]}"), TimeElapsedColumn(),
-                         _EtaColumn(), console=console, transient=False)
+        return _Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[unit]}"),
+            TextColumn("{task.fields[note]}"),
+            TimeElapsedColumn(),
+            _EtaColumn(),
+            console=console,
+            transient=False,
+        )
     return LineProgress(console, log_seconds())
 
 
-__all__ = ["LOG_SECONDS", "LineProgress", "eta_seconds", "log_seconds", "progress_line",
-           "stage_progress"]
+__all__ = ["LOG_SECONDS", "LineProgress", "eta_seconds", "log_seconds", "progress_line", "stage_progress"]

@@ -18,11 +18,41 @@ from urllib.parse import quote
 
 MASK = "***"
 #: Option keys / query parameters that are credentials when their whole (lower-cased) name is one of these ...
-SECRET_NAMES = frozenset({"key", "secret", "token", "password", "passwd", "pwd", "credentials", "sas", "sig",
-                          "signature", "auth", "authorization", "cookie", "apikey"})
+SECRET_NAMES = frozenset(
+    {
+        "key",
+        "secret",
+        "token",
+        "password",
+        "passwd",
+        "pwd",
+        "credentials",
+        "sas",
+        "sig",
+        "signature",
+        "auth",
+        "authorization",
+        "cookie",
+        "apikey",
+    }
+)
 #: ... or when it contains one of these.
-SECRET_PARTS = ("secret", "token", "password", "passwd", "credential", "access_key", "private_key", "api_key",
-                "apikey", "account_key", "connection_string", "session", "signature", "authorization")
+SECRET_PARTS = (
+    "secret",
+    "token",
+    "password",
+    "passwd",
+    "credential",
+    "access_key",
+    "private_key",
+    "api_key",
+    "apikey",
+    "account_key",
+    "connection_string",
+    "session",
+    "signature",
+    "authorization",
+)
 #: Shortest storage-option value treated as a secret (shorter ones would mask ordinary words).
 MIN_SECRET_CHARS = 4
 

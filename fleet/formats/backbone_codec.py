@@ -39,10 +39,14 @@ def encode_backbone(backbone: SharedBackbone, bits: int = 8) -> tuple[dict[str, 
     return {k: v.contiguous() for k, v in tensors.items()}, metadata
 
 
-def decode_backbone(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | None = None) -> SharedBackbone:
+def decode_backbone(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | None = None
+) -> SharedBackbone:
     """Rebuild the (dequantized, float32, eval-mode) backbone from :func:`encode_backbone`'s output."""
     if metadata.get("format", "").split(".")[0] != BACKBONE_FORMAT:
-        raise StoreError(f"unsupported backbone format {metadata.get('format')!r}; expected {BACKBONE_FORMAT}", path=path)
+        raise StoreError(
+            f"unsupported backbone format {metadata.get('format')!r}; expected {BACKBONE_FORMAT}", path=path
+        )
     try:
         config = StudentConfig.from_dict(json.loads(metadata["student_config"]))
     except (KeyError, ValueError, TypeError) as exc:
@@ -53,7 +57,9 @@ def decode_backbone(tensors: dict[str, torch.Tensor], metadata: dict[str, str], 
         if f"{name}.int8" in tensors:
             q = tensors[f"{name}.int8"].to(torch.int32).reshape(reference.shape[0], -1)  # (out, in)
             scale = tensors[f"{name}.scale"].float().unsqueeze(-1)  # (out, 1)
-            state[name] = dequantize(q, scale, torch.zeros_like(scale, dtype=torch.int32), 8, PerTensor()).reshape(reference.shape)
+            state[name] = dequantize(q, scale, torch.zeros_like(scale, dtype=torch.int32), 8, PerTensor()).reshape(
+                reference.shape
+            )
         elif name in tensors:
             state[name] = tensors[name].float()
         else:

@@ -56,6 +56,7 @@ def head_passed(status: str | None) -> bool:
     """True when a head row's ``status`` says it passed its quality gate (not in :data:`FAILED_STATUSES`)."""
     return status not in FAILED_STATUSES
 
+
 HEADS_SCHEMA = pa.schema(
     [
         pa.field("campaign_id", pa.string(), nullable=False),
@@ -89,20 +90,20 @@ HEADS_SCHEMA = pa.schema(
 )
 
 #: The ``bloomier`` column of ``fleet-heads/2.0``: a block's filter, on the block's first row (null elsewhere).
-BLOOMIER_TYPE = pa.struct([
-    pa.field("rows", pa.int32(), nullable=False),
-    pa.field("seed", pa.uint64(), nullable=False),
-    pa.field("value_bits", pa.int8(), nullable=False),
-    pa.field("cell_bits", pa.int8(), nullable=False),
-    pa.field("cells", pa.int32(), nullable=False),
-    pa.field("centroids", pa.binary(), nullable=False),
-    pa.field("table", pa.binary(), nullable=False),
-])
+BLOOMIER_TYPE = pa.struct(
+    [
+        pa.field("rows", pa.int32(), nullable=False),
+        pa.field("seed", pa.uint64(), nullable=False),
+        pa.field("value_bits", pa.int8(), nullable=False),
+        pa.field("cell_bits", pa.int8(), nullable=False),
+        pa.field("cells", pa.int32(), nullable=False),
+        pa.field("centroids", pa.binary(), nullable=False),
+        pa.field("table", pa.binary(), nullable=False),
+    ]
+)
 
 HEADS_SCHEMA_V2 = pa.schema(
-    [*HEADS_SCHEMA,
-     pa.field("codec", pa.string(), nullable=False),
-     pa.field("bloomier", BLOOMIER_TYPE, nullable=True)],
+    [*HEADS_SCHEMA, pa.field("codec", pa.string(), nullable=False), pa.field("bloomier", BLOOMIER_TYPE, nullable=True)],
     metadata={"format": HEADS_FORMAT_V2},
 )
 
@@ -270,8 +271,10 @@ def _check_packed_row(row: HeadRow, bad) -> None:
         raise bad(f"mask has {len(row.mask)} bytes, expected {(n + 7) // 8} for {n} parameters")
     k = row.num_stored
     if len(row.packed) != packed_nbytes(k, row.bits):
-        raise bad(f"packed has {len(row.packed)} bytes, expected {packed_nbytes(k, row.bits)} "
-                  f"for {k} values at {row.bits} bits")
+        raise bad(
+            f"packed has {len(row.packed)} bytes, expected {packed_nbytes(k, row.bits)} "
+            f"for {k} values at {row.bits} bits"
+        )
     if row.bits == 16:
         if row.scales:
             raise bad("scales must be empty for 16 bits")
@@ -280,8 +283,10 @@ def _check_packed_row(row: HeadRow, bad) -> None:
             raise bad(f"group_size={row.group_size!r} must be >= 1")
         expected = 2 * num_groups(k, row.group_size)
         if len(row.scales) != expected:
-            raise bad(f"scales has {len(row.scales)} bytes, expected {expected} "
-                      f"(float16 per group of {row.group_size} over {k} values)")
+            raise bad(
+                f"scales has {len(row.scales)} bytes, expected {expected} "
+                f"(float16 per group of {row.group_size} over {k} values)"
+            )
 
 
 def heads_to_table(rows: list[HeadRow]) -> pa.Table:
@@ -317,25 +322,29 @@ def _check_row_blocks(rows: list[HeadRow]) -> None:
     current, expected = None, 0
     for row in rows:
         if current is not None and expected < current.rows and row.block is not current:
-            raise StoreError(f"bloomier block ends after {expected} of its {current.rows} rows",
-                             campaign_id=row.campaign_id)
+            raise StoreError(
+                f"bloomier block ends after {expected} of its {current.rows} rows", campaign_id=row.campaign_id
+            )
         if row.block is None:
             current, expected = None, 0
             continue
         if row.block is not current:
             current, expected = row.block, 0
         if row.block_row != expected:
-            raise StoreError(f"bloomier row has block_row {row.block_row} where its block's row {expected} "
-                             "belongs (a block's rows are consecutive, in campaign id order)",
-                             campaign_id=row.campaign_id)
+            raise StoreError(
+                f"bloomier row has block_row {row.block_row} where its block's row {expected} "
+                "belongs (a block's rows are consecutive, in campaign id order)",
+                campaign_id=row.campaign_id,
+            )
         expected += 1
     if current is not None and expected < current.rows:
         raise StoreError(f"bloomier block ends after {expected} of its {current.rows} rows")
 
 
 def _block_from(struct: dict) -> WeightlessBlock:
-    return WeightlessBlock(**{k: struct[k] for k in ("rows", "seed", "value_bits", "cell_bits", "cells",
-                                                     "centroids", "table")})
+    return WeightlessBlock(
+        **{k: struct[k] for k in ("rows", "seed", "value_bits", "cell_bits", "cells", "centroids", "table")}
+    )
 
 
 def table_to_heads(table: pa.Table, *, block: tuple[WeightlessBlock, int] | None = None) -> list[HeadRow]:
@@ -372,8 +381,9 @@ def table_to_heads(table: pa.Table, *, block: tuple[WeightlessBlock, int] | None
             current, position = _block_from(structs[i]), 0
         if codecs[i] == "bloomier":
             if current is None or position >= current.rows:
-                raise StoreError("bloomier row outside a block (its block's first row was not read)",
-                                 campaign_id=rows[i].campaign_id)
+                raise StoreError(
+                    "bloomier row outside a block (its block's first row was not read)", campaign_id=rows[i].campaign_id
+                )
             rows[i] = dataclasses.replace(rows[i], codec="bloomier", block=current, block_row=position)
             position += 1
         else:
@@ -413,9 +423,7 @@ def rejects_to_table(rows) -> pa.Table:
         triples.append((cid[:MAX_REJECT_ID_CHARS], str(stage), str(reason)))
     triples.sort()
     names = REJECTS_SCHEMA.names
-    return pa.Table.from_pydict(
-        {name: [t[i] for t in triples] for i, name in enumerate(names)}, schema=REJECTS_SCHEMA
-    )
+    return pa.Table.from_pydict({name: [t[i] for t in triples] for i, name in enumerate(names)}, schema=REJECTS_SCHEMA)
 
 
 def table_to_rejects(table: pa.Table) -> list[RejectRow]:
@@ -447,8 +455,11 @@ def check_heads_format(format_string: str, path: str | None = None) -> int:
     if got is not None and got["name"] == "fleet-heads" and int(got["major"]) in READ_MAJORS:
         return int(got["major"])
     if got is not None and got["name"] == "fleet-heads":
-        raise StoreError(f"unsupported major version {format_string!r}: this fleet reads fleet-heads/1.x and "
-                         "fleet-heads/2.x; upgrade fleet to read it", path=path)
+        raise StoreError(
+            f"unsupported major version {format_string!r}: this fleet reads fleet-heads/1.x and "
+            "fleet-heads/2.x; upgrade fleet to read it",
+            path=path,
+        )
     raise StoreError(f"unknown format {format_string!r}, expected {HEADS_FORMAT!r} or {HEADS_FORMAT_V2!r}", path=path)
 
 
@@ -511,8 +522,10 @@ def block_spans(table: pa.Table) -> list[tuple[int, int]]:
         covered[start : start + size] += 1
     if (covered > 1).any() or (covered.astype(bool) != is_bloomier).any():
         bad = int(np.flatnonzero((covered > 1) | (covered.astype(bool) != is_bloomier))[0])
-        raise StoreError("bloomier blocks and rows do not match (a block's rows must be consecutive bloomier rows)",
-                         campaign_id=ids[bad].as_py())
+        raise StoreError(
+            "bloomier blocks and rows do not match (a block's rows must be consecutive bloomier rows)",
+            campaign_id=ids[bad].as_py(),
+        )
     spans, i, k = [], 0, 0
     starts_list, sizes_list = starts.tolist(), sizes.tolist()
     while i < n:

@@ -38,12 +38,14 @@ EVENTS_SCHEMA = pa.schema(
 #: How fleet reads the columns (what :meth:`EventsDataset.validate_files` accepts converts to these without
 #: loss): event types as int64 and labels as int64, so that an integer column of any width is range-checked
 #: by :func:`validate_campaign_table` instead of being cut; features as float32 (the serving type).
-READ_SCHEMA = pa.schema([
-    pa.field("campaign_id", pa.string()),
-    pa.field("event_types", pa.list_(pa.int64())),
-    pa.field("features", pa.list_(pa.float32())),
-    pa.field("label", pa.int64()),
-])
+READ_SCHEMA = pa.schema(
+    [
+        pa.field("campaign_id", pa.string()),
+        pa.field("event_types", pa.list_(pa.int64())),
+        pa.field("features", pa.list_(pa.float32())),
+        pa.field("label", pa.int64()),
+    ]
+)
 #: What each column may hold in a file (besides the contract's own type), as shown in the error.
 ACCEPTED_TYPES = {
     "campaign_id": "string (or large_string)",
@@ -66,14 +68,21 @@ def holdout_mask(campaign_id: str, num_rows: int, fraction: float = HOLDOUT_FRAC
     return out
 
 
-def write_events(uri: str, table: pa.Table, storage_options: dict | None = None, rows_per_file: int = 500_000,
-                 row_group_size: int = 2048, start_part: int = 0) -> int:
+def write_events(
+    uri: str,
+    table: pa.Table,
+    storage_options: dict | None = None,
+    rows_per_file: int = 500_000,
+    row_group_size: int = 2048,
+    start_part: int = 0,
+) -> int:
     """Write an events table as ``uri/part-NNNNN.parquet`` (numbered from ``start_part``: a dataset written
     in pieces), sorted by campaign id (row order within a campaign kept) with small row groups so
     per-campaign filters skip everything else. Returns the number of files written."""
     table = table.cast(EVENTS_SCHEMA)
     order = pc.sort_indices(
-        pa.table({"c": table["campaign_id"], "i": pa.array(np.arange(len(table)))}), [("c", "ascending"), ("i", "ascending")]
+        pa.table({"c": table["campaign_id"], "i": pa.array(np.arange(len(table)))}),
+        [("c", "ascending"), ("i", "ascending")],
     )
     table = table.take(order)
     fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
@@ -93,8 +102,9 @@ EVENTS_PART_ROWS = 100_000
 EVENTS_COMPLETE = "_SUCCESS"
 
 
-def write_events_in_parts(uri: str, tables: Iterable[pa.Table], storage_options: dict | None = None,
-                          part_rows: int = EVENTS_PART_ROWS) -> None:
+def write_events_in_parts(
+    uri: str, tables: Iterable[pa.Table], storage_options: dict | None = None, part_rows: int = EVENTS_PART_ROWS
+) -> None:
     """Write the events dataset ``uri`` from ``tables`` (events schema, consumed lazily), holding at most
     ``part_rows`` rows plus one table in memory: tables are gathered until they reach ``part_rows`` rows,
     then written by :func:`write_events` as the next files. Each table holds whole campaigns, and every
@@ -114,7 +124,9 @@ def write_events_in_parts(uri: str, tables: Iterable[pa.Table], storage_options:
         buffered.clear()
         first, last = (v.as_py() for v in pc.min_max(part["campaign_id"]).values())
         if last_id is not None and first <= last_id:
-            raise ValueError(f"events part starts at campaign {first!r}, not after the previous part's last {last_id!r}")
+            raise ValueError(
+                f"events part starts at campaign {first!r}, not after the previous part's last {last_id!r}"
+            )
         files += write_events(uri, part, storage_options, start_part=files)
         rows, last_id = rows + len(part), last
 
@@ -241,8 +253,11 @@ class EventsDataset:
         # the range is implied by isin, but Parquet row-group statistics prune on it (isin alone scans every
         # row group: a read of 1,024 of 100,000 users took 11.4 s, 0.4 s with the range)
         column = pc.field("campaign_id")
-        wanted = ((column >= min(campaign_ids)) & (column <= max(campaign_ids))
-                  & column.isin(pa.array(campaign_ids, pa.string())))
+        wanted = (
+            (column >= min(campaign_ids))
+            & (column <= max(campaign_ids))
+            & column.isin(pa.array(campaign_ids, pa.string()))
+        )
         table = self._dataset.to_table(columns=READ_SCHEMA.names, filter=wanted)
         return split_by_campaign(table, campaign_ids)
 
@@ -269,8 +284,9 @@ def validate_campaign_table(
     for name, column in (("event_types", types), ("features", feats)):
         row = _first_null_row(column)
         if row is not None:
-            raise EventsFormatError(f"row {row}: {name} is null or holds a null element", campaign_id=campaign_id,
-                                    path=path)
+            raise EventsFormatError(
+                f"row {row}: {name} is null or holds a null element", campaign_id=campaign_id, path=path
+            )
     lengths = pc.list_value_length(types).to_numpy(zero_copy_only=False)
     if (lengths < 1).any():
         row = int(np.flatnonzero(lengths < 1)[0])
@@ -293,8 +309,9 @@ def validate_campaign_table(
             path=path,
         )
     if not np.isfinite(feats.flatten().to_numpy(zero_copy_only=False)).all():
-        raise EventsFormatError("features hold NaN or inf (or values beyond float32)", campaign_id=campaign_id,
-                                path=path)
+        raise EventsFormatError(
+            "features hold NaN or inf (or values beyond float32)", campaign_id=campaign_id, path=path
+        )
     labels = table["label"].drop_null().to_numpy(zero_copy_only=False)
     if len(labels) and not np.isin(labels, (0, 1)).all():
         raise EventsFormatError("label must be 0, 1 or null", campaign_id=campaign_id, path=path)
@@ -311,9 +328,12 @@ def truncate_sequences(table: pa.Table, max_sequence_length: int, num_features: 
     if not truncated:
         return table, 0
     feats = table["features"].combine_chunks()
-    return (table.set_column(table.schema.get_field_index("event_types"), "event_types", _drop_leading(types, drop))
-            .set_column(table.schema.get_field_index("features"), "features",
-                        _drop_leading(feats, drop * num_features)), truncated)
+    return (
+        table.set_column(
+            table.schema.get_field_index("event_types"), "event_types", _drop_leading(types, drop)
+        ).set_column(table.schema.get_field_index("features"), "features", _drop_leading(feats, drop * num_features)),
+        truncated,
+    )
 
 
 def _drop_leading(column: pa.ListArray, drop: np.ndarray) -> pa.ListArray:
@@ -323,8 +343,9 @@ def _drop_leading(column: pa.ListArray, drop: np.ndarray) -> pa.ListArray:
     starts = np.cumsum(lengths) - keep  # (n,) first kept value of each row among the flattened values
     index = np.repeat(starts - (np.cumsum(keep) - keep), keep) + np.arange(keep.sum())  # (kept,)
     offsets = pa.array(np.concatenate([[0], np.cumsum(keep)]), pa.int32())
-    return pa.ListArray.from_arrays(offsets, column.flatten().take(pa.array(index, pa.int64())),
-                                    type=column.type)
+    return pa.ListArray.from_arrays(offsets, column.flatten().take(pa.array(index, pa.int64())), type=column.type)
+
+
 def table_to_batch(table: pa.Table, num_features: int) -> SequenceBatch:
     """Convert a campaign table (events schema) into a packed :class:`SequenceBatch`: no padding, so its memory
     follows the number of events; models get length-bucketed, padded minibatches of it."""
@@ -336,8 +357,12 @@ def table_to_batch(table: pa.Table, num_features: int) -> SequenceBatch:
     flat_types = types.flatten().to_numpy(zero_copy_only=False).astype(np.int64)  # (E,)
     flat_feats = feats.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, num_features)  # (E, F)
     labels = table["label"].to_numpy(zero_copy_only=False).astype(np.float32)  # (B,) NaN where null
-    return SequenceBatch.packed(torch.from_numpy(flat_types), torch.from_numpy(np.ascontiguousarray(flat_feats)),
-                                torch.from_numpy(lengths), torch.from_numpy(labels))
+    return SequenceBatch.packed(
+        torch.from_numpy(flat_types),
+        torch.from_numpy(np.ascontiguousarray(flat_feats)),
+        torch.from_numpy(lengths),
+        torch.from_numpy(labels),
+    )
 
 
 def data_fingerprint(table: pa.Table) -> str:

@@ -65,16 +65,34 @@ def encode_heads(
 def head_row(campaign_id: str, vector: QuantizedVector, num_params: int, mask: Tensor | None, **fields) -> HeadRow:
     """One ``fleet-heads/1`` row from a stored vector (``fields``: hashes, fidelity, status ...)."""
     mask_bytes = None if mask is None else np.packbits(mask.numpy(), bitorder="little").tobytes()
-    return HeadRow(campaign_id=campaign_id, bits=vector.bits, shape=(num_params,), group_size=vector.group_size,
-                   packed=vector.packed, scales=vector.scales, mask=mask_bytes, **fields)
+    return HeadRow(
+        campaign_id=campaign_id,
+        bits=vector.bits,
+        shape=(num_params,),
+        group_size=vector.group_size,
+        packed=vector.packed,
+        scales=vector.scales,
+        mask=mask_bytes,
+        **fields,
+    )
 
 
 def bloomier_head_row(campaign_id: str, encoded: EncodedBlock, block_row: int, **fields) -> HeadRow:
     """One ``fleet-heads/2.0`` row of a block (:func:`fleet.compression.weightless.encode_block`): row ``block_row``."""
     q = encoded.keep.shape[1]
-    return HeadRow(campaign_id=campaign_id, bits=encoded.block.value_bits, shape=(q + 1,), group_size=0, packed=b"",
-                   scales=encoded.bias[block_row : block_row + 1].astype("<f2").tobytes(), mask=None,
-                   codec="bloomier", block=encoded.block, block_row=block_row, **fields)
+    return HeadRow(
+        campaign_id=campaign_id,
+        bits=encoded.block.value_bits,
+        shape=(q + 1,),
+        group_size=0,
+        packed=b"",
+        scales=encoded.bias[block_row : block_row + 1].astype("<f2").tobytes(),
+        mask=None,
+        codec="bloomier",
+        block=encoded.block,
+        block_row=block_row,
+        **fields,
+    )
 
 
 def decode_heads(rows: list[HeadRow]) -> Tensor:
@@ -94,8 +112,10 @@ def decode_heads(rows: list[HeadRow]) -> Tensor:
         bias = np.frombuffer(b"".join(rows[i].scales for i in picked), "<f2").astype(np.float32)
         out[picked] = torch.from_numpy(np.concatenate([weights, bias[:, None]], axis=1))
     packed = [i for i, r in enumerate(rows) if r.codec != "bloomier"]
-    vectors = {i: QuantizedVector(rows[i].bits, rows[i].num_stored, rows[i].group_size or 1, rows[i].packed,
-                                  rows[i].scales) for i in packed}
+    vectors = {
+        i: QuantizedVector(rows[i].bits, rows[i].num_stored, rows[i].group_size or 1, rows[i].packed, rows[i].scales)
+        for i in packed
+    }
     dense = [i for i in packed if rows[i].mask is None]
     if dense:
         out[dense] = dequantize_rows([vectors[i] for i in dense])

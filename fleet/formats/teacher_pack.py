@@ -48,11 +48,13 @@ PACKS_DIR = "packs"  # <root>/packs/<pack>/: a teacher root's packs (so no campa
 PACK_WEIGHTS_FILE = "weights.safetensors"
 INDEX_FILE = "index.parquet"
 DEFAULT_PACK_SIZE = 1024  # `fleet pack-teachers --pack-size`, `fleet synth --entities user --pack-size`
-INDEX_SCHEMA = pa.schema([
-    pa.field("campaign_id", pa.string(), nullable=False),
-    pa.field("slot", pa.int32(), nullable=False),
-    pa.field("sha256", pa.string(), nullable=False),
-])
+INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("campaign_id", pa.string(), nullable=False),
+        pa.field("slot", pa.int32(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),
+    ]
+)
 _DTYPES = {"F32": torch.float32, "F64": torch.float64, "F16": torch.float16, "BF16": torch.bfloat16}
 _ARCH_FIELDS = ("arch", "num_event_types", "embed_dim", "num_features", "hidden_size", "num_layers")
 #: the batched pass evaluates at most this many (teacher x row x step) x width floats at once (memory bound)
@@ -113,8 +115,11 @@ def locate_teachers(root_uri: str, storage_options: dict | None = None) -> Teach
     places: dict[str, list[str]] = {c: ["a directory"] for c in directories}
     packed: dict[str, PackSlot] = {}
     if has_packs:
-        packs = sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(f"{path}/{PACKS_DIR}", detail=True)
-                       if e.get("type") == "directory")
+        packs = sorted(
+            e["name"].rstrip("/").rsplit("/", 1)[-1]
+            for e in fs.ls(f"{path}/{PACKS_DIR}", detail=True)
+            if e.get("type") == "directory"
+        )
         for pack in packs:
             for campaign_id, slot, sha in read_pack_index(root_uri, pack, storage_options):
                 places.setdefault(campaign_id, []).append(f"pack {pack!r} slot {slot}")
@@ -158,8 +163,14 @@ def pack_config(config: dict) -> dict:
     return {**{k: v for k, v in config.items() if k not in ("campaign_id", "format")}, "format": PACK_FORMAT}
 
 
-def write_pack(root_uri: str, pack: str, config: dict, campaign_ids: Sequence[str],
-               tensors: dict[str, torch.Tensor], storage_options: dict | None = None) -> list[str]:
+def write_pack(
+    root_uri: str,
+    pack: str,
+    config: dict,
+    campaign_ids: Sequence[str],
+    tensors: dict[str, torch.Tensor],
+    storage_options: dict | None = None,
+) -> list[str]:
     """Write pack ``pack``: ``tensors`` name -> ``[K, ...]`` (slot ``k`` is ``campaign_ids[k]``'s teacher),
     ``config`` a teacher config dict (``campaign_id`` and ``format`` are dropped). Weights first, then the
     index, ``config.json`` last (its presence means complete). Returns each slot's sha256."""
@@ -173,14 +184,17 @@ def write_pack(root_uri: str, pack: str, config: dict, campaign_ids: Sequence[st
         if tensor.shape[0] != len(campaign_ids):
             raise ValueError(f"tensor {name!r} has {tensor.shape[0]} slots, not {len(campaign_ids)}")
     config_bytes = json.dumps(pack_config(config), indent=2, sort_keys=True).encode()
-    shas = [slot_sha256(config_bytes, {n: t[k].numpy().tobytes() for n, t in tensors.items()})
-            for k in range(len(campaign_ids))]
+    shas = [
+        slot_sha256(config_bytes, {n: t[k].numpy().tobytes() for n, t in tensors.items()})
+        for k in range(len(campaign_ids))
+    ]
     prefix = _pack_uri(root_uri, pack)
     fs, path = fsspec.core.url_to_fs(prefix, **(storage_options or {}))
     fs.makedirs(path, exist_ok=True)
     fs.pipe_file(f"{path}/{PACK_WEIGHTS_FILE}", save_safetensors(tensors, metadata={"format": PACK_FORMAT}))
-    index = pa.table({"campaign_id": list(campaign_ids), "slot": list(range(len(campaign_ids))), "sha256": shas},
-                     schema=INDEX_SCHEMA)
+    index = pa.table(
+        {"campaign_id": list(campaign_ids), "slot": list(range(len(campaign_ids))), "sha256": shas}, schema=INDEX_SCHEMA
+    )
     sink = io.BytesIO()
     pq.write_table(index, sink)
     fs.pipe_file(f"{path}/{INDEX_FILE}", sink.getvalue())
@@ -194,10 +208,17 @@ def pack_complete(root_uri: str, pack: str, config: dict, storage_options: dict 
     return fs.exists(path) and json.loads(fs.cat_file(path)) == pack_config(config)
 
 
-def load_teachers(root_uri: str, campaigns: Iterable[str], packed: dict[str, list] | None = None,
-                  storage_options: dict | None = None, *, allow_loaders: Iterable[str] = (),
-                  untrusted_roots: Iterable[str] = (), conflicts: dict[str, str] | None = None,
-                  unchanged: dict[str, str] | None = None) -> dict[str, LoadedTeacher | TeacherFormatError]:
+def load_teachers(
+    root_uri: str,
+    campaigns: Iterable[str],
+    packed: dict[str, list] | None = None,
+    storage_options: dict | None = None,
+    *,
+    allow_loaders: Iterable[str] = (),
+    untrusted_roots: Iterable[str] = (),
+    conflicts: dict[str, str] | None = None,
+    unchanged: dict[str, str] | None = None,
+) -> dict[str, LoadedTeacher | TeacherFormatError]:
     """Load the teachers of ``campaigns`` (valid ids): a packed one (``packed``: ``{campaign: [pack, slot,
     sha256]}``, :meth:`TeacherCatalog.plan_entries`) from its slot, read by byte range (one header read
     per pack), any other from its directory (:func:`fleet.formats.teachers.load_teacher`). A problem is returned
@@ -219,13 +240,15 @@ def load_teachers(root_uri: str, campaigns: Iterable[str], packed: dict[str, lis
             by_pack.setdefault(pack, []).append((campaign_id, int(slot), sha, unchanged.get(campaign_id) == sha))
         else:
             try:
-                out[campaign_id] = load_teacher(root_uri, campaign_id, storage_options, allow_loaders=allow_loaders,
-                                                untrusted_roots=untrusted_roots)
+                out[campaign_id] = load_teacher(
+                    root_uri, campaign_id, storage_options, allow_loaders=allow_loaders, untrusted_roots=untrusted_roots
+                )
             except TeacherFormatError as exc:
                 out[campaign_id] = exc
     for pack, members in by_pack.items():
-        out.update(_load_pack_slots(root_uri, pack, members, storage_options, tuple(allow_loaders),
-                                    tuple(untrusted_roots)))
+        out.update(
+            _load_pack_slots(root_uri, pack, members, storage_options, tuple(allow_loaders), tuple(untrusted_roots))
+        )
     return out
 
 
@@ -236,8 +259,12 @@ def _load_pack_slots(root_uri, pack, members, storage_options, allow_loaders, un
     out = {}
     try:
         if "file" in _protocols(fs):
-            _check_symlinks(fsspec.core.url_to_fs(root_uri)[1], path,
-                            lambda reason, uri: TeacherFormatError(reason, path=uri), prefix)
+            _check_symlinks(
+                fsspec.core.url_to_fs(root_uri)[1],
+                path,
+                lambda reason, uri: TeacherFormatError(reason, path=uri),
+                prefix,
+            )
         config_bytes, config = _read_pack_config(fs, path, config_uri)
         header, data_start, num_slots = _read_header(fs, f"{path}/{PACK_WEIGHTS_FILE}", weights_uri)
     except TeacherFormatError as exc:
@@ -257,8 +284,13 @@ def _load_pack_slots(root_uri, pack, members, storage_options, allow_loaders, un
             if not 0 <= slot < num_slots:
                 raise fail(f"slot out of range (the pack holds {num_slots})", weights_uri)
             if skip:
-                out[campaign_id] = LoadedTeacher(campaign_id, None, {**campaign_config, "campaign_id": campaign_id,
-                                                                     "format": TEACHER_FORMAT}, sha, slot_bytes)
+                out[campaign_id] = LoadedTeacher(
+                    campaign_id,
+                    None,
+                    {**campaign_config, "campaign_id": campaign_id, "format": TEACHER_FORMAT},
+                    sha,
+                    slot_bytes,
+                )
                 continue
             raw = {name: slices[name][slot] for name in header}
             if slot_sha256(config_bytes, raw) != sha:
@@ -270,11 +302,17 @@ def _load_pack_slots(root_uri, pack, members, storage_options, allow_loaders, un
                     raise fail(f"tensor {name!r} holds NaN or inf values", where)
                 state[name] = tensor
             teacher_config = {**campaign_config, "campaign_id": campaign_id, "format": TEACHER_FORMAT}
-            model = build_teacher_model(teacher_config, state, fail, config_uri, where,
-                                        allow_loaders=allow_loaders, untrusted_roots=(root_uri, *untrusted_roots))
+            model = build_teacher_model(
+                teacher_config,
+                state,
+                fail,
+                config_uri,
+                where,
+                allow_loaders=allow_loaders,
+                untrusted_roots=(root_uri, *untrusted_roots),
+            )
             model.eval()
-            out[campaign_id] = LoadedTeacher(campaign_id, model, teacher_config, sha,
-                                             sum(len(b) for b in raw.values()))
+            out[campaign_id] = LoadedTeacher(campaign_id, model, teacher_config, sha, sum(len(b) for b in raw.values()))
         except TeacherFormatError as exc:
             out[campaign_id] = exc
     return out
@@ -321,8 +359,13 @@ def _read_header(fs, path: str, uri: str) -> tuple[dict, int, int]:
     header.pop("__metadata__", None)
     counts = set()
     for name, info in header.items():
-        ok = (isinstance(info, dict) and info.get("dtype") in _DTYPES and isinstance(info.get("shape"), list)
-              and len(info["shape"]) >= 1 and isinstance(info.get("data_offsets"), list))
+        ok = (
+            isinstance(info, dict)
+            and info.get("dtype") in _DTYPES
+            and isinstance(info.get("shape"), list)
+            and len(info["shape"]) >= 1
+            and isinstance(info.get("data_offsets"), list)
+        )
         if not ok:
             raise TeacherFormatError(f"tensor {name!r}: unsupported dtype or no [K, ...] shape", path=uri)
         counts.add(info["shape"][0])
@@ -355,7 +398,7 @@ def _read_slots(fs, path: str, header: dict, data_start: int, num_slots: int, sl
         if isinstance(blob, Exception):
             raise blob
         for i, slot in enumerate(run):
-            out[name][slot] = bytes(blob[i * stride:(i + 1) * stride])
+            out[name][slot] = bytes(blob[i * stride : (i + 1) * stride])
     return out
 
 
@@ -376,8 +419,14 @@ def stack_states(models: Sequence[nn.Module]) -> dict[str, torch.Tensor]:
     return {name: torch.stack([s[name] for s in states]) for name in states[0]}
 
 
-def stacked_forward(params: dict[str, torch.Tensor], arch: str, num_layers: int, event_types: torch.Tensor,
-                    features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def stacked_forward(
+    params: dict[str, torch.Tensor],
+    arch: str,
+    num_layers: int,
+    event_types: torch.Tensor,
+    features: torch.Tensor,
+    lengths: torch.Tensor,
+) -> torch.Tensor:
     """G :class:`~fleet.formats.teachers.TeacherRNN` teachers at once, each on its own rows.
 
     ``params``: a TeacherRNN ``state_dict`` with every tensor stacked ``[G, ...]``; ``event_types``
@@ -412,7 +461,7 @@ def stacked_forward(params: dict[str, torch.Tensor], arch: str, num_layers: int,
             if arch == "lstm":
                 gates = gates_in + gates_h  # (G, b_t, 4H): input, forget, cell, output
                 i, f, _, o = torch.sigmoid(gates).chunk(4, dim=-1)  # (G, b_t, H) each; one call for all gates
-                c = f * c + i * torch.tanh(gates[..., 2 * hidden:3 * hidden])
+                c = f * c + i * torch.tanh(gates[..., 2 * hidden : 3 * hidden])
                 h = o * torch.tanh(c)
             else:  # gru: reset, update, new (the new gate's hidden part is scaled by the reset gate)
                 r_in, z_in, n_in = gates_in.chunk(3, dim=-1)
@@ -452,8 +501,13 @@ def pad_stack(batches: Sequence[SequenceBatch]) -> tuple[torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
-def stacked_logits(params: dict[str, torch.Tensor], arch: str, num_layers: int, batches: Sequence[SequenceBatch],
-                   batch_size: int = STACKED_BATCH_ROWS) -> list[torch.Tensor]:
+def stacked_logits(
+    params: dict[str, torch.Tensor],
+    arch: str,
+    num_layers: int,
+    batches: Sequence[SequenceBatch],
+    batch_size: int = STACKED_BATCH_ROWS,
+) -> list[torch.Tensor]:
     """Logits ``(len(batches[g]),)`` of teacher ``g`` (``params`` stacked ``[G, ...]``) on its own rows.
 
     Each teacher's rows are sorted by length and cut into chunks (:meth:`SequenceBatch.minibatches`'s
@@ -488,8 +542,9 @@ def stacked_logits(params: dict[str, torch.Tensor], arch: str, num_layers: int, 
     return outputs
 
 
-def teacher_logits(teachers: Sequence[LoadedTeacher], batches: Sequence[SequenceBatch], *,
-                   batched: bool = True) -> list[torch.Tensor | Exception]:
+def teacher_logits(
+    teachers: Sequence[LoadedTeacher], batches: Sequence[SequenceBatch], *, batched: bool = True
+) -> list[torch.Tensor | Exception]:
     """Each teacher's logits ``(len(batches[k]),)`` on its own rows, or the exception its forward raised.
 
     With ``batched``, reference teachers of one architecture run together (:func:`stacked_logits`); a
@@ -524,8 +579,14 @@ def teacher_logits(teachers: Sequence[LoadedTeacher], batches: Sequence[Sequence
 # fleet pack-teachers
 
 
-def pack_teachers(src_uri: str, dst_uri: str, pack_size: int = DEFAULT_PACK_SIZE,
-                  storage_options: dict | None = None, *, allow_loaders: Iterable[str] = ()) -> dict:
+def pack_teachers(
+    src_uri: str,
+    dst_uri: str,
+    pack_size: int = DEFAULT_PACK_SIZE,
+    storage_options: dict | None = None,
+    *,
+    allow_loaders: Iterable[str] = (),
+) -> dict:
     """``fleet pack-teachers``: every teacher of ``src_uri`` (directories or packs) into packs of at most
     ``pack_size`` teachers of one architecture under ``dst_uri/packs/`` (``pack-00000`` ...), in campaign
     order. A teacher that does not load is skipped and reported. ``dst_uri`` must hold no teachers.
@@ -549,11 +610,13 @@ def pack_teachers(src_uri: str, dst_uri: str, pack_size: int = DEFAULT_PACK_SIZE
 
     plan = catalog.plan_entries()
     for start in range(0, len(catalog.campaigns), 256):  # bounded memory: a chunk of teachers at a time
-        chunk = [c for c in catalog.campaigns[start:start + 256] if NAME_PATTERN.fullmatch(c)]
-        skipped.update({c: "invalid campaign id" for c in catalog.campaigns[start:start + 256]
-                        if not NAME_PATTERN.fullmatch(c)})
-        loaded = load_teachers(src_uri, chunk, plan, storage_options, allow_loaders=allow_loaders,
-                               conflicts=catalog.conflicts)
+        chunk = [c for c in catalog.campaigns[start : start + 256] if NAME_PATTERN.fullmatch(c)]
+        skipped.update(
+            {c: "invalid campaign id" for c in catalog.campaigns[start : start + 256] if not NAME_PATTERN.fullmatch(c)}
+        )
+        loaded = load_teachers(
+            src_uri, chunk, plan, storage_options, allow_loaders=allow_loaders, conflicts=catalog.conflicts
+        )
         for campaign_id in chunk:
             teacher = loaded[campaign_id]
             if isinstance(teacher, Exception):
@@ -569,4 +632,3 @@ def pack_teachers(src_uri: str, dst_uri: str, pack_size: int = DEFAULT_PACK_SIZE
     for key in list(pending):
         flush(key)
     return {"packs": written, "packed": packed, "skipped": skipped}
-

@@ -116,9 +116,7 @@ def teacher_num_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.state_dict().values())
 
 
-def save_teacher(
-    root_uri: str, model: nn.Module, config: TeacherConfig, storage_options: dict | None = None
-) -> None:
+def save_teacher(root_uri: str, model: nn.Module, config: TeacherConfig, storage_options: dict | None = None) -> None:
     """Write ``model`` as ``<root>/<campaign_id>/{config.json, model.safetensors}`` (weights first, config last)."""
     prefix = _campaign_prefix(root_uri, config.campaign_id)
     fs, path = fsspec.core.url_to_fs(prefix, **(storage_options or {}))
@@ -152,8 +150,14 @@ def list_teacher_campaigns(root_uri: str, storage_options: dict | None = None) -
     return locate_teachers(root_uri, storage_options).campaigns
 
 
-def load_teacher(root_uri: str, campaign_id: str, storage_options: dict | None = None, *,
-                 allow_loaders: Iterable[str] = (), untrusted_roots: Iterable[str] = ()) -> LoadedTeacher:
+def load_teacher(
+    root_uri: str,
+    campaign_id: str,
+    storage_options: dict | None = None,
+    *,
+    allow_loaders: Iterable[str] = (),
+    untrusted_roots: Iterable[str] = (),
+) -> LoadedTeacher:
     """Read and check one teacher; raise :class:`TeacherFormatError` naming the campaign, file and reason.
 
     A ``"loader"`` in its config runs only if it names an installed ``fleet.teacher_loaders`` entry point or
@@ -193,8 +197,15 @@ def load_teacher(root_uri: str, campaign_id: str, storage_options: dict | None =
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise fail(f"tensor {name!r} holds NaN or inf values", weights_uri)
 
-    model = build_teacher_model(config, state_dict, fail, config_uri, weights_uri, allow_loaders=allow_loaders,
-                                untrusted_roots=(root_uri, *untrusted_roots))
+    model = build_teacher_model(
+        config,
+        state_dict,
+        fail,
+        config_uri,
+        weights_uri,
+        allow_loaders=allow_loaders,
+        untrusted_roots=(root_uri, *untrusted_roots),
+    )
     model.eval()
     return LoadedTeacher(campaign_id, model, config, teacher_digest(config_bytes, weights_bytes), len(weights_bytes))
 
@@ -218,12 +229,22 @@ def read_teacher_digest(root_uri: str, campaign_id: str, storage_options: dict |
 
     if "file" in _protocols(fs):  # as load_teacher: never read through a symlink leading outside the root
         _check_symlinks(fsspec.core.url_to_fs(root_uri)[1], path, fail, prefix)
-    return teacher_digest(_read_required(fs, f"{path}/{CONFIG_FILE}", fail, f"{prefix}/{CONFIG_FILE}"),
-                          _read_required(fs, f"{path}/{WEIGHTS_FILE}", fail, f"{prefix}/{WEIGHTS_FILE}"))
+    return teacher_digest(
+        _read_required(fs, f"{path}/{CONFIG_FILE}", fail, f"{prefix}/{CONFIG_FILE}"),
+        _read_required(fs, f"{path}/{WEIGHTS_FILE}", fail, f"{prefix}/{WEIGHTS_FILE}"),
+    )
 
 
-def build_teacher_model(config: dict, state_dict: dict, fail, config_uri: str, weights_uri: str, *,
-                        allow_loaders: Iterable[str] = (), untrusted_roots: Iterable[str] = ()) -> nn.Module:
+def build_teacher_model(
+    config: dict,
+    state_dict: dict,
+    fail,
+    config_uri: str,
+    weights_uri: str,
+    *,
+    allow_loaders: Iterable[str] = (),
+    untrusted_roots: Iterable[str] = (),
+) -> nn.Module:
     """The module of a teacher's ``config`` dict and ``state_dict``: a :class:`TeacherRNN`, or what its allowed
     ``"loader"`` builds (policy as in :func:`load_teacher`; nothing is imported from ``untrusted_roots``).
     Problems raise ``fail(reason, uri)`` (a :class:`TeacherFormatError` naming the campaign)."""
@@ -282,8 +303,9 @@ class _LoaderPolicy:
             try:
                 function = entry.load()
             except Exception as exc:  # an installed plugin may fail to import in any way
-                raise fail(f"cannot load loader entry point {value!r} ({entry.value}): "
-                           f"{type(exc).__name__}: {exc}", config_uri) from exc
+                raise fail(
+                    f"cannot load loader entry point {value!r} ({entry.value}): {type(exc).__name__}: {exc}", config_uri
+                ) from exc
         elif isinstance(value, str) and value in self.allow:
             function = self._import(value, fail, config_uri)
         else:
@@ -328,8 +350,11 @@ class _LoaderPolicy:
             places = [spec.origin, *list(spec.submodule_search_locations or [])]
         for place in places:
             if place and any(_is_inside(os.path.realpath(place), root) for root in roots):
-                raise fail(f"loader {value!r} would be imported from {place}, inside the teacher or events root; "
-                           "fleet never imports code from its inputs", config_uri)
+                raise fail(
+                    f"loader {value!r} would be imported from {place}, inside the teacher or events root; "
+                    "fleet never imports code from its inputs",
+                    config_uri,
+                )
 
 
 def _protocols(fs) -> tuple[str, ...]:
@@ -361,8 +386,10 @@ def _check_symlinks(root_path: str, campaign_path: str, fail, prefix_uri: str) -
             entry = os.path.join(dirpath, name)
             if os.path.islink(entry) and not _is_inside(os.path.realpath(entry), root):
                 rel = os.path.relpath(entry, campaign_path)
-                raise fail(f"{rel} is a symlink leading outside the teacher root (to {os.path.realpath(entry)})",
-                           f"{prefix_uri}/{rel}")
+                raise fail(
+                    f"{rel} is a symlink leading outside the teacher root (to {os.path.realpath(entry)})",
+                    f"{prefix_uri}/{rel}",
+                )
 
 
 def _check_format(value: object, fail, config_uri: str) -> None:

@@ -104,11 +104,19 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, dashboa
 
                 AuthenticationTokenLoader.instance().reset_cache()
             with _loopback_node():
-                context = ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard,
-                                   dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK, log_to_driver=False)
+                context = ray.init(
+                    num_cpus=num_cpus or os.cpu_count(),
+                    include_dashboard=dashboard,
+                    dashboard_host=LOOPBACK,
+                    _node_ip_address=LOOPBACK,
+                    log_to_driver=False,
+                )
     except ray.exceptions.AuthenticationError as exc:
-        raise FleetError(f"Ray refused the authentication token ({exc}); give the cluster's token in "
-                         "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (RAY_AUTH_MODE=token)", path=address) from None
+        raise FleetError(
+            f"Ray refused the authentication token ({exc}); give the cluster's token in "
+            "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (RAY_AUTH_MODE=token)",
+            path=address,
+        ) from None
     if dashboard and context.dashboard_url:
         console.print(f"Ray dashboard: http://{context.dashboard_url} (token: the file $RAY_AUTH_TOKEN_PATH names)")
 
@@ -116,8 +124,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, dashboa
 def _require_token_auth() -> None:
     mode = os.environ.get("RAY_AUTH_MODE")
     if mode is not None and mode.strip().lower() != "token":
-        raise FleetError(f"RAY_AUTH_MODE={mode!r}: fleet runs Ray only with token authentication; "
-                         "unset RAY_AUTH_MODE or set it to 'token'")
+        raise FleetError(
+            f"RAY_AUTH_MODE={mode!r}: fleet runs Ray only with token authentication; "
+            "unset RAY_AUTH_MODE or set it to 'token'"
+        )
     os.environ["RAY_AUTH_MODE"] = "token"
     from ray._raylet import Config
 
@@ -188,8 +198,17 @@ def _run_with_threads(fn: Callable, threads: int, *args: Any) -> Any:
     return fn(*args)
 
 
-def map_on_ray(fn: Callable, batches: Sequence[Any], args: tuple, desc: str, *, threads: int = 1,
-               sizes: Sequence[int] | None = None, done: int = 0, unit: str = "campaigns") -> list[Any]:
+def map_on_ray(
+    fn: Callable,
+    batches: Sequence[Any],
+    args: tuple,
+    desc: str,
+    *,
+    threads: int = 1,
+    sizes: Sequence[int] | None = None,
+    done: int = 0,
+    unit: str = "campaigns",
+) -> list[Any]:
     """Run ``fn(batch, *args)`` for every batch as Ray tasks (retried on crashes and transient I/O
     errors), with a progress bar (:func:`fleet.core.progress.stage_progress`) that counts ``unit``: a batch
     counts ``sizes[i]`` (default :func:`campaigns_in`), and ``done`` were done before
@@ -197,8 +216,9 @@ def map_on_ray(fn: Callable, batches: Sequence[Any], args: tuple, desc: str, *, 
     cluster's nodes (``SPREAD``) rather than packed onto the driver's node, where a warm worker would
     otherwise take short tasks one after another while other nodes stay idle."""
     sizes = list(sizes) if sizes is not None else [campaigns_in(b) for b in batches]
-    remote = ray.remote(num_cpus=threads, max_retries=3, retry_exceptions=list(TRANSIENT_ERRORS),
-                        scheduling_strategy="SPREAD")(_run_with_threads)
+    remote = ray.remote(
+        num_cpus=threads, max_retries=3, retry_exceptions=list(TRANSIENT_ERRORS), scheduling_strategy="SPREAD"
+    )(_run_with_threads)
     refs = [remote.remote(fn, threads, batch, *args) for batch in batches]
     index = {ref: i for i, ref in enumerate(refs)}
     results: list[Any] = [None] * len(refs)
@@ -216,13 +236,19 @@ def map_on_ray(fn: Callable, batches: Sequence[Any], args: tuple, desc: str, *, 
 def campaigns_in(batch: Any) -> int:
     """Campaigns of a task's batch: a :class:`~fleet.run.plan.ShardJob`'s, a dict's ``"campaigns"`` (the bench's
     jobs), a list of ids, else one."""
-    campaigns = batch.campaigns if isinstance(batch, ShardJob) else batch.get("campaigns") if isinstance(batch, dict) \
-        else batch
+    campaigns = (
+        batch.campaigns if isinstance(batch, ShardJob) else batch.get("campaigns") if isinstance(batch, dict) else batch
+    )
     return len(campaigns) if isinstance(campaigns, (list, tuple)) else 1
 
 
-def run_synth(config: synth.SynthConfig, out_uri: str, storage_options: dict | None = None,
-              address: str | None = None, part_rows: int = EVENTS_PART_ROWS) -> dict:
+def run_synth(
+    config: synth.SynthConfig,
+    out_uri: str,
+    storage_options: dict | None = None,
+    address: str | None = None,
+    part_rows: int = EVENTS_PART_ROWS,
+) -> dict:
     """``fleet synth``: record ``out/synth.json``, write ``out/events/`` on the driver (campaigns generated in
     order and written about ``part_rows`` rows at a time, :func:`fleet.formats.events.write_events_in_parts`, so the
     driver's memory does not grow with the fleet), then train every teacher on Ray (per-user fleets: one task
@@ -237,11 +263,20 @@ def run_synth(config: synth.SynthConfig, out_uri: str, storage_options: dict | N
     if config.entities == "user":  # a task per pack: its entities' events, then their teachers trained together
         with ray_session(address):
             packs = list(range(math.ceil(config.campaigns / config.pack_size)))
-            per_batch = map_on_ray(synth.build_user_pack, packs, (config, events_uri, teachers_uri, storage_options),
-                                   "training teacher packs", sizes=[len(synth.pack_members(config, p)) for p in packs],
-                                   unit="entities")
-        return {"seconds": time.perf_counter() - started, "events_uri": events_uri, "teachers_uri": teachers_uri,
-                "campaigns": [s for batch in per_batch for s in batch]}
+            per_batch = map_on_ray(
+                synth.build_user_pack,
+                packs,
+                (config, events_uri, teachers_uri, storage_options),
+                "training teacher packs",
+                sizes=[len(synth.pack_members(config, p)) for p in packs],
+                unit="entities",
+            )
+        return {
+            "seconds": time.perf_counter() - started,
+            "events_uri": events_uri,
+            "teachers_uri": teachers_uri,
+            "campaigns": [s for batch in per_batch for s in batch],
+        }
     ids = synth.campaign_ids(config.campaigns)
     rows: dict[str, int] = {}  # rows per campaign: all the driver keeps of the events (teacher batch sizes)
 
@@ -259,13 +294,19 @@ def run_synth(config: synth.SynthConfig, out_uri: str, storage_options: dict | N
     with ray_session(address):
         num_cpus = int(ray.cluster_resources().get("CPU", 1))
         # ~8 teachers per task: a progress bar that moves, and little lost when a run is interrupted
-        batches = balanced_batches({cid: float(n) for cid, n in rows.items()},
-                                   num_batches=max(4 * num_cpus, math.ceil(len(ids) / 8)))
-        per_batch = map_on_ray(synth.train_teachers, batches, (config, events_uri, teachers_uri, storage_options),
-                               "training teachers")
+        batches = balanced_batches(
+            {cid: float(n) for cid, n in rows.items()}, num_batches=max(4 * num_cpus, math.ceil(len(ids) / 8))
+        )
+        per_batch = map_on_ray(
+            synth.train_teachers, batches, (config, events_uri, teachers_uri, storage_options), "training teachers"
+        )
     stats = sorted((s for batch in per_batch for s in batch), key=lambda s: s["campaign_id"])
-    return {"seconds": time.perf_counter() - started, "events_uri": events_uri, "teachers_uri": teachers_uri,
-            "campaigns": stats}
+    return {
+        "seconds": time.perf_counter() - started,
+        "events_uri": events_uri,
+        "teachers_uri": teachers_uri,
+        "campaigns": stats,
+    }
 
 
 def _record_synth_config(config: synth.SynthConfig, out_uri: str, storage_options: dict | None) -> None:
@@ -276,12 +317,16 @@ def _record_synth_config(config: synth.SynthConfig, out_uri: str, storage_option
         recorded = synth.with_defaults(json.loads(fs.cat_file(path)))  # fields added since: their defaults
         diff = sorted(k for k in set(wanted) | set(recorded) if wanted.get(k) != recorded.get(k))
         if diff:
-            raise FleetError(f"holds another synthetic fleet (differs in {', '.join(diff)}); pick another --out",
-                             path=f"{out_uri}/{synth.SYNTH_FILE}")
+            raise FleetError(
+                f"holds another synthetic fleet (differs in {', '.join(diff)}); pick another --out",
+                path=f"{out_uri}/{synth.SYNTH_FILE}",
+            )
         return
     if fs.exists(f"{root}/teachers") or fs.exists(f"{root}/events"):
-        raise FleetError("holds events or teachers but no synth.json (not written by this fleet synth); "
-                         "pick another --out", path=out_uri)
+        raise FleetError(
+            "holds events or teachers but no synth.json (not written by this fleet synth); pick another --out",
+            path=out_uri,
+        )
     fs.makedirs(root, exist_ok=True)
     fs.pipe_file(path, json.dumps(wanted, indent=2, sort_keys=True).encode())
 
@@ -320,8 +365,11 @@ def _borrowed_pool(run_dir: RunDir, config: stages.CompressConfig) -> pa.Table |
 
 def _task_result(job: ShardJob, started: float) -> dict:
     """What a stage task tells the driver: its shard, its seconds and its node."""
-    return {"shard": job.shard, "seconds": time.perf_counter() - started,
-            "node": ray.get_runtime_context().get_node_id()}
+    return {
+        "shard": job.shard,
+        "seconds": time.perf_counter() - started,
+        "node": ray.get_runtime_context().get_node_id(),
+    }
 
 
 def _soft_labels_task(job: ShardJob, ctx: stages.StageContext, run_dir: RunDir) -> dict:
@@ -338,8 +386,9 @@ def _soft_labels_task(job: ShardJob, ctx: stages.StageContext, run_dir: RunDir) 
 
 def _heads_task(job: ShardJob, ctx: stages.StageContext, run_dir: RunDir) -> dict:
     started = time.perf_counter()
-    heads = stages.fit_heads_shard(job, ctx, run_dir.soft_labels.read(job.shard), run_dir.read_backbone(),
-                                   _borrowed_pool(run_dir, ctx.config))
+    heads = stages.fit_heads_shard(
+        job, ctx, run_dir.soft_labels.read(job.shard), run_dir.read_backbone(), _borrowed_pool(run_dir, ctx.config)
+    )
     run_dir.heads.write(job.shard, heads)
     return _task_result(job, started)
 
@@ -367,8 +416,9 @@ class _ProgressWriter:
 
 
 def _backbone_task(sample: pa.Table, ctx: stages.StageContext, run_dir: RunDir, attempt: str = "") -> dict:
-    data, stats = stages.train_backbone(sample, ctx, pool=_borrowed_pool(run_dir, ctx.config),
-                                        report=_ProgressWriter(run_dir, attempt))
+    data, stats = stages.train_backbone(
+        sample, ctx, pool=_borrowed_pool(run_dir, ctx.config), report=_ProgressWriter(run_dir, attempt)
+    )
     run_dir.write_backbone(data)
     return {**stats, "node": ray.get_runtime_context().get_node_id()}
 
@@ -377,8 +427,9 @@ def _train_backbone_on_ray(sample: pa.Table, ctx: stages.StageContext, run_dir: 
     """Stage 2 as one Ray task, its bar counting training steps (with the loss and an ETA) from the progress
     the task writes to the work dir (a record of an earlier attempt is ignored)."""
     attempt = secrets.token_hex(8)
-    remote = ray.remote(num_cpus=threads, max_retries=3, retry_exceptions=list(TRANSIENT_ERRORS),
-                        scheduling_strategy="SPREAD")(_run_with_threads)
+    remote = ray.remote(
+        num_cpus=threads, max_retries=3, retry_exceptions=list(TRANSIENT_ERRORS), scheduling_strategy="SPREAD"
+    )(_run_with_threads)
     ref = remote.remote(_backbone_task, threads, sample, ctx, run_dir, attempt)
     steps = ctx.config.backbone_steps * len(ctx.config.backbone_widths())
     with stage_progress(console) as progress:
@@ -412,23 +463,30 @@ def _train_backbone_distributed(sample: pa.Table, ctx: stages.StageContext, run_
         import ray.train as rt
 
         context, work = rt.get_context(), loop_config["run_dir"]
-        data, stats = stages.train_backbone(loop_config["sample"], loop_config["ctx"], rank=context.get_world_rank(),
-                                            world_size=context.get_world_size(),
-                                            wrap=lambda m: prepare_model(m, move_to_device=False),
-                                            pool=_borrowed_pool(work, loop_config["ctx"].config))
+        data, stats = stages.train_backbone(
+            loop_config["sample"],
+            loop_config["ctx"],
+            rank=context.get_world_rank(),
+            world_size=context.get_world_size(),
+            wrap=lambda m: prepare_model(m, move_to_device=False),
+            pool=_borrowed_pool(work, loop_config["ctx"].config),
+        )
         if context.get_world_rank() == 0:
             work.write_backbone(data)
-            work.write_backbone_stats({**stats, "backbone_workers": context.get_world_size(),
-                                       "node": ray.get_runtime_context().get_node_id()})
+            work.write_backbone_stats(
+                {**stats, "backbone_workers": context.get_world_size(), "node": ray.get_runtime_context().get_node_id()}
+            )
 
     import pyarrow.fs
 
     fs, path = run_dir.ray_train_storage()  # Ray Train's checkpoints live on the store too
     trainer = TorchTrainer(
-        loop, train_loop_config={"sample": sample, "ctx": ctx, "run_dir": run_dir},
+        loop,
+        train_loop_config={"sample": sample, "ctx": ctx, "run_dir": run_dir},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name="backbone", storage_path=path,
-                             storage_filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))),
+        run_config=RunConfig(
+            name="backbone", storage_path=path, storage_filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+        ),
     )
     trainer.fit()
     return run_dir.read_backbone_stats()
@@ -443,8 +501,10 @@ def _parent_version(fleet: str, store_uri: str, tracking_uri: str | None, storag
     try:
         version = registry.champion_version(fleet, tracking_uri)
     except RegistryError as exc:
-        raise RegistryError(f"{exc}; fleet {fleet!r} needs its champion as the parent of an incremental "
-                            "run: fix the registry, or pass --no-parent for a full run without a parent") from None
+        raise RegistryError(
+            f"{exc}; fleet {fleet!r} needs its champion as the parent of an incremental "
+            "run: fix the registry, or pass --no-parent for a full run without a parent"
+        ) from None
     if version is None:
         console.print(f"fleet {fleet!r} has no champion yet: full run (backbone trained, every head fitted)")
         return None
@@ -452,17 +512,20 @@ def _parent_version(fleet: str, store_uri: str, tracking_uri: str | None, storag
     try:
         return FleetVersion.open(manifest_uri, storage_options)
     except StoreError as exc:
-        raise StoreError(f"the champion of fleet {fleet!r} (registered version {version}) cannot be read, so no "
-                         f"incremental run can start from it; promote or roll back to a readable version: {exc}",
-                         path=manifest_uri) from None
+        raise StoreError(
+            f"the champion of fleet {fleet!r} (registered version {version}) cannot be read, so no "
+            f"incremental run can start from it; promote or roll back to a readable version: {exc}",
+            path=manifest_uri,
+        ) from None
 
 
 #: fsspec protocols whose files exist in one process only: no Ray worker can read or write them.
 PROCESS_LOCAL_PROTOCOLS = ("memory",)
 
 
-def check_compress_inputs(teachers_uri: str, events_uri: str, store_uri: str,
-                          storage_options: dict | None = None) -> None:
+def check_compress_inputs(
+    teachers_uri: str, events_uri: str, store_uri: str, storage_options: dict | None = None
+) -> None:
     """Raise :class:`~fleet.core.errors.UsageError` (``fleet`` exit 2) naming the flag and the URI when an input of
     ``fleet compress`` cannot work, before Ray starts or the registry is opened: a URI on a process-local
     filesystem (``memory://``: Ray workers run in other processes, so no version could be written there),
@@ -470,8 +533,11 @@ def check_compress_inputs(teachers_uri: str, events_uri: str, store_uri: str,
     for flag, uri in (("--teachers", teachers_uri), ("--events", events_uri), ("--store", store_uri)):
         protocol = uri.split("://", 1)[0] if "://" in uri else "file"
         if protocol in PROCESS_LOCAL_PROTOCOLS:
-            raise UsageError(f"{flag}: {protocol}:// lives in this process only, which no Ray worker can reach; "
-                             "use a local path (one machine) or s3:// (a cluster)", path=uri)
+            raise UsageError(
+                f"{flag}: {protocol}:// lives in this process only, which no Ray worker can reach; "
+                "use a local path (one machine) or s3:// (a cluster)",
+                path=uri,
+            )
     for flag, uri, what in (("--teachers", teachers_uri, "teacher root"), ("--events", events_uri, "events dataset")):
         fs, path = open_fs(uri, storage_options)
         if not fs.exists(path):
@@ -483,8 +549,13 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
 
-def compress_config(config: stages.CompressConfig | dict | str | None = None, *, bits: int | str | None = None,
-                    codec: str | None = None, allow_loaders: Sequence[str] = ()) -> stages.CompressConfig:
+def compress_config(
+    config: stages.CompressConfig | dict | str | None = None,
+    *,
+    bits: int | str | None = None,
+    codec: str | None = None,
+    allow_loaders: Sequence[str] = (),
+) -> stages.CompressConfig:
     """The :class:`~fleet.run.stages.CompressConfig` of a run: ``config`` (a ``CompressConfig``, left unchanged; a dict of
     its fields; a JSON or TOML file path; None: the defaults), then ``bits`` (``"auto"`` or 1, 2, 4, 8, 16, as an int
     or a string) and ``codec`` over it when given, and ``allow_loaders`` added to its own. ValueError names a bad
@@ -496,8 +567,9 @@ def compress_config(config: stages.CompressConfig | dict | str | None = None, *,
     elif isinstance(config, str):
         config = stages.CompressConfig.from_file(config)
     elif not isinstance(config, stages.CompressConfig):
-        raise ValueError(f"config must be a CompressConfig, a dict of its fields or a file path, not "
-                         f"{type(config).__name__}")
+        raise ValueError(
+            f"config must be a CompressConfig, a dict of its fields or a file path, not {type(config).__name__}"
+        )
     added = [validate_loader_spec(spec) for spec in allow_loaders]
     overrides: dict[str, Any] = {"allow_loaders": list(dict.fromkeys([*config.allow_loaders, *added]))}
     if bits is not None:
@@ -507,13 +579,27 @@ def compress_config(config: stages.CompressConfig | dict | str | None = None, *,
     return dataclasses.replace(config, **overrides)  # __post_init__ checks the result
 
 
-def compress(teachers: str, events: str, *, store: str = DEFAULT_STORE, fleet: str = DEFAULT_FLEET,
-             config: stages.CompressConfig | dict | str | None = None, bits: int | str | None = None,
-             codec: str | None = None, allow_loaders: Sequence[str] = (), run_id: str | None = None,
-             tracking_uri: str | None = None, address: str | None = None, retrain_backbone: bool = False,
-             storage_options: dict | None = None, register: bool = True, no_parent: bool = False,
-             force_config: bool = False, dashboard: bool = False,
-             resume_command: str | None = None) -> CompressResult:
+def compress(
+    teachers: str,
+    events: str,
+    *,
+    store: str = DEFAULT_STORE,
+    fleet: str = DEFAULT_FLEET,
+    config: stages.CompressConfig | dict | str | None = None,
+    bits: int | str | None = None,
+    codec: str | None = None,
+    allow_loaders: Sequence[str] = (),
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    address: str | None = None,
+    retrain_backbone: bool = False,
+    storage_options: dict | None = None,
+    register: bool = True,
+    no_parent: bool = False,
+    force_config: bool = False,
+    dashboard: bool = False,
+    resume_command: str | None = None,
+) -> CompressResult:
     """``fleet compress`` as a function (``fleet.compress``; the CLI calls this): distil the teachers under
     ``teachers`` on the events dataset ``events`` into one fleet version of ``fleet`` in ``store``, register it in
     MLflow (``tracking_uri``; default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///fleet-data/mlflow.db``) and move the
@@ -528,11 +614,23 @@ def compress(teachers: str, events: str, *, store: str = DEFAULT_STORE, fleet: s
     same ``run_id`` to resume)."""
     config = compress_config(config, bits=bits, codec=codec, allow_loaders=allow_loaders)
     options = storage_options if storage_options is not None else storage_options_from_env()
-    return run_compress(teachers_uri=teachers, events_uri=events, store_uri=store, fleet=fleet, config=config,
-                        run_id=run_id, tracking_uri=tracking_uri, address=address, retrain_backbone=retrain_backbone,
-                        storage_options=options, register=register, dashboard=dashboard, no_parent=no_parent,
-                        force_config=force_config, resume_command=resume_command)
-
+    return run_compress(
+        teachers_uri=teachers,
+        events_uri=events,
+        store_uri=store,
+        fleet=fleet,
+        config=config,
+        run_id=run_id,
+        tracking_uri=tracking_uri,
+        address=address,
+        retrain_backbone=retrain_backbone,
+        storage_options=options,
+        register=register,
+        dashboard=dashboard,
+        no_parent=no_parent,
+        force_config=force_config,
+        resume_command=resume_command,
+    )
 
 
 STAGE_SECONDS_PREFIX = "stage_seconds_"  # a run's metrics hold each stage's wall seconds as stage_seconds_<stage>
@@ -540,14 +638,27 @@ STAGE_SECONDS_PREFIX = "stage_seconds_"  # a run's metrics hold each stage's wal
 
 def stage_seconds(metrics: dict) -> dict:
     """``{stage: seconds}`` of a run's metrics (its ``stage_seconds_<stage>`` entries)."""
-    return {k[len(STAGE_SECONDS_PREFIX):]: v for k, v in metrics.items() if k.startswith(STAGE_SECONDS_PREFIX)}
+    return {k[len(STAGE_SECONDS_PREFIX) :]: v for k, v in metrics.items() if k.startswith(STAGE_SECONDS_PREFIX)}
 
 
-def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: str,
-                 config: stages.CompressConfig, run_id: str | None = None, tracking_uri: str | None = None,
-                 address: str | None = None, retrain_backbone: bool = False, storage_options: dict | None = None,
-                 register: bool = True, dashboard: bool = False, no_parent: bool = False,
-                 force_config: bool = False, resume_command: str | None = None) -> CompressResult:
+def run_compress(
+    *,
+    teachers_uri: str,
+    events_uri: str,
+    store_uri: str,
+    fleet: str,
+    config: stages.CompressConfig,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    address: str | None = None,
+    retrain_backbone: bool = False,
+    storage_options: dict | None = None,
+    register: bool = True,
+    dashboard: bool = False,
+    no_parent: bool = False,
+    force_config: bool = False,
+    resume_command: str | None = None,
+) -> CompressResult:
     """``fleet compress``: stages 1-5 on Ray, one immutable version in the store, registered in MLflow.
 
     Re-running the same ``run_id`` after a crash skips every shard already done; re-running a run id
@@ -571,11 +682,24 @@ def run_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: s
     """
     mlflow_run = CompressRun()
     try:
-        return _run_compress(mlflow_run, teachers_uri=teachers_uri, events_uri=events_uri, store_uri=store_uri,
-                             fleet=fleet, config=config, run_id=run_id, tracking_uri=tracking_uri, address=address,
-                             retrain_backbone=retrain_backbone, storage_options=storage_options, register=register,
-                             dashboard=dashboard, no_parent=no_parent, force_config=force_config,
-                             resume_command=resume_command)
+        return _run_compress(
+            mlflow_run,
+            teachers_uri=teachers_uri,
+            events_uri=events_uri,
+            store_uri=store_uri,
+            fleet=fleet,
+            config=config,
+            run_id=run_id,
+            tracking_uri=tracking_uri,
+            address=address,
+            retrain_backbone=retrain_backbone,
+            storage_options=storage_options,
+            register=register,
+            dashboard=dashboard,
+            no_parent=no_parent,
+            force_config=force_config,
+            resume_command=resume_command,
+        )
     except KeyboardInterrupt:
         mlflow_run.end("KILLED")
         raise
@@ -597,15 +721,23 @@ class CompressRun:
         self.tracking_uri: str | None = None
         self._started = time.perf_counter()
 
-    def start(self, run_dir: RunDir, fleet: str, version_id: str, params: dict, tracking_uri: str,
-              storage_options: dict | None) -> None:
+    def start(
+        self,
+        run_dir: RunDir,
+        fleet: str,
+        version_id: str,
+        params: dict,
+        tracking_uri: str,
+        storage_options: dict | None,
+    ) -> None:
         """Start the run, or continue the one recorded in ``run_dir``, and record it there."""
         from fleet.storage import runs
 
         recorded = run_dir.read_mlflow_run()
         saved = recorded.get("run_id") if recorded else None
-        self.run_id = runs.start_compress_run(fleet, version_id, params, tracking_uri,
-                                              storage_options=storage_options, resume_run_id=saved)
+        self.run_id = runs.start_compress_run(
+            fleet, version_id, params, tracking_uri, storage_options=storage_options, resume_run_id=saved
+        )
         self.tracking_uri = tracking_uri
         if self.run_id != saved:
             run_dir.write_mlflow_run(self.run_id, scrub(tracking_uri))
@@ -617,8 +749,11 @@ class CompressRun:
             return
         from fleet.storage import runs
 
-        metrics = {f"{STAGE_SECONDS_PREFIX}{stage}": seconds, "elapsed_seconds": time.perf_counter() - self._started,
-                   **progress}
+        metrics = {
+            f"{STAGE_SECONDS_PREFIX}{stage}": seconds,
+            "elapsed_seconds": time.perf_counter() - self._started,
+            **progress,
+        }
         runs.log_run_metrics(self.run_id, metrics, STAGE_STEPS[stage], self.tracking_uri)
 
     def end(self, status: str) -> None:
@@ -664,8 +799,14 @@ class _Run:
     @functools.cached_property
     def ctx(self) -> stages.StageContext:
         """What every stage task needs (once planned: the input space is the plan's)."""
-        return stages.StageContext(self.teachers_uri, self.events_uri, self.config, self.plan.num_event_types,
-                                   self.plan.num_features, self.storage_options)
+        return stages.StageContext(
+            self.teachers_uri,
+            self.events_uri,
+            self.config,
+            self.plan.num_event_types,
+            self.plan.num_features,
+            self.storage_options,
+        )
 
     @functools.cached_property
     def parent(self) -> FleetVersion | None:
@@ -683,10 +824,25 @@ class _Run:
         self.mlflow_run.stage(stage, self.report.seconds[stage], **progress)
 
 
-def _run_compress(mlflow_run: CompressRun, *, teachers_uri: str, events_uri: str, store_uri: str, fleet: str,
-                  config: stages.CompressConfig, run_id: str | None, tracking_uri: str | None, address: str | None,
-                  retrain_backbone: bool, storage_options: dict | None, register: bool, dashboard: bool,
-                  no_parent: bool, force_config: bool, resume_command: str | None) -> CompressResult:
+def _run_compress(
+    mlflow_run: CompressRun,
+    *,
+    teachers_uri: str,
+    events_uri: str,
+    store_uri: str,
+    fleet: str,
+    config: stages.CompressConfig,
+    run_id: str | None,
+    tracking_uri: str | None,
+    address: str | None,
+    retrain_backbone: bool,
+    storage_options: dict | None,
+    register: bool,
+    dashboard: bool,
+    no_parent: bool,
+    force_config: bool,
+    resume_command: str | None,
+) -> CompressResult:
     """:func:`run_compress`'s body: the checks before anything runs, then one function per stage (plan, soft labels,
     backbone, heads, the version, registration); ``mlflow_run`` is started here when registering."""
     from fleet.storage import registry
@@ -695,28 +851,51 @@ def _run_compress(mlflow_run: CompressRun, *, teachers_uri: str, events_uri: str
     started = time.perf_counter()
     teachers_uri, events_uri, store_uri = (absolute_uri(u) for u in (teachers_uri, events_uri, store_uri))
     check_compress_inputs(teachers_uri, events_uri, store_uri, storage_options)
-    run = _Run(teachers_uri, events_uri, store_uri, fleet, run_id or new_run_id(), config, storage_options,
-               tracking_uri or default_tracking_uri(), register, mlflow_run)
+    run = _Run(
+        teachers_uri,
+        events_uri,
+        store_uri,
+        fleet,
+        run_id or new_run_id(),
+        config,
+        storage_options,
+        tracking_uri or default_tracking_uri(),
+        register,
+        mlflow_run,
+    )
     EventsDataset(events_uri, storage_options).validate_files()  # every file's schema, before any stage
     if register:  # also the check that the registry can be read, before anything runs
         existing = registry.find_version(fleet, run.run_id, run.tracking_uri)
         if existing is not None:
             return _already_registered(existing, store_uri, fleet, run.run_id, storage_options)
     settings = run_settings(config, teachers_uri, events_uri, retrain_backbone=retrain_backbone, no_parent=no_parent)
-    recorded = (check_resume_settings(Plan.read(run.run_dir), settings, run.run_dir, run.run_id, force_config)
-                if run.run_dir.has_plan() else None)
-    console.out(f"run {run.run_id} (work dir {scrub(run.run_dir.uri)}); to resume it after an interruption: "
-                f"{resume_command or f're-run with --run-id {run.run_id}'}", highlight=False)
+    recorded = (
+        check_resume_settings(Plan.read(run.run_dir), settings, run.run_dir, run.run_id, force_config)
+        if run.run_dir.has_plan()
+        else None
+    )
+    console.out(
+        f"run {run.run_id} (work dir {scrub(run.run_dir.uri)}); to resume it after an interruption: "
+        f"{resume_command or f're-run with --run-id {run.run_id}'}",
+        highlight=False,
+    )
     removed = remove_stale_temp_files(store_uri, fleet, storage_options)
     if removed:
-        console.print(f"removed {len(removed)} temporary file(s) of interrupted writes under {join_uri(store_uri, fleet)}")
+        console.print(
+            f"removed {len(removed)} temporary file(s) of interrupted writes under {join_uri(store_uri, fleet)}"
+        )
 
     with ray_session(address, dashboard=dashboard):
         run.plan = _plan_stage(run, recorded, settings, retrain_backbone=retrain_backbone, no_parent=no_parent)
         if register:
-            mlflow_run.start(run.run_dir, fleet, run.run_id, _run_params(config, {"teachers_uri": teachers_uri,
-                                                                                  "events_uri": events_uri}),
-                             run.tracking_uri, storage_options)
+            mlflow_run.start(
+                run.run_dir,
+                fleet,
+                run.run_id,
+                _run_params(config, {"teachers_uri": teachers_uri, "events_uri": events_uri}),
+                run.tracking_uri,
+                storage_options,
+            )
         status = _soft_labels_stage(run)
         _backbone_stage(run, status)
         _heads_stage(run, status)
@@ -725,8 +904,9 @@ def _run_compress(mlflow_run: CompressRun, *, teachers_uri: str, events_uri: str
     metrics = {**version.manifest["metrics"], "total_seconds": time.perf_counter() - started}
     not_promoted = registered is not None and registered.gate is not None and not registered.gate.passed
     exit_code = EXIT_NOT_PROMOTED if not_promoted else EXIT_QUARANTINED if rejects else 0
-    return CompressResult(version.version_id, version.uri.rstrip("/") + "/manifest.json", metrics, exit_code,
-                          registered, rejects)
+    return CompressResult(
+        version.version_id, version.uri.rstrip("/") + "/manifest.json", metrics, exit_code, registered, rejects
+    )
 
 
 def _plan_stage(run: _Run, recorded: Plan | None, settings: dict, *, retrain_backbone: bool, no_parent: bool) -> Plan:
@@ -736,9 +916,16 @@ def _plan_stage(run: _Run, recorded: Plan | None, settings: dict, *, retrain_bac
         console.print(f"resuming run {run.run_id}: {len(recorded.batches)} batches planned")
         return recorded
     parent = None if no_parent else _parent_version(run.fleet, run.store_uri, run.tracking_uri, run.storage_options)
-    plan = make_plan(run.teachers_uri, run.events_uri, run.config, settings, parent=parent,
-                     retrain_backbone=retrain_backbone, num_cpus=int(ray.cluster_resources().get("CPU", 1)),
-                     storage_options=run.storage_options)
+    plan = make_plan(
+        run.teachers_uri,
+        run.events_uri,
+        run.config,
+        settings,
+        parent=parent,
+        retrain_backbone=retrain_backbone,
+        num_cpus=int(ray.cluster_resources().get("CPU", 1)),
+        storage_options=run.storage_options,
+    )
     plan.write(run.run_dir)
     return plan
 
@@ -748,9 +935,13 @@ def _soft_labels_stage(run: _Run) -> pa.Table:
     rows, one task per shard not done yet. Returns every campaign's verdict (the campaigns shards)."""
     plan, config, run_dir = run.plan, run.config, run.run_dir
     if config.borrowed_rows and not run_dir.has_borrowed_pool():
-        pool = stages.borrowed_pool(EventsDataset(run.events_uri, run.storage_options),
-                                    stages.borrowed_pool_rows(plan.sizes, config), plan.num_event_types,
-                                    plan.num_features, config.max_sequence_length)
+        pool = stages.borrowed_pool(
+            EventsDataset(run.events_uri, run.storage_options),
+            stages.borrowed_pool_rows(plan.sizes, config),
+            plan.num_event_types,
+            plan.num_features,
+            config.max_sequence_length,
+        )
         if pool is None:
             raise FleetError("no campaign's events can be borrowed for the transfer set", path=run.events_uri)
         run_dir.write_borrowed_pool(pool)
@@ -758,9 +949,13 @@ def _soft_labels_stage(run: _Run) -> pa.Table:
     quotas = {} if run.inherit_backbone else stages.backbone_quotas(plan.sizes, config)
     done = run_dir.soft_labels.done()
     jobs = plan.soft_label_jobs(quotas, plan.parent_hashes if run.inherit_backbone else {}, done)
-    run.report.tasks["soft_labels"] = map_on_ray(_soft_labels_task, jobs, (run.ctx, run_dir),
-                                                 "stage 1  teacher soft labels",
-                                                 done=sum(len(b) for b in plan.batches_of(done)))
+    run.report.tasks["soft_labels"] = map_on_ray(
+        _soft_labels_task,
+        jobs,
+        (run.ctx, run_dir),
+        "stage 1  teacher soft labels",
+        done=sum(len(b) for b in plan.batches_of(done)),
+    )
     run.report.skipped["soft_labels"] = len(plan.shards) - len(jobs)
     run.stage_done("soft_labels", t0, stage_campaigns_soft_labels=len(plan.all_campaigns))
     _fault_point("soft_labels")
@@ -795,14 +990,22 @@ def _heads_stage(run: _Run, status: pa.Table) -> None:
     """Stages 3-5 (heads, quantization, fidelity) on Ray: one task per shard not done yet that holds a campaign
     stage 1 left to fit (``ok``)."""
     t0 = time.perf_counter()
-    hashes = {c: [t, d] for c, s, t, d in zip(*(status[k].to_pylist() for k in
-                                                ("campaign_id", "status", "teacher_sha256", "data_fingerprint")))
-              if s == "ok"}
+    hashes = {
+        c: [t, d]
+        for c, s, t, d in zip(
+            *(status[k].to_pylist() for k in ("campaign_id", "status", "teacher_sha256", "data_fingerprint"))
+        )
+        if s == "ok"
+    }
     done = run.run_dir.heads.done()
     jobs = run.plan.head_jobs(hashes, done)
-    run.report.tasks["heads"] = map_on_ray(_heads_task, jobs, (run.ctx, run.run_dir),
-                                           "stage 3  heads + quantize + fidelity",
-                                           done=sum(c in hashes for b in run.plan.batches_of(done) for c in b))
+    run.report.tasks["heads"] = map_on_ray(
+        _heads_task,
+        jobs,
+        (run.ctx, run.run_dir),
+        "stage 3  heads + quantize + fidelity",
+        done=sum(c in hashes for b in run.plan.batches_of(done) for c in b),
+    )
     run.report.skipped["heads"] = len(run.plan.shards_with(set(hashes))) - len(jobs)
     run.stage_done("heads", t0, stage_campaigns_heads=len(hashes))
 
@@ -829,9 +1032,17 @@ def _register_stage(run: _Run, version: FleetVersion, heads: pa.Table):
     """Register ``version`` in MLflow (ending the compress's MLflow run), or None when the run does not register."""
     if not run.register:
         return None
-    return _register(version, run.fleet, run.tracking_uri, run.config, heads,
-                     {**version.manifest["metrics"], "stage_seconds_finalize": run.report.seconds["finalize"]},
-                     run.storage_options, run.parent, run.mlflow_run.run_id)
+    return _register(
+        version,
+        run.fleet,
+        run.tracking_uri,
+        run.config,
+        heads,
+        {**version.manifest["metrics"], "stage_seconds_finalize": run.report.seconds["finalize"]},
+        run.storage_options,
+        run.parent,
+        run.mlflow_run.run_id,
+    )
 
 
 def _with_status(status: pa.Table, verdict: str) -> list[str]:
@@ -846,15 +1057,22 @@ def _assemble_heads(run: _Run, status: pa.Table) -> pa.Table:
     if reused:
         parent_heads = run.parent.read_heads()
         tables.append(parent_heads.filter(pa.compute.is_in(parent_heads["campaign_id"], value_set=pa.array(reused))))
-    return (pa.concat_tables([conform_heads_table(t) for t in tables]) if tables  # a resumed run's older shards
-            else HEADS_SCHEMA.empty_table())
+    return (
+        pa.concat_tables([conform_heads_table(t) for t in tables])
+        if tables  # a resumed run's older shards
+        else HEADS_SCHEMA.empty_table()
+    )
 
 
 def _rejects(status: pa.Table) -> list[dict]:
     """The quarantined campaigns of stage 1's ``status`` table: ``{"campaign_id", "stage", "reason"}`` each."""
     rejected = status.filter(pa.compute.equal(status["status"], "rejected"))
-    return [{"campaign_id": c, "stage": s, "reason": r} for c, s, r in
-            zip(rejected["campaign_id"].to_pylist(), rejected["stage"].to_pylist(), rejected["reason"].to_pylist())]
+    return [
+        {"campaign_id": c, "stage": s, "reason": r}
+        for c, s, r in zip(
+            rejected["campaign_id"].to_pylist(), rejected["stage"].to_pylist(), rejected["reason"].to_pylist()
+        )
+    ]
 
 
 def _write_version(run: _Run, heads: pa.Table, rejects: list[dict], metrics: dict) -> None:
@@ -865,14 +1083,33 @@ def _write_version(run: _Run, heads: pa.Table, rejects: list[dict], metrics: dic
     writer.write_heads(heads)
     writer.write_rejects(rejects_to_table([(r["campaign_id"], r["stage"], r["reason"]) for r in rejects]))
     _size_metrics(metrics, writer.files)
-    version_config = {**run.config.to_dict(), "num_event_types": run.plan.num_event_types,
-                      "num_features": run.plan.num_features, "teachers_uri": run.teachers_uri,
-                      "events_uri": run.events_uri}
-    lineage = {"parent_version": run.parent.version_id if run.parent else None, "run_id": run.run_id,
-               "retrain_backbone": not run.inherit_backbone}
+    version_config = {
+        **run.config.to_dict(),
+        "num_event_types": run.plan.num_event_types,
+        "num_features": run.plan.num_features,
+        "teachers_uri": run.teachers_uri,
+        "events_uri": run.events_uri,
+    }
+    lineage = {
+        "parent_version": run.parent.version_id if run.parent else None,
+        "run_id": run.run_id,
+        "retrain_backbone": not run.inherit_backbone,
+    }
     created_at = created_at_now()
-    writer.write_report(_report(run.fleet, run.run_id, heads, rejects, metrics, version_config, lineage, created_at,
-                                run.config, run.tracking_uri if run.register else None))
+    writer.write_report(
+        _report(
+            run.fleet,
+            run.run_id,
+            heads,
+            rejects,
+            metrics,
+            version_config,
+            lineage,
+            created_at,
+            run.config,
+            run.tracking_uri if run.register else None,
+        )
+    )
     writer.commit(config=version_config, lineage=lineage, metrics=metrics, created_at=created_at)
 
 
@@ -882,9 +1119,18 @@ PREVIEW_CHUNK = 256
 PREVIEW_HISTORY = 10
 
 
-def preview_compress(*, teachers_uri: str, events_uri: str, store_uri: str, fleet: str,
-                     config: stages.CompressConfig, tracking_uri: str | None = None, retrain_backbone: bool = False,
-                     storage_options: dict | None = None, no_parent: bool = False) -> dict:
+def preview_compress(
+    *,
+    teachers_uri: str,
+    events_uri: str,
+    store_uri: str,
+    fleet: str,
+    config: stages.CompressConfig,
+    tracking_uri: str | None = None,
+    retrain_backbone: bool = False,
+    storage_options: dict | None = None,
+    no_parent: bool = False,
+) -> dict:
     """What :func:`run_compress` with these arguments would do, worked out in this process (no Ray) without
     writing anything: no work dir, no version, no registry database (``nightly --dry-run``).
 
@@ -918,8 +1164,12 @@ def preview_compress(*, teachers_uri: str, events_uri: str, store_uri: str, flee
     if parent is not None:
         table = parent.read_heads().select(["campaign_id", "teacher_sha256", "data_fingerprint"])
         parent_rows = {c: [t.hex(), d.hex()] for c, t, d in zip(*(table[k].to_pylist() for k in table.column_names))}
-    reuse = (parent is not None and not retrain_backbone and config.codec == "packed"
-             and parent.manifest.get("heads_codec", "packed") == "packed")  # as make_plan
+    reuse = (
+        parent is not None
+        and not retrain_backbone
+        and config.codec == "packed"
+        and parent.manifest.get("heads_codec", "packed") == "packed"
+    )  # as make_plan
     plan: dict[str, Any] = {key: [] for key in ("new", "changed", "reused", "refit")}
     plan["invalid"] = {}
     valid = []
@@ -935,13 +1185,14 @@ def preview_compress(*, teachers_uri: str, events_uri: str, store_uri: str, flee
         else:
             valid.append(campaign_id)
     for start in range(0, len(valid), PREVIEW_CHUNK):
-        chunk = valid[start:start + PREVIEW_CHUNK]
+        chunk = valid[start : start + PREVIEW_CHUNK]
         tables = events.read_campaigns(chunk)
         for campaign_id in chunk:
             try:
                 slot = catalog.packed.get(campaign_id)  # a packed teacher's digest is its index entry
-                teacher = slot.sha256 if slot is not None else read_teacher_digest(teachers_uri, campaign_id,
-                                                                                     storage_options)
+                teacher = (
+                    slot.sha256 if slot is not None else read_teacher_digest(teachers_uri, campaign_id, storage_options)
+                )
                 table, _ = stages.prepared_campaign_table(tables[campaign_id], campaign_id, ctx)
             except FleetError as exc:
                 plan["invalid"][campaign_id] = scrub(str(exc), secret_values(storage_options or {}))
@@ -950,12 +1201,20 @@ def preview_compress(*, teachers_uri: str, events_uri: str, store_uri: str, flee
             plan["reused" if same else "changed"].append(campaign_id)
     inherit_backbone = parent is not None and not retrain_backbone
     fitted = len(plan["new"]) + len(plan["changed"]) + len(plan["refit"])
-    history = [(v, FleetVersion.open(join_uri(store_uri, fleet, "versions", v), storage_options, verify=False)
-                .manifest["metrics"]) for v in list_versions(store_uri, fleet, storage_options)[-PREVIEW_HISTORY:][::-1]]
+    history = [
+        (
+            v,
+            FleetVersion.open(join_uri(store_uri, fleet, "versions", v), storage_options, verify=False).manifest[
+                "metrics"
+            ],
+        )
+        for v in list_versions(store_uri, fleet, storage_options)[-PREVIEW_HISTORY:][::-1]
+    ]
     return {
-        "fleet": fleet, "parent": parent.version_id if parent is not None else None,
-        "mode": ("incremental" if reuse else "full: every head fitted") + (
-            "" if inherit_backbone else ", backbone trained"),
+        "fleet": fleet,
+        "parent": parent.version_id if parent is not None else None,
+        "mode": ("incremental" if reuse else "full: every head fitted")
+        + ("" if inherit_backbone else ", backbone trained"),
         "campaigns": {**plan, "removed": sorted(set(parent_rows) - set(campaigns))},
         "estimate": estimate_seconds(history, fitted, train_backbone=not inherit_backbone),
     }
@@ -971,10 +1230,10 @@ def estimate_seconds(history: Sequence[tuple[str, dict]], fitted: int, *, train_
     history."""
     if not history:
         return None
-    per = next(((v, m) for v, m in history if m.get("campaigns_ok") and m.get("stage_seconds_heads") is not None),
-               None)
-    trained = next(((v, m) for v, m in history
-                    if "backbone_steps" in m and m.get("stage_seconds_backbone") is not None), None)
+    per = next(((v, m) for v, m in history if m.get("campaigns_ok") and m.get("stage_seconds_heads") is not None), None)
+    trained = next(
+        ((v, m) for v, m in history if "backbone_steps" in m and m.get("stage_seconds_backbone") is not None), None
+    )
     seconds: dict[str, float | None] = {}
     sources: dict[str, str] = {}
     for stage in ("soft_labels", "backbone", "heads"):
@@ -988,20 +1247,31 @@ def estimate_seconds(history: Sequence[tuple[str, dict]], fitted: int, *, train_
             seconds[stage] = measured if stage == "backbone" else measured / source[1]["campaigns_ok"] * fitted
             sources[stage] = source[0]
     known = [v for v in seconds.values() if v is not None]
-    return {"stage_seconds": seconds, "total_seconds": sum(known) if len(known) == len(seconds) else None,
-            "from_versions": sources}
+    return {
+        "stage_seconds": seconds,
+        "total_seconds": sum(known) if len(known) == len(seconds) else None,
+        "from_versions": sources,
+    }
 
 
 #: The flag of each run input in messages (CompressConfig fields are named as themselves).
-_INPUT_FLAGS = {"teachers": "--teachers", "events": "--events", "retrain_backbone": "--retrain-backbone",
-                "no_parent": "--no-parent"}
+_INPUT_FLAGS = {
+    "teachers": "--teachers",
+    "events": "--events",
+    "retrain_backbone": "--retrain-backbone",
+    "no_parent": "--no-parent",
+}
 
 
 def _changed_settings(recorded: Plan, wanted: dict) -> list[str]:
-    changed = [k for k in sorted(set(recorded.config) | set(wanted["config"]))
-               if recorded.config.get(k) != wanted["config"].get(k)]
-    return changed + [flag for key, flag in _INPUT_FLAGS.items()
-                      if (recorded.inputs or {}).get(key) != wanted["inputs"][key]]
+    changed = [
+        k
+        for k in sorted(set(recorded.config) | set(wanted["config"]))
+        if recorded.config.get(k) != wanted["config"].get(k)
+    ]
+    return changed + [
+        flag for key, flag in _INPUT_FLAGS.items() if (recorded.inputs or {}).get(key) != wanted["inputs"][key]
+    ]
 
 
 def check_resume_settings(plan: Plan, settings: dict, run_dir: RunDir, run_id: str, force: bool) -> Plan:
@@ -1014,14 +1284,20 @@ def check_resume_settings(plan: Plan, settings: dict, run_dir: RunDir, run_id: s
         return plan
     changed = ", ".join(_changed_settings(plan, settings)) or "nothing named"
     if not force:
-        raise UsageError(f"run {run_id} was planned with configuration sha256 {recorded}, this command's "
-                         f"configuration has sha256 {wanted} (differs in: {changed}); resume it with the same "
-                         "configuration, pass --force-config to resume it with this one (finished shards are kept), "
-                         "or choose another --run-id", path=run_dir.plan_uri)
+        raise UsageError(
+            f"run {run_id} was planned with configuration sha256 {recorded}, this command's "
+            f"configuration has sha256 {wanted} (differs in: {changed}); resume it with the same "
+            "configuration, pass --force-config to resume it with this one (finished shards are kept), "
+            "or choose another --run-id",
+            path=run_dir.plan_uri,
+        )
     plan = plan.with_settings(settings)
     plan.write(run_dir)
-    console.out(f"run {run_id}: resuming with a changed configuration (--force-config; differs in: {changed}); "
-                f"configuration sha256 {recorded} -> {wanted}", highlight=False)
+    console.out(
+        f"run {run_id}: resuming with a changed configuration (--force-config; differs in: {changed}); "
+        f"configuration sha256 {recorded} -> {wanted}",
+        highlight=False,
+    )
     return plan
 
 
@@ -1049,25 +1325,31 @@ def saved_progress(store_uri: str, fleet: str, run_id: str, storage_options: dic
         return f"what its work dir holds (it could not be read: {type(exc).__name__})"
 
 
-def interrupted_line(store_uri: str, fleet: str, run_id: str, storage_options: dict | None,
-                     resume_command: str) -> str:
+def interrupted_line(store_uri: str, fleet: str, run_id: str, storage_options: dict | None, resume_command: str) -> str:
     """The one line an interrupted run prints on stderr: what was saved, the run id and the exact resume command."""
     where = scrub(join_uri(absolute_uri(store_uri), fleet, "runs", run_id))
-    return (f"interrupted: run {run_id} saved {saved_progress(store_uri, fleet, run_id, storage_options)} in {where}; "
-            f"resume with: {resume_command}")
+    return (
+        f"interrupted: run {run_id} saved {saved_progress(store_uri, fleet, run_id, storage_options)} in {where}; "
+        f"resume with: {resume_command}"
+    )
 
 
-def _already_registered(existing, store_uri: str, fleet: str, run_id: str,
-                        storage_options: dict | None) -> CompressResult:
+def _already_registered(
+    existing, store_uri: str, fleet: str, run_id: str, storage_options: dict | None
+) -> CompressResult:
     """The result of re-running a run id whose version is committed and registered: nothing runs."""
     version = FleetVersion.open(join_uri(store_uri, fleet, "versions", run_id), storage_options)
     manifest_uri = version.uri.rstrip("/") + "/manifest.json"
     if existing.manifest_uri != manifest_uri:
-        raise RegistryError(f"fleet version {run_id!r} is already registered as {fleet} version {existing.version} "
-                            f"with manifest {existing.manifest_uri!r}, not {manifest_uri!r}; use another run id")
+        raise RegistryError(
+            f"fleet version {run_id!r} is already registered as {fleet} version {existing.version} "
+            f"with manifest {existing.manifest_uri!r}, not {manifest_uri!r}; use another run id"
+        )
     gate = "none" if existing.gate is None else "passed" if existing.gate.passed else "failed"
-    console.print(f"fleet version {run_id} already exists: registered as {fleet} version {existing.version} (gate "
-                  f"{gate}, {'champion' if existing.champion else 'not champion'}); nothing new registered")
+    console.print(
+        f"fleet version {run_id} already exists: registered as {fleet} version {existing.version} (gate "
+        f"{gate}, {'champion' if existing.champion else 'not champion'}); nothing new registered"
+    )
     return CompressResult(version.version_id, manifest_uri, version.manifest["metrics"], 0, existing)
 
 
@@ -1087,17 +1369,28 @@ def _version_metrics(heads: pa.Table, status: pa.Table, campaigns: int, report: 
     rows = []
     for i, cid in enumerate(columns["campaign_id"]):
         s, t = columns["student_auc"][i], columns["teacher_auc"][i]
-        rows.append({"campaign_id": cid, "auc_diff": None if s is None or t is None else s - t,
-                     "mean_abs_diff": columns["mean_abs_diff"][i], "n_train": columns["n_train"][i],
-                     "n_rows": volumes.get(cid), "status": columns["status"][i],
-                     **{k: columns[k][i] for k in CALIBRATION_KEYS}})
+        rows.append(
+            {
+                "campaign_id": cid,
+                "auc_diff": None if s is None or t is None else s - t,
+                "mean_abs_diff": columns["mean_abs_diff"][i],
+                "n_train": columns["n_train"][i],
+                "n_rows": volumes.get(cid),
+                "status": columns["status"][i],
+                **{k: columns[k][i] for k in CALIBRATION_KEYS},
+            }
+        )
     summary = fleet_summary(rows)
     status_counts = {"ok": 0, "capacity": 0, "fallback": 0, **summary["status_counts"]}
     bits = heads["bits"].to_numpy() if heads.num_rows else np.zeros(0)
     metrics = {
-        "campaigns": campaigns, "campaigns_ok": heads.num_rows - reused, "campaigns_reused": reused,
-        "campaigns_quarantined": quarantined, "quarantine_share": quarantined / max(1, campaigns),
-        "fidelity_auc_diff_median": summary.get("median"), "fidelity_auc_diff_p10": summary.get("p10"),
+        "campaigns": campaigns,
+        "campaigns_ok": heads.num_rows - reused,
+        "campaigns_reused": reused,
+        "campaigns_quarantined": quarantined,
+        "quarantine_share": quarantined / max(1, campaigns),
+        "fidelity_auc_diff_median": summary.get("median"),
+        "fidelity_auc_diff_p10": summary.get("p10"),
         "fidelity_mean_abs_diff_median": summary.get("mean_abs_diff_median"),
         "fidelity_mean_abs_diff_p90": summary.get("mean_abs_diff_p90"),
         "fidelity_campaigns_without_auc": summary.get("no_auc"),
@@ -1114,11 +1407,15 @@ def _version_metrics(heads: pa.Table, status: pa.Table, campaigns: int, report: 
         **{f"bits_{b}_campaigns": int((bits == b).sum()) for b in SUPPORTED_BITS},
         "teacher_bytes_total": int(pa.compute.sum(status["teacher_bytes"]).as_py() or 0),
         **{f"{STAGE_SECONDS_PREFIX}{k}": v for k, v in timings.items()},
-        "stage1_shards_computed": len(tasks["soft_labels"]), "stage1_shards_skipped": report.skipped["soft_labels"],
-        "stage3_shards_computed": len(tasks["heads"]), "stage3_shards_skipped": report.skipped["heads"],
-        "nodes": {"soft_labels": sorted({r["node"] for r in tasks["soft_labels"]}),
-                  "heads": sorted({r["node"] for r in tasks["heads"]}),
-                  "backbone": [report.backbone["node"]] if "node" in report.backbone else []},
+        "stage1_shards_computed": len(tasks["soft_labels"]),
+        "stage1_shards_skipped": report.skipped["soft_labels"],
+        "stage3_shards_computed": len(tasks["heads"]),
+        "stage3_shards_skipped": report.skipped["heads"],
+        "nodes": {
+            "soft_labels": sorted({r["node"] for r in tasks["soft_labels"]}),
+            "heads": sorted({r["node"] for r in tasks["heads"]}),
+            "backbone": [report.backbone["node"]] if "node" in report.backbone else [],
+        },
         **{k: v for k, v in report.backbone.items() if k != "node"},
     }
     run = sum(timings.values())
@@ -1128,8 +1425,18 @@ def _version_metrics(heads: pa.Table, status: pa.Table, campaigns: int, report: 
     return metrics
 
 
-def _report(fleet: str, run_id: str, heads: pa.Table, rejects: list[dict], metrics: dict, version_config: dict,
-            lineage: dict, created_at: str, config: stages.CompressConfig, tracking_uri: str | None) -> str:
+def _report(
+    fleet: str,
+    run_id: str,
+    heads: pa.Table,
+    rejects: list[dict],
+    metrics: dict,
+    version_config: dict,
+    lineage: dict,
+    created_at: str,
+    config: stages.CompressConfig,
+    tracking_uri: str | None,
+) -> str:
     """The version's run report (:func:`fleet.versions.report.render_report`), rendered before its manifest is written.
     The gate is evaluated as the registry will evaluate it (against the champion of this moment:
     :func:`fleet.storage.registry.preview_gate`); with no registry (``tracking_uri`` None) against the thresholds only."""
@@ -1143,12 +1450,23 @@ def _report(fleet: str, run_id: str, heads: pa.Table, rejects: list[dict], metri
     else:
         gate, champion = registry.preview_gate(fleet, metrics, config.gate, tracking_uri)
         against = f"champion version {champion}" if champion is not None else "no champion (the first version)"
-        note = (f"Evaluated when this version was written, against {against} of {fleet}; the registry records its "
-                "own evaluation in the version's tags (fleet versions), which differs only if the champion moved "
-                "in between.")
-    return report.render_report(fleet=fleet, version_id=run_id, heads=heads, rejects=rejects, metrics=metrics,
-                                config=version_config, lineage=lineage, created_at=created_at, gate=gate,
-                                gate_note=note)
+        note = (
+            f"Evaluated when this version was written, against {against} of {fleet}; the registry records its "
+            "own evaluation in the version's tags (fleet versions), which differs only if the champion moved "
+            "in between."
+        )
+    return report.render_report(
+        fleet=fleet,
+        version_id=run_id,
+        heads=heads,
+        rejects=rejects,
+        metrics=metrics,
+        config=version_config,
+        lineage=lineage,
+        created_at=created_at,
+        gate=gate,
+        gate_note=note,
+    )
 
 
 def _size_metrics(metrics: dict, files: dict[str, dict]) -> None:
@@ -1156,11 +1474,15 @@ def _size_metrics(metrics: dict, files: dict[str, dict]) -> None:
     heads_bytes = sum(f["bytes"] for p, f in files.items() if p.startswith(f"{HEADS_DIR}/"))
     backbone_bytes, teacher_bytes = files[BACKBONE]["bytes"], metrics["teacher_bytes_total"]
     n = max(1, metrics["campaigns_ok"] + metrics["campaigns_reused"])
-    metrics.update({
-        "heads_bytes": heads_bytes, "backbone_bytes": backbone_bytes, "bytes_per_campaign": heads_bytes / n,
-        "compression_ratio": teacher_bytes / max(1, heads_bytes + backbone_bytes),
-        "compression_ratio_heads_only": teacher_bytes / max(1, heads_bytes),
-    })
+    metrics.update(
+        {
+            "heads_bytes": heads_bytes,
+            "backbone_bytes": backbone_bytes,
+            "bytes_per_campaign": heads_bytes / n,
+            "compression_ratio": teacher_bytes / max(1, heads_bytes + backbone_bytes),
+            "compression_ratio_heads_only": teacher_bytes / max(1, heads_bytes),
+        }
+    )
 
 
 def run_plots(heads: pa.Table, metrics: dict) -> dict[str, bytes]:
@@ -1174,21 +1496,37 @@ def run_plots(heads: pa.Table, metrics: dict) -> dict[str, bytes]:
         return [float("nan") if v is None else float(v) for v in heads[column].to_pylist()]
 
     n_train = floats("n_train")
-    with_auc = [(n, s - t) for n, s, t in zip(n_train, floats("student_auc"), floats("teacher_auc"), strict=True)
-                if math.isfinite(s) and math.isfinite(t)]
-    figures = {"mean_abs_diff_vs_size.png": plots.mean_abs_diff_vs_size(n_train, floats("mean_abs_diff")),
-               "calibration_vs_size.png": plots.calibration_vs_size(n_train, floats("mean_ratio"))}
+    with_auc = [
+        (n, s - t)
+        for n, s, t in zip(n_train, floats("student_auc"), floats("teacher_auc"), strict=True)
+        if math.isfinite(s) and math.isfinite(t)
+    ]
+    figures = {
+        "mean_abs_diff_vs_size.png": plots.mean_abs_diff_vs_size(n_train, floats("mean_abs_diff")),
+        "calibration_vs_size.png": plots.calibration_vs_size(n_train, floats("mean_ratio")),
+    }
     if with_auc:
         figures["fidelity_histogram.png"] = plots.fidelity_histogram([d for _, d in with_auc])
         figures["fidelity_vs_size.png"] = plots.fidelity_vs_size([n for n, _ in with_auc], [d for _, d in with_auc])
-    parts = {part: metrics[f"{part}_bytes"] for part in ("heads", "backbone") if metrics.get(f"{part}_bytes") is not None}
+    parts = {
+        part: metrics[f"{part}_bytes"] for part in ("heads", "backbone") if metrics.get(f"{part}_bytes") is not None
+    }
     if parts:
         figures["size_breakdown.png"] = plots.size_breakdown(parts)
     return figures
 
 
-def _register(version: FleetVersion, fleet: str, tracking_uri: str, config: stages.CompressConfig, heads: pa.Table,
-              metrics: dict, storage_options: dict | None, parent: FleetVersion | None, mlflow_run_id: str | None = None):
+def _register(
+    version: FleetVersion,
+    fleet: str,
+    tracking_uri: str,
+    config: stages.CompressConfig,
+    heads: pa.Table,
+    metrics: dict,
+    storage_options: dict | None,
+    parent: FleetVersion | None,
+    mlflow_run_id: str | None = None,
+):
     import tempfile
 
     from fleet.storage import registry
@@ -1203,13 +1541,20 @@ def _register(version: FleetVersion, fleet: str, tracking_uri: str, config: stag
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         page = version.read_report()  # the version's run report, checked against the manifest
         return registry.register_version(
-            fleet_name=fleet, manifest_uri=version.uri.rstrip("/") + "/manifest.json", version_id=version.version_id,
+            fleet_name=fleet,
+            manifest_uri=version.uri.rstrip("/") + "/manifest.json",
+            version_id=version.version_id,
             local_artifacts={"backbone.safetensors": backbone_path, "manifest.json": manifest_path},
-            params=_run_params(config, version.manifest.get("config") or {}), metrics=flat, plots=figures, tracking_uri=tracking_uri,
-            gate=config.gate, storage_options=storage_options,
+            params=_run_params(config, version.manifest.get("config") or {}),
+            metrics=flat,
+            plots=figures,
+            tracking_uri=tracking_uri,
+            gate=config.gate,
+            storage_options=storage_options,
             parent_version_id=parent.version_id if parent else None,
             example_campaign_id=_example_campaign(heads),
-            run_files={REPORT: page} if page is not None else None, mlflow_run_id=mlflow_run_id,
+            run_files={REPORT: page} if page is not None else None,
+            mlflow_run_id=mlflow_run_id,
         )
 
 
@@ -1242,6 +1587,7 @@ def serve_on_ray(app_factory: Callable, replicas: int, host: str, port: int, add
 
     with ray_session(address or os.environ.get("RAY_ADDRESS")):
         serve.start(http_options={"host": host, "port": port})
+
         def build_app():  # a plain function: Ray Serve calls it on each replica (a partial would pass as an ASGI app)
             return app_factory()
 

@@ -65,8 +65,11 @@ class Plan:
         if obj.get("format", PLAN_FORMAT) != PLAN_FORMAT:
             raise StoreError(f"plan format {obj['format']!r} is not {PLAN_FORMAT}", path=path)
         fields = dataclasses.fields(cls)
-        missing = [f.name for f in fields if f.name not in obj
-                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [
+            f.name
+            for f in fields
+            if f.name not in obj and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         if missing:
             raise StoreError(f"plan.json lacks {', '.join(missing)}", path=path)
         return cls(**{f.name: obj[f.name] for f in fields if f.name in obj})
@@ -83,8 +86,11 @@ class Plan:
     def with_settings(self, settings: dict) -> Plan:
         """This plan going on with other ``settings`` (:func:`run_settings`; ``--force-config``): they replace its
         own, whose hash joins ``config_sha256_replaced``."""
-        return dataclasses.replace(self, **_settings_record(settings),
-                                   config_sha256_replaced=[*self.config_sha256_replaced, self.config_sha256])
+        return dataclasses.replace(
+            self,
+            **_settings_record(settings),
+            config_sha256_replaced=[*self.config_sha256_replaced, self.config_sha256],
+        )
 
     def batches_of(self, shards: Iterable[str]) -> list[list[str]]:
         """The batches of ``shards`` (names of this plan's shards; others are ignored), in plan order."""
@@ -95,12 +101,22 @@ class Plan:
         """The shards holding any of ``campaigns``."""
         return [name for name, batch in zip(self.shards, self.batches) if any(c in campaigns for c in batch)]
 
-    def soft_label_jobs(self, quotas: dict[str, int], parent_hashes: dict[str, list[str]],
-                        done: set[str]) -> list[ShardJob]:
+    def soft_label_jobs(
+        self, quotas: dict[str, int], parent_hashes: dict[str, list[str]], done: set[str]
+    ) -> list[ShardJob]:
         """Stage 1's jobs: one per shard not ``done``, with its campaigns' backbone ``quotas`` and ``parent_hashes``."""
-        return [ShardJob(batch, name, backbone_quota=_subset(quotas, batch), parent=_subset(parent_hashes, batch),
-                         packed=_subset(self.packed, batch), teacher_conflicts=_subset(self.teacher_conflicts, batch))
-                for name, batch in zip(self.shards, self.batches) if name not in done]
+        return [
+            ShardJob(
+                batch,
+                name,
+                backbone_quota=_subset(quotas, batch),
+                parent=_subset(parent_hashes, batch),
+                packed=_subset(self.packed, batch),
+                teacher_conflicts=_subset(self.teacher_conflicts, batch),
+            )
+            for name, batch in zip(self.shards, self.batches)
+            if name not in done
+        ]
 
     def head_jobs(self, hashes: dict[str, list[str]], done: set[str]) -> list[ShardJob]:
         """Stage 3's jobs: one per shard not ``done`` holding a campaign to fit (a key of ``hashes``: its
@@ -117,9 +133,17 @@ def _subset(mapping: dict, keys: list[str]) -> dict:
     return {k: mapping[k] for k in keys if k in mapping}
 
 
-def make_plan(teachers_uri: str, events_uri: str, config: CompressConfig, settings: dict, *,
-              parent: FleetVersion | None, retrain_backbone: bool, num_cpus: int,
-              storage_options: dict | None = None) -> Plan:
+def make_plan(
+    teachers_uri: str,
+    events_uri: str,
+    config: CompressConfig,
+    settings: dict,
+    *,
+    parent: FleetVersion | None,
+    retrain_backbone: bool,
+    num_cpus: int,
+    storage_options: dict | None = None,
+) -> Plan:
     """A new run's plan with its ``settings`` (:func:`run_settings`): the campaigns of the teachers under
     ``teachers_uri`` cut into batches (:func:`plan_batches`, for ``num_cpus`` CPUs), the input space
     (:func:`input_space`), each campaign's event rows, and ``parent`` (None: a full run) with the head hashes a
@@ -134,35 +158,56 @@ def make_plan(teachers_uri: str, events_uri: str, config: CompressConfig, settin
     parent_hashes = {}
     # bloomier: a filter block is a contiguous id range refitted whole, so no head is reused from the parent, and
     # a packed run does not reuse the rows of a bloomier parent either (a row decodes only within its block)
-    if (parent is not None and not retrain_backbone and config.codec == "packed"
-            and parent.manifest.get("heads_codec", "packed") == "packed"):
+    if (
+        parent is not None
+        and not retrain_backbone
+        and config.codec == "packed"
+        and parent.manifest.get("heads_codec", "packed") == "packed"
+    ):
         table = parent.read_heads().select(["campaign_id", "teacher_sha256", "data_fingerprint"])
         parent_hashes = {c: [t.hex(), d.hex()] for c, t, d in zip(*(table[k].to_pylist() for k in table.column_names))}
-    return Plan(all_campaigns=campaigns, batches=batches, shards=[f"b{i:05d}" for i in range(len(batches))],
-                num_event_types=num_event_types, num_features=num_features, packed=catalog.plan_entries(),
-                teacher_conflicts=catalog.conflicts, sizes={c: int(sizes.get(c, 0)) for c in campaigns},
-                parent_manifest=parent.uri if parent is not None else None, parent_hashes=parent_hashes,
-                retrain_backbone=bool(retrain_backbone or parent is None), **_settings_record(settings))
+    return Plan(
+        all_campaigns=campaigns,
+        batches=batches,
+        shards=[f"b{i:05d}" for i in range(len(batches))],
+        num_event_types=num_event_types,
+        num_features=num_features,
+        packed=catalog.plan_entries(),
+        teacher_conflicts=catalog.conflicts,
+        sizes={c: int(sizes.get(c, 0)) for c in campaigns},
+        parent_manifest=parent.uri if parent is not None else None,
+        parent_hashes=parent_hashes,
+        retrain_backbone=bool(retrain_backbone or parent is None),
+        **_settings_record(settings),
+    )
 
 
-def input_space(teachers_uri: str, catalog: TeacherCatalog, config: CompressConfig,
-                storage_options: dict | None) -> tuple[int, int]:
+def input_space(
+    teachers_uri: str, catalog: TeacherCatalog, config: CompressConfig, storage_options: dict | None
+) -> tuple[int, int]:
     """``(num_event_types, num_features)`` of the fleet: the config's, else the first readable ``config.json`` of
     the teachers (of a pack or a teacher directory) under ``teachers_uri``."""
     if config.num_event_types and config.num_features:
         return config.num_event_types, config.num_features
     fs, path = open_fs(teachers_uri, storage_options)
     packs = sorted({slot.pack for slot in catalog.packed.values()})[:50]
-    directories = [c for c in catalog.campaigns if NAME_PATTERN.fullmatch(c) and c not in catalog.packed
-                   and c not in catalog.conflicts][:50]  # an id is no path yet
-    for config_path in [f"{path}/{PACKS_DIR}/{p}/config.json" for p in packs] + [f"{path}/{c}/config.json" for c in directories]:
+    directories = [
+        c
+        for c in catalog.campaigns
+        if NAME_PATTERN.fullmatch(c) and c not in catalog.packed and c not in catalog.conflicts
+    ][:50]  # an id is no path yet
+    for config_path in [f"{path}/{PACKS_DIR}/{p}/config.json" for p in packs] + [
+        f"{path}/{c}/config.json" for c in directories
+    ]:
         try:
             data = json.loads(fs.cat_file(config_path))
             return int(data["num_event_types"]), int(data["num_features"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-    raise FleetError("cannot read num_event_types/num_features from any of the first teachers' config.json; "
-                     "set them in the config", path=teachers_uri)
+    raise FleetError(
+        "cannot read num_event_types/num_features from any of the first teachers' config.json; set them in the config",
+        path=teachers_uri,
+    )
 
 
 def plan_batches(campaigns: list[str], sizes: dict[str, int], config: CompressConfig, num_cpus: int) -> list[list[str]]:
@@ -220,13 +265,25 @@ def balanced_batches(costs: dict[str, float], num_batches: int) -> list[list[str
     return sorted((sorted(m) for m in members if m), key=lambda m: m[0])
 
 
-def run_settings(config: CompressConfig, teachers_uri: str, events_uri: str, *, retrain_backbone: bool = False,
-                 no_parent: bool = False) -> dict:
+def run_settings(
+    config: CompressConfig,
+    teachers_uri: str,
+    events_uri: str,
+    *,
+    retrain_backbone: bool = False,
+    no_parent: bool = False,
+) -> dict:
     """What a run id is planned with and must be resumed with: every ``CompressConfig`` field, the teachers and
     events URIs (credentials scrubbed) and the two flags that shape the plan."""
-    return {"config": json_safe(config.to_dict()),
-            "inputs": {"teachers": scrub(teachers_uri), "events": scrub(events_uri),
-                       "retrain_backbone": bool(retrain_backbone), "no_parent": bool(no_parent)}}
+    return {
+        "config": json_safe(config.to_dict()),
+        "inputs": {
+            "teachers": scrub(teachers_uri),
+            "events": scrub(events_uri),
+            "retrain_backbone": bool(retrain_backbone),
+            "no_parent": bool(no_parent),
+        },
+    }
 
 
 def settings_sha256(settings: dict) -> str:

@@ -76,27 +76,33 @@ from fleet.serve.serving import DEFAULT_MAX_SEQUENCE_LENGTH
 from fleet.storage.promotion_gate import PromotionGate
 
 FIT, VALIDATION, HOLDOUT, UNUSED = 0, 1, 2, 3  # row splits of a campaign
-BORROWED = 4  # a soft-label row of another campaign's sequence (of the borrowed pool) labelled by this campaign's teacher
+BORROWED = (
+    4  # a soft-label row of another campaign's sequence (of the borrowed pool) labelled by this campaign's teacher
+)
 MIN_VALIDATION_ROWS = 10  # fewer validation rows: a campaign is gated on its fit rows and keeps the default head_l2
 
-SOFT_LABELS_SCHEMA = pa.schema([
-    pa.field("campaign_id", pa.string(), nullable=False),
-    pa.field("row", pa.int32(), nullable=False),
-    pa.field("split", pa.int8(), nullable=False),
-    pa.field("teacher_logit", pa.float32(), nullable=False),
-    pa.field("label", pa.float32(), nullable=False),  # NaN where unknown
-])
-CAMPAIGNS_SCHEMA = pa.schema([
-    pa.field("campaign_id", pa.string(), nullable=False),
-    pa.field("status", pa.string(), nullable=False),  # ok | reused | rejected
-    pa.field("stage", pa.string(), nullable=True),
-    pa.field("reason", pa.string(), nullable=True),
-    pa.field("teacher_sha256", pa.string(), nullable=True),
-    pa.field("data_fingerprint", pa.string(), nullable=True),
-    pa.field("teacher_bytes", pa.int64(), nullable=True),
-    pa.field("n_rows", pa.int32(), nullable=True),
-    pa.field("n_truncated", pa.int32(), nullable=True),  # rows cut to max_sequence_length
-])
+SOFT_LABELS_SCHEMA = pa.schema(
+    [
+        pa.field("campaign_id", pa.string(), nullable=False),
+        pa.field("row", pa.int32(), nullable=False),
+        pa.field("split", pa.int8(), nullable=False),
+        pa.field("teacher_logit", pa.float32(), nullable=False),
+        pa.field("label", pa.float32(), nullable=False),  # NaN where unknown
+    ]
+)
+CAMPAIGNS_SCHEMA = pa.schema(
+    [
+        pa.field("campaign_id", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # ok | reused | rejected
+        pa.field("stage", pa.string(), nullable=True),
+        pa.field("reason", pa.string(), nullable=True),
+        pa.field("teacher_sha256", pa.string(), nullable=True),
+        pa.field("data_fingerprint", pa.string(), nullable=True),
+        pa.field("teacher_bytes", pa.int64(), nullable=True),
+        pa.field("n_rows", pa.int32(), nullable=True),
+        pa.field("n_truncated", pa.int32(), nullable=True),  # rows cut to max_sequence_length
+    ]
+)
 
 #: Campaigns whose events one read of :func:`_campaign_batches` holds (bounds stage 2's memory at any fleet size).
 CAMPAIGNS_PER_READ = 1024
@@ -254,15 +260,20 @@ class CompressConfig:
             if isinstance(self.bits, str) and self.bits.isdigit():
                 self.bits = int(self.bits)
             if self.bits not in SUPPORTED_BITS:
-                raise ValueError(f"bits must be 'auto' or one of {', '.join(map(str, SUPPORTED_BITS))}; got {self.bits!r}")
+                raise ValueError(
+                    f"bits must be 'auto' or one of {', '.join(map(str, SUPPORTED_BITS))}; got {self.bits!r}"
+                )
         if self.head_qat and self.bits == "auto":
             raise ValueError("head_qat needs a fixed bits value (QAT trains for one bit width)")
         if self.codec not in CODECS:
             raise ValueError(f"codec must be one of {CODECS}, got {self.codec!r}")
         if not 0.0 <= self.bloomier_sparsity < 1.0:
             raise ValueError(f"bloomier_sparsity must be in [0, 1), got {self.bloomier_sparsity}")
-        if not (1 <= self.bloomier_value_bits <= 8 and self.bloomier_check_bits >= 0
-                and self.bloomier_value_bits + self.bloomier_check_bits <= 24):
+        if not (
+            1 <= self.bloomier_value_bits <= 8
+            and self.bloomier_check_bits >= 0
+            and self.bloomier_value_bits + self.bloomier_check_bits <= 24
+        ):
             raise ValueError("need 1 <= bloomier_value_bits <= 8, bloomier_check_bits >= 0 and their sum <= 24")
         if self.bloomier_block_rows < 1 or self.bloomier_refit_steps < 1:
             raise ValueError("bloomier_block_rows and bloomier_refit_steps must be >= 1")
@@ -272,8 +283,17 @@ class CompressConfig:
             raise ValueError("borrowed_rows and borrowed_weight must be >= 0")
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
-        for name in ("backbone_steps", "head_steps", "backbone_workers", "max_fit_rows", "backbone_per_campaign",
-                     "backbone_min_rows", "backbone_eval_every", "backbone_patience", "max_sequence_length"):
+        for name in (
+            "backbone_steps",
+            "head_steps",
+            "backbone_workers",
+            "max_fit_rows",
+            "backbone_per_campaign",
+            "backbone_min_rows",
+            "backbone_eval_every",
+            "backbone_patience",
+            "max_sequence_length",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1")
         self.head_l2_grid = tuple(float(v) for v in self.head_l2_grid)
@@ -296,13 +316,25 @@ class CompressConfig:
         return self.hidden_size_grid or (self.hidden_size,)
 
     def student_config(self, num_event_types: int, num_features: int) -> StudentConfig:
-        return StudentConfig(num_event_types=num_event_types, num_features=num_features, arch=self.arch,
-                             hidden_size=self.hidden_size, embed_dim=self.embed_dim, num_layers=self.num_layers,
-                             head=self.head, head_rank=self.head_rank)
+        return StudentConfig(
+            num_event_types=num_event_types,
+            num_features=num_features,
+            arch=self.arch,
+            hidden_size=self.hidden_size,
+            embed_dim=self.embed_dim,
+            num_layers=self.num_layers,
+            head=self.head,
+            head_rank=self.head_rank,
+        )
 
     def distill_config(self) -> DistillConfig:
-        return DistillConfig(loss=self.loss, temperature=self.temperature, hard_label_weight=self.hard_label_weight,
-                             distance_weight=self.distance_weight, head_l2=self.head_l2)
+        return DistillConfig(
+            loss=self.loss,
+            temperature=self.temperature,
+            hard_label_weight=self.hard_label_weight,
+            distance_weight=self.distance_weight,
+            head_l2=self.head_l2,
+        )
 
     def to_dict(self) -> dict:
         """Every field as JSON-able values; the gate as its non-default fields (:meth:`PromotionGate.to_dict`)."""
@@ -373,12 +405,18 @@ def row_splits(campaign_id: str, num_rows: int, config: CompressConfig) -> np.nd
     return splits
 
 
-def _campaign_row(campaign_id: str, status: str, stage: str | None = None, reason: str | None = None,
-                  **fields) -> dict:
-    return {"campaign_id": campaign_id, "status": status, "stage": stage, "reason": reason,
-            "teacher_sha256": fields.get("teacher_sha256"), "data_fingerprint": fields.get("data_fingerprint"),
-            "teacher_bytes": fields.get("teacher_bytes"), "n_rows": fields.get("n_rows"),
-            "n_truncated": fields.get("n_truncated")}
+def _campaign_row(campaign_id: str, status: str, stage: str | None = None, reason: str | None = None, **fields) -> dict:
+    return {
+        "campaign_id": campaign_id,
+        "status": status,
+        "stage": stage,
+        "reason": reason,
+        "teacher_sha256": fields.get("teacher_sha256"),
+        "data_fingerprint": fields.get("data_fingerprint"),
+        "teacher_bytes": fields.get("teacher_bytes"),
+        "n_rows": fields.get("n_rows"),
+        "n_truncated": fields.get("n_truncated"),
+    }
 
 
 def prepared_campaign_table(table: pa.Table, campaign_id: str, ctx: StageContext) -> tuple[pa.Table, int]:
@@ -417,9 +455,15 @@ def soft_labels(job: ShardJob, ctx: StageContext, pool: pa.Table | None = None) 
     pool_source = pool["campaign_id"].to_numpy(zero_copy_only=False) if pool_batch is not None else None
     load_options = {"allow_loaders": ctx.config.allow_loaders, "untrusted_roots": (ctx.events_uri,)}
     # a packed teacher whose index sha256 is the parent's is not loaded unless its data changed (read below)
-    teachers = load_teachers(ctx.teachers_uri, valid, job.packed, ctx.storage_options,
-                             conflicts=job.teacher_conflicts, **load_options,
-                             unchanged={c: hashes[0] for c, hashes in parent.items()})
+    teachers = load_teachers(
+        ctx.teachers_uri,
+        valid,
+        job.packed,
+        ctx.storage_options,
+        conflicts=job.teacher_conflicts,
+        **load_options,
+        unchanged={c: hashes[0] for c, hashes in parent.items()},
+    )
     pending = []  # (campaign_id, rows to label, used rows, splits, borrowed rows, labels, hashes)
     for campaign_id in valid:
         try:
@@ -428,18 +472,29 @@ def soft_labels(job: ShardJob, ctx: StageContext, pool: pa.Table | None = None) 
                 raise teacher
             space = (teacher.config.get("num_event_types"), teacher.config.get("num_features"))
             if space != (ctx.num_event_types, ctx.num_features):
-                where = (pack_config_uri(ctx.teachers_uri, job.packed[campaign_id][0])
-                         if campaign_id in job.packed else f"{ctx.teachers_uri.rstrip('/')}/{campaign_id}/config.json")
-                raise FleetError(f"teacher input space (num_event_types, num_features) = {space} differs from the "
-                                 f"fleet's {(ctx.num_event_types, ctx.num_features)}", campaign_id=campaign_id,
-                                 path=where)
+                where = (
+                    pack_config_uri(ctx.teachers_uri, job.packed[campaign_id][0])
+                    if campaign_id in job.packed
+                    else f"{ctx.teachers_uri.rstrip('/')}/{campaign_id}/config.json"
+                )
+                raise FleetError(
+                    f"teacher input space (num_event_types, num_features) = {space} differs from the "
+                    f"fleet's {(ctx.num_event_types, ctx.num_features)}",
+                    campaign_id=campaign_id,
+                    path=where,
+                )
             table = tables[campaign_id]
             table, n_truncated = prepared_campaign_table(table, campaign_id, ctx)
         except FleetError as exc:
             status_rows.append(_campaign_row(campaign_id, "rejected", "soft_labels", str(exc)))
             continue
-        hashes = {"teacher_sha256": teacher.sha256, "data_fingerprint": data_fingerprint(table),
-                  "teacher_bytes": teacher.num_bytes, "n_rows": len(table), "n_truncated": n_truncated}
+        hashes = {
+            "teacher_sha256": teacher.sha256,
+            "data_fingerprint": data_fingerprint(table),
+            "teacher_bytes": teacher.num_bytes,
+            "n_rows": len(table),
+            "n_truncated": n_truncated,
+        }
         if parent.get(campaign_id) == [hashes["teacher_sha256"], hashes["data_fingerprint"]]:
             status_rows.append(_campaign_row(campaign_id, "reused", **hashes))
             continue
@@ -464,22 +519,39 @@ def soft_labels(job: ShardJob, ctx: StageContext, pool: pa.Table | None = None) 
     outputs = teacher_logits([teachers[p[0]] for p in pending], [p[1] for p in pending])
     for (campaign_id, _, used, splits, borrowed, labels, hashes), output in zip(pending, outputs, strict=True):
         if isinstance(output, Exception):
-            status_rows.append(_campaign_row(campaign_id, "rejected", "soft_labels",
-                                             f"campaign {campaign_id!r}: teacher forward failed: {type(output).__name__}: {output}"))
+            status_rows.append(
+                _campaign_row(
+                    campaign_id,
+                    "rejected",
+                    "soft_labels",
+                    f"campaign {campaign_id!r}: teacher forward failed: {type(output).__name__}: {output}",
+                )
+            )
             continue
         output = output.float()  # (n_used + n_borrowed,): own rows first, then the borrowed ones
         if output.shape != (len(used) + len(borrowed),) or not torch.isfinite(output).all():
-            status_rows.append(_campaign_row(campaign_id, "rejected", "soft_labels",
-                                             f"campaign {campaign_id!r}: teacher produced non-finite or misshaped outputs"))
+            status_rows.append(
+                _campaign_row(
+                    campaign_id,
+                    "rejected",
+                    "soft_labels",
+                    f"campaign {campaign_id!r}: teacher produced non-finite or misshaped outputs",
+                )
+            )
             continue
         n = len(used) + len(borrowed)
-        soft_parts.append(pa.table({  # own rows first, then the borrowed ones
-            "campaign_id": pa.array([campaign_id] * n, pa.string()),
-            "row": pa.array(np.concatenate([used, borrowed]).astype(np.int32)),
-            "split": pa.array(np.concatenate([splits[used], np.full(len(borrowed), BORROWED, np.int8)])),
-            "teacher_logit": pa.array(output.numpy()),
-            "label": pa.array(np.concatenate([labels.numpy(), np.full(len(borrowed), np.nan, np.float32)])),
-        }, schema=SOFT_LABELS_SCHEMA))
+        soft_parts.append(
+            pa.table(
+                {  # own rows first, then the borrowed ones
+                    "campaign_id": pa.array([campaign_id] * n, pa.string()),
+                    "row": pa.array(np.concatenate([used, borrowed]).astype(np.int32)),
+                    "split": pa.array(np.concatenate([splits[used], np.full(len(borrowed), BORROWED, np.int8)])),
+                    "teacher_logit": pa.array(output.numpy()),
+                    "label": pa.array(np.concatenate([labels.numpy(), np.full(len(borrowed), np.nan, np.float32)])),
+                },
+                schema=SOFT_LABELS_SCHEMA,
+            )
+        )
         status_rows.append(_campaign_row(campaign_id, "ok", **hashes))
     position = {c: i for i, c in enumerate(valid)}
     status_rows.sort(key=lambda row: position.get(row["campaign_id"], -1))  # campaign order (invalid ids first)
@@ -491,8 +563,9 @@ def soft_labels(job: ShardJob, ctx: StageContext, pool: pa.Table | None = None) 
     return soft, pa.Table.from_pylist(status_rows, schema=CAMPAIGNS_SCHEMA)
 
 
-def _campaign_batches(events: EventsDataset, soft: pa.Table, campaigns: list[str], ctx: StageContext,
-                      pool: SequenceBatch | None = None):
+def _campaign_batches(
+    events: EventsDataset, soft: pa.Table, campaigns: list[str], ctx: StageContext, pool: SequenceBatch | None = None
+):
     """Yield ``(campaign_id, SequenceBatch of its soft-labelled rows, soft rows)`` per campaign: its own rows
     (from the events) then its ``BORROWED`` rows (from ``pool``, the batch of :func:`borrowed_pool`).
 
@@ -507,13 +580,15 @@ def _campaign_batches(events: EventsDataset, soft: pa.Table, campaigns: list[str
             yield _campaign_batch(campaign_id, tables[campaign_id], soft_by_campaign[campaign_id], ctx, pool)
 
 
-def _campaign_batch(campaign_id: str, table: pa.Table, mine: pa.Table, ctx: StageContext,
-                    pool: SequenceBatch | None) -> tuple[str, SequenceBatch, pa.Table]:
+def _campaign_batch(
+    campaign_id: str, table: pa.Table, mine: pa.Table, ctx: StageContext, pool: SequenceBatch | None
+) -> tuple[str, SequenceBatch, pa.Table]:
     """One item of :func:`_campaign_batches` from the campaign's events ``table`` and soft rows ``mine``."""
     is_borrowed = pa.compute.equal(mine["split"], BORROWED)
     own, theirs = mine.filter(pa.compute.invert(is_borrowed)), mine.filter(is_borrowed)
-    own_table, _ = truncate_sequences(table.take(own["row"]), ctx.config.max_sequence_length,
-                                      ctx.num_features)  # as stage 1 cut them
+    own_table, _ = truncate_sequences(
+        table.take(own["row"]), ctx.config.max_sequence_length, ctx.num_features
+    )  # as stage 1 cut them
     batch = table_to_batch(own_table, ctx.num_features)
     if len(theirs):
         if pool is None:
@@ -579,8 +654,13 @@ def borrowed_rows_of(campaign_id: str, eligible: np.ndarray, own_fit_rows: int, 
     return np.sort(np.random.default_rng([config.seed, key]).choice(others, want, replace=False))
 
 
-def borrowed_pool(events: EventsDataset, picked: dict[str, list[int]], num_event_types: int,
-                  num_features: int, max_sequence_length: int) -> pa.Table | None:
+def borrowed_pool(
+    events: EventsDataset,
+    picked: dict[str, list[int]],
+    num_event_types: int,
+    num_features: int,
+    max_sequence_length: int,
+) -> pa.Table | None:
     """The events rows of :func:`borrowed_pool_rows` (``campaign_id`` names the row's own campaign), cut to
     their last ``max_sequence_length`` events; a campaign whose events break the contract contributes nothing
     (its own stage 1 quarantines it)."""
@@ -591,8 +671,11 @@ def borrowed_pool(events: EventsDataset, picked: dict[str, list[int]], num_event
             validate_campaign_table(tables[campaign_id], campaign_id, num_event_types, num_features, events.uri)
         except FleetError:
             continue
-        parts.append(truncate_sequences(tables[campaign_id].take(pa.array(picked[campaign_id])), max_sequence_length,
-                                        num_features)[0])
+        parts.append(
+            truncate_sequences(
+                tables[campaign_id].take(pa.array(picked[campaign_id])), max_sequence_length, num_features
+            )[0]
+        )
     return pa.concat_tables(parts) if parts else None
 
 
@@ -624,8 +707,8 @@ def backbone_quotas(sizes: dict[str, int], config: CompressConfig) -> dict[str, 
         ranked = sorted(cap, key=lambda c: hashlib.sha256(f"backbone:{c}".encode()).digest())
         running = list(itertools.accumulate(floor[c] for c in ranked))
         keep = bisect.bisect_right(running, budget)
-        left_out = dict.fromkeys(ranked[max(1, keep):], 0)
-        cap = {c: cap[c] for c in ranked[:max(1, keep)]}
+        left_out = dict.fromkeys(ranked[max(1, keep) :], 0)
+        cap = {c: cap[c] for c in ranked[: max(1, keep)]}
     root = {c: math.sqrt(fit[c]) for c in cap}
 
     def total(k: float) -> float:
@@ -659,9 +742,16 @@ def backbone_sample(soft: pa.Table, quotas: dict[str, int], seed: int) -> pa.Tab
     return pa.concat_tables(keep)
 
 
-def train_backbone(sample: pa.Table, ctx: StageContext, *, rank: int = 0, world_size: int = 1,
-                   wrap=None, pool: pa.Table | None = None,
-                   report: Callable[[dict], None] | None = None) -> tuple[bytes, dict]:
+def train_backbone(
+    sample: pa.Table,
+    ctx: StageContext,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    wrap=None,
+    pool: pa.Table | None = None,
+    report: Callable[[dict], None] | None = None,
+) -> tuple[bytes, dict]:
     """Stage 2: train the shared backbone jointly with the sampled campaigns' heads on their soft labels.
 
     Returns ``(backbone.safetensors bytes, stats)``; the file also holds ``head_prior``, the mean
@@ -677,8 +767,7 @@ def train_backbone(sample: pa.Table, ctx: StageContext, *, rank: int = 0, world_
     events = EventsDataset(ctx.events_uri, ctx.storage_options)
     parts, index_parts, logit_parts, split_parts = [], [], [], []
     pool_batch = table_to_batch(pool, ctx.num_features) if pool is not None else None
-    for c, (campaign_id, batch, rows) in enumerate(_campaign_batches(events, sample, campaigns, ctx,
-                                                                     pool_batch)):
+    for c, (campaign_id, batch, rows) in enumerate(_campaign_batches(events, sample, campaigns, ctx, pool_batch)):
         parts.append(batch)
         index_parts.append(torch.full((len(batch),), c, dtype=torch.long))
         logit_parts.append(torch.tensor(rows["teacher_logit"].to_numpy()))
@@ -687,7 +776,11 @@ def train_backbone(sample: pa.Table, ctx: StageContext, *, rank: int = 0, world_
     all_index, all_logits, split = torch.cat(index_parts), torch.cat(logit_parts), torch.cat(split_parts)
     train_rows = torch.nonzero((split == FIT) | (split == BORROWED)).flatten()
     val_rows = torch.nonzero(split == VALIDATION).flatten()
-    pooled, campaign_index, teacher_logits = everything.select(train_rows), all_index[train_rows], all_logits[train_rows]
+    pooled, campaign_index, teacher_logits = (
+        everything.select(train_rows),
+        all_index[train_rows],
+        all_logits[train_rows],
+    )
     val_batch, val_index, val_logits = everything.select(val_rows), all_index[val_rows], all_logits[val_rows]
     fake_quant = (lambda w: fake_quantize(w, 8, PerTensor())) if config.backbone_qat else None
     distill_config = config.distill_config()
@@ -715,11 +808,17 @@ def train_backbone(sample: pa.Table, ctx: StageContext, *, rank: int = 0, world_
             with torch.no_grad():
                 total = 0.0
                 for index, sub in val_batch.minibatches(1024, sort_by_length=True):
-                    features = backbone_forward(student.backbone, sub.event_types, sub.features, sub.lengths,
-                                                fake_quant=fake_quant,
-                                                pooled=student_config.head in POOLED_DESIGNS)  # (b, H) or (b, 2H)
-                    logits = head_logits(student_config.head, features, student.heads, student_config.head_rank,
-                                         index=val_index[index])  # (b,)
+                    features = backbone_forward(
+                        student.backbone,
+                        sub.event_types,
+                        sub.features,
+                        sub.lengths,
+                        fake_quant=fake_quant,
+                        pooled=student_config.head in POOLED_DESIGNS,
+                    )  # (b, H) or (b, 2H)
+                    logits = head_logits(
+                        student_config.head, features, student.heads, student_config.head_rank, index=val_index[index]
+                    )  # (b,)
                     total += float(distill_loss_rows(logits, val_logits[index], None, distill_config).sum())
             val_losses.append(total / len(val_batch))
             val_steps.append(len(losses))  # progress() has counted the step already
@@ -728,37 +827,70 @@ def train_backbone(sample: pa.Table, ctx: StageContext, *, rank: int = 0, world_
         def on_step(_step: int, loss: float) -> None:
             losses.append(loss)
             if report is not None:
-                report({"step": offset + len(losses), "steps": steps * len(widths),
-                        "loss": float(np.mean(losses[-20:])), "validation_loss": val_losses[-1] if val_losses else None})
+                report(
+                    {
+                        "step": offset + len(losses),
+                        "steps": steps * len(widths),
+                        "loss": float(np.mean(losses[-20:])),
+                        "validation_loss": val_losses[-1] if val_losses else None,
+                    }
+                )
 
-        fit_backbone(model, epoch, distill_config, epochs=10**9, steps=steps, lr=config.backbone_lr,
-                     seed=config.seed, fake_quant=fake_quant, progress=on_step,
-                     validate=validate if len(val_batch) else None, eval_every=config.backbone_eval_every,
-                     patience=config.backbone_patience)
+        fit_backbone(
+            model,
+            epoch,
+            distill_config,
+            epochs=10**9,
+            steps=steps,
+            lr=config.backbone_lr,
+            seed=config.seed,
+            fake_quant=fake_quant,
+            progress=on_step,
+            validate=validate if len(val_batch) else None,
+            eval_every=config.backbone_eval_every,
+            patience=config.backbone_patience,
+        )
         if report is not None and len(losses) < steps:  # stopped early: the rest of this width's steps are done
-            report({"step": offset + steps, "steps": steps * len(widths), "loss": float(np.mean(losses[-20:])),
-                    "validation_loss": val_losses[-1] if val_losses else None})
+            report(
+                {
+                    "step": offset + steps,
+                    "steps": steps * len(widths),
+                    "loss": float(np.mean(losses[-20:])),
+                    "validation_loss": val_losses[-1] if val_losses else None,
+                }
+            )
         best = int(np.argmin(val_losses)) if val_losses else None
-        return student, {"backbone_hidden_size": width, "backbone_steps": len(losses),
-                         "backbone_best_step": val_steps[best] if best is not None else len(losses),
-                         "backbone_validation_loss": val_losses[best] if best is not None else None,
-                         "backbone_final_loss": float(np.mean(losses[-20:])) if losses else float("nan")}
+        return student, {
+            "backbone_hidden_size": width,
+            "backbone_steps": len(losses),
+            "backbone_best_step": val_steps[best] if best is not None else len(losses),
+            "backbone_validation_loss": val_losses[best] if best is not None else None,
+            "backbone_final_loss": float(np.mean(losses[-20:])) if losses else float("nan"),
+        }
 
     # each width of the grid is trained; the lowest validation loss wins (the first on ties or without validation)
     trained = [train(width, i * steps) for i, width in enumerate(widths)]
-    losses = [math.inf if st["backbone_validation_loss"] is None else st["backbone_validation_loss"] for _, st in trained]
+    losses = [
+        math.inf if st["backbone_validation_loss"] is None else st["backbone_validation_loss"] for _, st in trained
+    ]
     student, stats = trained[int(np.argmin(losses))]
     data = backbone_to_bytes(student.backbone, config.backbone_bits, head_prior=student.heads.detach().mean(0))
-    stats = {"backbone_rows": len(pooled), "backbone_validation_rows": len(val_batch),
-             "backbone_campaigns": len(campaigns), **stats}
+    stats = {
+        "backbone_rows": len(pooled),
+        "backbone_validation_rows": len(val_batch),
+        "backbone_campaigns": len(campaigns),
+        **stats,
+    }
     if len(trained) > 1:
-        stats["backbone_width_validation_losses"] = {str(st["backbone_hidden_size"]): st["backbone_validation_loss"]
-                                                     for _, st in trained}
+        stats["backbone_width_validation_losses"] = {
+            str(st["backbone_hidden_size"]): st["backbone_validation_loss"] for _, st in trained
+        }
     return data, stats
 
 
-def fit_heads_shard(job: ShardJob, ctx: StageContext, soft: pa.Table, backbone_bytes: bytes,
-                    pool: pa.Table | None = None) -> pa.Table:
+def fit_heads_shard(
+    job: ShardJob, ctx: StageContext, soft: pa.Table, backbone_bytes: bytes, pool: pa.Table | None = None
+) -> pa.Table:
     """Stages 3-5 for one batch: fit all its campaigns' heads at once on frozen backbone features (one
     batched fit per prior strength of ``head_l2_grid``, each campaign keeping the strength that follows
     its teacher best on its own validation rows), quantize them (fixed or adaptive bits, optional
@@ -780,8 +912,7 @@ def fit_heads_shard(job: ShardJob, ctx: StageContext, soft: pa.Table, backbone_b
     events = EventsDataset(ctx.events_uri, ctx.storage_options)
     batches, index, logits, labels, splits = [], [], [], [], []
     pool_batch = table_to_batch(pool, ctx.num_features) if pool is not None else None
-    for c, (_campaign_id, batch, rows) in enumerate(_campaign_batches(events, soft, campaigns, ctx,
-                                                                      pool_batch)):
+    for c, (_campaign_id, batch, rows) in enumerate(_campaign_batches(events, soft, campaigns, ctx, pool_batch)):
         batches.append(batch)
         index.append(torch.full((len(batch),), c, dtype=torch.long))
         logits.append(torch.tensor(rows["teacher_logit"].to_numpy()))
@@ -802,21 +933,34 @@ def fit_heads_shard(job: ShardJob, ctx: StageContext, soft: pa.Table, backbone_b
     if config.codec == "bloomier":  # Weightless: one design, blocks in campaign id order, no ladder
         order = sorted(range(len(campaigns)), key=campaigns.__getitem__)
         blocks, block_of, served, _, passes, _ = _bloomier_fit(features, rows, student_config, init, config, order)
-        p_student = torch.sigmoid(head_logits(student_config.head, features[hold], served, student_config.head_rank,
-                                              index=hold_idx))  # (hold-out rows,)
+        p_student = torch.sigmoid(
+            head_logits(student_config.head, features[hold], served, student_config.head_rank, index=hold_idx)
+        )  # (hold-out rows,)
         out = []
         for c, campaign_id in enumerate(campaigns):
             sel = hold_idx == c
-            fid = campaign_fidelity(p_student[sel].numpy(), p_teacher[sel].numpy(), hold_labels[sel].numpy(),
-                                    config.min_auc_class_count)
+            fid = campaign_fidelity(
+                p_student[sel].numpy(), p_teacher[sel].numpy(), hold_labels[sel].numpy(), config.min_auc_class_count
+            )
             teacher_sha, data_fp = job.hashes[campaign_id]
             k, r = block_of[c]
-            out.append(bloomier_head_row(
-                campaign_id, blocks[k], r, teacher_sha256=bytes.fromhex(teacher_sha),
-                data_fingerprint=bytes.fromhex(data_fp), teacher_auc=fid["teacher_auc"],
-                student_auc=fid["student_auc"], mean_abs_diff=fid["mean_abs_diff"], agreement=fid["agreement"],
-                n_train=int(n_fit[c]), n_holdout=int(sel.sum()), status="ok" if bool(passes[c]) else "fallback",
-                **{key: fid[key] for key in CALIBRATION_KEYS}))
+            out.append(
+                bloomier_head_row(
+                    campaign_id,
+                    blocks[k],
+                    r,
+                    teacher_sha256=bytes.fromhex(teacher_sha),
+                    data_fingerprint=bytes.fromhex(data_fp),
+                    teacher_auc=fid["teacher_auc"],
+                    student_auc=fid["student_auc"],
+                    mean_abs_diff=fid["mean_abs_diff"],
+                    agreement=fid["agreement"],
+                    n_train=int(n_fit[c]),
+                    n_holdout=int(sel.sum()),
+                    status="ok" if bool(passes[c]) else "fallback",
+                    **{key: fid[key] for key in CALIBRATION_KEYS},
+                )
+            )
         return heads_to_table(out)
     rung = _fit_rung(features, rows, student_config, init, config)
     designs = [student_config] * len(campaigns)
@@ -830,8 +974,9 @@ def fit_heads_shard(job: ShardJob, ctx: StageContext, soft: pa.Table, backbone_b
         renumber = torch.full((len(campaigns),), -1, dtype=torch.long)
         renumber[pick] = torch.arange(len(failing))
         big_features = all_features[keep_rows][:, : feature_width(bigger)]  # the failing campaigns' rows, in order
-        big_rows = _ShardRows(renumber[cidx[keep_rows]], t_logits[keep_rows], labels_all[keep_rows],
-                              split[keep_rows], len(failing))
+        big_rows = _ShardRows(
+            renumber[cidx[keep_rows]], t_logits[keep_rows], labels_all[keep_rows], split[keep_rows], len(failing)
+        )
         start = widen_heads(rung.heads[pick], student_config, bigger)  # (F, P') each rung-1 head, exactly
         big = _fit_rung(big_features, big_rows, bigger, start, config)
         # rows of campaign failing[k] in big_rows: cidx groups rows by campaign in campaign order, as does failing
@@ -841,25 +986,43 @@ def fit_heads_shard(job: ShardJob, ctx: StageContext, soft: pa.Table, backbone_b
                 masks[c] = None if big.mask is None else big.mask[k]
                 status[c] = "capacity" if bool(big.passes[k]) else "fallback"
         big_hold = big_rows.split == HOLDOUT
-        big_p = torch.sigmoid(head_logits(bigger.head, big_features[big_hold], big.served, 1,
-                                          index=big_rows.cidx[big_hold]))  # (hold-out rows of the failing ones,)
-    p_student = torch.sigmoid(head_logits(student_config.head, features[hold], rung.served, student_config.head_rank,
-                                          index=cidx[hold]))  # (hold-out rows,)
+        big_p = torch.sigmoid(
+            head_logits(bigger.head, big_features[big_hold], big.served, 1, index=big_rows.cidx[big_hold])
+        )  # (hold-out rows of the failing ones,)
+    p_student = torch.sigmoid(
+        head_logits(student_config.head, features[hold], rung.served, student_config.head_rank, index=cidx[hold])
+    )  # (hold-out rows,)
     out = []
     for c, campaign_id in enumerate(campaigns):
         sel = hold_idx == c
         mine = p_student[sel]
         if designs[c] is not student_config:  # this campaign is served by the ladder's larger head
             mine = big_p[big_rows.cidx[big_hold] == failing.index(c)]
-        fid = campaign_fidelity(mine.numpy(), p_teacher[sel].numpy(), hold_labels[sel].numpy(),
-                                config.min_auc_class_count)
+        fid = campaign_fidelity(
+            mine.numpy(), p_teacher[sel].numpy(), hold_labels[sel].numpy(), config.min_auc_class_count
+        )
         teacher_sha, data_fp = job.hashes[campaign_id]
-        row = head_row(campaign_id, vectors[c], head_num_params(designs[c]), masks[c],
-                       teacher_sha256=bytes.fromhex(teacher_sha), data_fingerprint=bytes.fromhex(data_fp))
-        out.append(dataclasses.replace(
-            row, teacher_auc=fid["teacher_auc"], student_auc=fid["student_auc"], mean_abs_diff=fid["mean_abs_diff"],
-            agreement=fid["agreement"], n_train=int(n_fit[c]), n_holdout=int(sel.sum()), status=status[c],
-            **{k: fid[k] for k in CALIBRATION_KEYS}))
+        row = head_row(
+            campaign_id,
+            vectors[c],
+            head_num_params(designs[c]),
+            masks[c],
+            teacher_sha256=bytes.fromhex(teacher_sha),
+            data_fingerprint=bytes.fromhex(data_fp),
+        )
+        out.append(
+            dataclasses.replace(
+                row,
+                teacher_auc=fid["teacher_auc"],
+                student_auc=fid["student_auc"],
+                mean_abs_diff=fid["mean_abs_diff"],
+                agreement=fid["agreement"],
+                n_train=int(n_fit[c]),
+                n_holdout=int(sel.sum()),
+                status=status[c],
+                **{k: fid[k] for k in CALIBRATION_KEYS},
+            )
+        )
     return heads_to_table(out)
 
 
@@ -898,8 +1061,13 @@ class _FloatFit:
     calibrated: object  # (C, P) -> (C, P): each mean probability = its teacher's on the known rows
 
 
-def _fit_rung(features: torch.Tensor, rows: _ShardRows, student_config: StudentConfig, init: torch.Tensor | None,
-              config: CompressConfig) -> _Rung:
+def _fit_rung(
+    features: torch.Tensor,
+    rows: _ShardRows,
+    student_config: StudentConfig,
+    init: torch.Tensor | None,
+    config: CompressConfig,
+) -> _Rung:
     """Fit (grid + per-campaign choice on validation rows), calibrate, quantize and judge the heads of
     ``student_config.head`` for the campaigns of ``rows`` on ``features`` (N, feature width)."""
     fit = _fit_float(features, rows, student_config, init, config)
@@ -907,11 +1075,16 @@ def _fit_rung(features: torch.Tensor, rows: _ShardRows, student_config: StudentC
     num = rows.num
     # once the bits are chosen, the bias is calibrated again on the quantized weights where it can be stored
     # so: as a quantization group of its own (no pruning; a group boundary right before it)
-    rebias = (config.calibrate_bias and config.prune_sparsity == 0
-              and bias_position(student_config) % config.group_size == 0)
-    vectors, bits, mask = encode_heads(heads, config.bits, group_size=config.group_size,
-                                       sparsity=config.prune_sparsity,
-                                       gate=lambda h: gate.bits_pass(gate.measure(h), float_check))
+    rebias = (
+        config.calibrate_bias and config.prune_sparsity == 0 and bias_position(student_config) % config.group_size == 0
+    )
+    vectors, bits, mask = encode_heads(
+        heads,
+        config.bits,
+        group_size=config.group_size,
+        sparsity=config.prune_sparsity,
+        gate=lambda h: gate.bits_pass(gate.measure(h), float_check),
+    )
     served = _decoded(vectors, mask, student_config)  # (C, P) exactly what serving will use
     if rebias:
         vectors, target = [None] * num, calibrated(served)  # (C, P)
@@ -924,8 +1097,13 @@ def _fit_rung(features: torch.Tensor, rows: _ShardRows, student_config: StudentC
     return _Rung(heads, vectors, mask, served, check, gate.passes(check))
 
 
-def _fit_float(features: torch.Tensor, rows: _ShardRows, student_config: StudentConfig, init: torch.Tensor | None,
-               config: CompressConfig) -> _FloatFit:
+def _fit_float(
+    features: torch.Tensor,
+    rows: _ShardRows,
+    student_config: StudentConfig,
+    init: torch.Tensor | None,
+    config: CompressConfig,
+) -> _FloatFit:
     """Fit (grid + per-campaign choice on validation rows) and calibrate the float heads of
     ``student_config.head`` for the campaigns of ``rows``; the gate that judges them."""
     distill_config = config.distill_config()
@@ -937,12 +1115,30 @@ def _fit_float(features: torch.Tensor, rows: _ShardRows, student_config: Student
     fake_quant = None
     if config.head_qat:
         fake_quant = lambda p: fake_quantize(p, int(config.bits), PerGroup(config.group_size))
-    candidates = fit_heads_grid(features[fit_rows], cidx[fit_rows], rows.t_logits[fit_rows], rows.labels[fit_rows], num,
-                                student_config, distill_config, config.head_l2_grid, steps=config.head_steps,
-                                lr=config.head_lr, init=init, seed=config.seed, fake_quant=fake_quant,
-                                row_weights=fit_weights)  # (G, C, P)
-    val_loss = torch.stack([campaign_losses(h, features[val_rows], cidx[val_rows], rows.t_logits[val_rows], num,
-                                            student_config, distill_config) for h in candidates])  # (G, C)
+    candidates = fit_heads_grid(
+        features[fit_rows],
+        cidx[fit_rows],
+        rows.t_logits[fit_rows],
+        rows.labels[fit_rows],
+        num,
+        student_config,
+        distill_config,
+        config.head_l2_grid,
+        steps=config.head_steps,
+        lr=config.head_lr,
+        init=init,
+        seed=config.seed,
+        fake_quant=fake_quant,
+        row_weights=fit_weights,
+    )  # (G, C, P)
+    val_loss = torch.stack(
+        [
+            campaign_losses(
+                h, features[val_rows], cidx[val_rows], rows.t_logits[val_rows], num, student_config, distill_config
+            )
+            for h in candidates
+        ]
+    )  # (G, C)
     choice = select_per_campaign(val_loss, config.head_l2_grid.index(config.head_l2), trusted)  # (C,)
     heads = candidates[choice, torch.arange(num)]  # (C, P)
     known = own_fit | val_rows
@@ -957,8 +1153,14 @@ def _fit_float(features: torch.Tensor, rows: _ShardRows, student_config: Student
     return _FloatFit(heads, gate, gate.measure(heads), fit_rows, fit_weights, calibrated)
 
 
-def _bloomier_fit(features: torch.Tensor, rows: _ShardRows, student_config: StudentConfig,
-                  init: torch.Tensor | None, config: CompressConfig, order: list[int]):
+def _bloomier_fit(
+    features: torch.Tensor,
+    rows: _ShardRows,
+    student_config: StudentConfig,
+    init: torch.Tensor | None,
+    config: CompressConfig,
+    order: list[int],
+):
     """The ``bloomier`` codec for the campaigns of ``rows``: float fit (:func:`_fit_float`), then Weightless
     (:mod:`fleet.compression.weightless`): prune, cluster, encode blocks of at most ``bloomier_block_rows`` campaigns taken
     in ``order`` (campaign id order: a block's rows are consecutive in the table), re-train with the false
@@ -978,20 +1180,38 @@ def _bloomier_fit(features: torch.Tensor, rows: _ShardRows, student_config: Stud
     heads = fit.heads[perm]  # (C, P) in block order
     size, num = config.bloomier_block_rows, rows.num
     spans = [(s, min(s + size, num)) for s in range(0, num, size)]
-    encode = {"sparsity": config.bloomier_sparsity, "value_bits": config.bloomier_value_bits,
-              "check_bits": config.bloomier_check_bits, "seed": config.seed}
+    encode = {
+        "sparsity": config.bloomier_sparsity,
+        "value_bits": config.bloomier_value_bits,
+        "check_bits": config.bloomier_check_bits,
+        "seed": config.seed,
+    }
     blocks = [encode_block(heads[a:b].numpy(), **encode) for a, b in spans]
     stats = {}
     if config.bloomier_refit:
         rank = torch.empty(num, dtype=torch.long)
         rank[perm] = torch.arange(num)  # campaign index -> block order
         sel = fit.fit_rows
-        data = (features[sel], rank[rows.cidx[sel]], rows.t_logits[sel], rows.labels[sel], student_config,
-                config.distill_config())
-        blocks, _, stats = refit_blocks(heads, blocks, *data, steps=config.bloomier_refit_steps, lr=config.head_lr,
-                                        check_bits=config.bloomier_check_bits, row_weights=fit.fit_weights)
-        blocks = refit_centroids(blocks, *data, steps=config.bloomier_refit_steps, lr=config.head_lr / 5,
-                                 row_weights=fit.fit_weights)
+        data = (
+            features[sel],
+            rank[rows.cidx[sel]],
+            rows.t_logits[sel],
+            rows.labels[sel],
+            student_config,
+            config.distill_config(),
+        )
+        blocks, _, stats = refit_blocks(
+            heads,
+            blocks,
+            *data,
+            steps=config.bloomier_refit_steps,
+            lr=config.head_lr,
+            check_bits=config.bloomier_check_bits,
+            row_weights=fit.fit_weights,
+        )
+        blocks = refit_centroids(
+            blocks, *data, steps=config.bloomier_refit_steps, lr=config.head_lr / 5, row_weights=fit.fit_weights
+        )
     served = torch.empty_like(heads)  # (C, P) in campaign order
     served[perm] = torch.from_numpy(np.concatenate([decode_encoded(e) for e in blocks]))
     if config.calibrate_bias:  # the bias is stored outside the filter: calibrate it on the final weights
@@ -1009,10 +1229,19 @@ def _bloomier_fit(features: torch.Tensor, rows: _ShardRows, student_config: Stud
 def _decoded(vectors: list, mask: torch.Tensor | None, student_config: StudentConfig) -> torch.Tensor:
     """Heads ``(C, P)`` exactly as serving decodes the stored ``vectors`` (pruned entries 0)."""
     n_params = head_num_params(student_config)
-    return decode_heads([head_row(f"draft-{c}", v, n_params, None if mask is None else mask[c],
-                                  teacher_sha256=b"\0" * TEACHER_SHA256_BYTES,
-                                  data_fingerprint=b"\0" * DATA_FINGERPRINT_BYTES)
-                         for c, v in enumerate(vectors)])
+    return decode_heads(
+        [
+            head_row(
+                f"draft-{c}",
+                v,
+                n_params,
+                None if mask is None else mask[c],
+                teacher_sha256=b"\0" * TEACHER_SHA256_BYTES,
+                data_fingerprint=b"\0" * DATA_FINGERPRINT_BYTES,
+            )
+            for c, v in enumerate(vectors)
+        ]
+    )
 
 
 @dataclass
@@ -1040,15 +1269,22 @@ class CampaignGate:
     All campaigns are evaluated at once (``bincount`` over the rows' campaign index), no Python loop.
     """
 
-    def __init__(self, features: torch.Tensor, campaign_index: torch.Tensor, teacher_logits: torch.Tensor,
-                 num_campaigns: int, student_config: StudentConfig, config: CompressConfig):
+    def __init__(
+        self,
+        features: torch.Tensor,
+        campaign_index: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        num_campaigns: int,
+        student_config: StudentConfig,
+        config: CompressConfig,
+    ):
         self.features, self.index, self.num = features, campaign_index, num_campaigns  # (N, H), (N,)
         self.p_teacher = torch.sigmoid(teacher_logits).double()  # (N,)
         self.count = torch.bincount(campaign_index, minlength=num_campaigns).clamp(min=1).double()  # (C,)
         self.mean_teacher = self._mean(self.p_teacher)  # (C,)
         t = teacher_logits.double()
         self.t_centred = t - self._mean(t)[campaign_index]  # (N,)
-        self.t_var = self._mean(self.t_centred ** 2)  # (C,)
+        self.t_var = self._mean(self.t_centred**2)  # (C,)
         self.design, self.rank = student_config.head, student_config.head_rank
         self.config = config
 
@@ -1065,7 +1301,7 @@ class CampaignGate:
         ratio = self._mean(q) / self.mean_teacher.clamp(min=eps)  # (C,)
         s = logits.double()
         s_centred = s - self._mean(s)[self.index]  # (N,)
-        s_var = self._mean(s_centred ** 2)  # (C,)
+        s_var = self._mean(s_centred**2)  # (C,)
         corr = self._mean(s_centred * self.t_centred) / (s_var * self.t_var).sqrt().clamp(min=1e-12)  # (C,)
         corr = torch.where(self.t_var > 1e-12, corr, torch.ones_like(corr))  # a constant teacher has no ranking
         return GateCheck(self._mean((q - self.p_teacher).abs()), self._mean(kl), (ratio - 1).abs(), corr)

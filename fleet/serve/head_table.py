@@ -63,8 +63,9 @@ def _gather(data: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
     view of windows (each start must leave ``width`` items: the offsets of a built table do)."""
     if len(data) < width:  # no window fits (only when there is nothing to gather)
         return np.zeros((len(starts), width), dtype=data.dtype)
-    windows = np.lib.stride_tricks.as_strided(data, shape=(len(data) - width + 1, width),
-                                              strides=(data.strides[0], data.strides[0]), writeable=False)
+    windows = np.lib.stride_tricks.as_strided(
+        data, shape=(len(data) - width + 1, width), strides=(data.strides[0], data.strides[0]), writeable=False
+    )
     return windows[starts]
 
 
@@ -100,9 +101,20 @@ class HeadTable:
         formats: ``int64[F, 5]`` rows ``(bits, group_size, num_params, num_stored, masked)``.
     """
 
-    def __init__(self, ids: np.ndarray, fmt: np.ndarray, formats: np.ndarray, status: np.ndarray,
-                 status_names: list[str], packed: np.ndarray, packed_start: np.ndarray, scales: np.ndarray,
-                 scales_start: np.ndarray, masks: np.ndarray, mask_start: np.ndarray | None):
+    def __init__(
+        self,
+        ids: np.ndarray,
+        fmt: np.ndarray,
+        formats: np.ndarray,
+        status: np.ndarray,
+        status_names: list[str],
+        packed: np.ndarray,
+        packed_start: np.ndarray,
+        scales: np.ndarray,
+        scales_start: np.ndarray,
+        masks: np.ndarray,
+        mask_start: np.ndarray | None,
+    ):
         self.ids = ids
         self.fmt = fmt
         self.formats = formats
@@ -122,8 +134,19 @@ class HeadTable:
     @property
     def nbytes(self) -> int:
         """Bytes of every array the table holds."""
-        arrays = (self.ids, self.fmt, self.formats, self.status, self.packed, self.packed_start, self.scales,
-                  self.scales_start, self.masks, self.mask_start, self.checked)
+        arrays = (
+            self.ids,
+            self.fmt,
+            self.formats,
+            self.status,
+            self.packed,
+            self.packed_start,
+            self.scales,
+            self.scales_start,
+            self.masks,
+            self.mask_start,
+            self.checked,
+        )
         return sum(a.nbytes for a in arrays if a is not None)
 
     # ------------------------------------------------------------------ build
@@ -171,8 +194,9 @@ class HeadTable:
 
     # ------------------------------------------------------------------ decode
 
-    def decode_into(self, rows: np.ndarray, out: np.ndarray,
-                    columns: Mapping[int, Sequence[tuple[int, int, int]]]) -> None:
+    def decode_into(
+        self, rows: np.ndarray, out: np.ndarray, columns: Mapping[int, Sequence[tuple[int, int, int]]]
+    ) -> None:
         """Dequantize ``rows`` (``int64[M]``) into ``out`` (float32 ``(M, P)``, zeros where nothing is written):
         row ``i``, a head of ``size`` parameters, goes to ``out[i]`` by the runs ``columns[size]``, each
         ``(source, target, length)``: ``out[i, target : target + length] = head[source : source + length]``
@@ -200,11 +224,14 @@ class HeadTable:
             try:
                 values = dequantize_codes(packed, scales, bits, stored, group, check=check)  # (n, stored)
             except ValueError as err:
-                raise StoreError(f"head does not decode: {err}",
-                                 campaign_id=self._undecodable(picked, packed, scales, bits, stored, group)) from None
+                raise StoreError(
+                    f"head does not decode: {err}",
+                    campaign_id=self._undecodable(picked, packed, scales, bits, stored, group),
+                ) from None
             if masked:
-                keep = np.unpackbits(_gather(self.masks, self.mask_start[picked], (size + 7) // 8), axis=1,
-                                     count=size, bitorder="little").astype(bool)  # (n, size)
+                keep = np.unpackbits(
+                    _gather(self.masks, self.mask_start[picked], (size + 7) // 8), axis=1, count=size, bitorder="little"
+                ).astype(bool)  # (n, size)
                 full = np.zeros((len(picked), size), dtype=np.float32)
                 full[keep] = values.reshape(-1)  # each row keeps exactly `stored` entries
                 values = full
@@ -213,8 +240,9 @@ class HeadTable:
         if check:
             self.checked[rows] = True
 
-    def _undecodable(self, picked: np.ndarray, packed: np.ndarray, scales: np.ndarray | None, bits: int,
-                     stored: int, group: int) -> str:
+    def _undecodable(
+        self, picked: np.ndarray, packed: np.ndarray, scales: np.ndarray | None, bits: int, stored: int, group: int
+    ) -> str:
         """The id of the first of ``picked`` whose codes do not decode on their own."""
         for i in range(len(picked)):
             try:
@@ -268,12 +296,16 @@ class _Builder:
             raise self._bad(ids, dims < 1, "shape must be a non-empty list of positive ints")
         if (flat < 1).any():
             owner = np.repeat(np.arange(n), dims)
-            raise self._bad(ids, np.isin(np.arange(n), owner[flat < 1]),
-                            "shape must be a non-empty list of positive ints")
+            raise self._bad(
+                ids, np.isin(np.arange(n), owner[flat < 1]), "shape must be a non-empty list of positive ints"
+            )
         size = np.multiply.reduceat(flat, np.concatenate([[0], np.cumsum(dims)[:-1]])) if n else flat
         if not np.isin(size, self.sizes).all():
-            raise self._bad(ids, ~np.isin(size, self.sizes),
-                            f"head size fits none of the backbone's head designs {list(self.sizes)}")
+            raise self._bad(
+                ids,
+                ~np.isin(size, self.sizes),
+                f"head size fits none of the backbone's head designs {list(self.sizes)}",
+            )
         group = table.column("group_size").to_numpy().astype(np.int64)
         if ((bits != 16) & (group < 1)).any():
             raise self._bad(ids, (bits != 16) & (group < 1), "group_size must be >= 1")
@@ -320,15 +352,19 @@ class _Builder:
         mapping = np.array([self.formats.setdefault(tuple(int(v) for v in k), len(self.formats)) for k in keys])
         self.fmt.append(mapping[inverse.reshape(-1)])
         enc = pc.dictionary_encode(status)
-        names = np.array([self.status_names.setdefault(v, len(self.status_names))
-                          for v in enc.dictionary.to_pylist()], dtype=np.int64)
+        names = np.array(
+            [self.status_names.setdefault(v, len(self.status_names)) for v in enc.dictionary.to_pylist()],
+            dtype=np.int64,
+        )
         self.status.append(names[enc.indices.to_numpy(zero_copy_only=False)])
         self.ids.append(_fixed_width_ids(ids))
         # the bytes of each binary column, end to end, rebased (the rows of an Arrow binary array are contiguous;
         # null masks take no bytes)
-        columns = ((p_start, p_len, p_data, self.packed, self.packed_start, 1),
-                   (s_start, s_len, s_data, self.scales, self.scales_start, 2),
-                   (m_start, m_len, m_data, self.masks, self.mask_start, 1))
+        columns = (
+            (p_start, p_len, p_data, self.packed, self.packed_start, 1),
+            (s_start, s_len, s_data, self.scales, self.scales_start, 2),
+            (m_start, m_len, m_data, self.masks, self.mask_start, 1),
+        )
         for k, (start, length, data, out, starts, unit) in enumerate(columns):
             if k == 2 and not masked.any():
                 starts.append(np.full(n, -1, dtype=np.int64))
@@ -347,8 +383,11 @@ class _Builder:
         ids = np.concatenate(self.ids) if self.ids else np.zeros(0, "S1")
         if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():
             i = int(np.flatnonzero(~(ids[1:] > ids[:-1]))[0]) + 1
-            raise StoreError("heads are not sorted by campaign id, or hold a duplicate",
-                             campaign_id=ids[i].decode("ascii"), path=self.uri)
+            raise StoreError(
+                "heads are not sorted by campaign id, or hold a duplicate",
+                campaign_id=ids[i].decode("ascii"),
+                path=self.uri,
+            )
         offset_type = np.uint32 if max(self.offsets) < 2**32 else np.int64
         return HeadTable(
             ids=ids,

@@ -113,8 +113,12 @@ def _admin_guard(admin_token: str | None) -> Callable[[Request], None]:
 
     def guard(request: Request) -> None:
         if expected is None:
-            raise _RequestError(403, "admin_disabled", "admin endpoints are disabled: start fleet serve with "
-                                                       f"${ENV_ADMIN_TOKEN} or --admin-token-file to enable them")
+            raise _RequestError(
+                403,
+                "admin_disabled",
+                "admin endpoints are disabled: start fleet serve with "
+                f"${ENV_ADMIN_TOKEN} or --admin-token-file to enable them",
+            )
         given = request.headers.get("authorization", "").encode("latin-1")  # the header's bytes (ASGI: latin-1)
         if not hmac.compare_digest(given, expected):
             raise _RequestError(401, "unauthorized", "admin endpoints need Authorization: Bearer <token>")
@@ -153,8 +157,14 @@ def create_app(
         finally:
             holder.stop()
 
-    app = FastAPI(title="fleet", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Probabilities of event sequences per campaign from a fleet version.")
+    app = FastAPI(
+        title="fleet",
+        version="1",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        description="Probabilities of event sequences per campaign from a fleet version.",
+    )
     app.state.holder = holder
     app.state.metrics = metrics
 
@@ -163,9 +173,17 @@ def create_app(
             detail = f"{n} {what} exceed the limit of {max_sequences} per request"
             raise _RequestError(413, "too_many_sequences", detail)
 
-    @app.post("/v1/predict", response_model=None, openapi_extra=_body_spec("PredictRequest"),
-              responses={200: {"model": PredictResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
-                         422: {"model": ErrorResponse}})
+    @app.post(
+        "/v1/predict",
+        response_model=None,
+        openapi_extra=_body_spec("PredictRequest"),
+        responses={
+            200: {"model": PredictResponse},
+            404: {"model": ErrorResponse},
+            413: {"model": ErrorResponse},
+            422: {"model": ErrorResponse},
+        },
+    )
     async def predict(request: Request) -> Response:
         """Probabilities of ``sequences`` under ``campaign_id``'s head, in order."""
         model = holder.get()  # once: a swap never changes the version under this request
@@ -182,27 +200,51 @@ def create_app(
             pred = await run_in_threadpool(model.predict_with_status, campaign_id, types, feats)
         metrics.add_sequences(len(pred.probabilities))
         status = next(iter(pred.statuses.values()))  # the one campaign's head
-        return _json({"campaign_id": campaign_id, "version": model.version_id, "probabilities": pred.probabilities,
-                      "status": status, "fallback": not head_passed(status)})
+        return _json(
+            {
+                "campaign_id": campaign_id,
+                "version": model.version_id,
+                "probabilities": pred.probabilities,
+                "status": status,
+                "fallback": not head_passed(status),
+            }
+        )
 
-    @app.post("/v1/predict/batch", response_model=None, openapi_extra=_body_spec("BatchRequest"),
-              responses={200: {"model": BatchResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
-                         422: {"model": ErrorResponse}})
+    @app.post(
+        "/v1/predict/batch",
+        response_model=None,
+        openapi_extra=_body_spec("BatchRequest"),
+        responses={
+            200: {"model": BatchResponse},
+            404: {"model": ErrorResponse},
+            413: {"model": ErrorResponse},
+            422: {"model": ErrorResponse},
+        },
+    )
     def predict_batch(request: Request) -> Response:
         """Probabilities of rows mixing campaigns, in row order (one backbone pass for all)."""
         model = holder.get()
         req = _parse(BatchRequest, _body(request))
         too_many(len(req.rows), "rows")
         rows = req.rows
-        pred = model.predict_with_status([r.campaign_id for r in rows], [r.event_types for r in rows],
-                                         [r.features for r in rows])
+        pred = model.predict_with_status(
+            [r.campaign_id for r in rows], [r.event_types for r in rows], [r.features for r in rows]
+        )
         metrics.add_sequences(len(pred.probabilities))
-        return _json({"version": model.version_id, "probabilities": pred.probabilities.tolist(),
-                      "fallback": pred.fallback.tolist()})
+        return _json(
+            {
+                "version": model.version_id,
+                "probabilities": pred.probabilities.tolist(),
+                "fallback": pred.fallback.tolist(),
+            }
+        )
 
-    @app.post("/v1/score", response_model=None, openapi_extra=_body_spec("ScoreRequest"),
-              responses={200: {"model": ScoreResponse}, 413: {"model": ErrorResponse},
-                         422: {"model": ErrorResponse}})
+    @app.post(
+        "/v1/score",
+        response_model=None,
+        openapi_extra=_body_spec("ScoreRequest"),
+        responses={200: {"model": ScoreResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+    )
     async def score(request: Request) -> Response:
         """One sequence against many campaigns: probabilities of ``sequence`` under each of ``campaign_ids``
         (every campaign when omitted), the backbone run once; ``top_k`` keeps the best k. Ids not in the
@@ -217,26 +259,39 @@ def create_app(
         seq, campaign_ids, top_k = parsed
         limit = max_score_campaigns
         if campaign_ids is not None and len(campaign_ids) > limit:
-            raise _RequestError(413, "too_many_campaigns",
-                                f"{len(campaign_ids)} campaign_ids exceed the limit of {limit} per request")
+            raise _RequestError(
+                413, "too_many_campaigns", f"{len(campaign_ids)} campaign_ids exceed the limit of {limit} per request"
+            )
         if top_k is not None and top_k > limit:
             raise _RequestError(413, "too_many_campaigns", f"top_k {top_k} exceeds the limit of {limit}")
         if campaign_ids is None and top_k is None and model.num_campaigns > limit:
-            raise _RequestError(413, "too_many_campaigns",
-                                f"scoring every campaign returns {model.num_campaigns} scores, above the limit of "
-                                f"{limit}: name campaign_ids or pass top_k")
+            raise _RequestError(
+                413,
+                "too_many_campaigns",
+                f"scoring every campaign returns {model.num_campaigns} scores, above the limit of "
+                f"{limit}: name campaign_ids or pass top_k",
+            )
         work = len(seq["event_types"]) * (model.num_campaigns if campaign_ids is None else len(campaign_ids))
         if work <= INLINE_MAX_SCORE_WORK:
             res = model.score_campaigns(seq, campaign_ids, top_k=top_k)
         else:
             res = await run_in_threadpool(model.score_campaigns, seq, campaign_ids, top_k)
         metrics.add_scored(1, len(res.ids))
-        return _json({"version": model.version_id, "campaign_ids": res.ids, "probabilities": res.probabilities,
-                      "fallback": res.fallback, "unknown": res.unknown})
+        return _json(
+            {
+                "version": model.version_id,
+                "campaign_ids": res.ids,
+                "probabilities": res.probabilities,
+                "fallback": res.fallback,
+                "unknown": res.unknown,
+            }
+        )
 
-    @app.get("/v1/campaigns/{campaign_id}", response_model=None,
-             responses={200: {"model": CampaignResponse}, 404: {"model": ErrorResponse},
-                        422: {"model": ErrorResponse}})
+    @app.get(
+        "/v1/campaigns/{campaign_id}",
+        response_model=None,
+        responses={200: {"model": CampaignResponse}, 404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+    )
     def campaign(campaign_id: str) -> Response:
         """Metadata of a campaign's head in the served version (bits, status, passed, fidelity, sizes)."""
         return _json(holder.get().metadata(campaign_id))
@@ -245,18 +300,31 @@ def create_app(
     def healthz() -> Response:
         """Liveness and the version being served."""
         model = holder.get()
-        return _json({"status": "ok", "version": model.version_id, "fleet": model.manifest.get("fleet"),
-                      "campaigns": model.num_campaigns, "last_reload_error": holder.last_reload_error})
+        return _json(
+            {
+                "status": "ok",
+                "version": model.version_id,
+                "fleet": model.manifest.get("fleet"),
+                "campaigns": model.num_campaigns,
+                "last_reload_error": holder.last_reload_error,
+            }
+        )
 
     @app.get("/metrics", response_model=None)
     def prometheus() -> Response:
         """Prometheus text exposition."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @admin.post("/reload", response_model=None, responses={401: {"model": ErrorResponse},
-                                                         403: {"model": ErrorResponse},
-                                                         409: {"model": ErrorResponse},
-                                                         503: {"model": ErrorResponse}})
+    @admin.post(
+        "/reload",
+        response_model=None,
+        responses={
+            401: {"model": ErrorResponse},
+            403: {"model": ErrorResponse},
+            409: {"model": ErrorResponse},
+            503: {"model": ErrorResponse},
+        },
+    )
     def reload() -> Response:
         """Re-resolve the model source now; swap when it names another version."""
         previous = holder.get().version_id
@@ -266,8 +334,9 @@ def create_app(
             raise _RequestError(409, "reload_unavailable", str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - the old version keeps serving; the log has the traceback
             log.error("reload failed, still serving %s:\n%s", previous, _log_text(exc))
-            raise _RequestError(503, "reload_failed",
-                                f"reload failed, still serving {previous}: {public_detail(exc)}") from None
+            raise _RequestError(
+                503, "reload_failed", f"reload failed, still serving {previous}: {public_detail(exc)}"
+            ) from None
         return _json({"changed": changed, "previous": previous, "version": holder.get().version_id})
 
     app.include_router(admin)
@@ -287,11 +356,15 @@ def _install_docs(app: FastAPI) -> None:
 
     @app.get("/docs", include_in_schema=False)
     def docs() -> Response:
-        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} API",
-                                   swagger_js_url=f"{DOCS_STATIC}/swagger-ui-bundle.js",
-                                   swagger_css_url=f"{DOCS_STATIC}/swagger-ui.css",
-                                   swagger_favicon_url=f"{DOCS_STATIC}/favicon-32x32.png",
-                                   oauth2_redirect_url=None, swagger_ui_parameters={"validatorUrl": None})
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title=f"{app.title} API",
+            swagger_js_url=f"{DOCS_STATIC}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_STATIC}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_STATIC}/favicon-32x32.png",
+            oauth2_redirect_url=None,
+            swagger_ui_parameters={"validatorUrl": None},
+        )
 
 
 def _body_spec(model_name: str) -> dict:
@@ -385,8 +458,13 @@ def app_from_uri(
     through ``functools.partial`` (Ray Serve replicas call it)."""
     from fleet.serve.serving import alias_reloader
 
-    open_kw: dict[str, Any] = {"storage_options": storage_options, "preload": preload, "verify": verify,
-                               "heads": heads, "backend": backend}
+    open_kw: dict[str, Any] = {
+        "storage_options": storage_options,
+        "preload": preload,
+        "verify": verify,
+        "heads": heads,
+        "backend": backend,
+    }
     if cache_size is not None:
         open_kw["cache_size"] = cache_size
     if max_sequence_length is not None:
@@ -396,8 +474,13 @@ def app_from_uri(
     model = FleetModel.load(model_uri, tracking_uri, **open_kw)
     open_kw.pop("num_threads", None)
     holder = ModelHolder(model, reload=alias_reloader(model_uri, tracking_uri, **open_kw), poll_seconds=poll_seconds)
-    return create_app(holder, max_body_bytes=max_body_bytes, max_sequences=max_sequences, admin_token=admin_token,
-                      max_score_campaigns=max_score_campaigns)
+    return create_app(
+        holder,
+        max_body_bytes=max_body_bytes,
+        max_sequences=max_sequences,
+        admin_token=admin_token,
+        max_score_campaigns=max_score_campaigns,
+    )
 
 
 __all__ = [

@@ -34,8 +34,13 @@ class ModelHolder:
             every ``poll_seconds`` while the app runs (:meth:`start` / :meth:`stop`).
     """
 
-    def __init__(self, model: FleetModel, *, reload: Callable[[FleetModel], FleetModel | None] | None = None,
-                 poll_seconds: float | None = None):
+    def __init__(
+        self,
+        model: FleetModel,
+        *,
+        reload: Callable[[FleetModel], FleetModel | None] | None = None,
+        poll_seconds: float | None = None,
+    ):
         if poll_seconds is not None and poll_seconds <= 0:
             raise ValueError(f"poll_seconds must be > 0, got {poll_seconds}")
         self._model = model
@@ -94,8 +99,12 @@ class ModelHolder:
         """Head-cache ``hits`` and ``misses`` since start (models swapped out included), and the current
         model's ``size`` and ``capacity``."""
         info = self.get().cache_info()
-        return {"hits": self._retired["hits"] + info["hits"], "misses": self._retired["misses"] + info["misses"],
-                "size": info["size"], "capacity": info["capacity"]}
+        return {
+            "hits": self._retired["hits"] + info["hits"],
+            "misses": self._retired["misses"] + info["misses"],
+            "size": info["size"],
+            "capacity": info["capacity"],
+        }
 
     def start(self) -> None:
         """Start the poller (no-op without ``poll_seconds`` or reload callable, or when running)."""

@@ -55,13 +55,23 @@ class HttpMetrics:
 
     def __init__(self, holder: ModelHolder):
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("fleet_http_requests", "HTTP requests by endpoint and status code.",
-                                ["endpoint", "status"], registry=self.registry)
-        self.duration = Histogram("fleet_http_request_duration_seconds", "Time from request start to response end.",
-                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter(
+            "fleet_http_requests",
+            "HTTP requests by endpoint and status code.",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "fleet_http_request_duration_seconds",
+            "Time from request start to response end.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.sequences = Counter("fleet_predicted_sequences", "Sequences scored.", registry=self.registry)
-        self.scored_campaigns = Counter("fleet_scored_campaigns", "Campaign heads evaluated by /v1/score.",
-                                        registry=self.registry)
+        self.scored_campaigns = Counter(
+            "fleet_scored_campaigns", "Campaign heads evaluated by /v1/score.", registry=self.registry
+        )
         self.registry.register(_ModelCollector(holder))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
@@ -99,18 +109,21 @@ class _ModelCollector(Collector):
         model = holder.get()
         cache = holder.cache_totals()
         yield CounterMetricFamily("fleet_head_cache_hits", "Head lookups served from memory.", value=cache["hits"])
-        yield CounterMetricFamily("fleet_head_cache_misses", "Head lookups that read a row group.",
-                                  value=cache["misses"])
+        yield CounterMetricFamily(
+            "fleet_head_cache_misses", "Head lookups that read a row group.", value=cache["misses"]
+        )
         yield GaugeMetricFamily("fleet_head_cache_size", "Heads held dequantized in memory.", value=cache["size"])
         yield GaugeMetricFamily("fleet_head_cache_capacity", "Bound of the head cache.", value=cache["capacity"])
-        info = GaugeMetricFamily("fleet_model_info", "The fleet version being served (value 1).",
-                                 labels=["version", "fleet"])
+        info = GaugeMetricFamily(
+            "fleet_model_info", "The fleet version being served (value 1).", labels=["version", "fleet"]
+        )
         info.add_metric([str(model.version_id), str(model.manifest.get("fleet") or "")], 1)
         yield info
         yield GaugeMetricFamily("fleet_model_campaigns", "Campaigns in the served version.", value=model.num_campaigns)
         yield CounterMetricFamily("fleet_model_swaps", "Model versions swapped in since start.", value=holder.swaps)
-        yield CounterMetricFamily("fleet_model_reload_errors", "Failed reloads (the old version kept serving).",
-                                  value=holder.reload_errors)
+        yield CounterMetricFamily(
+            "fleet_model_reload_errors", "Failed reloads (the old version kept serving).", value=holder.reload_errors
+        )
 
 
 __all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "HttpMetrics"]

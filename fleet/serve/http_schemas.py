@@ -36,8 +36,10 @@ MAX_DETAIL_CHARS = 1000
 #: Where a path or URI was in an error text, a client reads this.
 HIDDEN_PATH = "<path>"
 # URIs (scheme://...) and absolute local paths (two segments or more) inside an error text.
-_LOCATION_RE = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"()<>,;]*"
-                          r"|(?<![\w./~-])/(?:[^\s/'\"()<>,;:]+/)+[^\s/'\"()<>,;:]*")
+_LOCATION_RE = re.compile(
+    r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"()<>,;]*"
+    r"|(?<![\w./~-])/(?:[^\s/'\"()<>,;:]+/)+[^\s/'\"()<>,;:]*"
+)
 
 
 # ----------------------------------------------------------------------------- bodies (the contract)
@@ -79,10 +81,16 @@ class ScoreRequest(BaseModel):
 
     model_config = ConfigDict(strict=True)
     sequence: SequenceIn
-    campaign_ids: list[str] | None = Field(default=None, description="campaigns to score (duplicates scored "
-                                           "once); omitted or null: every campaign of the version")
-    top_k: StrictInt | None = Field(default=None, ge=1, description="return only the k highest probabilities, "
-                                    "best first; omitted or null: every scored campaign, in request order")
+    campaign_ids: list[str] | None = Field(
+        default=None,
+        description="campaigns to score (duplicates scored once); omitted or null: every campaign of the version",
+    )
+    top_k: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        description="return only the k highest probabilities, "
+        "best first; omitted or null: every scored campaign, in request order",
+    )
 
 
 class ScoreResponse(BaseModel):
@@ -90,11 +98,15 @@ class ScoreResponse(BaseModel):
     requested ids the version does not hold."""
 
     version: str
-    campaign_ids: list[str] = Field(description="scored campaigns: with top_k the best k, highest first; else in "
-                                                "request order (version order when none were named)")
+    campaign_ids: list[str] = Field(
+        description="scored campaigns: with top_k the best k, highest first; else in "
+        "request order (version order when none were named)"
+    )
     probabilities: list[float]
-    fallback: list[bool] = Field(description="per scored campaign: true when its head did not pass its quality "
-                                             "gate; the probability is still returned")
+    fallback: list[bool] = Field(
+        description="per scored campaign: true when its head did not pass its quality "
+        "gate; the probability is still returned"
+    )
     unknown: list[str] = Field(description="requested ids that are not in the served version (not scored)")
 
 
@@ -105,8 +117,10 @@ class PredictResponse(BaseModel):
     version: str
     probabilities: list[float]
     status: str = Field(description="the head's status: ok, capacity, fallback, ... (fleet.formats.codec.head_passed)")
-    fallback: bool = Field(description="true when the head did not pass its quality gate (status fallback or "
-                                       "gate_failed); the probabilities are still returned")
+    fallback: bool = Field(
+        description="true when the head did not pass its quality gate (status fallback or "
+        "gate_failed); the probabilities are still returned"
+    )
 
 
 class BatchResponse(BaseModel):
@@ -114,8 +128,10 @@ class BatchResponse(BaseModel):
 
     version: str
     probabilities: list[float]
-    fallback: list[bool] = Field(description="per row, in row order: true when that row's head did not pass "
-                                             "its quality gate; the probability is still returned")
+    fallback: list[bool] = Field(
+        description="per row, in row order: true when that row's head did not pass "
+        "its quality gate; the probability is still returned"
+    )
 
 
 class CampaignResponse(BaseModel):
@@ -134,8 +150,9 @@ class CampaignResponse(BaseModel):
     pruned: bool
     bytes: int
     status: str
-    passed: bool = Field(description="false when the head did not pass its quality gate (status fallback or "
-                                     "gate_failed)")
+    passed: bool = Field(
+        description="false when the head did not pass its quality gate (status fallback or gate_failed)"
+    )
     teacher_auc: float | None
     student_auc: float | None
     mean_abs_diff: float | None

@@ -65,8 +65,11 @@ def model_signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec
 
-    return ModelSignature(inputs=None, outputs=None, params=ParamSchema([ParamSpec(WITH_STATUS, "boolean", False),
-                                                                         ParamSpec(TOP_K, "long", None)]))
+    return ModelSignature(
+        inputs=None,
+        outputs=None,
+        params=ParamSchema([ParamSpec(WITH_STATUS, "boolean", False), ParamSpec(TOP_K, "long", None)]),
+    )
 
 
 def input_example(campaign_id: str, num_features: int, length: int = 1):
@@ -83,8 +86,14 @@ def input_example(campaign_id: str, num_features: int, length: int = 1):
         raise ValueError(f"num_features must be an integer >= 0, got {num_features!r}")
     if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
         raise ValueError(f"length must be an integer >= 1, got {length!r}")
-    return pd.DataFrame({COLUMNS[0]: [campaign_id], COLUMNS[1]: [[0] * int(length)],
-                         COLUMNS[2]: [[0.0] * (int(length) * int(num_features))]}, columns=list(COLUMNS))
+    return pd.DataFrame(
+        {
+            COLUMNS[0]: [campaign_id],
+            COLUMNS[1]: [[0] * int(length)],
+            COLUMNS[2]: [[0.0] * (int(length) * int(num_features))],
+        },
+        columns=list(COLUMNS),
+    )
 
 
 def write_config(directory: str, manifest_uri: str, version_id: str, **open_kw: Any) -> str:
@@ -95,8 +104,12 @@ def write_config(directory: str, manifest_uri: str, version_id: str, **open_kw: 
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, PYFUNC_CONFIG_FILE)
     with open(path, "w") as f:
-        json.dump({"format": PYFUNC_FORMAT, "manifest_uri": manifest_uri, "version_id": version_id, **open_kw}, f,
-                  indent=2, sort_keys=True)
+        json.dump(
+            {"format": PYFUNC_FORMAT, "manifest_uri": manifest_uri, "version_id": version_id, **open_kw},
+            f,
+            indent=2,
+            sort_keys=True,
+        )
     return path
 
 
@@ -132,9 +145,10 @@ class FleetPyfunc:
         import pandas as pd
 
         per_row = [pred.statuses[cid] for cid in ids]  # one id per row (a column)
-        return pd.DataFrame({"probability": pred.probabilities, "fallback": pred.fallback,
-                             "status": pd.Series(per_row, dtype=object)}, columns=list(STATUS_COLUMNS))
-
+        return pd.DataFrame(
+            {"probability": pred.probabilities, "fallback": pred.fallback, "status": pd.Series(per_row, dtype=object)},
+            columns=list(STATUS_COLUMNS),
+        )
 
     def _rank(self, frame, top_k: Any):
         import pandas as pd
@@ -143,8 +157,9 @@ class FleetPyfunc:
             raise _bad_request(f"params.{TOP_K} must be an integer >= 1, got {top_k!r}")
         missing = [c for c in COLUMNS[1:] if c not in frame.columns]
         if missing:
-            raise _bad_request(f"model input lacks columns {missing}; a ranking request needs "
-                               f"{[CAMPAIGN_IDS, *COLUMNS[1:]]}")
+            raise _bad_request(
+                f"model input lacks columns {missing}; a ranking request needs {[CAMPAIGN_IDS, *COLUMNS[1:]]}"
+            )
         groups: dict[tuple | None, list[int]] = {}
         for i, ids in enumerate(frame[CAMPAIGN_IDS].tolist()):
             if ids is None or (isinstance(ids, float) and np.isnan(ids)):
@@ -216,11 +231,17 @@ def _load_pyfunc(data_path: str) -> FleetPyfunc:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise StoreError(f"not a fleet pyfunc config ({exc!r})", path=path) from None
     check_format(config.get("format", PYFUNC_FORMAT), PYFUNC_FORMAT, path=path)
-    model = FleetModel.open(manifest_uri, _storage_options(config), manifest_sha256=config.get("manifest_sha256"),
-                            **{k: config[k] for k in _OPEN_KEYS if k in config})
+    model = FleetModel.open(
+        manifest_uri,
+        _storage_options(config),
+        manifest_sha256=config.get("manifest_sha256"),
+        **{k: config[k] for k in _OPEN_KEYS if k in config},
+    )
     if version_id is not None and model.version_id != version_id:
-        raise StoreError(f"{PYFUNC_CONFIG_FILE} names version {version_id!r} but the manifest holds {model.version_id!r}",
-                         path=manifest_uri)
+        raise StoreError(
+            f"{PYFUNC_CONFIG_FILE} names version {version_id!r} but the manifest holds {model.version_id!r}",
+            path=manifest_uri,
+        )
     return FleetPyfunc(model)
 
 
@@ -239,5 +260,14 @@ def _storage_options(config: dict) -> dict:
     return merged  # {} (not None): the environment was consulted already
 
 
-__all__ = ["CAMPAIGN_IDS", "SCORE_COLUMNS", "STATUS_COLUMNS", "TOP_K", "WITH_STATUS",
-           "FleetPyfunc", "input_example", "model_signature", "write_config"]
+__all__ = [
+    "CAMPAIGN_IDS",
+    "SCORE_COLUMNS",
+    "STATUS_COLUMNS",
+    "TOP_K",
+    "WITH_STATUS",
+    "FleetPyfunc",
+    "input_example",
+    "model_signature",
+    "write_config",
+]

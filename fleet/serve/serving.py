@@ -217,8 +217,9 @@ class CampaignScoresBatch:
         order = _top(self.probabilities[b], top_k)
         ids = self.ids if order is None else [self.ids[i] for i in order.tolist()]
         sel = slice(None) if order is None else order
-        return CampaignScores(list(ids), self.probabilities[b][sel].copy(), self.fallback[sel].copy(),
-                              list(self.unknown))
+        return CampaignScores(
+            list(ids), self.probabilities[b][sel].copy(), self.fallback[sel].copy(), list(self.unknown)
+        )
 
 
 def _top(probabilities: np.ndarray, top_k: int | None) -> np.ndarray | None:
@@ -390,8 +391,9 @@ class FleetModel:
         self.backbone = backbone.eval()
         self.config: StudentConfig = backbone.config
         self.backend = backend
-        self._numpy_backbone = (NumpyBackbone.from_state_dict(backbone.state_dict(), arch=self.config.arch)
-                                if backend == "numpy" else None)
+        self._numpy_backbone = (
+            NumpyBackbone.from_state_dict(backbone.state_dict(), arch=self.config.arch) if backend == "numpy" else None
+        )
         self.head_config, self.num_params = self._head_layout(version)
         self._columns = self._widened_columns()  # head size -> (source, target, length) runs into (M, P)
         self._cache = _HeadCache(cache_size, self.num_params)
@@ -423,8 +425,11 @@ class FleetModel:
         widest = version.manifest["campaigns"].get("num_params_max") or head_num_params(base)
         allowed = {head_num_params(base): base, **({head_num_params(bigger): bigger} if bigger else {})}
         if widest not in allowed:
-            raise StoreError(f"campaigns.num_params_max {widest!r} fits neither the backbone's {base.head!r} head nor "
-                             "its capacity ladder", path=version.manifest_uri)
+            raise StoreError(
+                f"campaigns.num_params_max {widest!r} fits neither the backbone's {base.head!r} head nor "
+                "its capacity ladder",
+                path=version.manifest_uri,
+            )
         return allowed[widest], widest
 
     def _widened_columns(self) -> dict[int, tuple[tuple[int, int, int], ...]]:
@@ -435,8 +440,9 @@ class FleetModel:
         base = head_num_params(self.config)
         if base == self.num_params:
             return {}
-        probe = widen_heads(torch.arange(1, base + 1, dtype=torch.float32)[None], self.config,
-                            self.head_config)[0].numpy()  # (P,): 1-based source position, 0 where widened
+        probe = widen_heads(torch.arange(1, base + 1, dtype=torch.float32)[None], self.config, self.head_config)[
+            0
+        ].numpy()  # (P,): 1-based source position, 0 where widened
         target = np.flatnonzero(probe)
         source = probe[target].astype(np.int64) - 1
         breaks = np.flatnonzero((np.diff(target) != 1) | (np.diff(source) != 1)) + 1
@@ -471,10 +477,10 @@ class FleetModel:
         if num_threads is not None:
             torch.set_num_threads(int(num_threads))
         # resident and dense read (and verify) the backbone and every heads part anyway
-        version = FleetVersion.open(manifest_or_version_uri, storage_options, verify=verify and mode == "lru",
-                                    manifest_sha256=manifest_sha256)
-        return cls(version, cache_size=cache_size, max_sequence_length=max_sequence_length, heads=mode,
-                   backend=backend)
+        version = FleetVersion.open(
+            manifest_or_version_uri, storage_options, verify=verify and mode == "lru", manifest_sha256=manifest_sha256
+        )
+        return cls(version, cache_size=cache_size, max_sequence_length=max_sequence_length, heads=mode, backend=backend)
 
     @classmethod
     def load(cls, model_uri: str, tracking_uri: str | None = None, **kw: Any) -> FleetModel:
@@ -540,13 +546,32 @@ class FleetModel:
         (size = capacity = campaigns, no misses; ``preloaded`` is True for dense), and for resident
         ``resident_bytes`` is the table's size."""
         if self._dense is not None:
-            return {"hits": self._cache.hits, "misses": 0, "size": int(self._dense.shape[0]),
-                    "capacity": int(self._dense.shape[0]), "preloaded": True, "heads": "dense"}
+            return {
+                "hits": self._cache.hits,
+                "misses": 0,
+                "size": int(self._dense.shape[0]),
+                "capacity": int(self._dense.shape[0]),
+                "preloaded": True,
+                "heads": "dense",
+            }
         if self._table is not None:
-            return {"hits": self._cache.hits, "misses": 0, "size": len(self._table), "capacity": len(self._table),
-                    "preloaded": False, "heads": "resident", "resident_bytes": self._table.nbytes}
-        return {"hits": self._cache.hits, "misses": self._cache.misses, "size": len(self._cache),
-                "capacity": self._cache.capacity, "preloaded": False, "heads": "lru"}
+            return {
+                "hits": self._cache.hits,
+                "misses": 0,
+                "size": len(self._table),
+                "capacity": len(self._table),
+                "preloaded": False,
+                "heads": "resident",
+                "resident_bytes": self._table.nbytes,
+            }
+        return {
+            "hits": self._cache.hits,
+            "misses": self._cache.misses,
+            "size": len(self._cache),
+            "capacity": self._cache.capacity,
+            "preloaded": False,
+            "heads": "lru",
+        }
 
     def __repr__(self) -> str:
         return f"FleetModel(version={self.version_id!r}, campaigns={self.num_campaigns}, uri={self.source_uri!r})"
@@ -558,17 +583,23 @@ class FleetModel:
         base = head_num_params(self.config)
         for r in rows:
             if r.num_params not in (base, self.num_params):
-                raise StoreError(f"head has {r.num_params} parameters but the backbone's {self.config.head!r} "
-                                 f"head needs {base} (or {self.num_params}, its capacity ladder)",
-                                 campaign_id=r.campaign_id, path=self._version.uri)
+                raise StoreError(
+                    f"head has {r.num_params} parameters but the backbone's {self.config.head!r} "
+                    f"head needs {base} (or {self.num_params}, its capacity ladder)",
+                    campaign_id=r.campaign_id,
+                    path=self._version.uri,
+                )
         parts = []
         for size in {r.num_params for r in rows}:
             picked = [i for i, r in enumerate(rows) if r.num_params == size]
             try:
                 decoded = decode_heads([rows[i] for i in picked]).reshape(len(picked), size).float()
             except (ValueError, RuntimeError, IndexError) as err:  # rows were checked: a stored row is bad
-                raise StoreError(f"head does not decode: {err}", campaign_id=_undecodable(rows, picked).campaign_id,
-                                 path=self._version.uri) from None
+                raise StoreError(
+                    f"head does not decode: {err}",
+                    campaign_id=_undecodable(rows, picked).campaign_id,
+                    path=self._version.uri,
+                ) from None
             parts.append((picked, size, decoded))
         return self._widen(len(rows), parts, lambda i: rows[i].campaign_id)
 
@@ -582,8 +613,9 @@ class FleetModel:
         else:
             heads = torch.empty(count, self.num_params)  # (M, P), smaller designs widened
             for picked, size, decoded in parts:
-                heads[picked] = widen_heads(decoded, self.config if size == base else self.head_config,
-                                            self.head_config)
+                heads[picked] = widen_heads(
+                    decoded, self.config if size == base else self.head_config, self.head_config
+                )
         if not torch.isfinite(heads).all():
             bad = campaign_of(int((~torch.isfinite(heads)).any(1).nonzero()[0]))
             raise StoreError("head decodes to non-finite parameters", campaign_id=bad, path=self._version.uri)
@@ -605,9 +637,15 @@ class FleetModel:
         heads, statuses, _, _ = self._lookup(ids, first_row, strict=True)
         return heads, statuses
 
-    def _lookup(self, ids: list[str], first_row: dict[str, int] | None = None, *, strict: bool = False,
-                statuses: bool = True, encoded: np.ndarray | None = None,
-                ) -> tuple[np.ndarray, list[str] | None, np.ndarray, np.ndarray]:
+    def _lookup(
+        self,
+        ids: list[str],
+        first_row: dict[str, int] | None = None,
+        *,
+        strict: bool = False,
+        statuses: bool = True,
+        encoded: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, list[str] | None, np.ndarray, np.ndarray]:
         """``(heads float32 (M, P), statuses [M], found int64[M], failed bool[M])`` of the distinct valid ``ids``
         the version holds (``found`` indexes ``ids``, in order; ``failed``: the head did not pass its gate).
         ``strict``: UnknownCampaignError for the first absent id instead (naming its row from ``first_row``).
@@ -622,14 +660,19 @@ class FleetModel:
                 raise self._unknown(cid, first_row.get(cid))
             self._cache.count_hits(len(found))
             rows = rows[found]
-            return (self._resident_heads(rows), self._table.statuses(rows) if statuses else None, found,
-                    self._failed_codes[self._table.status[rows]])
+            return (
+                self._resident_heads(rows),
+                self._table.statuses(rows) if statuses else None,
+                found,
+                self._failed_codes[self._table.status[rows]],
+            )
         with torch.inference_mode():
             heads, names, found = self._lookup_lru_or_dense(ids, first_row, strict)
         return heads.numpy(), names, found, np.array([not head_passed(st) for st in names], dtype=bool)
 
-    def _lookup_lru_or_dense(self, ids: list[str], first_row: dict[str, int],
-                             strict: bool) -> tuple[torch.Tensor, list[str], np.ndarray]:
+    def _lookup_lru_or_dense(
+        self, ids: list[str], first_row: dict[str, int], strict: bool
+    ) -> tuple[torch.Tensor, list[str], np.ndarray]:
         if self._dense is not None:
             index, found = [], []
             for k, cid in enumerate(ids):
@@ -642,8 +685,11 @@ class FleetModel:
                 found.append(k)
             self._cache.count_hits(len(index))
             names = self._status_names
-            return (self._dense[index], [names[c] for c in self._status_codes[index].tolist()],
-                    np.array(found, dtype=np.int64))
+            return (
+                self._dense[index],
+                [names[c] for c in self._status_codes[index].tolist()],
+                np.array(found, dtype=np.int64),
+            )
         out = torch.empty(len(ids), self.num_params)  # (U, P)
         statuses: list = [None] * len(ids)
         missing = self._cache.gather(ids, out, statuses)
@@ -776,8 +822,9 @@ class FleetModel:
 
     # -------------------------------------------------------------- one user, many campaigns
 
-    def score_campaigns(self, sequence: Mapping[str, Any], campaign_ids: Sequence[str] | None = None,
-                        top_k: int | None = None) -> CampaignScores:
+    def score_campaigns(
+        self, sequence: Mapping[str, Any], campaign_ids: Sequence[str] | None = None, top_k: int | None = None
+    ) -> CampaignScores:
         """Score ONE sequence (``{"event_types", "features"}``) with many campaigns' heads: the backbone
         runs once, then every requested head is evaluated in one batched head evaluation
         (:func:`fleet.compression.student.head_logits_cross`, the formulas of the per-row path). Returns a
@@ -798,8 +845,9 @@ class FleetModel:
             order = np.arange(probs.shape[1])
         return CampaignScores(names(order), probs[0][order], failed[order], unknown)
 
-    def score_campaigns_batch(self, sequences: Sequence[Mapping[str, Any]],
-                              campaign_ids: Sequence[str] | None = None) -> CampaignScoresBatch:
+    def score_campaigns_batch(
+        self, sequences: Sequence[Mapping[str, Any]], campaign_ids: Sequence[str] | None = None
+    ) -> CampaignScoresBatch:
         """``B`` sequences x ``K`` campaigns (:meth:`score_campaigns` for many users at once): the backbone
         runs once over all sequences (chunked like :meth:`predict_batch`), the heads once over all of them.
         Returns a :class:`CampaignScoresBatch` (``probabilities (B, K)``; ``.row(b, top_k)`` gives one
@@ -807,15 +855,18 @@ class FleetModel:
         names, probs, failed, unknown = self._score(sequences, campaign_ids)
         return CampaignScoresBatch(names(np.arange(probs.shape[1])), probs, failed, unknown)
 
-    def _score(self, sequences, campaign_ids) -> tuple[Callable[[np.ndarray], list[str]], np.ndarray, np.ndarray,
-                                                       list[str]]:
+    def _score(
+        self, sequences, campaign_ids
+    ) -> tuple[Callable[[np.ndarray], list[str]], np.ndarray, np.ndarray, list[str]]:
         """``(names, probabilities (B, K), fallback bool[K], unknown)``: ``names(columns)`` gives the ids of
         columns (materialised only for what a caller returns: a million ids are not built for a top 10)."""
         types, feats = _sequence_columns(sequences)
         if campaign_ids is None:
             if self._table is None and self._dense is None:
-                raise InvalidInputError("scoring every campaign (no campaign_ids) needs every head in memory: "
-                                        "open the model with heads='resident' (or 'dense')")
+                raise InvalidInputError(
+                    "scoring every campaign (no campaign_ids) needs every head in memory: "
+                    "open the model with heads='resident' (or 'dense')"
+                )
             distinct, unknown, count = None, [], self._num_resident()
         else:
             if isinstance(campaign_ids, (str, bytes)) or not isinstance(campaign_ids, Sequence | np.ndarray):

@@ -70,8 +70,9 @@ class PromotionGate:
             object.__setattr__(self, f.name, float(value))  # frozen: the one place a field is normalised
         for name in ("min_median_auc_diff", "min_p10_auc_diff"):
             if not -1.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"PromotionGate.{name} must be in [-1, 1] (a difference of AUCs), "
-                                 f"got {getattr(self, name)}")
+                raise ValueError(
+                    f"PromotionGate.{name} must be in [-1, 1] (a difference of AUCs), got {getattr(self, name)}"
+                )
         if self.min_p10_auc_diff > self.min_median_auc_diff:
             raise ValueError(
                 f"PromotionGate.min_p10_auc_diff ({self.min_p10_auc_diff}) is above min_median_auc_diff "
@@ -92,7 +93,8 @@ class PromotionGate:
         ValueError naming it."""
         if not isinstance(data, Mapping):
             raise ValueError(  # noqa: TRY004 - a config error: ValueError, as every other one (exit 2)
-                f"gate must be a table of PromotionGate fields, got {type(data).__name__} {data!r}")
+                f"gate must be a table of PromotionGate fields, got {type(data).__name__} {data!r}"
+            )
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(str(k) for k in data if k not in names)
         if unknown:
@@ -103,8 +105,11 @@ class PromotionGate:
         """The fields that differ from their defaults (the inverse of :meth:`from_dict`; a default gate is ``{}``,
         so a run's recorded settings, and their hash, do not change when a threshold's default is only restated)."""
         default = type(self)()
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if getattr(self, f.name) != getattr(default, f.name)}
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(default, f.name)
+        }
 
 
 @dataclass
@@ -170,8 +175,10 @@ def evaluate_gate(metrics: dict, champion_metrics: dict | None, gate: PromotionG
     values: dict[str, float] = {}
     has_auc = _fleet_has_auc(metrics)
     if not has_auc:
-        notes.append(f"AUC checks skipped: no campaign has a hold-out AUC "
-                     f"(fidelity_campaigns_without_auc = {metrics.get('fidelity_campaigns_without_auc')!r})")
+        notes.append(
+            f"AUC checks skipped: no campaign has a hold-out AUC "
+            f"(fidelity_campaigns_without_auc = {metrics.get('fidelity_campaigns_without_auc')!r})"
+        )
     fallback = metrics.get("campaigns_status_fallback", 0)
     for key, label in GATE_METRICS.items():
         if key in AUC_GATE_METRICS and not has_auc:
@@ -179,8 +186,10 @@ def evaluate_gate(metrics: dict, champion_metrics: dict | None, gate: PromotionG
         if key == "campaigns_status_fallback":
             count, campaigns = finite_number(fallback), finite_number(metrics.get("campaigns"))
             if count is None or (count > 0 and not campaigns):
-                reasons.append(f"{label}: metrics 'campaigns_status_fallback' / 'campaigns' are missing or not "
-                               f"finite ({fallback!r} / {metrics.get('campaigns')!r})")
+                reasons.append(
+                    f"{label}: metrics 'campaigns_status_fallback' / 'campaigns' are missing or not "
+                    f"finite ({fallback!r} / {metrics.get('campaigns')!r})"
+                )
             else:
                 values["fallback_share"] = count / campaigns if count > 0 else 0.0
             continue
@@ -212,8 +221,11 @@ def evaluate_gate(metrics: dict, champion_metrics: dict | None, gate: PromotionG
         low("fidelity_auc_diff_p10", gate.min_p10_auc_diff)
     high("quarantine_share", gate.max_quarantine_share, "quarantine share")
     high("fidelity_kl_median", gate.max_kl_median, "median KL (fidelity_kl_median)")
-    low("fidelity_mean_ratio_within_10pct_share", gate.min_mean_ratio_share,
-        "mean-ratio-within-10% share (fidelity_mean_ratio_within_10pct_share)")
+    low(
+        "fidelity_mean_ratio_within_10pct_share",
+        gate.min_mean_ratio_share,
+        "mean-ratio-within-10% share (fidelity_mean_ratio_within_10pct_share)",
+    )
     high("fallback_share", gate.max_fallback_share, "fallback share (campaigns_status_fallback / campaigns)")
 
     for key in AUC_GATE_METRICS:
@@ -221,8 +233,12 @@ def evaluate_gate(metrics: dict, champion_metrics: dict | None, gate: PromotionG
         if best is None or key not in values:
             continue
         drop = best - values[key]
-        check(f"{GATE_METRICS[key]} drop from the champion's {best:.4f} <= {gate.max_regression:g}", drop,
-              gate.max_regression, drop <= gate.max_regression)
+        check(
+            f"{GATE_METRICS[key]} drop from the champion's {best:.4f} <= {gate.max_regression:g}",
+            drop,
+            gate.max_regression,
+            drop <= gate.max_regression,
+        )
         if drop > gate.max_regression:
             v, c = _fmt_pair(values[key], best)
             d, m = _fmt_pair(drop, gate.max_regression)

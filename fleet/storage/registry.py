@@ -128,8 +128,10 @@ def _num_features(backbone_path: str) -> int:
         with safe_open(backbone_path, "np") as f:
             return int(json.loads((f.metadata() or {})["student_config"])["num_features"])
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
-        raise ValueError(f"local artifact backbone.safetensors ({backbone_path}): no student_config.num_features "
-                         f"in its metadata ({exc!r}); cannot build the input example") from None
+        raise ValueError(
+            f"local artifact backbone.safetensors ({backbone_path}): no student_config.num_features "
+            f"in its metadata ({exc!r}); cannot build the input example"
+        ) from None
 
 
 def _check_local_artifacts(local_artifacts: dict[str, str], fleet_name: str, version_id: str) -> None:
@@ -144,11 +146,13 @@ def _check_local_artifacts(local_artifacts: dict[str, str], fleet_name: str, ver
         with open(local_artifacts["manifest.json"], "rb") as f:
             manifest = json.load(f)
     except (OSError, ValueError) as err:
-        raise ValueError(f"local artifact manifest.json ({local_artifacts['manifest.json']}) is not JSON: "
-                         f"{err}") from None
+        raise ValueError(
+            f"local artifact manifest.json ({local_artifacts['manifest.json']}) is not JSON: {err}"
+        ) from None
     if not isinstance(manifest, dict):
         raise ValueError(  # noqa: TRY004 - bad input, register_version raises ValueError
-            f"local artifact manifest.json ({local_artifacts['manifest.json']}) is not a JSON object")
+            f"local artifact manifest.json ({local_artifacts['manifest.json']}) is not a JSON object"
+        )
     for key, expected in (("version_id", version_id), ("fleet", fleet_name)):
         if key in manifest and manifest[key] != expected:
             raise ValueError(f"manifest.json says {key}={manifest[key]!r} but register_version got {expected!r}")
@@ -213,8 +217,10 @@ def _check_champion(client: MlflowClient, name: str, expected: str | None, doing
     :class:`ChampionMovedError` unless ``champion`` is still ``expected``."""
     current = _champion(client, name)
     if current != expected:
-        raise ChampionMovedError(f"registered model {name!r}: {CHAMPION} moved from {_describe(expected)} to "
-                                 f"{_describe(current)} while {doing}; nothing was changed; {then}")
+        raise ChampionMovedError(
+            f"registered model {name!r}: {CHAMPION} moved from {_describe(expected)} to "
+            f"{_describe(current)} while {doing}; nothing was changed; {then}"
+        )
 
 
 def _move_champion(client: MlflowClient, name: str, version: str, reason: str) -> None:
@@ -246,17 +252,28 @@ def _existing(client: MlflowClient, name: str, model_version, manifest_uri: str 
     tags = model_version.tags or {}
     version_id = tags.get("version_id")
     if manifest_uri is not None and tags.get("manifest_uri") != manifest_uri:
-        raise RegistryError(f"registered model {name!r}: fleet version {version_id!r} is already registered as "
-                            f"version {model_version.version} with manifest {tags.get('manifest_uri')!r}, not "
-                            f"{manifest_uri!r}; use another run id")
+        raise RegistryError(
+            f"registered model {name!r}: fleet version {version_id!r} is already registered as "
+            f"version {model_version.version} with manifest {tags.get('manifest_uri')!r}, not "
+            f"{manifest_uri!r}; use another run id"
+        )
     gate = None
     if tags.get("gate") is not None:
-        gate = GateResult(passed=tags["gate"] == "passed", reasons=json.loads(tags.get("gate_reasons") or "[]"),
-                          notes=json.loads(tags.get("gate_notes") or "[]"))
+        gate = GateResult(
+            passed=tags["gate"] == "passed",
+            reasons=json.loads(tags.get("gate_reasons") or "[]"),
+            notes=json.loads(tags.get("gate_notes") or "[]"),
+        )
     version = str(model_version.version)
-    return RegisteredVersion(name=name, version=version, run_id=model_version.run_id,
-                             manifest_uri=tags.get("manifest_uri"), gate=gate,
-                             champion=_champion(client, name) == version, existing=True)
+    return RegisteredVersion(
+        name=name,
+        version=version,
+        run_id=model_version.run_id,
+        manifest_uri=tags.get("manifest_uri"),
+        gate=gate,
+        champion=_champion(client, name) == version,
+        existing=True,
+    )
 
 
 # ----------------------------------------------------------------------------- public API
@@ -339,8 +356,9 @@ def register_version(
     secrets = secret_values(storage_options or {})
     public_manifest_uri = scrub(manifest_uri)
     if any(s in public_manifest_uri for s in secrets):
-        raise ValueError("manifest_uri contains a credential from storage_options; pass credentials only in "
-                         "storage_options")
+        raise ValueError(
+            "manifest_uri contains a credential from storage_options; pass credentials only in storage_options"
+        )
     if mlflow.active_run() is not None:
         raise RegistryError("register_version starts its own MLflow run: end the active run first")
 
@@ -349,8 +367,12 @@ def register_version(
     with registry_access(uri):
         found = _versions_of(client, fleet_name, version_id)
     if found:
-        logger.warning("%s: fleet version %s is already registered as version %s; nothing registered",
-                       fleet_name, version_id, found[0].version)
+        logger.warning(
+            "%s: fleet version %s is already registered as version %s; nothing registered",
+            fleet_name,
+            version_id,
+            found[0].version,
+        )
         if mlflow_run_id is not None:
             discard_duplicate_run(client, mlflow_run_id, found[0])
         return _existing(client, fleet_name, found[0], public_manifest_uri)
@@ -362,9 +384,13 @@ def register_version(
     result = evaluate_gate(metrics, champion_metrics, gate)
     gate_status = "passed" if result.passed else "failed"
 
-    version_tags = {"version_id": version_id, "manifest_uri": public_manifest_uri,
-                    "gate": gate_status, "gate_reasons": json.dumps(result.reasons),
-                    "gate_notes": json.dumps(result.notes)}
+    version_tags = {
+        "version_id": version_id,
+        "manifest_uri": public_manifest_uri,
+        "gate": gate_status,
+        "gate_reasons": json.dumps(result.reasons),
+        "gate_notes": json.dumps(result.notes),
+    }
     with open(local_artifacts["manifest.json"], "rb") as f:
         version_tags[MANIFEST_SHA256_TAG] = hashlib.sha256(f.read()).hexdigest()
     if parent_version_id is not None:
@@ -431,9 +457,13 @@ def register_version(
                     discard_duplicate_run(client, run_id, found[0])
                     return _existing(client, fleet_name, found[0], public_manifest_uri)
                 try:
-                    _check_champion(client, fleet_name, champion_before,
-                                    f"fleet version {version_id!r} was gated against it",
-                                    "re-run it (same run id) to gate it against the new champion")
+                    _check_champion(
+                        client,
+                        fleet_name,
+                        champion_before,
+                        f"fleet version {version_id!r} was gated against it",
+                        "re-run it (same run id) to gate it against the new champion",
+                    )
                 except ChampionMovedError:
                     if mlflow_run_id is None:
                         client.delete_run(run_id)
@@ -448,10 +478,22 @@ def register_version(
                     _move_champion(client, fleet_name, version, reason="gate")
 
     if not result.passed:
-        logger.warning("%s version %s (%s) failed the gate; champion stays %s: %s",
-                       fleet_name, version, version_id, champion_before, "; ".join(result.reasons))
-    return RegisteredVersion(name=fleet_name, version=version, run_id=run_id, manifest_uri=public_manifest_uri,
-                             gate=result, champion=result.passed)
+        logger.warning(
+            "%s version %s (%s) failed the gate; champion stays %s: %s",
+            fleet_name,
+            version,
+            version_id,
+            champion_before,
+            "; ".join(result.reasons),
+        )
+    return RegisteredVersion(
+        name=fleet_name,
+        version=version,
+        run_id=run_id,
+        manifest_uri=public_manifest_uri,
+        gate=result,
+        champion=result.passed,
+    )
 
 
 def _champion_metrics(client: MlflowClient, name: str) -> tuple[str | None, dict | None]:
@@ -464,8 +506,9 @@ def _champion_metrics(client: MlflowClient, name: str) -> tuple[str | None, dict
     return champion, client.get_run(run_id).data.metrics if run_id else None
 
 
-def preview_gate(name: str, metrics: dict, gate: PromotionGate | None = None,
-                 tracking_uri: str | None = None) -> tuple[GateResult, str | None]:
+def preview_gate(
+    name: str, metrics: dict, gate: PromotionGate | None = None, tracking_uri: str | None = None
+) -> tuple[GateResult, str | None]:
     """``(gate result, champion version)``: :func:`evaluate_gate` of ``metrics`` against the current champion,
     as :func:`register_version` will decide it unless ``champion`` moves before then (the run report shows
     it before the version is committed). Reads only: :class:`RegistryError` naming the tracking URI when the
@@ -490,8 +533,9 @@ def champion_version(name: str, tracking_uri: str | None = None, *, create: bool
         return _champion(registry_client(uri, create=create), name)
 
 
-def find_version(name: str, version_id: str, tracking_uri: str | None = None, *,
-                 create: bool = True) -> RegisteredVersion | None:
+def find_version(
+    name: str, version_id: str, tracking_uri: str | None = None, *, create: bool = True
+) -> RegisteredVersion | None:
     """The model version of ``name`` registered for the fleet version ``version_id`` (``existing=True``;
     the oldest if there are several), or None; :class:`RegistryError` naming the tracking URI when the
     registry cannot be read (with ``create=False``, a read-only command's, also when a SQLite registry does
@@ -520,8 +564,13 @@ def promote(name: str, version: str | int, tracking_uri: str | None = None, reas
         if expected == version:
             return
         with registry_lock(uri):
-            _check_champion(client, name, expected, f"promoting version {version}",
-                            f"run `fleet promote {name} {version}` again if it should still replace it")
+            _check_champion(
+                client,
+                name,
+                expected,
+                f"promoting version {version}",
+                f"run `fleet promote {name} {version}` again if it should still replace it",
+            )
             _move_champion(client, name, version, reason=reason)
 
 
@@ -541,8 +590,13 @@ def rollback(name: str, tracking_uri: str | None = None) -> str:
         if current is None:
             raise RegistryError(f"registered model {name!r} has no {CHAMPION} to roll back from")
         with registry_lock(uri):
-            _check_champion(client, name, current, "rolling back from it",
-                            f"check `fleet versions {name}` and run `fleet rollback {name}` again if needed")
+            _check_champion(
+                client,
+                name,
+                current,
+                "rolling back from it",
+                f"check `fleet versions {name}` and run `fleet rollback {name}` again if needed",
+            )
             return _rollback_from(client, name, current)
 
 
@@ -613,8 +667,14 @@ def resolve_model_version(model_uri: str, tracking_uri: str | None = None) -> di
     tags = _get_version(client, name, version).tags
     if not tags.get("manifest_uri"):
         raise RegistryError(f"{model_uri}: version {version} has no manifest_uri tag (not registered by fleet?)")
-    return {"name": name, "version": str(version), "alias": alias, "manifest_uri": tags["manifest_uri"],
-            "version_id": tags.get("version_id"), "manifest_sha256": tags.get(MANIFEST_SHA256_TAG)}
+    return {
+        "name": name,
+        "version": str(version),
+        "alias": alias,
+        "manifest_uri": tags["manifest_uri"],
+        "version_id": tags.get("version_id"),
+        "manifest_sha256": tags.get(MANIFEST_SHA256_TAG),
+    }
 
 
 def list_versions(name: str, tracking_uri: str | None = None) -> list[dict]:
@@ -643,20 +703,22 @@ def list_versions(name: str, tracking_uri: str | None = None) -> list[dict]:
         version = str(mv.version)
         tags = mv.tags or {}
         created = datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=timezone.utc)
-        rows.append({
-            "version": version,
-            "version_id": tags.get("version_id"),
-            "manifest_uri": tags.get("manifest_uri"),
-            "parent_version_id": tags.get("parent_version_id"),
-            "aliases": sorted(aliases_of.get(version, [])),
-            "champion": CHAMPION in aliases_of.get(version, []),
-            "created": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "gate": tags.get("gate"),
-            "gate_reasons": json.loads(tags["gate_reasons"]) if tags.get("gate_reasons") else [],
-            "gate_notes": json.loads(tags["gate_notes"]) if tags.get("gate_notes") else [],
-            "rolled_back_at": tags.get("rolled_back_at"),
-            "run_id": mv.run_id,
-        })
+        rows.append(
+            {
+                "version": version,
+                "version_id": tags.get("version_id"),
+                "manifest_uri": tags.get("manifest_uri"),
+                "parent_version_id": tags.get("parent_version_id"),
+                "aliases": sorted(aliases_of.get(version, [])),
+                "champion": CHAMPION in aliases_of.get(version, []),
+                "created": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "gate": tags.get("gate"),
+                "gate_reasons": json.loads(tags["gate_reasons"]) if tags.get("gate_reasons") else [],
+                "gate_notes": json.loads(tags["gate_notes"]) if tags.get("gate_notes") else [],
+                "rolled_back_at": tags.get("rolled_back_at"),
+                "run_id": mv.run_id,
+            }
+        )
     return rows
 
 
@@ -696,8 +758,10 @@ def delete_version(name: str, version: str | int, tracking_uri: str | None = Non
             model_version = _get_version(client, name, version)
             aliases = [a for a, v in client.get_registered_model(name).aliases.items() if str(v) == str(version)]
             if aliases:
-                raise RegistryError(f"registered model {name!r} version {version} holds the alias(es) "
-                                    f"{', '.join(sorted(aliases))}: not deleted")
+                raise RegistryError(
+                    f"registered model {name!r} version {version} holds the alias(es) "
+                    f"{', '.join(sorted(aliases))}: not deleted"
+                )
             client.delete_model_version(name, str(version))
         if model_version.run_id:
             try:

@@ -97,8 +97,9 @@ def _clean_params(params: dict, secrets: set[str]) -> dict[str, str]:
     return out
 
 
-def _log_batches(client: MlflowClient, run_id: str, metrics: dict[str, float], params: dict[str, str],
-                 step: int = 0) -> None:
+def _log_batches(
+    client: MlflowClient, run_id: str, metrics: dict[str, float], params: dict[str, str], step: int = 0
+) -> None:
     now_ms = int(datetime.now(timezone.utc).timestamp() * 1000)
     metric_list = [Metric(k, v, now_ms, step) for k, v in metrics.items()]
     param_list = [Param(k, v) for k, v in params.items()]
@@ -113,14 +114,16 @@ def _log_params_once(client: MlflowClient, run_id: str, logged: dict, params: di
     :data:`PARAMS_CHANGED_TAG`."""
     changed = sorted(k for k, v in params.items() if k in logged and logged[k] != v)
     if changed:
-        logger.warning("MLflow run %s keeps the first value of its param(s) %s (changed on resume)", run_id,
-                       ", ".join(changed))
+        logger.warning(
+            "MLflow run %s keeps the first value of its param(s) %s (changed on resume)", run_id, ", ".join(changed)
+        )
         client.set_tag(run_id, PARAMS_CHANGED_TAG, json.dumps(changed)[:_PARAM_MAX])
     _log_batches(client, run_id, {}, {k: v for k, v in params.items() if k not in logged})
 
 
-def log_params_and_metrics(client: MlflowClient, run_id: str, params: dict, metrics: dict, secrets: set[str], *,
-                           resumed: bool = False) -> None:
+def log_params_and_metrics(
+    client: MlflowClient, run_id: str, params: dict, metrics: dict, secrets: set[str], *, resumed: bool = False
+) -> None:
     """Log ``params`` (flattened, credential-looking keys dropped, values scrubbed of ``secrets`` and URI
     credentials, truncated to MLflow's limit) and ``metrics`` (flattened, names sanitised, finite values only)
     into the run ``run_id``, as :func:`fleet.storage.registry.register_version` does. ``resumed``: a run that may
@@ -161,8 +164,15 @@ def fleet_experiment(client: MlflowClient, uri: str, fleet_name: str) -> str:
         return experiment.experiment_id
 
 
-def start_compress_run(fleet_name: str, version_id: str, params: dict, tracking_uri: str | None = None, *,
-                       storage_options: dict | None = None, resume_run_id: str | None = None) -> str:
+def start_compress_run(
+    fleet_name: str,
+    version_id: str,
+    params: dict,
+    tracking_uri: str | None = None,
+    *,
+    storage_options: dict | None = None,
+    resume_run_id: str | None = None,
+) -> str:
     """Start the MLflow run of one ``fleet compress`` (named ``version_id``, in the experiment
     ``fleet-<fleet_name>``, tags ``fleet.name`` and ``fleet.version_id``) and log ``params`` into it
     (flattened and scrubbed as :func:`fleet.storage.registry.register_version` does: credential-looking keys
@@ -183,8 +193,9 @@ def start_compress_run(fleet_name: str, version_id: str, params: dict, tracking_
         experiment_id = fleet_experiment(client, uri, fleet_name)
         run = _resumable_run(client, resume_run_id, experiment_id, version_id) if resume_run_id else None
         if run is None:
-            run = client.create_run(experiment_id, run_name=version_id,
-                                    tags={"fleet.name": fleet_name, "fleet.version_id": version_id})
+            run = client.create_run(
+                experiment_id, run_name=version_id, tags={"fleet.name": fleet_name, "fleet.version_id": version_id}
+            )
             logged: dict = {}
         else:
             client.update_run(run.info.run_id, status="RUNNING")
@@ -199,12 +210,16 @@ def _resumable_run(client: MlflowClient, run_id: str, experiment_id: str, versio
         run = client.get_run(run_id)
     except MlflowException as err:
         if not_found(err) or err.error_code == "INVALID_PARAMETER_VALUE":
-            logger.info("MLflow run %s of fleet version %s is not in this registry: starting a new one", run_id,
-                        version_id)
+            logger.info(
+                "MLflow run %s of fleet version %s is not in this registry: starting a new one", run_id, version_id
+            )
             return None
         raise
-    if (run.info.lifecycle_stage != "active" or run.info.experiment_id != experiment_id
-            or run.data.tags.get("fleet.version_id") != version_id):
+    if (
+        run.info.lifecycle_stage != "active"
+        or run.info.experiment_id != experiment_id
+        or run.data.tags.get("fleet.version_id") != version_id
+    ):
         logger.info("MLflow run %s is deleted or not fleet version %s's: starting a new one", run_id, version_id)
         return None
     return run

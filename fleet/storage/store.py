@@ -96,8 +96,10 @@ def relocated(manifest_uri: str, store_root: str | None = None) -> str:
         return manifest_uri
     parts = manifest_uri.rstrip("/").rsplit("/", 4)
     if len(parts) != 5 or parts[2] != "versions" or parts[4] != MANIFEST:
-        raise StoreError(f"cannot relocate {manifest_uri!r} under ${ENV_STORE_ROOT}: not "
-                         f"<store>/<fleet>/versions/<id>/{MANIFEST}", path=manifest_uri)
+        raise StoreError(
+            f"cannot relocate {manifest_uri!r} under ${ENV_STORE_ROOT}: not <store>/<fleet>/versions/<id>/{MANIFEST}",
+            path=manifest_uri,
+        )
     return "/".join([root.rstrip("/"), *parts[1:]])
 
 
@@ -178,8 +180,9 @@ def _put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-def remove_stale_temp_files(store_uri: str, fleet: str, storage_options: dict | None = None,
-                            max_age_s: float = TEMP_FILE_MAX_AGE_S) -> list[str]:
+def remove_stale_temp_files(
+    store_uri: str, fleet: str, storage_options: dict | None = None, max_age_s: float = TEMP_FILE_MAX_AGE_S
+) -> list[str]:
     """Delete the temporary files (``.<name>.tmp-<hex>``) that interrupted local writes left anywhere
     under ``<store_uri>/<fleet>/`` (versions and run work dirs), when older than ``max_age_s`` seconds
     (a younger one may belong to a write in progress). Returns the paths removed. Object stores
@@ -243,12 +246,14 @@ def _json_bytes(obj: Any, uri: str) -> bytes:
 # which holds the GIL through its exit). tests/test_cli.py checks that reading a version starts no thread.
 
 
-def read_parquet_bytes(data: bytes, *, columns: Sequence[str] | None = None,
-                       page_checksum_verification: bool = False) -> pa.Table:
+def read_parquet_bytes(
+    data: bytes, *, columns: Sequence[str] | None = None, page_checksum_verification: bool = False
+) -> pa.Table:
     """The table of a Parquet file held in ``data`` (only ``columns`` when given), decoded on the calling
     thread (no Arrow thread pool)."""
-    return pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=page_checksum_verification,
-                          pre_buffer=False).read(columns=None if columns is None else list(columns), use_threads=False)
+    return pq.ParquetFile(
+        pa.BufferReader(data), page_checksum_verification=page_checksum_verification, pre_buffer=False
+    ).read(columns=None if columns is None else list(columns), use_threads=False)
 
 
 def read_parquet_metadata(data: bytes) -> pq.FileMetaData:
@@ -266,9 +271,11 @@ HEADS_ROW_GROUP_ROWS = 1024
 def _parquet_bytes(table: pa.Table, row_group_size: int, group_sizes: list[int] | None = None) -> bytes:
     """Parquet bytes of ``table``: row groups of ``row_group_size`` rows, or exactly ``group_sizes``."""
     buf = io.BytesIO()
-    options = {"compression": "zstd",
-               "write_statistics": [c for c in _STATS_COLUMNS if c in table.column_names],
-               "write_page_checksum": True}  # CRC32 per page, checked on read (page_checksum_verification)
+    options = {
+        "compression": "zstd",
+        "write_statistics": [c for c in _STATS_COLUMNS if c in table.column_names],
+        "write_page_checksum": True,
+    }  # CRC32 per page, checked on read (page_checksum_verification)
     if group_sizes is None:
         pq.write_table(table, buf, row_group_size=row_group_size, **options)
         return buf.getvalue()
@@ -358,6 +365,7 @@ def _read_footer(f, size: int) -> bytes:
     f.seek(size - length)
     return f.read(length)
 
+
 def created_at_now() -> str:
     """The current UTC time as a manifest's ``created_at``: fixed width, so it sorts as a string."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -433,8 +441,9 @@ class VersionWriter:
         """The files written so far: relative path -> {"path", "sha256", "bytes", ["rows"]}."""
         return {k: dict(v) for k, v in self._files.items()}
 
-    def write_heads(self, table: pa.Table, rows_per_part: int = 100_000,
-                    row_group_size: int = HEADS_ROW_GROUP_ROWS) -> None:
+    def write_heads(
+        self, table: pa.Table, rows_per_part: int = 100_000, row_group_size: int = HEADS_ROW_GROUP_ROWS
+    ) -> None:
         """Write the heads table as ``heads/part-NNNNN.parquet``: rows sorted by campaign id, part k
         holding a contiguous id range, row groups of ``row_group_size`` rows, zstd. Also records the
         part/row-group index for the manifest. Call once."""
@@ -447,8 +456,9 @@ class VersionWriter:
         n = table.num_rows
         v2 = "codec" in table.column_names  # fleet-heads/2.0: a bloomier block never straddles a row group
         self._heads_format = table.schema.metadata[b"format"].decode()
-        self._heads_codec = "bloomier" if v2 and pc.any(pc.equal(table.column("codec"), "bloomier")).as_py() \
-            else "packed"
+        self._heads_codec = (
+            "bloomier" if v2 and pc.any(pc.equal(table.column("codec"), "bloomier")).as_py() else "packed"
+        )
         if v2 and n:
             groups = [sum(g) for g in _pack_spans([size for _, size in block_spans(table)], row_group_size)]
             parts = _pack_spans(groups, rows_per_part)  # row group sizes of each part
@@ -467,35 +477,43 @@ class VersionWriter:
                 offset += meta.row_group(i).num_rows
             footer, groups = _parquet_checksums(data, meta)
             self._write(rel, data, rows=part.num_rows)
-            self._parts.append({
-                "path": rel,
-                "rows": part.num_rows,
-                "first_campaign": firsts[0] if firsts else None,
-                "last_campaign": ids[start + part.num_rows - 1].as_py() if part.num_rows else None,
-                "row_groups": firsts,
-                "footer": footer,
-                "row_group_checksums": groups[: len(firsts)],
-            })
+            self._parts.append(
+                {
+                    "path": rel,
+                    "rows": part.num_rows,
+                    "first_campaign": firsts[0] if firsts else None,
+                    "last_campaign": ids[start + part.num_rows - 1].as_py() if part.num_rows else None,
+                    "row_groups": firsts,
+                    "footer": footer,
+                    "row_group_checksums": groups[: len(firsts)],
+                }
+            )
             start += part.num_rows
         if n:
             widest = pc.max(pc.list_flatten(table.column("shape"))).as_py()
             # num_params_max: the widest head row (larger than the backbone's head: the capacity ladder's heads)
-            self._campaigns = {"count": n, "first": ids[0].as_py(), "last": ids[n - 1].as_py(),
-                               "num_params_max": widest}
-        self._teachers_sha256 = teachers_digest(
-            zip(ids.to_pylist(), table.column("teacher_sha256").to_pylist())
-        )
+            self._campaigns = {
+                "count": n,
+                "first": ids[0].as_py(),
+                "last": ids[n - 1].as_py(),
+                "num_params_max": widest,
+            }
+        self._teachers_sha256 = teachers_digest(zip(ids.to_pylist(), table.column("teacher_sha256").to_pylist()))
 
     def write_rejects(self, table: pa.Table) -> None:
         """Write ``rejects.parquet`` (``fleet-rejects/1``: campaign_id, stage, reason)."""
         try:
             table = table.select(REJECTS_SCHEMA.names).cast(REJECTS_SCHEMA)
             reasons = [None if r is None else scrub(r, self._secrets) for r in table.column("reason").to_pylist()]
-            table = table.set_column(REJECTS_SCHEMA.get_field_index("reason"), REJECTS_SCHEMA.field("reason"),
-                                     pa.array(reasons, REJECTS_SCHEMA.field("reason").type))
+            table = table.set_column(
+                REJECTS_SCHEMA.get_field_index("reason"),
+                REJECTS_SCHEMA.field("reason"),
+                pa.array(reasons, REJECTS_SCHEMA.field("reason").type),
+            )
         except (KeyError, ValueError, pa.ArrowInvalid, pa.ArrowTypeError) as err:
-            raise StoreError(f"rejects table does not match {REJECTS_FORMAT}: {err}",
-                             path=join_uri(self.uri, REJECTS)) from None
+            raise StoreError(
+                f"rejects table does not match {REJECTS_FORMAT}: {err}", path=join_uri(self.uri, REJECTS)
+            ) from None
         self._write(REJECTS, _parquet_bytes(table, 64 * 1024), rows=table.num_rows)
 
     def write_report(self, html: str) -> None:
@@ -503,8 +521,14 @@ class VersionWriter:
         :meth:`commit`, so the manifest lists and checksums it."""
         self._write(REPORT, html.encode("utf-8"))
 
-    def commit(self, config: dict | None = None, lineage: dict | None = None, metrics: dict | None = None,
-               *, created_at: str | None = None) -> str:
+    def commit(
+        self,
+        config: dict | None = None,
+        lineage: dict | None = None,
+        metrics: dict | None = None,
+        *,
+        created_at: str | None = None,
+    ) -> str:
         """Write ``manifest.json`` last (checksums of every file written, index, lineage) and return
         its URI. Needs :meth:`write_backbone` and :meth:`write_heads`; writes an empty rejects file
         if none was written. Refuses to overwrite a committed version."""
@@ -516,7 +540,9 @@ class VersionWriter:
         for entry in self._files.values():  # the puts landed with the size we hashed
             size = self.fs.size(self._p(entry["path"]))
             if size != entry["bytes"]:
-                raise StoreError(f"wrote {entry['bytes']} bytes but found {size}", path=join_uri(self.uri, entry["path"]))
+                raise StoreError(
+                    f"wrote {entry['bytes']} bytes but found {size}", path=join_uri(self.uri, entry["path"])
+                )
         lineage = {"parent_version": None, **(lineage or {})}
         given = lineage.setdefault("teachers_sha256", self._teachers_sha256)
         if given != self._teachers_sha256:
@@ -546,8 +572,9 @@ class VersionWriter:
 class FleetVersion:
     """A committed fleet version, opened with :meth:`FleetVersion.open`."""
 
-    def __init__(self, uri: str, manifest: dict, fs: fsspec.AbstractFileSystem, path: str,
-                 manifest_bytes: bytes | None = None):
+    def __init__(
+        self, uri: str, manifest: dict, fs: fsspec.AbstractFileSystem, path: str, manifest_bytes: bytes | None = None
+    ):
         self.uri = uri
         self.manifest_uri = join_uri(uri, MANIFEST)
         self.manifest = manifest
@@ -563,8 +590,9 @@ class FleetVersion:
         self._footers: dict[str, pq.FileMetaData] = {}  # part path -> parsed footer (one per part)
 
     @classmethod
-    def open(cls, uri: str, storage_options: dict | None = None, verify: bool = True, *,
-             manifest_sha256: str | None = None) -> FleetVersion:
+    def open(
+        cls, uri: str, storage_options: dict | None = None, verify: bool = True, *, manifest_sha256: str | None = None
+    ) -> FleetVersion:
         """Open a version from its directory URI or its ``manifest.json`` URI.
 
         Refuses a version without manifest (never committed or still being written), an unknown
@@ -578,11 +606,18 @@ class FleetVersion:
             uri = uri[: -len(MANIFEST) - 1]
         fs, path = open_fs(uri, storage_options)
         manifest_uri = join_uri(uri, MANIFEST)
-        raw = _cat(fs, join_uri(path, MANIFEST), manifest_uri,
-                   f"version {uri} has no {MANIFEST}: it was never committed or is still being written")
+        raw = _cat(
+            fs,
+            join_uri(path, MANIFEST),
+            manifest_uri,
+            f"version {uri} has no {MANIFEST}: it was never committed or is still being written",
+        )
         if manifest_sha256 is not None and sha256_bytes(raw) != manifest_sha256:
-            raise StoreError(f"manifest does not match the sha256 {manifest_sha256} recorded in the registry "
-                             f"(found {sha256_bytes(raw)}): it was changed or corrupted", path=manifest_uri)
+            raise StoreError(
+                f"manifest does not match the sha256 {manifest_sha256} recorded in the registry "
+                f"(found {sha256_bytes(raw)}): it was changed or corrupted",
+                path=manifest_uri,
+            )
         try:
             manifest = json.loads(raw)
             fmt = manifest["format"]
@@ -592,8 +627,9 @@ class FleetVersion:
         check_heads_format(manifest.get("heads_format"), path=manifest_uri)
         name = path.rstrip("/").rsplit("/", 1)[-1]
         if manifest.get("version_id") != name:
-            raise StoreError(f"manifest names version {manifest.get('version_id')!r} but lies in {name!r}",
-                             path=manifest_uri)
+            raise StoreError(
+                f"manifest names version {manifest.get('version_id')!r} but lies in {name!r}", path=manifest_uri
+            )
         try:
             for entry in manifest["files"] + manifest["parts"]:
                 _check_relpath("file path", entry["path"])
@@ -737,8 +773,9 @@ class FleetVersion:
         except FileNotFoundError:
             raise StoreError("file listed in the manifest is missing", campaign_id=campaign_id, path=uri) from None
         except (OSError, EOFError, ValueError, TypeError, KeyError, pa.ArrowException) as err:
-            raise StoreError(f"cannot read row group {group}: {type(err).__name__}: {err}",
-                             campaign_id=campaign_id, path=uri) from None
+            raise StoreError(
+                f"cannot read row group {group}: {type(err).__name__}: {err}", campaign_id=campaign_id, path=uri
+            ) from None
         check_head_row(row)
         return row
 
@@ -761,8 +798,12 @@ class FleetVersion:
                 offset, length = _row_group_range(self._footers[rel], group)
                 f.seek(offset)
                 data = f.read(length)
-        pf = pq.ParquetFile(_RangeFile(size, offset, data), metadata=self._footers[rel], pre_buffer=False,
-                            page_checksum_verification=True)
+        pf = pq.ParquetFile(
+            _RangeFile(size, offset, data),
+            metadata=self._footers[rel],
+            pre_buffer=False,
+            page_checksum_verification=True,
+        )
         return pf.read_row_group(group, use_threads=False)
 
     def _read_span(self, f, rel: str, entry: dict, what: str) -> bytes:
@@ -770,9 +811,12 @@ class FleetVersion:
         f.seek(entry["offset"])
         data = f.read(entry["bytes"])
         if len(data) != entry["bytes"] or sha256_bytes(data) != entry["sha256"]:
-            raise StoreError(f"checksum mismatch in the {what}: manifest says {entry['bytes']} bytes sha256 "
-                             f"{entry['sha256']} at offset {entry['offset']}, found {len(data)} bytes sha256 "
-                             f"{sha256_bytes(data)}", path=join_uri(self.uri, rel))
+            raise StoreError(
+                f"checksum mismatch in the {what}: manifest says {entry['bytes']} bytes sha256 "
+                f"{entry['sha256']} at offset {entry['offset']}, found {len(data)} bytes sha256 "
+                f"{sha256_bytes(data)}",
+                path=join_uri(self.uri, rel),
+            )
         return data
 
     def __repr__(self) -> str:
@@ -799,7 +843,9 @@ def list_versions(store_uri: str, fleet: str, storage_options: dict | None = Non
         try:
             created_at = json.loads(raw)["created_at"]
         except (ValueError, KeyError, TypeError):
-            raise StoreError("manifest is not a fleet-version JSON object", path=join_uri(uri, version_id, MANIFEST)) from None
+            raise StoreError(
+                "manifest is not a fleet-version JSON object", path=join_uri(uri, version_id, MANIFEST)
+            ) from None
         found.append((str(created_at), version_id))
     return [v for _, v in sorted(found)]
 
@@ -862,7 +908,9 @@ class ShardSet:
         data_rel, marker_rel = self._rel(shard)
         fs, uri = self._dir.fs, join_uri(self._dir.uri, data_rel)
         marker = json.loads(_cat(fs, self._dir._p(marker_rel), uri, f"shard {self.stage}/{shard} is not done"))
-        data = _cat(fs, self._dir._p(data_rel), uri, f"shard {self.stage}/{shard} is marked done but its data is missing")
+        data = _cat(
+            fs, self._dir._p(data_rel), uri, f"shard {self.stage}/{shard} is marked done but its data is missing"
+        )
         if len(data) != marker["bytes"] or sha256_bytes(data) != marker["sha256"]:
             raise StoreError("checksum mismatch with the shard's done marker", path=uri)
         return read_parquet_bytes(data)

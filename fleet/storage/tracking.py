@@ -68,15 +68,21 @@ def _warn_relative_sqlite(uri: str) -> None:
     ``sqlite:////a/b.db`` (four slashes) was probably meant."""
     if not uri.startswith("sqlite:///") or uri.startswith("sqlite:////") or uri in _WARNED_RELATIVE:
         return
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
     first = path.split("/", 1)[0]
     if not first or first in (".", "..", ":memory:") or "/" not in path:
         return
     if os.path.isdir(os.path.join(os.sep, first)) and not os.path.exists(first):
         _WARNED_RELATIVE.add(uri)
-        logger.warning("tracking URI %s names the relative path %s (under the current directory %s); "
-                       "for the absolute path /%s write sqlite:////%s (four slashes)",
-                       scrub(uri), path, os.getcwd(), path, path)
+        logger.warning(
+            "tracking URI %s names the relative path %s (under the current directory %s); "
+            "for the absolute path /%s write sqlite:////%s (four slashes)",
+            scrub(uri),
+            path,
+            os.getcwd(),
+            path,
+            path,
+        )
 
 
 def resolve_tracking_uri(tracking_uri: str | None) -> str:
@@ -92,7 +98,7 @@ def sqlite_path(uri: str) -> str | None:
     """The database file of a ``sqlite:///path`` URI (absolute), None for any other store or ``:memory:``."""
     if not uri.startswith("sqlite:///"):
         return None
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
     if not path or path == ":memory:":
         return None
     return os.path.abspath(path)
@@ -138,12 +144,14 @@ def _file_lock(lock_path: str, uri: str, what: str) -> Iterator[None]:
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            logger.warning("waiting for the %s %s (held by another fleet process using %s)",
-                           what, lock_path, scrub(uri))
+            logger.warning(
+                "waiting for the %s %s (held by another fleet process using %s)", what, lock_path, scrub(uri)
+            )
             lock.acquire(timeout=LOCK_TIMEOUT_S)
     except Timeout:
-        raise RegistryError(f"{what} {lock_path} is still held by another process after "
-                            f"{LOCK_TIMEOUT_S:.0f} s; nothing was changed") from None
+        raise RegistryError(
+            f"{what} {lock_path} is still held by another process after {LOCK_TIMEOUT_S:.0f} s; nothing was changed"
+        ) from None
     except OSError as err:
         raise _unreadable(uri, err) from err
     try:
@@ -188,9 +196,11 @@ def registry_client(tracking_uri: str | None, *, create: bool = True) -> MlflowC
     path = sqlite_path(uri)
     if database_missing(uri):
         if not create:
-            raise RegistryError(f"no MLflow tracking database at {scrub(uri)} ({path} does not exist; nothing "
-                                "was created): pass --tracking-uri or set $MLFLOW_TRACKING_URI to the registry "
-                                "fleet compress wrote")
+            raise RegistryError(
+                f"no MLflow tracking database at {scrub(uri)} ({path} does not exist; nothing "
+                "was created): pass --tracking-uri or set $MLFLOW_TRACKING_URI to the registry "
+                "fleet compress wrote"
+            )
         with registry_access(uri):
             os.makedirs(os.path.dirname(path), exist_ok=True)
     with registry_access(uri):

@@ -99,8 +99,9 @@ class SynthConfig:
         if self.entities == "user" and (self.pack_size < 1 or self.teacher != "rnn" or self.generator != "default"):
             raise ValueError("a per-user fleet needs pack_size >= 1, teacher 'rnn' and generator 'default'")
         if self.entities == "campaign" and self.pack_size:
-            raise ValueError("pack_size is for per-user fleets (entities='user'); pack campaign teachers with "
-                             "fleet pack-teachers")
+            raise ValueError(
+                "pack_size is for per-user fleets (entities='user'); pack campaign teachers with fleet pack-teachers"
+            )
         if self.campaigns < 1:
             raise ValueError("campaigns must be >= 1")
         if self.arch not in ("lstm", "gru"):
@@ -167,8 +168,17 @@ def entity_ids(config: SynthConfig) -> list[str]:
 
 
 #: ``fleet synth --entities user`` defaults (SynthConfig fields): many small entities, small teachers
-USER_DEFAULTS = {"min_sequences": 20, "max_sequences": 300, "hidden_size": 16, "num_layers": 1, "embed_dim": 8,
-                 "max_epochs": 8, "batch_size": 32, "lr": 1e-2, "pack_size": 1024}
+USER_DEFAULTS = {
+    "min_sequences": 20,
+    "max_sequences": 300,
+    "hidden_size": 16,
+    "num_layers": 1,
+    "embed_dim": 8,
+    "max_epochs": 8,
+    "batch_size": 32,
+    "lr": 1e-2,
+    "pack_size": 1024,
+}
 
 
 def user_config(campaigns: int, **overrides) -> SynthConfig:
@@ -269,12 +279,30 @@ def _default_rows(config: SynthConfig, world: dict, rng: np.random.Generator, n:
         extra = rng.normal(size=(len(seq), config.num_features - _BASE_FEATURES)).astype(np.float32)
         features = np.concatenate([features, extra], axis=1)
     noise = rng.normal(0, 0.5, n)  # (n,)
-    return {"lengths": lengths, "seq": seq, "types": types, "features": features, "age": age, "hour": hour,
-            "device": device, "price": price, "last": starts + lengths - 1, "noise": noise}
+    return {
+        "lengths": lengths,
+        "seq": seq,
+        "types": types,
+        "features": features,
+        "age": age,
+        "hour": hour,
+        "device": device,
+        "price": price,
+        "last": starts + lengths - 1,
+        "noise": noise,
+    }
 
 
-def _default_logit(world: dict, rows: dict, affinity: np.ndarray, recency_scale: float, peak_hour: float,
-                   tod_amplitude: float, price_slope: float, affinity_scale: float) -> np.ndarray:
+def _default_logit(
+    world: dict,
+    rows: dict,
+    affinity: np.ndarray,
+    recency_scale: float,
+    peak_hour: float,
+    tod_amplitude: float,
+    price_slope: float,
+    affinity_scale: float,
+) -> np.ndarray:
     """(n,) label logit of the default generator's ``rows`` under a campaign's parameters (before its bias)."""
     seq, types, age, last, device = rows["seq"], rows["types"], rows["age"], rows["last"], rows["device"]
     n = len(rows["lengths"])
@@ -360,7 +388,9 @@ def _length_buckets(lengths: torch.Tensor, batch_size: int, generator: torch.Gen
 @torch.no_grad()
 def _validation_loss(model: torch.nn.Module, val: SequenceBatch) -> float:
     model.eval()
-    logits = torch.cat([model(b.event_types, b.features, b.lengths) for _, b in val.minibatches(512, sort_by_length=False)])
+    logits = torch.cat(
+        [model(b.event_types, b.features, b.lengths) for _, b in val.minibatches(512, sort_by_length=False)]
+    )
     return float(F.binary_cross_entropy_with_logits(logits, val.labels))
 
 
@@ -388,8 +418,9 @@ def train_teachers(
 def teacher_saved(teachers_uri: str, config: TeacherConfig, storage_options: dict | None = None) -> bool:
     """Whether the teacher of ``config`` is completely saved under ``teachers_uri``: its ``config.json``
     (written after the weights) exists and equals ``config``."""
-    fs, path = fsspec.core.url_to_fs(f"{teachers_uri.rstrip('/')}/{config.campaign_id}/{CONFIG_FILE}",
-                                     **(storage_options or {}))
+    fs, path = fsspec.core.url_to_fs(
+        f"{teachers_uri.rstrip('/')}/{config.campaign_id}/{CONFIG_FILE}", **(storage_options or {})
+    )
     return fs.exists(path) and json.loads(fs.cat_file(path)) == config.to_json()
 
 
@@ -436,8 +467,11 @@ def _stacked_bce(params, config: TeacherConfig, batches: list[SequenceBatch]) ->
     return losses.sum(1) / mask.sum(1).clamp(min=1)
 
 
-def train_stacked_teachers(config: SynthConfig, ids: list[str], batches: list[SequenceBatch],
-                           ) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def train_stacked_teachers(
+    config: SynthConfig,
+    ids: list[str],
+    batches: list[SequenceBatch],
+) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Train the reference teachers of entities ``ids`` (rows ``batches``) together: parameters stacked
     ``[K, ...]`` (:func:`fleet.formats.teacher_pack.stacked_forward`), Adam per element (so per teacher), each
     teacher's gradient clipped to norm 1 and its own early stopping on its validation split (patience
@@ -458,13 +492,23 @@ def train_stacked_teachers(config: SynthConfig, ids: list[str], batches: list[Se
     active = torch.ones(count, dtype=torch.bool)
     best = {k: v.detach().clone() for k, v in params.items()}
     best_loss = _stacked_validation(params, teacher_config, val)  # (K,)
-    best_epoch, stale, epochs = torch.zeros(count, dtype=torch.long), torch.zeros(count, dtype=torch.long), torch.zeros(count, dtype=torch.long)
+    best_epoch, stale, epochs = (
+        torch.zeros(count, dtype=torch.long),
+        torch.zeros(count, dtype=torch.long),
+        torch.zeros(count, dtype=torch.long),
+    )
     width = 4 * teacher_config.hidden_size + teacher_config.embed_dim + teacher_config.num_features
     for epoch in range(1, config.max_epochs + 1):
         if not active.any():
             break
-        chunks = [list(torch.split(torch.argsort(t.lengths.float() + torch.rand(len(t), generator=generator) * 4.0),
-                                   config.batch_size)) for t in train]
+        chunks = [
+            list(
+                torch.split(
+                    torch.argsort(t.lengths.float() + torch.rand(len(t), generator=generator) * 4.0), config.batch_size
+                )
+            )
+            for t in train
+        ]
         bands = max(len(c) for c in chunks)
         at_band: list[list[tuple[int, int]]] = [[] for _ in range(bands)]  # band -> (entity, its chunk)
         for k in torch.nonzero(active).flatten().tolist():
@@ -480,9 +524,9 @@ def train_stacked_teachers(config: SynthConfig, ids: list[str], batches: list[Se
             per_group = max(1, TRAIN_GROUP_FLOATS // (rows * steps_t * width))
             grads = {k: torch.zeros_like(v) for k, v in params.items()}
             for start in range(0, len(members), per_group):
-                group = torch.tensor(members[start:start + per_group])
+                group = torch.tensor(members[start : start + per_group])
                 sub = {k: v[group] for k, v in params.items()}
-                loss = _stacked_bce(sub, teacher_config, picks[start:start + per_group]).sum()
+                loss = _stacked_bce(sub, teacher_config, picks[start : start + per_group]).sum()
                 for name, grad in zip(sub, torch.autograd.grad(loss, list(sub.values()))):
                     grads[name][group] = grad
             stepping = torch.zeros(count, dtype=torch.bool)
@@ -497,8 +541,15 @@ def train_stacked_teachers(config: SynthConfig, ids: list[str], batches: list[Se
         best_epoch[improved] = epoch
         stale = torch.where(improved, torch.zeros_like(stale), stale + active.long())
         active &= stale < config.patience
-    stats = [{"epochs": int(epochs[k]), "best_epoch": int(best_epoch[k]), "val_loss": float(best_loss[k]),
-              "n_train": len(train[k])} for k in range(count)]
+    stats = [
+        {
+            "epochs": int(epochs[k]),
+            "best_epoch": int(best_epoch[k]),
+            "val_loss": float(best_loss[k]),
+            "n_train": len(train[k]),
+        }
+        for k in range(count)
+    ]
     return best, stats
 
 
@@ -510,8 +561,16 @@ def _stacked_validation(params, config: TeacherConfig, val: list[SequenceBatch])
 
 
 @torch.no_grad()
-def _adam_step(params: dict, grads: dict, moments: dict, steps: torch.Tensor, active: torch.Tensor, lr: float,
-               betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+def _adam_step(
+    params: dict,
+    grads: dict,
+    moments: dict,
+    steps: torch.Tensor,
+    active: torch.Tensor,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> None:
     """One Adam step of the ``active`` stacked teachers (``[K, ...]`` tensors), after clipping each teacher's
     gradient to norm 1 (as :func:`train_teacher` does per model); the others stay as they are."""
     norms = torch.sqrt(sum(g.pow(2).flatten(1).sum(1) for g in grads.values()))  # (K,)
@@ -530,8 +589,9 @@ def _adam_step(params: dict, grads: dict, moments: dict, steps: torch.Tensor, ac
         p.sub_(torch.where(on, lr * m_hat / (v_hat.sqrt() + eps), torch.zeros_like(p)))
 
 
-def build_user_pack(pack: int, config: SynthConfig, events_uri: str, teachers_uri: str,
-                    storage_options: dict | None = None) -> list[dict]:
+def build_user_pack(
+    pack: int, config: SynthConfig, events_uri: str, teachers_uri: str, storage_options: dict | None = None
+) -> list[dict]:
     """One task of a per-user ``fleet synth``: generate pack ``pack``'s entities, write their events as
     ``events/part-<pack>.parquet`` and train their teachers together into ``teachers/packs/pack-<pack>``.
     A pack already complete (its ``config.json``, written last) is kept (``"resumed": True``)."""
@@ -540,8 +600,10 @@ def build_user_pack(pack: int, config: SynthConfig, events_uri: str, teachers_ur
     teacher_json = config.teacher_config(ids[0]).to_json()
     started = time.perf_counter()
     tables = [generate_campaign(config, i) for i in members]
-    stats = [{"campaign_id": cid, "rows": len(t), "label_rate": float(t["label"].to_numpy(zero_copy_only=False).mean())}
-             for cid, t in zip(ids, tables)]
+    stats = [
+        {"campaign_id": cid, "rows": len(t), "label_rate": float(t["label"].to_numpy(zero_copy_only=False).mean())}
+        for cid, t in zip(ids, tables)
+    ]
     if pack_complete(teachers_uri, pack_name(pack), teacher_json, storage_options):
         return [{**s, "seconds": 0.0, "resumed": True} for s in stats]
     write_events(events_uri, pa.concat_tables(tables), storage_options, rows_per_file=1 << 30, start_part=pack)

@@ -80,8 +80,14 @@ def _draw(cdf: np.ndarray, u: np.ndarray) -> np.ndarray:
     return np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1)
 
 
-def _elapsed(rng: np.random.Generator, lengths: np.ndarray, seq: np.ndarray, starts: np.ndarray,
-             last: np.ndarray, mean_log_minutes: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _elapsed(
+    rng: np.random.Generator,
+    lengths: np.ndarray,
+    seq: np.ndarray,
+    starts: np.ndarray,
+    last: np.ndarray,
+    mean_log_minutes: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(gaps, elapsed, age)`` (E,) in minutes: gap before each event (0 for the first), time since the
     sequence started, time before its prediction point (its last event)."""
     user_rate = np.exp(rng.normal(mean_log_minutes, 1.0, size=len(lengths)))  # (n,) mean minutes between events
@@ -112,8 +118,7 @@ def _labels(rng: np.random.Generator, logit: np.ndarray, bias: float) -> np.ndar
     return (rng.uniform(size=len(logit)) < 1 / (1 + np.exp(-(logit + bias)))).astype(np.int8)
 
 
-def _table(index: int, lengths: np.ndarray, types: np.ndarray, features: np.ndarray,
-           labels: np.ndarray) -> pa.Table:
+def _table(index: int, lengths: np.ndarray, types: np.ndarray, features: np.ndarray, labels: np.ndarray) -> pa.Table:
     """The events-schema table of campaign ``index`` from flat ``types`` (E,) and ``features`` (E, F)."""
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)  # (n + 1,)
     num_features = features.shape[1]
@@ -121,9 +126,7 @@ def _table(index: int, lengths: np.ndarray, types: np.ndarray, features: np.ndar
         {
             "campaign_id": pa.array([f"campaign-{index:05d}"] * len(lengths), pa.string()),
             "event_types": pa.ListArray.from_arrays(pa.array(offsets), pa.array(types.astype(np.int32))),
-            "features": pa.ListArray.from_arrays(
-                pa.array(offsets * num_features), pa.array(features.reshape(-1))
-            ),
+            "features": pa.ListArray.from_arrays(pa.array(offsets * num_features), pa.array(features.reshape(-1))),
             "label": pa.array(labels, pa.int8()),
         },
         schema=EVENTS_SCHEMA,
@@ -165,8 +168,9 @@ def generate_affinity(config: synth.SynthConfig, index: int, fresh_rows: int = 0
     return _table(index, rows["lengths"], rows["types"], rows["features"], _labels(rng, logit, bias))
 
 
-def _affinity_rows(config: synth.SynthConfig, rng: np.random.Generator, n: int, active: np.ndarray,
-                   cdf: np.ndarray) -> dict[str, np.ndarray]:
+def _affinity_rows(
+    config: synth.SynthConfig, rng: np.random.Generator, n: int, active: np.ndarray, cdf: np.ndarray
+) -> dict[str, np.ndarray]:
     """``n`` sequences of an ``"affinity"`` campaign (its ``active`` types drawn by ``cdf``) from ``rng``."""
     lengths = np.clip(np.round(np.exp(rng.normal(math.log(9), 0.7, size=n))), 3, 40).astype(np.int64)  # (n,)
     seq, starts, position, last = _layout(lengths)
@@ -184,13 +188,29 @@ def _affinity_rows(config: synth.SynthConfig, rng: np.random.Generator, n: int, 
         [from_end / 10.0, np.log1p(age) / 5, np.log(dwell) / 2, np.log1p(gaps) / 5, np.log(price)],
         config.num_features,
     )  # (E, F)
-    return {"lengths": lengths, "seq": seq, "types": types, "features": features, "from_end": from_end,
-            "age": age, "dwell": dwell}
+    return {
+        "lengths": lengths,
+        "seq": seq,
+        "types": types,
+        "features": features,
+        "from_end": from_end,
+        "age": age,
+        "dwell": dwell,
+    }
 
 
-def _affinity_logit(config: synth.SynthConfig, rows: dict, affinity: np.ndarray, by_events: bool,
-                    half_life: float, scale: float, saturation: float, key: int, count_effect: float,
-                    threshold: int) -> np.ndarray:
+def _affinity_logit(
+    config: synth.SynthConfig,
+    rows: dict,
+    affinity: np.ndarray,
+    by_events: bool,
+    half_life: float,
+    scale: float,
+    saturation: float,
+    key: int,
+    count_effect: float,
+    threshold: int,
+) -> np.ndarray:
     """(n,) label logit of ``"affinity"`` ``rows`` under a campaign's parameters (before noise and bias)."""
     seq, types, n = rows["seq"], rows["types"], len(rows["lengths"])
 
@@ -229,8 +249,9 @@ def generate_interaction(config: synth.SynthConfig, index: int, fresh_rows: int 
     return _table(index, rows["lengths"], rows["types"], rows["features"], _labels(rng, logit, bias))
 
 
-def _interaction_rows(config: synth.SynthConfig, rng: np.random.Generator, n: int,
-                      cdf: np.ndarray) -> dict[str, np.ndarray]:
+def _interaction_rows(
+    config: synth.SynthConfig, rng: np.random.Generator, n: int, cdf: np.ndarray
+) -> dict[str, np.ndarray]:
     """``n`` sequences of an ``"interaction"`` campaign (event types drawn by ``cdf``) from ``rng``."""
     lengths = np.clip(np.round(np.exp(rng.normal(math.log(60), 0.6, size=n))), 20, 200).astype(np.int64)  # (n,)
     seq, starts, position, last = _layout(lengths)
@@ -245,13 +266,28 @@ def _interaction_rows(config: synth.SynthConfig, rng: np.random.Generator, n: in
         [np.sin(2 * np.pi * hour / 24), np.cos(2 * np.pi * hour / 24), x, np.log1p(gaps) / 5, position / 100.0],
         config.num_features,
     )  # (E, F)
-    return {"lengths": lengths, "seq": seq, "starts": starts, "types": types, "features": features, "hour": hour,
-            "x": x}
+    return {
+        "lengths": lengths,
+        "seq": seq,
+        "starts": starts,
+        "types": types,
+        "features": features,
+        "hour": hour,
+        "x": x,
+    }
 
 
-def _interaction_logit(config: synth.SynthConfig, rows: dict, phase: float, type_value: np.ndarray, position: int,
-                       type_weight: float, x_weight: float, interaction_weight: float,
-                       average_weight: float) -> np.ndarray:
+def _interaction_logit(
+    config: synth.SynthConfig,
+    rows: dict,
+    phase: float,
+    type_value: np.ndarray,
+    position: int,
+    type_weight: float,
+    x_weight: float,
+    interaction_weight: float,
+    average_weight: float,
+) -> np.ndarray:
     """(n,) label logit of ``"interaction"`` ``rows`` under a campaign's parameters (before noise and bias)."""
     seq, types, x, lengths = rows["seq"], rows["types"], rows["x"], rows["lengths"]
     n = len(lengths)

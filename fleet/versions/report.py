@@ -27,8 +27,22 @@ MAX_PROBLEM_ROWS = 200
 #: The stages whose seconds the manifest's metrics hold (``stage_seconds_<stage>``), in pipeline order.
 STAGES = ("soft_labels", "backbone", "heads")
 #: Heads columns the report reads (docs/storage.md).
-HEAD_COLUMNS = ("campaign_id", "bits", "shape", "status", "n_train", "n_holdout", "teacher_auc", "student_auc",
-                "mean_abs_diff", "agreement", "kl", "mean_ratio", "student_ece", "teacher_ece")
+HEAD_COLUMNS = (
+    "campaign_id",
+    "bits",
+    "shape",
+    "status",
+    "n_train",
+    "n_holdout",
+    "teacher_auc",
+    "student_auc",
+    "mean_abs_diff",
+    "agreement",
+    "kl",
+    "mean_ratio",
+    "student_ece",
+    "teacher_ece",
+)
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }
@@ -60,12 +74,18 @@ def _num(value: Any, spec: str = ".4f") -> str:
     return format(int(number), ",") if spec == "int" else format(number, spec)
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[bool] = (), caption: str = "") -> str:
+def _table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[bool] = (), caption: str = ""
+) -> str:
     """An HTML table; cells are already escaped HTML; ``numeric[i]`` right-aligns column ``i``."""
     numeric = list(numeric) + [False] * (len(headers) - len(numeric))
     head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f'<td class="num">{c}</td>' if numeric[i] else f"<td>{c}</td>"
-                                    for i, c in enumerate(row)) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>"
+        + "".join(f'<td class="num">{c}</td>' if numeric[i] else f"<td>{c}</td>" for i, c in enumerate(row))
+        + "</tr>"
+        for row in rows
+    )
     cap = f"<caption>{_esc(caption)}</caption>" if caption else ""
     return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -84,8 +104,7 @@ def _floats(values: Sequence[Any]) -> list[float]:
     return [float("nan") if v is None else float(v) for v in values]
 
 
-def _summary(fleet: str, version_id: str, created_at: str | None, metrics: dict, lineage: dict,
-             config: dict) -> str:
+def _summary(fleet: str, version_id: str, created_at: str | None, metrics: dict, lineage: dict, config: dict) -> str:
     m = metrics
     rows = [
         ("fleet / version", f"{_esc(fleet)} / {_esc(version_id)}"),
@@ -94,21 +113,34 @@ def _summary(fleet: str, version_id: str, created_at: str | None, metrics: dict,
         ("backbone", "retrained" if lineage.get("retrain_backbone", True) else "kept from the parent"),
         ("heads codec / bits setting", f"{_esc(config.get('codec', 'packed'))} / {_esc(config.get('bits', 'n/a'))}"),
         ("campaigns", _num(m.get("campaigns"), "int")),
-        ("heads fitted / reused / quarantined", " / ".join(_num(m.get(k), "int") for k in
-                                                           ("campaigns_ok", "campaigns_reused", "campaigns_quarantined"))),
-        ("head status ok / capacity / fallback", " / ".join(_num(m.get(f"campaigns_status_{k}"), "int") for k in
-                                                            ("ok", "capacity", "fallback"))),
-        ("heads bytes (per campaign)", f"{_num(m.get('heads_bytes'), 'int')} ({_num(m.get('bytes_per_campaign'), '.1f')} B)"),
+        (
+            "heads fitted / reused / quarantined",
+            " / ".join(_num(m.get(k), "int") for k in ("campaigns_ok", "campaigns_reused", "campaigns_quarantined")),
+        ),
+        (
+            "head status ok / capacity / fallback",
+            " / ".join(_num(m.get(f"campaigns_status_{k}"), "int") for k in ("ok", "capacity", "fallback")),
+        ),
+        (
+            "heads bytes (per campaign)",
+            f"{_num(m.get('heads_bytes'), 'int')} ({_num(m.get('bytes_per_campaign'), '.1f')} B)",
+        ),
         ("backbone bytes", _num(m.get("backbone_bytes"), "int")),
         ("compression ratio vs the teachers", f"{_num(m.get('compression_ratio'), ',.0f')}x"),
         ("mean bits per head", _num(m.get("bits_mean"), ".2f")),
-        ("AUC diff student - teacher: median / p10",
-         f"{_num(m.get('fidelity_auc_diff_median'), '+.4f')} / {_num(m.get('fidelity_auc_diff_p10'), '+.4f')}"),
+        (
+            "AUC diff student - teacher: median / p10",
+            f"{_num(m.get('fidelity_auc_diff_median'), '+.4f')} / {_num(m.get('fidelity_auc_diff_p10'), '+.4f')}",
+        ),
         ("campaigns without a hold-out AUC", _num(m.get("fidelity_campaigns_without_auc"), "int")),
-        ("mean |p_student - p_teacher|: median / p90",
-         f"{_num(m.get('fidelity_mean_abs_diff_median'))} / {_num(m.get('fidelity_mean_abs_diff_p90'))}"),
-        ("KL(teacher || student), nats: median / p90",
-         f"{_num(m.get('fidelity_kl_median'), '.5f')} / {_num(m.get('fidelity_kl_p90'), '.5f')}"),
+        (
+            "mean |p_student - p_teacher|: median / p90",
+            f"{_num(m.get('fidelity_mean_abs_diff_median'))} / {_num(m.get('fidelity_mean_abs_diff_p90'))}",
+        ),
+        (
+            "KL(teacher || student), nats: median / p90",
+            f"{_num(m.get('fidelity_kl_median'), '.5f')} / {_num(m.get('fidelity_kl_p90'), '.5f')}",
+        ),
         ("share with mean p within 10% of the teacher's", _num(m.get("fidelity_mean_ratio_within_10pct_share"), ".1%")),
         ("run time (stages 1-3)", f"{_num(m.get('run_seconds'), '.1f')} s"),
     ]
@@ -119,21 +151,40 @@ def _gate(gate, gate_note: str) -> str:
     if gate is None:
         return f'<p class="note">{_esc(gate_note or "no quality gate evaluated")}</p>'
     verdict = '<span class="pass">passed</span>' if gate.passed else '<span class="fail">failed</span>'
-    parts = [f"<p>Quality gate: {verdict}. <span class=\"note\">{_esc(gate_note)}</span></p>"]
+    parts = [f'<p>Quality gate: {verdict}. <span class="note">{_esc(gate_note)}</span></p>']
     if gate.checks:
-        rows = [(_esc(c["check"]), _num(c["value"], ".4g"), _num(c["bound"], ".4g"),
-                 '<span class="pass">pass</span>' if c["passed"] else '<span class="fail">fail</span>')
-                for c in gate.checks]
+        rows = [
+            (
+                _esc(c["check"]),
+                _num(c["value"], ".4g"),
+                _num(c["bound"], ".4g"),
+                '<span class="pass">pass</span>' if c["passed"] else '<span class="fail">fail</span>',
+            )
+            for c in gate.checks
+        ]
         parts.append(_table(["check", "value", "bound", "result"], rows, numeric=[False, True, True, False]))
     if gate.reasons:
         parts.append("<p>Failed:</p><ul>" + "".join(f"<li>{_esc(r)}</li>" for r in gate.reasons) + "</ul>")
     if gate.notes:
-        parts.append("<ul class=\"note\">" + "".join(f"<li>{_esc(n)}</li>" for n in gate.notes) + "</ul>")
+        parts.append('<ul class="note">' + "".join(f"<li>{_esc(n)}</li>" for n in gate.notes) + "</ul>")
     return "".join(parts)
 
 
-_FIDELITY_HEADERS = ["campaign", "train rows", "hold-out rows", "bits", "params", "status", "teacher AUC",
-                     "student AUC", "mean |Δp|", "agreement", "KL", "mean ratio", "ECE student / teacher"]
+_FIDELITY_HEADERS = [
+    "campaign",
+    "train rows",
+    "hold-out rows",
+    "bits",
+    "params",
+    "status",
+    "teacher AUC",
+    "student AUC",
+    "mean |Δp|",
+    "agreement",
+    "KL",
+    "mean ratio",
+    "ECE student / teacher",
+]
 _FIDELITY_NUMERIC = [False, True, True, True, True, False, True, True, True, True, True, True, True]
 
 
@@ -142,13 +193,23 @@ def _fidelity_rows(heads, indices: Sequence[int]) -> list[tuple[str, ...]]:
     rows = []
     for i in indices:
         shape = cols["shape"][i] or []
-        rows.append((
-            _esc(cols["campaign_id"][i]), _num(cols["n_train"][i], "int"), _num(cols["n_holdout"][i], "int"),
-            _num(cols["bits"][i], "int"), _num(math.prod(shape) if shape else None, "int"), _esc(cols["status"][i]),
-            _num(cols["teacher_auc"][i]), _num(cols["student_auc"][i]), _num(cols["mean_abs_diff"][i]),
-            _num(cols["agreement"][i], ".3f"), _num(cols["kl"][i], ".5f"), _num(cols["mean_ratio"][i], ".3f"),
-            f"{_num(cols['student_ece'][i])} / {_num(cols['teacher_ece'][i])}",
-        ))
+        rows.append(
+            (
+                _esc(cols["campaign_id"][i]),
+                _num(cols["n_train"][i], "int"),
+                _num(cols["n_holdout"][i], "int"),
+                _num(cols["bits"][i], "int"),
+                _num(math.prod(shape) if shape else None, "int"),
+                _esc(cols["status"][i]),
+                _num(cols["teacher_auc"][i]),
+                _num(cols["student_auc"][i]),
+                _num(cols["mean_abs_diff"][i]),
+                _num(cols["agreement"][i], ".3f"),
+                _num(cols["kl"][i], ".5f"),
+                _num(cols["mean_ratio"][i], ".3f"),
+                f"{_num(cols['student_ece'][i])} / {_num(cols['teacher_ece'][i])}",
+            )
+        )
     return rows
 
 
@@ -158,8 +219,12 @@ def _largest(heads) -> str:
     order = sorted(range(heads.num_rows), key=lambda i: (-(sizes[i] or 0), ids[i]))[:TOP_CAMPAIGNS]
     if not order:
         return '<p class="note">no heads</p>'
-    return _table(_FIDELITY_HEADERS, _fidelity_rows(heads, order), _FIDELITY_NUMERIC,
-                  caption=f"the {len(order)} largest of {heads.num_rows} campaigns by training rows")
+    return _table(
+        _FIDELITY_HEADERS,
+        _fidelity_rows(heads, order),
+        _FIDELITY_NUMERIC,
+        caption=f"the {len(order)} largest of {heads.num_rows} campaigns by training rows",
+    )
 
 
 def _more(total: int) -> str:
@@ -170,16 +235,27 @@ def _problems(heads, rejects: Sequence[dict]) -> str:
     parts = []
     if rejects:
         rows = [(_esc(r["campaign_id"]), _esc(r["stage"]), _esc(r["reason"])) for r in rejects[:MAX_PROBLEM_ROWS]]
-        parts.append(_table(["campaign", "stage", "reason"], rows,
-                            caption=f"{len(rejects)} quarantined campaigns (no head in this version)"))
+        parts.append(
+            _table(
+                ["campaign", "stage", "reason"],
+                rows,
+                caption=f"{len(rejects)} quarantined campaigns (no head in this version)",
+            )
+        )
         parts.append(_more(len(rejects)))
     else:
         parts.append('<p class="note">No campaign was quarantined.</p>')
     statuses = _column(heads, "status")
     fallback = [i for i, s in enumerate(statuses) if s == "fallback"]
     if fallback:
-        parts.append(_table(_FIDELITY_HEADERS, _fidelity_rows(heads, fallback[:MAX_PROBLEM_ROWS]), _FIDELITY_NUMERIC,
-                            caption=f"{len(fallback)} fallback heads (stored, but failing the per-campaign gate)"))
+        parts.append(
+            _table(
+                _FIDELITY_HEADERS,
+                _fidelity_rows(heads, fallback[:MAX_PROBLEM_ROWS]),
+                _FIDELITY_NUMERIC,
+                caption=f"{len(fallback)} fallback heads (stored, but failing the per-campaign gate)",
+            )
+        )
         parts.append(_more(len(fallback)))
     else:
         parts.append('<p class="note">No head is a fallback.</p>')
@@ -190,24 +266,40 @@ def _plots(heads, metrics: dict) -> str:
     from fleet.core import plots
 
     n_train = _floats(_column(heads, "n_train"))
-    figures = [(plots.mean_abs_diff_vs_size(n_train, _floats(_column(heads, "mean_abs_diff"))),
-                "fidelity: mean |p_student - p_teacher| vs training rows")]
+    figures = [
+        (
+            plots.mean_abs_diff_vs_size(n_train, _floats(_column(heads, "mean_abs_diff"))),
+            "fidelity: mean |p_student - p_teacher| vs training rows",
+        )
+    ]
     student, teacher = _column(heads, "student_auc"), _column(heads, "teacher_auc")
     auc_diff = [float("nan") if s is None or t is None else s - t for s, t in zip(student, teacher)]
     if any(math.isfinite(d) for d in auc_diff):  # drawn only when there is something to draw
         figures.append((plots.fidelity_vs_size(n_train, auc_diff), "fidelity: AUC diff vs training rows"))
     figures += [
         (plots.bits_histogram(_column(heads, "bits")), "bits histogram"),
-        (plots.calibration_vs_size(n_train, _floats(_column(heads, "mean_ratio"))),
-         "calibration: mean p_student / mean p_teacher"),
+        (
+            plots.calibration_vs_size(n_train, _floats(_column(heads, "mean_ratio"))),
+            "calibration: mean p_student / mean p_teacher",
+        ),
         (plots.stage_times({s: metrics.get(f"stage_seconds_{s}") for s in STAGES}), "stage times"),
     ]
     return '<div class="plots">' + "".join(_img(png, alt) for png, alt in figures) + "</div>"
 
 
-def render_report(*, fleet: str, version_id: str, heads, rejects: Sequence[dict], metrics: dict,
-                  config: dict | None = None, lineage: dict | None = None, created_at: str | None = None,
-                  gate=None, gate_note: str = "") -> str:
+def render_report(
+    *,
+    fleet: str,
+    version_id: str,
+    heads,
+    rejects: Sequence[dict],
+    metrics: dict,
+    config: dict | None = None,
+    lineage: dict | None = None,
+    created_at: str | None = None,
+    gate=None,
+    gate_note: str = "",
+) -> str:
     """The run report of one fleet version as one HTML page (a ``str``; UTF-8 when stored).
 
     Args:
@@ -220,27 +312,40 @@ def render_report(*, fleet: str, version_id: str, heads, rejects: Sequence[dict]
     """
     config, lineage = config or {}, lineage or {}
     title = f"fleet {fleet} version {version_id}"
-    finalize = ("Stage times cover stages 1-3; finalize (writing this version, registering it) is in the "
-                "MLflow run's metric stage_seconds_finalize.")
+    finalize = (
+        "Stage times cover stages 1-3; finalize (writing this version, registering it) is in the "
+        "MLflow run's metric stage_seconds_finalize."
+    )
     body = [
         f"<h1>{_esc(title)}</h1>",
-        ('<p class="note">Run report of one fleet version (docs/operations.md, "Run report"). Every figure is '
-         "per campaign on its hold-out rows, student (shared backbone + this quantized head) against its teacher; "
-         "n/a: not defined for this campaign or fleet.</p>"),
-        "<h2>Summary</h2>", _summary(fleet, version_id, created_at, metrics, lineage, config),
-        "<h2>Quality gate</h2>", _gate(gate, gate_note),
-        "<h2>Largest campaigns</h2>", _largest(heads),
-        "<h2>Quarantined campaigns and fallback heads</h2>", _problems(heads, list(rejects)),
-        "<h2>Plots</h2>", _plots(heads, metrics), f'<p class="note">{_esc(finalize)}</p>',
+        (
+            '<p class="note">Run report of one fleet version (docs/operations.md, "Run report"). Every figure is '
+            "per campaign on its hold-out rows, student (shared backbone + this quantized head) against its teacher; "
+            "n/a: not defined for this campaign or fleet.</p>"
+        ),
+        "<h2>Summary</h2>",
+        _summary(fleet, version_id, created_at, metrics, lineage, config),
+        "<h2>Quality gate</h2>",
+        _gate(gate, gate_note),
+        "<h2>Largest campaigns</h2>",
+        _largest(heads),
+        "<h2>Quarantined campaigns and fallback heads</h2>",
+        _problems(heads, list(rejects)),
+        "<h2>Plots</h2>",
+        _plots(heads, metrics),
+        f'<p class="note">{_esc(finalize)}</p>',
     ]
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            '<link rel="icon" href="data:,">'  # no favicon request: the page loads nothing
-            f"<title>{_esc(title)}</title><style>{_CSS}</style></head>\n<body>\n"
-            + "\n".join(body) + "\n</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        '<link rel="icon" href="data:,">'  # no favicon request: the page loads nothing
+        f"<title>{_esc(title)}</title><style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
-def version_report(uri: str, *, tracking_uri: str | None = None, storage_options: dict | None = None) -> tuple[str, str]:
+def version_report(
+    uri: str, *, tracking_uri: str | None = None, storage_options: dict | None = None
+) -> tuple[str, str]:
     """``(html, version_id)``: the run report of an existing version, rendered again from its manifest, heads and
     rejects (every file read is checked against the manifest). ``uri`` is ``models:/NAME@alias``,
     ``models:/NAME/N`` or a version directory / ``manifest.json`` URI.
@@ -273,16 +378,27 @@ def version_report(uri: str, *, tracking_uri: str | None = None, storage_options
         note = "not registered"
     if registered is not None and registered.gate is not None:
         gate = GateResult(registered.gate.passed, registered.gate.reasons, registered.gate.notes, checks.checks)
-        note = (f"The decision recorded in the registry for {registered.name} version {registered.version}"
-                f"{' (champion now)' if registered.champion else ''}; the checks are re-evaluated on the manifest's "
-                "metrics against the configured thresholds (a regression from the champion of the time is among the "
-                "recorded reasons only).")
+        note = (
+            f"The decision recorded in the registry for {registered.name} version {registered.version}"
+            f"{' (champion now)' if registered.champion else ''}; the checks are re-evaluated on the manifest's "
+            "metrics against the configured thresholds (a regression from the champion of the time is among the "
+            "recorded reasons only)."
+        )
     else:
         gate = checks
         note = f"{note}: the configured thresholds checked on the manifest's metrics, without a champion comparison."
-    page = render_report(fleet=manifest["fleet"], version_id=version.version_id, heads=heads, rejects=rejects,
-                         metrics=manifest.get("metrics") or {}, config=config, lineage=manifest.get("lineage") or {},
-                         created_at=manifest.get("created_at"), gate=gate, gate_note=note)
+    page = render_report(
+        fleet=manifest["fleet"],
+        version_id=version.version_id,
+        heads=heads,
+        rejects=rejects,
+        metrics=manifest.get("metrics") or {},
+        config=config,
+        lineage=manifest.get("lineage") or {},
+        created_at=manifest.get("created_at"),
+        gate=gate,
+        gate_note=note,
+    )
     return page, version.version_id
 
 

@@ -156,9 +156,17 @@ def _rollback_target(history: list[dict], rows: list[dict]) -> str | None:
     return stack[-1] if stack and stack[-1] != champion else None
 
 
-def plan_gc(store_uri: str, fleet: str, *, tracking_uri: str | None = None, storage_options: dict | None = None,
-            keep_last: int = DEFAULT_KEEP_LAST, grace_hours: float = DEFAULT_GRACE_HOURS, registry: bool = True,
-            now: datetime | None = None) -> GcPlan:
+def plan_gc(
+    store_uri: str,
+    fleet: str,
+    *,
+    tracking_uri: str | None = None,
+    storage_options: dict | None = None,
+    keep_last: int = DEFAULT_KEEP_LAST,
+    grace_hours: float = DEFAULT_GRACE_HOURS,
+    registry: bool = True,
+    now: datetime | None = None,
+) -> GcPlan:
     """Decide what ``fleet gc`` deletes in ``<store_uri>/<fleet>/`` (module docstring); deletes nothing.
 
     ``registry=False``: no registry is read (a store written with ``--no-register``), so no alias protects a
@@ -184,7 +192,7 @@ def plan_gc(store_uri: str, fleet: str, *, tracking_uri: str | None = None, stor
     tree: dict[tuple[str, str], dict[str, dict]] = {}
     base = root.rstrip("/") + "/"
     for path, info in listing.items():
-        rel = path[len(base):] if path.startswith(base) else None
+        rel = path[len(base) :] if path.startswith(base) else None
         parts = rel.split("/") if rel else []
         if len(parts) >= 3 and parts[0] in ("versions", "runs"):
             tree.setdefault((parts[0], parts[1]), {})["/".join(parts[2:])] = info
@@ -219,7 +227,7 @@ def plan_gc(store_uri: str, fleet: str, *, tracking_uri: str | None = None, stor
         committed.append((str(created or ""), vid, _parse_time(created)))
     committed.sort()
     committed_ids = {vid for _, vid, _ in committed}
-    newest_ids = {vid for _, vid, _ in committed[len(committed) - keep_last:]} if keep_last else set()
+    newest_ids = {vid for _, vid, _ in committed[len(committed) - keep_last :]} if keep_last else set()
 
     runs = {rid for kind, rid in tree if kind == "runs"}
     unfinished = sorted(runs - committed_ids)
@@ -260,26 +268,57 @@ def plan_gc(store_uri: str, fleet: str, *, tracking_uri: str | None = None, stor
         delete = not why
         if delete:
             why.append(f"no alias, not among the {keep_last} newest, older than the grace period")
-        items.append(Item(VERSION, vid, join_uri(root_uri, "versions", vid), delete, why, created_text or None,
-                          age, size(files), [r["version"] for r in mvs], aliases))
+        items.append(
+            Item(
+                VERSION,
+                vid,
+                join_uri(root_uri, "versions", vid),
+                delete,
+                why,
+                created_text or None,
+                age,
+                size(files),
+                [r["version"] for r in mvs],
+                aliases,
+            )
+        )
 
     for rid in sorted(runs):
         files = tree[("runs", rid)]
         uri = join_uri(root_uri, "runs", rid)
         if rid not in committed_ids:
-            items.append(Item(RUN, rid, uri, False, [f"unfinished (resume: fleet compress --run-id {rid})"],
-                              age_hours=_hours(now, newest(files)), bytes=size(files)))
+            items.append(
+                Item(
+                    RUN,
+                    rid,
+                    uri,
+                    False,
+                    [f"unfinished (resume: fleet compress --run-id {rid})"],
+                    age_hours=_hours(now, newest(files)),
+                    bytes=size(files),
+                )
+            )
             continue
         version = next(i for i in items if i.kind == VERSION and i.id == rid)
         ages = [t for t in (version.age_hours, _hours(now, newest(files))) if t is not None]
         last = min(ages) if ages else None  # since the later of the commit and the run's newest file
         if last is not None and last >= grace_hours:
-            items.append(Item(RUN, rid, uri, True, ["finished (version committed), older than the grace period"],
-                              age_hours=last, bytes=size(files)))
+            items.append(
+                Item(
+                    RUN,
+                    rid,
+                    uri,
+                    True,
+                    ["finished (version committed), older than the grace period"],
+                    age_hours=last,
+                    bytes=size(files),
+                )
+            )
         else:
             age_text = "unknown" if last is None else f"{last:.1f} h ago"
-            items.append(Item(RUN, rid, uri, False, [f"finished {age_text} ({grace})"], age_hours=last,
-                              bytes=size(files)))
+            items.append(
+                Item(RUN, rid, uri, False, [f"finished {age_text} ({grace})"], age_hours=last, bytes=size(files))
+            )
 
     for (kind, vid), files in sorted(tree.items()):
         if kind != "versions" or vid in committed_ids:
@@ -287,15 +326,23 @@ def plan_gc(store_uri: str, fleet: str, *, tracking_uri: str | None = None, stor
         age = _hours(now, newest(files))
         uri = join_uri(root_uri, "versions", vid)
         if vid in unfinished:
-            items.append(Item(INCOMPLETE, vid, uri, False, [f"no manifest; its run {vid} is unfinished"],
-                              age_hours=age, bytes=size(files)))
+            items.append(
+                Item(
+                    INCOMPLETE,
+                    vid,
+                    uri,
+                    False,
+                    [f"no manifest; its run {vid} is unfinished"],
+                    age_hours=age,
+                    bytes=size(files),
+                )
+            )
         elif age is None or age < grace_hours:
             why = f"no manifest, written {_fmt_age(age)} ({grace}): may be a write in progress"
             items.append(Item(INCOMPLETE, vid, uri, False, [why], age_hours=age, bytes=size(files)))
         else:
             why = "no manifest (a crashed write or an interrupted gc), older than the grace period"
-            items.append(Item(INCOMPLETE, vid, uri, True, [why], age_hours=age,
-                              bytes=size(files)))
+            items.append(Item(INCOMPLETE, vid, uri, True, [why], age_hours=age, bytes=size(files)))
 
     prefix = join_uri(root_uri, "versions") + "/"
     for vid, mvs in sorted(registered.items()):
@@ -308,14 +355,31 @@ def plan_gc(store_uri: str, fleet: str, *, tracking_uri: str | None = None, stor
             if not here:
                 why, delete = [f"its manifest is elsewhere ({row.get('manifest_uri')}): left alone"], False
             elif aliases:
-                why, delete = ["its manifest is missing from this store, but it holds alias "
-                               + ", ".join(f"@{a}" for a in aliases)], False
+                why, delete = (
+                    [
+                        "its manifest is missing from this store, but it holds alias "
+                        + ", ".join(f"@{a}" for a in aliases)
+                    ],
+                    False,
+                )
             elif age is not None and age < grace_hours:
                 why, delete = [f"its manifest is missing; registered {age:.1f} h ago ({grace})"], False
             else:
                 why, delete = ["its manifest is missing from this store (deleted by hand, or an interrupted gc)"], True
-            items.append(Item(MODEL_VERSION, vid, row.get("manifest_uri") or "", delete, why, row.get("created"),
-                              age, 0, [row["version"]], aliases))
+            items.append(
+                Item(
+                    MODEL_VERSION,
+                    vid,
+                    row.get("manifest_uri") or "",
+                    delete,
+                    why,
+                    row.get("created"),
+                    age,
+                    0,
+                    [row["version"]],
+                    aliases,
+                )
+            )
     return GcPlan(store_uri, fleet, tracking_uri, storage_options, registry, keep_last, grace_hours, now, items, notes)
 
 
@@ -360,15 +424,27 @@ def plan_json(plan: GcPlan, *, applied: bool, failures: list[str] | None = None)
     from fleet.storage.store import json_safe
 
     gone = plan.deletions
-    return json_safe({
-        "store": scrub(plan.store_uri), "fleet": plan.fleet, "keep_last": plan.keep_last,
-        "grace_hours": plan.grace_hours, "registry": plan.registry, "now": plan.now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "dry_run": not applied, "notes": plan.notes, "failures": failures or [],
-        "items": [{**asdict(i), "uri": scrub(i.uri)} for i in plan.items],
-        "delete": {"versions": sum(i.kind == VERSION for i in gone), "runs": sum(i.kind == RUN for i in gone),
-                   "incomplete_versions": sum(i.kind == INCOMPLETE for i in gone),
-                   "model_versions": sum(len(i.model_versions) for i in gone), "bytes": sum(i.bytes for i in gone)},
-    })
+    return json_safe(
+        {
+            "store": scrub(plan.store_uri),
+            "fleet": plan.fleet,
+            "keep_last": plan.keep_last,
+            "grace_hours": plan.grace_hours,
+            "registry": plan.registry,
+            "now": plan.now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "dry_run": not applied,
+            "notes": plan.notes,
+            "failures": failures or [],
+            "items": [{**asdict(i), "uri": scrub(i.uri)} for i in plan.items],
+            "delete": {
+                "versions": sum(i.kind == VERSION for i in gone),
+                "runs": sum(i.kind == RUN for i in gone),
+                "incomplete_versions": sum(i.kind == INCOMPLETE for i in gone),
+                "model_versions": sum(len(i.model_versions) for i in gone),
+                "bytes": sum(i.bytes for i in gone),
+            },
+        }
+    )
 
 
 def plan_tables(plan: GcPlan, *, applied: bool) -> list:
@@ -379,9 +455,11 @@ def plan_tables(plan: GcPlan, *, applied: bool) -> list:
     from fleet.core.redact import scrub
 
     verb = "deleted" if applied else "would delete"
-    table = Table(title=f"fleet gc {plan.fleet} in {scrub(plan.store_uri)}: keep the {plan.keep_last} newest, "
-                        f"grace {plan.grace_hours:g} h{'' if plan.registry else ', no registry'}"
-                        f"{'' if applied else ' (dry run)'}")
+    table = Table(
+        title=f"fleet gc {plan.fleet} in {scrub(plan.store_uri)}: keep the {plan.keep_last} newest, "
+        f"grace {plan.grace_hours:g} h{'' if plan.registry else ', no registry'}"
+        f"{'' if applied else ' (dry run)'}"
+    )
     for column in ("kind", "id", "mv", "age", "action"):
         table.add_column(column, no_wrap=True, justify="right" if column == "age" else "left")
     table.add_column("why (sizes: --json)", ratio=1)
@@ -392,13 +470,24 @@ def plan_tables(plan: GcPlan, *, applied: bool) -> list:
         age = "" if hours is None else f"{hours / 24:.1f} d" if hours >= 48 else f"{hours:.1f} h"
         table.add_row(labels[i.kind], i.id, ", ".join(i.model_versions), age, action, "; ".join(i.why))
     gone = plan.deletions
-    counts = (f"{sum(i.kind == VERSION for i in gone)} version(s), {sum(i.kind == RUN for i in gone)} run work "
-              f"dir(s), {sum(i.kind == INCOMPLETE for i in gone)} incomplete version dir(s), "
-              f"{sum(len(i.model_versions) for i in gone)} model version(s)")
+    counts = (
+        f"{sum(i.kind == VERSION for i in gone)} version(s), {sum(i.kind == RUN for i in gone)} run work "
+        f"dir(s), {sum(i.kind == INCOMPLETE for i in gone)} incomplete version dir(s), "
+        f"{sum(len(i.model_versions) for i in gone)} model version(s)"
+    )
     table.caption = f"{verb}: {counts}, {decimal(sum(i.bytes for i in gone))}; mv = MLflow model version" + "".join(
-        f"; note: {n}" for n in plan.notes)
+        f"; note: {n}" for n in plan.notes
+    )
     return [table]
 
 
-__all__ = ["DEFAULT_GRACE_HOURS", "DEFAULT_KEEP_LAST", "GcPlan", "Item", "apply_plan", "plan_gc", "plan_json",
-           "plan_tables"]
+__all__ = [
+    "DEFAULT_GRACE_HOURS",
+    "DEFAULT_KEEP_LAST",
+    "GcPlan",
+    "Item",
+    "apply_plan",
+    "plan_gc",
+    "plan_json",
+    "plan_tables",
+]

@@ -76,8 +76,13 @@ def _stats(values) -> dict:
     x = _finite(values)
     if not len(x):
         return {"median": None, "p10": None, "p90": None, "mean": None, "n": 0}
-    return {"median": float(np.median(x)), "p10": float(np.percentile(x, 10)), "p90": float(np.percentile(x, 90)),
-            "mean": float(x.mean()), "n": len(x)}
+    return {
+        "median": float(np.median(x)),
+        "p10": float(np.percentile(x, 10)),
+        "p90": float(np.percentile(x, 90)),
+        "mean": float(x.mean()),
+        "n": len(x),
+    }
 
 
 def _metric(table, name: str):
@@ -126,21 +131,39 @@ def _sizes(version) -> dict:
     files = version.manifest.get("files", [])
     heads = sum(f["bytes"] for f in files if f["path"].startswith("heads/"))
     count = version.manifest.get("campaigns", {}).get("count", 0)
-    return {"bytes": sum(f["bytes"] for f in files), "heads_bytes": heads,
-            "backbone_bytes": sum(f["bytes"] for f in files if f["path"] == "backbone.safetensors"),
-            "bytes_per_campaign": heads / count if count else None, "campaigns": count}
+    return {
+        "bytes": sum(f["bytes"] for f in files),
+        "heads_bytes": heads,
+        "backbone_bytes": sum(f["bytes"] for f in files if f["path"] == "backbone.safetensors"),
+        "bytes_per_campaign": heads / count if count else None,
+        "campaigns": count,
+    }
 
 
 def _side(uri: str, version, found: dict | None, sizes: dict) -> dict:
     m = version.manifest
-    return {"uri": uri, "manifest_uri": version.manifest_uri, "version_id": version.version_id,
-            "fleet": m.get("fleet"), "created_at": m.get("created_at"),
-            "model_version": found["version"] if found else None, "alias": found["alias"] if found else None,
-            "parent_version": m.get("lineage", {}).get("parent_version"), "campaigns": sizes["campaigns"]}
+    return {
+        "uri": uri,
+        "manifest_uri": version.manifest_uri,
+        "version_id": version.version_id,
+        "fleet": m.get("fleet"),
+        "created_at": m.get("created_at"),
+        "model_version": found["version"] if found else None,
+        "alias": found["alias"] if found else None,
+        "parent_version": m.get("lineage", {}).get("parent_version"),
+        "campaigns": sizes["campaigns"],
+    }
 
 
-def diff_versions(a: str, b: str, *, tracking_uri: str | None = None, storage_options: dict | None = None,
-                  max_ids: int | None = 20, top: int = 5) -> dict:
+def diff_versions(
+    a: str,
+    b: str,
+    *,
+    tracking_uri: str | None = None,
+    storage_options: dict | None = None,
+    max_ids: int | None = 20,
+    top: int = 5,
+) -> dict:
     """What changed from version ``a`` to version ``b`` (URIs as ``fleet inspect`` takes them; module
     docstring): a JSON-ready dict with ``a`` / ``b`` (each version's id, model version, alias, created_at,
     parent, campaigns), ``campaigns`` (counts of ``added``, ``removed``, ``refit``, ``unchanged``, the refit
@@ -186,29 +209,50 @@ def diff_versions(a: str, b: str, *, tracking_uri: str | None = None, storage_op
     data_same = _same(ca["data_fingerprint"], cb["data_fingerprint"])
     unchanged = head_same & teacher_same & data_same
     refit = ~unchanged
-    split = {"refit_teacher_changed": refit & ~teacher_same,
-             "refit_data_changed": refit & teacher_same & ~data_same,
-             "refit_same_inputs": refit & teacher_same & data_same}
+    split = {
+        "refit_teacher_changed": refit & ~teacher_same,
+        "refit_data_changed": refit & teacher_same & ~data_same,
+        "refit_same_inputs": refit & teacher_same & data_same,
+    }
 
     def ids(values: list[str]) -> list[str]:
         return values if max_ids is None else values[:max_ids]
 
-    picked = {name: [c for c, keep in zip(common, mask) if keep] for name, mask in
-              (("refit", refit), ("unchanged", unchanged), *split.items())}
-    campaigns = {"added": len(added), "removed": len(removed), "refit": int(refit.sum()),
-                 "unchanged": int(unchanged.sum()), **{k: int(v.sum()) for k, v in split.items()},
-                 "ids": {"added": ids(added), "removed": ids(removed), **{k: ids(v) for k, v in picked.items()}}}
+    picked = {
+        name: [c for c, keep in zip(common, mask) if keep]
+        for name, mask in (("refit", refit), ("unchanged", unchanged), *split.items())
+    }
+    campaigns = {
+        "added": len(added),
+        "removed": len(removed),
+        "refit": int(refit.sum()),
+        "unchanged": int(unchanged.sum()),
+        **{k: int(v.sum()) for k, v in split.items()},
+        "ids": {"added": ids(added), "removed": ids(removed), **{k: ids(v) for k, v in picked.items()}},
+    }
 
     fidelity = {}
     for name, higher in FIDELITY.items():
         delta = _metric(cb, name) - _metric(ca, name)
-        fidelity[name] = {"a": _stats(_metric(ha, name)), "b": _stats(_metric(hb, name)), "delta": _stats(delta),
-                          "higher_is_better": higher}
+        fidelity[name] = {
+            "a": _stats(_metric(ha, name)),
+            "b": _stats(_metric(hb, name)),
+            "delta": _stats(delta),
+            "higher_is_better": higher,
+        }
     worst_metric = "kl" if fidelity["kl"]["delta"]["n"] else "mean_abs_diff"
     growth = _metric(cb, worst_metric) - _metric(ca, worst_metric)
     order = [i for i in np.argsort(-np.nan_to_num(growth, nan=-np.inf)) if np.isfinite(growth[i]) and growth[i] > 0]
-    most_worse = [{"campaign_id": common[i], "metric": worst_metric, "a": float(_metric(ca, worst_metric)[i]),
-                   "b": float(_metric(cb, worst_metric)[i]), "delta": float(growth[i])} for i in order[:top]]
+    most_worse = [
+        {
+            "campaign_id": common[i],
+            "metric": worst_metric,
+            "a": float(_metric(ca, worst_metric)[i]),
+            "b": float(_metric(cb, worst_metric)[i]),
+            "delta": float(growth[i]),
+        }
+        for i in order[:top]
+    ]
 
     def sha(version, path):
         return next((f["sha256"] for f in version.manifest["files"] if f["path"] == path), None)
@@ -218,24 +262,35 @@ def diff_versions(a: str, b: str, *, tracking_uri: str | None = None, storage_op
         x, y = sa.get(key), sb.get(key)
         size[key] = {"a": x, "b": y, "delta": None if x is None or y is None else y - x}
     config_a, config_b = dict(_flatten(va.manifest.get("config", {}))), dict(_flatten(vb.manifest.get("config", {})))
-    config_changes = {k: [config_a.get(k), config_b.get(k)] for k in sorted(set(config_a) | set(config_b))
-                      if config_a.get(k) != config_b.get(k)}
-    return json_safe({
-        "a": _side(a, va, found_a, sa),
-        "b": _side(b, vb, found_b, sb),
-        "same_version": va.manifest_sha256 == vb.manifest_sha256,
-        "b_parent_is_a": vb.manifest.get("lineage", {}).get("parent_version") == va.version_id,
-        "campaigns": campaigns,
-        "backbone_changed": sha(va, "backbone.safetensors") != sha(vb, "backbone.safetensors"),
-        "bits": {"a": _counts(ha["bits"].to_pylist()), "b": _counts(hb["bits"].to_pylist()),
-                 "moves": _moves(ca["bits"].to_pylist(), cb["bits"].to_pylist())},
-        "status": {"a": _counts(ha["status"].to_pylist()), "b": _counts(hb["status"].to_pylist()),
-                   "moves": _moves(ca["status"].to_pylist(), cb["status"].to_pylist())},
-        "fidelity": fidelity,
-        "most_worse": most_worse,
-        "size": size,
-        "config_changes": config_changes,
-    })
+    config_changes = {
+        k: [config_a.get(k), config_b.get(k)]
+        for k in sorted(set(config_a) | set(config_b))
+        if config_a.get(k) != config_b.get(k)
+    }
+    return json_safe(
+        {
+            "a": _side(a, va, found_a, sa),
+            "b": _side(b, vb, found_b, sb),
+            "same_version": va.manifest_sha256 == vb.manifest_sha256,
+            "b_parent_is_a": vb.manifest.get("lineage", {}).get("parent_version") == va.version_id,
+            "campaigns": campaigns,
+            "backbone_changed": sha(va, "backbone.safetensors") != sha(vb, "backbone.safetensors"),
+            "bits": {
+                "a": _counts(ha["bits"].to_pylist()),
+                "b": _counts(hb["bits"].to_pylist()),
+                "moves": _moves(ca["bits"].to_pylist(), cb["bits"].to_pylist()),
+            },
+            "status": {
+                "a": _counts(ha["status"].to_pylist()),
+                "b": _counts(hb["status"].to_pylist()),
+                "moves": _moves(ca["status"].to_pylist(), cb["status"].to_pylist()),
+            },
+            "fidelity": fidelity,
+            "most_worse": most_worse,
+            "size": size,
+            "config_changes": config_changes,
+        }
+    )
 
 
 # ----------------------------------------------------------------------------- tables
@@ -256,8 +311,11 @@ def diff_table(result: dict) -> list:
     a, b = result["a"], result["b"]
 
     def name(side):
-        reg = f" (model version {side['model_version']}{', @' + side['alias'] if side['alias'] else ''})" \
-            if side["model_version"] else ""
+        reg = (
+            f" (model version {side['model_version']}{', @' + side['alias'] if side['alias'] else ''})"
+            if side["model_version"]
+            else ""
+        )
         return f"{side['version_id']}{reg}"
 
     head = Table(title=f"fleet diff: A = {name(a)} -> B = {name(b)}")
@@ -266,8 +324,9 @@ def diff_table(result: dict) -> list:
     head.add_row("created", str(a["created_at"]), str(b["created_at"]))
     head.add_row("parent version", str(a["parent_version"]), str(b["parent_version"]))
     head.add_row("campaigns", f"{a['campaigns']:,}", f"{b['campaigns']:,}")
-    head.add_row("backbone", "", "changed (every head's predictions may change)" if result["backbone_changed"]
-                 else "same")
+    head.add_row(
+        "backbone", "", "changed (every head's predictions may change)" if result["backbone_changed"] else "same"
+    )
     tables = [head]
 
     c = result["campaigns"]
@@ -275,11 +334,15 @@ def diff_table(result: dict) -> list:
     camp.add_column("category")
     camp.add_column("count", justify="right")
     camp.add_column("campaign ids (first)")
-    for key, label in (("added", "added (only in B)"), ("removed", "removed (only in A)"),
-                       ("unchanged", "unchanged (same head, same inputs)"), ("refit", "refit"),
-                       ("refit_teacher_changed", "  refit: teacher changed"),
-                       ("refit_data_changed", "  refit: data changed"),
-                       ("refit_same_inputs", "  refit: same teacher and data")):
+    for key, label in (
+        ("added", "added (only in B)"),
+        ("removed", "removed (only in A)"),
+        ("unchanged", "unchanged (same head, same inputs)"),
+        ("refit", "refit"),
+        ("refit_teacher_changed", "  refit: teacher changed"),
+        ("refit_data_changed", "  refit: data changed"),
+        ("refit_same_inputs", "  refit: same teacher and data"),
+    ):
         shown = c["ids"][key][:5]
         more = c[key] - len(shown)
         camp.add_row(label, f"{c[key]:,}", ", ".join(shown) + (f" ... (+{more:,})" if more > 0 else ""))
@@ -306,9 +369,16 @@ def diff_table(result: dict) -> list:
     for column in ("figure", "better", "A median", "B median", "delta median", "delta p10", "delta p90", "paired"):
         fid.add_column(column, justify="left" if column in ("figure", "better") else "right")
     for key, f in result["fidelity"].items():
-        fid.add_row(key, "higher" if f["higher_is_better"] else "lower", _num(f["a"]["median"]),
-                    _num(f["b"]["median"]), _signed(f["delta"]["median"]), _signed(f["delta"]["p10"]),
-                    _signed(f["delta"]["p90"]), f"{f['delta']['n']:,}")
+        fid.add_row(
+            key,
+            "higher" if f["higher_is_better"] else "lower",
+            _num(f["a"]["median"]),
+            _num(f["b"]["median"]),
+            _signed(f["delta"]["median"]),
+            _signed(f["delta"]["p10"]),
+            _signed(f["delta"]["p90"]),
+            f"{f['delta']['n']:,}",
+        )
     tables.append(fid)
 
     if result["most_worse"]:
