@@ -542,6 +542,23 @@ def _met(value, op: str, bound) -> bool:
     return value is not None and (value <= bound if op == "<=" else value == bound)
 
 
+def compress_spec(
+    fleet: dict, kind: str, entities: int, store: str, tracking_uri: str, config: dict, address: str | None
+) -> dict:
+    """The :func:`run_probe` spec of one size's ``fleet compress`` (without ``run_id``, ``full`` and ``promote``):
+    its fleet's teachers and events, the store, the registered model ``scale-KIND-N``, MLflow, the config
+    (CompressConfig fields) and the Ray address (None: the driver process starts its own local Ray)."""
+    return {
+        "teachers_uri": fleet["teachers_uri"],
+        "events_uri": fleet["events_uri"],
+        "store": store,
+        "fleet": f"scale-{kind}-{entities}",
+        "tracking_uri": tracking_uri,
+        "config": config,
+        "address": address,
+    }
+
+
 def run_scale(
     *,
     out: str,
@@ -589,15 +606,7 @@ def run_scale(
         fleet_path = os.path.abspath(os.path.join(fleet_dir, f"{kind}-{entities}"))
         console.print(f"{label}: fleet in {fleet_path}")
         fleet = prepare_fleet(synth, fleet_path, address)
-        spec = {
-            "teachers_uri": fleet["teachers_uri"],
-            "events_uri": fleet["events_uri"],
-            "store": store,
-            "fleet": f"scale-{kind}-{entities}",
-            "tracking_uri": tracking_uri,
-            "config": config.to_dict(),
-            "address": address,
-        }  # None: the driver process starts its own local Ray
+        spec = compress_spec(fleet, kind, entities, store, tracking_uri, config.to_dict(), address)
         console.print(f"{label}: full fleet compress in a fresh driver process")
         full = _compress_in_fresh_process(
             {**spec, "run_id": f"{stamp}-full", "full": True, "promote": i == largest}, label
@@ -673,15 +682,9 @@ def rerun_night(*, out: str, tracking_uri: str, address: str | None, command: st
     kind, entities, fleet = row["kind"], row["entities"], row["fleet"]
     shape = {k: v for k, v in (results.get("entity_shape") or {}).items() if k != "pack_size"}
     synth = synth_config(kind, entities, seed, shape)  # its ids and seed pick the teachers the night changes
-    spec = {
-        "teachers_uri": fleet["teachers_uri"],
-        "events_uri": fleet["events_uri"],
-        "store": os.path.join(out, "store"),
-        "fleet": f"scale-{kind}-{entities}",
-        "tracking_uri": tracking_uri,
-        "config": config,
-        "address": address,
-    }
+    spec = compress_spec(
+        fleet, kind, entities, os.path.abspath(os.path.join(out, "store")), tracking_uri, config, address
+    )
     from fleet.storage import registry
 
     full_version = str(row["run"]["registered_version"])  # the night's parent, as in the first night
