@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from fleet.compression.data import SequenceBatch
 from fleet.compression.distill import (
+    BLOCK_LENGTH_RATIO,
+    campaign_blocks,
     DistillConfig,
     calibrate_bias,
     campaign_losses,
@@ -318,6 +320,27 @@ def test_batched_head_fit_equals_fitting_campaigns_one_at_a_time(design):
         )
         torch.testing.assert_close(batched[k], alone[0], rtol=0, atol=1e-4)
     torch.testing.assert_close(batched[5], init[5])  # no rows: the head keeps its init
+
+
+def test_campaign_blocks_hold_every_row_once_in_input_order_with_bounded_padding():
+    generator = torch.Generator().manual_seed(0)
+    sizes = torch.randint(1, 40, (30,), generator=generator)
+    sizes[[3, 11]] = 0  # campaigns without rows are in no block
+    sizes[7] = 300  # more rows than a block's cells: a block of its own
+    campaign_index = torch.repeat_interleave(torch.arange(30), sizes)
+    campaign_index = campaign_index[torch.randperm(len(campaign_index), generator=generator)]
+    blocks = campaign_blocks(campaign_index, 30, cells=128)
+    seen = []
+    for campaigns, rows, valid in blocks:
+        counts = valid.sum(1)
+        assert rows.shape == valid.shape == (len(campaigns), int(counts.max()))
+        assert len(campaigns) == 1 or rows.numel() <= 128
+        assert int(counts.max()) <= BLOCK_LENGTH_RATIO * int(counts.min())
+        for c, row, ok in zip(campaigns.tolist(), rows, valid):
+            mine = row[ok]
+            assert bool((campaign_index[mine] == c).all()) and bool((mine.diff() > 0).all())  # input order
+            seen.extend(mine.tolist())
+    assert sorted(seen) == list(range(len(campaign_index)))
 
 
 def test_fit_heads_is_deterministic_and_chunking_does_not_matter():

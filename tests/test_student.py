@@ -15,6 +15,7 @@ from fleet.compression.student import (
     feature_width,
     head_layout,
     head_logits,
+    head_logits_vjp,
     head_num_params,
     init_heads,
     ladder_config,
@@ -159,6 +160,25 @@ def test_mixed_campaign_batch_equals_per_campaign_calls(design, rank):
         rows = campaign_index == k
         if rows.any():
             torch.testing.assert_close(head_logits(design, h[rows], heads[k], rank), mixed[rows])  # 1-D row broadcast
+
+
+@pytest.mark.parametrize("design,rank", [(d, 1) for d in HEAD_DESIGNS] + [("lowrank", 3)])
+def test_block_logits_and_their_written_out_gradient_equal_head_logits_and_autograd(design, rank):
+    torch.manual_seed(1)
+    hidden, c, length = 8, 3, 5
+    config = _config(head=design, hidden_size=hidden, head_rank=rank)
+    heads = torch.randn(c, head_num_params(config), dtype=torch.float64)
+    features = torch.randn(c, length, feature_width(config), dtype=torch.float64)  # (C, L, W)
+    logits, vjp = head_logits_vjp(design, features, heads, rank)
+    index = torch.arange(c).repeat_interleave(length)  # row [c, l] -> campaign c
+    leaf = heads.clone().requires_grad_(True)
+    reference = head_logits(design, features.reshape(c * length, -1), leaf, rank, index=index)  # (C * L,)
+    torch.testing.assert_close(logits, reference.detach().reshape(c, length))
+    weights = torch.randn(c, length, dtype=torch.float64)
+    (expected,) = torch.autograd.grad((reference * weights.reshape(-1)).sum(), leaf)
+    torch.testing.assert_close(vjp(weights), expected)
+    with pytest.raises(ValueError, match="needs features"):
+        head_logits_vjp(design, features, heads[:2], rank)
 
 
 def test_head_formulas():

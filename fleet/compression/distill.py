@@ -27,6 +27,7 @@ from fleet.compression.student import (
     bias_position,
     feature_width,
     head_logits,
+    head_logits_vjp,
     head_num_params,
     init_heads,
 )
@@ -292,7 +293,8 @@ def fit_heads(
         fake_quant: optional quantization-aware hook applied to the ``(C, P)`` heads every step;
             it must treat rows independently (per-campaign scales) and pass gradients straight through.
         progress: called as ``progress(step, loss)`` after each step (loss summed over campaigns).
-        chunk_size: rows per chunk of the gradient pass (memory/speed only; the result is the same).
+        chunk_size: cells (rows, padding included) per block of the gradient pass (:func:`campaign_blocks`;
+            memory/speed only, the result is the same).
         head_l2: ``(C,)`` per-campaign prior strengths (or one float) overriding ``distill_config.head_l2``,
             so a grid of strengths is fitted in one call per value (see :func:`fit_heads_grid`).
         row_weights: ``(N,)`` weight of each row in its campaign's loss (None: every row 1). A campaign's
@@ -347,24 +349,32 @@ def fit_heads(
         raise ValueError("head_l2 must be >= 0")
     l2_rows = (2.0 * l2 * inv_count).unsqueeze(1) * _shrunk_segments(student_config, dtype)  # (C, P)
 
+    blocks = [
+        _Block(
+            campaigns,
+            features[rows],  # (Cb, L, W)
+            teacher_logits[rows],  # (Cb, L)
+            None if labels is None else torch.where(valid, labels[rows], torch.full_like(labels[rows], math.nan)),
+            torch.where(valid, row_weight[rows], torch.zeros_like(row_weight[rows])),  # (Cb, L), 0 on padding
+        )
+        for campaigns, rows, valid in campaign_blocks(campaign_index, num_campaigns, chunk_size)
+    ]
     optimizer = torch.optim.Adam([params], lr=lr)
-    chunks = [slice(start, start + chunk_size) for start in range(0, n, chunk_size)]
     for step in range(1, steps + 1):
         params.grad = None
         used = fake_quant(params) if fake_quant is not None else params  # (C, P)
-        # Rows are processed in cache-sized chunks, accumulating d(loss)/d(used) in ``leaf``:
-        # the same full-batch gradient as one big pass, a fraction of the memory traffic.
-        leaf = used.detach().requires_grad_(True)  # (C, P)
+        # Block by block (campaigns of similar row counts, padded): autograd only from the loss to the (Cb, L)
+        # logits; the head's part of the gradient is written out (head_logits_vjp), summed into grad_used.
+        grad_used = torch.zeros_like(used)  # (C, P)
         total = 0.0
-        for rows in chunks:
-            logits = head_logits(design, features[rows], leaf, rank, index=campaign_index[rows])  # (n_chunk,)
-            loss_rows = distill_loss_rows(
-                logits, teacher_logits[rows], None if labels is None else labels[rows], distill_config
-            )
-            loss = (loss_rows * row_weight[rows]).sum()
-            loss.backward()
+        for block in blocks:
+            logits, vjp = head_logits_vjp(design, block.features, used.detach().index_select(0, block.campaigns), rank)
+            logits.requires_grad_(True)  # (Cb, L)
+            loss_rows = distill_loss_rows(logits, block.teacher_logits, block.labels, distill_config)  # (Cb, L)
+            loss = (loss_rows * block.weights).sum()
+            (grad_logits,) = torch.autograd.grad(loss, logits)
+            grad_used.index_add_(0, block.campaigns, vjp(grad_logits))
             total += float(loss.detach())
-        grad_used = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)  # (C, P)
         if fake_quant is not None:
             used.backward(grad_used)  # through the hook's straight-through estimator
         else:
@@ -380,6 +390,56 @@ def fit_heads(
         if progress is not None:
             progress(step, total)
     return params.detach()
+
+
+@dataclass(frozen=True)
+class _Block:
+    """The fit rows of a block of campaigns, padded to its longest campaign's ``L`` rows."""
+
+    campaigns: torch.Tensor  # (Cb,) campaign rows of the heads
+    features: torch.Tensor  # (Cb, L, W)
+    teacher_logits: torch.Tensor  # (Cb, L)
+    labels: torch.Tensor | None  # (Cb, L), NaN on padding
+    weights: torch.Tensor  # (Cb, L), 0 on padding
+
+
+#: A block takes campaigns whose row counts are within this factor of its smallest one's, so padding wastes
+#: at most ``1 - 1 / BLOCK_LENGTH_RATIO`` of its cells.
+BLOCK_LENGTH_RATIO = 1.5
+
+
+def campaign_blocks(
+    campaign_index: torch.Tensor, num_campaigns: int, cells: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The rows of ``campaign_index (N,)`` grouped into blocks of campaigns with similar row counts:
+    ``[(campaigns (Cb,), rows (Cb, L), valid (Cb, L)), ...]`` where ``rows[i, :n_i]`` are campaign
+    ``campaigns[i]``'s row numbers in input order and the rest padding (``valid`` False, row 0). A block holds
+    at most ``cells`` cells (``Cb * L``) unless one campaign alone has more rows; campaigns without rows are in
+    no block. Deterministic: campaigns in order of (row count, campaign)."""
+    counts = torch.bincount(campaign_index, minlength=num_campaigns)  # (C,)
+    order = torch.sort(campaign_index, stable=True).indices  # (N,) rows grouped by campaign, input order within
+    starts = torch.cumsum(counts, 0) - counts  # (C,) each campaign's first position in ``order``
+    active = torch.nonzero(counts).flatten()  # (A,)
+    active = active[torch.sort(counts[active], stable=True).indices].tolist()  # by row count, then campaign
+    groups, group = [], []
+    for c in active:
+        n = int(counts[c])
+        if group and (n > BLOCK_LENGTH_RATIO * int(counts[group[0]]) or (len(group) + 1) * n > cells):
+            groups.append(group)
+            group = []
+        group.append(c)
+    if group:
+        groups.append(group)
+    out = []
+    for group in groups:
+        campaigns = torch.tensor(group, dtype=torch.long)  # (Cb,)
+        length = int(counts[group[-1]])
+        position = torch.arange(length)  # (L,)
+        valid = position[None, :] < counts[campaigns][:, None]  # (Cb, L)
+        where = (starts[campaigns][:, None] + position[None, :]).clamp(max=max(len(order) - 1, 0))  # (Cb, L)
+        rows = torch.where(valid, order[where], torch.zeros_like(where))  # (Cb, L)
+        out.append((campaigns, rows, valid))
+    return out
 
 
 def _shrunk_segments(student_config: StudentConfig, dtype: torch.dtype) -> torch.Tensor:

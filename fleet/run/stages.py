@@ -924,7 +924,7 @@ def fit_heads_shard(
     # one backbone pass: with the pooled view too when the ladder's next design reads it (its first H columns
     # are the last state, exactly what the first rung reads)
     pooled = any(c is not None and c.head in POOLED_DESIGNS for c in (student_config, bigger))
-    all_features = torch.cat([compute_features(backbone, b, pooled=pooled) for b in batches])  # (N, H) or (N, 2H)
+    all_features = compute_features(backbone, SequenceBatch.concat(batches), pooled=pooled)  # (N, H) or (N, 2H)
     features = all_features[:, : feature_width(student_config)]  # (N, width of the first rung)
     init = head_prior.expand(len(campaigns), -1).clone() if head_prior is not None else None
     n_fit = torch.bincount(cidx[split == FIT], minlength=len(campaigns))

@@ -79,6 +79,12 @@ TEMP_FILE_MAX_AGE_S = 15 * 60
 _PARQUET_TAIL = 8
 # Statistics only where they help a reader prune; binary columns would just bloat the footer.
 _STATS_COLUMNS = ["campaign_id", "bits", "group_size", "status"]
+# Dictionary encoding only for columns whose values repeat: a dictionary of unique values (ids, codes, hashes,
+# figures) stores each one twice. Float columns are byte-stream split (their sign/exponent bytes then compress).
+# Measured on the 100,000-user version's heads (docs/storage.md): 180.6 -> 151.6 bytes per head, lossless.
+_DICTIONARY_COLUMNS = ["bits", "group_size", "status", "shape", "codec", "split"]
+#: zstd level of every Parquet file fleet writes (6: 100,000 heads in 0.4 s; 9 saves 1 byte a head for 1.5x the time).
+PARQUET_ZSTD_LEVEL = 6
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -273,6 +279,9 @@ def _parquet_bytes(table: pa.Table, row_group_size: int, group_sizes: list[int] 
     buf = io.BytesIO()
     options = {
         "compression": "zstd",
+        "compression_level": PARQUET_ZSTD_LEVEL,
+        "use_dictionary": [c for c in _DICTIONARY_COLUMNS if c in table.column_names],
+        "use_byte_stream_split": [f.name for f in table.schema if pa.types.is_floating(f.type)],
         "write_statistics": [c for c in _STATS_COLUMNS if c in table.column_names],
         "write_page_checksum": True,
     }  # CRC32 per page, checked on read (page_checksum_verification)
