@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from fleet.compression.data import SequenceBatch
 from fleet.compression.distill import (
     BLOCK_LENGTH_RATIO,
-    campaign_blocks,
     DistillConfig,
     calibrate_bias,
+    campaign_blocks,
     campaign_losses,
     compute_features,
     distill_loss,
