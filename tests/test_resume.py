@@ -15,6 +15,27 @@ from fleet.run.stages import CompressConfig, ShardJob
 from fleet.storage.store import RunDir
 
 
+def test_head_jobs_fit_shards_with_few_changed_campaigns_together():
+    ids = [f"c{i:02d}" for i in range(16)]
+    plan = Plan(ids, [ids[i : i + 4] for i in range(0, 16, 4)], ["s0", "s1", "s2", "s3"], 5, 2, {})
+    everything = {c: ["t", "d"] for c in ids}
+    assert [(j.shard, j.campaigns, j.parts) for j in plan.head_jobs(everything, set())] == [
+        (f"s{k}", ids[4 * k : 4 * k + 4], {}) for k in range(4)
+    ]  # a full run: one job per shard
+    changed = {c: everything[c] for c in ("c01", "c05", "c14")}  # a night: at least 2 (half a batch) per job
+    assert plan.head_jobs(changed, set()) == [
+        ShardJob(["c01", "c05"], "s0", hashes=_sub(changed, "c01", "c05"), parts={"s0": ["c01"], "s1": ["c05"]}),
+        ShardJob(["c14"], "s3", hashes=_sub(changed, "c14")),
+    ]
+    assert plan.head_jobs(changed, {"s0"}) == [
+        ShardJob(["c05", "c14"], "s1", hashes=_sub(changed, "c05", "c14"), parts={"s1": ["c05"], "s3": ["c14"]})
+    ]
+
+
+def _sub(mapping: dict, *keys: str) -> dict:
+    return {k: mapping[k] for k in keys}
+
+
 def test_settings_hash_covers_the_config_and_the_inputs():
     base = run_settings(CompressConfig(), "/t", "/e")
     assert settings_sha256(base) == settings_sha256(run_settings(CompressConfig(), "/t", "/e"))

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from rich.console import Console
 
@@ -386,10 +387,12 @@ def _soft_labels_task(job: ShardJob, ctx: stages.StageContext, run_dir: RunDir) 
 
 def _heads_task(job: ShardJob, ctx: stages.StageContext, run_dir: RunDir) -> dict:
     started = time.perf_counter()
-    heads = stages.fit_heads_shard(
-        job, ctx, run_dir.soft_labels.read(job.shard), run_dir.read_backbone(), _borrowed_pool(run_dir, ctx.config)
-    )
-    run_dir.heads.write(job.shard, heads)
+    shards = list(job.parts) or [job.shard]
+    soft = pa.concat_tables([run_dir.soft_labels.read(shard) for shard in shards])
+    heads = stages.fit_heads_shard(job, ctx, soft, run_dir.read_backbone(), _borrowed_pool(run_dir, ctx.config))
+    for shard in shards:  # one heads file per shard (its marker: "shard done"), as when fitted alone
+        mine = heads if not job.parts else heads.filter(pc.is_in(heads["campaign_id"], pa.array(job.parts[shard])))
+        run_dir.heads.write(shard, mine)
     return _task_result(job, started)
 
 
@@ -1006,7 +1009,7 @@ def _heads_stage(run: _Run, status: pa.Table) -> None:
         "stage 3  heads + quantize + fidelity",
         done=sum(c in hashes for b in run.plan.batches_of(done) for c in b),
     )
-    run.report.skipped["heads"] = len(run.plan.shards_with(set(hashes))) - len(jobs)
+    run.report.skipped["heads"] = len([s for s in run.plan.shards_with(set(hashes)) if s in done])
     run.stage_done("heads", t0, stage_campaigns_heads=len(hashes))
 
 

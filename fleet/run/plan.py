@@ -119,14 +119,31 @@ class Plan:
         ]
 
     def head_jobs(self, hashes: dict[str, list[str]], done: set[str]) -> list[ShardJob]:
-        """Stage 3's jobs: one per shard not ``done`` holding a campaign to fit (a key of ``hashes``: its
-        ``[teacher_sha, data_fp]``), with those campaigns only."""
-        jobs = []
+        """Stage 3's jobs for the shards not ``done`` holding a campaign to fit (a key of ``hashes``: its
+        ``[teacher_sha, data_fp]``), with those campaigns only. Consecutive shards with few such campaigns (an
+        incremental night: 1% changed leaves ~17 per shard at 100,000 users) are fitted together, one job per
+        at least half a batch of the plan's (``ShardJob.parts``): a task's fixed cost is paid per job, not per
+        shard. A full run's shards are one job each."""
+        target = max(1, math.ceil(len(self.all_campaigns) / max(1, 2 * len(self.batches))))
+        jobs, group = [], {}
         for name, batch in zip(self.shards, self.batches):
             mine = [c for c in batch if c in hashes]
-            if mine and name not in done:
-                jobs.append(ShardJob(mine, name, hashes=_subset(hashes, mine)))
+            if not mine or name in done:
+                continue
+            group[name] = mine
+            if sum(len(m) for m in group.values()) >= target:
+                jobs.append(_head_job(group, hashes))
+                group = {}
+        if group:
+            jobs.append(_head_job(group, hashes))
         return jobs
+
+
+def _head_job(group: dict[str, list[str]], hashes: dict[str, list[str]]) -> ShardJob:
+    """One stage-3 job for the campaigns ``group`` holds per shard (``parts`` only when there are several)."""
+    campaigns = [c for mine in group.values() for c in mine]
+    parts = group if len(group) > 1 else {}
+    return ShardJob(campaigns, next(iter(group)), hashes=_subset(hashes, campaigns), parts=parts)
 
 
 def _subset(mapping: dict, keys: list[str]) -> dict:

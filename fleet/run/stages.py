@@ -380,7 +380,9 @@ class ShardJob:
     the ``campaigns`` of work-dir shard ``shard``. Stage 1 reads ``backbone_quota`` (each campaign's fit rows in the
     backbone sample), ``parent`` (``{campaign: [teacher_sha, data_fp]}`` of the parent's heads a campaign may
     reuse), ``packed`` (``{campaign: [pack, slot, sha256]}``) and ``teacher_conflicts`` (``{campaign: reason}``);
-    stage 3 reads ``hashes`` (``{campaign: [teacher_sha, data_fp]}`` of the heads it fits)."""
+    stage 3 reads ``hashes`` (``{campaign: [teacher_sha, data_fp]}`` of the heads it fits) and ``parts``
+    (``{shard: campaigns}`` when the job fits the campaigns of several shards together, each shard's heads written
+    to its own file; empty: the one shard ``shard``)."""
 
     campaigns: list[str]
     shard: str = ""
@@ -389,6 +391,7 @@ class ShardJob:
     packed: dict[str, list] = field(default_factory=dict)
     teacher_conflicts: dict[str, str] = field(default_factory=dict)
     hashes: dict[str, list[str]] = field(default_factory=dict)
+    parts: dict[str, list[str]] = field(default_factory=dict)
 
 
 def row_splits(campaign_id: str, num_rows: int, config: CompressConfig) -> np.ndarray:
