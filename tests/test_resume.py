@@ -30,6 +30,10 @@ def test_head_jobs_fit_shards_with_few_changed_campaigns_together():
     assert plan.head_jobs(changed, {"s0"}) == [
         ShardJob(["c05", "c14"], "s1", hashes=_sub(changed, "c05", "c14"), parts={"s1": ["c05"], "s3": ["c14"]})
     ]
+    many = [f"c{i:02d}" for i in range(64)]
+    wide = Plan(many, [many[i : i + 8] for i in range(0, 64, 8)], [f"s{k}" for k in range(8)], 5, 2, {})
+    few = {c: ["t", "d"] for c in ("c00", "c16", "c32", "c48")}  # half a batch is 4: one job would idle CPUs
+    assert [j.campaigns for j in wide.head_jobs(few, set())] == [["c00", "c16"], ["c32", "c48"]]
 
 
 def _sub(mapping: dict, *keys: str) -> dict:

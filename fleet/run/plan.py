@@ -121,10 +121,15 @@ class Plan:
     def head_jobs(self, hashes: dict[str, list[str]], done: set[str]) -> list[ShardJob]:
         """Stage 3's jobs for the shards not ``done`` holding a campaign to fit (a key of ``hashes``: its
         ``[teacher_sha, data_fp]``), with those campaigns only. Consecutive shards with few such campaigns (an
-        incremental night: 1% changed leaves ~17 per shard at 100,000 users) are fitted together, one job per
-        at least half a batch of the plan's (``ShardJob.parts``): a task's fixed cost is paid per job, not per
-        shard. A full run's shards are one job each."""
-        target = max(1, math.ceil(len(self.all_campaigns) / max(1, 2 * len(self.batches))))
+        incremental night: 1% changed leaves ~17 per shard at 100,000 users) are fitted together
+        (``ShardJob.parts``): a task's fixed cost is paid per job, not per shard. A job takes at least half a
+        batch of the plan's, or a quarter as many jobs as the plan has batches when fewer campaigns are left to
+        fit (plans have at least 4 batches per CPU: every CPU keeps a job). A full run's shards are one job each."""
+        batches = max(1, len(self.batches))
+        to_fit = sum(
+            1 for name, batch in zip(self.shards, self.batches) if name not in done for c in batch if c in hashes
+        )
+        target = max(1, math.ceil(min(len(self.all_campaigns) / (2 * batches), 4 * to_fit / batches)))
         jobs, group = [], {}
         for name, batch in zip(self.shards, self.batches):
             mine = [c for c in batch if c in hashes]
