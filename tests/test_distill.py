@@ -346,6 +346,15 @@ def test_campaign_blocks_hold_every_row_once_in_input_order_with_bounded_padding
     assert sorted(seen) == list(range(len(campaign_index)))
 
 
+def test_campaign_losses_without_any_row_are_inf():
+    config = StudentConfig(num_event_types=5, num_features=2, hidden_size=8)
+    heads = torch.zeros(3, head_num_params(config))
+    none = campaign_losses(
+        heads, torch.zeros(0, 8), torch.zeros(0, dtype=torch.long), torch.zeros(0), 3, config, DistillConfig()
+    )
+    assert none.dtype == torch.float64 and bool(torch.isinf(none).all())
+
+
 def test_fit_heads_is_deterministic_and_chunking_does_not_matter():
     config, features, campaign_index, teacher_logits, labels, _init, c = _head_problem("film", seed=3)
     runs = [

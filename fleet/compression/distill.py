@@ -502,7 +502,8 @@ def campaign_losses(
     with torch.no_grad():
         logits = head_logits(student_config.head, features, heads, student_config.head_rank, index=campaign_index)
         rows = distill_loss_rows(logits, teacher_logits, None, distill_config)  # (N,)
-        total = torch.bincount(campaign_index, weights=rows.double(), minlength=num_campaigns)
+        # (.double(): bincount of no rows returns int64 zeros even with float weights)
+        total = torch.bincount(campaign_index, weights=rows.double(), minlength=num_campaigns).double()
         count = torch.bincount(campaign_index, minlength=num_campaigns)
     return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, math.inf))  # (C,)
 
