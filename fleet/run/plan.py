@@ -125,16 +125,13 @@ class Plan:
         (``ShardJob.parts``): a task's fixed cost is paid per job, not per shard. A job takes at least half a
         batch of the plan's, or a quarter as many jobs as the plan has batches when fewer campaigns are left to
         fit (plans have at least 4 batches per CPU: every CPU keeps a job). A full run's shards are one job each."""
+        pending = [(name, [c for c in batch if c in hashes]) for name, batch in zip(self.shards, self.batches)]
+        pending = [(name, mine) for name, mine in pending if mine and name not in done]
         batches = max(1, len(self.batches))
-        to_fit = sum(
-            1 for name, batch in zip(self.shards, self.batches) if name not in done for c in batch if c in hashes
-        )
+        to_fit = sum(len(mine) for _, mine in pending)
         target = max(1, math.ceil(min(len(self.all_campaigns) / (2 * batches), 4 * to_fit / batches)))
         jobs, group = [], {}
-        for name, batch in zip(self.shards, self.batches):
-            mine = [c for c in batch if c in hashes]
-            if not mine or name in done:
-                continue
+        for name, mine in pending:
             group[name] = mine
             if sum(len(m) for m in group.values()) >= target:
                 jobs.append(_head_job(group, hashes))

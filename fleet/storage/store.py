@@ -83,7 +83,8 @@ _STATS_COLUMNS = ["campaign_id", "bits", "group_size", "status"]
 # figures) stores each one twice. Float columns are byte-stream split (their sign/exponent bytes then compress).
 # Measured on the 100,000-user version's heads (docs/storage.md): 180.6 -> 151.6 bytes per head, lossless.
 _DICTIONARY_COLUMNS = ["bits", "group_size", "status", "shape", "codec", "split"]
-#: zstd level of every Parquet file fleet writes (6: 100,000 heads in 0.4 s; 9 saves 1 byte a head for 1.5x the time).
+#: zstd level of the store's Parquet files, versions and work dirs (6: 100,000 heads in 0.4 s; 9 saves 1 byte a head
+#: for 1.5x the time).
 PARQUET_ZSTD_LEVEL = 6
 
 
